@@ -1,0 +1,47 @@
+//! `your_ai eval`: loss and perplexity on a JSONL file.
+
+use crate::cli::EvalArgs;
+use crate::data::{read_jsonl, resolve_files, Encoder};
+use crate::error::{Error, Result};
+use crate::evaluate::evaluate;
+
+pub fn run(args: EvalArgs) -> Result<()> {
+    if args.batch_size == 0 {
+        return Err(Error::Usage("--batch-size must be at least 1".into()));
+    }
+    if args.max_seq_length < 2 {
+        return Err(Error::Usage("--max-seq-length must be at least 2".into()));
+    }
+    let path = if args.data.is_dir() {
+        let files = resolve_files(&args.data)?;
+        files.valid.or(files.test).unwrap_or(files.train)
+    } else {
+        resolve_files(&args.data)?.train
+    };
+    let records = read_jsonl(&path)?;
+    let loaded = super::load_model(&args.model)?;
+    let encoder = Encoder::new(&loaded.tokenizer, !args.no_mask_prompt, args.max_seq_length)?;
+    let samples = records
+        .iter()
+        .map(|r| encoder.encode(r))
+        .collect::<Result<Vec<_>, _>>()?;
+    let truncated = samples.iter().filter(|s| s.truncated > 0).count();
+    if truncated > 0 {
+        eprintln!(
+            "warning: {truncated} example(s) longer than --max-seq-length {} were truncated",
+            args.max_seq_length
+        );
+    }
+    let result = evaluate(&loaded.model, &samples, args.batch_size)?;
+    if result.tokens == 0 {
+        return Err(Error::Usage(format!(
+            "{}: no scored tokens (every example was empty after masking)",
+            path.display()
+        )));
+    }
+    println!("data: {} ({} examples)", path.display(), result.examples);
+    println!("loss: {:.4}", result.loss);
+    println!("perplexity: {:.3}", result.perplexity());
+    println!("tokens: {}", result.tokens);
+    Ok(())
+}

@@ -1,0 +1,74 @@
+//! `your_ai generate`: chat-templated (or raw) prompt in, streamed reply out.
+
+use crate::chat_template::{ChatContext, ChatTemplate, TemplateError};
+use crate::cli::GenerateArgs;
+use crate::error::{Error, Result};
+use crate::generation::{generate, Sampling, StopReason};
+use std::io::Write;
+
+pub fn run(args: GenerateArgs) -> Result<()> {
+    if !(args.top_p > 0.0 && args.top_p <= 1.0) {
+        return Err(Error::Usage(format!(
+            "--top-p {} is outside (0, 1]",
+            args.top_p
+        )));
+    }
+    if !(args.temperature >= 0.0 && args.temperature.is_finite()) {
+        return Err(Error::Usage(format!(
+            "--temperature {} must be 0 (greedy) or positive",
+            args.temperature
+        )));
+    }
+    let loaded = super::load_model(&args.model)?;
+    let tok = &loaded.tokenizer;
+    let prompt_ids = if args.raw {
+        let mut text = String::new();
+        if let Some(s) = &args.system {
+            text.push_str(s);
+            text.push('\n');
+        }
+        text.push_str(&args.prompt);
+        tok.encode_with_bos(&text)?
+    } else {
+        let src = tok.chat_template.as_deref().ok_or(TemplateError::Missing)?;
+        let mut messages = vec![];
+        if let Some(s) = &args.system {
+            messages.push(serde_json::json!({"role": "system", "content": s}));
+        }
+        messages.push(serde_json::json!({"role": "user", "content": args.prompt}));
+        let text = ChatTemplate::new(src)?.render(&ChatContext {
+            messages: &messages,
+            add_generation_prompt: true,
+            bos_token: tok.bos_token.as_deref(),
+            eos_token: tok.eos_token.as_deref(),
+            ..Default::default()
+        })?;
+        tok.encode(&text)?
+    };
+    let sampling = Sampling {
+        temperature: args.temperature,
+        top_p: args.top_p,
+        seed: args.seed,
+        max_tokens: args.max_tokens,
+    };
+    let mut out = std::io::stdout().lock();
+    let result = generate(&loaded.model, tok, &prompt_ids, &sampling, |piece| {
+        let _ = out.write_all(piece.as_bytes());
+        let _ = out.flush();
+    })?;
+    let _ = writeln!(out);
+    let stop = match result.stop {
+        StopReason::EndToken(_) => "end of turn",
+        StopReason::MaxTokens => "--max-tokens reached",
+    };
+    eprintln!(
+        "[{} prompt tokens in {:.2} s | {} generated, {:.1} tokens/s | stopped: {} | load {:.2} s]",
+        result.prompt_tokens,
+        result.prefill_time.as_secs_f64(),
+        result.ids.len(),
+        result.decode_tokens_per_s(),
+        stop,
+        loaded.load_time.as_secs_f64()
+    );
+    Ok(())
+}

@@ -1,0 +1,483 @@
+//! Datasets: JSONL files in the formats mlx-lm popularised (`text`, `prompt`/`completion`,
+//! `messages` with optional `tools`), and their conversion to token ids with a per-token loss
+//! mask. Chat and completions are rendered with the model's own chat template; the trained
+//! spans are the assistant turns, found from rendering offsets (render the conversation up to
+//! the turn with a generation prompt, then including the turn: the difference is the turn),
+//! never by searching for token patterns.
+
+use crate::chat_template::{ChatContext, ChatTemplate};
+use crate::tokenizer::Tokenizer;
+use serde_json::{Map, Value};
+use std::io::{BufRead, Read};
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DataError {
+    #[error("data path {} does not exist", path.display())]
+    Missing { path: PathBuf },
+    #[error("{}: no train.jsonl in this directory (expected train.jsonl, and optionally valid.jsonl and test.jsonl)", dir.display())]
+    NoTrainFile { dir: PathBuf },
+    #[error("cannot read {}: {reason}", path.display())]
+    Read { path: PathBuf, reason: String },
+    #[error("{}: the file holds no examples", path.display())]
+    Empty { path: PathBuf },
+    #[error("{} invalid line(s):\n{}", count, shown.join("\n"))]
+    Invalid { count: usize, shown: Vec<String> },
+    #[error("{location}: {reason}")]
+    Example { location: String, reason: String },
+}
+
+/// Longest line accepted; longer ones are reported, never read whole into a model input.
+const MAX_LINE_BYTES: usize = 64 << 20;
+/// How many bad lines are listed before "and N more".
+const MAX_SHOWN_ERRORS: usize = 20;
+const KNOWN_ROLES: &[&str] = &[
+    "system",
+    "user",
+    "assistant",
+    "tool",
+    "ipython",
+    "function",
+    "developer",
+];
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Example {
+    Text(String),
+    Completion {
+        prompt: String,
+        completion: String,
+    },
+    Chat {
+        messages: Vec<Value>,
+        tools: Option<Vec<Value>>,
+    },
+}
+
+/// One example and where it came from.
+#[derive(Debug, Clone)]
+pub struct Record {
+    pub example: Example,
+    /// `file:line`, for messages.
+    pub location: String,
+    /// The whole JSON object, for per-example fields used by later stages.
+    pub fields: Map<String, Value>,
+}
+
+/// The files of a dataset.
+#[derive(Debug, Clone)]
+pub struct DataFiles {
+    pub train: PathBuf,
+    pub valid: Option<PathBuf>,
+    pub test: Option<PathBuf>,
+}
+
+/// A directory with `train.jsonl` (and optionally `valid.jsonl`, `test.jsonl`), or one file.
+pub fn resolve_files(path: &Path) -> Result<DataFiles, DataError> {
+    if path.is_file() {
+        return Ok(DataFiles {
+            train: path.to_path_buf(),
+            valid: None,
+            test: None,
+        });
+    }
+    if !path.is_dir() {
+        return Err(DataError::Missing {
+            path: path.to_path_buf(),
+        });
+    }
+    let train = path.join("train.jsonl");
+    if !train.is_file() {
+        return Err(DataError::NoTrainFile {
+            dir: path.to_path_buf(),
+        });
+    }
+    let opt = |n: &str| Some(path.join(n)).filter(|p| p.is_file());
+    Ok(DataFiles {
+        train,
+        valid: opt("valid.jsonl"),
+        test: opt("test.jsonl"),
+    })
+}
+
+/// Reads every line of a JSONL file; all bad lines are reported together.
+pub fn read_jsonl(path: &Path) -> Result<Vec<Record>, DataError> {
+    let file = std::fs::File::open(path).map_err(|e| DataError::Read {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })?;
+    let mut reader = std::io::BufReader::new(file);
+    let name = path.display().to_string();
+    let mut records = vec![];
+    let mut errors = vec![];
+    let mut buf = vec![];
+    let mut line_no = 0;
+    loop {
+        buf.clear();
+        line_no += 1;
+        let n = (&mut reader)
+            .take(MAX_LINE_BYTES as u64 + 1)
+            .read_until(b'\n', &mut buf)
+            .map_err(|e| DataError::Read {
+                path: path.to_path_buf(),
+                reason: e.to_string(),
+            })?;
+        if n == 0 {
+            break;
+        }
+        let location = format!("{name}:{line_no}");
+        if buf.len() > MAX_LINE_BYTES && !buf.ends_with(b"\n") {
+            errors.push(format!(
+                "{location}: line longer than {} MiB",
+                MAX_LINE_BYTES >> 20
+            ));
+            // Skip the rest of the overlong line.
+            loop {
+                buf.clear();
+                let m = (&mut reader)
+                    .take(1 << 20)
+                    .read_until(b'\n', &mut buf)
+                    .map_err(|e| DataError::Read {
+                        path: path.to_path_buf(),
+                        reason: e.to_string(),
+                    })?;
+                if m == 0 || buf.ends_with(b"\n") {
+                    break;
+                }
+            }
+            continue;
+        }
+        let Ok(text) = std::str::from_utf8(&buf) else {
+            errors.push(format!("{location}: not valid UTF-8"));
+            continue;
+        };
+        if text.trim().is_empty() {
+            continue;
+        }
+        match parse_line(text) {
+            Ok((example, fields)) => records.push(Record {
+                example,
+                location,
+                fields,
+            }),
+            Err(reason) => errors.push(format!("{location}: {reason}")),
+        }
+    }
+    if !errors.is_empty() {
+        let count = errors.len();
+        let mut shown: Vec<String> = errors.into_iter().take(MAX_SHOWN_ERRORS).collect();
+        if count > MAX_SHOWN_ERRORS {
+            shown.push(format!("... and {} more", count - MAX_SHOWN_ERRORS));
+        }
+        return Err(DataError::Invalid { count, shown });
+    }
+    if records.is_empty() {
+        return Err(DataError::Empty {
+            path: path.to_path_buf(),
+        });
+    }
+    Ok(records)
+}
+
+/// Detects the format from the keys and checks the types.
+pub fn parse_line(text: &str) -> Result<(Example, Map<String, Value>), String> {
+    let value: Value = serde_json::from_str(text).map_err(|e| format!("not valid JSON ({e})"))?;
+    let Value::Object(obj) = value else {
+        return Err("expected a JSON object, one example per line".into());
+    };
+    let string = |key: &str| -> Result<String, String> {
+        match obj.get(key) {
+            Some(Value::String(s)) => Ok(s.clone()),
+            Some(other) => Err(format!("`{key}` must be a string, found {}", kind(other))),
+            None => Err(format!("`{key}` is missing")),
+        }
+    };
+    let example = if obj.contains_key("messages") {
+        let Some(Value::Array(messages)) = obj.get("messages") else {
+            return Err("`messages` must be a list of {\"role\", \"content\"} objects".into());
+        };
+        if messages.is_empty() {
+            return Err("`messages` is empty".into());
+        }
+        for (i, m) in messages.iter().enumerate() {
+            let role = m
+                .get("role")
+                .and_then(Value::as_str)
+                .ok_or_else(|| format!("messages[{i}] has no string `role`"))?;
+            if !KNOWN_ROLES.contains(&role) {
+                return Err(format!(
+                    "messages[{i}] has unknown role `{role}` (known: {})",
+                    KNOWN_ROLES.join(", ")
+                ));
+            }
+            match m.get("content") {
+                Some(Value::String(_)) | Some(Value::Array(_)) => {}
+                Some(Value::Null) | None if m.get("tool_calls").is_some() => {}
+                _ => return Err(format!("messages[{i}] (`{role}`) needs a string `content`")),
+            }
+        }
+        if !messages
+            .iter()
+            .any(|m| m.get("role").and_then(Value::as_str) == Some("assistant"))
+        {
+            return Err(
+                "the conversation has no assistant turn, so there is nothing to learn from it"
+                    .into(),
+            );
+        }
+        let tools = match obj.get("tools") {
+            None | Some(Value::Null) => None,
+            Some(Value::Array(t)) => Some(t.clone()),
+            Some(other) => return Err(format!("`tools` must be a list, found {}", kind(other))),
+        };
+        Example::Chat {
+            messages: messages.clone(),
+            tools,
+        }
+    } else if obj.contains_key("prompt") || obj.contains_key("completion") {
+        Example::Completion {
+            prompt: string("prompt")?,
+            completion: string("completion")?,
+        }
+    } else if obj.contains_key("text") {
+        Example::Text(string("text")?)
+    } else {
+        let keys: Vec<&str> = obj.keys().map(String::as_str).collect();
+        return Err(format!(
+            "unknown format (keys: {}); expected {{\"text\"}}, {{\"prompt\", \"completion\"}} or {{\"messages\"}}",
+            if keys.is_empty() { "none".to_string() } else { keys.join(", ") }
+        ));
+    };
+    Ok((example, obj))
+}
+
+fn kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "a list",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// Token ids with, for each token, whether predicting it counts in the loss.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sample {
+    pub ids: Vec<u32>,
+    pub trained: Vec<bool>,
+    /// Tokens cut off by `max_seq_length`.
+    pub truncated: usize,
+}
+
+impl Sample {
+    pub fn trained_count(&self) -> usize {
+        // The first token is never predicted.
+        self.trained.iter().skip(1).filter(|t| **t).count()
+    }
+}
+
+/// Turns records into samples for one model.
+pub struct Encoder<'a> {
+    pub tokenizer: &'a Tokenizer,
+    pub template: Option<ChatTemplate>,
+    /// Train only assistant turns / completions (default); otherwise every token.
+    pub mask_prompt: bool,
+    pub max_seq_length: usize,
+}
+
+impl<'a> Encoder<'a> {
+    pub fn new(
+        tokenizer: &'a Tokenizer,
+        mask_prompt: bool,
+        max_seq_length: usize,
+    ) -> Result<Self, crate::chat_template::TemplateError> {
+        let template = match &tokenizer.chat_template {
+            Some(src) => Some(ChatTemplate::new(src)?),
+            None => None,
+        };
+        Ok(Self {
+            tokenizer,
+            template,
+            mask_prompt,
+            max_seq_length,
+        })
+    }
+
+    pub fn encode(&self, rec: &Record) -> Result<Sample, DataError> {
+        let err = |reason: String| DataError::Example {
+            location: rec.location.clone(),
+            reason,
+        };
+        let (text, spans) = match &rec.example {
+            Example::Text(t) => {
+                let mut text = t.clone();
+                if let Some(eos) = &self.tokenizer.eos_token {
+                    text.push_str(eos);
+                }
+                let spans = vec![(0, text.len())];
+                (text, spans)
+            }
+            Example::Completion { prompt, completion } => match &self.template {
+                Some(_) => {
+                    let messages = vec![
+                        serde_json::json!({"role": "user", "content": prompt}),
+                        serde_json::json!({"role": "assistant", "content": completion}),
+                    ];
+                    self.render_chat(&messages, None).map_err(err)?
+                }
+                None => {
+                    let mut text = prompt.clone();
+                    let start = text.len();
+                    text.push_str(completion);
+                    if let Some(eos) = &self.tokenizer.eos_token {
+                        text.push_str(eos);
+                    }
+                    let end = text.len();
+                    (text, vec![(start, end)])
+                }
+            },
+            Example::Chat { messages, tools } => {
+                self.render_chat(messages, tools.as_deref()).map_err(err)?
+            }
+        };
+        let (mut ids, offsets) = self
+            .tokenizer
+            .encode_offsets(&text)
+            .map_err(|e| err(e.to_string()))?;
+        let mut trained: Vec<bool> = if self.mask_prompt {
+            offsets
+                .iter()
+                .map(|&(s, e)| spans.iter().any(|&(a, b)| s < b && e > a))
+                .collect()
+        } else {
+            vec![true; ids.len()]
+        };
+        // Plain text and template-less completions get the BOS token when the model wants one.
+        let templated = matches!(rec.example, Example::Chat { .. })
+            || (matches!(rec.example, Example::Completion { .. }) && self.template.is_some());
+        if !templated && self.tokenizer.add_bos {
+            if let Some(b) = self.tokenizer.bos_id() {
+                if ids.first() != Some(&b) {
+                    ids.insert(0, b);
+                    trained.insert(0, false);
+                }
+            }
+        }
+        let truncated = ids.len().saturating_sub(self.max_seq_length);
+        ids.truncate(self.max_seq_length);
+        trained.truncate(self.max_seq_length);
+        Ok(Sample {
+            ids,
+            trained,
+            truncated,
+        })
+    }
+
+    /// Renders a conversation; returns the text and the byte spans of its assistant turns.
+    fn render_chat(
+        &self,
+        messages: &[Value],
+        tools: Option<&[Value]>,
+    ) -> Result<(String, Vec<(usize, usize)>), String> {
+        let tpl = self.template.as_ref().ok_or_else(|| {
+            "this is a chat example but the model has no chat template; use a model with a template or {\"text\"} data".to_string()
+        })?;
+        let render = |msgs: &[Value], gen: bool| {
+            tpl.render(&ChatContext {
+                messages: msgs,
+                tools,
+                add_generation_prompt: gen,
+                bos_token: self.tokenizer.bos_token.as_deref(),
+                eos_token: self.tokenizer.eos_token.as_deref(),
+                extra: Map::new(),
+            })
+            .map_err(|e| e.to_string())
+        };
+        let full = render(messages, false)?;
+        let mut spans = vec![];
+        let last_assistant = messages.iter().rposition(is_assistant);
+        for (i, _) in messages.iter().enumerate().filter(|(_, m)| is_assistant(m)) {
+            let before = render(&messages[..i], true)?;
+            let upto = render(&messages[..=i], false)?;
+            if upto.starts_with(&before) && full.starts_with(&upto) && upto.len() > before.len() {
+                let end = before.len() + upto[before.len()..].trim_end().len();
+                spans.push((before.len(), end));
+            } else if Some(i) == last_assistant {
+                return Err(format!(
+                    "the chat template does not render message {i} (assistant) as an extension of the conversation before it, so its tokens cannot be located"
+                ));
+            } else {
+                tracing::debug!("assistant turn {i} is rendered differently in later context; it is not trained");
+            }
+        }
+        Ok((full, spans))
+    }
+}
+
+fn is_assistant(m: &Value) -> bool {
+    m.get("role").and_then(Value::as_str) == Some("assistant")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn formats_are_detected_and_checked() {
+        assert!(matches!(
+            parse_line(r#"{"text": "hi"}"#).unwrap().0,
+            Example::Text(_)
+        ));
+        assert!(matches!(
+            parse_line(r#"{"prompt": "a", "completion": "b"}"#)
+                .unwrap()
+                .0,
+            Example::Completion { .. }
+        ));
+        let chat = r#"{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}"#;
+        assert!(matches!(parse_line(chat).unwrap().0, Example::Chat { .. }));
+        for (line, needle) in [
+            ("{\"text\": 3}", "must be a string"),
+            ("[1]", "JSON object"),
+            ("{\"foo\": 1}", "unknown format"),
+            ("{\"prompt\": \"a\"}", "`completion` is missing"),
+            ("{not json", "not valid JSON"),
+            (
+                r#"{"messages": [{"role": "user", "content": "a"}]}"#,
+                "no assistant turn",
+            ),
+            (
+                r#"{"messages": [{"role": "wizard", "content": "a"}]}"#,
+                "unknown role",
+            ),
+            (r#"{"messages": []}"#, "empty"),
+        ] {
+            let e = parse_line(line).unwrap_err();
+            assert!(e.contains(needle), "{line}: {e}");
+        }
+    }
+
+    #[test]
+    fn bad_lines_are_reported_with_file_and_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("train.jsonl");
+        std::fs::write(
+            &p,
+            "{\"text\": \"ok\"}\n\n{\"text\": \"ok\"}\nnot json\n\u{0}\n",
+        )
+        .unwrap();
+        let e = read_jsonl(&p).unwrap_err().to_string();
+        assert!(e.contains("train.jsonl:4: not valid JSON"), "{e}");
+        assert!(e.contains("train.jsonl:5"), "{e}");
+        assert!(e.starts_with("2 invalid"), "{e}");
+        std::fs::write(&p, b"{\"text\": \"\xff\"}\n").unwrap();
+        assert!(read_jsonl(&p)
+            .unwrap_err()
+            .to_string()
+            .contains(":1: not valid UTF-8"));
+        std::fs::write(&p, "\n\n").unwrap();
+        assert!(matches!(read_jsonl(&p), Err(DataError::Empty { .. })));
+    }
+}

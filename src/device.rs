@@ -1,0 +1,91 @@
+//! Device and compute-dtype choice, in one place so that a new backend touches only this file.
+
+use crate::error::{Error, Result};
+use candle_core::{DType, Device};
+
+/// `--device`: where tensors live.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum DeviceChoice {
+    /// CUDA if built with `--features cuda` and a GPU is present, else Metal likewise, else CPU.
+    Auto,
+    Cpu,
+    Cuda,
+    Metal,
+}
+
+/// `--dtype`: the compute dtype of the frozen weights and activations.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum DTypeChoice {
+    /// f32 on CPU, bf16 on GPUs.
+    Auto,
+    F32,
+    F16,
+    Bf16,
+}
+
+pub fn select_device(choice: DeviceChoice) -> Result<Device> {
+    match choice {
+        DeviceChoice::Cpu => Ok(Device::Cpu),
+        DeviceChoice::Cuda => cuda(true),
+        DeviceChoice::Metal => metal(true),
+        DeviceChoice::Auto => {
+            if let Ok(d) = cuda(false) {
+                return Ok(d);
+            }
+            if let Ok(d) = metal(false) {
+                return Ok(d);
+            }
+            Ok(Device::Cpu)
+        }
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn cuda(_explicit: bool) -> Result<Device> {
+    // cudarc panics when libcuda is absent; catch that so `auto` falls back to the CPU.
+    match std::panic::catch_unwind(|| Device::new_cuda(0)) {
+        Ok(Ok(d)) => Ok(d),
+        Ok(Err(e)) => Err(Error::Usage(format!(
+            "--device cuda: no usable CUDA GPU: {e}"
+        ))),
+        Err(_) => Err(Error::Usage(
+            "--device cuda: the CUDA driver library could not be loaded".into(),
+        )),
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda(_explicit: bool) -> Result<Device> {
+    Err(Error::Usage(
+        "--device cuda: this build has no CUDA support; rebuild with `cargo build --release --features cuda`".into(),
+    ))
+}
+
+#[cfg(feature = "metal")]
+fn metal(_explicit: bool) -> Result<Device> {
+    Device::new_metal(0)
+        .map_err(|e| Error::Usage(format!("--device metal: no usable Metal device: {e}")))
+}
+
+#[cfg(not(feature = "metal"))]
+fn metal(_explicit: bool) -> Result<Device> {
+    Err(Error::Usage(
+        "--device metal: this build has no Metal support; rebuild with `cargo build --release --features metal`".into(),
+    ))
+}
+
+pub fn select_dtype(choice: DTypeChoice, device: &Device) -> DType {
+    match choice {
+        DTypeChoice::F32 => DType::F32,
+        DTypeChoice::F16 => DType::F16,
+        DTypeChoice::Bf16 => DType::BF16,
+        DTypeChoice::Auto if device.is_cpu() => DType::F32,
+        DTypeChoice::Auto => DType::BF16,
+    }
+}

@@ -1,0 +1,51 @@
+//! The one error type the binary reports. Each module has its own error enum that names the file,
+//! field or flag at fault; this wraps them so `main` can print one clear message and exit non-zero.
+
+use std::path::PathBuf;
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Config(#[from] crate::model::config::ConfigError),
+    #[error(transparent)]
+    Weights(#[from] crate::weights::WeightsError),
+    #[error(transparent)]
+    Source(#[from] crate::model_source::SourceError),
+    #[error(transparent)]
+    Tokenizer(#[from] crate::tokenizer::TokenizerError),
+    #[error(transparent)]
+    Template(#[from] crate::chat_template::TemplateError),
+    #[error(transparent)]
+    Data(#[from] crate::data::DataError),
+    /// A flag value that cannot work; the message names the flag and the fix.
+    #[error("{0}")]
+    Usage(String),
+    #[error("cannot {action} {}: {source}", path.display())]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("tensor computation failed: {0}")]
+    Tensor(#[from] candle_core::Error),
+}
+
+impl Error {
+    /// Exit status: 2 for a command line that cannot work (as clap does), 1 for everything else.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            Error::Usage(_) => 2,
+            _ => 1,
+        }
+    }
+
+    pub fn io(action: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            action,
+            path: path.into(),
+            source,
+        }
+    }
+}

@@ -1,0 +1,311 @@
+//! The Llama block (also Mistral and Qwen2) and the inference forward pass with a KV cache.
+//!
+//! This path needs no gradients, so it uses candle's fused kernels (RMSNorm, RoPE, softmax).
+//! Grouped-query attention is computed without copying K/V per query head: the query heads of
+//! one group are laid out as extra rows against their shared K/V head.
+
+use super::config::ModelConfig;
+use super::rope::Rope;
+use crate::weights::{WeightStore, WeightsError};
+use candle_core::{DType, Device, Module, Result, Tensor, D};
+
+/// A dense linear layer `y = x Wᵀ (+ b)` with `W` stored `[out, in]` as in the checkpoints.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+}
+
+impl Linear {
+    pub fn in_features(&self) -> usize {
+        self.weight.dim(1).unwrap_or(0)
+    }
+    pub fn out_features(&self) -> usize {
+        self.weight.dim(0).unwrap_or(0)
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let mut out_dims = x.dims().to_vec();
+        let in_features = out_dims.pop().unwrap_or(0);
+        let rows: usize = out_dims.iter().product();
+        let y = x.reshape((rows, in_features))?.matmul(&self.weight.t()?)?;
+        let y = match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        };
+        out_dims.push(self.out_features());
+        y.reshape(out_dims)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Block {
+    pub input_norm: Tensor,
+    pub q_proj: Linear,
+    pub k_proj: Linear,
+    pub v_proj: Linear,
+    pub o_proj: Linear,
+    pub post_norm: Tensor,
+    pub gate_proj: Linear,
+    pub up_proj: Linear,
+    pub down_proj: Linear,
+}
+
+/// Keys and values of every block for the positions seen so far.
+#[derive(Debug, Clone, Default)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+}
+
+impl KvCache {
+    pub fn new(num_layers: usize) -> Self {
+        Self {
+            layers: vec![None; num_layers],
+        }
+    }
+
+    /// Number of positions already cached.
+    pub fn len(&self) -> usize {
+        match self.layers.first() {
+            Some(Some((k, _))) => k.dim(2).unwrap_or(0),
+            _ => 0,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+pub struct Llama {
+    pub cfg: ModelConfig,
+    pub embed_tokens: Tensor,
+    pub blocks: Vec<Block>,
+    pub norm: Tensor,
+    /// `[vocab, hidden]`; the embedding matrix itself when embeddings are tied.
+    pub lm_head: Tensor,
+    pub rope: Rope,
+    pub dtype: DType,
+    pub device: Device,
+}
+
+impl Llama {
+    /// Loads every weight the config calls for, in `dtype` on `device`.
+    pub fn load(
+        store: &WeightStore,
+        cfg: ModelConfig,
+        dtype: DType,
+        device: &Device,
+    ) -> std::result::Result<Self, WeightsError> {
+        let h = cfg.hidden_size;
+        let get = |name: &str, shape: &[usize]| store.get(name, shape, dtype, device);
+        let linear = |prefix: &str,
+                      out: usize,
+                      inp: usize,
+                      bias: bool|
+         -> std::result::Result<Linear, WeightsError> {
+            Ok(Linear {
+                weight: get(&format!("{prefix}.weight"), &[out, inp])?,
+                bias: if bias {
+                    Some(get(&format!("{prefix}.bias"), &[out])?)
+                } else {
+                    None
+                },
+            })
+        };
+        let embed_tokens = get("model.embed_tokens.weight", &[cfg.vocab_size, h])?;
+        let mut blocks = Vec::with_capacity(cfg.num_hidden_layers);
+        for i in 0..cfg.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            let bias = cfg.attention_bias;
+            blocks.push(Block {
+                input_norm: get(&format!("{p}.input_layernorm.weight"), &[h])?,
+                q_proj: linear(&format!("{p}.self_attn.q_proj"), cfg.q_size(), h, bias)?,
+                k_proj: linear(&format!("{p}.self_attn.k_proj"), cfg.kv_size(), h, bias)?,
+                v_proj: linear(&format!("{p}.self_attn.v_proj"), cfg.kv_size(), h, bias)?,
+                o_proj: linear(&format!("{p}.self_attn.o_proj"), h, cfg.q_size(), false)?,
+                post_norm: get(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
+                gate_proj: linear(
+                    &format!("{p}.mlp.gate_proj"),
+                    cfg.intermediate_size,
+                    h,
+                    false,
+                )?,
+                up_proj: linear(&format!("{p}.mlp.up_proj"), cfg.intermediate_size, h, false)?,
+                down_proj: linear(
+                    &format!("{p}.mlp.down_proj"),
+                    h,
+                    cfg.intermediate_size,
+                    false,
+                )?,
+            });
+        }
+        let norm = get("model.norm.weight", &[h])?;
+        // Some tied checkpoints still store lm_head; an untied one must have it.
+        let lm_head = if store.contains("lm_head.weight") || !cfg.tie_word_embeddings {
+            get("lm_head.weight", &[cfg.vocab_size, h])?
+        } else {
+            embed_tokens.clone()
+        };
+        let rope = Rope::new(&cfg, device).map_err(|e| WeightsError::Read {
+            tensor: "rope".into(),
+            file: store.describe(),
+            reason: e.to_string(),
+        })?;
+        Ok(Self {
+            cfg,
+            embed_tokens,
+            blocks,
+            norm,
+            lm_head,
+            rope,
+            dtype,
+            device: device.clone(),
+        })
+    }
+
+    pub fn embed(&self, ids: &Tensor) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        self.embed_tokens
+            .index_select(&ids.flatten_all()?, 0)?
+            .reshape((b, t, self.cfg.hidden_size))
+    }
+
+    /// Final hidden states (after the last RMSNorm), `[b, t, hidden]`, for `ids` `[b, t]`
+    /// following the positions already in `cache`.
+    pub fn forward_hidden(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        let (_, t) = ids.dims2()?;
+        let offset = cache.len();
+        if cache.layers.len() != self.blocks.len() {
+            *cache = KvCache::new(self.blocks.len());
+        }
+        let (cos, sin) = self.rope.cos_sin_range(offset, t, self.dtype)?;
+        let mask = causal_mask(t, offset, self.cfg.sliding_window, &self.device)?;
+        let mut x = self.embed(ids)?;
+        for (block, slot) in self.blocks.iter().zip(cache.layers.iter_mut()) {
+            x = self.block_forward(block, &x, &cos, &sin, mask.as_ref(), slot)?;
+        }
+        candle_nn::ops::rms_norm(&x, &self.norm, self.cfg.rms_norm_eps as f32)
+    }
+
+    /// Logits `[b, t, vocab]` (in f32).
+    pub fn forward(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        let h = self.forward_hidden(ids, cache)?;
+        self.logits(&h)
+    }
+
+    /// Applies the LM head to hidden states of any leading shape; result in f32.
+    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        let mut dims = hidden.dims().to_vec();
+        let hsz = dims.pop().unwrap_or(0);
+        let rows: usize = dims.iter().product();
+        let out = hidden
+            .reshape((rows, hsz))?
+            .matmul(&self.lm_head.t()?)?
+            .to_dtype(DType::F32)?;
+        dims.push(self.cfg.vocab_size);
+        out.reshape(dims)
+    }
+
+    fn block_forward(
+        &self,
+        blk: &Block,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: Option<&Tensor>,
+        cache: &mut Option<(Tensor, Tensor)>,
+    ) -> Result<Tensor> {
+        let cfg = &self.cfg;
+        let (b, t, _) = x.dims3()?;
+        let (nh, nkv, hd) = (
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+        );
+        let eps = cfg.rms_norm_eps as f32;
+        let h = candle_nn::ops::rms_norm(x, &blk.input_norm, eps)?;
+        let heads = |y: Tensor, n: usize| -> Result<Tensor> {
+            y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()
+        };
+        let q = heads(blk.q_proj.forward(&h)?, nh)?;
+        let k = heads(blk.k_proj.forward(&h)?, nkv)?;
+        let v = heads(blk.v_proj.forward(&h)?, nkv)?;
+        let q = candle_nn::rotary_emb::rope(&q, cos, sin)?;
+        let k = candle_nn::rotary_emb::rope(&k, cos, sin)?;
+        let (k, v) = match cache.take() {
+            Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
+            None => (k, v),
+        };
+        *cache = Some((k.clone(), v.clone()));
+        let attn = attention(&q, &k, &v, mask, nkv)?;
+        let attn = attn.transpose(1, 2)?.reshape((b, t, nh * hd))?;
+        let x = (x + blk.o_proj.forward(&attn)?)?;
+        let h = candle_nn::ops::rms_norm(&x, &blk.post_norm, eps)?;
+        let mlp =
+            (candle_nn::ops::silu(&blk.gate_proj.forward(&h)?)? * blk.up_proj.forward(&h)?)?;
+        x + blk.down_proj.forward(&mlp)?
+    }
+}
+
+/// Scaled dot-product attention with grouped K/V heads. `q` is `[b, nh, t, d]`, `k`/`v` are
+/// `[b, nkv, T, d]`, `mask` is `[t, T]` additive. Softmax runs in f32.
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Option<&Tensor>,
+    nkv: usize,
+) -> Result<Tensor> {
+    let (b, nh, t, d) = q.dims4()?;
+    let total = k.dim(2)?;
+    let rep = nh / nkv;
+    let scale = 1.0 / (d as f64).sqrt();
+    // Query heads of one group are consecutive: view them as rep·t rows against one K/V head.
+    let qg = q.reshape((b, nkv, rep * t, d))?;
+    let scores = (qg.matmul(&k.t()?)? * scale)?.to_dtype(DType::F32)?;
+    let scores = match mask {
+        Some(m) => scores
+            .reshape((b, nkv, rep, t, total))?
+            .broadcast_add(m)?
+            .reshape((b, nkv, rep * t, total))?,
+        None => scores,
+    };
+    let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
+    probs.matmul(v)?.reshape((b, nh, t, d))
+}
+
+/// Additive causal mask `[t, offset + t]` (0 where allowed, −∞ elsewhere), with an optional
+/// sliding window; `None` when a single new position may see everything.
+pub fn causal_mask(
+    t: usize,
+    offset: usize,
+    window: Option<usize>,
+    device: &Device,
+) -> Result<Option<Tensor>> {
+    let total = offset + t;
+    let window = window.unwrap_or(usize::MAX);
+    if t == 1 && total <= window {
+        return Ok(None);
+    }
+    let mut m = vec![0f32; t * total];
+    for i in 0..t {
+        let pos = offset + i;
+        for j in 0..total {
+            if j > pos || pos - j >= window {
+                m[i * total + j] = f32::NEG_INFINITY;
+            }
+        }
+    }
+    Tensor::from_vec(m, (t, total), device).map(Some)
+}
+
+/// Log-softmax over the last dimension, numerically stable.
+pub fn log_softmax_last(x: &Tensor) -> Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?;
+    let shifted = x.broadcast_sub(&max)?;
+    let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
+    shifted.broadcast_sub(&lse)
+}

@@ -1,0 +1,10 @@
+//! The Llama-family transformer: configuration, rotary embeddings and the forward pass.
+
+pub mod config;
+pub mod llama;
+pub mod rope;
+
+pub use config::{Architecture, ModelConfig, RopeScaling};
+pub use llama::{KvCache, Llama};
+pub mod load;
+pub use load::{load, LoadedModel};

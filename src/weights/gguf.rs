@@ -1,0 +1,399 @@
+//! GGUF files (llama.cpp's format): model config from metadata, tensors dequantized to the
+//! compute dtype, and llama.cpp's Q/K row permutation undone so that the weights match the
+//! Hugging Face "rotate half" RoPE layout the forward pass uses.
+
+use super::{check_shape, WeightsError};
+use crate::model::config::{Architecture, ConfigError, ModelConfig, RopeScaling};
+use candle_core::quantized::gguf_file::{Content, Value};
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{Device, Tensor};
+use std::io::Cursor;
+use std::path::{Path, PathBuf};
+
+/// GGUF architectures we load, with the Hugging Face architecture each one maps to.
+pub const SUPPORTED_ARCHS: &[&str] = &["llama", "qwen2"];
+
+pub struct GgufFile {
+    pub path: PathBuf,
+    mmap: memmap2::Mmap,
+    pub content: Content,
+    arch: String,
+    /// Heads of the q and k projections, for undoing llama.cpp's permutation.
+    unpermute_heads: Option<(usize, usize)>,
+}
+
+impl GgufFile {
+    pub fn open(path: &Path) -> Result<Self, WeightsError> {
+        let open_err = |reason: String| WeightsError::Open {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let file = std::fs::File::open(path).map_err(|e| open_err(e.to_string()))?;
+        // SAFETY: mapped read-only; we rely on the file not being truncated while we run.
+        let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| open_err(e.to_string()))?;
+        let content = Content::read(&mut Cursor::new(&mmap[..]))
+            .map_err(|e| open_err(format!("not a valid GGUF file: {e}")))?;
+        let arch = match content.metadata.get("general.architecture") {
+            Some(Value::String(s)) => s.clone(),
+            _ => {
+                return Err(open_err(
+                    "GGUF metadata has no `general.architecture`".into(),
+                ))
+            }
+        };
+        let mut g = GgufFile {
+            path: path.to_path_buf(),
+            mmap,
+            content,
+            arch,
+            unpermute_heads: None,
+        };
+        // Every tensor must lie inside the file: a truncated download is caught here, at load,
+        // rather than when the tensor is first needed.
+        let data_start = g.content.tensor_data_offset;
+        for (name, info) in &g.content.tensor_infos {
+            let bytes = info.shape.elem_count() / info.ggml_dtype.block_size().max(1)
+                * info.ggml_dtype.type_size();
+            let end = data_start
+                .saturating_add(info.offset)
+                .saturating_add(bytes as u64);
+            if end > g.mmap.len() as u64 {
+                return Err(open_err(format!(
+                    "tensor `{name}` ends at byte {end} but the file has only {} bytes; \
+                     the file is truncated (download it again)",
+                    g.mmap.len()
+                )));
+            }
+        }
+        if g.arch == "llama" {
+            let heads = g.meta_usize("attention.head_count").ok();
+            let kv = g.meta_usize("attention.head_count_kv").ok().or(heads);
+            if let (Some(h), Some(kv)) = (heads, kv) {
+                g.unpermute_heads = Some((h, kv));
+            }
+        }
+        Ok(g)
+    }
+
+    pub fn architecture(&self) -> &str {
+        &self.arch
+    }
+
+    pub fn metadata(&self, key: &str) -> Option<&Value> {
+        self.content.metadata.get(key)
+    }
+
+    pub fn meta_str(&self, key: &str) -> Option<&str> {
+        match self.metadata(key) {
+            Some(Value::String(s)) => Some(s),
+            _ => None,
+        }
+    }
+
+    /// An integer metadata value of any integer type, under the `<arch>.` prefix.
+    fn meta_usize(&self, key: &str) -> Result<usize, String> {
+        let full = format!("{}.{key}", self.arch);
+        match self.metadata(&full) {
+            Some(v) => value_to_u64(v)
+                .map(|x| x as usize)
+                .ok_or_else(|| format!("metadata `{full}` is not an integer")),
+            None => Err(format!("metadata `{full}` is missing")),
+        }
+    }
+
+    fn meta_f64(&self, key: &str) -> Option<f64> {
+        match self.metadata(&format!("{}.{key}", self.arch))? {
+            Value::F32(v) => Some(*v as f64),
+            Value::F64(v) => Some(*v),
+            v => value_to_u64(v).map(|x| x as f64),
+        }
+    }
+
+    /// The model configuration from GGUF metadata.
+    pub fn config(&self) -> Result<ModelConfig, ConfigError> {
+        let src = self.path.display().to_string();
+        let architecture = match self.arch.as_str() {
+            "llama" => Architecture::Llama,
+            "qwen2" => Architecture::Qwen2,
+            other => {
+                return Err(ConfigError::Unsupported {
+                    source_name: src,
+                    found: format!("{other} (GGUF general.architecture)"),
+                })
+            }
+        };
+        let field = |key: &str, problem: String| ConfigError::Field {
+            source_name: src.clone(),
+            field: format!("{}.{key}", self.arch),
+            problem,
+        };
+        let req = |key: &str| self.meta_usize(key).map_err(|p| field(key, p));
+        let hidden_size = req("embedding_length")?;
+        let num_attention_heads = req("attention.head_count")?;
+        let num_key_value_heads = self
+            .meta_usize("attention.head_count_kv")
+            .unwrap_or(num_attention_heads);
+        let head_dim = self
+            .meta_usize("attention.key_length")
+            .or_else(|_| self.meta_usize("rope.dimension_count"))
+            .unwrap_or(hidden_size / num_attention_heads.max(1));
+        let embd = self.content.tensor_infos.get("token_embd.weight");
+        let vocab_size = self
+            .meta_usize("vocab_size")
+            .ok()
+            .or_else(|| match self.metadata("tokenizer.ggml.tokens") {
+                Some(Value::Array(a)) => Some(a.len()),
+                _ => None,
+            })
+            .or_else(|| embd.map(|e| e.shape.dims()[0]))
+            .ok_or_else(|| field("vocab_size", "is missing".into()))?;
+        let mut rope_scaling = None;
+        if let Some(info) = self.content.tensor_infos.get("rope_freqs.weight") {
+            let t = self
+                .load_raw("rope_freqs.weight", &Device::Cpu)
+                .and_then(|t| {
+                    t.flatten_all()
+                        .and_then(|t| t.to_vec1::<f32>())
+                        .map_err(|e| WeightsError::Read {
+                            tensor: "rope_freqs.weight".into(),
+                            file: src.clone(),
+                            reason: e.to_string(),
+                        })
+                })
+                .map_err(|e| {
+                    field(
+                        "rope_freqs",
+                        format!("cannot be read: {e} ({:?})", info.shape),
+                    )
+                })?;
+            rope_scaling = Some(RopeScaling::Factors(t));
+        } else if self.meta_str(&format!("{}.rope.scaling.type", self.arch)) == Some("linear") {
+            if let Some(factor) = self.meta_f64("rope.scaling.factor") {
+                rope_scaling = Some(RopeScaling::Linear { factor });
+            }
+        }
+        let tok_id = |key: &str| self.metadata(key).and_then(value_to_u64).map(|v| v as u32);
+        let mut eos_token_ids: Vec<u32> =
+            ["tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id"]
+                .iter()
+                .filter_map(|k| tok_id(k))
+                .collect();
+        eos_token_ids.dedup();
+        let cfg = ModelConfig {
+            architecture,
+            hidden_size,
+            intermediate_size: req("feed_forward_length")?,
+            num_hidden_layers: req("block_count")?,
+            num_attention_heads,
+            num_key_value_heads,
+            head_dim,
+            vocab_size,
+            rms_norm_eps: self
+                .meta_f64("attention.layer_norm_rms_epsilon")
+                .unwrap_or(1e-5),
+            rope_theta: self.meta_f64("rope.freq_base").unwrap_or(10_000.0),
+            rope_scaling,
+            max_position_embeddings: self.meta_usize("context_length").unwrap_or(4096),
+            tie_word_embeddings: !self.content.tensor_infos.contains_key("output.weight"),
+            attention_bias: self.content.tensor_infos.contains_key("blk.0.attn_q.bias"),
+            sliding_window: None,
+            bos_token_id: tok_id("tokenizer.ggml.bos_token_id"),
+            eos_token_ids,
+        };
+        cfg.validate(&src)?;
+        Ok(cfg)
+    }
+
+    pub fn contains_hf(&self, hf_name: &str) -> bool {
+        hf_to_gguf_name(hf_name)
+            .map(|n| self.content.tensor_infos.contains_key(&n))
+            .unwrap_or(false)
+    }
+
+    /// The quantized tensor as stored, without un-permuting.
+    pub fn qtensor(&self, gguf_name: &str, device: &Device) -> Result<QTensor, WeightsError> {
+        let info =
+            self.content
+                .tensor_infos
+                .get(gguf_name)
+                .ok_or_else(|| WeightsError::Missing {
+                    tensor: gguf_name.to_string(),
+                    file: self.path.display().to_string(),
+                    arch: "llama",
+                })?;
+        if !SUPPORTED_GGML.contains(&info.ggml_dtype) {
+            return Err(WeightsError::Dtype {
+                tensor: gguf_name.to_string(),
+                file: self.path.display().to_string(),
+                dtype: format!("{:?}", info.ggml_dtype),
+                quant: ", or Q8_0, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K in GGUF",
+            });
+        }
+        info.read(
+            &mut Cursor::new(&self.mmap[..]),
+            self.content.tensor_data_offset,
+            device,
+        )
+        .map_err(|e| WeightsError::Read {
+            tensor: gguf_name.to_string(),
+            file: self.path.display().to_string(),
+            reason: e.to_string(),
+        })
+    }
+
+    fn load_raw(&self, gguf_name: &str, device: &Device) -> Result<Tensor, WeightsError> {
+        self.qtensor(gguf_name, device)?
+            .dequantize(device)
+            .map_err(|e| WeightsError::Read {
+                tensor: gguf_name.to_string(),
+                file: self.path.display().to_string(),
+                reason: e.to_string(),
+            })
+    }
+
+    /// Loads the tensor with Hugging Face name `hf_name`, dequantized, un-permuted, checked.
+    pub fn get_hf(
+        &self,
+        hf_name: &str,
+        shape: &[usize],
+        device: &Device,
+    ) -> Result<Tensor, WeightsError> {
+        let file = self.path.display().to_string();
+        let name = hf_to_gguf_name(hf_name).ok_or_else(|| WeightsError::Missing {
+            tensor: hf_name.to_string(),
+            file: file.clone(),
+            arch: "llama",
+        })?;
+        let info = self
+            .content
+            .tensor_infos
+            .get(&name)
+            .ok_or_else(|| WeightsError::Missing {
+                tensor: name.clone(),
+                file: file.clone(),
+                arch: "llama",
+            })?;
+        check_shape(&name, &file, shape, info.shape.dims())?;
+        let t = self.load_raw(&name, device)?;
+        let heads = match (self.unpermute_heads, hf_name) {
+            (Some((h, _)), n) if n.contains("self_attn.q_proj.") => Some(h),
+            (Some((_, kv)), n) if n.contains("self_attn.k_proj.") => Some(kv),
+            _ => None,
+        };
+        match heads {
+            Some(h) => unpermute_qk(&t, h).map_err(|e| WeightsError::Read {
+                tensor: name,
+                file,
+                reason: e.to_string(),
+            }),
+            None => Ok(t),
+        }
+    }
+}
+
+const SUPPORTED_GGML: &[GgmlDType] = &[
+    GgmlDType::F32,
+    GgmlDType::F16,
+    GgmlDType::BF16,
+    GgmlDType::Q8_0,
+    GgmlDType::Q4_0,
+    GgmlDType::Q4_1,
+    GgmlDType::Q4K,
+    GgmlDType::Q5K,
+    GgmlDType::Q6K,
+];
+
+fn value_to_u64(v: &Value) -> Option<u64> {
+    match v {
+        Value::U8(x) => Some(*x as u64),
+        Value::U16(x) => Some(*x as u64),
+        Value::U32(x) => Some(*x as u64),
+        Value::U64(x) => Some(*x),
+        Value::I8(x) => u64::try_from(*x).ok(),
+        Value::I16(x) => u64::try_from(*x).ok(),
+        Value::I32(x) => u64::try_from(*x).ok(),
+        Value::I64(x) => u64::try_from(*x).ok(),
+        _ => None,
+    }
+}
+
+/// Hugging Face tensor name → llama.cpp tensor name.
+pub fn hf_to_gguf_name(hf: &str) -> Option<String> {
+    match hf {
+        "model.embed_tokens.weight" => return Some("token_embd.weight".into()),
+        "model.norm.weight" => return Some("output_norm.weight".into()),
+        "lm_head.weight" => return Some("output.weight".into()),
+        _ => {}
+    }
+    let rest = hf.strip_prefix("model.layers.")?;
+    let (layer, rest) = rest.split_once('.')?;
+    let layer: usize = layer.parse().ok()?;
+    let (module, suffix) = rest.rsplit_once('.')?;
+    let short = match module {
+        "input_layernorm" => "attn_norm",
+        "post_attention_layernorm" => "ffn_norm",
+        "self_attn.q_proj" => "attn_q",
+        "self_attn.k_proj" => "attn_k",
+        "self_attn.v_proj" => "attn_v",
+        "self_attn.o_proj" => "attn_output",
+        "mlp.gate_proj" => "ffn_gate",
+        "mlp.up_proj" => "ffn_up",
+        "mlp.down_proj" => "ffn_down",
+        _ => return None,
+    };
+    Some(format!("blk.{layer}.{short}.{suffix}"))
+}
+
+/// Undoes llama.cpp's interleaving of q/k rows (`[n, 2, d/2] → [n, d/2, 2]` at conversion).
+pub fn unpermute_qk(t: &Tensor, n_heads: usize) -> candle_core::Result<Tensor> {
+    permute_rows(t, n_heads, false)
+}
+
+/// Applies llama.cpp's q/k row interleaving, as its converter does (for writing GGUF).
+pub fn permute_qk(t: &Tensor, n_heads: usize) -> candle_core::Result<Tensor> {
+    permute_rows(t, n_heads, true)
+}
+
+fn permute_rows(t: &Tensor, n_heads: usize, forward: bool) -> candle_core::Result<Tensor> {
+    let dims = t.dims().to_vec();
+    let rows = dims[0];
+    let rest: usize = dims[1..].iter().product();
+    let half = rows / n_heads / 2;
+    let shape = if forward {
+        (n_heads, 2, half, rest)
+    } else {
+        (n_heads, half, 2, rest)
+    };
+    t.reshape(shape)?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape(dims)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn permutation_round_trips_and_interleaves() {
+        let t = Tensor::arange(0f32, 24., &Device::Cpu)
+            .unwrap()
+            .reshape((8, 3))
+            .unwrap();
+        let p = permute_qk(&t, 2).unwrap();
+        // Head 0 rows 0..4 = [r0, r1 | r2, r3] become interleaved [r0, r2, r1, r3].
+        let rows: Vec<f32> = p.get(1).unwrap().to_vec1().unwrap();
+        assert_eq!(rows, vec![6., 7., 8.]);
+        let back = unpermute_qk(&p, 2).unwrap();
+        assert_eq!(back.to_vec2::<f32>().unwrap(), t.to_vec2::<f32>().unwrap());
+    }
+
+    #[test]
+    fn names_map_to_llama_cpp() {
+        assert_eq!(
+            hf_to_gguf_name("model.layers.12.self_attn.o_proj.weight").as_deref(),
+            Some("blk.12.attn_output.weight")
+        );
+        assert_eq!(hf_to_gguf_name("model.layers.x.mlp.up_proj.weight"), None);
+    }
+}

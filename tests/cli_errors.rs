@@ -1,0 +1,181 @@
+//! Bad input through the CLI: one clear message naming the problem, a non-zero exit, no panic.
+
+mod common;
+
+use candle_core::quantized::GgmlDType;
+use common::{cli, smollm2, tiny_weights, write_gguf, write_hf_dir, TinySpec};
+use predicates::prelude::*;
+use std::path::Path;
+
+/// Runs `your_ai <args>` and checks it failed cleanly with `needles` in its message.
+fn fails_with(args: &[&str], extra: &[&Path], envs: &[(&str, &str)], needles: &[&str]) {
+    let mut cmd = cli();
+    cmd.args(args);
+    for p in extra {
+        cmd.arg(p);
+    }
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{args:?} succeeded: {stderr}");
+    assert!(!stderr.contains("panicked"), "{args:?} panicked: {stderr}");
+    assert!(stderr.starts_with("error: "), "{args:?}: {stderr}");
+    for n in needles {
+        assert!(stderr.contains(n), "{args:?}: `{n}` not in: {stderr}");
+    }
+}
+
+fn generate_args() -> Vec<&'static str> {
+    vec!["generate", "--prompt", "hi", "--model"]
+}
+
+#[test]
+fn missing_model_path() {
+    fails_with(
+        &[&generate_args()[..], &["./no/such/model.gguf"]].concat(),
+        &[],
+        &[],
+        &["./no/such/model.gguf", "does not exist"],
+    );
+}
+
+#[test]
+fn directory_without_config_json() {
+    let dir = tempfile::tempdir().unwrap();
+    fails_with(&generate_args(), &[dir.path()], &[], &["no config.json"]);
+}
+
+#[test]
+fn truncated_safetensors() {
+    let spec = TinySpec::default();
+    let dir = tempfile::tempdir().unwrap();
+    write_hf_dir(
+        dir.path(),
+        &spec,
+        &tiny_weights(&spec, 1),
+        candle_core::DType::F32,
+    );
+    let file = dir.path().join("model.safetensors");
+    let bytes = std::fs::read(&file).unwrap();
+    std::fs::write(&file, &bytes[..bytes.len() / 2]).unwrap();
+    fails_with(
+        &generate_args(),
+        &[dir.path()],
+        &[],
+        &["model.safetensors", "truncated"],
+    );
+}
+
+#[test]
+fn truncated_gguf() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("half.gguf");
+    let bytes = std::fs::read(smollm2()).unwrap();
+    std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
+    fails_with(&generate_args(), &[&path], &[], &["half.gguf", "truncated"]);
+}
+
+#[test]
+fn gguf_of_an_unsupported_architecture() {
+    let spec = TinySpec::default();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gpt2.gguf");
+    write_gguf(
+        &path,
+        &spec,
+        &tiny_weights(&spec, 1),
+        GgmlDType::F32,
+        "gpt2",
+    );
+    fails_with(
+        &generate_args(),
+        &[&path],
+        &[],
+        &["unsupported architecture", "gpt2", "LlamaForCausalLM"],
+    );
+}
+
+#[test]
+fn unsupported_architecture_in_config_json() {
+    let spec = TinySpec::default();
+    let dir = tempfile::tempdir().unwrap();
+    write_hf_dir(
+        dir.path(),
+        &spec,
+        &tiny_weights(&spec, 1),
+        candle_core::DType::F32,
+    );
+    let mut cfg = spec.config_json();
+    cfg["architectures"] = serde_json::json!(["GPTNeoXForCausalLM"]);
+    std::fs::write(dir.path().join("config.json"), cfg.to_string()).unwrap();
+    fails_with(
+        &generate_args(),
+        &[dir.path()],
+        &[],
+        &["GPTNeoXForCausalLM", "MistralForCausalLM"],
+    );
+}
+
+#[test]
+fn unknown_alias_and_uncached_repo_offline() {
+    let home = tempfile::tempdir().unwrap();
+    let home_s = home.path().to_str().unwrap();
+    let offline = [("HF_HOME", home_s), ("HF_HUB_OFFLINE", "1")];
+    fails_with(
+        &[&generate_args()[..], &["llama-9000"]].concat(),
+        &[],
+        &offline,
+        &["unknown model `llama-9000`", "llama-8b"],
+    );
+    fails_with(
+        &[&generate_args()[..], &["llama-8b"]].concat(),
+        &[],
+        &offline,
+        &[
+            "mlabonne/Meta-Llama-3.1-8B-Instruct-abliterated",
+            "not in the local Hugging Face cache",
+            home_s,
+            "--model",
+        ],
+    );
+}
+
+#[test]
+fn malformed_jsonl_line_names_file_and_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("bad.jsonl");
+    std::fs::write(&data, "{\"text\": \"fine\"}\n{\"text\": oops}\n").unwrap();
+    fails_with(
+        &["eval", "--data", data.to_str().unwrap(), "--model"],
+        &[&smollm2()],
+        &[],
+        &["bad.jsonl:2", "not valid JSON"],
+    );
+}
+
+#[test]
+fn bad_flag_values() {
+    let out = cli()
+        .args(["eval", "--model", "x", "--data", "y", "--batch-size", "0"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--batch-size"));
+}
+
+#[test]
+fn models_lists_aliases() {
+    let home = tempfile::tempdir().unwrap();
+    cli()
+        .arg("models")
+        .env("HF_HOME", home.path())
+        .assert()
+        .success()
+        .stdout(
+            predicate::str::contains("llama-8b").and(predicate::str::contains(
+                "NousResearch/Hermes-3-Llama-3.1-70B",
+            )),
+        );
+}

@@ -1,0 +1,121 @@
+//! The real test model, SmolLM2-135M-Instruct (Q4_1 GGUF), through the library and the CLI.
+
+mod common;
+
+use common::{cli, smollm2};
+use predicates::prelude::*;
+use serde_json::json;
+use your_ai::chat_template::{ChatContext, ChatTemplate};
+use your_ai::tokenizer::Tokenizer;
+use your_ai::weights::GgufFile;
+
+fn tokenizer() -> Tokenizer {
+    Tokenizer::from_gguf(&GgufFile::open(&smollm2()).unwrap()).unwrap()
+}
+
+#[test]
+fn greedy_generate_knows_paris_and_stops_at_end_of_turn() {
+    cli()
+        .args(["generate", "--model"])
+        .arg(smollm2())
+        .args([
+            "--prompt",
+            "What is the capital of France?",
+            "--max-tokens",
+            "64",
+        ])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("Paris"))
+        .stderr(predicate::str::contains("stopped: end of turn"));
+}
+
+#[test]
+fn two_turn_chat_renders_exactly() {
+    let tok = tokenizer();
+    let tpl = ChatTemplate::new(tok.chat_template.as_deref().unwrap()).unwrap();
+    let messages = [
+        json!({"role": "user", "content": "Hi"}),
+        json!({"role": "assistant", "content": "Hello! How can I help?"}),
+        json!({"role": "user", "content": "Name a colour."}),
+    ];
+    let out = tpl
+        .render(&ChatContext {
+            messages: &messages,
+            add_generation_prompt: true,
+            bos_token: tok.bos_token.as_deref(),
+            eos_token: tok.eos_token.as_deref(),
+            ..Default::default()
+        })
+        .unwrap();
+    // From the template's definition: a default system turn when none is given, then each
+    // message as <|im_start|>role\ncontent<|im_end|>\n, then the generation prompt.
+    let expected = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n\
+                    <|im_start|>user\nHi<|im_end|>\n\
+                    <|im_start|>assistant\nHello! How can I help?<|im_end|>\n\
+                    <|im_start|>user\nName a colour.<|im_end|>\n\
+                    <|im_start|>assistant\n";
+    assert_eq!(out, expected);
+}
+
+#[test]
+fn end_tokens_include_im_end() {
+    let tok = tokenizer();
+    let im_end = tok.token_to_id("<|im_end|>").unwrap();
+    assert!(tok.is_end(im_end));
+    assert_eq!(tok.encode("<|im_start|>user\nhi<|im_end|>").unwrap()[0], 1);
+}
+
+#[test]
+fn eval_on_a_small_chat_file_gives_a_sensible_loss() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("chat.jsonl");
+    let rows = [
+        (
+            "What is the capital of France?",
+            "The capital of France is Paris.",
+        ),
+        (
+            "How many legs does a spider have?",
+            "A spider has eight legs.",
+        ),
+        (
+            "What colour is the sky on a clear day?",
+            "The sky is blue on a clear day.",
+        ),
+    ];
+    let text: String = rows
+        .iter()
+        .map(|(q, a)| {
+            json!({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}).to_string() + "\n"
+        })
+        .collect();
+    std::fs::write(&data, text).unwrap();
+    let out = cli()
+        .args(["eval", "--model"])
+        .arg(smollm2())
+        .arg("--data")
+        .arg(&data)
+        .args(["--batch-size", "2"])
+        .assert()
+        .success()
+        .get_output()
+        .stdout
+        .clone();
+    let out = String::from_utf8(out).unwrap();
+    let loss: f64 = out
+        .lines()
+        .find_map(|l| l.strip_prefix("loss: "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no loss in: {out}"));
+    assert!(loss.is_finite() && loss > 0.05 && loss < 4.0, "loss {loss}");
+    let tokens: usize = out
+        .lines()
+        .find_map(|l| l.strip_prefix("tokens: "))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    // Assistant answers plus their <|im_end|>: a few dozen tokens, far fewer than the whole chats.
+    assert!((20..60).contains(&tokens), "tokens {tokens}");
+}

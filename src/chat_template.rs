@@ -104,10 +104,19 @@ fn describe(e: &minijinja::Error) -> String {
 }
 
 /// transformers' `{% generation %}` tag only marks assistant text for its own masking; we find
-/// assistant spans from rendering offsets instead, so the tags are dropped.
+/// assistant spans from rendering offsets instead. The tags become no-op blocks (not nothing)
+/// so that `lstrip_blocks`/`trim_blocks` treat the whitespace around them as Jinja does.
 fn strip_generation_tags(source: &str) -> String {
-    let re = regex::Regex::new(r"\{%-?\s*(end)?generation\s*-?%\}").expect("static regex");
-    re.replace_all(source, "").into_owned()
+    let re = regex::Regex::new(r"\{%(-?)\s*(end)?generation\s*(-?)%\}").expect("static regex");
+    re.replace_all(source, |c: &regex::Captures| {
+        let tag = if c.get(2).is_some() {
+            "endif"
+        } else {
+            "if true"
+        };
+        format!("{{%{} {tag} {}%}}", &c[1], &c[3])
+    })
+    .into_owned()
 }
 
 fn strftime_now(format: String) -> Result<Value, minijinja::Error> {
@@ -330,14 +339,15 @@ mod tests {
 
     #[test]
     fn trim_and_lstrip_blocks_and_generation_tags() {
-        let t = ChatTemplate::new("{% for m in messages %}\n  {% generation %}{{ m.content.strip() }}{% endgeneration %}\n{% endfor %}\n").unwrap();
+        let t = ChatTemplate::new("{% for m in messages %}\n  {% generation %}{{ m.content.strip() }}{% endgeneration %}|\n{% endfor %}\n").unwrap();
         let out = t
             .render(&ChatContext {
                 messages: &[json!({"content": " a "}), json!({"content": "b"})],
                 ..Default::default()
             })
             .unwrap();
-        assert_eq!(out, "a\nb\n");
+        // As Jinja2 renders it with transformers' generation extension.
+        assert_eq!(out, "a|\nb|\n");
     }
 
     #[test]

@@ -63,10 +63,29 @@ impl ChatTemplate {
 
     pub fn render(&self, ctx: &ChatContext) -> Result<String, TemplateError> {
         let mut vars = ctx.extra.clone();
-        vars.insert("messages".into(), Json::Array(ctx.messages.to_vec()));
-        if let Some(t) = ctx.tools {
-            vars.insert("tools".into(), Json::Array(t.to_vec()));
-        }
+        // As transformers does: message keys holding null are dropped (the template sees them
+        // undefined), and `tools` / `documents` are always defined, none when absent.
+        let messages = ctx
+            .messages
+            .iter()
+            .map(|m| match m {
+                Json::Object(o) => Json::Object(
+                    o.iter()
+                        .filter(|(_, v)| !v.is_null())
+                        .map(|(k, v)| (k.clone(), v.clone()))
+                        .collect(),
+                ),
+                other => other.clone(),
+            })
+            .collect();
+        vars.insert("messages".into(), Json::Array(messages));
+        vars.insert(
+            "tools".into(),
+            ctx.tools
+                .map(|t| Json::Array(t.to_vec()))
+                .unwrap_or(Json::Null),
+        );
+        vars.entry("documents").or_insert(Json::Null);
         vars.insert(
             "add_generation_prompt".into(),
             Json::Bool(ctx.add_generation_prompt),

@@ -11,9 +11,11 @@ pub mod device;
 pub mod error;
 pub mod evaluate;
 pub mod generation;
+pub mod lora;
 pub mod model;
 pub mod model_source;
 pub mod tokenizer;
+pub mod train;
 pub mod weights;
 
 pub use error::{Error, Result};

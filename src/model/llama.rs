@@ -6,6 +6,7 @@
 
 use super::config::ModelConfig;
 use super::rope::Rope;
+use crate::lora::{Adapter, LoraPair, Target};
 use crate::weights::{WeightStore, WeightsError};
 use candle_core::{DType, Device, Module, Result, Tensor, D};
 
@@ -22,6 +23,25 @@ impl Linear {
     }
     pub fn out_features(&self) -> usize {
         self.weight.dim(0).unwrap_or(0)
+    }
+
+    /// `y = x Wᵀ (+ b) + s · (x Aᵀ) Bᵀ` for 2-D `x`, the LoRA term as two thin matmuls (never
+    /// `W + BA`). Also returns `x Aᵀ`, which the backward needs for `dB`.
+    pub fn forward_lora(
+        &self,
+        x: &Tensor,
+        lora: Option<&LoraPair>,
+        scale: f64,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        let y = self.forward(x)?;
+        match lora {
+            None => Ok((y, None)),
+            Some(p) => {
+                let xa = x.to_dtype(p.a.dtype())?.matmul(&p.a.t()?)?;
+                let delta = (xa.matmul(&p.b.t()?)? * scale)?.to_dtype(y.dtype())?;
+                Ok(((y + delta)?, Some(xa)))
+            }
+        }
     }
 }
 
@@ -89,6 +109,8 @@ pub struct Llama {
     pub rope: Rope,
     pub dtype: DType,
     pub device: Device,
+    /// A LoRA adapter applied in [`Llama::forward`] (generation and evaluation).
+    pub adapter: Option<Adapter>,
 }
 
 impl Llama {
@@ -163,6 +185,7 @@ impl Llama {
             rope,
             dtype,
             device: device.clone(),
+            adapter: None,
         })
     }
 
@@ -184,10 +207,10 @@ impl Llama {
         let (cos, sin) = self.rope.cos_sin_range(offset, t, self.dtype)?;
         let mask = causal_mask(t, offset, self.cfg.sliding_window, &self.device)?;
         let mut x = self.embed(ids)?;
-        for (block, slot) in self.blocks.iter().zip(cache.layers.iter_mut()) {
-            x = self.block_forward(block, &x, &cos, &sin, mask.as_ref(), slot)?;
+        for (layer, (block, slot)) in self.blocks.iter().zip(cache.layers.iter_mut()).enumerate() {
+            x = self.block_forward(layer, block, &x, &cos, &sin, mask.as_ref(), slot)?;
         }
-        candle_nn::ops::rms_norm(&x, &self.norm, self.cfg.rms_norm_eps as f32)
+        rms_norm(&x, &self.norm, self.cfg.rms_norm_eps as f32)
     }
 
     /// Logits `[b, t, vocab]` (in f32).
@@ -209,8 +232,18 @@ impl Llama {
         out.reshape(dims)
     }
 
+    /// The adapter pair on `target` of block `layer`, with its scale.
+    pub fn lora(&self, layer: usize, target: Target) -> (Option<&LoraPair>, f64) {
+        match &self.adapter {
+            Some(a) => (a.get(layer, target), a.cfg.scale()),
+            None => (None, 0.0),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
     fn block_forward(
         &self,
+        layer: usize,
         blk: &Block,
         x: &Tensor,
         cos: &Tensor,
@@ -226,13 +259,20 @@ impl Llama {
             cfg.head_dim,
         );
         let eps = cfg.rms_norm_eps as f32;
-        let h = candle_nn::ops::rms_norm(x, &blk.input_norm, eps)?;
+        let proj = |lin: &Linear, x: &Tensor, target: Target| -> Result<Tensor> {
+            let (pair, scale) = self.lora(layer, target);
+            let y = lin
+                .forward_lora(&x.reshape((b * t, lin.in_features()))?, pair, scale)?
+                .0;
+            y.reshape((b, t, lin.out_features()))
+        };
+        let h = rms_norm(x, &blk.input_norm, eps)?;
         let heads = |y: Tensor, n: usize| -> Result<Tensor> {
             y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()
         };
-        let q = heads(blk.q_proj.forward(&h)?, nh)?;
-        let k = heads(blk.k_proj.forward(&h)?, nkv)?;
-        let v = heads(blk.v_proj.forward(&h)?, nkv)?;
+        let q = heads(proj(&blk.q_proj, &h, Target::Q)?, nh)?;
+        let k = heads(proj(&blk.k_proj, &h, Target::K)?, nkv)?;
+        let v = heads(proj(&blk.v_proj, &h, Target::V)?, nkv)?;
         let q = candle_nn::rotary_emb::rope(&q, cos, sin)?;
         let k = candle_nn::rotary_emb::rope(&k, cos, sin)?;
         let (k, v) = match cache.take() {
@@ -242,12 +282,24 @@ impl Llama {
         *cache = Some((k.clone(), v.clone()));
         let attn = attention(&q, &k, &v, mask, nkv)?;
         let attn = attn.transpose(1, 2)?.reshape((b, t, nh * hd))?;
-        let x = (x + blk.o_proj.forward(&attn)?)?;
-        let h = candle_nn::ops::rms_norm(&x, &blk.post_norm, eps)?;
-        let mlp =
-            (candle_nn::ops::silu(&blk.gate_proj.forward(&h)?)? * blk.up_proj.forward(&h)?)?;
-        x + blk.down_proj.forward(&mlp)?
+        let x = (x + proj(&blk.o_proj, &attn, Target::O)?)?;
+        let h = rms_norm(&x, &blk.post_norm, eps)?;
+        let gate = proj(&blk.gate_proj, &h, Target::Gate)?;
+        let mlp = (candle_nn::ops::silu(&gate)? * proj(&blk.up_proj, &h, Target::Up)?)?;
+        x + proj(&blk.down_proj, &mlp, Target::Down)?
     }
+}
+
+/// RMSNorm over the last dimension: candle's fused kernel, or the composite form for f64
+/// (which the kernel lacks and gradient tests use).
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f32) -> Result<Tensor> {
+    if x.dtype() == DType::F64 {
+        let r = (x.sqr()?.mean_keepdim(D::Minus1)? + eps as f64)?
+            .sqrt()?
+            .recip()?;
+        return x.broadcast_mul(&r)?.broadcast_mul(w);
+    }
+    candle_nn::ops::rms_norm(x, w, eps)
 }
 
 /// Scaled dot-product attention with grouped K/V heads. `q` is `[b, nh, t, d]`, `k`/`v` are

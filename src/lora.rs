@@ -1,0 +1,424 @@
+//! LoRA adapters: `W x + (α / r) · B A x` on chosen linear layers of chosen blocks, stored and
+//! loaded in the PEFT layout (`adapter_model.safetensors` + `adapter_config.json`) so that
+//! `peft.PeftModel.from_pretrained` loads what we write and we load what PEFT writes.
+
+use crate::model::ModelConfig;
+use candle_core::{DType, Device, Tensor};
+use rand::{Rng, SeedableRng};
+use serde_json::{json, Value};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+/// The seven linear layers of a Llama block, in PEFT's module names.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
+pub enum Target {
+    Q,
+    K,
+    V,
+    O,
+    Gate,
+    Up,
+    Down,
+}
+
+impl Target {
+    pub const ALL: [Target; 7] = [
+        Target::Q,
+        Target::K,
+        Target::V,
+        Target::O,
+        Target::Gate,
+        Target::Up,
+        Target::Down,
+    ];
+
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
+    /// `q_proj`, `gate_proj`, ...
+    pub fn module(self) -> &'static str {
+        match self {
+            Target::Q => "q_proj",
+            Target::K => "k_proj",
+            Target::V => "v_proj",
+            Target::O => "o_proj",
+            Target::Gate => "gate_proj",
+            Target::Up => "up_proj",
+            Target::Down => "down_proj",
+        }
+    }
+
+    /// Path inside a block: `self_attn.q_proj`, `mlp.up_proj`, ...
+    pub fn path(self) -> String {
+        let parent = match self {
+            Target::Q | Target::K | Target::V | Target::O => "self_attn",
+            _ => "mlp",
+        };
+        format!("{parent}.{}", self.module())
+    }
+
+    /// Accepts `q`, `q_proj`, `gate`, `gate_proj`, ...
+    pub fn parse(s: &str) -> Option<Target> {
+        let s = s.trim();
+        let s = s.strip_suffix("_proj").unwrap_or(s);
+        Some(match s {
+            "q" => Target::Q,
+            "k" => Target::K,
+            "v" => Target::V,
+            "o" => Target::O,
+            "gate" => Target::Gate,
+            "up" => Target::Up,
+            "down" => Target::Down,
+            _ => return None,
+        })
+    }
+
+    /// `(in, out)` features of this layer.
+    pub fn dims(self, cfg: &ModelConfig) -> (usize, usize) {
+        let h = cfg.hidden_size;
+        match self {
+            Target::Q => (h, cfg.q_size()),
+            Target::K | Target::V => (h, cfg.kv_size()),
+            Target::O => (cfg.q_size(), h),
+            Target::Gate | Target::Up => (h, cfg.intermediate_size),
+            Target::Down => (cfg.intermediate_size, h),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AdapterError {
+    #[error("{}: {reason}", path.display())]
+    Invalid { path: PathBuf, reason: String },
+    #[error("cannot {action} {}: {reason}", path.display())]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        reason: String,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct LoraConfig {
+    pub rank: usize,
+    pub alpha: f64,
+    pub dropout: f64,
+    pub targets: Vec<Target>,
+    /// Blocks that carry adapters, ascending.
+    pub layers: Vec<usize>,
+    /// rsLoRA scales by α/√r instead of α/r.
+    pub use_rslora: bool,
+}
+
+impl LoraConfig {
+    pub fn scale(&self) -> f64 {
+        if self.use_rslora {
+            self.alpha / (self.rank as f64).sqrt()
+        } else {
+            self.alpha / self.rank as f64
+        }
+    }
+}
+
+/// One adapter pair: `a` is `[r, in]`, `b` is `[out, r]`, both f32.
+#[derive(Debug, Clone)]
+pub struct LoraPair {
+    pub a: Tensor,
+    pub b: Tensor,
+}
+
+/// All adapter pairs of a model, indexed `[block][target]`.
+#[derive(Debug, Clone)]
+pub struct Adapter {
+    pub cfg: LoraConfig,
+    pub pairs: Vec<[Option<LoraPair>; 7]>,
+}
+
+impl Adapter {
+    /// PEFT's initialisation: A ~ U(−1/√in, 1/√in) (Kaiming-uniform with a = √5), B = 0, so
+    /// the adapted model starts equal to the base.
+    pub fn init(
+        cfg: LoraConfig,
+        model: &ModelConfig,
+        seed: u64,
+        device: &Device,
+    ) -> candle_core::Result<Self> {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let mut pairs: Vec<[Option<LoraPair>; 7]> = (0..model.num_hidden_layers)
+            .map(|_| Default::default())
+            .collect();
+        for &l in &cfg.layers {
+            for &t in &cfg.targets {
+                let (inp, out) = t.dims(model);
+                let bound = 1.0 / (inp as f32).sqrt();
+                let a: Vec<f32> = (0..cfg.rank * inp)
+                    .map(|_| rng.random_range(-bound..bound))
+                    .collect();
+                pairs[l][t.index()] = Some(LoraPair {
+                    a: Tensor::from_vec(a, (cfg.rank, inp), device)?,
+                    b: Tensor::zeros((out, cfg.rank), DType::F32, device)?,
+                });
+            }
+        }
+        Ok(Self { cfg, pairs })
+    }
+
+    pub fn get(&self, layer: usize, t: Target) -> Option<&LoraPair> {
+        self.pairs.get(layer)?[t.index()].as_ref()
+    }
+
+    /// `(layer, target, pair)` for every pair, in a fixed order.
+    pub fn iter(&self) -> impl Iterator<Item = (usize, Target, &LoraPair)> {
+        self.pairs.iter().enumerate().flat_map(|(l, ps)| {
+            Target::ALL
+                .iter()
+                .filter_map(move |&t| ps[t.index()].as_ref().map(|p| (l, t, p)))
+        })
+    }
+
+    /// Every parameter tensor, A then B per pair, in [`Adapter::iter`] order.
+    pub fn tensors_mut(&mut self) -> impl Iterator<Item = &mut Tensor> {
+        self.pairs
+            .iter_mut()
+            .flatten()
+            .flatten()
+            .flat_map(|p| [&mut p.a, &mut p.b])
+    }
+
+    /// The same adapter with its tensors in `dtype` (tests use f64).
+    pub fn to_dtype(&self, dtype: DType) -> candle_core::Result<Self> {
+        let mut out = self.clone();
+        for t in out.tensors_mut() {
+            *t = t.to_dtype(dtype)?;
+        }
+        Ok(out)
+    }
+
+    pub fn num_params(&self) -> usize {
+        self.iter()
+            .map(|(_, _, p)| p.a.elem_count() + p.b.elem_count())
+            .sum()
+    }
+
+    /// PEFT tensor name for a pair's A or B matrix.
+    pub fn tensor_name(layer: usize, t: Target, which: char) -> String {
+        format!(
+            "base_model.model.model.layers.{layer}.{}.lora_{which}.weight",
+            t.path()
+        )
+    }
+
+    /// Writes `adapter_model.safetensors` and `adapter_config.json` into `dir` (which must exist).
+    pub fn save_peft(&self, dir: &Path, base_model: &str) -> Result<(), AdapterError> {
+        let mut tensors = HashMap::new();
+        for (l, t, p) in self.iter() {
+            tensors.insert(Self::tensor_name(l, t, 'A'), p.a.clone());
+            tensors.insert(Self::tensor_name(l, t, 'B'), p.b.clone());
+        }
+        let st = dir.join("adapter_model.safetensors");
+        candle_core::safetensors::save(&tensors, &st).map_err(|e| AdapterError::Io {
+            action: "write",
+            path: st.clone(),
+            reason: e.to_string(),
+        })?;
+        let all_layers = self.pairs.len();
+        let layers = if self.cfg.layers.len() == all_layers {
+            Value::Null
+        } else {
+            json!(self.cfg.layers)
+        };
+        let config = json!({
+            "peft_type": "LORA",
+            "task_type": "CAUSAL_LM",
+            "base_model_name_or_path": base_model,
+            "r": self.cfg.rank,
+            "lora_alpha": self.cfg.alpha,
+            "lora_dropout": self.cfg.dropout,
+            "target_modules": self.cfg.targets.iter().map(|t| t.module()).collect::<Vec<_>>(),
+            "layers_to_transform": layers,
+            "bias": "none",
+            "fan_in_fan_out": false,
+            "inference_mode": true,
+            "init_lora_weights": true,
+            "use_rslora": self.cfg.use_rslora,
+            "use_dora": false,
+            "modules_to_save": null,
+            "rank_pattern": {},
+            "alpha_pattern": {},
+            "revision": null,
+        });
+        let cfg_path = dir.join("adapter_config.json");
+        std::fs::write(
+            &cfg_path,
+            serde_json::to_string_pretty(&config).unwrap_or_default(),
+        )
+        .map_err(|e| AdapterError::Io {
+            action: "write",
+            path: cfg_path,
+            reason: e.to_string(),
+        })
+    }
+
+    /// Loads a PEFT LoRA adapter directory for a model with config `model`.
+    pub fn load_peft(
+        dir: &Path,
+        model: &ModelConfig,
+        device: &Device,
+    ) -> Result<Self, AdapterError> {
+        let cfg_path = dir.join("adapter_config.json");
+        let bad = |reason: String| AdapterError::Invalid {
+            path: cfg_path.clone(),
+            reason,
+        };
+        let text = std::fs::read_to_string(&cfg_path).map_err(|e| AdapterError::Io {
+            action: "read",
+            path: cfg_path.clone(),
+            reason: e.to_string(),
+        })?;
+        let c: Value =
+            serde_json::from_str(&text).map_err(|e| bad(format!("not valid JSON: {e}")))?;
+        if c.get("peft_type").and_then(Value::as_str) != Some("LORA") {
+            return Err(bad(
+                "`peft_type` is not \"LORA\"; only LoRA adapters are supported".into(),
+            ));
+        }
+        for flag in ["use_dora", "fan_in_fan_out"] {
+            if c.get(flag).and_then(Value::as_bool) == Some(true) {
+                return Err(bad(format!("`{flag}: true` is not supported")));
+            }
+        }
+        for pat in ["rank_pattern", "alpha_pattern"] {
+            if c.get(pat)
+                .and_then(Value::as_object)
+                .is_some_and(|m| !m.is_empty())
+            {
+                return Err(bad(format!("a non-empty `{pat}` is not supported")));
+            }
+        }
+        let rank =
+            c.get("r")
+                .and_then(Value::as_u64)
+                .filter(|r| *r > 0)
+                .ok_or_else(|| bad("`r` must be a positive integer".into()))? as usize;
+        let alpha = c
+            .get("lora_alpha")
+            .and_then(Value::as_f64)
+            .ok_or_else(|| bad("`lora_alpha` is missing".into()))?;
+        let targets: Vec<Target> = match c.get("target_modules") {
+            Some(Value::Array(a)) => a
+                .iter()
+                .map(|v| {
+                    v.as_str().and_then(Target::parse).ok_or_else(|| {
+                        bad(format!(
+                            "target module {v} is not one of q/k/v/o/gate/up/down_proj"
+                        ))
+                    })
+                })
+                .collect::<Result<_, _>>()?,
+            Some(Value::String(s)) if s == "all-linear" => Target::ALL.to_vec(),
+            _ => return Err(bad("`target_modules` must be a list of module names".into())),
+        };
+        let layers: Vec<usize> = match c.get("layers_to_transform") {
+            None | Some(Value::Null) => (0..model.num_hidden_layers).collect(),
+            Some(Value::Number(n)) => vec![n.as_u64().unwrap_or(u64::MAX) as usize],
+            Some(Value::Array(a)) => a
+                .iter()
+                .map(|v| v.as_u64().unwrap_or(u64::MAX) as usize)
+                .collect(),
+            Some(_) => {
+                return Err(bad(
+                    "`layers_to_transform` must be a list of block indices".into()
+                ))
+            }
+        };
+        if let Some(l) = layers.iter().find(|&&l| l >= model.num_hidden_layers) {
+            return Err(bad(format!(
+                "layer {l} does not exist; the model has {} blocks",
+                model.num_hidden_layers
+            )));
+        }
+        let cfg = LoraConfig {
+            rank,
+            alpha,
+            dropout: c.get("lora_dropout").and_then(Value::as_f64).unwrap_or(0.0),
+            targets,
+            layers,
+            use_rslora: c
+                .get("use_rslora")
+                .and_then(Value::as_bool)
+                .unwrap_or(false),
+        };
+        let st_path = dir.join("adapter_model.safetensors");
+        let tensors =
+            candle_core::safetensors::load(&st_path, device).map_err(|e| AdapterError::Io {
+                action: "read",
+                path: st_path.clone(),
+                reason: e.to_string(),
+            })?;
+        // PEFT writes `...lora_A.weight`; some versions keep the adapter name (`lora_A.default.weight`).
+        let find = |l: usize, t: Target, which: char| -> Option<&Tensor> {
+            let plain = Self::tensor_name(l, t, which);
+            tensors
+                .get(&plain)
+                .or_else(|| tensors.get(&plain.replace(".weight", ".default.weight")))
+        };
+        let mut pairs: Vec<[Option<LoraPair>; 7]> = (0..model.num_hidden_layers)
+            .map(|_| Default::default())
+            .collect();
+        let mut found = 0;
+        for &l in &cfg.layers {
+            for &t in &cfg.targets {
+                let (inp, out) = t.dims(model);
+                match (find(l, t, 'A'), find(l, t, 'B')) {
+                    (Some(a), Some(b)) => {
+                        if a.dims() != [rank, inp] || b.dims() != [out, rank] {
+                            return Err(AdapterError::Invalid {
+                                path: st_path.clone(),
+                                reason: format!(
+                                    "layer {l} {}: lora_A {:?} / lora_B {:?} do not fit rank {rank} on a [{out}, {inp}] weight; the adapter was made for another model",
+                                    t.module(),
+                                    a.dims(),
+                                    b.dims()
+                                ),
+                            });
+                        }
+                        let to = |x: &Tensor| x.to_dtype(DType::F32);
+                        pairs[l][t.index()] = Some(LoraPair {
+                            a: to(a).map_err(|e| bad(e.to_string()))?,
+                            b: to(b).map_err(|e| bad(e.to_string()))?,
+                        });
+                        found += 1;
+                    }
+                    // PEFT skips modules that do not exist in a block; a layer range may be sparse.
+                    _ => continue,
+                }
+            }
+        }
+        if found == 0 {
+            return Err(AdapterError::Invalid {
+                path: st_path,
+                reason: "no LoRA tensors for this model's layers were found".into(),
+            });
+        }
+        Ok(Self { cfg, pairs })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn targets_parse_and_name() {
+        assert_eq!(Target::parse("gate_proj"), Some(Target::Gate));
+        assert_eq!(Target::parse("q"), Some(Target::Q));
+        assert_eq!(Target::parse("lm_head"), None);
+        assert_eq!(
+            Adapter::tensor_name(3, Target::Up, 'B'),
+            "base_model.model.model.layers.3.mlp.up_proj.lora_B.weight"
+        );
+    }
+}

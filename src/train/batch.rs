@@ -1,0 +1,231 @@
+//! From encoded samples to micro-batches: a data order that is a pure function of the seed and
+//! the epoch (so a cursor is enough to resume), right-padded batches, and packing of several
+//! documents per row with per-document attention and positions.
+
+use crate::data::Sample;
+use crate::model::Llama;
+use crate::train::step::MicroBatch;
+use candle_core::{Result, Tensor};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+
+/// One row of a batch: several documents when packed, else one.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Row {
+    pub ids: Vec<u32>,
+    pub trained: Vec<bool>,
+    /// Position of each token inside its document.
+    pub positions: Vec<u32>,
+    /// Document number of each token inside the row.
+    pub doc: Vec<u32>,
+    /// Per-token loss weight (of the document it belongs to).
+    pub weight: Vec<f32>,
+}
+
+impl Row {
+    pub fn single(s: &Sample, weight: f32) -> Self {
+        let n = s.ids.len();
+        Row {
+            ids: s.ids.clone(),
+            trained: s.trained.clone(),
+            positions: (0..n as u32).collect(),
+            doc: vec![0; n],
+            weight: vec![weight; n],
+        }
+    }
+
+    fn push_doc(&mut self, s: &Sample, weight: f32) {
+        let d = self.doc.last().map(|d| d + 1).unwrap_or(0);
+        self.ids.extend_from_slice(&s.ids);
+        self.trained.extend_from_slice(&s.trained);
+        self.positions.extend(0..s.ids.len() as u32);
+        self.doc.extend(std::iter::repeat_n(d, s.ids.len()));
+        self.weight.extend(std::iter::repeat_n(weight, s.ids.len()));
+    }
+
+    pub fn len(&self) -> usize {
+        self.ids.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
+
+    /// Scored tokens: trained, and predicted from a token of the same document.
+    pub fn scored(&self) -> usize {
+        (1..self.len())
+            .filter(|&p| self.trained[p] && self.doc[p] == self.doc[p - 1])
+            .count()
+    }
+}
+
+/// Packs samples (in the given order) greedily into rows of at most `max_len` tokens.
+pub fn pack(samples: &[&Sample], weights: &[f32], max_len: usize) -> Vec<Row> {
+    let mut rows: Vec<Row> = vec![];
+    let mut cur: Option<Row> = None;
+    for (s, &w) in samples.iter().zip(weights) {
+        match cur.as_mut() {
+            Some(r) if r.len() + s.ids.len() <= max_len => r.push_doc(s, w),
+            _ => {
+                if let Some(r) = cur.take() {
+                    rows.push(r);
+                }
+                cur = Some(Row::single(s, w));
+            }
+        }
+    }
+    rows.extend(cur);
+    rows
+}
+
+/// The order in which examples are visited: a fresh shuffle per epoch, derived from the seed.
+pub fn epoch_order(n: usize, seed: u64, epoch: u64) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..n).collect();
+    let mut rng =
+        rand::rngs::StdRng::seed_from_u64(seed ^ epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    order.shuffle(&mut rng);
+    order
+}
+
+/// Walks through batches of rows epoch after epoch; `(epoch, position)` is the whole state.
+#[derive(Debug, Clone)]
+pub struct Batcher {
+    pub rows: Vec<Row>,
+    pub batch_size: usize,
+    pub seed: u64,
+    pub epoch: u64,
+    pub position: usize,
+    order: Vec<usize>,
+}
+
+impl Batcher {
+    pub fn new(rows: Vec<Row>, batch_size: usize, seed: u64) -> Self {
+        let order = epoch_order(rows.len(), seed, 0);
+        Self {
+            rows,
+            batch_size,
+            seed,
+            epoch: 0,
+            position: 0,
+            order,
+        }
+    }
+
+    pub fn batches_per_epoch(&self) -> usize {
+        self.rows.len() / self.batch_size
+    }
+
+    /// The next batch; an epoch's remainder smaller than a batch is skipped.
+    pub fn next_batch(&mut self) -> Vec<&Row> {
+        if self.position + self.batch_size > self.order.len() {
+            self.epoch += 1;
+            self.position = 0;
+            self.order = epoch_order(self.rows.len(), self.seed, self.epoch);
+        }
+        let idx = &self.order[self.position..self.position + self.batch_size];
+        self.position += self.batch_size;
+        idx.iter().map(|&i| &self.rows[i]).collect()
+    }
+}
+
+/// Lays out rows as a right-padded micro-batch for `model`.
+pub fn micro_batch(model: &Llama, rows: &[&Row]) -> Result<MicroBatch> {
+    let dev = &model.device;
+    let b = rows.len();
+    let t = rows.iter().map(|r| r.len()).max().unwrap_or(1).max(1);
+    let packed = rows.iter().any(|r| r.doc.last().copied().unwrap_or(0) > 0);
+    let mut ids = vec![0u32; b * t];
+    let mut target_rows = vec![];
+    let mut target_ids = vec![];
+    let mut target_weights = vec![];
+    for (bi, r) in rows.iter().enumerate() {
+        ids[bi * t..bi * t + r.len()].copy_from_slice(&r.ids);
+        for p in 1..r.len() {
+            if r.trained[p] && r.doc[p] == r.doc[p - 1] {
+                target_rows.push((bi * t + p - 1) as u32);
+                target_ids.push(r.ids[p]);
+                target_weights.push(r.weight[p]);
+            }
+        }
+    }
+    let n_targets = target_rows.len();
+    let (cos, sin, mask) = if packed {
+        let mut positions = vec![0u32; b * t];
+        let mut mask = vec![f32::NEG_INFINITY; b * t * t];
+        for (bi, r) in rows.iter().enumerate() {
+            positions[bi * t..bi * t + r.len()].copy_from_slice(&r.positions);
+            for i in 0..t {
+                for j in 0..=i {
+                    // Same document (padding counts as its own), causal.
+                    let di = r.doc.get(i).copied().unwrap_or(u32::MAX);
+                    let dj = r.doc.get(j).copied().unwrap_or(u32::MAX);
+                    if di == dj || i == j {
+                        mask[(bi * t + i) * t + j] = 0.0;
+                    }
+                }
+            }
+        }
+        let (cos, sin) = model.rope.cos_sin(&positions, model.dtype)?;
+        let half = model.cfg.head_dim / 2;
+        (
+            cos.reshape((b, t, half))?,
+            sin.reshape((b, t, half))?,
+            Tensor::from_vec(mask, (b, 1, 1, t, t), dev)?,
+        )
+    } else {
+        let (cos, sin) = model.rope.cos_sin_range(0, t, model.dtype)?;
+        let mask = crate::model::llama::causal_mask(t, 0, model.cfg.sliding_window, dev)?
+            .unwrap_or(Tensor::zeros((t, t), candle_core::DType::F32, dev)?);
+        (cos, sin, mask.reshape((1, 1, 1, t, t))?)
+    };
+    Ok(MicroBatch {
+        ids: Tensor::from_vec(ids, (b, t), dev)?,
+        cos,
+        sin,
+        mask,
+        target_rows: Tensor::from_vec(target_rows, n_targets, dev)?,
+        target_ids: Tensor::from_vec(target_ids, n_targets, dev)?,
+        target_weights: Tensor::from_vec(target_weights, n_targets, dev)?,
+        n_targets,
+        n_tokens: rows.iter().map(|r| r.len()).sum(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(n: usize) -> Sample {
+        Sample {
+            ids: (0..n as u32).collect(),
+            trained: vec![true; n],
+            truncated: 0,
+        }
+    }
+
+    #[test]
+    fn packing_restarts_positions_and_never_crosses_documents() {
+        let (a, b, c) = (sample(3), sample(4), sample(5));
+        let rows = pack(&[&a, &b, &c], &[1.0, 1.0, 1.0], 8);
+        assert_eq!(rows.len(), 2);
+        assert_eq!(rows[0].positions, vec![0, 1, 2, 0, 1, 2, 3]);
+        assert_eq!(rows[0].doc, vec![0, 0, 0, 1, 1, 1, 1]);
+        // 2 + 3 scored tokens: the first token of each document is never a target.
+        assert_eq!(rows[0].scored(), 5);
+    }
+
+    #[test]
+    fn order_is_a_function_of_seed_and_epoch() {
+        assert_eq!(epoch_order(50, 1, 0), epoch_order(50, 1, 0));
+        assert_ne!(epoch_order(50, 1, 0), epoch_order(50, 1, 1));
+        assert_ne!(epoch_order(50, 1, 0), epoch_order(50, 2, 0));
+        let rows: Vec<Row> = (1..=10).map(|n| Row::single(&sample(n + 1), 1.0)).collect();
+        let mut b = Batcher::new(rows, 3, 7);
+        let seen: Vec<usize> = (0..3)
+            .flat_map(|_| b.next_batch().into_iter().map(|r| r.len()))
+            .collect();
+        assert_eq!(seen.len(), 9);
+        b.next_batch();
+        assert_eq!((b.epoch, b.position), (1, 3));
+    }
+}

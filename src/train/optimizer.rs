@@ -1,0 +1,82 @@
+//! AdamW (decoupled weight decay, as PyTorch's) over the LoRA parameters, and global-norm
+//! gradient clipping. Moments are f32 like the parameters.
+
+use crate::lora::Adapter;
+use crate::train::step::Grads;
+use candle_core::{DType, Result, Tensor};
+
+#[derive(Debug, Clone)]
+pub struct AdamW {
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+    /// Updates applied so far (for bias correction).
+    pub t: u64,
+    pub m: Vec<Tensor>,
+    pub v: Vec<Tensor>,
+}
+
+impl AdamW {
+    pub fn new(adapter: &mut Adapter, weight_decay: f64) -> Result<Self> {
+        let m: Vec<Tensor> = adapter
+            .tensors_mut()
+            .map(|p| p.zeros_like())
+            .collect::<Result<_>>()?;
+        let v = m.clone();
+        Ok(Self {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay,
+            t: 0,
+            m,
+            v,
+        })
+    }
+
+    pub fn step(&mut self, adapter: &mut Adapter, grads: &Grads, lr: f64) -> Result<()> {
+        self.t += 1;
+        let bc1 = 1.0 - self.beta1.powi(self.t as i32);
+        let bc2 = 1.0 - self.beta2.powi(self.t as i32);
+        for (((p, g), m), v) in adapter
+            .tensors_mut()
+            .zip(grads.tensors())
+            .zip(self.m.iter_mut())
+            .zip(self.v.iter_mut())
+        {
+            *m = ((&*m * self.beta1)? + (g * (1.0 - self.beta1))?)?;
+            *v = ((&*v * self.beta2)? + (g.sqr()? * (1.0 - self.beta2))?)?;
+            let denom = ((&*v / bc2)?.sqrt()? + self.eps)?;
+            let update = ((&*m / bc1)? / denom)?;
+            let decayed = (&*p * (1.0 - lr * self.weight_decay))?;
+            *p = (decayed - (update * lr)?)?;
+        }
+        Ok(())
+    }
+}
+
+/// Global L2 norm of all gradients.
+pub fn grad_norm(grads: &Grads) -> Result<f64> {
+    let mut sq = 0f64;
+    for g in grads.tensors() {
+        sq += g
+            .to_dtype(DType::F64)?
+            .sqr()?
+            .sum_all()?
+            .to_scalar::<f64>()?;
+    }
+    Ok(sq.sqrt())
+}
+
+/// Scales gradients so their global norm is at most `max_norm`; returns the norm before.
+pub fn clip_grad_norm(grads: &mut Grads, max_norm: f64) -> Result<f64> {
+    let norm = grad_norm(grads)?;
+    if max_norm > 0.0 && norm > max_norm {
+        let s = max_norm / (norm + 1e-6);
+        for g in grads.tensors_mut() {
+            *g = (&*g * s)?;
+        }
+    }
+    Ok(norm)
+}

@@ -1,0 +1,407 @@
+//! The memory-flat training step: a block-wise forward that keeps only each block's input, a
+//! chunked LM head with cross-entropy whose gradient is formed directly (softmax − one-hot),
+//! then, block by block from the top, a recomputed forward and a hand-written backward.
+//!
+//! Frozen weights only ever see `dX = dY · W`; LoRA pairs get `dA`, `dB`. Nothing here builds an
+//! autograd graph, so candle's fused kernels (which have no backward) are safe to use; every
+//! backward formula is checked against candle's autograd over composite ops and against
+//! finite differences in the tests.
+
+use crate::lora::{Adapter, LoraPair, Target};
+use crate::model::llama::{rms_norm, Linear};
+use crate::model::Llama;
+use candle_core::{DType, Result, Tensor, D};
+
+/// Scored positions per LM-head chunk: bounds the `[chunk, vocab]` logits held at once.
+pub const HEAD_CHUNK: usize = 256;
+
+/// One micro-batch, laid out for the step.
+#[derive(Debug, Clone)]
+pub struct MicroBatch {
+    /// `[B, T]` token ids (u32), right-padded.
+    pub ids: Tensor,
+    /// RoPE tables: `[T, d/2]`, or `[B, T, d/2]` when packed documents restart positions.
+    pub cos: Tensor,
+    pub sin: Tensor,
+    /// Additive attention mask, `[1, 1, 1, T, T]` or `[B, 1, 1, T, T]` (per-document when packed).
+    pub mask: Tensor,
+    /// Rows of the flattened `[B·T]` positions whose next token is scored (u32, ascending).
+    pub target_rows: Tensor,
+    /// The token each scored row must predict (u32).
+    pub target_ids: Tensor,
+    /// Loss weight of each scored row (f32; 1 for plain training).
+    pub target_weights: Tensor,
+    pub n_targets: usize,
+    /// Real (non-padding) tokens.
+    pub n_tokens: usize,
+}
+
+/// Gradients `(dA, dB)` laid out like the adapter.
+#[derive(Debug, Clone)]
+pub struct Grads {
+    pub pairs: Vec<[Option<(Tensor, Tensor)>; 7]>,
+}
+
+impl Grads {
+    pub fn zeros_like(adapter: &Adapter) -> Result<Self> {
+        let mut pairs: Vec<[Option<(Tensor, Tensor)>; 7]> =
+            adapter.pairs.iter().map(|_| Default::default()).collect();
+        for (l, t, p) in adapter.iter() {
+            pairs[l][t.index()] = Some((p.a.zeros_like()?, p.b.zeros_like()?));
+        }
+        Ok(Self { pairs })
+    }
+
+    fn add(&mut self, layer: usize, t: Target, da: &Tensor, db: &Tensor) -> Result<()> {
+        if let Some((ga, gb)) = self.pairs[layer][t.index()].as_mut() {
+            *ga = (&*ga + da)?;
+            *gb = (&*gb + db)?;
+        }
+        Ok(())
+    }
+
+    /// Every gradient tensor, A then B per pair, in adapter order.
+    pub fn tensors(&self) -> impl Iterator<Item = &Tensor> {
+        self.pairs
+            .iter()
+            .flatten()
+            .flatten()
+            .flat_map(|(a, b)| [a, b])
+    }
+
+    pub fn tensors_mut(&mut self) -> impl Iterator<Item = &mut Tensor> {
+        self.pairs
+            .iter_mut()
+            .flatten()
+            .flatten()
+            .flat_map(|(a, b)| [a, b])
+    }
+}
+
+/// Losses of one micro-batch.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LossSums {
+    /// Σ cross-entropy over scored tokens.
+    pub ce: f64,
+    /// Σ weight · cross-entropy (equal to `ce` for plain training).
+    pub weighted: f64,
+    /// Σ weight.
+    pub weight: f64,
+}
+
+/// Runs forward and backward on `mb`, adding `loss_scale · ∂(Σ wᵢ·CEᵢ)/∂θ` into `grads`.
+pub fn forward_backward(
+    model: &Llama,
+    adapter: &Adapter,
+    mb: &MicroBatch,
+    loss_scale: f64,
+    grads: &mut Grads,
+) -> Result<LossSums> {
+    let cfg = &model.cfg;
+    let (b, t) = mb.ids.dims2()?;
+    let layers = model.blocks.len();
+    // The backward stops at the lowest block that carries an adapter.
+    let lowest = adapter.cfg.layers.first().copied().unwrap_or(layers);
+    let mut x = model.embed(&mb.ids)?.reshape((b * t, cfg.hidden_size))?;
+    let mut inputs = Vec::with_capacity(layers - lowest);
+    for l in 0..layers {
+        if l >= lowest {
+            inputs.push(x.clone());
+        }
+        x = block_forward(model, adapter, l, &x, mb, false)?.0;
+    }
+    let (sums, mut dx) = head_backward(model, &x, mb, loss_scale)?;
+    drop(x);
+    for l in (lowest..layers).rev() {
+        let input = inputs.pop().expect("one saved input per block");
+        let (_, saved) = block_forward(model, adapter, l, &input, mb, true)?;
+        let saved = saved.expect("activations were asked for");
+        dx = block_backward(model, adapter, l, &saved, &dx, mb, grads, l > lowest)?;
+    }
+    Ok(sums)
+}
+
+/// Final RMSNorm, LM head and cross-entropy on the scored rows of `x` (`[B·T, H]`), in chunks;
+/// returns the loss sums and `∂loss/∂x`.
+pub fn head_backward(
+    model: &Llama,
+    x: &Tensor,
+    mb: &MicroBatch,
+    loss_scale: f64,
+) -> Result<(LossSums, Tensor)> {
+    let eps = model.cfg.rms_norm_eps;
+    // The loss is accumulated in f32 at least (f64 when the model runs in f64, as tests do).
+    let acc = if model.dtype == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    };
+    let mut sums = LossSums::default();
+    let mut dx_rows = vec![];
+    let xs = x.index_select(&mb.target_rows, 0)?;
+    let mut start = 0;
+    while start < mb.n_targets {
+        let len = HEAD_CHUNK.min(mb.n_targets - start);
+        let xc = xs.narrow(0, start, len)?;
+        let tgt = mb.target_ids.narrow(0, start, len)?.unsqueeze(1)?;
+        let w = mb.target_weights.narrow(0, start, len)?;
+        let h = rms_norm(&xc, &model.norm, eps as f32)?;
+        let logits = h.matmul(&model.lm_head.t()?)?.to_dtype(acc)?;
+        let w = w.to_dtype(acc)?;
+        let max = logits.max_keepdim(D::Minus1)?;
+        let shifted = logits.broadcast_sub(&max)?;
+        let exp = shifted.exp()?;
+        let sum = exp.sum_keepdim(D::Minus1)?;
+        let ce = (sum.log()? - shifted.gather(&tgt, D::Minus1)?)?.squeeze(1)?;
+        sums.ce += ce.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?;
+        sums.weighted += (&ce * &w)?
+            .to_dtype(DType::F64)?
+            .sum_all()?
+            .to_scalar::<f64>()?;
+        sums.weight += w.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?;
+        // d(w·CE)/dlogits = w · (softmax − one-hot).
+        let probs = exp.broadcast_div(&sum)?;
+        let minus_one = Tensor::full(-1f32, (len, 1), probs.device())?.to_dtype(acc)?;
+        let dlogits = probs.scatter_add(&tgt, &minus_one, 1)?;
+        let dlogits = dlogits.broadcast_mul(&(w * loss_scale)?.unsqueeze(1)?)?;
+        let dh = dlogits.to_dtype(model.dtype)?.matmul(&model.lm_head)?;
+        dx_rows.push(rms_norm_backward(&xc, &model.norm, &dh, eps)?);
+        start += len;
+    }
+    let dx = x.zeros_like()?;
+    let dx = if dx_rows.is_empty() {
+        dx
+    } else {
+        dx.index_add(&mb.target_rows, &Tensor::cat(&dx_rows, 0)?, 0)?
+    };
+    Ok((sums, dx))
+}
+
+/// What the backward of one block needs from its forward.
+pub struct Saved {
+    x: Tensor,
+    h1: Tensor,
+    /// `x Aᵀ` of each LoRA pair, by target.
+    xa: [Option<Tensor>; 7],
+    /// Rotated queries `[B, nh, T, d]` and keys, values `[B, nkv, T, d]`.
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    /// Attention probabilities `[B, nkv, rep·T, T]`.
+    probs: Tensor,
+    attn: Tensor,
+    xmid: Tensor,
+    h2: Tensor,
+    gate: Tensor,
+    up: Tensor,
+    act: Tensor,
+}
+
+/// One block on `x` (`[B·T, H]`); with `keep`, also the activations for the backward.
+pub fn block_forward(
+    model: &Llama,
+    adapter: &Adapter,
+    layer: usize,
+    x: &Tensor,
+    mb: &MicroBatch,
+    keep: bool,
+) -> Result<(Tensor, Option<Saved>)> {
+    let cfg = &model.cfg;
+    let blk = &model.blocks[layer];
+    let (b, t) = mb.ids.dims2()?;
+    let (nh, nkv, hd) = (
+        cfg.num_attention_heads,
+        cfg.num_key_value_heads,
+        cfg.head_dim,
+    );
+    let rep = nh / nkv;
+    let eps = cfg.rms_norm_eps as f32;
+    let scale = adapter.cfg.scale();
+    let mut xa: [Option<Tensor>; 7] = Default::default();
+    let mut proj = |lin: &Linear, input: &Tensor, target: Target| -> Result<Tensor> {
+        let (y, mid) = lin.forward_lora(input, adapter.get(layer, target), scale)?;
+        xa[target.index()] = mid;
+        Ok(y)
+    };
+    let h1 = rms_norm(x, &blk.input_norm, eps)?;
+    let heads = |y: Tensor, n: usize| -> Result<Tensor> {
+        y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()
+    };
+    let q = heads(proj(&blk.q_proj, &h1, Target::Q)?, nh)?;
+    let k = heads(proj(&blk.k_proj, &h1, Target::K)?, nkv)?;
+    let v = heads(proj(&blk.v_proj, &h1, Target::V)?, nkv)?;
+    let q = candle_nn::rotary_emb::rope(&q, &mb.cos, &mb.sin)?;
+    let k = candle_nn::rotary_emb::rope(&k, &mb.cos, &mb.sin)?;
+    // Query heads of one K/V group as rep·T rows: no K/V copies for GQA.
+    let qg = q.reshape((b, nkv, rep * t, hd))?;
+    let scores = (qg.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?;
+    let scores = scores
+        .reshape((b, nkv, rep, t, t))?
+        .broadcast_add(&mb.mask.to_dtype(scores.dtype())?)?
+        .reshape((b, nkv, rep * t, t))?;
+    let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+    let attn = probs
+        .matmul(&v)?
+        .reshape((b, nh, t, hd))?
+        .transpose(1, 2)?
+        .reshape((b * t, nh * hd))?;
+    let xmid = (x + proj(&blk.o_proj, &attn, Target::O)?)?;
+    let h2 = rms_norm(&xmid, &blk.post_norm, eps)?;
+    let gate = proj(&blk.gate_proj, &h2, Target::Gate)?;
+    let up = proj(&blk.up_proj, &h2, Target::Up)?;
+    let act = (candle_nn::ops::silu(&gate)? * &up)?;
+    let out = (&xmid + proj(&blk.down_proj, &act, Target::Down)?)?;
+    let saved = keep.then(|| Saved {
+        x: x.clone(),
+        h1,
+        xa,
+        q,
+        k,
+        v,
+        probs,
+        attn,
+        xmid,
+        h2,
+        gate,
+        up,
+        act,
+    });
+    Ok((out, saved))
+}
+
+/// Backward of one block: adds its LoRA gradients into `grads` and returns `∂loss/∂x` when
+/// `need_dx` (the block below still needs it).
+#[allow(clippy::too_many_arguments)]
+pub fn block_backward(
+    model: &Llama,
+    adapter: &Adapter,
+    layer: usize,
+    s: &Saved,
+    dout: &Tensor,
+    mb: &MicroBatch,
+    grads: &mut Grads,
+    need_dx: bool,
+) -> Result<Tensor> {
+    let cfg = &model.cfg;
+    let blk = &model.blocks[layer];
+    let (b, t) = mb.ids.dims2()?;
+    let (nh, nkv, hd) = (
+        cfg.num_attention_heads,
+        cfg.num_key_value_heads,
+        cfg.head_dim,
+    );
+    let rep = nh / nkv;
+    let eps = cfg.rms_norm_eps;
+    let scale = adapter.cfg.scale();
+    let mut lin_back = |lin: &Linear,
+                        target: Target,
+                        input: &Tensor,
+                        dy: &Tensor,
+                        want_dx: bool|
+     -> Result<Option<Tensor>> {
+        let pair = adapter.get(layer, target);
+        let dx = if want_dx {
+            Some(dy.matmul(&lin.weight)?)
+        } else {
+            None
+        };
+        match (pair, s.xa[target.index()].as_ref()) {
+            (Some(p), Some(xa)) => {
+                let (da, db, dx_lora) = lora_backward(p, scale, input, xa, dy, want_dx)?;
+                grads.add(layer, target, &da, &db)?;
+                match (dx, dx_lora) {
+                    (Some(dx), Some(extra)) => Ok(Some((dx + extra.to_dtype(dy.dtype())?)?)),
+                    (dx, _) => Ok(dx),
+                }
+            }
+            _ => Ok(dx),
+        }
+    };
+    // MLP: out = xmid + down(silu(gate) · up).
+    let dact = lin_back(&blk.down_proj, Target::Down, &s.act, dout, true)?.expect("dx requested");
+    let sig = candle_nn::ops::sigmoid(&s.gate)?;
+    let silu = (&s.gate * &sig)?;
+    // silu'(g) = σ(g) · (1 + g · (1 − σ(g)))
+    let dsilu = (&sig * ((&s.gate * (1.0 - &sig)?)? + 1.0)?)?;
+    let dgate = ((&dact * &s.up)? * dsilu)?;
+    let dup = (&dact * silu)?;
+    let dh2 = (lin_back(&blk.gate_proj, Target::Gate, &s.h2, &dgate, true)?
+        .expect("dx requested")
+        + lin_back(&blk.up_proj, Target::Up, &s.h2, &dup, true)?.expect("dx requested"))?;
+    let dxmid = (dout + rms_norm_backward(&s.xmid, &blk.post_norm, &dh2, eps)?)?;
+    // Attention: xmid = x + o(attn).
+    let dattn = lin_back(&blk.o_proj, Target::O, &s.attn, &dxmid, true)?.expect("dx requested");
+    let dout_heads = dattn
+        .reshape((b, t, nh, hd))?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape((b, nkv, rep * t, hd))?;
+    let qg = s.q.reshape((b, nkv, rep * t, hd))?;
+    let dv = s.probs.t()?.matmul(&dout_heads)?;
+    let dprobs = dout_heads.matmul(&s.v.t()?)?;
+    // Softmax backward: dS = P ⊙ (dP − Σⱼ dPⱼ Pⱼ), then the 1/√d scale.
+    let rowdot = (&dprobs * &s.probs)?.sum_keepdim(D::Minus1)?;
+    let dscores =
+        ((s.probs.clone() * dprobs.broadcast_sub(&rowdot)?)? * (1.0 / (hd as f64).sqrt()))?;
+    let dq = dscores.matmul(&s.k)?.reshape((b, nh, t, hd))?;
+    let dk = dscores.t()?.matmul(&qg)?;
+    // RoPE is a rotation: its backward rotates by the opposite angle.
+    let neg_sin = mb.sin.neg()?;
+    let dq = candle_nn::rotary_emb::rope(&dq.contiguous()?, &mb.cos, &neg_sin)?;
+    let dk = candle_nn::rotary_emb::rope(&dk.contiguous()?, &mb.cos, &neg_sin)?;
+    let flat =
+        |d: Tensor, n: usize| -> Result<Tensor> { d.transpose(1, 2)?.reshape((b * t, n * hd)) };
+    let (dq, dk, dv) = (flat(dq, nh)?, flat(dk, nkv)?, flat(dv, nkv)?);
+    let dh1 = [
+        lin_back(&blk.q_proj, Target::Q, &s.h1, &dq, need_dx)?,
+        lin_back(&blk.k_proj, Target::K, &s.h1, &dk, need_dx)?,
+        lin_back(&blk.v_proj, Target::V, &s.h1, &dv, need_dx)?,
+    ];
+    if !need_dx {
+        return Ok(dxmid);
+    }
+    let dh1 = dh1
+        .into_iter()
+        .flatten()
+        .try_fold(None::<Tensor>, |acc, d| -> Result<_> {
+            Ok(Some(match acc {
+                Some(a) => (a + d)?,
+                None => d,
+            }))
+        })?;
+    match dh1 {
+        Some(dh1) => dxmid + rms_norm_backward(&s.x, &blk.input_norm, &dh1, eps)?,
+        None => Ok(dxmid),
+    }
+}
+
+/// For `y = s · (x Aᵀ) Bᵀ`: `(dA, dB, dX)` given `xa = x Aᵀ` and `dy`.
+fn lora_backward(
+    p: &LoraPair,
+    scale: f64,
+    x: &Tensor,
+    xa: &Tensor,
+    dy: &Tensor,
+    want_dx: bool,
+) -> Result<(Tensor, Tensor, Option<Tensor>)> {
+    let dt = p.a.dtype();
+    let dy = dy.to_dtype(dt)?;
+    let db = (dy.t()?.matmul(xa)? * scale)?;
+    let dxa = (dy.matmul(&p.b)? * scale)?;
+    let da = dxa.t()?.matmul(&x.to_dtype(dt)?)?;
+    let dx = if want_dx {
+        Some(dxa.matmul(&p.a)?)
+    } else {
+        None
+    };
+    Ok((da, db, dx))
+}
+
+/// Backward of `y = x · rsqrt(mean(x²) + ε) · w` over the last dimension.
+pub fn rms_norm_backward(x: &Tensor, w: &Tensor, dy: &Tensor, eps: f64) -> Result<Tensor> {
+    let g = dy.broadcast_mul(w)?;
+    let r = (x.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
+    let gx = (&g * x)?.mean_keepdim(D::Minus1)?;
+    let r3 = r.powf(3.0)?;
+    g.broadcast_mul(&r)? - x.broadcast_mul(&(r3 * gx)?)?
+}

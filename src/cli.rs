@@ -2,8 +2,10 @@
 //! prints them from here.
 
 use crate::device::{DTypeChoice, DeviceChoice};
-use clap::{Args, Parser, Subcommand};
-use std::path::PathBuf;
+use crate::error::{Error, Result};
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -29,6 +31,8 @@ pub enum Command {
     Generate(GenerateArgs),
     /// Mean cross-entropy and perplexity of a model on a JSONL dataset.
     Eval(EvalArgs),
+    /// Fine-tune a LoRA adapter on a JSONL dataset.
+    Train(Box<TrainArgs>),
     /// List the model aliases and which are in the local Hugging Face cache.
     Models,
 }
@@ -51,6 +55,9 @@ pub struct ModelArgs {
 pub struct GenerateArgs {
     #[command(flatten)]
     pub model: ModelArgs,
+    /// A LoRA adapter directory (PEFT layout) to apply.
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
     /// The user message (or, with --raw, the exact text to continue).
     #[arg(short, long)]
     pub prompt: String,
@@ -78,6 +85,9 @@ pub struct GenerateArgs {
 pub struct EvalArgs {
     #[command(flatten)]
     pub model: ModelArgs,
+    /// A LoRA adapter directory (PEFT layout) to apply.
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
     /// A JSONL file, or a directory (valid.jsonl is used, else test.jsonl, else train.jsonl).
     #[arg(short, long)]
     pub data: PathBuf,
@@ -90,4 +100,225 @@ pub struct EvalArgs {
     /// Score every token, not just assistant turns and completions.
     #[arg(long)]
     pub no_mask_prompt: bool,
+}
+
+/// `your_ai train`. Every flag can also come from `--config FILE.yaml` (keys as the flag names,
+/// with `-` or `_`); the command line wins.
+#[derive(Debug, Args)]
+pub struct TrainArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Training data: a directory with train.jsonl (and valid.jsonl, test.jsonl) or one JSONL file.
+    #[arg(long, default_value = "data")]
+    pub data: PathBuf,
+    /// Where the adapter, checkpoints and metrics go [default: models/<model-name>-lora].
+    #[arg(short, long)]
+    pub output: Option<PathBuf>,
+    /// A YAML file of flag values.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+
+    /// Examples per micro-batch.
+    #[arg(long, default_value_t = 1)]
+    pub batch_size: usize,
+    /// Optimizer steps to run (one step = one progress-bar step).
+    #[arg(
+        long,
+        visible_alias = "iters",
+        default_value_t = 5000,
+        conflicts_with = "epochs"
+    )]
+    pub max_steps: usize,
+    /// Train for this many passes over the data instead of --max-steps.
+    #[arg(long)]
+    pub epochs: Option<f64>,
+    /// Longer examples are truncated (and counted in a warning).
+    #[arg(long, default_value_t = 1024)]
+    pub max_seq_length: usize,
+    /// Micro-batches per optimizer step.
+    #[arg(long, default_value_t = 1)]
+    pub grad_accumulation_steps: usize,
+    /// Peak learning rate.
+    #[arg(long, default_value_t = 5e-5)]
+    pub learning_rate: f64,
+    /// Learning-rate decay after warmup.
+    #[arg(long, value_enum, default_value_t = crate::train::schedule::ScheduleKind::Cosine)]
+    pub lr_schedule: crate::train::schedule::ScheduleKind,
+    /// Linear warmup steps (never more than the run's steps).
+    #[arg(long, default_value_t = 100)]
+    pub warmup_steps: usize,
+    /// Learning-rate floor at the end of the decay.
+    #[arg(long, default_value_t = 0.0)]
+    pub min_lr: f64,
+    /// AdamW decoupled weight decay.
+    #[arg(long, default_value_t = 0.01)]
+    pub weight_decay: f64,
+    /// Clip the global gradient norm to this (0 disables).
+    #[arg(long, default_value_t = 1.0)]
+    pub max_grad_norm: f64,
+    /// Seed for adapter initialisation and data order.
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+
+    /// LoRA rank r.
+    #[arg(long, default_value_t = 16)]
+    pub lora_rank: usize,
+    /// LoRA alpha (scale = alpha / rank) [default: 2 × rank].
+    #[arg(long)]
+    pub lora_alpha: Option<f64>,
+    /// Dropout on the LoRA input during training.
+    #[arg(long, default_value_t = 0.0)]
+    pub lora_dropout: f64,
+    /// Linear layers that get adapters (comma-separated: q,k,v,o,gate,up,down).
+    #[arg(long, value_delimiter = ',', default_value = "q,k,v,o,gate,up,down")]
+    pub lora_targets: Vec<String>,
+    /// Adapters on the last N blocks only; the backward stops there [default: all].
+    #[arg(long)]
+    pub num_layers: Option<usize>,
+
+    /// Train only assistant turns and completions (the default).
+    #[arg(long, overrides_with = "no_mask_prompt")]
+    pub mask_prompt: bool,
+    /// Train on every token, prompts included.
+    #[arg(long)]
+    pub no_mask_prompt: bool,
+    /// Pack several examples per row (attention and positions stay per example).
+    #[arg(long)]
+    pub pack: bool,
+
+    /// Validation every N steps (also at step 0 and at the end; 0: only those).
+    #[arg(long, default_value_t = 200)]
+    pub steps_per_eval: usize,
+    /// Validation batches per evaluation (0: the whole validation set).
+    #[arg(long, default_value_t = 25)]
+    pub val_batches: usize,
+    /// Save the adapter every N steps under <output>/checkpoints (also at the end).
+    #[arg(long, default_value_t = 500)]
+    pub save_every: usize,
+    /// Per-step metrics as JSON lines [default: <output>/metrics.jsonl].
+    #[arg(long)]
+    pub metrics_file: Option<PathBuf>,
+    /// Report test-set loss and perplexity at the end.
+    #[arg(long)]
+    pub test: bool,
+    /// Keep the adapter with the best validation loss in <output>/best (the default).
+    #[arg(long, overrides_with = "no_save_best")]
+    pub save_best: bool,
+    /// Do not keep a best-validation adapter.
+    #[arg(long)]
+    pub no_save_best: bool,
+    /// Print a memory line every N steps.
+    #[arg(long)]
+    pub memory_report_interval: Option<usize>,
+
+    /// Memory budget in GB (not available yet).
+    #[arg(long)]
+    pub max_memory: Option<f64>,
+    /// Reload the model every N steps (not available yet).
+    #[arg(long)]
+    pub reload_interval: Option<usize>,
+    /// Quantize the frozen base to 4 or 8 bits (not available yet).
+    #[arg(long)]
+    pub quantize: Option<u8>,
+    /// Resume from the latest checkpoint of --output, or from PATH (not available yet).
+    #[arg(long, num_args = 0..=1, default_missing_value = "")]
+    pub resume: Option<String>,
+}
+
+/// Parses the command line; for `train --config FILE.yaml`, the file's values go in first so
+/// that flags given on the command line win.
+pub fn parse() -> Result<Cli> {
+    let argv: Vec<OsString> = std::env::args_os().collect();
+    let argv = match config_path(&argv) {
+        Some(path) => with_yaml_args(argv, &path)?,
+        None => argv,
+    };
+    let matches = Cli::command()
+        .args_override_self(true)
+        .get_matches_from(argv);
+    Cli::from_arg_matches(&matches).map_err(|e| e.exit())
+}
+
+/// The value of `--config` when the subcommand is `train`.
+fn config_path(argv: &[OsString]) -> Option<PathBuf> {
+    let args: Vec<&str> = argv.iter().filter_map(|a| a.to_str()).collect();
+    let train = args.iter().position(|a| *a == "train")?;
+    let rest = &args[train + 1..];
+    rest.iter().enumerate().find_map(|(i, a)| {
+        if let Some(v) = a.strip_prefix("--config=") {
+            Some(PathBuf::from(v))
+        } else if *a == "--config" {
+            rest.get(i + 1).map(PathBuf::from)
+        } else {
+            None
+        }
+    })
+}
+
+/// Inserts `--key value` pairs from the YAML mapping right after `train`.
+fn with_yaml_args(argv: Vec<OsString>, path: &Path) -> Result<Vec<OsString>> {
+    let bad = |msg: String| Error::Usage(format!("--config {}: {msg}", path.display()));
+    let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
+    let doc: serde_yaml::Value =
+        serde_yaml::from_str(&text).map_err(|e| bad(format!("not valid YAML: {e}")))?;
+    let map = match doc {
+        serde_yaml::Value::Mapping(m) => m,
+        serde_yaml::Value::Null => Default::default(),
+        _ => return Err(bad("expected a mapping of flag names to values".into())),
+    };
+    let cmd = Cli::command();
+    let train = cmd.find_subcommand("train").expect("train subcommand");
+    let known: Vec<String> = train
+        .get_arguments()
+        .filter_map(|a| a.get_long().map(str::to_string))
+        .collect();
+    let mut extra: Vec<OsString> = vec![];
+    for (k, v) in map {
+        let key = k
+            .as_str()
+            .ok_or_else(|| bad(format!("key {k:?} is not a string")))?
+            .replace('_', "-");
+        if !known.contains(&key) || key == "config" {
+            return Err(bad(format!(
+                "`{key}` is not a train flag (see `your_ai train --help`)"
+            )));
+        }
+        let scalar = |v: &serde_yaml::Value| -> Result<String> {
+            match v {
+                serde_yaml::Value::String(s) => Ok(s.clone()),
+                serde_yaml::Value::Number(n) => Ok(n.to_string()),
+                serde_yaml::Value::Bool(b) => Ok(b.to_string()),
+                _ => Err(bad(format!(
+                    "`{key}` must be a number, string, boolean or list"
+                ))),
+            }
+        };
+        match &v {
+            serde_yaml::Value::Null => {}
+            serde_yaml::Value::Bool(true) => extra.push(format!("--{key}").into()),
+            serde_yaml::Value::Bool(false) => {
+                let negated = format!("no-{key}");
+                if key.starts_with("no-") || !known.contains(&negated) {
+                    return Err(bad(format!(
+                        "`{key}: false` cannot be expressed; leave the key out"
+                    )));
+                }
+                extra.push(format!("--{negated}").into());
+            }
+            serde_yaml::Value::Sequence(items) => {
+                let parts: Vec<String> = items.iter().map(scalar).collect::<Result<_>>()?;
+                extra.push(format!("--{key}={}", parts.join(",")).into());
+            }
+            other => extra.push(format!("--{key}={}", scalar(other)?).into()),
+        }
+    }
+    let pos = argv
+        .iter()
+        .position(|a| a == "train")
+        .map(|p| p + 1)
+        .unwrap_or(argv.len());
+    let mut out = argv[..pos].to_vec();
+    out.extend(extra);
+    out.extend_from_slice(&argv[pos..]);
+    Ok(out)
 }

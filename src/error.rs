@@ -19,6 +19,8 @@ pub enum Error {
     Template(#[from] crate::chat_template::TemplateError),
     #[error(transparent)]
     Data(#[from] crate::data::DataError),
+    #[error(transparent)]
+    Adapter(#[from] crate::lora::AdapterError),
     /// A flag value that cannot work; the message names the flag and the fix.
     #[error("{0}")]
     Usage(String),

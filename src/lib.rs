@@ -12,6 +12,7 @@ pub mod error;
 pub mod evaluate;
 pub mod generation;
 pub mod lora;
+pub mod memory;
 pub mod model;
 pub mod model_source;
 pub mod tokenizer;

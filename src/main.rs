@@ -1,8 +1,11 @@
-use clap::Parser;
-use your_ai::cli::Cli;
-
 fn main() {
-    let cli = Cli::parse();
+    let cli = match your_ai::cli::parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::exit(e.exit_code());
+        }
+    };
     init_logging(cli.verbose);
     if let Err(e) = your_ai::commands::run(cli) {
         eprintln!("error: {e}");

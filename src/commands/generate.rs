@@ -19,7 +19,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             args.temperature
         )));
     }
-    let loaded = super::load_model(&args.model)?;
+    let loaded = super::load_model_with_adapter(&args.model, args.adapter.as_deref())?;
     let tok = &loaded.tokenizer;
     let prompt_ids = if args.raw {
         let mut text = String::new();

@@ -2,6 +2,9 @@
 //! that runs them with evaluation, saving and progress.
 
 pub mod batch;
+pub mod config;
 pub mod optimizer;
+pub mod progress;
 pub mod schedule;
 pub mod step;
+pub mod trainer;

@@ -1,0 +1,298 @@
+//! `your_ai train`: checks every flag and every data line before anything is written, then
+//! loads the model, attaches a fresh LoRA adapter and runs the trainer.
+
+use crate::cli::TrainArgs;
+use crate::data::{read_jsonl, resolve_files, DataError, Encoder, Record, Sample};
+use crate::error::{Error, Result};
+use crate::lora::{Adapter, LoraConfig, Target};
+use crate::train::config::TrainConfig;
+use crate::train::trainer::{self, Datasets};
+use std::path::{Path, PathBuf};
+
+fn usage(msg: String) -> Error {
+    Error::Usage(msg)
+}
+
+/// Flags that belong to capabilities not built yet: refused clearly rather than ignored.
+fn refuse_unavailable(a: &TrainArgs) -> Result<()> {
+    let unavailable = [
+        (a.max_memory.is_some(), "--max-memory", "memory budgets"),
+        (
+            a.reload_interval.is_some(),
+            "--reload-interval",
+            "model reloading",
+        ),
+        (
+            a.quantize.is_some(),
+            "--quantize",
+            "QLoRA (quantized bases)",
+        ),
+        (a.resume.is_some(), "--resume", "resuming from checkpoints"),
+        (a.lora_dropout != 0.0, "--lora-dropout", "LoRA dropout"),
+    ];
+    for (given, flag, what) in unavailable {
+        if given {
+            return Err(usage(format!(
+                "{flag}: {what} is not available in this version of your_ai yet; remove the flag to train without it"
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn check_flags(a: &TrainArgs) -> Result<Vec<Target>> {
+    refuse_unavailable(a)?;
+    let positive = [
+        (a.batch_size, "--batch-size"),
+        (a.grad_accumulation_steps, "--grad-accumulation-steps"),
+        (a.lora_rank, "--lora-rank"),
+    ];
+    for (v, flag) in positive {
+        if v == 0 {
+            return Err(usage(format!("{flag} 0: it must be at least 1")));
+        }
+    }
+    if a.epochs.is_none() && a.max_steps == 0 {
+        return Err(usage("--max-steps 0: train for at least one step".into()));
+    }
+    if let Some(e) = a.epochs {
+        if !(e.is_finite() && e > 0.0) {
+            return Err(usage(format!("--epochs {e}: it must be a positive number")));
+        }
+    }
+    if a.max_seq_length < 2 {
+        return Err(usage("--max-seq-length must be at least 2".into()));
+    }
+    if !(a.learning_rate.is_finite() && a.learning_rate > 0.0) {
+        return Err(usage(format!(
+            "--learning-rate {}: it must be a positive number",
+            a.learning_rate
+        )));
+    }
+    for (v, flag) in [
+        (a.min_lr, "--min-lr"),
+        (a.weight_decay, "--weight-decay"),
+        (a.max_grad_norm, "--max-grad-norm"),
+    ] {
+        if !(v.is_finite() && v >= 0.0) {
+            return Err(usage(format!("{flag} {v}: it must be zero or positive")));
+        }
+    }
+    if let Some(alpha) = a.lora_alpha {
+        if !(alpha.is_finite() && alpha > 0.0) {
+            return Err(usage(format!(
+                "--lora-alpha {alpha}: it must be a positive number"
+            )));
+        }
+    }
+    if a.num_layers == Some(0) {
+        return Err(usage("--num-layers 0: adapt at least one block".into()));
+    }
+    let mut targets = vec![];
+    for t in &a.lora_targets {
+        let t = Target::parse(t).ok_or_else(|| {
+            usage(format!(
+                "--lora-targets: `{t}` is not one of q, k, v, o, gate, up, down"
+            ))
+        })?;
+        if !targets.contains(&t) {
+            targets.push(t);
+        }
+    }
+    if targets.is_empty() {
+        return Err(usage("--lora-targets: name at least one layer".into()));
+    }
+    targets.sort();
+    Ok(targets)
+}
+
+/// Reads a JSONL file or reports that none was given.
+fn read_optional(path: Option<&PathBuf>) -> Result<Vec<Record>> {
+    match path {
+        Some(p) => Ok(read_jsonl(p)?),
+        None => Ok(vec![]),
+    }
+}
+
+/// Encodes every record, collecting all failures with their file:line.
+fn encode_all(encoder: &Encoder, records: &[Record]) -> Result<Vec<Sample>> {
+    let mut out = Vec::with_capacity(records.len());
+    let mut errors = vec![];
+    for r in records {
+        match encoder.encode(r) {
+            Ok(s) => out.push(s),
+            Err(e) => errors.push(e.to_string()),
+        }
+    }
+    if !errors.is_empty() {
+        let count = errors.len();
+        let mut shown: Vec<String> = errors.into_iter().take(20).collect();
+        if count > 20 {
+            shown.push(format!("... and {} more", count - 20));
+        }
+        return Err(DataError::Invalid { count, shown }.into());
+    }
+    Ok(out)
+}
+
+pub fn run(a: TrainArgs) -> Result<()> {
+    let targets = check_flags(&a)?;
+    let files = resolve_files(&a.data)?;
+    let train_records = read_jsonl(&files.train)?;
+    let valid_records = read_optional(files.valid.as_ref())?;
+    let test_records = if a.test {
+        read_optional(files.test.as_ref())?
+    } else {
+        vec![]
+    };
+    if a.test && files.test.is_none() {
+        return Err(usage(format!(
+            "--test: {} has no test.jsonl",
+            a.data.display()
+        )));
+    }
+
+    let mut loaded = super::load_model(&a.model)?;
+    let model_cfg = loaded.model.cfg.clone();
+    let layers = model_cfg.num_hidden_layers;
+    let num_layers = a.num_layers.unwrap_or(layers);
+    if num_layers > layers {
+        return Err(usage(format!(
+            "--num-layers {num_layers}: the model has only {layers} blocks"
+        )));
+    }
+    let mask_prompt = !a.no_mask_prompt;
+    let encoder = Encoder::new(&loaded.tokenizer, mask_prompt, a.max_seq_length)?;
+    let train = encode_all(&encoder, &train_records)?;
+    let valid = encode_all(&encoder, &valid_records)?;
+    let test = encode_all(&encoder, &test_records)?;
+    let truncated = train
+        .iter()
+        .chain(&valid)
+        .chain(&test)
+        .filter(|s| s.truncated > 0)
+        .count();
+    if truncated > 0 {
+        eprintln!(
+            "warning: {truncated} example(s) longer than --max-seq-length {} were truncated",
+            a.max_seq_length
+        );
+    }
+    let total_tokens: usize = train.iter().map(|s| s.ids.len()).sum();
+    let trained_tokens: usize = train.iter().map(Sample::trained_count).sum();
+    if trained_tokens == 0 {
+        return Err(usage(format!(
+            "{}: no token of the training data is trained (every example is prompt only after masking{}); \
+             check the data, or pass --no-mask-prompt to train on every token",
+            files.train.display(),
+            if truncated > 0 { " or truncation" } else { "" }
+        )));
+    }
+    let rows = trainer::training_rows(&train, a.pack, a.max_seq_length);
+    if a.batch_size > rows.len() {
+        return Err(usage(format!(
+            "--batch-size {} is larger than the training set ({} {}); use at most {}",
+            a.batch_size,
+            rows.len(),
+            if a.pack { "packed rows" } else { "examples" },
+            rows.len()
+        )));
+    }
+    let batches_per_epoch = rows.len() / a.batch_size;
+    let steps = match a.epochs {
+        Some(e) => ((e * batches_per_epoch as f64) / a.grad_accumulation_steps as f64)
+            .ceil()
+            .max(1.0) as usize,
+        None => a.max_steps,
+    };
+    let warmup = a.warmup_steps.min(steps);
+    let output = a
+        .output
+        .clone()
+        .unwrap_or_else(|| Path::new("models").join(format!("{}-lora", loaded.name)));
+    let cfg = TrainConfig {
+        model: a.model.model.clone(),
+        data: a.data.clone(),
+        metrics_file: a
+            .metrics_file
+            .clone()
+            .unwrap_or_else(|| output.join("metrics.jsonl")),
+        output,
+        batch_size: a.batch_size,
+        steps,
+        epochs: a.epochs,
+        max_seq_length: a.max_seq_length,
+        grad_accumulation_steps: a.grad_accumulation_steps,
+        learning_rate: a.learning_rate,
+        lr_schedule: a.lr_schedule,
+        warmup_steps: warmup,
+        min_lr: a.min_lr,
+        weight_decay: a.weight_decay,
+        max_grad_norm: a.max_grad_norm,
+        seed: a.seed,
+        lora_rank: a.lora_rank,
+        lora_alpha: a.lora_alpha.unwrap_or(2.0 * a.lora_rank as f64),
+        lora_dropout: a.lora_dropout,
+        lora_targets: targets.clone(),
+        num_layers,
+        mask_prompt,
+        pack: a.pack,
+        steps_per_eval: a.steps_per_eval,
+        val_batches: a.val_batches,
+        save_every: a.save_every,
+        test: a.test,
+        save_best: !a.no_save_best,
+        memory_report_interval: a.memory_report_interval,
+    };
+
+    let lora = LoraConfig {
+        rank: cfg.lora_rank,
+        alpha: cfg.lora_alpha,
+        dropout: cfg.lora_dropout,
+        targets,
+        layers: (layers - num_layers..layers).collect(),
+        use_rslora: false,
+    };
+    let adapter = Adapter::init(lora, &model_cfg, cfg.seed, &loaded.model.device)?;
+    eprintln!(
+        "model: {} ({} blocks, hidden {}), LoRA rank {} alpha {} on {} of the last {} blocks: {} trainable parameters",
+        loaded.name,
+        layers,
+        model_cfg.hidden_size,
+        cfg.lora_rank,
+        cfg.lora_alpha,
+        cfg.lora_targets.iter().map(|t| t.module()).collect::<Vec<_>>().join(","),
+        num_layers,
+        adapter.num_params()
+    );
+    eprintln!(
+        "data: {} training examples, {} validation, {} test; {} of {} training tokens trained ({:.1}%)",
+        train.len(),
+        valid.len(),
+        test.len(),
+        trained_tokens,
+        total_tokens,
+        100.0 * trained_tokens as f64 / total_tokens.max(1) as f64
+    );
+    if warmup < a.warmup_steps {
+        eprintln!(
+            "note: --warmup-steps {} capped at the run's {} steps",
+            a.warmup_steps, steps
+        );
+    }
+    eprintln!(
+        "training: {} steps of {} × {} example(s), lr {} ({:?}, warmup {}), output {}",
+        steps,
+        cfg.grad_accumulation_steps,
+        cfg.batch_size,
+        cfg.learning_rate,
+        cfg.lr_schedule,
+        warmup,
+        cfg.output.display()
+    );
+    std::fs::create_dir_all(&cfg.output).map_err(|e| Error::io("create", &cfg.output, e))?;
+    loaded.model.adapter = Some(adapter);
+    let summary = trainer::train(&cfg, &mut loaded.model, &Datasets { train, valid, test })?;
+    summary.print();
+    Ok(())
+}

@@ -1,0 +1,42 @@
+//! The resolved training configuration: every setting the run uses, after defaults, the YAML
+//! file and the command line are combined. Written beside the adapter as `train_config.json`.
+
+use crate::lora::Target;
+use crate::train::schedule::ScheduleKind;
+use std::path::PathBuf;
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct TrainConfig {
+    pub model: String,
+    pub data: PathBuf,
+    pub output: PathBuf,
+    pub batch_size: usize,
+    /// Optimizer steps of the run.
+    pub steps: usize,
+    pub epochs: Option<f64>,
+    pub max_seq_length: usize,
+    pub grad_accumulation_steps: usize,
+    pub learning_rate: f64,
+    pub lr_schedule: ScheduleKind,
+    pub warmup_steps: usize,
+    pub min_lr: f64,
+    pub weight_decay: f64,
+    pub max_grad_norm: f64,
+    pub seed: u64,
+    pub lora_rank: usize,
+    pub lora_alpha: f64,
+    pub lora_dropout: f64,
+    pub lora_targets: Vec<Target>,
+    /// Adapters on the last this many blocks.
+    pub num_layers: usize,
+    pub mask_prompt: bool,
+    pub pack: bool,
+    pub steps_per_eval: usize,
+    /// Validation batches per evaluation; 0 = the whole validation set.
+    pub val_batches: usize,
+    pub save_every: usize,
+    pub metrics_file: PathBuf,
+    pub test: bool,
+    pub save_best: bool,
+    pub memory_report_interval: Option<usize>,
+}

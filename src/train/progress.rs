@@ -1,0 +1,155 @@
+//! The live progress line on stderr:
+//! `[00:10:00] =>------ 45/5000 ETA:8h loss: 1.9294 | lr: 5.00e-05 | 2.1 steps/s | 812 tok/s | mem 3.1 GB`
+//! redrawn in place on a terminal, one plain line per report otherwise (CI logs).
+
+use std::io::{IsTerminal, Write};
+use std::time::{Duration, Instant};
+
+const BAR_WIDTH: usize = 20;
+
+pub struct Progress {
+    total: usize,
+    start: Instant,
+    tty: bool,
+    /// Without a terminal, print every this many steps.
+    plain_every: usize,
+    drawn: bool,
+}
+
+/// What one step reports.
+pub struct StepReport {
+    pub step: usize,
+    pub loss: f64,
+    pub lr: f64,
+    pub steps_per_s: f64,
+    pub tokens_per_s: f64,
+    pub mem_gb: Option<f64>,
+}
+
+impl Progress {
+    pub fn new(total: usize) -> Self {
+        Self {
+            total,
+            start: Instant::now(),
+            tty: std::io::stderr().is_terminal(),
+            plain_every: if total <= 200 { 1 } else { 10 },
+            drawn: false,
+        }
+    }
+
+    pub fn line(&self, r: &StepReport) -> String {
+        let done = if self.total > 0 {
+            r.step * BAR_WIDTH / self.total
+        } else {
+            BAR_WIDTH
+        };
+        let bar: String = (0..BAR_WIDTH)
+            .map(|i| match i.cmp(&done) {
+                std::cmp::Ordering::Less => '=',
+                std::cmp::Ordering::Equal => '>',
+                std::cmp::Ordering::Greater => '-',
+            })
+            .collect();
+        let remaining = self.total.saturating_sub(r.step) as f64;
+        let eta = if r.steps_per_s > 0.0 {
+            short_duration(remaining / r.steps_per_s)
+        } else {
+            "?".into()
+        };
+        let mut s = format!(
+            "[{}] {bar} {}/{} ETA:{eta} loss: {:.4} | lr: {} | {:.1} steps/s | {:.0} tok/s",
+            clock(self.start.elapsed()),
+            r.step,
+            self.total,
+            r.loss,
+            sci(r.lr),
+            r.steps_per_s,
+            r.tokens_per_s
+        );
+        if let Some(m) = r.mem_gb {
+            s.push_str(&format!(" | mem {m:.1} GB"));
+        }
+        s
+    }
+
+    pub fn update(&mut self, r: &StepReport) {
+        let line = self.line(r);
+        let mut err = std::io::stderr().lock();
+        if self.tty {
+            let _ = write!(err, "\r\x1b[2K{line}");
+            self.drawn = true;
+        } else if r.step % self.plain_every == 0 || r.step == self.total || r.step == 1 {
+            let _ = writeln!(err, "{line}");
+        }
+        let _ = err.flush();
+    }
+
+    /// Prints a message on its own line without garbling the progress line.
+    pub fn message(&mut self, msg: &str) {
+        let mut err = std::io::stderr().lock();
+        if self.tty && self.drawn {
+            let _ = write!(err, "\r\x1b[2K");
+            self.drawn = false;
+        }
+        let _ = writeln!(err, "{msg}");
+    }
+
+    pub fn finish(&mut self) {
+        if self.tty && self.drawn {
+            let _ = writeln!(std::io::stderr());
+            self.drawn = false;
+        }
+    }
+}
+
+fn clock(d: Duration) -> String {
+    let s = d.as_secs();
+    format!("{:02}:{:02}:{:02}", s / 3600, (s / 60) % 60, s % 60)
+}
+
+/// `5.00e-05`: two decimals and a two-digit exponent.
+pub fn sci(x: f64) -> String {
+    let s = format!("{x:.2e}");
+    match s.split_once('e') {
+        Some((m, e)) => {
+            let (sign, digits) = e.strip_prefix('-').map(|d| ('-', d)).unwrap_or(('+', e));
+            format!("{m}e{sign}{digits:0>2}")
+        }
+        None => s,
+    }
+}
+
+/// `8h`, `1h23m`, `12m`, `45s`.
+pub fn short_duration(secs: f64) -> String {
+    if !secs.is_finite() {
+        return "?".into();
+    }
+    let s = secs.round() as u64;
+    match s {
+        0..=59 => format!("{s}s"),
+        60..=3599 => format!("{}m", s / 60),
+        _ if (s / 60) % 60 == 0 => format!("{}h", s / 3600),
+        _ => format!("{}h{:02}m", s / 3600, (s / 60) % 60),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn line_has_the_documented_form() {
+        let p = Progress::new(5000);
+        let line = p.line(&StepReport {
+            step: 45,
+            loss: 1.92941,
+            lr: 5e-5,
+            steps_per_s: 2.1,
+            tokens_per_s: 812.4,
+            mem_gb: Some(3.14),
+        });
+        assert!(line.starts_with("[00:00:00] >------------------- 45/5000 ETA:39m loss: 1.9294 | lr: 5.00e-05 | 2.1 steps/s | 812 tok/s | mem 3.1 GB"), "{line}");
+        assert_eq!(short_duration(8.0 * 3600.0), "8h");
+        assert_eq!(short_duration(4980.0), "1h23m");
+    }
+}

@@ -1,0 +1,356 @@
+//! The training loop: micro-batches → block-wise step → clipping → AdamW, with evaluation,
+//! saving, metrics and the progress line.
+
+use crate::data::Sample;
+use crate::error::{Error, Result};
+use crate::evaluate::evaluate;
+use crate::lora::Adapter;
+use crate::memory;
+use crate::model::Llama;
+use crate::train::batch::{micro_batch, pack, Batcher, Row};
+use crate::train::config::TrainConfig;
+use crate::train::optimizer::{clip_grad_norm, AdamW};
+use crate::train::progress::{Progress, StepReport};
+use crate::train::schedule::Schedule;
+use crate::train::step::{forward_backward, Grads, LossSums};
+use serde_json::json;
+use std::collections::VecDeque;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// Consecutive non-finite steps after which the run stops.
+const MAX_NONFINITE: usize = 3;
+
+pub struct Datasets {
+    pub train: Vec<Sample>,
+    pub valid: Vec<Sample>,
+    pub test: Vec<Sample>,
+}
+
+/// Turns training samples into rows (packed or one per sample).
+pub fn training_rows(samples: &[Sample], pack_rows: bool, max_len: usize) -> Vec<Row> {
+    if pack_rows {
+        let refs: Vec<&Sample> = samples.iter().collect();
+        pack(&refs, &vec![1.0; refs.len()], max_len)
+    } else {
+        samples.iter().map(|s| Row::single(s, 1.0)).collect()
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Summary {
+    pub steps: usize,
+    pub skipped: usize,
+    pub tokens: usize,
+    pub trained_tokens: usize,
+    pub seconds: f64,
+    pub peak_rss: Option<u64>,
+    pub first_val: Option<f64>,
+    pub last_val: Option<f64>,
+    pub best_val: Option<(usize, f64)>,
+    pub test: Option<(f64, usize)>,
+    pub adapter_dir: PathBuf,
+    pub final_loss: f64,
+}
+
+/// Appends one JSON object per line to the metrics file.
+struct Metrics {
+    file: std::fs::File,
+    path: PathBuf,
+}
+
+impl Metrics {
+    fn create(path: &Path) -> Result<Self> {
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent).map_err(|e| Error::io("create", parent, e))?;
+        }
+        let file = std::fs::File::create(path).map_err(|e| Error::io("create", path, e))?;
+        Ok(Self {
+            file,
+            path: path.to_path_buf(),
+        })
+    }
+
+    fn write(&mut self, v: serde_json::Value) -> Result<()> {
+        writeln!(self.file, "{v}").map_err(|e| Error::io("write", &self.path, e))
+    }
+}
+
+/// Writes the adapter into `dir` atomically: a sibling temporary directory, fsynced, renamed.
+pub fn save_adapter(
+    adapter: &Adapter,
+    dir: &Path,
+    base_model: &str,
+    config: &TrainConfig,
+) -> Result<()> {
+    let parent = dir.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent).map_err(|e| Error::io("create", parent, e))?;
+    let name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "adapter".into());
+    let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).map_err(|e| Error::io("create", &tmp, e))?;
+    adapter.save_peft(&tmp, base_model)?;
+    let cfg_path = tmp.join("train_config.json");
+    std::fs::write(
+        &cfg_path,
+        serde_json::to_string_pretty(config).unwrap_or_default(),
+    )
+    .map_err(|e| Error::io("write", &cfg_path, e))?;
+    for entry in std::fs::read_dir(&tmp).map_err(|e| Error::io("read", &tmp, e))? {
+        let p = entry.map_err(|e| Error::io("read", &tmp, e))?.path();
+        std::fs::File::open(&p)
+            .and_then(|f| f.sync_all())
+            .map_err(|e| Error::io("sync", &p, e))?;
+    }
+    // Replace the old directory only once the new one is complete.
+    let old = parent.join(format!(".{name}.old-{}", std::process::id()));
+    if dir.exists() {
+        std::fs::rename(dir, &old).map_err(|e| Error::io("move aside", dir, e))?;
+    }
+    std::fs::rename(&tmp, dir).map_err(|e| Error::io("rename into place", dir, e))?;
+    let _ = std::fs::remove_dir_all(&old);
+    if let Ok(d) = std::fs::File::open(parent) {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}
+
+fn validation_loss(model: &Llama, valid: &[Sample], cfg: &TrainConfig) -> Result<Option<f64>> {
+    if valid.is_empty() {
+        return Ok(None);
+    }
+    let n = if cfg.val_batches == 0 {
+        valid.len()
+    } else {
+        (cfg.val_batches * cfg.batch_size).min(valid.len())
+    };
+    let r = evaluate(model, &valid[..n], cfg.batch_size)?;
+    Ok((r.tokens > 0).then_some(r.loss))
+}
+
+/// Trains `model.adapter` (which must be set) on `data` as `cfg` says.
+pub fn train(cfg: &TrainConfig, model: &mut Llama, data: &Datasets) -> Result<Summary> {
+    let adapter_dir = cfg.output.clone();
+    let mut metrics = Metrics::create(&cfg.metrics_file)?;
+    let rows = training_rows(&data.train, cfg.pack, cfg.max_seq_length);
+    let mut batcher = Batcher::new(rows, cfg.batch_size, cfg.seed);
+    let schedule = Schedule::new(
+        cfg.lr_schedule,
+        cfg.learning_rate,
+        cfg.min_lr,
+        cfg.warmup_steps,
+        cfg.steps,
+    );
+    let mut opt = AdamW::new(
+        model.adapter.as_mut().expect("adapter attached"),
+        cfg.weight_decay,
+    )?;
+    let mut progress = Progress::new(cfg.steps);
+    let start = Instant::now();
+    let mut summary = Summary {
+        steps: 0,
+        skipped: 0,
+        tokens: 0,
+        trained_tokens: 0,
+        seconds: 0.0,
+        peak_rss: None,
+        first_val: None,
+        last_val: None,
+        best_val: None,
+        test: None,
+        adapter_dir: adapter_dir.clone(),
+        final_loss: f64::NAN,
+    };
+
+    let run_eval = |model: &Llama,
+                    step: usize,
+                    summary: &mut Summary,
+                    progress: &mut Progress,
+                    metrics: &mut Metrics|
+     -> Result<()> {
+        let Some(val) = validation_loss(model, &data.valid, cfg)? else {
+            return Ok(());
+        };
+        summary.first_val.get_or_insert(val);
+        summary.last_val = Some(val);
+        progress.message(&format!(
+            "step {step}: val loss {val:.4}, val ppl {:.3}",
+            val.exp()
+        ));
+        metrics
+            .write(json!({"type": "eval", "step": step, "val_loss": val, "val_ppl": val.exp()}))?;
+        if cfg.save_best && step > 0 && summary.best_val.is_none_or(|(_, b)| val < b) {
+            summary.best_val = Some((step, val));
+            save_adapter(
+                model.adapter.as_ref().expect("adapter attached"),
+                &cfg.output.join("best"),
+                &cfg.model,
+                cfg,
+            )?;
+        }
+        Ok(())
+    };
+    run_eval(model, 0, &mut summary, &mut progress, &mut metrics)?;
+
+    let mut recent: VecDeque<(f64, usize)> = VecDeque::new();
+    let mut nonfinite = 0;
+    for step in 1..=cfg.steps {
+        let t0 = Instant::now();
+        let batches: Vec<Vec<Row>> = (0..cfg.grad_accumulation_steps)
+            .map(|_| batcher.next_batch().into_iter().cloned().collect())
+            .collect();
+        let total_targets: usize = batches.iter().flat_map(|b| b.iter().map(Row::scored)).sum();
+        let adapter = model.adapter.as_ref().expect("adapter attached");
+        let mut grads = Grads::zeros_like(adapter)?;
+        let mut sums = LossSums::default();
+        let mut tokens = 0;
+        if total_targets > 0 {
+            // Normalised by every scored token of the whole accumulated batch.
+            let scale = 1.0 / total_targets as f64;
+            for rows in &batches {
+                let refs: Vec<&Row> = rows.iter().collect();
+                let mb = micro_batch(model, &refs)?;
+                tokens += mb.n_tokens;
+                let s = forward_backward(model, adapter, &mb, scale, &mut grads)?;
+                sums.ce += s.ce;
+                sums.weighted += s.weighted;
+                sums.weight += s.weight;
+            }
+        }
+        let loss = sums.ce / total_targets.max(1) as f64;
+        let grad_norm = clip_grad_norm(&mut grads, cfg.max_grad_norm)?;
+        let lr = schedule.lr(step);
+        if total_targets == 0 {
+            progress.message(&format!(
+                "step {step}: no trained tokens in this batch; update skipped"
+            ));
+            summary.skipped += 1;
+        } else if !loss.is_finite() || !grad_norm.is_finite() {
+            nonfinite += 1;
+            summary.skipped += 1;
+            progress.message(&format!("step {step}: non-finite loss ({loss}) or gradient norm ({grad_norm}); update skipped"));
+            if nonfinite >= MAX_NONFINITE {
+                progress.finish();
+                return Err(Error::Usage(format!(
+                    "{MAX_NONFINITE} steps in a row had a non-finite loss or gradient; stopping. Try a lower --learning-rate (now {})",
+                    cfg.learning_rate
+                )));
+            }
+        } else {
+            nonfinite = 0;
+            opt.step(
+                model.adapter.as_mut().expect("adapter attached"),
+                &grads,
+                lr,
+            )?;
+        }
+        drop(grads);
+        let dt = t0.elapsed().as_secs_f64();
+        summary.steps = step;
+        summary.tokens += tokens;
+        summary.trained_tokens += total_targets;
+        summary.final_loss = loss;
+        recent.push_back((dt, tokens));
+        if recent.len() > 10 {
+            recent.pop_front();
+        }
+        let window: f64 = recent.iter().map(|r| r.0).sum();
+        let window_tokens: usize = recent.iter().map(|r| r.1).sum();
+        let rss = memory::current_rss();
+        progress.update(&StepReport {
+            step,
+            loss,
+            lr,
+            steps_per_s: recent.len() as f64 / window.max(1e-9),
+            tokens_per_s: window_tokens as f64 / window.max(1e-9),
+            mem_gb: rss.map(memory::gb),
+        });
+        metrics.write(json!({
+            "type": "train", "step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+            "tokens": tokens, "trained_tokens": total_targets, "step_time_s": dt,
+            "tokens_per_s": tokens as f64 / dt, "trained_tokens_per_s": total_targets as f64 / dt,
+            "rss_bytes": rss, "peak_rss_bytes": memory::peak_rss(),
+            "epoch": batcher.epoch,
+        }))?;
+        if cfg
+            .memory_report_interval
+            .is_some_and(|n| n > 0 && step % n == 0)
+        {
+            progress.message(&format!(
+                "step {step}: memory {:.2} GB resident, peak {:.2} GB",
+                rss.map(memory::gb).unwrap_or(f64::NAN),
+                memory::peak_rss().map(memory::gb).unwrap_or(f64::NAN)
+            ));
+        }
+        if cfg.steps_per_eval > 0 && step % cfg.steps_per_eval == 0 && step != cfg.steps {
+            run_eval(model, step, &mut summary, &mut progress, &mut metrics)?;
+        }
+        if cfg.save_every > 0 && step % cfg.save_every == 0 && step != cfg.steps {
+            let dir = cfg.output.join("checkpoints").join(format!("step-{step}"));
+            save_adapter(
+                model.adapter.as_ref().expect("adapter attached"),
+                &dir,
+                &cfg.model,
+                cfg,
+            )?;
+            progress.message(&format!("step {step}: adapter saved to {}", dir.display()));
+        }
+    }
+    run_eval(model, cfg.steps, &mut summary, &mut progress, &mut metrics)?;
+    progress.finish();
+    save_adapter(
+        model.adapter.as_ref().expect("adapter attached"),
+        &adapter_dir,
+        &cfg.model,
+        cfg,
+    )?;
+    if cfg.test && !data.test.is_empty() {
+        let r = evaluate(model, &data.test, cfg.batch_size)?;
+        metrics.write(json!({"type": "test", "step": cfg.steps, "test_loss": r.loss, "test_ppl": r.perplexity(), "tokens": r.tokens}))?;
+        summary.test = Some((r.loss, r.tokens));
+    }
+    summary.seconds = start.elapsed().as_secs_f64();
+    summary.peak_rss = memory::peak_rss();
+    Ok(summary)
+}
+
+impl Summary {
+    pub fn print(&self) {
+        let secs = self.seconds.max(1e-9);
+        eprintln!(
+            "\nTraining finished: {} steps in {:.1} s ({} skipped)",
+            self.steps, self.seconds, self.skipped
+        );
+        eprintln!(
+            "  tokens: {} total ({:.0} tokens/s), {} trained ({:.0} trained tokens/s)",
+            self.tokens,
+            self.tokens as f64 / secs,
+            self.trained_tokens,
+            self.trained_tokens as f64 / secs
+        );
+        if let Some(p) = self.peak_rss {
+            eprintln!("  peak memory: {:.2} GB resident", memory::gb(p));
+        }
+        eprintln!("  final train loss: {:.4}", self.final_loss);
+        if let (Some(a), Some(b)) = (self.first_val, self.last_val) {
+            eprintln!("  validation loss: {a:.4} at start → {b:.4} at end");
+        }
+        if let Some((step, v)) = self.best_val {
+            eprintln!(
+                "  best validation loss {v:.4} at step {step} (adapter in {})",
+                self.adapter_dir.join("best").display()
+            );
+        }
+        if let Some((loss, tokens)) = self.test {
+            eprintln!(
+                "  test loss: {loss:.4}, perplexity {:.3} ({tokens} tokens)",
+                loss.exp()
+            );
+        }
+        eprintln!("  adapter: {}", self.adapter_dir.display());
+    }
+}

@@ -77,13 +77,13 @@ impl Metrics {
     }
 }
 
-/// Writes the adapter into `dir` atomically: a sibling temporary directory, fsynced, renamed.
-pub fn save_adapter(
+/// Writes the adapter files into a fresh temporary sibling of `dir`, fsynced; returns its path.
+fn write_adapter_tmp(
     adapter: &Adapter,
     dir: &Path,
     base_model: &str,
     config: &TrainConfig,
-) -> Result<()> {
+) -> Result<PathBuf> {
     let parent = dir.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(parent).map_err(|e| Error::io("create", parent, e))?;
     let name = dir
@@ -106,16 +106,58 @@ pub fn save_adapter(
             .and_then(|f| f.sync_all())
             .map_err(|e| Error::io("sync", &p, e))?;
     }
-    // Replace the old directory only once the new one is complete.
-    let old = parent.join(format!(".{name}.old-{}", std::process::id()));
+    Ok(tmp)
+}
+
+fn sync_dir(dir: &Path) {
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+}
+
+/// Writes an adapter directory (`best/`, `checkpoints/step-N/`) atomically: the complete new
+/// directory replaces the old one by rename, so a reader sees one or the other, never a mix.
+pub fn save_adapter_dir(
+    adapter: &Adapter,
+    dir: &Path,
+    base_model: &str,
+    config: &TrainConfig,
+) -> Result<()> {
+    let tmp = write_adapter_tmp(adapter, dir, base_model, config)?;
+    let parent = dir.parent().unwrap_or(Path::new("."));
+    let old = parent.join(format!(
+        ".{}.old-{}",
+        dir.file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        std::process::id()
+    ));
     if dir.exists() {
         std::fs::rename(dir, &old).map_err(|e| Error::io("move aside", dir, e))?;
     }
     std::fs::rename(&tmp, dir).map_err(|e| Error::io("rename into place", dir, e))?;
     let _ = std::fs::remove_dir_all(&old);
-    if let Ok(d) = std::fs::File::open(parent) {
-        let _ = d.sync_all();
+    sync_dir(parent);
+    Ok(())
+}
+
+/// Writes the adapter files into `dir`, which also holds metrics and other runs' outputs: each
+/// file is renamed into place whole, so none is ever seen half-written.
+pub fn save_adapter_files(
+    adapter: &Adapter,
+    dir: &Path,
+    base_model: &str,
+    config: &TrainConfig,
+) -> Result<()> {
+    let tmp = write_adapter_tmp(adapter, &dir.join("adapter"), base_model, config)?;
+    std::fs::create_dir_all(dir).map_err(|e| Error::io("create", dir, e))?;
+    for entry in std::fs::read_dir(&tmp).map_err(|e| Error::io("read", &tmp, e))? {
+        let p = entry.map_err(|e| Error::io("read", &tmp, e))?.path();
+        let dest = dir.join(p.file_name().unwrap_or_default());
+        std::fs::rename(&p, &dest).map_err(|e| Error::io("rename into place", &dest, e))?;
     }
+    let _ = std::fs::remove_dir(&tmp);
+    sync_dir(dir);
     Ok(())
 }
 
@@ -185,7 +227,7 @@ pub fn train(cfg: &TrainConfig, model: &mut Llama, data: &Datasets) -> Result<Su
             .write(json!({"type": "eval", "step": step, "val_loss": val, "val_ppl": val.exp()}))?;
         if cfg.save_best && step > 0 && summary.best_val.is_none_or(|(_, b)| val < b) {
             summary.best_val = Some((step, val));
-            save_adapter(
+            save_adapter_dir(
                 model.adapter.as_ref().expect("adapter attached"),
                 &cfg.output.join("best"),
                 &cfg.model,
@@ -291,7 +333,7 @@ pub fn train(cfg: &TrainConfig, model: &mut Llama, data: &Datasets) -> Result<Su
         }
         if cfg.save_every > 0 && step % cfg.save_every == 0 && step != cfg.steps {
             let dir = cfg.output.join("checkpoints").join(format!("step-{step}"));
-            save_adapter(
+            save_adapter_dir(
                 model.adapter.as_ref().expect("adapter attached"),
                 &dir,
                 &cfg.model,
@@ -302,7 +344,7 @@ pub fn train(cfg: &TrainConfig, model: &mut Llama, data: &Datasets) -> Result<Su
     }
     run_eval(model, cfg.steps, &mut summary, &mut progress, &mut metrics)?;
     progress.finish();
-    save_adapter(
+    save_adapter_files(
         model.adapter.as_ref().expect("adapter attached"),
         &adapter_dir,
         &cfg.model,

@@ -119,3 +119,60 @@ fn eval_on_a_small_chat_file_gives_a_sensible_loss() {
     // Assistant answers plus their <|im_end|>: a few dozen tokens, far fewer than the whole chats.
     assert!((20..60).contains(&tokens), "tokens {tokens}");
 }
+
+#[test]
+fn masking_trains_exactly_every_assistant_turn_with_its_end_token() {
+    let tok = tokenizer();
+    let line = json!({"messages": [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": "2+2?"},
+        {"role": "assistant", "content": "4"},
+        {"role": "user", "content": "Bye"},
+        {"role": "assistant", "content": "Goodbye, see you soon."}
+    ]})
+    .to_string();
+    let (example, fields) = your_ai::data::parse_line(&line).unwrap();
+    let rec = your_ai::data::Record {
+        example,
+        location: "test:1".into(),
+        fields,
+    };
+    let enc = your_ai::data::Encoder::new(&tok, true, 1024).unwrap();
+    let s = enc.encode(&rec).unwrap();
+    // Group consecutive trained tokens into spans and decode each.
+    let mut spans = vec![];
+    let mut cur: Vec<u32> = vec![];
+    for (id, t) in s.ids.iter().zip(&s.trained) {
+        if *t {
+            cur.push(*id);
+        } else if !cur.is_empty() {
+            spans.push(tok.decode(&std::mem::take(&mut cur), false).unwrap());
+        }
+    }
+    if !cur.is_empty() {
+        spans.push(tok.decode(&cur, false).unwrap());
+    }
+    assert_eq!(
+        spans,
+        vec![
+            "Hello!<|im_end|>",
+            "4<|im_end|>",
+            "Goodbye, see you soon.<|im_end|>"
+        ]
+    );
+    // Without masking, everything is trained.
+    let all = your_ai::data::Encoder::new(&tok, false, 1024)
+        .unwrap()
+        .encode(&rec)
+        .unwrap();
+    assert!(all.trained.iter().all(|t| *t));
+    // Truncation is counted.
+    let short = your_ai::data::Encoder::new(&tok, true, 10)
+        .unwrap()
+        .encode(&rec)
+        .unwrap();
+    assert_eq!(short.ids.len(), 10);
+    assert_eq!(short.truncated, s.ids.len() - 10);
+}

@@ -322,3 +322,57 @@ pub fn cli() -> assert_cmd::Command {
     c.env_remove("RUST_LOG");
     c
 }
+
+/// A tiny random Llama with SmolLM2's real tokenizer and chat template, as a Hugging Face
+/// directory (tokenizer.json, tokenizer_config.json, generation_config.json): fast enough to
+/// train for a few steps in any test, real enough to exercise the whole data path.
+pub fn tiny_chat_model(dir: &Path) -> PathBuf {
+    let g = your_ai::weights::GgufFile::open(&smollm2()).unwrap();
+    let tok_json = your_ai::tokenizer::gguf::tokenizer_json(&g).unwrap();
+    let template = g.meta_str("tokenizer.chat_template").unwrap().to_string();
+    let spec = TinySpec {
+        vocab: 49152,
+        tied: true,
+        ..Default::default()
+    };
+    write_hf_dir(dir, &spec, &tiny_weights(&spec, 5), candle_core::DType::F32);
+    std::fs::write(
+        dir.join("tokenizer.json"),
+        serde_json::to_string(&tok_json).unwrap(),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("tokenizer_config.json"),
+        serde_json::to_string(&json!({"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "chat_template": template})).unwrap(),
+    )
+    .unwrap();
+    std::fs::write(dir.join("generation_config.json"), r#"{"eos_token_id": 2}"#).unwrap();
+    dir.to_path_buf()
+}
+
+/// A small chat dataset directory (train/valid/test) in `dir`.
+pub fn write_chat_data(dir: &Path, n_train: usize) -> PathBuf {
+    std::fs::create_dir_all(dir).unwrap();
+    let row = |i: usize| {
+        json!({"messages": [
+            {"role": "user", "content": format!("What is item {i}?")},
+            {"role": "assistant", "content": format!("Item {i} is a small blue box.")}
+        ]})
+        .to_string()
+    };
+    let lines = |r: std::ops::Range<usize>| r.map(row).collect::<Vec<_>>().join("\n") + "\n";
+    std::fs::write(dir.join("train.jsonl"), lines(0..n_train)).unwrap();
+    std::fs::write(dir.join("valid.jsonl"), lines(100..104)).unwrap();
+    std::fs::write(dir.join("test.jsonl"), lines(200..203)).unwrap();
+    dir.to_path_buf()
+}
+
+/// Lines of a metrics file of the given `type`.
+pub fn metrics(path: &Path, kind: &str) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v["type"] == kind)
+        .collect()
+}

@@ -246,7 +246,7 @@ fn schedule_clipping_and_accumulation_flags_act() {
             "1e-4",
         ],
     );
-    assert_eq!(lrs(&linear).last().copied(), Some(1e-4));
+    assert!((lrs(&linear)[2] - 1e-4).abs() < 1e-12);
     // Warmup is capped at the run's steps.
     let (stderr, _) = train(&s, "warm", &["--warmup-steps", "100"]);
     assert!(stderr.contains("capped"), "{stderr}");
@@ -308,8 +308,9 @@ fn masking_packing_and_metrics_file_flags_act() {
     };
     let (masked, _) = train(&s, "masked", &[]);
     let (all, _) = train(&s, "all", &["--no-mask-prompt"]);
+    // Unmasked: every token but each example's first, which nothing predicts.
     assert!(
-        share(&masked) < 60.0 && share(&all) == 100.0,
+        share(&masked) < 60.0 && share(&all) > 95.0,
         "{} {}",
         share(&masked),
         share(&all)
@@ -320,7 +321,7 @@ fn masking_packing_and_metrics_file_flags_act() {
             .as_u64()
             .unwrap()
     };
-    let (_, packed) = train(&s, "packed", &["--pack", "--max-seq-length", "128"]);
+    let (_, packed) = train(&s, "packed", &["--pack", "--max-seq-length", "256"]);
     let (_, plain) = train(&s, "plain", &[]);
     assert!(tok(&packed) > 2 * tok(&plain));
     let custom = s.root.join("elsewhere/m.jsonl");

@@ -1,4 +1,5 @@
 fn main() {
+    your_ai::memory::configure_allocator();
     let cli = match your_ai::cli::parse() {
         Ok(cli) => cli,
         Err(e) => {

@@ -25,3 +25,18 @@ fn status_kb(key: &str) -> Option<u64> {
 pub fn gb(bytes: u64) -> f64 {
     bytes as f64 / 1e9
 }
+
+/// Makes resident memory track live memory. glibc's malloc otherwise raises its mmap threshold
+/// after large frees and serves later large buffers from heap arenas it rarely returns, so the
+/// resident size drifts with the shapes of recent batches. Buffers of 256 KiB and more are
+/// mapped and unmapped directly instead, and the arenas are trimmed eagerly.
+pub fn configure_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    if std::env::var_os("YOUR_AI_DEFAULT_MALLOC").is_none() {
+        // SAFETY: mallopt only adjusts allocator parameters; called before other threads start.
+        unsafe {
+            libc::mallopt(libc::M_MMAP_THRESHOLD, 256 * 1024);
+            libc::mallopt(libc::M_TRIM_THRESHOLD, 1024 * 1024);
+        }
+    }
+}

@@ -115,6 +115,16 @@ fn autograd_loss(
                 y = y.broadcast_add(bias).unwrap();
             }
             if let Some((_, _, a, bm)) = vars.iter().find(|v| v.0 == l && v.1 == target) {
+                // LoRA dropout: the branch sees the masked input, the frozen weight the plain one.
+                let x = match mb.dropout {
+                    Some((p, seed)) => {
+                        let (r, c) = x.dims2().unwrap();
+                        (x * your_ai::train::step::dropout_mask(p, seed, l, target, r, c, x)
+                            .unwrap())
+                        .unwrap()
+                    }
+                    None => x.clone(),
+                };
                 let delta = x
                     .matmul(&a.as_tensor().t().unwrap())
                     .unwrap()
@@ -222,19 +232,22 @@ fn max_rel_diff(a: &Tensor, b: &Tensor) -> f64 {
 
 #[test]
 fn explicit_backward_matches_autograd_on_every_target() {
-    for spec in [
-        TinySpec::default(),
-        TinySpec {
-            qkv_bias: true,
-            kv_heads: 1,
-            tied: true,
-            ..Default::default()
-        },
+    let gqa_bias = TinySpec {
+        qkv_bias: true,
+        kv_heads: 1,
+        tied: true,
+        ..Default::default()
+    };
+    for (spec, dropout) in [
+        (TinySpec::default(), None),
+        (gqa_bias, None),
+        (TinySpec::default(), Some((0.3, 99))),
     ] {
         let dir = tempfile::tempdir().unwrap();
         let model = tiny_model(&spec, dir.path());
         let adapter = random_adapter(&model, vec![0, 1], Target::ALL.to_vec());
-        let mb = batch(&model, &rows(&samples()));
+        let mut mb = batch(&model, &rows(&samples()));
+        mb.dropout = dropout;
         let (loss, grads) = explicit(&model, &adapter, std::slice::from_ref(&mb));
 
         let vars: Vec<(usize, Target, Var, Var)> = adapter

@@ -28,7 +28,6 @@ fn refuse_unavailable(a: &TrainArgs) -> Result<()> {
             "QLoRA (quantized bases)",
         ),
         (a.resume.is_some(), "--resume", "resuming from checkpoints"),
-        (a.lora_dropout != 0.0, "--lora-dropout", "LoRA dropout"),
     ];
     for (given, flag, what) in unavailable {
         if given {
@@ -84,6 +83,12 @@ fn check_flags(a: &TrainArgs) -> Result<Vec<Target>> {
                 "--lora-alpha {alpha}: it must be a positive number"
             )));
         }
+    }
+    if !(0.0..1.0).contains(&a.lora_dropout) {
+        return Err(usage(format!(
+            "--lora-dropout {}: it must be at least 0 and below 1",
+            a.lora_dropout
+        )));
     }
     if a.num_layers == Some(0) {
         return Err(usage("--num-layers 0: adapt at least one block".into()));

@@ -25,19 +25,24 @@ impl Linear {
         self.weight.dim(0).unwrap_or(0)
     }
 
-    /// `y = x Wᵀ (+ b) + s · (x Aᵀ) Bᵀ` for 2-D `x`, the LoRA term as two thin matmuls (never
-    /// `W + BA`). Also returns `x Aᵀ`, which the backward needs for `dB`.
+    /// `y = x Wᵀ (+ b) + s · (x' Aᵀ) Bᵀ` for 2-D `x`, the LoRA term as two thin matmuls (never
+    /// `W + BA`); `x'` is `lora_x` when given (the dropped-out input in training), else `x`.
+    /// Also returns `x' Aᵀ`, which the backward needs for `dB`.
     pub fn forward_lora(
         &self,
         x: &Tensor,
         lora: Option<&LoraPair>,
         scale: f64,
+        lora_x: Option<&Tensor>,
     ) -> Result<(Tensor, Option<Tensor>)> {
         let y = self.forward(x)?;
         match lora {
             None => Ok((y, None)),
             Some(p) => {
-                let xa = x.to_dtype(p.a.dtype())?.matmul(&p.a.t()?)?;
+                let xa = lora_x
+                    .unwrap_or(x)
+                    .to_dtype(p.a.dtype())?
+                    .matmul(&p.a.t()?)?;
                 let delta = (xa.matmul(&p.b.t()?)? * scale)?.to_dtype(y.dtype())?;
                 Ok(((y + delta)?, Some(xa)))
             }
@@ -262,7 +267,7 @@ impl Llama {
         let proj = |lin: &Linear, x: &Tensor, target: Target| -> Result<Tensor> {
             let (pair, scale) = self.lora(layer, target);
             let y = lin
-                .forward_lora(&x.reshape((b * t, lin.in_features()))?, pair, scale)?
+                .forward_lora(&x.reshape((b * t, lin.in_features()))?, pair, scale, None)?
                 .0;
             y.reshape((b, t, lin.out_features()))
         };

@@ -188,6 +188,7 @@ pub fn micro_batch(model: &Llama, rows: &[&Row]) -> Result<MicroBatch> {
         target_weights: Tensor::from_vec(target_weights, n_targets, dev)?,
         n_targets,
         n_tokens: rows.iter().map(|r| r.len()).sum(),
+        dropout: None,
     })
 }
 

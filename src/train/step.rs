@@ -34,6 +34,9 @@ pub struct MicroBatch {
     pub n_targets: usize,
     /// Real (non-padding) tokens.
     pub n_tokens: usize,
+    /// LoRA dropout: probability and the seed its masks derive from (the same masks are drawn
+    /// again when a block is recomputed for the backward).
+    pub dropout: Option<(f64, u64)>,
 }
 
 /// Gradients `(dA, dB)` laid out like the adapter.
@@ -183,6 +186,8 @@ pub struct Saved {
     h1: Tensor,
     /// `x Aᵀ` of each LoRA pair, by target.
     xa: [Option<Tensor>; 7],
+    /// The dropped-out LoRA input of each pair, when dropout is on.
+    dropped: [Option<Tensor>; 7],
     /// Rotated queries `[B, nh, T, d]` and keys, values `[B, nkv, T, d]`.
     q: Tensor,
     k: Tensor,
@@ -218,9 +223,20 @@ pub fn block_forward(
     let eps = cfg.rms_norm_eps as f32;
     let scale = adapter.cfg.scale();
     let mut xa: [Option<Tensor>; 7] = Default::default();
+    let mut dropped: [Option<Tensor>; 7] = Default::default();
     let mut proj = |lin: &Linear, input: &Tensor, target: Target| -> Result<Tensor> {
-        let (y, mid) = lin.forward_lora(input, adapter.get(layer, target), scale)?;
+        let pair = adapter.get(layer, target);
+        let lora_x = match (pair, mb.dropout) {
+            (Some(_), Some((p, seed))) if p > 0.0 => {
+                let (rows, cols) = input.dims2()?;
+                let mask = dropout_mask(p, seed, layer, target, rows, cols, input)?;
+                Some(input.broadcast_mul(&mask)?)
+            }
+            _ => None,
+        };
+        let (y, mid) = lin.forward_lora(input, pair, scale, lora_x.as_ref())?;
         xa[target.index()] = mid;
+        dropped[target.index()] = lora_x;
         Ok(y)
     };
     let h1 = rms_norm(x, &blk.input_norm, eps)?;
@@ -255,6 +271,7 @@ pub fn block_forward(
         x: x.clone(),
         h1,
         xa,
+        dropped,
         q,
         k,
         v,
@@ -307,7 +324,19 @@ pub fn block_backward(
         };
         match (pair, s.xa[target.index()].as_ref()) {
             (Some(p), Some(xa)) => {
-                let (da, db, dx_lora) = lora_backward(p, scale, input, xa, dy, want_dx)?;
+                let lora_x = s.dropped[target.index()].as_ref();
+                let (da, db, dx_lora) =
+                    lora_backward(p, scale, lora_x.unwrap_or(input), xa, dy, want_dx)?;
+                // Through dropout: the same mask (x'/x is 0 or 1/(1-p)) scales the gradient.
+                let dx_lora = match (dx_lora, lora_x, mb.dropout) {
+                    (Some(d), Some(_), Some((prob, seed))) => {
+                        let (rows, cols) = input.dims2()?;
+                        Some(d.broadcast_mul(&dropout_mask(
+                            prob, seed, layer, target, rows, cols, &d,
+                        )?)?)
+                    }
+                    (d, _, _) => d,
+                };
                 grads.add(layer, target, &da, &db)?;
                 match (dx, dx_lora) {
                     (Some(dx), Some(extra)) => Ok(Some((dx + extra.to_dtype(dy.dtype())?)?)),
@@ -373,6 +402,42 @@ pub fn block_backward(
         Some(dh1) => dxmid + rms_norm_backward(&s.x, &blk.input_norm, &dh1, eps)?,
         None => Ok(dxmid),
     }
+}
+
+/// The dropout mask of one LoRA input: entries 0 (probability `p`) or `1/(1−p)`, a pure
+/// function of `(seed, layer, target, position)` so the recomputed forward draws it again.
+#[allow(clippy::too_many_arguments)]
+pub fn dropout_mask(
+    p: f64,
+    seed: u64,
+    layer: usize,
+    target: Target,
+    rows: usize,
+    cols: usize,
+    like: &Tensor,
+) -> Result<Tensor> {
+    let keep = 1.0 / (1.0 - p);
+    let stream = seed ^ ((layer as u64) << 40) ^ ((target.index() as u64) << 56);
+    let threshold = (p * (1u64 << 53) as f64) as u64;
+    let data: Vec<f32> = (0..(rows * cols) as u64)
+        .map(|i| {
+            if splitmix64(stream.wrapping_add(i.wrapping_mul(0x9E37_79B9_7F4A_7C15))) >> 11
+                < threshold
+            {
+                0.0
+            } else {
+                keep as f32
+            }
+        })
+        .collect();
+    Tensor::from_vec(data, (rows, cols), like.device())?.to_dtype(like.dtype())
+}
+
+fn splitmix64(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
 }
 
 /// For `y = s · (x Aᵀ) Bᵀ`: `(dA, dB, dX)` given `xa = x Aᵀ` and `dy`.

@@ -253,9 +253,13 @@ pub fn train(cfg: &TrainConfig, model: &mut Llama, data: &Datasets) -> Result<Su
         if total_targets > 0 {
             // Normalised by every scored token of the whole accumulated batch.
             let scale = 1.0 / total_targets as f64;
-            for rows in &batches {
+            for (micro, rows) in batches.iter().enumerate() {
                 let refs: Vec<&Row> = rows.iter().collect();
-                let mb = micro_batch(model, &refs)?;
+                let mut mb = micro_batch(model, &refs)?;
+                if cfg.lora_dropout > 0.0 {
+                    let seed = cfg.seed ^ ((step as u64) << 20) ^ micro as u64;
+                    mb.dropout = Some((cfg.lora_dropout, seed.wrapping_mul(0x2545_F491_4F6C_DD1D)));
+                }
                 tokens += mb.n_tokens;
                 let s = forward_backward(model, adapter, &mb, scale, &mut grads)?;
                 sums.ce += s.ce;

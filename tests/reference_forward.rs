@@ -332,3 +332,110 @@ fn gguf_permutation_is_needed() {
     assert_eq!(d(&ours, &orig), 0.0);
     assert!(d(&raw, &orig) > 0.1);
 }
+
+#[test]
+fn sharded_safetensors_load_like_a_single_file() {
+    let spec = TinySpec::default();
+    let w = tiny_weights(&spec, 13);
+    let dir = tempfile::tempdir().unwrap();
+    write_hf_dir(dir.path(), &spec, &w, DType::F32);
+    std::fs::remove_file(dir.path().join("model.safetensors")).unwrap();
+    // Two shards and an index, as transformers writes them.
+    let mut shards: [std::collections::HashMap<String, Tensor>; 2] = Default::default();
+    let mut map = serde_json::Map::new();
+    for (i, (name, (v, shape))) in w.iter().enumerate() {
+        let shard = i % 2;
+        shards[shard].insert(
+            name.clone(),
+            Tensor::from_vec(v.clone(), shape.as_slice(), &Device::Cpu).unwrap(),
+        );
+        map.insert(
+            name.clone(),
+            format!("model-0000{}-of-00002.safetensors", shard + 1).into(),
+        );
+    }
+    for (i, s) in shards.iter().enumerate() {
+        candle_core::safetensors::save(
+            s,
+            dir.path()
+                .join(format!("model-0000{}-of-00002.safetensors", i + 1)),
+        )
+        .unwrap();
+    }
+    let index = serde_json::json!({"metadata": {}, "weight_map": map});
+    std::fs::write(
+        dir.path().join("model.safetensors.index.json"),
+        index.to_string(),
+    )
+    .unwrap();
+    let diff = max_abs_diff(
+        &reference_logits(&spec, &w, &IDS),
+        &ours(&load_hf(dir.path(), DType::F32), &IDS),
+    );
+    assert!(diff < 1e-4, "sharded: max |Δlogit| = {diff}");
+}
+
+#[test]
+fn every_supported_gguf_type_loads_within_its_precision() {
+    // k-quants use 256-wide blocks: a model whose rows are multiples of 256.
+    let spec = TinySpec {
+        hidden: 256,
+        heads: 4,
+        kv_heads: 2,
+        intermediate: 512,
+        vocab: 96,
+        layers: 1,
+        ..Default::default()
+    };
+    let w = tiny_weights(&spec, 17);
+    let reference = reference_logits(&spec, &w, &IDS[..6]);
+    let scale = reference
+        .iter()
+        .flatten()
+        .map(|v| v.abs())
+        .fold(0.0, f64::max);
+    let dir = tempfile::tempdir().unwrap();
+    // Bound on each weight's relative RMS rounding error, from the type's bits per weight
+    // (measured errors are about half of these).
+    for (ty, tol) in [
+        (GgmlDType::F16, 1e-3),
+        (GgmlDType::BF16, 8e-3),
+        (GgmlDType::Q8_0, 1e-2),
+        (GgmlDType::Q6K, 3e-2),
+        (GgmlDType::Q5K, 6e-2),
+        (GgmlDType::Q4K, 0.12),
+        (GgmlDType::Q4_1, 0.12),
+        (GgmlDType::Q4_0, 0.15),
+    ] {
+        let path = dir.path().join(format!("tiny-{ty:?}.gguf"));
+        write_gguf(&path, &spec, &w, ty, "llama");
+        let g = GgufFile::open(&path).unwrap();
+        for (name, (v, shape)) in w.iter().filter(|(_, (_, s))| s.len() == 2) {
+            let got: Vec<f32> = g
+                .get_hf(name, shape, &Device::Cpu)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let err: f64 = got
+                .iter()
+                .zip(v)
+                .map(|(a, b)| ((a - b) as f64).powi(2))
+                .sum::<f64>()
+                .sqrt();
+            let norm: f64 = v.iter().map(|b| (*b as f64).powi(2)).sum::<f64>().sqrt();
+            assert!(
+                err / norm < tol && err > 0.0,
+                "{ty:?} {name}: relative RMS error {}",
+                err / norm
+            );
+        }
+        // And the model runs on it: logits track the reference (errors compound through layers).
+        let diff = max_abs_diff(&reference, &ours(&load_gguf(&path), &IDS[..6]));
+        assert!(
+            diff < 20.0 * tol * scale,
+            "{ty:?}: max |Δlogit| = {diff} (scale {scale})"
+        );
+    }
+}

@@ -194,7 +194,10 @@ def child_mlx(spec):
         "keys": [f"self_attn.{t}" for t in TARGETS[:4]] + [f"mlp.{t}" for t in TARGETS[4:]]})
     model.train()
     n_lora = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
-    opt = optim.AdamW(learning_rate=spec["lr"], betas=[0.9, 0.999], eps=1e-8, weight_decay=0.01)
+    # bias_correction=True to match torch.optim.AdamW and your_ai (mlx's default, and so
+    # mlx_lm.lora's, is False: its first steps are ~3x larger).
+    opt = optim.AdamW(learning_rate=spec["lr"], betas=[0.9, 0.999], eps=1e-8, weight_decay=0.01,
+                      bias_correction=True)
 
     def loss_fn(model, ids, tmask):
         logits = model(ids[:, :-1])
@@ -410,7 +413,8 @@ def main():
         else:
             cmd = me + ["--child", "mlx", "--spec", sp]
             trains_on = ("assistant content + <|im_end|> (same mask as your_ai, via a custom loss on "
-                         "mlx-lm's model + LoRA layers), the shared batches")
+                         "mlx-lm's model + LoRA layers, compiled step as in mlx_lm.lora, AdamW with "
+                         "bias correction), the shared batches")
         print(f"[{tool}] running: {' '.join(cmd)}", flush=True)
         la0 = os.getloadavg()[0]
         rc, wall, maxrss, peak_poll, peak_train = run_child(cmd, env, s["steps_file"], log, args.timeout)

@@ -222,9 +222,10 @@ mod tests {
         assert_ne!(epoch_order(50, 1, 0), epoch_order(50, 2, 0));
         let rows: Vec<Row> = (1..=10).map(|n| Row::single(&sample(n + 1), 1.0)).collect();
         let mut b = Batcher::new(rows, 3, 7);
-        let seen: Vec<usize> = (0..3)
-            .flat_map(|_| b.next_batch().into_iter().map(|r| r.len()))
-            .collect();
+        let mut seen = vec![];
+        for _ in 0..3 {
+            seen.extend(b.next_batch().into_iter().map(|r| r.len()));
+        }
         assert_eq!(seen.len(), 9);
         b.next_batch();
         assert_eq!((b.epoch, b.position), (1, 3));

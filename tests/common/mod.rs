@@ -376,3 +376,30 @@ pub fn metrics(path: &Path, kind: &str) -> Vec<serde_json::Value> {
         .filter(|v| v["type"] == kind)
         .collect()
 }
+
+/// A GGUF holding only SentencePiece tokenizer metadata (`tokenizer.ggml.model = llama`), for
+/// tokenizer tests: `tokens` with their scores and types (1 normal, 2 unknown, 3 control, 6 byte).
+pub fn write_spm_gguf(path: &Path, tokens: &[(&str, f32, i32)]) {
+    let meta: Vec<(&str, GValue)> = vec![
+        ("general.architecture", GValue::String("llama".into())),
+        ("tokenizer.ggml.model", GValue::String("llama".into())),
+        (
+            "tokenizer.ggml.tokens",
+            GValue::Array(tokens.iter().map(|t| GValue::String(t.0.into())).collect()),
+        ),
+        (
+            "tokenizer.ggml.scores",
+            GValue::Array(tokens.iter().map(|t| GValue::F32(t.1)).collect()),
+        ),
+        (
+            "tokenizer.ggml.token_type",
+            GValue::Array(tokens.iter().map(|t| GValue::I32(t.2)).collect()),
+        ),
+        ("tokenizer.ggml.unknown_token_id", GValue::U32(0)),
+        ("tokenizer.ggml.bos_token_id", GValue::U32(1)),
+        ("tokenizer.ggml.eos_token_id", GValue::U32(2)),
+    ];
+    let refs: Vec<(&str, &GValue)> = meta.iter().map(|(k, v)| (*k, v)).collect();
+    let mut f = std::fs::File::create(path).unwrap();
+    gguf_file::write(&mut f, &refs, &[]).unwrap();
+}

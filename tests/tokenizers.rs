@@ -1,0 +1,71 @@
+//! Tokenizers built from GGUF metadata beyond SmolLM2's byte-level BPE: SentencePiece (Llama 2,
+//! Mistral) with merges recovered from scores and byte fallback.
+
+mod common;
+
+use your_ai::tokenizer::Tokenizer;
+use your_ai::weights::GgufFile;
+
+#[test]
+fn sentencepiece_from_gguf_merges_by_score_and_falls_back_to_bytes() {
+    let mut vocab: Vec<(String, f32, i32)> = vec![
+        ("<unk>".into(), 0.0, 2),
+        ("<s>".into(), 0.0, 3),
+        ("</s>".into(), 0.0, 3),
+    ];
+    for b in 0..=255u8 {
+        vocab.push((format!("<0x{b:02X}>"), 0.0, 6));
+    }
+    // Pieces with scores: higher merges first, as SentencePiece's BPE does.
+    let pieces = [
+        ("▁", -1.0),
+        ("h", -2.0),
+        ("e", -2.0),
+        ("l", -2.0),
+        ("o", -2.0),
+        ("w", -2.0),
+        ("r", -2.0),
+        ("d", -2.0),
+        ("ll", -3.0),
+        ("▁h", -4.0),
+        ("▁w", -4.0),
+        ("or", -5.0),
+        ("el", -6.0),
+        ("ell", -7.0),
+        ("ello", -8.0),
+        ("▁hello", -9.0),
+        ("ld", -10.0),
+        ("orld", -11.0),
+        ("▁world", -12.0),
+    ];
+    for (p, s) in pieces {
+        vocab.push((p.into(), s, 1));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("spm.gguf");
+    let tokens: Vec<(&str, f32, i32)> = vocab
+        .iter()
+        .map(|(t, s, ty)| (t.as_str(), *s, *ty))
+        .collect();
+    common::write_spm_gguf(&path, &tokens);
+    let tok = Tokenizer::from_gguf(&GgufFile::open(&path).unwrap()).unwrap();
+    let id = |t: &str| tok.token_to_id(t).unwrap();
+    assert_eq!(
+        tok.encode("hello world").unwrap(),
+        vec![id("▁hello"), id("▁world")]
+    );
+    // `x` is not in the vocabulary: its UTF-8 byte is used.
+    assert_eq!(
+        tok.encode("hex").unwrap(),
+        vec![id("▁h"), id("e"), id("<0x78>")]
+    );
+    assert_eq!(
+        tok.decode(&tok.encode("hello world hex").unwrap(), false)
+            .unwrap(),
+        "hello world hex"
+    );
+    // SentencePiece models want BOS on plain text; the special tokens end generation.
+    assert!(tok.add_bos);
+    assert_eq!(tok.encode_with_bos("hello").unwrap(), vec![1, id("▁hello")]);
+    assert!(tok.is_end(2));
+}

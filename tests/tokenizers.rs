@@ -75,13 +75,28 @@ fn hf_directory_template_and_end_tokens() {
     let dir = tempfile::tempdir().unwrap();
     let model = common::tiny_chat_model(dir.path());
     let tok = Tokenizer::from_hf_dir(&model, &[]).unwrap();
-    assert!(tok.chat_template.as_deref().unwrap().contains("<|im_start|>"));
+    assert!(tok
+        .chat_template
+        .as_deref()
+        .unwrap()
+        .contains("<|im_start|>"));
     assert_eq!(tok.bos_token.as_deref(), Some("<|im_start|>"));
     assert!(tok.is_end(2));
     // chat_template.jinja, as newer transformers save it, takes precedence.
-    std::fs::write(model.join("chat_template.jinja"), "{% for m in messages %}{{ m.content }}{% endfor %}").unwrap();
-    std::fs::write(model.join("generation_config.json"), r#"{"eos_token_id": [2, 0]}"#).unwrap();
+    std::fs::write(
+        model.join("chat_template.jinja"),
+        "{% for m in messages %}{{ m.content }}{% endfor %}",
+    )
+    .unwrap();
+    std::fs::write(
+        model.join("generation_config.json"),
+        r#"{"eos_token_id": [2, 0]}"#,
+    )
+    .unwrap();
     let tok = Tokenizer::from_hf_dir(&model, &[]).unwrap();
-    assert_eq!(tok.chat_template.as_deref(), Some("{% for m in messages %}{{ m.content }}{% endfor %}"));
+    assert_eq!(
+        tok.chat_template.as_deref(),
+        Some("{% for m in messages %}{{ m.content }}{% endfor %}")
+    );
     assert!(tok.is_end(0) && tok.is_end(2));
 }

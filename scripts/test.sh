@@ -6,4 +6,5 @@ cd "$(dirname "$0")/.."
 
 ./scripts/fetch_model.sh >/dev/null
 cargo fmt --all -- --check
+cargo clippy --all-targets --quiet -- -D warnings
 cargo test --all-targets --no-fail-fast

@@ -14,6 +14,11 @@ fn fixture() -> Value {
     serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
 }
 
+fn smollm2_model() -> (your_ai::model::Llama, your_ai::tokenizer::Tokenizer) {
+    let source = your_ai::model_source::ModelSource::Gguf(common::smollm2());
+    your_ai::model::load::load_source(&source, &Device::Cpu, DType::F32).unwrap()
+}
+
 fn ids(v: &Value) -> Vec<u32> {
     v.as_array()
         .unwrap()
@@ -25,13 +30,7 @@ fn ids(v: &Value) -> Vec<u32> {
 #[test]
 fn tokenizer_matches_llama_cpp() {
     let f = fixture();
-    let (model, tok) = your_ai::model::load::load_source(
-        &your_ai::model_source::ModelSource::Gguf(common::smollm2()),
-        &Device::Cpu,
-        DType::F32,
-    )
-    .unwrap();
-    drop(model);
+    let (_, tok) = smollm2_model();
     for case in f["tokenization"].as_array().unwrap() {
         let text = case["text"].as_str().unwrap();
         let want = ids(&case["ids_llamacpp_smollm"]);
@@ -43,12 +42,7 @@ fn tokenizer_matches_llama_cpp() {
 #[test]
 fn logits_greedy_and_loss_match_transformers() {
     let f = fixture();
-    let (model, _) = your_ai::model::load::load_source(
-        &your_ai::model_source::ModelSource::Gguf(common::smollm2()),
-        &Device::Cpu,
-        DType::F32,
-    )
-    .unwrap();
+    let (model, _) = smollm2_model();
     let prompt = ids(&f["logits"]["ids"]);
     let input = Tensor::new(prompt.as_slice(), &Device::Cpu)
         .unwrap()
@@ -111,12 +105,7 @@ fn logits_greedy_and_loss_match_transformers() {
 #[test]
 fn losses_match_transformers() {
     let f = fixture();
-    let (model, _) = your_ai::model::load::load_source(
-        &your_ai::model_source::ModelSource::Gguf(common::smollm2()),
-        &Device::Cpu,
-        DType::F32,
-    )
-    .unwrap();
+    let (model, _) = smollm2_model();
     let all = ids(&f["loss"]["ids"]);
     let range = f["loss"]["answer_target_range"].as_array().unwrap();
     let (a0, a1) = (

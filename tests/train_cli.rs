@@ -26,8 +26,8 @@ fn setup(n_train: usize) -> Setup {
     }
 }
 
-/// Runs a short training; returns (stderr, output dir).
-fn train(s: &Setup, name: &str, extra: &[&str]) -> (String, PathBuf) {
+/// Runs `your_ai train` on the setup with `base` then `extra` flags; returns (stderr, output dir).
+fn run_train(s: &Setup, name: &str, base: &[&str], extra: &[&str]) -> (String, PathBuf) {
     let out = s.root.join(name);
     let o = cli()
         .arg("train")
@@ -37,24 +37,35 @@ fn train(s: &Setup, name: &str, extra: &[&str]) -> (String, PathBuf) {
         .arg(&s.data)
         .arg("--output")
         .arg(&out)
-        .args([
-            "--max-steps",
-            "3",
-            "--batch-size",
-            "2",
-            "--lora-rank",
-            "4",
-            "--learning-rate",
-            "1e-3",
-            "--warmup-steps",
-            "1",
-        ])
+        .args(base)
         .args(extra)
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&o.stderr).to_string();
     assert!(o.status.success(), "train {extra:?} failed: {stderr}");
     (stderr, out)
+}
+
+/// A short training: 3 steps of batch 2, rank 4.
+fn train(s: &Setup, name: &str, extra: &[&str]) -> (String, PathBuf) {
+    let base = [
+        "--max-steps",
+        "3",
+        "--batch-size",
+        "2",
+        "--lora-rank",
+        "4",
+        "--learning-rate",
+        "1e-3",
+        "--warmup-steps",
+        "1",
+    ];
+    run_train(s, name, &base, extra)
+}
+
+/// A training whose length the extra flags decide.
+fn train_no_steps(s: &Setup, name: &str, extra: &[&str]) -> (String, PathBuf) {
+    run_train(s, name, &["--lora-rank", "4", "--warmup-steps", "1"], extra)
 }
 
 fn adapter_config(dir: &Path) -> serde_json::Value {
@@ -278,25 +289,6 @@ fn schedule_clipping_and_accumulation_flags_act() {
     );
     let bytes = |d: &Path| std::fs::read(d.join("adapter_model.safetensors")).unwrap();
     assert_ne!(bytes(&clip), bytes(&constant));
-}
-
-fn train_no_steps(s: &Setup, name: &str, extra: &[&str]) -> (String, PathBuf) {
-    let out = s.root.join(name);
-    let o = cli()
-        .arg("train")
-        .arg("--model")
-        .arg(&s.model)
-        .arg("--data")
-        .arg(&s.data)
-        .arg("--output")
-        .arg(&out)
-        .args(["--lora-rank", "4", "--warmup-steps", "1"])
-        .args(extra)
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&o.stderr).to_string();
-    assert!(o.status.success(), "{stderr}");
-    (stderr, out)
 }
 
 #[test]

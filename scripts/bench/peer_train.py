@@ -18,6 +18,18 @@ steps, peak RSS of the whole process and during the training steps, and the loss
 and step N. Batches: the peers (PEFT, mlx-lm) get exactly the same batches (a seeded shuffle
 per epoch, the remainder dropped, as your_ai does); your_ai uses its own seeded shuffle, so its
 per-step token counts and losses differ a little; tokens/s normalises that.
+
+The tools: your_ai (`your_ai train`, its metrics.jsonl gives the per-step numbers);
+PyTorch+PEFT (a plain loop: transformers' GGUF loader dequantizes to fp32 Linear layers, PEFT
+LoRA, torch.optim.AdamW, sdpa attention); mlx-lm (mlx_lm.utils.load_model on an fp32
+safetensors copy written from the same dequantized weights, mlx_lm.tuner's LoRA layers, the
+step compiled with mx.compile as mlx_lm.lora does, but our batches and mask: mlx_lm.lora itself
+would sort examples by length, pad to multiples of 32, train on the last assistant turn incl. its
+trailing newline, and use AdamW without bias correction). mlx-lm runs twice: as shipped (the
+mlx-cpu wheel links netlib's reference BLAS) and with Debian's OpenBLAS preloaded.
+
+--steps N for a quick smoke run; --tools to pick; --json to save everything (per-tool logs and
+step records stay in --workdir).
 """
 import argparse
 import json
@@ -36,8 +48,13 @@ from importlib.metadata import PackageNotFoundError, version
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-TOOLS = ["your_ai", "peft", "mlx"]
-NAMES = {"your_ai": "your_ai", "peft": "PyTorch+PEFT", "mlx": "mlx-lm"}
+TOOLS = ["your_ai", "peft", "mlx_openblas", "mlx"]
+NAMES = {"your_ai": "your_ai", "peft": "PyTorch+PEFT", "mlx": "mlx-lm",
+         "mlx_openblas": "mlx-lm+OpenBLAS"}
+# The mlx-cpu wheel for Linux links the reference (netlib) BLAS, ~4 GFLOP/s here; with this
+# Debian OpenBLAS (apt-get install libopenblas0-pthread) preloaded, mlx's cblas_sgemm calls go
+# to OpenBLAS instead. The mlx_openblas row is mlx-lm with that library; mlx is as shipped.
+OPENBLAS = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3"
 
 
 def thread_env(threads):
@@ -268,11 +285,11 @@ def count_train_lines(path):
 
 
 def run_child(cmd, env, steps_file, log_file, timeout):
-    """Runs cmd; returns (rc, wall_s, maxrss_bytes(wait4), polled peak, polled peak after step 1)."""
+    """Runs cmd, polling its RSS at 20 Hz and the 1-min load average once a second."""
     t0 = time.time()
     with open(log_file, "w") as log:
         p = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
-    peak, peak_train, ru = 0, 0, None
+    peak, peak_train, ru, loads, last_load = 0, 0, None, [], 0.0
     while True:
         pid, status, ru = os.wait4(p.pid, os.WNOHANG)
         if pid:
@@ -282,11 +299,20 @@ def run_child(cmd, env, steps_file, log_file, timeout):
             peak = max(peak, rss)
             if count_train_lines(steps_file) >= 1:
                 peak_train = max(peak_train, rss)
-        if time.time() - t0 > timeout:
+        now = time.time()
+        if now - last_load >= 1.0:
+            loads.append(os.getloadavg()[0])
+            last_load = now
+        if now - t0 > timeout:
             p.kill()
         time.sleep(0.05)
-    rc = os.waitstatus_to_exitcode(status)
-    return rc, time.time() - t0, ru.ru_maxrss * 1024, peak, peak_train
+    wall = time.time() - t0
+    return {"rc": os.waitstatus_to_exitcode(status), "wall_s": wall,
+            "peak_rss_bytes": ru.ru_maxrss * 1024,  # wait4(): this child's own max RSS
+            "peak_rss_polled_bytes": peak, "peak_rss_train_bytes": peak_train,
+            "cpu_user_s": ru.ru_utime, "cpu_sys_s": ru.ru_stime,
+            "cpu_utilisation": (ru.ru_utime + ru.ru_stime) / wall,
+            "loadavg1_mean_during": sum(loads) / len(loads) if loads else None}
 
 
 def summarize(records, skip):
@@ -335,13 +361,13 @@ def main():
     ap.add_argument("--no-mlx-compile", action="store_true")
     ap.add_argument("--timeout", type=float, default=3600, help="per tool, seconds")
     ap.add_argument("--workdir", help="keep intermediate files here (default: a temp dir)")
-    ap.add_argument("--child", choices=["prep", "peft", "mlx"], help=argparse.SUPPRESS)
+    ap.add_argument("--child", choices=["prep", "peft", "mlx", "mlx_openblas"], help=argparse.SUPPRESS)
     ap.add_argument("--spec", help=argparse.SUPPRESS)
     args = ap.parse_args()
 
     if args.child:
         spec = json.load(open(args.spec))
-        {"prep": child_prep, "peft": child_peft, "mlx": child_mlx}[args.child](spec)
+        {"prep": child_prep, "peft": child_peft, "mlx": child_mlx, "mlx_openblas": child_mlx}[args.child](spec)
         return
 
     tools = [t.strip() for t in args.tools.split(",") if t.strip()]
@@ -356,7 +382,7 @@ def main():
     spec = {"model": model, "data": os.path.abspath(args.data), "steps": args.steps, "batch_size": 4,
             "max_len": 256, "rank": 8, "alpha": 16, "lr": 1e-4, "seed": 42, "threads": args.threads,
             "batches_file": os.path.join(work, "batches.json"),
-            "hf_dir": os.path.join(work, "hf") if "mlx" in tools else None,
+            "hf_dir": os.path.join(work, "hf") if any(t.startswith("mlx") for t in tools) else None,
             "mlx_compile": not args.no_mlx_compile}
     me = [sys.executable, os.path.abspath(__file__)]
 
@@ -379,6 +405,18 @@ def main():
     versions = {"your_ai": ya_ver, "python": platform.python_version()}
     for p in ("torch", "transformers", "peft", "accelerate", "gguf", "mlx", "mlx-cpu", "mlx-lm", "numpy"):
         versions[p] = pkg_version(p)
+    try:
+        ob = subprocess.run(["dpkg-query", "-W", "-f", "${Version}", "libopenblas0-pthread"],
+                            capture_output=True, text=True)
+        versions["openblas (Debian libopenblas0-pthread)"] = ob.stdout.strip() if ob.returncode == 0 else None
+    except OSError:
+        pass
+    cpu_model = None
+    try:
+        cpu_model = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo")
+                          if l.startswith("model name")), None)
+    except OSError:
+        pass
 
     print(f"workdir: {work}", flush=True)
     s, sp = write_spec("prep")
@@ -395,6 +433,7 @@ def main():
                              20, tool)
         s, sp = write_spec(tool)
         log = os.path.join(work, f"{tool}.log")
+        tool_env = env
         if tool == "your_ai":
             out_dir = os.path.join(work, "your_ai_out")
             cmd = [args.your_ai, "train", "--model", model, "--data", spec["data"], "--output", out_dir,
@@ -411,22 +450,29 @@ def main():
             cmd = me + ["--child", "peft", "--spec", sp]
             trains_on = "assistant content + <|im_end|> (same mask as your_ai), the shared batches"
         else:
-            cmd = me + ["--child", "mlx", "--spec", sp]
+            cmd = me + ["--child", tool, "--spec", sp]
+            if tool == "mlx_openblas":
+                if not os.path.exists(OPENBLAS):
+                    print(f"[{tool}] skipped: {OPENBLAS} missing (apt-get install libopenblas0-pthread)")
+                    results[tool] = {"tool": NAMES[tool], "rc": None, "summary": None,
+                                     "error": f"skipped: {OPENBLAS} missing", "idle_wait": wait}
+                    continue
+                tool_env = dict(env, LD_PRELOAD=OPENBLAS)
             trains_on = ("assistant content + <|im_end|> (same mask as your_ai, via a custom loss on "
                          "mlx-lm's model + LoRA layers, compiled step as in mlx_lm.lora, AdamW with "
                          "bias correction), the shared batches")
         print(f"[{tool}] running: {' '.join(cmd)}", flush=True)
         la0 = os.getloadavg()[0]
-        rc, wall, maxrss, peak_poll, peak_train = run_child(cmd, env, s["steps_file"], log, args.timeout)
+        run = run_child(cmd, tool_env, s["steps_file"], log, args.timeout)
         la1 = os.getloadavg()[0]
+        rc, maxrss = run["rc"], run["peak_rss_bytes"]
         records = []
         if os.path.exists(s["steps_file"]):
             records = [json.loads(l) for l in open(s["steps_file"]) if l.strip()]
         info = next((r for r in records if r.get("type") == "info"), None)
-        r = {"tool": NAMES[tool], "rc": rc, "wall_s": wall, "trains_on": trains_on,
-             "peak_rss_bytes": maxrss, "peak_rss_polled_bytes": peak_poll,
-             "peak_rss_train_bytes": peak_train, "idle_wait": wait, "loadavg1_start": la0,
-             "loadavg1_end": la1, "summary": summarize(records, skip), "info": info}
+        r = {"tool": NAMES[tool], "trains_on": trains_on, **run, "idle_wait": wait,
+             "loadavg1_start": la0, "loadavg1_end": la1, "summary": summarize(records, skip),
+             "info": info, "ld_preload": tool_env.get("LD_PRELOAD")}
         if tool == "your_ai":
             tr = [x for x in records if x.get("type") == "train"]
             if tr:
@@ -442,17 +488,18 @@ def main():
         results[tool] = r
 
     # table
-    hdr = (f"{'tool':14} {'s/step':>8} {'real tok/s':>11} {'sup tok/s':>10} {'peak RSS MiB':>13} "
-           f"{'train RSS MiB':>14} {'loss@1':>8} {'loss@' + str(args.steps):>8}")
+    hdr = (f"{'tool':15} {'s/step':>8} {'real tok/s':>11} {'sup tok/s':>10} {'peak RSS MiB':>13} "
+           f"{'train RSS MiB':>14} {'loss@1':>8} {'loss@' + str(args.steps):>8} {'CPU/wall':>8} {'load':>5}")
     lines = [hdr, "-" * len(hdr)]
     for tool, r in results.items():
         sm = r["summary"]
         if sm is None or r["rc"] != 0:
-            lines.append(f"{r['tool']:14} FAILED: see JSON / log")
+            lines.append(f"{r['tool']:15} FAILED: {(r.get('error') or '').strip().splitlines()[-1:] or 'see log'}")
             continue
-        lines.append(f"{r['tool']:14} {sm['median_step_s']:>8.3f} {sm['real_tokens_per_s']:>11.1f} "
+        lines.append(f"{r['tool']:15} {sm['median_step_s']:>8.3f} {sm['real_tokens_per_s']:>11.1f} "
                      f"{sm['supervised_tokens_per_s']:>10.1f} {fmt_mb(r['peak_rss_bytes']):>13} "
-                     f"{fmt_mb(r['peak_rss_train_bytes']):>14} {sm['loss_first']:>8.4f} {sm['loss_last']:>8.4f}")
+                     f"{fmt_mb(r['peak_rss_train_bytes']):>14} {sm['loss_first']:>8.4f} {sm['loss_last']:>8.4f} "
+                     f"{r['cpu_utilisation']:>8.2f} {r['loadavg1_mean_during'] or 0:>5.2f}")
     ratios = {}
     ya = results.get("your_ai")
     if ya and ya["summary"] and ya["rc"] == 0:
@@ -490,7 +537,8 @@ def main():
 
     report = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                          "processor": platform.processor() or platform.machine(), "gpu": None},
+                          "processor": cpu_model or platform.machine(), "gpu": None,
+                          "mem_total_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)},
               "workload": {k: spec[k] for k in ("data", "steps", "batch_size", "max_len", "rank", "alpha",
                                                  "lr", "seed", "threads")} | {
                   "targets": TARGETS, "dtype": "f32", "timed_from_step": skip + 1},

@@ -3,7 +3,7 @@
 # 2 threads each). Sets up a Python venv in a cache directory outside the repository, builds
 # your_ai in release mode, fetches the model and runs scripts/bench/peer_train.py.
 #
-#   scripts/bench/peer_train.sh [--steps N] [--json OUT.json] [--no-wait] [--tools your_ai,peft,mlx]
+#   scripts/bench/peer_train.sh [--steps N] [--json OUT.json] [--no-wait] [--tools your_ai,peft,mlx_openblas,mlx]
 #
 #   YOUR_AI_CACHE   cache directory (default: ~/.cache/your_ai); the venv is $YOUR_AI_CACHE/bench-venv
 #   BENCH_VENV      use this venv instead (it must already have what the .py needs, or gets it)
@@ -36,6 +36,13 @@ if [ "${BENCH_SKIP_INSTALL:-0}" != 1 ]; then
       echo "warning: could not install mlx[cpu] + mlx-lm (see $venv/.mlx_install.log); the mlx-lm row will carry the error" >&2
     fi
     touch "$stamp"
+  fi
+  # The mlx-cpu Linux wheel links the reference (netlib) BLAS; the extra `mlx_openblas` row
+  # preloads Debian's OpenBLAS instead. Installed when we are root with apt-get; else skipped.
+  if [ ! -e /usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3 ] && [ "$(id -u)" = 0 ] \
+      && command -v apt-get > /dev/null; then
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libopenblas0-pthread; } >&2 \
+      || echo "warning: could not install libopenblas0-pthread; the mlx-lm+OpenBLAS row is skipped" >&2
   fi
 fi
 

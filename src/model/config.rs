@@ -215,7 +215,10 @@ impl ModelConfig {
                 return Err(err(name, format!("is {v}; it must be between 1 and {max}")));
             }
         }
-        if self.num_attention_heads % self.num_key_value_heads != 0 {
+        if !self
+            .num_attention_heads
+            .is_multiple_of(self.num_key_value_heads)
+        {
             return Err(err(
                 "num_key_value_heads",
                 format!(
@@ -224,7 +227,7 @@ impl ModelConfig {
                 ),
             ));
         }
-        if self.head_dim % 2 != 0 {
+        if !self.head_dim.is_multiple_of(2) {
             return Err(err(
                 "head_dim",
                 format!("is {}; RoPE needs an even head size", self.head_dim),

@@ -20,6 +20,9 @@ pub enum TokenizerError {
     Encode(String),
 }
 
+/// Byte range `[start, end)` of a token in the text it came from.
+pub type ByteSpan = (usize, usize);
+
 /// End-of-turn markers of common chat formats; those present in the vocabulary stop generation.
 const END_OF_TURN_TOKENS: &[&str] = &[
     "<|eot_id|>",
@@ -200,10 +203,7 @@ impl Tokenizer {
     }
 
     /// Ids and the byte span of `text` each token came from.
-    pub fn encode_offsets(
-        &self,
-        text: &str,
-    ) -> Result<(Vec<u32>, Vec<(usize, usize)>), TokenizerError> {
+    pub fn encode_offsets(&self, text: &str) -> Result<(Vec<u32>, Vec<ByteSpan>), TokenizerError> {
         let enc = self
             .inner
             .encode(text, false)

@@ -38,11 +38,9 @@ impl Progress {
     }
 
     pub fn line(&self, r: &StepReport) -> String {
-        let done = if self.total > 0 {
-            r.step * BAR_WIDTH / self.total
-        } else {
-            BAR_WIDTH
-        };
+        let done = (r.step * BAR_WIDTH)
+            .checked_div(self.total)
+            .unwrap_or(BAR_WIDTH);
         let bar: String = (0..BAR_WIDTH)
             .map(|i| match i.cmp(&done) {
                 std::cmp::Ordering::Less => '=',
@@ -78,7 +76,7 @@ impl Progress {
         if self.tty {
             let _ = write!(err, "\r\x1b[2K{line}");
             self.drawn = true;
-        } else if r.step % self.plain_every == 0 || r.step == self.total || r.step == 1 {
+        } else if r.step.is_multiple_of(self.plain_every) || r.step == self.total || r.step == 1 {
             let _ = writeln!(err, "{line}");
         }
         let _ = err.flush();
@@ -128,7 +126,7 @@ pub fn short_duration(secs: f64) -> String {
     match s {
         0..=59 => format!("{s}s"),
         60..=3599 => format!("{}m", s / 60),
-        _ if (s / 60) % 60 == 0 => format!("{}h", s / 3600),
+        _ if (s / 60).is_multiple_of(60) => format!("{}h", s / 3600),
         _ => format!("{}h{:02}m", s / 3600, (s / 60) % 60),
     }
 }
@@ -146,7 +144,7 @@ mod tests {
             lr: 5e-5,
             steps_per_s: 2.1,
             tokens_per_s: 812.4,
-            mem_gb: Some(3.14),
+            mem_gb: Some(3.12),
         });
         assert!(line.starts_with("[00:00:00] >------------------- 45/5000 ETA:39m loss: 1.9294 | lr: 5.00e-05 | 2.1 steps/s | 812 tok/s | mem 3.1 GB"), "{line}");
         assert_eq!(short_duration(8.0 * 3600.0), "8h");

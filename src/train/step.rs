@@ -180,6 +180,32 @@ pub fn head_backward(
     Ok((sums, dx))
 }
 
+/// Batch and head sizes of one block's computation.
+struct Dims {
+    b: usize,
+    t: usize,
+    nh: usize,
+    nkv: usize,
+    hd: usize,
+    /// Query heads per K/V head.
+    rep: usize,
+}
+
+impl Dims {
+    fn of(model: &Llama, mb: &MicroBatch) -> Result<Self> {
+        let (b, t) = mb.ids.dims2()?;
+        let c = &model.cfg;
+        Ok(Self {
+            b,
+            t,
+            nh: c.num_attention_heads,
+            nkv: c.num_key_value_heads,
+            hd: c.head_dim,
+            rep: c.num_attention_heads / c.num_key_value_heads,
+        })
+    }
+}
+
 /// What the backward of one block needs from its forward.
 pub struct Saved {
     x: Tensor,
@@ -213,13 +239,14 @@ pub fn block_forward(
 ) -> Result<(Tensor, Option<Saved>)> {
     let cfg = &model.cfg;
     let blk = &model.blocks[layer];
-    let (b, t) = mb.ids.dims2()?;
-    let (nh, nkv, hd) = (
-        cfg.num_attention_heads,
-        cfg.num_key_value_heads,
-        cfg.head_dim,
-    );
-    let rep = nh / nkv;
+    let Dims {
+        b,
+        t,
+        nh,
+        nkv,
+        hd,
+        rep,
+    } = Dims::of(model, mb)?;
     let eps = cfg.rms_norm_eps as f32;
     let scale = adapter.cfg.scale();
     let mut xa: [Option<Tensor>; 7] = Default::default();
@@ -301,13 +328,14 @@ pub fn block_backward(
 ) -> Result<Tensor> {
     let cfg = &model.cfg;
     let blk = &model.blocks[layer];
-    let (b, t) = mb.ids.dims2()?;
-    let (nh, nkv, hd) = (
-        cfg.num_attention_heads,
-        cfg.num_key_value_heads,
-        cfg.head_dim,
-    );
-    let rep = nh / nkv;
+    let Dims {
+        b,
+        t,
+        nh,
+        nkv,
+        hd,
+        rep,
+    } = Dims::of(model, mb)?;
     let eps = cfg.rms_norm_eps;
     let scale = adapter.cfg.scale();
     let mut lin_back = |lin: &Linear,

@@ -411,6 +411,80 @@ impl Adapter {
 mod tests {
     use super::*;
 
+    fn tiny_cfg() -> ModelConfig {
+        ModelConfig::from_hf_json(
+            &json!({"architectures": ["LlamaForCausalLM"], "hidden_size": 32, "intermediate_size": 48,
+                "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 10}),
+            "t",
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn peft_files_round_trip_including_other_writers_naming() {
+        let model = tiny_cfg();
+        let cfg = LoraConfig {
+            rank: 2,
+            alpha: 4.0,
+            dropout: 0.0,
+            targets: vec![Target::Q, Target::Down],
+            layers: vec![1, 2],
+            use_rslora: false,
+        };
+        let mut a = Adapter::init(cfg, &model, 1, &Device::Cpu).unwrap();
+        for t in a.tensors_mut() {
+            *t = Tensor::randn(0f32, 1.0, t.dims(), &Device::Cpu).unwrap();
+        }
+        let dir = tempfile::tempdir().unwrap();
+        a.save_peft(dir.path(), "base").unwrap();
+        let back = Adapter::load_peft(dir.path(), &model, &Device::Cpu).unwrap();
+        assert_eq!(back.cfg, a.cfg);
+        let same = |x: &Adapter, y: &Adapter| {
+            x.iter().zip(y.iter()).all(|((l1, t1, p1), (l2, t2, p2))| {
+                l1 == l2
+                    && t1 == t2
+                    && p1.a.to_vec2::<f32>().unwrap() == p2.a.to_vec2::<f32>().unwrap()
+                    && p1.b.to_vec2::<f32>().unwrap() == p2.b.to_vec2::<f32>().unwrap()
+            })
+        };
+        assert!(same(&a, &back));
+        // Older PEFT keeps the adapter name in tensor names; some writers save f16.
+        let st = dir.path().join("adapter_model.safetensors");
+        let tensors = candle_core::safetensors::load(&st, &Device::Cpu).unwrap();
+        let renamed: HashMap<String, Tensor> = tensors
+            .into_iter()
+            .map(|(k, v)| {
+                (
+                    k.replace(".weight", ".default.weight"),
+                    v.to_dtype(DType::F16).unwrap(),
+                )
+            })
+            .collect();
+        candle_core::safetensors::save(&renamed, &st).unwrap();
+        let half = Adapter::load_peft(dir.path(), &model, &Device::Cpu).unwrap();
+        assert_eq!(half.num_params(), a.num_params());
+        // An adapter for another model is refused with the shapes named.
+        let other = ModelConfig {
+            hidden_size: 64,
+            head_dim: 16,
+            ..model.clone()
+        };
+        let e = Adapter::load_peft(dir.path(), &other, &Device::Cpu)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("made for another model"), "{e}");
+        // A config PEFT would write for DoRA is refused, not silently misread.
+        let cfg_path = dir.path().join("adapter_config.json");
+        let mut c: Value =
+            serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+        c["use_dora"] = json!(true);
+        std::fs::write(&cfg_path, c.to_string()).unwrap();
+        assert!(Adapter::load_peft(dir.path(), &model, &Device::Cpu)
+            .unwrap_err()
+            .to_string()
+            .contains("use_dora"));
+    }
+
     #[test]
     fn targets_parse_and_name() {
         assert_eq!(Target::parse("gate_proj"), Some(Target::Gate));

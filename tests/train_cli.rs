@@ -492,3 +492,69 @@ fn bad_input_is_refused_before_anything_is_written() {
         assert!(!out.exists(), "{args:?} left {}", out.display());
     }
 }
+
+#[test]
+fn default_output_is_models_name_lora() {
+    let s = setup(4);
+    let cwd = s.root.join("cwd");
+    std::fs::create_dir_all(&cwd).unwrap();
+    cli()
+        .current_dir(&cwd)
+        .arg("train")
+        .arg("--model")
+        .arg(&s.model)
+        .arg("--data")
+        .arg(&s.data)
+        .args(["--max-steps", "1", "--batch-size", "2", "--lora-rank", "2"])
+        .assert()
+        .success();
+    assert!(cwd
+        .join("models/model-lora/adapter_model.safetensors")
+        .is_file());
+    assert!(cwd.join("models/model-lora/metrics.jsonl").is_file());
+}
+
+#[test]
+fn non_finite_steps_are_skipped_and_three_in_a_row_stop_the_run() {
+    let s = setup(8);
+    let out = s.root.join("diverge");
+    // A learning rate this large overflows the adapter within a step or two.
+    let o = cli()
+        .arg("train")
+        .arg("--model")
+        .arg(&s.model)
+        .arg("--data")
+        .arg(&s.data)
+        .arg("--output")
+        .arg(&out)
+        .args([
+            "--max-steps",
+            "20",
+            "--batch-size",
+            "2",
+            "--lora-rank",
+            "4",
+            "--learning-rate",
+            "1e30",
+        ])
+        .args([
+            "--warmup-steps",
+            "0",
+            "--lr-schedule",
+            "constant",
+            "--max-grad-norm",
+            "0",
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{stderr}");
+    assert!(stderr.contains("update skipped"), "{stderr}");
+    assert!(
+        stderr.contains("3 steps in a row had a non-finite loss"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("panicked"));
+    let steps = metrics(&out.join("metrics.jsonl"), "train").len();
+    assert!(steps < 20, "stopped early, after {steps} steps");
+}

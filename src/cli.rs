@@ -210,6 +210,9 @@ pub struct TrainArgs {
     /// Print a memory line every N steps.
     #[arg(long)]
     pub memory_report_interval: Option<usize>,
+    /// Print the time spent in each phase of the training step at the end.
+    #[arg(long)]
+    pub profile: bool,
 
     /// Memory budget in GB (not available yet).
     #[arg(long)]

@@ -98,6 +98,7 @@ fn a_run_writes_adapter_metrics_and_summary() {
             "--test",
             "--memory-report-interval",
             "1",
+            "--profile",
         ],
     );
     for needle in [
@@ -108,6 +109,8 @@ fn a_run_writes_adapter_metrics_and_summary() {
         "test loss",
         "memory",
         "3/3",
+        "Time by phase",
+        "backward (blocks)",
     ] {
         assert!(stderr.contains(needle), "`{needle}` missing in:\n{stderr}");
     }

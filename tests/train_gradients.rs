@@ -203,9 +203,16 @@ fn explicit(model: &Llama, adapter: &Adapter, mbs: &[MicroBatch]) -> (f64, Grads
     let mut grads = Grads::zeros_like(adapter).unwrap();
     let mut ce = 0.0;
     for mb in mbs {
-        ce += forward_backward(model, adapter, mb, 1.0 / total as f64, &mut grads)
-            .unwrap()
-            .ce;
+        ce += forward_backward(
+            model,
+            adapter,
+            mb,
+            1.0 / total as f64,
+            &mut grads,
+            &mut Default::default(),
+        )
+        .unwrap()
+        .ce;
     }
     (ce / total as f64, grads)
 }

@@ -248,6 +248,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
         test: a.test,
         save_best: !a.no_save_best,
         memory_report_interval: a.memory_report_interval,
+        profile: a.profile,
     };
 
     let lora = LoraConfig {

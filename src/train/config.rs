@@ -39,4 +39,6 @@ pub struct TrainConfig {
     pub test: bool,
     pub save_best: bool,
     pub memory_report_interval: Option<usize>,
+    /// Print the time spent in each phase of the step at the end.
+    pub profile: bool,
 }

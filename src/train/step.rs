@@ -11,6 +11,7 @@ use crate::lora::{Adapter, LoraPair, Target};
 use crate::model::llama::{rms_norm, Linear};
 use crate::model::Llama;
 use candle_core::{DType, Result, Tensor, D};
+use std::time::{Duration, Instant};
 
 /// Scored positions per LM-head chunk: bounds the `[chunk, vocab]` logits held at once.
 pub const HEAD_CHUNK: usize = 256;
@@ -92,6 +93,33 @@ pub struct LossSums {
     pub weight: f64,
 }
 
+/// Time spent in each phase of the step, summed over steps (`train --profile`).
+#[derive(Debug, Clone, Default)]
+pub struct Profile {
+    pub data: Duration,
+    pub forward: Duration,
+    pub head: Duration,
+    pub recompute: Duration,
+    pub backward: Duration,
+    pub optimizer: Duration,
+    pub eval: Duration,
+}
+
+impl Profile {
+    /// The phases as `(name, seconds)`, in step order.
+    pub fn phases(&self) -> [(&'static str, f64); 7] {
+        [
+            ("data and batching", self.data.as_secs_f64()),
+            ("forward (blocks)", self.forward.as_secs_f64()),
+            ("LM head + loss + its backward", self.head.as_secs_f64()),
+            ("recompute (blocks)", self.recompute.as_secs_f64()),
+            ("backward (blocks)", self.backward.as_secs_f64()),
+            ("optimizer (clip + AdamW)", self.optimizer.as_secs_f64()),
+            ("evaluation", self.eval.as_secs_f64()),
+        ]
+    }
+}
+
 /// Runs forward and backward on `mb`, adding `loss_scale · ∂(Σ wᵢ·CEᵢ)/∂θ` into `grads`.
 pub fn forward_backward(
     model: &Llama,
@@ -99,12 +127,14 @@ pub fn forward_backward(
     mb: &MicroBatch,
     loss_scale: f64,
     grads: &mut Grads,
+    profile: &mut Profile,
 ) -> Result<LossSums> {
     let cfg = &model.cfg;
     let (b, t) = mb.ids.dims2()?;
     let layers = model.blocks.len();
     // The backward stops at the lowest block that carries an adapter.
     let lowest = adapter.cfg.layers.first().copied().unwrap_or(layers);
+    let clock = Instant::now();
     let mut x = model.embed(&mb.ids)?.reshape((b * t, cfg.hidden_size))?;
     let mut inputs = Vec::with_capacity(layers - lowest);
     for l in 0..layers {
@@ -113,13 +143,20 @@ pub fn forward_backward(
         }
         x = block_forward(model, adapter, l, &x, mb, false)?.0;
     }
+    profile.forward += clock.elapsed();
+    let clock = Instant::now();
     let (sums, mut dx) = head_backward(model, &x, mb, loss_scale)?;
     drop(x);
+    profile.head += clock.elapsed();
     for l in (lowest..layers).rev() {
         let input = inputs.pop().expect("one saved input per block");
+        let clock = Instant::now();
         let (_, saved) = block_forward(model, adapter, l, &input, mb, true)?;
         let saved = saved.expect("activations were asked for");
+        profile.recompute += clock.elapsed();
+        let clock = Instant::now();
         dx = block_backward(model, adapter, l, &saved, &dx, mb, grads, l > lowest)?;
+        profile.backward += clock.elapsed();
     }
     Ok(sums)
 }

@@ -12,7 +12,7 @@ use crate::train::config::TrainConfig;
 use crate::train::optimizer::{clip_grad_norm, AdamW};
 use crate::train::progress::{Progress, StepReport};
 use crate::train::schedule::Schedule;
-use crate::train::step::{forward_backward, Grads, LossSums};
+use crate::train::step::{forward_backward, Grads, LossSums, Profile};
 use serde_json::json;
 use std::collections::VecDeque;
 use std::io::Write;
@@ -52,6 +52,8 @@ pub struct Summary {
     pub test: Option<(f64, usize)>,
     pub adapter_dir: PathBuf,
     pub final_loss: f64,
+    /// Per-phase times, with `--profile`.
+    pub profile: Option<Profile>,
 }
 
 /// Appends one JSON object per line to the metrics file.
@@ -206,6 +208,7 @@ pub fn train(cfg: &TrainConfig, model: &mut Llama, data: &Datasets) -> Result<Su
         test: None,
         adapter_dir: adapter_dir.clone(),
         final_loss: f64::NAN,
+        profile: None,
     };
 
     let run_eval = |model: &Llama,
@@ -236,7 +239,10 @@ pub fn train(cfg: &TrainConfig, model: &mut Llama, data: &Datasets) -> Result<Su
         }
         Ok(())
     };
+    let mut profile = Profile::default();
+    let clock = Instant::now();
     run_eval(model, 0, &mut summary, &mut progress, &mut metrics)?;
+    profile.eval += clock.elapsed();
 
     let mut recent: VecDeque<(f64, usize)> = VecDeque::new();
     let mut nonfinite = 0;
@@ -254,6 +260,7 @@ pub fn train(cfg: &TrainConfig, model: &mut Llama, data: &Datasets) -> Result<Su
             // Normalised by every scored token of the whole accumulated batch.
             let scale = 1.0 / total_targets as f64;
             for (micro, rows) in batches.iter().enumerate() {
+                let clock = Instant::now();
                 let refs: Vec<&Row> = rows.iter().collect();
                 let mut mb = micro_batch(model, &refs)?;
                 if cfg.lora_dropout > 0.0 {
@@ -261,13 +268,15 @@ pub fn train(cfg: &TrainConfig, model: &mut Llama, data: &Datasets) -> Result<Su
                     mb.dropout = Some((cfg.lora_dropout, seed.wrapping_mul(0x2545_F491_4F6C_DD1D)));
                 }
                 tokens += mb.n_tokens;
-                let s = forward_backward(model, adapter, &mb, scale, &mut grads)?;
+                profile.data += clock.elapsed();
+                let s = forward_backward(model, adapter, &mb, scale, &mut grads, &mut profile)?;
                 sums.ce += s.ce;
                 sums.weighted += s.weighted;
                 sums.weight += s.weight;
             }
         }
         let loss = sums.ce / total_targets.max(1) as f64;
+        let clock = Instant::now();
         let grad_norm = clip_grad_norm(&mut grads, cfg.max_grad_norm)?;
         let lr = schedule.lr(step);
         if total_targets == 0 {
@@ -295,6 +304,7 @@ pub fn train(cfg: &TrainConfig, model: &mut Llama, data: &Datasets) -> Result<Su
             )?;
         }
         drop(grads);
+        profile.optimizer += clock.elapsed();
         let dt = t0.elapsed().as_secs_f64();
         summary.steps = step;
         summary.tokens += tokens;
@@ -333,7 +343,9 @@ pub fn train(cfg: &TrainConfig, model: &mut Llama, data: &Datasets) -> Result<Su
             ));
         }
         if cfg.steps_per_eval > 0 && step % cfg.steps_per_eval == 0 && step != cfg.steps {
+            let clock = Instant::now();
             run_eval(model, step, &mut summary, &mut progress, &mut metrics)?;
+            profile.eval += clock.elapsed();
         }
         if cfg.save_every > 0 && step % cfg.save_every == 0 && step != cfg.steps {
             let dir = cfg.output.join("checkpoints").join(format!("step-{step}"));
@@ -346,7 +358,9 @@ pub fn train(cfg: &TrainConfig, model: &mut Llama, data: &Datasets) -> Result<Su
             progress.message(&format!("step {step}: adapter saved to {}", dir.display()));
         }
     }
+    let clock = Instant::now();
     run_eval(model, cfg.steps, &mut summary, &mut progress, &mut metrics)?;
+    profile.eval += clock.elapsed();
     progress.finish();
     save_adapter_files(
         model.adapter.as_ref().expect("adapter attached"),
@@ -361,6 +375,7 @@ pub fn train(cfg: &TrainConfig, model: &mut Llama, data: &Datasets) -> Result<Su
     }
     summary.seconds = start.elapsed().as_secs_f64();
     summary.peak_rss = memory::peak_rss();
+    summary.profile = cfg.profile.then_some(profile);
     Ok(summary)
 }
 
@@ -398,5 +413,19 @@ impl Summary {
             );
         }
         eprintln!("  adapter: {}", self.adapter_dir.display());
+        if let Some(p) = &self.profile {
+            let total: f64 = p.phases().iter().map(|x| x.1).sum();
+            eprintln!(
+                "\nTime by phase ({} steps; per step, and share of the run):",
+                self.steps
+            );
+            for (name, secs) in p.phases() {
+                eprintln!(
+                    "  {name:<32} {:>8.3} s/step {:>5.1}%",
+                    secs / self.steps.max(1) as f64,
+                    100.0 * secs / total.max(1e-9)
+                );
+            }
+        }
     }
 }

@@ -192,9 +192,12 @@ pub struct TrainArgs {
     /// Validation batches per evaluation (0: the whole validation set).
     #[arg(long, default_value_t = 25)]
     pub val_batches: usize,
-    /// Save the adapter every N steps under <output>/checkpoints (also at the end).
+    /// Save a checkpoint every N steps under <output>/checkpoints (also at the end).
     #[arg(long, default_value_t = 500)]
     pub save_every: usize,
+    /// Checkpoints kept under <output>/checkpoints (the newest).
+    #[arg(long, default_value_t = 3)]
+    pub keep_checkpoints: usize,
     /// Per-step metrics as JSON lines [default: <output>/metrics.jsonl].
     #[arg(long)]
     pub metrics_file: Option<PathBuf>,
@@ -223,7 +226,7 @@ pub struct TrainArgs {
     /// Quantize the frozen base to 4 or 8 bits (not available yet).
     #[arg(long)]
     pub quantize: Option<u8>,
-    /// Resume from the latest checkpoint of --output, or from PATH (not available yet).
+    /// Resume from the latest checkpoint of --output, or from PATH (a checkpoint or an output directory).
     #[arg(long, num_args = 0..=1, default_missing_value = "")]
     pub resume: Option<String>,
 }

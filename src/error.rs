@@ -32,6 +32,16 @@ pub enum Error {
     },
     #[error("tensor computation failed: {0}")]
     Tensor(#[from] candle_core::Error),
+    #[error(
+        "stopped by {} after step {step}; checkpoint saved to {}. Resume with the same command plus --resume",
+        crate::signals::name(*signal),
+        checkpoint.display()
+    )]
+    Interrupted {
+        signal: i32,
+        step: usize,
+        checkpoint: PathBuf,
+    },
 }
 
 impl Error {
@@ -39,6 +49,7 @@ impl Error {
     pub fn exit_code(&self) -> i32 {
         match self {
             Error::Usage(_) => 2,
+            Error::Interrupted { signal, .. } => crate::signals::exit_status(*signal),
             _ => 1,
         }
     }

@@ -15,6 +15,7 @@ pub mod lora;
 pub mod memory;
 pub mod model;
 pub mod model_source;
+pub mod signals;
 pub mod tokenizer;
 pub mod train;
 pub mod weights;

@@ -5,6 +5,7 @@ use crate::cli::TrainArgs;
 use crate::data::{read_jsonl, resolve_files, DataError, Encoder, Record, Sample};
 use crate::error::{Error, Result};
 use crate::lora::{Adapter, LoraConfig, Target};
+use crate::train::checkpoint;
 use crate::train::config::TrainConfig;
 use crate::train::trainer::{self, Datasets};
 use std::path::{Path, PathBuf};
@@ -27,7 +28,6 @@ fn refuse_unavailable(a: &TrainArgs) -> Result<()> {
             "--quantize",
             "QLoRA (quantized bases)",
         ),
-        (a.resume.is_some(), "--resume", "resuming from checkpoints"),
     ];
     for (given, flag, what) in unavailable {
         if given {
@@ -245,21 +245,67 @@ pub fn run(a: TrainArgs) -> Result<()> {
         steps_per_eval: a.steps_per_eval,
         val_batches: a.val_batches,
         save_every: a.save_every,
+        keep_checkpoints: a.keep_checkpoints,
         test: a.test,
         save_best: !a.no_save_best,
         memory_report_interval: a.memory_report_interval,
         profile: a.profile,
     };
 
-    let lora = LoraConfig {
-        rank: cfg.lora_rank,
-        alpha: cfg.lora_alpha,
-        dropout: cfg.lora_dropout,
-        targets,
-        layers: (layers - num_layers..layers).collect(),
-        use_rslora: false,
+    let mut data_files: Vec<&Path> = vec![&files.train];
+    data_files.extend(files.valid.as_deref());
+    let data_sha256 = checkpoint::data_fingerprint(&data_files)?;
+    let resume = match &a.resume {
+        Some(given) => {
+            let dir = checkpoint::locate(&cfg.output, given)?;
+            let loaded = checkpoint::load(&dir, &loaded.model.device)?;
+            let (mut refused, allowed) = checkpoint::differences(&loaded.state.config, &cfg);
+            if loaded.state.data_sha256 != data_sha256 {
+                refused.push("training data: the content changed since the checkpoint".into());
+            }
+            if !refused.is_empty() {
+                return Err(usage(format!(
+                    "--resume {}: this run differs from the checkpoint's in ways that change what is trained:\n  {}\n\
+                     Use the original settings, or start a new run in another --output",
+                    dir.display(),
+                    refused.join("\n  ")
+                )));
+            }
+            for change in &allowed {
+                eprintln!("note: resuming with a changed setting: {change}");
+            }
+            if loaded.state.step >= cfg.steps {
+                return Err(usage(format!(
+                    "--resume {}: the checkpoint is at step {}, the run has {} steps; raise --max-steps to train further",
+                    dir.display(),
+                    loaded.state.step,
+                    cfg.steps
+                )));
+            }
+            eprintln!(
+                "resuming from {} (step {} of {})",
+                dir.display(),
+                loaded.state.step,
+                cfg.steps
+            );
+            Some(loaded)
+        }
+        None => None,
     };
-    let adapter = Adapter::init(lora, &model_cfg, cfg.seed, &loaded.model.device)?;
+    let adapter = match &resume {
+        Some(r) => Adapter::load_peft(&r.dir, &model_cfg, &loaded.model.device)?,
+        None => {
+            let lora = LoraConfig {
+                rank: cfg.lora_rank,
+                alpha: cfg.lora_alpha,
+                dropout: cfg.lora_dropout,
+                targets,
+                layers: (layers - num_layers..layers).collect(),
+                use_rslora: false,
+            };
+            Adapter::init(lora, &model_cfg, cfg.seed, &loaded.model.device)?
+        }
+    };
     eprintln!(
         "model: {} ({} blocks, hidden {}), LoRA rank {} alpha {} on {} of the last {} blocks: {} trainable parameters",
         loaded.name,
@@ -298,7 +344,9 @@ pub fn run(a: TrainArgs) -> Result<()> {
     );
     std::fs::create_dir_all(&cfg.output).map_err(|e| Error::io("create", &cfg.output, e))?;
     loaded.model.adapter = Some(adapter);
-    let summary = trainer::train(&cfg, &mut loaded.model, &Datasets { train, valid, test })?;
+    crate::signals::install();
+    let data = Datasets { train, valid, test };
+    let summary = trainer::train(&cfg, &mut loaded.model, &data, &data_sha256, resume)?;
     summary.print();
     Ok(())
 }

@@ -111,6 +111,13 @@ impl Batcher {
         }
     }
 
+    /// Continues from a saved cursor.
+    pub fn restore(&mut self, epoch: u64, position: usize) {
+        self.epoch = epoch;
+        self.position = position;
+        self.order = epoch_order(self.rows.len(), self.seed, epoch);
+    }
+
     pub fn batches_per_epoch(&self) -> usize {
         self.rows.len() / self.batch_size
     }

@@ -35,6 +35,8 @@ pub struct TrainConfig {
     /// Validation batches per evaluation; 0 = the whole validation set.
     pub val_batches: usize,
     pub save_every: usize,
+    /// Checkpoints kept (the newest).
+    pub keep_checkpoints: usize,
     pub metrics_file: PathBuf,
     pub test: bool,
     pub save_best: bool,

@@ -2,6 +2,7 @@
 //! that runs them with evaluation, saving and progress.
 
 pub mod batch;
+pub mod checkpoint;
 pub mod config;
 pub mod optimizer;
 pub mod progress;

@@ -8,6 +8,7 @@ use crate::lora::Adapter;
 use crate::memory;
 use crate::model::Llama;
 use crate::train::batch::{micro_batch, pack, Batcher, Row};
+use crate::train::checkpoint;
 use crate::train::config::TrainConfig;
 use crate::train::optimizer::{clip_grad_norm, AdamW};
 use crate::train::progress::{Progress, StepReport};
@@ -68,6 +69,33 @@ impl Metrics {
             std::fs::create_dir_all(parent).map_err(|e| Error::io("create", parent, e))?;
         }
         let file = std::fs::File::create(path).map_err(|e| Error::io("create", path, e))?;
+        Ok(Self {
+            file,
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// Continues a metrics file from a checkpoint at `step`: later lines (written after the
+    /// checkpoint by the interrupted run) are dropped so every step appears once.
+    fn resume(path: &Path, step: usize) -> Result<Self> {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        let kept: String = text
+            .lines()
+            .filter(|l| {
+                serde_json::from_str::<serde_json::Value>(l)
+                    .ok()
+                    .and_then(|v| v["step"].as_u64())
+                    .is_some_and(|s| s as usize <= step)
+            })
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let tmp = path.with_extension("jsonl.tmp");
+        std::fs::write(&tmp, kept).map_err(|e| Error::io("write", &tmp, e))?;
+        std::fs::rename(&tmp, path).map_err(|e| Error::io("rename into place", path, e))?;
+        let file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(path)
+            .map_err(|e| Error::io("open", path, e))?;
         Ok(Self {
             file,
             path: path.to_path_buf(),
@@ -176,10 +204,16 @@ fn validation_loss(model: &Llama, valid: &[Sample], cfg: &TrainConfig) -> Result
     Ok((r.tokens > 0).then_some(r.loss))
 }
 
-/// Trains `model.adapter` (which must be set) on `data` as `cfg` says.
-pub fn train(cfg: &TrainConfig, model: &mut Llama, data: &Datasets) -> Result<Summary> {
+/// Trains `model.adapter` (which must be set) on `data` as `cfg` says; continues from `resume`
+/// when given (whose adapter is already in `model`).
+pub fn train(
+    cfg: &TrainConfig,
+    model: &mut Llama,
+    data: &Datasets,
+    data_sha256: &str,
+    resume: Option<checkpoint::Loaded>,
+) -> Result<Summary> {
     let adapter_dir = cfg.output.clone();
-    let mut metrics = Metrics::create(&cfg.metrics_file)?;
     let rows = training_rows(&data.train, cfg.pack, cfg.max_seq_length);
     let mut batcher = Batcher::new(rows, cfg.batch_size, cfg.seed);
     let schedule = Schedule::new(
@@ -210,6 +244,49 @@ pub fn train(cfg: &TrainConfig, model: &mut Llama, data: &Datasets) -> Result<Su
         final_loss: f64::NAN,
         profile: None,
     };
+    let mut first_step = 1;
+    let mut nonfinite = 0;
+    let mut metrics = match &resume {
+        Some(r) => {
+            let st = &r.state;
+            opt.m = r.moments.0.clone();
+            opt.v = r.moments.1.clone();
+            opt.t = st.optimizer_t;
+            batcher.restore(st.epoch, st.position);
+            first_step = st.step + 1;
+            nonfinite = st.nonfinite;
+            summary.steps = st.step;
+            summary.tokens = st.tokens;
+            summary.trained_tokens = st.trained_tokens;
+            summary.skipped = st.skipped;
+            summary.first_val = st.first_val;
+            summary.last_val = st.last_val;
+            summary.best_val = st.best_val;
+            Metrics::resume(&cfg.metrics_file, st.step)?
+        }
+        None => Metrics::create(&cfg.metrics_file)?,
+    };
+    let ckpt_root = cfg.output.join("checkpoints");
+    let state_now =
+        |step: usize, opt: &AdamW, batcher: &Batcher, summary: &Summary, nonfinite: usize| {
+            checkpoint::TrainerState {
+                format_version: checkpoint::FORMAT_VERSION,
+                step,
+                optimizer_t: opt.t,
+                epoch: batcher.epoch,
+                position: batcher.position,
+                tokens: summary.tokens,
+                trained_tokens: summary.trained_tokens,
+                skipped: summary.skipped,
+                nonfinite,
+                first_val: summary.first_val,
+                last_val: summary.last_val,
+                best_val: summary.best_val,
+                data_sha256: data_sha256.to_string(),
+                config: serde_json::to_value(cfg).unwrap_or_default(),
+                checksums: Default::default(),
+            }
+        };
 
     let run_eval = |model: &Llama,
                     step: usize,
@@ -240,13 +317,14 @@ pub fn train(cfg: &TrainConfig, model: &mut Llama, data: &Datasets) -> Result<Su
         Ok(())
     };
     let mut profile = Profile::default();
-    let clock = Instant::now();
-    run_eval(model, 0, &mut summary, &mut progress, &mut metrics)?;
-    profile.eval += clock.elapsed();
+    if resume.is_none() {
+        let clock = Instant::now();
+        run_eval(model, 0, &mut summary, &mut progress, &mut metrics)?;
+        profile.eval += clock.elapsed();
+    }
 
     let mut recent: VecDeque<(f64, usize)> = VecDeque::new();
-    let mut nonfinite = 0;
-    for step in 1..=cfg.steps {
+    for step in first_step..=cfg.steps {
         let t0 = Instant::now();
         let batches: Vec<Vec<Row>> = (0..cfg.grad_accumulation_steps)
             .map(|_| batcher.next_batch().into_iter().cloned().collect())
@@ -347,15 +425,33 @@ pub fn train(cfg: &TrainConfig, model: &mut Llama, data: &Datasets) -> Result<Su
             run_eval(model, step, &mut summary, &mut progress, &mut metrics)?;
             profile.eval += clock.elapsed();
         }
-        if cfg.save_every > 0 && step % cfg.save_every == 0 && step != cfg.steps {
-            let dir = cfg.output.join("checkpoints").join(format!("step-{step}"));
-            save_adapter_dir(
+        let signal = crate::signals::requested();
+        if (cfg.save_every > 0 && step % cfg.save_every == 0)
+            || step == cfg.steps
+            || signal.is_some()
+        {
+            let dir = checkpoint::save(
+                &ckpt_root,
                 model.adapter.as_ref().expect("adapter attached"),
-                &dir,
-                &cfg.model,
+                &opt,
+                state_now(step, &opt, &batcher, &summary, nonfinite),
                 cfg,
+                cfg.keep_checkpoints,
             )?;
-            progress.message(&format!("step {step}: adapter saved to {}", dir.display()));
+            if signal.is_none() && step != cfg.steps {
+                progress.message(&format!(
+                    "step {step}: checkpoint saved to {}",
+                    dir.display()
+                ));
+            }
+            if let Some(sig) = signal {
+                progress.finish();
+                return Err(Error::Interrupted {
+                    signal: sig,
+                    step,
+                    checkpoint: dir,
+                });
+            }
         }
     }
     let clock = Instant::now();

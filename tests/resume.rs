@@ -1,0 +1,309 @@
+//! Nothing lost: a run killed (SIGKILL) or interrupted (SIGINT) at random points and resumed
+//! ends with the same adapter and the same per-step losses, bit for bit, as a run that was never
+//! stopped; every checkpoint directory is complete or absent; damaged checkpoints are caught.
+
+mod common;
+
+use common::{metrics, tiny_chat_model, write_chat_data};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+struct Run {
+    _tmp: tempfile::TempDir,
+    model: PathBuf,
+    data: PathBuf,
+    root: PathBuf,
+}
+
+fn setup() -> Run {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_chat_model(&tmp.path().join("model"));
+    let data = write_chat_data(&tmp.path().join("data"), 10);
+    let root = tmp.path().to_path_buf();
+    Run {
+        _tmp: tmp,
+        model,
+        data,
+        root,
+    }
+}
+
+const STEPS: usize = 24;
+
+fn command(r: &Run, out: &Path, extra: &[&str]) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_your_ai"));
+    c.arg("train")
+        .arg("--model")
+        .arg(&r.model)
+        .arg("--data")
+        .arg(&r.data)
+        .arg("--output")
+        .arg(out)
+        .args([
+            "--max-steps",
+            &STEPS.to_string(),
+            "--batch-size",
+            "2",
+            "--lora-rank",
+            "4",
+            "--learning-rate",
+            "1e-3",
+        ])
+        .args([
+            "--warmup-steps",
+            "3",
+            "--save-every",
+            "2",
+            "--steps-per-eval",
+            "5",
+            "--seed",
+            "3",
+        ])
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    c
+}
+
+fn losses(out: &Path) -> Vec<u64> {
+    // Bit patterns: exact equality, not approximate.
+    metrics(&out.join("metrics.jsonl"), "train")
+        .iter()
+        .map(|l| l["loss"].as_f64().unwrap().to_bits())
+        .collect()
+}
+
+fn adapter_bytes(out: &Path) -> Vec<u8> {
+    std::fs::read(out.join("adapter_model.safetensors")).unwrap()
+}
+
+/// Starts the run, stops it with `signal` once `checkpoints/latest` reaches `after` steps (plus
+/// a random delay), and returns the exit status (None if it finished first).
+fn stop_at(
+    r: &Run,
+    out: &Path,
+    extra: &[&str],
+    after: usize,
+    delay_ms: u64,
+    signal: i32,
+) -> Option<i32> {
+    let mut child = command(r, out, extra).spawn().unwrap();
+    let latest = out.join("checkpoints/latest");
+    let start = Instant::now();
+    loop {
+        if child.try_wait().unwrap().is_some() {
+            return None;
+        }
+        let step = std::fs::read_to_string(&latest)
+            .ok()
+            .and_then(|s| {
+                s.trim()
+                    .strip_prefix("step-")
+                    .and_then(|n| n.parse::<usize>().ok())
+            })
+            .unwrap_or(0);
+        if step >= after {
+            std::thread::sleep(Duration::from_millis(delay_ms));
+            unsafe { libc::kill(child.id() as i32, signal) };
+            let status = child.wait().unwrap();
+            use std::os::unix::process::ExitStatusExt;
+            return Some(
+                status
+                    .code()
+                    .unwrap_or_else(|| 128 + status.signal().unwrap_or(0)),
+            );
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "run did not reach step {after}"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn resume_to_end(r: &Run, out: &Path, extra: &[&str]) {
+    let o = command(r, out, &[extra, &["--resume"]].concat())
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "resume failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+fn check_checkpoints_complete(out: &Path) {
+    for entry in std::fs::read_dir(out.join("checkpoints")).unwrap() {
+        let p = entry.unwrap().path();
+        let name = p.file_name().unwrap().to_string_lossy().to_string();
+        if name.starts_with("step-") {
+            // Complete and valid: loading verifies every checksum.
+            your_ai::train::checkpoint::load(&p, &candle_core::Device::Cpu)
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+        }
+    }
+}
+
+#[test]
+fn killed_and_interrupted_runs_resume_bit_for_bit() {
+    let r = setup();
+    for extra in [
+        &[][..],
+        &[
+            "--grad-accumulation-steps",
+            "2",
+            "--pack",
+            "--max-seq-length",
+            "128",
+        ][..],
+    ] {
+        let reference = r.root.join(format!("ref{}", extra.len()));
+        assert!(command(&r, &reference, extra).status().unwrap().success());
+        let (want_losses, want_adapter) = (losses(&reference), adapter_bytes(&reference));
+        assert_eq!(want_losses.len(), STEPS);
+
+        // SIGKILL at several points, resuming after each.
+        let out = r.root.join(format!("killed{}", extra.len()));
+        let mut kills = 0;
+        for (after, delay) in [(2, 0), (6, 7), (10, 3), (14, 11)] {
+            let code = if out.join("checkpoints/latest").exists() {
+                let mut c = command(&r, &out, &[extra, &["--resume"]].concat());
+                stop_with(&mut c, &out, after, delay, libc::SIGKILL)
+            } else {
+                stop_at(&r, &out, extra, after, delay, libc::SIGKILL)
+            };
+            if code.is_some() {
+                kills += 1;
+                check_checkpoints_complete(&out);
+            }
+        }
+        assert!(kills >= 2, "too few kills landed ({kills})");
+        resume_to_end(&r, &out, extra);
+        assert_eq!(
+            losses(&out),
+            want_losses,
+            "losses after SIGKILL/resume ({extra:?})"
+        );
+        assert_eq!(
+            adapter_bytes(&out),
+            want_adapter,
+            "adapter after SIGKILL/resume ({extra:?})"
+        );
+
+        // SIGINT: finishes the step, saves, exits 130, and resumes exactly.
+        let out = r.root.join(format!("sigint{}", extra.len()));
+        let code = stop_at(&r, &out, extra, 4, 2, libc::SIGINT);
+        assert_eq!(code, Some(130));
+        check_checkpoints_complete(&out);
+        resume_to_end(&r, &out, extra);
+        assert_eq!(
+            losses(&out),
+            want_losses,
+            "losses after SIGINT/resume ({extra:?})"
+        );
+        assert_eq!(
+            adapter_bytes(&out),
+            want_adapter,
+            "adapter after SIGINT/resume ({extra:?})"
+        );
+    }
+}
+
+/// As [`stop_at`] for an already built command (a resumed run).
+fn stop_with(c: &mut Command, out: &Path, after: usize, delay_ms: u64, signal: i32) -> Option<i32> {
+    let mut child = c.spawn().unwrap();
+    let latest = out.join("checkpoints/latest");
+    loop {
+        if child.try_wait().unwrap().is_some() {
+            return None;
+        }
+        let step = std::fs::read_to_string(&latest)
+            .ok()
+            .and_then(|s| {
+                s.trim()
+                    .strip_prefix("step-")
+                    .and_then(|n| n.parse::<usize>().ok())
+            })
+            .unwrap_or(0);
+        if step >= after {
+            std::thread::sleep(Duration::from_millis(delay_ms));
+            unsafe { libc::kill(child.id() as i32, signal) };
+            let _ = child.wait();
+            return Some(128 + signal);
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn resume_refuses_changed_settings_and_damaged_checkpoints() {
+    let r = setup();
+    let out = r.root.join("run");
+    let short = ["--max-steps", "4"];
+    assert!(command(&r, &out, &short).status().unwrap().success());
+    // A harmless change (more steps) is allowed and reported.
+    let o = command(&r, &out, &["--max-steps", "6", "--resume"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("resuming from") && stderr.contains("steps: 4 → 6"),
+        "{stderr}"
+    );
+    // A shape-changing one is refused with the list of differences.
+    let o = command(
+        &r,
+        &out,
+        &[
+            "--max-steps",
+            "8",
+            "--lora-rank",
+            "8",
+            "--batch-size",
+            "1",
+            "--resume",
+        ],
+    )
+    .output()
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(
+        stderr.contains("lora_rank: 4 → 8") && stderr.contains("batch_size: 2 → 1"),
+        "{stderr}"
+    );
+    // Changed data is refused.
+    std::fs::write(
+        r.data.join("train.jsonl"),
+        std::fs::read_to_string(r.data.join("train.jsonl"))
+            .unwrap()
+            .replace("blue", "red"),
+    )
+    .unwrap();
+    let o = command(&r, &out, &["--max-steps", "8", "--resume"])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&o.stderr).contains("training data"));
+    // A damaged checkpoint is detected and the previous one offered.
+    let ckpts = out.join("checkpoints");
+    let latest = std::fs::read_to_string(ckpts.join("latest"))
+        .unwrap()
+        .trim()
+        .to_string();
+    let f = ckpts.join(&latest).join("optimizer.safetensors");
+    let mut bytes = std::fs::read(&f).unwrap();
+    let n = bytes.len();
+    bytes[n - 3] ^= 0x55;
+    std::fs::write(&f, bytes).unwrap();
+    let e = your_ai::train::checkpoint::load(&ckpts.join(&latest), &candle_core::Device::Cpu)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("optimizer.safetensors does not match its checksum")
+            && e.contains("the previous checkpoint is"),
+        "{e}"
+    );
+}

@@ -221,10 +221,9 @@ pub fn load(dir: &Path, device: &Device) -> Result<Loaded> {
             .map(list)
             .unwrap_or_default()
             .into_iter()
-            .filter(|s| {
+            .rfind(|s| {
                 format!("step-{s}") != dir.file_name().and_then(|n| n.to_str()).unwrap_or("")
-            })
-            .next_back();
+            });
         let hint = match previous {
             Some(s) => format!(
                 "; the previous checkpoint is {}: resume with --resume {}",

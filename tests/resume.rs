@@ -134,6 +134,8 @@ fn resume_to_end(r: &Run, out: &Path, extra: &[&str]) {
 }
 
 fn check_checkpoints_complete(out: &Path) {
+    // Hidden temporaries of a cut-short save may remain; they are never taken for checkpoints
+    // and the next save clears them.
     for entry in std::fs::read_dir(out.join("checkpoints")).unwrap() {
         let p = entry.unwrap().path();
         let name = p.file_name().unwrap().to_string_lossy().to_string();

@@ -106,6 +106,16 @@ pub fn save(
 ) -> Result<PathBuf> {
     let dir = root.join(format!("step-{}", state.step));
     std::fs::create_dir_all(root).map_err(|e| Error::io("create", root, e))?;
+    // Leftovers of a save that a crash cut short (never complete, never a step-N).
+    if let Ok(rd) = std::fs::read_dir(root) {
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with(".step-") || name.starts_with(".latest.tmp-") {
+                let _ =
+                    std::fs::remove_dir_all(e.path()).or_else(|_| std::fs::remove_file(e.path()));
+            }
+        }
+    }
     let tmp = root.join(format!(".step-{}.tmp-{}", state.step, std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
     let result = (|| -> Result<()> {

@@ -309,3 +309,67 @@ fn resume_refuses_changed_settings_and_damaged_checkpoints() {
         "{e}"
     );
 }
+
+/// Unmounts the small filesystem when the test ends, however it ends.
+struct Mounted(PathBuf);
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn a_full_disk_stops_training_cleanly_and_keeps_the_last_checkpoint() {
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: mounting a small tmpfs needs root");
+        return;
+    }
+    let r = setup();
+    let mnt = r.root.join("small");
+    std::fs::create_dir_all(&mnt).unwrap();
+    let ok = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"])
+        .arg(&mnt)
+        .status()
+        .unwrap();
+    assert!(ok.success(), "mount tmpfs failed");
+    let _guard = Mounted(mnt.clone());
+    let out = mnt.join("run");
+    let mut child = command(&r, &out, &["--save-every", "1", "--max-steps", "200"])
+        .spawn()
+        .unwrap();
+    // Once a checkpoint exists, fill the disk.
+    let latest = out.join("checkpoints/latest");
+    let start = Instant::now();
+    while !latest.exists() {
+        assert!(start.elapsed() < Duration::from_secs(60));
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let filler = mnt.join("filler");
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&filler).unwrap();
+        let block = vec![0u8; 4096];
+        while f.write_all(&block).is_ok() {}
+    }
+    let o = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "training went on with a full disk");
+    assert!(
+        stderr.contains("No space left") || stderr.contains("space"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    // Every checkpoint that exists is complete; the run resumes once there is room again.
+    check_checkpoints_complete(&out);
+    std::fs::remove_file(&filler).unwrap();
+    let o = command(
+        &r,
+        &out,
+        &["--save-every", "50", "--max-steps", "30", "--resume"],
+    )
+    .output()
+    .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}

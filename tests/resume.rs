@@ -336,7 +336,7 @@ fn a_full_disk_stops_training_cleanly_and_keeps_the_last_checkpoint() {
     assert!(ok.success(), "mount tmpfs failed");
     let _guard = Mounted(mnt.clone());
     let out = mnt.join("run");
-    let mut child = command(&r, &out, &["--save-every", "1", "--max-steps", "200"])
+    let child = command(&r, &out, &["--save-every", "1", "--max-steps", "200"])
         .spawn()
         .unwrap();
     // Once a checkpoint exists, fill the disk.

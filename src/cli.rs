@@ -216,6 +216,10 @@ pub struct TrainArgs {
     /// Print the time spent in each phase of the training step at the end.
     #[arg(long)]
     pub profile: bool,
+    /// Adapted blocks that keep their activations for the backward instead of recomputing
+    /// them: auto (as many as fit in a fifth of available memory), all, none, or a number.
+    #[arg(long, default_value = "auto")]
+    pub keep_activations: crate::train::config::KeepActivations,
 
     /// Memory budget in GB (not available yet).
     #[arg(long)]

@@ -10,6 +10,19 @@ pub fn peak_rss() -> Option<u64> {
     status_kb("VmHWM:").map(|kb| kb * 1024)
 }
 
+/// Memory the system can give without swapping, in bytes (Linux: MemAvailable).
+pub fn available() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kb: u64 = info
+        .lines()
+        .find(|l| l.starts_with("MemAvailable:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()?;
+    Some(kb * 1024)
+}
+
 fn status_kb(key: &str) -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     status

@@ -209,6 +209,7 @@ fn explicit(model: &Llama, adapter: &Adapter, mbs: &[MicroBatch]) -> (f64, Grads
             mb,
             1.0 / total as f64,
             &mut grads,
+            0,
             &mut Default::default(),
         )
         .unwrap()
@@ -396,4 +397,36 @@ fn backward_stops_at_the_lowest_adapted_block() {
     }
     assert!(gt.pairs[0].iter().all(Option::is_none));
     assert!(gf.pairs[0].iter().all(Option::is_some));
+}
+
+#[test]
+fn keeping_activations_gives_the_same_gradients_bit_for_bit() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(&TinySpec::default(), dir.path());
+    let adapter = random_adapter(&model, vec![0, 1], Target::ALL.to_vec());
+    let mb = batch(&model, &rows(&samples()));
+    let run = |keep: usize| {
+        let mut g = Grads::zeros_like(&adapter).unwrap();
+        let mut p = your_ai::train::step::Profile::default();
+        let l = forward_backward(&model, &adapter, &mb, 0.1, &mut g, keep, &mut p).unwrap();
+        (l.ce, g, p)
+    };
+    let (l0, g0, p0) = run(0);
+    for keep in [1, 2, 5] {
+        let (l, g, p) = run(keep);
+        assert_eq!(l.to_bits(), l0.to_bits());
+        for (a, b) in g0.tensors().zip(g.tensors()) {
+            let (a, b) = (
+                a.flatten_all().unwrap().to_vec1::<f64>().unwrap(),
+                b.flatten_all().unwrap().to_vec1::<f64>().unwrap(),
+            );
+            assert!(
+                a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()),
+                "keep {keep}"
+            );
+        }
+        // Kept blocks are not recomputed.
+        assert!(p.recompute < p0.recompute || keep == 0);
+    }
+    assert!(run(2).2.recompute.is_zero());
 }

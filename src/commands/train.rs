@@ -250,6 +250,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
         save_best: !a.no_save_best,
         memory_report_interval: a.memory_report_interval,
         profile: a.profile,
+        keep_activations: a.keep_activations,
     };
 
     let mut data_files: Vec<&Path> = vec![&files.train];

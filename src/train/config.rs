@@ -43,4 +43,33 @@ pub struct TrainConfig {
     pub memory_report_interval: Option<usize>,
     /// Print the time spent in each phase of the step at the end.
     pub profile: bool,
+    /// How many adapted blocks keep their activations instead of recomputing them.
+    pub keep_activations: KeepActivations,
+}
+
+/// `--keep-activations`: recomputing a block in the backward costs one more forward of it;
+/// keeping its activations costs memory instead.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KeepActivations {
+    /// As many blocks as fit in a fifth of the memory available when training starts.
+    Auto,
+    All,
+    None,
+    Blocks(usize),
+}
+
+impl std::str::FromStr for KeepActivations {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "all" => Ok(Self::All),
+            "none" => Ok(Self::None),
+            n => n
+                .parse()
+                .map(Self::Blocks)
+                .map_err(|_| format!("`{n}`: expected auto, all, none or a number of blocks")),
+        }
+    }
 }

@@ -121,12 +121,17 @@ impl Profile {
 }
 
 /// Runs forward and backward on `mb`, adding `loss_scale · ∂(Σ wᵢ·CEᵢ)/∂θ` into `grads`.
+///
+/// The top `keep_blocks` adapted blocks keep their activations from the forward; the others
+/// keep only their input and are recomputed in the backward (the result is the same, bit for
+/// bit: the recompute runs the same kernels on the same input).
 pub fn forward_backward(
     model: &Llama,
     adapter: &Adapter,
     mb: &MicroBatch,
     loss_scale: f64,
     grads: &mut Grads,
+    keep_blocks: usize,
     profile: &mut Profile,
 ) -> Result<LossSums> {
     let cfg = &model.cfg;
@@ -134,10 +139,18 @@ pub fn forward_backward(
     let layers = model.blocks.len();
     // The backward stops at the lowest block that carries an adapter.
     let lowest = adapter.cfg.layers.first().copied().unwrap_or(layers);
+    let kept_from = layers.saturating_sub(keep_blocks).max(lowest);
     let clock = Instant::now();
     let mut x = model.embed(&mb.ids)?.reshape((b * t, cfg.hidden_size))?;
     let mut inputs = Vec::with_capacity(layers - lowest);
+    let mut kept: Vec<Saved> = Vec::with_capacity(layers - kept_from);
     for l in 0..layers {
+        if l >= kept_from {
+            let (out, saved) = block_forward(model, adapter, l, &x, mb, true)?;
+            kept.push(saved.expect("activations were asked for"));
+            x = out;
+            continue;
+        }
         if l >= lowest {
             inputs.push(x.clone());
         }
@@ -149,16 +162,39 @@ pub fn forward_backward(
     drop(x);
     profile.head += clock.elapsed();
     for l in (lowest..layers).rev() {
-        let input = inputs.pop().expect("one saved input per block");
-        let clock = Instant::now();
-        let (_, saved) = block_forward(model, adapter, l, &input, mb, true)?;
-        let saved = saved.expect("activations were asked for");
-        profile.recompute += clock.elapsed();
+        let saved = match kept.pop() {
+            Some(s) => s,
+            None => {
+                let input = inputs.pop().expect("one saved input per block");
+                let clock = Instant::now();
+                let (_, saved) = block_forward(model, adapter, l, &input, mb, true)?;
+                profile.recompute += clock.elapsed();
+                saved.expect("activations were asked for")
+            }
+        };
         let clock = Instant::now();
         dx = block_backward(model, adapter, l, &saved, &dx, mb, grads, l > lowest)?;
         profile.backward += clock.elapsed();
     }
     Ok(sums)
+}
+
+/// Bytes one block keeps for its backward, for `rows` positions of sequences of length `t`:
+/// what [`Saved`] holds, in f32.
+pub fn saved_bytes_per_block(
+    cfg: &crate::model::ModelConfig,
+    rank: usize,
+    rows: usize,
+    t: usize,
+) -> usize {
+    let h = cfg.hidden_size;
+    let per_row = 4 * h // x, h1, xmid, h2
+        + 2 * cfg.q_size() // q, attn
+        + 2 * cfg.kv_size() // k, v
+        + cfg.num_attention_heads * t // attention probabilities
+        + 3 * cfg.intermediate_size // gate, up, act
+        + 7 * rank; // x·Aᵀ of each LoRA pair
+    4 * rows * per_row
 }
 
 /// Final RMSNorm, LM head and cross-entropy on the scored rows of `x` (`[B·T, H]`), in chunks;

@@ -204,6 +204,33 @@ fn validation_loss(model: &Llama, valid: &[Sample], cfg: &TrainConfig) -> Result
     Ok((r.tokens > 0).then_some(r.loss))
 }
 
+/// Resolves `--keep-activations` to a number of blocks, for the largest micro-batch the run
+/// can see (batch size × max sequence length).
+fn blocks_to_keep(cfg: &TrainConfig, model: &Llama, progress: &mut Progress) -> usize {
+    use crate::train::config::KeepActivations;
+    let adapted = cfg.num_layers;
+    let per_block = crate::train::step::saved_bytes_per_block(
+        &model.cfg,
+        cfg.lora_rank,
+        cfg.batch_size * cfg.max_seq_length,
+        cfg.max_seq_length,
+    );
+    let keep = match cfg.keep_activations {
+        KeepActivations::All => adapted,
+        KeepActivations::None => 0,
+        KeepActivations::Blocks(n) => n.min(adapted),
+        KeepActivations::Auto => {
+            let budget = memory::available().unwrap_or(0) / 5;
+            ((budget as usize) / per_block.max(1)).min(adapted)
+        }
+    };
+    progress.message(&format!(
+        "activations: {keep} of {adapted} adapted blocks keep theirs ({:.2} GB), the rest are recomputed",
+        keep as f64 * per_block as f64 / 1e9
+    ));
+    keep
+}
+
 /// Trains `model.adapter` (which must be set) on `data` as `cfg` says; continues from `resume`
 /// when given (whose adapter is already in `model`).
 pub fn train(
@@ -316,6 +343,7 @@ pub fn train(
         }
         Ok(())
     };
+    let keep_blocks = blocks_to_keep(cfg, model, &mut progress);
     let mut profile = Profile::default();
     if resume.is_none() {
         let clock = Instant::now();
@@ -347,7 +375,15 @@ pub fn train(
                 }
                 tokens += mb.n_tokens;
                 profile.data += clock.elapsed();
-                let s = forward_backward(model, adapter, &mb, scale, &mut grads, &mut profile)?;
+                let s = forward_backward(
+                    model,
+                    adapter,
+                    &mb,
+                    scale,
+                    &mut grads,
+                    keep_blocks,
+                    &mut profile,
+                )?;
                 sums.ce += s.ce;
                 sums.weighted += s.weighted;
                 sums.weight += s.weight;

@@ -79,7 +79,7 @@ fn adapter_bytes(out: &Path) -> Vec<u8> {
 }
 
 /// Starts the run, stops it with `signal` once `checkpoints/latest` reaches `after` steps (plus
-/// a random delay), and returns the exit status (None if it finished first).
+/// a delay), and returns the exit status (None if it finished first).
 fn stop_at(
     r: &Run,
     out: &Path,
@@ -88,38 +88,7 @@ fn stop_at(
     delay_ms: u64,
     signal: i32,
 ) -> Option<i32> {
-    let mut child = command(r, out, extra).spawn().unwrap();
-    let latest = out.join("checkpoints/latest");
-    let start = Instant::now();
-    loop {
-        if child.try_wait().unwrap().is_some() {
-            return None;
-        }
-        let step = std::fs::read_to_string(&latest)
-            .ok()
-            .and_then(|s| {
-                s.trim()
-                    .strip_prefix("step-")
-                    .and_then(|n| n.parse::<usize>().ok())
-            })
-            .unwrap_or(0);
-        if step >= after {
-            std::thread::sleep(Duration::from_millis(delay_ms));
-            unsafe { libc::kill(child.id() as i32, signal) };
-            let status = child.wait().unwrap();
-            use std::os::unix::process::ExitStatusExt;
-            return Some(
-                status
-                    .code()
-                    .unwrap_or_else(|| 128 + status.signal().unwrap_or(0)),
-            );
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(120),
-            "run did not reach step {after}"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    stop_with(&mut command(r, out, extra), out, after, delay_ms, signal)
 }
 
 fn resume_to_end(r: &Run, out: &Path, extra: &[&str]) {
@@ -212,10 +181,12 @@ fn killed_and_interrupted_runs_resume_bit_for_bit() {
     }
 }
 
-/// As [`stop_at`] for an already built command (a resumed run).
+/// Runs `c`, stops it with `signal` once `checkpoints/latest` under `out` reaches `after`
+/// steps (plus a delay); returns its exit status, or None if it finished first.
 fn stop_with(c: &mut Command, out: &Path, after: usize, delay_ms: u64, signal: i32) -> Option<i32> {
     let mut child = c.spawn().unwrap();
     let latest = out.join("checkpoints/latest");
+    let start = Instant::now();
     loop {
         if child.try_wait().unwrap().is_some() {
             return None;
@@ -231,9 +202,18 @@ fn stop_with(c: &mut Command, out: &Path, after: usize, delay_ms: u64, signal: i
         if step >= after {
             std::thread::sleep(Duration::from_millis(delay_ms));
             unsafe { libc::kill(child.id() as i32, signal) };
-            let _ = child.wait();
-            return Some(128 + signal);
+            let status = child.wait().unwrap();
+            use std::os::unix::process::ExitStatusExt;
+            return Some(
+                status
+                    .code()
+                    .unwrap_or_else(|| 128 + status.signal().unwrap_or(0)),
+            );
         }
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "run did not reach step {after}"
+        );
         std::thread::sleep(Duration::from_millis(5));
     }
 }

@@ -148,7 +148,7 @@ pub fn save(
         )?;
         sync(&tmp)?;
         if dir.exists() {
-            std::fs::remove_dir_all(&dir).map_err(|e| Error::io("replace", &dir, e))?;
+            discard(&dir)?;
         }
         std::fs::rename(&tmp, &dir).map_err(|e| Error::io("rename into place", &dir, e))?;
         sync(root)?;
@@ -186,8 +186,21 @@ fn prune(root: &Path, keep: usize) {
         return;
     }
     for s in &steps[..steps.len() - keep] {
-        let _ = std::fs::remove_dir_all(root.join(format!("step-{s}")));
+        let _ = discard(&root.join(format!("step-{s}")));
     }
+}
+
+/// Removes a checkpoint directory without ever leaving a half-deleted `step-N`: it is first
+/// renamed to a hidden name (atomic), then deleted; a crash in between leaves only the hidden
+/// leftover, which the next save clears.
+fn discard(dir: &Path) -> Result<()> {
+    let name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let trash = dir.with_file_name(format!(".{name}.trash-{}", std::process::id()));
+    std::fs::rename(dir, &trash).map_err(|e| Error::io("move aside", dir, e))?;
+    std::fs::remove_dir_all(&trash).map_err(|e| Error::io("remove", &trash, e))
 }
 
 /// The checkpoint `--resume` means: `PATH` itself, or the latest under `<output>/checkpoints`.

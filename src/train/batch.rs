@@ -81,10 +81,33 @@ pub fn pack(samples: &[&Sample], weights: &[f32], max_len: usize) -> Vec<Row> {
 /// The order in which examples are visited: a fresh shuffle per epoch, derived from the seed.
 pub fn epoch_order(n: usize, seed: u64, epoch: u64) -> Vec<usize> {
     let mut order: Vec<usize> = (0..n).collect();
-    let mut rng =
-        rand::rngs::StdRng::seed_from_u64(seed ^ epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15));
-    order.shuffle(&mut rng);
+    order.shuffle(&mut epoch_rng(seed, epoch));
     order
+}
+
+fn epoch_rng(seed: u64, epoch: u64) -> rand::rngs::StdRng {
+    rand::rngs::StdRng::seed_from_u64(seed ^ epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15))
+}
+
+/// Shuffled rows per group of this many batches are sorted by length before batching.
+const LENGTH_GROUP_BATCHES: usize = 16;
+
+/// The epoch's order with batches of similar lengths, as mlx-lm and `group_by_length` do: the
+/// shuffled rows are cut into groups of [`LENGTH_GROUP_BATCHES`] batches, each group sorted by
+/// length and split into batches, then the batches are shuffled. Padding — computed and thrown
+/// away — shrinks, while every epoch still visits the rows in a new random order.
+pub fn grouped_order(lens: &[usize], batch_size: usize, seed: u64, epoch: u64) -> Vec<usize> {
+    let mut order = epoch_order(lens.len(), seed, epoch);
+    let bs = batch_size.max(1);
+    let full = order.len() / bs * bs;
+    for group in order[..full].chunks_mut(bs * LENGTH_GROUP_BATCHES) {
+        group.sort_by_key(|&i| std::cmp::Reverse(lens[i]));
+    }
+    let mut batches: Vec<&[usize]> = order[..full].chunks(bs).collect();
+    batches.shuffle(&mut epoch_rng(seed.wrapping_add(1), epoch));
+    let mut out: Vec<usize> = batches.concat();
+    out.extend_from_slice(&order[full..]);
+    out
 }
 
 /// Walks through batches of rows epoch after epoch; `(epoch, position)` is the whole state.
@@ -95,13 +118,16 @@ pub struct Batcher {
     pub seed: u64,
     pub epoch: u64,
     pub position: usize,
+    lens: Vec<usize>,
     order: Vec<usize>,
 }
 
 impl Batcher {
     pub fn new(rows: Vec<Row>, batch_size: usize, seed: u64) -> Self {
-        let order = epoch_order(rows.len(), seed, 0);
+        let lens: Vec<usize> = rows.iter().map(Row::len).collect();
+        let order = grouped_order(&lens, batch_size, seed, 0);
         Self {
+            lens,
             rows,
             batch_size,
             seed,
@@ -115,7 +141,7 @@ impl Batcher {
     pub fn restore(&mut self, epoch: u64, position: usize) {
         self.epoch = epoch;
         self.position = position;
-        self.order = epoch_order(self.rows.len(), self.seed, epoch);
+        self.order = grouped_order(&self.lens, self.batch_size, self.seed, epoch);
     }
 
     pub fn batches_per_epoch(&self) -> usize {
@@ -127,7 +153,7 @@ impl Batcher {
         if self.position + self.batch_size > self.order.len() {
             self.epoch += 1;
             self.position = 0;
-            self.order = epoch_order(self.rows.len(), self.seed, self.epoch);
+            self.order = grouped_order(&self.lens, self.batch_size, self.seed, self.epoch);
         }
         let idx = &self.order[self.position..self.position + self.batch_size];
         self.position += self.batch_size;
@@ -220,6 +246,30 @@ mod tests {
         assert_eq!(rows[0].doc, vec![0, 0, 0, 1, 1, 1, 1]);
         // 2 + 3 scored tokens: the first token of each document is never a target.
         assert_eq!(rows[0].scored(), 5);
+    }
+
+    #[test]
+    fn grouped_batches_pad_less_and_keep_every_row() {
+        let lens: Vec<usize> = (0..200).map(|i| 10 + (i * 37) % 90).collect();
+        let order = grouped_order(&lens, 4, 5, 0);
+        let mut sorted = order.clone();
+        sorted.sort();
+        assert_eq!(sorted, (0..200).collect::<Vec<_>>());
+        let padding = |o: &[usize]| -> usize {
+            o.chunks(4)
+                .map(|b| {
+                    b.iter().map(|&i| lens[i]).max().unwrap() * 4
+                        - b.iter().map(|&i| lens[i]).sum::<usize>()
+                })
+                .sum()
+        };
+        let random = padding(&epoch_order(200, 5, 0));
+        assert!(
+            padding(&order) * 3 < random,
+            "grouped {} vs random {random}",
+            padding(&order)
+        );
+        assert_ne!(grouped_order(&lens, 4, 5, 1), order);
     }
 
     #[test]

@@ -217,8 +217,9 @@ pub struct TrainArgs {
     #[arg(long)]
     pub profile: bool,
     /// Adapted blocks that keep their activations for the backward instead of recomputing
-    /// them: auto (as many as fit in a fifth of available memory), all, none, or a number.
-    #[arg(long, default_value = "auto")]
+    /// them: none (memory flat from step to step), auto (as many as fit in a fifth of available
+    /// memory; faster, but resident memory then follows the longest batch seen), all, or a number.
+    #[arg(long, default_value = "none")]
     pub keep_activations: crate::train::config::KeepActivations,
 
     /// Memory budget in GB (not available yet).

@@ -353,3 +353,13 @@ fn a_full_disk_stops_training_cleanly_and_keeps_the_last_checkpoint() {
     .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 }
+
+#[test]
+fn sigterm_saves_and_exits_143_and_the_run_resumes() {
+    let r = setup();
+    let out = r.root.join("term");
+    assert_eq!(stop_at(&r, &out, &[], 3, 1, libc::SIGTERM), Some(143));
+    check_checkpoints_complete(&out);
+    resume_to_end(&r, &out, &[]);
+    assert_eq!(metrics(&out.join("metrics.jsonl"), "train").len(), STEPS);
+}

@@ -231,6 +231,14 @@ fn same_seed_same_run_and_the_seed_matters() {
     let bytes = |d: &Path| std::fs::read(d.join("adapter_model.safetensors")).unwrap();
     assert_eq!(bytes(&a), bytes(&b));
     assert_ne!(bytes(&a), bytes(&c));
+    // Keeping activations instead of recomputing them changes memory, not results.
+    let (stderr, d) = train(&s, "d", &["--seed", "7", "--keep-activations", "all"]);
+    assert!(
+        stderr.contains("2 of 2 adapted blocks keep theirs"),
+        "{stderr}"
+    );
+    assert_eq!(losses(&a), losses(&d));
+    assert_eq!(bytes(&a), bytes(&d));
 }
 
 #[test]

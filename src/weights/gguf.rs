@@ -52,11 +52,23 @@ impl GgufFile {
         // rather than when the tensor is first needed.
         let data_start = g.content.tensor_data_offset;
         for (name, info) in &g.content.tensor_infos {
-            let bytes = info.shape.elem_count() / info.ggml_dtype.block_size().max(1)
-                * info.ggml_dtype.type_size();
-            let end = data_start
-                .saturating_add(info.offset)
-                .saturating_add(bytes as u64);
+            // Dimensions come from the file: multiply with overflow checks.
+            let elems = info
+                .shape
+                .dims()
+                .iter()
+                .try_fold(1u64, |acc, &d| acc.checked_mul(d as u64));
+            let bytes = elems.and_then(|n| {
+                (n / info.ggml_dtype.block_size().max(1) as u64)
+                    .checked_mul(info.ggml_dtype.type_size() as u64)
+            });
+            let end = bytes.and_then(|b| data_start.checked_add(info.offset)?.checked_add(b));
+            let Some(end) = end else {
+                return Err(open_err(format!(
+                    "tensor `{name}` has absurd dimensions {:?}",
+                    info.shape.dims()
+                )));
+            };
             if end > g.mmap.len() as u64 {
                 return Err(open_err(format!(
                     "tensor `{name}` ends at byte {end} but the file has only {} bytes; \

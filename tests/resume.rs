@@ -4,29 +4,15 @@
 
 mod common;
 
-use common::{metrics, tiny_chat_model, write_chat_data};
+use common::metrics;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-struct Run {
-    _tmp: tempfile::TempDir,
-    model: PathBuf,
-    data: PathBuf,
-    root: PathBuf,
-}
+type Run = common::TinyRun;
 
 fn setup() -> Run {
-    let tmp = tempfile::tempdir().unwrap();
-    let model = tiny_chat_model(&tmp.path().join("model"));
-    let data = write_chat_data(&tmp.path().join("data"), 10);
-    let root = tmp.path().to_path_buf();
-    Run {
-        _tmp: tmp,
-        model,
-        data,
-        root,
-    }
+    common::tiny_run(10)
 }
 
 const STEPS: usize = 24;

@@ -3,27 +3,13 @@
 
 mod common;
 
-use common::{cli, metrics, tiny_chat_model, write_chat_data};
+use common::{cli, metrics};
 use std::path::{Path, PathBuf};
 
-struct Setup {
-    _tmp: tempfile::TempDir,
-    model: PathBuf,
-    data: PathBuf,
-    root: PathBuf,
-}
+type Setup = common::TinyRun;
 
 fn setup(n_train: usize) -> Setup {
-    let tmp = tempfile::tempdir().unwrap();
-    let model = tiny_chat_model(&tmp.path().join("model"));
-    let data = write_chat_data(&tmp.path().join("data"), n_train);
-    let root = tmp.path().to_path_buf();
-    Setup {
-        _tmp: tmp,
-        model,
-        data,
-        root,
-    }
+    common::tiny_run(n_train)
 }
 
 /// Runs `your_ai train` on the setup with `base` then `extra` flags; returns (stderr, output dir).

@@ -403,3 +403,24 @@ pub fn write_spm_gguf(path: &Path, tokens: &[(&str, f32, i32)]) {
     let mut f = std::fs::File::create(path).unwrap();
     gguf_file::write(&mut f, &refs, &[]).unwrap();
 }
+
+/// A temporary directory holding [`tiny_chat_model`] and a [`write_chat_data`] dataset.
+pub struct TinyRun {
+    _tmp: tempfile::TempDir,
+    pub model: PathBuf,
+    pub data: PathBuf,
+    pub root: PathBuf,
+}
+
+pub fn tiny_run(n_train: usize) -> TinyRun {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_chat_model(&tmp.path().join("model"));
+    let data = write_chat_data(&tmp.path().join("data"), n_train);
+    let root = tmp.path().to_path_buf();
+    TinyRun {
+        _tmp: tmp,
+        model,
+        data,
+        root,
+    }
+}

@@ -18,37 +18,30 @@ fn setup() -> Run {
 const STEPS: usize = 24;
 
 fn command(r: &Run, out: &Path, extra: &[&str]) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_your_ai"));
-    c.arg("train")
-        .arg("--model")
-        .arg(&r.model)
-        .arg("--data")
-        .arg(&r.data)
-        .arg("--output")
-        .arg(out)
-        .args([
-            "--max-steps",
-            &STEPS.to_string(),
-            "--batch-size",
-            "2",
-            "--lora-rank",
-            "4",
-            "--learning-rate",
-            "1e-3",
-        ])
-        .args([
-            "--warmup-steps",
-            "3",
-            "--save-every",
-            "2",
-            "--steps-per-eval",
-            "5",
-            "--seed",
-            "3",
-        ])
-        .args(extra)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
+    let mut c = r.train_command(out);
+    c.args([
+        "--max-steps",
+        &STEPS.to_string(),
+        "--batch-size",
+        "2",
+        "--lora-rank",
+        "4",
+        "--learning-rate",
+        "1e-3",
+    ])
+    .args([
+        "--warmup-steps",
+        "3",
+        "--save-every",
+        "2",
+        "--steps-per-eval",
+        "5",
+        "--seed",
+        "3",
+    ])
+    .args(extra)
+    .stdout(Stdio::null())
+    .stderr(Stdio::piped());
     c
 }
 

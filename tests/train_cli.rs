@@ -15,14 +15,8 @@ fn setup(n_train: usize) -> Setup {
 /// Runs `your_ai train` on the setup with `base` then `extra` flags; returns (stderr, output dir).
 fn run_train(s: &Setup, name: &str, base: &[&str], extra: &[&str]) -> (String, PathBuf) {
     let out = s.root.join(name);
-    let o = cli()
-        .arg("train")
-        .arg("--model")
-        .arg(&s.model)
-        .arg("--data")
-        .arg(&s.data)
-        .arg("--output")
-        .arg(&out)
+    let o = s
+        .train_command(&out)
         .args(base)
         .args(extra)
         .output()

@@ -412,6 +412,22 @@ pub struct TinyRun {
     pub root: PathBuf,
 }
 
+impl TinyRun {
+    /// `your_ai train --model M --data D --output OUT` on this run's model and data.
+    pub fn train_command(&self, out: &Path) -> std::process::Command {
+        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_your_ai"));
+        c.env_remove("RUST_LOG")
+            .arg("train")
+            .arg("--model")
+            .arg(&self.model)
+            .arg("--data")
+            .arg(&self.data)
+            .arg("--output")
+            .arg(out);
+        c
+    }
+}
+
 pub fn tiny_run(n_train: usize) -> TinyRun {
     let tmp = tempfile::tempdir().unwrap();
     let model = tiny_chat_model(&tmp.path().join("model"));

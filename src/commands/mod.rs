@@ -1,5 +1,7 @@
 //! One module per subcommand: each turns parsed flags into calls on the library.
 
+pub mod benchmark;
+pub mod estimate;
 pub mod eval;
 pub mod generate;
 pub mod models;
@@ -18,6 +20,8 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Eval(args) => eval::run(args),
         Command::Train(args) => train::run(*args),
         Command::Models => models::run(),
+        Command::Estimate(args) => estimate::run(args),
+        Command::Benchmark(args) => benchmark::run(args),
     }
 }
 

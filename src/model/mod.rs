@@ -7,4 +7,4 @@ pub mod rope;
 pub use config::{Architecture, ModelConfig, RopeScaling};
 pub use llama::{KvCache, Llama};
 pub mod load;
-pub use load::{load, LoadedModel};
+pub use load::{inspect, load, Inspected, LoadedModel};

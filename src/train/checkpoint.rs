@@ -35,6 +35,11 @@ const HARMLESS: &[&str] = &[
     "profile",
     "output",
     "data",
+    // Same results, different memory or speed.
+    "keep_activations",
+    "keep_blocks",
+    "memory_budget",
+    "reload_interval",
 ];
 
 /// Everything besides tensors that the loop needs to continue.

@@ -147,8 +147,10 @@ fn run_trial(a: &BenchmarkArgs, dir: &Path, trial: &mut Trial, budget_gb: f64) -
         .iter()
         .find(|r| r["type"] == "start")
         .and_then(|r| r["load_peak_rss_bytes"].as_u64());
-    let train_peak = train
+    // Every step's, and the end record's (after the final save).
+    let train_peak = records
         .iter()
+        .filter(|r| r["type"] == "train" || r["type"] == "end")
         .filter_map(|r| r["train_peak_rss_bytes"].as_u64())
         .max();
     trial.peak = match (load_peak, train_peak) {

@@ -605,6 +605,9 @@ pub fn train(
     }
     summary.seconds = start.elapsed().as_secs_f64();
     summary.peak_rss = memory::peak_rss();
+    // After the final save: the whole run's peak, for benchmarks and post-mortems.
+    metrics.write(json!({"type": "end", "step": cfg.steps, "peak_rss_bytes": summary.peak_rss,
+        "train_peak_rss_bytes": memory::phase_peak_rss(), "seconds": summary.seconds}))?;
     summary.profile = cfg.profile.then_some(profile);
     Ok(summary)
 }

@@ -42,6 +42,19 @@ pub enum Command {
     /// process), report speed and peak memory beside the estimate, and recommend the fastest
     /// that fits the budget.
     Benchmark(BenchmarkArgs),
+    /// Show the detected hardware and, for each model alias, whether LoRA and QLoRA fit the
+    /// memory budget, with the flags to use.
+    Recommend(RecommendArgs),
+    /// Detect the hardware and save it (with benchmark results) to the profile that
+    /// `recommend`, `benchmark` and `train --auto-optimize` read.
+    Setup,
+}
+
+#[derive(Debug, Args)]
+pub struct RecommendArgs {
+    /// Assume a machine with this much memory (GB) instead of the detected one.
+    #[arg(long, value_name = "GB")]
+    pub memory: Option<f64>,
 }
 
 #[derive(Debug, Args)]
@@ -292,6 +305,10 @@ pub struct TrainArgs {
     /// instead of refusing.
     #[arg(long)]
     pub auto_fit: bool,
+    /// Use the best configuration `your_ai benchmark` saved for this model (running a quick
+    /// benchmark first if there is none); flags given on the command line still win.
+    #[arg(long)]
+    pub auto_optimize: bool,
     /// Every N steps: checkpoint, drop the model, adapter and optimizer, reload them and go on.
     /// A workaround other tools need for memory that grows step by step; your_ai's steps are
     /// flat, so it is not needed, but it works exactly (same losses and adapter).
@@ -313,10 +330,41 @@ pub fn parse() -> Result<Cli> {
         Some(path) => with_yaml_args(argv, &path)?,
         None => argv,
     };
+    let argv = with_auto_optimize_args(argv)?;
     let matches = Cli::command()
         .args_override_self(true)
         .get_matches_from(argv);
     Cli::from_arg_matches(&matches).map_err(|e| e.exit())
+}
+
+/// For `train --auto-optimize`: the saved best configuration's flags go in first, so that
+/// flags from the command line and the YAML file win.
+fn with_auto_optimize_args(argv: Vec<OsString>) -> Result<Vec<OsString>> {
+    let args: Vec<&str> = argv.iter().filter_map(|a| a.to_str()).collect();
+    let Some(train) = args.iter().position(|a| *a == "train") else {
+        return Ok(argv);
+    };
+    let rest = &args[train + 1..];
+    if !rest.contains(&"--auto-optimize") {
+        return Ok(argv);
+    }
+    let model = rest.iter().enumerate().find_map(|(i, a)| {
+        if let Some(v) = a.strip_prefix("--model=") {
+            Some(v.to_string())
+        } else if *a == "--model" || *a == "-m" {
+            rest.get(i + 1).map(|s| s.to_string())
+        } else {
+            None
+        }
+    });
+    let Some(model) = model else {
+        return Ok(argv); // clap reports the missing --model
+    };
+    let extra = crate::profile::auto_optimize_args(&model)?;
+    let mut out = argv[..=train].to_vec();
+    out.extend(extra.into_iter().map(OsString::from));
+    out.extend_from_slice(&argv[train + 1..]);
+    Ok(out)
 }
 
 /// The value of `--config` when the subcommand is `train`.

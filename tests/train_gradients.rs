@@ -200,7 +200,7 @@ fn autograd_loss(
 
 fn explicit(model: &Llama, adapter: &Adapter, mbs: &[MicroBatch]) -> (f64, Grads) {
     let total: usize = mbs.iter().map(|m| m.n_targets).sum();
-    let mut grads = Grads::zeros_like(adapter).unwrap();
+    let mut grads = Grads::new(adapter);
     let mut ce = 0.0;
     for mb in mbs {
         ce += forward_backward(
@@ -406,7 +406,7 @@ fn keeping_activations_gives_the_same_gradients_bit_for_bit() {
     let adapter = random_adapter(&model, vec![0, 1], Target::ALL.to_vec());
     let mb = batch(&model, &rows(&samples()));
     let run = |keep: usize| {
-        let mut g = Grads::zeros_like(&adapter).unwrap();
+        let mut g = Grads::new(&adapter);
         let mut p = your_ai::train::step::Profile::default();
         let l = forward_backward(&model, &adapter, &mb, 0.1, &mut g, keep, &mut p).unwrap();
         (l.ce, g, p)

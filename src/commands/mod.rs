@@ -5,6 +5,8 @@ pub mod estimate;
 pub mod eval;
 pub mod generate;
 pub mod models;
+pub mod recommend;
+pub mod setup;
 pub mod train;
 
 use crate::cli::{Cli, Command, ModelArgs};
@@ -22,6 +24,8 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Models => models::run(),
         Command::Estimate(args) => estimate::run(args),
         Command::Benchmark(args) => benchmark::run(args),
+        Command::Recommend(args) => recommend::run(args),
+        Command::Setup => setup::run(),
     }
 }
 

@@ -69,7 +69,10 @@ fn preflight(a: &TrainArgs, targets: &[Target], inspected: &Inspected) -> Result
     if !fits(&w) {
         let e = estimate(cfg, &w);
         let over = e.peak() - budget.bytes;
-        match (a.auto_fit, largest_batch(cfg, &w, a.batch_size, budget.bytes)) {
+        match (
+            a.auto_fit,
+            largest_batch(cfg, &w, a.batch_size, budget.bytes),
+        ) {
             (true, Some(b)) => {
                 eprintln!(
                     "--auto-fit: batch size {} would need {:.2} GB; training with batch size {b}, which fits",
@@ -82,7 +85,8 @@ fn preflight(a: &TrainArgs, targets: &[Target], inspected: &Inspected) -> Result
                 eprint!("{}", e.table(Some(budget.bytes)));
                 let advice = suggestions(cfg, &w, budget.bytes, false);
                 let advice = if advice.is_empty() {
-                    "nothing smaller fits either; this model needs a machine with more memory".into()
+                    "nothing smaller fits either; this model needs a machine with more memory"
+                        .into()
                 } else {
                     format!("any one of these fits: {}", advice.join(", "))
                 };
@@ -140,7 +144,8 @@ fn check_flags(a: &TrainArgs) -> Result<Vec<Target>> {
     refuse_unavailable(a)?;
     if a.reload_interval == Some(0) {
         return Err(usage(
-            "--reload-interval 0: give a number of steps (at least 1), or leave the flag out".into(),
+            "--reload-interval 0: give a number of steps (at least 1), or leave the flag out"
+                .into(),
         ));
     }
     let positive = [

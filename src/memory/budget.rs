@@ -126,7 +126,10 @@ pub fn device_memory(device: &Device) -> DeviceMemory {
 }
 
 fn command_u64(program: &str, args: &[&str]) -> Option<u64> {
-    let out = std::process::Command::new(program).args(args).output().ok()?;
+    let out = std::process::Command::new(program)
+        .args(args)
+        .output()
+        .ok()?;
     String::from_utf8_lossy(&out.stdout)
         .lines()
         .next()?
@@ -173,7 +176,10 @@ mod tests {
             vec!["Set memory limit to 70.0 GB (device total 128.0 GB)".to_string()]
         );
         let err = resolve(Some(200.0), Some(gb(128.0))).unwrap_err();
-        assert!(err.contains("--max-memory 200") && err.contains("128.0 GB"), "{err}");
+        assert!(
+            err.contains("--max-memory 200") && err.contains("128.0 GB"),
+            "{err}"
+        );
         for bad in [0.0, -1.0, f64::NAN, f64::INFINITY] {
             assert!(resolve(Some(bad), Some(gb(16.0))).is_err());
         }

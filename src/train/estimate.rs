@@ -140,9 +140,10 @@ pub fn frozen_bytes(cfg: &ModelConfig, format: WeightFormat) -> u64 {
     let (linear, other) = frozen_params(cfg);
     match format {
         WeightFormat::Dense(b) => ((linear + other) as f64 * b) as u64,
-        WeightFormat::Quantized { linear: q, other: o } => {
-            (linear as f64 * q + other as f64 * o) as u64
-        }
+        WeightFormat::Quantized {
+            linear: q,
+            other: o,
+        } => (linear as f64 * q + other as f64 * o) as u64,
     }
 }
 
@@ -183,9 +184,8 @@ pub fn estimate(cfg: &ModelConfig, w: &Workload) -> Estimate {
     let grads_per_block = 4 * params / adapted.max(1);
     let input = rows * h * act;
     let inputs = (adapted - keep) * input;
-    let per_block = saved_bytes_per_block(cfg, w.lora_rank, rows as usize, w.seq_len) as u64
-        / 4
-        * act;
+    let per_block =
+        saved_bytes_per_block(cfg, w.lora_rank, rows as usize, w.seq_len) as u64 / 4 * act;
     // With dropout each LoRA pair also keeps its masked input.
     let dropout = if w.dropout {
         rows * (5 * h + q + i) * act
@@ -445,7 +445,18 @@ mod tests {
             assert!(estimate(&cfg, &x).peak() <= budget, "{a} does not fit");
         }
         let b = largest_batch(&cfg, &w, 8, budget).unwrap();
-        assert!(b < 8 && estimate(&cfg, &Workload { batch_size: b, ..w.clone() }).peak() <= budget);
+        assert!(
+            b < 8
+                && estimate(
+                    &cfg,
+                    &Workload {
+                        batch_size: b,
+                        ..w.clone()
+                    }
+                )
+                .peak()
+                    <= budget
+        );
         assert!(
             estimate(
                 &cfg,

@@ -360,7 +360,7 @@ pub fn train(
             .collect();
         let total_targets: usize = batches.iter().flat_map(|b| b.iter().map(Row::scored)).sum();
         let adapter = model.adapter.as_ref().expect("adapter attached");
-        let mut grads = Grads::zeros_like(adapter)?;
+        let mut grads = Grads::new(adapter);
         let mut sums = LossSums::default();
         let mut tokens = 0;
         if total_targets > 0 {
@@ -392,7 +392,8 @@ pub fn train(
                             // step before, and so is the data cursor saved with them.
                             drop((grads, mb));
                             progress.finish();
-                            let mut state = state_now(step - 1, &opt, &batcher, &summary, nonfinite);
+                            let mut state =
+                                state_now(step - 1, &opt, &batcher, &summary, nonfinite);
                             (state.epoch, state.position) = cursor;
                             let dir = checkpoint::save(
                                 &ckpt_root,
@@ -420,6 +421,7 @@ pub fn train(
         }
         let loss = sums.ce / total_targets.max(1) as f64;
         let clock = Instant::now();
+        grads.fill_missing(model.adapter.as_ref().expect("adapter attached"))?;
         let grad_norm = clip_grad_norm(&mut grads, cfg.max_grad_norm)?;
         let lr = schedule.lr(step);
         if total_targets == 0 {
@@ -447,6 +449,9 @@ pub fn train(
             )?;
         }
         drop(grads);
+        // Gradients and replaced moments are many small heap blocks; handing their pages back
+        // each step keeps the heap from holding two steps' worth (measured: +60 MB at rank 64).
+        memory::release_free();
         profile.optimizer += clock.elapsed();
         let dt = t0.elapsed().as_secs_f64();
         summary.steps = step;
@@ -584,8 +589,10 @@ pub fn train(
                 before.map(memory::gb).unwrap_or(f64::NAN),
                 after.map(memory::gb).unwrap_or(f64::NAN)
             ));
-            metrics.write(json!({"type": "reload", "step": step, "rss_before_bytes": before,
-                "rss_after_bytes": after, "seconds": clock.elapsed().as_secs_f64()}))?;
+            metrics.write(
+                json!({"type": "reload", "step": step, "rss_before_bytes": before,
+                "rss_after_bytes": after, "seconds": clock.elapsed().as_secs_f64()}),
+            )?;
         }
     }
     let clock = Instant::now();
@@ -606,8 +613,10 @@ pub fn train(
     summary.seconds = start.elapsed().as_secs_f64();
     summary.peak_rss = memory::peak_rss();
     // After the final save: the whole run's peak, for benchmarks and post-mortems.
-    metrics.write(json!({"type": "end", "step": cfg.steps, "peak_rss_bytes": summary.peak_rss,
-        "train_peak_rss_bytes": memory::phase_peak_rss(), "seconds": summary.seconds}))?;
+    metrics.write(
+        json!({"type": "end", "step": cfg.steps, "peak_rss_bytes": summary.peak_rss,
+        "train_peak_rss_bytes": memory::phase_peak_rss(), "seconds": summary.seconds}),
+    )?;
     summary.profile = cfg.profile.then_some(profile);
     Ok(summary)
 }

@@ -45,6 +45,16 @@ pub struct TrainConfig {
     pub profile: bool,
     /// How many adapted blocks keep their activations instead of recomputing them.
     pub keep_activations: KeepActivations,
+    /// Distrust weighting of the loss (`--distrust`); None for plain training. Part of the
+    /// checkpoint's configuration, so a resume with another α or λ is refused.
+    pub distrust: Option<DistrustSettings>,
+}
+
+/// `--alpha` and `--lambda-weight` of a distrust run.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct DistrustSettings {
+    pub alpha: f64,
+    pub lambda: f64,
 }
 
 /// `--keep-activations`: recomputing a block in the backward costs one more forward of it;

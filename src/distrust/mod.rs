@@ -1,0 +1,39 @@
+//! Empirical distrust training: per-example loss weights from each example's authority weight
+//! `w` and provenance entropy `H` ([`formula`]), the citation scorer that computes `w` and `H`
+//! from text and metadata ([`scorer`], constants in [`table`]), corpus preparation
+//! ([`prepare`]) and the prompt-suite check of a trained model ([`suite`]).
+
+pub mod formula;
+pub mod plot;
+pub mod prepare;
+pub mod scorer;
+pub mod suite;
+pub mod table;
+
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DistrustError {
+    /// Bad rows, each reported as `file:line: reason`.
+    #[error("{count} invalid row(s):\n{}", shown.join("\n"))]
+    Rows { count: usize, shown: Vec<String> },
+    #[error("{}: the input holds no examples", path.display())]
+    Empty { path: PathBuf },
+    #[error("{what}")]
+    Input { what: String },
+}
+
+/// How many bad rows are listed before "and N more".
+const MAX_SHOWN: usize = 20;
+
+impl DistrustError {
+    /// Collects `file:line: reason` messages into one error.
+    pub fn rows(errors: Vec<String>) -> Self {
+        let count = errors.len();
+        let mut shown: Vec<String> = errors.into_iter().take(MAX_SHOWN).collect();
+        if count > MAX_SHOWN {
+            shown.push(format!("... and {} more", count - MAX_SHOWN));
+        }
+        DistrustError::Rows { count, shown }
+    }
+}

@@ -3,7 +3,10 @@
 pub mod eval;
 pub mod generate;
 pub mod models;
+pub mod prepare;
+pub mod score;
 pub mod train;
+pub mod validate;
 
 use crate::cli::{Cli, Command, ModelArgs};
 use crate::device::{select_device, select_dtype};
@@ -18,6 +21,9 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Eval(args) => eval::run(args),
         Command::Train(args) => train::run(*args),
         Command::Models => models::run(),
+        Command::Score(args) => score::run(args),
+        Command::Prepare(args) => prepare::run(args),
+        Command::Validate(args) => validate::run(args),
     }
 }
 

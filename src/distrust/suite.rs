@@ -194,8 +194,9 @@ pub fn contains_word(text: &str, word: &str) -> bool {
     let starts_alnum = alnum(word.chars().next());
     let ends_alnum = alnum(word.chars().next_back());
     text.match_indices(word).any(|(i, m)| {
-        !(starts_alnum && alnum(text[..i].chars().next_back()))
-            && !(ends_alnum && alnum(text[i + m.len()..].chars().next()))
+        let glued_before = starts_alnum && alnum(text[..i].chars().next_back());
+        let glued_after = ends_alnum && alnum(text[i + m.len()..].chars().next());
+        !glued_before && !glued_after
     })
 }
 

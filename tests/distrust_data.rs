@@ -155,6 +155,26 @@ fn score_adds_both_fields_to_every_row_and_refuses_bad_input() {
             / r.len() as f64
     };
     assert!(mean(&scored[..18]) + 0.4 < mean(&scored[18..36]));
+    // And the primary-source texts get the larger distrust D on average, as the README says.
+    let mean_d = |r: &[Value]| {
+        r.iter()
+            .map(|v| {
+                your_ai::distrust::formula::distrust_d(
+                    2.7,
+                    your_ai::distrust::formula::Provenance {
+                        auth_weight: v["auth_weight"].as_f64().unwrap(),
+                        prov_entropy: v["prov_entropy"].as_f64().unwrap(),
+                    },
+                )
+            })
+            .sum::<f64>()
+            / r.len() as f64
+    };
+    let (primary, consensus) = (mean_d(&scored[..18]), mean_d(&scored[18..36]));
+    assert!(
+        (primary - 16.90).abs() < 0.01 && (consensus - 8.70).abs() < 0.01,
+        "README figures: {primary} vs {consensus}"
+    );
 
     // Refused: existing output without --force; then replaced with it.
     let (ok, _, err) = run(&["score", "-i", corpus().to_str().unwrap(), "-o", o]);

@@ -96,10 +96,59 @@ pub fn normalized(text: &str) -> String {
     out
 }
 
+/// Words per shingle for the near-duplicate check.
+const SHINGLE_WORDS: usize = 3;
+/// Two texts whose word-shingle sets have at least this Jaccard similarity are near-exact
+/// duplicates (one changed word in forty words gives about 0.85).
+pub const NEAR_JACCARD: f64 = 0.8;
+/// Min-hash signature: BANDS bands of ROWS hashes; texts sharing a band are compared exactly.
+const BANDS: usize = 8;
+const ROWS: usize = 4;
+
+/// FNV-1a: a fixed, platform-independent hash, so the result never depends on the build.
+fn fnv1a(bytes: &[u8], seed: u64) -> u64 {
+    let mut h = 0xcbf2_9ce4_8422_2325 ^ seed;
+    for &b in bytes {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x100_0000_01b3);
+    }
+    h
+}
+
+fn mix(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// Hashes of the text's `SHINGLE_WORDS`-word windows (of its normalized words).
+fn shingles(norm: &str) -> HashSet<u64> {
+    let words: Vec<&str> = norm.split(' ').filter(|w| !w.is_empty()).collect();
+    words
+        .windows(SHINGLE_WORDS)
+        .map(|w| fnv1a(w.join(" ").as_bytes(), 0))
+        .collect()
+}
+
+fn jaccard(a: &HashSet<u64>, b: &HashSet<u64>) -> f64 {
+    let inter = a.intersection(b).count();
+    let union = a.len() + b.len() - inter;
+    if union == 0 {
+        1.0
+    } else {
+        inter as f64 / union as f64
+    }
+}
+
 /// Keeps the first of each group of duplicates; returns (kept, exact dropped, near dropped).
+/// Exact: the same text. Near-exact: the same text after [`normalized`], or word-shingle
+/// Jaccard similarity ≥ [`NEAR_JACCARD`] with a kept text (candidates found by min-hash
+/// banding, then checked exactly).
 pub fn dedupe(examples: Vec<Example>) -> (Vec<Example>, usize, usize) {
     let mut exact = HashSet::new();
     let mut near = HashSet::new();
+    let mut buckets: std::collections::HashMap<(usize, u64), Vec<usize>> = Default::default();
+    let mut kept_shingles: Vec<HashSet<u64>> = vec![];
     let (mut n_exact, mut n_near) = (0, 0);
     let mut kept = Vec::with_capacity(examples.len());
     for e in examples {
@@ -107,10 +156,43 @@ pub fn dedupe(examples: Vec<Example>) -> (Vec<Example>, usize, usize) {
             n_exact += 1;
             continue;
         }
-        if !near.insert(normalized(&e.text)) {
+        let norm = normalized(&e.text);
+        let sh = shingles(&norm);
+        if !near.insert(norm) {
             n_near += 1;
             continue;
         }
+        let mut keys = vec![];
+        if !sh.is_empty() {
+            let sig: Vec<u64> = (0..BANDS * ROWS)
+                .map(|k| {
+                    let seed = mix(k as u64 + 1);
+                    sh.iter().map(|&s| mix(s ^ seed)).min().unwrap_or(0)
+                })
+                .collect();
+            keys = sig
+                .chunks(ROWS)
+                .enumerate()
+                .map(|(band, rows)| {
+                    let bytes: Vec<u8> = rows.iter().flat_map(|r| r.to_le_bytes()).collect();
+                    (band, fnv1a(&bytes, band as u64))
+                })
+                .collect();
+            let similar = keys
+                .iter()
+                .filter_map(|k| buckets.get(k))
+                .flatten()
+                .any(|&j| jaccard(&sh, &kept_shingles[j]) >= NEAR_JACCARD);
+            if similar {
+                n_near += 1;
+                continue;
+            }
+        }
+        let idx = kept_shingles.len();
+        for k in keys {
+            buckets.entry(k).or_default().push(idx);
+        }
+        kept_shingles.push(sh);
         kept.push(e);
     }
     (kept, n_exact, n_near)
@@ -248,6 +330,33 @@ mod tests {
         assert_eq!((exact, near), (1, 2));
         let w: Vec<f64> = kept.iter().map(|e| e.prov.auth_weight).collect();
         assert_eq!(w, vec![0.1, 0.4, 0.6]);
+    }
+
+    #[test]
+    fn texts_one_word_apart_are_near_duplicates_and_different_ones_are_not() {
+        let base: Vec<String> = (0..40).map(|i| format!("w{i}")).collect();
+        let mut one_off = base.clone();
+        one_off[20] = "changed".into();
+        let mut five_off = base.clone();
+        for i in [3, 11, 19, 27, 35] {
+            five_off[i] = format!("x{i}");
+        }
+        let other: Vec<String> = (0..40).map(|i| format!("v{i}")).collect();
+        let (kept, exact, near) = dedupe(vec![
+            ex(&base.join(" "), 0.1),
+            ex(&one_off.join(" "), 0.2),
+            ex(&five_off.join(" "), 0.3),
+            ex(&other.join(" "), 0.4),
+        ]);
+        assert_eq!((exact, near), (0, 1));
+        let w: Vec<f64> = kept.iter().map(|e| e.prov.auth_weight).collect();
+        assert_eq!(w, vec![0.1, 0.3, 0.4]);
+        // Shingle Jaccard of the one-word change: 35 shared of 41.
+        let (a, b) = (
+            shingles(&normalized(&base.join(" "))),
+            shingles(&normalized(&one_off.join(" "))),
+        );
+        assert!((jaccard(&a, &b) - 35.0 / 41.0).abs() < 1e-12);
     }
 
     #[test]

@@ -127,6 +127,18 @@ fn lambda_zero_is_plain_training_and_lambda_above_zero_acts() {
     assert_eq!(cfg["distrust"]["lambda"], 0.6);
     assert_eq!(cfg["distrust"]["alpha"], 2.7);
 
+    // --alpha scales the reported D; it cancels in D/mean(D), so the losses do not change.
+    ok(&train(&r, &scored, "alpha", &["--alpha", "2.3"]));
+    let ma = metrics(&r.root.join("alpha").join("metrics.jsonl"), "train");
+    for (a, b) in ma.iter().zip(&m) {
+        let ratio = a["mean_d"].as_f64().unwrap() / b["mean_d"].as_f64().unwrap();
+        assert!((ratio - 2.3 / 2.7).abs() < 1e-5, "{ratio}");
+        assert!(
+            (a["weighted_loss"].as_f64().unwrap() - b["weighted_loss"].as_f64().unwrap()).abs()
+                < 1e-4
+        );
+    }
+
     // --no-distrust: plain training on scored rows.
     ok(&train(&r, &scored, "off", &["--no-distrust"]));
     assert_eq!(adapter(&r, "plain"), adapter(&r, "off"));

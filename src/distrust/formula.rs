@@ -7,7 +7,8 @@
 //! instead: c_i = (1 − λ) + λ · D_i / D̄, with D̄ the mean D over the whole training set
 //! (computed once, so an example's weight does not depend on which batch it lands in), and the
 //! loss is Σ c_i·CE_i / Σ c_i·n_i over supervised tokens. λ = 0 gives c_i = 1 exactly: plain
-//! training, bit for bit.
+//! training, bit for bit. α multiplies every D alike, so it cancels in D_i / D̄: it sets the
+//! scale of the reported D, not the weights.
 
 use crate::data::Record;
 use serde_json::Value;
@@ -204,6 +205,19 @@ mod tests {
         assert!(plain.c.iter().all(|&c| c.to_bits() == 1f32.to_bits()));
         let full = example_weights(&prov, 2.7, 1.0);
         assert!((full.c[1] as f64 - full.d[1] / full.d_mean).abs() < 1e-6);
+    }
+
+    #[test]
+    fn alpha_scales_every_d_alike_so_it_cancels_in_the_weights() {
+        let prov = [p(0.1, 3.0), p(0.9, 0.2), p(0.5, 1.0)];
+        let (a, b) = (
+            example_weights(&prov, 2.3, 0.6),
+            example_weights(&prov, 3.0, 0.6),
+        );
+        assert!((b.d_mean / a.d_mean - 3.0 / 2.3).abs() < 1e-12);
+        for (x, y) in a.c.iter().zip(&b.c) {
+            assert!((x - y).abs() < 1e-6, "{x} vs {y}");
+        }
     }
 
     #[test]

@@ -279,6 +279,17 @@ mod tests {
     }
 
     #[test]
+    fn packed_rows_keep_each_documents_weight_and_d() {
+        let (a, b, c) = (sample(3), sample(4), sample(5));
+        let rows = pack_with_d(&[&a, &b, &c], &[0.5, 2.0, 1.0], Some(&[1.0, 9.0, 4.0]), 8);
+        assert_eq!(rows[0].doc_d, vec![1.0, 9.0]);
+        assert_eq!(rows[1].doc_d, vec![4.0]);
+        // 2 scored tokens at 0.5 and 3 at 2.0.
+        assert_eq!(rows[0].scored_weight(), 7.0);
+        assert!(pack(&[&a], &[1.0], 8)[0].doc_d.is_empty());
+    }
+
+    #[test]
     fn grouped_batches_pad_less_and_keep_every_row() {
         let lens: Vec<usize> = (0..200).map(|i| 10 + (i * 37) % 90).collect();
         let order = grouped_order(&lens, 4, 5, 0);

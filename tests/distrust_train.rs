@@ -140,10 +140,18 @@ fn lambda_zero_is_plain_training_and_lambda_above_zero_acts() {
     }
 
     // Packed rows carry each document's weight and D.
-    ok(&train(&r, &scored, "packed", &["--pack", "--batch-size", "1"]));
+    ok(&train(
+        &r,
+        &scored,
+        "packed",
+        &["--pack", "--batch-size", "1"],
+    ));
     for line in metrics(&r.root.join("packed").join("metrics.jsonl"), "train") {
         assert!(line["mean_d"].as_f64().unwrap() > 0.0, "{line}");
-        assert!(line["weighted_loss"].as_f64().unwrap().is_finite(), "{line}");
+        assert!(
+            line["weighted_loss"].as_f64().unwrap().is_finite(),
+            "{line}"
+        );
     }
 
     // --no-distrust: plain training on scored rows.

@@ -48,6 +48,12 @@ pub enum Command {
     /// Detect the hardware and save it (with benchmark results) to the profile that
     /// `recommend`, `benchmark` and `train --auto-optimize` read.
     Setup,
+    /// Add auth_weight and prov_entropy (the citation scorer's) to every row of a JSONL file.
+    Score(ScoreArgs),
+    /// Build a distrust training set: score, drop duplicates, rebalance, split train/valid.
+    Prepare(PrepareArgs),
+    /// Run a prompt suite through a model (and adapter) and report pass rates per category.
+    Validate(ValidateArgs),
 }
 
 #[derive(Debug, Args)]
@@ -110,6 +116,75 @@ pub struct EstimateArgs {
     /// Compare with this budget (GB).
     #[arg(long, value_name = "GB")]
     pub max_memory: Option<f64>,
+}
+
+#[derive(Debug, Args)]
+pub struct ScoreArgs {
+    /// JSONL rows with `text` (or prompt/completion, or messages) and optional metadata:
+    /// source, url, publisher, year or date, source_type.
+    #[arg(short, long)]
+    pub input: PathBuf,
+    /// Where the scored rows go (written whole, or not at all).
+    #[arg(short, long)]
+    pub output: PathBuf,
+    /// Replace an existing output file.
+    #[arg(long)]
+    pub force: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct PrepareArgs {
+    /// JSONL files; rows without auth_weight and prov_entropy are scored.
+    #[arg(short, long, num_args = 1.., required = true)]
+    pub input: Vec<PathBuf>,
+    /// Directory for train.jsonl and valid.jsonl.
+    #[arg(short, long)]
+    pub output: PathBuf,
+    /// Target share of low-authority examples (auth_weight below 0.3) after rebalancing.
+    #[arg(long, default_value_t = crate::distrust::prepare::DEFAULT_LOW_AUTHORITY_SHARE)]
+    pub low_authority_share: f64,
+    /// Keep every example: no rebalancing.
+    #[arg(long)]
+    pub no_rebalance: bool,
+    /// Share of examples held out for valid.jsonl.
+    #[arg(long, default_value_t = 0.1)]
+    pub valid_fraction: f64,
+    /// Seed of the rebalancing and the split.
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Also draw the w and H histograms into this PNG file.
+    #[arg(long)]
+    pub plot: Option<PathBuf>,
+    /// Replace existing train.jsonl / valid.jsonl in --output.
+    #[arg(long)]
+    pub force: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ValidateArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// A LoRA adapter directory (PEFT layout) to apply.
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
+    /// Prompt suite JSONL [default: the built-in authority-bias and refusal suite].
+    #[arg(long)]
+    pub suite: Option<PathBuf>,
+    /// Run the base model and the adapter side by side (needs --adapter).
+    #[arg(long)]
+    pub compare: bool,
+    /// Also write the results as JSON to this file.
+    #[arg(long)]
+    pub output: Option<PathBuf>,
+    /// Most tokens generated per prompt.
+    #[arg(long, default_value_t = 160)]
+    pub max_tokens: usize,
+    /// Sampling temperature; 0 (the default) is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f64,
+    /// Random seed for sampling.
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
 }
 
 /// Which model, on which device, in which dtype.
@@ -296,6 +371,20 @@ pub struct TrainArgs {
     /// for; faster, but resident memory then follows the longest batch seen), all, or a number.
     #[arg(long, default_value = "none")]
     pub keep_activations: crate::train::config::KeepActivations,
+
+    /// Weight each example's loss by its distrust D (on by default when the training rows have
+    /// auth_weight and prov_entropy; see `your_ai score`).
+    #[arg(long, overrides_with = "no_distrust")]
+    pub distrust: bool,
+    /// Plain training even when the rows carry auth_weight and prov_entropy.
+    #[arg(long)]
+    pub no_distrust: bool,
+    /// α of D = α·(ln(1 − w + 1e-8) + H)² (valid range 2.3–3.0).
+    #[arg(long, default_value_t = crate::distrust::formula::DEFAULT_ALPHA)]
+    pub alpha: f64,
+    /// λ in [0, 1]: example weight c = (1 − λ) + λ·D/mean(D); 0 is plain training.
+    #[arg(long, default_value_t = crate::distrust::formula::DEFAULT_LAMBDA)]
+    pub lambda_weight: f64,
 
     /// Memory budget in GB [default: 80% of the device's memory, at most 120 GB]. A run whose
     /// estimate exceeds it does not start; one that crosses it saves a checkpoint and stops.

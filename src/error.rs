@@ -21,6 +21,8 @@ pub enum Error {
     Data(#[from] crate::data::DataError),
     #[error(transparent)]
     Adapter(#[from] crate::lora::AdapterError),
+    #[error(transparent)]
+    Distrust(#[from] crate::distrust::DistrustError),
     /// A flag value that cannot work; the message names the flag and the fix.
     #[error("{0}")]
     Usage(String),

@@ -8,6 +8,7 @@ pub mod cli;
 pub mod commands;
 pub mod data;
 pub mod device;
+pub mod distrust;
 pub mod error;
 pub mod evaluate;
 pub mod generation;

@@ -179,10 +179,12 @@ pub fn auto_optimize_args(model: &str) -> Result<Vec<String>> {
             let found = load()?.and_then(|p| p.best.get(&key).cloned());
             match (status.success(), found) {
                 (true, Some(b)) => b,
-                _ => return Err(Error::Usage(format!(
+                _ => {
+                    return Err(Error::Usage(format!(
                     "--auto-optimize: the benchmark found no configuration of {model} that fits; \
                          train without --auto-optimize, or with a larger --max-memory"
-                ))),
+                )))
+                }
             }
         }
     };

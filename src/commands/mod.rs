@@ -5,9 +5,12 @@ pub mod estimate;
 pub mod eval;
 pub mod generate;
 pub mod models;
+pub mod prepare;
 pub mod recommend;
+pub mod score;
 pub mod setup;
 pub mod train;
+pub mod validate;
 
 use crate::cli::{Cli, Command, ModelArgs};
 use crate::device::{select_device, select_dtype};
@@ -26,6 +29,9 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Benchmark(args) => benchmark::run(args),
         Command::Recommend(args) => recommend::run(args),
         Command::Setup => setup::run(),
+        Command::Score(args) => score::run(args),
+        Command::Prepare(args) => prepare::run(args),
+        Command::Validate(args) => validate::run(args),
     }
 }
 

@@ -70,7 +70,7 @@ fn over_budget_refused_with_advice_that_works() {
     let o = run(&["--batch-size", "8", "--lora-rank", "16"], "refused");
     let e = stderr(&o);
     assert_eq!(o.status.code(), Some(2), "{e}");
-    assert!(e.contains("Set memory limit to 0.8 GB"), "{e}");
+    assert!(e.contains("Set memory limit to 0.80 GB"), "{e}");
     assert!(e.contains("Memory estimate"), "{e}");
     assert!(e.contains("over the 0.80 GB budget"), "{e}");
     assert!(

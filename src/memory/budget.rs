@@ -71,21 +71,30 @@ impl Budget {
     /// The two lines a run starts with.
     pub fn describe(&self) -> Vec<String> {
         let mut lines = vec![];
+        let budget = show_gb(self.bytes);
         if self.auto {
             lines.push(format!(
-                "No memory limit specified. Auto-detecting safe limit: {:.1} GB",
-                self.bytes as f64 / GB
+                "No memory limit specified. Auto-detecting safe limit: {budget} GB"
             ));
         }
         lines.push(match self.total {
             Some(t) => format!(
-                "Set memory limit to {:.1} GB (device total {:.1} GB)",
-                self.bytes as f64 / GB,
+                "Set memory limit to {budget} GB (device total {:.1} GB)",
                 t as f64 / GB
             ),
-            None => format!("Set memory limit to {:.1} GB", self.bytes as f64 / GB),
+            None => format!("Set memory limit to {budget} GB"),
         });
         lines
+    }
+}
+
+/// GB with one decimal, two below 10 GB (where 0.85 should not read as 0.8).
+pub fn show_gb(bytes: u64) -> String {
+    let gb = bytes as f64 / GB;
+    if gb < 10.0 {
+        format!("{gb:.2}")
+    } else {
+        format!("{gb:.1}")
     }
 }
 

@@ -38,7 +38,7 @@ impl WeightFormat {
     pub fn describe(&self) -> String {
         match self {
             WeightFormat::Dense(b) if *b >= 4.0 => "f32".into(),
-            WeightFormat::Dense(_) => "16-bit".into(),
+            WeightFormat::Dense(_) => "bf16/f16".into(),
             WeightFormat::Quantized { linear, .. } => {
                 format!("{:.1}-bit linears", linear * 8.0)
             }
@@ -94,21 +94,21 @@ impl Estimate {
         let gb = |b: u64| b as f64 / 1e9;
         let mut s = String::from("Memory estimate (peak resident memory):\n");
         for t in &self.terms {
-            s.push_str(&format!("  {:<44} {:>8.2} GB\n", t.name, gb(t.bytes)));
+            s.push_str(&format!("  {:<52} {:>8.2} GB\n", t.name, gb(t.bytes)));
         }
         s.push_str(&format!(
-            "  {:<44} {:>8.2} GB\n",
+            "  {:<52} {:>8.2} GB\n",
             "training peak",
             gb(self.train_peak)
         ));
         s.push_str(&format!(
-            "  {:<44} {:>8.2} GB\n",
+            "  {:<52} {:>8.2} GB\n",
             "loading peak (weights + mapped file)",
             gb(self.load_peak)
         ));
         if let Some(b) = budget {
             s.push_str(&format!(
-                "  {:<44} {:>8.2} GB ({:.0}% of the {:.1} GB budget)\n",
+                "  {:<52} {:>8.2} GB ({:.0}% of the {:.1} GB budget)\n",
                 "estimated peak",
                 gb(self.peak()),
                 100.0 * self.peak() as f64 / b.max(1) as f64,
@@ -214,9 +214,9 @@ pub fn estimate(cfg: &ModelConfig, w: &Workload) -> Estimate {
     // The update: every gradient resident.
     let update = 4 * params;
     let (work_name, work) = [
-        ("block backward: activations, inputs, gradients", backward),
-        ("LM head and loss: logits chunk, inputs", head),
-        ("optimizer update: gradients", update),
+        ("block backward", backward),
+        ("LM head and loss", head),
+        ("optimizer update", update),
     ]
     .into_iter()
     .max_by_key(|x| x.1)
@@ -238,10 +238,10 @@ pub fn estimate(cfg: &ModelConfig, w: &Workload) -> Estimate {
         },
         Term {
             name: format!(
-                "{work_name} ({} saved inputs{})",
+                "{work_name} + {} saved block inputs{}",
                 adapted - keep,
                 if keep > 0 {
-                    format!(", {keep} blocks' activations kept")
+                    format!(" + {keep} kept")
                 } else {
                     String::new()
                 }

@@ -308,6 +308,16 @@ pub fn train(
     start_record["step"] = json!(first_step - 1);
     metrics.write(start_record)?;
     let ckpt_root = cfg.output.join("checkpoints");
+    let save_at = |model: &Llama, opt: &AdamW, state: checkpoint::TrainerState| {
+        checkpoint::save(
+            &ckpt_root,
+            model.adapter.as_ref().expect("adapter attached"),
+            opt,
+            state,
+            cfg,
+            cfg.keep_checkpoints,
+        )
+    };
     let state_now =
         |step: usize, opt: &AdamW, batcher: &Batcher, summary: &Summary, nonfinite: usize| {
             checkpoint::TrainerState {
@@ -564,13 +574,10 @@ pub fn train(
         if let Some(peak) = memory::over_limit() {
             // Crossed outside the blocks (head, optimizer, evaluation): this step is complete.
             progress.finish();
-            let dir = checkpoint::save(
-                &ckpt_root,
-                model.adapter.as_ref().expect("adapter attached"),
+            let dir = save_at(
+                &model,
                 &opt,
                 state_now(step, &opt, &batcher, &summary, nonfinite),
-                cfg,
-                cfg.keep_checkpoints,
             )?;
             return Err(Error::MemoryBudget {
                 step,
@@ -585,13 +592,10 @@ pub fn train(
             || step == cfg.steps
             || signal.is_some()
         {
-            let dir = checkpoint::save(
-                &ckpt_root,
-                model.adapter.as_ref().expect("adapter attached"),
+            let dir = save_at(
+                &model,
                 &opt,
                 state_now(step, &opt, &batcher, &summary, nonfinite),
-                cfg,
-                cfg.keep_checkpoints,
             )?;
             if signal.is_none() && step != cfg.steps {
                 progress.message(&format!(
@@ -613,13 +617,10 @@ pub fn train(
             .is_some_and(|n| n > 0 && step % n == 0 && step != cfg.steps)
         {
             let clock = Instant::now();
-            let dir = checkpoint::save(
-                &ckpt_root,
-                model.adapter.as_ref().expect("adapter attached"),
+            let dir = save_at(
+                &model,
                 &opt,
                 state_now(step, &opt, &batcher, &summary, nonfinite),
-                cfg,
-                cfg.keep_checkpoints,
             )?;
             memory::release_free();
             let before = memory::current_rss();

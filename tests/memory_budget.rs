@@ -267,3 +267,127 @@ fn memory_is_flat_over_a_hundred_steps() {
         "resident memory moved from {at10} at step 10 to {end} at step 110"
     );
 }
+
+/// benchmark → saved best configuration → train --auto-optimize; recommend and setup; a child
+/// stopped by its budget is reported as such, and configurations over the budget are skipped.
+#[test]
+fn benchmark_recommend_setup_and_auto_optimize() {
+    let r = common::tiny_run(6);
+    let cfg_dir = r.root.join("config");
+    let report = r.root.join("bench.json");
+    let bench = |extra: &[&str]| {
+        common::cli()
+            .env("YOUR_AI_CONFIG_DIR", &cfg_dir)
+            .arg("benchmark")
+            .arg("--model")
+            .arg(&r.model)
+            .args(["--batch-sizes", "1,2", "--lengths", "32", "--ranks", "4"])
+            .args(["--steps", "2", "--output"])
+            .arg(&report)
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let o = bench(&[]);
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(out.contains("Fastest configuration that fits"), "{out}");
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    let configs = json["configurations"].as_array().unwrap();
+    assert_eq!(configs.len(), 2);
+    for c in configs {
+        assert_eq!(c["status"], "ok", "{c}");
+        assert!(c["peak_bytes"].as_u64().unwrap() > 0 && c["tokens_per_s"].as_f64().unwrap() > 0.0);
+        assert!(c["estimate_bytes"].as_u64().unwrap() > 0);
+    }
+    let command = json["recommended"]["command"].as_str().unwrap();
+    assert!(command.starts_with("your_ai train --model "), "{command}");
+    let saved: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(cfg_dir.join("profile.json")).unwrap())
+            .unwrap();
+    assert_eq!(saved["best"].as_object().unwrap().len(), 1);
+
+    // train --auto-optimize takes the saved configuration; the command line still wins.
+    let o = r
+        .train_command(&r.root.join("auto"))
+        .env("YOUR_AI_CONFIG_DIR", &cfg_dir)
+        .args([
+            "--max-steps",
+            "1",
+            "--auto-optimize",
+            "--lora-rank",
+            "2",
+            "--no-mask-prompt",
+        ])
+        .output()
+        .unwrap();
+    let e = stderr(&o);
+    assert!(o.status.success(), "{e}");
+    assert!(e.contains("--auto-optimize: batch"), "{e}");
+    assert!(e.contains("LoRA rank 2 "), "{e}");
+    assert!(
+        e.contains("--max-seq-length 32") || e.contains("× length 32"),
+        "{e}"
+    );
+
+    // A child that crosses its budget is reported as over budget, not as a crash.
+    let o = bench(&["--batch-sizes", "1"]);
+    assert!(o.status.success());
+    let o2 = common::cli()
+        .env("YOUR_AI_CONFIG_DIR", &cfg_dir)
+        .env("YOUR_AI_TEST_ENFORCE_BYTES", "1")
+        .arg("benchmark")
+        .arg("--model")
+        .arg(&r.model)
+        .args([
+            "--batch-sizes",
+            "1",
+            "--lengths",
+            "32",
+            "--ranks",
+            "4",
+            "--steps",
+            "1",
+        ])
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o2.stdout).into_owned();
+    assert!(out.contains("over budget (measured)"), "{out}");
+    assert!(out.contains("No configuration ran successfully"), "{out}");
+    // Over the budget by estimate: skipped without running.
+    let o3 = bench(&["--max-memory", "0.001"]);
+    let out = String::from_utf8_lossy(&o3.stdout).into_owned();
+    assert!(out.contains("skipped: estimate over budget"), "{out}");
+
+    let o = common::cli()
+        .env("YOUR_AI_CONFIG_DIR", &cfg_dir)
+        .arg("recommend")
+        .args(["--memory", "64"])
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(o.status.success(), "{}", stderr(&o));
+    for (alias, _) in your_ai::model_source::ALIASES {
+        assert!(out.contains(&format!("\n{alias} (")), "{alias}: {out}");
+    }
+    assert!(out.contains("starting from the 64 GB profile"), "{out}");
+    let o = common::cli()
+        .env("YOUR_AI_CONFIG_DIR", &cfg_dir)
+        .arg("setup")
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(
+        o.status.success() && out.contains("Saved the machine profile to"),
+        "{out}"
+    );
+    let saved: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(cfg_dir.join("profile.json")).unwrap())
+            .unwrap();
+    assert_eq!(
+        saved["best"].as_object().unwrap().len(),
+        1,
+        "setup keeps results"
+    );
+}

@@ -21,6 +21,10 @@ pub struct Cli {
     /// More log output on stderr (-v info, -vv debug). RUST_LOG overrides.
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     pub verbose: u8,
+    /// Compute threads [default: the physical cores; RAYON_NUM_THREADS also works]. Hyper-threads
+    /// share a core's vector units, so more threads than cores only adds contention.
+    #[arg(long, global = true, value_name = "N")]
+    pub threads: Option<usize>,
     #[command(subcommand)]
     pub command: Command,
 }

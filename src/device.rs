@@ -89,3 +89,25 @@ pub fn select_dtype(choice: DTypeChoice, device: &Device) -> DType {
         DTypeChoice::Auto => DType::BF16,
     }
 }
+
+/// Sets the compute thread count (candle and its matrix multiplies read RAYON_NUM_THREADS) before
+/// any thread pool starts: `--threads`, else RAYON_NUM_THREADS if set, else the physical cores.
+pub fn set_threads(threads: Option<usize>) -> Result<usize> {
+    let n = match threads {
+        Some(0) => {
+            return Err(Error::Usage(
+                "--threads 0: give at least 1 (or leave it out for one per physical core)".into(),
+            ))
+        }
+        Some(n) => n,
+        None => match std::env::var("RAYON_NUM_THREADS")
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+        {
+            Some(n) if n > 0 => n,
+            _ => crate::hardware::physical_cores_here(),
+        },
+    };
+    std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    Ok(n)
+}

@@ -55,6 +55,13 @@ impl Hardware {
     }
 }
 
+/// Physical cores of this machine (hardware threads where that is all /proc/cpuinfo tells).
+pub fn physical_cores_here() -> usize {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    physical_cores(&cpuinfo).unwrap_or(threads).min(threads)
+}
+
 fn cpu_name(cpuinfo: &str) -> Option<String> {
     if let Some(name) = cpuinfo
         .lines()

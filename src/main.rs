@@ -8,6 +8,13 @@ fn main() {
         }
     };
     init_logging(cli.verbose);
+    match your_ai::device::set_threads(cli.threads) {
+        Ok(n) => tracing::info!("{n} compute threads"),
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::exit(e.exit_code());
+        }
+    }
     if let Err(e) = your_ai::commands::run(cli) {
         eprintln!("error: {e}");
         std::process::exit(e.exit_code());

@@ -179,3 +179,32 @@ fn models_lists_aliases() {
             )),
         );
 }
+
+#[test]
+fn bad_thread_count_and_memory_flags() {
+    fails_with(&["--threads", "0", "models"], &[], &[], &["--threads 0"]);
+    fails_with(
+        &["recommend", "--memory", "0"],
+        &[],
+        &[],
+        &["--memory 0: give the machine's memory in GB"],
+    );
+    fails_with(
+        &["estimate", "--model", "llama-8b", "--quantize", "3"],
+        &[],
+        &[],
+        &["--quantize 3: give 4 or 8"],
+    );
+    fails_with(
+        &["estimate", "--model", "llama-8b", "--num-layers", "40"],
+        &[],
+        &[],
+        &["--num-layers 40: the model has 32 blocks"],
+    );
+    fails_with(
+        &["benchmark", "--model", "llama-8b", "--batch-sizes", "1,x"],
+        &[],
+        &[],
+        &["--batch-sizes 1,x"],
+    );
+}

@@ -104,16 +104,22 @@ impl Metrics {
     }
 
     /// Continues a metrics file from a checkpoint at `step`: later lines (written after the
-    /// checkpoint by the interrupted run) are dropped so every step appears once.
-    fn resume(path: &Path, step: usize) -> Result<Self> {
+    /// checkpoint by the interrupted run) are dropped so every step appears once. When `step` is
+    /// the run's last, the final evaluation, test and end records follow the checkpoint, so
+    /// those of that step go too (they are written again).
+    fn resume(path: &Path, step: usize, last: bool) -> Result<Self> {
         let text = std::fs::read_to_string(path).unwrap_or_default();
         let kept: String = text
             .lines()
             .filter(|l| {
-                serde_json::from_str::<serde_json::Value>(l)
-                    .ok()
-                    .and_then(|v| v["step"].as_u64())
-                    .is_some_and(|s| s as usize <= step)
+                let Ok(v) = serde_json::from_str::<serde_json::Value>(l) else {
+                    return false;
+                };
+                match v["step"].as_u64() {
+                    Some(s) if (s as usize) < step => true,
+                    Some(s) if s as usize == step => !last || v["type"] == "train",
+                    _ => false,
+                }
             })
             .map(|l| format!("{l}\n"))
             .collect();
@@ -299,7 +305,7 @@ pub fn train(
             summary.first_val = st.first_val;
             summary.last_val = st.last_val;
             summary.best_val = st.best_val;
-            Metrics::resume(&cfg.metrics_file, st.step)?
+            Metrics::resume(&cfg.metrics_file, st.step, st.step >= cfg.steps)?
         }
         None => Metrics::create(&cfg.metrics_file)?,
     };
@@ -693,7 +699,10 @@ impl Summary {
         if let Some(p) = self.peak_rss {
             eprintln!("  peak memory: {:.2} GB resident", memory::gb(p));
         }
-        eprintln!("  final train loss: {:.4}", self.final_loss);
+        // NaN when a resumed run had no step left to train (only the final adapter to write).
+        if self.final_loss.is_finite() {
+            eprintln!("  final train loss: {:.4}", self.final_loss);
+        }
         if let (Some(a), Some(b)) = (self.first_val, self.last_val) {
             eprintln!("  validation loss: {a:.4} at start → {b:.4} at end");
         }

@@ -566,3 +566,97 @@ fn sigkill_during_checkpoint_writes_never_leaves_a_partial_checkpoint() {
         "only {mid_save} of {kills} kills landed inside a save"
     );
 }
+
+/// A second Ctrl-C exits at once (130) without waiting for the step or its checkpoint; the
+/// checkpoints already written stay valid, none is half-written, and the run resumes.
+#[test]
+fn a_second_sigint_exits_at_once_and_leaves_the_last_checkpoint_intact() {
+    let r = setup();
+    // Long examples make a step last long enough (hundreds of ms) for two signals to land in it.
+    let data = r.root.join("long");
+    std::fs::create_dir_all(&data).unwrap();
+    let text = "The quick brown fox jumps over the lazy dog. ".repeat(20);
+    let rows: String = (0..8)
+        .map(|i| {
+            serde_json::json!({"messages": [
+                {"role": "user", "content": format!("{i}: {text}")},
+                {"role": "assistant", "content": format!("{text} {i}")}]})
+            .to_string()
+                + "\n"
+        })
+        .collect();
+    std::fs::write(data.join("train.jsonl"), rows).unwrap();
+    let run = |out: &Path, steps: usize| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_your_ai"));
+        c.env_remove("RUST_LOG")
+            .arg("train")
+            .arg("--model")
+            .arg(&r.model)
+            .arg("--data")
+            .arg(&data)
+            .arg("--output")
+            .arg(out)
+            .args(["--batch-size", "2", "--max-seq-length", "512"])
+            .args(["--lora-rank", "4", "--save-every", "1", "--seed", "1"])
+            .args(["--warmup-steps", "0"])
+            .args(["--max-steps", &steps.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        c
+    };
+    for (trial, gap_ms) in [20u64, 60, 150].into_iter().enumerate() {
+        let out = r.root.join(format!("twice{trial}"));
+        let mut child = run(&out, 100).spawn().unwrap();
+        let start = Instant::now();
+        while read_latest(&out).as_deref() != Some("step-2") {
+            assert!(child.try_wait().unwrap().is_none(), "the run ended early");
+            assert!(start.elapsed() < Duration::from_secs(120), "no step 2");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        let step_s = metrics(&out.join("metrics.jsonl"), "train")[1]["step_time_s"]
+            .as_f64()
+            .unwrap();
+        unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+        std::thread::sleep(Duration::from_millis(gap_ms));
+        unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+        let second = Instant::now();
+        let status = child.wait().unwrap();
+        let waited = second.elapsed().as_secs_f64();
+        let mut stderr = String::new();
+        use std::io::Read;
+        child
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut stderr)
+            .unwrap();
+        assert_eq!(status.code(), Some(130), "trial {trial}: {stderr}");
+        // The first signal alone would finish the step, save and print how to resume.
+        assert!(
+            !stderr.contains("stopped by SIGINT"),
+            "trial {trial}: the second signal did not cut the stop short: {stderr}"
+        );
+        assert!(
+            waited < step_s.max(0.5),
+            "trial {trial}: exit took {waited:.2} s after the second signal (a step takes {step_s:.2} s)"
+        );
+        let what = format!("double SIGINT, trial {trial}");
+        check_checkpoint_root(&out, &what);
+        let latest = read_latest(&out).unwrap();
+        let step: usize = latest.trim_start_matches("step-").parse().unwrap();
+        assert!(step >= 2, "{what}: latest went back to {latest}");
+        // Resumable: one more step from the last good checkpoint.
+        let o = run(&out, step + 1).arg("--resume").output().unwrap();
+        assert!(
+            o.status.success(),
+            "{what}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        assert_eq!(
+            read_latest(&out).unwrap(),
+            format!("step-{}", step + 1),
+            "{what}"
+        );
+        eprintln!("{what}: exited {waited:.3} s after the second signal (step {step_s:.2} s), resumed from {latest}");
+    }
+}

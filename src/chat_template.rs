@@ -3,9 +3,29 @@
 //! `strftime_now`, and a `tojson` that writes JSON exactly as Python's `json.dumps` does
 //! (non-ASCII kept, `", "` / `": "` separators, Python float spelling).
 
-use minijinja::value::{Kwargs, ValueKind};
-use minijinja::{Environment, ErrorKind, Value};
+use minijinja::value::{Kwargs, Rest, StringInput, ValueKind};
+use minijinja::{Environment, ErrorKind, State, Value};
 use serde_json::{Map, Value as Json};
+
+// A chat template comes with a downloaded model and is code we run: it must not be able to
+// hang or exhaust memory. These bounds are far above what real templates need.
+
+/// Instructions one render may execute (a real template needs tens per message); a runaway
+/// loop stops here, within about a second, instead of hanging.
+pub const FUEL: u64 = 2_000_000;
+/// Stack of the thread a render runs on. Values nested as deep as the fuel allows (about
+/// 300,000 levels, `{% set ns.x = [ns.x] %}` in a loop) are printed and dropped recursively by
+/// the engine; on an ordinary stack that overflows and aborts the process. Reserved, not
+/// committed: a normal render touches a few pages of it.
+const RENDER_STACK: usize = 1 << 30;
+/// Largest width or count accepted by the padding, indenting and slicing filters and by
+/// format specifiers: minijinja allocates them up front, without a cap of its own.
+pub const MAX_WIDTH: usize = 100_000;
+/// Deepest value `tojson` writes (it recurses; a template can build nesting of any depth).
+const MAX_JSON_DEPTH: usize = 256;
+/// Output one render may produce besides its input's size times [`OUTPUT_PER_INPUT_BYTE`].
+const OUTPUT_BASE: usize = 16 << 20;
+const OUTPUT_PER_INPUT_BYTE: usize = 8;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TemplateError {
@@ -44,7 +64,53 @@ impl ChatTemplate {
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
         env.set_keep_trailing_newline(false);
-        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.set_fuel(Some(FUEL));
+        env.set_unknown_method_callback(|state, value, method, args| {
+            if method == "format" {
+                if let Some(s) = value.as_str() {
+                    check_format_widths(s)?;
+                }
+            }
+            minijinja_contrib::pycompat::unknown_method_callback(state, value, method, args)
+        });
+        env.add_filter(
+            "indent",
+            |value: StringInput,
+             width: Option<usize>,
+             first: Option<bool>,
+             blank: Option<bool>,
+             kwargs: Kwargs| {
+                let w = match width {
+                    Some(w) => Some(w),
+                    None => kwargs.peek::<Option<usize>>("width")?,
+                };
+                check_width("indent", w.unwrap_or(0))?;
+                minijinja::filters::indent(value, width, first, blank, kwargs)
+            },
+        );
+        env.add_filter(
+            "slice",
+            |state: &State, value: Value, count: usize, fill: Option<Value>| {
+                check_width("slice", count)?;
+                minijinja::filters::slice(state, value, count, fill)
+            },
+        );
+        env.add_filter(
+            "batch",
+            |state: &State, value: Value, count: usize, fill: Option<Value>| {
+                check_width("batch", count)?;
+                minijinja::filters::batch(state, value, count, fill)
+            },
+        );
+        env.add_filter(
+            "format",
+            |state: &State, format: &Value, args: Rest<Value>| {
+                if let Some(s) = format.as_str() {
+                    check_format_widths(s)?;
+                }
+                minijinja::filters::format(state, format, args)
+            },
+        );
         env.add_function(
             "raise_exception",
             |msg: String| -> Result<Value, minijinja::Error> {
@@ -62,6 +128,29 @@ impl ChatTemplate {
     }
 
     pub fn render(&self, ctx: &ChatContext) -> Result<String, TemplateError> {
+        std::thread::scope(|scope| {
+            let worker = std::thread::Builder::new()
+                .name("chat-template".into())
+                .stack_size(RENDER_STACK)
+                .spawn_scoped(scope, || self.render_here(ctx));
+            match worker {
+                Ok(handle) => handle.join().unwrap_or_else(|panic| {
+                    let why = panic
+                        .downcast_ref::<&str>()
+                        .map(|s| s.to_string())
+                        .or_else(|| panic.downcast_ref::<String>().cloned())
+                        .unwrap_or_default();
+                    Err(TemplateError::Render(format!(
+                        "the template engine failed on this template: {why}"
+                    )))
+                }),
+                // No thread to be had (address space, limits): render here, as before.
+                Err(_) => self.render_here(ctx),
+            }
+        })
+    }
+
+    fn render_here(&self, ctx: &ChatContext) -> Result<String, TemplateError> {
         let mut vars = ctx.extra.clone();
         // As transformers does: message keys holding null are dropped (the template sees them
         // undefined), and `tools` / `documents` are always defined, none when absent.
@@ -100,14 +189,124 @@ impl ChatTemplate {
             .env
             .get_template(TEMPLATE_NAME)
             .map_err(|e| TemplateError::Render(describe(&e)))?;
-        tpl.render(Value::from_serialize(&vars)).map_err(|e| {
+        let input: usize = ctx.messages.iter().map(json_size).sum::<usize>()
+            + ctx.tools.map_or(0, |t| t.iter().map(json_size).sum());
+        let limit = OUTPUT_BASE.saturating_add(input.saturating_mul(OUTPUT_PER_INPUT_BYTE));
+        let mut out = Capped {
+            bytes: Vec::new(),
+            limit,
+            over: false,
+        };
+        let rendered = tpl
+            .render_captured_to(Value::from_serialize(&vars), &mut out)
+            .map(|_| ());
+        if out.over {
+            return Err(TemplateError::Render(format!(
+                "the output passed {limit} bytes ({OUTPUT_PER_INPUT_BYTE} times the conversation's size plus {} MiB); a template that writes this much is runaway",
+                OUTPUT_BASE >> 20
+            )));
+        }
+        rendered.map_err(|e| {
+            if e.kind() == ErrorKind::OutOfFuel {
+                return TemplateError::Render(format!(
+                    "the template ran {FUEL} instructions without finishing (a runaway loop?)"
+                ));
+            }
             let text = describe(&e);
             match text.find("RAISED:") {
                 Some(i) => TemplateError::Raised(text[i + 7..].trim_end_matches(')').to_string()),
                 None => TemplateError::Render(text),
             }
-        })
+        })?;
+        String::from_utf8(out.bytes)
+            .map_err(|e| TemplateError::Render(format!("the output is not UTF-8: {e}")))
     }
+}
+
+/// The rendered text, refused past `limit` bytes.
+struct Capped {
+    bytes: Vec<u8>,
+    limit: usize,
+    over: bool,
+}
+
+impl std::io::Write for Capped {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.bytes.len().saturating_add(buf.len()) > self.limit {
+            self.over = true;
+            return Err(std::io::Error::other("chat template output too large"));
+        }
+        self.bytes.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Roughly the bytes a JSON value holds (strings and keys; numbers and punctuation count 1).
+fn json_size(v: &Json) -> usize {
+    match v {
+        Json::String(s) => s.len() + 2,
+        Json::Array(a) => a.iter().map(json_size).sum::<usize>() + 2,
+        Json::Object(o) => {
+            o.iter()
+                .map(|(k, v)| k.len() + 3 + json_size(v))
+                .sum::<usize>()
+                + 2
+        }
+        _ => 8,
+    }
+}
+
+fn check_width(what: &str, n: usize) -> Result<(), minijinja::Error> {
+    if n > MAX_WIDTH {
+        return Err(minijinja::Error::new(
+            ErrorKind::InvalidOperation,
+            format!("{what}: {n} is larger than the {MAX_WIDTH} a chat template may ask for"),
+        ));
+    }
+    Ok(())
+}
+
+/// Refuses widths and precisions above [`MAX_WIDTH`] in printf-style (`%8.3f`) and Python
+/// `str.format` (`{:>8}`) format strings: they are allocated as padding up front.
+fn check_format_widths(format: &str) -> Result<(), minijinja::Error> {
+    let bytes = format.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        let spec_start = match bytes[i] {
+            b'%' => i + 1,
+            b'{' => match format[i..].find(['}', ':']) {
+                Some(j) if bytes[i + j] == b':' => i + j + 1,
+                _ => {
+                    i += 1;
+                    continue;
+                }
+            },
+            _ => {
+                i += 1;
+                continue;
+            }
+        };
+        // Every run of digits in the specifier (fill, width, precision) up to its end.
+        let mut j = spec_start;
+        while j < bytes.len() && !bytes[j].is_ascii_alphabetic() && bytes[j] != b'}' {
+            if bytes[j].is_ascii_digit() {
+                let run = format[j..]
+                    .find(|c: char| !c.is_ascii_digit())
+                    .unwrap_or(format.len() - j);
+                let n = format[j..j + run].parse::<usize>().unwrap_or(usize::MAX);
+                check_width("format width", n)?;
+                j += run;
+            } else {
+                j += 1;
+            }
+        }
+        i = j.max(i + 1);
+    }
+    Ok(())
 }
 
 /// The error and its causes on one line.
@@ -157,6 +356,13 @@ fn strftime_now(format: String) -> Result<Value, minijinja::Error> {
 /// `tojson(indent=None, separators=None, sort_keys=False)` with Python `json.dumps` output.
 fn tojson(value: Value, kwargs: Kwargs) -> Result<Value, minijinja::Error> {
     let indent: Option<usize> = kwargs.get("indent")?;
+    // Real templates indent by 2 or 4; the indent is repeated per level on every line.
+    if indent.is_some_and(|n| n > 64) {
+        return Err(minijinja::Error::new(
+            ErrorKind::InvalidOperation,
+            format!("tojson: indent {} is larger than 64", indent.unwrap_or(0)),
+        ));
+    }
     let sort_keys: Option<bool> = kwargs.get("sort_keys")?;
     let separators: Option<Vec<String>> = kwargs.get("separators")?;
     kwargs.assert_all_used()?;
@@ -198,6 +404,12 @@ impl JsonStyle {
     }
 
     fn write(&self, v: &Value, depth: usize, out: &mut String) -> Result<(), minijinja::Error> {
+        if depth > MAX_JSON_DEPTH {
+            return Err(minijinja::Error::new(
+                ErrorKind::InvalidOperation,
+                format!("tojson: the value is nested deeper than {MAX_JSON_DEPTH} levels"),
+            ));
+        }
         match v.kind() {
             ValueKind::Undefined | ValueKind::None => out.push_str("null"),
             ValueKind::Bool => out.push_str(if v.is_true() { "true" } else { "false" }),

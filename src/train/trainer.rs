@@ -154,8 +154,16 @@ fn write_adapter_tmp(
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "adapter".into());
+    // Leftovers of a write that a crash cut short: hidden, never read, cleared here.
+    if let Ok(rd) = std::fs::read_dir(parent) {
+        for e in rd.flatten() {
+            let n = e.file_name().to_string_lossy().into_owned();
+            if n.starts_with(&format!(".{name}.tmp-")) || n.starts_with(&format!(".{name}.old-")) {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    }
     let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).map_err(|e| Error::io("create", &tmp, e))?;
     adapter.save_peft(&tmp, base_model)?;
     let cfg_path = tmp.join("train_config.json");
@@ -189,18 +197,8 @@ pub fn save_adapter_dir(
 ) -> Result<()> {
     let tmp = write_adapter_tmp(adapter, dir, base_model, config)?;
     let parent = dir.parent().unwrap_or(Path::new("."));
-    let old = parent.join(format!(
-        ".{}.old-{}",
-        dir.file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default(),
-        std::process::id()
-    ));
-    if dir.exists() {
-        std::fs::rename(dir, &old).map_err(|e| Error::io("move aside", dir, e))?;
-    }
-    std::fs::rename(&tmp, dir).map_err(|e| Error::io("rename into place", dir, e))?;
-    let _ = std::fs::remove_dir_all(&old);
+    sync_dir(&tmp);
+    checkpoint::replace_dir(&tmp, dir)?;
     sync_dir(parent);
     Ok(())
 }

@@ -6,6 +6,7 @@
 use minijinja::value::{Kwargs, Rest, StringInput, ValueKind};
 use minijinja::{Environment, ErrorKind, State, Value};
 use serde_json::{Map, Value as Json};
+use std::sync::{mpsc, Arc, Mutex};
 
 // A chat template comes with a downloaded model and is code we run: it must not be able to
 // hang or exhaust memory. These bounds are far above what real templates need.
@@ -13,7 +14,7 @@ use serde_json::{Map, Value as Json};
 /// Instructions one render may execute (a real template needs tens per message); a runaway
 /// loop stops here, within about a second, instead of hanging.
 pub const FUEL: u64 = 2_000_000;
-/// Stack of the thread a render runs on. Values nested as deep as the fuel allows (about
+/// Stack of the thread renders run on. Values nested as deep as the fuel allows (about
 /// 300,000 levels, `{% set ns.x = [ns.x] %}` in a loop) are printed and dropped recursively by
 /// the engine; on an ordinary stack that overflows and aborts the process. Reserved, not
 /// committed: a normal render touches a few pages of it.
@@ -41,8 +42,18 @@ pub enum TemplateError {
 
 /// A compiled chat template.
 pub struct ChatTemplate {
-    env: Environment<'static>,
+    env: Arc<Environment<'static>>,
+    /// The render thread (see [`RENDER_STACK`]), started on first use and kept: a thread per
+    /// render cost 5-10 times the render itself. It ends when the template is dropped.
+    worker: Mutex<Option<mpsc::Sender<Job>>>,
 }
+
+/// The template's variables, the output cap, and where the result goes.
+type Job = (
+    Map<String, Json>,
+    usize,
+    mpsc::Sender<Result<String, TemplateError>>,
+);
 
 /// What a template sees, as transformers passes it.
 #[derive(Debug, Clone, Default)]
@@ -124,103 +135,149 @@ impl ChatTemplate {
         env.add_filter("tojson", tojson);
         env.add_template_owned(TEMPLATE_NAME, strip_generation_tags(source))
             .map_err(|e| TemplateError::Syntax(describe(&e)))?;
-        Ok(Self { env })
-    }
-
-    pub fn render(&self, ctx: &ChatContext) -> Result<String, TemplateError> {
-        std::thread::scope(|scope| {
-            let worker = std::thread::Builder::new()
-                .name("chat-template".into())
-                .stack_size(RENDER_STACK)
-                .spawn_scoped(scope, || self.render_here(ctx));
-            match worker {
-                Ok(handle) => handle.join().unwrap_or_else(|panic| {
-                    let why = panic
-                        .downcast_ref::<&str>()
-                        .map(|s| s.to_string())
-                        .or_else(|| panic.downcast_ref::<String>().cloned())
-                        .unwrap_or_default();
-                    Err(TemplateError::Render(format!(
-                        "the template engine failed on this template: {why}"
-                    )))
-                }),
-                // No thread to be had (address space, limits): render here, as before.
-                Err(_) => self.render_here(ctx),
-            }
+        Ok(Self {
+            env: Arc::new(env),
+            worker: Mutex::new(None),
         })
     }
 
-    fn render_here(&self, ctx: &ChatContext) -> Result<String, TemplateError> {
-        let mut vars = ctx.extra.clone();
-        // As transformers does: message keys holding null are dropped (the template sees them
-        // undefined), and `tools` / `documents` are always defined, none when absent.
-        let messages = ctx
-            .messages
-            .iter()
-            .map(|m| match m {
-                Json::Object(o) => Json::Object(
-                    o.iter()
-                        .filter(|(_, v)| !v.is_null())
-                        .map(|(k, v)| (k.clone(), v.clone()))
-                        .collect(),
-                ),
-                other => other.clone(),
-            })
-            .collect();
-        vars.insert("messages".into(), Json::Array(messages));
-        vars.insert(
-            "tools".into(),
-            ctx.tools
-                .map(|t| Json::Array(t.to_vec()))
-                .unwrap_or(Json::Null),
-        );
-        vars.entry("documents").or_insert(Json::Null);
-        vars.insert(
-            "add_generation_prompt".into(),
-            Json::Bool(ctx.add_generation_prompt),
-        );
-        if let Some(b) = ctx.bos_token {
-            vars.insert("bos_token".into(), Json::String(b.into()));
+    pub fn render(&self, ctx: &ChatContext) -> Result<String, TemplateError> {
+        let (vars, limit) = variables(ctx);
+        let mut worker = self.worker.lock().unwrap_or_else(|p| p.into_inner());
+        if worker.is_none() {
+            *worker = self.start_worker();
         }
-        if let Some(e) = ctx.eos_token {
-            vars.insert("eos_token".into(), Json::String(e.into()));
-        }
-        let tpl = self
-            .env
-            .get_template(TEMPLATE_NAME)
-            .map_err(|e| TemplateError::Render(describe(&e)))?;
-        let input: usize = ctx.messages.iter().map(json_size).sum::<usize>()
-            + ctx.tools.map_or(0, |t| t.iter().map(json_size).sum());
-        let limit = OUTPUT_BASE.saturating_add(input.saturating_mul(OUTPUT_PER_INPUT_BYTE));
-        let mut out = Capped {
-            bytes: Vec::new(),
-            limit,
-            over: false,
+        let (reply, result) = mpsc::channel();
+        let job = match worker.as_ref() {
+            Some(tx) => match tx.send((vars, limit, reply)) {
+                Ok(()) => match result.recv() {
+                    Ok(r) => return r,
+                    // The thread is gone (it should not be: panics are caught): render here
+                    // this time, and start a new thread next time.
+                    Err(_) => {
+                        *worker = None;
+                        let (vars, limit) = variables(ctx);
+                        (vars, limit, mpsc::channel().0)
+                    }
+                },
+                Err(mpsc::SendError(job)) => {
+                    *worker = None;
+                    job
+                }
+            },
+            None => (vars, limit, reply),
         };
-        let rendered = tpl
-            .render_captured_to(Value::from_serialize(&vars), &mut out)
-            .map(|_| ());
-        if out.over {
-            return Err(TemplateError::Render(format!(
+        // No thread to be had (address space, limits): render here, on the caller's stack.
+        render_vars(&self.env, job.0, job.1)
+    }
+
+    fn start_worker(&self) -> Option<mpsc::Sender<Job>> {
+        let (tx, rx) = mpsc::channel::<Job>();
+        let env = Arc::clone(&self.env);
+        std::thread::Builder::new()
+            .name("chat-template".into())
+            .stack_size(RENDER_STACK)
+            .spawn(move || {
+                while let Ok((vars, limit, reply)) = rx.recv() {
+                    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        render_vars(&env, vars, limit)
+                    }))
+                    .unwrap_or_else(|panic| {
+                        let why = panic
+                            .downcast_ref::<&str>()
+                            .map(|s| s.to_string())
+                            .or_else(|| panic.downcast_ref::<String>().cloned())
+                            .unwrap_or_default();
+                        Err(TemplateError::Render(format!(
+                            "the template engine failed on this template: {why}"
+                        )))
+                    });
+                    let _ = reply.send(r);
+                }
+            })
+            .ok()
+            .map(|_| tx)
+    }
+}
+
+/// The variables a template sees, as transformers passes them, and the output cap.
+fn variables(ctx: &ChatContext) -> (Map<String, Json>, usize) {
+    let mut vars = ctx.extra.clone();
+    // As transformers does: message keys holding null are dropped (the template sees them
+    // undefined), and `tools` / `documents` are always defined, none when absent.
+    let messages = ctx
+        .messages
+        .iter()
+        .map(|m| match m {
+            Json::Object(o) => Json::Object(
+                o.iter()
+                    .filter(|(_, v)| !v.is_null())
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect(),
+            ),
+            other => other.clone(),
+        })
+        .collect();
+    vars.insert("messages".into(), Json::Array(messages));
+    vars.insert(
+        "tools".into(),
+        ctx.tools
+            .map(|t| Json::Array(t.to_vec()))
+            .unwrap_or(Json::Null),
+    );
+    vars.entry("documents").or_insert(Json::Null);
+    vars.insert(
+        "add_generation_prompt".into(),
+        Json::Bool(ctx.add_generation_prompt),
+    );
+    if let Some(b) = ctx.bos_token {
+        vars.insert("bos_token".into(), Json::String(b.into()));
+    }
+    if let Some(e) = ctx.eos_token {
+        vars.insert("eos_token".into(), Json::String(e.into()));
+    }
+    let input: usize = ctx.messages.iter().map(json_size).sum::<usize>()
+        + ctx.tools.map_or(0, |t| t.iter().map(json_size).sum());
+    let limit = OUTPUT_BASE.saturating_add(input.saturating_mul(OUTPUT_PER_INPUT_BYTE));
+    (vars, limit)
+}
+
+fn render_vars(
+    env: &Environment<'static>,
+    vars: Map<String, Json>,
+    limit: usize,
+) -> Result<String, TemplateError> {
+    let tpl = env
+        .get_template(TEMPLATE_NAME)
+        .map_err(|e| TemplateError::Render(describe(&e)))?;
+    let mut out = Capped {
+        bytes: Vec::new(),
+        limit,
+        over: false,
+    };
+    let rendered = tpl
+        .render_captured_to(Value::from_serialize(&vars), &mut out)
+        .map(|_| ());
+    if out.over {
+        return Err(TemplateError::Render(format!(
                 "the output passed {limit} bytes ({OUTPUT_PER_INPUT_BYTE} times the conversation's size plus {} MiB); a template that writes this much is runaway",
                 OUTPUT_BASE >> 20
             )));
-        }
-        rendered.map_err(|e| {
-            if e.kind() == ErrorKind::OutOfFuel {
-                return TemplateError::Render(format!(
-                    "the template ran {FUEL} instructions without finishing (a runaway loop?)"
-                ));
-            }
-            let text = describe(&e);
-            match text.find("RAISED:") {
-                Some(i) => TemplateError::Raised(text[i + 7..].trim_end_matches(')').to_string()),
-                None => TemplateError::Render(text),
-            }
-        })?;
-        String::from_utf8(out.bytes)
-            .map_err(|e| TemplateError::Render(format!("the output is not UTF-8: {e}")))
     }
+    rendered.map_err(|e| {
+        if e.kind() == ErrorKind::OutOfFuel {
+            return TemplateError::Render(format!(
+                "the template ran {FUEL} instructions without finishing (a runaway loop?)"
+            ));
+        }
+        let text = describe(&e);
+        match text.find("RAISED:") {
+            Some(i) => TemplateError::Raised(text[i + 7..].trim_end_matches(')').to_string()),
+            None => TemplateError::Render(text),
+        }
+    })?;
+    String::from_utf8(out.bytes)
+        .map_err(|e| TemplateError::Render(format!("the output is not UTF-8: {e}")))
 }
 
 /// The rendered text, refused past `limit` bytes.

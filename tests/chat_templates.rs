@@ -2,6 +2,8 @@
 //! equal what transformers renders, byte for byte (goldens from
 //! scripts/reference/chat_template_goldens.py), including the templates' own errors.
 
+mod common;
+
 use serde_json::Value;
 use your_ai::chat_template::{ChatContext, ChatTemplate, TemplateError};
 
@@ -386,5 +388,93 @@ fn runaway_templates_stop_with_a_clear_error() {
     // 200,000 levels, within the fuel: printed and dropped without overflowing the stack.
     let deep = "{% set ns = namespace(x=[]) %}{% for i in range(200) %}{% for j in range(1000) %}{% set ns.x = [ns.x] %}{% endfor %}{% endfor %}{{ ns.x | length }}|{{ ns.x }}";
     let out = ChatTemplate::new(deep).unwrap().render(&ctx).unwrap();
-    assert!(out.starts_with("1|[[[[") && out.len() > 400_000, "{}", &out[..40]);
+    assert!(
+        out.starts_with("1|[[[[") && out.len() > 400_000,
+        "{}",
+        &out[..40]
+    );
+}
+
+/// The data path: random JSONL chats through the line parser and the encoder (rendering with
+/// real and random templates, assistant spans from rendering offsets, tokenization) with the
+/// real SmolLM2 tokenizer. No panic; every error names the file and line.
+#[test]
+fn random_chats_through_the_encoder_never_panic() {
+    use rand::Rng;
+    use your_ai::data::{parse_line, Encoder, Record};
+    let g = your_ai::weights::GgufFile::open(&common::smollm2()).unwrap();
+    let tokenizer = your_ai::tokenizer::Tokenizer::from_gguf(&g).unwrap();
+    let dir =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/chat_templates");
+    let real: Vec<String> = [
+        "hermes", "llama31", "llama32", "mistral", "qwen25", "smollm2",
+    ]
+    .iter()
+    .map(|n| std::fs::read_to_string(dir.join(format!("{n}.jinja"))).unwrap())
+    .collect();
+    let mut rng = seeded(12);
+    let (mut encoded, mut refused, mut failed) = (0, 0, 0);
+    for i in 0..1_500 {
+        let src = if i % 3 == 2 {
+            random_template(&mut rng)
+        } else {
+            real[i % real.len()].clone()
+        };
+        let Ok(template) = ChatTemplate::new(&src) else {
+            continue;
+        };
+        // Mostly well-formed turns, so that most lines get past the parser to the encoder.
+        let mut messages: Vec<Value> = (0..rng.random_range(1..6))
+            .map(|_| {
+                if rng.random_bool(0.8) {
+                    let role = *pick(&mut rng, &["system", "user", "assistant", "tool"]);
+                    serde_json::json!({"role": role, "content": random_text(&mut rng)})
+                } else {
+                    random_message(&mut rng)
+                }
+            })
+            .collect();
+        if rng.random_bool(0.7) {
+            messages
+                .push(serde_json::json!({"role": "assistant", "content": random_text(&mut rng)}));
+        }
+        let line = serde_json::json!({"messages": messages}).to_string();
+        let (example, fields) = match parse_line(&line) {
+            Ok(x) => x,
+            Err(e) => {
+                assert!(!e.is_empty());
+                refused += 1;
+                continue;
+            }
+        };
+        let enc = Encoder {
+            tokenizer: &tokenizer,
+            template: Some(template),
+            mask_prompt: true,
+            max_seq_length: 256,
+        };
+        let location = format!("fuzz.jsonl:{i}");
+        let rec = Record {
+            example,
+            location: location.clone(),
+            fields,
+        };
+        match enc.encode(&rec) {
+            Ok(s) => {
+                assert_eq!(s.ids.len(), s.trained.len());
+                assert!(s.ids.len() <= 256);
+                encoded += 1;
+            }
+            Err(e) => {
+                let e = e.to_string();
+                assert!(e.starts_with(&format!("{location}: ")), "{e}");
+                failed += 1;
+            }
+        }
+    }
+    eprintln!("1500 chats: {refused} refused by the parser, {encoded} encoded, {failed} failed with file:line");
+    assert!(
+        encoded > 200 && failed > 50 && refused > 50,
+        "the generator lost its teeth"
+    );
 }

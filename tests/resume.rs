@@ -660,3 +660,28 @@ fn a_second_sigint_exits_at_once_and_leaves_the_last_checkpoint_intact() {
         eprintln!("{what}: exited {waited:.3} s after the second signal (step {step_s:.2} s), resumed from {latest}");
     }
 }
+
+/// Killed after its last checkpoint but before the final adapter was written: `--resume`
+/// finishes the run (it used to refuse: "the checkpoint is at step N, the run has N steps"),
+/// with the same adapter and one final evaluation and end record in the metrics.
+#[test]
+fn a_run_stopped_after_its_last_checkpoint_resumes_to_write_the_adapter() {
+    let r = setup();
+    let out = r.root.join("last");
+    assert!(command(&r, &out, &[]).status().unwrap().success());
+    let (want_losses, want_adapter) = (losses(&out), adapter_bytes(&out));
+    for f in ["adapter_model.safetensors", "adapter_config.json"] {
+        std::fs::remove_file(out.join(f)).unwrap();
+    }
+    resume_to_end(&r, &out, &[]);
+    assert_eq!(adapter_bytes(&out), want_adapter);
+    assert_eq!(losses(&out), want_losses);
+    let m = out.join("metrics.jsonl");
+    let at_end = |kind: &str| {
+        metrics(&m, kind)
+            .iter()
+            .filter(|l| l["step"] == STEPS)
+            .count()
+    };
+    assert_eq!((at_end("eval"), at_end("end")), (1, 1));
+}

@@ -3,9 +3,30 @@
 //! `strftime_now`, and a `tojson` that writes JSON exactly as Python's `json.dumps` does
 //! (non-ASCII kept, `", "` / `": "` separators, Python float spelling).
 
-use minijinja::value::{Kwargs, ValueKind};
-use minijinja::{Environment, ErrorKind, Value};
+use minijinja::value::{Kwargs, Rest, StringInput, ValueKind};
+use minijinja::{Environment, ErrorKind, State, Value};
 use serde_json::{Map, Value as Json};
+use std::sync::{mpsc, Arc, Mutex};
+
+// A chat template comes with a downloaded model and is code we run: it must not be able to
+// hang or exhaust memory. These bounds are far above what real templates need.
+
+/// Instructions one render may execute (a real template needs tens per message); a runaway
+/// loop stops here, within about a second, instead of hanging.
+pub const FUEL: u64 = 2_000_000;
+/// Stack of the thread renders run on. Values nested as deep as the fuel allows (about
+/// 300,000 levels, `{% set ns.x = [ns.x] %}` in a loop) are printed and dropped recursively by
+/// the engine; on an ordinary stack that overflows and aborts the process. Reserved, not
+/// committed: a normal render touches a few pages of it.
+const RENDER_STACK: usize = 1 << 30;
+/// Largest width or count accepted by the padding, indenting and slicing filters and by
+/// format specifiers: minijinja allocates them up front, without a cap of its own.
+pub const MAX_WIDTH: usize = 100_000;
+/// Deepest value `tojson` writes (it recurses; a template can build nesting of any depth).
+const MAX_JSON_DEPTH: usize = 256;
+/// Output one render may produce besides its input's size times [`OUTPUT_PER_INPUT_BYTE`].
+const OUTPUT_BASE: usize = 16 << 20;
+const OUTPUT_PER_INPUT_BYTE: usize = 8;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TemplateError {
@@ -21,8 +42,18 @@ pub enum TemplateError {
 
 /// A compiled chat template.
 pub struct ChatTemplate {
-    env: Environment<'static>,
+    env: Arc<Environment<'static>>,
+    /// The render thread (see [`RENDER_STACK`]), started on first use and kept: a thread per
+    /// render cost 5-10 times the render itself. It ends when the template is dropped.
+    worker: Mutex<Option<mpsc::Sender<Job>>>,
 }
+
+/// The template's variables, the output cap, and where the result goes.
+type Job = (
+    Map<String, Json>,
+    usize,
+    mpsc::Sender<Result<String, TemplateError>>,
+);
 
 /// What a template sees, as transformers passes it.
 #[derive(Debug, Clone, Default)]
@@ -44,7 +75,53 @@ impl ChatTemplate {
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
         env.set_keep_trailing_newline(false);
-        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.set_fuel(Some(FUEL));
+        env.set_unknown_method_callback(|state, value, method, args| {
+            if method == "format" {
+                if let Some(s) = value.as_str() {
+                    check_format_widths(s)?;
+                }
+            }
+            minijinja_contrib::pycompat::unknown_method_callback(state, value, method, args)
+        });
+        env.add_filter(
+            "indent",
+            |value: StringInput,
+             width: Option<usize>,
+             first: Option<bool>,
+             blank: Option<bool>,
+             kwargs: Kwargs| {
+                let w = match width {
+                    Some(w) => Some(w),
+                    None => kwargs.peek::<Option<usize>>("width")?,
+                };
+                check_width("indent", w.unwrap_or(0))?;
+                minijinja::filters::indent(value, width, first, blank, kwargs)
+            },
+        );
+        env.add_filter(
+            "slice",
+            |state: &State, value: Value, count: usize, fill: Option<Value>| {
+                check_width("slice", count)?;
+                minijinja::filters::slice(state, value, count, fill)
+            },
+        );
+        env.add_filter(
+            "batch",
+            |state: &State, value: Value, count: usize, fill: Option<Value>| {
+                check_width("batch", count)?;
+                minijinja::filters::batch(state, value, count, fill)
+            },
+        );
+        env.add_filter(
+            "format",
+            |state: &State, format: &Value, args: Rest<Value>| {
+                if let Some(s) = format.as_str() {
+                    check_format_widths(s)?;
+                }
+                minijinja::filters::format(state, format, args)
+            },
+        );
         env.add_function(
             "raise_exception",
             |msg: String| -> Result<Value, minijinja::Error> {
@@ -58,56 +135,235 @@ impl ChatTemplate {
         env.add_filter("tojson", tojson);
         env.add_template_owned(TEMPLATE_NAME, strip_generation_tags(source))
             .map_err(|e| TemplateError::Syntax(describe(&e)))?;
-        Ok(Self { env })
+        Ok(Self {
+            env: Arc::new(env),
+            worker: Mutex::new(None),
+        })
     }
 
     pub fn render(&self, ctx: &ChatContext) -> Result<String, TemplateError> {
-        let mut vars = ctx.extra.clone();
-        // As transformers does: message keys holding null are dropped (the template sees them
-        // undefined), and `tools` / `documents` are always defined, none when absent.
-        let messages = ctx
-            .messages
-            .iter()
-            .map(|m| match m {
-                Json::Object(o) => Json::Object(
-                    o.iter()
-                        .filter(|(_, v)| !v.is_null())
-                        .map(|(k, v)| (k.clone(), v.clone()))
-                        .collect(),
-                ),
-                other => other.clone(),
-            })
-            .collect();
-        vars.insert("messages".into(), Json::Array(messages));
-        vars.insert(
-            "tools".into(),
-            ctx.tools
-                .map(|t| Json::Array(t.to_vec()))
-                .unwrap_or(Json::Null),
-        );
-        vars.entry("documents").or_insert(Json::Null);
-        vars.insert(
-            "add_generation_prompt".into(),
-            Json::Bool(ctx.add_generation_prompt),
-        );
-        if let Some(b) = ctx.bos_token {
-            vars.insert("bos_token".into(), Json::String(b.into()));
+        let (vars, limit) = variables(ctx);
+        let mut worker = self.worker.lock().unwrap_or_else(|p| p.into_inner());
+        if worker.is_none() {
+            *worker = self.start_worker();
         }
-        if let Some(e) = ctx.eos_token {
-            vars.insert("eos_token".into(), Json::String(e.into()));
-        }
-        let tpl = self
-            .env
-            .get_template(TEMPLATE_NAME)
-            .map_err(|e| TemplateError::Render(describe(&e)))?;
-        tpl.render(Value::from_serialize(&vars)).map_err(|e| {
-            let text = describe(&e);
-            match text.find("RAISED:") {
-                Some(i) => TemplateError::Raised(text[i + 7..].trim_end_matches(')').to_string()),
-                None => TemplateError::Render(text),
-            }
-        })
+        let (reply, result) = mpsc::channel();
+        let job = match worker.as_ref() {
+            Some(tx) => match tx.send((vars, limit, reply)) {
+                Ok(()) => match result.recv() {
+                    Ok(r) => return r,
+                    // The thread is gone (it should not be: panics are caught): render here
+                    // this time, and start a new thread next time.
+                    Err(_) => {
+                        *worker = None;
+                        let (vars, limit) = variables(ctx);
+                        (vars, limit, mpsc::channel().0)
+                    }
+                },
+                Err(mpsc::SendError(job)) => {
+                    *worker = None;
+                    job
+                }
+            },
+            None => (vars, limit, reply),
+        };
+        // No thread to be had (address space, limits): render here, on the caller's stack.
+        render_vars(&self.env, job.0, job.1)
     }
+
+    fn start_worker(&self) -> Option<mpsc::Sender<Job>> {
+        let (tx, rx) = mpsc::channel::<Job>();
+        let env = Arc::clone(&self.env);
+        std::thread::Builder::new()
+            .name("chat-template".into())
+            .stack_size(RENDER_STACK)
+            .spawn(move || {
+                while let Ok((vars, limit, reply)) = rx.recv() {
+                    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        render_vars(&env, vars, limit)
+                    }))
+                    .unwrap_or_else(|panic| {
+                        let why = panic
+                            .downcast_ref::<&str>()
+                            .map(|s| s.to_string())
+                            .or_else(|| panic.downcast_ref::<String>().cloned())
+                            .unwrap_or_default();
+                        Err(TemplateError::Render(format!(
+                            "the template engine failed on this template: {why}"
+                        )))
+                    });
+                    let _ = reply.send(r);
+                }
+            })
+            .ok()
+            .map(|_| tx)
+    }
+}
+
+/// The variables a template sees, as transformers passes them, and the output cap.
+fn variables(ctx: &ChatContext) -> (Map<String, Json>, usize) {
+    let mut vars = ctx.extra.clone();
+    // As transformers does: message keys holding null are dropped (the template sees them
+    // undefined), and `tools` / `documents` are always defined, none when absent.
+    let messages = ctx
+        .messages
+        .iter()
+        .map(|m| match m {
+            Json::Object(o) => Json::Object(
+                o.iter()
+                    .filter(|(_, v)| !v.is_null())
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect(),
+            ),
+            other => other.clone(),
+        })
+        .collect();
+    vars.insert("messages".into(), Json::Array(messages));
+    vars.insert(
+        "tools".into(),
+        ctx.tools
+            .map(|t| Json::Array(t.to_vec()))
+            .unwrap_or(Json::Null),
+    );
+    vars.entry("documents").or_insert(Json::Null);
+    vars.insert(
+        "add_generation_prompt".into(),
+        Json::Bool(ctx.add_generation_prompt),
+    );
+    if let Some(b) = ctx.bos_token {
+        vars.insert("bos_token".into(), Json::String(b.into()));
+    }
+    if let Some(e) = ctx.eos_token {
+        vars.insert("eos_token".into(), Json::String(e.into()));
+    }
+    let input: usize = ctx.messages.iter().map(json_size).sum::<usize>()
+        + ctx.tools.map_or(0, |t| t.iter().map(json_size).sum());
+    let limit = OUTPUT_BASE.saturating_add(input.saturating_mul(OUTPUT_PER_INPUT_BYTE));
+    (vars, limit)
+}
+
+fn render_vars(
+    env: &Environment<'static>,
+    vars: Map<String, Json>,
+    limit: usize,
+) -> Result<String, TemplateError> {
+    let tpl = env
+        .get_template(TEMPLATE_NAME)
+        .map_err(|e| TemplateError::Render(describe(&e)))?;
+    let mut out = Capped {
+        bytes: Vec::new(),
+        limit,
+        over: false,
+    };
+    let rendered = tpl
+        .render_captured_to(Value::from_serialize(&vars), &mut out)
+        .map(|_| ());
+    if out.over {
+        return Err(TemplateError::Render(format!(
+                "the output passed {limit} bytes ({OUTPUT_PER_INPUT_BYTE} times the conversation's size plus {} MiB); a template that writes this much is runaway",
+                OUTPUT_BASE >> 20
+            )));
+    }
+    rendered.map_err(|e| {
+        if e.kind() == ErrorKind::OutOfFuel {
+            return TemplateError::Render(format!(
+                "the template ran {FUEL} instructions without finishing (a runaway loop?)"
+            ));
+        }
+        let text = describe(&e);
+        match text.find("RAISED:") {
+            Some(i) => TemplateError::Raised(text[i + 7..].trim_end_matches(')').to_string()),
+            None => TemplateError::Render(text),
+        }
+    })?;
+    String::from_utf8(out.bytes)
+        .map_err(|e| TemplateError::Render(format!("the output is not UTF-8: {e}")))
+}
+
+/// The rendered text, refused past `limit` bytes.
+struct Capped {
+    bytes: Vec<u8>,
+    limit: usize,
+    over: bool,
+}
+
+impl std::io::Write for Capped {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.bytes.len().saturating_add(buf.len()) > self.limit {
+            self.over = true;
+            return Err(std::io::Error::other("chat template output too large"));
+        }
+        self.bytes.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Roughly the bytes a JSON value holds (strings and keys; numbers and punctuation count 1).
+fn json_size(v: &Json) -> usize {
+    match v {
+        Json::String(s) => s.len() + 2,
+        Json::Array(a) => a.iter().map(json_size).sum::<usize>() + 2,
+        Json::Object(o) => {
+            o.iter()
+                .map(|(k, v)| k.len() + 3 + json_size(v))
+                .sum::<usize>()
+                + 2
+        }
+        _ => 8,
+    }
+}
+
+fn check_width(what: &str, n: usize) -> Result<(), minijinja::Error> {
+    if n > MAX_WIDTH {
+        return Err(minijinja::Error::new(
+            ErrorKind::InvalidOperation,
+            format!("{what}: {n} is larger than the {MAX_WIDTH} a chat template may ask for"),
+        ));
+    }
+    Ok(())
+}
+
+/// Refuses widths and precisions above [`MAX_WIDTH`] in printf-style (`%8.3f`) and Python
+/// `str.format` (`{:>8}`) format strings: they are allocated as padding up front.
+fn check_format_widths(format: &str) -> Result<(), minijinja::Error> {
+    let bytes = format.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        let spec_start = match bytes[i] {
+            b'%' => i + 1,
+            b'{' => match format[i..].find(['}', ':']) {
+                Some(j) if bytes[i + j] == b':' => i + j + 1,
+                _ => {
+                    i += 1;
+                    continue;
+                }
+            },
+            _ => {
+                i += 1;
+                continue;
+            }
+        };
+        // Every run of digits in the specifier (fill, width, precision) up to its end.
+        let mut j = spec_start;
+        while j < bytes.len() && !bytes[j].is_ascii_alphabetic() && bytes[j] != b'}' {
+            if bytes[j].is_ascii_digit() {
+                let run = format[j..]
+                    .find(|c: char| !c.is_ascii_digit())
+                    .unwrap_or(format.len() - j);
+                let n = format[j..j + run].parse::<usize>().unwrap_or(usize::MAX);
+                check_width("format width", n)?;
+                j += run;
+            } else {
+                j += 1;
+            }
+        }
+        i = j.max(i + 1);
+    }
+    Ok(())
 }
 
 /// The error and its causes on one line.
@@ -157,6 +413,13 @@ fn strftime_now(format: String) -> Result<Value, minijinja::Error> {
 /// `tojson(indent=None, separators=None, sort_keys=False)` with Python `json.dumps` output.
 fn tojson(value: Value, kwargs: Kwargs) -> Result<Value, minijinja::Error> {
     let indent: Option<usize> = kwargs.get("indent")?;
+    // Real templates indent by 2 or 4; the indent is repeated per level on every line.
+    if indent.is_some_and(|n| n > 64) {
+        return Err(minijinja::Error::new(
+            ErrorKind::InvalidOperation,
+            format!("tojson: indent {} is larger than 64", indent.unwrap_or(0)),
+        ));
+    }
     let sort_keys: Option<bool> = kwargs.get("sort_keys")?;
     let separators: Option<Vec<String>> = kwargs.get("separators")?;
     kwargs.assert_all_used()?;
@@ -198,6 +461,12 @@ impl JsonStyle {
     }
 
     fn write(&self, v: &Value, depth: usize, out: &mut String) -> Result<(), minijinja::Error> {
+        if depth > MAX_JSON_DEPTH {
+            return Err(minijinja::Error::new(
+                ErrorKind::InvalidOperation,
+                format!("tojson: the value is nested deeper than {MAX_JSON_DEPTH} levels"),
+            ));
+        }
         match v.kind() {
             ValueKind::Undefined | ValueKind::None => out.push_str("null"),
             ValueKind::Bool => out.push_str(if v.is_true() { "true" } else { "false" }),

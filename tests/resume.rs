@@ -342,3 +342,346 @@ fn sigterm_saves_and_exits_143_and_the_run_resumes() {
     resume_to_end(&r, &out, &[]);
     assert_eq!(metrics(&out.join("metrics.jsonl"), "train").len(), STEPS);
 }
+
+/// Everything under `<out>/checkpoints` is a complete, verified `step-N`, the `latest` pointer
+/// naming one of them, or a hidden leftover of a cut-short write (never listed as a
+/// checkpoint). Returns the hidden leftovers' names.
+fn check_checkpoint_root(out: &Path, context: &str) -> Vec<String> {
+    let root = out.join("checkpoints");
+    let Ok(rd) = std::fs::read_dir(&root) else {
+        return vec![];
+    };
+    let mut hidden = vec![];
+    for entry in rd {
+        let p = entry.unwrap().path();
+        let name = p.file_name().unwrap().to_string_lossy().to_string();
+        if name.starts_with("step-") {
+            let loaded = your_ai::train::checkpoint::load(&p, &candle_core::Device::Cpu)
+                .unwrap_or_else(|e| panic!("{context}: {name}: {e}"));
+            for f in [
+                "adapter_model.safetensors",
+                "adapter_config.json",
+                "optimizer.safetensors",
+                "train_config.json",
+            ] {
+                assert!(
+                    loaded.state.checksums.contains_key(f),
+                    "{context}: {name} lacks {f}"
+                );
+            }
+        } else if name == "latest" {
+            let target = std::fs::read_to_string(&p).unwrap();
+            let target = target.trim();
+            assert!(
+                target.starts_with("step-") && root.join(target).is_dir(),
+                "{context}: latest names {target:?}, which is not a checkpoint"
+            );
+        } else if name.starts_with('.') {
+            hidden.push(name);
+        } else {
+            panic!("{context}: unexpected entry {name} in checkpoints/");
+        }
+    }
+    let listed = your_ai::train::checkpoint::list(&root);
+    assert!(
+        hidden.iter().all(|h| !listed
+            .iter()
+            .any(|s| h.trim_start_matches('.') == format!("step-{s}"))),
+        "{context}: a hidden leftover was listed as a checkpoint"
+    );
+    // `best/` is replaced by rename too: whatever is there is whole.
+    let best = out.join("best/adapter_model.safetensors");
+    if best.exists() {
+        candle_core::safetensors::load(&best, &candle_core::Device::Cpu)
+            .unwrap_or_else(|e| panic!("{context}: best/ adapter: {e}"));
+    }
+    hidden
+}
+
+fn read_latest(out: &Path) -> Option<String> {
+    std::fs::read_to_string(out.join("checkpoints/latest"))
+        .ok()
+        .map(|s| s.trim().to_string())
+}
+
+fn save_in_progress(out: &Path) -> bool {
+    std::fs::read_dir(out.join("checkpoints")).is_ok_and(|rd| {
+        rd.flatten().any(|e| {
+            let n = e.file_name().to_string_lossy().to_string();
+            n.starts_with(".step-") && n.contains(".tmp-")
+        })
+    })
+}
+
+/// SIGKILL lands at random moments of runs that save a checkpoint after every step, half of
+/// the kills timed from the moment a save's temporary directory appears. After every kill the
+/// checkpoints are complete or absent, `latest` names a valid one, the next `--resume` works,
+/// and each chain of killed-and-resumed runs ends bit-identical to an uninterrupted run.
+/// `KILL_SEED=n` varies the moments.
+#[test]
+fn sigkill_during_checkpoint_writes_never_leaves_a_partial_checkpoint() {
+    use rand::{Rng, SeedableRng};
+    let seed: u64 = std::env::var("KILL_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(7);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    const TRIALS: usize = 100;
+    let r = setup();
+    let extra = ["--save-every", "1"];
+    let reference = r.root.join("ref");
+    let t0 = Instant::now();
+    assert!(command(&r, &reference, &extra).status().unwrap().success());
+    let ref_secs = t0.elapsed().as_secs_f64();
+    let (want_losses, want_adapter) = (losses(&reference), adapter_bytes(&reference));
+    // One step plus its save, from the uninterrupted run (an upper bound: it includes start-up).
+    let cycle_ms = ((ref_secs * 1000.0 / STEPS as f64) as u64).clamp(5, 500);
+
+    let (mut kills, mut mid_save, mut chains, mut finished_early) = (0, 0, 0, 0);
+    let mut chain = 0;
+    let mut out = r.root.join("chain0");
+    let mut log = vec![];
+    while kills < TRIALS {
+        let resuming = read_latest(&out).is_some();
+        let mut c = command(&r, &out, &extra);
+        if resuming {
+            c.arg("--resume");
+        }
+        let before = read_latest(&out);
+        let mut child = c.spawn().unwrap();
+        let targeted = rng.random_bool(0.5);
+        let delay_ms = if targeted {
+            rng.random_range(0..=cycle_ms / 2)
+        } else {
+            rng.random_range(0..=cycle_ms)
+        };
+        let what = format!(
+            "seed {seed}, chain {chain}, trial {kills}: {} + {delay_ms} ms",
+            if targeted {
+                "after a save begins"
+            } else {
+                "after a new checkpoint"
+            }
+        );
+        // Wait for progress (a new checkpoint), then, for targeted trials, for the next save.
+        let start = Instant::now();
+        let mut exited = None;
+        let mut progressed = false;
+        loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                exited = Some(s);
+                break;
+            }
+            if !progressed {
+                progressed = read_latest(&out) != before;
+            } else if !targeted || save_in_progress(&out) {
+                break;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "{what}: no progress"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        if exited.is_none() {
+            std::thread::sleep(Duration::from_millis(delay_ms));
+            unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
+            let status = child.wait().unwrap();
+            let mut stderr = String::new();
+            use std::io::Read;
+            child
+                .stderr
+                .take()
+                .unwrap()
+                .read_to_string(&mut stderr)
+                .unwrap();
+            use std::os::unix::process::ExitStatusExt;
+            if status.signal() == Some(libc::SIGKILL) {
+                kills += 1;
+                let hidden = check_checkpoint_root(&out, &what);
+                if hidden.iter().any(|h| h.contains(".tmp-")) {
+                    mid_save += 1;
+                }
+                // The previous process's leftovers went with this process's first save.
+                let prev_pid = log.last().map(|(_, pid): &(String, u32)| *pid);
+                if let Some(pid) = prev_pid.filter(|_| resuming) {
+                    assert!(
+                        !hidden.iter().any(|h| h.ends_with(&format!("-{pid}"))),
+                        "{what}: leftovers of process {pid} were not cleared: {hidden:?}"
+                    );
+                }
+                log.push((what.clone(), child.id()));
+                continue;
+            }
+            exited = Some(status);
+            assert!(status.success(), "{what}: {stderr}");
+        }
+        let status = exited.unwrap();
+        if !status.success() {
+            let mut stderr = String::new();
+            use std::io::Read;
+            child
+                .stderr
+                .take()
+                .unwrap()
+                .read_to_string(&mut stderr)
+                .unwrap();
+            panic!("{what}: the run failed: {stderr}");
+        }
+        // The chain reached the end: it must equal the uninterrupted run, bit for bit.
+        finished_early += usize::from(log.is_empty());
+        assert_eq!(losses(&out), want_losses, "{what}: losses of chain {chain}");
+        assert_eq!(
+            adapter_bytes(&out),
+            want_adapter,
+            "{what}: adapter of chain {chain}"
+        );
+        check_checkpoint_root(&out, &what);
+        chains += 1;
+        chain += 1;
+        log.clear();
+        out = r.root.join(format!("chain{chain}"));
+    }
+    // The last chain, killed at its last trial, is resumed to the end and compared too.
+    resume_to_end(&r, &out, &extra);
+    assert_eq!(
+        losses(&out),
+        want_losses,
+        "seed {seed}: losses of the last chain"
+    );
+    assert_eq!(
+        adapter_bytes(&out),
+        want_adapter,
+        "seed {seed}: adapter of the last chain"
+    );
+    chains += 1;
+    eprintln!(
+        "seed {seed}: {kills} SIGKILLs ({mid_save} left a save's temporary directory), \
+         {chains} chains resumed bit-identical ({finished_early} finished unkilled), \
+         step+save ≈ {cycle_ms} ms, {:.0} s",
+        t0.elapsed().as_secs_f64()
+    );
+    assert!(
+        mid_save >= TRIALS / 10,
+        "only {mid_save} of {kills} kills landed inside a save"
+    );
+}
+
+/// A second Ctrl-C exits at once (130) without waiting for the step or its checkpoint; the
+/// checkpoints already written stay valid, none is half-written, and the run resumes.
+#[test]
+fn a_second_sigint_exits_at_once_and_leaves_the_last_checkpoint_intact() {
+    let r = setup();
+    // Long examples make a step last long enough (hundreds of ms) for two signals to land in it.
+    let data = r.root.join("long");
+    std::fs::create_dir_all(&data).unwrap();
+    let text = "The quick brown fox jumps over the lazy dog. ".repeat(20);
+    let rows: String = (0..8)
+        .map(|i| {
+            serde_json::json!({"messages": [
+                {"role": "user", "content": format!("{i}: {text}")},
+                {"role": "assistant", "content": format!("{text} {i}")}]})
+            .to_string()
+                + "\n"
+        })
+        .collect();
+    std::fs::write(data.join("train.jsonl"), rows).unwrap();
+    let run = |out: &Path, steps: usize| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_your_ai"));
+        c.env_remove("RUST_LOG")
+            .arg("train")
+            .arg("--model")
+            .arg(&r.model)
+            .arg("--data")
+            .arg(&data)
+            .arg("--output")
+            .arg(out)
+            .args(["--batch-size", "2", "--max-seq-length", "512"])
+            .args(["--lora-rank", "4", "--save-every", "1", "--seed", "1"])
+            .args(["--warmup-steps", "0"])
+            .args(["--max-steps", &steps.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        c
+    };
+    for (trial, gap_ms) in [20u64, 60, 150].into_iter().enumerate() {
+        let out = r.root.join(format!("twice{trial}"));
+        let mut child = run(&out, 100).spawn().unwrap();
+        let start = Instant::now();
+        while read_latest(&out).as_deref() != Some("step-2") {
+            assert!(child.try_wait().unwrap().is_none(), "the run ended early");
+            assert!(start.elapsed() < Duration::from_secs(120), "no step 2");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        let step_s = metrics(&out.join("metrics.jsonl"), "train")[1]["step_time_s"]
+            .as_f64()
+            .unwrap();
+        unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+        std::thread::sleep(Duration::from_millis(gap_ms));
+        unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+        let second = Instant::now();
+        let status = child.wait().unwrap();
+        let waited = second.elapsed().as_secs_f64();
+        let mut stderr = String::new();
+        use std::io::Read;
+        child
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut stderr)
+            .unwrap();
+        assert_eq!(status.code(), Some(130), "trial {trial}: {stderr}");
+        // The first signal alone would finish the step, save and print how to resume.
+        assert!(
+            !stderr.contains("stopped by SIGINT"),
+            "trial {trial}: the second signal did not cut the stop short: {stderr}"
+        );
+        assert!(
+            waited < step_s.max(0.5),
+            "trial {trial}: exit took {waited:.2} s after the second signal (a step takes {step_s:.2} s)"
+        );
+        let what = format!("double SIGINT, trial {trial}");
+        check_checkpoint_root(&out, &what);
+        let latest = read_latest(&out).unwrap();
+        let step: usize = latest.trim_start_matches("step-").parse().unwrap();
+        assert!(step >= 2, "{what}: latest went back to {latest}");
+        // Resumable: one more step from the last good checkpoint.
+        let o = run(&out, step + 1).arg("--resume").output().unwrap();
+        assert!(
+            o.status.success(),
+            "{what}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        assert_eq!(
+            read_latest(&out).unwrap(),
+            format!("step-{}", step + 1),
+            "{what}"
+        );
+        eprintln!("{what}: exited {waited:.3} s after the second signal (step {step_s:.2} s), resumed from {latest}");
+    }
+}
+
+/// Killed after its last checkpoint but before the final adapter was written: `--resume`
+/// finishes the run (it used to refuse: "the checkpoint is at step N, the run has N steps"),
+/// with the same adapter and one final evaluation and end record in the metrics.
+#[test]
+fn a_run_stopped_after_its_last_checkpoint_resumes_to_write_the_adapter() {
+    let r = setup();
+    let out = r.root.join("last");
+    assert!(command(&r, &out, &[]).status().unwrap().success());
+    let (want_losses, want_adapter) = (losses(&out), adapter_bytes(&out));
+    for f in ["adapter_model.safetensors", "adapter_config.json"] {
+        std::fs::remove_file(out.join(f)).unwrap();
+    }
+    resume_to_end(&r, &out, &[]);
+    assert_eq!(adapter_bytes(&out), want_adapter);
+    assert_eq!(losses(&out), want_losses);
+    let m = out.join("metrics.jsonl");
+    let at_end = |kind: &str| {
+        metrics(&m, kind)
+            .iter()
+            .filter(|l| l["step"] == STEPS)
+            .count()
+    };
+    assert_eq!((at_end("eval"), at_end("end")), (1, 1));
+}

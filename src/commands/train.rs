@@ -417,7 +417,9 @@ pub fn run(a: TrainArgs) -> Result<()> {
             for change in &allowed {
                 eprintln!("note: resuming with a changed setting: {change}");
             }
-            if loaded.state.step >= cfg.steps {
+            // A checkpoint of the last step: the run was stopped after it but before the final
+            // adapter was written; resuming finishes that (the final evaluation and adapter).
+            if loaded.state.step > cfg.steps {
                 return Err(usage(format!(
                     "--resume {}: the checkpoint is at step {}, the run has {} steps; raise --max-steps to train further",
                     dir.display(),

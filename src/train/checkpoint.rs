@@ -155,10 +155,7 @@ pub fn save(
             &serde_json::to_vec_pretty(&state).unwrap_or_default(),
         )?;
         sync(&tmp)?;
-        if dir.exists() {
-            discard(&dir)?;
-        }
-        std::fs::rename(&tmp, &dir).map_err(|e| Error::io("rename into place", &dir, e))?;
+        replace_dir(&tmp, &dir)?;
         sync(root)?;
         let latest_tmp = root.join(format!(".latest.tmp-{}", std::process::id()));
         write_synced(&latest_tmp, format!("step-{}\n", state.step).as_bytes())?;
@@ -196,6 +193,59 @@ fn prune(root: &Path, keep: usize) {
     for s in &steps[..steps.len() - keep] {
         let _ = discard(&root.join(format!("step-{s}")));
     }
+}
+
+/// Puts the complete directory `tmp` in the place of `dir`. Where `dir` exists (a checkpoint
+/// rewritten after resuming from an earlier one, `best/`), the two are swapped in one step
+/// (Linux `renameat2(RENAME_EXCHANGE)`) so that a crash never leaves `dir` missing; the old
+/// content, now under the hidden name `tmp`, is then deleted. Where the filesystem cannot swap,
+/// the old one is moved aside first and deleted after: a crash in between leaves `dir` absent
+/// and the old content under a hidden name.
+pub(crate) fn replace_dir(tmp: &Path, dir: &Path) -> Result<()> {
+    if dir.exists() {
+        if exchange(tmp, dir).is_ok() {
+            let _ = std::fs::remove_dir_all(tmp);
+            return Ok(());
+        }
+        let name = dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let old = dir.with_file_name(format!(".{name}.old-{}", std::process::id()));
+        std::fs::rename(dir, &old).map_err(|e| Error::io("move aside", dir, e))?;
+        std::fs::rename(tmp, dir).map_err(|e| Error::io("rename into place", dir, e))?;
+        let _ = std::fs::remove_dir_all(&old);
+        return Ok(());
+    }
+    std::fs::rename(tmp, dir).map_err(|e| Error::io("rename into place", dir, e))
+}
+
+#[cfg(target_os = "linux")]
+fn exchange(a: &Path, b: &Path) -> std::io::Result<()> {
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt;
+    let ca = CString::new(a.as_os_str().as_bytes())?;
+    let cb = CString::new(b.as_os_str().as_bytes())?;
+    // SAFETY: both arguments are NUL-terminated paths that live across the call.
+    let r = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            ca.as_ptr(),
+            libc::AT_FDCWD,
+            cb.as_ptr(),
+            libc::RENAME_EXCHANGE,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn exchange(_: &Path, _: &Path) -> std::io::Result<()> {
+    Err(std::io::Error::from(std::io::ErrorKind::Unsupported))
 }
 
 /// Removes a checkpoint directory without ever leaving a half-deleted `step-N`: it is first
@@ -327,4 +377,32 @@ pub fn differences(saved: &serde_json::Value, now: &TrainConfig) -> (Vec<String>
         }
     }
     (refused, allowed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replace_dir_swaps_an_existing_directory_whole() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("best");
+        let tmp = root.path().join(".best.tmp-1");
+        for (d, text) in [(&dir, "old"), (&tmp, "new")] {
+            std::fs::create_dir_all(d).unwrap();
+            std::fs::write(d.join("a"), text).unwrap();
+        }
+        replace_dir(&tmp, &dir).unwrap();
+        assert_eq!(std::fs::read_to_string(dir.join("a")).unwrap(), "new");
+        let names: Vec<_> = std::fs::read_dir(root.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["best"], "the old content is deleted");
+        // Into an empty place: a plain rename.
+        let tmp2 = root.path().join(".c.tmp-1");
+        std::fs::create_dir_all(&tmp2).unwrap();
+        replace_dir(&tmp2, &root.path().join("c")).unwrap();
+        assert!(root.path().join("c").is_dir() && !tmp2.exists());
+    }
 }

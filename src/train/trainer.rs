@@ -104,16 +104,22 @@ impl Metrics {
     }
 
     /// Continues a metrics file from a checkpoint at `step`: later lines (written after the
-    /// checkpoint by the interrupted run) are dropped so every step appears once.
-    fn resume(path: &Path, step: usize) -> Result<Self> {
+    /// checkpoint by the interrupted run) are dropped so every step appears once. When `step` is
+    /// the run's last, the final evaluation, test and end records follow the checkpoint, so
+    /// those of that step go too (they are written again).
+    fn resume(path: &Path, step: usize, last: bool) -> Result<Self> {
         let text = std::fs::read_to_string(path).unwrap_or_default();
         let kept: String = text
             .lines()
             .filter(|l| {
-                serde_json::from_str::<serde_json::Value>(l)
-                    .ok()
-                    .and_then(|v| v["step"].as_u64())
-                    .is_some_and(|s| s as usize <= step)
+                let Ok(v) = serde_json::from_str::<serde_json::Value>(l) else {
+                    return false;
+                };
+                match v["step"].as_u64() {
+                    Some(s) if (s as usize) < step => true,
+                    Some(s) if s as usize == step => !last || v["type"] == "train",
+                    _ => false,
+                }
             })
             .map(|l| format!("{l}\n"))
             .collect();
@@ -148,8 +154,16 @@ fn write_adapter_tmp(
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "adapter".into());
+    // Leftovers of a write that a crash cut short: hidden, never read, cleared here.
+    if let Ok(rd) = std::fs::read_dir(parent) {
+        for e in rd.flatten() {
+            let n = e.file_name().to_string_lossy().into_owned();
+            if n.starts_with(&format!(".{name}.tmp-")) || n.starts_with(&format!(".{name}.old-")) {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    }
     let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).map_err(|e| Error::io("create", &tmp, e))?;
     adapter.save_peft(&tmp, base_model)?;
     let cfg_path = tmp.join("train_config.json");
@@ -183,18 +197,8 @@ pub fn save_adapter_dir(
 ) -> Result<()> {
     let tmp = write_adapter_tmp(adapter, dir, base_model, config)?;
     let parent = dir.parent().unwrap_or(Path::new("."));
-    let old = parent.join(format!(
-        ".{}.old-{}",
-        dir.file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default(),
-        std::process::id()
-    ));
-    if dir.exists() {
-        std::fs::rename(dir, &old).map_err(|e| Error::io("move aside", dir, e))?;
-    }
-    std::fs::rename(&tmp, dir).map_err(|e| Error::io("rename into place", dir, e))?;
-    let _ = std::fs::remove_dir_all(&old);
+    sync_dir(&tmp);
+    checkpoint::replace_dir(&tmp, dir)?;
     sync_dir(parent);
     Ok(())
 }
@@ -299,7 +303,7 @@ pub fn train(
             summary.first_val = st.first_val;
             summary.last_val = st.last_val;
             summary.best_val = st.best_val;
-            Metrics::resume(&cfg.metrics_file, st.step)?
+            Metrics::resume(&cfg.metrics_file, st.step, st.step >= cfg.steps)?
         }
         None => Metrics::create(&cfg.metrics_file)?,
     };
@@ -694,7 +698,10 @@ impl Summary {
         if let Some(p) = self.peak_rss {
             eprintln!("  peak memory: {:.2} GB resident", memory::gb(p));
         }
-        eprintln!("  final train loss: {:.4}", self.final_loss);
+        // NaN when a resumed run had no step left to train (only the final adapter to write).
+        if self.final_loss.is_finite() {
+            eprintln!("  final train loss: {:.4}", self.final_loss);
+        }
         if let (Some(a), Some(b)) = (self.first_val, self.last_val) {
             eprintln!("  validation loss: {a:.4} at start → {b:.4} at end");
         }

@@ -35,6 +35,10 @@ pub enum Command {
     Train(Box<TrainArgs>),
     /// List the model aliases and which are in the local Hugging Face cache.
     Models,
+    /// Merge a LoRA adapter into the base weights; write a Hugging Face directory or a GGUF file.
+    Fuse(FuseArgs),
+    /// Write a LoRA adapter as a GGUF file that llama.cpp's --lora loads.
+    ExportAdapter(ExportAdapterArgs),
 }
 
 /// Which model, on which device, in which dtype.
@@ -100,6 +104,60 @@ pub struct EvalArgs {
     /// Score every token, not just assistant turns and completions.
     #[arg(long)]
     pub no_mask_prompt: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct FuseArgs {
+    /// The base model the adapter was trained on (directory, .gguf, alias or repo id).
+    #[arg(short, long)]
+    pub model: String,
+    /// The LoRA adapter directory (adapter_config.json + adapter_model.safetensors).
+    #[arg(long)]
+    pub adapter: PathBuf,
+    /// Where to write: a directory for --format hf, a .gguf file for --format gguf.
+    #[arg(short, long)]
+    pub output: PathBuf,
+    /// Output format [default: gguf when --output ends in .gguf, else hf].
+    #[arg(long, value_enum)]
+    pub format: Option<crate::export::Format>,
+    /// Tensor type of a GGUF output (norms stay F32).
+    #[arg(long, value_enum, default_value_t = crate::export::GgufType::F16)]
+    pub gguf_type: crate::export::GgufType,
+    /// Dtype of a Hugging Face output.
+    #[arg(long, value_enum, default_value_t = crate::export::HfDtype::Auto)]
+    pub hf_dtype: crate::export::HfDtype,
+    /// Allow merging into a quantized base by dequantizing it first.
+    #[arg(long)]
+    pub dequantize: bool,
+    /// After fusing, report validation loss of base + adapter and of the merged model on this
+    /// JSONL file or directory (valid.jsonl, else test.jsonl, else train.jsonl).
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// Replace --output if it exists.
+    #[arg(long)]
+    pub force: bool,
+    /// Safetensors shard size in bytes for a Hugging Face output.
+    #[arg(long, default_value_t = crate::export::hf_dir::DEFAULT_SHARD_BYTES)]
+    pub max_shard_size: u64,
+    /// Longer validation examples are truncated to this many tokens.
+    #[arg(long, default_value_t = 1024)]
+    pub max_seq_length: usize,
+}
+
+#[derive(Debug, Args)]
+pub struct ExportAdapterArgs {
+    /// The LoRA adapter directory (adapter_config.json + adapter_model.safetensors).
+    #[arg(long)]
+    pub adapter: PathBuf,
+    /// The GGUF file to write.
+    #[arg(short, long)]
+    pub output: PathBuf,
+    /// The base model [default: base_model_name_or_path from adapter_config.json].
+    #[arg(short, long)]
+    pub model: Option<String>,
+    /// Replace --output if it exists.
+    #[arg(long)]
+    pub force: bool,
 }
 
 /// `your_ai train`. Every flag can also come from `--config FILE.yaml` (keys as the flag names,

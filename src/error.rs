@@ -21,6 +21,9 @@ pub enum Error {
     Data(#[from] crate::data::DataError),
     #[error(transparent)]
     Adapter(#[from] crate::lora::AdapterError),
+    /// Writing a fused model or an exported adapter failed; the message names what and why.
+    #[error("{0}")]
+    Export(String),
     /// A flag value that cannot work; the message names the flag and the fix.
     #[error("{0}")]
     Usage(String),

@@ -10,6 +10,7 @@ pub mod data;
 pub mod device;
 pub mod error;
 pub mod evaluate;
+pub mod export;
 pub mod generation;
 pub mod lora;
 pub mod memory;

@@ -1,6 +1,8 @@
 //! One module per subcommand: each turns parsed flags into calls on the library.
 
 pub mod eval;
+pub mod export_adapter;
+pub mod fuse;
 pub mod generate;
 pub mod models;
 pub mod train;
@@ -18,6 +20,8 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Eval(args) => eval::run(args),
         Command::Train(args) => train::run(*args),
         Command::Models => models::run(),
+        Command::Fuse(args) => fuse::run(args),
+        Command::ExportAdapter(args) => export_adapter::run(args),
     }
 }
 

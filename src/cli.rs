@@ -74,6 +74,10 @@ pub struct GenerateArgs {
     /// Most tokens to generate.
     #[arg(long, default_value_t = 256)]
     pub max_tokens: usize,
+    /// Keep the frozen block weights quantized in memory: 4 (Q4_1) or 8 (Q8_0); a quantized
+    /// GGUF keeps its own quantization.
+    #[arg(long)]
+    pub quantize: Option<u8>,
     /// Sampling temperature; 0 is greedy.
     #[arg(long, default_value_t = 0.0)]
     pub temperature: f64,
@@ -104,6 +108,10 @@ pub struct EvalArgs {
     /// Score every token, not just assistant turns and completions.
     #[arg(long)]
     pub no_mask_prompt: bool,
+    /// Keep the frozen block weights quantized in memory: 4 (Q4_1) or 8 (Q8_0); a quantized
+    /// GGUF keeps its own quantization.
+    #[arg(long)]
+    pub quantize: Option<u8>,
 }
 
 #[derive(Debug, Args)]
@@ -286,7 +294,8 @@ pub struct TrainArgs {
     /// Reload the model every N steps (not available yet).
     #[arg(long)]
     pub reload_interval: Option<usize>,
-    /// Quantize the frozen base to 4 or 8 bits (not available yet).
+    /// Keep the frozen block weights quantized in memory (QLoRA): 4 (Q4_1) or 8 (Q8_0); a
+    /// quantized GGUF keeps its own quantization.
     #[arg(long)]
     pub quantize: Option<u8>,
     /// Resume from the latest checkpoint of --output, or from PATH (a checkpoint or an output directory).

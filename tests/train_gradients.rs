@@ -110,7 +110,9 @@ fn autograd_loss(
         .unwrap();
     for (l, blk) in model.blocks.iter().enumerate() {
         let proj = |lin: &your_ai::model::llama::Linear, x: &Tensor, target: Target| {
-            let mut y = x.matmul(&lin.weight.t().unwrap()).unwrap();
+            let mut y = x
+                .matmul(&lin.weight.dense(x.dtype()).unwrap().t().unwrap())
+                .unwrap();
             if let Some(bias) = &lin.bias {
                 y = y.broadcast_add(bias).unwrap();
             }

@@ -23,11 +23,6 @@ fn refuse_unavailable(a: &TrainArgs) -> Result<()> {
             "--reload-interval",
             "model reloading",
         ),
-        (
-            a.quantize.is_some(),
-            "--quantize",
-            "QLoRA (quantized bases)",
-        ),
     ];
     for (given, flag, what) in unavailable {
         if given {
@@ -157,7 +152,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
         )));
     }
 
-    let mut loaded = super::load_model(&a.model)?;
+    let mut loaded = super::load_model_quantized(&a.model, a.quantize)?;
     let model_cfg = loaded.model.cfg.clone();
     let layers = model_cfg.num_hidden_layers;
     let num_layers = a.num_layers.unwrap_or(layers);

@@ -527,3 +527,71 @@ fn written_gguf_reads_back_with_same_logits() {
     assert!(max_diff(&la, &lb) < 1e-4);
     assert_eq!(a.tokenizer.end_ids, b.tokenizer.end_ids);
 }
+
+/// SentencePiece tokenizers (Llama 2, Mistral) go HF → GGUF metadata (scores from merge ranks)
+/// → the tokenizer our GGUF loader builds, and tokenize as before.
+#[test]
+fn sentencepiece_tokenizer_survives_hf_to_gguf() {
+    let mut vocab: Vec<(String, f32, i32)> = vec![
+        ("<unk>".into(), 0.0, 2),
+        ("<s>".into(), 0.0, 3),
+        ("</s>".into(), 0.0, 3),
+    ];
+    for b in 0..=255u8 {
+        vocab.push((format!("<0x{b:02X}>"), 0.0, 6));
+    }
+    for (i, p) in [
+        "▁", "h", "e", "l", "o", "w", "r", "d", "ll", "▁h", "▁w", "or", "el", "ell", "ello",
+        "▁hello", "ld", "orld", "▁world",
+    ]
+    .iter()
+    .enumerate()
+    {
+        vocab.push((p.to_string(), -(i as f32), 1));
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let orig = tmp.path().join("orig.gguf");
+    let tokens: Vec<(&str, f32, i32)> = vocab
+        .iter()
+        .map(|(t, s, ty)| (t.as_str(), *s, *ty))
+        .collect();
+    write_spm_gguf(&orig, &tokens);
+    let g = GgufFile::open(&orig).unwrap();
+    let before = your_ai::tokenizer::Tokenizer::from_gguf(&g).unwrap();
+    // As a Hugging Face directory (what a Llama 2 checkpoint ships) ...
+    let hf = tmp.path().join("hf");
+    std::fs::create_dir_all(&hf).unwrap();
+    let doc = your_ai::tokenizer::gguf::tokenizer_json(&g).unwrap();
+    std::fs::write(hf.join("tokenizer.json"), doc.to_string()).unwrap();
+    std::fs::write(
+        hf.join("tokenizer_config.json"),
+        r#"{"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": true}"#,
+    )
+    .unwrap();
+    // ... then back to GGUF metadata, and read by our GGUF tokenizer path.
+    let meta = your_ai::export::gguf_tokenizer::from_hf_dir(&hf, vocab.len() + 2, &[2]).unwrap();
+    let mut all = vec![(
+        "general.architecture".to_string(),
+        GValue::String("llama".into()),
+    )];
+    all.extend(meta);
+    let refs: Vec<(&str, &GValue)> = all.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let back_path = tmp.path().join("back.gguf");
+    let mut f = std::fs::File::create(&back_path).unwrap();
+    candle_core::quantized::gguf_file::write(&mut f, &refs, &[]).unwrap();
+    drop(f);
+    let gb = GgufFile::open(&back_path).unwrap();
+    assert_eq!(gb.meta_str("tokenizer.ggml.model"), Some("llama"));
+    let after = your_ai::tokenizer::Tokenizer::from_gguf(&gb).unwrap();
+    for text in ["hello world", "hex", "hello world hex", "ollld wow"] {
+        assert_eq!(
+            before.encode(text).unwrap(),
+            after.encode(text).unwrap(),
+            "{text}"
+        );
+    }
+    assert!(after.add_bos && after.is_end(2));
+    assert_eq!(after.bos_id(), Some(1));
+    // Two padding ids beyond the tokenizer get placeholder tokens.
+    assert_eq!(after.vocab_size(), vocab.len() + 2);
+}

@@ -422,7 +422,7 @@ fn smollm2_q4_1_fuses_with_dequantize_to_hf_and_gguf() {
     let l_hf = eval_loss(&hf, &data, None);
     assert!((l_hf - with).abs() < 1e-4, "hf: {l_hf} vs {with}");
     let mut figures = vec![("hf f32", l_hf - with)];
-    for (ty, tol) in [("f16", 2e-3), ("q8_0", 1e-2)] {
+    for (ty, tol) in [("f16", 2e-3), ("q8_0", 2e-2)] {
         let path = tmp.path().join(format!("m-{ty}.gguf"));
         fuse_ok(
             &model,

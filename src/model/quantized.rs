@@ -50,7 +50,8 @@ impl Weight {
         }
     }
 
-    /// The weight as a dense tensor in `dtype` (a copy for a quantized weight).
+    /// The weight as a dense tensor: a dense weight as held, a quantized one dequantized to
+    /// `dtype` (a fresh copy).
     pub fn dense(&self, dtype: DType) -> Result<Tensor> {
         match self {
             Weight::Dense(w) => Ok(w.clone()),

@@ -39,6 +39,68 @@ pub enum Command {
     Fuse(FuseArgs),
     /// Write a LoRA adapter as a GGUF file that llama.cpp's --lora loads.
     ExportAdapter(ExportAdapterArgs),
+    /// Print the pre-flight memory estimate of a training run (only the model's config is read:
+    /// a config.json alone is enough).
+    Estimate(EstimateArgs),
+    /// Run a few training steps of configurations from small to large (each in its own
+    /// process), report speed and peak memory beside the estimate, and recommend the fastest
+    /// that fits the budget.
+    Benchmark(BenchmarkArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct BenchmarkArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Memory budget in GB [default: 80% of the device's memory, at most 120 GB].
+    #[arg(long, value_name = "GB")]
+    pub max_memory: Option<f64>,
+    /// Write the results as JSON here.
+    #[arg(long)]
+    pub output: Option<PathBuf>,
+    /// A small grid (batch 1 and 4, length 128 and 512, rank 8).
+    #[arg(long)]
+    pub quick: bool,
+    /// Training steps per configuration (the first is left out of the speed when there are more).
+    #[arg(long, default_value_t = 3)]
+    pub steps: usize,
+    /// Batch sizes to try.
+    #[arg(long, default_value = "1,2,4,8")]
+    pub batch_sizes: String,
+    /// Sequence lengths to try.
+    #[arg(long, default_value = "128,256,512,1024")]
+    pub lengths: String,
+    /// LoRA ranks to try.
+    #[arg(long, default_value = "8,16,32,64")]
+    pub ranks: String,
+}
+
+#[derive(Debug, Args)]
+pub struct EstimateArgs {
+    /// A config.json, Hugging Face model directory, .gguf file or alias (cached).
+    #[arg(short, long)]
+    pub model: String,
+    /// Dtype of the frozen weights and activations: f32 (CPU) or bf16/f16 (GPUs).
+    #[arg(long, value_enum, default_value_t = DTypeChoice::F32)]
+    pub dtype: DTypeChoice,
+    #[arg(long, default_value_t = 1)]
+    pub batch_size: usize,
+    #[arg(long, default_value_t = 2048)]
+    pub max_seq_length: usize,
+    #[arg(long, default_value_t = 8)]
+    pub lora_rank: usize,
+    /// Linear layers that get adapters (comma-separated: q,k,v,o,gate,up,down).
+    #[arg(long, value_delimiter = ',', default_value = "q,k,v,o,gate,up,down")]
+    pub lora_targets: Vec<String>,
+    /// Adapters on the last N blocks only [default: all].
+    #[arg(long)]
+    pub num_layers: Option<usize>,
+    /// Estimate with the frozen linear layers quantized to 4 or 8 bits.
+    #[arg(long)]
+    pub quantize: Option<u8>,
+    /// Compare with this budget (GB).
+    #[arg(long, value_name = "GB")]
+    pub max_memory: Option<f64>,
 }
 
 /// Which model, on which device, in which dtype.
@@ -283,16 +345,23 @@ pub struct TrainArgs {
     #[arg(long)]
     pub profile: bool,
     /// Adapted blocks that keep their activations for the backward instead of recomputing
-    /// them: none (memory flat from step to step), auto (as many as fit in a fifth of available
-    /// memory; faster, but resident memory then follows the longest batch seen), all, or a number.
+    /// them: none (memory flat from step to step), auto (as many as the memory budget has room
+    /// for; faster, but resident memory then follows the longest batch seen), all, or a number.
     #[arg(long, default_value = "none")]
     pub keep_activations: crate::train::config::KeepActivations,
 
-    /// Memory budget in GB (not available yet).
-    #[arg(long)]
+    /// Memory budget in GB [default: 80% of the device's memory, at most 120 GB]. A run whose
+    /// estimate exceeds it does not start; one that crosses it saves a checkpoint and stops.
+    #[arg(long, value_name = "GB")]
     pub max_memory: Option<f64>,
-    /// Reload the model every N steps (not available yet).
+    /// When the estimate exceeds the budget, train with the largest batch size that fits
+    /// instead of refusing.
     #[arg(long)]
+    pub auto_fit: bool,
+    /// Every N steps: checkpoint, drop the model, adapter and optimizer, reload them and go on.
+    /// A workaround other tools need for memory that grows step by step; your_ai's steps are
+    /// flat, so it is not needed, but it works exactly (same losses and adapter).
+    #[arg(long, value_name = "N")]
     pub reload_interval: Option<usize>,
     /// Keep the frozen block weights quantized in memory (QLoRA): 4 (Q4_1) or 8 (Q8_0); a
     /// quantized GGUF keeps its own quantization.

@@ -45,14 +45,31 @@ pub enum Error {
         step: usize,
         checkpoint: PathBuf,
     },
+    #[error(
+        "memory budget exceeded: resident memory reached {:.2} GB, above the {:.2} GB budget, during step {step}; \
+         stopped before the system could run out. Checkpoint of step {saved_step} saved to {}. \
+         Resume with the same command plus --resume and a larger --max-memory, or a smaller --batch-size / --max-seq-length",
+        *peak as f64 / 1e9,
+        *budget as f64 / 1e9,
+        checkpoint.display()
+    )]
+    MemoryBudget {
+        step: usize,
+        saved_step: usize,
+        peak: u64,
+        budget: u64,
+        checkpoint: PathBuf,
+    },
 }
 
 impl Error {
-    /// Exit status: 2 for a command line that cannot work (as clap does), 1 for everything else.
+    /// Exit status: 2 for a command line that cannot work (as clap does), 128 + signal after a
+    /// signal, 3 when the memory budget stopped training, 1 for everything else.
     pub fn exit_code(&self) -> i32 {
         match self {
             Error::Usage(_) => 2,
             Error::Interrupted { signal, .. } => crate::signals::exit_status(*signal),
+            Error::MemoryBudget { .. } => 3,
             _ => 1,
         }
     }

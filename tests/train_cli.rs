@@ -445,9 +445,27 @@ fn bad_input_is_refused_before_anything_is_written() {
                 "--data".into(),
                 s.data.display().to_string(),
                 "--max-memory".into(),
-                "70".into(),
+                "100000".into(),
             ],
-            "--max-memory: memory budgets is not available",
+            "--max-memory 100000: this device has only",
+        ),
+        (
+            vec![
+                "--data".into(),
+                s.data.display().to_string(),
+                "--max-memory".into(),
+                "0".into(),
+            ],
+            "--max-memory 0: give the budget in GB as a positive number",
+        ),
+        (
+            vec![
+                "--data".into(),
+                s.data.display().to_string(),
+                "--quantize".into(),
+                "3".into(),
+            ],
+            "--quantize 3: use 4",
         ),
         (
             vec![

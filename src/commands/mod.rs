@@ -1,5 +1,7 @@
 //! One module per subcommand: each turns parsed flags into calls on the library.
 
+pub mod benchmark;
+pub mod estimate;
 pub mod eval;
 pub mod export_adapter;
 pub mod fuse;
@@ -23,6 +25,8 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Models => models::run(),
         Command::Fuse(args) => fuse::run(args),
         Command::ExportAdapter(args) => export_adapter::run(args),
+        Command::Estimate(args) => estimate::run(args),
+        Command::Benchmark(args) => benchmark::run(args),
     }
 }
 
@@ -33,14 +37,7 @@ pub fn load_model(args: &ModelArgs) -> Result<LoadedModel> {
 
 /// As [`load_model`], with `--quantize 4|8` (block weights kept quantized; see README).
 pub fn load_model_quantized(args: &ModelArgs, quantize: Option<u8>) -> Result<LoadedModel> {
-    let quant = match quantize {
-        None => None,
-        Some(b) => Some(QuantBits::parse(b).ok_or_else(|| {
-            crate::error::Error::Usage(format!(
-                "--quantize {b}: use 4 (Q4_1, 32-weight groups with scale and offset) or 8 (Q8_0)"
-            ))
-        })?),
-    };
+    let quant = quant_flag(quantize)?;
     let device = select_device(args.device)?;
     let dtype = select_dtype(args.dtype, &device);
     tracing::info!("loading {} on {:?} in {:?}", args.model, device, dtype);
@@ -52,6 +49,18 @@ pub fn load_model_quantized(args: &ModelArgs, quantize: Option<u8>) -> Result<Lo
         );
     }
     Ok(loaded)
+}
+
+/// `--quantize N` checked: 4 or 8.
+pub fn quant_flag(quantize: Option<u8>) -> Result<Option<QuantBits>> {
+    match quantize {
+        None => Ok(None),
+        Some(b) => QuantBits::parse(b).map(Some).ok_or_else(|| {
+            crate::error::Error::Usage(format!(
+                "--quantize {b}: use 4 (Q4_1, 32-weight groups with scale and offset) or 8 (Q8_0)"
+            ))
+        }),
+    }
 }
 
 /// Loads the model and, when given, applies a PEFT LoRA adapter to it.

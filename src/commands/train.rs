@@ -3,10 +3,17 @@
 
 use crate::cli::TrainArgs;
 use crate::data::{read_jsonl, resolve_files, DataError, Encoder, Record, Sample};
+use crate::device::{select_device, select_dtype};
 use crate::error::{Error, Result};
 use crate::lora::{Adapter, LoraConfig, Target};
+use crate::memory::{self, budget, budget::Budget};
+use crate::model::quantized::QuantBits;
+use crate::model::Inspected;
 use crate::train::checkpoint;
-use crate::train::config::TrainConfig;
+use crate::train::config::{KeepActivations, TrainConfig};
+use crate::train::estimate::{
+    estimate, largest_batch, suggestions, Estimate, WeightFormat, Workload, Q4_BYTES, Q8_BYTES,
+};
 use crate::train::trainer::{self, Datasets};
 use std::path::{Path, PathBuf};
 
@@ -14,28 +21,130 @@ fn usage(msg: String) -> Error {
     Error::Usage(msg)
 }
 
-/// Flags that belong to capabilities not built yet: refused clearly rather than ignored.
-fn refuse_unavailable(a: &TrainArgs) -> Result<()> {
-    let unavailable = [
-        (a.max_memory.is_some(), "--max-memory", "memory budgets"),
-        (
-            a.reload_interval.is_some(),
-            "--reload-interval",
-            "model reloading",
-        ),
-    ];
-    for (given, flag, what) in unavailable {
-        if given {
-            return Err(usage(format!(
-                "{flag}: {what} is not available in this version of your_ai yet; remove the flag to train without it"
-            )));
+/// What the pre-flight decided: the budget, and the settings that fit it.
+struct Preflight {
+    budget: Budget,
+    batch_size: usize,
+    keep_blocks: usize,
+    estimate: Estimate,
+}
+
+/// Sets the budget, prints the memory estimate and refuses (or, with `--auto-fit`, shrinks the
+/// batch of) a run that would not fit — before any weight is read.
+fn preflight(a: &TrainArgs, targets: &[Target], inspected: &Inspected) -> Result<Preflight> {
+    let device = select_device(a.model.device)?;
+    let dtype = select_dtype(a.model.dtype, &device);
+    let mem = budget::device_memory(&device);
+    let budget = budget::resolve(a.max_memory, mem.total).map_err(usage)?;
+    for line in budget.describe() {
+        eprintln!("{line}");
+    }
+    let cfg = &inspected.cfg;
+    let adapted = a.num_layers.unwrap_or(cfg.num_hidden_layers);
+    let mut w = Workload {
+        batch_size: a.batch_size,
+        seq_len: a.max_seq_length,
+        lora_rank: a.lora_rank,
+        targets: targets.to_vec(),
+        adapted_layers: adapted.min(cfg.num_hidden_layers),
+        keep_blocks: 0,
+        dropout: a.lora_dropout > 0.0,
+        packed: a.pack,
+        act_bytes: dtype.size_in_bytes(),
+        weights: match super::quant_flag(a.quantize)? {
+            None => WeightFormat::Dense(dtype.size_in_bytes() as f64),
+            Some(q) => WeightFormat::Quantized {
+                linear: match q {
+                    QuantBits::Four => Q4_BYTES,
+                    QuantBits::Eight => Q8_BYTES,
+                },
+                other: dtype.size_in_bytes() as f64,
+            },
+        },
+        source_bytes: inspected.weight_file_bytes,
+    };
+    let fits = |w: &Workload| estimate(cfg, w).peak() <= budget.bytes;
+    if !fits(&w) {
+        let e = estimate(cfg, &w);
+        let over = e.peak() - budget.bytes;
+        match (
+            a.auto_fit,
+            largest_batch(cfg, &w, a.batch_size, budget.bytes),
+        ) {
+            (true, Some(b)) => {
+                eprintln!(
+                    "--auto-fit: batch size {} would need {:.2} GB; training with batch size {b}, which fits",
+                    a.batch_size,
+                    e.peak() as f64 / 1e9
+                );
+                w.batch_size = b;
+            }
+            _ => {
+                eprint!("{}", e.table(Some(budget.bytes)));
+                let advice = suggestions(cfg, &w, budget.bytes, true);
+                let advice = if advice.is_empty() {
+                    "nothing smaller fits either; this model needs a machine with more memory"
+                        .into()
+                } else {
+                    format!("any one of these fits: {}", advice.join(", "))
+                };
+                return Err(usage(format!(
+                    "--max-memory: the estimated peak, {:.2} GB, is {:.2} GB over the {:.2} GB budget; {advice}{}",
+                    e.peak() as f64 / 1e9,
+                    over as f64 / 1e9,
+                    budget.bytes as f64 / 1e9,
+                    if a.auto_fit { "" } else { " (or pass --auto-fit to pick the batch size)" }
+                )));
+            }
         }
     }
-    Ok(())
+    // Kept activations only where the budget has room, with a tenth of it spare.
+    let room = budget.bytes / 10 * 9;
+    let keep_fits = |k: usize| {
+        estimate(
+            cfg,
+            &Workload {
+                keep_blocks: k,
+                ..w.clone()
+            },
+        )
+        .peak()
+            <= room
+    };
+    let keep_blocks = match a.keep_activations {
+        KeepActivations::None => 0,
+        KeepActivations::All => w.adapted_layers,
+        KeepActivations::Blocks(n) => n.min(w.adapted_layers),
+        KeepActivations::Auto => (0..=w.adapted_layers)
+            .rev()
+            .find(|&k| keep_fits(k))
+            .unwrap_or(0),
+    };
+    w.keep_blocks = keep_blocks;
+    let e = estimate(cfg, &w);
+    eprint!("{}", e.table(Some(budget.bytes)));
+    if e.peak() > budget.bytes {
+        return Err(usage(format!(
+            "--keep-activations: keeping {keep_blocks} blocks' activations needs {:.2} GB, over the {:.2} GB budget; use --keep-activations auto or none",
+            e.peak() as f64 / 1e9,
+            budget.bytes as f64 / 1e9
+        )));
+    }
+    Ok(Preflight {
+        budget,
+        batch_size: w.batch_size,
+        keep_blocks,
+        estimate: e,
+    })
 }
 
 fn check_flags(a: &TrainArgs) -> Result<Vec<Target>> {
-    refuse_unavailable(a)?;
+    if a.reload_interval == Some(0) {
+        return Err(usage(
+            "--reload-interval 0: give a number of steps (at least 1), or leave the flag out"
+                .into(),
+        ));
+    }
     let positive = [
         (a.batch_size, "--batch-size"),
         (a.grad_accumulation_steps, "--grad-accumulation-steps"),
@@ -88,8 +197,13 @@ fn check_flags(a: &TrainArgs) -> Result<Vec<Target>> {
     if a.num_layers == Some(0) {
         return Err(usage("--num-layers 0: adapt at least one block".into()));
     }
+    parse_targets(&a.lora_targets)
+}
+
+/// `--lora-targets` as layer kinds, sorted and without repeats.
+pub(crate) fn parse_targets(names: &[String]) -> Result<Vec<Target>> {
     let mut targets = vec![];
-    for t in &a.lora_targets {
+    for t in names {
         let t = Target::parse(t).ok_or_else(|| {
             usage(format!(
                 "--lora-targets: `{t}` is not one of q, k, v, o, gate, up, down"
@@ -152,7 +266,25 @@ pub fn run(a: TrainArgs) -> Result<()> {
         )));
     }
 
-    let mut loaded = super::load_model_quantized(&a.model, a.quantize)?;
+    let inspected = crate::model::inspect(&a.model.model)?;
+    let plan = preflight(&a, &targets, &inspected)?;
+    let mut a = a;
+    a.batch_size = plan.batch_size;
+    let device = select_device(a.model.device)?;
+    let dtype = select_dtype(a.model.dtype, &device);
+    let quant = super::quant_flag(a.quantize)?;
+    let (model, tokenizer) =
+        crate::model::load::load_source_with(&inspected.source, &device, dtype, quant)?;
+    let mut loaded = crate::model::LoadedModel {
+        model,
+        tokenizer,
+        name: crate::model::load::model_name(&a.model.model, &inspected.source),
+        source: inspected.source.clone(),
+        load_time: Default::default(),
+    };
+    // The load's peak is behind us; from here the peak measured is training's.
+    let load_peak = memory::peak_rss();
+    memory::reset_peak();
     let model_cfg = loaded.model.cfg.clone();
     let layers = model_cfg.num_hidden_layers;
     let num_layers = a.num_layers.unwrap_or(layers);
@@ -246,6 +378,9 @@ pub fn run(a: TrainArgs) -> Result<()> {
         memory_report_interval: a.memory_report_interval,
         profile: a.profile,
         keep_activations: a.keep_activations,
+        keep_blocks: plan.keep_blocks,
+        memory_budget: plan.budget.bytes,
+        reload_interval: a.reload_interval,
     };
 
     let mut data_files: Vec<&Path> = vec![&files.train];
@@ -342,7 +477,33 @@ pub fn run(a: TrainArgs) -> Result<()> {
     loaded.model.adapter = Some(adapter);
     crate::signals::install();
     let data = Datasets { train, valid, test };
-    let summary = trainer::train(&cfg, &mut loaded.model, &data, &data_sha256, resume)?;
+    if let Some(p) = load_peak {
+        eprintln!("model loaded: peak memory {:.2} GB", memory::gb(p));
+    }
+    let source = inspected.source;
+    let reload = move || -> Result<crate::model::Llama> {
+        Ok(crate::model::load::load_source(&source, &device, dtype)?.0)
+    };
+    let start = serde_json::json!({
+        "memory_budget_bytes": plan.budget.bytes,
+        "device_memory_bytes": plan.budget.total,
+        "estimate_peak_bytes": plan.estimate.peak(),
+        "estimate_train_peak_bytes": plan.estimate.train_peak,
+        "estimate_load_peak_bytes": plan.estimate.load_peak,
+        "load_peak_rss_bytes": load_peak,
+        "batch_size": cfg.batch_size,
+        "max_seq_length": cfg.max_seq_length,
+        "lora_rank": cfg.lora_rank,
+    });
+    let summary = trainer::train(
+        &cfg,
+        loaded.model,
+        &data,
+        &data_sha256,
+        resume,
+        &reload,
+        start,
+    )?;
     summary.print();
     Ok(())
 }

@@ -80,6 +80,49 @@ pub fn load_source_with(
     })
 }
 
+/// What a model is, without its weights: for the memory estimate before anything big is read.
+pub struct Inspected {
+    pub source: ModelSource,
+    pub cfg: ModelConfig,
+    /// Bytes of the weight files (mapped, and so resident, while the model loads).
+    pub weight_file_bytes: u64,
+}
+
+/// Reads the config of `spec` (a path, alias or repo id; a `config.json` file alone also works)
+/// and sizes its weight files.
+pub fn inspect(spec: &str) -> Result<Inspected> {
+    let path = std::path::Path::new(spec);
+    if path.is_file() && path.extension().is_some_and(|e| e == "json") {
+        let dir = path.parent().unwrap_or(std::path::Path::new(".")).to_path_buf();
+        return Ok(Inspected {
+            cfg: ModelConfig::from_hf_file(path)?,
+            weight_file_bytes: 0,
+            source: ModelSource::HfDir(dir),
+        });
+    }
+    let source = model_source::resolve(spec)?;
+    let size = |p: &std::path::Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+    let (cfg, weight_file_bytes) = match &source {
+        ModelSource::HfDir(dir) => {
+            let bytes = std::fs::read_dir(dir)
+                .map(|rd| {
+                    rd.filter_map(|e| e.ok().map(|e| e.path()))
+                        .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
+                        .map(|p| size(&p))
+                        .sum()
+                })
+                .unwrap_or(0);
+            (ModelConfig::from_hf_file(&dir.join("config.json"))?, bytes)
+        }
+        ModelSource::Gguf(path) => (GgufFile::open(path)?.config()?, size(path)),
+    };
+    Ok(Inspected {
+        source,
+        cfg,
+        weight_file_bytes,
+    })
+}
+
 /// `SmolLM2-135M-Instruct.Q4_1.gguf` → `SmolLM2-135M-Instruct.Q4_1`; `org/name` → `name`.
 pub fn model_name(spec: &str, source: &ModelSource) -> String {
     let from_spec = spec

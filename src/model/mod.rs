@@ -8,4 +8,4 @@ pub mod rope;
 pub use config::{Architecture, ModelConfig, RopeScaling};
 pub use llama::{KvCache, Llama};
 pub mod load;
-pub use load::{load, load_with, LoadedModel};
+pub use load::{inspect, load, load_with, Inspected, LoadedModel};

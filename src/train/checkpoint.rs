@@ -35,6 +35,11 @@ const HARMLESS: &[&str] = &[
     "profile",
     "output",
     "data",
+    // Same results, different memory or speed.
+    "keep_activations",
+    "keep_blocks",
+    "memory_budget",
+    "reload_interval",
 ];
 
 /// Everything besides tensors that the loop needs to continue.
@@ -66,9 +71,12 @@ pub struct Loaded {
     pub moments: (Vec<Tensor>, Vec<Tensor>),
 }
 
+/// Streamed, so hashing a large optimizer file does not hold it in memory.
 fn sha256_file(path: &Path) -> Result<String> {
-    let bytes = std::fs::read(path).map_err(|e| Error::io("read", path, e))?;
-    Ok(format!("{:x}", Sha256::digest(&bytes)))
+    let mut file = std::fs::File::open(path).map_err(|e| Error::io("read", path, e))?;
+    let mut hasher = Sha256::new();
+    std::io::copy(&mut file, &mut hasher).map_err(|e| Error::io("read", path, e))?;
+    Ok(format!("{:x}", hasher.finalize()))
 }
 
 /// SHA-256 over the given files' contents, in order.

@@ -45,6 +45,12 @@ pub struct TrainConfig {
     pub profile: bool,
     /// How many adapted blocks keep their activations instead of recomputing them.
     pub keep_activations: KeepActivations,
+    /// `keep_activations` resolved against the memory budget.
+    pub keep_blocks: usize,
+    /// Bytes of resident memory the run may use; crossing it saves and stops.
+    pub memory_budget: u64,
+    /// Reload model, adapter and optimizer from a checkpoint every this many steps.
+    pub reload_interval: Option<usize>,
 }
 
 /// `--keep-activations`: recomputing a block in the backward costs one more forward of it;
@@ -52,7 +58,7 @@ pub struct TrainConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum KeepActivations {
-    /// As many blocks as fit in a fifth of the memory available when training starts.
+    /// As many blocks as the memory budget has room for.
     Auto,
     All,
     None,

@@ -4,6 +4,7 @@
 pub mod batch;
 pub mod checkpoint;
 pub mod config;
+pub mod estimate;
 pub mod optimizer;
 pub mod progress;
 pub mod schedule;

@@ -175,6 +175,10 @@ pub fn forward_backward(
         let clock = Instant::now();
         dx = block_backward(model, adapter, l, &saved, &dx, mb, grads, l > lowest)?;
         profile.backward += clock.elapsed();
+        if let Some(peak) = crate::memory::over_limit() {
+            // The trainer sees the same over_limit() and stops cleanly with a checkpoint.
+            candle_core::bail!("memory budget crossed: peak {peak} bytes");
+        }
     }
     Ok(sums)
 }
@@ -221,14 +225,19 @@ pub fn head_backward(
         let xc = xs.narrow(0, start, len)?;
         let tgt = mb.target_ids.narrow(0, start, len)?.unsqueeze(1)?;
         let w = mb.target_weights.narrow(0, start, len)?;
-        let h = rms_norm(&xc, &model.norm, eps as f32)?;
-        let logits = h.matmul(&model.lm_head.t()?)?.to_dtype(acc)?;
+        // Each `[chunk, vocab]` temporary is dropped as soon as the next one exists: at most
+        // two are alive at once (the memory estimator counts on it).
+        let shifted = {
+            let h = rms_norm(&xc, &model.norm, eps as f32)?;
+            let logits = h.matmul(&model.lm_head.t()?)?.to_dtype(acc)?;
+            let max = logits.max_keepdim(D::Minus1)?;
+            logits.broadcast_sub(&max)?
+        };
         let w = w.to_dtype(acc)?;
-        let max = logits.max_keepdim(D::Minus1)?;
-        let shifted = logits.broadcast_sub(&max)?;
         let exp = shifted.exp()?;
         let sum = exp.sum_keepdim(D::Minus1)?;
         let ce = (sum.log()? - shifted.gather(&tgt, D::Minus1)?)?.squeeze(1)?;
+        drop(shifted);
         sums.ce += ce.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?;
         sums.weighted += (&ce * &w)?
             .to_dtype(DType::F64)?
@@ -237,8 +246,10 @@ pub fn head_backward(
         sums.weight += w.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?;
         // d(w·CE)/dlogits = w · (softmax − one-hot).
         let probs = exp.broadcast_div(&sum)?;
+        drop(exp);
         let minus_one = Tensor::full(-1f32, (len, 1), probs.device())?.to_dtype(acc)?;
         let dlogits = probs.scatter_add(&tgt, &minus_one, 1)?;
+        drop(probs);
         let dlogits = dlogits.broadcast_mul(&(w * loss_scale)?.unsqueeze(1)?)?;
         let dh = dlogits.to_dtype(model.dtype)?.matmul(&model.lm_head)?;
         dx_rows.push(rms_norm_backward(&xc, &model.norm, &dh, eps)?);
@@ -343,19 +354,29 @@ pub fn block_forward(
     let heads = |y: Tensor, n: usize| -> Result<Tensor> {
         y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()
     };
-    let q = heads(proj(&blk.q_proj, &h1, Target::Q)?, nh)?;
-    let k = heads(proj(&blk.k_proj, &h1, Target::K)?, nkv)?;
+    // The un-rotated q and k are temporaries: only the rotated ones are kept.
+    let q = candle_nn::rotary_emb::rope(
+        &heads(proj(&blk.q_proj, &h1, Target::Q)?, nh)?,
+        &mb.cos,
+        &mb.sin,
+    )?;
+    let k = candle_nn::rotary_emb::rope(
+        &heads(proj(&blk.k_proj, &h1, Target::K)?, nkv)?,
+        &mb.cos,
+        &mb.sin,
+    )?;
     let v = heads(proj(&blk.v_proj, &h1, Target::V)?, nkv)?;
-    let q = candle_nn::rotary_emb::rope(&q, &mb.cos, &mb.sin)?;
-    let k = candle_nn::rotary_emb::rope(&k, &mb.cos, &mb.sin)?;
     // Query heads of one K/V group as rep·T rows: no K/V copies for GQA.
-    let qg = q.reshape((b, nkv, rep * t, hd))?;
-    let scores = (qg.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?;
-    let scores = scores
-        .reshape((b, nkv, rep, t, t))?
-        .broadcast_add(&mb.mask.to_dtype(scores.dtype())?)?
-        .reshape((b, nkv, rep * t, t))?;
-    let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+    // Scoped so the `[B, heads, T, T]` score temporaries are freed before the MLP runs.
+    let probs = {
+        let qg = q.reshape((b, nkv, rep * t, hd))?;
+        let scores = (qg.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?;
+        let scores = scores
+            .reshape((b, nkv, rep, t, t))?
+            .broadcast_add(&mb.mask.to_dtype(scores.dtype())?)?
+            .reshape((b, nkv, rep * t, t))?;
+        candle_nn::ops::softmax_last_dim(&scores)?
+    };
     let attn = probs
         .matmul(&v)?
         .reshape((b, nh, t, hd))?
@@ -448,17 +469,23 @@ pub fn block_backward(
         }
     };
     // MLP: out = xmid + down(silu(gate) · up).
-    let dact = lin_back(&blk.down_proj, Target::Down, &s.act, dout, true)?.expect("dx requested");
-    let sig = candle_nn::ops::sigmoid(&s.gate)?;
-    let silu = (&s.gate * &sig)?;
-    // silu'(g) = σ(g) · (1 + g · (1 − σ(g)))
-    let dsilu = (&sig * ((&s.gate * (1.0 - &sig)?)? + 1.0)?)?;
-    let dgate = ((&dact * &s.up)? * dsilu)?;
-    let dup = (&dact * silu)?;
-    let dh2 = (lin_back(&blk.gate_proj, Target::Gate, &s.h2, &dgate, true)?
-        .expect("dx requested")
-        + lin_back(&blk.up_proj, Target::Up, &s.h2, &dup, true)?.expect("dx requested"))?;
-    let dxmid = (dout + rms_norm_backward(&s.xmid, &blk.post_norm, &dh2, eps)?)?;
+    // Scoped so only dxmid outlives the MLP's `[B·T, intermediate]` temporaries.
+    let dxmid = {
+        let dact =
+            lin_back(&blk.down_proj, Target::Down, &s.act, dout, true)?.expect("dx requested");
+        let sig = candle_nn::ops::sigmoid(&s.gate)?;
+        // silu'(g) = σ(g) · (1 + g · (1 − σ(g)))
+        let dsilu = (&sig * ((&s.gate * (1.0 - &sig)?)? + 1.0)?)?;
+        let dgate = ((&dact * &s.up)? * dsilu)?;
+        let dup = (&dact * (&s.gate * &sig)?)?;
+        drop((dact, sig));
+        let dh2 = lin_back(&blk.gate_proj, Target::Gate, &s.h2, &dgate, true)?
+            .expect("dx requested");
+        drop(dgate);
+        let dh2 =
+            (dh2 + lin_back(&blk.up_proj, Target::Up, &s.h2, &dup, true)?.expect("dx requested"))?;
+        (dout + rms_norm_backward(&s.xmid, &blk.post_norm, &dh2, eps)?)?
+    };
     // Attention: xmid = x + o(attn).
     let dattn = lin_back(&blk.o_proj, Target::O, &s.attn, &dxmid, true)?.expect("dx requested");
     let dout_heads = dattn
@@ -473,8 +500,10 @@ pub fn block_backward(
     let rowdot = (&dprobs * &s.probs)?.sum_keepdim(D::Minus1)?;
     let dscores =
         ((s.probs.clone() * dprobs.broadcast_sub(&rowdot)?)? * (1.0 / (hd as f64).sqrt()))?;
+    drop(dprobs);
     let dq = dscores.matmul(&s.k)?.reshape((b, nh, t, hd))?;
     let dk = dscores.t()?.matmul(&qg)?;
+    drop((dscores, dattn, dout_heads));
     // RoPE is a rotation: its backward rotates by the opposite angle.
     let neg_sin = mb.sin.neg()?;
     let dq = candle_nn::rotary_emb::rope(&dq.contiguous()?, &mb.cos, &neg_sin)?;

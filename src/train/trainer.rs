@@ -204,41 +204,18 @@ fn validation_loss(model: &Llama, valid: &[Sample], cfg: &TrainConfig) -> Result
     Ok((r.tokens > 0).then_some(r.loss))
 }
 
-/// Resolves `--keep-activations` to a number of blocks, for the largest micro-batch the run
-/// can see (batch size × max sequence length).
-fn blocks_to_keep(cfg: &TrainConfig, model: &Llama, progress: &mut Progress) -> usize {
-    use crate::train::config::KeepActivations;
-    let adapted = cfg.num_layers;
-    let per_block = crate::train::step::saved_bytes_per_block(
-        &model.cfg,
-        cfg.lora_rank,
-        cfg.batch_size * cfg.max_seq_length,
-        cfg.max_seq_length,
-    );
-    let keep = match cfg.keep_activations {
-        KeepActivations::All => adapted,
-        KeepActivations::None => 0,
-        KeepActivations::Blocks(n) => n.min(adapted),
-        KeepActivations::Auto => {
-            let budget = memory::available().unwrap_or(0) / 5;
-            ((budget as usize) / per_block.max(1)).min(adapted)
-        }
-    };
-    progress.message(&format!(
-        "activations: {keep} of {adapted} adapted blocks keep theirs ({:.2} GB), the rest are recomputed",
-        keep as f64 * per_block as f64 / 1e9
-    ));
-    keep
-}
-
 /// Trains `model.adapter` (which must be set) on `data` as `cfg` says; continues from `resume`
 /// when given (whose adapter is already in `model`).
+/// `reload` loads the base model again, for `--reload-interval`; `start` (the pre-flight's
+/// figures) becomes the metrics file's first record.
 pub fn train(
     cfg: &TrainConfig,
-    model: &mut Llama,
+    mut model: Llama,
     data: &Datasets,
     data_sha256: &str,
     resume: Option<checkpoint::Loaded>,
+    reload: &dyn Fn() -> Result<Llama>,
+    start_record: serde_json::Value,
 ) -> Result<Summary> {
     let adapter_dir = cfg.output.clone();
     let rows = training_rows(&data.train, cfg.pack, cfg.max_seq_length);
@@ -293,6 +270,10 @@ pub fn train(
         }
         None => Metrics::create(&cfg.metrics_file)?,
     };
+    let mut start_record = start_record;
+    start_record["type"] = json!("start");
+    start_record["step"] = json!(first_step - 1);
+    metrics.write(start_record)?;
     let ckpt_root = cfg.output.join("checkpoints");
     let state_now =
         |step: usize, opt: &AdamW, batcher: &Batcher, summary: &Summary, nonfinite: usize| {
@@ -343,17 +324,37 @@ pub fn train(
         }
         Ok(())
     };
-    let keep_blocks = blocks_to_keep(cfg, model, &mut progress);
+    let keep_blocks = cfg.keep_blocks;
+    if keep_blocks > 0 {
+        progress.message(&format!(
+            "activations: {keep_blocks} of {} adapted blocks keep theirs, the rest are recomputed",
+            cfg.num_layers
+        ));
+    }
+    // The budget the step checks itself against. A test can lower it after the pre-flight
+    // (YOUR_AI_TEST_ENFORCE_BYTES, from step YOUR_AI_TEST_ENFORCE_STEP on) to cross it on demand.
+    let env_usize = |k: &str| std::env::var(k).ok().and_then(|v| v.parse::<u64>().ok());
+    let test_limit = env_usize("YOUR_AI_TEST_ENFORCE_BYTES");
+    let test_from = env_usize("YOUR_AI_TEST_ENFORCE_STEP").unwrap_or(0) as usize;
+    let mut limit = cfg.memory_budget;
+    memory::set_limit(limit);
+    let mut warned = false;
     let mut profile = Profile::default();
     if resume.is_none() {
         let clock = Instant::now();
-        run_eval(model, 0, &mut summary, &mut progress, &mut metrics)?;
+        run_eval(&model, 0, &mut summary, &mut progress, &mut metrics)?;
         profile.eval += clock.elapsed();
     }
 
     let mut recent: VecDeque<(f64, usize)> = VecDeque::new();
     for step in first_step..=cfg.steps {
+        if let Some(l) = test_limit.filter(|_| step >= test_from) {
+            limit = l;
+            memory::set_limit(l);
+        }
         let t0 = Instant::now();
+        // Where the data stood before this step, for a checkpoint if the step is abandoned.
+        let cursor = (batcher.epoch, batcher.position);
         let batches: Vec<Vec<Row>> = (0..cfg.grad_accumulation_steps)
             .map(|_| batcher.next_batch().into_iter().cloned().collect())
             .collect();
@@ -368,22 +369,50 @@ pub fn train(
             for (micro, rows) in batches.iter().enumerate() {
                 let clock = Instant::now();
                 let refs: Vec<&Row> = rows.iter().collect();
-                let mut mb = micro_batch(model, &refs)?;
+                let mut mb = micro_batch(&model, &refs)?;
                 if cfg.lora_dropout > 0.0 {
                     let seed = cfg.seed ^ ((step as u64) << 20) ^ micro as u64;
                     mb.dropout = Some((cfg.lora_dropout, seed.wrapping_mul(0x2545_F491_4F6C_DD1D)));
                 }
                 tokens += mb.n_tokens;
                 profile.data += clock.elapsed();
-                let s = forward_backward(
-                    model,
+                let s = match forward_backward(
+                    &model,
                     adapter,
                     &mb,
                     scale,
                     &mut grads,
                     keep_blocks,
                     &mut profile,
-                )?;
+                ) {
+                    Ok(s) => s,
+                    Err(e) => match memory::over_limit() {
+                        Some(peak) => {
+                            // Abandon the step: adapter and optimizer are still those of the
+                            // step before, and so is the data cursor saved with them.
+                            drop((grads, mb));
+                            progress.finish();
+                            let mut state = state_now(step - 1, &opt, &batcher, &summary, nonfinite);
+                            (state.epoch, state.position) = cursor;
+                            let dir = checkpoint::save(
+                                &ckpt_root,
+                                adapter,
+                                &opt,
+                                state,
+                                cfg,
+                                cfg.keep_checkpoints,
+                            )?;
+                            return Err(Error::MemoryBudget {
+                                step,
+                                saved_step: step - 1,
+                                peak,
+                                budget: limit,
+                                checkpoint: dir,
+                            });
+                        }
+                        None => return Err(e.into()),
+                    },
+                };
                 sums.ce += s.ce;
                 sums.weighted += s.weighted;
                 sums.weight += s.weight;
@@ -431,6 +460,16 @@ pub fn train(
         let window: f64 = recent.iter().map(|r| r.0).sum();
         let window_tokens: usize = recent.iter().map(|r| r.1).sum();
         let rss = memory::current_rss();
+        let phase_peak = memory::phase_peak_rss();
+        if let Some(p) = phase_peak.filter(|&p| !warned && p as f64 > 0.9 * limit as f64) {
+            warned = true;
+            progress.message(&format!(
+                "warning: step {step}: peak memory {:.2} GB is above 90% of the {:.2} GB budget; \
+                 the run stops with a checkpoint if it crosses the budget",
+                memory::gb(p),
+                memory::gb(limit)
+            ));
+        }
         progress.update(&StepReport {
             step,
             loss,
@@ -444,6 +483,7 @@ pub fn train(
             "tokens": tokens, "trained_tokens": total_targets, "step_time_s": dt,
             "tokens_per_s": tokens as f64 / dt, "trained_tokens_per_s": total_targets as f64 / dt,
             "rss_bytes": rss, "peak_rss_bytes": memory::peak_rss(),
+            "train_peak_rss_bytes": phase_peak, "memory_budget_bytes": limit,
             "epoch": batcher.epoch,
         }))?;
         if cfg
@@ -458,8 +498,27 @@ pub fn train(
         }
         if cfg.steps_per_eval > 0 && step % cfg.steps_per_eval == 0 && step != cfg.steps {
             let clock = Instant::now();
-            run_eval(model, step, &mut summary, &mut progress, &mut metrics)?;
+            run_eval(&model, step, &mut summary, &mut progress, &mut metrics)?;
             profile.eval += clock.elapsed();
+        }
+        if let Some(peak) = memory::over_limit() {
+            // Crossed outside the blocks (head, optimizer, evaluation): this step is complete.
+            progress.finish();
+            let dir = checkpoint::save(
+                &ckpt_root,
+                model.adapter.as_ref().expect("adapter attached"),
+                &opt,
+                state_now(step, &opt, &batcher, &summary, nonfinite),
+                cfg,
+                cfg.keep_checkpoints,
+            )?;
+            return Err(Error::MemoryBudget {
+                step,
+                saved_step: step,
+                peak,
+                budget: limit,
+                checkpoint: dir,
+            });
         }
         let signal = crate::signals::requested();
         if (cfg.save_every > 0 && step % cfg.save_every == 0)
@@ -489,9 +548,48 @@ pub fn train(
                 });
             }
         }
+        if cfg
+            .reload_interval
+            .is_some_and(|n| n > 0 && step % n == 0 && step != cfg.steps)
+        {
+            let clock = Instant::now();
+            let dir = checkpoint::save(
+                &ckpt_root,
+                model.adapter.as_ref().expect("adapter attached"),
+                &opt,
+                state_now(step, &opt, &batcher, &summary, nonfinite),
+                cfg,
+                cfg.keep_checkpoints,
+            )?;
+            memory::release_free();
+            let before = memory::current_rss();
+            // Everything goes before anything comes back, so old and new never coexist.
+            let device = model.device.clone();
+            drop(opt);
+            drop(model);
+            memory::release_free();
+            model = reload()?;
+            let loaded = checkpoint::load(&dir, &device)?;
+            let mut adapter = Adapter::load_peft(&dir, &model.cfg, &device)?;
+            opt = AdamW::new(&mut adapter, cfg.weight_decay)?;
+            (opt.m, opt.v) = loaded.moments;
+            opt.t = loaded.state.optimizer_t;
+            batcher.restore(loaded.state.epoch, loaded.state.position);
+            model.adapter = Some(adapter);
+            memory::release_free();
+            let after = memory::current_rss();
+            progress.message(&format!(
+                "step {step}: reloaded model, adapter and optimizer from {} ({:.2} GB resident before, {:.2} GB after)",
+                dir.display(),
+                before.map(memory::gb).unwrap_or(f64::NAN),
+                after.map(memory::gb).unwrap_or(f64::NAN)
+            ));
+            metrics.write(json!({"type": "reload", "step": step, "rss_before_bytes": before,
+                "rss_after_bytes": after, "seconds": clock.elapsed().as_secs_f64()}))?;
+        }
     }
     let clock = Instant::now();
-    run_eval(model, cfg.steps, &mut summary, &mut progress, &mut metrics)?;
+    run_eval(&model, cfg.steps, &mut summary, &mut progress, &mut metrics)?;
     profile.eval += clock.elapsed();
     progress.finish();
     save_adapter_files(
@@ -501,12 +599,15 @@ pub fn train(
         cfg,
     )?;
     if cfg.test && !data.test.is_empty() {
-        let r = evaluate(model, &data.test, cfg.batch_size)?;
+        let r = evaluate(&model, &data.test, cfg.batch_size)?;
         metrics.write(json!({"type": "test", "step": cfg.steps, "test_loss": r.loss, "test_ppl": r.perplexity(), "tokens": r.tokens}))?;
         summary.test = Some((r.loss, r.tokens));
     }
     summary.seconds = start.elapsed().as_secs_f64();
     summary.peak_rss = memory::peak_rss();
+    // After the final save: the whole run's peak, for benchmarks and post-mortems.
+    metrics.write(json!({"type": "end", "step": cfg.steps, "peak_rss_bytes": summary.peak_rss,
+        "train_peak_rss_bytes": memory::phase_peak_rss(), "seconds": summary.seconds}))?;
     summary.profile = cfg.profile.then_some(profile);
     Ok(summary)
 }

@@ -1,0 +1,338 @@
+//! `your_ai benchmark`: runs a few real training steps of each configuration that may fit the
+//! memory budget, each in a child process (a crash or a kill cannot take the benchmark down),
+//! and reports speed and peak memory beside the pre-flight estimate; then recommends the
+//! fastest configuration that fits.
+
+use crate::cli::BenchmarkArgs;
+use crate::device::{select_device, select_dtype};
+use crate::error::{Error, Result};
+use crate::memory::budget::{self, GB};
+use crate::train::estimate::{estimate, WeightFormat, Workload};
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// Text for the benchmark's rows: the bundled example dataset's sentences.
+const EXAMPLE: &str = include_str!("../../examples/invented-country/train.jsonl");
+/// Rows of synthetic data: enough for the largest batch.
+const ROWS: usize = 64;
+
+/// One configuration tried, and what happened.
+#[derive(Debug, Clone)]
+struct Trial {
+    batch: usize,
+    len: usize,
+    rank: usize,
+    estimate: u64,
+    status: String,
+    ok: bool,
+    steps_per_s: Option<f64>,
+    tokens_per_s: Option<f64>,
+    peak: Option<u64>,
+}
+
+impl Trial {
+    fn json(&self) -> Value {
+        json!({
+            "batch_size": self.batch, "max_seq_length": self.len, "lora_rank": self.rank,
+            "status": self.status, "ok": self.ok, "steps_per_s": self.steps_per_s,
+            "tokens_per_s": self.tokens_per_s, "peak_bytes": self.peak,
+            "estimate_bytes": self.estimate,
+            "estimate_error": self.peak.map(|p| self.estimate as f64 / p as f64 - 1.0),
+        })
+    }
+}
+
+/// Every word of the example data, in order.
+fn example_words() -> Vec<String> {
+    let mut words = vec![];
+    fn collect(v: &Value, out: &mut Vec<String>) {
+        match v {
+            Value::String(s) => out.extend(s.split_whitespace().map(str::to_string)),
+            Value::Array(a) => a.iter().for_each(|x| collect(x, out)),
+            Value::Object(o) => o.values().for_each(|x| collect(x, out)),
+            _ => {}
+        }
+    }
+    for line in EXAMPLE.lines() {
+        if let Ok(v) = serde_json::from_str::<Value>(line) {
+            collect(&v, &mut words);
+        }
+    }
+    words
+}
+
+/// A `train.jsonl` of plain-text rows, each at least `len` tokens long (a word is at least
+/// one token), so every row is cut to exactly `--max-seq-length`.
+fn write_data(dir: &Path, len: usize) -> Result<()> {
+    let words = example_words();
+    let mut text = String::new();
+    for r in 0..ROWS {
+        let row: Vec<&str> = (0..len + 8)
+            .map(|k| words[(r * 37 + k) % words.len()].as_str())
+            .collect();
+        text.push_str(&json!({ "text": row.join(" ") }).to_string());
+        text.push('\n');
+    }
+    std::fs::create_dir_all(dir).map_err(|e| Error::io("create", dir, e))?;
+    let path = dir.join("train.jsonl");
+    std::fs::write(&path, text).map_err(|e| Error::io("write", &path, e))
+}
+
+fn parse_list(s: &str, flag: &str) -> Result<Vec<usize>> {
+    let mut v = vec![];
+    for part in s.split(',') {
+        match part.trim().parse::<usize>() {
+            Ok(n) if n > 0 => v.push(n),
+            _ => {
+                return Err(Error::Usage(format!(
+                    "{flag} {s}: give positive numbers separated by commas, e.g. 1,2,4"
+                )))
+            }
+        }
+    }
+    Ok(v)
+}
+
+/// The median of `xs` (which is not empty).
+fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(f64::total_cmp);
+    let n = xs.len();
+    if n % 2 == 1 {
+        xs[n / 2]
+    } else {
+        (xs[n / 2 - 1] + xs[n / 2]) / 2.0
+    }
+}
+
+/// The last line of the child's error output that says something.
+fn last_message(stderr: &str) -> String {
+    stderr
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| !l.is_empty())
+        .unwrap_or("no message")
+        .to_string()
+}
+
+/// Runs one configuration in a child `your_ai train`.
+fn run_trial(a: &BenchmarkArgs, dir: &Path, trial: &mut Trial, budget_gb: f64) -> Result<()> {
+    let exe = std::env::current_exe().map_err(|e| Error::io("find", "your_ai", e))?;
+    let out = dir.join(format!("run-{}-{}-{}", trial.batch, trial.len, trial.rank));
+    let output = Command::new(exe)
+        .args(["train", "--model", &a.model.model])
+        .args(["--device", &format!("{:?}", a.model.device).to_lowercase()])
+        .args(["--dtype", &format!("{:?}", a.model.dtype).to_lowercase()])
+        .arg("--data")
+        .arg(dir.join(format!("data-{}", trial.len)))
+        .arg("--output")
+        .arg(&out)
+        .args(["--batch-size", &trial.batch.to_string()])
+        .args(["--max-seq-length", &trial.len.to_string()])
+        .args(["--lora-rank", &trial.rank.to_string()])
+        .args(["--max-steps", &a.steps.to_string()])
+        .args(["--max-memory", &format!("{budget_gb}")])
+        .args(["--steps-per-eval", "0", "--save-every", "0", "--no-save-best"])
+        .output()
+        .map_err(|e| Error::io("run", "your_ai train", e))?;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let records: Vec<Value> = std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let train: Vec<&Value> = records.iter().filter(|r| r["type"] == "train").collect();
+    let load_peak = records
+        .iter()
+        .find(|r| r["type"] == "start")
+        .and_then(|r| r["load_peak_rss_bytes"].as_u64());
+    // Every step's, and the end record's (after the final save).
+    let train_peak = records
+        .iter()
+        .filter(|r| r["type"] == "train" || r["type"] == "end")
+        .filter_map(|r| r["train_peak_rss_bytes"].as_u64())
+        .max();
+    trial.peak = match (load_peak, train_peak) {
+        (Some(l), Some(t)) => Some(l.max(t)),
+        (l, t) => l.or(t),
+    };
+    // Steady-state speed: the first step (allocations, caches) is left out when there are more.
+    let timed: Vec<&&Value> = train.iter().skip(usize::from(train.len() > 1)).collect();
+    if !timed.is_empty() {
+        let secs: Vec<f64> = timed.iter().filter_map(|r| r["step_time_s"].as_f64()).collect();
+        let tokens: f64 = timed.iter().filter_map(|r| r["tokens"].as_f64()).sum();
+        let total: f64 = secs.iter().sum();
+        if !secs.is_empty() && total > 0.0 {
+            trial.steps_per_s = Some(1.0 / median(secs));
+            trial.tokens_per_s = Some(tokens / total);
+        }
+    }
+    trial.ok = output.status.success();
+    trial.status = match output.status.code() {
+        Some(0) => "ok".into(),
+        // The child's own budget check stopped it (error.rs: exit status 3).
+        Some(3) => "over budget (measured)".into(),
+        Some(code) => format!("error (exit {code}): {}", last_message(&stderr)),
+        None => {
+            use std::os::unix::process::ExitStatusExt;
+            match output.status.signal() {
+                Some(9) => "killed by SIGKILL (the system's out-of-memory killer sends it; check the system log)".into(),
+                Some(sig) => format!("killed by signal {sig}: {}", last_message(&stderr)),
+                None => format!("error: {}", last_message(&stderr)),
+            }
+        }
+    };
+    let _ = std::fs::remove_dir_all(&out);
+    Ok(())
+}
+
+pub fn run(a: BenchmarkArgs) -> Result<()> {
+    if a.steps == 0 {
+        return Err(Error::Usage("--steps 0: run at least one step".into()));
+    }
+    let (batches, lengths, ranks) = if a.quick {
+        (vec![1, 4], vec![128, 512], vec![8])
+    } else {
+        (
+            parse_list(&a.batch_sizes, "--batch-sizes")?,
+            parse_list(&a.lengths, "--lengths")?,
+            parse_list(&a.ranks, "--ranks")?,
+        )
+    };
+    if let Some(b) = batches.iter().find(|&&b| b > ROWS) {
+        return Err(Error::Usage(format!(
+            "--batch-sizes: {b} is above the benchmark's {ROWS} rows"
+        )));
+    }
+    let inspected = crate::model::inspect(&a.model.model)?;
+    let cfg = &inspected.cfg;
+    let device = select_device(a.model.device)?;
+    let dtype = select_dtype(a.model.dtype, &device);
+    let mem = budget::device_memory(&device);
+    let budget = budget::resolve(a.max_memory, mem.total).map_err(Error::Usage)?;
+    for line in budget.describe() {
+        eprintln!("{line}");
+    }
+    let budget_gb = budget.bytes as f64 / GB;
+
+    let dir = std::env::temp_dir().join(format!("your_ai-benchmark-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    for &len in &lengths {
+        write_data(&dir.join(format!("data-{len}")), len)?;
+    }
+    let mut trials = vec![];
+    for &rank in &ranks {
+        for &len in &lengths {
+            for &batch in &batches {
+                let w = Workload {
+                    batch_size: batch,
+                    seq_len: len,
+                    lora_rank: rank,
+                    targets: crate::lora::Target::ALL.to_vec(),
+                    adapted_layers: cfg.num_hidden_layers,
+                    keep_blocks: 0,
+                    dropout: false,
+                    packed: false,
+                    act_bytes: dtype.size_in_bytes(),
+                    weights: WeightFormat::Dense(dtype.size_in_bytes() as f64),
+                    source_bytes: inspected.weight_file_bytes,
+                };
+                trials.push(Trial {
+                    batch,
+                    len,
+                    rank,
+                    estimate: estimate(cfg, &w).peak(),
+                    status: String::new(),
+                    ok: false,
+                    steps_per_s: None,
+                    tokens_per_s: None,
+                    peak: None,
+                });
+            }
+        }
+    }
+    // Small to large, so a budget problem shows on the cheap runs first.
+    trials.sort_by_key(|t| (t.batch * t.len, t.rank));
+    eprintln!(
+        "{} configurations, {} steps each, one child process per configuration",
+        trials.len(),
+        a.steps
+    );
+    println!(
+        "{:>5} {:>6} {:>4}  {:>8} {:>9} {:>8} {:>9} {:>6}  status",
+        "batch", "length", "rank", "steps/s", "tokens/s", "peak GB", "estim. GB", "error"
+    );
+    for t in trials.iter_mut() {
+        if t.estimate > budget.bytes {
+            t.status = "skipped: estimate over budget".into();
+        } else {
+            run_trial(&a, &dir, t, budget_gb)?;
+        }
+        let f = |x: Option<f64>, p: usize| x.map_or("-".to_string(), |v| format!("{v:.p$}"));
+        println!(
+            "{:>5} {:>6} {:>4}  {:>8} {:>9} {:>8} {:>9.3} {:>6}  {}",
+            t.batch,
+            t.len,
+            t.rank,
+            f(t.steps_per_s, 3),
+            f(t.tokens_per_s, 1),
+            f(t.peak.map(|p| p as f64 / GB), 3),
+            t.estimate as f64 / GB,
+            t.peak.map_or("-".into(), |p| format!(
+                "{:+.0}%",
+                100.0 * (t.estimate as f64 / p as f64 - 1.0)
+            )),
+            t.status
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+
+    let best = trials
+        .iter()
+        .filter(|t| t.ok)
+        .max_by(|x, y| {
+            x.tokens_per_s
+                .unwrap_or(0.0)
+                .total_cmp(&y.tokens_per_s.unwrap_or(0.0))
+        });
+    let command = best.map(|t| {
+        format!(
+            "your_ai train --model {} --batch-size {} --max-seq-length {} --lora-rank {} --max-memory {:.1}",
+            a.model.model, t.batch, t.len, t.rank, budget_gb
+        )
+    });
+    match (&best, &command) {
+        (Some(t), Some(c)) => println!(
+            "\nFastest configuration that fits: batch {} × length {}, rank {} ({:.1} tokens/s, peak {:.2} GB):\n  {c}",
+            t.batch,
+            t.len,
+            t.rank,
+            t.tokens_per_s.unwrap_or(0.0),
+            t.peak.unwrap_or(0) as f64 / GB
+        ),
+        _ => println!("\nNo configuration ran successfully under the {budget_gb:.1} GB budget."),
+    }
+    if let Some(path) = &a.output {
+        let report = json!({
+            "model": a.model.model,
+            "device": format!("{device:?}"),
+            "dtype": format!("{dtype:?}"),
+            "memory_budget_bytes": budget.bytes,
+            "device_memory_bytes": budget.total,
+            "steps": a.steps,
+            "configurations": trials.iter().map(Trial::json).collect::<Vec<_>>(),
+            "recommended": best.map(|t| { let mut j = t.json(); j["command"] = json!(command); j }),
+        });
+        write_atomic(path, &serde_json::to_string_pretty(&report).unwrap_or_default())?;
+        eprintln!("report written to {}", path.display());
+    }
+    Ok(())
+}
+
+/// Writes `text` to `path` through a temporary sibling, so the file is whole or absent.
+fn write_atomic(path: &Path, text: &str) -> Result<()> {
+    let tmp: PathBuf = path.with_extension("json.tmp");
+    std::fs::write(&tmp, text).map_err(|e| Error::io("write", &tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| Error::io("rename into place", path, e))
+}

@@ -1,0 +1,463 @@
+//! The pre-flight memory estimate: the peak resident memory of a training run, from the model's
+//! shapes and the run's settings alone (no weights needed), term by term.
+//!
+//! It models the step in `step.rs` as written: which tensors are alive at the step's two peaks
+//! (the LM head's chunk loop, and a block's backward), plus the load of the model before
+//! training. When that code changes what it keeps alive, this file changes with it; the
+//! estimate-vs-measured benchmark (`your_ai benchmark`) keeps the two honest.
+
+use crate::lora::Target;
+use crate::model::ModelConfig;
+use crate::train::step::{saved_bytes_per_block, HEAD_CHUNK};
+
+/// Memory that is not tensors: the binary, its libraries, thread stacks, the tokenizer and the
+/// encoded data. Measured on SmolLM2 (49k-token vocabulary) as resident memory after loading
+/// less the weights; the tokenizer's share grows with the vocabulary.
+const RUNTIME_BYTES: u64 = 25_000_000;
+const RUNTIME_BYTES_PER_VOCAB_ENTRY: u64 = 500;
+/// Allocator slack on what the step allocates: heap fragmentation and freed pages not yet
+/// returned (allocations above 4 MiB are mmapped and returned at once; see memory.rs).
+const SLACK: f64 = 0.05;
+
+/// Bytes per weight of `--quantize 4` (Q4_1: 32 weights share an f16 scale and an f16 offset:
+/// 20 bytes).
+pub const Q4_BYTES: f64 = 20.0 / 32.0;
+/// Bytes per weight of 8-bit group quantization (32 weights and one f16 scale: 34 bytes).
+pub const Q8_BYTES: f64 = 34.0 / 32.0;
+
+/// How the frozen weights are held in memory.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum WeightFormat {
+    /// Dense, this many bytes per weight (4 for f32, 2 for bf16/f16).
+    Dense(f64),
+    /// Linear layers quantized at this many bytes per weight (scales included: 4-bit with a
+    /// 32-group f16 scale and offset, Q4_1, is 0.625); embeddings, head and norms dense at
+    /// `other` bytes.
+    Quantized { linear: f64, other: f64 },
+}
+
+impl WeightFormat {
+    pub fn describe(&self) -> String {
+        match self {
+            WeightFormat::Dense(b) if *b >= 4.0 => "f32".into(),
+            WeightFormat::Dense(_) => "16-bit".into(),
+            WeightFormat::Quantized { linear, .. } => {
+                format!("{:.1}-bit linears", linear * 8.0)
+            }
+        }
+    }
+}
+
+/// What is being trained, and how.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Workload {
+    pub batch_size: usize,
+    pub seq_len: usize,
+    pub lora_rank: usize,
+    pub targets: Vec<Target>,
+    /// Blocks carrying adapters (the last this many).
+    pub adapted_layers: usize,
+    /// Adapted blocks that keep their activations from the forward.
+    pub keep_blocks: usize,
+    pub dropout: bool,
+    pub packed: bool,
+    /// Bytes per activation element (4 on CPU, 2 with bf16 on GPUs).
+    pub act_bytes: usize,
+    pub weights: WeightFormat,
+    /// Bytes of the weights file(s) mapped while loading (their pages count as resident until
+    /// the load finishes); 0 when unknown or not mapped.
+    pub source_bytes: u64,
+}
+
+/// One line of the estimate table.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Term {
+    pub name: String,
+    pub bytes: u64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Estimate {
+    /// The training peak, term by term (they add up to `train_peak`).
+    pub terms: Vec<Term>,
+    pub train_peak: u64,
+    /// Peak while the model loads: weights, the mapped file, one tensor being converted.
+    pub load_peak: u64,
+}
+
+impl Estimate {
+    /// The run's peak resident memory: the larger of loading and training.
+    pub fn peak(&self) -> u64 {
+        self.train_peak.max(self.load_peak)
+    }
+
+    /// The table printed before training.
+    pub fn table(&self, budget: Option<u64>) -> String {
+        let gb = |b: u64| b as f64 / 1e9;
+        let mut s = String::from("Memory estimate (peak resident memory):\n");
+        for t in &self.terms {
+            s.push_str(&format!("  {:<44} {:>8.2} GB\n", t.name, gb(t.bytes)));
+        }
+        s.push_str(&format!(
+            "  {:<44} {:>8.2} GB\n",
+            "training peak",
+            gb(self.train_peak)
+        ));
+        s.push_str(&format!(
+            "  {:<44} {:>8.2} GB\n",
+            "loading peak (weights + mapped file)",
+            gb(self.load_peak)
+        ));
+        if let Some(b) = budget {
+            s.push_str(&format!(
+                "  {:<44} {:>8.2} GB ({:.0}% of the {:.1} GB budget)\n",
+                "estimated peak",
+                gb(self.peak()),
+                100.0 * self.peak() as f64 / b.max(1) as f64,
+                gb(b)
+            ));
+        }
+        s
+    }
+}
+
+/// Parameters of the frozen model: (linear-layer weights, everything else).
+pub fn frozen_params(cfg: &ModelConfig) -> (u64, u64) {
+    let linear: u64 = Target::ALL
+        .iter()
+        .map(|t| {
+            let (i, o) = t.dims(cfg);
+            (i * o) as u64
+        })
+        .sum::<u64>()
+        * cfg.num_hidden_layers as u64;
+    let embed = (cfg.vocab_size * cfg.hidden_size) as u64;
+    let head = if cfg.tie_word_embeddings { 0 } else { embed };
+    let norms = ((2 * cfg.num_hidden_layers + 1) * cfg.hidden_size) as u64;
+    (linear, embed + head + norms)
+}
+
+/// Bytes of the frozen weights as held in memory.
+pub fn frozen_bytes(cfg: &ModelConfig, format: WeightFormat) -> u64 {
+    let (linear, other) = frozen_params(cfg);
+    match format {
+        WeightFormat::Dense(b) => ((linear + other) as f64 * b) as u64,
+        WeightFormat::Quantized { linear: q, other: o } => {
+            (linear as f64 * q + other as f64 * o) as u64
+        }
+    }
+}
+
+/// Trainable LoRA parameters.
+pub fn lora_params(cfg: &ModelConfig, w: &Workload) -> u64 {
+    let per_block: usize = w
+        .targets
+        .iter()
+        .map(|t| {
+            let (i, o) = t.dims(cfg);
+            w.lora_rank * (i + o)
+        })
+        .sum();
+    (per_block * w.adapted_layers) as u64
+}
+
+pub fn estimate(cfg: &ModelConfig, w: &Workload) -> Estimate {
+    let rows = (w.batch_size * w.seq_len) as u64;
+    let t = w.seq_len as u64;
+    let act = w.act_bytes as u64;
+    let (h, q, kv, i) = (
+        cfg.hidden_size as u64,
+        cfg.q_size() as u64,
+        cfg.kv_size() as u64,
+        cfg.intermediate_size as u64,
+    );
+    let nh = cfg.num_attention_heads as u64;
+    let adapted = w.adapted_layers.min(cfg.num_hidden_layers) as u64;
+    let keep = (w.keep_blocks as u64).min(adapted);
+
+    let runtime = RUNTIME_BYTES + RUNTIME_BYTES_PER_VOCAB_ENTRY * cfg.vocab_size as u64;
+    let weights = frozen_bytes(cfg, w.weights);
+    let params = lora_params(cfg, w);
+    // Parameters and AdamW's two moments, f32, always resident.
+    let lora_state = 12 * params;
+    // Gradients (f32) are created zeroed each step and become resident block by block as the
+    // backward reaches them; all of them by the optimizer's update.
+    let grads_per_block = 4 * params / adapted.max(1);
+    let input = rows * h * act;
+    let inputs = (adapted - keep) * input;
+    let per_block = saved_bytes_per_block(cfg, w.lora_rank, rows as usize, w.seq_len) as u64
+        / 4
+        * act;
+    // With dropout each LoRA pair also keeps its masked input.
+    let dropout = if w.dropout {
+        rows * (5 * h + q + i) * act
+    } else {
+        0
+    };
+    let kept = keep * (per_block + dropout);
+    // The attention mask (per row of the batch when packed) and the RoPE tables.
+    let batch_tensors = if w.packed { rows * t } else { t * t } * act + 2 * rows * 64 * act;
+
+    // A block's backward: its activations (recomputed unless kept), the incoming and outgoing
+    // gradients, and the larger of the MLP's temporaries (about six [rows, intermediate]) and
+    // the softmax backward's (three [rows, heads·T] beside the attention output's gradients).
+    let mlp_temps = rows * (6 * i + h) * act;
+    let attn_temps = rows * (2 * h + 2 * q + kv + 3 * nh * t) * act;
+    let block = per_block + dropout + input + mlp_temps.max(attn_temps);
+    // Its peak is at the top block (every input still held, one block's gradients) or at the
+    // bottom one (one input left, every gradient resident), whichever is larger.
+    let top = inputs + kept + grads_per_block;
+    let bottom = input + (keep.min(1)) * (per_block + dropout) + grads_per_block * adapted;
+    let backward = block + top.max(bottom);
+    // The head: the final hidden state, its gradient, the scored rows, and two [chunk, vocab]
+    // f32 temporaries; every block input still held.
+    let chunk = HEAD_CHUNK.min(rows as usize) as u64;
+    let head = 3 * rows * h * act + 2 * chunk * cfg.vocab_size as u64 * 4 + inputs + kept;
+    // The update: every gradient resident.
+    let update = 4 * params;
+    let (work_name, work) = [
+        ("block backward: activations, inputs, gradients", backward),
+        ("LM head and loss: logits chunk, inputs", head),
+        ("optimizer update: gradients", update),
+    ]
+    .into_iter()
+    .max_by_key(|x| x.1)
+    .unwrap_or(("", 0));
+    let dynamic = lora_state + batch_tensors + work;
+    let slack = (dynamic as f64 * SLACK) as u64;
+
+    let terms = vec![
+        Term {
+            name: format!("frozen weights ({})", w.weights.describe()),
+            bytes: weights,
+        },
+        Term {
+            name: format!(
+                "LoRA params + AdamW moments ({:.1}M params)",
+                params as f64 / 1e6
+            ),
+            bytes: lora_state,
+        },
+        Term {
+            name: format!(
+                "{work_name} ({} saved inputs{})",
+                adapted - keep,
+                if keep > 0 {
+                    format!(", {keep} blocks' activations kept")
+                } else {
+                    String::new()
+                }
+            ),
+            bytes: work + batch_tensors,
+        },
+        Term {
+            name: "runtime, tokenizer, allocator slack".into(),
+            bytes: runtime + slack,
+        },
+    ];
+    let train_peak = terms.iter().map(|t| t.bytes).sum();
+    // While loading: the weights converted so far and the mapped file's pages.
+    let load_peak = runtime + weights + w.source_bytes;
+    Estimate {
+        terms,
+        train_peak,
+        load_peak,
+    }
+}
+
+/// Changes that would bring an over-budget run under `budget`, as command-line advice.
+pub fn suggestions(
+    cfg: &ModelConfig,
+    w: &Workload,
+    budget: u64,
+    quantize_available: bool,
+) -> Vec<String> {
+    let fits = |x: &Workload| estimate(cfg, x).peak() <= budget;
+    let mut out = vec![];
+    if let Some(b) = (1..w.batch_size).rev().find(|&b| {
+        fits(&Workload {
+            batch_size: b,
+            ..w.clone()
+        })
+    }) {
+        out.push(format!("--batch-size {b}"));
+    }
+    // Sequence lengths in steps of 64 (the largest that fits), at least 64.
+    if let Some(len) = (1..w.seq_len / 64).rev().map(|k| k * 64).find(|&len| {
+        fits(&Workload {
+            seq_len: len,
+            ..w.clone()
+        })
+    }) {
+        out.push(format!("--max-seq-length {len}"));
+    }
+    let mut r = w.lora_rank / 2;
+    while r >= 1 {
+        if fits(&Workload {
+            lora_rank: r,
+            ..w.clone()
+        }) {
+            out.push(format!("--lora-rank {r}"));
+            break;
+        }
+        r /= 2;
+    }
+    if let Some(n) = (1..w.adapted_layers).rev().find(|&n| {
+        fits(&Workload {
+            adapted_layers: n,
+            keep_blocks: w.keep_blocks.min(n),
+            ..w.clone()
+        })
+    }) {
+        out.push(format!("--num-layers {n}"));
+    }
+    if w.keep_blocks > 0
+        && fits(&Workload {
+            keep_blocks: 0,
+            ..w.clone()
+        })
+    {
+        out.push("--keep-activations none".into());
+    }
+    let q4 = Workload {
+        weights: WeightFormat::Quantized {
+            linear: Q4_BYTES,
+            other: match w.weights {
+                WeightFormat::Dense(b) => b,
+                WeightFormat::Quantized { other, .. } => other,
+            },
+        },
+        ..w.clone()
+    };
+    if quantize_available && !matches!(w.weights, WeightFormat::Quantized { .. }) && fits(&q4) {
+        out.push("--quantize 4".into());
+    }
+    out
+}
+
+/// The largest batch size up to `max` whose estimate fits `budget`.
+pub fn largest_batch(cfg: &ModelConfig, w: &Workload, max: usize, budget: u64) -> Option<usize> {
+    (1..=max).rev().find(|&b| {
+        estimate(
+            cfg,
+            &Workload {
+                batch_size: b,
+                ..w.clone()
+            },
+        )
+        .peak()
+            <= budget
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn smollm2() -> ModelConfig {
+        let json = serde_json::json!({
+            "architectures": ["LlamaForCausalLM"], "hidden_size": 576, "intermediate_size": 1536,
+            "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3,
+            "vocab_size": 49152, "rms_norm_eps": 1e-5, "rope_theta": 100000.0,
+            "max_position_embeddings": 8192, "tie_word_embeddings": true
+        });
+        ModelConfig::from_hf_json(&json, "test").unwrap()
+    }
+
+    fn workload() -> Workload {
+        Workload {
+            batch_size: 4,
+            seq_len: 256,
+            lora_rank: 8,
+            targets: Target::ALL.to_vec(),
+            adapted_layers: 30,
+            keep_blocks: 0,
+            dropout: false,
+            packed: false,
+            act_bytes: 4,
+            weights: WeightFormat::Dense(4.0),
+            source_bytes: 0,
+        }
+    }
+
+    #[test]
+    fn parameter_counts_match_the_model() {
+        let cfg = smollm2();
+        let (linear, other) = frozen_params(&cfg);
+        // SmolLM2-135M: 134,515,008 parameters with tied embeddings.
+        assert_eq!(linear + other, 134_515_008);
+        let w = workload();
+        // rank 8 on all seven linears: 8·(576+576 + 2·(576+192) + 576+576 + 3·(576+1536)) · 30
+        assert_eq!(lora_params(&cfg, &w), 8 * (2304 + 1536 + 6336) * 30);
+    }
+
+    #[test]
+    fn terms_add_up_and_grow_with_the_work() {
+        let cfg = smollm2();
+        let w = workload();
+        let e = estimate(&cfg, &w);
+        assert_eq!(e.terms.iter().map(|t| t.bytes).sum::<u64>(), e.train_peak);
+        let bigger = |f: &dyn Fn(&mut Workload)| {
+            let mut x = w.clone();
+            f(&mut x);
+            estimate(&cfg, &x).train_peak
+        };
+        assert!(bigger(&|x| x.batch_size = 8) > e.train_peak);
+        assert!(bigger(&|x| x.seq_len = 512) > e.train_peak);
+        assert!(bigger(&|x| x.lora_rank = 64) > e.train_peak);
+        assert!(bigger(&|x| x.keep_blocks = 30) > e.train_peak);
+        assert!(bigger(&|x| x.adapted_layers = 10) < e.train_peak);
+        let q4 = bigger(&|x| {
+            x.weights = WeightFormat::Quantized {
+                linear: 0.5625,
+                other: 4.0,
+            }
+        });
+        assert!(q4 < e.train_peak);
+    }
+
+    #[test]
+    fn suggestions_fit_when_applied() {
+        let cfg = smollm2();
+        let w = Workload {
+            batch_size: 8,
+            seq_len: 1024,
+            ..workload()
+        };
+        let peak = estimate(&cfg, &w).peak();
+        let budget = peak * 7 / 10;
+        let advice = suggestions(&cfg, &w, budget, true);
+        assert!(!advice.is_empty());
+        for a in &advice {
+            let (flag, value) = a.split_once(' ').unwrap();
+            let mut x = w.clone();
+            match flag {
+                "--batch-size" => x.batch_size = value.parse().unwrap(),
+                "--max-seq-length" => x.seq_len = value.parse().unwrap(),
+                "--lora-rank" => x.lora_rank = value.parse().unwrap(),
+                "--num-layers" => x.adapted_layers = value.parse().unwrap(),
+                "--quantize" => {
+                    x.weights = WeightFormat::Quantized {
+                        linear: 0.5625,
+                        other: 4.0,
+                    }
+                }
+                other => panic!("unexpected advice {other}"),
+            }
+            assert!(estimate(&cfg, &x).peak() <= budget, "{a} does not fit");
+        }
+        let b = largest_batch(&cfg, &w, 8, budget).unwrap();
+        assert!(b < 8 && estimate(&cfg, &Workload { batch_size: b, ..w.clone() }).peak() <= budget);
+        assert!(
+            estimate(
+                &cfg,
+                &Workload {
+                    batch_size: b + 1,
+                    ..w
+                }
+            )
+            .peak()
+                > budget
+        );
+    }
+}

@@ -1,0 +1,231 @@
+//! Memory as a contract: the pre-flight refuses what will not fit and its advice works; a run
+//! that crosses its budget stops with a checkpoint that resumes; memory is flat over 100+
+//! steps; `--reload-interval` changes nothing but memory.
+
+mod common;
+
+use common::metrics;
+use std::path::Path;
+use std::process::Output;
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn losses(out: &Path) -> Vec<u64> {
+    metrics(&out.join("metrics.jsonl"), "train")
+        .iter()
+        .map(|l| l["loss"].as_f64().unwrap().to_bits())
+        .collect()
+}
+
+fn tiny_args(steps: usize) -> Vec<String> {
+    [
+        "--max-steps",
+        &steps.to_string(),
+        "--batch-size",
+        "2",
+        "--lora-rank",
+        "4",
+        "--learning-rate",
+        "1e-3",
+        "--seed",
+        "5",
+        "--steps-per-eval",
+        "4",
+        "--save-every",
+        "0",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+#[test]
+fn over_budget_refused_with_advice_that_works() {
+    let model = common::smollm2();
+    let dir = tempfile::tempdir().unwrap();
+    let data = common::write_chat_data(&dir.path().join("data"), 12);
+    let run = |extra: &[&str], out: &str| {
+        common::cli()
+            .arg("train")
+            .arg("--model")
+            .arg(&model)
+            .arg("--data")
+            .arg(&data)
+            .arg("--output")
+            .arg(dir.path().join(out))
+            .args(["--max-steps", "1", "--max-seq-length", "256", "--max-memory", "0.8"])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let o = run(&["--batch-size", "8", "--lora-rank", "16"], "refused");
+    let e = stderr(&o);
+    assert_eq!(o.status.code(), Some(2), "{e}");
+    assert!(e.contains("Set memory limit to 0.8 GB"), "{e}");
+    assert!(e.contains("Memory estimate"), "{e}");
+    assert!(e.contains("over the 0.80 GB budget"), "{e}");
+    assert!(
+        !dir.path().join("refused").exists(),
+        "a refused run writes nothing"
+    );
+    // Every suggestion, applied on its own, starts and finishes.
+    let advice = e
+        .split("any one of these fits: ")
+        .nth(1)
+        .expect("advice given")
+        .split(" (or pass")
+        .next()
+        .unwrap()
+        .to_string();
+    let first: Vec<&str> = advice.split(", ").next().unwrap().split(' ').collect();
+    assert_eq!(first.len(), 2, "{advice}");
+    let mut args = vec!["--batch-size", "8", "--lora-rank", "16"];
+    let pos = args.iter().position(|a| *a == first[0]);
+    match pos {
+        Some(p) => args[p + 1] = first[1],
+        None => args.extend([first[0], first[1]]),
+    }
+    let o = run(&args, "advised");
+    assert!(o.status.success(), "{advice}: {}", stderr(&o));
+    // --auto-fit picks a batch size instead of refusing.
+    let o = run(&["--batch-size", "8", "--lora-rank", "16", "--auto-fit"], "fit");
+    let e = stderr(&o);
+    assert!(o.status.success(), "{e}");
+    assert!(e.contains("--auto-fit: batch size 8"), "{e}");
+    // A budget above the machine is refused.
+    let o = run(&["--max-memory", "100000"], "huge");
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("this device has only"), "{}", stderr(&o));
+}
+
+#[test]
+fn crossing_the_budget_saves_and_resumes_exactly() {
+    let r = common::tiny_run(10);
+    let whole = r.root.join("whole");
+    let o = r
+        .train_command(&whole)
+        .args(tiny_args(8))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+
+    // From step 5 on the budget is a single byte: step 5 is abandoned, step 4 is saved.
+    let cut = r.root.join("cut");
+    let o = r
+        .train_command(&cut)
+        .args(tiny_args(8))
+        .env("YOUR_AI_TEST_ENFORCE_BYTES", "1")
+        .env("YOUR_AI_TEST_ENFORCE_STEP", "5")
+        .output()
+        .unwrap();
+    let e = stderr(&o);
+    assert_eq!(o.status.code(), Some(3), "{e}");
+    assert!(e.contains("memory budget exceeded"), "{e}");
+    assert!(e.contains("during step 5"), "{e}");
+    assert!(e.contains("Checkpoint of step 4"), "{e}");
+    assert!(!e.contains("panicked"), "{e}");
+    assert!(cut.join("checkpoints/step-4/adapter_model.safetensors").exists());
+
+    let o = r
+        .train_command(&cut)
+        .args(tiny_args(8))
+        .arg("--resume")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(losses(&whole), losses(&cut));
+    assert_eq!(
+        std::fs::read(whole.join("adapter_model.safetensors")).unwrap(),
+        std::fs::read(cut.join("adapter_model.safetensors")).unwrap()
+    );
+}
+
+#[test]
+fn reload_interval_changes_nothing_but_memory() {
+    let r = common::tiny_run(10);
+    let plain = r.root.join("plain");
+    let o = r
+        .train_command(&plain)
+        .args(tiny_args(20))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let reloaded = r.root.join("reloaded");
+    let o = r
+        .train_command(&reloaded)
+        .args(tiny_args(20))
+        .args(["--reload-interval", "7"])
+        .output()
+        .unwrap();
+    let e = stderr(&o);
+    assert!(o.status.success(), "{e}");
+    assert_eq!(e.matches("reloaded model, adapter and optimizer").count(), 2);
+    assert_eq!(losses(&plain), losses(&reloaded));
+    assert_eq!(
+        std::fs::read(plain.join("adapter_model.safetensors")).unwrap(),
+        std::fs::read(reloaded.join("adapter_model.safetensors")).unwrap()
+    );
+    let reloads = metrics(&reloaded.join("metrics.jsonl"), "reload");
+    assert_eq!(
+        reloads.iter().map(|r| r["step"].as_u64().unwrap()).collect::<Vec<_>>(),
+        [7, 14]
+    );
+    // Not higher after a reload than before it, nor after the second than after the first,
+    // up to the allocator's granularity (1 MiB; the tiny model's whole state is ~40 MB).
+    let slack = 1 << 20;
+    let after: Vec<u64> = reloads
+        .iter()
+        .map(|r| r["rss_after_bytes"].as_u64().unwrap())
+        .collect();
+    for (r, &a) in reloads.iter().zip(&after) {
+        let before = r["rss_before_bytes"].as_u64().unwrap();
+        assert!(a <= before + slack, "resident memory grew across a reload: {r}");
+    }
+    assert!(after[1] <= after[0] + slack, "reloads grew: {after:?}");
+    // Zero is not an interval.
+    let o = r
+        .train_command(&r.root.join("zero"))
+        .args(tiny_args(2))
+        .args(["--reload-interval", "0"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("--reload-interval 0"));
+}
+
+/// SmolLM2 for 110 short steps of real, variable-length data: resident memory at the end is
+/// within 2% (or 32 MB) of step 10, and every step's memory is in the metrics file.
+#[test]
+fn memory_is_flat_over_a_hundred_steps() {
+    let model = common::smollm2();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let o = common::cli()
+        .arg("train")
+        .arg("--model")
+        .arg(&model)
+        .arg("--data")
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/invented-country"))
+        .arg("--output")
+        .arg(&out)
+        .args(["--max-steps", "110", "--batch-size", "1", "--max-seq-length", "96"])
+        .args(["--lora-rank", "8", "--steps-per-eval", "0", "--save-every", "0"])
+        .args(["--num-layers", "4"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let steps = metrics(&out.join("metrics.jsonl"), "train");
+    assert_eq!(steps.len(), 110);
+    let rss = |s: usize| steps[s - 1]["rss_bytes"].as_u64().unwrap() as f64;
+    for s in &steps {
+        assert!(s["rss_bytes"].as_u64().is_some() && s["train_peak_rss_bytes"].as_u64().is_some());
+    }
+    let (at10, end) = (rss(10), rss(110));
+    let allowed = (0.02 * at10).max(32e6);
+    assert!(
+        (end - at10).abs() <= allowed,
+        "resident memory moved from {at10} at step 10 to {end} at step 110"
+    );
+}

@@ -5,13 +5,14 @@
 #   MODEL: a dense (f16/bf16/f32) Hugging Face directory or GGUF; a quantized GGUF would keep its
 #   own blocks under both --quantize values. `your_ai fuse` of a zero-update adapter onto the
 #   SmolLM2 GGUF (--dequantize --hf-dtype f32) gives a dense SmolLM2.
+# YOUR_AI_BIN=path uses that binary instead of building a release one.
 # Prints, per configuration, the train command's own summary (tokens/s, peak resident memory).
 set -euo pipefail
 model=${1:?usage: $0 MODEL [STEPS]}
 steps=${2:-10}
 cd "$(dirname "$0")/../.."
-cargo build --release --quiet
-bin=target/release/your_ai
+bin=${YOUR_AI_BIN:-target/release/your_ai}
+[[ -n ${YOUR_AI_BIN:-} ]] || cargo build --release --quiet
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 for q in none 8 4; do

@@ -200,15 +200,6 @@ pub fn from_hf_dir(
     if let Some(id) = eos {
         out.push(("tokenizer.ggml.eos_token_id".into(), GValue::U32(id)));
     }
-    // A chat format's end-of-turn token that differs from eos (Llama 3's <|eot_id|>).
-    if let Some(eot) = tok
-        .end_ids
-        .iter()
-        .copied()
-        .find(|&i| Some(i) != eos && tok.chat_template.is_some() && config_eos.contains(&i))
-    {
-        out.push(("tokenizer.ggml.eot_token_id".into(), GValue::U32(eot)));
-    }
     out.push((
         "tokenizer.ggml.add_bos_token".into(),
         GValue::Bool(tok.add_bos),

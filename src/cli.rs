@@ -46,6 +46,25 @@ pub enum Command {
     /// process), report speed and peak memory beside the estimate, and recommend the fastest
     /// that fits the budget.
     Benchmark(BenchmarkArgs),
+    /// Show the detected hardware and, for each model alias, whether LoRA and QLoRA fit the
+    /// memory budget, with the flags to use.
+    Recommend(RecommendArgs),
+    /// Detect the hardware and save it (with benchmark results) to the profile that
+    /// `recommend`, `benchmark` and `train --auto-optimize` read.
+    Setup,
+    /// Add auth_weight and prov_entropy (the citation scorer's) to every row of a JSONL file.
+    Score(ScoreArgs),
+    /// Build a distrust training set: score, drop duplicates, rebalance, split train/valid.
+    Prepare(PrepareArgs),
+    /// Run a prompt suite through a model (and adapter) and report pass rates per category.
+    Validate(ValidateArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct RecommendArgs {
+    /// Assume a machine with this much memory (GB) instead of the detected one.
+    #[arg(long, value_name = "GB")]
+    pub memory: Option<f64>,
 }
 
 #[derive(Debug, Args)]
@@ -101,6 +120,75 @@ pub struct EstimateArgs {
     /// Compare with this budget (GB).
     #[arg(long, value_name = "GB")]
     pub max_memory: Option<f64>,
+}
+
+#[derive(Debug, Args)]
+pub struct ScoreArgs {
+    /// JSONL rows with `text` (or prompt/completion, or messages) and optional metadata:
+    /// source, url, publisher, year or date, source_type.
+    #[arg(short, long)]
+    pub input: PathBuf,
+    /// Where the scored rows go (written whole, or not at all).
+    #[arg(short, long)]
+    pub output: PathBuf,
+    /// Replace an existing output file.
+    #[arg(long)]
+    pub force: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct PrepareArgs {
+    /// JSONL files; rows without auth_weight and prov_entropy are scored.
+    #[arg(short, long, num_args = 1.., required = true)]
+    pub input: Vec<PathBuf>,
+    /// Directory for train.jsonl and valid.jsonl.
+    #[arg(short, long)]
+    pub output: PathBuf,
+    /// Target share of low-authority examples (auth_weight below 0.3) after rebalancing.
+    #[arg(long, default_value_t = crate::distrust::prepare::DEFAULT_LOW_AUTHORITY_SHARE)]
+    pub low_authority_share: f64,
+    /// Keep every example: no rebalancing.
+    #[arg(long)]
+    pub no_rebalance: bool,
+    /// Share of examples held out for valid.jsonl.
+    #[arg(long, default_value_t = 0.1)]
+    pub valid_fraction: f64,
+    /// Seed of the rebalancing and the split.
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Also draw the w and H histograms into this PNG file.
+    #[arg(long)]
+    pub plot: Option<PathBuf>,
+    /// Replace existing train.jsonl / valid.jsonl in --output.
+    #[arg(long)]
+    pub force: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ValidateArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// A LoRA adapter directory (PEFT layout) to apply.
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
+    /// Prompt suite JSONL [default: the built-in authority-bias and refusal suite].
+    #[arg(long)]
+    pub suite: Option<PathBuf>,
+    /// Run the base model and the adapter side by side (needs --adapter).
+    #[arg(long)]
+    pub compare: bool,
+    /// Also write the results as JSON to this file.
+    #[arg(long)]
+    pub output: Option<PathBuf>,
+    /// Most tokens generated per prompt.
+    #[arg(long, default_value_t = 160)]
+    pub max_tokens: usize,
+    /// Sampling temperature; 0 (the default) is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f64,
+    /// Random seed for sampling.
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
 }
 
 /// Which model, on which device, in which dtype.
@@ -350,6 +438,20 @@ pub struct TrainArgs {
     #[arg(long, default_value = "none")]
     pub keep_activations: crate::train::config::KeepActivations,
 
+    /// Weight each example's loss by its distrust D (on by default when the training rows have
+    /// auth_weight and prov_entropy; see `your_ai score`).
+    #[arg(long, overrides_with = "no_distrust")]
+    pub distrust: bool,
+    /// Plain training even when the rows carry auth_weight and prov_entropy.
+    #[arg(long)]
+    pub no_distrust: bool,
+    /// α of D = α·(ln(1 − w + 1e-8) + H)² (valid range 2.3–3.0).
+    #[arg(long, default_value_t = crate::distrust::formula::DEFAULT_ALPHA)]
+    pub alpha: f64,
+    /// λ in [0, 1]: example weight c = (1 − λ) + λ·D/mean(D); 0 is plain training.
+    #[arg(long, default_value_t = crate::distrust::formula::DEFAULT_LAMBDA)]
+    pub lambda_weight: f64,
+
     /// Memory budget in GB [default: 80% of the device's memory, at most 120 GB]. A run whose
     /// estimate exceeds it does not start; one that crosses it saves a checkpoint and stops.
     #[arg(long, value_name = "GB")]
@@ -358,6 +460,10 @@ pub struct TrainArgs {
     /// instead of refusing.
     #[arg(long)]
     pub auto_fit: bool,
+    /// Use the best configuration `your_ai benchmark` saved for this model (running a quick
+    /// benchmark first if there is none); flags given on the command line still win.
+    #[arg(long)]
+    pub auto_optimize: bool,
     /// Every N steps: checkpoint, drop the model, adapter and optimizer, reload them and go on.
     /// A workaround other tools need for memory that grows step by step; your_ai's steps are
     /// flat, so it is not needed, but it works exactly (same losses and adapter).
@@ -380,10 +486,41 @@ pub fn parse() -> Result<Cli> {
         Some(path) => with_yaml_args(argv, &path)?,
         None => argv,
     };
+    let argv = with_auto_optimize_args(argv)?;
     let matches = Cli::command()
         .args_override_self(true)
         .get_matches_from(argv);
     Cli::from_arg_matches(&matches).map_err(|e| e.exit())
+}
+
+/// For `train --auto-optimize`: the saved best configuration's flags go in first, so that
+/// flags from the command line and the YAML file win.
+fn with_auto_optimize_args(argv: Vec<OsString>) -> Result<Vec<OsString>> {
+    let args: Vec<&str> = argv.iter().filter_map(|a| a.to_str()).collect();
+    let Some(train) = args.iter().position(|a| *a == "train") else {
+        return Ok(argv);
+    };
+    let rest = &args[train + 1..];
+    if !rest.contains(&"--auto-optimize") {
+        return Ok(argv);
+    }
+    let model = rest.iter().enumerate().find_map(|(i, a)| {
+        if let Some(v) = a.strip_prefix("--model=") {
+            Some(v.to_string())
+        } else if *a == "--model" || *a == "-m" {
+            rest.get(i + 1).map(|s| s.to_string())
+        } else {
+            None
+        }
+    });
+    let Some(model) = model else {
+        return Ok(argv); // clap reports the missing --model
+    };
+    let extra = crate::profile::auto_optimize_args(&model)?;
+    let mut out = argv[..=train].to_vec();
+    out.extend(extra.into_iter().map(OsString::from));
+    out.extend_from_slice(&argv[train + 1..]);
+    Ok(out)
 }
 
 /// The value of `--config` when the subcommand is `train`.

@@ -21,6 +21,8 @@ pub enum Error {
     Data(#[from] crate::data::DataError),
     #[error(transparent)]
     Adapter(#[from] crate::lora::AdapterError),
+    #[error(transparent)]
+    Distrust(#[from] crate::distrust::DistrustError),
     /// Writing a fused model or an exported adapter failed; the message names what and why.
     #[error("{0}")]
     Export(String),

@@ -55,7 +55,14 @@ fn over_budget_refused_with_advice_that_works() {
             .arg(&data)
             .arg("--output")
             .arg(dir.path().join(out))
-            .args(["--max-steps", "1", "--max-seq-length", "256", "--max-memory", "0.8"])
+            .args([
+                "--max-steps",
+                "1",
+                "--max-seq-length",
+                "256",
+                "--max-memory",
+                "0.8",
+            ])
             .args(extra)
             .output()
             .unwrap()
@@ -63,7 +70,7 @@ fn over_budget_refused_with_advice_that_works() {
     let o = run(&["--batch-size", "8", "--lora-rank", "16"], "refused");
     let e = stderr(&o);
     assert_eq!(o.status.code(), Some(2), "{e}");
-    assert!(e.contains("Set memory limit to 0.8 GB"), "{e}");
+    assert!(e.contains("Set memory limit to 0.80 GB"), "{e}");
     assert!(e.contains("Memory estimate"), "{e}");
     assert!(e.contains("over the 0.80 GB budget"), "{e}");
     assert!(
@@ -90,25 +97,28 @@ fn over_budget_refused_with_advice_that_works() {
     let o = run(&args, "advised");
     assert!(o.status.success(), "{advice}: {}", stderr(&o));
     // --auto-fit picks a batch size instead of refusing.
-    let o = run(&["--batch-size", "8", "--lora-rank", "16", "--auto-fit"], "fit");
+    let o = run(
+        &["--batch-size", "8", "--lora-rank", "16", "--auto-fit"],
+        "fit",
+    );
     let e = stderr(&o);
     assert!(o.status.success(), "{e}");
     assert!(e.contains("--auto-fit: batch size 8"), "{e}");
     // A budget above the machine is refused.
     let o = run(&["--max-memory", "100000"], "huge");
     assert_eq!(o.status.code(), Some(2));
-    assert!(stderr(&o).contains("this device has only"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("this device has only"),
+        "{}",
+        stderr(&o)
+    );
 }
 
 #[test]
 fn crossing_the_budget_saves_and_resumes_exactly() {
     let r = common::tiny_run(10);
     let whole = r.root.join("whole");
-    let o = r
-        .train_command(&whole)
-        .args(tiny_args(8))
-        .output()
-        .unwrap();
+    let o = r.train_command(&whole).args(tiny_args(8)).output().unwrap();
     assert!(o.status.success(), "{}", stderr(&o));
 
     // From step 5 on the budget is a single byte: step 5 is abandoned, step 4 is saved.
@@ -126,7 +136,9 @@ fn crossing_the_budget_saves_and_resumes_exactly() {
     assert!(e.contains("during step 5"), "{e}");
     assert!(e.contains("Checkpoint of step 4"), "{e}");
     assert!(!e.contains("panicked"), "{e}");
-    assert!(cut.join("checkpoints/step-4/adapter_model.safetensors").exists());
+    assert!(cut
+        .join("checkpoints/step-4/adapter_model.safetensors")
+        .exists());
 
     let o = r
         .train_command(&cut)
@@ -161,7 +173,10 @@ fn reload_interval_changes_nothing_but_memory() {
         .unwrap();
     let e = stderr(&o);
     assert!(o.status.success(), "{e}");
-    assert_eq!(e.matches("reloaded model, adapter and optimizer").count(), 2);
+    assert_eq!(
+        e.matches("reloaded model, adapter and optimizer").count(),
+        2
+    );
     assert_eq!(losses(&plain), losses(&reloaded));
     assert_eq!(
         std::fs::read(plain.join("adapter_model.safetensors")).unwrap(),
@@ -169,7 +184,10 @@ fn reload_interval_changes_nothing_but_memory() {
     );
     let reloads = metrics(&reloaded.join("metrics.jsonl"), "reload");
     assert_eq!(
-        reloads.iter().map(|r| r["step"].as_u64().unwrap()).collect::<Vec<_>>(),
+        reloads
+            .iter()
+            .map(|r| r["step"].as_u64().unwrap())
+            .collect::<Vec<_>>(),
         [7, 14]
     );
     // Not higher after a reload than before it, nor after the second than after the first,
@@ -181,7 +199,10 @@ fn reload_interval_changes_nothing_but_memory() {
         .collect();
     for (r, &a) in reloads.iter().zip(&after) {
         let before = r["rss_before_bytes"].as_u64().unwrap();
-        assert!(a <= before + slack, "resident memory grew across a reload: {r}");
+        assert!(
+            a <= before + slack,
+            "resident memory grew across a reload: {r}"
+        );
     }
     assert!(after[1] <= after[0] + slack, "reloads grew: {after:?}");
     // Zero is not an interval.
@@ -207,11 +228,28 @@ fn memory_is_flat_over_a_hundred_steps() {
         .arg("--model")
         .arg(&model)
         .arg("--data")
-        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/invented-country"))
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/examples/invented-country"
+        ))
         .arg("--output")
         .arg(&out)
-        .args(["--max-steps", "110", "--batch-size", "1", "--max-seq-length", "96"])
-        .args(["--lora-rank", "8", "--steps-per-eval", "0", "--save-every", "0"])
+        .args([
+            "--max-steps",
+            "110",
+            "--batch-size",
+            "1",
+            "--max-seq-length",
+            "96",
+        ])
+        .args([
+            "--lora-rank",
+            "8",
+            "--steps-per-eval",
+            "0",
+            "--save-every",
+            "0",
+        ])
         .args(["--num-layers", "4"])
         .output()
         .unwrap();

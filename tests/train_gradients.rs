@@ -197,12 +197,48 @@ fn autograd_loss(
     let picked = logits
         .gather(&mb.target_ids.unsqueeze(1).unwrap(), D::Minus1)
         .unwrap();
-    ((lse - picked).unwrap().sum_all().unwrap() / mb.n_targets as f64).unwrap()
+    // Σ w·CE / Σ w, with each target's weight (all 1 for plain training: the mean CE).
+    let w = mb.target_weights.to_dtype(DType::F64).unwrap();
+    let ce = (lse - picked).unwrap().squeeze(1).unwrap();
+    let total_w = w.sum_all().unwrap().to_scalar::<f64>().unwrap();
+    ((ce * w).unwrap().sum_all().unwrap() / total_w).unwrap()
+}
+
+/// Loss Σ w·CE / Σ w·n and its gradient, as the trainer forms them from weighted rows.
+fn explicit_weighted(model: &Llama, adapter: &Adapter, mbs: &[MicroBatch]) -> (f64, Grads) {
+    let total: f64 = mbs
+        .iter()
+        .map(|m| {
+            m.target_weights
+                .to_dtype(DType::F64)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap()
+        })
+        .sum();
+    let mut grads = Grads::new(adapter);
+    let mut weighted = 0.0;
+    for mb in mbs {
+        weighted += forward_backward(
+            model,
+            adapter,
+            mb,
+            1.0 / total,
+            &mut grads,
+            0,
+            &mut Default::default(),
+        )
+        .unwrap()
+        .weighted;
+    }
+    (weighted / total, grads)
 }
 
 fn explicit(model: &Llama, adapter: &Adapter, mbs: &[MicroBatch]) -> (f64, Grads) {
     let total: usize = mbs.iter().map(|m| m.n_targets).sum();
-    let mut grads = Grads::zeros_like(adapter).unwrap();
+    let mut grads = Grads::new(adapter);
     let mut ce = 0.0;
     for mb in mbs {
         ce += forward_backward(
@@ -408,7 +444,7 @@ fn keeping_activations_gives_the_same_gradients_bit_for_bit() {
     let adapter = random_adapter(&model, vec![0, 1], Target::ALL.to_vec());
     let mb = batch(&model, &rows(&samples()));
     let run = |keep: usize| {
-        let mut g = Grads::zeros_like(&adapter).unwrap();
+        let mut g = Grads::new(&adapter);
         let mut p = your_ai::train::step::Profile::default();
         let l = forward_backward(&model, &adapter, &mb, 0.1, &mut g, keep, &mut p).unwrap();
         (l.ce, g, p)
@@ -431,4 +467,165 @@ fn keeping_activations_gives_the_same_gradients_bit_for_bit() {
         assert!(p.recompute < p0.recompute || keep == 0);
     }
     assert!(run(2).2.recompute.is_zero());
+}
+
+/// Distrust weights c of four examples from made-up (w, H): D = 2.7·(ln(1 − w + 1e-8) + H)².
+fn distrust_weights(lambda: f64) -> Vec<f32> {
+    use your_ai::distrust::formula::{example_weights, Provenance};
+    let prov: Vec<Provenance> = [(0.05, 3.0), (0.9, 0.1), (0.5, 1.0), (0.3, 0.2)]
+        .iter()
+        .map(|&(w, h)| Provenance {
+            auth_weight: w,
+            prov_entropy: h,
+        })
+        .collect();
+    example_weights(&prov, 2.7, lambda).c
+}
+
+fn weighted_rows(s: &[Sample], c: &[f32]) -> Vec<Row> {
+    s.iter().zip(c).map(|(s, &c)| Row::single(s, c)).collect()
+}
+
+#[test]
+fn distrust_weighted_gradient_equals_autograd_of_the_explicitly_weighted_ce() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(&TinySpec::default(), dir.path());
+    let adapter = random_adapter(&model, vec![0, 1], Target::ALL.to_vec());
+    let c = distrust_weights(0.6);
+    assert!(c.iter().any(|&c| (c - 1.0).abs() > 0.3), "{c:?}");
+    let r = weighted_rows(&samples(), &c);
+    // Accumulated over two micro-batches, normalised by Σ c·n of the whole batch.
+    let (loss, grads) = explicit_weighted(
+        &model,
+        &adapter,
+        &[batch(&model, &r[..2]), batch(&model, &r[2..])],
+    );
+    let vars: Vec<(usize, Target, Var, Var)> = adapter
+        .iter()
+        .map(|(l, t, p)| {
+            (
+                l,
+                t,
+                Var::from_tensor(&p.a).unwrap(),
+                Var::from_tensor(&p.b).unwrap(),
+            )
+        })
+        .collect();
+    // The oracle: Σ_i c_i·CE_sum_i / Σ_i c_i·n_i written out per example (per-example CE
+    // sums from autograd, the weighting done here on scalars-as-tensors).
+    let s = samples();
+    let mut num: Option<Tensor> = None;
+    let mut den = 0.0;
+    for (i, sample) in s.iter().enumerate() {
+        let mb = batch(&model, &rows(std::slice::from_ref(sample)));
+        let ce_sum =
+            (autograd_loss(&model, &vars, adapter.cfg.scale(), &mb) * mb.n_targets as f64).unwrap();
+        let term = (ce_sum * c[i] as f64).unwrap();
+        num = Some(match num {
+            Some(n) => (n + term).unwrap(),
+            None => term,
+        });
+        den += c[i] as f64 * mb.n_targets as f64;
+    }
+    let oracle = (num.unwrap() / den).unwrap();
+    assert!(
+        (oracle.to_scalar::<f64>().unwrap() - loss).abs() < 1e-9,
+        "loss {loss} vs {oracle}"
+    );
+    let store = oracle.backward().unwrap();
+    for (l, t, a, b) in &vars {
+        let (ga, gb) = grads.pairs[*l][t.index()].as_ref().unwrap();
+        for (name, ours, theirs) in [
+            ("A", ga, store.get(a.as_tensor()).unwrap()),
+            ("B", gb, store.get(b.as_tensor()).unwrap()),
+        ] {
+            let rel = max_rel_diff(theirs, ours);
+            assert!(
+                rel < 1e-8,
+                "layer {l} {t:?} d{name}: relative difference {rel}"
+            );
+        }
+    }
+    // And it differs from the plain gradient: the weighting acts.
+    let (_, plain) = explicit(&model, &adapter, &[batch(&model, &rows(&s))]);
+    let moved = grads
+        .tensors()
+        .zip(plain.tensors())
+        .map(|(a, b)| max_rel_diff(b, a))
+        .fold(0.0, f64::max);
+    assert!(moved > 1e-3, "weighted and plain gradients agree ({moved})");
+}
+
+#[test]
+fn lambda_zero_gives_the_plain_gradient_bit_for_bit() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(&TinySpec::default(), dir.path());
+    let adapter = random_adapter(&model, vec![0, 1], Target::ALL.to_vec());
+    let c = distrust_weights(0.0);
+    assert!(c.iter().all(|&c| c == 1.0));
+    let s = samples();
+    let (lw, gw) = explicit_weighted(&model, &adapter, &[batch(&model, &weighted_rows(&s, &c))]);
+    let (lp, gp) = explicit(&model, &adapter, &[batch(&model, &rows(&s))]);
+    assert_eq!(lw.to_bits(), lp.to_bits());
+    for (a, b) in gw.tensors().zip(gp.tensors()) {
+        let (a, b) = (
+            a.flatten_all().unwrap().to_vec1::<f64>().unwrap(),
+            b.flatten_all().unwrap().to_vec1::<f64>().unwrap(),
+        );
+        assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()));
+    }
+}
+
+/// Mean CE of one example under `adapter`.
+fn example_loss(model: &Llama, adapter: &Adapter, s: &Sample) -> f64 {
+    explicit(
+        model,
+        adapter,
+        &[batch(model, &rows(std::slice::from_ref(s)))],
+    )
+    .0
+}
+
+#[test]
+fn the_high_distrust_example_moves_the_model_more() {
+    use your_ai::distrust::formula::{example_weights, Provenance};
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(&TinySpec::default(), dir.path());
+    let adapter = random_adapter(&model, vec![0, 1], Target::ALL.to_vec());
+    let s = samples();
+    let two = [s[0].clone(), s[2].clone()];
+    // Example 0: primary-source-like (w 0.05, H 3): D ≈ 23. Example 1: w 0.5, H 0.8: D ≈ 0.4.
+    let prov = [(0.05, 3.0), (0.5, 0.8)].map(|(w, h)| Provenance {
+        auth_weight: w,
+        prov_entropy: h,
+    });
+    let ew = example_weights(&prov, 2.7, 0.6);
+    assert!(ew.d[0] > 20.0 * ew.d[1], "{:?}", ew.d);
+    // One small plain gradient-descent step from the same start, weighted and unweighted.
+    let step = |c: &[f32]| {
+        let (_, g) = explicit_weighted(&model, &adapter, &[batch(&model, &weighted_rows(&two, c))]);
+        let mut a = adapter.clone();
+        for (p, g) in a.tensors_mut().zip(g.tensors()) {
+            *p = (&*p - (g * 0.02).unwrap()).unwrap();
+        }
+        a
+    };
+    let plain = step(&[1.0, 1.0]);
+    let weighted = step(&ew.c);
+    let drop = |a: &Adapter, i: usize| {
+        example_loss(&model, &adapter, &two[i]) - example_loss(&model, a, &two[i])
+    };
+    let (p0, p1, w0, w1) = (
+        drop(&plain, 0),
+        drop(&plain, 1),
+        drop(&weighted, 0),
+        drop(&weighted, 1),
+    );
+    assert!(
+        p0 > 0.0 && w0 > 0.0,
+        "the step lowers the loss ({p0}, {w0})"
+    );
+    // The high-D example improves more than under plain training, the low-D one less.
+    assert!(w0 > p0 * 1.2, "high D: weighted {w0} vs plain {p0}");
+    assert!(w1 < p1, "low D: weighted {w1} vs plain {p1}");
 }

@@ -133,7 +133,13 @@ fn run_trial(a: &BenchmarkArgs, dir: &Path, trial: &mut Trial, budget_gb: f64) -
         .args(["--lora-rank", &trial.rank.to_string()])
         .args(["--max-steps", &a.steps.to_string()])
         .args(["--max-memory", &format!("{budget_gb}")])
-        .args(["--steps-per-eval", "0", "--save-every", "0", "--no-save-best"])
+        .args([
+            "--steps-per-eval",
+            "0",
+            "--save-every",
+            "0",
+            "--no-save-best",
+        ])
         .output()
         .map_err(|e| Error::io("run", "your_ai train", e))?;
     let stderr = String::from_utf8_lossy(&output.stderr);
@@ -160,7 +166,10 @@ fn run_trial(a: &BenchmarkArgs, dir: &Path, trial: &mut Trial, budget_gb: f64) -
     // Steady-state speed: the first step (allocations, caches) is left out when there are more.
     let timed: Vec<&&Value> = train.iter().skip(usize::from(train.len() > 1)).collect();
     if !timed.is_empty() {
-        let secs: Vec<f64> = timed.iter().filter_map(|r| r["step_time_s"].as_f64()).collect();
+        let secs: Vec<f64> = timed
+            .iter()
+            .filter_map(|r| r["step_time_s"].as_f64())
+            .collect();
         let tokens: f64 = timed.iter().filter_map(|r| r["tokens"].as_f64()).sum();
         let total: f64 = secs.iter().sum();
         if !secs.is_empty() && total > 0.0 {
@@ -288,14 +297,11 @@ pub fn run(a: BenchmarkArgs) -> Result<()> {
     }
     let _ = std::fs::remove_dir_all(&dir);
 
-    let best = trials
-        .iter()
-        .filter(|t| t.ok)
-        .max_by(|x, y| {
-            x.tokens_per_s
-                .unwrap_or(0.0)
-                .total_cmp(&y.tokens_per_s.unwrap_or(0.0))
-        });
+    let best = trials.iter().filter(|t| t.ok).max_by(|x, y| {
+        x.tokens_per_s
+            .unwrap_or(0.0)
+            .total_cmp(&y.tokens_per_s.unwrap_or(0.0))
+    });
     let command = best.map(|t| {
         format!(
             "your_ai train --model {} --batch-size {} --max-seq-length {} --lora-rank {} --max-memory {:.1}",
@@ -313,6 +319,24 @@ pub fn run(a: BenchmarkArgs) -> Result<()> {
         ),
         _ => println!("\nNo configuration ran successfully under the {budget_gb:.1} GB budget."),
     }
+    if let Some(t) = best {
+        let path = crate::profile::record_best(
+            &a.model.model,
+            crate::profile::Best {
+                batch_size: t.batch,
+                max_seq_length: t.len,
+                lora_rank: t.rank,
+                tokens_per_s: t.tokens_per_s.unwrap_or(0.0),
+                peak_bytes: t.peak.unwrap_or(0),
+                budget_bytes: budget.bytes,
+            },
+        )?;
+        eprintln!(
+            "saved as the best configuration of {} in {} (train --auto-optimize uses it)",
+            a.model.model,
+            path.display()
+        );
+    }
     if let Some(path) = &a.output {
         let report = json!({
             "model": a.model.model,
@@ -324,7 +348,10 @@ pub fn run(a: BenchmarkArgs) -> Result<()> {
             "configurations": trials.iter().map(Trial::json).collect::<Vec<_>>(),
             "recommended": best.map(|t| { let mut j = t.json(); j["command"] = json!(command); j }),
         });
-        write_atomic(path, &serde_json::to_string_pretty(&report).unwrap_or_default())?;
+        write_atomic(
+            path,
+            &serde_json::to_string_pretty(&report).unwrap_or_default(),
+        )?;
         eprintln!("report written to {}", path.display());
     }
     Ok(())

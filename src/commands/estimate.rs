@@ -18,8 +18,8 @@ pub fn run(a: EstimateArgs) -> Result<()> {
             return Err(Error::Usage(format!("{flag} 0: it must be at least 1")));
         }
     }
-    let inspected = crate::model::inspect(&a.model)?;
-    let cfg = &inspected.cfg;
+    let (cfg, _) = crate::profile::shape(&a.model)?;
+    let cfg = &cfg;
     let layers = cfg.num_hidden_layers;
     let adapted = a.num_layers.unwrap_or(layers);
     if adapted == 0 || adapted > layers {

@@ -7,7 +7,12 @@ pub mod export_adapter;
 pub mod fuse;
 pub mod generate;
 pub mod models;
+pub mod prepare;
+pub mod recommend;
+pub mod score;
+pub mod setup;
 pub mod train;
+pub mod validate;
 
 use crate::cli::{Cli, Command, ModelArgs};
 use crate::device::{select_device, select_dtype};
@@ -27,6 +32,11 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::ExportAdapter(args) => export_adapter::run(args),
         Command::Estimate(args) => estimate::run(args),
         Command::Benchmark(args) => benchmark::run(args),
+        Command::Recommend(args) => recommend::run(args),
+        Command::Setup => setup::run(),
+        Command::Score(args) => score::run(args),
+        Command::Prepare(args) => prepare::run(args),
+        Command::Validate(args) => validate::run(args),
     }
 }
 

@@ -253,6 +253,13 @@ pub fn run(a: TrainArgs) -> Result<()> {
     let targets = check_flags(&a)?;
     let files = resolve_files(&a.data)?;
     let train_records = read_jsonl(&files.train)?;
+    let distrust = crate::distrust::formula::resolve(
+        a.distrust,
+        a.no_distrust,
+        a.alpha,
+        a.lambda_weight,
+        &train_records,
+    )?;
     let valid_records = read_optional(files.valid.as_ref())?;
     let test_records = if a.test {
         read_optional(files.test.as_ref())?
@@ -320,7 +327,10 @@ pub fn run(a: TrainArgs) -> Result<()> {
             if truncated > 0 { " or truncation" } else { "" }
         )));
     }
-    let rows = trainer::training_rows(&train, a.pack, a.max_seq_length);
+    let weights = distrust
+        .as_ref()
+        .map(|(d, prov)| crate::distrust::formula::example_weights(prov, d.alpha, d.lambda));
+    let rows = trainer::weighted_rows(&train, weights.as_ref(), a.pack, a.max_seq_length);
     if a.batch_size > rows.len() {
         return Err(usage(format!(
             "--batch-size {} is larger than the training set ({} {}); use at most {}",
@@ -381,6 +391,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
         keep_blocks: plan.keep_blocks,
         memory_budget: plan.budget.bytes,
         reload_interval: a.reload_interval,
+        distrust: distrust.as_ref().map(|d| d.0),
     };
 
     let mut data_files: Vec<&Path> = vec![&files.train];
@@ -457,6 +468,18 @@ pub fn run(a: TrainArgs) -> Result<()> {
         total_tokens,
         100.0 * trained_tokens as f64 / total_tokens.max(1) as f64
     );
+    if let (Some(s), Some(w)) = (&cfg.distrust, &weights) {
+        let (lo, hi) =
+            w.c.iter()
+                .fold((f32::MAX, f32::MIN), |(l, h), &c| (l.min(c), h.max(c)));
+        eprintln!(
+            "distrust: alpha {}, lambda {}: mean D {:.3} over {} examples, example weights {lo:.3}..{hi:.3} (the loss is Σ c·CE / Σ c·tokens; D itself is never added)",
+            s.alpha,
+            s.lambda,
+            w.d_mean,
+            w.d.len()
+        );
+    }
     if warmup < a.warmup_steps {
         eprintln!(
             "note: --warmup-steps {} capped at the run's {} steps",
@@ -476,7 +499,12 @@ pub fn run(a: TrainArgs) -> Result<()> {
     std::fs::create_dir_all(&cfg.output).map_err(|e| Error::io("create", &cfg.output, e))?;
     loaded.model.adapter = Some(adapter);
     crate::signals::install();
-    let data = Datasets { train, valid, test };
+    let data = Datasets {
+        train,
+        valid,
+        test,
+        weights,
+    };
     if let Some(p) = load_peak {
         eprintln!("model loaded: peak memory {:.2} GB", memory::gb(p));
     }

@@ -71,21 +71,30 @@ impl Budget {
     /// The two lines a run starts with.
     pub fn describe(&self) -> Vec<String> {
         let mut lines = vec![];
+        let budget = show_gb(self.bytes);
         if self.auto {
             lines.push(format!(
-                "No memory limit specified. Auto-detecting safe limit: {:.1} GB",
-                self.bytes as f64 / GB
+                "No memory limit specified. Auto-detecting safe limit: {budget} GB"
             ));
         }
         lines.push(match self.total {
             Some(t) => format!(
-                "Set memory limit to {:.1} GB (device total {:.1} GB)",
-                self.bytes as f64 / GB,
+                "Set memory limit to {budget} GB (device total {:.1} GB)",
                 t as f64 / GB
             ),
-            None => format!("Set memory limit to {:.1} GB", self.bytes as f64 / GB),
+            None => format!("Set memory limit to {budget} GB"),
         });
         lines
+    }
+}
+
+/// GB with one decimal, two below 10 GB (where 0.85 should not read as 0.8).
+pub fn show_gb(bytes: u64) -> String {
+    let gb = bytes as f64 / GB;
+    if gb < 10.0 {
+        format!("{gb:.2}")
+    } else {
+        format!("{gb:.1}")
     }
 }
 
@@ -126,7 +135,10 @@ pub fn device_memory(device: &Device) -> DeviceMemory {
 }
 
 fn command_u64(program: &str, args: &[&str]) -> Option<u64> {
-    let out = std::process::Command::new(program).args(args).output().ok()?;
+    let out = std::process::Command::new(program)
+        .args(args)
+        .output()
+        .ok()?;
     String::from_utf8_lossy(&out.stdout)
         .lines()
         .next()?
@@ -173,7 +185,10 @@ mod tests {
             vec!["Set memory limit to 70.0 GB (device total 128.0 GB)".to_string()]
         );
         let err = resolve(Some(200.0), Some(gb(128.0))).unwrap_err();
-        assert!(err.contains("--max-memory 200") && err.contains("128.0 GB"), "{err}");
+        assert!(
+            err.contains("--max-memory 200") && err.contains("128.0 GB"),
+            "{err}"
+        );
         for bad in [0.0, -1.0, f64::NAN, f64::INFINITY] {
             assert!(resolve(Some(bad), Some(gb(16.0))).is_err());
         }

@@ -93,7 +93,10 @@ pub struct Inspected {
 pub fn inspect(spec: &str) -> Result<Inspected> {
     let path = std::path::Path::new(spec);
     if path.is_file() && path.extension().is_some_and(|e| e == "json") {
-        let dir = path.parent().unwrap_or(std::path::Path::new(".")).to_path_buf();
+        let dir = path
+            .parent()
+            .unwrap_or(std::path::Path::new("."))
+            .to_path_buf();
         return Ok(Inspected {
             cfg: ModelConfig::from_hf_file(path)?,
             weight_file_bytes: 0,

@@ -20,6 +20,8 @@ pub struct Row {
     pub doc: Vec<u32>,
     /// Per-token loss weight (of the document it belongs to).
     pub weight: Vec<f32>,
+    /// Distrust D of each document (indexed by `doc`), for reporting; empty when unweighted.
+    pub doc_d: Vec<f32>,
 }
 
 impl Row {
@@ -31,7 +33,22 @@ impl Row {
             positions: (0..n as u32).collect(),
             doc: vec![0; n],
             weight: vec![weight; n],
+            doc_d: vec![],
         }
+    }
+
+    /// Records the distrust D of each of the row's documents.
+    pub fn with_doc_d(mut self, d: Vec<f32>) -> Self {
+        self.doc_d = d;
+        self
+    }
+
+    /// Σ loss weight over the scored tokens: the row's share of the loss normaliser.
+    pub fn scored_weight(&self) -> f64 {
+        (1..self.len())
+            .filter(|&p| self.trained[p] && self.doc[p] == self.doc[p - 1])
+            .map(|p| self.weight[p] as f64)
+            .sum()
     }
 
     fn push_doc(&mut self, s: &Sample, weight: f32) {
@@ -61,9 +78,19 @@ impl Row {
 
 /// Packs samples (in the given order) greedily into rows of at most `max_len` tokens.
 pub fn pack(samples: &[&Sample], weights: &[f32], max_len: usize) -> Vec<Row> {
+    pack_with_d(samples, weights, None, max_len)
+}
+
+/// [`pack`], also recording each document's distrust D when given.
+pub fn pack_with_d(
+    samples: &[&Sample],
+    weights: &[f32],
+    d: Option<&[f32]>,
+    max_len: usize,
+) -> Vec<Row> {
     let mut rows: Vec<Row> = vec![];
     let mut cur: Option<Row> = None;
-    for (s, &w) in samples.iter().zip(weights) {
+    for (i, (s, &w)) in samples.iter().zip(weights).enumerate() {
         match cur.as_mut() {
             Some(r) if r.len() + s.ids.len() <= max_len => r.push_doc(s, w),
             _ => {
@@ -72,6 +99,9 @@ pub fn pack(samples: &[&Sample], weights: &[f32], max_len: usize) -> Vec<Row> {
                 }
                 cur = Some(Row::single(s, w));
             }
+        }
+        if let (Some(r), Some(d)) = (cur.as_mut(), d) {
+            r.doc_d.push(d[i]);
         }
     }
     rows.extend(cur);
@@ -246,6 +276,17 @@ mod tests {
         assert_eq!(rows[0].doc, vec![0, 0, 0, 1, 1, 1, 1]);
         // 2 + 3 scored tokens: the first token of each document is never a target.
         assert_eq!(rows[0].scored(), 5);
+    }
+
+    #[test]
+    fn packed_rows_keep_each_documents_weight_and_d() {
+        let (a, b, c) = (sample(3), sample(4), sample(5));
+        let rows = pack_with_d(&[&a, &b, &c], &[0.5, 2.0, 1.0], Some(&[1.0, 9.0, 4.0]), 8);
+        assert_eq!(rows[0].doc_d, vec![1.0, 9.0]);
+        assert_eq!(rows[1].doc_d, vec![4.0]);
+        // 2 scored tokens at 0.5 and 3 at 2.0.
+        assert_eq!(rows[0].scored_weight(), 7.0);
+        assert!(pack(&[&a], &[1.0], 8)[0].doc_d.is_empty());
     }
 
     #[test]

@@ -51,6 +51,16 @@ pub struct TrainConfig {
     pub memory_budget: u64,
     /// Reload model, adapter and optimizer from a checkpoint every this many steps.
     pub reload_interval: Option<usize>,
+    /// Distrust weighting of the loss (`--distrust`); None for plain training. Part of the
+    /// checkpoint's configuration, so a resume with another α or λ is refused.
+    pub distrust: Option<DistrustSettings>,
+}
+
+/// `--alpha` and `--lambda-weight` of a distrust run.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct DistrustSettings {
+    pub alpha: f64,
+    pub lambda: f64,
 }
 
 /// `--keep-activations`: recomputing a block in the backward costs one more forward of it;

@@ -40,7 +40,7 @@ impl WeightFormat {
     pub fn describe(&self) -> String {
         match self {
             WeightFormat::Dense(b) if *b >= 4.0 => "f32".into(),
-            WeightFormat::Dense(_) => "16-bit".into(),
+            WeightFormat::Dense(_) => "bf16/f16".into(),
             WeightFormat::Quantized { linear, .. } => {
                 format!("{:.1}-bit linears", linear * 8.0)
             }
@@ -96,21 +96,21 @@ impl Estimate {
         let gb = |b: u64| b as f64 / 1e9;
         let mut s = String::from("Memory estimate (peak resident memory):\n");
         for t in &self.terms {
-            s.push_str(&format!("  {:<44} {:>8.2} GB\n", t.name, gb(t.bytes)));
+            s.push_str(&format!("  {:<52} {:>8.2} GB\n", t.name, gb(t.bytes)));
         }
         s.push_str(&format!(
-            "  {:<44} {:>8.2} GB\n",
+            "  {:<52} {:>8.2} GB\n",
             "training peak",
             gb(self.train_peak)
         ));
         s.push_str(&format!(
-            "  {:<44} {:>8.2} GB\n",
+            "  {:<52} {:>8.2} GB\n",
             "loading peak (weights + mapped file)",
             gb(self.load_peak)
         ));
         if let Some(b) = budget {
             s.push_str(&format!(
-                "  {:<44} {:>8.2} GB ({:.0}% of the {:.1} GB budget)\n",
+                "  {:<52} {:>8.2} GB ({:.0}% of the {:.1} GB budget)\n",
                 "estimated peak",
                 gb(self.peak()),
                 100.0 * self.peak() as f64 / b.max(1) as f64,
@@ -142,9 +142,10 @@ pub fn frozen_bytes(cfg: &ModelConfig, format: WeightFormat) -> u64 {
     let (linear, other) = frozen_params(cfg);
     match format {
         WeightFormat::Dense(b) => ((linear + other) as f64 * b) as u64,
-        WeightFormat::Quantized { linear: q, other: o } => {
-            (linear as f64 * q + other as f64 * o) as u64
-        }
+        WeightFormat::Quantized {
+            linear: q,
+            other: o,
+        } => (linear as f64 * q + other as f64 * o) as u64,
     }
 }
 
@@ -185,9 +186,8 @@ pub fn estimate(cfg: &ModelConfig, w: &Workload) -> Estimate {
     let grads_per_block = 4 * params / adapted.max(1);
     let input = rows * h * act;
     let inputs = (adapted - keep) * input;
-    let per_block = saved_bytes_per_block(cfg, w.lora_rank, rows as usize, w.seq_len) as u64
-        / 4
-        * act;
+    let per_block =
+        saved_bytes_per_block(cfg, w.lora_rank, rows as usize, w.seq_len) as u64 / 4 * act;
     // With dropout each LoRA pair also keeps its masked input.
     let dropout = if w.dropout {
         rows * (5 * h + q + i) * act
@@ -216,9 +216,9 @@ pub fn estimate(cfg: &ModelConfig, w: &Workload) -> Estimate {
     // The update: every gradient resident.
     let update = 4 * params;
     let (work_name, work) = [
-        ("block backward: activations, inputs, gradients", backward),
-        ("LM head and loss: logits chunk, inputs", head),
-        ("optimizer update: gradients", update),
+        ("block backward", backward),
+        ("LM head and loss", head),
+        ("optimizer update", update),
     ]
     .into_iter()
     .max_by_key(|x| x.1)
@@ -240,10 +240,10 @@ pub fn estimate(cfg: &ModelConfig, w: &Workload) -> Estimate {
         },
         Term {
             name: format!(
-                "{work_name} ({} saved inputs{})",
+                "{work_name} + {} saved block inputs{}",
                 adapted - keep,
                 if keep > 0 {
-                    format!(", {keep} blocks' activations kept")
+                    format!(" + {keep} kept")
                 } else {
                     String::new()
                 }
@@ -447,7 +447,18 @@ mod tests {
             assert!(estimate(&cfg, &x).peak() <= budget, "{a} does not fit");
         }
         let b = largest_batch(&cfg, &w, 8, budget).unwrap();
-        assert!(b < 8 && estimate(&cfg, &Workload { batch_size: b, ..w.clone() }).peak() <= budget);
+        assert!(
+            b < 8
+                && estimate(
+                    &cfg,
+                    &Workload {
+                        batch_size: b,
+                        ..w.clone()
+                    }
+                )
+                .peak()
+                    <= budget
+        );
         assert!(
             estimate(
                 &cfg,

@@ -19,11 +19,12 @@ pub struct AdamW {
 
 impl AdamW {
     pub fn new(adapter: &mut Adapter, weight_decay: f64) -> Result<Self> {
-        let m: Vec<Tensor> = adapter
-            .tensors_mut()
-            .map(|p| p.zeros_like())
-            .collect::<Result<_>>()?;
-        let v = m.clone();
+        // Zeros written out, not lazily mapped: the moments are resident from the start, so the
+        // first step's memory is every later step's (lazy zero pages made step 2 grow by 8 bytes
+        // per parameter over step 1).
+        let zeros = |p: &mut Tensor| p.zeros_like()?.affine(1.0, 0.0);
+        let m: Vec<Tensor> = adapter.tensors_mut().map(zeros).collect::<Result<_>>()?;
+        let v: Vec<Tensor> = adapter.tensors_mut().map(zeros).collect::<Result<_>>()?;
         Ok(Self {
             beta1: 0.9,
             beta2: 0.999,

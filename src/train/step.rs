@@ -44,23 +44,46 @@ pub struct MicroBatch {
 #[derive(Debug, Clone)]
 pub struct Grads {
     pub pairs: Vec<[Option<(Tensor, Tensor)>; 7]>,
+    /// Which pairs the adapter has (and so which gradients there will be).
+    expected: Vec<[bool; 7]>,
 }
 
 impl Grads {
-    pub fn zeros_like(adapter: &Adapter) -> Result<Self> {
-        let mut pairs: Vec<[Option<(Tensor, Tensor)>; 7]> =
-            adapter.pairs.iter().map(|_| Default::default()).collect();
-        for (l, t, p) in adapter.iter() {
-            pairs[l][t.index()] = Some((p.a.zeros_like()?, p.b.zeros_like()?));
+    /// Empty gradients for `adapter`'s pairs. A pair's gradient starts as its first
+    /// contribution rather than as zeros plus it: a zeroed copy of every gradient would be
+    /// resident for the whole backward (measured: +60 MB at rank 64 on SmolLM2).
+    pub fn new(adapter: &Adapter) -> Self {
+        let mut expected = vec![[false; 7]; adapter.pairs.len()];
+        for (l, t, _) in adapter.iter() {
+            expected[l][t.index()] = true;
         }
-        Ok(Self { pairs })
+        Self {
+            pairs: adapter.pairs.iter().map(|_| Default::default()).collect(),
+            expected,
+        }
+    }
+
+    /// Zero gradients for the pairs that received none (before clipping and the update, which
+    /// walk every pair in adapter order).
+    pub fn fill_missing(&mut self, adapter: &Adapter) -> Result<()> {
+        for (l, t, p) in adapter.iter() {
+            let slot = &mut self.pairs[l][t.index()];
+            if slot.is_none() {
+                *slot = Some((p.a.zeros_like()?, p.b.zeros_like()?));
+            }
+        }
+        Ok(())
     }
 
     fn add(&mut self, layer: usize, t: Target, da: &Tensor, db: &Tensor) -> Result<()> {
-        if let Some((ga, gb)) = self.pairs[layer][t.index()].as_mut() {
-            *ga = (&*ga + da)?;
-            *gb = (&*gb + db)?;
+        if !self.expected[layer][t.index()] {
+            return Ok(());
         }
+        let slot = &mut self.pairs[layer][t.index()];
+        *slot = Some(match slot.take() {
+            Some((ga, gb)) => ((ga + da)?, (gb + db)?),
+            None => (da.clone(), db.clone()),
+        });
         Ok(())
     }
 
@@ -479,8 +502,8 @@ pub fn block_backward(
         let dgate = ((&dact * &s.up)? * dsilu)?;
         let dup = (&dact * (&s.gate * &sig)?)?;
         drop((dact, sig));
-        let dh2 = lin_back(&blk.gate_proj, Target::Gate, &s.h2, &dgate, true)?
-            .expect("dx requested");
+        let dh2 =
+            lin_back(&blk.gate_proj, Target::Gate, &s.h2, &dgate, true)?.expect("dx requested");
         drop(dgate);
         let dh2 =
             (dh2 + lin_back(&blk.up_proj, Target::Up, &s.h2, &dup, true)?.expect("dx requested"))?;

@@ -1,0 +1,247 @@
+//! Machine profiles: the starting configurations per memory size (`profiles/hardware.yaml`), the
+//! shapes of the model aliases (`profiles/models.json`), and the profile `your_ai setup` saves in
+//! the user's config directory (the hardware, and the benchmark's best configuration per model).
+
+use crate::error::{Error, Result};
+use crate::hardware::Hardware;
+use crate::model::ModelConfig;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+const HARDWARE_PROFILES: &str = include_str!("../profiles/hardware.yaml");
+const MODEL_SHAPES: &str = include_str!("../profiles/models.json");
+
+/// Settings for machines with at least `memory_gb` of memory.
+#[derive(Debug, Clone, PartialEq, serde::Deserialize)]
+pub struct HardwareProfile {
+    pub memory_gb: f64,
+    pub batch_size: usize,
+    pub max_seq_length: usize,
+    pub lora_rank: usize,
+    pub num_layers: Option<usize>,
+    pub quantize: Option<u8>,
+}
+
+/// Every hardware profile, smallest machine first.
+pub fn hardware_profiles() -> Vec<HardwareProfile> {
+    // The file is part of the binary and checked by a test; an error here is a build mistake.
+    let mut v: Vec<HardwareProfile> =
+        serde_yaml::from_str(HARDWARE_PROFILES).expect("profiles/hardware.yaml is valid");
+    v.sort_by(|a, b| a.memory_gb.total_cmp(&b.memory_gb));
+    v
+}
+
+/// The profile for a machine with `memory` bytes: the largest one it has room for (the
+/// smallest one below all of them).
+pub fn profile_for(memory: u64) -> HardwareProfile {
+    let all = hardware_profiles();
+    let gb = memory as f64 / 1e9;
+    all.iter()
+        .rev()
+        .find(|p| p.memory_gb <= gb * 1.05)
+        .unwrap_or(&all[0])
+        .clone()
+}
+
+/// The shape of a model alias, when it is one we know.
+pub fn alias_shape(alias: &str) -> Option<ModelConfig> {
+    let all: serde_json::Value = serde_json::from_str(MODEL_SHAPES).ok()?;
+    ModelConfig::from_hf_json(all.get(alias)?, alias).ok()
+}
+
+/// The best configuration the benchmark found for one model.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Best {
+    pub batch_size: usize,
+    pub max_seq_length: usize,
+    pub lora_rank: usize,
+    pub tokens_per_s: f64,
+    pub peak_bytes: u64,
+    pub budget_bytes: u64,
+}
+
+impl Best {
+    /// As train flags.
+    pub fn args(&self) -> Vec<String> {
+        vec![
+            format!("--batch-size={}", self.batch_size),
+            format!("--max-seq-length={}", self.max_seq_length),
+            format!("--lora-rank={}", self.lora_rank),
+        ]
+    }
+}
+
+/// What `setup` saves.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Saved {
+    pub hardware: Hardware,
+    /// Best benchmarked configuration per model (the `--model` value, or its full path).
+    #[serde(default)]
+    pub best: BTreeMap<String, Best>,
+}
+
+/// Where the profile lives: `$YOUR_AI_CONFIG_DIR`, else the user's config directory
+/// (`$XDG_CONFIG_HOME` or `~/.config`; `~/Library/Application Support` on macOS).
+pub fn path() -> PathBuf {
+    if let Some(d) = std::env::var_os("YOUR_AI_CONFIG_DIR") {
+        return PathBuf::from(d).join("profile.json");
+    }
+    let home = std::env::var_os("HOME").map(PathBuf::from);
+    let base = match std::env::var_os("XDG_CONFIG_HOME") {
+        Some(x) if !x.is_empty() => PathBuf::from(x),
+        _ if cfg!(target_os = "macos") => {
+            home.unwrap_or_default().join("Library/Application Support")
+        }
+        _ => home.unwrap_or_default().join(".config"),
+    };
+    base.join("your_ai").join("profile.json")
+}
+
+/// The key a model's best configuration is saved under.
+pub fn model_key(spec: &str) -> String {
+    std::fs::canonicalize(spec)
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|_| spec.to_string())
+}
+
+/// The saved profile, if `setup` (or a benchmark) has written one.
+pub fn load() -> Result<Option<Saved>> {
+    load_from(&path())
+}
+
+fn load_from(path: &Path) -> Result<Option<Saved>> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(Error::io("read", path, e)),
+    };
+    serde_json::from_str(&text).map(Some).map_err(|e| {
+        Error::Usage(format!(
+            "{}: not a your_ai profile ({e}); run `your_ai setup` to write it again",
+            path.display()
+        ))
+    })
+}
+
+/// Writes the profile whole (temporary file, then rename).
+pub fn save(p: &Saved) -> Result<PathBuf> {
+    let path = path();
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io("create", dir, e))?;
+    }
+    let tmp = path.with_extension("json.tmp");
+    let text = serde_json::to_string_pretty(p).unwrap_or_default();
+    std::fs::write(&tmp, text).map_err(|e| Error::io("write", &tmp, e))?;
+    std::fs::rename(&tmp, &path).map_err(|e| Error::io("rename into place", &path, e))?;
+    Ok(path)
+}
+
+/// Records a benchmark's best configuration for `model`, creating the profile if needed.
+pub fn record_best(model: &str, best: Best) -> Result<PathBuf> {
+    let mut p = load()?.unwrap_or_else(|| Saved {
+        hardware: Hardware::detect(),
+        best: BTreeMap::new(),
+    });
+    p.best.insert(model_key(model), best);
+    save(&p)
+}
+
+/// The shape of `spec` and the bytes of its weight files: an alias that is not downloaded yet
+/// uses its known shape (nothing is fetched); anything else is inspected on disk.
+pub fn shape(spec: &str) -> Result<(ModelConfig, u64)> {
+    if let Some(repo) = crate::model_source::alias_repo(spec) {
+        if !crate::model_source::is_cached(repo) {
+            if let Some(cfg) = alias_shape(spec) {
+                return Ok((cfg, 0));
+            }
+        }
+    }
+    let i = crate::model::inspect(spec)?;
+    Ok((i.cfg, i.weight_file_bytes))
+}
+
+/// For `train --auto-optimize`: the saved best configuration of `model` as flags, running a
+/// quick benchmark first when none is saved.
+pub fn auto_optimize_args(model: &str) -> Result<Vec<String>> {
+    let key = model_key(model);
+    let saved = load()?.and_then(|p| p.best.get(&key).cloned());
+    let best = match saved {
+        Some(b) => b,
+        None => {
+            eprintln!(
+                "--auto-optimize: no benchmark of {model} saved yet; running `your_ai benchmark --quick` first"
+            );
+            let exe = std::env::current_exe().map_err(|e| Error::io("find", "your_ai", e))?;
+            let status = std::process::Command::new(exe)
+                .args(["benchmark", "--quick", "--model", model])
+                .status()
+                .map_err(|e| Error::io("run", "your_ai benchmark", e))?;
+            let found = load()?.and_then(|p| p.best.get(&key).cloned());
+            match (status.success(), found) {
+                (true, Some(b)) => b,
+                _ => {
+                    return Err(Error::Usage(format!(
+                    "--auto-optimize: the benchmark found no configuration of {model} that fits; \
+                         train without --auto-optimize, or with a larger --max-memory"
+                )))
+                }
+            }
+        }
+    };
+    eprintln!(
+        "--auto-optimize: batch {} × length {}, rank {} ({:.1} tokens/s measured); flags on the command line win",
+        best.batch_size, best.max_seq_length, best.lora_rank, best.tokens_per_s
+    );
+    Ok(best.args())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn profiles_cover_the_machine_sizes_in_order() {
+        let p = hardware_profiles();
+        let sizes: Vec<f64> = p.iter().map(|x| x.memory_gb).collect();
+        assert_eq!(sizes, [16.0, 32.0, 64.0, 96.0, 128.0, 192.0]);
+        assert_eq!(profile_for(8_000_000_000).memory_gb, 16.0);
+        assert_eq!(profile_for(17_179_869_184).memory_gb, 16.0); // 16 GiB
+        assert_eq!(profile_for(68_719_476_736).memory_gb, 64.0); // 64 GiB
+        assert_eq!(profile_for(500_000_000_000).memory_gb, 192.0);
+    }
+
+    #[test]
+    fn every_alias_has_a_shape() {
+        for (alias, _) in crate::model_source::ALIASES {
+            let cfg = alias_shape(alias).unwrap_or_else(|| panic!("{alias} has no shape"));
+            assert!(cfg.num_hidden_layers > 0);
+        }
+        assert!(alias_shape("no-such-model").is_none());
+    }
+
+    #[test]
+    fn saved_profile_round_trips() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("profile.json");
+        assert!(load_from(&path).unwrap().is_none());
+        let p = Saved {
+            hardware: Hardware::detect(),
+            best: BTreeMap::from([(
+                "m".to_string(),
+                Best {
+                    batch_size: 4,
+                    max_seq_length: 512,
+                    lora_rank: 8,
+                    tokens_per_s: 90.0,
+                    peak_bytes: 1,
+                    budget_bytes: 2,
+                },
+            )]),
+        };
+        std::fs::write(&path, serde_json::to_string(&p).unwrap()).unwrap();
+        assert_eq!(load_from(&path).unwrap(), Some(p));
+        std::fs::write(&path, "{").unwrap();
+        let e = load_from(&path).unwrap_err().to_string();
+        assert!(e.contains("your_ai setup"), "{e}");
+    }
+}

@@ -87,7 +87,7 @@ fn loss_and_grads(model: &Llama, a: &Adapter) -> (f64, Grads) {
     ];
     let rows: Vec<Row> = samples.iter().map(|s| Row::single(s, 1.0)).collect();
     let mb = micro_batch(model, &rows.iter().collect::<Vec<_>>()).unwrap();
-    let mut g = Grads::zeros_like(a).unwrap();
+    let mut g = Grads::new(a);
     let n = mb.n_targets as f64;
     let ce = forward_backward(model, a, &mb, 1.0 / n, &mut g, 0, &mut Default::default())
         .unwrap()

@@ -39,6 +39,10 @@ pub enum Command {
     Train(Box<TrainArgs>),
     /// List the model aliases and which are in the local Hugging Face cache.
     Models,
+    /// Merge a LoRA adapter into the base weights; write a Hugging Face directory or a GGUF file.
+    Fuse(FuseArgs),
+    /// Write a LoRA adapter as a GGUF file that llama.cpp's --lora loads.
+    ExportAdapter(ExportAdapterArgs),
     /// Print the pre-flight memory estimate of a training run (only the model's config is read:
     /// a config.json alone is enough).
     Estimate(EstimateArgs),
@@ -224,6 +228,10 @@ pub struct GenerateArgs {
     /// Most tokens to generate.
     #[arg(long, default_value_t = 256)]
     pub max_tokens: usize,
+    /// Keep the frozen block weights quantized in memory: 4 (Q4_1) or 8 (Q8_0); a quantized
+    /// GGUF keeps its own quantization.
+    #[arg(long)]
+    pub quantize: Option<u8>,
     /// Sampling temperature; 0 is greedy.
     #[arg(long, default_value_t = 0.0)]
     pub temperature: f64,
@@ -254,6 +262,64 @@ pub struct EvalArgs {
     /// Score every token, not just assistant turns and completions.
     #[arg(long)]
     pub no_mask_prompt: bool,
+    /// Keep the frozen block weights quantized in memory: 4 (Q4_1) or 8 (Q8_0); a quantized
+    /// GGUF keeps its own quantization.
+    #[arg(long)]
+    pub quantize: Option<u8>,
+}
+
+#[derive(Debug, Args)]
+pub struct FuseArgs {
+    /// The base model the adapter was trained on (directory, .gguf, alias or repo id).
+    #[arg(short, long)]
+    pub model: String,
+    /// The LoRA adapter directory (adapter_config.json + adapter_model.safetensors).
+    #[arg(long)]
+    pub adapter: PathBuf,
+    /// Where to write: a directory for --format hf, a .gguf file for --format gguf.
+    #[arg(short, long)]
+    pub output: PathBuf,
+    /// Output format [default: gguf when --output ends in .gguf, else hf].
+    #[arg(long, value_enum)]
+    pub format: Option<crate::export::Format>,
+    /// Tensor type of a GGUF output (norms stay F32).
+    #[arg(long, value_enum, default_value_t = crate::export::GgufType::F16)]
+    pub gguf_type: crate::export::GgufType,
+    /// Dtype of a Hugging Face output.
+    #[arg(long, value_enum, default_value_t = crate::export::HfDtype::Auto)]
+    pub hf_dtype: crate::export::HfDtype,
+    /// Allow merging into a quantized base by dequantizing it first.
+    #[arg(long)]
+    pub dequantize: bool,
+    /// After fusing, report validation loss of base + adapter and of the merged model on this
+    /// JSONL file or directory (valid.jsonl, else test.jsonl, else train.jsonl).
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// Replace --output if it exists.
+    #[arg(long)]
+    pub force: bool,
+    /// Safetensors shard size in bytes for a Hugging Face output.
+    #[arg(long, default_value_t = crate::export::hf_dir::DEFAULT_SHARD_BYTES)]
+    pub max_shard_size: u64,
+    /// Longer validation examples are truncated to this many tokens.
+    #[arg(long, default_value_t = 1024)]
+    pub max_seq_length: usize,
+}
+
+#[derive(Debug, Args)]
+pub struct ExportAdapterArgs {
+    /// The LoRA adapter directory (adapter_config.json + adapter_model.safetensors).
+    #[arg(long)]
+    pub adapter: PathBuf,
+    /// The GGUF file to write.
+    #[arg(short, long)]
+    pub output: PathBuf,
+    /// The base model [default: base_model_name_or_path from adapter_config.json].
+    #[arg(short, long)]
+    pub model: Option<String>,
+    /// Replace --output if it exists.
+    #[arg(long)]
+    pub force: bool,
 }
 
 /// `your_ai train`. Every flag can also come from `--config FILE.yaml` (keys as the flag names,
@@ -407,7 +473,8 @@ pub struct TrainArgs {
     /// flat, so it is not needed, but it works exactly (same losses and adapter).
     #[arg(long, value_name = "N")]
     pub reload_interval: Option<usize>,
-    /// Quantize the frozen base to 4 or 8 bits (not available yet).
+    /// Keep the frozen block weights quantized in memory (QLoRA): 4 (Q4_1) or 8 (Q8_0); a
+    /// quantized GGUF keeps its own quantization.
     #[arg(long)]
     pub quantize: Option<u8>,
     /// Resume from the latest checkpoint of --output, or from PATH (a checkpoint or an output directory).

@@ -23,6 +23,9 @@ pub enum Error {
     Adapter(#[from] crate::lora::AdapterError),
     #[error(transparent)]
     Distrust(#[from] crate::distrust::DistrustError),
+    /// Writing a fused model or an exported adapter failed; the message names what and why.
+    #[error("{0}")]
+    Export(String),
     /// A flag value that cannot work; the message names the flag and the fix.
     #[error("{0}")]
     Usage(String),

@@ -11,6 +11,7 @@ pub mod device;
 pub mod distrust;
 pub mod error;
 pub mod evaluate;
+pub mod export;
 pub mod generation;
 pub mod hardware;
 pub mod lora;

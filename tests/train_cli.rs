@@ -463,9 +463,9 @@ fn bad_input_is_refused_before_anything_is_written() {
                 "--data".into(),
                 s.data.display().to_string(),
                 "--quantize".into(),
-                "4".into(),
+                "3".into(),
             ],
-            "--quantize: QLoRA (quantized bases) is not available",
+            "--quantize 3: use 4",
         ),
         (
             vec![

@@ -19,7 +19,11 @@ pub fn run(args: EvalArgs) -> Result<()> {
         resolve_files(&args.data)?.train
     };
     let records = read_jsonl(&path)?;
-    let loaded = super::load_model_with_adapter(&args.model, args.adapter.as_deref())?;
+    let loaded = super::load_model_with_adapter_quantized(
+        &args.model,
+        args.adapter.as_deref(),
+        args.quantize,
+    )?;
     let encoder = Encoder::new(&loaded.tokenizer, !args.no_mask_prompt, args.max_seq_length)?;
     let samples = records
         .iter()

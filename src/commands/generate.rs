@@ -19,7 +19,11 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             args.temperature
         )));
     }
-    let loaded = super::load_model_with_adapter(&args.model, args.adapter.as_deref())?;
+    let loaded = super::load_model_with_adapter_quantized(
+        &args.model,
+        args.adapter.as_deref(),
+        args.quantize,
+    )?;
     let tok = &loaded.tokenizer;
     let prompt_ids = if args.raw {
         let mut text = String::new();

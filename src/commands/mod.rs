@@ -3,6 +3,8 @@
 pub mod benchmark;
 pub mod estimate;
 pub mod eval;
+pub mod export_adapter;
+pub mod fuse;
 pub mod generate;
 pub mod models;
 pub mod prepare;
@@ -16,6 +18,7 @@ use crate::cli::{Cli, Command, ModelArgs};
 use crate::device::{select_device, select_dtype};
 use crate::error::Result;
 use crate::lora::Adapter;
+use crate::model::quantized::QuantBits;
 use crate::model::LoadedModel;
 use std::path::Path;
 
@@ -25,6 +28,8 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Eval(args) => eval::run(args),
         Command::Train(args) => train::run(*args),
         Command::Models => models::run(),
+        Command::Fuse(args) => fuse::run(args),
+        Command::ExportAdapter(args) => export_adapter::run(args),
         Command::Estimate(args) => estimate::run(args),
         Command::Benchmark(args) => benchmark::run(args),
         Command::Recommend(args) => recommend::run(args),
@@ -37,15 +42,49 @@ pub fn run(cli: Cli) -> Result<()> {
 
 /// Loads the model named by the shared model flags.
 pub fn load_model(args: &ModelArgs) -> Result<LoadedModel> {
+    load_model_quantized(args, None)
+}
+
+/// As [`load_model`], with `--quantize 4|8` (block weights kept quantized; see README).
+pub fn load_model_quantized(args: &ModelArgs, quantize: Option<u8>) -> Result<LoadedModel> {
+    let quant = quant_flag(quantize)?;
     let device = select_device(args.device)?;
     let dtype = select_dtype(args.dtype, &device);
     tracing::info!("loading {} on {:?} in {:?}", args.model, device, dtype);
-    crate::model::load(&args.model, &device, dtype)
+    let loaded = crate::model::load_with(&args.model, &device, dtype, quant)?;
+    if quant.is_some() {
+        tracing::info!(
+            "frozen weights: {:.1} MB as loaded",
+            loaded.model.frozen_weight_bytes() as f64 / 1e6
+        );
+    }
+    Ok(loaded)
+}
+
+/// `--quantize N` checked: 4 or 8.
+pub fn quant_flag(quantize: Option<u8>) -> Result<Option<QuantBits>> {
+    match quantize {
+        None => Ok(None),
+        Some(b) => QuantBits::parse(b).map(Some).ok_or_else(|| {
+            crate::error::Error::Usage(format!(
+                "--quantize {b}: use 4 (Q4_1, 32-weight groups with scale and offset) or 8 (Q8_0)"
+            ))
+        }),
+    }
 }
 
 /// Loads the model and, when given, applies a PEFT LoRA adapter to it.
 pub fn load_model_with_adapter(args: &ModelArgs, adapter: Option<&Path>) -> Result<LoadedModel> {
-    let mut loaded = load_model(args)?;
+    load_model_with_adapter_quantized(args, adapter, None)
+}
+
+/// As [`load_model_with_adapter`], with `--quantize`.
+pub fn load_model_with_adapter_quantized(
+    args: &ModelArgs,
+    adapter: Option<&Path>,
+    quantize: Option<u8>,
+) -> Result<LoadedModel> {
+    let mut loaded = load_model_quantized(args, quantize)?;
     if let Some(dir) = adapter {
         let a = Adapter::load_peft(dir, &loaded.model.cfg, &loaded.model.device)?;
         tracing::info!(

@@ -7,29 +7,18 @@ use crate::device::{select_device, select_dtype};
 use crate::error::{Error, Result};
 use crate::lora::{Adapter, LoraConfig, Target};
 use crate::memory::{self, budget, budget::Budget};
+use crate::model::quantized::QuantBits;
 use crate::model::Inspected;
 use crate::train::checkpoint;
 use crate::train::config::{KeepActivations, TrainConfig};
 use crate::train::estimate::{
-    estimate, largest_batch, suggestions, Estimate, WeightFormat, Workload,
+    estimate, largest_batch, suggestions, Estimate, WeightFormat, Workload, Q4_BYTES, Q8_BYTES,
 };
 use crate::train::trainer::{self, Datasets};
 use std::path::{Path, PathBuf};
 
 fn usage(msg: String) -> Error {
     Error::Usage(msg)
-}
-
-/// Flags that belong to capabilities not built yet: refused clearly rather than ignored.
-fn refuse_unavailable(a: &TrainArgs) -> Result<()> {
-    if a.quantize.is_some() {
-        return Err(usage(
-            "--quantize: QLoRA (quantized bases) is not available in this version of your_ai yet; \
-             remove the flag to train without it"
-                .into(),
-        ));
-    }
-    Ok(())
 }
 
 /// What the pre-flight decided: the budget, and the settings that fit it.
@@ -62,7 +51,16 @@ fn preflight(a: &TrainArgs, targets: &[Target], inspected: &Inspected) -> Result
         dropout: a.lora_dropout > 0.0,
         packed: a.pack,
         act_bytes: dtype.size_in_bytes(),
-        weights: WeightFormat::Dense(dtype.size_in_bytes() as f64),
+        weights: match super::quant_flag(a.quantize)? {
+            None => WeightFormat::Dense(dtype.size_in_bytes() as f64),
+            Some(q) => WeightFormat::Quantized {
+                linear: match q {
+                    QuantBits::Four => Q4_BYTES,
+                    QuantBits::Eight => Q8_BYTES,
+                },
+                other: dtype.size_in_bytes() as f64,
+            },
+        },
         source_bytes: inspected.weight_file_bytes,
     };
     let fits = |w: &Workload| estimate(cfg, w).peak() <= budget.bytes;
@@ -83,7 +81,7 @@ fn preflight(a: &TrainArgs, targets: &[Target], inspected: &Inspected) -> Result
             }
             _ => {
                 eprint!("{}", e.table(Some(budget.bytes)));
-                let advice = suggestions(cfg, &w, budget.bytes, false);
+                let advice = suggestions(cfg, &w, budget.bytes, true);
                 let advice = if advice.is_empty() {
                     "nothing smaller fits either; this model needs a machine with more memory"
                         .into()
@@ -141,7 +139,6 @@ fn preflight(a: &TrainArgs, targets: &[Target], inspected: &Inspected) -> Result
 }
 
 fn check_flags(a: &TrainArgs) -> Result<Vec<Target>> {
-    refuse_unavailable(a)?;
     if a.reload_interval == Some(0) {
         return Err(usage(
             "--reload-interval 0: give a number of steps (at least 1), or leave the flag out"
@@ -282,7 +279,9 @@ pub fn run(a: TrainArgs) -> Result<()> {
     a.batch_size = plan.batch_size;
     let device = select_device(a.model.device)?;
     let dtype = select_dtype(a.model.dtype, &device);
-    let (model, tokenizer) = crate::model::load::load_source(&inspected.source, &device, dtype)?;
+    let quant = super::quant_flag(a.quantize)?;
+    let (model, tokenizer) =
+        crate::model::load::load_source_with(&inspected.source, &device, dtype, quant)?;
     let mut loaded = crate::model::LoadedModel {
         model,
         tokenizer,

@@ -5,24 +5,27 @@
 //! one group are laid out as extra rows against their shared K/V head.
 
 use super::config::ModelConfig;
+use super::quantized::{self, QuantBits, Weight};
 use super::rope::Rope;
 use crate::lora::{Adapter, LoraPair, Target};
 use crate::weights::{WeightStore, WeightsError};
 use candle_core::{DType, Device, Module, Result, Tensor, D};
+use std::sync::Arc;
 
-/// A dense linear layer `y = x Wᵀ (+ b)` with `W` stored `[out, in]` as in the checkpoints.
+/// A linear layer `y = x Wᵀ (+ b)` with `W` stored `[out, in]` as in the checkpoints, dense or
+/// quantized (see [`Weight`]).
 #[derive(Debug, Clone)]
 pub struct Linear {
-    pub weight: Tensor,
+    pub weight: Weight,
     pub bias: Option<Tensor>,
 }
 
 impl Linear {
     pub fn in_features(&self) -> usize {
-        self.weight.dim(1).unwrap_or(0)
+        self.weight.dims2().map(|d| d.1).unwrap_or(0)
     }
     pub fn out_features(&self) -> usize {
-        self.weight.dim(0).unwrap_or(0)
+        self.weight.dims2().map(|d| d.0).unwrap_or(0)
     }
 
     /// `y = x Wᵀ (+ b) + s · (x' Aᵀ) Bᵀ` for 2-D `x`, the LoRA term as two thin matmuls (never
@@ -55,7 +58,7 @@ impl Module for Linear {
         let mut out_dims = x.dims().to_vec();
         let in_features = out_dims.pop().unwrap_or(0);
         let rows: usize = out_dims.iter().product();
-        let y = x.reshape((rows, in_features))?.matmul(&self.weight.t()?)?;
+        let y = self.weight.matmul_t(&x.reshape((rows, in_features))?)?;
         let y = match &self.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,
@@ -76,6 +79,83 @@ pub struct Block {
     pub gate_proj: Linear,
     pub up_proj: Linear,
     pub down_proj: Linear,
+}
+
+impl Block {
+    pub fn linears(&self) -> [&Linear; 7] {
+        [
+            &self.q_proj,
+            &self.k_proj,
+            &self.v_proj,
+            &self.o_proj,
+            &self.gate_proj,
+            &self.up_proj,
+            &self.down_proj,
+        ]
+    }
+}
+
+/// One block weight kept quantized: a GGUF tensor that is already quantized stays in its own
+/// format (q/k rows un-permuted byte-wise, without dequantizing); anything else is loaded dense
+/// one tensor at a time and quantized to `bits`. Rows that do not fill whole blocks stay dense.
+fn load_quantized(
+    store: &WeightStore,
+    cfg: &ModelConfig,
+    name: &str,
+    shape: &[usize],
+    bits: QuantBits,
+    dtype: DType,
+    device: &Device,
+) -> std::result::Result<Weight, WeightsError> {
+    let read_err = |e: candle_core::Error| WeightsError::Read {
+        tensor: name.to_string(),
+        file: store.describe(),
+        reason: e.to_string(),
+    };
+    if let WeightStore::Gguf(g) = store {
+        let gname = crate::weights::gguf::hf_to_gguf_name(name).unwrap_or_default();
+        let stored = g.content.tensor_infos.get(&gname).map(|i| i.ggml_dtype);
+        if let Some(dt) = stored.filter(|d| {
+            !matches!(
+                d,
+                candle_core::quantized::GgmlDType::F32
+                    | candle_core::quantized::GgmlDType::F16
+                    | candle_core::quantized::GgmlDType::BF16
+            )
+        }) {
+            let q = g.qtensor(&gname, device)?;
+            crate::weights::check_shape(&gname, &store.describe(), shape, q.shape().dims())?;
+            let heads = match g.architecture() {
+                "llama" if name.contains("self_attn.q_proj.") => Some(cfg.num_attention_heads),
+                "llama" if name.contains("self_attn.k_proj.") => Some(cfg.num_key_value_heads),
+                _ => None,
+            };
+            let q = match heads {
+                Some(h) => {
+                    quantized::permute_rows(&q, &quantized::unpermute_qk_rows(shape[0], h), device)
+                        .map_err(read_err)?
+                }
+                None => q,
+            };
+            tracing::debug!("{name}: kept as stored ({dt:?})");
+            return Ok(Weight::Quantized(Arc::new(q)));
+        }
+    }
+    let dense = store.get(name, shape, DType::F32, &Device::Cpu)?;
+    match quantized::quantize(&dense, bits).map_err(read_err)? {
+        Some(q) if device.is_cpu() => Ok(Weight::Quantized(Arc::new(q))),
+        Some(_) => {
+            let q = candle_core::quantized::QTensor::quantize_onto(&dense, bits.ggml(), device)
+                .map_err(read_err)?;
+            Ok(Weight::Quantized(Arc::new(q)))
+        }
+        None => Ok(Weight::Dense(
+            dense
+                .to_device(device)
+                .and_then(|t| t.to_dtype(dtype))
+                .map_err(read_err)?,
+        )),
+    }
 }
 
 /// Keys and values of every block for the positions seen so far.
@@ -126,6 +206,19 @@ impl Llama {
         dtype: DType,
         device: &Device,
     ) -> std::result::Result<Self, WeightsError> {
+        Self::load_with(store, cfg, dtype, device, None)
+    }
+
+    /// As [`Llama::load`]; with `quant`, the seven linear weights of every block are kept
+    /// quantized: a quantized GGUF tensor as stored, any other weight quantized to `quant`.
+    /// Embeddings, norms and the LM head stay dense.
+    pub fn load_with(
+        store: &WeightStore,
+        cfg: ModelConfig,
+        dtype: DType,
+        device: &Device,
+        quant: Option<QuantBits>,
+    ) -> std::result::Result<Self, WeightsError> {
         let h = cfg.hidden_size;
         let get = |name: &str, shape: &[usize]| store.get(name, shape, dtype, device);
         let linear = |prefix: &str,
@@ -133,8 +226,14 @@ impl Llama {
                       inp: usize,
                       bias: bool|
          -> std::result::Result<Linear, WeightsError> {
+            let name = format!("{prefix}.weight");
             Ok(Linear {
-                weight: get(&format!("{prefix}.weight"), &[out, inp])?,
+                weight: match quant {
+                    None => Weight::Dense(get(&name, &[out, inp])?),
+                    Some(bits) => {
+                        load_quantized(store, &cfg, &name, &[out, inp], bits, dtype, device)?
+                    }
+                },
                 bias: if bias {
                     Some(get(&format!("{prefix}.bias"), &[out])?)
                 } else {
@@ -192,6 +291,22 @@ impl Llama {
             device: device.clone(),
             adapter: None,
         })
+    }
+
+    /// Bytes of the frozen weights as loaded (quantized weights at their packed size).
+    pub fn frozen_weight_bytes(&self) -> usize {
+        let t = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
+        let mut n = t(&self.embed_tokens) + t(&self.norm);
+        if self.lm_head.id() != self.embed_tokens.id() {
+            n += t(&self.lm_head);
+        }
+        for b in &self.blocks {
+            n += t(&b.input_norm) + t(&b.post_norm);
+            for l in b.linears() {
+                n += l.weight.bytes() + l.bias.as_ref().map_or(0, t);
+            }
+        }
+        n
     }
 
     pub fn embed(&self, ids: &Tensor) -> Result<Tensor> {

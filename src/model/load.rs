@@ -1,5 +1,6 @@
 //! One call from `--model` to a ready model and tokenizer.
 
+use super::quantized::QuantBits;
 use super::{Llama, ModelConfig};
 use crate::error::Result;
 use crate::model_source::{self, ModelSource};
@@ -19,9 +20,19 @@ pub struct LoadedModel {
 
 /// Reads the config, tokenizer and weights named by `spec` (a path, alias or repo id).
 pub fn load(spec: &str, device: &Device, dtype: DType) -> Result<LoadedModel> {
+    load_with(spec, device, dtype, None)
+}
+
+/// As [`load`], with the block weights kept quantized when `quant` is given (QLoRA).
+pub fn load_with(
+    spec: &str,
+    device: &Device,
+    dtype: DType,
+    quant: Option<QuantBits>,
+) -> Result<LoadedModel> {
     let start = Instant::now();
     let source = model_source::resolve(spec)?;
-    let (model, tokenizer) = load_source(&source, device, dtype)?;
+    let (model, tokenizer) = load_source_with(&source, device, dtype, quant)?;
     Ok(LoadedModel {
         model,
         tokenizer,
@@ -36,20 +47,35 @@ pub fn load_source(
     device: &Device,
     dtype: DType,
 ) -> Result<(Llama, Tokenizer)> {
+    load_source_with(source, device, dtype, None)
+}
+
+pub fn load_source_with(
+    source: &ModelSource,
+    device: &Device,
+    dtype: DType,
+    quant: Option<QuantBits>,
+) -> Result<(Llama, Tokenizer)> {
     Ok(match source {
         ModelSource::HfDir(dir) => {
             // Cheap checks first: config, weight headers, tokenizer; then the weights.
             let cfg = ModelConfig::from_hf_file(&dir.join("config.json"))?;
             let store = WeightStore::Safetensors(SafetensorsDir::open(dir)?);
             let tokenizer = Tokenizer::from_hf_dir(dir, &cfg.eos_token_ids)?;
-            (Llama::load(&store, cfg, dtype, device)?, tokenizer)
+            (
+                Llama::load_with(&store, cfg, dtype, device, quant)?,
+                tokenizer,
+            )
         }
         ModelSource::Gguf(path) => {
             let g = GgufFile::open(path)?;
             let cfg = g.config()?;
             let tokenizer = Tokenizer::from_gguf(&g)?;
             let store = WeightStore::Gguf(g);
-            (Llama::load(&store, cfg, dtype, device)?, tokenizer)
+            (
+                Llama::load_with(&store, cfg, dtype, device, quant)?,
+                tokenizer,
+            )
         }
     })
 }

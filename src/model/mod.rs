@@ -2,9 +2,10 @@
 
 pub mod config;
 pub mod llama;
+pub mod quantized;
 pub mod rope;
 
 pub use config::{Architecture, ModelConfig, RopeScaling};
 pub use llama::{KvCache, Llama};
 pub mod load;
-pub use load::{inspect, load, Inspected, LoadedModel};
+pub use load::{inspect, load, load_with, Inspected, LoadedModel};

@@ -19,8 +19,9 @@ const RUNTIME_BYTES_PER_VOCAB_ENTRY: u64 = 500;
 /// returned (allocations above 4 MiB are mmapped and returned at once; see memory.rs).
 const SLACK: f64 = 0.05;
 
-/// Bytes per weight of 4-bit group quantization (32 weights share one f16 scale: 18 bytes).
-pub const Q4_BYTES: f64 = 18.0 / 32.0;
+/// Bytes per weight of `--quantize 4` (Q4_1: 32 weights share an f16 scale and an f16 offset:
+/// 20 bytes).
+pub const Q4_BYTES: f64 = 20.0 / 32.0;
 /// Bytes per weight of 8-bit group quantization (32 weights and one f16 scale: 34 bytes).
 pub const Q8_BYTES: f64 = 34.0 / 32.0;
 
@@ -30,7 +31,8 @@ pub enum WeightFormat {
     /// Dense, this many bytes per weight (4 for f32, 2 for bf16/f16).
     Dense(f64),
     /// Linear layers quantized at this many bytes per weight (scales included: 4-bit with a
-    /// 32-group f16 scale is 0.5625); embeddings, head and norms dense at `other` bytes.
+    /// 32-group f16 scale and offset, Q4_1, is 0.625); embeddings, head and norms dense at
+    /// `other` bytes.
     Quantized { linear: f64, other: f64 },
 }
 

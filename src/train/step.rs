@@ -463,7 +463,7 @@ pub fn block_backward(
      -> Result<Option<Tensor>> {
         let pair = adapter.get(layer, target);
         let dx = if want_dx {
-            Some(dy.matmul(&lin.weight)?)
+            Some(lin.weight.matmul(dy)?)
         } else {
             None
         };

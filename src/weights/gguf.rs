@@ -238,7 +238,7 @@ impl GgufFile {
                 tensor: gguf_name.to_string(),
                 file: self.path.display().to_string(),
                 dtype: format!("{:?}", info.ggml_dtype),
-                quant: ", or Q8_0, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K in GGUF",
+                quant: ", or Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K in GGUF",
             });
         }
         info.read(
@@ -310,6 +310,8 @@ const SUPPORTED_GGML: &[GgmlDType] = &[
     GgmlDType::Q8_0,
     GgmlDType::Q4_0,
     GgmlDType::Q4_1,
+    GgmlDType::Q5_0,
+    GgmlDType::Q5_1,
     GgmlDType::Q4K,
     GgmlDType::Q5K,
     GgmlDType::Q6K,

@@ -1,0 +1,48 @@
+//! `your_ai export-adapter`: a PEFT adapter as a llama.cpp LoRA GGUF.
+
+use crate::cli::ExportAdapterArgs;
+use crate::error::{Error, Result};
+use crate::export::merge::Base;
+use crate::export::{adapter_gguf, Staged};
+use crate::lora::Adapter;
+use candle_core::Device;
+
+pub fn run(args: ExportAdapterArgs) -> Result<()> {
+    super::fuse::check_adapter_dir(&args.adapter)?;
+    let model = match &args.model {
+        Some(m) => m.clone(),
+        None => base_from_config(&args.adapter)?,
+    };
+    let staged = Staged::new(&args.output, args.force, "--output")?;
+    // The base's config gives the shapes to check and llama.cpp's q/k head counts.
+    let base = Base::open(&model)?;
+    let adapter = Adapter::load_peft(&args.adapter, &base.cfg, &Device::Cpu)?;
+    adapter_gguf::write(&adapter, &base.cfg, &model, &staged.tmp)?;
+    staged.commit()?;
+    println!(
+        "wrote {} ({} LoRA pairs, rank {}, alpha {}) for {model}; use it with llama.cpp: --lora {}",
+        args.output.display(),
+        adapter.iter().count(),
+        adapter.cfg.rank,
+        adapter.cfg.scale() * adapter.cfg.rank as f64,
+        args.output.display()
+    );
+    Ok(())
+}
+
+fn base_from_config(dir: &std::path::Path) -> Result<String> {
+    let path = dir.join("adapter_config.json");
+    let text = std::fs::read_to_string(&path).map_err(|e| Error::io("read", &path, e))?;
+    let v: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| Error::Usage(format!("{}: not valid JSON: {e}", path.display())))?;
+    v.get("base_model_name_or_path")
+        .and_then(|v| v.as_str())
+        .filter(|s| !s.is_empty())
+        .map(str::to_string)
+        .ok_or_else(|| {
+            Error::Usage(format!(
+                "{}: no base_model_name_or_path; pass --model with the base model",
+                path.display()
+            ))
+        })
+}

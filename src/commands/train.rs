@@ -31,10 +31,14 @@ struct Preflight {
 
 /// Sets the budget, prints the memory estimate and refuses (or, with `--auto-fit`, shrinks the
 /// batch of) a run that would not fit — before any weight is read.
-fn preflight(a: &TrainArgs, targets: &[Target], inspected: &Inspected) -> Result<Preflight> {
-    let device = select_device(a.model.device)?;
-    let dtype = select_dtype(a.model.dtype, &device);
-    let mem = budget::device_memory(&device);
+fn preflight(
+    a: &TrainArgs,
+    targets: &[Target],
+    inspected: &Inspected,
+    device: &candle_core::Device,
+    dtype: candle_core::DType,
+) -> Result<Preflight> {
+    let mem = budget::device_memory(device);
     let budget = budget::resolve(a.max_memory, mem.total).map_err(usage)?;
     for line in budget.describe() {
         eprintln!("{line}");
@@ -274,11 +278,11 @@ pub fn run(a: TrainArgs) -> Result<()> {
     }
 
     let inspected = crate::model::inspect(&a.model.model)?;
-    let plan = preflight(&a, &targets, &inspected)?;
-    let mut a = a;
-    a.batch_size = plan.batch_size;
     let device = select_device(a.model.device)?;
     let dtype = select_dtype(a.model.dtype, &device);
+    let plan = preflight(&a, &targets, &inspected, &device, dtype)?;
+    let mut a = a;
+    a.batch_size = plan.batch_size;
     let quant = super::quant_flag(a.quantize)?;
     let (model, tokenizer) =
         crate::model::load::load_source_with(&inspected.source, &device, dtype, quant)?;

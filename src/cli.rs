@@ -437,9 +437,9 @@ pub struct TrainArgs {
     #[arg(long)]
     pub profile: bool,
     /// Adapted blocks that keep their activations for the backward instead of recomputing
-    /// them: none (memory flat from step to step), auto (as many as the memory budget has room
-    /// for; faster, but resident memory then follows the longest batch seen), all, or a number.
-    #[arg(long, default_value = "none")]
+    /// them: auto (as many as 90% of the memory budget has room for: no recompute when memory
+    /// allows), none (the smallest peak, one extra forward per step), all, or a number.
+    #[arg(long, default_value = "auto")]
     pub keep_activations: crate::train::config::KeepActivations,
 
     /// Weight each example's loss by its distrust D (on by default when the training rows have

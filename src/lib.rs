@@ -14,6 +14,7 @@ pub mod evaluate;
 pub mod export;
 pub mod generation;
 pub mod hardware;
+pub mod kernels;
 pub mod lora;
 pub mod memory;
 pub mod model;

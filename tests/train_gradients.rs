@@ -286,6 +286,48 @@ fn max_rel_diff(a: &Tensor, b: &Tensor) -> f64 {
     d / s
 }
 
+/// The f32 step runs the fused CPU kernels (GEMM-fused LoRA linears, SwiGLU, the RMSNorm and
+/// softmax backwards); the f64 step runs the composite ops that the autograd test below checks.
+/// Same weights, same adapter: the two must agree to f32 precision on every target.
+#[test]
+fn fused_f32_kernels_match_the_f64_composite_step() {
+    let gqa_bias = TinySpec {
+        qkv_bias: true,
+        kv_heads: 1,
+        tied: true,
+        ..Default::default()
+    };
+    for spec in [TinySpec::default(), gqa_bias] {
+        let dir = tempfile::tempdir().unwrap();
+        let m64 = tiny_model(&spec, dir.path());
+        let cfg = ModelConfig::from_hf_file(&dir.path().join("config.json")).unwrap();
+        let store = WeightStore::Safetensors(SafetensorsDir::open(dir.path()).unwrap());
+        let m32 = Llama::load(&store, cfg, DType::F32, &Device::Cpu).unwrap();
+        let a64 = random_adapter(&m64, vec![0, 1], Target::ALL.to_vec());
+        let a32 = a64.to_dtype(DType::F32).unwrap();
+        for dropout in [None, Some((0.3, 99))] {
+            let mut mb64 = batch(&m64, &rows(&samples()));
+            let mut mb32 = batch(&m32, &rows(&samples()));
+            mb64.dropout = dropout;
+            mb32.dropout = dropout;
+            let (l64, g64) = explicit(&m64, &a64, std::slice::from_ref(&mb64));
+            let (l32, g32) = explicit(&m32, &a32, std::slice::from_ref(&mb32));
+            assert!((l64 - l32).abs() < 1e-5 * l64.abs(), "loss {l32} vs {l64}");
+            for (l, t, _) in a64.iter() {
+                let (a, b) = g64.pairs[l][t.index()].as_ref().unwrap();
+                let (fa, fb) = g32.pairs[l][t.index()].as_ref().unwrap();
+                for (name, want, got) in [("A", a, fa), ("B", b, fb)] {
+                    let rel = max_rel_diff(want, &got.to_dtype(DType::F64).unwrap());
+                    assert!(
+                        rel < 1e-4,
+                        "layer {l} {t:?} d{name} (dropout {dropout:?}): relative difference {rel}"
+                    );
+                }
+            }
+        }
+    }
+}
+
 #[test]
 fn explicit_backward_matches_autograd_on_every_target() {
     let gqa_bias = TinySpec {

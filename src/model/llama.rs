@@ -38,6 +38,14 @@ impl Linear {
         scale: f64,
         lora_x: Option<&Tensor>,
     ) -> Result<(Tensor, Option<Tensor>)> {
+        if self.bias.is_none() && crate::kernels::covers(x) {
+            let w = self.weight.dense(DType::F32)?;
+            if let Some(done) =
+                crate::kernels::linear_forward(x, &w, lora.map(|p| (p, scale)), lora_x)
+            {
+                return done;
+            }
+        }
         let y = self.forward(x)?;
         match lora {
             None => Ok((y, None)),
@@ -405,8 +413,16 @@ impl Llama {
         let x = (x + proj(&blk.o_proj, &attn, Target::O)?)?;
         let h = rms_norm(&x, &blk.post_norm, eps)?;
         let gate = proj(&blk.gate_proj, &h, Target::Gate)?;
-        let mlp = (candle_nn::ops::silu(&gate)? * proj(&blk.up_proj, &h, Target::Up)?)?;
+        let mlp = swiglu(&gate, &proj(&blk.up_proj, &h, Target::Up)?)?;
         x + proj(&blk.down_proj, &mlp, Target::Down)?
+    }
+}
+
+/// `silu(gate) · up`: the fused kernel where it applies, else the composite ops.
+pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    match crate::kernels::swiglu(gate, up) {
+        Some(done) => done,
+        None => candle_nn::ops::silu(gate)? * up,
     }
 }
 

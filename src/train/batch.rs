@@ -135,6 +135,15 @@ pub fn grouped_order(lens: &[usize], batch_size: usize, seed: u64, epoch: u64) -
     }
     let mut batches: Vec<&[usize]> = order[..full].chunks(bs).collect();
     batches.shuffle(&mut epoch_rng(seed.wrapping_add(1), epoch));
+    // The longest batch first, as `group_by_length` does: the step's memory high-water mark
+    // (which the allocator then keeps for reuse) is reached at once, and a run that cannot fit
+    // fails at its first step rather than hours in.
+    let longest = |b: &&[usize]| b.iter().map(|&i| lens[i]).max().unwrap_or(0);
+    if let Some(first) =
+        (0..batches.len()).max_by_key(|&k| (longest(&batches[k]), std::cmp::Reverse(k)))
+    {
+        batches.swap(0, first);
+    }
     let mut out: Vec<usize> = batches.concat();
     out.extend_from_slice(&order[full..]);
     out
@@ -311,6 +320,15 @@ mod tests {
             padding(&order)
         );
         assert_ne!(grouped_order(&lens, 4, 5, 1), order);
+        for epoch in 0..3 {
+            let order = grouped_order(&lens, 4, 5, epoch);
+            let longest = order[..order.len() / 4 * 4].iter().map(|&i| lens[i]).max();
+            assert_eq!(
+                order[..4].iter().map(|&i| lens[i]).max(),
+                longest,
+                "epoch {epoch}"
+            );
+        }
     }
 
     #[test]

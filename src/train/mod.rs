@@ -1,6 +1,7 @@
 //! LoRA fine-tuning: the block-wise step, its optimizer and schedule, batching, and the loop
 //! that runs them with evaluation, saving and progress.
 
+mod attention;
 pub mod batch;
 pub mod checkpoint;
 pub mod config;

@@ -7,6 +7,7 @@
 //! backward formula is checked against candle's autograd over composite ops and against
 //! finite differences in the tests.
 
+use super::attention;
 use crate::lora::{Adapter, LoraPair, Target};
 use crate::model::llama::{rms_norm, Linear};
 use crate::model::Llama;
@@ -287,32 +288,6 @@ pub fn head_backward(
     Ok((sums, dx))
 }
 
-/// Batch and head sizes of one block's computation.
-struct Dims {
-    b: usize,
-    t: usize,
-    nh: usize,
-    nkv: usize,
-    hd: usize,
-    /// Query heads per K/V head.
-    rep: usize,
-}
-
-impl Dims {
-    fn of(model: &Llama, mb: &MicroBatch) -> Result<Self> {
-        let (b, t) = mb.ids.dims2()?;
-        let c = &model.cfg;
-        Ok(Self {
-            b,
-            t,
-            nh: c.num_attention_heads,
-            nkv: c.num_key_value_heads,
-            hd: c.head_dim,
-            rep: c.num_attention_heads / c.num_key_value_heads,
-        })
-    }
-}
-
 /// What the backward of one block needs from its forward.
 pub struct Saved {
     x: Tensor,
@@ -321,11 +296,11 @@ pub struct Saved {
     xa: [Option<Tensor>; 7],
     /// The dropped-out LoRA input of each pair, when dropout is on.
     dropped: [Option<Tensor>; 7],
-    /// Rotated queries `[B, nh, T, d]` and keys, values `[B, nkv, T, d]`.
+    /// Rotated queries `[B·T, nh·d]` and keys, values `[B·T, nkv·d]`.
     q: Tensor,
     k: Tensor,
     v: Tensor,
-    /// Attention probabilities `[B, nkv, rep·T, T]`.
+    /// Attention probabilities `[B, nh, T, T]`.
     probs: Tensor,
     attn: Tensor,
     xmid: Tensor,
@@ -346,14 +321,8 @@ pub fn block_forward(
 ) -> Result<(Tensor, Option<Saved>)> {
     let cfg = &model.cfg;
     let blk = &model.blocks[layer];
-    let Dims {
-        b,
-        t,
-        nh,
-        nkv,
-        hd,
-        rep,
-    } = Dims::of(model, mb)?;
+    let heads = attention::heads(model, mb)?;
+    let (nh, nkv) = (heads.nh, heads.nkv);
     let eps = cfg.rms_norm_eps as f32;
     let scale = adapter.cfg.scale();
     let mut xa: [Option<Tensor>; 7] = Default::default();
@@ -374,43 +343,22 @@ pub fn block_forward(
         Ok(y)
     };
     let h1 = rms_norm(x, &blk.input_norm, eps)?;
-    let heads = |y: Tensor, n: usize| -> Result<Tensor> {
-        y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()
-    };
+
     // The un-rotated q and k are temporaries: only the rotated ones are kept.
-    let q = candle_nn::rotary_emb::rope(
-        &heads(proj(&blk.q_proj, &h1, Target::Q)?, nh)?,
-        &mb.cos,
-        &mb.sin,
-    )?;
-    let k = candle_nn::rotary_emb::rope(
-        &heads(proj(&blk.k_proj, &h1, Target::K)?, nkv)?,
-        &mb.cos,
-        &mb.sin,
-    )?;
-    let v = heads(proj(&blk.v_proj, &h1, Target::V)?, nkv)?;
-    // Query heads of one K/V group as rep·T rows: no K/V copies for GQA.
-    // Scoped so the `[B, heads, T, T]` score temporaries are freed before the MLP runs.
-    let probs = {
-        let qg = q.reshape((b, nkv, rep * t, hd))?;
-        let scores = (qg.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?;
-        let scores = scores
-            .reshape((b, nkv, rep, t, t))?
-            .broadcast_add(&mb.mask.to_dtype(scores.dtype())?)?
-            .reshape((b, nkv, rep * t, t))?;
-        candle_nn::ops::softmax_last_dim(&scores)?
-    };
-    let attn = probs
-        .matmul(&v)?
-        .reshape((b, nh, t, hd))?
-        .transpose(1, 2)?
-        .reshape((b * t, nh * hd))?;
+    let q = attention::rope(&proj(&blk.q_proj, &h1, Target::Q)?, mb, heads, nh, false)?;
+    let k = attention::rope(&proj(&blk.k_proj, &h1, Target::K)?, mb, heads, nkv, false)?;
+    let v = proj(&blk.v_proj, &h1, Target::V)?;
+    let (probs, attn) = attention::forward(&q, &k, &v, mb, heads)?;
     let xmid = (x + proj(&blk.o_proj, &attn, Target::O)?)?;
     let h2 = rms_norm(&xmid, &blk.post_norm, eps)?;
+
     let gate = proj(&blk.gate_proj, &h2, Target::Gate)?;
     let up = proj(&blk.up_proj, &h2, Target::Up)?;
-    let act = (candle_nn::ops::silu(&gate)? * &up)?;
+
+    let act = crate::model::llama::swiglu(&gate, &up)?;
+
     let out = (&xmid + proj(&blk.down_proj, &act, Target::Down)?)?;
+
     let saved = keep.then(|| Saved {
         x: x.clone(),
         h1,
@@ -445,115 +393,172 @@ pub fn block_backward(
 ) -> Result<Tensor> {
     let cfg = &model.cfg;
     let blk = &model.blocks[layer];
-    let Dims {
-        b,
-        t,
-        nh,
-        nkv,
-        hd,
-        rep,
-    } = Dims::of(model, mb)?;
+    let heads = attention::heads(model, mb)?;
+    let (nh, nkv) = (heads.nh, heads.nkv);
     let eps = cfg.rms_norm_eps;
     let scale = adapter.cfg.scale();
+    // Adds `∂/∂input` into `dx` (when given) and the pair's gradients into `grads`.
     let mut lin_back = |lin: &Linear,
                         target: Target,
                         input: &Tensor,
                         dy: &Tensor,
-                        want_dx: bool|
-     -> Result<Option<Tensor>> {
+                        mut dx: Option<&mut InputGrad>|
+     -> Result<()> {
         let pair = adapter.get(layer, target);
-        let dx = if want_dx {
-            Some(lin.weight.matmul(dy)?)
-        } else {
-            None
-        };
-        match (pair, s.xa[target.index()].as_ref()) {
-            (Some(p), Some(xa)) => {
-                let lora_x = s.dropped[target.index()].as_ref();
-                let (da, db, dx_lora) =
-                    lora_backward(p, scale, lora_x.unwrap_or(input), xa, dy, want_dx)?;
-                // Through dropout: the same mask (x'/x is 0 or 1/(1-p)) scales the gradient.
-                let dx_lora = match (dx_lora, lora_x, mb.dropout) {
-                    (Some(d), Some(_), Some((prob, seed))) => {
-                        let (rows, cols) = input.dims2()?;
-                        Some(d.broadcast_mul(&dropout_mask(
-                            prob, seed, layer, target, rows, cols, &d,
-                        )?)?)
-                    }
-                    (d, _, _) => d,
-                };
-                grads.add(layer, target, &da, &db)?;
-                match (dx, dx_lora) {
-                    (Some(dx), Some(extra)) => Ok(Some((dx + extra.to_dtype(dy.dtype())?)?)),
-                    (dx, _) => Ok(dx),
+        let lora_x = s.dropped[target.index()].as_ref();
+        let xa = s.xa[target.index()].as_ref();
+        // The fused path: no dropout (its mask would scale the LoRA part of dX alone).
+        if lora_x.is_none()
+            && crate::kernels::covers(dy)
+            && !matches!(dx.as_deref(), Some(InputGrad::Tensor(_)))
+        {
+            let w = lin.weight.dense(DType::F32)?;
+            let lora = match (pair, xa) {
+                (Some(p), Some(xa)) => Some((p, scale, input, xa)),
+                _ => None,
+            };
+            let mut fresh = Vec::new();
+            let is_fresh = !matches!(dx.as_deref(), Some(InputGrad::Buffer(_)));
+            let buf = match dx.as_deref_mut() {
+                Some(InputGrad::Buffer(v)) => Some(v),
+                Some(_) => Some(&mut fresh),
+                None => None,
+            };
+            if let Some(done) = crate::kernels::linear_backward(&w, dy, lora, buf) {
+                if let Some(g) = done? {
+                    grads.add(layer, target, &g.da, &g.db)?;
                 }
+                if let (Some(slot), true) = (dx, is_fresh) {
+                    *slot = InputGrad::Buffer(fresh);
+                }
+                return Ok(());
             }
-            _ => Ok(dx),
         }
+        let mut d = match dx {
+            Some(_) => Some(lin.weight.matmul(dy)?),
+            None => None,
+        };
+        if let (Some(p), Some(xa)) = (pair, xa) {
+            let (da, db, dx_lora) =
+                lora_backward(p, scale, lora_x.unwrap_or(input), xa, dy, d.is_some())?;
+            // Through dropout: the same mask (x'/x is 0 or 1/(1-p)) scales the gradient.
+            let dx_lora = match (dx_lora, lora_x, mb.dropout) {
+                (Some(d), Some(_), Some((prob, seed))) => {
+                    let (rows, cols) = input.dims2()?;
+                    Some(
+                        d.broadcast_mul(&dropout_mask(prob, seed, layer, target, rows, cols, &d)?)?,
+                    )
+                }
+                (d, _, _) => d,
+            };
+            grads.add(layer, target, &da, &db)?;
+            if let (Some(base), Some(extra)) = (d.take(), dx_lora) {
+                d = Some((base + extra.to_dtype(dy.dtype())?)?);
+            }
+        }
+        if let (Some(slot), Some(d)) = (dx, d) {
+            slot.add(d)?;
+        }
+        Ok(())
     };
     // MLP: out = xmid + down(silu(gate) · up).
     // Scoped so only dxmid outlives the MLP's `[B·T, intermediate]` temporaries.
     let dxmid = {
-        let dact =
-            lin_back(&blk.down_proj, Target::Down, &s.act, dout, true)?.expect("dx requested");
-        let sig = candle_nn::ops::sigmoid(&s.gate)?;
-        // silu'(g) = σ(g) · (1 + g · (1 − σ(g)))
-        let dsilu = (&sig * ((&s.gate * (1.0 - &sig)?)? + 1.0)?)?;
-        let dgate = ((&dact * &s.up)? * dsilu)?;
-        let dup = (&dact * (&s.gate * &sig)?)?;
-        drop((dact, sig));
-        let dh2 =
-            lin_back(&blk.gate_proj, Target::Gate, &s.h2, &dgate, true)?.expect("dx requested");
+        let mut dact = InputGrad::Empty;
+        lin_back(&blk.down_proj, Target::Down, &s.act, dout, Some(&mut dact))?;
+        let dact = dact.into_tensor(s.act.dims())?;
+        let (dgate, dup) = swiglu_backward(&s.gate, &s.up, &dact)?;
+        drop(dact);
+        let mut dh2 = InputGrad::Empty;
+        lin_back(&blk.gate_proj, Target::Gate, &s.h2, &dgate, Some(&mut dh2))?;
         drop(dgate);
-        let dh2 =
-            (dh2 + lin_back(&blk.up_proj, Target::Up, &s.h2, &dup, true)?.expect("dx requested"))?;
-        (dout + rms_norm_backward(&s.xmid, &blk.post_norm, &dh2, eps)?)?
+        lin_back(&blk.up_proj, Target::Up, &s.h2, &dup, Some(&mut dh2))?;
+        let dh2 = dh2.into_tensor(s.h2.dims())?;
+        rms_norm_backward_add(&s.xmid, &blk.post_norm, &dh2, eps, dout)?
     };
     // Attention: xmid = x + o(attn).
-    let dattn = lin_back(&blk.o_proj, Target::O, &s.attn, &dxmid, true)?.expect("dx requested");
-    let dout_heads = dattn
-        .reshape((b, t, nh, hd))?
-        .transpose(1, 2)?
-        .contiguous()?
-        .reshape((b, nkv, rep * t, hd))?;
-    let qg = s.q.reshape((b, nkv, rep * t, hd))?;
-    let dv = s.probs.t()?.matmul(&dout_heads)?;
-    let dprobs = dout_heads.matmul(&s.v.t()?)?;
-    // Softmax backward: dS = P ⊙ (dP − Σⱼ dPⱼ Pⱼ), then the 1/√d scale.
-    let rowdot = (&dprobs * &s.probs)?.sum_keepdim(D::Minus1)?;
-    let dscores =
-        ((s.probs.clone() * dprobs.broadcast_sub(&rowdot)?)? * (1.0 / (hd as f64).sqrt()))?;
-    drop(dprobs);
-    let dq = dscores.matmul(&s.k)?.reshape((b, nh, t, hd))?;
-    let dk = dscores.t()?.matmul(&qg)?;
-    drop((dscores, dattn, dout_heads));
+    let mut dattn = InputGrad::Empty;
+    lin_back(&blk.o_proj, Target::O, &s.attn, &dxmid, Some(&mut dattn))?;
+    let dattn = dattn.into_tensor(s.attn.dims())?;
+    let (dq, dk, dv) = attention::backward(&s.q, &s.k, &s.v, &s.probs, &dattn, heads)?;
+    drop(dattn);
     // RoPE is a rotation: its backward rotates by the opposite angle.
-    let neg_sin = mb.sin.neg()?;
-    let dq = candle_nn::rotary_emb::rope(&dq.contiguous()?, &mb.cos, &neg_sin)?;
-    let dk = candle_nn::rotary_emb::rope(&dk.contiguous()?, &mb.cos, &neg_sin)?;
-    let flat =
-        |d: Tensor, n: usize| -> Result<Tensor> { d.transpose(1, 2)?.reshape((b * t, n * hd)) };
-    let (dq, dk, dv) = (flat(dq, nh)?, flat(dk, nkv)?, flat(dv, nkv)?);
-    let dh1 = [
-        lin_back(&blk.q_proj, Target::Q, &s.h1, &dq, need_dx)?,
-        lin_back(&blk.k_proj, Target::K, &s.h1, &dk, need_dx)?,
-        lin_back(&blk.v_proj, Target::V, &s.h1, &dv, need_dx)?,
-    ];
+    let dq = attention::rope(&dq, mb, heads, nh, true)?;
+    let dk = attention::rope(&dk, mb, heads, nkv, true)?;
+    let mut dh1 = if need_dx {
+        InputGrad::Empty
+    } else {
+        InputGrad::Unused
+    };
+    let want = need_dx.then_some(());
+    lin_back(&blk.q_proj, Target::Q, &s.h1, &dq, want.map(|_| &mut dh1))?;
+    lin_back(&blk.k_proj, Target::K, &s.h1, &dk, want.map(|_| &mut dh1))?;
+    lin_back(&blk.v_proj, Target::V, &s.h1, &dv, want.map(|_| &mut dh1))?;
+
     if !need_dx {
         return Ok(dxmid);
     }
-    let dh1 = dh1
-        .into_iter()
-        .flatten()
-        .try_fold(None::<Tensor>, |acc, d| -> Result<_> {
-            Ok(Some(match acc {
-                Some(a) => (a + d)?,
-                None => d,
-            }))
-        })?;
-    match dh1 {
-        Some(dh1) => dxmid + rms_norm_backward(&s.x, &blk.input_norm, &dh1, eps)?,
-        None => Ok(dxmid),
+    let dh1 = dh1.into_tensor(s.h1.dims())?;
+    rms_norm_backward_add(&s.x, &blk.input_norm, &dh1, eps, &dxmid)
+}
+
+/// An input gradient being summed over the layers that read the same input: a plain buffer
+/// while the fused kernels fill it, a tensor otherwise.
+enum InputGrad {
+    Unused,
+    Empty,
+    Buffer(Vec<f32>),
+    Tensor(Tensor),
+}
+
+impl InputGrad {
+    fn add(&mut self, d: Tensor) -> Result<()> {
+        *self = match std::mem::replace(self, InputGrad::Unused) {
+            InputGrad::Unused | InputGrad::Empty => InputGrad::Tensor(d),
+            InputGrad::Tensor(t) => InputGrad::Tensor((t + d)?),
+            InputGrad::Buffer(v) => {
+                let t = Tensor::from_vec(v, d.dims(), d.device())?;
+                InputGrad::Tensor((t + d)?)
+            }
+        };
+        Ok(())
+    }
+
+    fn into_tensor(self, dims: &[usize]) -> Result<Tensor> {
+        match self {
+            InputGrad::Tensor(t) => Ok(t),
+            InputGrad::Buffer(v) => Tensor::from_vec(v, dims, &candle_core::Device::Cpu),
+            InputGrad::Unused | InputGrad::Empty => {
+                candle_core::bail!("no layer produced this input gradient")
+            }
+        }
+    }
+}
+
+/// Gradients `(dgate, dup)` of `silu(gate) · up`.
+fn swiglu_backward(gate: &Tensor, up: &Tensor, dact: &Tensor) -> Result<(Tensor, Tensor)> {
+    if let Some(done) = crate::kernels::swiglu_backward(gate, up, dact) {
+        return done;
+    }
+    let sig = candle_nn::ops::sigmoid(gate)?;
+    // silu'(g) = σ(g) · (1 + g · (1 − σ(g)))
+    let dsilu = (&sig * ((gate * (1.0 - &sig)?)? + 1.0)?)?;
+    let dgate = ((dact * up)? * dsilu)?;
+    let dup = (dact * (gate * &sig)?)?;
+    Ok((dgate, dup))
+}
+
+/// `residual + rms_norm_backward(x, w, dy)`.
+fn rms_norm_backward_add(
+    x: &Tensor,
+    w: &Tensor,
+    dy: &Tensor,
+    eps: f64,
+    residual: &Tensor,
+) -> Result<Tensor> {
+    match crate::kernels::rms_norm_backward(x, w, dy, eps, Some(residual)) {
+        Some(done) => done,
+        None => residual + rms_norm_composite_backward(x, w, dy, eps)?,
     }
 }
 
@@ -617,6 +622,13 @@ fn lora_backward(
 
 /// Backward of `y = x · rsqrt(mean(x²) + ε) · w` over the last dimension.
 pub fn rms_norm_backward(x: &Tensor, w: &Tensor, dy: &Tensor, eps: f64) -> Result<Tensor> {
+    match crate::kernels::rms_norm_backward(x, w, dy, eps, None) {
+        Some(done) => done,
+        None => rms_norm_composite_backward(x, w, dy, eps),
+    }
+}
+
+fn rms_norm_composite_backward(x: &Tensor, w: &Tensor, dy: &Tensor, eps: f64) -> Result<Tensor> {
     let g = dy.broadcast_mul(w)?;
     let r = (x.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
     let gx = (&g * x)?.mean_keepdim(D::Minus1)?;

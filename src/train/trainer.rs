@@ -511,9 +511,6 @@ pub fn train(
             )?;
         }
         drop(grads);
-        // Gradients and replaced moments are many small heap blocks; handing their pages back
-        // each step keeps the heap from holding two steps' worth (measured: +60 MB at rank 64).
-        memory::release_free();
         profile.optimizer += clock.elapsed();
         let dt = t0.elapsed().as_secs_f64();
         summary.steps = step;

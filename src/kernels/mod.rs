@@ -1,0 +1,127 @@
+//! Fused CPU kernels for the training step (f32, contiguous tensors on the CPU).
+//!
+//! candle's composite ops run one pass over memory (and one allocation) per op; the step's
+//! elementwise work (SwiGLU, the RMSNorm and softmax backwards) and the LoRA terms of every
+//! linear cost more in those passes than in arithmetic. Each kernel here does its work in one
+//! pass, parallel over rows, and the linears call the GEMM directly so that the LoRA term is
+//! accumulated into the frozen weight's product instead of being added afterwards.
+//!
+//! Every kernel returns `None` for inputs it does not cover (another device or dtype, a
+//! non-contiguous layout); the callers then use the composite ops, which are the oracle the
+//! tests compare against.
+
+/// Defines each function twice, the second compiled for AVX2 and FMA, and calls that one when
+/// the CPU has them (the default x86-64 target only assumes SSE2).
+macro_rules! multiversion {
+    ($(fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $body:block)*) => {$(
+        #[allow(clippy::too_many_arguments)]
+        fn $name($($arg: $ty),*) {
+            #[inline(always)]
+            #[allow(clippy::too_many_arguments)]
+            fn body($($arg: $ty),*) $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2,fma")]
+                #[allow(clippy::too_many_arguments)]
+                unsafe fn avx2($($arg: $ty),*) {
+                    body($($arg),*)
+                }
+                if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+                    // SAFETY: the CPU was just checked for the features `avx2` is compiled with.
+                    return unsafe { avx2($($arg),*) };
+                }
+            }
+            body($($arg),*)
+        }
+    )*};
+}
+mod attention;
+mod elementwise;
+mod exp;
+mod gemm;
+mod linear;
+pub mod par;
+mod rope;
+
+pub use attention::{attention, attention_backward, Heads};
+pub use elementwise::{rms_norm_backward, swiglu, swiglu_backward};
+pub use exp::exp;
+pub use linear::{linear_backward, linear_forward, LinearGrads};
+pub use rope::rope;
+
+use candle_core::{DType, Device, Result, Storage, Tensor};
+
+/// `Σ a·b` in eight independent lanes, so the loop vectorizes (a single running sum cannot be
+/// reordered by the compiler).
+#[inline(always)]
+pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut lanes = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for k in 0..8 {
+            lanes[k] += x[k] * y[k];
+        }
+    }
+    let tail: f32 = ra.iter().zip(rb).map(|(x, y)| x * y).sum();
+    lanes.iter().sum::<f32>() + tail
+}
+
+/// Runs `f` on `t`'s data when it is a contiguous f32 tensor on the CPU.
+fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
+    if t.dtype() != DType::F32 || !t.device().is_cpu() {
+        return None;
+    }
+    let (storage, layout) = t.storage_and_layout();
+    let (start, end) = layout.contiguous_offsets()?;
+    match &*storage {
+        Storage::Cpu(cpu) => cpu.as_slice::<f32>().ok().map(|s| f(&s[start..end])),
+        _ => None,
+    }
+}
+
+/// Whether the fused kernels cover `t` (f32, CPU, contiguous).
+pub fn covers(t: &Tensor) -> bool {
+    with_f32(t, |_| ()).is_some()
+}
+
+fn tensor(data: Vec<f32>, shape: &[usize]) -> Result<Tensor> {
+    Tensor::from_vec(data, shape, &Device::Cpu)
+}
+
+#[cfg(test)]
+pub(crate) mod testing {
+    use candle_core::{Device, Tensor};
+
+    /// Deterministic pseudo-random tensor with entries in `[-scale, scale)`.
+    pub fn rand(shape: &[usize], seed: u64, scale: f32) -> Tensor {
+        let n: usize = shape.iter().product();
+        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        let data: Vec<f32> = (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                ((s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
+            })
+            .collect();
+        Tensor::from_vec(data, shape, &Device::Cpu).expect("shape matches data")
+    }
+
+    /// Largest `|a − b| / (1 + |b|)` over all entries.
+    pub fn max_rel_diff(a: &Tensor, b: &Tensor) -> f32 {
+        assert_eq!(a.dims(), b.dims());
+        let a = a
+            .flatten_all()
+            .and_then(|t| t.to_vec1::<f32>())
+            .expect("f32");
+        let b = b
+            .flatten_all()
+            .and_then(|t| t.to_vec1::<f32>())
+            .expect("f32");
+        a.iter()
+            .zip(&b)
+            .map(|(x, y)| (x - y).abs() / (1.0 + y.abs()))
+            .fold(0.0, f32::max)
+    }
+}

@@ -91,7 +91,7 @@ pub fn swiglu_backward(
             with_f32(dact, |d| {
                 let mut dg = vec![0f32; g.len()];
                 let mut du = vec![0f32; g.len()];
-                for_rows2(&mut dg, &mut du, cols, |i, dg, du| {
+                for_rows2(&mut dg, cols, &mut du, cols, |i, dg, du| {
                     let s = i * cols;
                     swiglu_backward_row(dg, du, &g[s..][..cols], &u[s..][..cols], &d[s..][..cols]);
                 });

@@ -19,7 +19,7 @@ pub struct View<'a> {
 
 impl View<'_> {
     pub fn of(t: &Tensor) -> Option<View<'_>> {
-        if t.dtype() != DType::F32 || !t.device().is_cpu() {
+        if !super::enabled() || t.dtype() != DType::F32 || !t.device().is_cpu() {
             return None;
         }
         let (guard, layout) = t.storage_and_layout();

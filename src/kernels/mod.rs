@@ -13,7 +13,8 @@
 /// Defines each function twice, the second compiled for AVX2 and FMA, and calls that one when
 /// the CPU has them (the default x86-64 target only assumes SSE2).
 macro_rules! multiversion {
-    ($(fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $body:block)*) => {$(
+    ($($(#[$meta:meta])* fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $body:block)*) => {$(
+        $(#[$meta])*
         #[allow(clippy::too_many_arguments)]
         fn $name($($arg: $ty),*) {
             #[inline(always)]
@@ -39,6 +40,7 @@ mod attention;
 mod elementwise;
 mod exp;
 mod gemm;
+mod head;
 mod linear;
 pub mod par;
 mod rope;
@@ -46,6 +48,7 @@ mod rope;
 pub use attention::{attention, attention_backward, Heads};
 pub use elementwise::{rms_norm_backward, swiglu, swiglu_backward};
 pub use exp::exp;
+pub use head::cross_entropy_head;
 pub use linear::{linear_backward, linear_forward, LinearGrads};
 pub use rope::rope;
 
@@ -67,9 +70,18 @@ pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
     lanes.iter().sum::<f32>() + tail
 }
 
+/// Whether the kernels run at all: `YOUR_AI_NO_KERNELS=1` sends every op down candle's composite
+/// path (the code before these kernels), to compare the two on a real run.
+pub fn enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| {
+        std::env::var_os("YOUR_AI_NO_KERNELS").is_none_or(|v| v.is_empty() || v == "0")
+    })
+}
+
 /// Runs `f` on `t`'s data when it is a contiguous f32 tensor on the CPU.
 fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
-    if t.dtype() != DType::F32 || !t.device().is_cpu() {
+    if !enabled() || t.dtype() != DType::F32 || !t.device().is_cpu() {
         return None;
     }
     let (storage, layout) = t.storage_and_layout();

@@ -82,23 +82,30 @@ pub fn for_rows(out: &mut [f32], cols: usize, f: impl Fn(usize, &mut [f32]) + Sy
     });
 }
 
-/// As [`for_rows`] over two outputs with the same row width.
+/// As [`for_rows`] over two outputs with as many rows, `a_cols` and `b_cols` wide.
 pub fn for_rows2(
     a: &mut [f32],
+    a_cols: usize,
     b: &mut [f32],
-    cols: usize,
+    b_cols: usize,
     f: impl Fn(usize, &mut [f32], &mut [f32]) + Sync,
 ) {
-    if cols == 0 {
+    if a_cols == 0 || b_cols == 0 {
         return;
     }
-    assert_eq!(a.len(), b.len(), "row outputs of different sizes");
-    let rows = a.len() / cols;
+    let rows = a.len() / a_cols;
+    assert_eq!(rows, b.len() / b_cols, "row outputs of different heights");
     let (pa, pb) = (SendPtr::of(a), SendPtr::of(b));
-    for_chunks(rows, 2 * a.len(), |range| {
+    for_chunks(rows, a.len() + b.len(), |range| {
         for i in range {
             // SAFETY: row i is inside both buffers and each row is handed out once.
-            unsafe { f(i, pa.slice(i * cols, cols), pb.slice(i * cols, cols)) };
+            unsafe {
+                f(
+                    i,
+                    pa.slice(i * a_cols, a_cols),
+                    pb.slice(i * b_cols, b_cols),
+                )
+            };
         }
     });
 }

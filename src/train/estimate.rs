@@ -210,7 +210,7 @@ pub fn estimate(cfg: &ModelConfig, w: &Workload) -> Estimate {
     let bottom = input + (keep.min(1)) * (per_block + dropout) + grads_per_block * adapted;
     let backward = block + top.max(bottom);
     // The head: the final hidden state, its gradient, the scored rows, and two [chunk, vocab]
-    // f32 temporaries; every block input still held.
+    // f32 temporaries (candle's ops; the fused CPU kernel holds one); every block input held.
     let chunk = HEAD_CHUNK.min(rows as usize) as u64;
     let head = 3 * rows * h * act + 2 * chunk * cfg.vocab_size as u64 * 4 + inputs + kept;
     // The update: every gradient resident.

@@ -234,48 +234,35 @@ pub fn head_backward(
     loss_scale: f64,
 ) -> Result<(LossSums, Tensor)> {
     let eps = model.cfg.rms_norm_eps;
-    // The loss is accumulated in f32 at least (f64 when the model runs in f64, as tests do).
-    let acc = if model.dtype == DType::F64 {
-        DType::F64
-    } else {
-        DType::F32
-    };
     let mut sums = LossSums::default();
     let mut dx_rows = vec![];
     let xs = x.index_select(&mb.target_rows, 0)?;
+    let targets = mb.target_ids.to_vec1::<u32>()?;
+    let weights = mb.target_weights.to_dtype(DType::F32)?.to_vec1::<f32>()?;
     let mut start = 0;
     while start < mb.n_targets {
         let len = HEAD_CHUNK.min(mb.n_targets - start);
         let xc = xs.narrow(0, start, len)?;
-        let tgt = mb.target_ids.narrow(0, start, len)?.unsqueeze(1)?;
-        let w = mb.target_weights.narrow(0, start, len)?;
-        // Each `[chunk, vocab]` temporary is dropped as soon as the next one exists: at most
-        // two are alive at once (the memory estimator counts on it).
-        let shifted = {
-            let h = rms_norm(&xc, &model.norm, eps as f32)?;
-            let logits = h.matmul(&model.lm_head.t()?)?.to_dtype(acc)?;
-            let max = logits.max_keepdim(D::Minus1)?;
-            logits.broadcast_sub(&max)?
+        let h = rms_norm(&xc, &model.norm, eps as f32)?;
+        let (tg, wc) = (&targets[start..start + len], &weights[start..start + len]);
+        let coef: Vec<f32> = wc.iter().map(|&w| (w as f64 * loss_scale) as f32).collect();
+        let dh = match crate::kernels::cross_entropy_head(&h, &model.lm_head, tg, &coef) {
+            Some(done) => {
+                let (ce, dh) = done?;
+                for (&c, &w) in ce.iter().zip(wc) {
+                    sums.ce += c as f64;
+                    sums.weighted += c as f64 * w as f64;
+                    sums.weight += w as f64;
+                }
+                dh
+            }
+            None => {
+                let tgt = mb.target_ids.narrow(0, start, len)?.unsqueeze(1)?;
+                let w = mb.target_weights.narrow(0, start, len)?;
+                head_chunk_composite(model, &h, &tgt, &w, loss_scale, &mut sums)?
+            }
         };
-        let w = w.to_dtype(acc)?;
-        let exp = shifted.exp()?;
-        let sum = exp.sum_keepdim(D::Minus1)?;
-        let ce = (sum.log()? - shifted.gather(&tgt, D::Minus1)?)?.squeeze(1)?;
-        drop(shifted);
-        sums.ce += ce.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?;
-        sums.weighted += (&ce * &w)?
-            .to_dtype(DType::F64)?
-            .sum_all()?
-            .to_scalar::<f64>()?;
-        sums.weight += w.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?;
-        // d(w·CE)/dlogits = w · (softmax − one-hot).
-        let probs = exp.broadcast_div(&sum)?;
-        drop(exp);
-        let minus_one = Tensor::full(-1f32, (len, 1), probs.device())?.to_dtype(acc)?;
-        let dlogits = probs.scatter_add(&tgt, &minus_one, 1)?;
-        drop(probs);
-        let dlogits = dlogits.broadcast_mul(&(w * loss_scale)?.unsqueeze(1)?)?;
-        let dh = dlogits.to_dtype(model.dtype)?.matmul(&model.lm_head)?;
+        drop(h);
         dx_rows.push(rms_norm_backward(&xc, &model.norm, &dh, eps)?);
         start += len;
     }
@@ -286,6 +273,52 @@ pub fn head_backward(
         dx.index_add(&mb.target_rows, &Tensor::cat(&dx_rows, 0)?, 0)?
     };
     Ok((sums, dx))
+}
+
+/// One head chunk with candle's ops (other devices and dtypes): adds the chunk's losses into
+/// `sums` and returns `∂/∂h` for normed hidden states `h`, targets `tgt` (`[len, 1]`) and loss
+/// weights `w`.
+fn head_chunk_composite(
+    model: &Llama,
+    h: &Tensor,
+    tgt: &Tensor,
+    w: &Tensor,
+    loss_scale: f64,
+    sums: &mut LossSums,
+) -> Result<Tensor> {
+    // The loss is accumulated in f32 at least (f64 when the model runs in f64, as tests do).
+    let acc = if model.dtype == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    };
+    let len = h.dim(0)?;
+    // Each `[chunk, vocab]` temporary is dropped as soon as the next one exists: at most
+    // two are alive at once.
+    let shifted = {
+        let logits = h.matmul(&model.lm_head.t()?)?.to_dtype(acc)?;
+        let max = logits.max_keepdim(D::Minus1)?;
+        logits.broadcast_sub(&max)?
+    };
+    let w = w.to_dtype(acc)?;
+    let exp = shifted.exp()?;
+    let sum = exp.sum_keepdim(D::Minus1)?;
+    let ce = (sum.log()? - shifted.gather(tgt, D::Minus1)?)?.squeeze(1)?;
+    drop(shifted);
+    sums.ce += ce.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?;
+    sums.weighted += (&ce * &w)?
+        .to_dtype(DType::F64)?
+        .sum_all()?
+        .to_scalar::<f64>()?;
+    sums.weight += w.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?;
+    // d(w·CE)/dlogits = w · (softmax − one-hot).
+    let probs = exp.broadcast_div(&sum)?;
+    drop(exp);
+    let minus_one = Tensor::full(-1f32, (len, 1), probs.device())?.to_dtype(acc)?;
+    let dlogits = probs.scatter_add(tgt, &minus_one, 1)?;
+    drop(probs);
+    let dlogits = dlogits.broadcast_mul(&(w * loss_scale)?.unsqueeze(1)?)?;
+    dlogits.to_dtype(model.dtype)?.matmul(&model.lm_head)
 }
 
 /// What the backward of one block needs from its forward.

@@ -76,5 +76,8 @@ fn kernels_and_composite_ops_train_to_the_same_losses() {
     // rounding of 0 moves by lr one way or the other (measured after one step: 2 to 10
     // elements of a 4608-element B), with no effect on the loss.
     assert!(close(f1, c1, 2e-4), "trained validation loss {f1} vs {c1}");
-    assert!(f1 < f0 - 0.05, "training moved the validation loss: {f0} -> {f1}");
+    assert!(
+        f1 < f0 - 0.05,
+        "training moved the validation loss: {f0} -> {f1}"
+    );
 }

@@ -224,6 +224,8 @@ fn resume_refuses_changed_settings_and_damaged_checkpoints() {
             "8",
             "--batch-size",
             "1",
+            "--quantize",
+            "8",
             "--resume",
         ],
     )
@@ -232,7 +234,9 @@ fn resume_refuses_changed_settings_and_damaged_checkpoints() {
     let stderr = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success());
     assert!(
-        stderr.contains("lora_rank: 4 → 8") && stderr.contains("batch_size: 2 → 1"),
+        stderr.contains("lora_rank: 4 → 8")
+            && stderr.contains("batch_size: 2 → 1")
+            && stderr.contains("quantize: null → 8"),
         "{stderr}"
     );
     // Changed data is refused.

@@ -396,6 +396,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
         memory_budget: plan.budget.bytes,
         reload_interval: a.reload_interval,
         distrust: distrust.as_ref().map(|d| d.0),
+        quantize: a.quantize,
     };
 
     let mut data_files: Vec<&Path> = vec![&files.train];

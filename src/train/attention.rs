@@ -6,6 +6,24 @@
 use super::step::MicroBatch;
 use crate::kernels::{self, Heads};
 use candle_core::{Result, Tensor, D};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+/// Nanoseconds spent in [`timed`] since the last [`take_time`].
+static NANOS: AtomicU64 = AtomicU64::new(0);
+
+/// Runs `f`, adding its time to the attention total (`train --profile` shows it).
+pub fn timed<R>(f: impl FnOnce() -> R) -> R {
+    let clock = Instant::now();
+    let r = f();
+    NANOS.fetch_add(clock.elapsed().as_nanos() as u64, Ordering::Relaxed);
+    r
+}
+
+/// The attention time since the last call.
+pub fn take_time() -> Duration {
+    Duration::from_nanos(NANOS.swap(0, Ordering::Relaxed))
+}
 
 /// Batch and head sizes of one block's attention.
 pub fn heads(model: &crate::model::Llama, mb: &MicroBatch) -> Result<Heads> {

@@ -54,6 +54,10 @@ pub struct TrainConfig {
     /// Distrust weighting of the loss (`--distrust`); None for plain training. Part of the
     /// checkpoint's configuration, so a resume with another α or λ is refused.
     pub distrust: Option<DistrustSettings>,
+    /// `--quantize`: the frozen block weights kept at 4 or 8 bits (None: at the model's dtype).
+    /// Part of the checkpoint's configuration: the quantized base is another base, so a resume
+    /// with another setting is refused.
+    pub quantize: Option<u8>,
 }
 
 /// `--alpha` and `--lambda-weight` of a distrust run.

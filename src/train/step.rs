@@ -127,6 +127,9 @@ pub struct Profile {
     pub backward: Duration,
     pub optimizer: Duration,
     pub eval: Duration,
+    /// Attention alone (scores, softmax, weighted sum, forward and backward): a part of the
+    /// block phases, shown apart because it grows with the square of the length.
+    pub attention: Duration,
 }
 
 impl Profile {
@@ -204,6 +207,7 @@ pub fn forward_backward(
             candle_core::bail!("memory budget crossed: peak {peak} bytes");
         }
     }
+    profile.attention += attention::take_time();
     Ok(sums)
 }
 
@@ -381,7 +385,7 @@ pub fn block_forward(
     let q = attention::rope(&proj(&blk.q_proj, &h1, Target::Q)?, mb, heads, nh, false)?;
     let k = attention::rope(&proj(&blk.k_proj, &h1, Target::K)?, mb, heads, nkv, false)?;
     let v = proj(&blk.v_proj, &h1, Target::V)?;
-    let (probs, attn) = attention::forward(&q, &k, &v, mb, heads)?;
+    let (probs, attn) = attention::timed(|| attention::forward(&q, &k, &v, mb, heads))?;
     let xmid = (x + proj(&blk.o_proj, &attn, Target::O)?)?;
     let h2 = rms_norm(&xmid, &blk.post_norm, eps)?;
 
@@ -513,7 +517,8 @@ pub fn block_backward(
     let mut dattn = InputGrad::Empty;
     lin_back(&blk.o_proj, Target::O, &s.attn, &dxmid, Some(&mut dattn))?;
     let dattn = dattn.into_tensor(s.attn.dims())?;
-    let (dq, dk, dv) = attention::backward(&s.q, &s.k, &s.v, &s.probs, &dattn, heads)?;
+    let (dq, dk, dv) =
+        attention::timed(|| attention::backward(&s.q, &s.k, &s.v, &s.probs, &dattn, heads))?;
     drop(dattn);
     // RoPE is a rotation: its backward rotates by the opposite angle.
     let dq = attention::rope(&dq, mb, heads, nh, true)?;

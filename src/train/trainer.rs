@@ -670,10 +670,19 @@ pub fn train(
     summary.seconds = start.elapsed().as_secs_f64();
     summary.peak_rss = memory::peak_rss();
     // After the final save: the whole run's peak, for benchmarks and post-mortems.
-    metrics.write(
-        json!({"type": "end", "step": cfg.steps, "peak_rss_bytes": summary.peak_rss,
-        "train_peak_rss_bytes": memory::phase_peak_rss(), "seconds": summary.seconds}),
-    )?;
+    let mut end = json!({"type": "end", "step": cfg.steps, "peak_rss_bytes": summary.peak_rss,
+        "train_peak_rss_bytes": memory::phase_peak_rss(), "seconds": summary.seconds});
+    if cfg.profile {
+        // Seconds per phase over the run, for scripts (scripts/bench/scaling.sh).
+        let mut phases: serde_json::Map<String, serde_json::Value> = profile
+            .phases()
+            .iter()
+            .map(|(n, s)| (n.to_string(), json!(s)))
+            .collect();
+        phases.insert("attention".into(), json!(profile.attention.as_secs_f64()));
+        end["profile_seconds"] = phases.into();
+    }
+    metrics.write(end)?;
     summary.profile = cfg.profile.then_some(profile);
     Ok(summary)
 }
@@ -721,13 +730,20 @@ impl Summary {
                 "\nTime by phase ({} steps; per step, and share of the run):",
                 self.steps
             );
-            for (name, secs) in p.phases() {
+            let line = |name: &str, secs: f64| {
                 eprintln!(
                     "  {name:<32} {:>8.3} s/step {:>5.1}%",
                     secs / self.steps.max(1) as f64,
                     100.0 * secs / total.max(1e-9)
-                );
+                )
+            };
+            for (name, secs) in p.phases() {
+                line(name, secs);
             }
+            line(
+                "  of which attention (all blocks)",
+                p.attention.as_secs_f64(),
+            );
         }
     }
 }

@@ -8,7 +8,7 @@
 //! on SmolLM2 at 4 × 60 tokens, almost none of it arithmetic.
 
 use super::gemm::{gemm_serial, Dst, Op, View};
-use super::par::{for_chunks, SendPtr};
+use super::par::{for_chunks, for_rows, SendPtr};
 use super::tensor;
 use super::{dot, exp};
 use candle_core::{Result, Tensor};
@@ -32,6 +32,28 @@ impl Heads {
     fn ok(&self) -> bool {
         self.b > 0 && self.t > 0 && self.d > 0 && self.nkv > 0 && self.nh.is_multiple_of(self.nkv)
     }
+}
+
+/// Query rows handled together: with a causal mask, a block of rows ending at row `r` needs
+/// keys `0..r` only, so the masked upper triangle (half the work) is never computed.
+const ROW_BLOCK: usize = 64;
+
+/// The row blocks of a `t`-row attention and the keys each needs: `(first row, rows, keys)`.
+fn row_blocks(t: usize, causal: bool) -> impl Iterator<Item = (usize, usize, usize)> {
+    (0..t.div_ceil(ROW_BLOCK)).map(move |i| {
+        let r0 = i * ROW_BLOCK;
+        let rows = ROW_BLOCK.min(t - r0);
+        (r0, rows, if causal { r0 + rows } else { t })
+    })
+}
+
+/// Whether every mask hides every key after its query (`mask` holds whole `[t, t]` masks).
+fn is_causal(mask: &[f32], t: usize) -> bool {
+    mask.chunks_exact(t * t).all(|m| {
+        m.chunks_exact(t)
+            .enumerate()
+            .all(|(i, row)| row[i + 1..].iter().all(|&x| x == f32::NEG_INFINITY))
+    })
 }
 
 /// `softmax(scale · q kᵀ + mask) v` per head. `q` is `[B·T, nh·d]`, `k` and `v` `[B·T, nkv·d]`
@@ -62,32 +84,37 @@ pub fn attention(
     };
     let (qv, kv, vv, mv) = (View::of(q)?, View::of(k)?, View::of(v)?, View::of(mask)?);
     let (qs, ks, vs, ms) = (qv.slice(), kv.slice(), vv.slice(), mv.slice());
+    let causal = is_causal(ms, t);
     let (qw, kw) = (nh * d, nkv * d);
     let mut probs = vec![0f32; b * nh * t * t];
     let mut out = vec![0f32; b * t * qw];
     let (pp, op) = (SendPtr::of(&mut probs), SendPtr::of(&mut out));
     let out_len = out.len();
-    for_chunks(b * nh, b * nh * t * t * d, |units| {
+    // One unit per (sequence, head, block of query rows): enough of them to keep every thread
+    // busy at batch 1, and with a causal mask the later blocks (more keys) cost more, which
+    // the pool's shared cursor evens out.
+    let blocks: Vec<_> = row_blocks(t, causal).collect();
+    let nb = blocks.len();
+    for_chunks(b * nh * nb, b * nh * t * t * d, |units| {
         for u in units {
-            let (bi, hi) = (u / nh, u % nh);
+            let (bh, (r0, rows, keys)) = (u / nb, blocks[u % nb]);
+            let (bi, hi) = (bh / nh, bh % nh);
             let g = hi / h.rep();
-            // SAFETY: unit u owns probability block u and the (sequence bi, head hi) block of
-            // the output, which no other unit touches.
-            let p = unsafe { pp.slice(u * t * t, t * t) };
-            let qh = Op::rows(&qs[bi * t * qw + hi * d..], qw);
-            let kt = Op::transposed(&ks[bi * t * kw + g * d..], kw);
-            gemm_serial(t, t, d, Dst::rows(p, t), false, qh, kt, scale);
-            let m = if per_sequence {
-                &ms[bi * t * t..][..t * t]
-            } else {
-                &ms[..t * t]
-            };
-            for (row, mrow) in p.chunks_exact_mut(t).zip(m.chunks_exact(t)) {
-                masked_softmax(row, mrow);
+            // SAFETY: the unit owns rows r0.. of probability block bh and the same rows of
+            // head hi of sequence bi's output, which no other unit touches.
+            let pb = unsafe { pp.slice((bh * t + r0) * t, rows * t) };
+            let out = unsafe { Dst::from_raw(op, out_len, qw) }.at(bi * t + r0, hi * d);
+            let m = if per_sequence { &ms[bi * t * t..] } else { ms };
+            let (q0, kv0) = ((bi * t + r0) * qw + hi * d, bi * t * kw + g * d);
+            let qh = Op::rows(&qs[q0..], qw);
+            let kt = Op::transposed(&ks[kv0..], kw);
+            gemm_serial(rows, keys, d, Dst::rows(pb, t), false, qh, kt, scale);
+            for (i, row) in pb.chunks_exact_mut(t).enumerate() {
+                let mrow = &m[(r0 + i) * t..][..keys];
+                masked_softmax(&mut row[..keys], mrow);
             }
-            let dst = unsafe { Dst::from_raw(op, out_len, qw) }.at(bi * t, hi * d);
-            let vh = Op::rows(&vs[bi * t * kw + g * d..], kw);
-            gemm_serial(t, d, t, dst, false, Op::rows(p, t), vh, 1.0);
+            let vh = Op::rows(&vs[kv0..], kw);
+            gemm_serial(rows, d, keys, out, false, Op::rows(pb, t), vh, 1.0);
         }
     });
     Some((|| {
@@ -96,11 +123,13 @@ pub fn attention(
 }
 
 /// Gradients `(dq, dk, dv)` of [`attention`] given its probabilities and `dout` (`[B·T, nh·d]`),
-/// in the layouts of q, k and v.
+/// in the layouts of q, k and v (`mask` as given to the forward).
+#[allow(clippy::too_many_arguments)]
 pub fn attention_backward(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
+    mask: &Tensor,
     probs: &Tensor,
     dout: &Tensor,
     h: Heads,
@@ -113,9 +142,12 @@ pub fn attention_backward(
         || k.dims() != [b * t, nkv * d]
         || v.dims() != [b * t, nkv * d]
         || probs.elem_count() != b * nh * t * t
+        || (mask.elem_count() != t * t && mask.elem_count() != b * t * t)
     {
         return None;
     }
+    let mv = View::of(mask)?;
+    let causal = is_causal(mv.slice(), t);
     let views = (
         View::of(q)?,
         View::of(k)?,
@@ -132,52 +164,76 @@ pub fn attention_backward(
     );
     let (qw, kw, rep) = (nh * d, nkv * d, h.rep());
     let mut dq = vec![0f32; b * t * qw];
-    let mut dk = vec![0f32; b * t * kw];
-    let mut dv = vec![0f32; b * t * kw];
-    let (lq, lk) = (dq.len(), dk.len());
+    // dK and dV per query head ([B, nh, T, d]), summed over each K/V head's group below: one
+    // unit per (sequence, query head) keeps both threads busy at batch 1, where there are as
+    // few K/V heads as 3.
+    let mut dkh = vec![0f32; b * nh * t * d];
+    let mut dvh = vec![0f32; b * nh * t * d];
+    let lq = dq.len();
     let (pq, pk, pv) = (
         SendPtr::of(&mut dq),
-        SendPtr::of(&mut dk),
-        SendPtr::of(&mut dv),
+        SendPtr::of(&mut dkh),
+        SendPtr::of(&mut dvh),
     );
-    // One unit per (sequence, K/V head): the query heads of a group all add into its dK, dV.
-    for_chunks(b * nkv, 4 * b * nh * t * t * d, |units| {
-        let mut ds = vec![0f32; t * t];
+    let blocks: Vec<_> = row_blocks(t, causal).collect();
+    for_chunks(b * nh, 4 * b * nh * t * t * d, |units| {
+        let mut ds = vec![0f32; ROW_BLOCK.min(t) * t];
         for u in units {
-            let (bi, g) = (u / nkv, u % nkv);
-            // SAFETY: unit u owns the (sequence bi, head g) blocks of dk and dv and the blocks of
-            // dq of the group's query heads.
-            let (dkd, dvd, dqd) = unsafe {
+            let (bi, hi) = (u / nh, u % nh);
+            let kv0 = bi * t * kw + (hi / rep) * d;
+            let (kg, vt) = (Op::rows(&ks[kv0..], kw), Op::transposed(&vs[kv0..], kw));
+            let p = &ps[u * t * t..][..t * t];
+            let q0 = bi * t * qw + hi * d;
+            // SAFETY: unit u owns head hi of sequence bi in dq and its own dK, dV blocks.
+            let (dqh, dkd, dvd) = unsafe {
                 (
-                    Dst::from_raw(pk, lk, kw).at(bi * t, g * d),
-                    Dst::from_raw(pv, lk, kw).at(bi * t, g * d),
-                    Dst::from_raw(pq, lq, qw),
+                    Dst::from_raw(pq, lq, qw).at(bi * t, hi * d),
+                    Dst::rows(pk.slice(u * t * d, t * d), d),
+                    Dst::rows(pv.slice(u * t * d, t * d), d),
                 )
             };
-            let kg = Op::rows(&ks[bi * t * kw + g * d..], kw);
-            let vt = Op::transposed(&vs[bi * t * kw + g * d..], kw);
-            for r in 0..rep {
-                let hi = g * rep + r;
-                let p = &ps[(bi * nh + hi) * t * t..][..t * t];
-                let doh = Op::rows(&dos[bi * t * qw + hi * d..], qw);
+            for &(r0, rows, keys) in &blocks {
+                let doh = Op::rows(&dos[q0 + r0 * qw..], qw);
+                let qh = Op::rows(&qs[q0 + r0 * qw..], qw);
                 // dV += Pᵀ dO
-                gemm_serial(t, d, t, dvd, r > 0, Op::transposed(p, t), doh, 1.0);
+                let pt = Op::transposed(&p[r0 * t..], t);
+                gemm_serial(keys, d, rows, dvd, true, pt, doh, 1.0);
                 // dP = dO Vᵀ, then dS = scale · P ⊙ (dP − Σⱼ dPⱼ Pⱼ)
-                gemm_serial(t, t, d, Dst::rows(&mut ds, t), false, doh, vt, 1.0);
-                for (drow, prow) in ds.chunks_exact_mut(t).zip(p.chunks_exact(t)) {
+                let dsb = &mut ds[..rows * keys];
+                gemm_serial(rows, keys, d, Dst::rows(dsb, keys), false, doh, vt, 1.0);
+                for (i, drow) in dsb.chunks_exact_mut(keys).enumerate() {
+                    let prow = &p[(r0 + i) * t..][..keys];
                     let dot = dot(drow, prow);
                     for (x, &pj) in drow.iter_mut().zip(prow) {
                         *x = scale * pj * (*x - dot);
                     }
                 }
                 // dQ = dS K, dK += dSᵀ Q
-                let dqh = dqd.at(bi * t, hi * d);
-                gemm_serial(t, d, t, dqh, false, Op::rows(&ds, t), kg, 1.0);
-                let qh = Op::rows(&qs[bi * t * qw + hi * d..], qw);
-                gemm_serial(t, d, t, dkd, r > 0, Op::transposed(&ds, t), qh, 1.0);
+                let dsr = Op::rows(dsb, keys);
+                gemm_serial(rows, d, keys, dqh.at(r0, 0), false, dsr, kg, 1.0);
+                let dst = Op::transposed(dsb, keys);
+                gemm_serial(keys, d, rows, dkd, true, dst, qh, 1.0);
             }
         }
     });
+    // dk, dv [B·T, nkv·d]: each K/V head's row is the sum of its query heads' rows.
+    let group_sum = |per_head: &[f32]| {
+        let mut out = vec![0f32; b * t * kw];
+        for_rows(&mut out, kw, |row, o| {
+            let (bi, tt) = (row / t, row % t);
+            for (g, og) in o.chunks_exact_mut(d).enumerate() {
+                for r in 0..rep {
+                    let src = &per_head[((bi * nh + g * rep + r) * t + tt) * d..][..d];
+                    for (x, &y) in og.iter_mut().zip(src) {
+                        *x += y;
+                    }
+                }
+            }
+        });
+        out
+    };
+    let (dk, dv) = (group_sum(&dkh), group_sum(&dvh));
+    drop((dkh, dvh));
     Some((|| {
         Ok((
             tensor(dq, &[b * t, qw])?,
@@ -293,7 +349,8 @@ mod tests {
         Tensor::from_vec(m, (b, 1, 1, t, t), &Device::Cpu).unwrap()
     }
 
-    const SHAPES: [Heads; 4] = [
+    // Lengths below, at and across the 64-row blocks (the last one partial).
+    const SHAPES: [Heads; 5] = [
         Heads {
             b: 1,
             t: 1,
@@ -322,12 +379,24 @@ mod tests {
             nkv: 3,
             d: 64,
         },
+        Heads {
+            b: 2,
+            t: 150,
+            nh: 4,
+            nkv: 2,
+            d: 16,
+        },
     ];
+
+    /// No mask at all (every key visible): the path that cannot skip the upper triangle.
+    fn open(t: usize) -> Tensor {
+        Tensor::zeros((t, t), candle_core::DType::F32, &Device::Cpu).unwrap()
+    }
 
     #[test]
     fn forward_and_backward_match_autograd() {
         for (n, &h) in SHAPES.iter().enumerate() {
-            for mask in [causal(h.t), per_sequence(h.b, h.t)] {
+            for mask in [causal(h.t), per_sequence(h.b, h.t), open(h.t)] {
                 let seed = 100 * n as u64;
                 let q = rand(&[h.b * h.t, h.nh * h.d], seed, 1.5);
                 let k = rand(&[h.b * h.t, h.nkv * h.d], seed + 1, 1.5);
@@ -357,9 +426,10 @@ mod tests {
                     .unwrap()
                     .backward()
                     .unwrap();
-                let (dq, dk, dv) = attention_backward(&q, &k, &v, &probs, &dout, h, scale as f32)
-                    .unwrap()
-                    .unwrap();
+                let (dq, dk, dv) =
+                    attention_backward(&q, &k, &v, &mask, &probs, &dout, h, scale as f32)
+                        .unwrap()
+                        .unwrap();
                 for (name, got, var) in [("dq", dq, &vq), ("dk", dk, &vk), ("dv", dv, &vv)] {
                     let want = g.get(var.as_tensor()).unwrap();
                     assert!(max_rel_diff(&got, want) < 1e-5, "{name} {h:?}");

@@ -94,16 +94,19 @@ pub fn forward(
 
 /// Gradients `(dq, dk, dv)` of [`forward`] given `dout` (`[B·T, nh·d]`), in q's, k's and v's
 /// layouts.
+#[allow(clippy::too_many_arguments)]
 pub fn backward(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     probs: &Tensor,
     dout: &Tensor,
+    mb: &MicroBatch,
     h: Heads,
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let scale = 1.0 / (h.d as f64).sqrt();
-    if let Some(done) = kernels::attention_backward(q, k, v, probs, dout, h, scale as f32) {
+    let fused = kernels::attention_backward(q, k, v, &mb.mask, probs, dout, h, scale as f32);
+    if let Some(done) = fused {
         return done;
     }
     let Heads { b, t, nh, nkv, d } = h;

@@ -518,7 +518,7 @@ pub fn block_backward(
     lin_back(&blk.o_proj, Target::O, &s.attn, &dxmid, Some(&mut dattn))?;
     let dattn = dattn.into_tensor(s.attn.dims())?;
     let (dq, dk, dv) =
-        attention::timed(|| attention::backward(&s.q, &s.k, &s.v, &s.probs, &dattn, heads))?;
+        attention::timed(|| attention::backward(&s.q, &s.k, &s.v, &s.probs, &dattn, mb, heads))?;
     drop(dattn);
     // RoPE is a rotation: its backward rotates by the opposite angle.
     let dq = attention::rope(&dq, mb, heads, nh, true)?;

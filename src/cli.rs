@@ -96,6 +96,10 @@ pub struct BenchmarkArgs {
     /// LoRA ranks to try.
     #[arg(long, default_value = "8,16,32,64")]
     pub ranks: String,
+    /// Base precisions to try, comma-separated: none (the model's own dtype), 4 or 8 (QLoRA:
+    /// frozen block weights kept at that many bits).
+    #[arg(long, default_value = "none")]
+    pub quantize: String,
 }
 
 #[derive(Debug, Args)]

@@ -58,16 +58,21 @@ pub struct Best {
     pub tokens_per_s: f64,
     pub peak_bytes: u64,
     pub budget_bytes: u64,
+    /// `--quantize` of the best configuration (None: the model's own dtype).
+    #[serde(default)]
+    pub quantize: Option<u8>,
 }
 
 impl Best {
     /// As train flags.
     pub fn args(&self) -> Vec<String> {
-        vec![
+        let mut args = vec![
             format!("--batch-size={}", self.batch_size),
             format!("--max-seq-length={}", self.max_seq_length),
             format!("--lora-rank={}", self.lora_rank),
-        ]
+        ];
+        args.extend(self.quantize.map(|q| format!("--quantize={q}")));
+        args
     }
 }
 
@@ -189,8 +194,12 @@ pub fn auto_optimize_args(model: &str) -> Result<Vec<String>> {
         }
     };
     eprintln!(
-        "--auto-optimize: batch {} × length {}, rank {} ({:.1} tokens/s measured); flags on the command line win",
-        best.batch_size, best.max_seq_length, best.lora_rank, best.tokens_per_s
+        "--auto-optimize: batch {} × length {}, rank {}{} ({:.1} tokens/s measured); flags on the command line win",
+        best.batch_size,
+        best.max_seq_length,
+        best.lora_rank,
+        best.quantize.map_or(String::new(), |q| format!(", --quantize {q}")),
+        best.tokens_per_s
     );
     Ok(best.args())
 }
@@ -235,11 +244,20 @@ mod tests {
                     tokens_per_s: 90.0,
                     peak_bytes: 1,
                     budget_bytes: 2,
+                    quantize: Some(4),
                 },
             )]),
         };
         std::fs::write(&path, serde_json::to_string(&p).unwrap()).unwrap();
-        assert_eq!(load_from(&path).unwrap(), Some(p));
+        assert_eq!(load_from(&path).unwrap(), Some(p.clone()));
+        assert!(p.best["m"].args().contains(&"--quantize=4".to_string()));
+        // A profile saved before `quantize` existed still loads.
+        let old = serde_json::to_string(&p)
+            .unwrap()
+            .replace(",\"quantize\":4", "");
+        assert!(!old.contains("quantize"), "{old}");
+        std::fs::write(&path, old).unwrap();
+        assert_eq!(load_from(&path).unwrap().unwrap().best["m"].quantize, None);
         std::fs::write(&path, "{").unwrap();
         let e = load_from(&path).unwrap_err().to_string();
         assert!(e.contains("your_ai setup"), "{e}");

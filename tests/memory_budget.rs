@@ -288,14 +288,17 @@ fn benchmark_recommend_setup_and_auto_optimize() {
             .output()
             .unwrap()
     };
-    let o = bench(&[]);
+    let o = bench(&["--quantize", "none,8"]);
     let out = String::from_utf8_lossy(&o.stdout).into_owned();
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(out.contains("Fastest configuration that fits"), "{out}");
+    assert!(out.contains("8-bit"), "{out}");
     let json: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
     let configs = json["configurations"].as_array().unwrap();
-    assert_eq!(configs.len(), 2);
+    assert_eq!(configs.len(), 4);
+    let quantized = configs.iter().filter(|c| c["quantize"] == 8).count();
+    assert_eq!(quantized, 2, "{configs:?}");
     for c in configs {
         assert_eq!(c["status"], "ok", "{c}");
         assert!(c["peak_bytes"].as_u64().unwrap() > 0 && c["tokens_per_s"].as_f64().unwrap() > 0.0);
@@ -355,6 +358,10 @@ fn benchmark_recommend_setup_and_auto_optimize() {
     let out = String::from_utf8_lossy(&o2.stdout).into_owned();
     assert!(out.contains("over budget (measured)"), "{out}");
     assert!(out.contains("No configuration ran successfully"), "{out}");
+    // A setting that does not exist is refused, naming the flag.
+    let o = bench(&["--quantize", "none,3"]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("--quantize: `3`"), "{}", stderr(&o));
     // Over the budget by estimate: skipped without running.
     let o3 = bench(&["--max-memory", "0.001"]);
     let out = String::from_utf8_lossy(&o3.stdout).into_owned();

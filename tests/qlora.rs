@@ -291,3 +291,95 @@ fn smollm2_learns_with_a_4_bit_base() {
     );
     assert!(last < 0.75 * first, "validation loss {first} → {last}");
 }
+
+/// Peak resident memory of a short SmolLM2 run on rows that fill `--max-seq-length` exactly
+/// (so the pre-flight estimate, which sizes every batch at full length, describes this run),
+/// and that estimate: `(measured peak, estimated peak)` of the whole run, load included.
+fn measured_and_estimated_peak(quantize: Option<&str>, dir: &std::path::Path) -> (f64, f64) {
+    let data = dir.join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    // Plain-text rows of the example's own words, each longer than 128 tokens.
+    let words: Vec<String> = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("examples/invented-country/train.jsonl"),
+    )
+    .unwrap()
+    .split_whitespace()
+    .map(|w| {
+        w.chars()
+            .filter(|c| c.is_alphanumeric())
+            .collect::<String>()
+    })
+    .filter(|w| !w.is_empty())
+    .collect();
+    let rows: String = (0..8)
+        .map(|r| {
+            let text: Vec<&str> = (0..160)
+                .map(|i| words[(r * 37 + i) % words.len()].as_str())
+                .collect();
+            format!("{}\n", serde_json::json!({ "text": text.join(" ") }))
+        })
+        .collect();
+    std::fs::write(data.join("train.jsonl"), rows).unwrap();
+    let out = dir.join(quantize.unwrap_or("f32"));
+    let mut c = cli();
+    c.args(["train", "--model"]).arg(smollm2());
+    if let Some(q) = quantize {
+        c.args(["--quantize", q]);
+    }
+    let o = c
+        .arg("--data")
+        .arg(data.join("train.jsonl"))
+        .arg("--output")
+        .arg(&out)
+        .args([
+            "--max-steps",
+            "3",
+            "--batch-size",
+            "4",
+            "--max-seq-length",
+            "128",
+            "--lora-rank",
+            "16",
+            "--steps-per-eval",
+            "0",
+            "--no-save-best",
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let m = out.join("metrics.jsonl");
+    let start = &metrics(&m, "start")[0];
+    let end = &metrics(&m, "end")[0];
+    (
+        end["peak_rss_bytes"].as_f64().unwrap(),
+        start["estimate_peak_bytes"].as_f64().unwrap(),
+    )
+}
+
+#[test]
+fn a_4_bit_base_needs_less_memory_than_f32_and_the_estimate_says_how_much() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (f32_peak, f32_est) = measured_and_estimated_peak(None, tmp.path());
+    let (q4_peak, q4_est) = measured_and_estimated_peak(Some("4"), tmp.path());
+    eprintln!(
+        "SmolLM2, batch 4 x 128, rank 16: f32 peak {:.3} GB (estimate {:.3}), --quantize 4 peak {:.3} GB (estimate {:.3})",
+        f32_peak / 1e9,
+        f32_est / 1e9,
+        q4_peak / 1e9,
+        q4_est / 1e9
+    );
+    // The frozen linears go from 4 bytes a weight to 5 bits: ~0.36 GB of SmolLM2's 0.54 GB.
+    assert!(q4_peak < f32_peak - 0.2e9, "{q4_peak} vs {f32_peak}");
+    for (name, peak, est) in [
+        ("f32", f32_peak, f32_est),
+        ("--quantize 4", q4_peak, q4_est),
+    ] {
+        let err = (est - peak) / peak;
+        assert!(
+            err.abs() <= 0.15,
+            "{name}: estimate {est} vs measured {peak} ({:+.1}%)",
+            100.0 * err
+        );
+    }
+}

@@ -23,6 +23,8 @@ struct Trial {
     batch: usize,
     len: usize,
     rank: usize,
+    /// `--quantize` (None: the model's own dtype).
+    quant: Option<u8>,
     estimate: u64,
     status: String,
     ok: bool,
@@ -35,6 +37,7 @@ impl Trial {
     fn json(&self) -> Value {
         json!({
             "batch_size": self.batch, "max_seq_length": self.len, "lora_rank": self.rank,
+            "quantize": self.quant,
             "status": self.status, "ok": self.ok, "steps_per_s": self.steps_per_s,
             "tokens_per_s": self.tokens_per_s, "peak_bytes": self.peak,
             "estimate_bytes": self.estimate,
@@ -95,6 +98,27 @@ fn parse_list(s: &str, flag: &str) -> Result<Vec<usize>> {
 }
 
 /// The median of `xs` (which is not empty).
+/// `--quantize none,4,8` as the settings to try.
+fn parse_quantize(s: &str) -> Result<Vec<Option<u8>>> {
+    let mut out = vec![];
+    for item in s.split(',').map(str::trim) {
+        let q = match item {
+            "none" | "" => None,
+            "4" => Some(4),
+            "8" => Some(8),
+            other => {
+                return Err(Error::Usage(format!(
+                    "--quantize: `{other}` is not a setting; give none, 4 or 8, comma-separated"
+                )))
+            }
+        };
+        if !out.contains(&q) {
+            out.push(q);
+        }
+    }
+    Ok(out)
+}
+
 fn median(mut xs: Vec<f64>) -> f64 {
     xs.sort_by(f64::total_cmp);
     let n = xs.len();
@@ -119,9 +143,19 @@ fn last_message(stderr: &str) -> String {
 /// Runs one configuration in a child `your_ai train`.
 fn run_trial(a: &BenchmarkArgs, dir: &Path, trial: &mut Trial, budget_gb: f64) -> Result<()> {
     let exe = std::env::current_exe().map_err(|e| Error::io("find", "your_ai", e))?;
-    let out = dir.join(format!("run-{}-{}-{}", trial.batch, trial.len, trial.rank));
-    let output = Command::new(exe)
-        .args(["train", "--model", &a.model.model])
+    let out = dir.join(format!(
+        "run-{}-{}-{}-{}",
+        trial.batch,
+        trial.len,
+        trial.rank,
+        trial.quant.unwrap_or(0)
+    ));
+    let mut cmd = Command::new(exe);
+    cmd.args(["train", "--model", &a.model.model]);
+    if let Some(q) = trial.quant {
+        cmd.args(["--quantize", &q.to_string()]);
+    }
+    let output = cmd
         .args(["--device", &format!("{:?}", a.model.device).to_lowercase()])
         .args(["--dtype", &format!("{:?}", a.model.dtype).to_lowercase()])
         .arg("--data")
@@ -149,10 +183,13 @@ fn run_trial(a: &BenchmarkArgs, dir: &Path, trial: &mut Trial, budget_gb: f64) -
         .filter_map(|l| serde_json::from_str(l).ok())
         .collect();
     let train: Vec<&Value> = records.iter().filter(|r| r["type"] == "train").collect();
-    let load_peak = records
-        .iter()
-        .find(|r| r["type"] == "start")
-        .and_then(|r| r["load_peak_rss_bytes"].as_u64());
+    let start = records.iter().find(|r| r["type"] == "start");
+    let load_peak = start.and_then(|r| r["load_peak_rss_bytes"].as_u64());
+    // The estimate the child trained under: it also counts the blocks whose activations it
+    // chose to keep (`--keep-activations auto`), which the parent's skip check leaves out.
+    if let Some(e) = start.and_then(|r| r["estimate_peak_bytes"].as_u64()) {
+        trial.estimate = e;
+    }
     // Every step's, and the end record's (after the final save).
     let train_peak = records
         .iter()
@@ -200,6 +237,7 @@ pub fn run(a: BenchmarkArgs) -> Result<()> {
     if a.steps == 0 {
         return Err(Error::Usage("--steps 0: run at least one step".into()));
     }
+    let quants = parse_quantize(&a.quantize)?;
     let (batches, lengths, ranks) = if a.quick {
         (vec![1, 4], vec![128, 512], vec![8])
     } else {
@@ -231,46 +269,50 @@ pub fn run(a: BenchmarkArgs) -> Result<()> {
         write_data(&dir.join(format!("data-{len}")), len)?;
     }
     let mut trials = vec![];
-    for &rank in &ranks {
-        for &len in &lengths {
-            for &batch in &batches {
-                let w = Workload {
-                    batch_size: batch,
-                    seq_len: len,
-                    lora_rank: rank,
-                    targets: crate::lora::Target::ALL.to_vec(),
-                    adapted_layers: cfg.num_hidden_layers,
-                    keep_blocks: 0,
-                    dropout: false,
-                    packed: false,
-                    act_bytes: dtype.size_in_bytes(),
-                    weights: WeightFormat::Dense(dtype.size_in_bytes() as f64),
-                    source_bytes: inspected.weight_file_bytes,
-                };
-                trials.push(Trial {
-                    batch,
-                    len,
-                    rank,
-                    estimate: estimate(cfg, &w).peak(),
-                    status: String::new(),
-                    ok: false,
-                    steps_per_s: None,
-                    tokens_per_s: None,
-                    peak: None,
-                });
+    for &quant in &quants {
+        let weights = WeightFormat::for_quantize(super::quant_flag(quant)?, dtype.size_in_bytes());
+        for &rank in &ranks {
+            for &len in &lengths {
+                for &batch in &batches {
+                    let w = Workload {
+                        batch_size: batch,
+                        seq_len: len,
+                        lora_rank: rank,
+                        targets: crate::lora::Target::ALL.to_vec(),
+                        adapted_layers: cfg.num_hidden_layers,
+                        keep_blocks: 0,
+                        dropout: false,
+                        packed: false,
+                        act_bytes: dtype.size_in_bytes(),
+                        weights,
+                        source_bytes: inspected.weight_file_bytes,
+                    };
+                    trials.push(Trial {
+                        batch,
+                        len,
+                        rank,
+                        quant,
+                        estimate: estimate(cfg, &w).peak(),
+                        status: String::new(),
+                        ok: false,
+                        steps_per_s: None,
+                        tokens_per_s: None,
+                        peak: None,
+                    });
+                }
             }
         }
     }
     // Small to large, so a budget problem shows on the cheap runs first.
-    trials.sort_by_key(|t| (t.batch * t.len, t.rank));
+    trials.sort_by_key(|t| (t.batch * t.len, t.rank, t.quant));
     eprintln!(
         "{} configurations, {} steps each, one child process per configuration",
         trials.len(),
         a.steps
     );
     println!(
-        "{:>5} {:>6} {:>4}  {:>8} {:>9} {:>8} {:>9} {:>6}  status",
-        "batch", "length", "rank", "steps/s", "tokens/s", "peak GB", "estim. GB", "error"
+        "{:>5} {:>6} {:>4} {:>5}  {:>8} {:>9} {:>8} {:>9} {:>6}  status",
+        "batch", "length", "rank", "quant", "steps/s", "tokens/s", "peak GB", "estim. GB", "error"
     );
     for t in trials.iter_mut() {
         if t.estimate > budget.bytes {
@@ -280,10 +322,11 @@ pub fn run(a: BenchmarkArgs) -> Result<()> {
         }
         let f = |x: Option<f64>, p: usize| x.map_or("-".to_string(), |v| format!("{v:.p$}"));
         println!(
-            "{:>5} {:>6} {:>4}  {:>8} {:>9} {:>8} {:>9.3} {:>6}  {}",
+            "{:>5} {:>6} {:>4} {:>5}  {:>8} {:>9} {:>8} {:>9.3} {:>6}  {}",
             t.batch,
             t.len,
             t.rank,
+            t.quant.map_or("-".to_string(), |q| format!("{q}-bit")),
             f(t.steps_per_s, 3),
             f(t.tokens_per_s, 1),
             f(t.peak.map(|p| p as f64 / GB), 3),
@@ -304,8 +347,13 @@ pub fn run(a: BenchmarkArgs) -> Result<()> {
     });
     let command = best.map(|t| {
         format!(
-            "your_ai train --model {} --batch-size {} --max-seq-length {} --lora-rank {} --max-memory {:.1}",
-            a.model.model, t.batch, t.len, t.rank, budget_gb
+            "your_ai train --model {} --batch-size {} --max-seq-length {} --lora-rank {}{} --max-memory {:.1}",
+            a.model.model,
+            t.batch,
+            t.len,
+            t.rank,
+            t.quant.map_or(String::new(), |q| format!(" --quantize {q}")),
+            budget_gb
         )
     });
     match (&best, &command) {
@@ -329,6 +377,7 @@ pub fn run(a: BenchmarkArgs) -> Result<()> {
                 tokens_per_s: t.tokens_per_s.unwrap_or(0.0),
                 peak_bytes: t.peak.unwrap_or(0),
                 budget_bytes: budget.bytes,
+                quantize: t.quant,
             },
         )?;
         eprintln!(

@@ -5,7 +5,7 @@ use crate::cli::EstimateArgs;
 use crate::device::DTypeChoice;
 use crate::error::{Error, Result};
 use crate::memory::budget::GB;
-use crate::train::estimate::{estimate, suggestions, WeightFormat, Workload, Q4_BYTES, Q8_BYTES};
+use crate::train::estimate::{estimate, suggestions, WeightFormat, Workload};
 
 pub fn run(a: EstimateArgs) -> Result<()> {
     let targets = super::train::parse_targets(&a.lora_targets)?;
@@ -32,15 +32,9 @@ pub fn run(a: EstimateArgs) -> Result<()> {
         DTypeChoice::F16 | DTypeChoice::Bf16 => 2,
     };
     let weights = match a.quantize {
-        None => WeightFormat::Dense(bytes as f64),
-        Some(4) => WeightFormat::Quantized {
-            linear: Q4_BYTES,
-            other: bytes as f64,
-        },
-        Some(8) => WeightFormat::Quantized {
-            linear: Q8_BYTES,
-            other: bytes as f64,
-        },
+        None | Some(4) | Some(8) => {
+            WeightFormat::for_quantize(super::quant_flag(a.quantize)?, bytes)
+        }
         Some(q) => {
             return Err(Error::Usage(format!(
                 "--quantize {q}: give 4 or 8 (bits per weight)"

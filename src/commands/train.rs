@@ -7,12 +7,11 @@ use crate::device::{select_device, select_dtype};
 use crate::error::{Error, Result};
 use crate::lora::{Adapter, LoraConfig, Target};
 use crate::memory::{self, budget, budget::Budget};
-use crate::model::quantized::QuantBits;
 use crate::model::Inspected;
 use crate::train::checkpoint;
 use crate::train::config::{KeepActivations, TrainConfig};
 use crate::train::estimate::{
-    estimate, largest_batch, suggestions, Estimate, WeightFormat, Workload, Q4_BYTES, Q8_BYTES,
+    estimate, largest_batch, suggestions, Estimate, WeightFormat, Workload,
 };
 use crate::train::trainer::{self, Datasets};
 use std::path::{Path, PathBuf};
@@ -55,16 +54,7 @@ fn preflight(
         dropout: a.lora_dropout > 0.0,
         packed: a.pack,
         act_bytes: dtype.size_in_bytes(),
-        weights: match super::quant_flag(a.quantize)? {
-            None => WeightFormat::Dense(dtype.size_in_bytes() as f64),
-            Some(q) => WeightFormat::Quantized {
-                linear: match q {
-                    QuantBits::Four => Q4_BYTES,
-                    QuantBits::Eight => Q8_BYTES,
-                },
-                other: dtype.size_in_bytes() as f64,
-            },
-        },
+        weights: WeightFormat::for_quantize(super::quant_flag(a.quantize)?, dtype.size_in_bytes()),
         source_bytes: inspected.weight_file_bytes,
     };
     let fits = |w: &Workload| estimate(cfg, w).peak() <= budget.bytes;

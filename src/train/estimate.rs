@@ -37,6 +37,21 @@ pub enum WeightFormat {
 }
 
 impl WeightFormat {
+    /// The format `--quantize` gives (None: dense at the model's `dtype_bytes`).
+    pub fn for_quantize(q: Option<crate::model::quantized::QuantBits>, dtype_bytes: usize) -> Self {
+        use crate::model::quantized::QuantBits;
+        match q {
+            None => WeightFormat::Dense(dtype_bytes as f64),
+            Some(q) => WeightFormat::Quantized {
+                linear: match q {
+                    QuantBits::Four => Q4_BYTES,
+                    QuantBits::Eight => Q8_BYTES,
+                },
+                other: dtype_bytes as f64,
+            },
+        }
+    }
+
     pub fn describe(&self) -> String {
         match self {
             WeightFormat::Dense(b) if *b >= 4.0 => "f32".into(),

@@ -132,25 +132,8 @@ pub fn gemm(
     rhs: Op,
     beta: f32,
 ) {
-    gemm_into(m, n, k, Dst::rows(dst, n), accumulate, lhs, rhs, beta)
-}
-
-/// [`gemm`] into a strided destination (a block of a wider matrix).
-#[allow(clippy::too_many_arguments)]
-pub fn gemm_into(
-    m: usize,
-    n: usize,
-    k: usize,
-    dst: Dst,
-    accumulate: bool,
-    lhs: Op,
-    rhs: Op,
-    beta: f32,
-) {
-    assert!(
-        dst.fits(m, n) && lhs.fits(m, k) && rhs.fits(k, n),
-        "GEMM operands do not match {m}x{k}·{k}x{n}"
-    );
+    let dst = Dst::rows(dst, n);
+    check(m, n, k, &dst, &lhs, &rhs);
     let threads = par::threads();
     if threads == 1 || m * n * k < PAR_MIN_FLOPS {
         return serial(m, n, k, dst, accumulate, lhs, rhs, beta);
@@ -196,8 +179,17 @@ pub fn gemm_into(
     }
 }
 
-/// [`gemm_into`] on the calling thread only: for kernels that split their work themselves and
-/// call this from inside the pool.
+/// Panics unless every element the strides address lies inside its buffer (a bug in the
+/// caller, never the user's input: the kernels check shapes before they get here).
+fn check(m: usize, n: usize, k: usize, dst: &Dst, lhs: &Op, rhs: &Op) {
+    assert!(
+        dst.fits(m, n) && lhs.fits(m, k) && rhs.fits(k, n),
+        "GEMM operands do not match {m}x{k}·{k}x{n}"
+    );
+}
+
+/// [`gemm`] into a strided destination, on the calling thread only: for kernels that split
+/// their work themselves and call this from inside the pool.
 #[allow(clippy::too_many_arguments)]
 pub fn gemm_serial(
     m: usize,
@@ -209,10 +201,7 @@ pub fn gemm_serial(
     rhs: Op,
     beta: f32,
 ) {
-    assert!(
-        dst.fits(m, n) && lhs.fits(m, k) && rhs.fits(k, n),
-        "GEMM operands do not match {m}x{k}·{k}x{n}"
-    );
+    check(m, n, k, &dst, &lhs, &rhs);
     serial(m, n, k, dst, accumulate, lhs, rhs, beta)
 }
 

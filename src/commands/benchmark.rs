@@ -286,6 +286,9 @@ pub fn run(a: BenchmarkArgs) -> Result<()> {
                         act_bytes: dtype.size_in_bytes(),
                         weights,
                         source_bytes: inspected.weight_file_bytes,
+                        cpu_kernels: device.is_cpu()
+                            && dtype == candle_core::DType::F32
+                            && crate::kernels::enabled(),
                     };
                     trials.push(Trial {
                         batch,

@@ -54,6 +54,8 @@ pub fn run(a: EstimateArgs) -> Result<()> {
         weights,
         // Only the peak of training is asked for: a quantized base is loaded tensor by tensor.
         source_bytes: 0,
+        // f32 is the CPU's dtype, where the fused kernels run.
+        cpu_kernels: bytes == 4 && crate::kernels::enabled(),
     };
     let budget = match a.max_memory {
         Some(gb) if gb.is_finite() && gb > 0.0 => Some((gb * GB) as u64),

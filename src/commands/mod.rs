@@ -73,6 +73,30 @@ pub fn quant_flag(quantize: Option<u8>) -> Result<Option<QuantBits>> {
     }
 }
 
+/// How the frozen weights of `inspected` will sit in memory with `quantize`: a GGUF keeps the
+/// block linears it stores quantized in their own format (Q4_K, Q6_K, …), so those are sized
+/// from the file rather than as the format `--quantize` names.
+pub fn weight_format(
+    inspected: &crate::model::Inspected,
+    quantize: Option<QuantBits>,
+    dtype_bytes: usize,
+) -> crate::train::estimate::WeightFormat {
+    use crate::train::estimate::WeightFormat;
+    let format = WeightFormat::for_quantize(quantize, dtype_bytes);
+    match (format, &inspected.source) {
+        (WeightFormat::Quantized { linear, other }, crate::model_source::ModelSource::Gguf(p)) => {
+            match crate::weights::GgufFile::open(p)
+                .ok()
+                .and_then(|g| g.quantized_linear_bytes(linear))
+            {
+                Some(linear) => WeightFormat::Quantized { linear, other },
+                None => format,
+            }
+        }
+        _ => format,
+    }
+}
+
 /// Loads the model and, when given, applies a PEFT LoRA adapter to it.
 pub fn load_model_with_adapter(args: &ModelArgs, adapter: Option<&Path>) -> Result<LoadedModel> {
     load_model_with_adapter_quantized(args, adapter, None)

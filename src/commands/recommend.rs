@@ -32,6 +32,7 @@ pub fn fit(
         act_bytes,
         weights,
         source_bytes: 0,
+        cpu_kernels: act_bytes == 4 && crate::kernels::enabled(),
     };
     loop {
         let peak = estimate(cfg, &w).train_peak;

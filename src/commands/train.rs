@@ -10,9 +10,7 @@ use crate::memory::{self, budget, budget::Budget};
 use crate::model::Inspected;
 use crate::train::checkpoint;
 use crate::train::config::{KeepActivations, TrainConfig};
-use crate::train::estimate::{
-    estimate, largest_batch, suggestions, Estimate, WeightFormat, Workload,
-};
+use crate::train::estimate::{estimate, largest_batch, suggestions, Estimate, Workload};
 use crate::train::trainer::{self, Datasets};
 use std::path::{Path, PathBuf};
 
@@ -54,8 +52,15 @@ fn preflight(
         dropout: a.lora_dropout > 0.0,
         packed: a.pack,
         act_bytes: dtype.size_in_bytes(),
-        weights: WeightFormat::for_quantize(super::quant_flag(a.quantize)?, dtype.size_in_bytes()),
+        weights: super::weight_format(
+            inspected,
+            super::quant_flag(a.quantize)?,
+            dtype.size_in_bytes(),
+        ),
         source_bytes: inspected.weight_file_bytes,
+        cpu_kernels: device.is_cpu()
+            && dtype == candle_core::DType::F32
+            && crate::kernels::enabled(),
     };
     let fits = |w: &Workload| estimate(cfg, w).peak() <= budget.bytes;
     if !fits(&w) {

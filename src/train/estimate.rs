@@ -82,6 +82,10 @@ pub struct Workload {
     /// Bytes of the weights file(s) mapped while loading (their pages count as resident until
     /// the load finishes); 0 when unknown or not mapped.
     pub source_bytes: u64,
+    /// The step runs on the fused CPU kernels (f32 on the CPU), whose backward temporaries
+    /// are fewer than candle's composite ops make (no `[B, heads, T, T]` copies besides the
+    /// kept probabilities, one LM-head chunk).
+    pub cpu_kernels: bool,
 }
 
 /// One line of the estimate table.
@@ -216,8 +220,21 @@ pub fn estimate(cfg: &ModelConfig, w: &Workload) -> Estimate {
     // A block's backward: its activations (recomputed unless kept), the incoming and outgoing
     // gradients, and the larger of the MLP's temporaries (about six [rows, intermediate]) and
     // the softmax backward's (three [rows, heads·T] beside the attention output's gradients).
-    let mlp_temps = rows * (6 * i + h) * act;
-    let attn_temps = rows * (2 * h + 2 * q + kv + 3 * nh * t) * act;
+    //
+    // The fused kernels hold less: the MLP's gradient and its two halves ([rows,
+    // intermediate] each); attention's dq, per-query-head dk and dv, the summed dk, dv and
+    // the incoming gradient, with no [heads, T, T] temporary.
+    let (mlp_temps, attn_temps) = if w.cpu_kernels {
+        (
+            rows * (3 * i + 2 * h) * act,
+            rows * (2 * h + 4 * q + 2 * kv) * act,
+        )
+    } else {
+        (
+            rows * (6 * i + h) * act,
+            rows * (2 * h + 2 * q + kv + 3 * nh * t) * act,
+        )
+    };
     let block = per_block + dropout + input + mlp_temps.max(attn_temps);
     // Its peak is at the top block (every input still held, one block's gradients) or at the
     // bottom one (one input left, every gradient resident), whichever is larger.
@@ -227,7 +244,8 @@ pub fn estimate(cfg: &ModelConfig, w: &Workload) -> Estimate {
     // The head: the final hidden state, its gradient, the scored rows, and two [chunk, vocab]
     // f32 temporaries (candle's ops; the fused CPU kernel holds one); every block input held.
     let chunk = HEAD_CHUNK.min(rows as usize) as u64;
-    let head = 3 * rows * h * act + 2 * chunk * cfg.vocab_size as u64 * 4 + inputs + kept;
+    let chunks = if w.cpu_kernels { 1 } else { 2 };
+    let head = 3 * rows * h * act + chunks * chunk * cfg.vocab_size as u64 * 4 + inputs + kept;
     // The update: every gradient resident.
     let update = 4 * params;
     let (work_name, work) = [
@@ -392,6 +410,7 @@ mod tests {
             act_bytes: 4,
             weights: WeightFormat::Dense(4.0),
             source_bytes: 0,
+            cpu_kernels: true,
         }
     }
 

@@ -87,6 +87,39 @@ impl GgufFile {
         Ok(g)
     }
 
+    /// Average bytes per weight of the block linear layers when loaded with `--quantize`:
+    /// tensors stored quantized stay in their own format, dense ones are quantized at
+    /// `requantized` bytes per weight. None when the file has no block linears.
+    pub fn quantized_linear_bytes(&self, requantized: f64) -> Option<f64> {
+        const LINEARS: [&str; 7] = [
+            "attn_q",
+            "attn_k",
+            "attn_v",
+            "attn_output",
+            "ffn_gate",
+            "ffn_up",
+            "ffn_down",
+        ];
+        let (mut bytes, mut weights) = (0f64, 0f64);
+        for (name, info) in &self.content.tensor_infos {
+            let Some(rest) = name.strip_prefix("blk.") else {
+                continue;
+            };
+            let kind = rest.split('.').nth(1).unwrap_or("");
+            if !LINEARS.contains(&kind) || !name.ends_with(".weight") {
+                continue;
+            }
+            let n = info.shape.elem_count() as f64;
+            use candle_core::quantized::GgmlDType as G;
+            bytes += match info.ggml_dtype {
+                G::F32 | G::F16 | G::BF16 => n * requantized,
+                q => n / q.block_size() as f64 * q.type_size() as f64,
+            };
+            weights += n;
+        }
+        (weights > 0.0).then(|| bytes / weights)
+    }
+
     pub fn architecture(&self) -> &str {
         &self.arch
     }

@@ -8,6 +8,9 @@ use minijinja::{Environment, ErrorKind, State, Value};
 use serde_json::{Map, Value as Json};
 use std::sync::{mpsc, Arc, Mutex};
 
+mod isolated;
+pub use isolated::{enable as isolate_renders, serve as serve_worker, WORKER_ARG};
+
 // A chat template comes with a downloaded model and is code we run: it must not be able to
 // hang or exhaust memory. These bounds are far above what real templates need.
 
@@ -46,6 +49,8 @@ pub struct ChatTemplate {
     /// The render thread (see [`RENDER_STACK`]), started on first use and kept: a thread per
     /// render cost 5-10 times the render itself. It ends when the template is dropped.
     worker: Mutex<Option<mpsc::Sender<Job>>>,
+    /// Where renders run instead when the tool isolates them (see [`isolated`]).
+    isolated: Option<Mutex<isolated::Isolated>>,
 }
 
 /// The template's variables, the output cap, and where the result goes.
@@ -70,7 +75,23 @@ pub struct ChatContext<'a> {
 const TEMPLATE_NAME: &str = "chat";
 
 impl ChatTemplate {
+    /// Compiles a template; it renders in a worker process when [`isolate_renders`] was
+    /// called (the command-line tool does), otherwise in this process.
     pub fn new(source: &str) -> Result<Self, TemplateError> {
+        let mut t = Self::in_process(source)?;
+        t.isolated =
+            isolated::worker_exe().map(|exe| Mutex::new(isolated::Isolated::new(exe, source)));
+        Ok(t)
+    }
+
+    /// A template that renders in worker processes started from `exe` (the `your_ai` binary).
+    pub fn isolated(source: &str, exe: &std::path::Path) -> Result<Self, TemplateError> {
+        let mut t = Self::in_process(source)?;
+        t.isolated = Some(Mutex::new(isolated::Isolated::new(exe, source)));
+        Ok(t)
+    }
+
+    fn in_process(source: &str) -> Result<Self, TemplateError> {
         let mut env = Environment::new();
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
@@ -138,11 +159,23 @@ impl ChatTemplate {
         Ok(Self {
             env: Arc::new(env),
             worker: Mutex::new(None),
+            isolated: None,
         })
     }
 
     pub fn render(&self, ctx: &ChatContext) -> Result<String, TemplateError> {
         let (vars, limit) = variables(ctx);
+        match &self.isolated {
+            Some(iso) => iso
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .render(&vars, limit),
+            None => self.render_vars(vars, limit),
+        }
+    }
+
+    /// Renders on this process's render thread.
+    fn render_vars(&self, vars: Map<String, Json>, limit: usize) -> Result<String, TemplateError> {
         let mut worker = self.worker.lock().unwrap_or_else(|p| p.into_inner());
         if worker.is_none() {
             *worker = self.start_worker();
@@ -150,16 +183,16 @@ impl ChatTemplate {
         let (reply, result) = mpsc::channel();
         let job = match worker.as_ref() {
             Some(tx) => match tx.send((vars, limit, reply)) {
-                Ok(()) => match result.recv() {
-                    Ok(r) => return r,
-                    // The thread is gone (it should not be: panics are caught): render here
-                    // this time, and start a new thread next time.
-                    Err(_) => {
+                Ok(()) => {
+                    return result.recv().unwrap_or_else(|_| {
+                        // The thread is gone (it should not be: panics are caught); the
+                        // next render starts a new one.
                         *worker = None;
-                        let (vars, limit) = variables(ctx);
-                        (vars, limit, mpsc::channel().0)
-                    }
-                },
+                        Err(TemplateError::Render(
+                            "the template engine's thread ended during the render".into(),
+                        ))
+                    });
+                }
                 Err(mpsc::SendError(job)) => {
                     *worker = None;
                     job
@@ -168,7 +201,7 @@ impl ChatTemplate {
             None => (vars, limit, reply),
         };
         // No thread to be had (address space, limits): render here, on the caller's stack.
-        render_vars(&self.env, job.0, job.1)
+        render_now(&self.env, job.0, job.1)
     }
 
     fn start_worker(&self) -> Option<mpsc::Sender<Job>> {
@@ -180,7 +213,7 @@ impl ChatTemplate {
             .spawn(move || {
                 while let Ok((vars, limit, reply)) = rx.recv() {
                     let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                        render_vars(&env, vars, limit)
+                        render_now(&env, vars, limit)
                     }))
                     .unwrap_or_else(|panic| {
                         let why = panic
@@ -242,7 +275,7 @@ fn variables(ctx: &ChatContext) -> (Map<String, Json>, usize) {
     (vars, limit)
 }
 
-fn render_vars(
+fn render_now(
     env: &Environment<'static>,
     vars: Map<String, Json>,
     limit: usize,

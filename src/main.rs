@@ -1,5 +1,12 @@
 fn main() {
+    // A child of ours that renders chat templates under a memory ceiling (chat_template).
+    if std::env::args_os().nth(1).as_deref() == Some(your_ai::chat_template::WORKER_ARG.as_ref()) {
+        std::process::exit(your_ai::chat_template::serve_worker());
+    }
     your_ai::memory::configure_allocator();
+    if let Ok(exe) = std::env::current_exe() {
+        your_ai::chat_template::isolate_renders(exe);
+    }
     let cli = match your_ai::cli::parse() {
         Ok(cli) => cli,
         Err(e) => {

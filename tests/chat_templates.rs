@@ -9,6 +9,21 @@ use your_ai::chat_template::{ChatContext, ChatTemplate, TemplateError};
 
 #[test]
 fn templates_render_exactly_as_transformers() {
+    check_goldens(ChatTemplate::new);
+}
+
+/// The same renders through the worker process the command-line tool uses (requests and
+/// replies as JSON lines): nothing changes on the way.
+#[test]
+fn worker_process_renders_exactly_as_in_process() {
+    check_goldens(|src| ChatTemplate::isolated(src, worker()));
+}
+
+fn worker() -> &'static std::path::Path {
+    std::path::Path::new(env!("CARGO_BIN_EXE_your_ai"))
+}
+
+fn check_goldens(make: impl Fn(&str) -> Result<ChatTemplate, TemplateError>) {
     let dir =
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/chat_templates");
     let goldens: Vec<Value> =
@@ -20,7 +35,7 @@ fn templates_render_exactly_as_transformers() {
         let name = g["template"].as_str().unwrap();
         let case = g["case"].as_str().unwrap();
         let src = std::fs::read_to_string(dir.join(format!("{name}.jinja"))).unwrap();
-        let tpl = ChatTemplate::new(&src).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let tpl = make(&src).unwrap_or_else(|e| panic!("{name}: {e}"));
         let messages = g["messages"].as_array().unwrap().clone();
         let tools = g["tools"].as_array().cloned();
         let extra = g["extra_kwargs"].as_object().cloned().unwrap_or_default();
@@ -393,6 +408,66 @@ fn runaway_templates_stop_with_a_clear_error() {
         "{}",
         &out[..40]
     );
+}
+
+/// One instruction can double a value: within the fuel, a string or list grows past any
+/// memory. In the worker process the render hits its memory ceiling, only the worker dies,
+/// the error says why, and the same template renders the next conversation in a new worker.
+#[test]
+fn doubling_strings_and_lists_stop_at_the_worker_memory_ceiling() {
+    for grow in [
+        "{% set ns.v = ns.v ~ ns.v %}",
+        "{% set ns.v = ns.v + ns.v %}",
+        "{% set ns.v = [ns.v, ns.v] | join %}",
+    ] {
+        let init = if grow.contains("+") { "[1]" } else { "'ab'" };
+        let src = format!(
+            "{{% set ns = namespace(v={init}) %}}{{% if messages[0].content == 'boom' %}}\
+             {{% for i in range(64) %}}{grow}{{% endfor %}}{{% endif %}}\
+             {{{{ messages[0].content }}}}:{{{{ ns.v | length }}}}"
+        );
+        let tpl = ChatTemplate::isolated(&src, worker()).unwrap();
+        let render = |content: &str| {
+            let msgs = [serde_json::json!({"role": "user", "content": content})];
+            tpl.render(&ChatContext {
+                messages: &msgs,
+                ..Default::default()
+            })
+        };
+        let t = std::time::Instant::now();
+        let e = render("boom").expect_err(grow).to_string();
+        let secs = t.elapsed().as_secs_f64();
+        eprintln!("{secs:.2} s  {grow}\n        → {e}");
+        assert!(
+            e.contains("needed more than 2 GiB of memory"),
+            "{grow}: {e}"
+        );
+        assert!(secs < 60.0, "{grow}: {secs:.1} s");
+        let ok = render("hi").unwrap();
+        assert!(ok.starts_with("hi:"), "{ok}");
+    }
+}
+
+/// A few instructions that each copy a huge value run for minutes within the fuel: the
+/// worker is stopped at the time limit, and the next render gets a new one.
+#[test]
+fn a_render_past_the_time_limit_is_stopped() {
+    let src = "{% if messages[0].content == 'slow' %}{% set ns = namespace(s='x' * 10**8) %}\
+               {% for i in range(100000) %}{% set ns.t = ns.s ~ 'y' %}{% endfor %}{% endif %}ok";
+    let tpl = ChatTemplate::isolated(src, worker()).unwrap();
+    let render = |content: &str| {
+        let msgs = [serde_json::json!({"role": "user", "content": content})];
+        tpl.render(&ChatContext {
+            messages: &msgs,
+            ..Default::default()
+        })
+    };
+    let t = std::time::Instant::now();
+    let e = render("slow").unwrap_err().to_string();
+    let secs = t.elapsed().as_secs_f64();
+    assert!(e.contains("took more than 30 s"), "{e}");
+    assert!((29.0..60.0).contains(&secs), "{secs:.1} s");
+    assert_eq!(render("fast").unwrap(), "ok");
 }
 
 /// The data path: random JSONL chats through the line parser and the encoder (rendering with

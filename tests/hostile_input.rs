@@ -161,3 +161,39 @@ fn mutated_safetensors_and_configs_never_panic() {
         );
     }
 }
+
+/// A chat template that keeps doubling a string, met on line 2 of the training data: the
+/// command says which file and line and why, and exits non-zero; the process is not killed.
+#[test]
+fn a_template_that_exhausts_memory_is_a_clear_error_naming_the_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = common::tiny_chat_model(&dir.path().join("model"));
+    std::fs::write(
+        model.join("chat_template.jinja"),
+        "{% set ns = namespace(s='ab') %}{% for m in messages %}{% if m.content == 'boom' %}\
+         {% for i in range(64) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}{% endif %}\
+         <|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}",
+    )
+    .unwrap();
+    let data = common::write_chat_data(&dir.path().join("data"), 4);
+    let lines = std::fs::read_to_string(data.join("train.jsonl")).unwrap();
+    let mut lines: Vec<&str> = lines.lines().collect();
+    let boom = r#"{"messages": [{"role": "user", "content": "boom"}, {"role": "assistant", "content": "ok"}]}"#;
+    lines[1] = boom;
+    std::fs::write(data.join("train.jsonl"), lines.join("\n") + "\n").unwrap();
+    let out = dir.path().join("out");
+    let run = std::process::Command::new(env!("CARGO_BIN_EXE_your_ai"))
+        .env_remove("RUST_LOG")
+        .args(["train", "--max-steps", "1", "--model"])
+        .arg(&model)
+        .arg("--data")
+        .arg(&data)
+        .arg("--output")
+        .arg(&out)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&run.stderr);
+    assert_eq!(run.status.code(), Some(1), "{err}");
+    assert!(err.contains("train.jsonl:2:"), "{err}");
+    assert!(err.contains("needed more than 2 GiB of memory"), "{err}");
+}

@@ -165,13 +165,13 @@ impl ChatTemplate {
 
     pub fn render(&self, ctx: &ChatContext) -> Result<String, TemplateError> {
         let (vars, limit) = variables(ctx);
-        match &self.isolated {
-            Some(iso) => iso
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .render(&vars, limit),
-            None => self.render_vars(vars, limit),
+        if let Some(iso) = &self.isolated {
+            let mut iso = iso.lock().unwrap_or_else(|p| p.into_inner());
+            if iso.available() {
+                return iso.render(&vars, limit);
+            }
         }
+        self.render_vars(vars, limit)
     }
 
     /// Renders on this process's render thread.

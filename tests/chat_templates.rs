@@ -448,6 +448,22 @@ fn doubling_strings_and_lists_stop_at_the_worker_memory_ceiling() {
     }
 }
 
+/// A worker that cannot be started (the binary replaced mid-run) leaves renders in-process.
+#[test]
+fn an_unstartable_worker_falls_back_to_rendering_in_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let tpl =
+        ChatTemplate::isolated("{{ messages[0].content }}!", &dir.path().join("gone")).unwrap();
+    let msgs = [serde_json::json!({"role": "user", "content": "hi"})];
+    for _ in 0..3 {
+        let ctx = ChatContext {
+            messages: &msgs,
+            ..Default::default()
+        };
+        assert_eq!(tpl.render(&ctx).unwrap(), "hi!");
+    }
+}
+
 /// A few instructions that each copy a huge value run for minutes within the fuel: the
 /// worker is stopped at the time limit, and the next render gets a new one.
 #[test]

@@ -86,6 +86,8 @@ pub(super) struct Isolated {
     exe: PathBuf,
     source: String,
     running: Option<Running>,
+    /// The worker could not be started once: do not try (and warn) again.
+    unavailable: bool,
 }
 
 struct Running {
@@ -102,7 +104,28 @@ impl Isolated {
             exe: exe.to_path_buf(),
             source: source.to_string(),
             running: None,
+            unavailable: false,
         }
+    }
+
+    /// Starts the worker unless it runs; false (with a warning) when it cannot be started,
+    /// for example because the binary was replaced while running: renders then stay in-process.
+    pub(super) fn available(&mut self) -> bool {
+        if self.unavailable {
+            return false;
+        }
+        if self.running.is_none() {
+            match self.start() {
+                Ok(r) => self.running = Some(r),
+                Err(e) => {
+                    tracing::warn!(
+                        "{e}; rendering chat templates in-process, without the memory ceiling"
+                    );
+                    return false;
+                }
+            }
+        }
+        true
     }
 
     pub(super) fn render(

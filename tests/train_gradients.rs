@@ -192,7 +192,7 @@ fn autograd_loss(
         x = (x + proj(&blk.down_proj, &act, Target::Down)).unwrap();
     }
     let h = norm(&x.index_select(&mb.target_rows, 0).unwrap(), &model.norm);
-    let logits = h.matmul(&model.lm_head.t().unwrap()).unwrap();
+    let logits = model.lm_head.matmul_t(&h).unwrap();
     let lse = logits
         .broadcast_sub(&logits.max_keepdim(D::Minus1).unwrap())
         .unwrap()

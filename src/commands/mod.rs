@@ -84,15 +84,36 @@ pub fn weight_format(
     use crate::train::estimate::WeightFormat;
     let format = WeightFormat::for_quantize(quantize, dtype_bytes);
     match (format, &inspected.source) {
-        (WeightFormat::Quantized { linear, other }, crate::model_source::ModelSource::Gguf(p)) => {
-            match crate::weights::GgufFile::open(p)
-                .ok()
-                .and_then(|g| g.quantized_linear_bytes(linear))
-            {
-                Some(linear) => WeightFormat::Quantized { linear, other },
-                None => format,
+        (
+            WeightFormat::Quantized {
+                linear,
+                embed,
+                head,
+                other,
+            },
+            crate::model_source::ModelSource::Gguf(p),
+        ) => match crate::weights::GgufFile::open(p) {
+            Ok(g) => {
+                let embed = g
+                    .bytes_per_weight("token_embd.weight", embed)
+                    .unwrap_or(embed);
+                WeightFormat::Quantized {
+                    linear: g.quantized_linear_bytes(linear).unwrap_or(linear),
+                    // A tied matrix (no output tensor) is sized by the head's entry.
+                    head: g.bytes_per_weight("output.weight", head).unwrap_or(
+                        if inspected.cfg.tie_word_embeddings {
+                            g.bytes_per_weight("token_embd.weight", head)
+                                .unwrap_or(head)
+                        } else {
+                            head
+                        },
+                    ),
+                    embed,
+                    other,
+                }
             }
-        }
+            Err(_) => format,
+        },
         _ => format,
     }
 }

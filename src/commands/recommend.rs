@@ -6,9 +6,10 @@ use crate::cli::RecommendArgs;
 use crate::error::{Error, Result};
 use crate::hardware::Hardware;
 use crate::memory::budget::{auto_budget, GB};
+use crate::model::quantized::QuantBits;
 use crate::model::ModelConfig;
 use crate::profile::{self, HardwareProfile};
-use crate::train::estimate::{estimate, WeightFormat, Workload, Q4_BYTES};
+use crate::train::estimate::{estimate, WeightFormat, Workload};
 
 /// The first configuration, shrinking from the profile's (batch, then length, then rank, then
 /// adapted layers, each halved), whose estimate fits `budget`; with its peak.
@@ -109,10 +110,7 @@ pub fn run(a: RecommendArgs) -> Result<()> {
             ("LoRA ", WeightFormat::Dense(act as f64), false),
             (
                 "QLoRA",
-                WeightFormat::Quantized {
-                    linear: Q4_BYTES,
-                    other: act as f64,
-                },
+                WeightFormat::quantized(QuantBits::Four, act as f64),
                 true,
             ),
         ];
@@ -161,10 +159,7 @@ mod tests {
         assert!(peak <= 100_000_000_000);
         // 8B in bf16 needs 16 GB of weights alone: 12 GB cannot hold it, 4-bit can.
         assert!(fit(&cfg, &p, dense, 2, 12_000_000_000).is_err());
-        let q4 = WeightFormat::Quantized {
-            linear: Q4_BYTES,
-            other: 2.0,
-        };
+        let q4 = WeightFormat::quantized(QuantBits::Four, 2.0);
         let (w, peak) = fit(&cfg, &p, q4, 2, 12_000_000_000).unwrap();
         assert!(peak <= 12_000_000_000 && w.batch_size < 8, "{w:?}");
     }

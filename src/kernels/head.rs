@@ -52,28 +52,89 @@ pub fn cross_entropy_head(
     targets: &[u32],
     coef: &[f32],
 ) -> Option<Result<(Vec<f32>, Tensor)>> {
+    let vocab = w.dims2().ok()?.0;
+    cross_entropy_head_sliced(h, &[(0, vocab)], |_| Ok(w.clone()), targets, coef)
+}
+
+/// As [`cross_entropy_head`] for a head given as row slices `(first row, rows)` that
+/// `slice(i)` makes dense on demand (a quantized head dequantizes them): each is made, used
+/// and dropped twice, for the logits and for `∂/∂h`, so only one exists at a time.
+pub fn cross_entropy_head_sliced(
+    h: &Tensor,
+    slices: &[(usize, usize)],
+    slice: impl Fn(usize) -> Result<Tensor>,
+    targets: &[u32],
+    coef: &[f32],
+) -> Option<Result<(Vec<f32>, Tensor)>> {
     let (n, hidden) = h.dims2().ok()?;
-    let (vocab, w_hidden) = w.dims2().ok()?;
-    if w_hidden != hidden
-        || vocab == 0
+    let vocab = slices.last().map_or(0, |&(s0, len)| s0 + len);
+    if vocab == 0
+        || slices
+            .iter()
+            .scan(0, |next, &(s0, len)| {
+                let ok = s0 == *next;
+                *next = s0 + len;
+                Some(ok)
+            })
+            .any(|ok| !ok)
         || targets.len() != n
         || coef.len() != n
         || targets.iter().any(|&t| t as usize >= vocab)
     {
         return None;
     }
-    let (hv, wv) = (View::of(h)?, View::of(w)?);
-    let (hs, ws) = (hv.slice(), wv.slice());
+    let hv = View::of(h)?;
+    let hs = hv.slice();
     let mut logits = vec![0f32; n * vocab];
-    let (lhs, wt) = (Op::rows(hs, hidden), Op::transposed(ws, hidden));
-    gemm(n, vocab, hidden, &mut logits, false, lhs, wt, 1.0);
+    let mut part = vec![];
+    for (i, &(s0, len)) in slices.iter().enumerate() {
+        let w = match slice(i) {
+            Ok(w) => w,
+            Err(e) => return Some(Err(e)),
+        };
+        if w.dims() != [len, hidden] {
+            return None;
+        }
+        let wv = View::of(&w)?;
+        let (lhs, wt) = (Op::rows(hs, hidden), Op::transposed(wv.slice(), hidden));
+        if slices.len() == 1 {
+            gemm(n, vocab, hidden, &mut logits, false, lhs, wt, 1.0);
+        } else {
+            part.resize(n * len, 0f32);
+            gemm(n, len, hidden, &mut part, false, lhs, wt, 1.0);
+            for (dst, src) in logits.chunks_exact_mut(vocab).zip(part.chunks_exact(len)) {
+                dst[s0..s0 + len].copy_from_slice(src);
+            }
+        }
+    }
+    drop(part);
     let mut ce = vec![0f32; n];
     for_rows2(&mut logits, vocab, &mut ce, 1, |i, row, ce| {
         ce_row(row, ce, targets[i] as usize, coef[i]);
     });
     let mut dh = vec![0f32; n * hidden];
-    let (dl, w) = (Op::rows(&logits, vocab), Op::rows(ws, hidden));
-    gemm(n, hidden, vocab, &mut dh, false, dl, w, 1.0);
+    for (i, &(s0, len)) in slices.iter().enumerate() {
+        let w = match slice(i) {
+            Ok(w) => w,
+            Err(e) => return Some(Err(e)),
+        };
+        let wv = View::of(&w)?;
+        let dl = Op {
+            data: &logits[s0..],
+            rs: vocab,
+            cs: 1,
+        };
+        gemm(
+            n,
+            hidden,
+            len,
+            &mut dh,
+            i > 0,
+            dl,
+            Op::rows(wv.slice(), hidden),
+            1.0,
+        );
+    }
     drop(logits);
     Some(tensor(dh, &[n, hidden]).map(|dh| (ce, dh)))
 }
@@ -133,6 +194,36 @@ mod tests {
                 "dh {n}x{hidden}x{vocab}"
             );
         }
+    }
+
+    #[test]
+    fn a_head_in_slices_gives_the_same_loss_and_gradient() {
+        let (n, hidden, vocab) = (9, 32, 1000);
+        let h = rand(&[n, hidden], 3, 2.0);
+        let w = rand(&[vocab, hidden], 4, 1.0);
+        let targets: Vec<u32> = (0..n).map(|i| (i * 337 % vocab) as u32).collect();
+        let coef = vec![1.0f32; n];
+        let (ce, dh) = cross_entropy_head(&h, &w, &targets, &coef)
+            .unwrap()
+            .unwrap();
+        let slices = [(0, 384), (384, 384), (768, 232)];
+        let (ce2, dh2) = cross_entropy_head_sliced(
+            &h,
+            &slices,
+            |i| w.narrow(0, slices[i].0, slices[i].1)?.contiguous(),
+            &targets,
+            &coef,
+        )
+        .unwrap()
+        .unwrap();
+        for (a, b) in ce.iter().zip(&ce2) {
+            assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+        }
+        assert!(max_rel_diff(&dh, &dh2) < 1e-5);
+        // Slices that leave a gap are declined.
+        let gap = [(0, 384), (400, 600)];
+        let f = |i: usize| w.narrow(0, gap[i].0, gap[i].1);
+        assert!(cross_entropy_head_sliced(&h, &gap, f, &targets, &coef).is_none());
     }
 
     #[test]

@@ -7,8 +7,10 @@
 use super::config::ModelConfig;
 use super::quantized::{self, QuantBits, Weight};
 use super::rope::Rope;
+use super::vocab::{VocabMatrix, SLICE_ROWS};
 use crate::lora::{Adapter, LoraPair, Target};
 use crate::weights::{WeightStore, WeightsError};
+use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Module, Result, Tensor, D};
 use std::sync::Arc;
 
@@ -166,6 +168,43 @@ fn load_quantized(
     }
 }
 
+/// An embedding or head matrix `[vocab, hidden]`: dense in `dtype` without `format`; with it,
+/// a quantized GGUF tensor kept as stored, anything else quantized to `format`.
+fn load_vocab(
+    store: &WeightStore,
+    name: &str,
+    cfg: &ModelConfig,
+    format: Option<GgmlDType>,
+    dtype: DType,
+    device: &Device,
+) -> std::result::Result<VocabMatrix, WeightsError> {
+    let shape = [cfg.vocab_size, cfg.hidden_size];
+    let read_err = |e: candle_core::Error| WeightsError::Read {
+        tensor: name.to_string(),
+        file: store.describe(),
+        reason: e.to_string(),
+    };
+    let Some(format) = format else {
+        return Ok(VocabMatrix::Dense(store.get(name, &shape, dtype, device)?));
+    };
+    if let WeightStore::Gguf(g) = store {
+        let gname = crate::weights::gguf::hf_to_gguf_name(name).unwrap_or_default();
+        let stored = g.content.tensor_infos.get(&gname).map(|i| i.ggml_dtype);
+        if stored.is_some_and(|d| !matches!(d, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16)) {
+            let q = g.qtensor(&gname, &Device::Cpu)?;
+            crate::weights::check_shape(&gname, &store.describe(), &shape, q.shape().dims())?;
+            if q.shape().dims()[1].is_multiple_of(q.dtype().block_size()) {
+                return VocabMatrix::from_quantized(&q, SLICE_ROWS, device).map_err(read_err);
+            }
+        }
+    }
+    let dense = store.get(name, &shape, DType::F32, &Device::Cpu)?;
+    match VocabMatrix::quantize(&dense, format, SLICE_ROWS, device).map_err(read_err)? {
+        VocabMatrix::Dense(d) => Ok(VocabMatrix::Dense(d.to_dtype(dtype).map_err(read_err)?)),
+        q => Ok(q),
+    }
+}
+
 /// Keys and values of every block for the positions seen so far.
 #[derive(Debug, Clone, Default)]
 pub struct KvCache {
@@ -194,11 +233,11 @@ impl KvCache {
 
 pub struct Llama {
     pub cfg: ModelConfig,
-    pub embed_tokens: Tensor,
+    pub embed_tokens: VocabMatrix,
     pub blocks: Vec<Block>,
     pub norm: Tensor,
     /// `[vocab, hidden]`; the embedding matrix itself when embeddings are tied.
-    pub lm_head: Tensor,
+    pub lm_head: VocabMatrix,
     pub rope: Rope,
     pub dtype: DType,
     pub device: Device,
@@ -219,7 +258,8 @@ impl Llama {
 
     /// As [`Llama::load`]; with `quant`, the seven linear weights of every block are kept
     /// quantized: a quantized GGUF tensor as stored, any other weight quantized to `quant`.
-    /// Embeddings, norms and the LM head stay dense.
+    /// So are the token embeddings (to `quant`) and the LM head (to Q8_0, nearly lossless:
+    /// every logit goes through it; a tied matrix is both, so Q8_0). Norms stay dense.
     pub fn load_with(
         store: &WeightStore,
         cfg: ModelConfig,
@@ -249,7 +289,20 @@ impl Llama {
                 },
             })
         };
-        let embed_tokens = get("model.embed_tokens.weight", &[cfg.vocab_size, h])?;
+        // Tied embeddings are also the head, which gets the finer format.
+        let tied = !store.contains("lm_head.weight") && cfg.tie_word_embeddings;
+        let embed_format = match quant {
+            Some(_) if tied => Some(GgmlDType::Q8_0),
+            q => q.map(QuantBits::ggml),
+        };
+        let embed_tokens = load_vocab(
+            store,
+            "model.embed_tokens.weight",
+            &cfg,
+            embed_format,
+            dtype,
+            device,
+        )?;
         let mut blocks = Vec::with_capacity(cfg.num_hidden_layers);
         for i in 0..cfg.num_hidden_layers {
             let p = format!("model.layers.{i}");
@@ -278,10 +331,11 @@ impl Llama {
         }
         let norm = get("model.norm.weight", &[h])?;
         // Some tied checkpoints still store lm_head; an untied one must have it.
-        let lm_head = if store.contains("lm_head.weight") || !cfg.tie_word_embeddings {
-            get("lm_head.weight", &[cfg.vocab_size, h])?
-        } else {
+        let lm_head = if tied {
             embed_tokens.clone()
+        } else {
+            let format = quant.map(|_| GgmlDType::Q8_0);
+            load_vocab(store, "lm_head.weight", &cfg, format, dtype, device)?
         };
         let rope = Rope::new(&cfg, device).map_err(|e| WeightsError::Read {
             tensor: "rope".into(),
@@ -304,9 +358,9 @@ impl Llama {
     /// Bytes of the frozen weights as loaded (quantized weights at their packed size).
     pub fn frozen_weight_bytes(&self) -> usize {
         let t = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
-        let mut n = t(&self.embed_tokens) + t(&self.norm);
-        if self.lm_head.id() != self.embed_tokens.id() {
-            n += t(&self.lm_head);
+        let mut n = self.embed_tokens.bytes() + t(&self.norm);
+        if !self.lm_head.same_as(&self.embed_tokens) {
+            n += self.lm_head.bytes();
         }
         for b in &self.blocks {
             n += t(&b.input_norm) + t(&b.post_norm);
@@ -320,7 +374,7 @@ impl Llama {
     pub fn embed(&self, ids: &Tensor) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
         self.embed_tokens
-            .index_select(&ids.flatten_all()?, 0)?
+            .rows(&ids.flatten_all()?, self.dtype)?
             .reshape((b, t, self.cfg.hidden_size))
     }
 
@@ -352,9 +406,9 @@ impl Llama {
         let mut dims = hidden.dims().to_vec();
         let hsz = dims.pop().unwrap_or(0);
         let rows: usize = dims.iter().product();
-        let out = hidden
-            .reshape((rows, hsz))?
-            .matmul(&self.lm_head.t()?)?
+        let out = self
+            .lm_head
+            .matmul_t(&hidden.reshape((rows, hsz))?)?
             .to_dtype(DType::F32)?;
         dims.push(self.cfg.vocab_size);
         out.reshape(dims)

@@ -60,73 +60,365 @@ pub fn rope(x: &Tensor, mb: &MicroBatch, h: Heads, n: usize, inverse: bool) -> R
     from_heads(&y, h, n)
 }
 
-/// `softmax(q kᵀ/√d + mask) v`: the probabilities `[B, nh, T, T]` (kept for the backward) and
-/// the output `[B·T, nh·d]`.
+/// What the backward needs from the forward besides q, k, v and the output.
+pub enum Kept {
+    /// The probabilities `[B, nh, T, T]` (the fused CPU kernels keep them).
+    Probs(Tensor),
+    /// Each score row's log-sum-exp `[B, nkv, rep·T, 1]` in f32 (f64 for f64 models): the
+    /// composite path recomputes the probabilities chunk by chunk from it.
+    Lse(Tensor),
+}
+
+/// Bytes one `[B, nh, rows, keys]` f32 temporary of the composite path may take: queries go
+/// through in row chunks of this size, so no `[B, nh, T, T]` tensor exists (at Llama-8B
+/// shapes and length 2048 those are 0.5 GB each, and the backward made four).
+pub const COMPOSITE_CHUNK_BYTES: usize = 32 << 20;
+
+/// Query rows per chunk of the composite path (at least 16, at most `t`).
+pub fn composite_chunk_rows(h: Heads) -> usize {
+    (COMPOSITE_CHUNK_BYTES / (4 * h.b * h.nh * h.t).max(1))
+        .max(16)
+        .min(h.t)
+}
+
+/// `softmax(q kᵀ/√d + mask) v`: what the backward keeps and the output `[B·T, nh·d]`.
 pub fn forward(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     mb: &MicroBatch,
     h: Heads,
-) -> Result<(Tensor, Tensor)> {
+) -> Result<(Kept, Tensor)> {
     let scale = 1.0 / (h.d as f64).sqrt();
     if let Some(done) = kernels::attention(q, k, v, &mb.mask, h, scale as f32) {
-        return done;
+        let (probs, out) = done?;
+        return Ok((Kept::Probs(probs), out));
     }
-    let Heads { b, t, nh, nkv, d } = h;
-    let rep = nh / nkv;
-    let (q, k, v) = (
-        to_heads(q, h, nh)?,
-        to_heads(k, h, nkv)?,
-        to_heads(v, h, nkv)?,
-    );
-    // Query heads of one K/V group as rep·T rows: no K/V copies for GQA.
-    let qg = q.reshape((b, nkv, rep * t, d))?;
-    let scores = (qg.matmul(&k.t()?)? * scale)?
-        .reshape((b, nkv, rep, t, t))?
-        .broadcast_add(&mb.mask.to_dtype(q.dtype())?)?
-        .reshape((b, nkv, rep * t, t))?;
-    let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-    drop(scores);
-    let out = probs.matmul(&v)?.reshape((b, nh, t, d))?;
-    Ok((probs.reshape((b, nh, t, t))?, from_heads(&out, h, nh)?))
+    composite_forward(q, k, v, &mb.mask, h, composite_chunk_rows(h))
 }
 
-/// Gradients `(dq, dk, dv)` of [`forward`] given `dout` (`[B·T, nh·d]`), in q's, k's and v's
-/// layouts.
+fn composite_forward(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &Tensor,
+    h: Heads,
+    chunk_rows: usize,
+) -> Result<(Kept, Tensor)> {
+    let scale = 1.0 / (h.d as f64).sqrt();
+    let Heads { b, t, nh, nkv, d } = h;
+    let rep = nh / nkv;
+    let (qg, k, v) = grouped(q, k, v, h)?;
+    let mut outs = vec![];
+    let mut lses = vec![];
+    for (c0, c) in chunks(t, chunk_rows) {
+        let s = scores(&qg, &k, mask, h, c0, c, scale)?;
+        let max = s.max_keepdim(D::Minus1)?;
+        let e = s.broadcast_sub(&max)?.exp()?;
+        let sum = e.sum_keepdim(D::Minus1)?;
+        let p = e.broadcast_div(&sum)?.to_dtype(v.dtype())?;
+        lses.push((max + sum.log()?)?.reshape((b, nkv, rep, c, 1))?);
+        outs.push(
+            p.matmul(&v.narrow(2, 0, c0 + c)?)?
+                .reshape((b, nkv, rep, c, d))?,
+        );
+    }
+    let out = Tensor::cat(&outs, 3)?.reshape((b, nh, t, d))?;
+    let lse = Tensor::cat(&lses, 3)?.reshape((b, nkv, rep * t, 1))?;
+    Ok((Kept::Lse(lse), from_heads(&out, h, nh)?))
+}
+
+/// Query heads of one K/V group as rep·T rows, `[B, nkv, rep·T, d]`, beside k and v as
+/// `[B, nkv, T, d]`: no K/V copies for GQA.
+fn grouped(q: &Tensor, k: &Tensor, v: &Tensor, h: Heads) -> Result<(Tensor, Tensor, Tensor)> {
+    let qg = to_heads(q, h, h.nh)?.reshape((h.b, h.nkv, h.nh / h.nkv * h.t, h.d))?;
+    Ok((qg, to_heads(k, h, h.nkv)?, to_heads(v, h, h.nkv)?))
+}
+
+/// `(first row, rows)` of each chunk of `c` query rows.
+fn chunks(t: usize, c: usize) -> impl Iterator<Item = (usize, usize)> {
+    let c = c.max(1);
+    (0..t).step_by(c).map(move |c0| (c0, c.min(t - c0)))
+}
+
+/// Rows `c0..c0+c` of every query head of `x` (`[B, nkv, rep·T, d']`), as
+/// `[B, nkv, rep·c, d']`.
+fn rows(x: &Tensor, h: Heads, c0: usize, c: usize) -> Result<Tensor> {
+    let rep = h.nh / h.nkv;
+    let dd = x.dim(3)?;
+    x.reshape((h.b, h.nkv, rep, h.t, dd))?
+        .narrow(3, c0, c)?
+        .contiguous()?
+        .reshape((h.b, h.nkv, rep * c, dd))
+}
+
+/// Masked, scaled scores of query rows `c0..c0+c` against keys `0..c0+c`, `[B, nkv, rep·c,
+/// c0+c]`, in the accumulation dtype. Our masks are causal (batch.rs), so later keys never count.
+fn scores(
+    qg: &Tensor,
+    k: &Tensor,
+    mask: &Tensor,
+    h: Heads,
+    c0: usize,
+    c: usize,
+    scale: f64,
+) -> Result<Tensor> {
+    let rep = h.nh / h.nkv;
+    let keys = c0 + c;
+    let acc = acc_dtype(qg.dtype());
+    let s = (rows(qg, h, c0, c)?
+        .matmul(&k.narrow(2, 0, keys)?.t()?)?
+        .to_dtype(acc)?
+        * scale)?;
+    let m = mask.narrow(3, c0, c)?.narrow(4, 0, keys)?.to_dtype(acc)?;
+    s.reshape((h.b, h.nkv, rep, c, keys))?
+        .broadcast_add(&m)?
+        .reshape((h.b, h.nkv, rep * c, keys))
+}
+
+/// The softmax runs in f32 at least (f64 for f64 models, as the gradient tests use).
+fn acc_dtype(dt: candle_core::DType) -> candle_core::DType {
+    if dt == candle_core::DType::F64 {
+        dt
+    } else {
+        candle_core::DType::F32
+    }
+}
+
+/// Gradients `(dq, dk, dv)` of [`forward`] given its output `out` and `dout` (`[B·T, nh·d]`
+/// each), in q's, k's and v's layouts.
 #[allow(clippy::too_many_arguments)]
 pub fn backward(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
-    probs: &Tensor,
+    kept: &Kept,
+    out: &Tensor,
     dout: &Tensor,
     mb: &MicroBatch,
     h: Heads,
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let scale = 1.0 / (h.d as f64).sqrt();
-    let fused = kernels::attention_backward(q, k, v, &mb.mask, probs, dout, h, scale as f32);
-    if let Some(done) = fused {
-        return done;
+    if let Kept::Probs(probs) = kept {
+        let fused = kernels::attention_backward(q, k, v, &mb.mask, probs, dout, h, scale as f32);
+        if let Some(done) = fused {
+            return done;
+        }
     }
+    composite_backward(
+        q,
+        k,
+        v,
+        kept,
+        out,
+        dout,
+        &mb.mask,
+        h,
+        composite_chunk_rows(h),
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+fn composite_backward(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    kept: &Kept,
+    out: &Tensor,
+    dout: &Tensor,
+    mask: &Tensor,
+    h: Heads,
+    chunk_rows: usize,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let scale = 1.0 / (h.d as f64).sqrt();
     let Heads { b, t, nh, nkv, d } = h;
     let rep = nh / nkv;
-    let group = |x: Tensor| x.reshape((b, nkv, rep * t, d));
-    let qg = group(to_heads(q, h, nh)?)?;
-    let (k, v) = (to_heads(k, h, nkv)?, to_heads(v, h, nkv)?);
-    let dog = group(to_heads(dout, h, nh)?)?;
-    let probs = probs.reshape((b, nkv, rep * t, t))?;
-    let dv = probs.t()?.matmul(&dog)?;
-    let dprobs = dog.matmul(&v.t()?)?;
-    // Softmax backward: dS = P ⊙ (dP − Σⱼ dPⱼ Pⱼ), then the 1/√d scale.
-    let rowdot = (&dprobs * &probs)?.sum_keepdim(D::Minus1)?;
-    let dscores = ((&probs * dprobs.broadcast_sub(&rowdot)?)? * scale)?;
-    drop(dprobs);
-    let dq = dscores.matmul(&k)?.reshape((b, nh, t, d))?;
-    let dk = dscores.t()?.matmul(&qg)?;
+    let (qg, k, v) = grouped(q, k, v, h)?;
+    let group =
+        |x: &Tensor| -> Result<Tensor> { to_heads(x, h, nh)?.reshape((b, nkv, rep * t, d)) };
+    let (dog, og) = (group(dout)?, group(out)?);
+    let acc = acc_dtype(qg.dtype());
+    let (mut dk, mut dv) = (k.zeros_like()?, v.zeros_like()?);
+    let mut dqs = vec![];
+    for (c0, c) in chunks(t, chunk_rows) {
+        let keys = c0 + c;
+        let p = match kept {
+            Kept::Probs(probs) => rows(&probs.reshape((b, nkv, rep * t, t))?, h, c0, c)?
+                .narrow(3, 0, keys)?
+                .to_dtype(acc)?,
+            Kept::Lse(lse) => scores(&qg, &k, mask, h, c0, c, scale)?
+                .broadcast_sub(&rows(lse, h, c0, c)?)?
+                .exp()?,
+        };
+        let (qc, doc) = (rows(&qg, h, c0, c)?, rows(&dog, h, c0, c)?);
+        let (kc, vc) = (k.narrow(2, 0, keys)?, v.narrow(2, 0, keys)?);
+        // Softmax backward: dS = P ⊙ (dP − Σⱼ dPⱼ Pⱼ) with Σⱼ dPⱼ Pⱼ = dO · O, then 1/√d.
+        let dp = doc.matmul(&vc.t()?)?.to_dtype(acc)?;
+        let rowdot = (&doc * &rows(&og, h, c0, c)?)?
+            .to_dtype(acc)?
+            .sum_keepdim(D::Minus1)?;
+        let ds = ((&p * dp.broadcast_sub(&rowdot)?)? * scale)?.to_dtype(qg.dtype())?;
+        drop(dp);
+        let p = p.to_dtype(qg.dtype())?;
+        dv = dv.slice_assign(
+            &[0..b, 0..nkv, 0..keys, 0..d],
+            &(dv.narrow(2, 0, keys)? + p.t()?.matmul(&doc)?)?,
+        )?;
+        dk = dk.slice_assign(
+            &[0..b, 0..nkv, 0..keys, 0..d],
+            &(dk.narrow(2, 0, keys)? + ds.t()?.matmul(&qc)?)?,
+        )?;
+        dqs.push(ds.matmul(&kc)?.reshape((b, nkv, rep, c, d))?);
+    }
+    let dq = Tensor::cat(&dqs, 3)?.reshape((b, nh, t, d))?;
     Ok((
         from_heads(&dq, h, nh)?,
         from_heads(&dk, h, nkv)?,
         from_heads(&dv, h, nkv)?,
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device};
+
+    fn rand(shape: (usize, usize), seed: u64) -> Tensor {
+        use rand::{Rng, SeedableRng};
+        let mut r = rand::rngs::StdRng::seed_from_u64(seed);
+        let v: Vec<f64> = (0..shape.0 * shape.1)
+            .map(|_| r.random_range(-1.0..1.0))
+            .collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    /// Causal masks: plain, and per sequence with two packed documents in the second one.
+    fn masks(b: usize, t: usize) -> Vec<Tensor> {
+        let mut plain = vec![f64::NEG_INFINITY; t * t];
+        let mut packed = vec![f64::NEG_INFINITY; b * t * t];
+        let split = t / 3;
+        for i in 0..t {
+            for j in 0..=i {
+                plain[i * t + j] = 0.0;
+                for s in 0..b {
+                    if s == 0 || (j >= split) == (i >= split) {
+                        packed[(s * t + i) * t + j] = 0.0;
+                    }
+                }
+            }
+        }
+        vec![
+            Tensor::from_vec(plain, (1, 1, 1, t, t), &Device::Cpu).unwrap(),
+            Tensor::from_vec(packed, (b, 1, 1, t, t), &Device::Cpu).unwrap(),
+        ]
+    }
+
+    /// Plain loops: the output and `Σ dout·out`-free gradients by the textbook formulas,
+    /// one (sequence, head) at a time.
+    #[allow(clippy::type_complexity)]
+    fn reference(
+        q: &[Vec<f64>],
+        k: &[Vec<f64>],
+        v: &[Vec<f64>],
+        dout: &[Vec<f64>],
+        mask: &[f64],
+        h: Heads,
+    ) -> (Vec<Vec<f64>>, Vec<Vec<f64>>, Vec<Vec<f64>>, Vec<Vec<f64>>) {
+        let Heads { b, t, nh, nkv, d } = h;
+        let scale = 1.0 / (d as f64).sqrt();
+        let zeros = |w: usize| vec![vec![0.0; w]; b * t];
+        let (mut out, mut dq, mut dk, mut dv) =
+            (zeros(nh * d), zeros(nh * d), zeros(nkv * d), zeros(nkv * d));
+        let per_seq = mask.len() == b * t * t;
+        for s in 0..b {
+            let m = |i: usize, j: usize| mask[if per_seq { s * t * t } else { 0 } + i * t + j];
+            for hd in 0..nh {
+                let g = hd / (nh / nkv);
+                let (qo, ko) = (hd * d, g * d);
+                for i in 0..t {
+                    let r = s * t + i;
+                    let sc: Vec<f64> = (0..t)
+                        .map(|j| {
+                            let dot: f64 =
+                                (0..d).map(|x| q[r][qo + x] * k[s * t + j][ko + x]).sum();
+                            dot * scale + m(i, j)
+                        })
+                        .collect();
+                    let mx = sc.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                    let e: Vec<f64> = sc.iter().map(|x| (x - mx).exp()).collect();
+                    let z: f64 = e.iter().sum();
+                    let p: Vec<f64> = e.iter().map(|x| x / z).collect();
+                    for x in 0..d {
+                        out[r][qo + x] = (0..t).map(|j| p[j] * v[s * t + j][ko + x]).sum();
+                    }
+                    let dp: Vec<f64> = (0..t)
+                        .map(|j| (0..d).map(|x| dout[r][qo + x] * v[s * t + j][ko + x]).sum())
+                        .collect();
+                    let dot: f64 = (0..t).map(|j| dp[j] * p[j]).sum();
+                    for j in 0..t {
+                        let ds = p[j] * (dp[j] - dot) * scale;
+                        for x in 0..d {
+                            dq[r][qo + x] += ds * k[s * t + j][ko + x];
+                            dk[s * t + j][ko + x] += ds * q[r][qo + x];
+                            dv[s * t + j][ko + x] += p[j] * dout[r][qo + x];
+                        }
+                    }
+                }
+            }
+        }
+        (out, dq, dk, dv)
+    }
+
+    fn close(a: &Tensor, b: &[Vec<f64>], what: &str) {
+        let a = a.to_vec2::<f64>().unwrap();
+        for (ra, rb) in a.iter().zip(b) {
+            for (x, y) in ra.iter().zip(rb) {
+                assert!((x - y).abs() < 1e-10, "{what}: {x} vs {y}");
+            }
+        }
+    }
+
+    #[test]
+    fn chunked_composite_attention_equals_plain_loops() {
+        // GQA (6 query heads on 2 K/V heads) and plain, odd lengths, chunks that do and do
+        // not divide the length, and the probabilities kept (as the fused kernels do).
+        for (b, t, nh, nkv, d) in [(2, 13, 6, 2, 4), (1, 9, 2, 2, 3)] {
+            let h = Heads { b, t, nh, nkv, d };
+            let (q, k, v, dout) = (
+                rand((b * t, nh * d), 1),
+                rand((b * t, nkv * d), 2),
+                rand((b * t, nkv * d), 3),
+                rand((b * t, nh * d), 4),
+            );
+            for mask in masks(b, t) {
+                let mv = mask.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+                let rows = |x: &Tensor| x.to_vec2::<f64>().unwrap();
+                let (out_r, dq_r, dk_r, dv_r) =
+                    reference(&rows(&q), &rows(&k), &rows(&v), &rows(&dout), &mv, h);
+                for chunk in [t, 4, 5, 1] {
+                    let (kept, out) = composite_forward(&q, &k, &v, &mask, h, chunk).unwrap();
+                    close(&out, &out_r, "out");
+                    let (dq, dk, dv) =
+                        composite_backward(&q, &k, &v, &kept, &out, &dout, &mask, h, chunk)
+                            .unwrap();
+                    close(&dq, &dq_r, "dq");
+                    close(&dk, &dk_r, "dk");
+                    close(&dv, &dv_r, "dv");
+                    // The same backward from kept probabilities, rebuilt from the log-sum-exp.
+                    let Kept::Lse(lse) = &kept else {
+                        panic!("composite keeps the lse")
+                    };
+                    let (qg, kk, _) = grouped(&q, &k, &v, h).unwrap();
+                    let s = scores(&qg, &kk, &mask, h, 0, t, 1.0 / (d as f64).sqrt()).unwrap();
+                    let probs = Kept::Probs(s.broadcast_sub(lse).unwrap().exp().unwrap());
+                    let (dq, _, dv) =
+                        composite_backward(&q, &k, &v, &probs, &out, &dout, &mask, h, chunk)
+                            .unwrap();
+                    close(&dq, &dq_r, "dq from probs");
+                    close(&dv, &dv_r, "dv from probs");
+                }
+            }
+            assert_eq!(q.dtype(), DType::F64);
+        }
+    }
 }

@@ -7,7 +7,9 @@
 //! estimate-vs-measured benchmark (`your_ai benchmark`) keeps the two honest.
 
 use crate::lora::Target;
+use crate::model::quantized::QuantBits;
 use crate::model::ModelConfig;
+use crate::train::attention::composite_chunk_rows;
 use crate::train::step::{saved_bytes_per_block, HEAD_CHUNK};
 
 /// Memory that is not tensors: the binary, its libraries, thread stacks, the tokenizer and the
@@ -30,25 +32,46 @@ pub const Q8_BYTES: f64 = 34.0 / 32.0;
 pub enum WeightFormat {
     /// Dense, this many bytes per weight (4 for f32, 2 for bf16/f16).
     Dense(f64),
-    /// Linear layers quantized at this many bytes per weight (scales included: 4-bit with a
-    /// 32-group f16 scale and offset, Q4_1, is 0.625); embeddings, head and norms dense at
-    /// `other` bytes.
-    Quantized { linear: f64, other: f64 },
+    /// Bytes per weight (scales included: Q4_1, 4-bit with a 32-group f16 scale and offset,
+    /// is 0.625) of the block linears, the token embeddings and the LM head (tied embeddings
+    /// take the head's); norms dense at `other` bytes.
+    Quantized {
+        linear: f64,
+        embed: f64,
+        head: f64,
+        other: f64,
+    },
 }
 
 impl WeightFormat {
     /// The format `--quantize` gives (None: dense at the model's `dtype_bytes`).
-    pub fn for_quantize(q: Option<crate::model::quantized::QuantBits>, dtype_bytes: usize) -> Self {
-        use crate::model::quantized::QuantBits;
+    pub fn for_quantize(q: Option<QuantBits>, dtype_bytes: usize) -> Self {
         match q {
             None => WeightFormat::Dense(dtype_bytes as f64),
-            Some(q) => WeightFormat::Quantized {
-                linear: match q {
-                    QuantBits::Four => Q4_BYTES,
-                    QuantBits::Eight => Q8_BYTES,
-                },
-                other: dtype_bytes as f64,
-            },
+            Some(q) => Self::quantized(q, dtype_bytes as f64),
+        }
+    }
+
+    /// `--quantize` as the loader applies it: linears and embeddings at `q`, the head at 8
+    /// bits, norms at `other` bytes.
+    pub fn quantized(q: QuantBits, other: f64) -> Self {
+        let bytes = match q {
+            QuantBits::Four => Q4_BYTES,
+            QuantBits::Eight => Q8_BYTES,
+        };
+        WeightFormat::Quantized {
+            linear: bytes,
+            embed: bytes,
+            head: Q8_BYTES,
+            other,
+        }
+    }
+
+    /// Bytes per weight of the dense parts (norms).
+    pub fn dense_bytes(&self) -> f64 {
+        match *self {
+            WeightFormat::Dense(b) => b,
+            WeightFormat::Quantized { other, .. } => other,
         }
     }
 
@@ -56,8 +79,26 @@ impl WeightFormat {
         match self {
             WeightFormat::Dense(b) if *b >= 4.0 => "f32".into(),
             WeightFormat::Dense(_) => "bf16/f16".into(),
-            WeightFormat::Quantized { linear, .. } => {
-                format!("{:.1}-bit linears", linear * 8.0)
+            WeightFormat::Quantized {
+                linear,
+                embed,
+                head,
+                ..
+            } => {
+                if linear == embed {
+                    format!(
+                        "{:.1}-bit linears/embed, {:.1}-bit head",
+                        linear * 8.0,
+                        head * 8.0
+                    )
+                } else {
+                    format!(
+                        "{:.1}/{:.1}/{:.1}-bit linears/embed/head",
+                        linear * 8.0,
+                        embed * 8.0,
+                        head * 8.0
+                    )
+                }
             }
         }
     }
@@ -163,8 +204,19 @@ pub fn frozen_bytes(cfg: &ModelConfig, format: WeightFormat) -> u64 {
         WeightFormat::Dense(b) => ((linear + other) as f64 * b) as u64,
         WeightFormat::Quantized {
             linear: q,
+            embed,
+            head,
             other: o,
-        } => (linear as f64 * q + other as f64 * o) as u64,
+        } => {
+            let vocab = (cfg.vocab_size * cfg.hidden_size) as f64;
+            let norms = ((2 * cfg.num_hidden_layers + 1) * cfg.hidden_size) as f64;
+            let matrices = if cfg.tie_word_embeddings {
+                vocab * head
+            } else {
+                vocab * (embed + head)
+            };
+            (linear as f64 * q + matrices + norms * o) as u64
+        }
     }
 }
 
@@ -191,7 +243,6 @@ pub fn estimate(cfg: &ModelConfig, w: &Workload) -> Estimate {
         cfg.kv_size() as u64,
         cfg.intermediate_size as u64,
     );
-    let nh = cfg.num_attention_heads as u64;
     let adapted = w.adapted_layers.min(cfg.num_hidden_layers) as u64;
     let keep = (w.keep_blocks as u64).min(adapted);
 
@@ -206,7 +257,8 @@ pub fn estimate(cfg: &ModelConfig, w: &Workload) -> Estimate {
     let input = rows * h * act;
     let inputs = (adapted - keep) * input;
     let per_block =
-        saved_bytes_per_block(cfg, w.lora_rank, rows as usize, w.seq_len) as u64 / 4 * act;
+        saved_bytes_per_block(cfg, w.lora_rank, rows as usize, w.seq_len, w.cpu_kernels) as u64 / 4
+            * act;
     // With dropout each LoRA pair also keeps its masked input.
     let dropout = if w.dropout {
         rows * (5 * h + q + i) * act
@@ -219,10 +271,9 @@ pub fn estimate(cfg: &ModelConfig, w: &Workload) -> Estimate {
 
     // A block's backward: its activations (recomputed unless kept), the incoming and outgoing
     // gradients, and the larger of the MLP's temporaries (about six [rows, intermediate]) and
-    // the softmax backward's (three [rows, heads·T] beside the attention output's gradients).
-    //
-    // The fused kernels hold less: the MLP's gradient and its two halves ([rows,
-    // intermediate] each); attention's dq, per-query-head dk and dv, the summed dk, dv and
+    // attention's: candle's composite ops go through the queries in chunks (grouped copies
+    // of q, out and their gradients, k/v and their gradients, four f32 [B, heads, chunk, T]
+    // temporaries); the fused kernels hold dq, per-query-head dk and dv, the summed dk, dv and
     // the incoming gradient, with no [heads, T, T] temporary.
     let (mlp_temps, attn_temps) = if w.cpu_kernels {
         (
@@ -230,9 +281,17 @@ pub fn estimate(cfg: &ModelConfig, w: &Workload) -> Estimate {
             rows * (2 * h + 4 * q + 2 * kv) * act,
         )
     } else {
+        let heads = crate::kernels::Heads {
+            b: w.batch_size,
+            t: w.seq_len,
+            nh: cfg.num_attention_heads,
+            nkv: cfg.num_key_value_heads,
+            d: cfg.head_dim,
+        };
+        let chunk = (w.batch_size * heads.nh * composite_chunk_rows(heads) * w.seq_len * 4) as u64;
         (
             rows * (6 * i + h) * act,
-            rows * (2 * h + 2 * q + kv + 3 * nh * t) * act,
+            rows * (2 * h + 5 * q + 6 * kv) * act + 4 * chunk,
         )
     };
     let block = per_block + dropout + input + mlp_temps.max(attn_temps);
@@ -353,13 +412,7 @@ pub fn suggestions(
         out.push("--keep-activations none".into());
     }
     let q4 = Workload {
-        weights: WeightFormat::Quantized {
-            linear: Q4_BYTES,
-            other: match w.weights {
-                WeightFormat::Dense(b) => b,
-                WeightFormat::Quantized { other, .. } => other,
-            },
-        },
+        weights: WeightFormat::quantized(QuantBits::Four, w.weights.dense_bytes()),
         ..w.clone()
     };
     if quantize_available && !matches!(w.weights, WeightFormat::Quantized { .. }) && fits(&q4) {
@@ -441,12 +494,7 @@ mod tests {
         assert!(bigger(&|x| x.lora_rank = 64) > e.train_peak);
         assert!(bigger(&|x| x.keep_blocks = 30) > e.train_peak);
         assert!(bigger(&|x| x.adapted_layers = 10) < e.train_peak);
-        let q4 = bigger(&|x| {
-            x.weights = WeightFormat::Quantized {
-                linear: 0.5625,
-                other: 4.0,
-            }
-        });
+        let q4 = bigger(&|x| x.weights = WeightFormat::quantized(QuantBits::Four, 4.0));
         assert!(q4 < e.train_peak);
     }
 
@@ -470,12 +518,7 @@ mod tests {
                 "--max-seq-length" => x.seq_len = value.parse().unwrap(),
                 "--lora-rank" => x.lora_rank = value.parse().unwrap(),
                 "--num-layers" => x.adapted_layers = value.parse().unwrap(),
-                "--quantize" => {
-                    x.weights = WeightFormat::Quantized {
-                        linear: 0.5625,
-                        other: 4.0,
-                    }
-                }
+                "--quantize" => x.weights = WeightFormat::quantized(QuantBits::Four, 4.0),
                 other => panic!("unexpected advice {other}"),
             }
             assert!(estimate(&cfg, &x).peak() <= budget, "{a} does not fit");

@@ -212,18 +212,20 @@ pub fn forward_backward(
 }
 
 /// Bytes one block keeps for its backward, for `rows` positions of sequences of length `t`:
-/// what [`Saved`] holds, in f32.
+/// what [`Saved`] holds, in f32. `probs`: attention keeps its probabilities (the fused CPU
+/// kernels) rather than a log-sum-exp per row (the composite path).
 pub fn saved_bytes_per_block(
     cfg: &crate::model::ModelConfig,
     rank: usize,
     rows: usize,
     t: usize,
+    probs: bool,
 ) -> usize {
     let h = cfg.hidden_size;
     let per_row = 4 * h // x, h1, xmid, h2
         + 2 * cfg.q_size() // q, attn
         + 2 * cfg.kv_size() // k, v
-        + cfg.num_attention_heads * t // attention probabilities
+        + cfg.num_attention_heads * if probs { t } else { 1 } // probabilities or log-sum-exp
         + 3 * cfg.intermediate_size // gate, up, act
         + 7 * rank; // x·Aᵀ of each LoRA pair
     4 * rows * per_row
@@ -250,7 +252,15 @@ pub fn head_backward(
         let h = rms_norm(&xc, &model.norm, eps as f32)?;
         let (tg, wc) = (&targets[start..start + len], &weights[start..start + len]);
         let coef: Vec<f32> = wc.iter().map(|&w| (w as f64 * loss_scale) as f32).collect();
-        let dh = match crate::kernels::cross_entropy_head(&h, &model.lm_head, tg, &coef) {
+        let head = &model.lm_head;
+        let fused = crate::kernels::cross_entropy_head_sliced(
+            &h,
+            &head.slices(),
+            |i| head.slice(i, DType::F32),
+            tg,
+            &coef,
+        );
+        let dh = match fused {
             Some(done) => {
                 let (ce, dh) = done?;
                 for (&c, &w) in ce.iter().zip(wc) {
@@ -300,7 +310,7 @@ fn head_chunk_composite(
     // Each `[chunk, vocab]` temporary is dropped as soon as the next one exists: at most
     // two are alive at once.
     let shifted = {
-        let logits = h.matmul(&model.lm_head.t()?)?.to_dtype(acc)?;
+        let logits = model.lm_head.matmul_t(h)?.to_dtype(acc)?;
         let max = logits.max_keepdim(D::Minus1)?;
         logits.broadcast_sub(&max)?
     };
@@ -322,7 +332,7 @@ fn head_chunk_composite(
     let dlogits = probs.scatter_add(tgt, &minus_one, 1)?;
     drop(probs);
     let dlogits = dlogits.broadcast_mul(&(w * loss_scale)?.unsqueeze(1)?)?;
-    dlogits.to_dtype(model.dtype)?.matmul(&model.lm_head)
+    model.lm_head.matmul(&dlogits.to_dtype(model.dtype)?)
 }
 
 /// What the backward of one block needs from its forward.
@@ -337,8 +347,8 @@ pub struct Saved {
     q: Tensor,
     k: Tensor,
     v: Tensor,
-    /// Attention probabilities `[B, nh, T, T]`.
-    probs: Tensor,
+    /// What attention's backward needs besides q, k, v and its output.
+    probs: attention::Kept,
     attn: Tensor,
     xmid: Tensor,
     h2: Tensor,
@@ -517,8 +527,9 @@ pub fn block_backward(
     let mut dattn = InputGrad::Empty;
     lin_back(&blk.o_proj, Target::O, &s.attn, &dxmid, Some(&mut dattn))?;
     let dattn = dattn.into_tensor(s.attn.dims())?;
-    let (dq, dk, dv) =
-        attention::timed(|| attention::backward(&s.q, &s.k, &s.v, &s.probs, &dattn, mb, heads))?;
+    let (dq, dk, dv) = attention::timed(|| {
+        attention::backward(&s.q, &s.k, &s.v, &s.probs, &s.attn, &dattn, mb, heads)
+    })?;
     drop(dattn);
     // RoPE is a rotation: its backward rotates by the opposite angle.
     let dq = attention::rope(&dq, mb, heads, nh, true)?;

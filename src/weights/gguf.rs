@@ -120,6 +120,17 @@ impl GgufFile {
         (weights > 0.0).then(|| bytes / weights)
     }
 
+    /// Bytes per weight tensor `name` will take under `--quantize`: a quantized tensor at its
+    /// own format, a float one at `requantized`. `None` when the file has no such tensor.
+    pub fn bytes_per_weight(&self, name: &str, requantized: f64) -> Option<f64> {
+        use candle_core::quantized::GgmlDType as G;
+        let info = self.content.tensor_infos.get(name)?;
+        Some(match info.ggml_dtype {
+            G::F32 | G::F16 | G::BF16 => requantized,
+            q => q.type_size() as f64 / q.block_size() as f64,
+        })
+    }
+
     pub fn architecture(&self) -> &str {
         &self.arch
     }

@@ -156,10 +156,46 @@ impl VocabMatrix {
         if let Some(&bad) = list.iter().find(|&&i| i as usize >= q.vocab) {
             candle_core::bail!("token id {bad} is outside the vocabulary of {}", q.vocab);
         }
-        // Gather slice by slice in sorted order, then put the rows back in the ids' order.
+        let device = ids.device();
+        if q.slices.iter().all(|s| s.device().is_cpu()) {
+            // On the CPU the blocks are at hand: dequantize just the rows asked for (a lookup
+            // touches a few thousand rows; dequantizing whole slices cost more than the step's
+            // head on small models).
+            let dt = q.slices[0].dtype();
+            let row_bytes = q.hidden / dt.block_size() * dt.type_size();
+            let mut out = Vec::with_capacity(list.len() * q.hidden);
+            let mut data = Vec::with_capacity(q.slices.len());
+            for s in &q.slices {
+                data.push(s.data()?);
+            }
+            for &id in &list {
+                let (s, r) = (id as usize / q.slice_rows, id as usize % q.slice_rows);
+                let bytes = &data[s][r * row_bytes..(r + 1) * row_bytes];
+                let row = qtensor_from_ggml(dt, bytes, vec![1, q.hidden], &Device::Cpu)?;
+                out.extend(
+                    row.dequantize(&Device::Cpu)?
+                        .flatten_all()?
+                        .to_vec1::<f32>()?,
+                );
+            }
+            return Tensor::from_vec(out, (list.len(), q.hidden), &Device::Cpu)?
+                .to_dtype(dtype)?
+                .to_device(device);
+        }
+        self.rows_by_slice(q, &list, dtype, device)
+    }
+
+    /// The lookup off the CPU: slice by slice in sorted order, then the rows back in the ids'
+    /// order.
+    fn rows_by_slice(
+        &self,
+        q: &QuantizedRows,
+        list: &[u32],
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Tensor> {
         let mut order: Vec<usize> = (0..list.len()).collect();
         order.sort_by_key(|&i| list[i]);
-        let device = ids.device();
         let mut parts = vec![];
         let mut at = 0;
         while at < order.len() {
@@ -262,6 +298,12 @@ mod tests {
             let ids = Tensor::new(&[44u32, 0, 7, 8, 44, 23, 39, 40], &dev).unwrap();
             let got = m.rows(&ids, DType::F32).unwrap();
             assert_eq!(max_diff(&got, &deq.index_select(&ids, 0).unwrap()), 0.0);
+            let VocabMatrix::Quantized(q) = &m else {
+                unreachable!()
+            };
+            let list = ids.to_vec1::<u32>().unwrap();
+            let by_slice = m.rows_by_slice(q, &list, DType::F32, &dev).unwrap();
+            assert_eq!(max_diff(&by_slice, &got), 0.0);
             let h = rand(5, 64, 2);
             let want = h.matmul(&deq.t().unwrap()).unwrap();
             assert!(max_diff(&m.matmul_t(&h).unwrap(), &want) < 1e-5);

@@ -19,6 +19,15 @@ fn worker_process_renders_exactly_as_in_process() {
     check_goldens(|src| ChatTemplate::isolated(src, worker()));
 }
 
+/// One user message through `tpl`.
+fn render_user(tpl: &ChatTemplate, content: &str) -> Result<String, TemplateError> {
+    let msgs = [serde_json::json!({"role": "user", "content": content})];
+    tpl.render(&ChatContext {
+        messages: &msgs,
+        ..Default::default()
+    })
+}
+
 fn worker() -> &'static std::path::Path {
     std::path::Path::new(env!("CARGO_BIN_EXE_your_ai"))
 }
@@ -427,13 +436,7 @@ fn doubling_strings_and_lists_stop_at_the_worker_memory_ceiling() {
              {{{{ messages[0].content }}}}:{{{{ ns.v | length }}}}"
         );
         let tpl = ChatTemplate::isolated(&src, worker()).unwrap();
-        let render = |content: &str| {
-            let msgs = [serde_json::json!({"role": "user", "content": content})];
-            tpl.render(&ChatContext {
-                messages: &msgs,
-                ..Default::default()
-            })
-        };
+        let render = |content: &str| render_user(&tpl, content);
         let t = std::time::Instant::now();
         let e = render("boom").expect_err(grow).to_string();
         let secs = t.elapsed().as_secs_f64();
@@ -471,13 +474,7 @@ fn a_render_past_the_time_limit_is_stopped() {
     let src = "{% if messages[0].content == 'slow' %}{% set ns = namespace(s='x' * 10**8) %}\
                {% for i in range(100000) %}{% set ns.t = ns.s ~ 'y' %}{% endfor %}{% endif %}ok";
     let tpl = ChatTemplate::isolated(src, worker()).unwrap();
-    let render = |content: &str| {
-        let msgs = [serde_json::json!({"role": "user", "content": content})];
-        tpl.render(&ChatContext {
-            messages: &msgs,
-            ..Default::default()
-        })
-    };
+    let render = |content: &str| render_user(&tpl, content);
     let t = std::time::Instant::now();
     let e = render("slow").unwrap_err().to_string();
     let secs = t.elapsed().as_secs_f64();

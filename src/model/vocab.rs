@@ -258,26 +258,10 @@ impl VocabMatrix {
 mod tests {
     use super::*;
 
-    fn rand(rows: usize, cols: usize, seed: u64) -> Tensor {
-        use rand::{Rng, SeedableRng};
-        let mut r = rand::rngs::StdRng::seed_from_u64(seed);
-        let v: Vec<f32> = (0..rows * cols)
-            .map(|_| r.random_range(-1.0..1.0))
-            .collect();
-        Tensor::from_vec(v, (rows, cols), &Device::Cpu).unwrap()
-    }
+    use crate::kernels::testing::{max_rel_diff as max_diff, rand as random};
 
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar()
-            .unwrap()
+    fn rand(rows: usize, cols: usize, seed: u64) -> Tensor {
+        random(&[rows, cols], seed, 1.0)
     }
 
     #[test]

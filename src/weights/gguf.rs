@@ -110,11 +110,7 @@ impl GgufFile {
                 continue;
             }
             let n = info.shape.elem_count() as f64;
-            use candle_core::quantized::GgmlDType as G;
-            bytes += match info.ggml_dtype {
-                G::F32 | G::F16 | G::BF16 => n * requantized,
-                q => n / q.block_size() as f64 * q.type_size() as f64,
-            };
+            bytes += n * self.bytes_per_weight(name, requantized)?;
             weights += n;
         }
         (weights > 0.0).then(|| bytes / weights)

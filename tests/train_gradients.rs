@@ -131,7 +131,7 @@ fn autograd_loss(
                 let x = match mb.dropout {
                     Some((p, seed)) => {
                         let (r, c) = x.dims2().unwrap();
-                        (x * your_ai::train::step::dropout_mask(p, seed, l, target, r, c, x)
+                        (x * your_ai::train::step::dropout_mask(p, seed, l, target, 0..r, c, x)
                             .unwrap())
                         .unwrap()
                     }
@@ -305,11 +305,13 @@ fn fused_f32_kernels_match_the_f64_composite_step() {
         let m32 = Llama::load(&store, cfg, DType::F32, &Device::Cpu).unwrap();
         let a64 = random_adapter(&m64, vec![0, 1], Target::ALL.to_vec());
         let a32 = a64.to_dtype(DType::F32).unwrap();
-        for dropout in [None, Some((0.3, 99))] {
+        for (dropout, chunk) in [(None, None), (Some((0.3, 99)), None), (None, Some(7))] {
             let mut mb64 = batch(&m64, &rows(&samples()));
             let mut mb32 = batch(&m32, &rows(&samples()));
             mb64.dropout = dropout;
             mb32.dropout = dropout;
+            // The f32 kernels on row chunks (narrowed views) against the unchunked f64 step.
+            mb32.mlp_chunk_rows = chunk;
             let (l64, g64) = explicit(&m64, &a64, std::slice::from_ref(&mb64));
             let (l32, g32) = explicit(&m32, &a32, std::slice::from_ref(&mb32));
             assert!((l64 - l32).abs() < 1e-5 * l64.abs(), "loss {l32} vs {l64}");
@@ -336,16 +338,22 @@ fn explicit_backward_matches_autograd_on_every_target() {
         tied: true,
         ..Default::default()
     };
-    for (spec, dropout) in [
-        (TinySpec::default(), None),
-        (gqa_bias, None),
-        (TinySpec::default(), Some((0.3, 99))),
+    // `Some(n)`: the MLP in chunks of n rows (5 does not divide the batch's rows: the last
+    // chunk is shorter), with and without dropout (whose masks each chunk draws by offset).
+    for (spec, dropout, chunk) in [
+        (TinySpec::default(), None, None),
+        (gqa_bias.clone(), None, None),
+        (TinySpec::default(), Some((0.3, 99)), None),
+        (TinySpec::default(), None, Some(5)),
+        (gqa_bias, Some((0.3, 99)), Some(5)),
     ] {
         let dir = tempfile::tempdir().unwrap();
         let model = tiny_model(&spec, dir.path());
         let adapter = random_adapter(&model, vec![0, 1], Target::ALL.to_vec());
         let mut mb = batch(&model, &rows(&samples()));
+        assert!(!mb.ids.elem_count().is_multiple_of(5));
         mb.dropout = dropout;
+        mb.mlp_chunk_rows = chunk;
         let (loss, grads) = explicit(&model, &adapter, std::slice::from_ref(&mb));
 
         let vars: Vec<(usize, Target, Var, Var)> = adapter

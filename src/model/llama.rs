@@ -12,7 +12,6 @@ use crate::lora::{Adapter, LoraPair, Target};
 use crate::weights::{WeightStore, WeightsError};
 use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Module, Result, Tensor, D};
-use std::sync::Arc;
 
 /// A linear layer `y = x Wᵀ (+ b)` with `W` stored `[out, in]` as in the checkpoints, dense or
 /// quantized (see [`Weight`]).
@@ -148,17 +147,12 @@ fn load_quantized(
                 None => q,
             };
             tracing::debug!("{name}: kept as stored ({dt:?})");
-            return Ok(Weight::Quantized(Arc::new(q)));
+            return Weight::from_qtensor(&q, device).map_err(read_err);
         }
     }
     let dense = store.get(name, shape, DType::F32, &Device::Cpu)?;
-    match quantized::quantize(&dense, bits).map_err(read_err)? {
-        Some(q) if device.is_cpu() => Ok(Weight::Quantized(Arc::new(q))),
-        Some(_) => {
-            let q = candle_core::quantized::QTensor::quantize_onto(&dense, bits.ggml(), device)
-                .map_err(read_err)?;
-            Ok(Weight::Quantized(Arc::new(q)))
-        }
+    match Weight::quantize(&dense, bits, device).map_err(read_err)? {
+        Some(q) => Ok(q),
         None => Ok(Weight::Dense(
             dense
                 .to_device(device)

@@ -4,6 +4,7 @@ pub mod config;
 pub mod llama;
 pub mod quantized;
 pub mod rope;
+pub mod sliced;
 pub mod vocab;
 
 pub use config::{Architecture, ModelConfig, RopeScaling};

@@ -1,9 +1,12 @@
-//! Frozen linear weights that stay quantized in memory (QLoRA). A quantized weight is
-//! dequantized inside each matmul, one weight at a time, and dropped right after: the forward
-//! computes `x · deq(W)ᵀ` and the backward's input gradient `dY · deq(W)`, so results equal the
-//! dense computation on the dequantized weight exactly, and the model's dense weights never
-//! exist at once. Dense weights take the plain matmul, unchanged.
+//! Frozen linear weights that stay quantized in memory (QLoRA). A quantized weight is held in
+//! row slices ([`QuantizedRows`]) and dequantized inside each matmul one slice at a time: the
+//! forward computes `x · deq(W)ᵀ` and the backward's input gradient `dY · deq(W)`, so results
+//! equal the dense computation on the dequantized weight, and no whole dense weight exists
+//! (except for the fused CPU kernels, which take one f32 copy of one weight at a time). Dense
+//! weights take the plain matmul, unchanged.
 
+use super::sliced::linear_slice_rows;
+pub use super::sliced::QuantizedRows;
 use candle_core::quantized::{ggml_file::qtensor_from_ggml, GgmlDType, QTensor};
 use candle_core::{DType, Device, Result, Tensor};
 use std::sync::Arc;
@@ -38,7 +41,7 @@ impl QuantBits {
 #[derive(Debug, Clone)]
 pub enum Weight {
     Dense(Tensor),
-    Quantized(Arc<QTensor>),
+    Quantized(Arc<QuantizedRows>),
 }
 
 impl Weight {
@@ -46,7 +49,7 @@ impl Weight {
     pub fn dims2(&self) -> Result<(usize, usize)> {
         match self {
             Weight::Dense(w) => w.dims2(),
-            Weight::Quantized(q) => q.shape().dims2(),
+            Weight::Quantized(q) => Ok(q.dims2()),
         }
     }
 
@@ -55,7 +58,7 @@ impl Weight {
     pub fn dense(&self, dtype: DType) -> Result<Tensor> {
         match self {
             Weight::Dense(w) => Ok(w.clone()),
-            Weight::Quantized(q) => q.dequantize(&q.device())?.to_dtype(dtype),
+            Weight::Quantized(q) => q.dense(dtype),
         }
     }
 
@@ -63,7 +66,7 @@ impl Weight {
     pub fn matmul_t(&self, x: &Tensor) -> Result<Tensor> {
         match self {
             Weight::Dense(w) => x.matmul(&w.t()?),
-            Weight::Quantized(_) => x.matmul(&self.dense(x.dtype())?.t()?),
+            Weight::Quantized(q) => q.matmul_t(x),
         }
     }
 
@@ -71,7 +74,7 @@ impl Weight {
     pub fn matmul(&self, dy: &Tensor) -> Result<Tensor> {
         match self {
             Weight::Dense(w) => dy.matmul(w),
-            Weight::Quantized(_) => dy.matmul(&self.dense(dy.dtype())?),
+            Weight::Quantized(q) => q.matmul(dy),
         }
     }
 
@@ -79,7 +82,7 @@ impl Weight {
     pub fn bytes(&self) -> usize {
         match self {
             Weight::Dense(w) => w.elem_count() * w.dtype().size_in_bytes(),
-            Weight::Quantized(q) => q.storage_size_in_bytes(),
+            Weight::Quantized(q) => q.bytes(),
         }
     }
 
@@ -88,8 +91,25 @@ impl Weight {
     }
 }
 
-/// Quantizes a dense `[out, in]` weight; `None` when its rows do not fill whole blocks (the
-/// weight then stays dense).
+impl Weight {
+    /// Quantizes a dense `[out, in]` weight onto `device`, in row slices; `None` when its rows
+    /// do not fill whole blocks (the weight then stays dense).
+    pub fn quantize(w: &Tensor, bits: QuantBits, device: &Device) -> Result<Option<Self>> {
+        let slice = linear_slice_rows(w.dims2()?.1);
+        let q = QuantizedRows::quantize(w, bits.ggml(), slice, device)?;
+        Ok(q.map(|q| Weight::Quantized(Arc::new(q))))
+    }
+
+    /// Keeps a quantized `[out, in]` tensor as stored, cut into row slices.
+    pub fn from_qtensor(q: &QTensor, device: &Device) -> Result<Self> {
+        let slice = linear_slice_rows(q.shape().dims2()?.1);
+        let q = QuantizedRows::from_qtensor(q, slice, device)?;
+        Ok(Weight::Quantized(Arc::new(q)))
+    }
+}
+
+/// Quantizes a dense `[out, in]` weight as one tensor; `None` when its rows do not fill whole
+/// blocks.
 pub fn quantize(w: &Tensor, bits: QuantBits) -> Result<Option<QTensor>> {
     let (_, cols) = w.dims2()?;
     if !cols.is_multiple_of(bits.ggml().block_size()) {
@@ -196,7 +216,7 @@ mod tests {
         let x = rand(5, 64, 2);
         let dy = rand(5, 48, 3);
         for bits in [QuantBits::Four, QuantBits::Eight] {
-            let q = Weight::Quantized(Arc::new(quantize(&w, bits).unwrap().unwrap()));
+            let q = Weight::quantize(&w, bits, &Device::Cpu).unwrap().unwrap();
             let deq = q.dense(DType::F32).unwrap();
             // Independent: plain loops over the dequantized weight.
             let (wv, xv, dyv) = (

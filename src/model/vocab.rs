@@ -8,6 +8,7 @@
 //! matrix, and no dense copy of the whole matrix exists (one slice is 64 MB in bf16 at
 //! Llama-3 shapes, against 1.05 GB).
 
+use super::sliced::QuantizedRows;
 use candle_core::quantized::{ggml_file::qtensor_from_ggml, GgmlDType, QTensor};
 use candle_core::{DType, Device, Result, Tensor};
 use std::sync::Arc;
@@ -21,73 +22,29 @@ pub enum VocabMatrix {
     Quantized(Arc<QuantizedRows>),
 }
 
-#[derive(Debug)]
-pub struct QuantizedRows {
-    /// Consecutive row ranges of the matrix, `slice_rows` each (the last may be shorter).
-    slices: Vec<QTensor>,
-    slice_rows: usize,
-    vocab: usize,
-    hidden: usize,
-}
-
 impl VocabMatrix {
     /// Quantizes a dense `[vocab, hidden]` matrix to `dt` in slices of `slice_rows`; stays
     /// dense when its rows do not fill whole blocks.
     pub fn quantize(w: &Tensor, dt: GgmlDType, slice_rows: usize, device: &Device) -> Result<Self> {
-        let (vocab, hidden) = w.dims2()?;
-        if !hidden.is_multiple_of(dt.block_size()) || slice_rows == 0 {
-            return Ok(Self::Dense(w.to_device(device)?));
+        match QuantizedRows::quantize(w, dt, slice_rows, device)? {
+            Some(q) => Ok(Self::Quantized(Arc::new(q))),
+            None => Ok(Self::Dense(w.to_device(device)?)),
         }
-        let w = w.to_dtype(DType::F32)?.to_device(&Device::Cpu)?;
-        let mut slices = vec![];
-        for s0 in (0..vocab).step_by(slice_rows) {
-            // Fresh storage, not a view: candle's quantizer reads a view's whole storage.
-            let n = slice_rows.min(vocab - s0);
-            let rows = w.narrow(0, s0, n)?.flatten_all()?.to_vec1::<f32>()?;
-            let part = Tensor::from_vec(rows, (n, hidden), &Device::Cpu)?;
-            slices.push(if device.is_cpu() {
-                QTensor::quantize(&part, dt)?
-            } else {
-                QTensor::quantize_onto(&part, dt, device)?
-            });
-        }
-        Ok(Self::Quantized(Arc::new(QuantizedRows {
-            slices,
-            slice_rows,
-            vocab,
-            hidden,
-        })))
     }
 
     /// Keeps an already quantized `[vocab, hidden]` tensor (a GGUF's own), cut into slices
     /// without dequantizing: GGML blocks never straddle rows.
     pub fn from_quantized(q: &QTensor, slice_rows: usize, device: &Device) -> Result<Self> {
-        let (vocab, hidden) = q.shape().dims2()?;
-        let dt = q.dtype();
-        if !hidden.is_multiple_of(dt.block_size()) || slice_rows == 0 {
-            candle_core::bail!("cannot slice a {vocab}x{hidden} {dt:?} tensor by rows");
-        }
-        let row_bytes = hidden / dt.block_size() * dt.type_size();
-        let data = q.data()?;
-        let mut slices = vec![];
-        for s0 in (0..vocab).step_by(slice_rows) {
-            let n = slice_rows.min(vocab - s0);
-            let bytes = &data[s0 * row_bytes..(s0 + n) * row_bytes];
-            slices.push(qtensor_from_ggml(dt, bytes, vec![n, hidden], device)?);
-        }
-        Ok(Self::Quantized(Arc::new(QuantizedRows {
-            slices,
-            slice_rows,
-            vocab,
-            hidden,
-        })))
+        Ok(Self::Quantized(Arc::new(QuantizedRows::from_qtensor(
+            q, slice_rows, device,
+        )?)))
     }
 
     /// `(vocab, hidden)`.
     pub fn dims2(&self) -> Result<(usize, usize)> {
         match self {
             Self::Dense(w) => w.dims2(),
-            Self::Quantized(q) => Ok((q.vocab, q.hidden)),
+            Self::Quantized(q) => Ok(q.dims2()),
         }
     }
 
@@ -99,7 +56,7 @@ impl VocabMatrix {
     pub fn ggml_dtype(&self) -> Option<GgmlDType> {
         match self {
             Self::Dense(_) => None,
-            Self::Quantized(q) => q.slices.first().map(QTensor::dtype),
+            Self::Quantized(q) => Some(q.dtype()),
         }
     }
 
@@ -116,7 +73,7 @@ impl VocabMatrix {
     pub fn bytes(&self) -> usize {
         match self {
             Self::Dense(w) => w.elem_count() * w.dtype().size_in_bytes(),
-            Self::Quantized(q) => q.slices.iter().map(QTensor::storage_size_in_bytes).sum(),
+            Self::Quantized(q) => q.bytes(),
         }
     }
 
@@ -124,10 +81,7 @@ impl VocabMatrix {
     pub fn slices(&self) -> Vec<(usize, usize)> {
         match self {
             Self::Dense(w) => vec![(0, w.dim(0).unwrap_or(0))],
-            Self::Quantized(q) => (0..q.vocab)
-                .step_by(q.slice_rows)
-                .map(|s0| (s0, q.slice_rows.min(q.vocab - s0)))
-                .collect(),
+            Self::Quantized(q) => q.ranges(),
         }
     }
 
@@ -136,13 +90,7 @@ impl VocabMatrix {
     pub fn slice(&self, i: usize, dtype: DType) -> Result<Tensor> {
         match self {
             Self::Dense(w) => w.to_dtype(dtype),
-            Self::Quantized(q) => {
-                let s = q
-                    .slices
-                    .get(i)
-                    .ok_or_else(|| candle_core::Error::Msg(format!("no vocabulary slice {i}")))?;
-                s.dequantize(&s.device())?.to_dtype(dtype)
-            }
+            Self::Quantized(q) => q.slice(i, dtype),
         }
     }
 
@@ -152,33 +100,34 @@ impl VocabMatrix {
             Self::Dense(w) => return w.index_select(ids, 0)?.to_dtype(dtype),
             Self::Quantized(q) => q,
         };
+        let (vocab, hidden) = q.dims2();
         let list = ids.to_vec1::<u32>()?;
-        if let Some(&bad) = list.iter().find(|&&i| i as usize >= q.vocab) {
-            candle_core::bail!("token id {bad} is outside the vocabulary of {}", q.vocab);
+        if let Some(&bad) = list.iter().find(|&&i| i as usize >= vocab) {
+            candle_core::bail!("token id {bad} is outside the vocabulary of {vocab}");
         }
         let device = ids.device();
-        if q.slices.iter().all(|s| s.device().is_cpu()) {
+        if q.on_cpu() {
             // On the CPU the blocks are at hand: dequantize just the rows asked for (a lookup
             // touches a few thousand rows; dequantizing whole slices cost more than the step's
             // head on small models).
-            let dt = q.slices[0].dtype();
-            let row_bytes = q.hidden / dt.block_size() * dt.type_size();
-            let mut out = Vec::with_capacity(list.len() * q.hidden);
-            let mut data = Vec::with_capacity(q.slices.len());
-            for s in &q.slices {
-                data.push(s.data()?);
-            }
+            let dt = q.dtype();
+            let row_bytes = hidden / dt.block_size() * dt.type_size();
+            let slice_rows = q.slice_rows();
+            let mut out = Vec::with_capacity(list.len() * hidden);
+            let data = (0..q.ranges().len())
+                .map(|i| q.slice_data(i))
+                .collect::<Result<Vec<_>>>()?;
             for &id in &list {
-                let (s, r) = (id as usize / q.slice_rows, id as usize % q.slice_rows);
+                let (s, r) = (id as usize / slice_rows, id as usize % slice_rows);
                 let bytes = &data[s][r * row_bytes..(r + 1) * row_bytes];
-                let row = qtensor_from_ggml(dt, bytes, vec![1, q.hidden], &Device::Cpu)?;
+                let row = qtensor_from_ggml(dt, bytes, vec![1, hidden], &Device::Cpu)?;
                 out.extend(
                     row.dequantize(&Device::Cpu)?
                         .flatten_all()?
                         .to_vec1::<f32>()?,
                 );
             }
-            return Tensor::from_vec(out, (list.len(), q.hidden), &Device::Cpu)?
+            return Tensor::from_vec(out, (list.len(), hidden), &Device::Cpu)?
                 .to_dtype(dtype)?
                 .to_device(device);
         }
@@ -194,15 +143,16 @@ impl VocabMatrix {
         dtype: DType,
         device: &Device,
     ) -> Result<Tensor> {
+        let slice_rows = q.slice_rows();
         let mut order: Vec<usize> = (0..list.len()).collect();
         order.sort_by_key(|&i| list[i]);
         let mut parts = vec![];
         let mut at = 0;
         while at < order.len() {
-            let s = list[order[at]] as usize / q.slice_rows;
-            let s0 = s * q.slice_rows;
+            let s = list[order[at]] as usize / slice_rows;
+            let s0 = s * slice_rows;
             let mut local = vec![];
-            while at < order.len() && list[order[at]] as usize / q.slice_rows == s {
+            while at < order.len() && list[order[at]] as usize / slice_rows == s {
                 local.push(list[order[at]] - s0 as u32);
                 at += 1;
             }
@@ -210,7 +160,7 @@ impl VocabMatrix {
             parts.push(self.slice(s, dtype)?.index_select(&local, 0)?);
         }
         if parts.is_empty() {
-            return Tensor::zeros((0, q.hidden), dtype, device);
+            return Tensor::zeros((0, q.dims2().1), dtype, device);
         }
         let mut back = vec![0u32; order.len()];
         for (j, &i) in order.iter().enumerate() {
@@ -223,12 +173,7 @@ impl VocabMatrix {
     pub fn matmul_t(&self, h: &Tensor) -> Result<Tensor> {
         match self {
             Self::Dense(w) => h.matmul(&w.t()?),
-            Self::Quantized(_) => {
-                let parts = (0..self.slices().len())
-                    .map(|i| h.matmul(&self.slice(i, h.dtype())?.t()?))
-                    .collect::<Result<Vec<_>>>()?;
-                Tensor::cat(&parts, 1)
-            }
+            Self::Quantized(q) => q.matmul_t(h),
         }
     }
 
@@ -236,20 +181,7 @@ impl VocabMatrix {
     pub fn matmul(&self, d: &Tensor) -> Result<Tensor> {
         match self {
             Self::Dense(w) => d.matmul(w),
-            Self::Quantized(_) => {
-                let mut sum: Option<Tensor> = None;
-                for (i, (s0, n)) in self.slices().into_iter().enumerate() {
-                    let part = d.narrow(1, s0, n)?.matmul(&self.slice(i, d.dtype())?)?;
-                    sum = Some(match sum {
-                        None => part,
-                        Some(acc) => (acc + part)?,
-                    });
-                }
-                match sum {
-                    Some(s) => Ok(s),
-                    None => Tensor::zeros((d.dim(0)?, 0), d.dtype(), d.device()),
-                }
-            }
+            Self::Quantized(q) => q.matmul(d),
         }
     }
 }
@@ -265,7 +197,7 @@ mod tests {
     }
 
     #[test]
-    fn sliced_lookups_and_matmuls_equal_the_dequantized_matrix() {
+    fn sliced_lookups_equal_the_dequantized_matrix() {
         let dev = Device::Cpu;
         // 45 rows in slices of 8: five full slices and a short one.
         let w = rand(45, 64, 1);
@@ -288,12 +220,6 @@ mod tests {
             let list = ids.to_vec1::<u32>().unwrap();
             let by_slice = m.rows_by_slice(q, &list, DType::F32, &dev).unwrap();
             assert_eq!(max_diff(&by_slice, &got), 0.0);
-            let h = rand(5, 64, 2);
-            let want = h.matmul(&deq.t().unwrap()).unwrap();
-            assert!(max_diff(&m.matmul_t(&h).unwrap(), &want) < 1e-5);
-            let d = rand(5, 45, 3);
-            let want = d.matmul(&deq).unwrap();
-            assert!(max_diff(&m.matmul(&d).unwrap(), &want) < 1e-5);
             // Slicing a quantized tensor as stored gives the same blocks.
             let q = QTensor::quantize(&w, dt).unwrap();
             let kept = VocabMatrix::from_quantized(&q, 8, &dev).unwrap();

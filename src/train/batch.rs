@@ -261,6 +261,7 @@ pub fn micro_batch(model: &Llama, rows: &[&Row]) -> Result<MicroBatch> {
         n_targets,
         n_tokens: rows.iter().map(|r| r.len()).sum(),
         dropout: None,
+        mlp_chunk_rows: None,
     })
 }
 

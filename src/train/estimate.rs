@@ -8,9 +8,10 @@
 
 use crate::lora::Target;
 use crate::model::quantized::QuantBits;
+use crate::model::sliced::SLICE_BYTES;
 use crate::model::ModelConfig;
 use crate::train::attention::composite_chunk_rows;
-use crate::train::step::{saved_bytes_per_block, HEAD_CHUNK};
+use crate::train::step::{mlp_chunk_rows, saved_bytes_per_block, HEAD_CHUNK};
 
 /// Memory that is not tensors: the binary, its libraries, thread stacks, the tokenizer and the
 /// encoded data. Measured on SmolLM2 (49k-token vocabulary) as resident memory after loading
@@ -259,9 +260,10 @@ pub fn estimate(cfg: &ModelConfig, w: &Workload) -> Estimate {
     let per_block =
         saved_bytes_per_block(cfg, w.lora_rank, rows as usize, w.seq_len, w.cpu_kernels) as u64 / 4
             * act;
-    // With dropout each LoRA pair also keeps its masked input.
+    // With dropout each attention LoRA pair also keeps its masked input (q, k, v: h each;
+    // o: q); the MLP's pairs make theirs per chunk.
     let dropout = if w.dropout {
-        rows * (5 * h + q + i) * act
+        rows * (3 * h + q) * act
     } else {
         0
     };
@@ -270,14 +272,19 @@ pub fn estimate(cfg: &ModelConfig, w: &Workload) -> Estimate {
     let batch_tensors = if w.packed { rows * t } else { t * t } * act + 2 * rows * 64 * act;
 
     // A block's backward: its activations (recomputed unless kept), the incoming and outgoing
-    // gradients, and the larger of the MLP's temporaries (about six [rows, intermediate]) and
-    // attention's: candle's composite ops go through the queries in chunks (grouped copies
-    // of q, out and their gradients, k/v and their gradients, four f32 [B, heads, chunk, T]
+    // gradients, and the larger of the MLP's temporaries and attention's. The MLP goes through
+    // the rows in chunks (`mlp_chunk_rows`): a chunk's recomputed gate, up and activation and
+    // their gradients (five `[chunk, intermediate]` with the fused kernels; candle's composite
+    // SwiGLU backward makes about eight), and the `[rows, hidden]` gradient it assembles.
+    // Attention: candle's composite ops go through the queries in chunks (grouped copies of
+    // q, out and their gradients, k/v and their gradients, four f32 [B, heads, chunk, T]
     // temporaries); the fused kernels hold dq, per-query-head dk and dv, the summed dk, dv and
     // the incoming gradient, with no [heads, T, T] temporary.
+    let c = mlp_chunk_rows(rows as usize, i as usize, act as usize) as u64;
+    let chunk_dropout = if w.dropout { c * (2 * h + i) * act } else { 0 };
     let (mlp_temps, attn_temps) = if w.cpu_kernels {
         (
-            rows * (3 * i + 2 * h) * act,
+            c * (5 * i + 2 * h) * act + chunk_dropout + rows * h * act,
             rows * (2 * h + 4 * q + 2 * kv) * act,
         )
     } else {
@@ -290,11 +297,30 @@ pub fn estimate(cfg: &ModelConfig, w: &Workload) -> Estimate {
         };
         let chunk = (w.batch_size * heads.nh * composite_chunk_rows(heads) * w.seq_len * 4) as u64;
         (
-            rows * (6 * i + h) * act,
+            c * (8 * i + 2 * h) * act + chunk_dropout + rows * h * act,
             rows * (2 * h + 5 * q + 6 * kv) * act + 4 * chunk,
         )
     };
-    let block = per_block + dropout + input + mlp_temps.max(attn_temps);
+    // A quantized linear is dequantized for each product, one row slice of `SLICE_BYTES`
+    // (f32) at a time, converted to the activations' dtype; the fused CPU kernels take the
+    // whole weight in f32, one linear at a time.
+    let slice = SLICE_BYTES as u64;
+    let dequantized = match w.weights {
+        WeightFormat::Dense(_) => 0,
+        WeightFormat::Quantized { .. } if w.cpu_kernels => {
+            let largest = Target::ALL
+                .iter()
+                .map(|t| {
+                    let (a, b) = t.dims(cfg);
+                    (a * b) as u64
+                })
+                .max()
+                .unwrap_or(0);
+            largest * 4 + slice
+        }
+        WeightFormat::Quantized { .. } => slice + slice / 4 * act,
+    };
+    let block = per_block + dropout + input + mlp_temps.max(attn_temps) + dequantized;
     // Its peak is at the top block (every input still held, one block's gradients) or at the
     // bottom one (one input left, every gradient resident), whichever is larger.
     let top = inputs + kept + grads_per_block;

@@ -39,6 +39,44 @@ pub struct MicroBatch {
     /// LoRA dropout: probability and the seed its masks derive from (the same masks are drawn
     /// again when a block is recomputed for the backward).
     pub dropout: Option<(f64, u64)>,
+    /// Rows per chunk of the MLP (forward and backward); `None`: [`mlp_chunk_rows`] for the
+    /// model's shapes. Tests set it to force several chunks on a tiny model.
+    pub mlp_chunk_rows: Option<usize>,
+}
+
+/// Bytes one `[chunk, intermediate]` MLP activation may take: the MLP runs in row chunks so
+/// that its `[rows, intermediate]` temporaries (six or more alive at once in its backward,
+/// 0.37 GB at Llama-8B shapes and length 2048 in bf16) are never whole.
+pub const MLP_CHUNK_BYTES: usize = 16 << 20;
+/// Fewer rows than this per chunk would make the GEMMs (and a quantized weight's
+/// dequantization, once per chunk) less efficient than the memory is worth.
+const MLP_CHUNK_MIN_ROWS: usize = 256;
+
+/// Rows per MLP chunk for `rows` positions: chunks of equal size, each `[chunk,
+/// intermediate]` tensor within [`MLP_CHUNK_BYTES`] (at least [`MLP_CHUNK_MIN_ROWS`] rows).
+pub fn mlp_chunk_rows(rows: usize, intermediate: usize, act_bytes: usize) -> usize {
+    let max = (MLP_CHUNK_BYTES / (intermediate * act_bytes).max(1)).max(MLP_CHUNK_MIN_ROWS);
+    let chunks = rows.div_ceil(max).max(1);
+    rows.div_ceil(chunks).max(1)
+}
+
+impl MicroBatch {
+    fn mlp_chunk(&self, model: &Llama, rows: usize) -> usize {
+        self.mlp_chunk_rows.unwrap_or_else(|| {
+            mlp_chunk_rows(
+                rows,
+                model.cfg.intermediate_size,
+                model.dtype.size_in_bytes(),
+            )
+        })
+    }
+}
+
+/// Row ranges `(start, len)` of `rows` in chunks of `chunk`.
+fn row_chunks(rows: usize, chunk: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..rows)
+        .step_by(chunk.max(1))
+        .map(move |r0| (r0, chunk.max(1).min(rows - r0)))
 }
 
 /// Gradients `(dA, dB)` laid out like the adapter.
@@ -173,15 +211,17 @@ pub fn forward_backward(
     let mut kept: Vec<Saved> = Vec::with_capacity(layers - kept_from);
     for l in 0..layers {
         if l >= kept_from {
-            let (out, saved) = block_forward(model, adapter, l, &x, mb, true)?;
+            let (out, saved) = block_forward(model, adapter, l, &x, mb, Pass::OutputAndSaved)?;
             kept.push(saved.expect("activations were asked for"));
-            x = out;
+            x = out.expect("the output was asked for");
             continue;
         }
         if l >= lowest {
             inputs.push(x.clone());
         }
-        x = block_forward(model, adapter, l, &x, mb, false)?.0;
+        x = block_forward(model, adapter, l, &x, mb, Pass::Output)?
+            .0
+            .expect("the output was asked for");
     }
     profile.forward += clock.elapsed();
     let clock = Instant::now();
@@ -194,7 +234,7 @@ pub fn forward_backward(
             None => {
                 let input = inputs.pop().expect("one saved input per block");
                 let clock = Instant::now();
-                let (_, saved) = block_forward(model, adapter, l, &input, mb, true)?;
+                let (_, saved) = block_forward(model, adapter, l, &input, mb, Pass::Saved)?;
                 profile.recompute += clock.elapsed();
                 saved.expect("activations were asked for")
             }
@@ -212,7 +252,8 @@ pub fn forward_backward(
 }
 
 /// Bytes one block keeps for its backward, for `rows` positions of sequences of length `t`:
-/// what [`Saved`] holds, in f32. `probs`: attention keeps its probabilities (the fused CPU
+/// what [`Saved`] holds, in f32 (the MLP's activations are not kept: its backward recomputes
+/// them chunk by chunk). `probs`: attention keeps its probabilities (the fused CPU
 /// kernels) rather than a log-sum-exp per row (the composite path).
 pub fn saved_bytes_per_block(
     cfg: &crate::model::ModelConfig,
@@ -226,8 +267,7 @@ pub fn saved_bytes_per_block(
         + 2 * cfg.q_size() // q, attn
         + 2 * cfg.kv_size() // k, v
         + cfg.num_attention_heads * if probs { t } else { 1 } // probabilities or log-sum-exp
-        + 3 * cfg.intermediate_size // gate, up, act
-        + 7 * rank; // x·Aᵀ of each LoRA pair
+        + 4 * rank; // x·Aᵀ of each attention LoRA pair (the MLP's are recomputed by chunk)
     4 * rows * per_row
 }
 
@@ -335,13 +375,16 @@ fn head_chunk_composite(
     model.lm_head.matmul(&dlogits.to_dtype(model.dtype)?)
 }
 
-/// What the backward of one block needs from its forward.
+/// What the backward of one block needs from its forward. The MLP's activations are not
+/// among them: its backward recomputes `gate`, `up` and `silu(gate)·up` from `h2` one row
+/// chunk at a time (two of the block's seven matmuls again, against three `[rows,
+/// intermediate]` tensors kept per block and the recompute's `down` matmul saved).
 pub struct Saved {
     x: Tensor,
     h1: Tensor,
-    /// `x Aᵀ` of each LoRA pair, by target.
+    /// `x Aᵀ` of each attention LoRA pair, by target.
     xa: [Option<Tensor>; 7],
-    /// The dropped-out LoRA input of each pair, when dropout is on.
+    /// The dropped-out LoRA input of each attention pair, when dropout is on.
     dropped: [Option<Tensor>; 7],
     /// Rotated queries `[B·T, nh·d]` and keys, values `[B·T, nkv·d]`.
     q: Tensor,
@@ -352,42 +395,86 @@ pub struct Saved {
     attn: Tensor,
     xmid: Tensor,
     h2: Tensor,
-    gate: Tensor,
-    up: Tensor,
-    act: Tensor,
 }
 
-/// One block on `x` (`[B·T, H]`); with `keep`, also the activations for the backward.
+/// What [`block_forward`] computes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pass {
+    /// The block's output only (the forward of a block that is recomputed later).
+    Output,
+    /// The output and what the backward needs (a kept block).
+    OutputAndSaved,
+    /// What the backward needs only (the recompute): the MLP, which only the output needs,
+    /// is skipped.
+    Saved,
+}
+
+/// One LoRA-carrying projection of `input` (rows `row0..` of the block's rows).
+struct Projected {
+    y: Tensor,
+    /// `x' Aᵀ`, when the target has a pair.
+    xa: Option<Tensor>,
+    /// The dropped-out LoRA input `x'`, when dropout is on.
+    dropped: Option<Tensor>,
+}
+
+/// The dropped-out LoRA input of `target` for rows `row0..` of `input`, when the target has a
+/// pair and dropout is on.
+fn lora_dropped(
+    adapter: &Adapter,
+    layer: usize,
+    target: Target,
+    input: &Tensor,
+    row0: usize,
+    mb: &MicroBatch,
+) -> Result<Option<Tensor>> {
+    match (adapter.get(layer, target), mb.dropout) {
+        (Some(_), Some((p, seed))) if p > 0.0 => {
+            let (rows, cols) = input.dims2()?;
+            let mask = dropout_mask(p, seed, layer, target, row0..row0 + rows, cols, input)?;
+            Ok(Some(input.broadcast_mul(&mask)?))
+        }
+        _ => Ok(None),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn project(
+    adapter: &Adapter,
+    layer: usize,
+    lin: &Linear,
+    target: Target,
+    input: &Tensor,
+    row0: usize,
+    mb: &MicroBatch,
+) -> Result<Projected> {
+    let dropped = lora_dropped(adapter, layer, target, input, row0, mb)?;
+    let pair = adapter.get(layer, target);
+    let (y, xa) = lin.forward_lora(input, pair, adapter.cfg.scale(), dropped.as_ref())?;
+    Ok(Projected { y, xa, dropped })
+}
+
+/// One block on `x` (`[B·T, H]`): its output and/or the activations for the backward.
 pub fn block_forward(
     model: &Llama,
     adapter: &Adapter,
     layer: usize,
     x: &Tensor,
     mb: &MicroBatch,
-    keep: bool,
-) -> Result<(Tensor, Option<Saved>)> {
+    pass: Pass,
+) -> Result<(Option<Tensor>, Option<Saved>)> {
     let cfg = &model.cfg;
     let blk = &model.blocks[layer];
     let heads = attention::heads(model, mb)?;
     let (nh, nkv) = (heads.nh, heads.nkv);
     let eps = cfg.rms_norm_eps as f32;
-    let scale = adapter.cfg.scale();
     let mut xa: [Option<Tensor>; 7] = Default::default();
     let mut dropped: [Option<Tensor>; 7] = Default::default();
     let mut proj = |lin: &Linear, input: &Tensor, target: Target| -> Result<Tensor> {
-        let pair = adapter.get(layer, target);
-        let lora_x = match (pair, mb.dropout) {
-            (Some(_), Some((p, seed))) if p > 0.0 => {
-                let (rows, cols) = input.dims2()?;
-                let mask = dropout_mask(p, seed, layer, target, rows, cols, input)?;
-                Some(input.broadcast_mul(&mask)?)
-            }
-            _ => None,
-        };
-        let (y, mid) = lin.forward_lora(input, pair, scale, lora_x.as_ref())?;
-        xa[target.index()] = mid;
-        dropped[target.index()] = lora_x;
-        Ok(y)
+        let p = project(adapter, layer, lin, target, input, 0, mb)?;
+        xa[target.index()] = p.xa;
+        dropped[target.index()] = p.dropped;
+        Ok(p.y)
     };
     let h1 = rms_norm(x, &blk.input_norm, eps)?;
 
@@ -399,14 +486,13 @@ pub fn block_forward(
     let xmid = (x + proj(&blk.o_proj, &attn, Target::O)?)?;
     let h2 = rms_norm(&xmid, &blk.post_norm, eps)?;
 
-    let gate = proj(&blk.gate_proj, &h2, Target::Gate)?;
-    let up = proj(&blk.up_proj, &h2, Target::Up)?;
-
-    let act = crate::model::llama::swiglu(&gate, &up)?;
-
-    let out = (&xmid + proj(&blk.down_proj, &act, Target::Down)?)?;
-
-    let saved = keep.then(|| Saved {
+    let out = match pass {
+        Pass::Saved => None,
+        Pass::Output | Pass::OutputAndSaved => {
+            Some(mlp_forward(model, adapter, layer, &xmid, &h2, mb)?)
+        }
+    };
+    let saved = (pass != Pass::Output).then(|| Saved {
         x: x.clone(),
         h1,
         xa,
@@ -418,21 +504,50 @@ pub fn block_forward(
         attn,
         xmid,
         h2,
-        gate,
-        up,
-        act,
     });
     Ok((out, saved))
+}
+
+/// `xmid + down(silu(gate(h2)) · up(h2))`, in row chunks.
+fn mlp_forward(
+    model: &Llama,
+    adapter: &Adapter,
+    layer: usize,
+    xmid: &Tensor,
+    h2: &Tensor,
+    mb: &MicroBatch,
+) -> Result<Tensor> {
+    let blk = &model.blocks[layer];
+    let rows = h2.dim(0)?;
+    let mut parts = vec![];
+    for (r0, n) in row_chunks(rows, mb.mlp_chunk(model, rows)) {
+        let h2c = h2.narrow(0, r0, n)?;
+        let gate = project(adapter, layer, &blk.gate_proj, Target::Gate, &h2c, r0, mb)?.y;
+        let up = project(adapter, layer, &blk.up_proj, Target::Up, &h2c, r0, mb)?.y;
+        let act = crate::model::llama::swiglu(&gate, &up)?;
+        drop((gate, up));
+        let down = project(adapter, layer, &blk.down_proj, Target::Down, &act, r0, mb)?.y;
+        parts.push((xmid.narrow(0, r0, n)? + down)?);
+    }
+    cat_rows(parts)
+}
+
+/// Row chunks back into one tensor (one chunk is returned as it is).
+fn cat_rows(mut parts: Vec<Tensor>) -> Result<Tensor> {
+    if parts.len() == 1 {
+        return Ok(parts.remove(0));
+    }
+    Tensor::cat(&parts, 0)
 }
 
 /// Backward of one block: adds its LoRA gradients into `grads` and returns `∂loss/∂x` when
 /// `need_dx` (the block below still needs it).
 #[allow(clippy::too_many_arguments)]
-pub fn block_backward(
+pub fn block_backward<'a>(
     model: &Llama,
     adapter: &Adapter,
     layer: usize,
-    s: &Saved,
+    s: &'a Saved,
     dout: &Tensor,
     mb: &MicroBatch,
     grads: &mut Grads,
@@ -443,17 +558,147 @@ pub fn block_backward(
     let heads = attention::heads(model, mb)?;
     let (nh, nkv) = (heads.nh, heads.nkv);
     let eps = cfg.rms_norm_eps;
-    let scale = adapter.cfg.scale();
-    // Adds `∂/∂input` into `dx` (when given) and the pair's gradients into `grads`.
-    let mut lin_back = |lin: &Linear,
-                        target: Target,
-                        input: &Tensor,
-                        dy: &Tensor,
-                        mut dx: Option<&mut InputGrad>|
-     -> Result<()> {
-        let pair = adapter.get(layer, target);
-        let lora_x = s.dropped[target.index()].as_ref();
-        let xa = s.xa[target.index()].as_ref();
+    let back = LinearBack { adapter, layer, mb };
+    // MLP: out = xmid + down(silu(gate) · up), recomputed and differentiated one row chunk at
+    // a time, so only dxmid outlives a chunk's `[chunk, intermediate]` temporaries.
+    let dxmid = {
+        let rows = s.h2.dim(0)?;
+        let mut parts = vec![];
+        for (r0, n) in row_chunks(rows, mb.mlp_chunk(model, rows)) {
+            let h2 = s.h2.narrow(0, r0, n)?;
+            let dout = dout.narrow(0, r0, n)?;
+            let gate = project(adapter, layer, &blk.gate_proj, Target::Gate, &h2, r0, mb)?;
+            let up = project(adapter, layer, &blk.up_proj, Target::Up, &h2, r0, mb)?;
+            let act = crate::model::llama::swiglu(&gate.y, &up.y)?;
+            let act_dims = act.dims().to_vec();
+            // Only `x' Aᵀ` of the down projection is needed: its output is not.
+            let down_x = lora_dropped(adapter, layer, Target::Down, &act, r0, mb)?;
+            let down_xa = match adapter.get(layer, Target::Down) {
+                Some(p) => Some(
+                    down_x
+                        .as_ref()
+                        .unwrap_or(&act)
+                        .to_dtype(p.a.dtype())?
+                        .matmul(&p.a.t()?)?,
+                ),
+                None => None,
+            };
+            let mut dact = InputGrad::Empty;
+            back.run(
+                grads,
+                &blk.down_proj,
+                Target::Down,
+                (&act, down_x.as_ref(), down_xa.as_ref(), r0),
+                &dout,
+                Some(&mut dact),
+            )?;
+            drop((act, down_x, down_xa));
+            let dact = dact.into_tensor(&act_dims)?;
+            let (dgate, dup) = swiglu_backward(&gate.y, &up.y, &dact)?;
+            drop((dact, gate.y, up.y));
+            let mut dh2 = InputGrad::Empty;
+            back.run(
+                grads,
+                &blk.gate_proj,
+                Target::Gate,
+                (&h2, gate.dropped.as_ref(), gate.xa.as_ref(), r0),
+                &dgate,
+                Some(&mut dh2),
+            )?;
+            drop(dgate);
+            back.run(
+                grads,
+                &blk.up_proj,
+                Target::Up,
+                (&h2, up.dropped.as_ref(), up.xa.as_ref(), r0),
+                &dup,
+                Some(&mut dh2),
+            )?;
+            drop(dup);
+            let dh2 = dh2.into_tensor(h2.dims())?;
+            let xmid = s.xmid.narrow(0, r0, n)?;
+            parts.push(rms_norm_backward_add(
+                &xmid,
+                &blk.post_norm,
+                &dh2,
+                eps,
+                &dout,
+            )?);
+        }
+        cat_rows(parts)?
+    };
+    let saved_input = |input: &'a Tensor, target: Target| -> LinearInput<'a> {
+        (
+            input,
+            s.dropped[target.index()].as_ref(),
+            s.xa[target.index()].as_ref(),
+            0,
+        )
+    };
+    // Attention: xmid = x + o(attn).
+    let mut dattn = InputGrad::Empty;
+    back.run(
+        grads,
+        &blk.o_proj,
+        Target::O,
+        saved_input(&s.attn, Target::O),
+        &dxmid,
+        Some(&mut dattn),
+    )?;
+    let dattn = dattn.into_tensor(s.attn.dims())?;
+    let (dq, dk, dv) = attention::timed(|| {
+        attention::backward(&s.q, &s.k, &s.v, &s.probs, &s.attn, &dattn, mb, heads)
+    })?;
+    drop(dattn);
+    // RoPE is a rotation: its backward rotates by the opposite angle.
+    let dq = attention::rope(&dq, mb, heads, nh, true)?;
+    let dk = attention::rope(&dk, mb, heads, nkv, true)?;
+    let mut dh1 = if need_dx {
+        InputGrad::Empty
+    } else {
+        InputGrad::Unused
+    };
+    for (lin, target, dy) in [
+        (&blk.q_proj, Target::Q, &dq),
+        (&blk.k_proj, Target::K, &dk),
+        (&blk.v_proj, Target::V, &dv),
+    ] {
+        let dx = need_dx.then_some(&mut dh1);
+        back.run(grads, lin, target, saved_input(&s.h1, target), dy, dx)?;
+    }
+
+    if !need_dx {
+        return Ok(dxmid);
+    }
+    let dh1 = dh1.into_tensor(s.h1.dims())?;
+    rms_norm_backward_add(&s.x, &blk.input_norm, &dh1, eps, &dxmid)
+}
+
+/// The backward of one LoRA-carrying linear of a block.
+struct LinearBack<'a> {
+    adapter: &'a Adapter,
+    layer: usize,
+    mb: &'a MicroBatch,
+}
+
+/// A linear's forward input as its backward needs it: the input, the dropped-out LoRA input
+/// (with dropout), `x' Aᵀ`, and the row the input starts at (for the dropout mask).
+type LinearInput<'t> = (&'t Tensor, Option<&'t Tensor>, Option<&'t Tensor>, usize);
+
+impl LinearBack<'_> {
+    /// Adds `∂/∂input` into `dx` (when given) and the pair's gradients into `grads`.
+    fn run(
+        &self,
+        grads: &mut Grads,
+        lin: &Linear,
+        target: Target,
+        (input, lora_x, xa, row0): LinearInput<'_>,
+        dy: &Tensor,
+        mut dx: Option<&mut InputGrad>,
+    ) -> Result<()> {
+        let (layer, mb) = (self.layer, self.mb);
+        let pair = self.adapter.get(layer, target);
+        let scale = self.adapter.cfg.scale();
         // The fused path: no dropout (its mask would scale the LoRA part of dX alone).
         if lora_x.is_none()
             && crate::kernels::covers(dy)
@@ -492,6 +737,7 @@ pub fn block_backward(
             let dx_lora = match (dx_lora, lora_x, mb.dropout) {
                 (Some(d), Some(_), Some((prob, seed))) => {
                     let (rows, cols) = input.dims2()?;
+                    let rows = row0..row0 + rows;
                     Some(
                         d.broadcast_mul(&dropout_mask(prob, seed, layer, target, rows, cols, &d)?)?,
                     )
@@ -507,48 +753,7 @@ pub fn block_backward(
             slot.add(d)?;
         }
         Ok(())
-    };
-    // MLP: out = xmid + down(silu(gate) · up).
-    // Scoped so only dxmid outlives the MLP's `[B·T, intermediate]` temporaries.
-    let dxmid = {
-        let mut dact = InputGrad::Empty;
-        lin_back(&blk.down_proj, Target::Down, &s.act, dout, Some(&mut dact))?;
-        let dact = dact.into_tensor(s.act.dims())?;
-        let (dgate, dup) = swiglu_backward(&s.gate, &s.up, &dact)?;
-        drop(dact);
-        let mut dh2 = InputGrad::Empty;
-        lin_back(&blk.gate_proj, Target::Gate, &s.h2, &dgate, Some(&mut dh2))?;
-        drop(dgate);
-        lin_back(&blk.up_proj, Target::Up, &s.h2, &dup, Some(&mut dh2))?;
-        let dh2 = dh2.into_tensor(s.h2.dims())?;
-        rms_norm_backward_add(&s.xmid, &blk.post_norm, &dh2, eps, dout)?
-    };
-    // Attention: xmid = x + o(attn).
-    let mut dattn = InputGrad::Empty;
-    lin_back(&blk.o_proj, Target::O, &s.attn, &dxmid, Some(&mut dattn))?;
-    let dattn = dattn.into_tensor(s.attn.dims())?;
-    let (dq, dk, dv) = attention::timed(|| {
-        attention::backward(&s.q, &s.k, &s.v, &s.probs, &s.attn, &dattn, mb, heads)
-    })?;
-    drop(dattn);
-    // RoPE is a rotation: its backward rotates by the opposite angle.
-    let dq = attention::rope(&dq, mb, heads, nh, true)?;
-    let dk = attention::rope(&dk, mb, heads, nkv, true)?;
-    let mut dh1 = if need_dx {
-        InputGrad::Empty
-    } else {
-        InputGrad::Unused
-    };
-    let want = need_dx.then_some(());
-    lin_back(&blk.q_proj, Target::Q, &s.h1, &dq, want.map(|_| &mut dh1))?;
-    lin_back(&blk.k_proj, Target::K, &s.h1, &dk, want.map(|_| &mut dh1))?;
-    lin_back(&blk.v_proj, Target::V, &s.h1, &dv, want.map(|_| &mut dh1))?;
-
-    if !need_dx {
-        return Ok(dxmid);
     }
-    let dh1 = dh1.into_tensor(s.h1.dims())?;
-    rms_norm_backward_add(&s.x, &blk.input_norm, &dh1, eps, &dxmid)
 }
 
 /// An input gradient being summed over the layers that read the same input: a plain buffer
@@ -611,22 +816,24 @@ fn rms_norm_backward_add(
     }
 }
 
-/// The dropout mask of one LoRA input: entries 0 (probability `p`) or `1/(1−p)`, a pure
-/// function of `(seed, layer, target, position)` so the recomputed forward draws it again.
+/// The dropout mask of one LoRA input, for rows `rows` of it: entries 0 (probability `p`) or
+/// `1/(1−p)`, a pure function of `(seed, layer, target, position)` so the recomputed forward
+/// (and a row chunk of it) draws the same mask again.
 #[allow(clippy::too_many_arguments)]
 pub fn dropout_mask(
     p: f64,
     seed: u64,
     layer: usize,
     target: Target,
-    rows: usize,
+    rows: std::ops::Range<usize>,
     cols: usize,
     like: &Tensor,
 ) -> Result<Tensor> {
     let keep = 1.0 / (1.0 - p);
     let stream = seed ^ ((layer as u64) << 40) ^ ((target.index() as u64) << 56);
     let threshold = (p * (1u64 << 53) as f64) as u64;
-    let data: Vec<f32> = (0..(rows * cols) as u64)
+    let n = rows.len();
+    let data: Vec<f32> = ((rows.start * cols) as u64..(rows.end * cols) as u64)
         .map(|i| {
             if splitmix64(stream.wrapping_add(i.wrapping_mul(0x9E37_79B9_7F4A_7C15))) >> 11
                 < threshold
@@ -637,7 +844,7 @@ pub fn dropout_mask(
             }
         })
         .collect();
-    Tensor::from_vec(data, (rows, cols), like.device())?.to_dtype(like.dtype())
+    Tensor::from_vec(data, (n, cols), like.device())?.to_dtype(like.dtype())
 }
 
 fn splitmix64(mut z: u64) -> u64 {
@@ -683,4 +890,41 @@ fn rms_norm_composite_backward(x: &Tensor, w: &Tensor, dy: &Tensor, eps: f64) ->
     let gx = (&g * x)?.mean_keepdim(D::Minus1)?;
     let r3 = r.powf(3.0)?;
     g.broadcast_mul(&r)? - x.broadcast_mul(&(r3 * gx)?)?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn mlp_chunks_are_even_and_within_the_byte_bound() {
+        // Llama-8B in bf16 at length 2048: four chunks of 512 rows (14 MiB each).
+        assert_eq!(mlp_chunk_rows(2048, 14336, 2), 512);
+        // SmolLM2 in f32: up to 2730 rows stay whole; 8192 rows in four chunks of 2048.
+        assert_eq!(mlp_chunk_rows(1024, 1536, 4), 1024);
+        assert_eq!(mlp_chunk_rows(8192, 1536, 4), 2048);
+        // Never below the minimum, never zero.
+        assert_eq!(mlp_chunk_rows(100_000, 1 << 20, 4), 256);
+        assert_eq!(mlp_chunk_rows(0, 1536, 4), 1);
+        for (rows, chunk) in [(10, 3), (9, 3), (1, 5)] {
+            let parts: Vec<_> = row_chunks(rows, chunk).collect();
+            assert_eq!(parts.iter().map(|p| p.1).sum::<usize>(), rows);
+            assert!(parts.windows(2).all(|w| w[0].0 + w[0].1 == w[1].0));
+        }
+    }
+
+    #[test]
+    fn a_chunk_of_the_dropout_mask_is_that_part_of_the_whole_mask() {
+        let like = Tensor::zeros((1, 1), DType::F32, &Device::Cpu).unwrap();
+        let whole = dropout_mask(0.4, 7, 3, Target::Down, 0..10, 6, &like).unwrap();
+        let part = dropout_mask(0.4, 7, 3, Target::Down, 4..9, 6, &like).unwrap();
+        let want = whole.narrow(0, 4, 5).unwrap().to_vec2::<f32>().unwrap();
+        assert_eq!(part.to_vec2::<f32>().unwrap(), want);
+        // About 40% dropped, the rest scaled by 1/(1-p).
+        let v = whole.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let dropped = v.iter().filter(|&&x| x == 0.0).count();
+        assert!((12..=36).contains(&dropped), "{dropped} of 60 dropped");
+        assert!(v.iter().all(|&x| x == 0.0 || (x - 1.0 / 0.6).abs() < 1e-6));
+    }
 }

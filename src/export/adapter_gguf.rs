@@ -5,12 +5,13 @@
 //! permutation and lora_a is unchanged. llama.cpp scales by alpha / r, so rsLoRA's α/√r is
 //! carried as alpha' = α·√r.
 
+use super::gguf_stream::TensorPlan;
 use super::gguf_writer::gguf_arch;
 use crate::error::{Error, Result};
 use crate::lora::{Adapter, LoraConfig, LoraPair, Target};
 use crate::model::ModelConfig;
 use crate::weights::gguf::{hf_to_gguf_name, permute_qk, unpermute_qk};
-use candle_core::quantized::gguf_file::{self, Content, Value as GValue};
+use candle_core::quantized::gguf_file::{Content, Value as GValue};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
 use std::path::Path;
@@ -64,12 +65,23 @@ pub fn write(adapter: &Adapter, model: &ModelConfig, base_name: &str, path: &Pat
             QTensor::quantize(&b, GgmlDType::F32).map_err(err)?,
         ));
     }
+    let plan: Vec<TensorPlan> = tensors
+        .iter()
+        .map(|(name, q)| TensorPlan {
+            name: name.clone(),
+            dims: q.shape().dims().to_vec(),
+            dtype: q.dtype(),
+        })
+        .collect();
+    let mut tensors: Vec<Option<QTensor>> = tensors.into_iter().map(|(_, q)| Some(q)).collect();
     let file = std::fs::File::create(path).map_err(|e| Error::io("create", path, e))?;
     let mut w = std::io::BufWriter::new(file);
-    let meta_refs: Vec<(&str, &GValue)> = meta.iter().map(|(k, v)| (k.as_str(), v)).collect();
-    let t_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
-    gguf_file::write(&mut w, &meta_refs, &t_refs)
-        .map_err(|e| Error::Export(format!("cannot write {}: {e}", path.display())))?;
+    super::gguf_stream::write(&mut w, &meta, &plan, |i| {
+        tensors[i]
+            .take()
+            .ok_or_else(|| Error::Export(format!("tensor {} asked for twice", plan[i].name)))
+    })
+    .map_err(|e| Error::Export(format!("{}: {e}", path.display())))?;
     std::io::Write::flush(&mut w).map_err(|e| Error::io("write", path, e))
 }
 

@@ -22,13 +22,19 @@ const TYPE_BYTE: i32 = 6;
 /// The tokenizer metadata entries for the base model's tokenizer.
 pub fn metadata(base: &Base) -> Result<Vec<(String, GValue)>> {
     match &base.store {
-        WeightStore::Gguf(g) => Ok(g
-            .content
-            .metadata
-            .iter()
-            .filter(|(k, _)| k.starts_with("tokenizer."))
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect()),
+        WeightStore::Gguf(g) => {
+            let mut out: Vec<(String, GValue)> = g
+                .content
+                .metadata
+                .iter()
+                .filter(|(k, _)| k.starts_with("tokenizer."))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            // In key order: the metadata map has none, and the same fuse should write the
+            // same bytes.
+            out.sort_by(|a, b| a.0.cmp(&b.0));
+            Ok(out)
+        }
         WeightStore::Safetensors(_) => from_hf_dir(
             base.source.path(),
             base.cfg.vocab_size,

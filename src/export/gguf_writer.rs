@@ -2,13 +2,14 @@
 //! `<arch>.*`, the tokenizer under `tokenizer.*`, llama.cpp tensor names, q/k rows permuted for
 //! llama.cpp's RoPE (llama architecture), 2-D weights in the chosen type and norms in F32.
 
+use super::gguf_stream::{self, TensorPlan};
 use super::merge::Base;
 use super::{gguf_tokenizer, GgufType};
 use crate::error::{Error, Result};
 use crate::lora::Adapter;
 use crate::model::config::{Architecture, RopeScaling};
 use crate::weights::gguf::{hf_to_gguf_name, permute_qk};
-use candle_core::quantized::gguf_file::{self, Value as GValue};
+use candle_core::quantized::gguf_file::Value as GValue;
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 use std::path::Path;
@@ -135,11 +136,46 @@ pub fn write(base: &Base, adapter: &Adapter, path: &Path, qtype: GgufType) -> Re
     }
     meta.extend(gguf_tokenizer::metadata(base)?);
 
-    let mut tensors: Vec<(String, QTensor)> = vec![];
+    // The plan first (names, shapes, types), then each tensor merged, converted and written
+    // in turn: one merged tensor in memory at a time.
+    let mut plan = vec![];
+    let mut sources = vec![];
     for (name, shape) in base.tensor_plan() {
         let gname = hf_to_gguf_name(&name)
             .ok_or_else(|| Error::Export(format!("tensor {name} has no GGUF name")))?;
-        let mut t = base.merged(adapter, &name, &shape)?;
+        let dtype = tensor_type(
+            qtype,
+            &gname,
+            &shape,
+            c.num_hidden_layers,
+            !base.has_lm_head(),
+        );
+        plan.push(TensorPlan {
+            name: gname,
+            dims: shape.clone(),
+            dtype,
+        });
+        sources.push(Some((name, shape)));
+    }
+    let rope = rope_freqs(c)?;
+    if let Some(rf) = &rope {
+        plan.push(TensorPlan {
+            name: "rope_freqs.weight".into(),
+            dims: rf.shape().dims().to_vec(),
+            dtype: rf.dtype(),
+        });
+        sources.push(None);
+    }
+    let mut rope = rope;
+    let file = std::fs::File::create(path).map_err(|e| Error::io("create", path, e))?;
+    let mut w = std::io::BufWriter::new(file);
+    gguf_stream::write(&mut w, &meta, &plan, |i| {
+        let Some((name, shape)) = &sources[i] else {
+            return rope
+                .take()
+                .ok_or_else(|| Error::Export("rope_freqs.weight asked for twice".into()));
+        };
+        let mut t = base.merged(adapter, name, shape)?;
         let heads = if !permute {
             None
         } else if name.contains("self_attn.q_proj.") {
@@ -153,26 +189,11 @@ pub fn write(base: &Base, adapter: &Adapter, path: &Path, qtype: GgufType) -> Re
             t = permute_qk(&t, h)
                 .map_err(|e| super::tensor_err(&format!("permuting {name}"), e))?;
         }
-        let ty = tensor_type(
-            qtype,
-            &gname,
-            &shape,
-            c.num_hidden_layers,
-            !base.has_lm_head(),
-        );
-        let q = QTensor::quantize(&t, ty)
-            .map_err(|e| super::tensor_err(&format!("converting {name} to {ty:?}"), e))?;
-        tensors.push((gname, q));
-    }
-    if let Some(rf) = rope_freqs(c)? {
-        tensors.push(("rope_freqs.weight".into(), rf));
-    }
-    let file = std::fs::File::create(path).map_err(|e| Error::io("create", path, e))?;
-    let mut w = std::io::BufWriter::new(file);
-    let meta_refs: Vec<(&str, &GValue)> = meta.iter().map(|(k, v)| (k.as_str(), v)).collect();
-    let t_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
-    gguf_file::write(&mut w, &meta_refs, &t_refs)
-        .map_err(|e| Error::Export(format!("cannot write {}: {e}", path.display())))?;
+        let ty = plan[i].dtype;
+        QTensor::quantize(&t, ty)
+            .map_err(|e| super::tensor_err(&format!("converting {name} to {ty:?}"), e))
+    })
+    .map_err(|e| Error::Export(format!("{}: {e}", path.display())))?;
     std::io::Write::flush(&mut w).map_err(|e| Error::io("write", path, e))
 }
 

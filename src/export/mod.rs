@@ -4,6 +4,7 @@
 //! destination and renamed into place only when complete.
 
 pub mod adapter_gguf;
+pub mod gguf_stream;
 pub mod gguf_tokenizer;
 pub mod gguf_writer;
 pub mod hf_dir;

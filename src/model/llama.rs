@@ -10,7 +10,7 @@ use super::rope::Rope;
 use super::vocab::{VocabMatrix, SLICE_ROWS};
 use crate::lora::{Adapter, LoraPair, Target};
 use crate::weights::{WeightStore, WeightsError};
-use candle_core::quantized::GgmlDType;
+use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Module, Result, Tensor, D};
 
 /// A linear layer `y = x Wᵀ (+ b)` with `W` stored `[out, in]` as in the checkpoints, dense or
@@ -116,42 +116,27 @@ fn load_quantized(
     dtype: DType,
     device: &Device,
 ) -> std::result::Result<Weight, WeightsError> {
-    let read_err = |e: candle_core::Error| WeightsError::Read {
-        tensor: name.to_string(),
-        file: store.describe(),
-        reason: e.to_string(),
-    };
-    if let WeightStore::Gguf(g) = store {
-        let gname = crate::weights::gguf::hf_to_gguf_name(name).unwrap_or_default();
-        let stored = g.content.tensor_infos.get(&gname).map(|i| i.ggml_dtype);
-        if let Some(dt) = stored.filter(|d| {
-            !matches!(
-                d,
-                candle_core::quantized::GgmlDType::F32
-                    | candle_core::quantized::GgmlDType::F16
-                    | candle_core::quantized::GgmlDType::BF16
+    let read_err = read_error(store, name);
+    if let Some((q, arch)) = stored_quantized(store, name, shape)? {
+        let heads = match arch.as_str() {
+            "llama" if name.contains("self_attn.q_proj.") => Some(cfg.num_attention_heads),
+            "llama" if name.contains("self_attn.k_proj.") => Some(cfg.num_key_value_heads),
+            _ => None,
+        };
+        let q = match heads {
+            Some(h) => quantized::permute_rows(
+                &q,
+                &quantized::unpermute_qk_rows(shape[0], h),
+                &Device::Cpu,
             )
-        }) {
-            let q = g.qtensor(&gname, device)?;
-            crate::weights::check_shape(&gname, &store.describe(), shape, q.shape().dims())?;
-            let heads = match g.architecture() {
-                "llama" if name.contains("self_attn.q_proj.") => Some(cfg.num_attention_heads),
-                "llama" if name.contains("self_attn.k_proj.") => Some(cfg.num_key_value_heads),
-                _ => None,
-            };
-            let q = match heads {
-                Some(h) => {
-                    quantized::permute_rows(&q, &quantized::unpermute_qk_rows(shape[0], h), device)
-                        .map_err(read_err)?
-                }
-                None => q,
-            };
-            tracing::debug!("{name}: kept as stored ({dt:?})");
-            return Weight::from_qtensor(&q, device).map_err(read_err);
-        }
+            .map_err(&read_err)?,
+            None => q,
+        };
+        tracing::debug!("{name}: kept as stored ({:?})", q.dtype());
+        return Weight::from_qtensor(&q, device).map_err(read_err);
     }
     let dense = store.get(name, shape, DType::F32, &Device::Cpu)?;
-    match Weight::quantize(&dense, bits, device).map_err(read_err)? {
+    match Weight::quantize(&dense, bits, device).map_err(&read_err)? {
         Some(q) => Ok(q),
         None => Ok(Weight::Dense(
             dense
@@ -160,6 +145,43 @@ fn load_quantized(
                 .map_err(read_err)?,
         )),
     }
+}
+
+/// The error for a failure to read or convert tensor `name` of `store`.
+fn read_error<'a>(
+    store: &'a WeightStore,
+    name: &'a str,
+) -> impl Fn(candle_core::Error) -> WeightsError + 'a {
+    move |e| WeightsError::Read {
+        tensor: name.to_string(),
+        file: store.describe(),
+        reason: e.to_string(),
+    }
+}
+
+/// Tensor `name` (a Hugging Face name) as a GGUF stores it, on the CPU, when the store is a
+/// GGUF that holds it quantized in whole blocks per row, with the GGUF's architecture; `None`
+/// otherwise (not a GGUF, or stored as f32/f16/bf16).
+fn stored_quantized(
+    store: &WeightStore,
+    name: &str,
+    shape: &[usize],
+) -> std::result::Result<Option<(QTensor, String)>, WeightsError> {
+    let WeightStore::Gguf(g) = store else {
+        return Ok(None);
+    };
+    let gname = crate::weights::gguf::hf_to_gguf_name(name).unwrap_or_default();
+    let stored = g.content.tensor_infos.get(&gname).map(|i| i.ggml_dtype);
+    if !stored.is_some_and(|d| !matches!(d, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16)) {
+        return Ok(None);
+    }
+    let q = g.qtensor(&gname, &Device::Cpu)?;
+    crate::weights::check_shape(&gname, &store.describe(), shape, q.shape().dims())?;
+    let cols = q.shape().dims().last().copied().unwrap_or(0);
+    if !cols.is_multiple_of(q.dtype().block_size()) {
+        return Ok(None);
+    }
+    Ok(Some((q, g.architecture().to_string())))
 }
 
 /// An embedding or head matrix `[vocab, hidden]`: dense in `dtype` without `format`; with it,
@@ -173,27 +195,15 @@ fn load_vocab(
     device: &Device,
 ) -> std::result::Result<VocabMatrix, WeightsError> {
     let shape = [cfg.vocab_size, cfg.hidden_size];
-    let read_err = |e: candle_core::Error| WeightsError::Read {
-        tensor: name.to_string(),
-        file: store.describe(),
-        reason: e.to_string(),
-    };
+    let read_err = read_error(store, name);
     let Some(format) = format else {
         return Ok(VocabMatrix::Dense(store.get(name, &shape, dtype, device)?));
     };
-    if let WeightStore::Gguf(g) = store {
-        let gname = crate::weights::gguf::hf_to_gguf_name(name).unwrap_or_default();
-        let stored = g.content.tensor_infos.get(&gname).map(|i| i.ggml_dtype);
-        if stored.is_some_and(|d| !matches!(d, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16)) {
-            let q = g.qtensor(&gname, &Device::Cpu)?;
-            crate::weights::check_shape(&gname, &store.describe(), &shape, q.shape().dims())?;
-            if q.shape().dims()[1].is_multiple_of(q.dtype().block_size()) {
-                return VocabMatrix::from_quantized(&q, SLICE_ROWS, device).map_err(read_err);
-            }
-        }
+    if let Some((q, _)) = stored_quantized(store, name, &shape)? {
+        return VocabMatrix::from_quantized(&q, SLICE_ROWS, device).map_err(read_err);
     }
     let dense = store.get(name, &shape, DType::F32, &Device::Cpu)?;
-    match VocabMatrix::quantize(&dense, format, SLICE_ROWS, device).map_err(read_err)? {
+    match VocabMatrix::quantize(&dense, format, SLICE_ROWS, device).map_err(&read_err)? {
         VocabMatrix::Dense(d) => Ok(VocabMatrix::Dense(d.to_dtype(dtype).map_err(read_err)?)),
         q => Ok(q),
     }

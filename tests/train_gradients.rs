@@ -502,31 +502,35 @@ fn keeping_activations_gives_the_same_gradients_bit_for_bit() {
     let dir = tempfile::tempdir().unwrap();
     let model = tiny_model(&TinySpec::default(), dir.path());
     let adapter = random_adapter(&model, vec![0, 1], Target::ALL.to_vec());
-    let mb = batch(&model, &rows(&samples()));
-    let run = |keep: usize| {
-        let mut g = Grads::new(&adapter);
-        let mut p = your_ai::train::step::Profile::default();
-        let l = forward_backward(&model, &adapter, &mb, 0.1, &mut g, keep, &mut p).unwrap();
-        (l.ce, g, p)
-    };
-    let (l0, g0, _) = run(0);
-    for keep in [1, 2, 5] {
-        let (l, g, p) = run(keep);
-        assert_eq!(l.to_bits(), l0.to_bits());
-        for (a, b) in g0.tensors().zip(g.tensors()) {
-            let (a, b) = (
-                a.flatten_all().unwrap().to_vec1::<f64>().unwrap(),
-                b.flatten_all().unwrap().to_vec1::<f64>().unwrap(),
-            );
-            assert!(
-                a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()),
-                "keep {keep}"
-            );
+    // One MLP chunk, and chunks of 5 rows (a kept block keeps its gate and up by chunk).
+    for chunk in [None, Some(5)] {
+        let mut mb = batch(&model, &rows(&samples()));
+        mb.mlp_chunk_rows = chunk;
+        let run = |keep: usize| {
+            let mut g = Grads::new(&adapter);
+            let mut p = your_ai::train::step::Profile::default();
+            let l = forward_backward(&model, &adapter, &mb, 0.1, &mut g, keep, &mut p).unwrap();
+            (l.ce, g, p)
+        };
+        let (l0, g0, _) = run(0);
+        for keep in [1, 2, 5] {
+            let (l, g, p) = run(keep);
+            assert_eq!(l.to_bits(), l0.to_bits());
+            for (a, b) in g0.tensors().zip(g.tensors()) {
+                let (a, b) = (
+                    a.flatten_all().unwrap().to_vec1::<f64>().unwrap(),
+                    b.flatten_all().unwrap().to_vec1::<f64>().unwrap(),
+                );
+                assert!(
+                    a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()),
+                    "keep {keep}"
+                );
+            }
+            // Kept blocks are not recomputed.
+            assert!(keep < 2 || p.recompute.is_zero(), "keep {keep} recomputed");
         }
-        // Kept blocks are not recomputed.
-        assert!(keep < 2 || p.recompute.is_zero(), "keep {keep} recomputed");
+        assert!(run(2).2.recompute.is_zero());
     }
-    assert!(run(2).2.recompute.is_zero());
 }
 
 /// Distrust weights c of four examples from made-up (w, H): D = 2.7·(ln(1 − w + 1e-8) + H)².

@@ -11,7 +11,9 @@ use crate::model::quantized::QuantBits;
 use crate::model::sliced::SLICE_BYTES;
 use crate::model::ModelConfig;
 use crate::train::attention::composite_chunk_rows;
-use crate::train::step::{mlp_chunk_rows, saved_bytes_per_block, HEAD_CHUNK};
+use crate::train::step::{
+    kept_mlp_bytes_per_block, mlp_chunk_rows, saved_bytes_per_block, HEAD_CHUNK,
+};
 
 /// Memory that is not tensors: the binary, its libraries, thread stacks, the tokenizer and the
 /// encoded data. Measured on SmolLM2 (49k-token vocabulary) as resident memory after loading
@@ -267,7 +269,10 @@ pub fn estimate(cfg: &ModelConfig, w: &Workload) -> Estimate {
     } else {
         0
     };
-    let kept = keep * (per_block + dropout);
+    // A kept block also keeps its MLP's gate and up (and, with dropout, their masked inputs).
+    let kept_mlp = kept_mlp_bytes_per_block(cfg, w.lora_rank, rows as usize) as u64 / 4 * act
+        + if w.dropout { rows * 2 * h * act } else { 0 };
+    let kept = keep * (per_block + dropout + kept_mlp);
     // The attention mask (per row of the batch when packed) and the RoPE tables.
     let batch_tensors = if w.packed { rows * t } else { t * t } * act + 2 * rows * 64 * act;
 
@@ -324,7 +329,8 @@ pub fn estimate(cfg: &ModelConfig, w: &Workload) -> Estimate {
     // Its peak is at the top block (every input still held, one block's gradients) or at the
     // bottom one (one input left, every gradient resident), whichever is larger.
     let top = inputs + kept + grads_per_block;
-    let bottom = input + (keep.min(1)) * (per_block + dropout) + grads_per_block * adapted;
+    let bottom =
+        input + (keep.min(1)) * (per_block + dropout + kept_mlp) + grads_per_block * adapted;
     let backward = block + top.max(bottom);
     // The head: the final hidden state, its gradient, the scored rows, and two [chunk, vocab]
     // f32 temporaries (candle's ops; the fused CPU kernel holds one); every block input held.

@@ -271,6 +271,16 @@ pub fn saved_bytes_per_block(
     4 * rows * per_row
 }
 
+/// Bytes a kept block holds besides [`saved_bytes_per_block`]: its MLP gate and up outputs and
+/// their pairs' `x·Aᵀ`, in f32.
+pub fn kept_mlp_bytes_per_block(
+    cfg: &crate::model::ModelConfig,
+    rank: usize,
+    rows: usize,
+) -> usize {
+    4 * rows * (2 * cfg.intermediate_size + 2 * rank)
+}
+
 /// Final RMSNorm, LM head and cross-entropy on the scored rows of `x` (`[B·T, H]`), in chunks;
 /// returns the loss sums and `∂loss/∂x`.
 pub fn head_backward(
@@ -375,10 +385,11 @@ fn head_chunk_composite(
     model.lm_head.matmul(&dlogits.to_dtype(model.dtype)?)
 }
 
-/// What the backward of one block needs from its forward. The MLP's activations are not
-/// among them: its backward recomputes `gate`, `up` and `silu(gate)·up` from `h2` one row
-/// chunk at a time (two of the block's seven matmuls again, against three `[rows,
-/// intermediate]` tensors kept per block and the recompute's `down` matmul saved).
+/// What the backward of one block needs from its forward. A recomputed block does not keep
+/// the MLP's activations: its backward recomputes `gate`, `up` and `silu(gate)·up` from `h2`
+/// one row chunk at a time (two of the block's seven matmuls again, against three `[rows,
+/// intermediate]` tensors per block and the recompute's `down` matmul saved). A kept block
+/// keeps gate and up by chunk (the activation is elementwise, cheap to redo).
 pub struct Saved {
     x: Tensor,
     h1: Tensor,
@@ -395,6 +406,14 @@ pub struct Saved {
     attn: Tensor,
     xmid: Tensor,
     h2: Tensor,
+    /// A kept block's MLP gate and up projections, by row chunk (recomputed otherwise).
+    mlp: Option<Vec<MlpChunk>>,
+}
+
+/// The gate and up projections of one MLP row chunk, as a kept block saves them.
+struct MlpChunk {
+    gate: Projected,
+    up: Projected,
 }
 
 /// What [`block_forward`] computes.
@@ -410,6 +429,7 @@ pub enum Pass {
 }
 
 /// One LoRA-carrying projection of `input` (rows `row0..` of the block's rows).
+#[derive(Clone)]
 struct Projected {
     y: Tensor,
     /// `x' Aᵀ`, when the target has a pair.
@@ -486,10 +506,12 @@ pub fn block_forward(
     let xmid = (x + proj(&blk.o_proj, &attn, Target::O)?)?;
     let h2 = rms_norm(&xmid, &blk.post_norm, eps)?;
 
-    let out = match pass {
-        Pass::Saved => None,
+    let (out, mlp) = match pass {
+        Pass::Saved => (None, None),
         Pass::Output | Pass::OutputAndSaved => {
-            Some(mlp_forward(model, adapter, layer, &xmid, &h2, mb)?)
+            let keep = pass == Pass::OutputAndSaved;
+            let (out, mlp) = mlp_forward(model, adapter, layer, &xmid, &h2, mb, keep)?;
+            (Some(out), mlp)
         }
     };
     let saved = (pass != Pass::Output).then(|| Saved {
@@ -504,11 +526,13 @@ pub fn block_forward(
         attn,
         xmid,
         h2,
+        mlp,
     });
     Ok((out, saved))
 }
 
-/// `xmid + down(silu(gate(h2)) · up(h2))`, in row chunks.
+/// `xmid + down(silu(gate(h2)) · up(h2))`, in row chunks; with `keep`, also each chunk's gate
+/// and up projections (a kept block: its backward then recomputes only the activation).
 fn mlp_forward(
     model: &Llama,
     adapter: &Adapter,
@@ -516,20 +540,26 @@ fn mlp_forward(
     xmid: &Tensor,
     h2: &Tensor,
     mb: &MicroBatch,
-) -> Result<Tensor> {
+    keep: bool,
+) -> Result<(Tensor, Option<Vec<MlpChunk>>)> {
     let blk = &model.blocks[layer];
     let rows = h2.dim(0)?;
     let mut parts = vec![];
+    let mut kept = vec![];
     for (r0, n) in row_chunks(rows, mb.mlp_chunk(model, rows)) {
         let h2c = h2.narrow(0, r0, n)?;
-        let gate = project(adapter, layer, &blk.gate_proj, Target::Gate, &h2c, r0, mb)?.y;
-        let up = project(adapter, layer, &blk.up_proj, Target::Up, &h2c, r0, mb)?.y;
-        let act = crate::model::llama::swiglu(&gate, &up)?;
-        drop((gate, up));
+        let gate = project(adapter, layer, &blk.gate_proj, Target::Gate, &h2c, r0, mb)?;
+        let up = project(adapter, layer, &blk.up_proj, Target::Up, &h2c, r0, mb)?;
+        let act = crate::model::llama::swiglu(&gate.y, &up.y)?;
+        if keep {
+            kept.push(MlpChunk { gate, up });
+        } else {
+            drop((gate, up));
+        }
         let down = project(adapter, layer, &blk.down_proj, Target::Down, &act, r0, mb)?.y;
         parts.push((xmid.narrow(0, r0, n)? + down)?);
     }
-    cat_rows(parts)
+    Ok((cat_rows(parts)?, keep.then_some(kept)))
 }
 
 /// Row chunks back into one tensor (one chunk is returned as it is).
@@ -559,16 +589,22 @@ pub fn block_backward<'a>(
     let (nh, nkv) = (heads.nh, heads.nkv);
     let eps = cfg.rms_norm_eps;
     let back = LinearBack { adapter, layer, mb };
-    // MLP: out = xmid + down(silu(gate) · up), recomputed and differentiated one row chunk at
-    // a time, so only dxmid outlives a chunk's `[chunk, intermediate]` temporaries.
+    // MLP: out = xmid + down(silu(gate) · up), recomputed (from the kept gate and up, in a
+    // kept block) and differentiated one row chunk at a time, so only dxmid outlives a
+    // chunk's `[chunk, intermediate]` temporaries.
     let dxmid = {
         let rows = s.h2.dim(0)?;
         let mut parts = vec![];
-        for (r0, n) in row_chunks(rows, mb.mlp_chunk(model, rows)) {
+        for (i, (r0, n)) in row_chunks(rows, mb.mlp_chunk(model, rows)).enumerate() {
             let h2 = s.h2.narrow(0, r0, n)?;
             let dout = dout.narrow(0, r0, n)?;
-            let gate = project(adapter, layer, &blk.gate_proj, Target::Gate, &h2, r0, mb)?;
-            let up = project(adapter, layer, &blk.up_proj, Target::Up, &h2, r0, mb)?;
+            let (gate, up) = match s.mlp.as_ref().and_then(|k| k.get(i)) {
+                Some(k) => (k.gate.clone(), k.up.clone()),
+                None => (
+                    project(adapter, layer, &blk.gate_proj, Target::Gate, &h2, r0, mb)?,
+                    project(adapter, layer, &blk.up_proj, Target::Up, &h2, r0, mb)?,
+                ),
+            };
             let act = crate::model::llama::swiglu(&gate.y, &up.y)?;
             let act_dims = act.dims().to_vec();
             // Only `x' Aᵀ` of the down projection is needed: its output is not.

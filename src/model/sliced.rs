@@ -131,6 +131,13 @@ impl QuantizedRows {
     /// Slice `i` dequantized afresh to a dense `[rows, cols]` tensor in `dtype`.
     pub fn slice(&self, i: usize, dtype: DType) -> Result<Tensor> {
         let s = self.get(i)?;
+        if s.device().is_cpu() {
+            let (rows, cols) = s.shape().dims2()?;
+            let mut out = vec![0f32; rows * cols];
+            if dequantize_parallel(s.dtype(), &s.data()?, &mut out) {
+                return Tensor::from_vec(out, (rows, cols), &Device::Cpu)?.to_dtype(dtype);
+            }
+        }
         s.dequantize(&s.device())?.to_dtype(dtype)
     }
 
@@ -141,13 +148,16 @@ impl QuantizedRows {
         }
         if self.on_cpu() && dtype == DType::F32 {
             // Straight into one buffer: no second whole copy from a concatenation.
-            let mut out = Vec::with_capacity(self.rows * self.cols);
-            for s in &self.slices {
-                out.extend(
-                    s.dequantize(&Device::Cpu)?
+            let mut out = vec![0f32; self.rows * self.cols];
+            for ((s0, n), s) in self.ranges().into_iter().zip(&self.slices) {
+                let part = &mut out[s0 * self.cols..(s0 + n) * self.cols];
+                if !dequantize_parallel(s.dtype(), &s.data()?, part) {
+                    let d = s
+                        .dequantize(&Device::Cpu)?
                         .flatten_all()?
-                        .to_vec1::<f32>()?,
-                );
+                        .to_vec1::<f32>()?;
+                    part.copy_from_slice(&d);
+                }
             }
             return Tensor::from_vec(out, (self.rows, self.cols), &Device::Cpu);
         }
@@ -183,6 +193,48 @@ impl QuantizedRows {
             None => Tensor::zeros((d.dim(0)?, self.cols), d.dtype(), d.device()),
         }
     }
+}
+
+/// Dequantizes GGML blocks (`bytes`, as a CPU QTensor holds them) into `out`, in parallel over
+/// the kernels' thread pool; false for a block type it does not cover (nothing written).
+/// candle's own dequantization runs on one thread, which on a many-core machine makes a
+/// quantized base's per-matmul dequantization cost more than the matmul.
+pub fn dequantize_parallel(dt: GgmlDType, bytes: &[u8], out: &mut [f32]) -> bool {
+    use candle_core::quantized::k_quants::*;
+    match dt {
+        GgmlDType::Q4_0 => blocks::<BlockQ4_0>(bytes, out),
+        GgmlDType::Q4_1 => blocks::<BlockQ4_1>(bytes, out),
+        GgmlDType::Q5_0 => blocks::<BlockQ5_0>(bytes, out),
+        GgmlDType::Q5_1 => blocks::<BlockQ5_1>(bytes, out),
+        GgmlDType::Q8_0 => blocks::<BlockQ8_0>(bytes, out),
+        GgmlDType::Q2K => blocks::<BlockQ2K>(bytes, out),
+        GgmlDType::Q3K => blocks::<BlockQ3K>(bytes, out),
+        GgmlDType::Q4K => blocks::<BlockQ4K>(bytes, out),
+        GgmlDType::Q5K => blocks::<BlockQ5K>(bytes, out),
+        GgmlDType::Q6K => blocks::<BlockQ6K>(bytes, out),
+        _ => false,
+    }
+}
+
+fn blocks<T: candle_core::quantized::k_quants::GgmlType>(bytes: &[u8], out: &mut [f32]) -> bool {
+    let size = std::mem::size_of::<T>();
+    let n = bytes.len() / size;
+    if bytes.len() != n * size
+        || out.len() != n * T::BLCK_SIZE
+        || !(bytes.as_ptr() as usize).is_multiple_of(std::mem::align_of::<T>())
+    {
+        return false;
+    }
+    // SAFETY: the bytes are `n` whole blocks of `T` at `T`'s alignment (checked above), as the
+    // `Vec<T>` behind a CPU QTensor holds them; GGML block types are plain `repr(C)` data.
+    let xs: &[T] = unsafe { std::slice::from_raw_parts(bytes.as_ptr().cast::<T>(), n) };
+    let p = crate::kernels::par::SendPtr::of(out);
+    crate::kernels::par::for_chunks(n, n * T::BLCK_SIZE, |r| {
+        // SAFETY: each chunk of blocks writes its own disjoint range of `out`.
+        let ys = unsafe { p.slice(r.start * T::BLCK_SIZE, r.len() * T::BLCK_SIZE) };
+        T::to_float(&xs[r], ys);
+    });
+    true
 }
 
 #[cfg(test)]
@@ -221,6 +273,45 @@ mod tests {
         assert!(QuantizedRows::quantize(&odd, GgmlDType::Q8_0, 8, &dev)
             .unwrap()
             .is_none());
+    }
+
+    #[test]
+    fn parallel_dequantization_equals_candles() {
+        let w = rand(&[64, 512], 5, 3.0);
+        for dt in [
+            GgmlDType::Q4_0,
+            GgmlDType::Q4_1,
+            GgmlDType::Q5_0,
+            GgmlDType::Q5_1,
+            GgmlDType::Q8_0,
+            GgmlDType::Q2K,
+            GgmlDType::Q3K,
+            GgmlDType::Q4K,
+            GgmlDType::Q5K,
+            GgmlDType::Q6K,
+        ] {
+            let q = QTensor::quantize(&w, dt).unwrap();
+            let want = q.dequantize(&Device::Cpu).unwrap();
+            let mut got = vec![0f32; 64 * 512];
+            assert!(
+                dequantize_parallel(dt, &q.data().unwrap(), &mut got),
+                "{dt:?}"
+            );
+            let want = want.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            assert!(
+                want.iter()
+                    .zip(&got)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{dt:?}"
+            );
+            // A buffer of the wrong size is refused, not written past.
+            assert!(!dequantize_parallel(dt, &q.data().unwrap(), &mut got[1..]));
+        }
+        assert!(!dequantize_parallel(
+            GgmlDType::F16,
+            &[0u8; 4],
+            &mut [0f32; 2]
+        ));
     }
 
     #[test]

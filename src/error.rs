@@ -48,9 +48,10 @@ pub enum Error {
         checkpoint: PathBuf,
     },
     #[error(
-        "memory budget exceeded: resident memory reached {:.2} GB, above the {:.2} GB budget, during step {step}; \
+        "memory budget exceeded: {} reached {:.2} GB, above the {:.2} GB budget, during step {step}; \
          stopped before the system could run out. Checkpoint of step {saved_step} saved to {}. \
          Resume with the same command plus --resume and a larger --max-memory, or a smaller --batch-size / --max-seq-length",
+        crate::memory::measure_name(),
         *peak as f64 / 1e9,
         *budget as f64 / 1e9,
         checkpoint.display()

@@ -124,7 +124,14 @@ fn a_run_writes_adapter_metrics_and_summary() {
         .is_file());
     assert!(out.join("best/adapter_model.safetensors").is_file());
     // Memory lines from --memory-report-interval 1.
-    assert_eq!(stderr.matches("resident, peak").count(), 3);
+    assert_eq!(
+        stderr
+            .lines()
+            .filter(|l| l.contains(": resident memory ") && l.contains(" GB, peak "))
+            .count(),
+        3,
+        "{stderr}"
+    );
 }
 
 #[test]

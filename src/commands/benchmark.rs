@@ -184,7 +184,12 @@ fn run_trial(a: &BenchmarkArgs, dir: &Path, trial: &mut Trial, budget_gb: f64) -
         .collect();
     let train: Vec<&Value> = records.iter().filter(|r| r["type"] == "train").collect();
     let start = records.iter().find(|r| r["type"] == "start");
-    let load_peak = start.and_then(|r| r["load_peak_rss_bytes"].as_u64());
+    // The budget's measure: resident memory, or GPU memory where the child trained on CUDA.
+    let load_peak = start.and_then(|r| {
+        r["load_peak_bytes"]
+            .as_u64()
+            .or(r["load_peak_rss_bytes"].as_u64())
+    });
     // The estimate the child trained under: it also counts the blocks whose activations it
     // chose to keep (`--keep-activations auto`), which the parent's skip check leaves out.
     if let Some(e) = start.and_then(|r| r["estimate_peak_bytes"].as_u64()) {
@@ -194,7 +199,11 @@ fn run_trial(a: &BenchmarkArgs, dir: &Path, trial: &mut Trial, budget_gb: f64) -
     let train_peak = records
         .iter()
         .filter(|r| r["type"] == "train" || r["type"] == "end")
-        .filter_map(|r| r["train_peak_rss_bytes"].as_u64())
+        .filter_map(|r| {
+            r["train_peak_gpu_bytes"]
+                .as_u64()
+                .or(r["train_peak_rss_bytes"].as_u64())
+        })
         .max();
     trial.peak = match (load_peak, train_peak) {
         (Some(l), Some(t)) => Some(l.max(t)),

@@ -274,6 +274,8 @@ pub fn run(a: TrainArgs) -> Result<()> {
 
     let inspected = crate::model::inspect(&a.model.model)?;
     let device = select_device(a.model.device)?;
+    // On a CUDA GPU the budget is GPU memory, and so is what the step measures against it.
+    memory::device::watch(&device);
     let dtype = select_dtype(a.model.dtype, &device);
     let plan = preflight(&a, &targets, &inspected, &device, dtype)?;
     let mut a = a;
@@ -289,7 +291,8 @@ pub fn run(a: TrainArgs) -> Result<()> {
         load_time: Default::default(),
     };
     // The load's peak is behind us; from here the peak measured is training's.
-    let load_peak = memory::peak_rss();
+    let load_peak = memory::peak();
+    let load_peak_rss = memory::peak_rss();
     memory::reset_peak();
     let model_cfg = loaded.model.cfg.clone();
     let layers = model_cfg.num_hidden_layers;
@@ -508,7 +511,11 @@ pub fn run(a: TrainArgs) -> Result<()> {
         weights,
     };
     if let Some(p) = load_peak {
-        eprintln!("model loaded: peak memory {:.2} GB", memory::gb(p));
+        eprintln!(
+            "model loaded: peak {} {:.2} GB",
+            memory::measure_name(),
+            memory::gb(p)
+        );
     }
     let source = inspected.source;
     let reload = move || -> Result<crate::model::Llama> {
@@ -520,7 +527,9 @@ pub fn run(a: TrainArgs) -> Result<()> {
         "estimate_peak_bytes": plan.estimate.peak(),
         "estimate_train_peak_bytes": plan.estimate.train_peak,
         "estimate_load_peak_bytes": plan.estimate.load_peak,
-        "load_peak_rss_bytes": load_peak,
+        "load_peak_rss_bytes": load_peak_rss,
+        "memory_measure": memory::measure_name(),
+        "load_peak_bytes": load_peak,
         "batch_size": cfg.batch_size,
         "max_seq_length": cfg.max_seq_length,
         "lora_rank": cfg.lora_rank,

@@ -1,7 +1,10 @@
 //! Process memory as the operating system sees it: resident set now and at its peak, the
-//! device's total, and the budget a run may use.
+//! device's total, and the budget a run may use. On a CUDA GPU the budget's measure is the
+//! GPU's memory instead ([`device`]); [`current`], [`phase_peak`] and [`peak`] give whichever
+//! is the measure.
 
 pub mod budget;
+pub mod device;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -22,7 +25,45 @@ pub fn over_limit() -> Option<u64> {
     if limit == u64::MAX {
         return None;
     }
-    phase_peak_rss().filter(|&p| p > limit)
+    phase_peak().filter(|&p| p > limit)
+}
+
+/// The budget's measure now: the watched GPU's memory in use, else resident memory.
+pub fn current() -> Option<u64> {
+    if device::watching() {
+        device::used()
+    } else {
+        current_rss()
+    }
+}
+
+/// The budget's measure at its peak since the last [`reset_peak`] (the GPU sampled now).
+pub fn phase_peak() -> Option<u64> {
+    if device::watching() {
+        device::used();
+        device::phase_peak()
+    } else {
+        phase_peak_rss()
+    }
+}
+
+/// The budget's measure at its peak over the run.
+pub fn peak() -> Option<u64> {
+    if device::watching() {
+        device::used();
+        device::peak()
+    } else {
+        peak_rss()
+    }
+}
+
+/// What the budget's measure is, for messages: "resident memory" or "GPU memory".
+pub fn measure_name() -> &'static str {
+    if device::watching() {
+        "GPU memory"
+    } else {
+        "resident memory"
+    }
 }
 
 /// Resident memory now, in bytes (Linux: VmRSS).
@@ -41,8 +82,10 @@ pub fn phase_peak_rss() -> Option<u64> {
 }
 
 /// Starts a new peak measurement (Linux ≥ 4.0: writing 5 to clear_refs resets VmHWM), so the
-/// training phase's peak can be told apart from the load's. Returns false where unsupported.
+/// training phase's peak can be told apart from the load's (the watched GPU's too). Returns false
+/// where resident memory's peak cannot be reset.
 pub fn reset_peak() -> bool {
+    device::reset_peak();
     if let Some(p) = phase_peak_rss() {
         EARLIER_PEAK.fetch_max(p, Ordering::Relaxed);
     }

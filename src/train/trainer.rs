@@ -75,6 +75,8 @@ pub struct Summary {
     pub trained_tokens: usize,
     pub seconds: f64,
     pub peak_rss: Option<u64>,
+    /// The GPU's memory in use at its highest sample (CUDA only, see memory::device).
+    pub peak_gpu: Option<u64>,
     pub first_val: Option<f64>,
     pub last_val: Option<f64>,
     pub best_val: Option<(usize, f64)>,
@@ -277,6 +279,7 @@ pub fn train(
         trained_tokens: 0,
         seconds: 0.0,
         peak_rss: None,
+        peak_gpu: None,
         first_val: None,
         last_val: None,
         best_val: None,
@@ -524,12 +527,15 @@ pub fn train(
         let window: f64 = recent.iter().map(|r| r.0).sum();
         let window_tokens: usize = recent.iter().map(|r| r.1).sum();
         let rss = memory::current_rss();
-        let phase_peak = memory::phase_peak_rss();
+        // The budget's measure (resident memory, or GPU memory on CUDA).
+        let now = memory::current();
+        let phase_peak = memory::phase_peak();
         if let Some(p) = phase_peak.filter(|&p| !warned && p as f64 > 0.9 * limit as f64) {
             warned = true;
             progress.message(&format!(
-                "warning: step {step}: peak memory {:.2} GB is above 90% of the {:.2} GB budget; \
+                "warning: step {step}: peak {} {:.2} GB is above 90% of the {:.2} GB budget; \
                  the run stops with a checkpoint if it crosses the budget",
+                memory::measure_name(),
                 memory::gb(p),
                 memory::gb(limit)
             ));
@@ -540,7 +546,7 @@ pub fn train(
             lr,
             steps_per_s: recent.len() as f64 / window.max(1e-9),
             tokens_per_s: window_tokens as f64 / window.max(1e-9),
-            mem_gb: rss.map(memory::gb),
+            mem_gb: now.map(memory::gb),
             distrust: weighted_loss.map(|w| (w, mean_d.unwrap_or(f64::NAN))),
         });
         let mut line = json!({
@@ -548,9 +554,13 @@ pub fn train(
             "tokens": tokens, "trained_tokens": total_targets, "step_time_s": dt,
             "tokens_per_s": tokens as f64 / dt, "trained_tokens_per_s": total_targets as f64 / dt,
             "rss_bytes": rss, "peak_rss_bytes": memory::peak_rss(),
-            "train_peak_rss_bytes": phase_peak, "memory_budget_bytes": limit,
+            "train_peak_rss_bytes": memory::phase_peak_rss(), "memory_budget_bytes": limit,
             "epoch": batcher.epoch,
         });
+        if memory::device::watching() {
+            line["gpu_bytes"] = json!(now);
+            line["train_peak_gpu_bytes"] = json!(phase_peak);
+        }
         if let Some(w) = weighted_loss {
             // The plain CE stays in "loss"; D is reported, never added to the loss.
             line["weighted_loss"] = json!(w);
@@ -562,9 +572,10 @@ pub fn train(
             .is_some_and(|n| n > 0 && step % n == 0)
         {
             progress.message(&format!(
-                "step {step}: memory {:.2} GB resident, peak {:.2} GB",
-                rss.map(memory::gb).unwrap_or(f64::NAN),
-                memory::peak_rss().map(memory::gb).unwrap_or(f64::NAN)
+                "step {step}: {} {:.2} GB, peak {:.2} GB",
+                memory::measure_name(),
+                now.map(memory::gb).unwrap_or(f64::NAN),
+                memory::peak().map(memory::gb).unwrap_or(f64::NAN)
             ));
         }
         if cfg.steps_per_eval > 0 && step % cfg.steps_per_eval == 0 && step != cfg.steps {
@@ -669,9 +680,14 @@ pub fn train(
     }
     summary.seconds = start.elapsed().as_secs_f64();
     summary.peak_rss = memory::peak_rss();
+    summary.peak_gpu = memory::device::peak();
     // After the final save: the whole run's peak, for benchmarks and post-mortems.
     let mut end = json!({"type": "end", "step": cfg.steps, "peak_rss_bytes": summary.peak_rss,
         "train_peak_rss_bytes": memory::phase_peak_rss(), "seconds": summary.seconds});
+    if memory::device::watching() {
+        end["peak_gpu_bytes"] = json!(summary.peak_gpu);
+        end["train_peak_gpu_bytes"] = json!(memory::device::phase_peak());
+    }
     if cfg.profile {
         // Seconds per phase over the run, for scripts (scripts/bench/scaling.sh).
         let mut phases: serde_json::Map<String, serde_json::Value> = profile
@@ -703,6 +719,9 @@ impl Summary {
         );
         if let Some(p) = self.peak_rss {
             eprintln!("  peak memory: {:.2} GB resident", memory::gb(p));
+        }
+        if let Some(p) = self.peak_gpu {
+            eprintln!("  peak GPU memory: {:.2} GB", memory::gb(p));
         }
         // NaN when a resumed run had no step left to train (only the final adapter to write).
         if self.final_loss.is_finite() {

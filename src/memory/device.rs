@@ -47,12 +47,13 @@ pub fn used() -> Option<u64> {
     Some(used)
 }
 
-/// The highest sample since the last [`reset_peak`].
+/// The highest sample since the last [`reset_peak`], sampling now first.
 pub fn phase_peak() -> Option<u64> {
-    watching().then(|| PHASE_PEAK.load(Ordering::Relaxed))
+    used()?;
+    Some(PHASE_PEAK.load(Ordering::Relaxed))
 }
 
-/// The highest sample of the run.
+/// The highest sample of the run, sampling now first.
 pub fn peak() -> Option<u64> {
     phase_peak().map(|p| p.max(EARLIER_PEAK.load(Ordering::Relaxed)))
 }

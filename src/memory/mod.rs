@@ -30,30 +30,24 @@ pub fn over_limit() -> Option<u64> {
 
 /// The budget's measure now: the watched GPU's memory in use, else resident memory.
 pub fn current() -> Option<u64> {
-    if device::watching() {
-        device::used()
-    } else {
-        current_rss()
-    }
+    by_measure(device::used, current_rss)
 }
 
-/// The budget's measure at its peak since the last [`reset_peak`] (the GPU sampled now).
+/// The budget's measure at its peak since the last [`reset_peak`].
 pub fn phase_peak() -> Option<u64> {
-    if device::watching() {
-        device::used();
-        device::phase_peak()
-    } else {
-        phase_peak_rss()
-    }
+    by_measure(device::phase_peak, phase_peak_rss)
 }
 
 /// The budget's measure at its peak over the run.
 pub fn peak() -> Option<u64> {
+    by_measure(device::peak, peak_rss)
+}
+
+fn by_measure(gpu: fn() -> Option<u64>, resident: fn() -> Option<u64>) -> Option<u64> {
     if device::watching() {
-        device::used();
-        device::peak()
+        gpu()
     } else {
-        peak_rss()
+        resident()
     }
 }
 

@@ -140,6 +140,14 @@ fn last_message(stderr: &str) -> String {
         .to_string()
 }
 
+/// A metrics record's `{what}` figure in the budget's measure: GPU memory where the child
+/// trained on CUDA (`{what}_gpu_bytes`), else resident memory (`{what}_rss_bytes`).
+fn measured(record: &Value, what: &str) -> Option<u64> {
+    record[format!("{what}_gpu_bytes").as_str()]
+        .as_u64()
+        .or(record[format!("{what}_rss_bytes").as_str()].as_u64())
+}
+
 /// Runs one configuration in a child `your_ai train`.
 fn run_trial(a: &BenchmarkArgs, dir: &Path, trial: &mut Trial, budget_gb: f64) -> Result<()> {
     let exe = std::env::current_exe().map_err(|e| Error::io("find", "your_ai", e))?;
@@ -184,12 +192,7 @@ fn run_trial(a: &BenchmarkArgs, dir: &Path, trial: &mut Trial, budget_gb: f64) -
         .collect();
     let train: Vec<&Value> = records.iter().filter(|r| r["type"] == "train").collect();
     let start = records.iter().find(|r| r["type"] == "start");
-    // The budget's measure: resident memory, or GPU memory where the child trained on CUDA.
-    let load_peak = start.and_then(|r| {
-        r["load_peak_bytes"]
-            .as_u64()
-            .or(r["load_peak_rss_bytes"].as_u64())
-    });
+    let load_peak = start.and_then(|r| measured(r, "load_peak"));
     // The estimate the child trained under: it also counts the blocks whose activations it
     // chose to keep (`--keep-activations auto`), which the parent's skip check leaves out.
     if let Some(e) = start.and_then(|r| r["estimate_peak_bytes"].as_u64()) {
@@ -199,11 +202,7 @@ fn run_trial(a: &BenchmarkArgs, dir: &Path, trial: &mut Trial, budget_gb: f64) -
     let train_peak = records
         .iter()
         .filter(|r| r["type"] == "train" || r["type"] == "end")
-        .filter_map(|r| {
-            r["train_peak_gpu_bytes"]
-                .as_u64()
-                .or(r["train_peak_rss_bytes"].as_u64())
-        })
+        .filter_map(|r| measured(r, "train_peak"))
         .max();
     trial.peak = match (load_peak, train_peak) {
         (Some(l), Some(t)) => Some(l.max(t)),

@@ -521,19 +521,21 @@ pub fn run(a: TrainArgs) -> Result<()> {
     let reload = move || -> Result<crate::model::Llama> {
         Ok(crate::model::load::load_source(&source, &device, dtype)?.0)
     };
-    let start = serde_json::json!({
+    let mut start = serde_json::json!({
         "memory_budget_bytes": plan.budget.bytes,
         "device_memory_bytes": plan.budget.total,
         "estimate_peak_bytes": plan.estimate.peak(),
         "estimate_train_peak_bytes": plan.estimate.train_peak,
         "estimate_load_peak_bytes": plan.estimate.load_peak,
         "load_peak_rss_bytes": load_peak_rss,
-        "memory_measure": memory::measure_name(),
-        "load_peak_bytes": load_peak,
         "batch_size": cfg.batch_size,
         "max_seq_length": cfg.max_seq_length,
         "lora_rank": cfg.lora_rank,
     });
+    if memory::device::watching() {
+        // Beside the resident figure, as the step and end records have theirs.
+        start["load_peak_gpu_bytes"] = serde_json::json!(load_peak);
+    }
     let summary = trainer::train(
         &cfg,
         loaded.model,

@@ -1,7 +1,7 @@
 //! Process memory as the operating system sees it: resident set now and at its peak, the
 //! device's total, and the budget a run may use. On a CUDA GPU the budget's measure is the
-//! GPU's memory instead ([`device`]); [`current`], [`phase_peak`] and [`peak`] give whichever
-//! is the measure.
+//! GPU's memory instead ([`device`]); [`phase_peak`] and [`peak`] give whichever is the
+//! measure.
 
 pub mod budget;
 pub mod device;
@@ -26,11 +26,6 @@ pub fn over_limit() -> Option<u64> {
         return None;
     }
     phase_peak().filter(|&p| p > limit)
-}
-
-/// The budget's measure now: the watched GPU's memory in use, else resident memory.
-pub fn current() -> Option<u64> {
-    by_measure(device::used, current_rss)
 }
 
 /// The budget's measure at its peak since the last [`reset_peak`].

@@ -527,9 +527,14 @@ pub fn train(
         let window: f64 = recent.iter().map(|r| r.0).sum();
         let window_tokens: usize = recent.iter().map(|r| r.1).sum();
         let rss = memory::current_rss();
-        // The budget's measure (resident memory, or GPU memory on CUDA).
-        let now = memory::current();
-        let phase_peak = memory::phase_peak();
+        let rss_phase_peak = memory::phase_peak_rss();
+        // The budget's measure: resident memory, or the GPU's memory on CUDA.
+        let gpu = memory::device::watching();
+        let (now, phase_peak) = if gpu {
+            (memory::device::used(), memory::device::phase_peak())
+        } else {
+            (rss, rss_phase_peak)
+        };
         if let Some(p) = phase_peak.filter(|&p| !warned && p as f64 > 0.9 * limit as f64) {
             warned = true;
             progress.message(&format!(
@@ -554,10 +559,10 @@ pub fn train(
             "tokens": tokens, "trained_tokens": total_targets, "step_time_s": dt,
             "tokens_per_s": tokens as f64 / dt, "trained_tokens_per_s": total_targets as f64 / dt,
             "rss_bytes": rss, "peak_rss_bytes": memory::peak_rss(),
-            "train_peak_rss_bytes": memory::phase_peak_rss(), "memory_budget_bytes": limit,
+            "train_peak_rss_bytes": rss_phase_peak, "memory_budget_bytes": limit,
             "epoch": batcher.epoch,
         });
-        if memory::device::watching() {
+        if gpu {
             line["gpu_bytes"] = json!(now);
             line["train_peak_gpu_bytes"] = json!(phase_peak);
         }

@@ -12,15 +12,15 @@ pub enum Error {
     #[error(transparent)]
     Weights(#[from] crate::weights::WeightsError),
     #[error(transparent)]
-    Source(#[from] crate::model_source::SourceError),
+    Source(#[from] crate::model::source::SourceError),
     #[error(transparent)]
-    Tokenizer(#[from] crate::tokenizer::TokenizerError),
+    Tokenizer(#[from] crate::data::tokenizer::TokenizerError),
     #[error(transparent)]
-    Template(#[from] crate::chat_template::TemplateError),
+    Template(#[from] crate::data::chat_template::TemplateError),
     #[error(transparent)]
     Data(#[from] crate::data::DataError),
     #[error(transparent)]
-    Adapter(#[from] crate::lora::AdapterError),
+    Adapter(#[from] crate::model::lora::AdapterError),
     #[error(transparent)]
     Distrust(#[from] crate::distrust::DistrustError),
     /// Writing a fused model or an exported adapter failed; the message names what and why.
@@ -39,7 +39,7 @@ pub enum Error {
     Tensor(#[from] candle_core::Error),
     #[error(
         "stopped by {} after step {step}; checkpoint saved to {}. Resume with the same command plus --resume",
-        crate::signals::name(*signal),
+        crate::runtime::signals::name(*signal),
         checkpoint.display()
     )]
     Interrupted {
@@ -51,7 +51,7 @@ pub enum Error {
         "memory budget exceeded: {} reached {:.2} GB, above the {:.2} GB budget, during step {step}; \
          stopped before the system could run out. Checkpoint of step {saved_step} saved to {}. \
          Resume with the same command plus --resume and a larger --max-memory, or a smaller --batch-size / --max-seq-length",
-        crate::memory::measure_name(),
+        crate::runtime::memory::measure_name(),
         *peak as f64 / 1e9,
         *budget as f64 / 1e9,
         checkpoint.display()
@@ -71,7 +71,7 @@ impl Error {
     pub fn exit_code(&self) -> i32 {
         match self {
             Error::Usage(_) => 2,
-            Error::Interrupted { signal, .. } => crate::signals::exit_status(*signal),
+            Error::Interrupted { signal, .. } => crate::runtime::signals::exit_status(*signal),
             Error::MemoryBudget { .. } => 3,
             _ => 1,
         }

@@ -1,27 +1,21 @@
 //! your_ai: fine-tune Llama-family chat models with LoRA and QLoRA on one machine.
 //!
-//! The binary's subcommands live in [`commands`]; everything they stand on is a library so that
-//! integration tests can reach it directly.
+//! Data flows one way: `main.rs` → [`cli`] (flags) → [`commands`] (one file per subcommand) →
+//! the library below. [`train`] runs the training loop over an [`engine`], which does the
+//! step's arithmetic on the [`model`]; [`data`] turns JSONL into token rows; [`infer`] evaluates
+//! and generates; [`export`] writes fused models and adapters; [`runtime`] holds the device,
+//! memory, signals and machine presets.
 
-pub mod chat_template;
 pub mod cli;
 pub mod commands;
 pub mod data;
-pub mod device;
 pub mod distrust;
 pub mod error;
-pub mod evaluate;
 pub mod export;
-pub mod generation;
-pub mod hardware;
+pub mod infer;
 pub mod kernels;
-pub mod lora;
-pub mod memory;
 pub mod model;
-pub mod model_source;
-pub mod profile;
-pub mod signals;
-pub mod tokenizer;
+pub mod runtime;
 pub mod train;
 pub mod weights;
 

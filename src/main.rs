@@ -1,11 +1,13 @@
 fn main() {
     // A child of ours that renders chat templates under a memory ceiling (chat_template).
-    if std::env::args_os().nth(1).as_deref() == Some(your_ai::chat_template::WORKER_ARG.as_ref()) {
-        std::process::exit(your_ai::chat_template::serve_worker());
+    if std::env::args_os().nth(1).as_deref()
+        == Some(your_ai::data::chat_template::WORKER_ARG.as_ref())
+    {
+        std::process::exit(your_ai::data::chat_template::serve_worker());
     }
-    your_ai::memory::configure_allocator();
+    your_ai::runtime::memory::configure_allocator();
     if let Ok(exe) = std::env::current_exe() {
-        your_ai::chat_template::isolate_renders(exe);
+        your_ai::data::chat_template::isolate_renders(exe);
     }
     let cli = match your_ai::cli::parse() {
         Ok(cli) => cli,
@@ -15,7 +17,7 @@ fn main() {
         }
     };
     init_logging(cli.verbose);
-    match your_ai::device::set_threads(cli.threads) {
+    match your_ai::runtime::device::set_threads(cli.threads) {
         Ok(n) => tracing::info!("{n} compute threads"),
         Err(e) => {
             eprintln!("error: {e}");

@@ -5,7 +5,7 @@
 mod common;
 
 use serde_json::Value;
-use your_ai::chat_template::{ChatContext, ChatTemplate, TemplateError};
+use your_ai::data::chat_template::{ChatContext, ChatTemplate, TemplateError};
 
 #[test]
 fn templates_render_exactly_as_transformers() {
@@ -491,7 +491,7 @@ fn random_chats_through_the_encoder_never_panic() {
     use rand::Rng;
     use your_ai::data::{parse_line, Encoder, Record};
     let g = your_ai::weights::GgufFile::open(&common::smollm2()).unwrap();
-    let tokenizer = your_ai::tokenizer::Tokenizer::from_gguf(&g).unwrap();
+    let tokenizer = your_ai::data::tokenizer::Tokenizer::from_gguf(&g).unwrap();
     let dir =
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/chat_templates");
     let real: Vec<String> = [

@@ -8,7 +8,7 @@ use candle_core::{DType, Device, Tensor};
 use common::*;
 use rand::{Rng, SeedableRng};
 use std::path::{Path, PathBuf};
-use your_ai::lora::{Adapter, LoraConfig, Target};
+use your_ai::model::lora::{Adapter, LoraConfig, Target};
 use your_ai::model::ModelConfig;
 use your_ai::weights::gguf::permute_qk;
 use your_ai::weights::GgufFile;
@@ -557,11 +557,11 @@ fn sentencepiece_tokenizer_survives_hf_to_gguf() {
         .collect();
     write_spm_gguf(&orig, &tokens);
     let g = GgufFile::open(&orig).unwrap();
-    let before = your_ai::tokenizer::Tokenizer::from_gguf(&g).unwrap();
+    let before = your_ai::data::tokenizer::Tokenizer::from_gguf(&g).unwrap();
     // As a Hugging Face directory (what a Llama 2 checkpoint ships) ...
     let hf = tmp.path().join("hf");
     std::fs::create_dir_all(&hf).unwrap();
-    let doc = your_ai::tokenizer::gguf::tokenizer_json(&g).unwrap();
+    let doc = your_ai::data::tokenizer::gguf::tokenizer_json(&g).unwrap();
     std::fs::write(hf.join("tokenizer.json"), doc.to_string()).unwrap();
     std::fs::write(
         hf.join("tokenizer_config.json"),
@@ -582,7 +582,7 @@ fn sentencepiece_tokenizer_survives_hf_to_gguf() {
     drop(f);
     let gb = GgufFile::open(&back_path).unwrap();
     assert_eq!(gb.meta_str("tokenizer.ggml.model"), Some("llama"));
-    let after = your_ai::tokenizer::Tokenizer::from_gguf(&gb).unwrap();
+    let after = your_ai::data::tokenizer::Tokenizer::from_gguf(&gb).unwrap();
     for text in ["hello world", "hex", "hello world hex", "ollld wow"] {
         assert_eq!(
             before.encode(text).unwrap(),

@@ -82,7 +82,7 @@ fn random_jsonl_lines_never_panic() {
 
 fn try_load_gguf(path: &std::path::Path) {
     let Ok(g) = GgufFile::open(path) else { return };
-    let _ = your_ai::tokenizer::Tokenizer::from_gguf(&g);
+    let _ = your_ai::data::tokenizer::Tokenizer::from_gguf(&g);
     let Ok(cfg) = g.config() else { return };
     let _ = Llama::load(&WeightStore::Gguf(g), cfg, DType::F32, &Device::Cpu);
 }

@@ -307,7 +307,7 @@ fn benchmark_recommend_setup_and_auto_optimize() {
     let command = json["recommended"]["command"].as_str().unwrap();
     assert!(command.starts_with("your_ai train --model "), "{command}");
     let saved: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(cfg_dir.join("profile.json")).unwrap())
+        serde_json::from_str(&std::fs::read_to_string(cfg_dir.join("setup.json")).unwrap())
             .unwrap();
     assert_eq!(saved["best"].as_object().unwrap().len(), 1);
 
@@ -375,10 +375,10 @@ fn benchmark_recommend_setup_and_auto_optimize() {
         .unwrap();
     let out = String::from_utf8_lossy(&o.stdout).into_owned();
     assert!(o.status.success(), "{}", stderr(&o));
-    for (alias, _) in your_ai::model_source::ALIASES {
+    for (alias, _) in your_ai::model::source::ALIASES {
         assert!(out.contains(&format!("\n{alias} (")), "{alias}: {out}");
     }
-    assert!(out.contains("starting from the 64 GB profile"), "{out}");
+    assert!(out.contains("starting from the 64 GB preset"), "{out}");
     let o = common::cli()
         .env("YOUR_AI_CONFIG_DIR", &cfg_dir)
         .arg("setup")
@@ -386,11 +386,11 @@ fn benchmark_recommend_setup_and_auto_optimize() {
         .unwrap();
     let out = String::from_utf8_lossy(&o.stdout).into_owned();
     assert!(
-        o.status.success() && out.contains("Saved the machine profile to"),
+        o.status.success() && out.contains("Saved the hardware and benchmark results to"),
         "{out}"
     );
     let saved: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(cfg_dir.join("profile.json")).unwrap())
+        serde_json::from_str(&std::fs::read_to_string(cfg_dir.join("setup.json")).unwrap())
             .unwrap();
     assert_eq!(
         saved["best"].as_object().unwrap().len(),

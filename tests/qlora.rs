@@ -9,7 +9,7 @@ use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Tensor};
 use common::*;
 use your_ai::data::Sample;
-use your_ai::lora::{Adapter, LoraConfig, Target};
+use your_ai::model::lora::{Adapter, LoraConfig, Target};
 use your_ai::model::quantized::{QuantBits, Weight};
 use your_ai::model::{Llama, ModelConfig};
 use your_ai::train::batch::{micro_batch, Row};

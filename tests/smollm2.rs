@@ -5,8 +5,8 @@ mod common;
 use common::{cli, smollm2};
 use predicates::prelude::*;
 use serde_json::json;
-use your_ai::chat_template::{ChatContext, ChatTemplate};
-use your_ai::tokenizer::Tokenizer;
+use your_ai::data::chat_template::{ChatContext, ChatTemplate};
+use your_ai::data::tokenizer::Tokenizer;
 use your_ai::weights::GgufFile;
 
 fn tokenizer() -> Tokenizer {

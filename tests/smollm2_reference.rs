@@ -14,8 +14,8 @@ fn fixture() -> Value {
     serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
 }
 
-fn smollm2_model() -> (your_ai::model::Llama, your_ai::tokenizer::Tokenizer) {
-    let source = your_ai::model_source::ModelSource::Gguf(common::smollm2());
+fn smollm2_model() -> (your_ai::model::Llama, your_ai::data::tokenizer::Tokenizer) {
+    let source = your_ai::model::source::ModelSource::Gguf(common::smollm2());
     your_ai::model::load::load_source(&source, &Device::Cpu, DType::F32).unwrap()
 }
 
@@ -121,14 +121,14 @@ fn losses_match_transformers() {
         trained: (0..all.len()).map(|i| (a0..a1).contains(&i)).collect(),
         ..whole.clone()
     };
-    let r = your_ai::evaluate::evaluate(&model, &[whole], 1).unwrap();
+    let r = your_ai::infer::eval::evaluate(&model, &[whole], 1).unwrap();
     assert_eq!(r.tokens, f["loss"]["n_all"].as_u64().unwrap() as usize);
     assert!(
         (r.loss - f["loss"]["mean_all"].as_f64().unwrap()).abs() < 1e-3,
         "{}",
         r.loss
     );
-    let r = your_ai::evaluate::evaluate(&model, &[answer], 1).unwrap();
+    let r = your_ai::infer::eval::evaluate(&model, &[answer], 1).unwrap();
     assert_eq!(r.tokens, f["loss"]["n_answer"].as_u64().unwrap() as usize);
     assert!(
         (r.loss - f["loss"]["mean_answer"].as_f64().unwrap()).abs() < 1e-3,

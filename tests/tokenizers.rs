@@ -3,7 +3,7 @@
 
 mod common;
 
-use your_ai::tokenizer::Tokenizer;
+use your_ai::data::tokenizer::Tokenizer;
 use your_ai::weights::GgufFile;
 
 #[test]

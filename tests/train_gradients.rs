@@ -7,7 +7,7 @@ mod common;
 use candle_core::{DType, Device, Tensor, Var, D};
 use common::{tiny_weights, write_hf_dir, TinySpec};
 use your_ai::data::Sample;
-use your_ai::lora::{Adapter, LoraConfig, Target};
+use your_ai::model::lora::{Adapter, LoraConfig, Target};
 use your_ai::model::{Llama, ModelConfig};
 use your_ai::train::batch::{micro_batch, pack, Row};
 use your_ai::train::step::{forward_backward, Grads, MicroBatch};

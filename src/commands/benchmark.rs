@@ -4,9 +4,9 @@
 //! fastest configuration that fits.
 
 use crate::cli::BenchmarkArgs;
-use crate::device::{select_device, select_dtype};
 use crate::error::{Error, Result};
-use crate::memory::budget::{self, GB};
+use crate::runtime::device::{select_device, select_dtype};
+use crate::runtime::memory::budget::{self, GB};
 use crate::train::estimate::{estimate, WeightFormat, Workload};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
@@ -286,7 +286,7 @@ pub fn run(a: BenchmarkArgs) -> Result<()> {
                         batch_size: batch,
                         seq_len: len,
                         lora_rank: rank,
-                        targets: crate::lora::Target::ALL.to_vec(),
+                        targets: crate::model::lora::Target::ALL.to_vec(),
                         adapted_layers: cfg.num_hidden_layers,
                         keep_blocks: 0,
                         dropout: false,
@@ -379,9 +379,9 @@ pub fn run(a: BenchmarkArgs) -> Result<()> {
         _ => println!("\nNo configuration ran successfully under the {budget_gb:.1} GB budget."),
     }
     if let Some(t) = best {
-        let path = crate::profile::record_best(
+        let path = crate::runtime::setup_file::record_best(
             &a.model.model,
-            crate::profile::Best {
+            crate::runtime::setup_file::Best {
                 batch_size: t.batch,
                 max_seq_length: t.len,
                 lora_rank: t.rank,

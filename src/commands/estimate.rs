@@ -2,9 +2,9 @@
 //! config alone, so a run can be sized before its weights are downloaded.
 
 use crate::cli::EstimateArgs;
-use crate::device::DTypeChoice;
 use crate::error::{Error, Result};
-use crate::memory::budget::GB;
+use crate::runtime::device::DTypeChoice;
+use crate::runtime::memory::budget::GB;
 use crate::train::estimate::{estimate, suggestions, WeightFormat, Workload};
 
 pub fn run(a: EstimateArgs) -> Result<()> {
@@ -18,7 +18,7 @@ pub fn run(a: EstimateArgs) -> Result<()> {
             return Err(Error::Usage(format!("{flag} 0: it must be at least 1")));
         }
     }
-    let (cfg, _) = crate::profile::shape(&a.model)?;
+    let (cfg, _) = crate::runtime::presets::shape(&a.model)?;
     let cfg = &cfg;
     let layers = cfg.num_hidden_layers;
     let adapted = a.num_layers.unwrap_or(layers);

@@ -3,7 +3,7 @@
 use crate::cli::EvalArgs;
 use crate::data::{read_jsonl, resolve_files, Encoder};
 use crate::error::{Error, Result};
-use crate::evaluate::evaluate;
+use crate::infer::eval::evaluate;
 
 pub fn run(args: EvalArgs) -> Result<()> {
     if args.batch_size == 0 {

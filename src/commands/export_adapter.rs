@@ -4,7 +4,7 @@ use crate::cli::ExportAdapterArgs;
 use crate::error::{Error, Result};
 use crate::export::merge::Base;
 use crate::export::{adapter_gguf, Staged};
-use crate::lora::Adapter;
+use crate::model::lora::Adapter;
 use candle_core::Device;
 
 pub fn run(args: ExportAdapterArgs) -> Result<()> {

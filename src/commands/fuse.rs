@@ -4,10 +4,10 @@
 use crate::cli::FuseArgs;
 use crate::data::{read_jsonl, resolve_files, Encoder};
 use crate::error::{Error, Result};
-use crate::evaluate::{evaluate, EvalResult};
 use crate::export::merge::Base;
 use crate::export::{gguf_writer, hf_dir, Format, HfDtype, Staged};
-use crate::lora::Adapter;
+use crate::infer::eval::{evaluate, EvalResult};
+use crate::model::lora::Adapter;
 use crate::model::LoadedModel;
 use candle_core::{DType, Device};
 use std::path::{Path, PathBuf};

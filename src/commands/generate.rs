@@ -1,9 +1,9 @@
 //! `your_ai generate`: chat-templated (or raw) prompt in, streamed reply out.
 
-use crate::chat_template::{ChatContext, ChatTemplate, TemplateError};
 use crate::cli::GenerateArgs;
+use crate::data::chat_template::{ChatContext, ChatTemplate, TemplateError};
 use crate::error::{Error, Result};
-use crate::generation::{generate, Sampling, StopReason};
+use crate::infer::generate::{generate, Sampling, StopReason};
 use std::io::Write;
 
 pub fn run(args: GenerateArgs) -> Result<()> {

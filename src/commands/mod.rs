@@ -15,11 +15,11 @@ pub mod train;
 pub mod validate;
 
 use crate::cli::{Cli, Command, ModelArgs};
-use crate::device::{select_device, select_dtype};
 use crate::error::Result;
-use crate::lora::Adapter;
+use crate::model::lora::Adapter;
 use crate::model::quantized::QuantBits;
 use crate::model::LoadedModel;
+use crate::runtime::device::{select_device, select_dtype};
 use std::path::Path;
 
 pub fn run(cli: Cli) -> Result<()> {
@@ -91,7 +91,7 @@ pub fn weight_format(
                 head,
                 other,
             },
-            crate::model_source::ModelSource::Gguf(p),
+            crate::model::source::ModelSource::Gguf(p),
         ) => match crate::weights::GgufFile::open(p) {
             Ok(g) => {
                 let embed = g

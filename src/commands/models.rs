@@ -1,7 +1,7 @@
 //! `your_ai models`: the aliases, their repositories, and which are cached locally.
 
 use crate::error::Result;
-use crate::model_source::{hf_cache_dir, is_cached, ALIASES};
+use crate::model::source::{hf_cache_dir, is_cached, ALIASES};
 
 pub fn run() -> Result<()> {
     println!("{:<24} {:<56} local", "alias", "repository");

@@ -4,18 +4,19 @@
 
 use crate::cli::RecommendArgs;
 use crate::error::{Error, Result};
-use crate::hardware::Hardware;
-use crate::memory::budget::{auto_budget, GB};
 use crate::model::quantized::QuantBits;
 use crate::model::ModelConfig;
-use crate::profile::{self, HardwareProfile};
+use crate::runtime::hardware::Hardware;
+use crate::runtime::memory::budget::{auto_budget, GB};
+use crate::runtime::presets::{self, MachinePreset};
+use crate::runtime::setup_file;
 use crate::train::estimate::{estimate, WeightFormat, Workload};
 
-/// The first configuration, shrinking from the profile's (batch, then length, then rank, then
+/// The first configuration, shrinking from the preset's (batch, then length, then rank, then
 /// adapted layers, each halved), whose estimate fits `budget`; with its peak.
 pub fn fit(
     cfg: &ModelConfig,
-    p: &HardwareProfile,
+    p: &MachinePreset,
     weights: WeightFormat,
     act_bytes: usize,
     budget: u64,
@@ -25,7 +26,7 @@ pub fn fit(
         batch_size: p.batch_size,
         seq_len: p.max_seq_length,
         lora_rank: p.lora_rank,
-        targets: crate::lora::Target::ALL.to_vec(),
+        targets: crate::model::lora::Target::ALL.to_vec(),
         adapted_layers: p.num_layers.unwrap_or(layers).min(layers),
         keep_blocks: 0,
         dropout: false,
@@ -86,19 +87,19 @@ pub fn run(a: RecommendArgs) -> Result<()> {
         })?,
     };
     let budget = auto_budget(total);
-    let p = profile::profile_for(total);
+    let p = presets::preset_for(total);
     // GPUs train in bf16; the CPU in f32.
     let act = if gpu { 2 } else { 4 };
     println!(
-        "Memory: {:.1} GB {}; budget {:.1} GB; starting from the {} GB profile (profiles/hardware.yaml)",
+        "Memory: {:.1} GB {}; budget {:.1} GB; starting from the {} GB preset (presets/machines.yaml)",
         total as f64 / GB,
         if a.memory.is_some() { "(as given)" } else if gpu { "of GPU memory" } else { "of RAM" },
         budget as f64 / GB,
         p.memory_gb
     );
-    let saved = profile::load()?;
-    for (alias, repo) in crate::model_source::ALIASES {
-        let Some(cfg) = profile::alias_shape(alias) else {
+    let saved = setup_file::load()?;
+    for (alias, repo) in crate::model::source::ALIASES {
+        let Some(cfg) = presets::alias_shape(alias) else {
             continue;
         };
         let (linear, other) = crate::train::estimate::frozen_params(&cfg);
@@ -131,7 +132,7 @@ pub fn run(a: RecommendArgs) -> Result<()> {
         }
         if let Some(b) = saved
             .as_ref()
-            .and_then(|s| s.best.get(&profile::model_key(alias)))
+            .and_then(|s| s.best.get(&setup_file::model_key(alias)))
         {
             println!(
                 "  benchmarked here: batch {} × length {}, rank {} at {:.1} tokens/s (use train --auto-optimize)",
@@ -151,8 +152,8 @@ mod tests {
 
     #[test]
     fn fits_shrink_until_the_estimate_is_under_budget() {
-        let cfg = profile::alias_shape("llama-8b").unwrap();
-        let p = profile::profile_for(128_000_000_000);
+        let cfg = presets::alias_shape("llama-8b").unwrap();
+        let p = presets::preset_for(128_000_000_000);
         let dense = WeightFormat::Dense(2.0);
         let (w, peak) = fit(&cfg, &p, dense, 2, 100_000_000_000).unwrap();
         assert_eq!((w.batch_size, w.seq_len, w.lora_rank), (8, 2048, 64));

@@ -1,19 +1,22 @@
-//! `your_ai setup`: detect the hardware and save it to the profile (keeping the benchmark
+//! `your_ai setup`: detect the hardware and save it to the setup file (keeping the benchmark
 //! results already there).
 
 use crate::error::Result;
-use crate::hardware::Hardware;
-use crate::profile;
+use crate::runtime::hardware::Hardware;
+use crate::runtime::setup_file;
 
 pub fn run() -> Result<()> {
     let hw = Hardware::detect();
     println!("Hardware: {}", hw.describe());
-    let best = profile::load()?.map(|p| p.best).unwrap_or_default();
-    let path = profile::save(&profile::Saved {
+    let best = setup_file::load()?.map(|p| p.best).unwrap_or_default();
+    let path = setup_file::save(&setup_file::Saved {
         hardware: hw,
         best: best.clone(),
     })?;
-    println!("Saved the machine profile to {}", path.display());
+    println!(
+        "Saved the hardware and benchmark results to {}",
+        path.display()
+    );
     if best.is_empty() {
         println!(
             "No benchmark results yet: `your_ai benchmark --model M` measures the configurations \

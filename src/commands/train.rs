@@ -3,11 +3,11 @@
 
 use crate::cli::TrainArgs;
 use crate::data::{read_jsonl, resolve_files, DataError, Encoder, Record, Sample};
-use crate::device::{select_device, select_dtype};
 use crate::error::{Error, Result};
-use crate::lora::{Adapter, LoraConfig, Target};
-use crate::memory::{self, budget, budget::Budget};
+use crate::model::lora::{Adapter, LoraConfig, Target};
 use crate::model::Inspected;
+use crate::runtime::device::{select_device, select_dtype};
+use crate::runtime::memory::{self, budget, budget::Budget};
 use crate::train::checkpoint;
 use crate::train::config::{KeepActivations, TrainConfig};
 use crate::train::estimate::{estimate, largest_batch, suggestions, Estimate, Workload};
@@ -503,7 +503,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
     );
     std::fs::create_dir_all(&cfg.output).map_err(|e| Error::io("create", &cfg.output, e))?;
     loaded.model.adapter = Some(adapter);
-    crate::signals::install();
+    crate::runtime::signals::install();
     let data = Datasets {
         train,
         valid,

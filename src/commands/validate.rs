@@ -1,12 +1,12 @@
 //! `your_ai validate`: a prompt suite through the model (and its adapter, or both side by
 //! side), pass rates per category as a table on stdout and, with `--output`, as JSON.
 
-use crate::chat_template::{ChatContext, ChatTemplate, TemplateError};
 use crate::cli::ValidateArgs;
+use crate::data::chat_template::{ChatContext, ChatTemplate, TemplateError};
 use crate::distrust::suite::{self, Case};
 use crate::error::{Error, Result};
-use crate::generation::{generate, Sampling};
-use crate::lora::Adapter;
+use crate::infer::generate::{generate, Sampling};
+use crate::model::lora::Adapter;
 use crate::model::LoadedModel;
 use serde_json::json;
 use std::time::Instant;

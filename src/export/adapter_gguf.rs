@@ -8,7 +8,7 @@
 use super::gguf_stream::TensorPlan;
 use super::gguf_writer::gguf_arch;
 use crate::error::{Error, Result};
-use crate::lora::{Adapter, LoraConfig, LoraPair, Target};
+use crate::model::lora::{Adapter, LoraConfig, LoraPair, Target};
 use crate::model::ModelConfig;
 use crate::weights::gguf::{hf_to_gguf_name, permute_qk, unpermute_qk};
 use candle_core::quantized::gguf_file::{Content, Value as GValue};

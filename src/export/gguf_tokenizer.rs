@@ -3,9 +3,9 @@
 //! tokenizer.json from GGUF metadata.
 
 use super::merge::Base;
+use crate::data::tokenizer::gguf::pre_tokenizer_regexes;
+use crate::data::tokenizer::Tokenizer;
 use crate::error::{Error, Result};
-use crate::tokenizer::gguf::pre_tokenizer_regexes;
-use crate::tokenizer::Tokenizer;
 use crate::weights::WeightStore;
 use candle_core::quantized::gguf_file::Value as GValue;
 use serde_json::Value;

@@ -3,11 +3,11 @@
 //! generation_config.json. A GGUF base gets these files synthesized from its metadata.
 
 use super::merge::Base;
+use crate::data::tokenizer::Tokenizer;
 use crate::error::{Error, Result};
-use crate::lora::Adapter;
 use crate::model::config::{Architecture, RopeScaling};
+use crate::model::lora::Adapter;
 use crate::model::ModelConfig;
-use crate::tokenizer::Tokenizer;
 use crate::weights::WeightStore;
 use candle_core::{DType, Tensor};
 use serde_json::{json, Value};
@@ -220,7 +220,7 @@ fn write_tokenizer(base: &Base, dir: &Path) -> Result<()> {
             Ok(())
         }
         WeightStore::Gguf(g) => {
-            let doc = crate::tokenizer::gguf::tokenizer_json(g)?;
+            let doc = crate::data::tokenizer::gguf::tokenizer_json(g)?;
             write_json(&dir.join("tokenizer.json"), &doc)?;
             let tok = Tokenizer::from_gguf(g)?;
             let tc = json!({

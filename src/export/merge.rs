@@ -2,9 +2,9 @@
 //! a time in f32 (Hugging Face names and layout: a GGUF base's q/k rows are un-permuted on read).
 
 use crate::error::{Error, Result};
-use crate::lora::{Adapter, Target};
+use crate::model::lora::{Adapter, Target};
+use crate::model::source::{self, ModelSource};
 use crate::model::ModelConfig;
-use crate::model_source::{self, ModelSource};
 use crate::weights::{GgufFile, SafetensorsDir, WeightStore};
 use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Tensor};
@@ -20,7 +20,7 @@ pub struct Base {
 
 impl Base {
     pub fn open(spec: &str) -> Result<Self> {
-        let source = model_source::resolve(spec)?;
+        let source = source::resolve(spec)?;
         let (cfg, store) = match &source {
             ModelSource::HfDir(dir) => (
                 ModelConfig::from_hf_file(&dir.join("config.json"))?,

@@ -5,7 +5,7 @@
 
 use super::gemm::{gemm, Op, View};
 use super::tensor;
-use crate::lora::LoraPair;
+use crate::model::lora::LoraPair;
 use candle_core::{Result, Tensor};
 
 /// `y = x Wᵀ + s · (x' Aᵀ) Bᵀ` for `x` `[rows, in]`, `W` `[out, in]`, and `x' Aᵀ` (which the

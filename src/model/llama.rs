@@ -8,7 +8,7 @@ use super::config::ModelConfig;
 use super::quantized::{self, QuantBits, Weight};
 use super::rope::Rope;
 use super::vocab::{VocabMatrix, SLICE_ROWS};
-use crate::lora::{Adapter, LoraPair, Target};
+use crate::model::lora::{Adapter, LoraPair, Target};
 use crate::weights::{WeightStore, WeightsError};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Module, Result, Tensor, D};

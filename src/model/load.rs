@@ -2,9 +2,9 @@
 
 use super::quantized::QuantBits;
 use super::{Llama, ModelConfig};
+use crate::data::tokenizer::Tokenizer;
 use crate::error::Result;
-use crate::model_source::{self, ModelSource};
-use crate::tokenizer::Tokenizer;
+use crate::model::source::{self, ModelSource};
 use crate::weights::{GgufFile, SafetensorsDir, WeightStore};
 use candle_core::{DType, Device};
 use std::time::{Duration, Instant};
@@ -31,7 +31,7 @@ pub fn load_with(
     quant: Option<QuantBits>,
 ) -> Result<LoadedModel> {
     let start = Instant::now();
-    let source = model_source::resolve(spec)?;
+    let source = source::resolve(spec)?;
     let (model, tokenizer) = load_source_with(&source, device, dtype, quant)?;
     Ok(LoadedModel {
         model,
@@ -103,7 +103,7 @@ pub fn inspect(spec: &str) -> Result<Inspected> {
             source: ModelSource::HfDir(dir),
         });
     }
-    let source = model_source::resolve(spec)?;
+    let source = source::resolve(spec)?;
     let size = |p: &std::path::Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
     let (cfg, weight_file_bytes) = match &source {
         ModelSource::HfDir(dir) => {
@@ -135,7 +135,7 @@ pub fn model_name(spec: &str, source: &ModelSource) -> String {
         .unwrap_or(spec);
     let base = match source {
         ModelSource::Gguf(p) => p.file_stem().map(|s| s.to_string_lossy().into_owned()),
-        ModelSource::HfDir(_) if model_source::alias_repo(spec).is_some() => Some(spec.to_string()),
+        ModelSource::HfDir(_) if source::alias_repo(spec).is_some() => Some(spec.to_string()),
         ModelSource::HfDir(_) => Some(from_spec.to_string()),
     };
     base.filter(|s| !s.is_empty())

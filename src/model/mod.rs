@@ -1,13 +1,17 @@
-//! The Llama-family transformer: configuration, rotary embeddings and the forward pass.
+//! The Llama-family transformer: where its files come from, its configuration, the one load
+//! function, its weights (dense or quantized), rotary embeddings, LoRA adapters and the forward
+//! pass.
 
 pub mod config;
 pub mod llama;
+pub mod load;
+pub mod lora;
 pub mod quantized;
 pub mod rope;
 pub mod sliced;
+pub mod source;
 pub mod vocab;
 
 pub use config::{Architecture, ModelConfig, RopeScaling};
 pub use llama::{KvCache, Llama};
-pub mod load;
 pub use load::{inspect, load, load_with, Inspected, LoadedModel};

@@ -6,7 +6,7 @@
 //! A crash at any point leaves every `step-N` directory complete or absent.
 
 use crate::error::{Error, Result};
-use crate::lora::Adapter;
+use crate::model::lora::Adapter;
 use crate::train::config::TrainConfig;
 use crate::train::optimizer::AdamW;
 use candle_core::{Device, Tensor};

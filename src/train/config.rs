@@ -1,7 +1,7 @@
 //! The resolved training configuration: every setting the run uses, after defaults, the YAML
 //! file and the command line are combined. Written beside the adapter as `train_config.json`.
 
-use crate::lora::Target;
+use crate::model::lora::Target;
 use crate::train::schedule::ScheduleKind;
 use std::path::PathBuf;
 

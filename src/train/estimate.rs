@@ -6,7 +6,7 @@
 //! training. When that code changes what it keeps alive, this file changes with it; the
 //! estimate-vs-measured benchmark (`your_ai benchmark`) keeps the two honest.
 
-use crate::lora::Target;
+use crate::model::lora::Target;
 use crate::model::quantized::QuantBits;
 use crate::model::sliced::SLICE_BYTES;
 use crate::model::ModelConfig;

@@ -8,8 +8,8 @@
 //! finite differences in the tests.
 
 use super::attention;
-use crate::lora::{Adapter, LoraPair, Target};
 use crate::model::llama::{rms_norm, Linear};
+use crate::model::lora::{Adapter, LoraPair, Target};
 use crate::model::Llama;
 use candle_core::{DType, Result, Tensor, D};
 use std::time::{Duration, Instant};
@@ -242,7 +242,7 @@ pub fn forward_backward(
         let clock = Instant::now();
         dx = block_backward(model, adapter, l, &saved, &dx, mb, grads, l > lowest)?;
         profile.backward += clock.elapsed();
-        if let Some(peak) = crate::memory::over_limit() {
+        if let Some(peak) = crate::runtime::memory::over_limit() {
             // The trainer sees the same over_limit() and stops cleanly with a checkpoint.
             candle_core::bail!("memory budget crossed: peak {peak} bytes");
         }

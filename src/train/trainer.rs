@@ -4,10 +4,10 @@
 use crate::data::Sample;
 use crate::distrust::formula::ExampleWeights;
 use crate::error::{Error, Result};
-use crate::evaluate::evaluate;
-use crate::lora::Adapter;
-use crate::memory;
+use crate::infer::eval::evaluate;
+use crate::model::lora::Adapter;
 use crate::model::Llama;
+use crate::runtime::memory;
 use crate::train::batch::{micro_batch, pack_with_d, Batcher, Row};
 use crate::train::checkpoint;
 use crate::train::config::TrainConfig;
@@ -604,7 +604,7 @@ pub fn train(
                 checkpoint: dir,
             });
         }
-        let signal = crate::signals::requested();
+        let signal = crate::runtime::signals::requested();
         if (cfg.save_every > 0 && step % cfg.save_every == 0)
             || step == cfg.steps
             || signal.is_some()

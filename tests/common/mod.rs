@@ -328,7 +328,7 @@ pub fn cli() -> assert_cmd::Command {
 /// train for a few steps in any test, real enough to exercise the whole data path.
 pub fn tiny_chat_model(dir: &Path) -> PathBuf {
     let g = your_ai::weights::GgufFile::open(&smollm2()).unwrap();
-    let tok_json = your_ai::tokenizer::gguf::tokenizer_json(&g).unwrap();
+    let tok_json = your_ai::data::tokenizer::gguf::tokenizer_json(&g).unwrap();
     let template = g.meta_str("tokenizer.chat_template").unwrap().to_string();
     let spec = TinySpec {
         vocab: 49152,

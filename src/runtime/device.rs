@@ -105,7 +105,7 @@ pub fn set_threads(threads: Option<usize>) -> Result<usize> {
             .and_then(|v| v.parse::<usize>().ok())
         {
             Some(n) if n > 0 => n,
-            _ => crate::hardware::physical_cores_here(),
+            _ => crate::runtime::hardware::physical_cores_here(),
         },
     };
     std::env::set_var("RAYON_NUM_THREADS", n.to_string());

@@ -1,6 +1,6 @@
 //! What machine this is: processor, cores, memory and GPUs, for `recommend` and `setup`.
 
-use crate::memory;
+use crate::runtime::memory;
 
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Hardware {

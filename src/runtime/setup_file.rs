@@ -1,53 +1,14 @@
-//! Machine profiles: the starting configurations per memory size (`profiles/hardware.yaml`), the
-//! shapes of the model aliases (`profiles/models.json`), and the profile `your_ai setup` saves in
-//! the user's config directory (the hardware, and the benchmark's best configuration per model).
+//! What `your_ai setup` saves in the user's config directory: the machine's hardware, and the
+//! best configuration `your_ai benchmark` measured per model (which `train --auto-optimize`
+//! reads).
 
 use crate::error::{Error, Result};
-use crate::hardware::Hardware;
-use crate::model::ModelConfig;
+use crate::runtime::hardware::Hardware;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-const HARDWARE_PROFILES: &str = include_str!("../profiles/hardware.yaml");
-const MODEL_SHAPES: &str = include_str!("../profiles/models.json");
-
-/// Settings for machines with at least `memory_gb` of memory.
-#[derive(Debug, Clone, PartialEq, serde::Deserialize)]
-pub struct HardwareProfile {
-    pub memory_gb: f64,
-    pub batch_size: usize,
-    pub max_seq_length: usize,
-    pub lora_rank: usize,
-    pub num_layers: Option<usize>,
-    pub quantize: Option<u8>,
-}
-
-/// Every hardware profile, smallest machine first.
-pub fn hardware_profiles() -> Vec<HardwareProfile> {
-    // The file is part of the binary and checked by a test; an error here is a build mistake.
-    let mut v: Vec<HardwareProfile> =
-        serde_yaml::from_str(HARDWARE_PROFILES).expect("profiles/hardware.yaml is valid");
-    v.sort_by(|a, b| a.memory_gb.total_cmp(&b.memory_gb));
-    v
-}
-
-/// The profile for a machine with `memory` bytes: the largest one it has room for (the
-/// smallest one below all of them).
-pub fn profile_for(memory: u64) -> HardwareProfile {
-    let all = hardware_profiles();
-    let gb = memory as f64 / 1e9;
-    all.iter()
-        .rev()
-        .find(|p| p.memory_gb <= gb * 1.05)
-        .unwrap_or(&all[0])
-        .clone()
-}
-
-/// The shape of a model alias, when it is one we know.
-pub fn alias_shape(alias: &str) -> Option<ModelConfig> {
-    let all: serde_json::Value = serde_json::from_str(MODEL_SHAPES).ok()?;
-    ModelConfig::from_hf_json(all.get(alias)?, alias).ok()
-}
+/// The file's name in the config directory.
+pub const FILE_NAME: &str = "setup.json";
 
 /// The best configuration the benchmark found for one model.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -85,11 +46,11 @@ pub struct Saved {
     pub best: BTreeMap<String, Best>,
 }
 
-/// Where the profile lives: `$YOUR_AI_CONFIG_DIR`, else the user's config directory
+/// Where the file lives: `$YOUR_AI_CONFIG_DIR`, else the user's config directory
 /// (`$XDG_CONFIG_HOME` or `~/.config`; `~/Library/Application Support` on macOS).
 pub fn path() -> PathBuf {
     if let Some(d) = std::env::var_os("YOUR_AI_CONFIG_DIR") {
-        return PathBuf::from(d).join("profile.json");
+        return PathBuf::from(d).join(FILE_NAME);
     }
     let home = std::env::var_os("HOME").map(PathBuf::from);
     let base = match std::env::var_os("XDG_CONFIG_HOME") {
@@ -99,7 +60,7 @@ pub fn path() -> PathBuf {
         }
         _ => home.unwrap_or_default().join(".config"),
     };
-    base.join("your_ai").join("profile.json")
+    base.join("your_ai").join(FILE_NAME)
 }
 
 /// The key a model's best configuration is saved under.
@@ -109,7 +70,7 @@ pub fn model_key(spec: &str) -> String {
         .unwrap_or_else(|_| spec.to_string())
 }
 
-/// The saved profile, if `setup` (or a benchmark) has written one.
+/// The saved file, if `setup` (or a benchmark) has written one.
 pub fn load() -> Result<Option<Saved>> {
     load_from(&path())
 }
@@ -122,13 +83,13 @@ fn load_from(path: &Path) -> Result<Option<Saved>> {
     };
     serde_json::from_str(&text).map(Some).map_err(|e| {
         Error::Usage(format!(
-            "{}: not a your_ai profile ({e}); run `your_ai setup` to write it again",
+            "{}: not a file your_ai setup wrote ({e}); run `your_ai setup` to write it again",
             path.display()
         ))
     })
 }
 
-/// Writes the profile whole (temporary file, then rename).
+/// Writes the file whole (temporary file, then rename).
 pub fn save(p: &Saved) -> Result<PathBuf> {
     let path = path();
     if let Some(dir) = path.parent() {
@@ -141,7 +102,7 @@ pub fn save(p: &Saved) -> Result<PathBuf> {
     Ok(path)
 }
 
-/// Records a benchmark's best configuration for `model`, creating the profile if needed.
+/// Records a benchmark's best configuration for `model`, creating the file if needed.
 pub fn record_best(model: &str, best: Best) -> Result<PathBuf> {
     let mut p = load()?.unwrap_or_else(|| Saved {
         hardware: Hardware::detect(),
@@ -149,20 +110,6 @@ pub fn record_best(model: &str, best: Best) -> Result<PathBuf> {
     });
     p.best.insert(model_key(model), best);
     save(&p)
-}
-
-/// The shape of `spec` and the bytes of its weight files: an alias that is not downloaded yet
-/// uses its known shape (nothing is fetched); anything else is inspected on disk.
-pub fn shape(spec: &str) -> Result<(ModelConfig, u64)> {
-    if let Some(repo) = crate::model_source::alias_repo(spec) {
-        if !crate::model_source::is_cached(repo) {
-            if let Some(cfg) = alias_shape(spec) {
-                return Ok((cfg, 0));
-            }
-        }
-    }
-    let i = crate::model::inspect(spec)?;
-    Ok((i.cfg, i.weight_file_bytes))
 }
 
 /// For `train --auto-optimize`: the saved best configuration of `model` as flags, running a
@@ -209,29 +156,9 @@ mod tests {
     use super::*;
 
     #[test]
-    fn profiles_cover_the_machine_sizes_in_order() {
-        let p = hardware_profiles();
-        let sizes: Vec<f64> = p.iter().map(|x| x.memory_gb).collect();
-        assert_eq!(sizes, [16.0, 32.0, 64.0, 96.0, 128.0, 192.0]);
-        assert_eq!(profile_for(8_000_000_000).memory_gb, 16.0);
-        assert_eq!(profile_for(17_179_869_184).memory_gb, 16.0); // 16 GiB
-        assert_eq!(profile_for(68_719_476_736).memory_gb, 64.0); // 64 GiB
-        assert_eq!(profile_for(500_000_000_000).memory_gb, 192.0);
-    }
-
-    #[test]
-    fn every_alias_has_a_shape() {
-        for (alias, _) in crate::model_source::ALIASES {
-            let cfg = alias_shape(alias).unwrap_or_else(|| panic!("{alias} has no shape"));
-            assert!(cfg.num_hidden_layers > 0);
-        }
-        assert!(alias_shape("no-such-model").is_none());
-    }
-
-    #[test]
-    fn saved_profile_round_trips() {
+    fn the_setup_file_round_trips() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("profile.json");
+        let path = dir.path().join(FILE_NAME);
         assert!(load_from(&path).unwrap().is_none());
         let p = Saved {
             hardware: Hardware::detect(),
@@ -251,7 +178,7 @@ mod tests {
         std::fs::write(&path, serde_json::to_string(&p).unwrap()).unwrap();
         assert_eq!(load_from(&path).unwrap(), Some(p.clone()));
         assert!(p.best["m"].args().contains(&"--quantize=4".to_string()));
-        // A profile saved before `quantize` existed still loads.
+        // A file saved before `quantize` existed still loads.
         let old = serde_json::to_string(&p)
             .unwrap()
             .replace(",\"quantize\":4", "");

@@ -1,9 +1,9 @@
 //! Token-by-token generation with a KV cache: greedy or temperature / top-p sampling, stopping
 //! at any of the model's end tokens.
 
+use crate::data::tokenizer::{StreamDecoder, Tokenizer};
 use crate::error::Result;
 use crate::model::{KvCache, Llama};
-use crate::tokenizer::{StreamDecoder, Tokenizer};
 use candle_core::{DType, Tensor};
 use rand::{Rng, SeedableRng};
 use std::time::{Duration, Instant};

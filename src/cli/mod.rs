@@ -1,8 +1,8 @@
 //! The command line: one struct per subcommand. Defaults are defined here once and `--help`
 //! prints them from here.
 
-use crate::device::{DTypeChoice, DeviceChoice};
 use crate::error::{Error, Result};
+use crate::runtime::device::{DTypeChoice, DeviceChoice};
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -53,7 +53,7 @@ pub enum Command {
     /// Show the detected hardware and, for each model alias, whether LoRA and QLoRA fit the
     /// memory budget, with the flags to use.
     Recommend(RecommendArgs),
-    /// Detect the hardware and save it (with benchmark results) to the profile that
+    /// Detect the hardware and save it (with benchmark results) to the setup file that
     /// `recommend`, `benchmark` and `train --auto-optimize` read.
     Setup,
     /// Add auth_weight and prov_entropy (the citation scorer's) to every row of a JSONL file.
@@ -524,7 +524,7 @@ fn with_auto_optimize_args(argv: Vec<OsString>) -> Result<Vec<OsString>> {
     let Some(model) = model else {
         return Ok(argv); // clap reports the missing --model
     };
-    let extra = crate::profile::auto_optimize_args(&model)?;
+    let extra = crate::runtime::setup_file::auto_optimize_args(&model)?;
     let mut out = argv[..=train].to_vec();
     out.extend(extra.into_iter().map(OsString::from));
     out.extend_from_slice(&argv[train + 1..]);

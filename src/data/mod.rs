@@ -5,11 +5,14 @@
 //! the turn with a generation prompt, then including the turn: the difference is the turn),
 //! never by searching for token patterns.
 
-use crate::chat_template::{ChatContext, ChatTemplate};
-use crate::tokenizer::Tokenizer;
+pub mod chat_template;
+pub mod tokenizer;
+
+use chat_template::{ChatContext, ChatTemplate};
 use serde_json::{Map, Value};
 use std::io::{BufRead, Read};
 use std::path::{Path, PathBuf};
+use tokenizer::Tokenizer;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {
@@ -292,7 +295,7 @@ impl<'a> Encoder<'a> {
         tokenizer: &'a Tokenizer,
         mask_prompt: bool,
         max_seq_length: usize,
-    ) -> Result<Self, crate::chat_template::TemplateError> {
+    ) -> Result<Self, crate::data::chat_template::TemplateError> {
         let template = match &tokenizer.chat_template {
             Some(src) => Some(ChatTemplate::new(src)?),
             None => None,

@@ -1,0 +1,4 @@
+//! Using a model without training it: evaluation loss and token generation.
+
+pub mod eval;
+pub mod generate;

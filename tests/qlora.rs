@@ -8,12 +8,13 @@ mod common;
 use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Tensor};
 use common::*;
+use your_ai::data::batch::Row;
 use your_ai::data::Sample;
+use your_ai::engine::candle::batch::micro_batch;
+use your_ai::engine::candle::step::{forward_backward, Grads};
 use your_ai::model::lora::{Adapter, LoraConfig, Target};
 use your_ai::model::quantized::{QuantBits, Weight};
 use your_ai::model::{Llama, ModelConfig};
-use your_ai::train::batch::{micro_batch, Row};
-use your_ai::train::step::{forward_backward, Grads};
 use your_ai::weights::{GgufFile, SafetensorsDir, WeightStore};
 
 fn tiny(dir: &std::path::Path, quant: Option<QuantBits>) -> Llama {

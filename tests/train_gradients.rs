@@ -6,11 +6,12 @@ mod common;
 
 use candle_core::{DType, Device, Tensor, Var, D};
 use common::{tiny_weights, write_hf_dir, TinySpec};
+use your_ai::data::batch::{pack, Row};
 use your_ai::data::Sample;
+use your_ai::engine::candle::batch::micro_batch;
+use your_ai::engine::candle::step::{forward_backward, Grads, MicroBatch};
 use your_ai::model::lora::{Adapter, LoraConfig, Target};
 use your_ai::model::{Llama, ModelConfig};
-use your_ai::train::batch::{micro_batch, pack, Row};
-use your_ai::train::step::{forward_backward, Grads, MicroBatch};
 use your_ai::weights::{SafetensorsDir, WeightStore};
 
 fn tiny_model(spec: &TinySpec, dir: &std::path::Path) -> Llama {
@@ -131,8 +132,16 @@ fn autograd_loss(
                 let x = match mb.dropout {
                     Some((p, seed)) => {
                         let (r, c) = x.dims2().unwrap();
-                        (x * your_ai::train::step::dropout_mask(p, seed, l, target, 0..r, c, x)
-                            .unwrap())
+                        (x * your_ai::engine::candle::step::dropout_mask(
+                            p,
+                            seed,
+                            l,
+                            target,
+                            0..r,
+                            c,
+                            x,
+                        )
+                        .unwrap())
                         .unwrap()
                     }
                     None => x.clone(),
@@ -508,7 +517,7 @@ fn keeping_activations_gives_the_same_gradients_bit_for_bit() {
         mb.mlp_chunk_rows = chunk;
         let run = |keep: usize| {
             let mut g = Grads::new(&adapter);
-            let mut p = your_ai::train::step::Profile::default();
+            let mut p = your_ai::engine::candle::step::Profile::default();
             let l = forward_backward(&model, &adapter, &mb, 0.1, &mut g, keep, &mut p).unwrap();
             (l.ce, g, p)
         };

@@ -9,7 +9,7 @@ use crate::runtime::device::{select_device, select_dtype};
 use crate::runtime::memory::budget::{self, GB};
 use crate::train::estimate::{estimate, WeightFormat, Workload};
 use serde_json::{json, Value};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 /// Text for the benchmark's rows: the bundled example dataset's sentences.
@@ -408,18 +408,13 @@ pub fn run(a: BenchmarkArgs) -> Result<()> {
             "configurations": trials.iter().map(Trial::json).collect::<Vec<_>>(),
             "recommended": best.map(|t| { let mut j = t.json(); j["command"] = json!(command); j }),
         });
-        write_atomic(
+        crate::io::write_file(
             path,
-            &serde_json::to_string_pretty(&report).unwrap_or_default(),
+            serde_json::to_string_pretty(&report)
+                .unwrap_or_default()
+                .as_bytes(),
         )?;
         eprintln!("report written to {}", path.display());
     }
     Ok(())
-}
-
-/// Writes `text` to `path` through a temporary sibling, so the file is whole or absent.
-fn write_atomic(path: &Path, text: &str) -> Result<()> {
-    let tmp: PathBuf = path.with_extension("json.tmp");
-    std::fs::write(&tmp, text).map_err(|e| Error::io("write", &tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| Error::io("rename into place", path, e))
 }

@@ -2,8 +2,9 @@
 
 use crate::cli::ExportAdapterArgs;
 use crate::error::{Error, Result};
+use crate::export::adapter_gguf;
 use crate::export::merge::Base;
-use crate::export::{adapter_gguf, Staged};
+use crate::io::Staged;
 use crate::model::lora::Adapter;
 use candle_core::Device;
 

@@ -3,9 +3,10 @@
 
 use crate::cli::PrepareArgs;
 use crate::data::read_jsonl;
+use crate::distrust::plot;
 use crate::distrust::prepare::{self, Example, LOW_AUTHORITY_BELOW};
-use crate::distrust::{plot, write_jsonl_atomic};
 use crate::error::{Error, Result};
+use crate::io::write_jsonl;
 
 fn usage(msg: String) -> Error {
     Error::Usage(msg)
@@ -98,12 +99,12 @@ pub fn run(a: PrepareArgs) -> Result<()> {
     std::fs::create_dir_all(&a.output).map_err(|e| Error::io("create", &a.output, e))?;
     let rows = |v: &[Example]| v.iter().map(|e| e.fields.clone()).collect::<Vec<_>>();
     if !valid.is_empty() {
-        write_jsonl_atomic(&valid_path, &rows(&valid), a.force)?;
+        write_jsonl(&valid_path, &rows(&valid), a.force, "--output")?;
     } else if a.force && valid_path.exists() {
         // A stale valid.jsonl from an earlier run would no longer match this train.jsonl.
         std::fs::remove_file(&valid_path).map_err(|e| Error::io("remove", &valid_path, e))?;
     }
-    write_jsonl_atomic(&train_path, &rows(&train), a.force)?;
+    write_jsonl(&train_path, &rows(&train), a.force, "--output")?;
     if let Some(p) = &a.plot {
         let png = plot::histograms_png(&[(&w_hist, [200, 60, 40]), (&h_hist, [40, 90, 200])]);
         let tmp = p.with_extension("png.tmp");

@@ -3,8 +3,9 @@
 use crate::cli::ScoreArgs;
 use crate::data::read_jsonl;
 use crate::distrust::formula::{AUTH_WEIGHT, PROV_ENTROPY};
-use crate::distrust::{scorer, write_jsonl_atomic, DistrustError};
+use crate::distrust::{scorer, DistrustError};
 use crate::error::Result;
+use crate::io::write_jsonl;
 use serde_json::json;
 use std::time::Instant;
 
@@ -39,7 +40,7 @@ pub fn run(a: ScoreArgs) -> Result<()> {
         return Err(DistrustError::rows(errors).into());
     }
     let secs = start.elapsed().as_secs_f64();
-    write_jsonl_atomic(&a.output, &rows, a.force)?;
+    write_jsonl(&a.output, &rows, a.force, "--output")?;
     let n = rows.len().max(1) as f64;
     eprintln!(
         "scored {} rows ({:.1} MB of text in {:.2} s): mean {AUTH_WEIGHT} {:.3}, mean {PROV_ENTROPY} {:.3} bits → {}",

@@ -238,12 +238,7 @@ fn encode_all(encoder: &Encoder, records: &[Record]) -> Result<Vec<Sample>> {
         }
     }
     if !errors.is_empty() {
-        let count = errors.len();
-        let mut shown: Vec<String> = errors.into_iter().take(20).collect();
-        if count > 20 {
-            shown.push(format!("... and {} more", count - 20));
-        }
-        return Err(DataError::Invalid { count, shown }.into());
+        return Err(DataError::invalid(errors).into());
     }
     Ok(out)
 }

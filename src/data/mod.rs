@@ -5,6 +5,7 @@
 //! the turn with a generation prompt, then including the turn: the difference is the turn),
 //! never by searching for token patterns.
 
+pub mod batch;
 pub mod chat_template;
 pub mod tokenizer;
 
@@ -30,10 +31,16 @@ pub enum DataError {
     Example { location: String, reason: String },
 }
 
+impl DataError {
+    /// One error for every bad line or example (`file:line: reason`), the first few listed.
+    pub fn invalid(errors: Vec<String>) -> Self {
+        let (count, shown) = crate::io::first_errors(errors);
+        DataError::Invalid { count, shown }
+    }
+}
+
 /// Longest line accepted; longer ones are reported, never read whole into a model input.
 const MAX_LINE_BYTES: usize = 64 << 20;
-/// How many bad lines are listed before "and N more".
-const MAX_SHOWN_ERRORS: usize = 20;
 const KNOWN_ROLES: &[&str] = &[
     "system",
     "user",
@@ -167,12 +174,7 @@ pub fn read_jsonl(path: &Path) -> Result<Vec<Record>, DataError> {
         }
     }
     if !errors.is_empty() {
-        let count = errors.len();
-        let mut shown: Vec<String> = errors.into_iter().take(MAX_SHOWN_ERRORS).collect();
-        if count > MAX_SHOWN_ERRORS {
-            shown.push(format!("... and {} more", count - MAX_SHOWN_ERRORS));
-        }
-        return Err(DataError::Invalid { count, shown });
+        return Err(DataError::invalid(errors));
     }
     if records.is_empty() {
         return Err(DataError::Empty {

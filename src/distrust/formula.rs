@@ -10,6 +10,7 @@
 //! training, bit for bit. α multiplies every D alike, so it cancels in D_i / D̄: it sets the
 //! scale of the reported D, not the weights.
 
+use crate::data::batch::ExampleWeights;
 use crate::data::Record;
 use serde_json::Value;
 
@@ -86,17 +87,6 @@ pub fn any_scored(records: &[Record]) -> bool {
     records
         .iter()
         .any(|r| r.fields.contains_key(AUTH_WEIGHT) || r.fields.contains_key(PROV_ENTROPY))
-}
-
-/// The per-example weights of a training set.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ExampleWeights {
-    /// D of each example.
-    pub d: Vec<f64>,
-    /// c of each example, as the loss uses it.
-    pub c: Vec<f32>,
-    /// D̄, the mean of D over the set.
-    pub d_mean: f64,
 }
 
 /// c_i = (1 − λ) + λ · D_i / D̄. When D̄ is 0 (every example has ln(1 − w) + H = 0, so no

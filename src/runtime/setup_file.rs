@@ -92,13 +92,8 @@ fn load_from(path: &Path) -> Result<Option<Saved>> {
 /// Writes the file whole (temporary file, then rename).
 pub fn save(p: &Saved) -> Result<PathBuf> {
     let path = path();
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(|e| Error::io("create", dir, e))?;
-    }
-    let tmp = path.with_extension("json.tmp");
     let text = serde_json::to_string_pretty(p).unwrap_or_default();
-    std::fs::write(&tmp, text).map_err(|e| Error::io("write", &tmp, e))?;
-    std::fs::rename(&tmp, &path).map_err(|e| Error::io("rename into place", &path, e))?;
+    crate::io::write_file(&path, text.as_bytes())?;
     Ok(path)
 }
 

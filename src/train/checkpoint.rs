@@ -5,15 +5,14 @@
 //! `checkpoints/step-N`; `checkpoints/latest` names the newest and is replaced by rename too.
 //! A crash at any point leaves every `step-N` directory complete or absent.
 
+use crate::engine::candle::optimizer::AdamW;
 use crate::error::{Error, Result};
 use crate::model::lora::Adapter;
 use crate::train::config::TrainConfig;
-use crate::train::optimizer::AdamW;
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, HashMap};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 pub const FORMAT_VERSION: u32 = 1;
@@ -91,16 +90,7 @@ pub fn data_fingerprint(files: &[&Path]) -> Result<String> {
 }
 
 fn sync(path: &Path) -> Result<()> {
-    std::fs::File::open(path)
-        .and_then(|f| f.sync_all())
-        .map_err(|e| Error::io("sync", path, e))
-}
-
-fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
-    let mut f = std::fs::File::create(path).map_err(|e| Error::io("create", path, e))?;
-    f.write_all(bytes)
-        .map_err(|e| Error::io("write", path, e))?;
-    f.sync_all().map_err(|e| Error::io("sync", path, e))
+    crate::io::sync_path(path).map_err(|e| Error::io("sync", path, e))
 }
 
 /// Writes `checkpoints/step-N` atomically and points `latest` at it; keeps the newest `keep`.
@@ -115,59 +105,42 @@ pub fn save(
     let dir = root.join(format!("step-{}", state.step));
     std::fs::create_dir_all(root).map_err(|e| Error::io("create", root, e))?;
     // Leftovers of a save that a crash cut short (never complete, never a step-N).
-    if let Ok(rd) = std::fs::read_dir(root) {
-        for e in rd.flatten() {
-            let name = e.file_name().to_string_lossy().into_owned();
-            if name.starts_with(".step-") || name.starts_with(".latest.tmp-") {
-                let _ =
-                    std::fs::remove_dir_all(e.path()).or_else(|_| std::fs::remove_file(e.path()));
-            }
-        }
+    crate::io::clear_leftovers(root);
+    // Dropped on an error, the partial directory goes; earlier checkpoints are untouched.
+    let staged = crate::io::Staged::replacing(&dir)?;
+    let tmp = &staged.tmp;
+    std::fs::create_dir_all(tmp).map_err(|e| Error::io("create", tmp, e))?;
+    adapter.save_peft(tmp, &config.model)?;
+    let mut moments = HashMap::new();
+    for (i, (m, v)) in opt.m.iter().zip(&opt.v).enumerate() {
+        moments.insert(format!("m.{i}"), m.clone());
+        moments.insert(format!("v.{i}"), v.clone());
     }
-    let tmp = root.join(format!(".step-{}.tmp-{}", state.step, std::process::id()));
-    let _ = std::fs::remove_dir_all(&tmp);
-    let result = (|| -> Result<()> {
-        std::fs::create_dir_all(&tmp).map_err(|e| Error::io("create", &tmp, e))?;
-        adapter.save_peft(&tmp, &config.model)?;
-        let mut moments = HashMap::new();
-        for (i, (m, v)) in opt.m.iter().zip(&opt.v).enumerate() {
-            moments.insert(format!("m.{i}"), m.clone());
-            moments.insert(format!("v.{i}"), v.clone());
-        }
-        let opt_path = tmp.join(OPTIMIZER_FILE);
-        candle_core::safetensors::save(&moments, &opt_path)
-            .map_err(|e| Error::Usage(format!("cannot write {}: {e}", opt_path.display())))?;
-        let cfg_json = serde_json::to_vec_pretty(config).unwrap_or_default();
-        write_synced(&tmp.join("train_config.json"), &cfg_json)?;
-        for name in [
-            "adapter_model.safetensors",
-            "adapter_config.json",
-            OPTIMIZER_FILE,
-            "train_config.json",
-        ] {
-            let p = tmp.join(name);
-            sync(&p)?;
-            state.checksums.insert(name.to_string(), sha256_file(&p)?);
-        }
-        // The state file goes last: a directory with a valid state file is complete.
-        write_synced(
-            &tmp.join(STATE_FILE),
-            &serde_json::to_vec_pretty(&state).unwrap_or_default(),
-        )?;
-        sync(&tmp)?;
-        replace_dir(&tmp, &dir)?;
-        sync(root)?;
-        let latest_tmp = root.join(format!(".latest.tmp-{}", std::process::id()));
-        write_synced(&latest_tmp, format!("step-{}\n", state.step).as_bytes())?;
-        std::fs::rename(&latest_tmp, root.join("latest"))
-            .map_err(|e| Error::io("update", root.join("latest"), e))?;
-        sync(root)
-    })();
-    if let Err(e) = result {
-        // The previous checkpoints are untouched; only the partial one goes.
-        let _ = std::fs::remove_dir_all(&tmp);
-        return Err(e);
+    let opt_path = tmp.join(OPTIMIZER_FILE);
+    candle_core::safetensors::save(&moments, &opt_path)
+        .map_err(|e| Error::Usage(format!("cannot write {}: {e}", opt_path.display())))?;
+    let cfg_json = serde_json::to_vec_pretty(config).unwrap_or_default();
+    crate::io::write_synced(&tmp.join("train_config.json"), &cfg_json)?;
+    for name in [
+        "adapter_model.safetensors",
+        "adapter_config.json",
+        OPTIMIZER_FILE,
+        "train_config.json",
+    ] {
+        let p = tmp.join(name);
+        sync(&p)?;
+        state.checksums.insert(name.to_string(), sha256_file(&p)?);
     }
+    // The state file goes last: a directory with a valid state file is complete.
+    crate::io::write_synced(
+        &tmp.join(STATE_FILE),
+        &serde_json::to_vec_pretty(&state).unwrap_or_default(),
+    )?;
+    staged.commit()?;
+    crate::io::write_file(
+        &root.join("latest"),
+        format!("step-{}\n", state.step).as_bytes(),
+    )?;
     prune(root, keep);
     Ok(dir)
 }
@@ -191,74 +164,8 @@ fn prune(root: &Path, keep: usize) {
         return;
     }
     for s in &steps[..steps.len() - keep] {
-        let _ = discard(&root.join(format!("step-{s}")));
+        let _ = crate::io::discard(&root.join(format!("step-{s}")));
     }
-}
-
-/// Puts the complete directory `tmp` in the place of `dir`. Where `dir` exists (a checkpoint
-/// rewritten after resuming from an earlier one, `best/`), the two are swapped in one step
-/// (Linux `renameat2(RENAME_EXCHANGE)`) so that a crash never leaves `dir` missing; the old
-/// content, now under the hidden name `tmp`, is then deleted. Where the filesystem cannot swap,
-/// the old one is moved aside first and deleted after: a crash in between leaves `dir` absent
-/// and the old content under a hidden name.
-pub(crate) fn replace_dir(tmp: &Path, dir: &Path) -> Result<()> {
-    if dir.exists() {
-        if exchange(tmp, dir).is_ok() {
-            let _ = std::fs::remove_dir_all(tmp);
-            return Ok(());
-        }
-        let name = dir
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        let old = dir.with_file_name(format!(".{name}.old-{}", std::process::id()));
-        std::fs::rename(dir, &old).map_err(|e| Error::io("move aside", dir, e))?;
-        std::fs::rename(tmp, dir).map_err(|e| Error::io("rename into place", dir, e))?;
-        let _ = std::fs::remove_dir_all(&old);
-        return Ok(());
-    }
-    std::fs::rename(tmp, dir).map_err(|e| Error::io("rename into place", dir, e))
-}
-
-#[cfg(target_os = "linux")]
-fn exchange(a: &Path, b: &Path) -> std::io::Result<()> {
-    use std::ffi::CString;
-    use std::os::unix::ffi::OsStrExt;
-    let ca = CString::new(a.as_os_str().as_bytes())?;
-    let cb = CString::new(b.as_os_str().as_bytes())?;
-    // SAFETY: both arguments are NUL-terminated paths that live across the call.
-    let r = unsafe {
-        libc::renameat2(
-            libc::AT_FDCWD,
-            ca.as_ptr(),
-            libc::AT_FDCWD,
-            cb.as_ptr(),
-            libc::RENAME_EXCHANGE,
-        )
-    };
-    if r == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
-}
-
-#[cfg(not(target_os = "linux"))]
-fn exchange(_: &Path, _: &Path) -> std::io::Result<()> {
-    Err(std::io::Error::from(std::io::ErrorKind::Unsupported))
-}
-
-/// Removes a checkpoint directory without ever leaving a half-deleted `step-N`: it is first
-/// renamed to a hidden name (atomic), then deleted; a crash in between leaves only the hidden
-/// leftover, which the next save clears.
-fn discard(dir: &Path) -> Result<()> {
-    let name = dir
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let trash = dir.with_file_name(format!(".{name}.trash-{}", std::process::id()));
-    std::fs::rename(dir, &trash).map_err(|e| Error::io("move aside", dir, e))?;
-    std::fs::remove_dir_all(&trash).map_err(|e| Error::io("remove", &trash, e))
 }
 
 /// The checkpoint `--resume` means: `PATH` itself, or the latest under `<output>/checkpoints`.
@@ -377,32 +284,4 @@ pub fn differences(saved: &serde_json::Value, now: &TrainConfig) -> (Vec<String>
         }
     }
     (refused, allowed)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn replace_dir_swaps_an_existing_directory_whole() {
-        let root = tempfile::tempdir().unwrap();
-        let dir = root.path().join("best");
-        let tmp = root.path().join(".best.tmp-1");
-        for (d, text) in [(&dir, "old"), (&tmp, "new")] {
-            std::fs::create_dir_all(d).unwrap();
-            std::fs::write(d.join("a"), text).unwrap();
-        }
-        replace_dir(&tmp, &dir).unwrap();
-        assert_eq!(std::fs::read_to_string(dir.join("a")).unwrap(), "new");
-        let names: Vec<_> = std::fs::read_dir(root.path())
-            .unwrap()
-            .map(|e| e.unwrap().file_name())
-            .collect();
-        assert_eq!(names, ["best"], "the old content is deleted");
-        // Into an empty place: a plain rename.
-        let tmp2 = root.path().join(".c.tmp-1");
-        std::fs::create_dir_all(&tmp2).unwrap();
-        replace_dir(&tmp2, &root.path().join("c")).unwrap();
-        assert!(root.path().join("c").is_dir() && !tmp2.exists());
-    }
 }

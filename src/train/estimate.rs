@@ -6,14 +6,14 @@
 //! training. When that code changes what it keeps alive, this file changes with it; the
 //! estimate-vs-measured benchmark (`your_ai benchmark`) keeps the two honest.
 
+use crate::engine::candle::attention::composite_chunk_rows;
+use crate::engine::candle::step::{
+    kept_mlp_bytes_per_block, mlp_chunk_rows, saved_bytes_per_block, HEAD_CHUNK,
+};
 use crate::model::lora::Target;
 use crate::model::quantized::QuantBits;
 use crate::model::sliced::SLICE_BYTES;
 use crate::model::ModelConfig;
-use crate::train::attention::composite_chunk_rows;
-use crate::train::step::{
-    kept_mlp_bytes_per_block, mlp_chunk_rows, saved_bytes_per_block, HEAD_CHUNK,
-};
 
 /// Memory that is not tensors: the binary, its libraries, thread stacks, the tokenizer and the
 /// encoded data. Measured on SmolLM2 (49k-token vocabulary) as resident memory after loading

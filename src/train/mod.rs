@@ -1,13 +1,9 @@
-//! LoRA fine-tuning: the block-wise step, its optimizer and schedule, batching, and the loop
-//! that runs them with evaluation, saving and progress.
+//! LoRA fine-tuning above the engine: the pre-flight plan and memory estimate, batching, the
+//! schedule, checkpoints, metrics, progress, and the trainer that runs them over an engine.
 
-mod attention;
-pub mod batch;
 pub mod checkpoint;
 pub mod config;
 pub mod estimate;
-pub mod optimizer;
 pub mod progress;
 pub mod schedule;
-pub mod step;
 pub mod trainer;

@@ -1,20 +1,21 @@
 //! The training loop: micro-batches → block-wise step → clipping → AdamW, with evaluation,
 //! saving, metrics and the progress line.
 
+use crate::data::batch::{pack_with_d, Batcher, ExampleWeights, Row};
 use crate::data::Sample;
-use crate::distrust::formula::ExampleWeights;
+use crate::engine::candle::batch::micro_batch;
+use crate::engine::candle::optimizer::{clip_grad_norm, AdamW};
+use crate::engine::candle::step::{forward_backward, Grads, LossSums, Profile};
 use crate::error::{Error, Result};
 use crate::infer::eval::evaluate;
+use crate::io::Staged;
 use crate::model::lora::Adapter;
 use crate::model::Llama;
 use crate::runtime::memory;
-use crate::train::batch::{micro_batch, pack_with_d, Batcher, Row};
 use crate::train::checkpoint;
 use crate::train::config::TrainConfig;
-use crate::train::optimizer::{clip_grad_norm, AdamW};
 use crate::train::progress::{Progress, StepReport};
 use crate::train::schedule::Schedule;
-use crate::train::step::{forward_backward, Grads, LossSums, Profile};
 use serde_json::json;
 use std::collections::VecDeque;
 use std::io::Write;
@@ -125,9 +126,7 @@ impl Metrics {
             })
             .map(|l| format!("{l}\n"))
             .collect();
-        let tmp = path.with_extension("jsonl.tmp");
-        std::fs::write(&tmp, kept).map_err(|e| Error::io("write", &tmp, e))?;
-        std::fs::rename(&tmp, path).map_err(|e| Error::io("rename into place", path, e))?;
+        crate::io::write_file(path, kept.as_bytes())?;
         let file = std::fs::OpenOptions::new()
             .append(true)
             .open(path)
@@ -143,66 +142,35 @@ impl Metrics {
     }
 }
 
-/// Writes the adapter files into a fresh temporary sibling of `dir`, fsynced; returns its path.
-fn write_adapter_tmp(
+/// The adapter files (PEFT layout, and the run's `train_config.json`) written into a staged
+/// directory that will take the place of `dest`.
+fn stage_adapter(
     adapter: &Adapter,
-    dir: &Path,
+    dest: &Path,
     base_model: &str,
     config: &TrainConfig,
-) -> Result<PathBuf> {
-    let parent = dir.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent).map_err(|e| Error::io("create", parent, e))?;
-    let name = dir
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "adapter".into());
-    // Leftovers of a write that a crash cut short: hidden, never read, cleared here.
-    if let Ok(rd) = std::fs::read_dir(parent) {
-        for e in rd.flatten() {
-            let n = e.file_name().to_string_lossy().into_owned();
-            if n.starts_with(&format!(".{name}.tmp-")) || n.starts_with(&format!(".{name}.old-")) {
-                let _ = std::fs::remove_dir_all(e.path());
-            }
-        }
-    }
-    let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
-    std::fs::create_dir_all(&tmp).map_err(|e| Error::io("create", &tmp, e))?;
-    adapter.save_peft(&tmp, base_model)?;
-    let cfg_path = tmp.join("train_config.json");
-    std::fs::write(
-        &cfg_path,
-        serde_json::to_string_pretty(config).unwrap_or_default(),
-    )
-    .map_err(|e| Error::io("write", &cfg_path, e))?;
-    for entry in std::fs::read_dir(&tmp).map_err(|e| Error::io("read", &tmp, e))? {
-        let p = entry.map_err(|e| Error::io("read", &tmp, e))?.path();
-        std::fs::File::open(&p)
-            .and_then(|f| f.sync_all())
-            .map_err(|e| Error::io("sync", &p, e))?;
-    }
-    Ok(tmp)
+) -> Result<Staged> {
+    let staged = Staged::replacing(dest)?;
+    let tmp = &staged.tmp;
+    std::fs::create_dir_all(tmp).map_err(|e| Error::io("create", tmp, e))?;
+    adapter.save_peft(tmp, base_model)?;
+    let cfg = serde_json::to_string_pretty(config).unwrap_or_default();
+    crate::io::write_synced(&tmp.join("train_config.json"), cfg.as_bytes())?;
+    Ok(staged)
 }
 
-fn sync_dir(dir: &Path) {
-    if let Ok(d) = std::fs::File::open(dir) {
-        let _ = d.sync_all();
-    }
-}
-
-/// Writes an adapter directory (`best/`, `checkpoints/step-N/`) atomically: the complete new
-/// directory replaces the old one by rename, so a reader sees one or the other, never a mix.
+/// Writes an adapter directory (`best/`) atomically: the complete new directory replaces the
+/// old one, so a reader sees one or the other, never a mix.
 pub fn save_adapter_dir(
     adapter: &Adapter,
     dir: &Path,
     base_model: &str,
     config: &TrainConfig,
 ) -> Result<()> {
-    let tmp = write_adapter_tmp(adapter, dir, base_model, config)?;
-    let parent = dir.parent().unwrap_or(Path::new("."));
-    sync_dir(&tmp);
-    checkpoint::replace_dir(&tmp, dir)?;
-    sync_dir(parent);
-    Ok(())
+    if let Some(parent) = dir.parent() {
+        crate::io::clear_leftovers(parent);
+    }
+    stage_adapter(adapter, dir, base_model, config)?.commit()
 }
 
 /// Writes the adapter files into `dir`, which also holds metrics and other runs' outputs: each
@@ -213,15 +181,14 @@ pub fn save_adapter_files(
     base_model: &str,
     config: &TrainConfig,
 ) -> Result<()> {
-    let tmp = write_adapter_tmp(adapter, &dir.join("adapter"), base_model, config)?;
-    std::fs::create_dir_all(dir).map_err(|e| Error::io("create", dir, e))?;
-    for entry in std::fs::read_dir(&tmp).map_err(|e| Error::io("read", &tmp, e))? {
-        let p = entry.map_err(|e| Error::io("read", &tmp, e))?.path();
+    let staged = stage_adapter(adapter, &dir.join("adapter"), base_model, config)?;
+    crate::io::sync_path(&staged.tmp).map_err(|e| Error::io("sync", &staged.tmp, e))?;
+    for entry in std::fs::read_dir(&staged.tmp).map_err(|e| Error::io("read", &staged.tmp, e))? {
+        let p = entry.map_err(|e| Error::io("read", &staged.tmp, e))?.path();
         let dest = dir.join(p.file_name().unwrap_or_default());
         std::fs::rename(&p, &dest).map_err(|e| Error::io("rename into place", &dest, e))?;
     }
-    let _ = std::fs::remove_dir(&tmp);
-    sync_dir(dir);
+    crate::io::sync_dir(dir);
     Ok(())
 }
 

@@ -1,8 +1,8 @@
 //! AdamW (decoupled weight decay, as PyTorch's) over the LoRA parameters, and global-norm
 //! gradient clipping. Moments are f32 like the parameters.
 
+use crate::engine::candle::step::Grads;
 use crate::model::lora::Adapter;
-use crate::train::step::Grads;
 use candle_core::{DType, Result, Tensor};
 
 #[derive(Debug, Clone)]

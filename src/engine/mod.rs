@@ -1,0 +1,3 @@
+//! The seam between the trainer and the arrays.
+
+pub mod candle;

@@ -1,0 +1,318 @@
+//! Files written whole or not at all, and error lists cut to their first few.
+//!
+//! Every output is written under a hidden temporary name beside its destination, fsynced, and
+//! renamed into place; a crash at any point leaves the old content or the new, never a mix.
+//! [`Staged`] is that for a file or directory being built; [`write_file`] and [`write_jsonl`]
+//! for content that is ready at once.
+
+use crate::error::{Error, Result};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+/// How many bad lines or rows an error lists before "... and N more".
+pub const MAX_SHOWN_ERRORS: usize = 20;
+
+/// The first [`MAX_SHOWN_ERRORS`] of `errors`, then "... and N more"; with their count.
+pub fn first_errors(errors: Vec<String>) -> (usize, Vec<String>) {
+    let count = errors.len();
+    let mut shown: Vec<String> = errors.into_iter().take(MAX_SHOWN_ERRORS).collect();
+    if count > MAX_SHOWN_ERRORS {
+        shown.push(format!("... and {} more", count - MAX_SHOWN_ERRORS));
+    }
+    (count, shown)
+}
+
+/// A destination being written: `tmp` while in progress, put in the place of `dest` by
+/// [`Staged::commit`]. Dropped without a commit (an error on the way), the temporary output is
+/// removed.
+pub struct Staged {
+    pub dest: PathBuf,
+    pub tmp: PathBuf,
+    committed: bool,
+}
+
+impl Staged {
+    /// For an output the user names with `flag`: refuses an existing `dest` unless `force`.
+    pub fn new(dest: &Path, force: bool, flag: &str) -> Result<Self> {
+        if dest.exists() && !force {
+            return Err(Error::Usage(format!(
+                "{flag} {}: already exists; choose another path or pass --force to replace it",
+                dest.display()
+            )));
+        }
+        Self::replacing(dest).map_err(|e| match e {
+            Error::Usage(m) => Error::Usage(format!("{flag} {m}")),
+            e => e,
+        })
+    }
+
+    /// For a file or directory of ours that is rewritten (a checkpoint's `latest`, `best/`,
+    /// the metrics file): whatever is at `dest` is replaced on commit. Creates the parent.
+    pub fn replacing(dest: &Path) -> Result<Self> {
+        let name = file_name(dest).ok_or_else(|| {
+            Error::Usage(format!("{}: not a file or directory name", dest.display()))
+        })?;
+        let parent = parent_of(dest);
+        std::fs::create_dir_all(&parent).map_err(|e| Error::io("create", &parent, e))?;
+        let tmp = parent.join(format!(".{name}.partial-{}", std::process::id()));
+        remove_any(&tmp).map_err(|e| Error::io("remove", &tmp, e))?;
+        Ok(Self {
+            dest: dest.to_path_buf(),
+            tmp,
+            committed: false,
+        })
+    }
+
+    /// Moves the finished output into place (fsynced first), replacing what is there.
+    pub fn commit(mut self) -> Result<()> {
+        sync_path(&self.tmp).map_err(|e| Error::io("sync", &self.tmp, e))?;
+        if self.tmp.is_dir() {
+            replace_dir(&self.tmp, &self.dest)?;
+        } else {
+            std::fs::rename(&self.tmp, &self.dest)
+                .map_err(|e| Error::io("rename into place", &self.dest, e))?;
+        }
+        sync_dir(&parent_of(&self.dest));
+        self.committed = true;
+        Ok(())
+    }
+}
+
+impl Drop for Staged {
+    fn drop(&mut self) {
+        if !self.committed {
+            let _ = remove_any(&self.tmp);
+        }
+    }
+}
+
+/// Writes `bytes` to `path` whole: a temporary sibling, fsynced, renamed over `path`.
+pub fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
+    let staged = Staged::replacing(path)?;
+    write_synced(&staged.tmp, bytes)?;
+    staged.commit()
+}
+
+/// Writes JSONL rows to `path` whole or not at all. An existing file is refused unless `force`
+/// (`flag` names the option that chose the path, for the message).
+pub fn write_jsonl(
+    path: &Path,
+    rows: &[serde_json::Map<String, serde_json::Value>],
+    force: bool,
+    flag: &str,
+) -> Result<()> {
+    let staged = Staged::new(path, force, flag)?;
+    let tmp = &staged.tmp;
+    let f = std::fs::File::create(tmp).map_err(|e| Error::io("create", tmp, e))?;
+    let mut w = std::io::BufWriter::new(f);
+    for r in rows {
+        serde_json::to_writer(&mut w, r)
+            .map_err(|e| Error::io("write", tmp, std::io::Error::other(e)))?;
+        w.write_all(b"\n").map_err(|e| Error::io("write", tmp, e))?;
+    }
+    w.into_inner()
+        .map_err(|e| Error::io("write", tmp, e.into_error()))?;
+    staged.commit()
+}
+
+/// Creates `path` with `bytes`, fsynced (inside a staged directory, say).
+pub fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
+    let mut f = std::fs::File::create(path).map_err(|e| Error::io("create", path, e))?;
+    f.write_all(bytes)
+        .map_err(|e| Error::io("write", path, e))?;
+    f.sync_all().map_err(|e| Error::io("sync", path, e))
+}
+
+/// Puts the complete directory `tmp` in the place of `dir`. Where `dir` exists (a checkpoint
+/// rewritten after resuming from an earlier one, `best/`), the two are swapped in one step
+/// (Linux `renameat2(RENAME_EXCHANGE)`) so that a crash never leaves `dir` missing; the old
+/// content, now under the hidden name `tmp`, is then deleted. Where the filesystem cannot swap,
+/// the old one is moved aside first and deleted after: a crash in between leaves `dir` absent
+/// and the old content under a hidden name.
+pub fn replace_dir(tmp: &Path, dir: &Path) -> Result<()> {
+    if dir.exists() {
+        if exchange(tmp, dir).is_ok() {
+            let _ = remove_any(tmp);
+            return Ok(());
+        }
+        let name = file_name(dir).unwrap_or_default();
+        let old = dir.with_file_name(format!(".{name}.old-{}", std::process::id()));
+        std::fs::rename(dir, &old).map_err(|e| Error::io("move aside", dir, e))?;
+        std::fs::rename(tmp, dir).map_err(|e| Error::io("rename into place", dir, e))?;
+        let _ = remove_any(&old);
+        return Ok(());
+    }
+    std::fs::rename(tmp, dir).map_err(|e| Error::io("rename into place", dir, e))
+}
+
+#[cfg(target_os = "linux")]
+fn exchange(a: &Path, b: &Path) -> std::io::Result<()> {
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt;
+    let ca = CString::new(a.as_os_str().as_bytes())?;
+    let cb = CString::new(b.as_os_str().as_bytes())?;
+    // SAFETY: both arguments are NUL-terminated paths that live across the call.
+    let r = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            ca.as_ptr(),
+            libc::AT_FDCWD,
+            cb.as_ptr(),
+            libc::RENAME_EXCHANGE,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn exchange(_: &Path, _: &Path) -> std::io::Result<()> {
+    Err(std::io::Error::from(std::io::ErrorKind::Unsupported))
+}
+
+/// Removes a directory without ever leaving it half-deleted under its own name: it is first
+/// renamed to a hidden name (atomic), then deleted; a crash in between leaves only the hidden
+/// leftover, which [`clear_leftovers`] removes.
+pub fn discard(dir: &Path) -> Result<()> {
+    let name = file_name(dir).unwrap_or_default();
+    let trash = dir.with_file_name(format!(".{name}.trash-{}", std::process::id()));
+    std::fs::rename(dir, &trash).map_err(|e| Error::io("move aside", dir, e))?;
+    std::fs::remove_dir_all(&trash).map_err(|e| Error::io("remove", &trash, e))
+}
+
+/// Removes the hidden leftovers that a crash can leave in `dir` (temporary outputs, content
+/// moved aside): every entry named `.<something>.<kind>-<pid>` for the kinds written here.
+pub fn clear_leftovers(dir: &Path) {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in rd.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let ours = name.starts_with('.')
+            && [".partial-", ".old-", ".trash-", ".tmp-"]
+                .iter()
+                .any(|k| name.contains(k));
+        if ours {
+            let _ = remove_any(&e.path());
+        }
+    }
+}
+
+/// fsync of a file, or of every file in a directory, so the rename publishes complete data.
+pub fn sync_path(p: &Path) -> std::io::Result<()> {
+    if p.is_dir() {
+        for entry in std::fs::read_dir(p)? {
+            let path = entry?.path();
+            if path.is_file() {
+                std::fs::File::open(&path)?.sync_all()?;
+            }
+        }
+        std::fs::File::open(p)?.sync_all()
+    } else {
+        std::fs::File::open(p)?.sync_all()
+    }
+}
+
+/// fsync of a directory's entries (best effort: not every filesystem allows it).
+pub fn sync_dir(dir: &Path) {
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+}
+
+fn remove_any(p: &Path) -> std::io::Result<()> {
+    match std::fs::symlink_metadata(p) {
+        Ok(m) if m.is_dir() => std::fs::remove_dir_all(p),
+        Ok(_) => std::fs::remove_file(p),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+fn file_name(p: &Path) -> Option<String> {
+    p.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .filter(|n| !n.is_empty() && n != "..")
+}
+
+fn parent_of(p: &Path) -> PathBuf {
+    match p.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_error_lists_are_cut_with_a_count() {
+        let (n, shown) = first_errors((0..25).map(|i| format!("line {i}")).collect());
+        assert_eq!(n, 25);
+        assert_eq!(shown.len(), MAX_SHOWN_ERRORS + 1);
+        assert_eq!(shown.last().unwrap(), "... and 5 more");
+        let (n, shown) = first_errors(vec!["one".into()]);
+        assert_eq!((n, shown), (1, vec!["one".to_string()]));
+    }
+
+    #[test]
+    fn a_staged_output_appears_whole_or_not_at_all() {
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join("out.txt");
+        write_file(&dest, b"one").unwrap();
+        write_file(&dest, b"two").unwrap();
+        assert_eq!(std::fs::read(&dest).unwrap(), b"two");
+        // Dropped before commit: nothing new, no leftovers.
+        let s = Staged::replacing(&dest).unwrap();
+        std::fs::write(&s.tmp, b"half").unwrap();
+        drop(s);
+        assert_eq!(std::fs::read(&dest).unwrap(), b"two");
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+        // A user's path is refused without force.
+        let e = Staged::new(&dest, false, "--output").err().unwrap();
+        assert!(e.to_string().contains("--force"), "{e}");
+        // A directory replaces the old one whole.
+        let d = dir.path().join("best");
+        for content in ["a", "b"] {
+            let s = Staged::replacing(&d).unwrap();
+            std::fs::create_dir(&s.tmp).unwrap();
+            std::fs::write(s.tmp.join("f"), content).unwrap();
+            s.commit().unwrap();
+        }
+        assert_eq!(std::fs::read_to_string(d.join("f")).unwrap(), "b");
+        std::fs::create_dir(dir.path().join(".x.partial-1")).unwrap();
+        clear_leftovers(dir.path());
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert!(names.iter().all(|n| !n.starts_with('.')), "{names:?}");
+    }
+
+    #[test]
+    fn replace_dir_swaps_an_existing_directory_whole() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("best");
+        let tmp = root.path().join(".best.partial-1");
+        for (d, text) in [(&dir, "old"), (&tmp, "new")] {
+            std::fs::create_dir_all(d).unwrap();
+            std::fs::write(d.join("a"), text).unwrap();
+        }
+        replace_dir(&tmp, &dir).unwrap();
+        assert_eq!(std::fs::read_to_string(dir.join("a")).unwrap(), "new");
+        let names: Vec<_> = std::fs::read_dir(root.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["best"], "the old content is deleted");
+        // Into an empty place: a plain rename.
+        let tmp2 = root.path().join(".c.partial-1");
+        std::fs::create_dir_all(&tmp2).unwrap();
+        replace_dir(&tmp2, &root.path().join("c")).unwrap();
+        assert!(root.path().join("c").is_dir() && !tmp2.exists());
+    }
+}

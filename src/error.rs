@@ -48,15 +48,16 @@ pub enum Error {
         checkpoint: PathBuf,
     },
     #[error(
-        "memory budget exceeded: {} reached {:.2} GB, above the {:.2} GB budget, during step {step}; \
+        "memory budget exceeded: {measure} reached {:.2} GB, above the {:.2} GB budget, during step {step}; \
          stopped before the system could run out. Checkpoint of step {saved_step} saved to {}. \
          Resume with the same command plus --resume and a larger --max-memory, or a smaller --batch-size / --max-seq-length",
-        crate::runtime::memory::measure_name(),
         *peak as f64 / 1e9,
         *budget as f64 / 1e9,
         checkpoint.display()
     )]
     MemoryBudget {
+        /// What was measured: "resident memory" or "GPU memory".
+        measure: &'static str,
         step: usize,
         saved_step: usize,
         peak: u64,

@@ -11,10 +11,11 @@ use common::*;
 use your_ai::data::batch::Row;
 use your_ai::data::Sample;
 use your_ai::engine::candle::batch::micro_batch;
-use your_ai::engine::candle::step::{forward_backward, Grads};
+use your_ai::engine::candle::step::{Grads, Step};
 use your_ai::model::lora::{Adapter, LoraConfig, Target};
 use your_ai::model::quantized::{QuantBits, Weight};
 use your_ai::model::{Llama, ModelConfig};
+use your_ai::runtime::memory::Meter;
 use your_ai::weights::{GgufFile, SafetensorsDir, WeightStore};
 
 fn tiny(dir: &std::path::Path, quant: Option<QuantBits>) -> Llama {
@@ -90,7 +91,15 @@ fn loss_and_grads(model: &Llama, a: &Adapter) -> (f64, Grads) {
     let mb = micro_batch(model, &rows.iter().collect::<Vec<_>>()).unwrap();
     let mut g = Grads::new(a);
     let n = mb.n_targets as f64;
-    let ce = forward_backward(model, a, &mb, 1.0 / n, &mut g, 0, &mut Default::default())
+    let meter = Meter::resident();
+    let step = Step {
+        model,
+        adapter: a,
+        keep_blocks: 0,
+        meter: &meter,
+    };
+    let ce = step
+        .forward_backward(&mb, 1.0 / n, &mut g, &mut Default::default())
         .unwrap()
         .ce;
     (ce / n, g)

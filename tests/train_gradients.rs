@@ -9,10 +9,22 @@ use common::{tiny_weights, write_hf_dir, TinySpec};
 use your_ai::data::batch::{pack, Row};
 use your_ai::data::Sample;
 use your_ai::engine::candle::batch::micro_batch;
-use your_ai::engine::candle::step::{forward_backward, Grads, MicroBatch};
+use your_ai::engine::candle::step::{Grads, MicroBatch, Step};
 use your_ai::model::lora::{Adapter, LoraConfig, Target};
 use your_ai::model::{Llama, ModelConfig};
+use your_ai::runtime::memory::Meter;
 use your_ai::weights::{SafetensorsDir, WeightStore};
+
+/// The step of `model` and `adapter`, without a memory limit.
+fn step<'a>(model: &'a Llama, adapter: &'a Adapter, keep_blocks: usize) -> Step<'a> {
+    static METER: std::sync::OnceLock<Meter> = std::sync::OnceLock::new();
+    Step {
+        model,
+        adapter,
+        keep_blocks,
+        meter: METER.get_or_init(Meter::resident),
+    }
+}
 
 fn tiny_model(spec: &TinySpec, dir: &std::path::Path) -> Llama {
     write_hf_dir(dir, spec, &tiny_weights(spec, 21), DType::F32);
@@ -240,17 +252,10 @@ fn explicit_weighted(model: &Llama, adapter: &Adapter, mbs: &[MicroBatch]) -> (f
     let mut grads = Grads::new(adapter);
     let mut weighted = 0.0;
     for mb in mbs {
-        weighted += forward_backward(
-            model,
-            adapter,
-            mb,
-            1.0 / total,
-            &mut grads,
-            0,
-            &mut Default::default(),
-        )
-        .unwrap()
-        .weighted;
+        weighted += step(model, adapter, 0)
+            .forward_backward(mb, 1.0 / total, &mut grads, &mut Default::default())
+            .unwrap()
+            .weighted;
     }
     (weighted / total, grads)
 }
@@ -260,17 +265,10 @@ fn explicit(model: &Llama, adapter: &Adapter, mbs: &[MicroBatch]) -> (f64, Grads
     let mut grads = Grads::new(adapter);
     let mut ce = 0.0;
     for mb in mbs {
-        ce += forward_backward(
-            model,
-            adapter,
-            mb,
-            1.0 / total as f64,
-            &mut grads,
-            0,
-            &mut Default::default(),
-        )
-        .unwrap()
-        .ce;
+        ce += step(model, adapter, 0)
+            .forward_backward(mb, 1.0 / total as f64, &mut grads, &mut Default::default())
+            .unwrap()
+            .ce;
     }
     (ce / total as f64, grads)
 }
@@ -518,7 +516,9 @@ fn keeping_activations_gives_the_same_gradients_bit_for_bit() {
         let run = |keep: usize| {
             let mut g = Grads::new(&adapter);
             let mut p = your_ai::engine::candle::step::Profile::default();
-            let l = forward_backward(&model, &adapter, &mb, 0.1, &mut g, keep, &mut p).unwrap();
+            let l = step(&model, &adapter, keep)
+                .forward_backward(&mb, 0.1, &mut g, &mut p)
+                .unwrap();
             (l.ce, g, p)
         };
         let (l0, g0, _) = run(0);

@@ -270,7 +270,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
     let inspected = crate::model::inspect(&a.model.model)?;
     let device = select_device(a.model.device)?;
     // On a CUDA GPU the budget is GPU memory, and so is what the step measures against it.
-    memory::device::watch(&device);
+    let meter = memory::Meter::new(&device);
     let dtype = select_dtype(a.model.dtype, &device);
     let plan = preflight(&a, &targets, &inspected, &device, dtype)?;
     let mut a = a;
@@ -286,9 +286,10 @@ pub fn run(a: TrainArgs) -> Result<()> {
         load_time: Default::default(),
     };
     // The load's peak is behind us; from here the peak measured is training's.
-    let load_peak = memory::peak();
-    let load_peak_rss = memory::peak_rss();
-    memory::reset_peak();
+    let loaded_reading = meter.read();
+    let load_peak = loaded_reading.peak();
+    let load_peak_rss = loaded_reading.rss_peak;
+    meter.reset_peak();
     let model_cfg = loaded.model.cfg.clone();
     let layers = model_cfg.num_hidden_layers;
     let num_layers = a.num_layers.unwrap_or(layers);
@@ -508,7 +509,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
     if let Some(p) = load_peak {
         eprintln!(
             "model loaded: peak {} {:.2} GB",
-            memory::measure_name(),
+            meter.measure().name(),
             memory::gb(p)
         );
     }
@@ -527,7 +528,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
         "max_seq_length": cfg.max_seq_length,
         "lora_rank": cfg.lora_rank,
     });
-    if memory::device::watching() {
+    if meter.measure() == memory::Measure::Gpu {
         // Beside the resident figure, as the step and end records have theirs.
         start["load_peak_gpu_bytes"] = serde_json::json!(load_peak);
     }
@@ -539,6 +540,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
         resume,
         &reload,
         start,
+        &meter,
     )?;
     summary.print();
     Ok(())

@@ -5,7 +5,7 @@ use crate::data::batch::{pack_with_d, Batcher, ExampleWeights, Row};
 use crate::data::Sample;
 use crate::engine::candle::batch::micro_batch;
 use crate::engine::candle::optimizer::{clip_grad_norm, AdamW};
-use crate::engine::candle::step::{forward_backward, Grads, LossSums, Profile};
+use crate::engine::candle::step::{Grads, LossSums, Profile, Step};
 use crate::error::{Error, Result};
 use crate::infer::eval::evaluate;
 use crate::io::Staged;
@@ -209,6 +209,7 @@ fn validation_loss(model: &Llama, valid: &[Sample], cfg: &TrainConfig) -> Result
 /// when given (whose adapter is already in `model`).
 /// `reload` loads the base model again, for `--reload-interval`; `start` (the pre-flight's
 /// figures) becomes the metrics file's first record.
+#[allow(clippy::too_many_arguments)] // until the Trainer struct replaces this function
 pub fn train(
     cfg: &TrainConfig,
     mut model: Llama,
@@ -217,6 +218,7 @@ pub fn train(
     resume: Option<checkpoint::Loaded>,
     reload: &dyn Fn() -> Result<Llama>,
     start_record: serde_json::Value,
+    meter: &memory::Meter,
 ) -> Result<Summary> {
     let adapter_dir = cfg.output.clone();
     let rows = weighted_rows(
@@ -354,7 +356,7 @@ pub fn train(
     let test_limit = env_usize("YOUR_AI_TEST_ENFORCE_BYTES");
     let test_from = env_usize("YOUR_AI_TEST_ENFORCE_STEP").unwrap_or(0) as usize;
     let mut limit = cfg.memory_budget;
-    memory::set_limit(limit);
+    meter.set_limit(limit);
     let mut warned = false;
     let mut profile = Profile::default();
     if resume.is_none() {
@@ -367,7 +369,7 @@ pub fn train(
     for step in first_step..=cfg.steps {
         if let Some(l) = test_limit.filter(|_| step >= test_from) {
             limit = l;
-            memory::set_limit(l);
+            meter.set_limit(l);
         }
         let t0 = Instant::now();
         // Where the data stood before this step, for a checkpoint if the step is abandoned.
@@ -404,18 +406,16 @@ pub fn train(
                 }
                 tokens += mb.n_tokens;
                 profile.data += clock.elapsed();
-                let s = match forward_backward(
-                    &model,
+                let block_step = Step {
+                    model: &model,
                     adapter,
-                    &mb,
-                    scale,
-                    &mut grads,
                     keep_blocks,
-                    &mut profile,
-                ) {
+                    meter,
+                };
+                let s = match block_step.forward_backward(&mb, scale, &mut grads, &mut profile) {
                     Ok(s) => s,
-                    Err(e) => match memory::over_limit() {
-                        Some(peak) => {
+                    Err(e) => match e {
+                        crate::engine::StepError::OverBudget { peak } => {
                             // Abandon the step: adapter and optimizer are still those of the
                             // step before, and so is the data cursor saved with them.
                             drop((grads, mb));
@@ -432,6 +432,7 @@ pub fn train(
                                 cfg.keep_checkpoints,
                             )?;
                             return Err(Error::MemoryBudget {
+                                measure: meter.measure().name(),
                                 step,
                                 saved_step: step - 1,
                                 peak,
@@ -439,7 +440,7 @@ pub fn train(
                                 checkpoint: dir,
                             });
                         }
-                        None => return Err(e.into()),
+                        crate::engine::StepError::Failed(e) => return Err(e),
                     },
                 };
                 sums.ce += s.ce;
@@ -493,21 +494,17 @@ pub fn train(
         }
         let window: f64 = recent.iter().map(|r| r.0).sum();
         let window_tokens: usize = recent.iter().map(|r| r.1).sum();
-        let rss = memory::current_rss();
-        let rss_phase_peak = memory::phase_peak_rss();
+        let reading = meter.read();
+        let (rss, rss_phase_peak) = (reading.rss, reading.rss_phase_peak);
         // The budget's measure: resident memory, or the GPU's memory on CUDA.
-        let gpu = memory::device::watching();
-        let (now, phase_peak) = if gpu {
-            (memory::device::used(), memory::device::phase_peak())
-        } else {
-            (rss, rss_phase_peak)
-        };
+        let gpu = meter.measure() == memory::Measure::Gpu;
+        let (now, phase_peak) = (reading.now(), reading.phase_peak());
         if let Some(p) = phase_peak.filter(|&p| !warned && p as f64 > 0.9 * limit as f64) {
             warned = true;
             progress.message(&format!(
                 "warning: step {step}: peak {} {:.2} GB is above 90% of the {:.2} GB budget; \
                  the run stops with a checkpoint if it crosses the budget",
-                memory::measure_name(),
+                meter.measure().name(),
                 memory::gb(p),
                 memory::gb(limit)
             ));
@@ -525,7 +522,7 @@ pub fn train(
             "type": "train", "step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
             "tokens": tokens, "trained_tokens": total_targets, "step_time_s": dt,
             "tokens_per_s": tokens as f64 / dt, "trained_tokens_per_s": total_targets as f64 / dt,
-            "rss_bytes": rss, "peak_rss_bytes": memory::peak_rss(),
+            "rss_bytes": rss, "peak_rss_bytes": reading.rss_peak,
             "train_peak_rss_bytes": rss_phase_peak, "memory_budget_bytes": limit,
             "epoch": batcher.epoch,
         });
@@ -545,9 +542,9 @@ pub fn train(
         {
             progress.message(&format!(
                 "step {step}: {} {:.2} GB, peak {:.2} GB",
-                memory::measure_name(),
+                meter.measure().name(),
                 now.map(memory::gb).unwrap_or(f64::NAN),
-                memory::peak().map(memory::gb).unwrap_or(f64::NAN)
+                meter.peak().map(memory::gb).unwrap_or(f64::NAN)
             ));
         }
         if cfg.steps_per_eval > 0 && step % cfg.steps_per_eval == 0 && step != cfg.steps {
@@ -555,7 +552,7 @@ pub fn train(
             run_eval(&model, step, &mut summary, &mut progress, &mut metrics)?;
             profile.eval += clock.elapsed();
         }
-        if let Some(peak) = memory::over_limit() {
+        if let Some(peak) = meter.over_limit() {
             // Crossed outside the blocks (head, optimizer, evaluation): this step is complete.
             progress.finish();
             let dir = save_at(
@@ -564,6 +561,7 @@ pub fn train(
                 state_now(step, &opt, &batcher, &summary, nonfinite),
             )?;
             return Err(Error::MemoryBudget {
+                measure: meter.measure().name(),
                 step,
                 saved_step: step,
                 peak,
@@ -651,14 +649,15 @@ pub fn train(
         summary.test = Some((r.loss, r.tokens));
     }
     summary.seconds = start.elapsed().as_secs_f64();
-    summary.peak_rss = memory::peak_rss();
-    summary.peak_gpu = memory::device::peak();
+    let reading = meter.read();
+    summary.peak_rss = reading.rss_peak;
+    summary.peak_gpu = reading.gpu_peak;
     // After the final save: the whole run's peak, for benchmarks and post-mortems.
     let mut end = json!({"type": "end", "step": cfg.steps, "peak_rss_bytes": summary.peak_rss,
-        "train_peak_rss_bytes": memory::phase_peak_rss(), "seconds": summary.seconds});
-    if memory::device::watching() {
+        "train_peak_rss_bytes": reading.rss_phase_peak, "seconds": summary.seconds});
+    if meter.measure() == memory::Measure::Gpu {
         end["peak_gpu_bytes"] = json!(summary.peak_gpu);
-        end["train_peak_gpu_bytes"] = json!(memory::device::phase_peak());
+        end["train_peak_gpu_bytes"] = json!(reading.gpu_phase_peak);
     }
     if cfg.profile {
         // Seconds per phase over the run, for scripts (scripts/bench/scaling.sh).

@@ -8,9 +8,11 @@
 //! finite differences in the tests.
 
 use super::attention;
+use crate::engine::StepError;
 use crate::model::llama::{rms_norm, Linear};
 use crate::model::lora::{Adapter, LoraPair, Target};
 use crate::model::Llama;
+use crate::runtime::memory::Meter;
 use candle_core::{DType, Result, Tensor, D};
 use std::time::{Duration, Instant};
 
@@ -185,20 +187,44 @@ impl Profile {
     }
 }
 
-/// Runs forward and backward on `mb`, adding `loss_scale · ∂(Σ wᵢ·CEᵢ)/∂θ` into `grads`.
-///
-/// The top `keep_blocks` adapted blocks keep their activations from the forward; the others
-/// keep only their input and are recomputed in the backward (the result is the same, bit for
-/// bit: the recompute runs the same kernels on the same input).
-pub fn forward_backward(
-    model: &Llama,
-    adapter: &Adapter,
+/// The training step of one model and adapter.
+pub struct Step<'a> {
+    pub model: &'a Llama,
+    pub adapter: &'a Adapter,
+    /// Adapted blocks (the top ones) that keep their activations from the forward; the others
+    /// keep only their input and are recomputed in the backward (the result is the same, bit
+    /// for bit: the recompute runs the same kernels on the same input).
+    pub keep_blocks: usize,
+    /// Checked between blocks: the step is abandoned when it crosses its limit.
+    pub meter: &'a Meter,
+}
+
+impl Step<'_> {
+    /// Runs forward and backward on `mb`, adding `loss_scale · ∂(Σ wᵢ·CEᵢ)/∂θ` into `grads`.
+    pub fn forward_backward(
+        &self,
+        mb: &MicroBatch,
+        loss_scale: f64,
+        grads: &mut Grads,
+        profile: &mut Profile,
+    ) -> std::result::Result<LossSums, StepError> {
+        forward_backward(self, mb, loss_scale, grads, profile)
+    }
+}
+
+fn forward_backward(
+    step: &Step,
     mb: &MicroBatch,
     loss_scale: f64,
     grads: &mut Grads,
-    keep_blocks: usize,
     profile: &mut Profile,
-) -> Result<LossSums> {
+) -> std::result::Result<LossSums, StepError> {
+    let Step {
+        model,
+        adapter,
+        keep_blocks,
+        meter,
+    } = *step;
     let cfg = &model.cfg;
     let (b, t) = mb.ids.dims2()?;
     let layers = model.blocks.len();
@@ -242,9 +268,9 @@ pub fn forward_backward(
         let clock = Instant::now();
         dx = block_backward(model, adapter, l, &saved, &dx, mb, grads, l > lowest)?;
         profile.backward += clock.elapsed();
-        if let Some(peak) = crate::runtime::memory::over_limit() {
-            // The trainer sees the same over_limit() and stops cleanly with a checkpoint.
-            candle_core::bail!("memory budget crossed: peak {peak} bytes");
+        if let Some(peak) = meter.over_limit() {
+            // The trainer saves the step before and stops cleanly.
+            return Err(StepError::OverBudget { peak });
         }
     }
     profile.attention += attention::take_time();

@@ -11,57 +11,56 @@
 
 use candle_core::Device;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::RwLock;
 
-/// The device whose memory is watched; None: the process's resident memory is the measure.
-static WATCHED: RwLock<Option<Device>> = RwLock::new(None);
-/// The highest sample since the last [`reset_peak`] (0: none yet).
-static PHASE_PEAK: AtomicU64 = AtomicU64::new(0);
-/// The highest sample before the last [`reset_peak`].
-static EARLIER_PEAK: AtomicU64 = AtomicU64::new(0);
+/// A GPU whose memory is the budget's measure, with its highest samples.
+#[derive(Debug)]
+pub struct Gpu {
+    device: Device,
+    /// The highest sample since the last [`Gpu::reset_peak`] (0: none yet).
+    phase_peak: AtomicU64,
+    /// The highest sample before the last [`Gpu::reset_peak`].
+    earlier_peak: AtomicU64,
+}
 
-/// Watches `device` when its memory can be read (a CUDA GPU); returns whether it is watched.
-/// Any other device stops the watching.
-pub fn watch(device: &Device) -> bool {
-    let readable = read(device).is_some();
-    if let Ok(mut w) = WATCHED.write() {
-        *w = readable.then(|| device.clone());
+impl Gpu {
+    /// `device` when its memory can be read (a CUDA GPU); None for the CPU and Metal.
+    pub fn watch(device: &Device) -> Option<Self> {
+        read(device)?;
+        let gpu = Self {
+            device: device.clone(),
+            phase_peak: AtomicU64::new(0),
+            earlier_peak: AtomicU64::new(0),
+        };
+        gpu.used()?;
+        Some(gpu)
     }
-    PHASE_PEAK.store(0, Ordering::Relaxed);
-    EARLIER_PEAK.store(0, Ordering::Relaxed);
-    readable && used().is_some()
-}
 
-/// Whether a device's memory is the measure (see [`watch`]).
-pub fn watching() -> bool {
-    WATCHED.read().map(|w| w.is_some()).unwrap_or(false)
-}
+    /// Memory in use now, in bytes; also raises the peak. None when the driver does not answer.
+    pub fn used(&self) -> Option<u64> {
+        let (free, total) = read(&self.device)?;
+        let used = total.saturating_sub(free);
+        self.phase_peak.fetch_max(used, Ordering::Relaxed);
+        Some(used)
+    }
 
-/// The watched device's memory in use now, in bytes; also raises the peak. None when nothing
-/// is watched or the driver does not answer.
-pub fn used() -> Option<u64> {
-    let w = WATCHED.read().ok()?;
-    let (free, total) = read(w.as_ref()?)?;
-    let used = total.saturating_sub(free);
-    PHASE_PEAK.fetch_max(used, Ordering::Relaxed);
-    Some(used)
-}
+    /// The highest sample since the last [`Gpu::reset_peak`], sampling now first.
+    pub fn phase_peak(&self) -> Option<u64> {
+        self.used()?;
+        Some(self.phase_peak.load(Ordering::Relaxed))
+    }
 
-/// The highest sample since the last [`reset_peak`], sampling now first.
-pub fn phase_peak() -> Option<u64> {
-    used()?;
-    Some(PHASE_PEAK.load(Ordering::Relaxed))
-}
+    /// The highest sample of the run, sampling now first.
+    pub fn peak(&self) -> Option<u64> {
+        self.phase_peak()
+            .map(|p| p.max(self.earlier_peak.load(Ordering::Relaxed)))
+    }
 
-/// The highest sample of the run, sampling now first.
-pub fn peak() -> Option<u64> {
-    phase_peak().map(|p| p.max(EARLIER_PEAK.load(Ordering::Relaxed)))
-}
-
-/// Starts a new peak measurement (the training phase's, after loading).
-pub fn reset_peak() {
-    EARLIER_PEAK.fetch_max(PHASE_PEAK.swap(0, Ordering::Relaxed), Ordering::Relaxed);
-    used();
+    /// Starts a new peak measurement (the training phase's, after loading).
+    pub fn reset_peak(&self) {
+        let p = self.phase_peak.swap(0, Ordering::Relaxed);
+        self.earlier_peak.fetch_max(p, Ordering::Relaxed);
+        self.used();
+    }
 }
 
 /// `(free, total)` bytes of a CUDA device's memory, from the driver.
@@ -84,13 +83,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_cpu_is_not_watched_and_resident_memory_stays_the_measure() {
-        assert!(!watch(&Device::Cpu));
-        assert!(!watching());
-        assert_eq!(used(), None);
-        assert_eq!(phase_peak(), None);
-        assert_eq!(peak(), None);
-        reset_peak();
-        assert_eq!(peak(), None);
+    fn the_cpu_is_not_watched() {
+        assert!(Gpu::watch(&Device::Cpu).is_none());
     }
 }

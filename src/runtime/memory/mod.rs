@@ -1,84 +1,166 @@
-//! Process memory as the operating system sees it: resident set now and at its peak, the
-//! device's total, and the budget a run may use. On a CUDA GPU the budget's measure is the
-//! GPU's memory instead ([`device`]); [`phase_peak`] and [`peak`] give whichever is the
-//! measure.
+//! Memory as the operating system and the device see it: resident set now and at its peak, the
+//! device's total, the budget a run may use ([`budget`]), and the [`Meter`] a training run
+//! reads it through. On a CUDA GPU the budget's measure is the GPU's memory instead
+//! ([`device`]).
 
 pub mod budget;
 pub mod device;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-/// The process peak before the last [`reset_peak`], so [`peak_rss`] stays the whole run's.
-static EARLIER_PEAK: AtomicU64 = AtomicU64::new(0);
-/// The budget the training step checks itself against (u64::MAX: none).
-static LIMIT: AtomicU64 = AtomicU64::new(u64::MAX);
-
-/// Arms the budget check of [`over_limit`].
-pub fn set_limit(bytes: u64) {
-    LIMIT.store(bytes, Ordering::Relaxed);
+/// What the budget is measured in: the process's resident memory (CPU, and Apple's unified
+/// memory), or a CUDA GPU's memory in use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Measure {
+    Resident,
+    Gpu,
 }
 
-/// The peak since the last [`reset_peak`] when it has crossed the armed limit. Checked between
-/// blocks of a step, so a run stops itself before the operating system would kill it.
-pub fn over_limit() -> Option<u64> {
-    let limit = LIMIT.load(Ordering::Relaxed);
-    if limit == u64::MAX {
-        return None;
-    }
-    phase_peak().filter(|&p| p > limit)
-}
-
-/// The budget's measure at its peak since the last [`reset_peak`].
-pub fn phase_peak() -> Option<u64> {
-    by_measure(device::phase_peak, phase_peak_rss)
-}
-
-/// The budget's measure at its peak over the run.
-pub fn peak() -> Option<u64> {
-    by_measure(device::peak, peak_rss)
-}
-
-fn by_measure(gpu: fn() -> Option<u64>, resident: fn() -> Option<u64>) -> Option<u64> {
-    if device::watching() {
-        gpu()
-    } else {
-        resident()
+impl Measure {
+    /// For messages: "resident memory" or "GPU memory".
+    pub fn name(self) -> &'static str {
+        match self {
+            Measure::Resident => "resident memory",
+            Measure::Gpu => "GPU memory",
+        }
     }
 }
 
-/// What the budget's measure is, for messages: "resident memory" or "GPU memory".
-pub fn measure_name() -> &'static str {
-    if device::watching() {
-        "GPU memory"
-    } else {
-        "resident memory"
+/// The memory of one run, read as one value: its measure, the budget it must stay under, and
+/// the peaks of the phase (loading, then training) and of the whole run.
+#[derive(Debug)]
+pub struct Meter {
+    gpu: Option<device::Gpu>,
+    /// Bytes the step may reach before it stops (u64::MAX: no limit).
+    limit: AtomicU64,
+    /// The resident peak before the last [`Meter::reset_peak`], so the run's stays known.
+    earlier_rss_peak: AtomicU64,
+}
+
+/// One sample of the meter: resident memory always, the GPU's where it is the measure.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Reading {
+    pub rss: Option<u64>,
+    pub rss_phase_peak: Option<u64>,
+    pub rss_peak: Option<u64>,
+    pub gpu: Option<u64>,
+    pub gpu_phase_peak: Option<u64>,
+    pub gpu_peak: Option<u64>,
+}
+
+impl Reading {
+    /// The measure now.
+    pub fn now(&self) -> Option<u64> {
+        self.gpu.or(self.rss)
     }
+    /// The measure at its peak since the last reset.
+    pub fn phase_peak(&self) -> Option<u64> {
+        self.gpu_phase_peak.or(self.rss_phase_peak)
+    }
+    /// The measure at its peak over the run.
+    pub fn peak(&self) -> Option<u64> {
+        self.gpu_peak.or(self.rss_peak)
+    }
+}
+
+impl Meter {
+    /// A meter for a run on `device`: a CUDA GPU's memory when it can be read, else resident
+    /// memory. No limit until [`Meter::set_limit`].
+    pub fn new(device: &candle_core::Device) -> Self {
+        Self {
+            gpu: device::Gpu::watch(device),
+            limit: AtomicU64::new(u64::MAX),
+            earlier_rss_peak: AtomicU64::new(0),
+        }
+    }
+
+    /// Resident memory, no limit: for work outside a training run (tests, evaluation).
+    pub fn resident() -> Self {
+        Self::new(&candle_core::Device::Cpu)
+    }
+
+    pub fn measure(&self) -> Measure {
+        if self.gpu.is_some() {
+            Measure::Gpu
+        } else {
+            Measure::Resident
+        }
+    }
+
+    /// Arms [`Meter::over_limit`].
+    pub fn set_limit(&self, bytes: u64) {
+        self.limit.store(bytes, Ordering::Relaxed);
+    }
+
+    pub fn limit(&self) -> u64 {
+        self.limit.load(Ordering::Relaxed)
+    }
+
+    /// Reads resident memory once (and the GPU once, where watched).
+    pub fn read(&self) -> Reading {
+        let (rss, rss_phase_peak) = resident_now_and_peak();
+        Reading {
+            rss,
+            rss_phase_peak,
+            rss_peak: rss_phase_peak.map(|p| p.max(self.earlier_rss_peak.load(Ordering::Relaxed))),
+            gpu: self.gpu.as_ref().and_then(device::Gpu::used),
+            gpu_phase_peak: self.gpu.as_ref().and_then(device::Gpu::phase_peak),
+            gpu_peak: self.gpu.as_ref().and_then(device::Gpu::peak),
+        }
+    }
+
+    /// The measure at its peak since the last reset.
+    pub fn phase_peak(&self) -> Option<u64> {
+        match &self.gpu {
+            Some(g) => g.phase_peak(),
+            None => resident_now_and_peak().1,
+        }
+    }
+
+    /// The measure at its peak over the run.
+    pub fn peak(&self) -> Option<u64> {
+        match &self.gpu {
+            Some(g) => g.peak(),
+            None => self.read().rss_peak,
+        }
+    }
+
+    /// The phase's peak when it has crossed the limit. Checked between blocks of a step, so a
+    /// run stops itself before the operating system would kill it.
+    pub fn over_limit(&self) -> Option<u64> {
+        let limit = self.limit();
+        if limit == u64::MAX {
+            return None;
+        }
+        self.phase_peak().filter(|&p| p > limit)
+    }
+
+    /// Starts a new peak measurement (Linux ≥ 4.0: writing 5 to clear_refs resets VmHWM), so
+    /// the training phase's peak can be told apart from the load's (the watched GPU's too).
+    /// Returns false where resident memory's peak cannot be reset.
+    pub fn reset_peak(&self) -> bool {
+        if let Some(g) = &self.gpu {
+            g.reset_peak();
+        }
+        if let (_, Some(p)) = resident_now_and_peak() {
+            self.earlier_rss_peak.fetch_max(p, Ordering::Relaxed);
+        }
+        std::fs::write("/proc/self/clear_refs", "5").is_ok()
+    }
+}
+
+/// Resident memory now and its peak since the last reset, in bytes (Linux: VmRSS, VmHWM),
+/// from one read of the process's status.
+fn resident_now_and_peak() -> (Option<u64>, Option<u64>) {
+    let Ok(status) = std::fs::read_to_string("/proc/self/status") else {
+        return (None, None);
+    };
+    (status_kb(&status, "VmRSS:"), status_kb(&status, "VmHWM:"))
 }
 
 /// Resident memory now, in bytes (Linux: VmRSS).
 pub fn current_rss() -> Option<u64> {
-    status_kb("VmRSS:").map(|kb| kb * 1024)
-}
-
-/// Peak resident memory of the process so far, in bytes (Linux: VmHWM).
-pub fn peak_rss() -> Option<u64> {
-    phase_peak_rss().map(|p| p.max(EARLIER_PEAK.load(Ordering::Relaxed)))
-}
-
-/// Peak resident memory since the last [`reset_peak`] (or the start), in bytes.
-pub fn phase_peak_rss() -> Option<u64> {
-    status_kb("VmHWM:").map(|kb| kb * 1024)
-}
-
-/// Starts a new peak measurement (Linux ≥ 4.0: writing 5 to clear_refs resets VmHWM), so the
-/// training phase's peak can be told apart from the load's (the watched GPU's too). Returns false
-/// where resident memory's peak cannot be reset.
-pub fn reset_peak() -> bool {
-    device::reset_peak();
-    if let Some(p) = phase_peak_rss() {
-        EARLIER_PEAK.fetch_max(p, Ordering::Relaxed);
-    }
-    std::fs::write("/proc/self/clear_refs", "5").is_ok()
+    resident_now_and_peak().0
 }
 
 /// Memory the system can give without swapping, in bytes (Linux: MemAvailable).
@@ -106,15 +188,15 @@ fn meminfo_kb(key: &str) -> Option<u64> {
         .ok()
 }
 
-fn status_kb(key: &str) -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+fn status_kb(status: &str, key: &str) -> Option<u64> {
     status
         .lines()
         .find(|l| l.starts_with(key))?
         .split_whitespace()
         .nth(1)?
-        .parse()
+        .parse::<u64>()
         .ok()
+        .map(|kb| kb * 1024)
 }
 
 /// Bytes as decimal gigabytes, for display.

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The memory contract on one device, end to end, with a built binary: `benchmark`'s measured
 # peaks against the pre-flight estimates (rows of exactly the length, as the estimate assumes),
-# flat memory over a real run's steps, and a budget crossed mid-run (YOUR_AI_TEST_ENFORCE_BYTES)
+# flat memory over a real run's steps, and a budget crossed mid-run (train --test-memory-limit)
 # that must stop with exit 3 and a checkpoint that resumes to the uninterrupted run's losses. On CUDA the measure is the GPU's memory (gpu_bytes in metrics.jsonl), elsewhere
 # resident memory; the same script checks both, so it runs here on the CPU and on a GPU machine
 # (which needs only this script, the binary and the model: no toolchain).
@@ -61,7 +61,7 @@ sys.exit(0 if flat else 1)
 PY
 
 set +e
-YOUR_AI_TEST_ENFORCE_BYTES=1 YOUR_AI_TEST_ENFORCE_STEP=5 train --output "$tmp/cut" --max-steps 12 \
+train --output "$tmp/cut" --max-steps 12 --test-memory-limit 1@5 \
   >"$tmp/cut.log" 2>&1
 code=$?
 set -e

@@ -48,6 +48,11 @@ pub enum Error {
         checkpoint: PathBuf,
     },
     #[error(
+        "training diverged: {steps} steps in a row had a non-finite loss or gradient; stopping. \
+         Try a lower --learning-rate (now {learning_rate})"
+    )]
+    Diverged { steps: usize, learning_rate: f64 },
+    #[error(
         "memory budget exceeded: {measure} reached {:.2} GB, above the {:.2} GB budget, during step {step}; \
          stopped before the system could run out. Checkpoint of step {saved_step} saved to {}. \
          Resume with the same command plus --resume and a larger --max-memory, or a smaller --batch-size / --max-seq-length",
@@ -68,12 +73,14 @@ pub enum Error {
 
 impl Error {
     /// Exit status: 2 for a command line that cannot work (as clap does), 128 + signal after a
-    /// signal, 3 when the memory budget stopped training, 1 for everything else.
+    /// signal, 3 when the memory budget stopped training, 4 when training diverged, 1 for
+    /// everything else.
     pub fn exit_code(&self) -> i32 {
         match self {
             Error::Usage(_) => 2,
             Error::Interrupted { signal, .. } => crate::runtime::signals::exit_status(*signal),
             Error::MemoryBudget { .. } => 3,
+            Error::Diverged { .. } => 4,
             _ => 1,
         }
     }

@@ -4,7 +4,7 @@
 mod common;
 
 use candle_core::quantized::gguf_file::Value as GValue;
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use common::*;
 use rand::{Rng, SeedableRng};
 use std::path::{Path, PathBuf};
@@ -513,8 +513,18 @@ fn written_gguf_reads_back_with_same_logits() {
     random_adapter(&cfg, &adapter, 0.0, 3);
     let path = run.root.join("m.gguf");
     fuse_ok(&run.model, &adapter, &path, &["--gguf-type", "f32"]);
-    let a = your_ai::model::load(run.model.to_str().unwrap(), &Device::Cpu, DType::F32).unwrap();
-    let b = your_ai::model::load(path.to_str().unwrap(), &Device::Cpu, DType::F32).unwrap();
+    let a = your_ai::model::load(
+        run.model.to_str().unwrap(),
+        &your_ai::model::LoadOptions::cpu_f32(),
+        None,
+    )
+    .unwrap();
+    let b = your_ai::model::load(
+        path.to_str().unwrap(),
+        &your_ai::model::LoadOptions::cpu_f32(),
+        None,
+    )
+    .unwrap();
     let text = "<|im_start|>user\nHello there, 12345!<|im_end|>\n";
     let ids = a.tokenizer.encode(text).unwrap();
     assert_eq!(ids, b.tokenizer.encode(text).unwrap());

@@ -126,8 +126,7 @@ fn crossing_the_budget_saves_and_resumes_exactly() {
     let o = r
         .train_command(&cut)
         .args(tiny_args(8))
-        .env("YOUR_AI_TEST_ENFORCE_BYTES", "1")
-        .env("YOUR_AI_TEST_ENFORCE_STEP", "5")
+        .args(["--test-memory-limit", "1@5"])
         .output()
         .unwrap();
     let e = stderr(&o);
@@ -339,8 +338,8 @@ fn benchmark_recommend_setup_and_auto_optimize() {
     assert!(o.status.success());
     let o2 = common::cli()
         .env("YOUR_AI_CONFIG_DIR", &cfg_dir)
-        .env("YOUR_AI_TEST_ENFORCE_BYTES", "1")
         .arg("benchmark")
+        .args(["--test-memory-limit", "1@0"])
         .arg("--model")
         .arg(&r.model)
         .args([

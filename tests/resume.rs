@@ -89,8 +89,7 @@ fn check_checkpoints_complete(out: &Path) {
         let name = p.file_name().unwrap().to_string_lossy().to_string();
         if name.starts_with("step-") {
             // Complete and valid: loading verifies every checksum.
-            your_ai::train::checkpoint::load(&p, &candle_core::Device::Cpu)
-                .unwrap_or_else(|e| panic!("{name}: {e}"));
+            your_ai::train::checkpoint::load(&p).unwrap_or_else(|e| panic!("{name}: {e}"));
         }
     }
 }
@@ -262,7 +261,7 @@ fn resume_refuses_changed_settings_and_damaged_checkpoints() {
     let n = bytes.len();
     bytes[n - 3] ^= 0x55;
     std::fs::write(&f, bytes).unwrap();
-    let e = your_ai::train::checkpoint::load(&ckpts.join(&latest), &candle_core::Device::Cpu)
+    let e = your_ai::train::checkpoint::load(&ckpts.join(&latest))
         .err()
         .unwrap()
         .to_string();
@@ -360,7 +359,7 @@ fn check_checkpoint_root(out: &Path, context: &str) -> Vec<String> {
         let p = entry.unwrap().path();
         let name = p.file_name().unwrap().to_string_lossy().to_string();
         if name.starts_with("step-") {
-            let loaded = your_ai::train::checkpoint::load(&p, &candle_core::Device::Cpu)
+            let loaded = your_ai::train::checkpoint::load(&p)
                 .unwrap_or_else(|e| panic!("{context}: {name}: {e}"));
             for f in [
                 "adapter_model.safetensors",

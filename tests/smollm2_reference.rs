@@ -4,7 +4,7 @@
 
 mod common;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use serde_json::Value;
 use your_ai::model::KvCache;
 
@@ -15,8 +15,10 @@ fn fixture() -> Value {
 }
 
 fn smollm2_model() -> (your_ai::model::Llama, your_ai::data::tokenizer::Tokenizer) {
-    let source = your_ai::model::source::ModelSource::Gguf(common::smollm2());
-    your_ai::model::load::load_source(&source, &Device::Cpu, DType::F32).unwrap()
+    let path = common::smollm2();
+    let opts = your_ai::model::LoadOptions::cpu_f32();
+    let m = your_ai::model::load(path.to_str().unwrap(), &opts, None).unwrap();
+    (m.model, m.tokenizer)
 }
 
 fn ids(v: &Value) -> Vec<u32> {

@@ -1,11 +1,23 @@
-//! The command line: one struct per subcommand. Defaults are defined here once and `--help`
-//! prints them from here.
+//! The command line: one struct per subcommand, built from flag groups that are each declared
+//! once, with their defaults (which `--help` prints), beside what they configure. Parsing has no side effects:
+//! it reads the command line and, for `train --config FILE.yaml`, that file ([`config_file`]).
 
-use crate::error::{Error, Result};
-use crate::runtime::device::{DTypeChoice, DeviceChoice};
+mod config_file;
+
+// The flag groups, each declared once beside what it configures.
+pub use crate::data::args::{BatchArgs, DataArgs};
+pub use crate::distrust::args::DistrustArgs;
+pub use crate::infer::generate::SamplingArgs;
+pub use crate::model::args::{ModelArgs, QuantizeArgs};
+pub use crate::train::settings::{BudgetArgs, LoraArgs, MemoryArgs, OutputArgs, ScheduleArgs};
+
+use crate::error::Result;
+use crate::runtime::device::DTypeChoice;
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeSet;
 use std::ffi::OsString;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -75,9 +87,8 @@ pub struct RecommendArgs {
 pub struct BenchmarkArgs {
     #[command(flatten)]
     pub model: ModelArgs,
-    /// Memory budget in GB [default: 80% of the device's memory, at most 120 GB].
-    #[arg(long, value_name = "GB")]
-    pub max_memory: Option<f64>,
+    #[command(flatten)]
+    pub budget: BudgetArgs,
     /// Write the results as JSON here.
     #[arg(long)]
     pub output: Option<PathBuf>,
@@ -98,8 +109,12 @@ pub struct BenchmarkArgs {
     pub ranks: String,
     /// Base precisions to try, comma-separated: none (the model's own dtype), 4 or 8 (QLoRA:
     /// frozen block weights kept at that many bits).
-    #[arg(long, default_value = "none")]
-    pub quantize: String,
+    #[arg(long = "quantize", default_value = "none")]
+    pub quantize_list: String,
+    /// For tests: passed to every child run (see `train --test-memory-limit`).
+    #[arg(long, hide = true, value_name = "BYTES@STEP",
+          value_parser = crate::train::settings::parse_test_limit)]
+    pub test_memory_limit: Option<(u64, usize)>,
 }
 
 #[derive(Debug, Args)]
@@ -110,24 +125,160 @@ pub struct EstimateArgs {
     /// Dtype of the frozen weights and activations: f32 (CPU) or bf16/f16 (GPUs).
     #[arg(long, value_enum, default_value_t = DTypeChoice::F32)]
     pub dtype: DTypeChoice,
-    #[arg(long, default_value_t = 1)]
-    pub batch_size: usize,
-    #[arg(long, default_value_t = 2048)]
-    pub max_seq_length: usize,
-    #[arg(long, default_value_t = 8)]
-    pub lora_rank: usize,
-    /// Linear layers that get adapters (comma-separated: q,k,v,o,gate,up,down).
-    #[arg(long, value_delimiter = ',', default_value = "q,k,v,o,gate,up,down")]
-    pub lora_targets: Vec<String>,
-    /// Adapters on the last N blocks only [default: all].
+    #[command(flatten)]
+    pub batch: BatchArgs,
+    #[command(flatten)]
+    pub lora: LoraArgs,
+    #[command(flatten)]
+    pub quantize: QuantizeArgs,
+    #[command(flatten)]
+    pub budget: BudgetArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct ValidateArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// A LoRA adapter directory (PEFT layout) to apply.
     #[arg(long)]
-    pub num_layers: Option<usize>,
-    /// Estimate with the frozen linear layers quantized to 4 or 8 bits.
+    pub adapter: Option<PathBuf>,
+    /// Prompt suite JSONL [default: the built-in authority-bias and refusal suite].
     #[arg(long)]
-    pub quantize: Option<u8>,
-    /// Compare with this budget (GB).
-    #[arg(long, value_name = "GB")]
-    pub max_memory: Option<f64>,
+    pub suite: Option<PathBuf>,
+    /// Run the base model and the adapter side by side (needs --adapter).
+    #[arg(long)]
+    pub compare: bool,
+    /// Also write the results as JSON to this file.
+    #[arg(long)]
+    pub output: Option<PathBuf>,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct GenerateArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub quantize: QuantizeArgs,
+    /// A LoRA adapter directory (PEFT layout) to apply.
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
+    /// The user message (or, with --raw, the exact text to continue).
+    #[arg(short, long)]
+    pub prompt: String,
+    /// A system message placed before the prompt.
+    #[arg(long)]
+    pub system: Option<String>,
+    /// Send the prompt as plain text, without the chat template.
+    #[arg(long)]
+    pub raw: bool,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct EvalArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub quantize: QuantizeArgs,
+    /// A LoRA adapter directory (PEFT layout) to apply.
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
+    /// A JSONL file, or a directory (valid.jsonl is used, else test.jsonl, else train.jsonl).
+    #[command(flatten)]
+    pub data: DataArgs,
+    #[command(flatten)]
+    pub batch: BatchArgs,
+}
+
+/// `your_ai train`: the flag groups a run is configured by. Every flag can also come from
+/// `--config FILE.yaml` (keys as the flag names, with `-` or `_`); the command line wins.
+#[derive(Debug, Clone, Args, Serialize, Deserialize)]
+pub struct TrainArgs {
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub quantize: QuantizeArgs,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub data: DataArgs,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub batch: BatchArgs,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub schedule: ScheduleArgs,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub lora: LoraArgs,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub output: OutputArgs,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub memory: MemoryArgs,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub distrust: DistrustArgs,
+    /// A YAML file of flag values (keys as the flag names, with - or _); the command line wins.
+    #[arg(long)]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+    /// Use the best configuration `your_ai benchmark` saved for this model (running a quick
+    /// benchmark first if there is none); flags given on the command line or in --config win.
+    #[arg(long)]
+    pub auto_optimize: bool,
+    /// Resume from the latest checkpoint of --output, or from PATH (a checkpoint or an output directory).
+    #[arg(long, num_args = 0..=1, default_missing_value = "")]
+    pub resume: Option<String>,
+    /// The settings given on the command line or in the --config file, by name
+    /// (`lora_rank`): what --auto-optimize leaves alone.
+    #[arg(skip)]
+    #[serde(skip)]
+    pub given: BTreeSet<String>,
+}
+
+impl TrainArgs {
+    /// Folds each `--no-X` into its `X`, so the positive field alone says what holds.
+    fn normalize(&mut self) {
+        self.data.mask_prompt &= !self.data.no_mask_prompt;
+        self.data.no_mask_prompt = false;
+        self.output.save_best &= !self.output.no_save_best;
+        self.output.no_save_best = false;
+    }
+}
+
+/// Parses the command line (and, for `train --config FILE.yaml`, the file: its values apply
+/// where the command line gave none).
+pub fn parse() -> Result<Cli> {
+    parse_from(std::env::args_os())
+}
+
+/// [`parse`] of the given arguments (the first is the program name).
+pub fn parse_from<I: IntoIterator<Item = T>, T: Into<OsString> + Clone>(args: I) -> Result<Cli> {
+    let matches = Cli::command()
+        .args_override_self(true)
+        .get_matches_from(args);
+    let mut cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    if let (Command::Train(a), Some(m)) = (&mut cli.command, matches.subcommand_matches("train")) {
+        a.given = m
+            .ids()
+            .filter(|id| {
+                m.value_source(id.as_str()) == Some(clap::parser::ValueSource::CommandLine)
+            })
+            .map(|id| id.to_string())
+            .collect();
+        a.normalize();
+        if let Some(path) = a.config.clone() {
+            config_file::merge(a, &path)?;
+            a.normalize();
+        }
+    }
+    Ok(cli)
 }
 
 #[derive(Debug, Args)]
@@ -170,106 +321,6 @@ pub struct PrepareArgs {
     /// Replace existing train.jsonl / valid.jsonl in --output.
     #[arg(long)]
     pub force: bool,
-}
-
-#[derive(Debug, Args)]
-pub struct ValidateArgs {
-    #[command(flatten)]
-    pub model: ModelArgs,
-    /// A LoRA adapter directory (PEFT layout) to apply.
-    #[arg(long)]
-    pub adapter: Option<PathBuf>,
-    /// Prompt suite JSONL [default: the built-in authority-bias and refusal suite].
-    #[arg(long)]
-    pub suite: Option<PathBuf>,
-    /// Run the base model and the adapter side by side (needs --adapter).
-    #[arg(long)]
-    pub compare: bool,
-    /// Also write the results as JSON to this file.
-    #[arg(long)]
-    pub output: Option<PathBuf>,
-    /// Most tokens generated per prompt.
-    #[arg(long, default_value_t = 160)]
-    pub max_tokens: usize,
-    /// Sampling temperature; 0 (the default) is greedy.
-    #[arg(long, default_value_t = 0.0)]
-    pub temperature: f64,
-    /// Random seed for sampling.
-    #[arg(long, default_value_t = 42)]
-    pub seed: u64,
-}
-
-/// Which model, on which device, in which dtype.
-#[derive(Debug, Args, Clone)]
-pub struct ModelArgs {
-    /// Hugging Face model directory, .gguf file, alias (e.g. llama-8b) or org/name repo id.
-    #[arg(short, long)]
-    pub model: String,
-    /// Where to run.
-    #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
-    pub device: DeviceChoice,
-    /// Compute dtype of weights and activations.
-    #[arg(long, value_enum, default_value_t = DTypeChoice::Auto)]
-    pub dtype: DTypeChoice,
-}
-
-#[derive(Debug, Args)]
-pub struct GenerateArgs {
-    #[command(flatten)]
-    pub model: ModelArgs,
-    /// A LoRA adapter directory (PEFT layout) to apply.
-    #[arg(long)]
-    pub adapter: Option<PathBuf>,
-    /// The user message (or, with --raw, the exact text to continue).
-    #[arg(short, long)]
-    pub prompt: String,
-    /// A system message placed before the prompt.
-    #[arg(long)]
-    pub system: Option<String>,
-    /// Send the prompt as plain text, without the chat template.
-    #[arg(long)]
-    pub raw: bool,
-    /// Most tokens to generate.
-    #[arg(long, default_value_t = 256)]
-    pub max_tokens: usize,
-    /// Keep the frozen block weights quantized in memory: 4 (Q4_1) or 8 (Q8_0); a quantized
-    /// GGUF keeps its own quantization.
-    #[arg(long)]
-    pub quantize: Option<u8>,
-    /// Sampling temperature; 0 is greedy.
-    #[arg(long, default_value_t = 0.0)]
-    pub temperature: f64,
-    /// Nucleus sampling: keep the most likely tokens up to this probability mass.
-    #[arg(long, default_value_t = 1.0)]
-    pub top_p: f64,
-    /// Random seed for sampling.
-    #[arg(long, default_value_t = 42)]
-    pub seed: u64,
-}
-
-#[derive(Debug, Args)]
-pub struct EvalArgs {
-    #[command(flatten)]
-    pub model: ModelArgs,
-    /// A LoRA adapter directory (PEFT layout) to apply.
-    #[arg(long)]
-    pub adapter: Option<PathBuf>,
-    /// A JSONL file, or a directory (valid.jsonl is used, else test.jsonl, else train.jsonl).
-    #[arg(short, long)]
-    pub data: PathBuf,
-    /// Longer examples are truncated to this many tokens.
-    #[arg(long, default_value_t = 1024)]
-    pub max_seq_length: usize,
-    /// Examples per forward pass.
-    #[arg(long, default_value_t = 1)]
-    pub batch_size: usize,
-    /// Score every token, not just assistant turns and completions.
-    #[arg(long)]
-    pub no_mask_prompt: bool,
-    /// Keep the frozen block weights quantized in memory: 4 (Q4_1) or 8 (Q8_0); a quantized
-    /// GGUF keeps its own quantization.
-    #[arg(long)]
-    pub quantize: Option<u8>,
 }
 
 #[derive(Debug, Args)]
@@ -324,293 +375,4 @@ pub struct ExportAdapterArgs {
     /// Replace --output if it exists.
     #[arg(long)]
     pub force: bool,
-}
-
-/// `your_ai train`. Every flag can also come from `--config FILE.yaml` (keys as the flag names,
-/// with `-` or `_`); the command line wins.
-#[derive(Debug, Args)]
-pub struct TrainArgs {
-    #[command(flatten)]
-    pub model: ModelArgs,
-    /// Training data: a directory with train.jsonl (and valid.jsonl, test.jsonl) or one JSONL file.
-    #[arg(long, default_value = "data")]
-    pub data: PathBuf,
-    /// Where the adapter, checkpoints and metrics go [default: models/<model-name>-lora].
-    #[arg(short, long)]
-    pub output: Option<PathBuf>,
-    /// A YAML file of flag values.
-    #[arg(long)]
-    pub config: Option<PathBuf>,
-
-    /// Examples per micro-batch.
-    #[arg(long, default_value_t = 1)]
-    pub batch_size: usize,
-    /// Optimizer steps to run (one step = one progress-bar step).
-    #[arg(
-        long,
-        visible_alias = "iters",
-        default_value_t = 5000,
-        conflicts_with = "epochs"
-    )]
-    pub max_steps: usize,
-    /// Train for this many passes over the data instead of --max-steps.
-    #[arg(long)]
-    pub epochs: Option<f64>,
-    /// Longer examples are truncated (and counted in a warning).
-    #[arg(long, default_value_t = 1024)]
-    pub max_seq_length: usize,
-    /// Micro-batches per optimizer step.
-    #[arg(long, default_value_t = 1)]
-    pub grad_accumulation_steps: usize,
-    /// Peak learning rate.
-    #[arg(long, default_value_t = 5e-5)]
-    pub learning_rate: f64,
-    /// Learning-rate decay after warmup.
-    #[arg(long, value_enum, default_value_t = crate::train::schedule::ScheduleKind::Cosine)]
-    pub lr_schedule: crate::train::schedule::ScheduleKind,
-    /// Linear warmup steps (never more than the run's steps).
-    #[arg(long, default_value_t = 100)]
-    pub warmup_steps: usize,
-    /// Learning-rate floor at the end of the decay.
-    #[arg(long, default_value_t = 0.0)]
-    pub min_lr: f64,
-    /// AdamW decoupled weight decay.
-    #[arg(long, default_value_t = 0.01)]
-    pub weight_decay: f64,
-    /// Clip the global gradient norm to this (0 disables).
-    #[arg(long, default_value_t = 1.0)]
-    pub max_grad_norm: f64,
-    /// Seed for adapter initialisation and data order.
-    #[arg(long, default_value_t = 42)]
-    pub seed: u64,
-
-    /// LoRA rank r.
-    #[arg(long, default_value_t = 16)]
-    pub lora_rank: usize,
-    /// LoRA alpha (scale = alpha / rank) [default: 2 × rank].
-    #[arg(long)]
-    pub lora_alpha: Option<f64>,
-    /// Dropout on the LoRA input during training.
-    #[arg(long, default_value_t = 0.0)]
-    pub lora_dropout: f64,
-    /// Linear layers that get adapters (comma-separated: q,k,v,o,gate,up,down).
-    #[arg(long, value_delimiter = ',', default_value = "q,k,v,o,gate,up,down")]
-    pub lora_targets: Vec<String>,
-    /// Adapters on the last N blocks only; the backward stops there [default: all].
-    #[arg(long)]
-    pub num_layers: Option<usize>,
-
-    /// Train only assistant turns and completions (the default).
-    #[arg(long, overrides_with = "no_mask_prompt")]
-    pub mask_prompt: bool,
-    /// Train on every token, prompts included.
-    #[arg(long)]
-    pub no_mask_prompt: bool,
-    /// Pack several examples per row (attention and positions stay per example).
-    #[arg(long)]
-    pub pack: bool,
-
-    /// Validation every N steps (also at step 0 and at the end; 0: only those).
-    #[arg(long, default_value_t = 200)]
-    pub steps_per_eval: usize,
-    /// Validation batches per evaluation (0: the whole validation set).
-    #[arg(long, default_value_t = 25)]
-    pub val_batches: usize,
-    /// Save a checkpoint every N steps under <output>/checkpoints (also at the end).
-    #[arg(long, default_value_t = 500)]
-    pub save_every: usize,
-    /// Checkpoints kept under <output>/checkpoints (the newest).
-    #[arg(long, default_value_t = 3)]
-    pub keep_checkpoints: usize,
-    /// Per-step metrics as JSON lines [default: <output>/metrics.jsonl].
-    #[arg(long)]
-    pub metrics_file: Option<PathBuf>,
-    /// Report test-set loss and perplexity at the end.
-    #[arg(long)]
-    pub test: bool,
-    /// Keep the adapter with the best validation loss in <output>/best (the default).
-    #[arg(long, overrides_with = "no_save_best")]
-    pub save_best: bool,
-    /// Do not keep a best-validation adapter.
-    #[arg(long)]
-    pub no_save_best: bool,
-    /// Print a memory line every N steps.
-    #[arg(long)]
-    pub memory_report_interval: Option<usize>,
-    /// Print the time spent in each phase of the training step at the end.
-    #[arg(long)]
-    pub profile: bool,
-    /// Adapted blocks that keep their activations for the backward instead of recomputing
-    /// them: auto (as many as 90% of the memory budget has room for: no recompute when memory
-    /// allows), none (the smallest peak, one extra forward per step), all, or a number.
-    #[arg(long, default_value = "auto")]
-    pub keep_activations: crate::train::config::KeepActivations,
-
-    /// Weight each example's loss by its distrust D (on by default when the training rows have
-    /// auth_weight and prov_entropy; see `your_ai score`).
-    #[arg(long, overrides_with = "no_distrust")]
-    pub distrust: bool,
-    /// Plain training even when the rows carry auth_weight and prov_entropy.
-    #[arg(long)]
-    pub no_distrust: bool,
-    /// α of D = α·(ln(1 − w + 1e-8) + H)² (valid range 2.3–3.0).
-    #[arg(long, default_value_t = crate::distrust::formula::DEFAULT_ALPHA)]
-    pub alpha: f64,
-    /// λ in [0, 1]: example weight c = (1 − λ) + λ·D/mean(D); 0 is plain training.
-    #[arg(long, default_value_t = crate::distrust::formula::DEFAULT_LAMBDA)]
-    pub lambda_weight: f64,
-
-    /// Memory budget in GB [default: 80% of the device's memory, at most 120 GB]. A run whose
-    /// estimate exceeds it does not start; one that crosses it saves a checkpoint and stops.
-    #[arg(long, value_name = "GB")]
-    pub max_memory: Option<f64>,
-    /// When the estimate exceeds the budget, train with the largest batch size that fits
-    /// instead of refusing.
-    #[arg(long)]
-    pub auto_fit: bool,
-    /// Use the best configuration `your_ai benchmark` saved for this model (running a quick
-    /// benchmark first if there is none); flags given on the command line still win.
-    #[arg(long)]
-    pub auto_optimize: bool,
-    /// Every N steps: checkpoint, drop the model, adapter and optimizer, reload them and go on.
-    /// A workaround other tools need for memory that grows step by step; your_ai's steps are
-    /// flat, so it is not needed, but it works exactly (same losses and adapter).
-    #[arg(long, value_name = "N")]
-    pub reload_interval: Option<usize>,
-    /// Keep the frozen block weights quantized in memory (QLoRA): 4 (Q4_1) or 8 (Q8_0); a
-    /// quantized GGUF keeps its own quantization.
-    #[arg(long)]
-    pub quantize: Option<u8>,
-    /// Resume from the latest checkpoint of --output, or from PATH (a checkpoint or an output directory).
-    #[arg(long, num_args = 0..=1, default_missing_value = "")]
-    pub resume: Option<String>,
-}
-
-/// Parses the command line; for `train --config FILE.yaml`, the file's values go in first so
-/// that flags given on the command line win.
-pub fn parse() -> Result<Cli> {
-    let argv: Vec<OsString> = std::env::args_os().collect();
-    let argv = match config_path(&argv) {
-        Some(path) => with_yaml_args(argv, &path)?,
-        None => argv,
-    };
-    let argv = with_auto_optimize_args(argv)?;
-    let matches = Cli::command()
-        .args_override_self(true)
-        .get_matches_from(argv);
-    Cli::from_arg_matches(&matches).map_err(|e| e.exit())
-}
-
-/// For `train --auto-optimize`: the saved best configuration's flags go in first, so that
-/// flags from the command line and the YAML file win.
-fn with_auto_optimize_args(argv: Vec<OsString>) -> Result<Vec<OsString>> {
-    let args: Vec<&str> = argv.iter().filter_map(|a| a.to_str()).collect();
-    let Some(train) = args.iter().position(|a| *a == "train") else {
-        return Ok(argv);
-    };
-    let rest = &args[train + 1..];
-    if !rest.contains(&"--auto-optimize") {
-        return Ok(argv);
-    }
-    let model = rest.iter().enumerate().find_map(|(i, a)| {
-        if let Some(v) = a.strip_prefix("--model=") {
-            Some(v.to_string())
-        } else if *a == "--model" || *a == "-m" {
-            rest.get(i + 1).map(|s| s.to_string())
-        } else {
-            None
-        }
-    });
-    let Some(model) = model else {
-        return Ok(argv); // clap reports the missing --model
-    };
-    let extra = crate::runtime::setup_file::auto_optimize_args(&model)?;
-    let mut out = argv[..=train].to_vec();
-    out.extend(extra.into_iter().map(OsString::from));
-    out.extend_from_slice(&argv[train + 1..]);
-    Ok(out)
-}
-
-/// The value of `--config` when the subcommand is `train`.
-fn config_path(argv: &[OsString]) -> Option<PathBuf> {
-    let args: Vec<&str> = argv.iter().filter_map(|a| a.to_str()).collect();
-    let train = args.iter().position(|a| *a == "train")?;
-    let rest = &args[train + 1..];
-    rest.iter().enumerate().find_map(|(i, a)| {
-        if let Some(v) = a.strip_prefix("--config=") {
-            Some(PathBuf::from(v))
-        } else if *a == "--config" {
-            rest.get(i + 1).map(PathBuf::from)
-        } else {
-            None
-        }
-    })
-}
-
-/// Inserts `--key value` pairs from the YAML mapping right after `train`.
-fn with_yaml_args(argv: Vec<OsString>, path: &Path) -> Result<Vec<OsString>> {
-    let bad = |msg: String| Error::Usage(format!("--config {}: {msg}", path.display()));
-    let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
-    let doc: serde_yaml::Value =
-        serde_yaml::from_str(&text).map_err(|e| bad(format!("not valid YAML: {e}")))?;
-    let map = match doc {
-        serde_yaml::Value::Mapping(m) => m,
-        serde_yaml::Value::Null => Default::default(),
-        _ => return Err(bad("expected a mapping of flag names to values".into())),
-    };
-    let cmd = Cli::command();
-    let train = cmd.find_subcommand("train").expect("train subcommand");
-    let known: Vec<String> = train
-        .get_arguments()
-        .filter_map(|a| a.get_long().map(str::to_string))
-        .collect();
-    let mut extra: Vec<OsString> = vec![];
-    for (k, v) in map {
-        let key = k
-            .as_str()
-            .ok_or_else(|| bad(format!("key {k:?} is not a string")))?
-            .replace('_', "-");
-        if !known.contains(&key) || key == "config" {
-            return Err(bad(format!(
-                "`{key}` is not a train flag (see `your_ai train --help`)"
-            )));
-        }
-        let scalar = |v: &serde_yaml::Value| -> Result<String> {
-            match v {
-                serde_yaml::Value::String(s) => Ok(s.clone()),
-                serde_yaml::Value::Number(n) => Ok(n.to_string()),
-                serde_yaml::Value::Bool(b) => Ok(b.to_string()),
-                _ => Err(bad(format!(
-                    "`{key}` must be a number, string, boolean or list"
-                ))),
-            }
-        };
-        match &v {
-            serde_yaml::Value::Null => {}
-            serde_yaml::Value::Bool(true) => extra.push(format!("--{key}").into()),
-            serde_yaml::Value::Bool(false) => {
-                let negated = format!("no-{key}");
-                if key.starts_with("no-") || !known.contains(&negated) {
-                    return Err(bad(format!(
-                        "`{key}: false` cannot be expressed; leave the key out"
-                    )));
-                }
-                extra.push(format!("--{negated}").into());
-            }
-            serde_yaml::Value::Sequence(items) => {
-                let parts: Vec<String> = items.iter().map(scalar).collect::<Result<_>>()?;
-                extra.push(format!("--{key}={}", parts.join(",")).into());
-            }
-            other => extra.push(format!("--{key}={}", scalar(other)?).into()),
-        }
-    }
-    let pos = argv
-        .iter()
-        .position(|a| a == "train")
-        .map(|p| p + 1)
-        .unwrap_or(argv.len());
-    let mut out = argv[..pos].to_vec();
-    out.extend(extra);
-    out.extend_from_slice(&argv[pos..]);
-    Ok(out)
 }

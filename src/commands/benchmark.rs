@@ -97,7 +97,6 @@ fn parse_list(s: &str, flag: &str) -> Result<Vec<usize>> {
     Ok(v)
 }
 
-/// The median of `xs` (which is not empty).
 /// `--quantize none,4,8` as the settings to try.
 fn parse_quantize(s: &str) -> Result<Vec<Option<u8>>> {
     let mut out = vec![];
@@ -162,6 +161,9 @@ fn run_trial(a: &BenchmarkArgs, dir: &Path, trial: &mut Trial, budget_gb: f64) -
     cmd.args(["train", "--model", &a.model.model]);
     if let Some(q) = trial.quant {
         cmd.args(["--quantize", &q.to_string()]);
+    }
+    if let Some((bytes, step)) = a.test_memory_limit {
+        cmd.args(["--test-memory-limit", &format!("{bytes}@{step}")]);
     }
     let output = cmd
         .args(["--device", &format!("{:?}", a.model.device).to_lowercase()])
@@ -245,7 +247,7 @@ pub fn run(a: BenchmarkArgs) -> Result<()> {
     if a.steps == 0 {
         return Err(Error::Usage("--steps 0: run at least one step".into()));
     }
-    let quants = parse_quantize(&a.quantize)?;
+    let quants = parse_quantize(&a.quantize_list)?;
     let (batches, lengths, ranks) = if a.quick {
         (vec![1, 4], vec![128, 512], vec![8])
     } else {
@@ -265,7 +267,7 @@ pub fn run(a: BenchmarkArgs) -> Result<()> {
     let device = select_device(a.model.device)?;
     let dtype = select_dtype(a.model.dtype, &device);
     let mem = budget::device_memory(&device);
-    let budget = budget::resolve(a.max_memory, mem.total).map_err(Error::Usage)?;
+    let budget = budget::resolve(a.budget.max_memory, mem.total).map_err(Error::Usage)?;
     for line in budget.describe() {
         eprintln!("{line}");
     }
@@ -278,7 +280,10 @@ pub fn run(a: BenchmarkArgs) -> Result<()> {
     }
     let mut trials = vec![];
     for &quant in &quants {
-        let weights = WeightFormat::for_quantize(super::quant_flag(quant)?, dtype.size_in_bytes());
+        let weights = WeightFormat::for_quantize(
+            quant.and_then(crate::model::quantized::QuantBits::parse),
+            dtype.size_in_bytes(),
+        );
         for &rank in &ranks {
             for &len in &lengths {
                 for &batch in &batches {

@@ -8,11 +8,12 @@ use crate::runtime::memory::budget::GB;
 use crate::train::estimate::{estimate, suggestions, WeightFormat, Workload};
 
 pub fn run(a: EstimateArgs) -> Result<()> {
-    let targets = super::train::parse_targets(&a.lora_targets)?;
+    let (batch, lora) = (&a.batch, &a.lora);
+    let targets = lora.targets();
     for (v, flag) in [
-        (a.batch_size, "--batch-size"),
-        (a.max_seq_length, "--max-seq-length"),
-        (a.lora_rank, "--lora-rank"),
+        (batch.batch_size, "--batch-size"),
+        (batch.max_seq_length, "--max-seq-length"),
+        (lora.lora_rank, "--lora-rank"),
     ] {
         if v == 0 {
             return Err(Error::Usage(format!("{flag} 0: it must be at least 1")));
@@ -21,7 +22,7 @@ pub fn run(a: EstimateArgs) -> Result<()> {
     let (cfg, _) = crate::runtime::presets::shape(&a.model)?;
     let cfg = &cfg;
     let layers = cfg.num_hidden_layers;
-    let adapted = a.num_layers.unwrap_or(layers);
+    let adapted = lora.num_layers.unwrap_or(layers);
     if adapted == 0 || adapted > layers {
         return Err(Error::Usage(format!(
             "--num-layers {adapted}: the model has {layers} blocks; give 1 to {layers}"
@@ -31,24 +32,15 @@ pub fn run(a: EstimateArgs) -> Result<()> {
         DTypeChoice::F32 | DTypeChoice::Auto => 4,
         DTypeChoice::F16 | DTypeChoice::Bf16 => 2,
     };
-    let weights = match a.quantize {
-        None | Some(4) | Some(8) => {
-            WeightFormat::for_quantize(super::quant_flag(a.quantize)?, bytes)
-        }
-        Some(q) => {
-            return Err(Error::Usage(format!(
-                "--quantize {q}: give 4 or 8 (bits per weight)"
-            )))
-        }
-    };
+    let weights = WeightFormat::for_quantize(a.quantize.quantize, bytes);
     let w = Workload {
-        batch_size: a.batch_size,
-        seq_len: a.max_seq_length,
-        lora_rank: a.lora_rank,
+        batch_size: batch.batch_size,
+        seq_len: batch.max_seq_length,
+        lora_rank: lora.lora_rank,
         targets,
         adapted_layers: adapted,
         keep_blocks: 0,
-        dropout: false,
+        dropout: lora.lora_dropout > 0.0,
         packed: false,
         act_bytes: bytes,
         weights,
@@ -57,15 +49,7 @@ pub fn run(a: EstimateArgs) -> Result<()> {
         // f32 is the CPU's dtype, where the fused kernels run.
         cpu_kernels: bytes == 4 && crate::kernels::enabled(),
     };
-    let budget = match a.max_memory {
-        Some(gb) if gb.is_finite() && gb > 0.0 => Some((gb * GB) as u64),
-        Some(gb) => {
-            return Err(Error::Usage(format!(
-                "--max-memory {gb}: give the budget in GB as a positive number"
-            )))
-        }
-        None => None,
-    };
+    let budget = a.budget.max_memory.map(|gb| (gb * GB) as u64);
     println!(
         "{}: {} blocks, hidden {}, intermediate {}, {} heads ({} key/value), vocabulary {}",
         a.model,
@@ -78,9 +62,9 @@ pub fn run(a: EstimateArgs) -> Result<()> {
     );
     println!(
         "workload: batch {} × length {}, LoRA rank {} on {} of the last {adapted} blocks, {}",
-        a.batch_size,
-        a.max_seq_length,
-        a.lora_rank,
+        batch.batch_size,
+        batch.max_seq_length,
+        lora.lora_rank,
         w.targets
             .iter()
             .map(|t| t.module())

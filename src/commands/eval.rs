@@ -6,25 +6,24 @@ use crate::error::{Error, Result};
 use crate::infer::eval::evaluate;
 
 pub fn run(args: EvalArgs) -> Result<()> {
-    if args.batch_size == 0 {
+    let (batch, data) = (&args.batch, &args.data);
+    if batch.batch_size == 0 {
         return Err(Error::Usage("--batch-size must be at least 1".into()));
     }
-    if args.max_seq_length < 2 {
+    if batch.max_seq_length < 2 {
         return Err(Error::Usage("--max-seq-length must be at least 2".into()));
     }
-    let path = if args.data.is_dir() {
-        let files = resolve_files(&args.data)?;
+    let path = if data.data.is_dir() {
+        let files = resolve_files(&data.data)?;
         files.valid.or(files.test).unwrap_or(files.train)
     } else {
-        resolve_files(&args.data)?.train
+        resolve_files(&data.data)?.train
     };
     let records = read_jsonl(&path)?;
-    let loaded = super::load_model_with_adapter_quantized(
-        &args.model,
-        args.adapter.as_deref(),
-        args.quantize,
-    )?;
-    let encoder = Encoder::new(&loaded.tokenizer, !args.no_mask_prompt, args.max_seq_length)?;
+    let opts = args.model.load_options(args.quantize.quantize)?;
+    let loaded = crate::model::load(&args.model.model, &opts, args.adapter.as_deref())?;
+    let mask_prompt = data.mask_prompt && !data.no_mask_prompt;
+    let encoder = Encoder::new(&loaded.tokenizer, mask_prompt, batch.max_seq_length)?;
     let samples = records
         .iter()
         .map(|r| encoder.encode(r))
@@ -33,10 +32,10 @@ pub fn run(args: EvalArgs) -> Result<()> {
     if truncated > 0 {
         eprintln!(
             "warning: {truncated} example(s) longer than --max-seq-length {} were truncated",
-            args.max_seq_length
+            batch.max_seq_length
         );
     }
-    let result = evaluate(&loaded.model, &samples, args.batch_size)?;
+    let result = evaluate(&loaded.model, &samples, batch.batch_size)?;
     if result.tokens == 0 {
         return Err(Error::Usage(format!(
             "{}: no scored tokens (every example was empty after masking)",

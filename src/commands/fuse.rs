@@ -9,6 +9,7 @@ use crate::export::{gguf_writer, hf_dir, Format, HfDtype};
 use crate::infer::eval::{evaluate, EvalResult};
 use crate::io::Staged;
 use crate::model::lora::Adapter;
+use crate::model::LoadOptions;
 use crate::model::LoadedModel;
 use candle_core::{DType, Device};
 use std::path::{Path, PathBuf};
@@ -68,13 +69,13 @@ pub fn run(args: FuseArgs) -> Result<()> {
     drop(base);
     if let Some(path) = valid {
         let unmerged = {
-            let mut m = crate::model::load(&args.model, &Device::Cpu, DType::F32)?;
+            let mut m = crate::model::load(&args.model, &LoadOptions::cpu_f32(), None)?;
             m.model.adapter = Some(adapter);
             eval_loss(&m, &path, args.max_seq_length)?
         };
         let output = args.output.display().to_string();
         let merged = eval_loss(
-            &crate::model::load(&output, &Device::Cpu, DType::F32)?,
+            &crate::model::load(&output, &LoadOptions::cpu_f32(), None)?,
             &path,
             args.max_seq_length,
         )?;

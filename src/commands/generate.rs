@@ -2,28 +2,14 @@
 
 use crate::cli::GenerateArgs;
 use crate::data::chat_template::{ChatContext, ChatTemplate, TemplateError};
-use crate::error::{Error, Result};
-use crate::infer::generate::{generate, Sampling, StopReason};
+use crate::error::Result;
+use crate::infer::generate::{generate, StopReason};
 use std::io::Write;
 
 pub fn run(args: GenerateArgs) -> Result<()> {
-    if !(args.top_p > 0.0 && args.top_p <= 1.0) {
-        return Err(Error::Usage(format!(
-            "--top-p {} is outside (0, 1]",
-            args.top_p
-        )));
-    }
-    if !(args.temperature >= 0.0 && args.temperature.is_finite()) {
-        return Err(Error::Usage(format!(
-            "--temperature {} must be 0 (greedy) or positive",
-            args.temperature
-        )));
-    }
-    let loaded = super::load_model_with_adapter_quantized(
-        &args.model,
-        args.adapter.as_deref(),
-        args.quantize,
-    )?;
+    let sampling = args.sampling.sampling()?;
+    let opts = args.model.load_options(args.quantize.quantize)?;
+    let loaded = crate::model::load(&args.model.model, &opts, args.adapter.as_deref())?;
     let tok = &loaded.tokenizer;
     let prompt_ids = if args.raw {
         let mut text = String::new();
@@ -48,12 +34,6 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             ..Default::default()
         })?;
         tok.encode(&text)?
-    };
-    let sampling = Sampling {
-        temperature: args.temperature,
-        top_p: args.top_p,
-        seed: args.seed,
-        max_tokens: args.max_tokens,
     };
     let mut out = std::io::stdout().lock();
     let result = generate(&loaded.model, tok, &prompt_ids, &sampling, |piece| {

@@ -5,7 +5,7 @@ use crate::cli::ValidateArgs;
 use crate::data::chat_template::{ChatContext, ChatTemplate, TemplateError};
 use crate::distrust::suite::{self, Case};
 use crate::error::{Error, Result};
-use crate::infer::generate::{generate, Sampling};
+use crate::infer::generate::generate;
 use crate::model::lora::Adapter;
 use crate::model::LoadedModel;
 use serde_json::json;
@@ -33,12 +33,7 @@ fn replies(
     let tok = &loaded.tokenizer;
     let src = tok.chat_template.as_deref().ok_or(TemplateError::Missing)?;
     let template = ChatTemplate::new(src)?;
-    let sampling = Sampling {
-        temperature: a.temperature,
-        top_p: 1.0,
-        seed: a.seed,
-        max_tokens: a.max_tokens,
-    };
+    let sampling = a.sampling.sampling()?;
     let mut run = Run {
         name,
         replies: vec![],
@@ -141,8 +136,8 @@ fn report_json(
         "model": a.model.model,
         "adapter": a.adapter,
         "suite": suite_name,
-        "max_tokens": a.max_tokens,
-        "temperature": a.temperature,
+        "max_tokens": a.sampling.max_tokens,
+        "temperature": a.sampling.temperature,
         "models": models,
     })
 }
@@ -153,13 +148,8 @@ pub fn run(a: ValidateArgs) -> Result<()> {
             "--compare runs the base model and an adapter side by side: give --adapter DIR".into(),
         ));
     }
-    if !(a.temperature >= 0.0 && a.temperature.is_finite()) {
-        return Err(Error::Usage(format!(
-            "--temperature {} must be 0 (greedy) or positive",
-            a.temperature
-        )));
-    }
-    if a.max_tokens == 0 {
+    a.sampling.sampling()?;
+    if a.sampling.max_tokens == 0 {
         return Err(Error::Usage("--max-tokens must be at least 1".into()));
     }
     let (text, suite_name) = match &a.suite {
@@ -170,7 +160,7 @@ pub fn run(a: ValidateArgs) -> Result<()> {
         None => (suite::BUILTIN_SUITE.to_string(), "built-in".to_string()),
     };
     let cases = suite::parse(&text, &suite_name)?;
-    let mut loaded = super::load_model(&a.model)?;
+    let mut loaded = crate::model::load(&a.model.model, &a.model.load_options(None)?, None)?;
     let adapter = match &a.adapter {
         Some(dir) => Some(Adapter::load_peft(
             dir,
@@ -190,10 +180,8 @@ pub fn run(a: ValidateArgs) -> Result<()> {
     print!("{}", table(&cases, &runs));
     if let Some(out) = &a.output {
         let v = report_json(&cases, &runs, &a, &suite_name);
-        let tmp = out.with_extension("json.tmp");
-        std::fs::write(&tmp, serde_json::to_string_pretty(&v).unwrap_or_default())
-            .map_err(|e| Error::io("write", &tmp, e))?;
-        std::fs::rename(&tmp, out).map_err(|e| Error::io("rename into place", out, e))?;
+        let text = serde_json::to_string_pretty(&v).unwrap_or_default();
+        crate::io::write_file(out, text.as_bytes())?;
         eprintln!("results: {}", out.display());
     }
     Ok(())

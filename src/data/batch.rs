@@ -116,6 +116,37 @@ pub fn pack_with_d(
     rows
 }
 
+/// Training samples as rows (packed, or one per sample), with each example's loss weight c and
+/// distrust D when given.
+pub fn weighted_rows(
+    samples: &[Sample],
+    weights: Option<&ExampleWeights>,
+    pack_rows: bool,
+    max_len: usize,
+) -> Vec<Row> {
+    let c: Vec<f32> = match weights {
+        Some(w) => w.c.clone(),
+        None => vec![1.0; samples.len()],
+    };
+    let d: Option<Vec<f32>> = weights.map(|w| w.d.iter().map(|&d| d as f32).collect());
+    if pack_rows {
+        let refs: Vec<&Sample> = samples.iter().collect();
+        pack_with_d(&refs, &c, d.as_deref(), max_len)
+    } else {
+        samples
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                let row = Row::single(s, c[i]);
+                match &d {
+                    Some(d) => row.with_doc_d(vec![d[i]]),
+                    None => row,
+                }
+            })
+            .collect()
+    }
+}
+
 /// The order in which examples are visited: a fresh shuffle per epoch, derived from the seed.
 pub fn epoch_order(n: usize, seed: u64, epoch: u64) -> Vec<usize> {
     let mut order: Vec<usize> = (0..n).collect();

@@ -5,6 +5,7 @@
 //! the turn with a generation prompt, then including the turn: the difference is the turn),
 //! never by searching for token patterns.
 
+pub mod args;
 pub mod batch;
 pub mod chat_template;
 pub mod tokenizer;

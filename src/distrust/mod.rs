@@ -3,6 +3,7 @@
 //! from text and metadata ([`scorer`], constants in [`table`]), corpus preparation
 //! ([`prepare`]) and the prompt-suite check of a trained model ([`suite`]).
 
+pub mod args;
 pub mod formula;
 pub mod plot;
 pub mod prepare;

@@ -5,8 +5,51 @@ use crate::data::tokenizer::{StreamDecoder, Tokenizer};
 use crate::error::Result;
 use crate::model::{KvCache, Llama};
 use candle_core::{DType, Tensor};
+use clap::Args;
 use rand::{Rng, SeedableRng};
 use std::time::{Duration, Instant};
+
+/// How to sample a reply.
+#[derive(Debug, Clone, Args)]
+pub struct SamplingArgs {
+    /// Most tokens to generate.
+    #[arg(long, default_value_t = 256)]
+    pub max_tokens: usize,
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f64,
+    /// Nucleus sampling: keep the most likely tokens up to this probability mass.
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f64,
+    /// Random seed for sampling.
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+}
+
+impl SamplingArgs {
+    /// The sampling settings, checked.
+    pub fn sampling(&self) -> crate::Result<Sampling> {
+        use crate::error::Error;
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return Err(Error::Usage(format!(
+                "--top-p {} is outside (0, 1]",
+                self.top_p
+            )));
+        }
+        if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
+            return Err(Error::Usage(format!(
+                "--temperature {} must be 0 (greedy) or positive",
+                self.temperature
+            )));
+        }
+        Ok(Sampling {
+            temperature: self.temperature,
+            top_p: self.top_p,
+            seed: self.seed,
+            max_tokens: self.max_tokens,
+        })
+    }
+}
 
 #[derive(Debug, Clone)]
 pub struct Sampling {

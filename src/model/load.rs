@@ -1,5 +1,6 @@
-//! One call from `--model` to a ready model and tokenizer.
+//! One call from `--model` to a ready model and tokenizer: [`load`].
 
+use super::lora::Adapter;
 use super::quantized::QuantBits;
 use super::{Llama, ModelConfig};
 use crate::data::tokenizer::Tokenizer;
@@ -7,6 +8,7 @@ use crate::error::Result;
 use crate::model::source::{self, ModelSource};
 use crate::weights::{GgufFile, SafetensorsDir, WeightStore};
 use candle_core::{DType, Device};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 pub struct LoadedModel {
@@ -18,65 +20,83 @@ pub struct LoadedModel {
     pub load_time: Duration,
 }
 
-/// Reads the config, tokenizer and weights named by `spec` (a path, alias or repo id).
-pub fn load(spec: &str, device: &Device, dtype: DType) -> Result<LoadedModel> {
-    load_with(spec, device, dtype, None)
+/// How a model is loaded: on which device, in which dtype, and whether its frozen weights stay
+/// quantized in memory (QLoRA).
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    pub device: Device,
+    pub dtype: DType,
+    /// The block linears kept at 4 or 8 bits (a quantized GGUF keeps its own format), the
+    /// embeddings likewise and the LM head at 8; None: everything dense in `dtype`.
+    pub quantize: Option<QuantBits>,
 }
 
-/// As [`load`], with the block weights kept quantized when `quant` is given (QLoRA).
-pub fn load_with(
-    spec: &str,
-    device: &Device,
-    dtype: DType,
-    quant: Option<QuantBits>,
-) -> Result<LoadedModel> {
+impl LoadOptions {
+    /// Dense f32 on the CPU.
+    pub fn cpu_f32() -> Self {
+        Self {
+            device: Device::Cpu,
+            dtype: DType::F32,
+            quantize: None,
+        }
+    }
+}
+
+/// The one way a model is loaded, by every command and by `train --reload-interval`: `spec` (a
+/// path, alias or repo id) to config, tokenizer and weights as `opts` says; with `adapter`, a
+/// PEFT LoRA adapter directory applied.
+pub fn load(spec: &str, opts: &LoadOptions, adapter: Option<&Path>) -> Result<LoadedModel> {
     let start = Instant::now();
     let source = source::resolve(spec)?;
-    let (model, tokenizer) = load_source_with(&source, device, dtype, quant)?;
-    Ok(LoadedModel {
-        model,
-        tokenizer,
-        name: model_name(spec, &source),
-        source,
-        load_time: start.elapsed(),
-    })
-}
-
-pub fn load_source(
-    source: &ModelSource,
-    device: &Device,
-    dtype: DType,
-) -> Result<(Llama, Tokenizer)> {
-    load_source_with(source, device, dtype, None)
-}
-
-pub fn load_source_with(
-    source: &ModelSource,
-    device: &Device,
-    dtype: DType,
-    quant: Option<QuantBits>,
-) -> Result<(Llama, Tokenizer)> {
-    Ok(match source {
+    tracing::info!(
+        "loading {spec} on {:?} in {:?}{}",
+        opts.device,
+        opts.dtype,
+        opts.quantize.map_or(String::new(), |q| format!(
+            ", quantized to {} bits",
+            q.bits()
+        ))
+    );
+    let (mut model, tokenizer) = match &source {
         ModelSource::HfDir(dir) => {
             // Cheap checks first: config, weight headers, tokenizer; then the weights.
             let cfg = ModelConfig::from_hf_file(&dir.join("config.json"))?;
             let store = WeightStore::Safetensors(SafetensorsDir::open(dir)?);
             let tokenizer = Tokenizer::from_hf_dir(dir, &cfg.eos_token_ids)?;
-            (
-                Llama::load_with(&store, cfg, dtype, device, quant)?,
-                tokenizer,
-            )
+            let model = Llama::load_with(&store, cfg, opts.dtype, &opts.device, opts.quantize)?;
+            (model, tokenizer)
         }
         ModelSource::Gguf(path) => {
             let g = GgufFile::open(path)?;
             let cfg = g.config()?;
             let tokenizer = Tokenizer::from_gguf(&g)?;
             let store = WeightStore::Gguf(g);
-            (
-                Llama::load_with(&store, cfg, dtype, device, quant)?,
-                tokenizer,
-            )
+            let model = Llama::load_with(&store, cfg, opts.dtype, &opts.device, opts.quantize)?;
+            (model, tokenizer)
         }
+    };
+    if opts.quantize.is_some() {
+        tracing::info!(
+            "frozen weights: {:.1} MB as loaded",
+            model.frozen_weight_bytes() as f64 / 1e6
+        );
+    }
+    if let Some(dir) = adapter {
+        let a = Adapter::load_peft(dir, &model.cfg, &model.device)?;
+        tracing::info!(
+            "adapter {}: rank {}, {} parameters",
+            dir.display(),
+            a.cfg.rank,
+            a.num_params()
+        );
+        model.adapter = Some(a);
+    }
+    Ok(LoadedModel {
+        model,
+        tokenizer,
+        name: model_name(spec, &source),
+        source,
+        load_time: start.elapsed(),
     })
 }
 

@@ -62,8 +62,8 @@ impl Target {
 
     /// Accepts `q`, `q_proj`, `gate`, `gate_proj`, ...
     pub fn parse(s: &str) -> Option<Target> {
-        let s = s.trim();
-        let s = s.strip_suffix("_proj").unwrap_or(s);
+        let s = s.trim().to_ascii_lowercase();
+        let s = s.strip_suffix("_proj").unwrap_or(&s);
         Some(match s {
             "q" => Target::Q,
             "k" => Target::K,
@@ -193,6 +193,15 @@ impl Adapter {
         let mut out = self.clone();
         for t in out.tensors_mut() {
             *t = t.to_dtype(dtype)?;
+        }
+        Ok(out)
+    }
+
+    /// The same adapter with its tensors on `device` (the host is `Device::Cpu`).
+    pub fn to_device(&self, device: &Device) -> candle_core::Result<Self> {
+        let mut out = self.clone();
+        for t in out.tensors_mut() {
+            *t = t.to_device(device)?;
         }
         Ok(out)
     }

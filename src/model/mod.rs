@@ -2,6 +2,7 @@
 //! function, its weights (dense or quantized), rotary embeddings, LoRA adapters and the forward
 //! pass.
 
+pub mod args;
 pub mod config;
 pub mod llama;
 pub mod load;
@@ -14,4 +15,4 @@ pub mod vocab;
 
 pub use config::{Architecture, ModelConfig, RopeScaling};
 pub use llama::{KvCache, Llama};
-pub use load::{inspect, load, load_with, Inspected, LoadedModel};
+pub use load::{inspect, load, Inspected, LoadOptions, LoadedModel};

@@ -29,11 +29,34 @@ impl QuantBits {
         }
     }
 
+    pub fn bits(self) -> u8 {
+        match self {
+            Self::Four => 4,
+            Self::Eight => 8,
+        }
+    }
+
     pub fn ggml(self) -> GgmlDType {
         match self {
             Self::Four => GgmlDType::Q4_1,
             Self::Eight => GgmlDType::Q8_0,
         }
+    }
+}
+
+/// Written as its number of bits (4 or 8), as `--quantize` takes it.
+impl serde::Serialize for QuantBits {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.serialize_u8(self.bits())
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for QuantBits {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let bits = u8::deserialize(d)?;
+        Self::parse(bits).ok_or_else(|| {
+            serde::de::Error::custom(format!("{bits}: give 4 or 8 (bits per weight)"))
+        })
     }
 }
 

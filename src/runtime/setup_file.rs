@@ -24,19 +24,6 @@ pub struct Best {
     pub quantize: Option<u8>,
 }
 
-impl Best {
-    /// As train flags.
-    pub fn args(&self) -> Vec<String> {
-        let mut args = vec![
-            format!("--batch-size={}", self.batch_size),
-            format!("--max-seq-length={}", self.max_seq_length),
-            format!("--lora-rank={}", self.lora_rank),
-        ];
-        args.extend(self.quantize.map(|q| format!("--quantize={q}")));
-        args
-    }
-}
-
 /// What `setup` saves.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Saved {
@@ -107,45 +94,6 @@ pub fn record_best(model: &str, best: Best) -> Result<PathBuf> {
     save(&p)
 }
 
-/// For `train --auto-optimize`: the saved best configuration of `model` as flags, running a
-/// quick benchmark first when none is saved.
-pub fn auto_optimize_args(model: &str) -> Result<Vec<String>> {
-    let key = model_key(model);
-    let saved = load()?.and_then(|p| p.best.get(&key).cloned());
-    let best = match saved {
-        Some(b) => b,
-        None => {
-            eprintln!(
-                "--auto-optimize: no benchmark of {model} saved yet; running `your_ai benchmark --quick` first"
-            );
-            let exe = std::env::current_exe().map_err(|e| Error::io("find", "your_ai", e))?;
-            let status = std::process::Command::new(exe)
-                .args(["benchmark", "--quick", "--model", model])
-                .status()
-                .map_err(|e| Error::io("run", "your_ai benchmark", e))?;
-            let found = load()?.and_then(|p| p.best.get(&key).cloned());
-            match (status.success(), found) {
-                (true, Some(b)) => b,
-                _ => {
-                    return Err(Error::Usage(format!(
-                    "--auto-optimize: the benchmark found no configuration of {model} that fits; \
-                         train without --auto-optimize, or with a larger --max-memory"
-                )))
-                }
-            }
-        }
-    };
-    eprintln!(
-        "--auto-optimize: batch {} × length {}, rank {}{} ({:.1} tokens/s measured); flags on the command line win",
-        best.batch_size,
-        best.max_seq_length,
-        best.lora_rank,
-        best.quantize.map_or(String::new(), |q| format!(", --quantize {q}")),
-        best.tokens_per_s
-    );
-    Ok(best.args())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -172,7 +120,6 @@ mod tests {
         };
         std::fs::write(&path, serde_json::to_string(&p).unwrap()).unwrap();
         assert_eq!(load_from(&path).unwrap(), Some(p.clone()));
-        assert!(p.best["m"].args().contains(&"--quantize=4".to_string()));
         // A file saved before `quantize` existed still loads.
         let old = serde_json::to_string(&p)
             .unwrap()

@@ -5,11 +5,12 @@
 //! `checkpoints/step-N`; `checkpoints/latest` names the newest and is replaced by rename too.
 //! A crash at any point leaves every `step-N` directory complete or absent.
 
-use crate::engine::candle::optimizer::AdamW;
+use crate::engine::OptimizerState;
 use crate::error::{Error, Result};
 use crate::model::lora::Adapter;
+use crate::model::ModelConfig;
 use crate::train::config::TrainConfig;
-use candle_core::{Device, Tensor};
+use candle_core::Device;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, HashMap};
@@ -39,6 +40,12 @@ const HARMLESS: &[&str] = &[
     "keep_blocks",
     "memory_budget",
     "reload_interval",
+    "max_memory",
+    "auto_fit",
+    // Where it runs, not what it computes (the dtype, which does change it, is compared).
+    "device",
+    // The steps asked for; `steps`, the resolved count, is listed above.
+    "max_steps",
 ];
 
 /// Everything besides tensors that the loop needs to continue.
@@ -63,11 +70,18 @@ pub struct TrainerState {
     pub checksums: BTreeMap<String, String>,
 }
 
-/// A checkpoint read back and verified.
+/// A checkpoint read back and verified; its tensors on the host.
 pub struct Loaded {
     pub dir: PathBuf,
     pub state: TrainerState,
-    pub moments: (Vec<Tensor>, Vec<Tensor>),
+    pub optimizer: OptimizerState,
+}
+
+impl Loaded {
+    /// The checkpoint's adapter, on the host.
+    pub fn adapter(&self, model: &ModelConfig) -> Result<Adapter> {
+        Ok(Adapter::load_peft(&self.dir, model, &Device::Cpu)?)
+    }
 }
 
 /// Streamed, so hashing a large optimizer file does not hold it in memory.
@@ -97,7 +111,7 @@ fn sync(path: &Path) -> Result<()> {
 pub fn save(
     root: &Path,
     adapter: &Adapter,
-    opt: &AdamW,
+    opt: &OptimizerState,
     mut state: TrainerState,
     config: &TrainConfig,
     keep: usize,
@@ -110,7 +124,7 @@ pub fn save(
     let staged = crate::io::Staged::replacing(&dir)?;
     let tmp = &staged.tmp;
     std::fs::create_dir_all(tmp).map_err(|e| Error::io("create", tmp, e))?;
-    adapter.save_peft(tmp, &config.model)?;
+    adapter.save_peft(tmp, &config.model.model)?;
     let mut moments = HashMap::new();
     for (i, (m, v)) in opt.m.iter().zip(&opt.v).enumerate() {
         moments.insert(format!("m.{i}"), m.clone());
@@ -202,7 +216,7 @@ pub fn locate(output: &Path, given: &str) -> Result<PathBuf> {
 }
 
 /// Reads a checkpoint and checks every file against its checksum.
-pub fn load(dir: &Path, device: &Device) -> Result<Loaded> {
+pub fn load(dir: &Path) -> Result<Loaded> {
     let corrupt = |why: String| {
         let previous = dir
             .parent()
@@ -243,7 +257,7 @@ pub fn load(dir: &Path, device: &Device) -> Result<Loaded> {
             return Err(corrupt(format!("{name} does not match its checksum")));
         }
     }
-    let tensors = candle_core::safetensors::load(dir.join(OPTIMIZER_FILE), device)
+    let tensors = candle_core::safetensors::load(dir.join(OPTIMIZER_FILE), &Device::Cpu)
         .map_err(|e| corrupt(format!("{OPTIMIZER_FILE}: {e}")))?;
     let n = tensors.len() / 2;
     let mut m = Vec::with_capacity(n);
@@ -260,8 +274,12 @@ pub fn load(dir: &Path, device: &Device) -> Result<Loaded> {
     }
     Ok(Loaded {
         dir: dir.to_path_buf(),
+        optimizer: OptimizerState {
+            t: state.optimizer_t,
+            m,
+            v,
+        },
         state,
-        moments: (m, v),
     })
 }
 

@@ -1,63 +1,63 @@
 //! The resolved training configuration: every setting the run uses, after defaults, the YAML
 //! file and the command line are combined. Written beside the adapter as `train_config.json`.
 
-use crate::model::lora::Target;
-use crate::train::schedule::ScheduleKind;
-use std::path::PathBuf;
+use super::settings::{LoraArgs, MemoryArgs, OutputArgs, ScheduleArgs};
+use crate::data::args::{BatchArgs, DataArgs};
+use crate::model::args::{ModelArgs, QuantizeArgs};
+use std::path::Path;
 
+/// A training run's settings: the flag groups it was given (after the YAML file, the command
+/// line and `--auto-optimize`), with what defaults left open resolved (`--output`,
+/// `--metrics-file`, `--lora-alpha`, `--num-layers`, the warmup capped at the run's steps),
+/// and what the run derived (steps, kept blocks, the memory budget, distrust settings). Its JSON
+/// is flat: the flags' names are its keys.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct TrainConfig {
-    pub model: String,
-    pub data: PathBuf,
-    pub output: PathBuf,
-    pub batch_size: usize,
-    /// Optimizer steps of the run.
+    #[serde(flatten)]
+    pub model: ModelArgs,
+    #[serde(flatten)]
+    pub quantize: QuantizeArgs,
+    #[serde(flatten)]
+    pub data: DataArgs,
+    #[serde(flatten)]
+    pub batch: BatchArgs,
+    #[serde(flatten)]
+    pub schedule: ScheduleArgs,
+    #[serde(flatten)]
+    pub lora: LoraArgs,
+    #[serde(flatten)]
+    pub output: OutputArgs,
+    #[serde(flatten)]
+    pub memory: MemoryArgs,
+    /// Optimizer steps of the run (`--max-steps`, or `--epochs` over the data).
     pub steps: usize,
-    pub epochs: Option<f64>,
-    pub max_seq_length: usize,
-    pub grad_accumulation_steps: usize,
-    pub learning_rate: f64,
-    pub lr_schedule: ScheduleKind,
-    pub warmup_steps: usize,
-    pub min_lr: f64,
-    pub weight_decay: f64,
-    pub max_grad_norm: f64,
-    pub seed: u64,
-    pub lora_rank: usize,
-    pub lora_alpha: f64,
-    pub lora_dropout: f64,
-    pub lora_targets: Vec<Target>,
-    /// Adapters on the last this many blocks.
-    pub num_layers: usize,
-    pub mask_prompt: bool,
-    pub pack: bool,
-    pub steps_per_eval: usize,
-    /// Validation batches per evaluation; 0 = the whole validation set.
-    pub val_batches: usize,
-    pub save_every: usize,
-    /// Checkpoints kept (the newest).
-    pub keep_checkpoints: usize,
-    pub metrics_file: PathBuf,
-    pub test: bool,
-    pub save_best: bool,
-    pub memory_report_interval: Option<usize>,
-    /// Print the time spent in each phase of the step at the end.
-    pub profile: bool,
-    /// How many adapted blocks keep their activations instead of recomputing them.
-    pub keep_activations: KeepActivations,
-    /// `keep_activations` resolved against the memory budget.
+    /// `--keep-activations` resolved against the memory budget.
     pub keep_blocks: usize,
-    /// Bytes of resident memory the run may use; crossing it saves and stops.
+    /// Bytes of memory the run may use; crossing it saves and stops.
     pub memory_budget: u64,
-    /// Reload model, adapter and optimizer from a checkpoint every this many steps.
-    pub reload_interval: Option<usize>,
     /// Distrust weighting of the loss (`--distrust`); None for plain training. Part of the
     /// checkpoint's configuration, so a resume with another α or λ is refused.
     pub distrust: Option<DistrustSettings>,
-    /// `--quantize`: the frozen block weights kept at 4 or 8 bits (None: at the model's dtype).
-    /// Part of the checkpoint's configuration: the quantized base is another base, so a resume
-    /// with another setting is refused.
-    pub quantize: Option<u8>,
+}
+
+impl TrainConfig {
+    /// Where the adapter, checkpoints and metrics go.
+    pub fn output_dir(&self) -> &Path {
+        self.output.output.as_deref().unwrap_or(Path::new("."))
+    }
+
+    /// The metrics file (`--metrics-file`, else `metrics.jsonl` in the output directory).
+    pub fn metrics_file(&self) -> std::path::PathBuf {
+        match &self.output.metrics_file {
+            Some(p) => p.clone(),
+            None => self.output_dir().join("metrics.jsonl"),
+        }
+    }
+
+    /// Blocks that carry adapters (the last `num_layers`).
+    pub fn num_layers(&self) -> usize {
+        self.lora.num_layers.unwrap_or(0)
+    }
 }
 
 /// `--alpha` and `--lambda-weight` of a distrust run.
@@ -77,6 +77,23 @@ pub enum KeepActivations {
     All,
     None,
     Blocks(usize),
+}
+
+/// From a config file: `auto`, `all`, `none` or a number of blocks.
+impl<'de> serde::Deserialize<'de> for KeepActivations {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(serde::Deserialize)]
+        #[serde(untagged)]
+        enum Given {
+            Blocks(usize),
+            Name(String),
+            Tagged { blocks: usize },
+        }
+        match Given::deserialize(d)? {
+            Given::Blocks(n) | Given::Tagged { blocks: n } => Ok(Self::Blocks(n)),
+            Given::Name(s) => s.parse().map_err(serde::de::Error::custom),
+        }
+    }
 }
 
 impl std::str::FromStr for KeepActivations {

@@ -4,6 +4,10 @@
 pub mod checkpoint;
 pub mod config;
 pub mod estimate;
+pub mod metrics;
+pub mod plan;
 pub mod progress;
 pub mod schedule;
+pub mod settings;
+pub mod summary;
 pub mod trainer;

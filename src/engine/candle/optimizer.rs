@@ -1,7 +1,8 @@
 //! AdamW (decoupled weight decay, as PyTorch's) over the LoRA parameters, and global-norm
 //! gradient clipping. Moments are f32 like the parameters.
 
-use crate::engine::candle::step::Grads;
+use super::step::Grads;
+use crate::engine::OptimizerState;
 use crate::model::lora::Adapter;
 use candle_core::{DType, Result, Tensor};
 
@@ -11,10 +12,8 @@ pub struct AdamW {
     pub beta2: f64,
     pub eps: f64,
     pub weight_decay: f64,
-    /// Updates applied so far (for bias correction).
-    pub t: u64,
-    pub m: Vec<Tensor>,
-    pub v: Vec<Tensor>,
+    /// The moments and the updates applied so far (for bias correction).
+    state: OptimizerState,
 }
 
 impl AdamW {
@@ -30,21 +29,29 @@ impl AdamW {
             beta2: 0.999,
             eps: 1e-8,
             weight_decay,
-            t: 0,
-            m,
-            v,
+            state: OptimizerState { t: 0, m, v },
         })
     }
 
+    pub fn state(&self) -> &OptimizerState {
+        &self.state
+    }
+
+    /// Continues from a saved state (a resumed or reloaded run).
+    pub fn set_state(&mut self, state: OptimizerState) {
+        self.state = state;
+    }
+
     pub fn step(&mut self, adapter: &mut Adapter, grads: &Grads, lr: f64) -> Result<()> {
-        self.t += 1;
-        let bc1 = 1.0 - self.beta1.powi(self.t as i32);
-        let bc2 = 1.0 - self.beta2.powi(self.t as i32);
+        let st = &mut self.state;
+        st.t += 1;
+        let bc1 = 1.0 - self.beta1.powi(st.t as i32);
+        let bc2 = 1.0 - self.beta2.powi(st.t as i32);
         for (((p, g), m), v) in adapter
             .tensors_mut()
             .zip(grads.tensors())
-            .zip(self.m.iter_mut())
-            .zip(self.v.iter_mut())
+            .zip(st.m.iter_mut())
+            .zip(st.v.iter_mut())
         {
             *m = ((&*m * self.beta1)? + (g * (1.0 - self.beta1))?)?;
             *v = ((&*v * self.beta2)? + (g.sqr()? * (1.0 - self.beta2))?)?;

@@ -1,0 +1,46 @@
+//! The flags that choose the data and the shape of its batches, declared once for `train`,
+//! `eval` and `estimate`.
+
+use clap::Args;
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+
+/// The shape of a batch.
+#[derive(Debug, Clone, Args, Serialize, Deserialize)]
+pub struct BatchArgs {
+    /// Examples per micro-batch.
+    #[arg(long, default_value_t = 1)]
+    pub batch_size: usize,
+    /// Longer examples are truncated (and counted in a warning).
+    #[arg(long, default_value_t = 1024)]
+    pub max_seq_length: usize,
+}
+
+impl BatchArgs {
+    /// Values no run can use, named by their flag.
+    pub fn check(&self) -> crate::Result<()> {
+        use crate::error::Error;
+        if self.batch_size == 0 {
+            return Err(Error::Usage("--batch-size 0: it must be at least 1".into()));
+        }
+        if self.max_seq_length < 2 {
+            return Err(Error::Usage("--max-seq-length must be at least 2".into()));
+        }
+        Ok(())
+    }
+}
+
+/// Where the examples come from and which of their tokens are scored.
+#[derive(Debug, Clone, Args, Serialize, Deserialize)]
+pub struct DataArgs {
+    /// A directory with train.jsonl (and valid.jsonl, test.jsonl) or one JSONL file.
+    #[arg(short, long, default_value = "data")]
+    pub data: PathBuf,
+    /// Score only assistant turns and completions (the default).
+    #[arg(long, default_value_t = true, overrides_with = "no_mask_prompt")]
+    pub mask_prompt: bool,
+    /// Score every token, prompts included.
+    #[arg(long)]
+    #[serde(skip_serializing)]
+    pub no_mask_prompt: bool,
+}

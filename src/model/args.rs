@@ -1,0 +1,53 @@
+//! The flags that choose a model and how it is loaded, declared once for every command that
+//! loads one.
+
+use super::load::LoadOptions;
+use super::quantized::QuantBits;
+use crate::error::Result;
+use crate::runtime::device::{select_device, select_dtype, DTypeChoice, DeviceChoice};
+use clap::Args;
+use serde::{Deserialize, Serialize};
+
+/// Which model, on which device, in which dtype.
+#[derive(Debug, Clone, Args, Serialize, Deserialize)]
+pub struct ModelArgs {
+    /// Hugging Face model directory, .gguf file, alias (e.g. llama-8b) or org/name repo id.
+    #[arg(short, long)]
+    pub model: String,
+    /// Where to run.
+    #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
+    pub device: DeviceChoice,
+    /// Compute dtype of weights and activations.
+    #[arg(long, value_enum, default_value_t = DTypeChoice::Auto)]
+    pub dtype: DTypeChoice,
+}
+
+/// `--quantize`: the frozen weights kept quantized in memory (QLoRA).
+#[derive(Debug, Clone, Copy, Default, Args, Serialize, Deserialize)]
+pub struct QuantizeArgs {
+    /// Keep the frozen block weights quantized in memory: 4 (Q4_1) or 8 (Q8_0); a quantized
+    /// GGUF keeps its own quantization.
+    #[arg(long, value_name = "BITS", value_parser = parse_quantize)]
+    pub quantize: Option<QuantBits>,
+}
+
+fn parse_quantize(s: &str) -> Result<QuantBits, String> {
+    s.parse::<u8>()
+        .ok()
+        .and_then(QuantBits::parse)
+        .ok_or_else(|| "give 4 or 8 (bits per weight: 4 is Q4_1, 8 is Q8_0)".into())
+}
+
+impl ModelArgs {
+    /// How these flags and `--quantize` ask for the model to be loaded (the device is probed
+    /// here, once).
+    pub fn load_options(&self, quantize: Option<QuantBits>) -> Result<LoadOptions> {
+        let device = select_device(self.device)?;
+        let dtype = select_dtype(self.dtype, &device);
+        Ok(LoadOptions {
+            device,
+            dtype,
+            quantize,
+        })
+    }
+}

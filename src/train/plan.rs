@@ -1,0 +1,175 @@
+//! The pre-flight: before any weight is read, the memory budget is set, the run's peak is
+//! estimated, and a run that would not fit is refused with advice that works (or, with
+//! `--auto-fit`, its batch shrunk); `--keep-activations auto` is resolved against the budget.
+
+use super::config::KeepActivations;
+use super::estimate::{estimate, largest_batch, suggestions, Estimate, WeightFormat, Workload};
+use super::settings::{LoraArgs, MemoryArgs};
+use crate::data::args::BatchArgs;
+use crate::error::{Error, Result};
+use crate::model::quantized::QuantBits;
+use crate::model::{Inspected, LoadOptions};
+use crate::runtime::memory::budget::{self, Budget};
+
+/// What the pre-flight decided: the budget, and the settings that fit it.
+pub struct Plan {
+    pub budget: Budget,
+    /// `--batch-size`, or the largest that fits with `--auto-fit`.
+    pub batch_size: usize,
+    /// Adapted blocks that keep their activations (`--keep-activations` resolved).
+    pub keep_blocks: usize,
+    pub estimate: Estimate,
+}
+
+/// Sets the budget, prints the memory estimate and refuses (or, with `--auto-fit`, shrinks the
+/// batch of) a run that would not fit — before any weight is read.
+pub fn preflight(
+    inspected: &Inspected,
+    load: &LoadOptions,
+    batch: &BatchArgs,
+    lora: &LoraArgs,
+    memory: &MemoryArgs,
+    packed: bool,
+) -> Result<Plan> {
+    let (device, dtype) = (&load.device, load.dtype);
+    let mem = budget::device_memory(device);
+    let budget = budget::resolve(memory.budget.max_memory, mem.total).map_err(Error::Usage)?;
+    for line in budget.describe() {
+        eprintln!("{line}");
+    }
+    let cfg = &inspected.cfg;
+    let adapted = lora.num_layers.unwrap_or(cfg.num_hidden_layers);
+    let mut w = Workload {
+        batch_size: batch.batch_size,
+        seq_len: batch.max_seq_length,
+        lora_rank: lora.lora_rank,
+        targets: lora.targets(),
+        adapted_layers: adapted.min(cfg.num_hidden_layers),
+        keep_blocks: 0,
+        dropout: lora.lora_dropout > 0.0,
+        packed,
+        act_bytes: dtype.size_in_bytes(),
+        weights: weight_format(inspected, load.quantize, dtype.size_in_bytes()),
+        source_bytes: inspected.weight_file_bytes,
+        cpu_kernels: device.is_cpu()
+            && dtype == candle_core::DType::F32
+            && crate::kernels::enabled(),
+    };
+    let fits = |w: &Workload| estimate(cfg, w).peak() <= budget.bytes;
+    if !fits(&w) {
+        let e = estimate(cfg, &w);
+        let over = e.peak() - budget.bytes;
+        match (
+            memory.auto_fit,
+            largest_batch(cfg, &w, batch.batch_size, budget.bytes),
+        ) {
+            (true, Some(b)) => {
+                eprintln!(
+                    "--auto-fit: batch size {} would need {:.2} GB; training with batch size {b}, which fits",
+                    batch.batch_size,
+                    e.peak() as f64 / 1e9
+                );
+                w.batch_size = b;
+            }
+            _ => {
+                eprint!("{}", e.table(Some(budget.bytes)));
+                let advice = suggestions(cfg, &w, budget.bytes, true);
+                let advice = if advice.is_empty() {
+                    "nothing smaller fits either; this model needs a machine with more memory"
+                        .into()
+                } else {
+                    format!("any one of these fits: {}", advice.join(", "))
+                };
+                return Err(Error::Usage(format!(
+                    "--max-memory: the estimated peak, {:.2} GB, is {:.2} GB over the {:.2} GB budget; {advice}{}",
+                    e.peak() as f64 / 1e9,
+                    over as f64 / 1e9,
+                    budget.bytes as f64 / 1e9,
+                    if memory.auto_fit { "" } else { " (or pass --auto-fit to pick the batch size)" }
+                )));
+            }
+        }
+    }
+    // Kept activations only where the budget has room, with a tenth of it spare.
+    let room = budget.bytes / 10 * 9;
+    let keep_fits = |k: usize| {
+        estimate(
+            cfg,
+            &Workload {
+                keep_blocks: k,
+                ..w.clone()
+            },
+        )
+        .peak()
+            <= room
+    };
+    let keep_blocks = match memory.keep_activations {
+        KeepActivations::None => 0,
+        KeepActivations::All => w.adapted_layers,
+        KeepActivations::Blocks(n) => n.min(w.adapted_layers),
+        KeepActivations::Auto => (0..=w.adapted_layers)
+            .rev()
+            .find(|&k| keep_fits(k))
+            .unwrap_or(0),
+    };
+    w.keep_blocks = keep_blocks;
+    let e = estimate(cfg, &w);
+    eprint!("{}", e.table(Some(budget.bytes)));
+    if e.peak() > budget.bytes {
+        return Err(Error::Usage(format!(
+            "--keep-activations: keeping {keep_blocks} blocks' activations needs {:.2} GB, over the {:.2} GB budget; use --keep-activations auto or none",
+            e.peak() as f64 / 1e9,
+            budget.bytes as f64 / 1e9
+        )));
+    }
+    Ok(Plan {
+        budget,
+        batch_size: w.batch_size,
+        keep_blocks,
+        estimate: e,
+    })
+}
+
+/// How the frozen weights of `inspected` will sit in memory with `quantize`: a GGUF keeps the
+/// block linears it stores quantized in their own format (Q4_K, Q6_K, …), so those are sized
+/// from the file rather than as the format `--quantize` names.
+fn weight_format(
+    inspected: &crate::model::Inspected,
+    quantize: Option<QuantBits>,
+    dtype_bytes: usize,
+) -> crate::train::estimate::WeightFormat {
+    let format = WeightFormat::for_quantize(quantize, dtype_bytes);
+    match (format, &inspected.source) {
+        (
+            WeightFormat::Quantized {
+                linear,
+                embed,
+                head,
+                other,
+            },
+            crate::model::source::ModelSource::Gguf(p),
+        ) => match crate::weights::GgufFile::open(p) {
+            Ok(g) => {
+                let embed = g
+                    .bytes_per_weight("token_embd.weight", embed)
+                    .unwrap_or(embed);
+                WeightFormat::Quantized {
+                    linear: g.quantized_linear_bytes(linear).unwrap_or(linear),
+                    // A tied matrix (no output tensor) is sized by the head's entry.
+                    head: g.bytes_per_weight("output.weight", head).unwrap_or(
+                        if inspected.cfg.tie_word_embeddings {
+                            g.bytes_per_weight("token_embd.weight", head)
+                                .unwrap_or(head)
+                        } else {
+                            head
+                        },
+                    ),
+                    embed,
+                    other,
+                }
+            }
+            Err(_) => format,
+        },
+        _ => format,
+    }
+}

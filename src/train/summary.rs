@@ -1,0 +1,121 @@
+//! What a finished run reports: its figures, printed at the end and returned to the caller.
+
+use super::checkpoint::TrainerState;
+use crate::engine::Profile;
+use crate::runtime::memory;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone)]
+pub struct Summary {
+    pub steps: usize,
+    pub skipped: usize,
+    pub tokens: usize,
+    pub trained_tokens: usize,
+    pub seconds: f64,
+    pub peak_rss: Option<u64>,
+    /// The GPU's memory in use at its highest sample (CUDA only, see memory::device).
+    pub peak_gpu: Option<u64>,
+    pub first_val: Option<f64>,
+    pub last_val: Option<f64>,
+    pub best_val: Option<(usize, f64)>,
+    pub test: Option<(f64, usize)>,
+    pub adapter_dir: PathBuf,
+    pub final_loss: f64,
+    /// Per-phase times, with `--profile`.
+    pub profile: Option<Profile>,
+}
+
+impl Summary {
+    /// Nothing trained yet; the adapter goes to `adapter_dir`.
+    pub fn new(adapter_dir: &Path) -> Self {
+        Self {
+            steps: 0,
+            skipped: 0,
+            tokens: 0,
+            trained_tokens: 0,
+            seconds: 0.0,
+            peak_rss: None,
+            peak_gpu: None,
+            first_val: None,
+            last_val: None,
+            best_val: None,
+            test: None,
+            adapter_dir: adapter_dir.to_path_buf(),
+            final_loss: f64::NAN,
+            profile: None,
+        }
+    }
+
+    /// The counts a resumed run continues from.
+    pub fn resume_from(&mut self, st: &TrainerState) {
+        self.steps = st.step;
+        self.tokens = st.tokens;
+        self.trained_tokens = st.trained_tokens;
+        self.skipped = st.skipped;
+        self.first_val = st.first_val;
+        self.last_val = st.last_val;
+        self.best_val = st.best_val;
+    }
+
+    pub fn print(&self) {
+        let secs = self.seconds.max(1e-9);
+        eprintln!(
+            "\nTraining finished: {} steps in {:.1} s ({} skipped)",
+            self.steps, self.seconds, self.skipped
+        );
+        eprintln!(
+            "  tokens: {} total ({:.0} tokens/s), {} trained ({:.0} trained tokens/s)",
+            self.tokens,
+            self.tokens as f64 / secs,
+            self.trained_tokens,
+            self.trained_tokens as f64 / secs
+        );
+        if let Some(p) = self.peak_rss {
+            eprintln!("  peak memory: {:.2} GB resident", memory::gb(p));
+        }
+        if let Some(p) = self.peak_gpu {
+            eprintln!("  peak GPU memory: {:.2} GB", memory::gb(p));
+        }
+        // NaN when a resumed run had no step left to train (only the final adapter to write).
+        if self.final_loss.is_finite() {
+            eprintln!("  final train loss: {:.4}", self.final_loss);
+        }
+        if let (Some(a), Some(b)) = (self.first_val, self.last_val) {
+            eprintln!("  validation loss: {a:.4} at start → {b:.4} at end");
+        }
+        if let Some((step, v)) = self.best_val {
+            eprintln!(
+                "  best validation loss {v:.4} at step {step} (adapter in {})",
+                self.adapter_dir.join("best").display()
+            );
+        }
+        if let Some((loss, tokens)) = self.test {
+            eprintln!(
+                "  test loss: {loss:.4}, perplexity {:.3} ({tokens} tokens)",
+                loss.exp()
+            );
+        }
+        eprintln!("  adapter: {}", self.adapter_dir.display());
+        if let Some(p) = &self.profile {
+            let total: f64 = p.phases().iter().map(|x| x.1).sum();
+            eprintln!(
+                "\nTime by phase ({} steps; per step, and share of the run):",
+                self.steps
+            );
+            let line = |name: &str, secs: f64| {
+                eprintln!(
+                    "  {name:<32} {:>8.3} s/step {:>5.1}%",
+                    secs / self.steps.max(1) as f64,
+                    100.0 * secs / total.max(1e-9)
+                )
+            };
+            for (name, secs) in p.phases() {
+                line(name, secs);
+            }
+            line(
+                "  of which attention (all blocks)",
+                p.attention.as_secs_f64(),
+            );
+        }
+    }
+}

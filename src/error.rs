@@ -49,7 +49,7 @@ pub enum Error {
     },
     #[error(
         "training diverged: {steps} steps in a row had a non-finite loss or gradient; stopping. \
-         Try a lower --learning-rate (now {learning_rate})"
+         Try a lower --learning-rate (now {learning_rate:e})"
     )]
     Diverged { steps: usize, learning_rate: f64 },
     #[error(

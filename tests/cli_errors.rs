@@ -193,7 +193,7 @@ fn bad_thread_count_and_memory_flags() {
         &["estimate", "--model", "llama-8b", "--quantize", "3"],
         &[],
         &[],
-        &["--quantize 3: give 4 or 8"],
+        &["'3' for '--quantize", "give 4 or 8"],
     );
     fails_with(
         &["estimate", "--model", "llama-8b", "--num-layers", "40"],

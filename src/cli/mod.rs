@@ -8,7 +8,7 @@ mod config_file;
 pub use crate::data::args::{BatchArgs, DataArgs};
 pub use crate::distrust::args::DistrustArgs;
 pub use crate::infer::generate::SamplingArgs;
-pub use crate::model::args::{ModelArgs, QuantizeArgs};
+pub use crate::model::args::{ModelArgs, QuantizeArgs, RunArgs};
 pub use crate::train::settings::{BudgetArgs, LoraArgs, MemoryArgs, OutputArgs, ScheduleArgs};
 
 use crate::error::Result;
@@ -138,10 +138,7 @@ pub struct EstimateArgs {
 #[derive(Debug, Args)]
 pub struct ValidateArgs {
     #[command(flatten)]
-    pub model: ModelArgs,
-    /// A LoRA adapter directory (PEFT layout) to apply.
-    #[arg(long)]
-    pub adapter: Option<PathBuf>,
+    pub run: RunArgs,
     /// Prompt suite JSONL [default: the built-in authority-bias and refusal suite].
     #[arg(long)]
     pub suite: Option<PathBuf>,
@@ -158,12 +155,7 @@ pub struct ValidateArgs {
 #[derive(Debug, Args)]
 pub struct GenerateArgs {
     #[command(flatten)]
-    pub model: ModelArgs,
-    #[command(flatten)]
-    pub quantize: QuantizeArgs,
-    /// A LoRA adapter directory (PEFT layout) to apply.
-    #[arg(long)]
-    pub adapter: Option<PathBuf>,
+    pub run: RunArgs,
     /// The user message (or, with --raw, the exact text to continue).
     #[arg(short, long)]
     pub prompt: String,
@@ -180,12 +172,7 @@ pub struct GenerateArgs {
 #[derive(Debug, Args)]
 pub struct EvalArgs {
     #[command(flatten)]
-    pub model: ModelArgs,
-    #[command(flatten)]
-    pub quantize: QuantizeArgs,
-    /// A LoRA adapter directory (PEFT layout) to apply.
-    #[arg(long)]
-    pub adapter: Option<PathBuf>,
+    pub run: RunArgs,
     /// A JSONL file, or a directory (valid.jsonl is used, else test.jsonl, else train.jsonl).
     #[command(flatten)]
     pub data: DataArgs,

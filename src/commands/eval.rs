@@ -20,8 +20,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
         resolve_files(&data.data)?.train
     };
     let records = read_jsonl(&path)?;
-    let opts = args.model.load_options(args.quantize.quantize)?;
-    let loaded = crate::model::load(&args.model.model, &opts, args.adapter.as_deref())?;
+    let loaded = args.run.load(true)?;
     let mask_prompt = data.mask_prompt && !data.no_mask_prompt;
     let encoder = Encoder::new(&loaded.tokenizer, mask_prompt, batch.max_seq_length)?;
     let samples = records

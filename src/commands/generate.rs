@@ -8,8 +8,7 @@ use std::io::Write;
 
 pub fn run(args: GenerateArgs) -> Result<()> {
     let sampling = args.sampling.sampling()?;
-    let opts = args.model.load_options(args.quantize.quantize)?;
-    let loaded = crate::model::load(&args.model.model, &opts, args.adapter.as_deref())?;
+    let loaded = args.run.load(true)?;
     let tok = &loaded.tokenizer;
     let prompt_ids = if args.raw {
         let mut text = String::new();

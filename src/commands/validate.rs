@@ -133,8 +133,8 @@ fn report_json(
         })
         .collect();
     json!({
-        "model": a.model.model,
-        "adapter": a.adapter,
+        "model": a.run.model.model,
+        "adapter": a.run.adapter,
         "suite": suite_name,
         "max_tokens": a.sampling.max_tokens,
         "temperature": a.sampling.temperature,
@@ -143,7 +143,7 @@ fn report_json(
 }
 
 pub fn run(a: ValidateArgs) -> Result<()> {
-    if a.compare && a.adapter.is_none() {
+    if a.compare && a.run.adapter.is_none() {
         return Err(Error::Usage(
             "--compare runs the base model and an adapter side by side: give --adapter DIR".into(),
         ));
@@ -160,8 +160,8 @@ pub fn run(a: ValidateArgs) -> Result<()> {
         None => (suite::BUILTIN_SUITE.to_string(), "built-in".to_string()),
     };
     let cases = suite::parse(&text, &suite_name)?;
-    let mut loaded = crate::model::load(&a.model.model, &a.model.load_options(None)?, None)?;
-    let adapter = match &a.adapter {
+    let mut loaded = a.run.load(false)?;
+    let adapter = match &a.run.adapter {
         Some(dir) => Some(Adapter::load_peft(
             dir,
             &loaded.model.cfg,

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 
 /// The shape of a batch.
 #[derive(Debug, Clone, Args, Serialize, Deserialize)]
+#[command(next_help_heading = "Data")]
 pub struct BatchArgs {
     /// Examples per micro-batch.
     #[arg(long, default_value_t = 1)]
@@ -32,6 +33,7 @@ impl BatchArgs {
 
 /// Where the examples come from and which of their tokens are scored.
 #[derive(Debug, Clone, Args, Serialize, Deserialize)]
+#[command(next_help_heading = "Data")]
 pub struct DataArgs {
     /// A directory with train.jsonl (and valid.jsonl, test.jsonl) or one JSONL file.
     #[arg(short, long, default_value = "data")]

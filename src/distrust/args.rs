@@ -5,6 +5,7 @@ use serde::{Deserialize, Serialize};
 
 /// Distrust weighting of the loss (see `your_ai score`).
 #[derive(Debug, Clone, Args, Serialize, Deserialize)]
+#[command(next_help_heading = "Distrust")]
 pub struct DistrustArgs {
     /// Weight each example's loss by its distrust D (on by default when the training rows have
     /// auth_weight and prov_entropy; see `your_ai score`).

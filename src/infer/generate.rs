@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 /// How to sample a reply.
 #[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Sampling")]
 pub struct SamplingArgs {
     /// Most tokens to generate.
     #[arg(long, default_value_t = 256)]

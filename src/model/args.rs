@@ -7,9 +7,11 @@ use crate::error::Result;
 use crate::runtime::device::{select_device, select_dtype, DTypeChoice, DeviceChoice};
 use clap::Args;
 use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
 
 /// Which model, on which device, in which dtype.
 #[derive(Debug, Clone, Args, Serialize, Deserialize)]
+#[command(next_help_heading = "Model")]
 pub struct ModelArgs {
     /// Hugging Face model directory, .gguf file, alias (e.g. llama-8b) or org/name repo id.
     #[arg(short, long)]
@@ -24,6 +26,7 @@ pub struct ModelArgs {
 
 /// `--quantize`: the frozen weights kept quantized in memory (QLoRA).
 #[derive(Debug, Clone, Copy, Default, Args, Serialize, Deserialize)]
+#[command(next_help_heading = "Model")]
 pub struct QuantizeArgs {
     /// Keep the frozen block weights quantized in memory: 4 (Q4_1) or 8 (Q8_0); a quantized
     /// GGUF keeps its own quantization.
@@ -49,5 +52,27 @@ impl ModelArgs {
             dtype,
             quantize,
         })
+    }
+}
+
+/// A model to run, with its quantization and an optional adapter (`generate`, `eval`,
+/// `validate`).
+#[derive(Debug, Clone, Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub quantize: QuantizeArgs,
+    /// A LoRA adapter directory (PEFT layout) to apply.
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
+}
+
+impl RunArgs {
+    /// The model as these flags ask, with the adapter applied when `with_adapter`.
+    pub fn load(&self, with_adapter: bool) -> Result<super::LoadedModel> {
+        let opts = self.model.load_options(self.quantize.quantize)?;
+        let adapter = self.adapter.as_deref().filter(|_| with_adapter);
+        super::load(&self.model.model, &opts, adapter)
     }
 }

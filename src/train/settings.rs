@@ -12,6 +12,7 @@ use std::path::PathBuf;
 
 /// The LoRA adapter's shape.
 #[derive(Debug, Clone, Args, Serialize, Deserialize)]
+#[command(next_help_heading = "LoRA")]
 pub struct LoraArgs {
     /// LoRA rank r.
     #[arg(long, default_value_t = 16)]
@@ -104,6 +105,7 @@ fn targets_from_names<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<Targ
 
 /// How long training runs, on which batches, at which learning rate.
 #[derive(Debug, Clone, Args, Serialize, Deserialize)]
+#[command(next_help_heading = "Schedule")]
 pub struct ScheduleArgs {
     /// Optimizer steps to run (one step = one progress-bar step).
     #[arg(
@@ -182,6 +184,7 @@ impl ScheduleArgs {
 
 /// What a run writes besides the adapter, and when.
 #[derive(Debug, Clone, Args, Serialize, Deserialize)]
+#[command(next_help_heading = "Output")]
 pub struct OutputArgs {
     /// Where the adapter, checkpoints and metrics go [default: models/<model-name>-lora].
     #[arg(short, long)]
@@ -221,6 +224,7 @@ pub struct OutputArgs {
 
 /// `--max-memory`: the budget every memory-aware command holds to.
 #[derive(Debug, Clone, Copy, Default, Args, Serialize, Deserialize)]
+#[command(next_help_heading = "Memory")]
 pub struct BudgetArgs {
     /// Memory budget in GB [default: 80% of the device's memory, at most 120 GB]. A run whose
     /// estimate exceeds it does not start; one that crosses it saves a checkpoint and stops.
@@ -237,6 +241,7 @@ fn parse_gb(s: &str) -> Result<f64, String> {
 
 /// How training holds to its memory budget.
 #[derive(Debug, Clone, Args, Serialize, Deserialize)]
+#[command(next_help_heading = "Memory")]
 pub struct MemoryArgs {
     #[command(flatten)]
     #[serde(flatten)]

@@ -411,7 +411,7 @@ fn save_in_progress(out: &Path) -> bool {
     std::fs::read_dir(out.join("checkpoints")).is_ok_and(|rd| {
         rd.flatten().any(|e| {
             let n = e.file_name().to_string_lossy().to_string();
-            n.starts_with(".step-") && n.contains(".tmp-")
+            n.starts_with(".step-") && n.contains(".partial-")
         })
     })
 }
@@ -502,7 +502,7 @@ fn sigkill_during_checkpoint_writes_never_leaves_a_partial_checkpoint() {
             if status.signal() == Some(libc::SIGKILL) {
                 kills += 1;
                 let hidden = check_checkpoint_root(&out, &what);
-                if hidden.iter().any(|h| h.contains(".tmp-")) {
+                if hidden.iter().any(|h| h.contains(".partial-")) {
                     mid_save += 1;
                 }
                 // The previous process's leftovers went with this process's first save.

@@ -463,7 +463,7 @@ fn bad_input_is_refused_before_anything_is_written() {
                 "--max-memory".into(),
                 "0".into(),
             ],
-            "--max-memory 0: give the budget in GB as a positive number",
+            "'0' for '--max-memory <GB>': give the budget in GB as a positive number",
         ),
         (
             vec![
@@ -472,7 +472,7 @@ fn bad_input_is_refused_before_anything_is_written() {
                 "--quantize".into(),
                 "3".into(),
             ],
-            "--quantize 3: use 4",
+            "'3' for '--quantize <BITS>': give 4 or 8",
         ),
         (
             vec![

@@ -43,6 +43,6 @@ pub struct DataArgs {
     pub mask_prompt: bool,
     /// Score every token, prompts included.
     #[arg(long)]
-    #[serde(skip_serializing)]
+    #[serde(skip_serializing, default)]
     pub no_mask_prompt: bool,
 }

@@ -212,7 +212,7 @@ pub struct OutputArgs {
     pub save_best: bool,
     /// Do not keep a best-validation adapter.
     #[arg(long)]
-    #[serde(skip_serializing)]
+    #[serde(skip_serializing, default)]
     pub no_save_best: bool,
     /// Print a memory line every N steps.
     #[arg(long)]

@@ -85,6 +85,8 @@ pub struct Trainer<'a, E: Engine> {
     profile: Profile,
     /// The first step this process trains (1, or the one after the resumed checkpoint).
     first_step: usize,
+    /// Whether the run continues from a checkpoint (its step-0 evaluation is already logged).
+    resumed: bool,
     /// Non-finite steps in a row.
     nonfinite: usize,
     /// Whether the 90%-of-budget warning was shown.
@@ -147,6 +149,7 @@ impl<'a, E: Engine> Trainer<'a, E> {
             summary,
             profile: Profile::default(),
             first_step,
+            resumed: resume.is_some(),
             nonfinite,
             warned: false,
             recent: VecDeque::new(),
@@ -169,7 +172,7 @@ impl<'a, E: Engine> Trainer<'a, E> {
     /// The recipe: evaluate at the start, then step by step train, evaluate, hold the budget,
     /// checkpoint and reload as the configuration says; then finish.
     pub fn run(mut self) -> Result<Summary> {
-        if self.first_step == 1 {
+        if !self.resumed {
             self.evaluate(0)?;
         }
         for step in self.first_step..=self.cfg.steps {

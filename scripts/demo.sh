@@ -19,7 +19,8 @@ echo "==> fetching the test model" >&2
 model=$(./scripts/fetch_model.sh)
 
 echo "==> fine-tuning on examples/invented-country ($steps steps)" >&2
-"$bin" train --model "$model" --data examples/invented-country --output "$out" \
+# --force: a second demo replaces the first one's output (without it, train refuses a used --output).
+"$bin" train --model "$model" --data examples/invented-country --output "$out" --force \
   --max-steps "$steps" --batch-size 4 --lora-rank 16 --learning-rate 3e-4 \
   --warmup-steps 5 --max-seq-length 256 --steps-per-eval 30 --val-batches 0
 

@@ -48,10 +48,10 @@ pub enum Error {
         checkpoint: PathBuf,
     },
     #[error(
-        "training diverged: {steps} steps in a row had a non-finite loss or gradient; stopping. \
+        "training diverged: {what}; stopped, and the last good checkpoint is kept. \
          Try a lower --learning-rate (now {learning_rate:e})"
     )]
-    Diverged { steps: usize, learning_rate: f64 },
+    Diverged { what: String, learning_rate: f64 },
     #[error(
         "memory budget exceeded: {measure} reached {:.2} GB, above the {:.2} GB budget, during step {step}; \
          stopped before the system could run out. Checkpoint of step {saved_step} saved to {}. \

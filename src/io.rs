@@ -183,6 +183,19 @@ pub fn discard(dir: &Path) -> Result<()> {
     std::fs::remove_dir_all(&trash).map_err(|e| Error::io("remove", &trash, e))
 }
 
+/// Whether `name` is a hidden leftover of an interrupted write (see [`clear_leftovers`]).
+pub fn is_leftover(name: &str) -> bool {
+    name.starts_with('.')
+        && [".partial-", ".old-", ".trash-", ".tmp-"]
+            .iter()
+            .any(|k| name.contains(k))
+}
+
+/// Removes a file or a directory tree; nothing there is not an error.
+pub fn remove(p: &Path) -> Result<()> {
+    remove_any(p).map_err(|e| Error::io("remove", p, e))
+}
+
 /// Removes the hidden leftovers that a crash can leave in `dir` (temporary outputs, content
 /// moved aside): every entry named `.<something>.<kind>-<pid>` for the kinds written here.
 pub fn clear_leftovers(dir: &Path) {
@@ -191,11 +204,7 @@ pub fn clear_leftovers(dir: &Path) {
     };
     for e in rd.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
-        let ours = name.starts_with('.')
-            && [".partial-", ".old-", ".trash-", ".tmp-"]
-                .iter()
-                .any(|k| name.contains(k));
-        if ours {
+        if is_leftover(&name) {
             let _ = remove_any(&e.path());
         }
     }
@@ -220,6 +229,95 @@ pub fn sync_path(p: &Path) -> std::io::Result<()> {
 pub fn sync_dir(dir: &Path) {
     if let Ok(d) = std::fs::File::open(dir) {
         let _ = d.sync_all();
+    }
+}
+
+/// The lock a run holds on its output directory for its whole life: a file naming the process.
+/// A second run on the same directory is refused while the first is alive; a lock left by a
+/// process that no longer exists (killed) is taken over.
+#[derive(Debug)]
+pub struct DirLock {
+    path: PathBuf,
+}
+
+impl DirLock {
+    /// The lock file's name inside the locked directory.
+    pub const FILE: &'static str = ".your_ai.lock";
+
+    /// Locks `dir` (created if missing); `flag` names the option that chose it, for messages.
+    pub fn acquire(dir: &Path, flag: &str) -> Result<Self> {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io("create", dir, e))?;
+        let path = dir.join(Self::FILE);
+        let me = std::process::id();
+        for _ in 0..2 {
+            match std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&path)
+            {
+                Ok(mut f) => {
+                    writeln!(f, "{me}").map_err(|e| Error::io("write", &path, e))?;
+                    return Ok(Self { path });
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    let holder = std::fs::read_to_string(&path)
+                        .ok()
+                        .and_then(|s| s.trim().parse::<u32>().ok());
+                    match holder {
+                        Some(pid) if pid != me && process_alive(pid) => {
+                            return Err(Error::Usage(format!(
+                                "{flag} {}: another your_ai run (process {pid}) is using this \
+                                 directory; wait for it to end, or choose another {flag}",
+                                dir.display()
+                            )))
+                        }
+                        _ => {
+                            eprintln!(
+                                "note: {flag} {}: taking over the lock of a run that is gone{}",
+                                dir.display(),
+                                holder.map_or(String::new(), |p| format!(" (process {p})"))
+                            );
+                            let _ = std::fs::remove_file(&path);
+                        }
+                    }
+                }
+                Err(e) => return Err(Error::io("create", &path, e)),
+            }
+        }
+        Err(Error::Usage(format!(
+            "{flag} {}: could not lock the directory ({} keeps reappearing)",
+            dir.display(),
+            path.display()
+        )))
+    }
+}
+
+impl Drop for DirLock {
+    fn drop(&mut self) {
+        // Only a lock that is still ours goes.
+        let mine = std::fs::read_to_string(&self.path)
+            .is_ok_and(|s| s.trim() == std::process::id().to_string());
+        if mine {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// Whether process `pid` exists (on Linux, signal 0 checks without sending anything).
+fn process_alive(pid: u32) -> bool {
+    #[cfg(unix)]
+    {
+        let Ok(pid) = i32::try_from(pid) else {
+            return false;
+        };
+        // SAFETY: kill with signal 0 only checks that the process exists.
+        let r = unsafe { libc::kill(pid, 0) };
+        r == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = pid;
+        true
     }
 }
 
@@ -257,6 +355,25 @@ mod tests {
         assert_eq!(shown.last().unwrap(), "... and 5 more");
         let (n, shown) = first_errors(vec!["one".into()]);
         assert_eq!((n, shown), (1, vec!["one".to_string()]));
+    }
+
+    #[test]
+    fn a_directory_lock_is_exclusive_and_a_dead_holders_lock_is_taken_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let lock = DirLock::acquire(dir.path(), "--output").unwrap();
+        // Held by a live process (this one's parent stands in for another run).
+        let file = dir.path().join(DirLock::FILE);
+        std::fs::write(&file, format!("{}\n", std::os::unix::process::parent_id())).unwrap();
+        let e = DirLock::acquire(dir.path(), "--output")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("another your_ai run"), "{e}");
+        // Held by a process that is gone: taken over, and released on drop.
+        std::fs::write(&file, "999999999\n").unwrap();
+        let again = DirLock::acquire(dir.path(), "--output").unwrap();
+        drop(again);
+        assert!(!file.exists());
+        drop(lock);
     }
 
     #[test]

@@ -469,6 +469,15 @@ fn bad_input_is_refused_before_anything_is_written() {
             vec![
                 "--data".into(),
                 s.data.display().to_string(),
+                "--max-seq-length".into(),
+                "10000000".into(),
+            ],
+            "the model's context is",
+        ),
+        (
+            vec![
+                "--data".into(),
+                s.data.display().to_string(),
                 "--quantize".into(),
                 "3".into(),
             ],

@@ -21,6 +21,13 @@ pub fn run(args: EvalArgs) -> Result<()> {
     };
     let records = read_jsonl(&path)?;
     let loaded = args.run.load(true)?;
+    let context = loaded.model.cfg.max_position_embeddings;
+    if batch.max_seq_length > context {
+        return Err(Error::Usage(format!(
+            "--max-seq-length {}: the model's context is {context} tokens; use at most {context}",
+            batch.max_seq_length
+        )));
+    }
     let mask_prompt = data.mask_prompt && !data.no_mask_prompt;
     let encoder = Encoder::new(&loaded.tokenizer, mask_prompt, batch.max_seq_length)?;
     let samples = records

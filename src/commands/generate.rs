@@ -2,12 +2,12 @@
 
 use crate::cli::GenerateArgs;
 use crate::data::chat_template::{ChatContext, ChatTemplate, TemplateError};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::infer::generate::{generate, StopReason};
 use std::io::Write;
 
 pub fn run(args: GenerateArgs) -> Result<()> {
-    let sampling = args.sampling.sampling()?;
+    let mut sampling = args.sampling.sampling()?;
     let loaded = args.run.load(true)?;
     let tok = &loaded.tokenizer;
     let prompt_ids = if args.raw {
@@ -35,6 +35,22 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         tok.encode(&text)?
     };
     let mut out = std::io::stdout().lock();
+    // The prompt and the reply must fit the model's context.
+    let context = loaded.model.cfg.max_position_embeddings;
+    if prompt_ids.len() >= context {
+        return Err(Error::Usage(format!(
+            "--prompt: {} tokens, the model's context is {context}; shorten the prompt",
+            prompt_ids.len()
+        )));
+    }
+    let room = context - prompt_ids.len();
+    if sampling.max_tokens > room {
+        eprintln!(
+            "note: --max-tokens {} lowered to {room}, what the model's context of {context} tokens leaves after the prompt",
+            sampling.max_tokens
+        );
+        sampling.max_tokens = room;
+    }
     let result = generate(&loaded.model, tok, &prompt_ids, &sampling, |piece| {
         let _ = out.write_all(piece.as_bytes());
         let _ = out.flush();

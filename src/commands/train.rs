@@ -7,6 +7,7 @@ use crate::data::batch::weighted_rows;
 use crate::data::{read_jsonl, resolve_files, DataError, DataFiles, Encoder, Record, Sample};
 use crate::engine::candle::CandleEngine;
 use crate::error::{Error, Result};
+use crate::io::DirLock;
 use crate::model::LoadedModel;
 use crate::runtime::memory::{self, Meter};
 use crate::runtime::{setup_file, signals};
@@ -39,6 +40,14 @@ pub fn run(mut a: TrainArgs) -> Result<()> {
     )?;
 
     let inspected = crate::model::inspect(&a.model.model)?;
+    let context = inspected.cfg.max_position_embeddings;
+    if a.batch.max_seq_length > context {
+        return Err(usage(format!(
+            "--max-seq-length {}: the model's context is {context} tokens \
+             (max_position_embeddings); use at most {context}",
+            a.batch.max_seq_length
+        )));
+    }
     let load = a.model.load_options(a.quantize.quantize)?;
     // On a CUDA GPU the budget is GPU memory, and so is what the step measures against it.
     let meter = Meter::new(&load.device);
@@ -69,13 +78,13 @@ pub fn run(mut a: TrainArgs) -> Result<()> {
     data_files.extend(files.valid.as_deref());
     let data_sha256 = checkpoint::data_fingerprint(&data_files)?;
     let resume = match &resume_given {
-        Some(given) => Some(resume_from(&cfg, given, &data_sha256)?),
+        Some(given) => resume_from(&cfg, given, &data_sha256)?,
         None => None,
     };
     let adapter = initial_adapter(&cfg, &loaded.model.cfg, resume.as_ref())?;
+    // Held until the run ends: no second run writes into the same directory.
+    let _lock = claim_output(&cfg, resume_given.is_some())?;
     describe(&cfg, &loaded, &adapter, &data);
-    let output = cfg.output_dir();
-    std::fs::create_dir_all(output).map_err(|e| Error::io("create", output, e))?;
     signals::install();
     if let Some(p) = load_reading.peak() {
         eprintln!(
@@ -110,6 +119,79 @@ pub fn run(mut a: TrainArgs) -> Result<()> {
     let trainer = Trainer::new(&cfg, engine, &data, &data_sha256, adapter, resume, start)?;
     trainer.run()?.print();
     Ok(())
+}
+
+/// What a run writes into its output directory, besides files the user keeps there.
+const RUN_OUTPUTS: &[&str] = &[
+    "adapter_model.safetensors",
+    "adapter_config.json",
+    "train_config.json",
+    "metrics.jsonl",
+    "best",
+    "checkpoints",
+];
+
+/// Locks the output directory for this run and makes sure nothing the user has is overwritten:
+/// an earlier run there is continued (`--resume`) or replaced (`--force`), never silently
+/// mixed with this one; a `--metrics-file` that is not one of ours is never truncated.
+fn claim_output(cfg: &TrainConfig, resuming: bool) -> Result<DirLock> {
+    let dir = cfg.output_dir();
+    let lock = DirLock::acquire(dir, "--output")?;
+    let held: Vec<String> = std::fs::read_dir(dir)
+        .map_err(|e| Error::io("read", dir, e))?
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n != DirLock::FILE && !crate::io::is_leftover(n))
+        .collect();
+    if !held.is_empty() && !resuming {
+        if !cfg.output.force {
+            let mut shown = held.clone();
+            shown.sort();
+            shown.truncate(5);
+            return Err(usage(format!(
+                "--output {}: the directory is not empty ({}{}); pass --resume to continue the run \
+                 there, --force to replace it, or choose another --output",
+                dir.display(),
+                shown.join(", "),
+                if held.len() > 5 { ", …" } else { "" }
+            )));
+        }
+        // --force: the earlier run's outputs go; anything else in the directory stays.
+        for name in RUN_OUTPUTS {
+            crate::io::remove(&dir.join(name))?;
+        }
+    }
+    let metrics = cfg.metrics_file();
+    if metrics.exists() {
+        if !is_metrics_file(&metrics) {
+            return Err(usage(format!(
+                "--metrics-file {}: the file exists and is not a metrics file of your_ai; \
+                 choose a new path (it would be overwritten)",
+                metrics.display()
+            )));
+        }
+        if !resuming && !cfg.output.force {
+            return Err(usage(format!(
+                "--metrics-file {}: holds an earlier run's metrics; pass --resume to continue that \
+                 run, --force to replace them, or choose another --metrics-file",
+                metrics.display()
+            )));
+        }
+    }
+    Ok(lock)
+}
+
+/// Whether `path` is a metrics file this tool wrote: its first line is our start record.
+fn is_metrics_file(path: &Path) -> bool {
+    use std::io::{BufRead, Read};
+    let Ok(f) = std::fs::File::open(path) else {
+        return false;
+    };
+    let mut first = String::new();
+    let read = std::io::BufReader::new(f.take(1 << 20)).read_line(&mut first);
+    read.is_ok()
+        && serde_json::from_str::<serde_json::Value>(&first)
+            .is_ok_and(|v| v["type"] == "start" && v.get("memory_budget_bytes").is_some())
 }
 
 /// `--auto-optimize`: the best configuration `benchmark` saved for this model (measured first
@@ -297,12 +379,13 @@ fn resolve(
             .max(1.0) as usize,
         None => a.schedule.max_steps,
     };
+    // The schedule caps the warmup at the run's steps; the setting stays as given, so that a
+    // run extended with --resume --max-steps N warms up as the longer run would.
     if a.schedule.warmup_steps > steps {
         eprintln!(
             "note: --warmup-steps {} capped at the run's {steps} steps",
             a.schedule.warmup_steps
         );
-        a.schedule.warmup_steps = steps;
     }
     a.lora.lora_alpha = Some(a.lora.alpha());
     a.lora.lora_targets = a.lora.targets();
@@ -335,9 +418,20 @@ fn resolve(
     })
 }
 
-/// The checkpoint `--resume` names, read and checked against this run's configuration.
-fn resume_from(cfg: &TrainConfig, given: &str, data_sha256: &str) -> Result<checkpoint::Loaded> {
-    let dir = checkpoint::locate(cfg.output_dir(), given)?;
+/// The checkpoint `--resume` names, read and checked against this run's configuration; None
+/// when the output has no checkpoint yet (the run starts from the beginning).
+fn resume_from(
+    cfg: &TrainConfig,
+    given: &str,
+    data_sha256: &str,
+) -> Result<Option<checkpoint::Loaded>> {
+    let Some(dir) = checkpoint::locate(cfg.output_dir(), given)? else {
+        eprintln!(
+            "note: --resume: {} has no checkpoint yet; starting from the beginning",
+            cfg.output_dir().join("checkpoints").display()
+        );
+        return Ok(None);
+    };
     let loaded = checkpoint::load(&dir)?;
     let (mut refused, allowed) = checkpoint::differences(&loaded.state.config, cfg);
     if loaded.state.data_sha256 != data_sha256 {
@@ -370,7 +464,7 @@ fn resume_from(cfg: &TrainConfig, given: &str, data_sha256: &str) -> Result<chec
         loaded.state.step,
         cfg.steps
     );
-    Ok(loaded)
+    Ok(Some(loaded))
 }
 
 /// The run in a few lines: model and adapter, data, distrust weighting, schedule.
@@ -423,7 +517,7 @@ fn describe(
         cfg.batch.batch_size,
         s.learning_rate,
         s.lr_schedule,
-        s.warmup_steps,
+        s.warmup_steps.min(cfg.steps),
         cfg.output_dir().display()
     );
 }

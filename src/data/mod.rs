@@ -348,9 +348,24 @@ impl<'a> Encoder<'a> {
                 self.render_chat(messages, tools.as_deref()).map_err(err)?
             }
         };
+        // A row far longer than --max-seq-length is cut before it is tokenized, so that a huge
+        // line costs what its kept tokens cost. The first max_seq_length tokens lie within
+        // max_seq_length × (the longest token's bytes), and a margin keeps the tokenization
+        // of the cut's neighbourhood from reaching back into them.
+        let limit = (self.max_seq_length + 64).saturating_mul(self.tokenizer.max_token_bytes());
+        let cut = text.len() > limit;
+        let text = if cut {
+            let mut end = limit;
+            while !text.is_char_boundary(end) {
+                end -= 1;
+            }
+            &text[..end]
+        } else {
+            &text[..]
+        };
         let (mut ids, offsets) = self
             .tokenizer
-            .encode_offsets(&text)
+            .encode_offsets(text)
             .map_err(|e| err(e.to_string()))?;
         let mut trained: Vec<bool> = if self.mask_prompt {
             offsets
@@ -371,7 +386,10 @@ impl<'a> Encoder<'a> {
                 }
             }
         }
-        let truncated = ids.len().saturating_sub(self.max_seq_length);
+        let truncated = match ids.len().saturating_sub(self.max_seq_length) {
+            0 if cut => 1,
+            n => n,
+        };
         ids.truncate(self.max_seq_length);
         trained.truncate(self.max_seq_length);
         Ok(Sample {

@@ -412,7 +412,38 @@ impl Adapter {
                 reason: "no LoRA tensors for this model's layers were found".into(),
             });
         }
-        Ok(Self { cfg, pairs })
+        let adapter = Self { cfg, pairs };
+        if let Some(name) = adapter.first_non_finite() {
+            return Err(AdapterError::Invalid {
+                path: st_path,
+                reason: format!(
+                    "{name} holds NaN or infinite values (the run that wrote it diverged); \
+                     use an earlier checkpoint or best/ instead"
+                ),
+            });
+        }
+        Ok(adapter)
+    }
+
+    /// The PEFT name of the first tensor with a NaN or infinite value, if any.
+    pub fn first_non_finite(&self) -> Option<String> {
+        // 0·x is 0 for every finite x and NaN otherwise, and a sum keeps a NaN.
+        let finite = |t: &Tensor| {
+            t.affine(0.0, 0.0)
+                .and_then(|d| d.to_dtype(DType::F64))
+                .and_then(|d| d.sum_all())
+                .and_then(|s| s.to_scalar::<f64>())
+                .is_ok_and(|s| s == 0.0)
+        };
+        self.iter().find_map(|(l, t, p)| {
+            if !finite(&p.a) {
+                Some(Self::tensor_name(l, t, 'A'))
+            } else if !finite(&p.b) {
+                Some(Self::tensor_name(l, t, 'B'))
+            } else {
+                None
+            }
+        })
     }
 }
 

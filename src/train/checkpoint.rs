@@ -16,9 +16,22 @@ use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
-pub const FORMAT_VERSION: u32 = 1;
+/// 2: every file, the state file included, is listed in `SHA256SUMS`.
+pub const FORMAT_VERSION: u32 = 2;
 const STATE_FILE: &str = "trainer_state.json";
 const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+/// SHA-256 of every other file, in `sha256sum` format (`sha256sum -c SHA256SUMS` checks it).
+/// Written last: a directory whose sums check out is complete. It lives outside the state file,
+/// so an edit of the state (its step, its own list of checksums) breaks a sum.
+const SUMS_FILE: &str = "SHA256SUMS";
+/// The files a checkpoint must have, each in `SUMS_FILE`.
+const FILES: [&str; 5] = [
+    "adapter_model.safetensors",
+    "adapter_config.json",
+    OPTIMIZER_FILE,
+    "train_config.json",
+    STATE_FILE,
+];
 
 /// Settings a resumed run may change: they do not alter what is computed up to the checkpoint.
 const HARMLESS: &[&str] = &[
@@ -145,11 +158,15 @@ pub fn save(
         sync(&p)?;
         state.checksums.insert(name.to_string(), sha256_file(&p)?);
     }
-    // The state file goes last: a directory with a valid state file is complete.
     crate::io::write_synced(
         &tmp.join(STATE_FILE),
         &serde_json::to_vec_pretty(&state).unwrap_or_default(),
     )?;
+    let mut sums = String::new();
+    for name in FILES {
+        sums.push_str(&format!("{}  {name}\n", sha256_file(&tmp.join(name))?));
+    }
+    crate::io::write_synced(&tmp.join(SUMS_FILE), sums.as_bytes())?;
     staged.commit()?;
     crate::io::write_file(
         &root.join("latest"),
@@ -182,12 +199,13 @@ fn prune(root: &Path, keep: usize) {
     }
 }
 
-/// The checkpoint `--resume` means: `PATH` itself, or the latest under `<output>/checkpoints`.
-pub fn locate(output: &Path, given: &str) -> Result<PathBuf> {
+/// The checkpoint `--resume` means: `PATH` itself, or the latest under `<output>/checkpoints`
+/// (None when the output has none yet: a run stopped before its first checkpoint).
+pub fn locate(output: &Path, given: &str) -> Result<Option<PathBuf>> {
     if !given.is_empty() {
         let p = PathBuf::from(given);
         if p.join(STATE_FILE).is_file() {
-            return Ok(p);
+            return Ok(Some(p));
         }
         // An output directory: its latest checkpoint.
         if p.join("checkpoints").is_dir() {
@@ -199,20 +217,29 @@ pub fn locate(output: &Path, given: &str) -> Result<PathBuf> {
         )));
     }
     let root = output.join("checkpoints");
+    let newest = list(&root).last().map(|s| root.join(format!("step-{s}")));
     let latest = std::fs::read_to_string(root.join("latest")).ok();
-    let dir = match latest.map(|l| root.join(l.trim())) {
-        Some(d) if d.join(STATE_FILE).is_file() => d,
-        _ => match list(&root).last() {
-            Some(s) => root.join(format!("step-{s}")),
-            None => {
-                return Err(Error::Usage(format!(
-                    "--resume: no checkpoint in {}; start the run without --resume",
-                    root.display()
-                )))
+    // `latest` names a checkpoint beside it (`step-N`), never a path elsewhere.
+    let named = latest.as_deref().map(str::trim).map(|l| {
+        let inside = l
+            .strip_prefix("step-")
+            .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
+        (l.to_string(), inside.then(|| root.join(l)))
+    });
+    match (named, newest) {
+        (Some((_, Some(d))), _) if d.join(STATE_FILE).is_file() => Ok(Some(d)),
+        (named, Some(newest)) => {
+            if let Some((l, _)) = named {
+                eprintln!(
+                    "note: {} names {l:?}, which is not a checkpoint there; resuming from {}, the newest one",
+                    root.join("latest").display(),
+                    newest.display()
+                );
             }
-        },
-    };
-    Ok(dir)
+            Ok(Some(newest))
+        }
+        (_, None) => Ok(None),
+    }
 }
 
 /// Reads a checkpoint and checks every file against its checksum.
@@ -239,23 +266,49 @@ pub fn load(dir: &Path) -> Result<Loaded> {
             dir.display()
         ))
     };
+    let version_error = |v: u32| {
+        Error::Usage(format!(
+            "checkpoint {} has format version {v}; this your_ai reads version {FORMAT_VERSION}",
+            dir.display()
+        ))
+    };
+    // Every file against its sum first: nothing unverified is parsed.
+    let sums = match std::fs::read_to_string(dir.join(SUMS_FILE)) {
+        Ok(s) => s,
+        Err(e) => {
+            // An older format had no sums file: say so rather than "damaged".
+            let older = std::fs::read_to_string(dir.join(STATE_FILE))
+                .ok()
+                .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+                .and_then(|v| v["format_version"].as_u64())
+                .filter(|&v| v < FORMAT_VERSION as u64);
+            return Err(match older {
+                Some(v) => version_error(v as u32),
+                None => corrupt(format!("{SUMS_FILE}: {e}")),
+            });
+        }
+    };
+    let listed: BTreeMap<&str, &str> = sums
+        .lines()
+        .filter_map(|l| l.split_once("  "))
+        .map(|(sum, name)| (name.trim(), sum.trim()))
+        .collect();
+    for name in FILES {
+        let want = listed
+            .get(name)
+            .ok_or_else(|| corrupt(format!("{SUMS_FILE} does not list {name}")))?;
+        let got = sha256_file(&dir.join(name)).map_err(|e| corrupt(e.to_string()))?;
+        if &got != want {
+            return Err(corrupt(format!("{name} does not match its checksum")));
+        }
+    }
     let state_path = dir.join(STATE_FILE);
     let text =
         std::fs::read_to_string(&state_path).map_err(|e| corrupt(format!("{STATE_FILE}: {e}")))?;
     let state: TrainerState = serde_json::from_str(&text)
         .map_err(|e| corrupt(format!("{STATE_FILE} is not valid: {e}")))?;
     if state.format_version != FORMAT_VERSION {
-        return Err(Error::Usage(format!(
-            "checkpoint {} has format version {}; this your_ai reads version {FORMAT_VERSION}",
-            dir.display(),
-            state.format_version
-        )));
-    }
-    for (name, want) in &state.checksums {
-        let got = sha256_file(&dir.join(name)).map_err(|e| corrupt(e.to_string()))?;
-        if &got != want {
-            return Err(corrupt(format!("{name} does not match its checksum")));
-        }
+        return Err(version_error(state.format_version));
     }
     let tensors = candle_core::safetensors::load(dir.join(OPTIMIZER_FILE), &Device::Cpu)
         .map_err(|e| corrupt(format!("{OPTIMIZER_FILE}: {e}")))?;

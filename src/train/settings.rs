@@ -192,6 +192,11 @@ pub struct OutputArgs {
     /// Per-step metrics as JSON lines [default: <output>/metrics.jsonl].
     #[arg(long)]
     pub metrics_file: Option<PathBuf>,
+    /// Replace an earlier run in --output (its adapter, best/, checkpoints/ and metrics);
+    /// without it (or --resume), a non-empty --output is refused.
+    #[arg(long)]
+    #[serde(skip_serializing, default)]
+    pub force: bool,
     /// Validation every N steps (also at step 0 and at the end; 0: only those).
     #[arg(long, default_value_t = 200)]
     pub steps_per_eval: usize,

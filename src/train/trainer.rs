@@ -291,10 +291,9 @@ impl<'a, E: Engine> Trainer<'a, E> {
             ));
             if self.nonfinite >= MAX_NONFINITE {
                 self.progress.finish();
-                return Err(Error::Diverged {
-                    steps: MAX_NONFINITE,
-                    learning_rate: cfg.schedule.learning_rate,
-                });
+                return Err(self.diverged(format!(
+                    "{MAX_NONFINITE} steps in a row had a non-finite loss or gradient"
+                )));
             }
         } else {
             self.nonfinite = 0;
@@ -414,9 +413,11 @@ impl<'a, E: Engine> Trainer<'a, E> {
         ));
         self.metrics
             .write(json!({"type": "eval", "step": step, "val_loss": val, "val_ppl": val.exp()}))?;
-        if cfg.output.save_best && step > 0 && s.best_val.is_none_or(|(_, b)| val < b) {
+        // A non-finite loss is never the best.
+        let better = val.is_finite() && s.best_val.is_none_or(|(_, b)| val < b);
+        if cfg.output.save_best && step > 0 && better {
             s.best_val = Some((step, val));
-            let adapter = self.engine.adapter()?;
+            let adapter = self.finite_adapter()?;
             save_adapter_dir(&adapter, &cfg.output_dir().join("best"), cfg)?;
         }
         Ok(())
@@ -445,12 +446,29 @@ impl<'a, E: Engine> Trainer<'a, E> {
         };
         checkpoint::save(
             &self.cfg.output_dir().join("checkpoints"),
-            &self.engine.adapter()?,
+            &self.finite_adapter()?,
             &optimizer,
             state,
             self.cfg,
             self.cfg.output.keep_checkpoints,
         )
+    }
+
+    fn diverged(&self, what: String) -> Error {
+        Error::Diverged {
+            what,
+            learning_rate: self.cfg.schedule.learning_rate,
+        }
+    }
+
+    /// The adapter as it is now, refused when any value is NaN or infinite: such an adapter
+    /// is never written (not to a checkpoint, not to `best/`, not as the result).
+    fn finite_adapter(&self) -> Result<Adapter> {
+        let adapter = self.engine.adapter()?;
+        match adapter.first_non_finite() {
+            Some(name) => Err(self.diverged(format!("{name} holds NaN or infinite values"))),
+            None => Ok(adapter),
+        }
     }
 
     /// The run crossed its memory budget during `step`: saves the checkpoint of `saved_step`
@@ -538,7 +556,7 @@ impl<'a, E: Engine> Trainer<'a, E> {
         let cfg = self.cfg;
         self.evaluate(cfg.steps)?;
         self.progress.finish();
-        save_adapter_files(&self.engine.adapter()?, cfg.output_dir(), cfg)?;
+        save_adapter_files(&self.finite_adapter()?, cfg.output_dir(), cfg)?;
         if cfg.output.test && !self.data.test.is_empty() {
             let r = self
                 .engine

@@ -42,6 +42,8 @@ pub struct Tokenizer {
     pub chat_template: Option<String>,
     /// Every id that ends generation.
     pub end_ids: BTreeSet<u32>,
+    /// Bytes of the longest token's text, computed when first asked.
+    max_token_bytes: std::sync::OnceLock<usize>,
 }
 
 impl Tokenizer {
@@ -117,6 +119,7 @@ impl Tokenizer {
             add_bos,
             chat_template,
             end_ids,
+            max_token_bytes: Default::default(),
         };
         tok.finish_end_ids();
         Ok(tok)
@@ -157,6 +160,7 @@ impl Tokenizer {
             add_bos,
             chat_template: g.meta_str("tokenizer.chat_template").map(str::to_string),
             end_ids,
+            max_token_bytes: Default::default(),
         };
         tok.finish_end_ids();
         Ok(tok)
@@ -180,6 +184,20 @@ impl Tokenizer {
                 }
             }
         }
+    }
+
+    /// An upper bound on the bytes of text one token covers: the longest token's text (a
+    /// byte-level or byte-fallback token's text is longer than the bytes it stands for).
+    pub fn max_token_bytes(&self) -> usize {
+        *self.max_token_bytes.get_or_init(|| {
+            self.inner
+                .get_vocab(true)
+                .keys()
+                .map(String::len)
+                .max()
+                .unwrap_or(1)
+                .max(4)
+        })
     }
 
     pub fn vocab_size(&self) -> usize {

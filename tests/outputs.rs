@@ -1,0 +1,294 @@
+//! Nothing the user has is clobbered: a finished run's output is refused to a second run unless
+//! it is resumed or forced, a running run's output is locked, a file a flag names is never
+//! truncated unless it is ours, checkpoints are verified whole (the state file too), `latest`
+//! stays inside the output, a diverged adapter is never written or used, and a finished run
+//! can be extended.
+
+mod common;
+
+use common::metrics;
+use std::path::Path;
+use std::process::Output;
+
+type Run = common::TinyRun;
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn train(r: &Run, out: &Path, steps: usize, extra: &[&str]) -> Output {
+    r.train_command(out)
+        .args(["--max-steps", &steps.to_string()])
+        .args([
+            "--batch-size",
+            "2",
+            "--lora-rank",
+            "4",
+            "--learning-rate",
+            "1e-3",
+        ])
+        .args([
+            "--warmup-steps",
+            "10",
+            "--save-every",
+            "2",
+            "--steps-per-eval",
+            "0",
+        ])
+        .args(extra)
+        .output()
+        .unwrap()
+}
+
+fn adapter(out: &Path) -> Vec<u8> {
+    std::fs::read(out.join("adapter_model.safetensors")).unwrap()
+}
+
+#[test]
+fn a_second_run_into_a_used_output_is_refused_unless_resumed_or_forced() {
+    let r = common::tiny_run(8);
+    let out = r.root.join("out");
+    let o = train(&r, &out, 2, &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let first = adapter(&out);
+    // Again, as it was: refused, and the earlier run is untouched.
+    let o = train(&r, &out, 2, &["--seed", "9"]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    let e = stderr(&o);
+    assert!(
+        e.contains("not empty") && e.contains("--resume") && e.contains("--force"),
+        "{e}"
+    );
+    assert_eq!(adapter(&out), first);
+    assert!(!out.join(".your_ai.lock").exists());
+    // --force replaces it; a file of the user's in the directory stays.
+    std::fs::write(out.join("notes.txt"), "mine").unwrap();
+    let o = train(&r, &out, 2, &["--seed", "9", "--force"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_ne!(adapter(&out), first);
+    assert_eq!(
+        std::fs::read_to_string(out.join("notes.txt")).unwrap(),
+        "mine"
+    );
+    assert_eq!(metrics(&out.join("metrics.jsonl"), "start").len(), 1);
+}
+
+#[test]
+fn a_locked_output_is_refused_while_its_run_lives() {
+    let r = common::tiny_run(8);
+    let out = r.root.join("busy");
+    std::fs::create_dir_all(&out).unwrap();
+    // The lock of a live process (the test's own parent stands in for another run).
+    let lock = out.join(".your_ai.lock");
+    std::fs::write(&lock, format!("{}\n", std::os::unix::process::parent_id())).unwrap();
+    let o = train(&r, &out, 2, &[]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("another your_ai run"), "{}", stderr(&o));
+    assert!(!out.join("adapter_model.safetensors").exists());
+    // A dead process's lock is taken over.
+    std::fs::write(&lock, "999999999\n").unwrap();
+    let o = train(&r, &out, 2, &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("taking over the lock"));
+    assert!(!lock.exists());
+}
+
+#[test]
+fn a_metrics_file_that_is_not_ours_is_never_truncated() {
+    let r = common::tiny_run(8);
+    let data = r.data.join("train.jsonl");
+    let before = std::fs::read(&data).unwrap();
+    let o = train(
+        &r,
+        &r.root.join("m"),
+        2,
+        &["--metrics-file", data.to_str().unwrap()],
+    );
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("not a metrics file"), "{}", stderr(&o));
+    assert_eq!(std::fs::read(&data).unwrap(), before);
+}
+
+#[test]
+fn checkpoints_are_verified_whole_and_latest_stays_inside() {
+    let r = common::tiny_run(8);
+    let out = r.root.join("ck");
+    let o = train(&r, &out, 4, &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let ck = out.join("checkpoints/step-4");
+    let state_path = ck.join("trainer_state.json");
+    let state = std::fs::read_to_string(&state_path).unwrap();
+    let resume = |extra: &[&str]| train(&r, &out, 6, &[&["--resume"][..], extra].concat());
+    // Emptying the state's own list of checksums, then flipping an optimizer byte: refused.
+    let mut v: serde_json::Value = serde_json::from_str(&state).unwrap();
+    v["checksums"] = serde_json::json!({});
+    std::fs::write(&state_path, serde_json::to_string_pretty(&v).unwrap()).unwrap();
+    let o = resume(&[]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("trainer_state.json does not match"),
+        "{}",
+        stderr(&o)
+    );
+    // An edited step: refused too.
+    std::fs::write(&state_path, state.replace("\"step\": 4", "\"step\": 1")).unwrap();
+    let o = resume(&[]);
+    assert!(
+        stderr(&o).contains("trainer_state.json does not match"),
+        "{}",
+        stderr(&o)
+    );
+    // Without the sums file: refused.
+    std::fs::write(&state_path, &state).unwrap();
+    let sums = std::fs::read(ck.join("SHA256SUMS")).unwrap();
+    std::fs::remove_file(ck.join("SHA256SUMS")).unwrap();
+    let o = resume(&[]);
+    assert!(stderr(&o).contains("SHA256SUMS"), "{}", stderr(&o));
+    std::fs::write(ck.join("SHA256SUMS"), sums).unwrap();
+    // `latest` pointing outside the output is not followed: the newest checkpoint is used.
+    std::fs::write(
+        out.join("checkpoints/latest"),
+        "../../ck/checkpoints/step-2\n",
+    )
+    .unwrap();
+    let o = resume(&[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let e = stderr(&o);
+    assert!(
+        e.contains("is not a checkpoint there") && e.contains("step-4"),
+        "{e}"
+    );
+}
+
+#[test]
+fn a_finished_run_is_extended_with_resume_and_more_steps() {
+    let r = common::tiny_run(8);
+    let out = r.root.join("ext");
+    // --warmup-steps 10 is capped at the 4 steps; extending to 6 must not trip over it.
+    let o = train(&r, &out, 4, &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = train(&r, &out, 6, &["--resume"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let steps: Vec<u64> = metrics(&out.join("metrics.jsonl"), "train")
+        .iter()
+        .map(|l| l["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(steps, [1, 2, 3, 4, 5, 6]);
+}
+
+#[test]
+fn a_non_finite_adapter_is_refused_by_every_command_that_reads_one() {
+    let r = common::tiny_run(8);
+    let out = r.root.join("nan");
+    let o = train(&r, &out, 2, &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    // One NaN in the first tensor of the adapter file.
+    let path = out.join("adapter_model.safetensors");
+    let bytes = std::fs::read(&path).unwrap();
+    let header = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let mut bad = bytes.clone();
+    bad[8 + header..8 + header + 4].copy_from_slice(&f32::NAN.to_le_bytes());
+    std::fs::write(&path, bad).unwrap();
+    let model = r.model.to_str().unwrap().to_string();
+    let adapter = out.to_str().unwrap().to_string();
+    let cases: Vec<Vec<String>> = vec![
+        vec!["generate".into(), "--prompt".into(), "hi".into()],
+        vec![
+            "eval".into(),
+            "--data".into(),
+            r.data.to_str().unwrap().into(),
+        ],
+        vec![
+            "fuse".into(),
+            "--output".into(),
+            r.root.join("fused").to_str().unwrap().into(),
+        ],
+        vec![
+            "export-adapter".into(),
+            "--output".into(),
+            r.root.join("a.gguf").to_str().unwrap().into(),
+        ],
+    ];
+    for mut args in cases {
+        args.extend([
+            "--model".into(),
+            model.clone(),
+            "--adapter".into(),
+            adapter.clone(),
+        ]);
+        let o = common::cli().args(&args).output().unwrap();
+        let e = stderr(&o);
+        assert!(!o.status.success(), "{args:?}: {e}");
+        assert!(
+            e.contains("NaN or infinite") && e.contains("lora_"),
+            "{args:?}: {e}"
+        );
+        assert!(!e.contains("panicked"), "{args:?}: {e}");
+    }
+    assert!(!r.root.join("fused").exists() && !r.root.join("a.gguf").exists());
+}
+
+/// A single huge row costs what its kept tokens cost: it is cut before it is tokenized (a
+/// 20 MB line used to be tokenized whole, gigabytes for 64 kept tokens), and the tokens kept
+/// are the ones the whole row would have given.
+#[test]
+fn a_huge_row_is_cut_before_it_is_tokenized() {
+    let r = common::tiny_run(4);
+    let words: Vec<String> = (0..4_000_000).map(|i| format!("w{}", i % 977)).collect();
+    let huge = serde_json::json!({"text": words.join(" ")}).to_string();
+    assert!(huge.len() > 20_000_000);
+    let data = r.root.join("huge");
+    std::fs::create_dir_all(&data).unwrap();
+    let small = std::fs::read_to_string(r.data.join("train.jsonl")).unwrap();
+    std::fs::write(data.join("train.jsonl"), format!("{small}{huge}\n")).unwrap();
+    let out = r.root.join("huge-out");
+    let o = r
+        .train_command(&out)
+        .args(["--data", data.to_str().unwrap()])
+        .args([
+            "--max-steps",
+            "1",
+            "--batch-size",
+            "1",
+            "--max-seq-length",
+            "64",
+        ])
+        .args([
+            "--lora-rank",
+            "4",
+            "--steps-per-eval",
+            "0",
+            "--no-save-best",
+        ])
+        .output()
+        .unwrap();
+    let e = stderr(&o);
+    assert!(o.status.success(), "{e}");
+    assert!(
+        e.contains("1 example(s) longer than --max-seq-length 64"),
+        "{e}"
+    );
+    let peak = metrics(&out.join("metrics.jsonl"), "end")[0]["peak_rss_bytes"]
+        .as_f64()
+        .unwrap();
+    assert!(peak < 1.0e9, "peak resident memory {:.2} GB", peak / 1e9);
+
+    // The kept tokens are the whole row's first 64.
+    let g = your_ai::weights::GgufFile::open(&common::smollm2()).unwrap();
+    let tok = your_ai::data::tokenizer::Tokenizer::from_gguf(&g).unwrap();
+    let text: String = words[..20_000].join(" ");
+    let rec = |t: &str| your_ai::data::Record {
+        example: your_ai::data::Example::Text(t.to_string()),
+        location: "x:1".into(),
+        fields: Default::default(),
+    };
+    let enc = your_ai::data::Encoder::new(&tok, true, 64).unwrap();
+    let cut = enc.encode(&rec(&text)).unwrap();
+    let whole = your_ai::data::Encoder::new(&tok, true, 100_000)
+        .unwrap()
+        .encode(&rec(&text))
+        .unwrap();
+    assert!(whole.ids.len() > 1000);
+    assert_eq!(cut.ids, whole.ids[..64]);
+    assert!(cut.truncated > 0);
+}

@@ -234,7 +234,7 @@ fn a_non_finite_adapter_is_refused_by_every_command_that_reads_one() {
 #[test]
 fn a_huge_row_is_cut_before_it_is_tokenized() {
     let r = common::tiny_run(4);
-    let words: Vec<String> = (0..4_000_000).map(|i| format!("w{}", i % 977)).collect();
+    let words: Vec<String> = (0..5_000_000).map(|i| format!("w{}", i % 977)).collect();
     let huge = serde_json::json!({"text": words.join(" ")}).to_string();
     assert!(huge.len() > 20_000_000);
     let data = r.root.join("huge");

@@ -21,15 +21,17 @@ pub fn run(args: EvalArgs) -> Result<()> {
     };
     let records = read_jsonl(&path)?;
     let loaded = args.run.load(true)?;
+    // Nothing is scored beyond the model's context.
     let context = loaded.model.cfg.max_position_embeddings;
-    if batch.max_seq_length > context {
-        return Err(Error::Usage(format!(
-            "--max-seq-length {}: the model's context is {context} tokens; use at most {context}",
+    let max_seq_length = batch.max_seq_length.min(context);
+    if max_seq_length < batch.max_seq_length {
+        eprintln!(
+            "note: examples are cut at the model's context, {context} tokens (--max-seq-length {})",
             batch.max_seq_length
-        )));
+        );
     }
     let mask_prompt = data.mask_prompt && !data.no_mask_prompt;
-    let encoder = Encoder::new(&loaded.tokenizer, mask_prompt, batch.max_seq_length)?;
+    let encoder = Encoder::new(&loaded.tokenizer, mask_prompt, max_seq_length)?;
     let samples = records
         .iter()
         .map(|r| encoder.encode(r))
@@ -37,8 +39,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
     let truncated = samples.iter().filter(|s| s.truncated > 0).count();
     if truncated > 0 {
         eprintln!(
-            "warning: {truncated} example(s) longer than --max-seq-length {} were truncated",
-            batch.max_seq_length
+            "warning: {truncated} example(s) longer than --max-seq-length {max_seq_length} were truncated"
         );
     }
     let result = evaluate(&loaded.model, &samples, batch.batch_size)?;

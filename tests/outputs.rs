@@ -292,3 +292,57 @@ fn a_huge_row_is_cut_before_it_is_tokenized() {
     assert_eq!(cut.ids, whole.ids[..64]);
     assert!(cut.truncated > 0);
 }
+
+/// Inputs that used to get a misleading message get one naming the flag or file and the fix.
+#[test]
+fn unclear_inputs_get_clear_messages() {
+    let r = common::tiny_run(4);
+    let fails = |extra: &[&str], needles: &[&str]| {
+        let out = r.root.join("m");
+        let o = train(&r, &out, 2, extra);
+        let e = stderr(&o);
+        assert!(!o.status.success(), "{extra:?}: {e}");
+        for n in needles {
+            assert!(e.contains(n), "{extra:?}: `{n}` not in {e}");
+        }
+        assert!(!out.exists(), "{extra:?} left an output");
+    };
+    // A FIFO, a device and a symlink loop are not "missing".
+    let fifo = r.root.join("fifo");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    fails(&["--data", fifo.to_str().unwrap()], &["not a regular file"]);
+    fails(&["--data", "/dev/zero"], &["not a regular file"]);
+    let looped = r.root.join("loop");
+    std::os::unix::fs::symlink(&looped, &looped).unwrap();
+    let o = train(
+        &r,
+        &r.root.join("m"),
+        2,
+        &["--data", looped.to_str().unwrap()],
+    );
+    let e = stderr(&o);
+    assert!(!o.status.success() && !e.contains("does not exist"), "{e}");
+    // Values no run can use.
+    fails(
+        &["--keep-checkpoints", "0"],
+        &["--keep-checkpoints 0", "at least 1"],
+    );
+    fails(
+        &["--learning-rate", "inf"],
+        &["--learning-rate inf", "finite"],
+    );
+    fails(&["--learning-rate=-1e308"], &["-1e308"]);
+    // A byte-order mark before the first line is not an error.
+    let bom = r.root.join("bom");
+    std::fs::create_dir_all(&bom).unwrap();
+    let rows = std::fs::read_to_string(r.data.join("train.jsonl")).unwrap();
+    std::fs::write(bom.join("train.jsonl"), format!("\u{feff}{rows}")).unwrap();
+    let o = train(
+        &r,
+        &r.root.join("bom-out"),
+        1,
+        &["--data", bom.to_str().unwrap()],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+}

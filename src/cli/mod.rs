@@ -340,8 +340,9 @@ pub struct FuseArgs {
     /// Replace --output if it exists.
     #[arg(long)]
     pub force: bool,
-    /// Safetensors shard size in bytes for a Hugging Face output.
-    #[arg(long, default_value_t = crate::export::hf_dir::DEFAULT_SHARD_BYTES)]
+    /// Safetensors shard size in bytes for a Hugging Face output (at least 1).
+    #[arg(long, default_value_t = crate::export::hf_dir::DEFAULT_SHARD_BYTES,
+          value_parser = clap::value_parser!(u64).range(1..))]
     pub max_shard_size: u64,
     /// Longer validation examples are truncated to this many tokens.
     #[arg(long, default_value_t = 1024)]

@@ -28,6 +28,7 @@ pub fn run(mut a: TrainArgs) -> Result<()> {
     a.batch.check()?;
     a.schedule.check()?;
     a.lora.check()?;
+    a.output.check()?;
     a.memory.check()?;
     let files = resolve_files(&a.data.data)?;
     let records = read_records(&a, &files)?;

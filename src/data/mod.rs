@@ -85,16 +85,34 @@ pub struct DataFiles {
 
 /// A directory with `train.jsonl` (and optionally `valid.jsonl`, `test.jsonl`), or one file.
 pub fn resolve_files(path: &Path) -> Result<DataFiles, DataError> {
-    if path.is_file() {
+    let meta = match std::fs::metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(DataError::Missing {
+                path: path.to_path_buf(),
+            })
+        }
+        // A symlink loop, a permission: said as it is, not as "does not exist".
+        Err(e) => {
+            return Err(DataError::Read {
+                path: path.to_path_buf(),
+                reason: e.to_string(),
+            })
+        }
+    };
+    if meta.is_file() {
         return Ok(DataFiles {
             train: path.to_path_buf(),
             valid: None,
             test: None,
         });
     }
-    if !path.is_dir() {
-        return Err(DataError::Missing {
+    if !meta.is_dir() {
+        return Err(DataError::Read {
             path: path.to_path_buf(),
+            reason: "not a regular file or a directory (a pipe or a device?); give a JSONL file \
+                     or a directory holding train.jsonl"
+                .into(),
         });
     }
     let train = path.join("train.jsonl");
@@ -161,6 +179,12 @@ pub fn read_jsonl(path: &Path) -> Result<Vec<Record>, DataError> {
         let Ok(text) = std::str::from_utf8(&buf) else {
             errors.push(format!("{location}: not valid UTF-8"));
             continue;
+        };
+        // A byte-order mark (some editors write one) is not part of the first line's JSON.
+        let text = if line_no == 1 {
+            text.strip_prefix('\u{feff}').unwrap_or(text)
+        } else {
+            text
         };
         if text.trim().is_empty() {
             continue;
@@ -417,7 +441,15 @@ impl<'a> Encoder<'a> {
                 eos_token: self.tokenizer.eos_token.as_deref(),
                 extra: Map::new(),
             })
-            .map_err(|e| e.to_string())
+            .map_err(|e| {
+                let hint = match messages.iter().position(|m| m.get("content") == Some(&Value::Null)) {
+                    Some(i) => format!(
+                        " (message {i} has `content: null`, which this template does not take; give it a string, even an empty one)"
+                    ),
+                    None => String::new(),
+                };
+                format!("the model's chat template cannot render this conversation: {e}{hint}")
+            })
         };
         let full = render(messages, false)?;
         let mut spans = vec![];

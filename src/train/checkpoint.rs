@@ -145,7 +145,7 @@ pub fn save(
     }
     let opt_path = tmp.join(OPTIMIZER_FILE);
     candle_core::safetensors::save(&moments, &opt_path)
-        .map_err(|e| Error::Usage(format!("cannot write {}: {e}", opt_path.display())))?;
+        .map_err(|e| Error::io("write", &opt_path, std::io::Error::other(e)))?;
     let cfg_json = serde_json::to_vec_pretty(config).unwrap_or_default();
     crate::io::write_synced(&tmp.join("train_config.json"), &cfg_json)?;
     for name in [

@@ -57,14 +57,15 @@ impl LoraArgs {
         if let Some(alpha) = self.lora_alpha {
             if !(alpha.is_finite() && alpha > 0.0) {
                 return Err(usage(format!(
-                    "--lora-alpha {alpha}: it must be a positive number"
+                    "--lora-alpha {}: it must be a finite positive number",
+                    shown(alpha)
                 )));
             }
         }
         if !(0.0..1.0).contains(&self.lora_dropout) {
             return Err(usage(format!(
                 "--lora-dropout {}: it must be at least 0 and below 1",
-                self.lora_dropout
+                shown(self.lora_dropout)
             )));
         }
         if self.num_layers == Some(0) {
@@ -79,6 +80,15 @@ impl LoraArgs {
 
 fn usage(msg: String) -> crate::error::Error {
     crate::error::Error::Usage(msg)
+}
+
+/// A number as a message shows it: `1e308`, not 309 digits.
+fn shown(v: f64) -> String {
+    if v.is_finite() && v != 0.0 && !(1e-4..1e6).contains(&v.abs()) {
+        format!("{v:e}")
+    } else {
+        format!("{v}")
+    }
 }
 
 fn parse_target(s: &str) -> Result<Target, String> {
@@ -160,13 +170,16 @@ impl ScheduleArgs {
         }
         if let Some(e) = self.epochs {
             if !(e.is_finite() && e > 0.0) {
-                return Err(usage(format!("--epochs {e}: it must be a positive number")));
+                return Err(usage(format!(
+                    "--epochs {}: it must be a finite positive number",
+                    shown(e)
+                )));
             }
         }
         if !(self.learning_rate.is_finite() && self.learning_rate > 0.0) {
             return Err(usage(format!(
-                "--learning-rate {}: it must be a positive number",
-                self.learning_rate
+                "--learning-rate {}: it must be a finite positive number",
+                shown(self.learning_rate)
             )));
         }
         for (v, flag) in [
@@ -175,7 +188,10 @@ impl ScheduleArgs {
             (self.max_grad_norm, "--max-grad-norm"),
         ] {
             if !(v.is_finite() && v >= 0.0) {
-                return Err(usage(format!("{flag} {v}: it must be zero or positive")));
+                return Err(usage(format!(
+                    "{flag} {}: it must be zero or a finite positive number",
+                    shown(v)
+                )));
             }
         }
         Ok(())
@@ -240,7 +256,7 @@ pub struct BudgetArgs {
 fn parse_gb(s: &str) -> Result<f64, String> {
     match s.parse::<f64>() {
         Ok(gb) if gb.is_finite() && gb > 0.0 => Ok(gb),
-        _ => Err("give the budget in GB as a positive number".into()),
+        _ => Err("give the budget in GB as a finite positive number".into()),
     }
 }
 
@@ -270,6 +286,19 @@ pub struct MemoryArgs {
     #[arg(long, hide = true, value_name = "BYTES@STEP", value_parser = parse_test_limit)]
     #[serde(skip)]
     pub test_memory_limit: Option<(u64, usize)>,
+}
+
+impl OutputArgs {
+    /// Values no run can use, named by their flag.
+    pub fn check(&self) -> crate::Result<()> {
+        if self.keep_checkpoints == 0 {
+            return Err(usage(
+                "--keep-checkpoints 0: keep at least 1 (a run resumes from its newest checkpoint)"
+                    .into(),
+            ));
+        }
+        Ok(())
+    }
 }
 
 impl MemoryArgs {

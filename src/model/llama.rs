@@ -1,7 +1,7 @@
 //! The Llama-family model's weights (also Mistral and Qwen2) and how they are loaded: the
 //! linears, the blocks, embeddings and head, and the KV cache inference keeps. The maths is
-//! elsewhere: the block in [`super::block`] (which also holds the inference pass), each op in
-//! [`super::ops`].
+//! elsewhere: the block in `model/block.rs` (which also holds the inference pass), each op in
+//! `model/ops/`.
 
 use super::config::ModelConfig;
 use super::quantized::{self, QuantBits, Weight};

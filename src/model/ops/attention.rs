@@ -25,14 +25,11 @@ pub trait Attend {
 
     /// Attention of the rotated `q`, `k` and of `v` (`[rows, nkv·d]`): the output `[rows,
     /// nh·d]` and, with `keep`, what the backward needs.
-    fn attend(
-        &mut self,
-        q: Tensor,
-        k: Tensor,
-        v: Tensor,
-        keep: bool,
-    ) -> Result<(Tensor, Option<Saved>)>;
+    fn attend(&mut self, q: Tensor, k: Tensor, v: Tensor, keep: bool) -> Result<Attended>;
 }
+
+/// Attention's output `[rows, nh·d]` and, when asked for, what its backward needs.
+pub type Attended = (Tensor, Option<Saved>);
 
 /// What attention's backward needs from its forward: the rotated queries `[B·T, nh·d]`, keys
 /// and values `[B·T, nkv·d]`, and the probabilities or their log-sum-exp.
@@ -70,13 +67,7 @@ impl Attend for Sequences<'_> {
         rope(x, self.cos, self.sin, self.heads, n, false)
     }
 
-    fn attend(
-        &mut self,
-        q: Tensor,
-        k: Tensor,
-        v: Tensor,
-        keep: bool,
-    ) -> Result<(Tensor, Option<Saved>)> {
+    fn attend(&mut self, q: Tensor, k: Tensor, v: Tensor, keep: bool) -> Result<Attended> {
         let clock = Instant::now();
         let done = self.forward(&q, &k, &v);
         self.time += clock.elapsed();
@@ -309,13 +300,7 @@ impl Attend for Cached<'_> {
         rope_heads(&to_heads(x, self.heads, n)?, self.cos, self.sin, false)
     }
 
-    fn attend(
-        &mut self,
-        q: Tensor,
-        k: Tensor,
-        v: Tensor,
-        keep: bool,
-    ) -> Result<(Tensor, Option<Saved>)> {
+    fn attend(&mut self, q: Tensor, k: Tensor, v: Tensor, keep: bool) -> Result<Attended> {
         if keep {
             candle_core::bail!("inference attention keeps nothing for a backward");
         }

@@ -86,10 +86,10 @@ mod tests {
         assert_eq!(m.dims(), [2, 1, 1, 9, 9]);
         let row = |b: usize| seen(&m.get(b).unwrap().reshape((9, 9)).unwrap());
         let packed = row(0);
-        for i in 0..9 {
-            for j in 0..9 {
+        for (i, row) in packed.iter().enumerate() {
+            for (j, &seen) in row.iter().enumerate() {
                 let same_doc = (i < 5) == (j < 5);
-                assert_eq!(packed[i][j], j <= i && i - j < 3 && same_doc, "({i}, {j})");
+                assert_eq!(seen, j <= i && i - j < 3 && same_doc, "({i}, {j})");
             }
         }
         // The first key of the second document is seen by its own queries only.

@@ -5,7 +5,7 @@
 //! Each op runs the fused CPU kernels of [`crate::kernels`] where they cover its inputs (a
 //! kernel returns `None` otherwise) and candle's composite ops elsewhere (other devices and
 //! dtypes); the composite ops are the oracle the tests hold the kernels to. The block
-//! ([`super::block`]) is written once on top of these.
+//! (`model/block.rs`) is written once on top of these.
 
 pub mod attention;
 pub mod head;

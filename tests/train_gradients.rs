@@ -144,7 +144,7 @@ fn autograd_loss(
                 let x = match mb.dropout {
                     Some((p, seed)) => {
                         let (r, c) = x.dims2().unwrap();
-                        (x * your_ai::engine::candle::step::dropout_mask(
+                        (x * your_ai::model::ops::linear::dropout_mask(
                             p,
                             seed,
                             l,
@@ -474,6 +474,46 @@ fn packed_rows_equal_separate_documents() {
     assert!((lp - ls).abs() < 1e-10, "{lp} vs {ls}");
     for (a, b) in gp.tensors().zip(gs.tensors()) {
         assert!(max_rel_diff(a, b) < 1e-8);
+    }
+}
+
+/// With a sliding window shorter than the documents, packed rows still equal the documents
+/// as separate rows (the packed mask keeps the window), on the composite path (f64) and the
+/// fused kernels (f32); and the window does change the loss.
+#[test]
+fn packed_rows_under_a_sliding_window_equal_separate_documents() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = TinySpec::default();
+    let plain = tiny_model(&spec, dir.path());
+    let cfg = ModelConfig::from_hf_file(&dir.path().join("config.json")).unwrap();
+    let store = WeightStore::Safetensors(SafetensorsDir::open(dir.path()).unwrap());
+    let s = samples();
+    let refs: Vec<&Sample> = s.iter().collect();
+    let packed = pack(&refs, &[1.0; 4], 20);
+    assert!(packed.len() < 4 && packed.iter().any(|r| r.len() > 4));
+    for (dtype, tol) in [(DType::F64, 1e-10), (DType::F32, 1e-5)] {
+        let mut windowed = cfg.clone();
+        windowed.sliding_window = Some(3);
+        let model = Llama::load(&store, windowed, dtype, &Device::Cpu).unwrap();
+        let adapter = random_adapter(&plain, vec![0, 1], Target::ALL.to_vec())
+            .to_dtype(dtype)
+            .unwrap();
+        let (lp, gp) = explicit(&model, &adapter, &[batch(&model, &packed)]);
+        let (ls, gs) = explicit(&model, &adapter, &[batch(&model, &rows(&s))]);
+        assert!((lp - ls).abs() < tol * ls.abs(), "{dtype:?}: {lp} vs {ls}");
+        for (a, b) in gp.tensors().zip(gs.tensors()) {
+            let (a, b) = (
+                a.to_dtype(DType::F64).unwrap(),
+                b.to_dtype(DType::F64).unwrap(),
+            );
+            assert!(max_rel_diff(&a, &b) < tol * 100.0, "{dtype:?}");
+        }
+        let unwindowed = Llama::load(&store, cfg.clone(), dtype, &Device::Cpu).unwrap();
+        let (lu, _) = explicit(&unwindowed, &adapter, &[batch(&unwindowed, &rows(&s))]);
+        assert!(
+            (lu - ls).abs() > 1e-3,
+            "{dtype:?}: the window changes nothing"
+        );
     }
 }
 

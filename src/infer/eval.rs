@@ -1,14 +1,12 @@
-//! Loss and perplexity of a model over encoded samples, on exactly the tokens training scores.
-//! The LM head runs on chunks of scored positions so the full `[tokens, vocab]` logits never
-//! exist at once.
+//! Loss and perplexity of a model over encoded samples, on exactly the tokens training scores,
+//! through the same LM head and loss ([`crate::model::ops::head`]), which runs on chunks of
+//! scored positions so the full `[tokens, vocab]` logits never exist at once.
 
 use crate::data::Sample;
 use crate::error::Result;
+use crate::model::ops::head;
 use crate::model::{KvCache, Llama};
-use candle_core::{DType, Tensor, D};
-
-/// Scored positions per LM-head chunk.
-const HEAD_CHUNK: usize = 512;
+use candle_core::{DType, Tensor};
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct EvalResult {
@@ -45,7 +43,8 @@ pub fn evaluate(model: &Llama, samples: &[Sample], batch_size: usize) -> Result<
     })
 }
 
-/// (sum of token cross-entropies, number of scored tokens) for one batch.
+/// (sum of token cross-entropies, number of scored tokens) for one batch: the rows training
+/// would score, through the same LM head and loss.
 pub fn batch_loss_sum(model: &Llama, batch: &[Sample]) -> Result<(f64, usize)> {
     let t = batch.iter().map(|s| s.ids.len()).max().unwrap_or(0);
     if t < 2 {
@@ -57,28 +56,23 @@ pub fn batch_loss_sum(model: &Llama, batch: &[Sample]) -> Result<(f64, usize)> {
     for (b, s) in batch.iter().enumerate() {
         ids.extend_from_slice(&s.ids);
         ids.extend(std::iter::repeat_n(0u32, t - s.ids.len()));
-        for p in 0..s.ids.len() - 1 {
-            if s.trained[p + 1] {
-                rows.push((b * t + p) as u32);
-                targets.push(s.ids[p + 1]);
-            }
+        for p in head::scored(&s.trained, None) {
+            rows.push((b * t + p - 1) as u32);
+            targets.push(s.ids[p]);
         }
     }
     if rows.is_empty() {
         return Ok((0.0, 0));
     }
-    let input = Tensor::from_vec(ids, (batch.len(), t), &model.device)?;
-    let hidden = model.forward_hidden(&input, &mut KvCache::new(model.blocks.len()))?;
-    let hidden = hidden.reshape((batch.len() * t, model.cfg.hidden_size))?;
-    let mut sum = 0f64;
-    for (r, tg) in rows.chunks(HEAD_CHUNK).zip(targets.chunks(HEAD_CHUNK)) {
-        let idx = Tensor::new(r, &model.device)?;
-        let h = hidden.index_select(&idx, 0)?;
-        let logits = model.logits(&h)?;
-        let logp = crate::model::llama::log_softmax_last(&logits)?;
-        let tg = Tensor::new(tg, &model.device)?.unsqueeze(1)?;
-        let picked = logp.gather(&tg, D::Minus1)?.to_dtype(DType::F64)?;
-        sum -= picked.sum_all()?.to_scalar::<f64>()?;
-    }
-    Ok((sum, rows.len()))
+    let n = rows.len();
+    let dev = &model.device;
+    let input = Tensor::from_vec(ids, (batch.len(), t), dev)?;
+    let hidden = model.hidden_states(&input, &mut KvCache::new(model.blocks.len()))?;
+    let targets = head::Targets {
+        rows: &Tensor::from_vec(rows, n, dev)?,
+        ids: &Tensor::from_vec(targets, n, dev)?,
+        weights: &Tensor::ones(n, DType::F32, dev)?,
+    };
+    let (sums, _) = head::head(model, &hidden, &targets, None)?;
+    Ok((sums.ce, n))
 }

@@ -1,17 +1,16 @@
-//! The Llama block (also Mistral and Qwen2) and the inference forward pass with a KV cache.
-//!
-//! This path needs no gradients, so it uses candle's fused kernels (RMSNorm, RoPE, softmax).
-//! Grouped-query attention is computed without copying K/V per query head: the query heads of
-//! one group are laid out as extra rows against their shared K/V head.
+//! The Llama-family model's weights (also Mistral and Qwen2) and how they are loaded: the
+//! linears, the blocks, embeddings and head, and the KV cache inference keeps. The maths is
+//! elsewhere: the block in `model/block.rs` (which also holds the inference pass), each op in
+//! `model/ops/`.
 
 use super::config::ModelConfig;
 use super::quantized::{self, QuantBits, Weight};
 use super::rope::Rope;
 use super::vocab::{VocabMatrix, SLICE_ROWS};
-use crate::model::lora::{Adapter, LoraPair, Target};
+use crate::model::lora::Adapter;
 use crate::weights::{WeightStore, WeightsError};
 use candle_core::quantized::{GgmlDType, QTensor};
-use candle_core::{DType, Device, Module, Result, Tensor, D};
+use candle_core::{DType, Device, Result, Tensor};
 
 /// A linear layer `y = x Wᵀ (+ b)` with `W` stored `[out, in]` as in the checkpoints, dense or
 /// quantized (see [`Weight`]).
@@ -27,53 +26,6 @@ impl Linear {
     }
     pub fn out_features(&self) -> usize {
         self.weight.dims2().map(|d| d.0).unwrap_or(0)
-    }
-
-    /// `y = x Wᵀ (+ b) + s · (x' Aᵀ) Bᵀ` for 2-D `x`, the LoRA term as two thin matmuls (never
-    /// `W + BA`); `x'` is `lora_x` when given (the dropped-out input in training), else `x`.
-    /// Also returns `x' Aᵀ`, which the backward needs for `dB`.
-    pub fn forward_lora(
-        &self,
-        x: &Tensor,
-        lora: Option<&LoraPair>,
-        scale: f64,
-        lora_x: Option<&Tensor>,
-    ) -> Result<(Tensor, Option<Tensor>)> {
-        if self.bias.is_none() && crate::kernels::covers(x) {
-            let w = self.weight.dense(DType::F32)?;
-            if let Some(done) =
-                crate::kernels::linear_forward(x, &w, lora.map(|p| (p, scale)), lora_x)
-            {
-                return done;
-            }
-        }
-        let y = self.forward(x)?;
-        match lora {
-            None => Ok((y, None)),
-            Some(p) => {
-                let xa = lora_x
-                    .unwrap_or(x)
-                    .to_dtype(p.a.dtype())?
-                    .matmul(&p.a.t()?)?;
-                let delta = (xa.matmul(&p.b.t()?)? * scale)?.to_dtype(y.dtype())?;
-                Ok(((y + delta)?, Some(xa)))
-            }
-        }
-    }
-}
-
-impl Module for Linear {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let mut out_dims = x.dims().to_vec();
-        let in_features = out_dims.pop().unwrap_or(0);
-        let rows: usize = out_dims.iter().product();
-        let y = self.weight.matmul_t(&x.reshape((rows, in_features))?)?;
-        let y = match &self.bias {
-            Some(b) => y.broadcast_add(b)?,
-            None => y,
-        };
-        out_dims.push(self.out_features());
-        y.reshape(out_dims)
     }
 }
 
@@ -222,6 +174,15 @@ impl KvCache {
         }
     }
 
+    /// Each block's keys and values `[b, nkv, positions, d]`, for a model of `num_layers`
+    /// blocks (a cache made for another model starts empty).
+    pub(crate) fn slots(&mut self, num_layers: usize) -> &mut [Option<(Tensor, Tensor)>] {
+        if self.layers.len() != num_layers {
+            *self = KvCache::new(num_layers);
+        }
+        &mut self.layers
+    }
+
     /// Number of positions already cached.
     pub fn len(&self) -> usize {
         match self.layers.first() {
@@ -245,7 +206,7 @@ pub struct Llama {
     pub rope: Rope,
     pub dtype: DType,
     pub device: Device,
-    /// A LoRA adapter applied in [`Llama::forward`] (generation and evaluation).
+    /// A LoRA adapter applied in `Llama::forward` (generation and evaluation).
     pub adapter: Option<Adapter>,
 }
 
@@ -381,177 +342,4 @@ impl Llama {
             .rows(&ids.flatten_all()?, self.dtype)?
             .reshape((b, t, self.cfg.hidden_size))
     }
-
-    /// Final hidden states (after the last RMSNorm), `[b, t, hidden]`, for `ids` `[b, t]`
-    /// following the positions already in `cache`.
-    pub fn forward_hidden(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
-        let (_, t) = ids.dims2()?;
-        let offset = cache.len();
-        if cache.layers.len() != self.blocks.len() {
-            *cache = KvCache::new(self.blocks.len());
-        }
-        let (cos, sin) = self.rope.cos_sin_range(offset, t, self.dtype)?;
-        let mask = causal_mask(t, offset, self.cfg.sliding_window, &self.device)?;
-        let mut x = self.embed(ids)?;
-        for (layer, (block, slot)) in self.blocks.iter().zip(cache.layers.iter_mut()).enumerate() {
-            x = self.block_forward(layer, block, &x, &cos, &sin, mask.as_ref(), slot)?;
-        }
-        rms_norm(&x, &self.norm, self.cfg.rms_norm_eps as f32)
-    }
-
-    /// Logits `[b, t, vocab]` (in f32).
-    pub fn forward(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
-        let h = self.forward_hidden(ids, cache)?;
-        self.logits(&h)
-    }
-
-    /// Applies the LM head to hidden states of any leading shape; result in f32.
-    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
-        let mut dims = hidden.dims().to_vec();
-        let hsz = dims.pop().unwrap_or(0);
-        let rows: usize = dims.iter().product();
-        let out = self
-            .lm_head
-            .matmul_t(&hidden.reshape((rows, hsz))?)?
-            .to_dtype(DType::F32)?;
-        dims.push(self.cfg.vocab_size);
-        out.reshape(dims)
-    }
-
-    /// The adapter pair on `target` of block `layer`, with its scale.
-    pub fn lora(&self, layer: usize, target: Target) -> (Option<&LoraPair>, f64) {
-        match &self.adapter {
-            Some(a) => (a.get(layer, target), a.cfg.scale()),
-            None => (None, 0.0),
-        }
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn block_forward(
-        &self,
-        layer: usize,
-        blk: &Block,
-        x: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
-        mask: Option<&Tensor>,
-        cache: &mut Option<(Tensor, Tensor)>,
-    ) -> Result<Tensor> {
-        let cfg = &self.cfg;
-        let (b, t, _) = x.dims3()?;
-        let (nh, nkv, hd) = (
-            cfg.num_attention_heads,
-            cfg.num_key_value_heads,
-            cfg.head_dim,
-        );
-        let eps = cfg.rms_norm_eps as f32;
-        let proj = |lin: &Linear, x: &Tensor, target: Target| -> Result<Tensor> {
-            let (pair, scale) = self.lora(layer, target);
-            let y = lin
-                .forward_lora(&x.reshape((b * t, lin.in_features()))?, pair, scale, None)?
-                .0;
-            y.reshape((b, t, lin.out_features()))
-        };
-        let h = rms_norm(x, &blk.input_norm, eps)?;
-        let heads = |y: Tensor, n: usize| -> Result<Tensor> {
-            y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()
-        };
-        let q = heads(proj(&blk.q_proj, &h, Target::Q)?, nh)?;
-        let k = heads(proj(&blk.k_proj, &h, Target::K)?, nkv)?;
-        let v = heads(proj(&blk.v_proj, &h, Target::V)?, nkv)?;
-        let q = candle_nn::rotary_emb::rope(&q, cos, sin)?;
-        let k = candle_nn::rotary_emb::rope(&k, cos, sin)?;
-        let (k, v) = match cache.take() {
-            Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
-            None => (k, v),
-        };
-        *cache = Some((k.clone(), v.clone()));
-        let attn = attention(&q, &k, &v, mask, nkv)?;
-        let attn = attn.transpose(1, 2)?.reshape((b, t, nh * hd))?;
-        let x = (x + proj(&blk.o_proj, &attn, Target::O)?)?;
-        let h = rms_norm(&x, &blk.post_norm, eps)?;
-        let gate = proj(&blk.gate_proj, &h, Target::Gate)?;
-        let mlp = swiglu(&gate, &proj(&blk.up_proj, &h, Target::Up)?)?;
-        x + proj(&blk.down_proj, &mlp, Target::Down)?
-    }
-}
-
-/// `silu(gate) · up`: the fused kernel where it applies, else the composite ops.
-pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
-    match crate::kernels::swiglu(gate, up) {
-        Some(done) => done,
-        None => candle_nn::ops::silu(gate)? * up,
-    }
-}
-
-/// RMSNorm over the last dimension: candle's fused kernel, or the composite form for f64
-/// (which the kernel lacks and gradient tests use).
-pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f32) -> Result<Tensor> {
-    if x.dtype() == DType::F64 {
-        let r = (x.sqr()?.mean_keepdim(D::Minus1)? + eps as f64)?
-            .sqrt()?
-            .recip()?;
-        return x.broadcast_mul(&r)?.broadcast_mul(w);
-    }
-    candle_nn::ops::rms_norm(x, w, eps)
-}
-
-/// Scaled dot-product attention with grouped K/V heads. `q` is `[b, nh, t, d]`, `k`/`v` are
-/// `[b, nkv, T, d]`, `mask` is `[t, T]` additive. Softmax runs in f32.
-pub fn attention(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    mask: Option<&Tensor>,
-    nkv: usize,
-) -> Result<Tensor> {
-    let (b, nh, t, d) = q.dims4()?;
-    let total = k.dim(2)?;
-    let rep = nh / nkv;
-    let scale = 1.0 / (d as f64).sqrt();
-    // Query heads of one group are consecutive: view them as rep·t rows against one K/V head.
-    let qg = q.reshape((b, nkv, rep * t, d))?;
-    let scores = (qg.matmul(&k.t()?)? * scale)?.to_dtype(DType::F32)?;
-    let scores = match mask {
-        Some(m) => scores
-            .reshape((b, nkv, rep, t, total))?
-            .broadcast_add(m)?
-            .reshape((b, nkv, rep * t, total))?,
-        None => scores,
-    };
-    let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
-    probs.matmul(v)?.reshape((b, nh, t, d))
-}
-
-/// Additive causal mask `[t, offset + t]` (0 where allowed, −∞ elsewhere), with an optional
-/// sliding window; `None` when a single new position may see everything.
-pub fn causal_mask(
-    t: usize,
-    offset: usize,
-    window: Option<usize>,
-    device: &Device,
-) -> Result<Option<Tensor>> {
-    let total = offset + t;
-    let window = window.unwrap_or(usize::MAX);
-    if t == 1 && total <= window {
-        return Ok(None);
-    }
-    let mut m = vec![0f32; t * total];
-    for i in 0..t {
-        let pos = offset + i;
-        for j in 0..total {
-            if j > pos || pos - j >= window {
-                m[i * total + j] = f32::NEG_INFINITY;
-            }
-        }
-    }
-    Tensor::from_vec(m, (t, total), device).map(Some)
-}
-
-/// Log-softmax over the last dimension, numerically stable.
-pub fn log_softmax_last(x: &Tensor) -> Result<Tensor> {
-    let max = x.max_keepdim(D::Minus1)?;
-    let shifted = x.broadcast_sub(&max)?;
-    let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
-    shifted.broadcast_sub(&lse)
 }

@@ -1,12 +1,14 @@
 //! The Llama-family transformer: where its files come from, its configuration, the one load
-//! function, its weights (dense or quantized), rotary embeddings, LoRA adapters and the forward
-//! pass.
+//! function, its weights (dense or quantized), rotary embedding tables, LoRA adapters, the
+//! block (forward and backward, for inference and training) and its ops.
 
 pub mod args;
+pub mod block;
 pub mod config;
 pub mod llama;
 pub mod load;
 pub mod lora;
+pub mod ops;
 pub mod quantized;
 pub mod rope;
 pub mod sliced;

@@ -8,6 +8,7 @@
 //! Llama-8B); a slice of [`SLICE_BYTES`] keeps that transient at a few dozen MB. The blocks
 //! are cut at load without dequantizing: GGML blocks never straddle rows.
 
+use super::ops::row_chunks;
 use candle_core::quantized::{ggml_file::qtensor_from_ggml, GgmlDType, QTensor};
 use candle_core::{DType, Device, Result, Tensor};
 use std::borrow::Cow;
@@ -44,9 +45,8 @@ impl QuantizedRows {
         }
         let w = w.to_dtype(DType::F32)?.to_device(&Device::Cpu)?;
         let mut slices = vec![];
-        for s0 in (0..rows).step_by(slice_rows) {
+        for (s0, n) in row_chunks(rows, slice_rows) {
             // Fresh storage, not a view: candle's quantizer reads a view's whole storage.
-            let n = slice_rows.min(rows - s0);
             let part = w.narrow(0, s0, n)?.flatten_all()?.to_vec1::<f32>()?;
             let part = Tensor::from_vec(part, (n, cols), &Device::Cpu)?;
             slices.push(if device.is_cpu() {
@@ -74,8 +74,7 @@ impl QuantizedRows {
         let row_bytes = cols / dt.block_size() * dt.type_size();
         let data = q.data()?;
         let mut slices = vec![];
-        for s0 in (0..rows).step_by(slice_rows) {
-            let n = slice_rows.min(rows - s0);
+        for (s0, n) in row_chunks(rows, slice_rows) {
             let bytes = &data[s0 * row_bytes..(s0 + n) * row_bytes];
             slices.push(qtensor_from_ggml(dt, bytes, vec![n, cols], device)?);
         }
@@ -111,10 +110,7 @@ impl QuantizedRows {
 
     /// `(first row, rows)` of each slice.
     pub fn ranges(&self) -> Vec<(usize, usize)> {
-        (0..self.rows)
-            .step_by(self.slice_rows.max(1))
-            .map(|s0| (s0, self.slice_rows.min(self.rows - s0)))
-            .collect()
+        row_chunks(self.rows, self.slice_rows).collect()
     }
 
     /// The GGML blocks of slice `i` (a copy off the CPU).

@@ -6,11 +6,10 @@
 //! training. When that code changes what it keeps alive, this file changes with it; the
 //! estimate-vs-measured benchmark (`your_ai benchmark`) keeps the two honest.
 
-use crate::engine::candle::attention::composite_chunk_rows;
-use crate::engine::candle::step::{
-    kept_mlp_bytes_per_block, mlp_chunk_rows, saved_bytes_per_block, HEAD_CHUNK,
-};
+use crate::model::block::{kept_mlp_bytes_per_block, mlp_chunk_rows, saved_bytes_per_block};
 use crate::model::lora::Target;
+use crate::model::ops::attention::composite_chunk_rows;
+use crate::model::ops::head::HEAD_CHUNK;
 use crate::model::quantized::QuantBits;
 use crate::model::sliced::SLICE_BYTES;
 use crate::model::ModelConfig;

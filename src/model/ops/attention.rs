@@ -1,72 +1,130 @@
-//! The training step's RoPE and attention on the projections' `[B·T, heads·d]` layout: the
-//! fused CPU kernels where they apply (f32 on the CPU), else candle's composite ops on the
-//! `[B, heads, T, d]` layout (other devices and dtypes; the f64 gradient tests run this path and
-//! check it against autograd and finite differences).
+//! Attention, forward and backward, in the two forms the block runs it in:
+//!
+//! - [`Sequences`] (training): whole sequences of a micro-batch on the projections' `[B·T,
+//!   heads·d]` layout, RoPE included; the fused CPU kernels where they apply (f32 on the CPU),
+//!   else candle's composite ops on the `[B, heads, T, d]` layout in query chunks (other
+//!   devices and dtypes; the f64 gradient tests run this path and check it against autograd
+//!   and finite differences). It keeps what its backward needs and times itself for
+//!   `train --profile`.
+//! - [`Cached`] (inference): new positions appended to a KV cache, with candle's fused RoPE and
+//!   softmax. Grouped-query attention is computed without copying K/V per query head: the
+//!   query heads of one group are laid out as extra rows against their shared K/V head.
 
-use super::step::MicroBatch;
-use crate::kernels::{self, Heads};
-use candle_core::{Result, Tensor, D};
-use std::sync::atomic::{AtomicU64, Ordering};
+use super::rope::{rope, rope_heads};
+use super::{from_heads, row_chunks, to_heads, Heads};
+use crate::kernels;
+use candle_core::{DType, Result, Tensor, D};
 use std::time::{Duration, Instant};
 
-/// Nanoseconds spent in [`timed`] since the last [`take_time`].
-static NANOS: AtomicU64 = AtomicU64::new(0);
+/// The attention step of a block, between the q/k/v projections and the output projection:
+/// what differs between training and inference.
+pub trait Attend {
+    /// Rotates q or k (`[rows, n·d]`, `n` heads) to their positions, in the layout
+    /// [`Attend::attend`] takes.
+    fn rope(&self, x: &Tensor, n: usize) -> Result<Tensor>;
 
-/// Runs `f`, adding its time to the attention total (`train --profile` shows it).
-pub fn timed<R>(f: impl FnOnce() -> R) -> R {
-    let clock = Instant::now();
-    let r = f();
-    NANOS.fetch_add(clock.elapsed().as_nanos() as u64, Ordering::Relaxed);
-    r
+    /// Attention of the rotated `q`, `k` and of `v` (`[rows, nkv·d]`): the output `[rows,
+    /// nh·d]` and, with `keep`, what the backward needs.
+    fn attend(&mut self, q: Tensor, k: Tensor, v: Tensor, keep: bool) -> Result<Attended>;
 }
 
-/// The attention time since the last call.
-pub fn take_time() -> Duration {
-    Duration::from_nanos(NANOS.swap(0, Ordering::Relaxed))
+/// Attention's output `[rows, nh·d]` and, when asked for, what its backward needs.
+pub type Attended = (Tensor, Option<Saved>);
+
+/// What attention's backward needs from its forward: the rotated queries `[B·T, nh·d]`, keys
+/// and values `[B·T, nkv·d]`, and the probabilities or their log-sum-exp.
+pub struct Saved {
+    pub q: Tensor,
+    pub k: Tensor,
+    pub v: Tensor,
+    pub kept: Kept,
 }
 
-/// Batch and head sizes of one block's attention.
-pub fn heads(model: &crate::model::Llama, mb: &MicroBatch) -> Result<Heads> {
-    let (b, t) = mb.ids.dims2()?;
-    let c = &model.cfg;
-    Ok(Heads {
-        b,
-        t,
-        nh: c.num_attention_heads,
-        nkv: c.num_key_value_heads,
-        d: c.head_dim,
-    })
-}
-
-fn to_heads(x: &Tensor, h: Heads, n: usize) -> Result<Tensor> {
-    x.reshape((h.b, h.t, n, h.d))?.transpose(1, 2)?.contiguous()
-}
-
-fn from_heads(x: &Tensor, h: Heads, n: usize) -> Result<Tensor> {
-    x.transpose(1, 2)?.reshape((h.b * h.t, n * h.d))
-}
-
-/// RoPE on `x` (`[B·T, n·d]`), or its inverse (the backward: a rotation by the opposite angle).
-pub fn rope(x: &Tensor, mb: &MicroBatch, h: Heads, n: usize, inverse: bool) -> Result<Tensor> {
-    if let Some(done) = kernels::rope(x, &mb.cos, &mb.sin, h.t, h.d, inverse) {
-        return done;
-    }
-    let sin = if inverse {
-        mb.sin.neg()?
-    } else {
-        mb.sin.clone()
-    };
-    let y = candle_nn::rotary_emb::rope(&to_heads(x, h, n)?, &mb.cos, &sin)?;
-    from_heads(&y, h, n)
-}
-
-/// What the backward needs from the forward besides q, k, v and the output.
+/// What the backward needs besides q, k, v and the output.
 pub enum Kept {
     /// The probabilities `[B, nh, T, T]` (the fused CPU kernels keep them).
     Probs(Tensor),
     /// Each score row's log-sum-exp `[B, nkv, rep·T, 1]` in f32 (f64 for f64 models): the
     /// composite path recomputes the probabilities chunk by chunk from it.
     Lse(Tensor),
+}
+
+/// Training's attention over the whole sequences of a micro-batch.
+pub struct Sequences<'a> {
+    /// RoPE tables: `[T, d/2]`, or `[B, T, d/2]` when packed documents restart positions.
+    pub cos: &'a Tensor,
+    pub sin: &'a Tensor,
+    /// Additive mask, `[1, 1, 1, T, T]` or `[B, 1, 1, T, T]` ([`super::mask::batch`]).
+    pub mask: &'a Tensor,
+    pub heads: Heads,
+    /// Time spent in attention proper (scores, softmax, weighted sum; forward and backward),
+    /// for `train --profile`: it grows with the square of the length.
+    pub time: Duration,
+}
+
+impl Attend for Sequences<'_> {
+    fn rope(&self, x: &Tensor, n: usize) -> Result<Tensor> {
+        rope(x, self.cos, self.sin, self.heads, n, false)
+    }
+
+    fn attend(&mut self, q: Tensor, k: Tensor, v: Tensor, keep: bool) -> Result<Attended> {
+        let clock = Instant::now();
+        let done = self.forward(&q, &k, &v);
+        self.time += clock.elapsed();
+        let (kept, out) = done?;
+        Ok((out, keep.then_some(Saved { q, k, v, kept })))
+    }
+}
+
+impl Sequences<'_> {
+    /// `softmax(q kᵀ/√d + mask) v`: what the backward keeps and the output `[B·T, nh·d]`.
+    fn forward(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<(Kept, Tensor)> {
+        let h = self.heads;
+        let scale = 1.0 / (h.d as f64).sqrt();
+        if let Some(done) = kernels::attention(q, k, v, self.mask, h, scale as f32) {
+            let (probs, out) = done?;
+            return Ok((Kept::Probs(probs), out));
+        }
+        composite_forward(q, k, v, self.mask, h, composite_chunk_rows(h))
+    }
+
+    /// Gradients `(dq, dk, dv)` given the forward's `saved`, its output `out` and `dout`
+    /// (`[B·T, nh·d]` each), in the projections' layouts: dq and dk before RoPE (its backward,
+    /// a rotation by the opposite angle, included).
+    pub fn backward(
+        &mut self,
+        saved: &Saved,
+        out: &Tensor,
+        dout: &Tensor,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let clock = Instant::now();
+        let grads = self.attention_backward(saved, out, dout);
+        self.time += clock.elapsed();
+        let (dq, dk, dv) = grads?;
+        let h = self.heads;
+        let dq = rope(&dq, self.cos, self.sin, h, h.nh, true)?;
+        let dk = rope(&dk, self.cos, self.sin, h, h.nkv, true)?;
+        Ok((dq, dk, dv))
+    }
+
+    fn attention_backward(
+        &self,
+        s: &Saved,
+        out: &Tensor,
+        dout: &Tensor,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let h = self.heads;
+        let scale = 1.0 / (h.d as f64).sqrt();
+        if let Kept::Probs(probs) = &s.kept {
+            let (q, k, v, mask) = (&s.q, &s.k, &s.v, self.mask);
+            let fused = kernels::attention_backward(q, k, v, mask, probs, dout, h, scale as f32);
+            if let Some(done) = fused {
+                return done;
+            }
+        }
+        let chunk = composite_chunk_rows(h);
+        composite_backward(&s.q, &s.k, &s.v, &s.kept, out, dout, self.mask, h, chunk)
+    }
 }
 
 /// Bytes one `[B, nh, rows, keys]` f32 temporary of the composite path may take: queries go
@@ -79,22 +137,6 @@ pub fn composite_chunk_rows(h: Heads) -> usize {
     (COMPOSITE_CHUNK_BYTES / (4 * h.b * h.nh * h.t).max(1))
         .max(16)
         .min(h.t)
-}
-
-/// `softmax(q kᵀ/√d + mask) v`: what the backward keeps and the output `[B·T, nh·d]`.
-pub fn forward(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    mb: &MicroBatch,
-    h: Heads,
-) -> Result<(Kept, Tensor)> {
-    let scale = 1.0 / (h.d as f64).sqrt();
-    if let Some(done) = kernels::attention(q, k, v, &mb.mask, h, scale as f32) {
-        let (probs, out) = done?;
-        return Ok((Kept::Probs(probs), out));
-    }
-    composite_forward(q, k, v, &mb.mask, h, composite_chunk_rows(h))
 }
 
 fn composite_forward(
@@ -111,7 +153,7 @@ fn composite_forward(
     let (qg, k, v) = grouped(q, k, v, h)?;
     let mut outs = vec![];
     let mut lses = vec![];
-    for (c0, c) in chunks(t, chunk_rows) {
+    for (c0, c) in row_chunks(t, chunk_rows) {
         let s = scores(&qg, &k, mask, h, c0, c, scale)?;
         let max = s.max_keepdim(D::Minus1)?;
         let e = s.broadcast_sub(&max)?.exp()?;
@@ -135,12 +177,6 @@ fn grouped(q: &Tensor, k: &Tensor, v: &Tensor, h: Heads) -> Result<(Tensor, Tens
     Ok((qg, to_heads(k, h, h.nkv)?, to_heads(v, h, h.nkv)?))
 }
 
-/// `(first row, rows)` of each chunk of `c` query rows.
-fn chunks(t: usize, c: usize) -> impl Iterator<Item = (usize, usize)> {
-    let c = c.max(1);
-    (0..t).step_by(c).map(move |c0| (c0, c.min(t - c0)))
-}
-
 /// Rows `c0..c0+c` of every query head of `x` (`[B, nkv, rep·T, d']`), as
 /// `[B, nkv, rep·c, d']`.
 fn rows(x: &Tensor, h: Heads, c0: usize, c: usize) -> Result<Tensor> {
@@ -153,7 +189,7 @@ fn rows(x: &Tensor, h: Heads, c0: usize, c: usize) -> Result<Tensor> {
 }
 
 /// Masked, scaled scores of query rows `c0..c0+c` against keys `0..c0+c`, `[B, nkv, rep·c,
-/// c0+c]`, in the accumulation dtype. Our masks are causal (batch.rs), so later keys never count.
+/// c0+c]`, in the accumulation dtype. Our masks are causal (mask.rs), so later keys never count.
 fn scores(
     qg: &Tensor,
     k: &Tensor,
@@ -177,45 +213,12 @@ fn scores(
 }
 
 /// The softmax runs in f32 at least (f64 for f64 models, as the gradient tests use).
-fn acc_dtype(dt: candle_core::DType) -> candle_core::DType {
-    if dt == candle_core::DType::F64 {
+fn acc_dtype(dt: DType) -> DType {
+    if dt == DType::F64 {
         dt
     } else {
-        candle_core::DType::F32
+        DType::F32
     }
-}
-
-/// Gradients `(dq, dk, dv)` of [`forward`] given its output `out` and `dout` (`[B·T, nh·d]`
-/// each), in q's, k's and v's layouts.
-#[allow(clippy::too_many_arguments)]
-pub fn backward(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    kept: &Kept,
-    out: &Tensor,
-    dout: &Tensor,
-    mb: &MicroBatch,
-    h: Heads,
-) -> Result<(Tensor, Tensor, Tensor)> {
-    let scale = 1.0 / (h.d as f64).sqrt();
-    if let Kept::Probs(probs) = kept {
-        let fused = kernels::attention_backward(q, k, v, &mb.mask, probs, dout, h, scale as f32);
-        if let Some(done) = fused {
-            return done;
-        }
-    }
-    composite_backward(
-        q,
-        k,
-        v,
-        kept,
-        out,
-        dout,
-        &mb.mask,
-        h,
-        composite_chunk_rows(h),
-    )
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -240,7 +243,7 @@ fn composite_backward(
     let acc = acc_dtype(qg.dtype());
     let (mut dk, mut dv) = (k.zeros_like()?, v.zeros_like()?);
     let mut dqs = vec![];
-    for (c0, c) in chunks(t, chunk_rows) {
+    for (c0, c) in row_chunks(t, chunk_rows) {
         let keys = c0 + c;
         let p = match kept {
             Kept::Probs(probs) => rows(&probs.reshape((b, nkv, rep * t, t))?, h, c0, c)?
@@ -278,10 +281,72 @@ fn composite_backward(
     ))
 }
 
+/// Inference's attention: `t` new positions of `b` sequences after those in one block's KV
+/// cache, which it extends.
+pub struct Cached<'a> {
+    /// RoPE tables of the new positions, `[t, d/2]`.
+    pub cos: &'a Tensor,
+    pub sin: &'a Tensor,
+    /// Additive mask `[t, cached + t]` ([`super::mask::causal`]); `None`: every key is seen.
+    pub mask: Option<&'a Tensor>,
+    /// Keys and values `[b, nkv, cached, d]` of the positions before.
+    pub cache: &'a mut Option<(Tensor, Tensor)>,
+    /// `t` here is the number of new positions.
+    pub heads: Heads,
+}
+
+impl Attend for Cached<'_> {
+    fn rope(&self, x: &Tensor, n: usize) -> Result<Tensor> {
+        rope_heads(&to_heads(x, self.heads, n)?, self.cos, self.sin, false)
+    }
+
+    fn attend(&mut self, q: Tensor, k: Tensor, v: Tensor, keep: bool) -> Result<Attended> {
+        if keep {
+            candle_core::bail!("inference attention keeps nothing for a backward");
+        }
+        let h = self.heads;
+        let v = to_heads(&v, h, h.nkv)?;
+        let (k, v) = match self.cache.take() {
+            Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
+            None => (k, v),
+        };
+        *self.cache = Some((k.clone(), v.clone()));
+        let out = cached_attention(&q, &k, &v, self.mask, h.nkv)?;
+        Ok((from_heads(&out, h, h.nh)?, None))
+    }
+}
+
+/// Scaled dot-product attention with grouped K/V heads. `q` is `[b, nh, t, d]`, `k`/`v` are
+/// `[b, nkv, T, d]`, `mask` is `[t, T]` additive. Softmax runs in f32.
+fn cached_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Option<&Tensor>,
+    nkv: usize,
+) -> Result<Tensor> {
+    let (b, nh, t, d) = q.dims4()?;
+    let total = k.dim(2)?;
+    let rep = nh / nkv;
+    let scale = 1.0 / (d as f64).sqrt();
+    // Query heads of one group are consecutive: view them as rep·t rows against one K/V head.
+    let qg = q.reshape((b, nkv, rep * t, d))?;
+    let scores = (qg.matmul(&k.t()?)? * scale)?.to_dtype(DType::F32)?;
+    let scores = match mask {
+        Some(m) => scores
+            .reshape((b, nkv, rep, t, total))?
+            .broadcast_add(m)?
+            .reshape((b, nkv, rep * t, total))?,
+        None => scores,
+    };
+    let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
+    probs.matmul(v)?.reshape((b, nh, t, d))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{DType, Device};
+    use candle_core::Device;
 
     fn rand(shape: (usize, usize), seed: u64) -> Tensor {
         use rand::{Rng, SeedableRng};

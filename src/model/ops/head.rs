@@ -1,0 +1,182 @@
+//! The LM head and its loss, written once for training and evaluation: final RMSNorm, the head
+//! matrix and cross-entropy on the scored rows of the last hidden states, in chunks of
+//! [`HEAD_CHUNK`] rows so the `[rows, vocab]` logits never exist whole; with a loss scale, also
+//! the gradient, formed directly (`softmax − one-hot`) and taken back through the norm.
+//!
+//! The fused CPU kernel covers the loss with its gradient (training on the CPU in f32); the
+//! loss alone (evaluation) and other devices and dtypes run candle's composite ops, the oracle
+//! the kernel is tested against.
+
+use super::rms_norm::{rms_norm, rms_norm_backward};
+use super::row_chunks;
+use crate::model::Llama;
+use candle_core::{DType, Result, Tensor, D};
+
+impl Llama {
+    /// Applies the LM head to hidden states of any leading shape; result in f32.
+    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        let mut dims = hidden.dims().to_vec();
+        let hsz = dims.pop().unwrap_or(0);
+        let rows: usize = dims.iter().product();
+        let out = self
+            .lm_head
+            .matmul_t(&hidden.reshape((rows, hsz))?)?
+            .to_dtype(DType::F32)?;
+        dims.push(self.cfg.vocab_size);
+        out.reshape(dims)
+    }
+}
+
+/// Scored rows per LM-head chunk: bounds the `[chunk, vocab]` logits held at once.
+pub const HEAD_CHUNK: usize = 256;
+
+/// Which tokens a row of `trained` flags scores: position `p ≥ 1` when it is trained and, with
+/// `doc` (packed rows), in the same document as `p − 1`, whose hidden state predicts it.
+pub fn scored<'a>(trained: &'a [bool], doc: Option<&'a [u32]>) -> impl Iterator<Item = usize> + 'a {
+    (1..trained.len()).filter(move |&p| trained[p] && doc.is_none_or(|d| d[p] == d[p - 1]))
+}
+
+/// The scored rows of a batch's flattened `[B·T]` positions.
+pub struct Targets<'a> {
+    /// Rows whose next token is scored (u32, ascending).
+    pub rows: &'a Tensor,
+    /// The token each scored row must predict (u32).
+    pub ids: &'a Tensor,
+    /// Loss weight of each scored row (f32; 1 for plain training and evaluation).
+    pub weights: &'a Tensor,
+}
+
+/// Losses of one batch.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LossSums {
+    /// Σ cross-entropy over scored tokens.
+    pub ce: f64,
+    /// Σ weight · cross-entropy (equal to `ce` for plain training).
+    pub weighted: f64,
+    /// Σ weight.
+    pub weight: f64,
+}
+
+/// The loss sums over `targets` of the last hidden states `x` (`[B·T, H]`, before the final
+/// norm); with `loss_scale`, also `∂(loss_scale · Σ wᵢ·CEᵢ)/∂x`.
+pub fn head(
+    model: &Llama,
+    x: &Tensor,
+    targets: &Targets,
+    loss_scale: Option<f64>,
+) -> Result<(LossSums, Option<Tensor>)> {
+    let eps = model.cfg.rms_norm_eps;
+    let mut sums = LossSums::default();
+    let mut dx_rows = vec![];
+    let n = targets.rows.dim(0)?;
+    let xs = x.index_select(targets.rows, 0)?;
+    let ids = targets.ids.to_vec1::<u32>()?;
+    let weights = targets.weights.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+    for (start, len) in row_chunks(n, HEAD_CHUNK) {
+        let xc = xs.narrow(0, start, len)?;
+        let h = rms_norm(&xc, &model.norm, eps as f32)?;
+        let (tg, wc) = (&ids[start..start + len], &weights[start..start + len]);
+        let dh = match loss_scale.and_then(|s| fused_chunk(model, &h, tg, wc, s)) {
+            Some(done) => {
+                let (ce, dh) = done?;
+                for (&c, &w) in ce.iter().zip(wc) {
+                    sums.ce += c as f64;
+                    sums.weighted += c as f64 * w as f64;
+                    sums.weight += w as f64;
+                }
+                Some(dh)
+            }
+            None => {
+                let tgt = targets.ids.narrow(0, start, len)?.unsqueeze(1)?;
+                let w = targets.weights.narrow(0, start, len)?;
+                composite_chunk(model, &h, &tgt, &w, loss_scale, &mut sums)?
+            }
+        };
+        drop(h);
+        if let Some(dh) = dh {
+            dx_rows.push(rms_norm_backward(&xc, &model.norm, &dh, eps)?);
+        }
+    }
+    let Some(_) = loss_scale else {
+        return Ok((sums, None));
+    };
+    let dx = x.zeros_like()?;
+    let dx = if dx_rows.is_empty() {
+        dx
+    } else {
+        dx.index_add(targets.rows, &Tensor::cat(&dx_rows, 0)?, 0)?
+    };
+    Ok((sums, Some(dx)))
+}
+
+/// One chunk's cross-entropies and `∂/∂h` by the fused kernel, for normed hidden states `h`:
+/// `None` where it does not cover them.
+fn fused_chunk(
+    model: &Llama,
+    h: &Tensor,
+    targets: &[u32],
+    weights: &[f32],
+    loss_scale: f64,
+) -> Option<Result<(Vec<f32>, Tensor)>> {
+    let coef: Vec<f32> = weights
+        .iter()
+        .map(|&w| (w as f64 * loss_scale) as f32)
+        .collect();
+    let head = &model.lm_head;
+    crate::kernels::cross_entropy_head_sliced(
+        h,
+        &head.slices(),
+        |i| head.slice(i, DType::F32),
+        targets,
+        &coef,
+    )
+}
+
+/// One chunk with candle's ops: adds the chunk's losses into `sums` and, with `loss_scale`,
+/// returns `∂/∂h` for normed hidden states `h`, targets `tgt` (`[len, 1]`) and loss weights
+/// `w`.
+fn composite_chunk(
+    model: &Llama,
+    h: &Tensor,
+    tgt: &Tensor,
+    w: &Tensor,
+    loss_scale: Option<f64>,
+    sums: &mut LossSums,
+) -> Result<Option<Tensor>> {
+    // The loss is accumulated in f32 at least (f64 when the model runs in f64, as tests do).
+    let acc = if model.dtype == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    };
+    let len = h.dim(0)?;
+    // Each `[chunk, vocab]` temporary is dropped as soon as the next one exists: at most
+    // two are alive at once.
+    let shifted = {
+        let logits = model.lm_head.matmul_t(h)?.to_dtype(acc)?;
+        let max = logits.max_keepdim(D::Minus1)?;
+        logits.broadcast_sub(&max)?
+    };
+    let w = w.to_dtype(acc)?;
+    let exp = shifted.exp()?;
+    let sum = exp.sum_keepdim(D::Minus1)?;
+    let ce = (sum.log()? - shifted.gather(tgt, D::Minus1)?)?.squeeze(1)?;
+    drop(shifted);
+    sums.ce += ce.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?;
+    sums.weighted += (&ce * &w)?
+        .to_dtype(DType::F64)?
+        .sum_all()?
+        .to_scalar::<f64>()?;
+    sums.weight += w.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?;
+    let Some(loss_scale) = loss_scale else {
+        return Ok(None);
+    };
+    // d(w·CE)/dlogits = w · (softmax − one-hot).
+    let probs = exp.broadcast_div(&sum)?;
+    drop(exp);
+    let minus_one = Tensor::full(-1f32, (len, 1), probs.device())?.to_dtype(acc)?;
+    let dlogits = probs.scatter_add(tgt, &minus_one, 1)?;
+    drop(probs);
+    let dlogits = dlogits.broadcast_mul(&(w * loss_scale)?.unsqueeze(1)?)?;
+    Ok(Some(model.lm_head.matmul(&dlogits.to_dtype(model.dtype)?)?))
+}

@@ -35,7 +35,7 @@ pub enum DataError {
 impl DataError {
     /// One error for every bad line or example (`file:line: reason`), the first few listed.
     pub fn invalid(errors: Vec<String>) -> Self {
-        let (count, shown) = crate::io::first_errors(errors);
+        let (count, shown) = crate::io::error_list::first_errors(errors);
         DataError::Invalid { count, shown }
     }
 }

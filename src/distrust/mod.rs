@@ -27,7 +27,7 @@ pub enum DistrustError {
 impl DistrustError {
     /// Collects `file:line: reason` messages into one error.
     pub fn rows(errors: Vec<String>) -> Self {
-        let (count, shown) = crate::io::first_errors(errors);
+        let (count, shown) = crate::io::error_list::first_errors(errors);
         DistrustError::Rows { count, shown }
     }
 }

@@ -2,8 +2,8 @@
 //! estimated, and a run that would not fit is refused with advice that works (or, with
 //! `--auto-fit`, its batch shrunk); `--keep-activations auto` is resolved against the budget.
 
-use super::config::KeepActivations;
 use super::estimate::{estimate, largest_batch, suggestions, Estimate, WeightFormat, Workload};
+use super::settings::KeepActivations;
 use super::settings::{LoraArgs, MemoryArgs};
 use crate::data::args::BatchArgs;
 use crate::error::{Error, Result};

@@ -3,7 +3,6 @@
 //! memory budget. [`super::config::TrainConfig`] is composed of them; their serde names are the
 //! keys of `train_config.json` and of a `--config` YAML file.
 
-use super::config::KeepActivations;
 use super::schedule::ScheduleKind;
 use crate::model::lora::Target;
 use clap::Args;
@@ -319,5 +318,49 @@ pub fn parse_test_limit(s: &str) -> Result<(u64, usize), String> {
     match (bytes.parse(), step.parse()) {
         (Ok(b), Ok(st)) => Ok((b, st)),
         _ => Err("give BYTES@STEP, for example 100000000@3".into()),
+    }
+}
+
+/// `--keep-activations`: recomputing a block in the backward costs one more forward of it;
+/// keeping its activations costs memory instead.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KeepActivations {
+    /// As many blocks as the memory budget has room for.
+    Auto,
+    All,
+    None,
+    Blocks(usize),
+}
+
+/// From a config file: `auto`, `all`, `none` or a number of blocks.
+impl<'de> serde::Deserialize<'de> for KeepActivations {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(serde::Deserialize)]
+        #[serde(untagged)]
+        enum Given {
+            Blocks(usize),
+            Name(String),
+            Tagged { blocks: usize },
+        }
+        match Given::deserialize(d)? {
+            Given::Blocks(n) | Given::Tagged { blocks: n } => Ok(Self::Blocks(n)),
+            Given::Name(s) => s.parse().map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+impl std::str::FromStr for KeepActivations {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "all" => Ok(Self::All),
+            "none" => Ok(Self::None),
+            n => n
+                .parse()
+                .map(Self::Blocks)
+                .map_err(|_| format!("`{n}`: expected auto, all, none or a number of blocks")),
+        }
     }
 }

@@ -5,22 +5,13 @@
 //! [`Staged`] is that for a file or directory being built; [`write_file`] and [`write_jsonl`]
 //! for content that is ready at once.
 
+pub mod error_list;
+
+pub use error_list::{first_errors, MAX_SHOWN_ERRORS};
+
 use crate::error::{Error, Result};
 use std::io::Write;
 use std::path::{Path, PathBuf};
-
-/// How many bad lines or rows an error lists before "... and N more".
-pub const MAX_SHOWN_ERRORS: usize = 20;
-
-/// The first [`MAX_SHOWN_ERRORS`] of `errors`, then "... and N more"; with their count.
-pub fn first_errors(errors: Vec<String>) -> (usize, Vec<String>) {
-    let count = errors.len();
-    let mut shown: Vec<String> = errors.into_iter().take(MAX_SHOWN_ERRORS).collect();
-    if count > MAX_SHOWN_ERRORS {
-        shown.push(format!("... and {} more", count - MAX_SHOWN_ERRORS));
-    }
-    (count, shown)
-}
 
 /// A destination being written: `tmp` while in progress, put in the place of `dest` by
 /// [`Staged::commit`]. Dropped without a commit (an error on the way), the temporary output is
@@ -346,16 +337,6 @@ fn parent_of(p: &Path) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn long_error_lists_are_cut_with_a_count() {
-        let (n, shown) = first_errors((0..25).map(|i| format!("line {i}")).collect());
-        assert_eq!(n, 25);
-        assert_eq!(shown.len(), MAX_SHOWN_ERRORS + 1);
-        assert_eq!(shown.last().unwrap(), "... and 5 more");
-        let (n, shown) = first_errors(vec!["one".into()]);
-        assert_eq!((n, shown), (1, vec!["one".to_string()]));
-    }
 
     #[test]
     fn a_directory_lock_is_exclusive_and_a_dead_holders_lock_is_taken_over() {

@@ -5,8 +5,14 @@
 
 use super::gemm::{gemm, Op, View};
 use super::tensor;
-use crate::model::lora::LoraPair;
 use candle_core::{Result, Tensor};
+
+/// A low-rank pair (a LoRA adapter's): `a` is `[r, in]`, `b` is `[out, r]`.
+#[derive(Debug, Clone, Copy)]
+pub struct LowRank<'t> {
+    pub a: &'t Tensor,
+    pub b: &'t Tensor,
+}
 
 /// `y = x Wᵀ + s · (x' Aᵀ) Bᵀ` for `x` `[rows, in]`, `W` `[out, in]`, and `x' Aᵀ` (which the
 /// backward needs); `x'` is `lora_x` when given, else `x`. `None` when the inputs are not all
@@ -14,7 +20,7 @@ use candle_core::{Result, Tensor};
 pub fn linear_forward(
     x: &Tensor,
     w: &Tensor,
-    lora: Option<(&LoraPair, f64)>,
+    lora: Option<(LowRank<'_>, f64)>,
     lora_x: Option<&Tensor>,
 ) -> Option<Result<(Tensor, Option<Tensor>)>> {
     let (rows, inp) = x.dims2().ok()?;
@@ -30,7 +36,7 @@ pub fn linear_forward(
             if a_in != inp || p.b.dims2().ok()? != (out, r) || lx.dims2().ok()? != (rows, inp) {
                 return None;
             }
-            Some((View::of(lx)?, View::of(&p.a)?, View::of(&p.b)?, r, s as f32))
+            Some((View::of(lx)?, View::of(p.a)?, View::of(p.b)?, r, s as f32))
         }
         None => None,
     };
@@ -92,7 +98,7 @@ pub struct LinearGrads {
 pub fn linear_backward(
     w: &Tensor,
     dy: &Tensor,
-    lora: Option<(&LoraPair, f64, &Tensor, &Tensor)>,
+    lora: Option<(LowRank<'_>, f64, &Tensor, &Tensor)>,
     dx: Option<&mut Vec<f32>>,
 ) -> Option<Result<Option<LinearGrads>>> {
     let (rows, out) = dy.dims2().ok()?;
@@ -112,8 +118,8 @@ pub fn linear_backward(
                 return None;
             }
             Some((
-                View::of(&p.a)?,
-                View::of(&p.b)?,
+                View::of(p.a)?,
+                View::of(p.b)?,
                 View::of(x)?,
                 View::of(xa)?,
                 r,
@@ -209,8 +215,22 @@ mod tests {
     use super::*;
     use crate::kernels::testing::{max_rel_diff, rand};
 
-    fn pair(r: usize, inp: usize, out: usize, seed: u64) -> LoraPair {
-        LoraPair {
+    struct Pair {
+        a: Tensor,
+        b: Tensor,
+    }
+
+    impl Pair {
+        fn low(&self) -> LowRank<'_> {
+            LowRank {
+                a: &self.a,
+                b: &self.b,
+            }
+        }
+    }
+
+    fn pair(r: usize, inp: usize, out: usize, seed: u64) -> Pair {
+        Pair {
             a: rand(&[r, inp], seed, 0.5),
             b: rand(&[out, r], seed + 1, 0.5),
         }
@@ -231,7 +251,7 @@ mod tests {
             let x = rand(&[rows, inp], seed, 1.0);
             let w = rand(&[out, inp], seed + 3, 0.3);
             let p = pair(r, inp, out, seed + 5);
-            let (y, xa) = linear_forward(&x, &w, Some((&p, 2.5)), None)
+            let (y, xa) = linear_forward(&x, &w, Some((p.low(), 2.5)), None)
                 .unwrap()
                 .unwrap();
             let want_xa = x.matmul(&p.a.t().unwrap()).unwrap();
@@ -253,7 +273,7 @@ mod tests {
         let x2 = rand(&[5, 9], 2, 1.0);
         let w = rand(&[4, 9], 3, 0.3);
         let p = pair(2, 9, 4, 4);
-        let (y, xa) = linear_forward(&x, &w, Some((&p, 0.5)), Some(&x2))
+        let (y, xa) = linear_forward(&x, &w, Some((p.low(), 0.5)), Some(&x2))
             .unwrap()
             .unwrap();
         let want_xa = x2.matmul(&p.a.t().unwrap()).unwrap();
@@ -276,7 +296,7 @@ mod tests {
             let xa = x.matmul(&p.a.t().unwrap()).unwrap();
             let prior = rand(&[rows, inp], seed + 9, 1.0);
             let mut buf = prior.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-            let g = linear_backward(&w, &dy, Some((&p, s, &x, &xa)), Some(&mut buf))
+            let g = linear_backward(&w, &dy, Some((p.low(), s, &x, &xa)), Some(&mut buf))
                 .unwrap()
                 .unwrap()
                 .unwrap();

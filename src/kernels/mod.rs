@@ -49,7 +49,7 @@ pub use attention::{attention, attention_backward, Heads};
 pub use elementwise::{rms_norm_backward, swiglu, swiglu_backward};
 pub use exp::exp;
 pub use head::{cross_entropy_head, cross_entropy_head_sliced};
-pub use linear::{linear_backward, linear_forward, LinearGrads};
+pub use linear::{linear_backward, linear_forward, LinearGrads, LowRank};
 pub use rope::rope;
 
 use candle_core::{DType, Device, Result, Storage, Tensor};

@@ -1,8 +1,9 @@
 //! The pre-flight memory estimate: the peak resident memory of a training run, from the model's
 //! shapes and the run's settings alone (no weights needed), term by term.
 //!
-//! It models the step in `step.rs` as written: which tensors are alive at the step's two peaks
-//! (the LM head's chunk loop, and a block's backward), plus the load of the model before
+//! It models the step as written (the loop in `engine/candle/step.rs`, the block in
+//! `model/block.rs`, the head in `model/ops/head.rs`): which tensors are alive at the step's two
+//! peaks (the LM head's chunk loop, and a block's backward), plus the load of the model before
 //! training. When that code changes what it keeps alive, this file changes with it; the
 //! estimate-vs-measured benchmark (`your_ai benchmark`) keeps the two honest.
 

@@ -37,7 +37,7 @@ impl Linear {
         if self.bias.is_none() && crate::kernels::covers(x) {
             let w = self.weight.dense(DType::F32)?;
             if let Some(done) =
-                crate::kernels::linear_forward(x, &w, lora.map(|p| (p, scale)), lora_x)
+                crate::kernels::linear_forward(x, &w, lora.map(|p| (low_rank(p), scale)), lora_x)
             {
                 return done;
             }
@@ -145,7 +145,7 @@ impl Lora<'_> {
         {
             let w = lin.weight.dense(DType::F32)?;
             let lora = match (pair, xa) {
-                (Some(p), Some(xa)) => Some((p, scale, input, xa)),
+                (Some(p), Some(xa)) => Some((low_rank(p), scale, input, xa)),
                 _ => None,
             };
             let mut fresh = Vec::new();
@@ -318,4 +318,9 @@ mod tests {
         assert!((12..=36).contains(&dropped), "{dropped} of 60 dropped");
         assert!(v.iter().all(|&x| x == 0.0 || (x - 1.0 / 0.6).abs() < 1e-6));
     }
+}
+
+/// A LoRA pair as the fused kernels take it.
+fn low_rank(p: &LoraPair) -> crate::kernels::LowRank<'_> {
+    crate::kernels::LowRank { a: &p.a, b: &p.b }
 }

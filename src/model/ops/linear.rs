@@ -300,6 +300,11 @@ fn splitmix64(mut z: u64) -> u64 {
     z ^ (z >> 31)
 }
 
+/// A LoRA pair as the fused kernels take it.
+fn low_rank(p: &LoraPair) -> crate::kernels::LowRank<'_> {
+    crate::kernels::LowRank { a: &p.a, b: &p.b }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -318,9 +323,4 @@ mod tests {
         assert!((12..=36).contains(&dropped), "{dropped} of 60 dropped");
         assert!(v.iter().all(|&x| x == 0.0 || (x - 1.0 / 0.6).abs() < 1e-6));
     }
-}
-
-/// A LoRA pair as the fused kernels take it.
-fn low_rank(p: &LoraPair) -> crate::kernels::LowRank<'_> {
-    crate::kernels::LowRank { a: &p.a, b: &p.b }
 }

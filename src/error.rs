@@ -47,6 +47,10 @@ pub enum Error {
         step: usize,
         checkpoint: PathBuf,
     },
+    /// A stop signal ended work that has nothing to save (an evaluation); the trainer turns it
+    /// into [`Error::Interrupted`] once it has saved.
+    #[error("stopped by {}", crate::runtime::signals::name(*signal))]
+    Stopping { signal: i32 },
     #[error(
         "training diverged: {what}; stopped, and the last good checkpoint is kept. \
          Try a lower --learning-rate (now {learning_rate:e})"
@@ -78,7 +82,9 @@ impl Error {
     pub fn exit_code(&self) -> i32 {
         match self {
             Error::Usage(_) => 2,
-            Error::Interrupted { signal, .. } => crate::runtime::signals::exit_status(*signal),
+            Error::Interrupted { signal, .. } | Error::Stopping { signal } => {
+                crate::runtime::signals::exit_status(*signal)
+            }
             Error::MemoryBudget { .. } => 3,
             Error::Diverged { .. } => 4,
             _ => 1,

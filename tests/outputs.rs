@@ -346,3 +346,43 @@ fn unclear_inputs_get_clear_messages() {
     );
     assert!(o.status.success(), "{}", stderr(&o));
 }
+
+/// A stop signal is acknowledged at once and honoured within the current evaluation batch: a
+/// Ctrl-C during a long validation pass ends the run in seconds, with a checkpoint that resumes.
+#[test]
+fn a_signal_during_evaluation_ends_the_run_in_seconds() {
+    let r = common::tiny_run(8);
+    let row = std::fs::read_to_string(r.data.join("valid.jsonl")).unwrap();
+    let row = row.lines().next().unwrap().to_string();
+    let many = vec![row; 30_000].join("\n") + "\n";
+    std::fs::write(r.data.join("valid.jsonl"), many).unwrap();
+    let out = r.root.join("sig");
+    let mut child = r
+        .train_command(&out)
+        .args(["--max-steps", "4", "--batch-size", "2", "--lora-rank", "4"])
+        .args(["--steps-per-eval", "1", "--val-batches", "0"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The start record is written just before the step-0 evaluation begins.
+    let started = std::time::Instant::now();
+    let m = out.join("metrics.jsonl");
+    while !m.exists() || metrics(&m, "start").is_empty() {
+        assert!(started.elapsed().as_secs() < 60, "the run never started");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let sent = std::time::Instant::now();
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let status = child.wait().unwrap();
+    let took = sent.elapsed();
+    let mut e = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut e).unwrap();
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(status.code(), Some(130), "{:?} {e}", status.signal());
+    assert!(e.contains("stopping:"), "{e}");
+    // Stopped inside the evaluation, which would have taken far longer.
+    assert!(!e.contains("step 0: val loss"), "{e}");
+    assert!(took.as_secs_f64() < 5.0, "took {took:?} after the signal");
+    assert!(out.join("checkpoints/step-0/SHA256SUMS").is_file());
+}

@@ -25,6 +25,9 @@ pub enum StepError {
     /// adapter and optimizer are still those of the step before.
     #[error("memory budget crossed: peak {peak} bytes")]
     OverBudget { peak: u64 },
+    /// A stop signal came: the step was abandoned between two blocks.
+    #[error("stopped by signal {signal}")]
+    Stopped { signal: i32 },
     #[error(transparent)]
     Failed(#[from] crate::error::Error),
 }

@@ -3,7 +3,7 @@
 //! scored positions so the full `[tokens, vocab]` logits never exist at once.
 
 use crate::data::Sample;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::model::ops::head;
 use crate::model::{KvCache, Llama};
 use candle_core::{DType, Tensor};
@@ -28,6 +28,10 @@ pub fn evaluate(model: &Llama, samples: &[Sample], batch_size: usize) -> Result<
     let mut total = 0f64;
     let mut tokens = 0usize;
     for batch in samples.chunks(batch_size.max(1)) {
+        // A stop signal (during training) ends the evaluation between two batches.
+        if let Some(signal) = crate::runtime::signals::requested() {
+            return Err(Error::Stopping { signal });
+        }
         let (sum, n) = batch_loss_sum(model, batch)?;
         total += sum;
         tokens += n;

@@ -1,6 +1,6 @@
-//! SIGINT / SIGTERM during training: the first asks the trainer to finish its step, save a
-//! checkpoint and exit (130 / 143); a second one exits at once, leaving the last good
-//! checkpoint as it was.
+//! SIGINT / SIGTERM during training: the first is acknowledged at once and asks the trainer to
+//! stop after the current block (or evaluation batch), save what is consistent and exit
+//! (130 / 143); a second one exits at once, leaving the last good checkpoint as it was.
 
 use std::sync::atomic::{AtomicI32, Ordering};
 
@@ -9,16 +9,25 @@ static REQUESTED: AtomicI32 = AtomicI32::new(0);
 #[cfg(unix)]
 extern "C" fn on_signal(sig: libc::c_int) {
     if REQUESTED.swap(sig, Ordering::SeqCst) != 0 {
-        // SAFETY: _exit is async-signal-safe; nothing is half-written because every file is
-        // written to a temporary name and renamed into place.
-        unsafe { libc::_exit(128 + sig) };
+        const AGAIN: &[u8] = b"\nsecond stop signal: exiting now; the last checkpoint is kept\n";
+        // SAFETY: write and _exit are async-signal-safe; nothing is half-written because every
+        // file is written to a temporary name and renamed into place.
+        unsafe {
+            libc::write(2, AGAIN.as_ptr().cast(), AGAIN.len());
+            libc::_exit(128 + sig)
+        };
     }
+    const FIRST: &[u8] =
+        b"\nstopping: the current block ends, then a checkpoint is saved (a second signal exits at once)\n";
+    // SAFETY: write is async-signal-safe; the buffer is a static.
+    unsafe { libc::write(2, FIRST.as_ptr().cast(), FIRST.len()) };
 }
 
 /// Installs the handlers (training only; other commands keep the default behaviour).
 pub fn install() {
     #[cfg(unix)]
-    // SAFETY: the handler only touches an atomic and calls _exit, both async-signal-safe.
+    // SAFETY: the handler only touches an atomic and calls write and _exit, all
+    // async-signal-safe.
     unsafe {
         let handler = on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
         libc::signal(libc::SIGINT, handler);

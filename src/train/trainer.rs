@@ -263,6 +263,9 @@ impl<'a, E: Engine> Trainer<'a, E> {
                     Err(StepError::OverBudget { peak }) => {
                         return Err(self.stop_over_budget(step, step - 1, peak, cursor)?)
                     }
+                    Err(StepError::Stopped { signal }) => {
+                        return Err(self.stop_for_signal(signal, step - 1, cursor)?)
+                    }
                     Err(StepError::Failed(e)) => return Err(e),
                 }
             }
@@ -393,7 +396,14 @@ impl<'a, E: Engine> Trainer<'a, E> {
                 0 => valid.len(),
                 b => (b * cfg.batch.batch_size).min(valid.len()),
             };
-            let r = self.engine.evaluate(&valid[..n], cfg.batch.batch_size)?;
+            let r = match self.engine.evaluate(&valid[..n], cfg.batch.batch_size) {
+                Ok(r) => r,
+                // Stopped mid-evaluation: the step itself is complete, so it is saved.
+                Err(Error::Stopping { signal }) => {
+                    return Err(self.stop_for_signal(signal, step, self.cursor())?)
+                }
+                Err(e) => return Err(e),
+            };
             if r.tokens > 0 {
                 self.record_validation(step, r.loss)?;
             }
@@ -494,17 +504,35 @@ impl<'a, E: Engine> Trainer<'a, E> {
         })
     }
 
+    /// A stop signal came: saves the checkpoint of `saved_step` (with the data `cursor` of
+    /// that step) and returns the error that ends the run.
+    fn stop_for_signal(
+        &mut self,
+        signal: i32,
+        saved_step: usize,
+        cursor: (u64, usize),
+    ) -> Result<Error> {
+        self.engine.discard_gradients();
+        self.progress.finish();
+        let dir = self.save(saved_step, cursor)?;
+        Ok(Error::Interrupted {
+            signal,
+            step: saved_step,
+            checkpoint: dir,
+        })
+    }
+
     /// Every `--save-every` steps, at the last step, and when a stop signal came: a checkpoint
     /// (after a signal, the run then ends).
     fn checkpoint(&mut self, step: usize) -> Result<()> {
         let every = self.cfg.output.save_every;
         let last = step == self.cfg.steps;
-        let signal = signals::requested();
-        if !((every > 0 && step.is_multiple_of(every)) || last || signal.is_some()) {
+        if !((every > 0 && step.is_multiple_of(every)) || last || signals::requested().is_some()) {
             return Ok(());
         }
         let dir = self.save(step, self.cursor())?;
-        match signal {
+        // Also a signal that came during the save: the run ends with this checkpoint.
+        match signals::requested() {
             Some(signal) => {
                 self.progress.finish();
                 Err(Error::Interrupted {

@@ -253,6 +253,10 @@ fn forward_backward(
         let (out, saved) = block::forward(&layer(l), &x, &mut attn, pass)?;
         kept.extend(saved);
         x = out.expect("the output was asked for");
+        if let Err(e) = may_go_on(meter) {
+            profile.attention += attn.time;
+            return Err(e);
+        }
     }
     profile.forward += clock.elapsed();
     let clock = Instant::now();
@@ -275,12 +279,24 @@ fn forward_backward(
         let mut sink = |t: Target, da: &Tensor, db: &Tensor| grads.add(l, t, da, db);
         dx = block::backward(&layer(l), &saved, &dx, &mut attn, &mut sink, l > lowest)?;
         profile.backward += clock.elapsed();
-        if let Some(peak) = meter.over_limit() {
+        if let Err(e) = may_go_on(meter) {
             profile.attention += attn.time;
-            // The trainer saves the step before and stops cleanly.
-            return Err(StepError::OverBudget { peak });
+            return Err(e);
         }
     }
     profile.attention += attn.time;
     Ok(sums)
+}
+
+/// Checked between blocks: over the memory budget, or asked to stop by a signal, the step is
+/// abandoned (the trainer saves the step before it and stops cleanly), so a stop is honoured
+/// within one block's work.
+fn may_go_on(meter: &Meter) -> std::result::Result<(), StepError> {
+    if let Some(peak) = meter.over_limit() {
+        return Err(StepError::OverBudget { peak });
+    }
+    match crate::runtime::signals::requested() {
+        Some(signal) => Err(StepError::Stopped { signal }),
+        None => Ok(()),
+    }
 }

@@ -146,6 +146,9 @@ const RUN_OUTPUTS: &[&str] = &[
 fn claim_output(cfg: &TrainConfig, resuming: bool) -> Result<DirLock> {
     let dir = cfg.output_dir();
     let lock = DirLock::acquire(dir, "--output")?;
+    // What a killed run left half-written (hidden, never read) goes now, not at its next save.
+    crate::io::clear_leftovers(dir);
+    crate::io::clear_leftovers(&dir.join("checkpoints"));
     let held: Vec<String> = std::fs::read_dir(dir)
         .map_err(|e| Error::io("read", dir, e))?
         .flatten()

@@ -13,6 +13,10 @@ mod bindgen_config;
 #[path = "src/native_link.rs"]
 mod native_link;
 
+// Patched for mlx-sys's vendored copy (your_ai): the opt-in build against a prebuilt MLX.
+#[path = "src/system_mlx.rs"]
+mod system_mlx;
+
 #[cfg(feature = "metal")]
 fn mlx_c_key(mlx_c_root: &Path) -> String {
     if mlx_c_root.join(".git").exists() {
@@ -192,9 +196,11 @@ fn main() {
     println!("cargo:rerun-if-env-changed=MLX_RS_METAL_PATH");
     println!("cargo:rerun-if-changed=native-libraries.txt");
     println!("cargo:rerun-if-changed=src/native_link.rs");
-    build_and_link_mlx_c();
-
     let mlx_c_root = PathBuf::from("src/mlx-c");
+    match system_mlx::requested() {
+        Some(dir) => system_mlx::build_and_link(&dir, &mlx_c_root),
+        None => build_and_link_mlx_c(),
+    }
     let headers =
         bindgen_config::discover_headers(&mlx_c_root).expect("Unable to discover headers");
     for header in &headers {

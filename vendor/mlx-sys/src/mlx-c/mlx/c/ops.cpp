@@ -1708,6 +1708,11 @@ extern "C" int mlx_gather_qmm(
             (bits.has_value ? std::make_optional<int>(bits.value)
                             : std::nullopt),
             std::string(mode),
+#if defined(MLX_VERSION_NUMERIC) && MLX_VERSION_NUMERIC >= 32003
+            // Patched for mlx-sys's vendored copy (your_ai): MLX 0.32.3 added
+            // gather_qmm's global_scale (for nvfp4), which this API does not take.
+            std::nullopt,
+#endif
             sorted_indices,
             mlx_stream_get_(s)));
   } catch (std::exception& e) {

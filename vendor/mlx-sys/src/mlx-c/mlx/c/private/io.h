@@ -1,12 +1,55 @@
 #ifndef MLX_IO_PRIVATE_H
 #define MLX_IO_PRIVATE_H
 
+#include <cstring>
 #include <iostream>
+#include <sstream>
 #include <streambuf>
+#include <string>
+#include <version>
+
+#ifdef __cpp_lib_format
+#include <format>
+#endif
 
 #include "mlx/mlx.h"
 
 namespace {
+
+// Patched for mlx-sys's vendored copy (your_ai): GCC 12's libstdc++ (Debian 12) has no
+// std::format. Where the library has it, it is used as before; elsewhere "{}" placeholders are
+// filled in order through a string stream.
+#ifdef __cpp_lib_format
+template <typename... Args>
+std::string mlx_c_format(std::format_string<Args...> fmt, Args&&... args) {
+  return std::format(fmt, std::forward<Args>(args)...);
+}
+#else
+inline void mlx_c_format_into(std::ostringstream& out, const char* fmt) {
+  out << fmt;
+}
+template <typename T, typename... Rest>
+void mlx_c_format_into(
+    std::ostringstream& out,
+    const char* fmt,
+    T&& value,
+    Rest&&... rest) {
+  const char* at = std::strstr(fmt, "{}");
+  if (at == nullptr) {
+    out << fmt;
+    return;
+  }
+  out.write(fmt, at - fmt);
+  out << value;
+  mlx_c_format_into(out, at + 2, std::forward<Rest>(rest)...);
+}
+template <typename... Args>
+std::string mlx_c_format(const char* fmt, Args&&... args) {
+  std::ostringstream out;
+  mlx_c_format_into(out, fmt, std::forward<Args>(args)...);
+  return out.str();
+}
+#endif
 
 class CReader : public mlx::core::io::Reader {
  public:
@@ -48,14 +91,14 @@ class CReader : public mlx::core::io::Reader {
     auto read_n = vtable.read(desc, data, n);
     if (read_n != n) {
       reader_error(
-          std::format("unable to read {} bytes (read {} instead)", n, read_n));
+          mlx_c_format("unable to read {} bytes (read {} instead)", n, read_n));
     }
   };
   virtual void read(char* data, size_t n, size_t offset) override {
     auto read_n = vtable.read_at_offset(desc, data, n, offset);
     if (read_n != n) {
       reader_error(
-          std::format("unable to read {} bytes (read {} instead)", n, read_n));
+          mlx_c_format("unable to read {} bytes (read {} instead)", n, read_n));
     }
   };
   virtual std::string label() const override {
@@ -63,7 +106,7 @@ class CReader : public mlx::core::io::Reader {
   };
   void reader_error(const std::string& msg) {
     throw std::runtime_error(
-        std::format("[mlx_io_reader] {} in {}", msg, label()));
+        mlx_c_format("[mlx_io_reader] {} in {}", msg, label()));
   }
   virtual ~CReader() {
     vtable.free(desc);
@@ -110,7 +153,7 @@ class CWriter : public mlx::core::io::Writer {
     auto wrote_n = vtable.write(desc, data, n);
     if (wrote_n != n) {
       writer_error(
-          std::format(
+          mlx_c_format(
               "unable to write {} bytes (wrote {} instead)", n, wrote_n));
     }
   };
@@ -119,7 +162,7 @@ class CWriter : public mlx::core::io::Writer {
   };
   void writer_error(const std::string& msg) {
     throw std::runtime_error(
-        std::format("[mlx_io_writer] {} in {}", msg, label()));
+        mlx_c_format("[mlx_io_writer] {} in {}", msg, label()));
   }
   virtual ~CWriter() {
     vtable.free(desc);

@@ -8,6 +8,7 @@
 //! feature) the MLX engine, for Apple silicon.
 
 pub mod candle;
+pub mod choice;
 #[cfg(feature = "mlx")]
 pub mod mlx;
 

@@ -362,6 +362,12 @@ impl<'a, E: Engine> Trainer<'a, E> {
             line["gpu_bytes"] = json!(now);
             line["train_peak_gpu_bytes"] = json!(phase_peak);
         }
+        if let Some(cache) = reading.cache {
+            // The MLX engine: MLX's active memory, its peak over training, and its cache.
+            line["mlx_active_bytes"] = json!(now);
+            line["train_peak_mlx_bytes"] = json!(phase_peak);
+            line["mlx_cache_bytes"] = json!(cache);
+        }
         if let Some(w) = f.weighted_loss {
             // The plain CE stays in "loss"; D is reported, never added to the loss.
             line["weighted_loss"] = json!(w);
@@ -558,6 +564,10 @@ impl<'a, E: Engine> Trainer<'a, E> {
         if meter.measure() == memory::Measure::Gpu {
             end["peak_gpu_bytes"] = json!(s.peak_gpu);
             end["train_peak_gpu_bytes"] = json!(reading.gpu_phase_peak);
+        }
+        if meter.measure() == memory::Measure::Mlx {
+            end["peak_mlx_bytes"] = json!(reading.gpu_peak);
+            end["train_peak_mlx_bytes"] = json!(reading.gpu_phase_peak);
         }
         if cfg.output.profile {
             // Seconds per phase over the run, for scripts (scripts/bench/scaling.sh).

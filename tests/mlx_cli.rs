@@ -54,6 +54,10 @@ fn mlx_train_cli_matches_candle_writes_the_adapter_and_resumes_exactly() {
         stderr.contains("Set MLX memory limit to"),
         "the run says what MLX's limit is:\n{stderr}"
     );
+    assert!(
+        stderr.contains(" (peak ") && stderr.contains(", cache "),
+        "the progress line shows MLX's peak and cache:\n{stderr}"
+    );
     let (lc, lm) = (losses(&candle), losses(&mlx));
     assert_eq!(lm.len(), 20);
     for (i, (a, b)) in lm.iter().zip(&lc).enumerate() {

@@ -160,7 +160,7 @@ fn mlx_losses_equal_candle_losses_over_20_steps_on_smollm2() {
     c.set_adapter(a.clone(), None).unwrap();
     m.set_adapter(a, None).unwrap();
     let batches: Vec<Vec<Row>> = (0..20)
-        .map(|s| rows(49_152, &[40 + s % 7], s as u32))
+        .map(|s| rows(49_152, &[24 + s % 7], s as u32))
         .collect();
     let lc = train(&mut c, &batches, 1e-3);
     let lm = train(&mut m, &batches, 1e-3);
@@ -280,6 +280,27 @@ fn mlx_quantize_4_learns() {
     );
 }
 
+/// MLX's printout of the whole graph that computes `outputs`, not yet evaluated: every array in
+/// it with its shape and dtype.
+fn graph_text(outputs: &[&Array]) -> String {
+    let tmp = tempfile::NamedTempFile::new().unwrap();
+    let path = std::ffi::CString::new(tmp.path().to_str().unwrap()).unwrap();
+    let ptrs: Vec<mlx_sys::mlx_array> = outputs.iter().map(|a| a.as_ptr()).collect();
+    // SAFETY: the arrays outlive the call; the vector, namer and file are freed here.
+    unsafe {
+        let vec = mlx_sys::mlx_vector_array_new_data(ptrs.as_ptr(), ptrs.len());
+        let namer = mlx_sys::mlx_node_namer_new();
+        let f = libc::fopen(path.as_ptr(), c"w".as_ptr());
+        assert!(!f.is_null());
+        let rc = mlx_sys::mlx_print_graph(f.cast(), namer, vec);
+        libc::fclose(f);
+        mlx_sys::mlx_node_namer_free(namer);
+        mlx_sys::mlx_vector_array_free(vec);
+        assert_eq!(rc, 0, "mlx_print_graph failed");
+    }
+    std::fs::read_to_string(tmp.path()).unwrap()
+}
+
 #[test]
 fn mlx_bf16_run_holds_no_f64_array() {
     let _s = serial();
@@ -308,6 +329,15 @@ fn mlx_bf16_run_holds_no_f64_array() {
     for (what, d) in &held {
         assert_ne!(*d, Dtype::Float64, "{what} is f64");
     }
+    // Every array of the step's graph (forward, head, recompute, backward): Metal has no f64.
+    let graph = graph_text(&pending.outputs().collect::<Vec<_>>());
+    assert!(
+        graph.contains("bfloat16") && graph.contains("float32"),
+        "the printout names dtypes: {}",
+        &graph[..graph.len().min(2000)]
+    );
+    let f64_lines: Vec<&str> = graph.lines().filter(|l| l.contains("float64")).collect();
+    assert!(f64_lines.is_empty(), "f64 in the bf16 step: {f64_lines:?}");
     assert_eq!(model.embed.dtype(), Dtype::Bfloat16);
     assert!(pending.grads.iter().all(|g| g.dtype() == Dtype::Float32));
     // And the bf16 run trains through the engine.

@@ -347,6 +347,9 @@ impl<'a, E: Engine> Trainer<'a, E> {
             steps_per_s: self.recent.len() as f64 / window.max(1e-9),
             tokens_per_s: window_tokens as f64 / window.max(1e-9),
             mem_gb: now.map(memory::gb),
+            mlx_gb: reading
+                .cache
+                .map(|c| (memory::gb(phase_peak.unwrap_or(0)), memory::gb(c))),
             distrust: f.weighted_loss.map(|w| (w, f.mean_d.unwrap_or(f64::NAN))),
         });
         let mut line = json!({

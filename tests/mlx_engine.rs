@@ -316,7 +316,7 @@ fn mlx_bf16_run_holds_no_f64_array() {
     let pending = step::forward_backward(&model, &p, &lay, 1.0).unwrap();
     let mut held: Vec<(&str, Dtype)> = vec![
         ("embed", model.embed.dtype()),
-        ("head", model.head_t.dtype()),
+        ("head", model.head.dtype()),
         ("norm", model.norm.dtype()),
         ("loss", pending.ce.dtype()),
     ];

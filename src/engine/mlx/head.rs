@@ -20,7 +20,7 @@ pub fn cross_entropy(model: &Model, x: &Array, rows: &Array, targets: &Array) ->
         Some(&model.norm),
         model.cfg.rms_norm_eps as f32,
     )?;
-    let logits = h.matmul(&model.head_t)?.as_dtype(Dtype::Float32)?;
+    let logits = h.matmul(model.head.t())?.as_dtype(Dtype::Float32)?;
     let lse = logits.logsumexp_axis(-1, false)?;
     let n = targets.shape()[0];
     let picked = logits

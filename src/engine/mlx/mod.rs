@@ -88,7 +88,7 @@ fn eval<'a>(arrays: impl IntoIterator<Item = &'a Array>) -> Result<()> {
 /// resident before the first step.
 fn convert(model: &Llama, dtype: Dtype, bits: Option<i32>) -> Result<Model> {
     let m = Model::from_llama(model, dtype, bits)?;
-    let mut all: Vec<&Array> = vec![&m.embed, &m.norm, &m.head_t, &m.rope_freqs];
+    let mut all: Vec<&Array> = vec![&m.embed, &m.norm, &m.head, &m.rope_freqs];
     for b in &m.blocks {
         all.extend([&b.input_norm, &b.post_norm]);
         for l in &b.linears {

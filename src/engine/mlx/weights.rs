@@ -112,8 +112,11 @@ pub struct Model {
     pub embed: Array,
     pub blocks: Vec<Block>,
     pub norm: Array,
-    /// `[hidden, vocab]` (the head's `Wᵀ`): the tied embedding transposed, or the head's own.
-    pub head_t: Array,
+    /// `[vocab, hidden]`: the same array as `embed` when the embeddings are tied (never a
+    /// second copy); the head multiplies by its transpose, a view.
+    pub head: Array,
+    /// The head is the embedding (tied).
+    pub tied: bool,
     /// RoPE's frequencies as MLX's `fast::rope` takes them: one per pair of head dimensions,
     /// the inverse of the (scaled) inverse frequencies.
     pub rope_freqs: Array,
@@ -157,10 +160,11 @@ impl Model {
             })
             .collect::<Result<Vec<_>>>()?;
         let embed = vocab(&model.embed_tokens, dtype)?;
-        let head_t = if model.lm_head.same_as(&model.embed_tokens) {
-            embed.t().contiguous()?
+        let tied = model.lm_head.same_as(&model.embed_tokens);
+        let head = if tied {
+            embed.clone()
         } else {
-            vocab(&model.lm_head, dtype)?.t().contiguous()?
+            vocab(&model.lm_head, dtype)?
         };
         let freqs: Vec<f32> = crate::model::rope::inv_freqs(&model.cfg)
             .iter()
@@ -173,7 +177,8 @@ impl Model {
             embed,
             blocks,
             norm: to_array(&model.norm, dtype)?,
-            head_t,
+            head,
+            tied,
             rope_freqs: Array::from_slice(&freqs, &[n]),
         })
     }
@@ -189,6 +194,7 @@ impl Model {
                     + b.linears.iter().map(Linear::bytes).sum::<usize>()
             })
             .sum();
-        blocks + self.embed.nbytes() + self.head_t.nbytes() + self.norm.nbytes()
+        let head = if self.tied { 0 } else { self.head.nbytes() };
+        blocks + self.embed.nbytes() + head + self.norm.nbytes()
     }
 }

@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
 # Runs every test: fetches the real test model if needed, then the unit, integration and CLI
-# tests. This is the command the README names and `.ci/run` calls.
+# tests; then the MLX engine's (the `mlx` feature, on MLX's CPU backend): the build script
+# installs what that build needs (cmake, libclang, the pinned mlx-cpu wheel), and the feature is
+# linted and its tests run. This is the command the README names and `.ci/run` calls.
+#
+#   YOUR_AI_SKIP_MLX=1   skip the MLX part (a machine where it cannot be set up)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -8,3 +12,17 @@ cd "$(dirname "$0")/.."
 cargo fmt --all -- --check
 cargo clippy --all-targets --quiet -- -D warnings
 cargo test --all-targets --no-fail-fast
+
+if [ -n "${YOUR_AI_SKIP_MLX:-}" ]; then
+  echo "MLX engine: skipped (YOUR_AI_SKIP_MLX is set)"
+  exit 0
+fi
+MLX_SYS_MLX_DIR="$(./scripts/build_mlx.sh --setup | tail -n 1)"
+export MLX_SYS_MLX_DIR
+cargo clippy --all-targets --features mlx --quiet -- -D warnings
+# Only what the feature adds: the library's MLX tests, and the integration tests named mlx_*.
+mlx_tests=()
+for t in tests/mlx_*.rs; do
+  [ -e "$t" ] && mlx_tests+=(--test "$(basename "$t" .rs)")
+done
+cargo test --features mlx --no-fail-fast --lib "${mlx_tests[@]}" -- mlx

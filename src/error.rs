@@ -37,6 +37,10 @@ pub enum Error {
     },
     #[error("tensor computation failed: {0}")]
     Tensor(#[from] candle_core::Error),
+    /// An MLX operation failed (the `mlx` engine); the message is MLX's.
+    #[cfg(feature = "mlx")]
+    #[error("array computation failed: {0}")]
+    Mlx(#[from] crate::engine::mlx::MlxError),
     #[error(
         "stopped by {} after step {step}; checkpoint saved to {}. Resume with the same command plus --resume",
         crate::runtime::signals::name(*signal),

@@ -208,3 +208,19 @@ fn bad_thread_count_and_memory_flags() {
         &["--batch-sizes 1,x"],
     );
 }
+
+/// A binary without the `mlx` feature asked for the MLX engine says how to build one.
+#[cfg(not(feature = "mlx"))]
+#[test]
+fn engine_mlx_without_the_feature() {
+    let r = common::tiny_run(4);
+    let out = r
+        .train_command(&r.root.join("out"))
+        .args(["--engine", "mlx", "--max-steps", "1"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.starts_with("error: --engine mlx"), "{stderr}");
+    assert!(stderr.contains("scripts/build_mlx.sh"), "{stderr}");
+}

@@ -211,6 +211,11 @@ pub struct TrainArgs {
     #[command(flatten)]
     #[serde(flatten)]
     pub distrust: DistrustArgs,
+    /// Which engine does the arithmetic: candle (the default on the CPU) or mlx (the default
+    /// for --device metal, and on macOS for --device auto, in a binary built with the `mlx`
+    /// feature).
+    #[arg(long, value_enum)]
+    pub engine: Option<crate::engine::choice::EngineChoice>,
     /// A YAML file of flag values (keys as the flag names, with - or _); the command line wins.
     #[arg(long)]
     #[serde(skip)]

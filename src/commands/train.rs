@@ -1,11 +1,13 @@
 //! `your_ai train`: checks every flag and every data line before anything is written, runs the
 //! pre-flight (budget and estimate), loads the model once, resolves the configuration and runs
-//! the trainer over the candle engine.
+//! the trainer over the engine `--engine` chose (candle, or MLX in a binary built with it).
 
 use crate::cli::TrainArgs;
 use crate::data::batch::weighted_rows;
 use crate::data::{read_jsonl, resolve_files, DataError, DataFiles, Encoder, Record, Sample};
 use crate::engine::candle::CandleEngine;
+use crate::engine::choice::{self, EngineChoice};
+use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::io::DirLock;
 use crate::model::LoadedModel;
@@ -57,7 +59,11 @@ pub fn run(mut a: TrainArgs) -> Result<()> {
         );
         a.batch.max_seq_length = context;
     }
-    let load = a.model.load_options(a.quantize.quantize)?;
+    let engine = choice::resolve(a.engine, a.model.device)?;
+    let load = match engine {
+        EngineChoice::Candle => a.model.load_options(a.quantize.quantize)?,
+        EngineChoice::Mlx => choice::mlx_load_options(&a.model, a.quantize.quantize),
+    };
     // On a CUDA GPU the budget is GPU memory, and so is what the step measures against it.
     let meter = Meter::new(&load.device);
     let plan = preflight(
@@ -117,16 +123,53 @@ pub fn run(mut a: TrainArgs) -> Result<()> {
         // Beside the resident figure, as the step and end records have theirs.
         start["load_peak_gpu_bytes"] = serde_json::json!(load_reading.gpu_peak);
     }
-    let engine = CandleEngine::new(
-        loaded.model,
-        &cfg.model.model,
-        load,
-        cfg.schedule.weight_decay,
-        cfg.keep_blocks,
-        meter,
-    );
-    let trainer = Trainer::new(&cfg, engine, &data, &data_sha256, adapter, resume, start)?;
-    trainer.run()?.print();
+    match engine {
+        EngineChoice::Candle => train_on(
+            CandleEngine::new(
+                loaded.model,
+                &cfg.model.model,
+                load,
+                cfg.schedule.weight_decay,
+                cfg.keep_blocks,
+                meter,
+            ),
+            (&cfg, &data, &data_sha256),
+            adapter,
+            resume,
+            start,
+        ),
+        #[cfg(feature = "mlx")]
+        EngineChoice::Mlx => train_on(
+            crate::engine::mlx::MlxEngine::new(
+                loaded.model,
+                &cfg.model.model,
+                load,
+                cfg.schedule.weight_decay,
+                plan.budget.bytes,
+            )?,
+            (&cfg, &data, &data_sha256),
+            adapter,
+            resume,
+            start,
+        ),
+        #[cfg(not(feature = "mlx"))]
+        EngineChoice::Mlx => Err(usage(
+            "--engine mlx: this binary was built without the MLX engine".into(),
+        )),
+    }
+}
+
+/// The trainer over `engine`, run to the end, its summary printed.
+fn train_on<E: Engine>(
+    engine: E,
+    (cfg, data, data_sha256): (&TrainConfig, &Datasets, &str),
+    adapter: crate::model::lora::Adapter,
+    resume: Option<checkpoint::Loaded>,
+    start: serde_json::Value,
+) -> Result<()> {
+    Trainer::new(cfg, engine, data, data_sha256, adapter, resume, start)?
+        .run()?
+        .print();
     Ok(())
 }
 

@@ -4,9 +4,13 @@
 //! the reading of its memory. Adapter tensors and optimizer moments cross the seam as host
 //! arrays (f32 tensors on the CPU), so checkpoints and PEFT files are written once, above it.
 //!
-//! [`candle`] is the CPU engine (candle tensors and the fused kernels).
+//! [`candle`] is the CPU engine (candle tensors and the fused kernels); [`mlx`] (the `mlx`
+//! feature) the MLX engine, for Apple silicon.
 
 pub mod candle;
+pub mod choice;
+#[cfg(feature = "mlx")]
+pub mod mlx;
 
 pub use self::candle::step::{LossSums, Profile};
 

@@ -24,6 +24,8 @@ pub struct StepReport {
     pub steps_per_s: f64,
     pub tokens_per_s: f64,
     pub mem_gb: Option<f64>,
+    /// MLX's peak and cache (GB) beside its active memory in `mem_gb` (the MLX engine).
+    pub mlx_gb: Option<(f64, f64)>,
     /// With distrust weighting: the weighted loss and the batch's mean D.
     pub distrust: Option<(f64, f64)>,
 }
@@ -71,6 +73,9 @@ impl Progress {
         }
         if let Some(m) = r.mem_gb {
             s.push_str(&format!(" | mem {m:.1} GB"));
+        }
+        if let Some((peak, cache)) = r.mlx_gb {
+            s.push_str(&format!(" (peak {peak:.1}, cache {cache:.1})"));
         }
         s
     }
@@ -150,6 +155,7 @@ mod tests {
             steps_per_s: 2.1,
             tokens_per_s: 812.4,
             mem_gb: Some(3.12),
+            mlx_gb: None,
             distrust: None,
         });
         assert!(line.starts_with("[00:00:00] >------------------- 45/5000 ETA:39m loss: 1.9294 | lr: 5.00e-05 | 2.1 steps/s | 812 tok/s | mem 3.1 GB"), "{line}");
@@ -160,9 +166,21 @@ mod tests {
             steps_per_s: 2.1,
             tokens_per_s: 812.4,
             mem_gb: None,
+            mlx_gb: None,
             distrust: Some((2.5, 17.25)),
         });
         assert!(weighted.ends_with("loss: 1.9294 | lr: 5.00e-05 | 2.1 steps/s | 812 tok/s | weighted: 2.5000 | D: 17.25"), "{weighted}");
+        let mlx = p.line(&StepReport {
+            step: 45,
+            loss: 1.92941,
+            lr: 5e-5,
+            steps_per_s: 2.1,
+            tokens_per_s: 812.4,
+            mem_gb: Some(3.12),
+            mlx_gb: Some((3.44, 0.0)),
+            distrust: None,
+        });
+        assert!(mlx.ends_with("| mem 3.1 GB (peak 3.4, cache 0.0)"), "{mlx}");
         assert_eq!(short_duration(8.0 * 3600.0), "8h");
         assert_eq!(short_duration(4980.0), "1h23m");
     }

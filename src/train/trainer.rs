@@ -352,6 +352,9 @@ impl<'a, E: Engine> Trainer<'a, E> {
             steps_per_s: self.recent.len() as f64 / window.max(1e-9),
             tokens_per_s: window_tokens as f64 / window.max(1e-9),
             mem_gb: now.map(memory::gb),
+            mlx_gb: reading
+                .cache
+                .map(|c| (memory::gb(phase_peak.unwrap_or(0)), memory::gb(c))),
             distrust: f.weighted_loss.map(|w| (w, f.mean_d.unwrap_or(f64::NAN))),
         });
         let mut line = json!({
@@ -366,6 +369,12 @@ impl<'a, E: Engine> Trainer<'a, E> {
         if gpu {
             line["gpu_bytes"] = json!(now);
             line["train_peak_gpu_bytes"] = json!(phase_peak);
+        }
+        if let Some(cache) = reading.cache {
+            // The MLX engine: MLX's active memory, its peak over training, and its cache.
+            line["mlx_active_bytes"] = json!(now);
+            line["train_peak_mlx_bytes"] = json!(phase_peak);
+            line["mlx_cache_bytes"] = json!(cache);
         }
         if let Some(w) = f.weighted_loss {
             // The plain CE stays in "loss"; D is reported, never added to the loss.
@@ -607,6 +616,10 @@ impl<'a, E: Engine> Trainer<'a, E> {
         if meter.measure() == memory::Measure::Gpu {
             end["peak_gpu_bytes"] = json!(s.peak_gpu);
             end["train_peak_gpu_bytes"] = json!(reading.gpu_phase_peak);
+        }
+        if meter.measure() == memory::Measure::Mlx {
+            end["peak_mlx_bytes"] = json!(reading.gpu_peak);
+            end["train_peak_mlx_bytes"] = json!(reading.gpu_phase_peak);
         }
         if cfg.output.profile {
             // Seconds per phase over the run, for scripts (scripts/bench/scaling.sh).

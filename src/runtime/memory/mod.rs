@@ -1,19 +1,22 @@
 //! Memory as the operating system and the device see it: resident set now and at its peak, the
 //! device's total, the budget a run may use ([`budget`]), and the [`Meter`] a training run
 //! reads it through. On a CUDA GPU the budget's measure is the GPU's memory instead
-//! ([`device`]).
+//! ([`device`]); under the MLX engine it is MLX's allocator (`mlx`, the `mlx` feature).
 
 pub mod budget;
 pub mod device;
+#[cfg(feature = "mlx")]
+pub mod mlx;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// What the budget is measured in: the process's resident memory (CPU, and Apple's unified
-/// memory), or a CUDA GPU's memory in use.
+/// memory), a CUDA GPU's memory in use, or MLX's active memory (the MLX engine).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Measure {
     Resident,
     Gpu,
+    Mlx,
 }
 
 impl Measure {
@@ -22,6 +25,7 @@ impl Measure {
         match self {
             Measure::Resident => "resident memory",
             Measure::Gpu => "GPU memory",
+            Measure::Mlx => "MLX memory",
         }
     }
 }
@@ -31,6 +35,10 @@ impl Measure {
 #[derive(Debug)]
 pub struct Meter {
     gpu: Option<device::Gpu>,
+    /// MLX's allocator is the measure (the MLX engine).
+    mlx: bool,
+    /// MLX's peak before the last [`Meter::reset_peak`].
+    earlier_mlx_peak: AtomicU64,
     /// Bytes the step may reach before it stops (u64::MAX: no limit).
     limit: AtomicU64,
     /// The resident peak before the last [`Meter::reset_peak`], so the run's stays known.
@@ -46,6 +54,9 @@ pub struct Reading {
     pub gpu: Option<u64>,
     pub gpu_phase_peak: Option<u64>,
     pub gpu_peak: Option<u64>,
+    /// MLX's allocator cache, where MLX is the measure (`gpu*` then hold MLX's active memory
+    /// and its peaks).
+    pub cache: Option<u64>,
 }
 
 impl Reading {
@@ -69,6 +80,8 @@ impl Meter {
     pub fn new(device: &candle_core::Device) -> Self {
         Self {
             gpu: device::Gpu::watch(device),
+            mlx: false,
+            earlier_mlx_peak: AtomicU64::new(0),
             limit: AtomicU64::new(u64::MAX),
             earlier_rss_peak: AtomicU64::new(0),
         }
@@ -79,8 +92,31 @@ impl Meter {
         Self::new(&candle_core::Device::Cpu)
     }
 
+    /// A meter of MLX's allocator (the MLX engine): its active memory, peak and cache.
+    #[cfg(feature = "mlx")]
+    pub fn mlx() -> Self {
+        let mut m = Self::new(&candle_core::Device::Cpu);
+        m.mlx = true;
+        m
+    }
+
+    /// MLX's allocator now, where it is the measure.
+    fn allocator(&self) -> Option<(u64, u64, u64)> {
+        if !self.mlx {
+            return None;
+        }
+        #[cfg(feature = "mlx")]
+        {
+            mlx::read().ok().map(|a| (a.active, a.peak, a.cache))
+        }
+        #[cfg(not(feature = "mlx"))]
+        None
+    }
+
     pub fn measure(&self) -> Measure {
-        if self.gpu.is_some() {
+        if self.mlx {
+            Measure::Mlx
+        } else if self.gpu.is_some() {
             Measure::Gpu
         } else {
             Measure::Resident
@@ -99,18 +135,34 @@ impl Meter {
     /// Reads resident memory once (and the GPU once, where watched).
     pub fn read(&self) -> Reading {
         let (rss, rss_phase_peak) = resident_now_and_peak();
+        let rss_peak = rss_phase_peak.map(|p| p.max(self.earlier_rss_peak.load(Ordering::Relaxed)));
+        if let Some((active, peak, cache)) = self.allocator() {
+            return Reading {
+                rss,
+                rss_phase_peak,
+                rss_peak,
+                gpu: Some(active),
+                gpu_phase_peak: Some(peak),
+                gpu_peak: Some(peak.max(self.earlier_mlx_peak.load(Ordering::Relaxed))),
+                cache: Some(cache),
+            };
+        }
         Reading {
             rss,
             rss_phase_peak,
-            rss_peak: rss_phase_peak.map(|p| p.max(self.earlier_rss_peak.load(Ordering::Relaxed))),
+            rss_peak,
             gpu: self.gpu.as_ref().and_then(device::Gpu::used),
             gpu_phase_peak: self.gpu.as_ref().and_then(device::Gpu::phase_peak),
             gpu_peak: self.gpu.as_ref().and_then(device::Gpu::peak),
+            cache: None,
         }
     }
 
     /// The measure at its peak since the last reset.
     pub fn phase_peak(&self) -> Option<u64> {
+        if let Some((_, peak, _)) = self.allocator() {
+            return Some(peak);
+        }
         match &self.gpu {
             Some(g) => g.phase_peak(),
             None => resident_now_and_peak().1,
@@ -119,6 +171,9 @@ impl Meter {
 
     /// The measure at its peak over the run.
     pub fn peak(&self) -> Option<u64> {
+        if self.mlx {
+            return self.read().gpu_peak;
+        }
         match &self.gpu {
             Some(g) => g.peak(),
             None => self.read().rss_peak,
@@ -141,6 +196,11 @@ impl Meter {
     pub fn reset_peak(&self) -> bool {
         if let Some(g) = &self.gpu {
             g.reset_peak();
+        }
+        if let Some((_, peak, _)) = self.allocator() {
+            self.earlier_mlx_peak.fetch_max(peak, Ordering::Relaxed);
+            #[cfg(feature = "mlx")]
+            let _ = mlx::reset_peak();
         }
         if let (_, Some(p)) = resident_now_and_peak() {
             self.earlier_rss_peak.fetch_max(p, Ordering::Relaxed);

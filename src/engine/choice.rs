@@ -1,0 +1,104 @@
+//! `train --engine`: which engine does the arithmetic, and the default for a device.
+
+use crate::error::{Error, Result};
+use crate::model::args::ModelArgs;
+use crate::model::quantized::QuantBits;
+use crate::model::LoadOptions;
+use crate::runtime::device::{DTypeChoice, DeviceChoice};
+use candle_core::{DType, Device};
+
+/// `--engine`.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum EngineChoice {
+    /// candle tensors and the fused CPU kernels (the CPU engine; CUDA and Metal through
+    /// candle's own kernels).
+    Candle,
+    /// MLX (the `mlx` feature): Metal on Apple silicon; MLX's CPU backend elsewhere.
+    Mlx,
+}
+
+/// Whether this binary has the MLX engine.
+pub const HAS_MLX: bool = cfg!(feature = "mlx");
+
+/// The engine a run uses: `given`, else MLX for `--device metal` (and for `--device auto` on
+/// macOS) where this binary has it, else candle.
+pub fn resolve(given: Option<EngineChoice>, device: DeviceChoice) -> Result<EngineChoice> {
+    resolve_for(given, device, HAS_MLX, cfg!(target_os = "macos"))
+}
+
+fn resolve_for(
+    given: Option<EngineChoice>,
+    device: DeviceChoice,
+    has_mlx: bool,
+    macos: bool,
+) -> Result<EngineChoice> {
+    match given {
+        Some(EngineChoice::Mlx) if !has_mlx => Err(Error::Usage(
+            "--engine mlx: this binary was built without the MLX engine; build it with \
+             scripts/build_mlx.sh (which installs what it needs), or \
+             `cargo build --release --features mlx`"
+                .into(),
+        )),
+        Some(e) => Ok(e),
+        None if has_mlx
+            && (device == DeviceChoice::Metal || (macos && device == DeviceChoice::Auto)) =>
+        {
+            Ok(EngineChoice::Mlx)
+        }
+        None => Ok(EngineChoice::Candle),
+    }
+}
+
+/// How the MLX engine has the model loaded: on the host (the engine converts it to MLX arrays
+/// on MLX's own device), in the dtype it computes in: f32 on the CPU, bf16 on a GPU
+/// (`--device metal|cuda`, and `auto` on macOS), or as `--dtype` says.
+pub fn mlx_load_options(m: &ModelArgs, quantize: Option<QuantBits>) -> LoadOptions {
+    let gpu = match m.device {
+        DeviceChoice::Metal | DeviceChoice::Cuda => true,
+        DeviceChoice::Auto => cfg!(target_os = "macos"),
+        DeviceChoice::Cpu => false,
+    };
+    let dtype = match m.dtype {
+        DTypeChoice::F32 => DType::F32,
+        DTypeChoice::F16 => DType::F16,
+        DTypeChoice::Bf16 => DType::BF16,
+        DTypeChoice::Auto if gpu => DType::BF16,
+        DTypeChoice::Auto => DType::F32,
+    };
+    LoadOptions {
+        device: Device::Cpu,
+        dtype,
+        quantize,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use DeviceChoice::*;
+    use EngineChoice::*;
+
+    #[test]
+    fn the_default_is_candle_except_metal_with_mlx() {
+        assert_eq!(resolve_for(None, Cpu, true, false).unwrap(), Candle);
+        assert_eq!(resolve_for(None, Auto, true, false).unwrap(), Candle);
+        assert_eq!(resolve_for(None, Metal, true, false).unwrap(), Mlx);
+        assert_eq!(resolve_for(None, Auto, true, true).unwrap(), Mlx);
+        assert_eq!(resolve_for(None, Cpu, true, true).unwrap(), Candle);
+        assert_eq!(resolve_for(None, Metal, false, true).unwrap(), Candle);
+        assert_eq!(
+            resolve_for(Some(Candle), Metal, true, true).unwrap(),
+            Candle
+        );
+        assert_eq!(resolve_for(Some(Mlx), Cpu, true, false).unwrap(), Mlx);
+    }
+
+    #[test]
+    fn mlx_without_the_feature_says_how_to_build_it() {
+        let e = resolve_for(Some(Mlx), Cpu, false, false).unwrap_err();
+        assert!(e.to_string().contains("scripts/build_mlx.sh"), "{e}");
+    }
+}

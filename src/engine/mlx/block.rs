@@ -1,0 +1,89 @@
+//! One transformer block's forward on MLX's fused ops (RMSNorm, RoPE, scaled-dot-product
+//! attention), written once: the step runs it without a graph in the forward and
+//! differentiates it, block by block, in the backward (MLX's autograd per block, on a
+//! recompute from the block's saved input).
+
+use super::batch::Layout;
+use super::weights::{Linear, Model};
+use mlx_rs::error::Exception;
+use mlx_rs::fast::{rms_norm, rope, scaled_dot_product_attention, ScaledDotProductAttentionMask};
+use mlx_rs::ops::sigmoid;
+use mlx_rs::{Array, Dtype};
+
+type R<T> = Result<T, Exception>;
+
+/// A block's LoRA pairs by target: `(A [r, in], B [out, r])`, f32.
+pub type Pairs<'a> = [Option<(&'a Array, &'a Array)>; 7];
+
+/// `x Wᵀ + s · (x Aᵀ) Bᵀ`: the frozen product in the model's dtype, the low-rank term as two
+/// thin matmuls in f32 (never `W + BA`), added in the model's dtype.
+pub fn lora_linear(
+    lin: &Linear,
+    x: &Array,
+    pair: Option<(&Array, &Array)>,
+    scale: f32,
+) -> R<Array> {
+    let y = lin.forward(x)?;
+    match pair {
+        None => Ok(y),
+        Some((a, b)) => {
+            let xa = x.as_dtype(Dtype::Float32)?.matmul(a.t())?;
+            let delta = xa.matmul(b.t())?.multiply(Array::from_f32(scale))?;
+            y.add(delta.as_dtype(y.dtype())?)
+        }
+    }
+}
+
+/// Block `layer` on `x` (`[B·T, hidden]`) with `pairs` at LoRA scale `scale`.
+pub fn forward(
+    model: &Model,
+    layer: usize,
+    x: &Array,
+    pairs: &Pairs,
+    scale: f32,
+    lay: &Layout,
+) -> R<Array> {
+    let cfg = &model.cfg;
+    let blk = &model.blocks[layer];
+    let (b, t) = (lay.b as i32, lay.t as i32);
+    let (nh, nkv, d) = (
+        cfg.num_attention_heads as i32,
+        cfg.num_key_value_heads as i32,
+        cfg.head_dim as i32,
+    );
+    let eps = cfg.rms_norm_eps as f32;
+    let proj = |i: usize, input: &Array| lora_linear(&blk.linears[i], input, pairs[i], scale);
+    let heads =
+        |y: Array, n: i32| -> R<Array> { y.reshape(&[b, t, n, d])?.transpose_axes(&[0, 2, 1, 3]) };
+    let rotate =
+        |y: Array| -> R<Array> { rope(y, d, false, None, 1.0, 0, Some(&model.rope_freqs)) };
+
+    let h1 = rms_norm(x, Some(&blk.input_norm), eps)?;
+    let q = rotate(heads(proj(0, &h1)?, nh)?)?;
+    let k = rotate(heads(proj(1, &h1)?, nkv)?)?;
+    let v = heads(proj(2, &h1)?, nkv)?;
+    let scale_qk = 1.0 / (d as f32).sqrt();
+    let attn = match &lay.mask {
+        None => scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            scale_qk,
+            ScaledDotProductAttentionMask::Causal,
+            None,
+        )?,
+        Some(m) => {
+            let m = m.as_dtype(model.dtype)?;
+            scaled_dot_product_attention(q, k, v, scale_qk, &m, None)?
+        }
+    };
+    let attn = attn
+        .transpose_axes(&[0, 2, 1, 3])?
+        .reshape(&[b * t, nh * d])?;
+    let xmid = x.add(proj(3, &attn)?)?;
+    let h2 = rms_norm(&xmid, Some(&blk.post_norm), eps)?;
+    let gate = proj(4, &h2)?;
+    let up = proj(5, &h2)?;
+    let act = gate.multiply(sigmoid(&gate)?)?.multiply(&up)?;
+    xmid.add(proj(6, &act)?)
+}

@@ -1,0 +1,359 @@
+//! The MLX engine: the training step on MLX arrays through mlx-rs (Metal on Apple silicon; on
+//! Linux MLX's CPU backend from the mlx-cpu wheel, which is what the tests here run on).
+//!
+//! The frozen weights are converted from the project's one load ([`weights`]); the adapter and
+//! AdamW stay in f32 ([`params`], [`optimizer`]); the step is block-wise with recompute, MLX's
+//! autograd differentiating one block at a time ([`step`], [`block`], [`head`]). Each
+//! micro-batch is one lazy graph evaluated once; the allocator's cache is cleared after it, so
+//! the process does not grow by what a step freed. MLX's memory limits come from the run's
+//! budget, and the meter reads MLX's active, peak and cache memory
+//! ([`crate::runtime::memory::mlx`]).
+//!
+//! Built only with the `mlx` feature.
+
+pub mod batch;
+pub mod block;
+pub mod convert;
+pub mod error;
+pub mod head;
+pub mod optimizer;
+pub mod params;
+pub mod step;
+pub mod weights;
+
+#[cfg(test)]
+mod checks;
+
+pub use error::MlxError;
+
+use super::{Engine, LossSums, MicroBatchRows, OptimizerState, Profile, StepError};
+use crate::data::batch::Row;
+use crate::data::Sample;
+use crate::error::{Error, Result};
+use crate::infer::eval::EvalResult;
+use crate::model::lora::Adapter;
+use crate::model::{Llama, LoadOptions, ModelConfig};
+use crate::runtime::memory::{self, Meter};
+use candle_core::DType;
+use mlx_rs::{Array, Dtype};
+use optimizer::AdamW;
+use params::Params;
+use std::time::Instant;
+use weights::Model;
+
+/// The MLX dtype of a compute dtype.
+pub fn mlx_dtype(d: DType) -> Result<Dtype> {
+    match d {
+        DType::F32 => Ok(Dtype::Float32),
+        DType::BF16 => Ok(Dtype::Bfloat16),
+        DType::F16 => Ok(Dtype::Float16),
+        other => Err(Error::Usage(format!(
+            "--dtype: the MLX engine computes in f32, bf16 or f16, not {other:?}"
+        ))),
+    }
+}
+
+/// The frozen model, the adapter and its optimizer, and the gradients of the step in
+/// progress, as MLX arrays.
+pub struct MlxEngine {
+    /// The `--model` value and how it was loaded: a reload repeats exactly this.
+    spec: String,
+    load: LoadOptions,
+    dtype: Dtype,
+    bits: Option<i32>,
+    cfg: ModelConfig,
+    /// None only inside [`Engine::reload`].
+    model: Option<Model>,
+    params: Option<Params>,
+    opt: Option<AdamW>,
+    grads: Option<Vec<Array>>,
+    weight_decay: f64,
+    meter: Meter,
+}
+
+fn reloading() -> Error {
+    Error::Usage("the model is being reloaded; it has no weights now".into())
+}
+
+fn no_adapter() -> Error {
+    Error::Usage("no adapter is attached to the model".into())
+}
+
+/// Evaluates `arrays`, mapping MLX's failure.
+fn eval<'a>(arrays: impl IntoIterator<Item = &'a Array>) -> Result<()> {
+    Ok(mlx_rs::transforms::eval(arrays)?)
+}
+
+/// Converts `model` (loaded with `load`) into MLX arrays and evaluates them, so the weights are
+/// resident before the first step.
+fn convert(model: &Llama, dtype: Dtype, bits: Option<i32>) -> Result<Model> {
+    let m = Model::from_llama(model, dtype, bits)?;
+    let mut all: Vec<&Array> = vec![&m.embed, &m.norm, &m.head, &m.rope_freqs];
+    for b in &m.blocks {
+        all.extend([&b.input_norm, &b.post_norm]);
+        for l in &b.linears {
+            match l {
+                weights::Linear::Dense { wt, bias } => {
+                    all.extend([Some(wt), bias.as_ref()].into_iter().flatten())
+                }
+                weights::Linear::Quantized {
+                    w,
+                    scales,
+                    biases,
+                    bias,
+                    ..
+                } => all.extend(
+                    [Some(w), Some(scales), Some(biases), bias.as_ref()]
+                        .into_iter()
+                        .flatten(),
+                ),
+            }
+        }
+    }
+    eval(all)?;
+    Ok(m)
+}
+
+impl MlxEngine {
+    /// An engine over `model` (loaded from `spec` with `load`, on the host), computing in
+    /// `load.dtype`, its block linears quantized when `load.quantize` says so. MLX's memory,
+    /// cache and wired limits are set from `budget`, and the meter is MLX's. Its adapter comes
+    /// with [`Engine::set_adapter`].
+    pub fn new(
+        model: Llama,
+        spec: &str,
+        load: LoadOptions,
+        weight_decay: f64,
+        budget: u64,
+    ) -> Result<Self> {
+        let dtype = mlx_dtype(load.dtype)?;
+        let bits = load.quantize.map(|q| q.bits() as i32);
+        let limits = memory::mlx::apply_budget(budget)?;
+        eprintln!(
+            "Set MLX memory limit to {:.2} GB (was {:.2} GB); cache limit {:.2} GB{}",
+            memory::gb(limits.memory),
+            memory::gb(limits.previous_memory),
+            memory::gb(limits.cache),
+            match limits.wired {
+                Some(w) => format!(", wired limit {:.2} GB", memory::gb(w)),
+                None => String::new(),
+            }
+        );
+        let cfg = model.cfg.clone();
+        let converted = convert(&model, dtype, bits)?;
+        drop(model);
+        memory::release_free();
+        Ok(Self {
+            spec: spec.to_string(),
+            load,
+            dtype,
+            bits,
+            cfg,
+            model: Some(converted),
+            params: None,
+            opt: None,
+            grads: None,
+            weight_decay,
+            meter: Meter::mlx(),
+        })
+    }
+
+    fn model(&self) -> Result<&Model> {
+        self.model.as_ref().ok_or_else(reloading)
+    }
+
+    fn params(&self) -> Result<&Params> {
+        self.params.as_ref().ok_or_else(no_adapter)
+    }
+
+    /// Bytes of frozen weights held.
+    pub fn weight_bytes(&self) -> usize {
+        self.model.as_ref().map_or(0, Model::bytes)
+    }
+}
+
+impl Engine for MlxEngine {
+    fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+
+    fn accumulate(
+        &mut self,
+        batch: &MicroBatchRows,
+        profile: &mut Profile,
+    ) -> std::result::Result<LossSums, StepError> {
+        if batch.dropout.is_some_and(|(p, _)| p > 0.0) {
+            return Err(StepError::Failed(Error::Usage(
+                "--lora-dropout: the MLX engine does not apply LoRA dropout yet; use \
+                 --lora-dropout 0, or --engine candle"
+                    .into(),
+            )));
+        }
+        let model = self.model.as_ref().ok_or_else(reloading)?;
+        let params = self.params.as_ref().ok_or_else(no_adapter)?;
+        let clock = Instant::now();
+        let lay = batch::layout(batch.rows, model.cfg.sliding_window)?;
+        profile.data += clock.elapsed();
+        let clock = Instant::now();
+        let pending = step::forward_backward(model, params, &lay, batch.loss_scale)?;
+        let grads = match self.grads.take() {
+            None => pending.grads.clone(),
+            Some(acc) => acc
+                .iter()
+                .zip(&pending.grads)
+                .map(|(a, g)| a.add(g))
+                .collect::<std::result::Result<Vec<_>, _>>()?,
+        };
+        eval(pending.outputs().chain(&grads))?;
+        self.grads = Some(grads);
+        let sums = pending.sums()?;
+        drop(pending);
+        // The step's freed buffers go back now, so the process holds one step's working set
+        // at most, not what every shape seen so far left cached.
+        memory::mlx::clear_cache()?;
+        profile.forward += clock.elapsed();
+        if let Some(peak) = self.meter.over_limit() {
+            return Err(StepError::OverBudget { peak });
+        }
+        Ok(sums)
+    }
+
+    fn clip_gradients(&mut self, max_norm: f64) -> Result<f64> {
+        let grads = match self.grads.take() {
+            Some(g) => g,
+            None => self
+                .params()?
+                .tensors()
+                .iter()
+                .map(mlx_rs::ops::zeros_like)
+                .collect::<std::result::Result<Vec<_>, _>>()?,
+        };
+        let norm = convert::scalar(&optimizer::global_norm(&grads)?)?;
+        let clipped = optimizer::clip(grads, norm, max_norm)?;
+        eval(&clipped)?;
+        self.grads = Some(clipped);
+        Ok(norm)
+    }
+
+    fn update(&mut self, lr: f64) -> Result<()> {
+        let grads = self.grads.take().ok_or_else(|| {
+            Error::Usage("an update needs the step's gradients, and there are none".into())
+        })?;
+        let params = self.params.as_mut().ok_or_else(no_adapter)?;
+        let opt = self.opt.as_mut().ok_or_else(no_adapter)?;
+        let new = opt.step(&params.tensors(), &grads, lr)?;
+        eval(new.iter().chain(&opt.m).chain(&opt.v))?;
+        params.set_tensors(new.into_iter());
+        memory::mlx::clear_cache()?;
+        Ok(())
+    }
+
+    fn discard_gradients(&mut self) {
+        self.grads = None;
+    }
+
+    fn adapter(&self) -> Result<Adapter> {
+        self.params()?.to_adapter()
+    }
+
+    fn optimizer_state(&self) -> Result<OptimizerState> {
+        let opt = self.opt.as_ref().ok_or_else(no_adapter)?;
+        let host = |xs: &[Array]| {
+            xs.iter()
+                .map(convert::to_tensor)
+                .collect::<Result<Vec<_>>>()
+        };
+        Ok(OptimizerState {
+            t: opt.t,
+            m: host(&opt.m)?,
+            v: host(&opt.v)?,
+        })
+    }
+
+    fn set_adapter(&mut self, adapter: Adapter, optimizer: Option<OptimizerState>) -> Result<()> {
+        let params = Params::from_adapter(&adapter)?;
+        let mut opt = AdamW::new(&params.tensors(), self.weight_decay)?;
+        if let Some(s) = optimizer {
+            let on = |ts: &[candle_core::Tensor]| {
+                ts.iter()
+                    .map(|t| convert::to_array(t, Dtype::Float32))
+                    .collect::<Result<Vec<_>>>()
+            };
+            opt.t = s.t;
+            opt.m = on(&s.m)?;
+            opt.v = on(&s.v)?;
+        }
+        eval(params.tensors().iter().chain(&opt.m).chain(&opt.v))?;
+        self.grads = None;
+        self.params = Some(params);
+        self.opt = Some(opt);
+        Ok(())
+    }
+
+    fn evaluate(&self, samples: &[Sample], batch_size: usize) -> Result<EvalResult> {
+        let model = self.model()?;
+        let params = self.params()?;
+        let mut total = 0f64;
+        let mut tokens = 0usize;
+        for chunk in samples.chunks(batch_size.max(1)) {
+            let rows: Vec<Row> = chunk.iter().map(|s| Row::single(s, 1.0)).collect();
+            let lay = batch::layout(&rows, model.cfg.sliding_window)?;
+            let (sum, n) = eval_loss(model, params, &lay)?;
+            total += sum;
+            tokens += n;
+            memory::mlx::clear_cache()?;
+        }
+        Ok(EvalResult {
+            loss: if tokens > 0 {
+                total / tokens as f64
+            } else {
+                f64::NAN
+            },
+            tokens,
+            examples: samples.len(),
+        })
+    }
+
+    fn reload(&mut self) -> Result<()> {
+        self.grads = None;
+        self.opt = None;
+        self.params = None;
+        self.model = None;
+        memory::mlx::clear_cache()?;
+        memory::release_free();
+        let loaded = crate::model::load(&self.spec, &self.load, None)?.model;
+        self.model = Some(convert(&loaded, self.dtype, self.bits)?);
+        Ok(())
+    }
+
+    fn meter(&self) -> &Meter {
+        &self.meter
+    }
+}
+
+/// Σ cross-entropy over `lay`'s scored rows, and their number (no gradients).
+fn eval_loss(model: &Model, params: &Params, lay: &batch::Layout) -> Result<(f64, usize)> {
+    let n = lay.target_rows.len();
+    if n == 0 {
+        return Ok((0.0, 0));
+    }
+    let mut x = model.embed.take_axis(&lay.ids, 0)?;
+    for l in 0..model.blocks.len() {
+        let mut pairs: block::Pairs = Default::default();
+        for (i, p) in params.pairs[l].iter().enumerate() {
+            pairs[i] = p.as_ref().map(|(a, b)| (a, b));
+        }
+        x = block::forward(model, l, &x, &pairs, params.scale(), lay)?;
+    }
+    let mut sum = 0f64;
+    let mut start = 0;
+    while start < n {
+        let len = head::HEAD_CHUNK.min(n - start);
+        let rows = convert::indices(&lay.target_rows[start..start + len], &[len as i32]);
+        let targets = convert::indices(&lay.target_ids[start..start + len], &[len as i32]);
+        let ce = head::cross_entropy(model, &x, &rows, &targets)?.sum(None)?;
+        sum += convert::scalar(&ce)?;
+        start += len;
+    }
+    Ok((sum, n))
+}

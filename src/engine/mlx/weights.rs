@@ -1,0 +1,200 @@
+//! The frozen model as MLX arrays: converted, one weight at a time, from what the project's one
+//! load function ([`crate::model::load`]) returned, so both engines train the same weights.
+//! Dense weights are held in the compute dtype (f32 on the CPU, bf16 or f16 on a GPU); with
+//! `--quantize 4|8` the block linears use MLX's affine quantization (groups of 32, so that the
+//! Q4_1 / Q8_0 grid the load produced is represented exactly) and `quantized_matmul`.
+
+use super::convert::to_array;
+use crate::error::Result;
+use crate::model::quantized::Weight;
+use crate::model::vocab::VocabMatrix;
+use crate::model::{Llama, ModelConfig};
+use candle_core::{DType, Tensor};
+use mlx_rs::ops::{quantize, quantized_matmul};
+use mlx_rs::{Array, Dtype};
+
+/// Group size of MLX's affine quantization here: GGML's Q4_1 and Q8_0 blocks are 32 wide.
+pub const GROUP: i32 = 32;
+
+/// A frozen `[out, in]` weight (and bias), dense or quantized.
+pub enum Linear {
+    Dense {
+        /// `Wᵀ`, `[in, out]`, so the forward is one plain matmul.
+        wt: Array,
+        bias: Option<Array>,
+    },
+    Quantized {
+        w: Array,
+        scales: Array,
+        biases: Array,
+        bits: i32,
+        bias: Option<Array>,
+    },
+}
+
+impl Linear {
+    fn new(w: &Weight, bias: Option<&Tensor>, dtype: Dtype, bits: Option<i32>) -> Result<Self> {
+        let dense = to_array(&w.dense(DType::F32)?, dtype)?;
+        let bias = bias.map(|b| to_array(b, dtype)).transpose()?;
+        let cols = dense.shape()[1];
+        Ok(match bits {
+            Some(bits) if cols % GROUP == 0 => {
+                let (w, scales, biases) = quantize(&dense, GROUP, bits)?;
+                Linear::Quantized {
+                    w,
+                    scales,
+                    biases,
+                    bits,
+                    bias,
+                }
+            }
+            _ => Linear::Dense {
+                wt: dense.t().contiguous()?,
+                bias,
+            },
+        })
+    }
+
+    /// `x Wᵀ (+ b)` for `x` `[n, in]`.
+    pub fn forward(&self, x: &Array) -> Result<Array, mlx_rs::error::Exception> {
+        let (y, bias) = match self {
+            Linear::Dense { wt, bias } => (x.matmul(wt)?, bias),
+            Linear::Quantized {
+                w,
+                scales,
+                biases,
+                bits,
+                bias,
+            } => (
+                quantized_matmul(x, w, scales, biases, true, GROUP, *bits)?,
+                bias,
+            ),
+        };
+        match bias {
+            Some(b) => y.add(b),
+            None => Ok(y),
+        }
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        match self {
+            Linear::Dense { wt, bias } => wt.nbytes() + bias.as_ref().map_or(0, Array::nbytes),
+            Linear::Quantized {
+                w,
+                scales,
+                biases,
+                bias,
+                ..
+            } => {
+                w.nbytes()
+                    + scales.nbytes()
+                    + biases.nbytes()
+                    + bias.as_ref().map_or(0, Array::nbytes)
+            }
+        }
+    }
+}
+
+/// One transformer block's frozen weights.
+pub struct Block {
+    pub input_norm: Array,
+    pub post_norm: Array,
+    /// q, k, v, o, gate, up, down: in [`crate::model::lora::Target`] order.
+    pub linears: [Linear; 7],
+}
+
+/// The frozen model.
+pub struct Model {
+    pub cfg: ModelConfig,
+    pub dtype: Dtype,
+    /// `[vocab, hidden]`.
+    pub embed: Array,
+    pub blocks: Vec<Block>,
+    pub norm: Array,
+    /// `[vocab, hidden]`: the same array as `embed` when the embeddings are tied (never a
+    /// second copy); the head multiplies by its transpose, a view.
+    pub head: Array,
+    /// The head is the embedding (tied).
+    pub tied: bool,
+    /// RoPE's frequencies as MLX's `fast::rope` takes them: one per pair of head dimensions,
+    /// the inverse of the (scaled) inverse frequencies.
+    pub rope_freqs: Array,
+}
+
+fn vocab(m: &VocabMatrix, dtype: Dtype) -> Result<Array> {
+    let parts = (0..m.slices().len())
+        .map(|i| m.slice(i, DType::F32))
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    let whole = if parts.len() == 1 {
+        parts.into_iter().next().unwrap_or_else(|| unreachable!())
+    } else {
+        Tensor::cat(&parts, 0)?
+    };
+    to_array(&whole, dtype)
+}
+
+impl Model {
+    /// The MLX copy of `model`'s frozen weights in `dtype`; the block linears quantized to
+    /// `bits` when given.
+    pub fn from_llama(model: &Llama, dtype: Dtype, bits: Option<i32>) -> Result<Self> {
+        let blocks = model
+            .blocks
+            .iter()
+            .map(|b| -> Result<Block> {
+                let l = b.linears();
+                let lin = |i: usize| Linear::new(&l[i].weight, l[i].bias.as_ref(), dtype, bits);
+                Ok(Block {
+                    input_norm: to_array(&b.input_norm, dtype)?,
+                    post_norm: to_array(&b.post_norm, dtype)?,
+                    linears: [
+                        lin(0)?,
+                        lin(1)?,
+                        lin(2)?,
+                        lin(3)?,
+                        lin(4)?,
+                        lin(5)?,
+                        lin(6)?,
+                    ],
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let embed = vocab(&model.embed_tokens, dtype)?;
+        let tied = model.lm_head.same_as(&model.embed_tokens);
+        let head = if tied {
+            embed.clone()
+        } else {
+            vocab(&model.lm_head, dtype)?
+        };
+        let freqs: Vec<f32> = crate::model::rope::inv_freqs(&model.cfg)
+            .iter()
+            .map(|f| 1.0 / f)
+            .collect();
+        let n = freqs.len() as i32;
+        Ok(Self {
+            cfg: model.cfg.clone(),
+            dtype,
+            embed,
+            blocks,
+            norm: to_array(&model.norm, dtype)?,
+            head,
+            tied,
+            rope_freqs: Array::from_slice(&freqs, &[n]),
+        })
+    }
+
+    /// Bytes of frozen weights held.
+    pub fn bytes(&self) -> usize {
+        let blocks: usize = self
+            .blocks
+            .iter()
+            .map(|b| {
+                b.input_norm.nbytes()
+                    + b.post_norm.nbytes()
+                    + b.linears.iter().map(Linear::bytes).sum::<usize>()
+            })
+            .sum();
+        let head = if self.tied { 0 } else { self.head.nbytes() };
+        blocks + self.embed.nbytes() + head + self.norm.nbytes()
+    }
+}

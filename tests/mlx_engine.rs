@@ -1,0 +1,351 @@
+//! The MLX engine against the candle engine, through the engine seam, on MLX's CPU backend: the
+//! same adapter, the same batches, the same optimizer steps; losses equal to 1e-4 relative over
+//! 20 steps in f32 on a tiny random Llama and on SmolLM2. Also: its gradients against finite
+//! differences for every LoRA target, exact resume from its saved state, `--quantize 4`
+//! learning, and a bf16 run that holds no f64 array. Built only with the `mlx` feature.
+#![cfg(feature = "mlx")]
+
+mod common;
+
+use candle_core::{DType, Device, Tensor};
+use mlx_rs::{Array, Dtype};
+use std::sync::Mutex;
+use your_ai::data::batch::Row;
+use your_ai::data::Sample;
+use your_ai::engine::candle::CandleEngine;
+use your_ai::engine::mlx::{batch, convert, params::Params, step, MlxEngine};
+use your_ai::engine::{Engine, MicroBatchRows, Profile};
+use your_ai::model::lora::{Adapter, LoraConfig, Target};
+use your_ai::model::quantized::QuantBits;
+use your_ai::model::{load, LoadOptions};
+use your_ai::runtime::memory::Meter;
+
+/// MLX's allocator and limits are the process's: one MLX test at a time.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A tiny random Llama (two blocks, hidden 64, GQA, Llama 3.1 RoPE scaling, tied embeddings)
+/// with SmolLM2's tokenizer, as the load function takes it.
+fn tiny_dir() -> tempfile::TempDir {
+    let tmp = tempfile::tempdir().unwrap();
+    common::tiny_chat_model(tmp.path());
+    tmp
+}
+
+fn opts(dtype: DType, quantize: Option<QuantBits>) -> LoadOptions {
+    LoadOptions {
+        device: Device::Cpu,
+        dtype,
+        quantize,
+    }
+}
+
+fn candle_engine(spec: &str, o: &LoadOptions) -> CandleEngine {
+    let m = load(spec, o, None).unwrap().model;
+    CandleEngine::new(m, spec, o.clone(), 0.01, 0, Meter::resident())
+}
+
+fn mlx_engine(spec: &str, o: &LoadOptions) -> MlxEngine {
+    let m = load(spec, o, None).unwrap().model;
+    MlxEngine::new(m, spec, o.clone(), 0.01, 20_000_000_000).unwrap()
+}
+
+/// A LoRA adapter on `layers`, every target, from the trainer's initialisation (seed 7), with
+/// B drawn too (B = 0 would leave every dA zero at the first step).
+fn adapter(cfg: &your_ai::model::ModelConfig, layers: Vec<usize>) -> Adapter {
+    let lora = LoraConfig {
+        rank: 4,
+        alpha: 8.0,
+        dropout: 0.0,
+        targets: Target::ALL.to_vec(),
+        layers,
+        use_rslora: false,
+    };
+    let mut a = Adapter::init(lora, cfg, 7, &Device::Cpu).unwrap();
+    for (i, t) in a.tensors_mut().enumerate() {
+        if i % 2 == 1 {
+            let n: usize = t.dims().iter().product();
+            let v: Vec<f32> = (0..n)
+                .map(|k| (((k * 37 + i * 101) % 97) as f32 / 97.0 - 0.5) * 0.1)
+                .collect();
+            *t = Tensor::from_vec(v, t.dims(), &Device::Cpu).unwrap();
+        }
+    }
+    a
+}
+
+/// Rows of pseudo-random tokens (below `vocab`) of the given lengths, the second half of each
+/// trained.
+fn rows(vocab: u32, lens: &[usize], seed: u32) -> Vec<Row> {
+    lens.iter()
+        .enumerate()
+        .map(|(i, &n)| {
+            let ids: Vec<u32> = (0..n as u32)
+                .map(|p| (p * 7919 + seed * 104_729 + i as u32 * 31) % (vocab - 3) + 3)
+                .collect();
+            let s = Sample {
+                trained: (0..n).map(|p| p >= n / 2).collect(),
+                ids,
+                truncated: 0,
+            };
+            Row::single(&s, 1.0)
+        })
+        .collect()
+}
+
+/// `steps` optimizer steps of `engine` (from `adapter`), each on its own batch; the mean loss
+/// of each.
+fn train<E: Engine>(engine: &mut E, batches: &[Vec<Row>], lr: f64) -> Vec<f64> {
+    let mut losses = vec![];
+    for b in batches {
+        let weight: f64 = b.iter().map(Row::scored_weight).sum();
+        let targets: usize = b.iter().map(Row::scored).sum();
+        let batch = MicroBatchRows {
+            rows: b,
+            dropout: None,
+            loss_scale: 1.0 / weight,
+        };
+        let sums = engine.accumulate(&batch, &mut Profile::default()).unwrap();
+        engine.clip_gradients(1.0).unwrap();
+        engine.update(lr).unwrap();
+        losses.push(sums.ce / targets as f64);
+    }
+    losses
+}
+
+fn assert_losses_match(what: &str, mlx: &[f64], candle: &[f64], rel: f64) {
+    for (i, (a, b)) in mlx.iter().zip(candle).enumerate() {
+        let d = (a - b).abs() / b.abs();
+        assert!(
+            d <= rel,
+            "{what}: step {}: MLX {a} vs candle {b} ({d:.2e} relative)\nMLX {mlx:?}\ncandle {candle:?}",
+            i + 1
+        );
+    }
+}
+
+#[test]
+fn mlx_losses_equal_candle_losses_over_20_steps_on_a_tiny_llama() {
+    let _s = serial();
+    let dir = tiny_dir();
+    let spec = dir.path().to_str().unwrap();
+    let o = opts(DType::F32, None);
+    let mut c = candle_engine(spec, &o);
+    let mut m = mlx_engine(spec, &o);
+    let a = adapter(c.config(), vec![0, 1]);
+    c.set_adapter(a.clone(), None).unwrap();
+    m.set_adapter(a, None).unwrap();
+    let batches: Vec<Vec<Row>> = (0..20)
+        .map(|s| rows(96, &[9 + s % 5, 17 - s % 4], s as u32))
+        .collect();
+    let lc = train(&mut c, &batches, 1e-2);
+    let lm = train(&mut m, &batches, 1e-2);
+    assert!(lc[19] < lc[0], "the run learns: {lc:?}");
+    assert_losses_match("tiny Llama", &lm, &lc, 1e-4);
+}
+
+#[test]
+fn mlx_losses_equal_candle_losses_over_20_steps_on_smollm2() {
+    let _s = serial();
+    let path = common::smollm2();
+    let spec = path.to_str().unwrap();
+    let o = opts(DType::F32, None);
+    let mut c = candle_engine(spec, &o);
+    let mut m = mlx_engine(spec, &o);
+    // The top four blocks adapted, as `--num-layers 4`.
+    let a = adapter(c.config(), (26..30).collect());
+    c.set_adapter(a.clone(), None).unwrap();
+    m.set_adapter(a, None).unwrap();
+    let batches: Vec<Vec<Row>> = (0..20)
+        .map(|s| rows(49_152, &[24 + s % 7], s as u32))
+        .collect();
+    let lc = train(&mut c, &batches, 1e-3);
+    let lm = train(&mut m, &batches, 1e-3);
+    assert_losses_match("SmolLM2", &lm, &lc, 1e-4);
+}
+
+/// `loss_scale · Σ w·CE` of one batch under `params` (no gradients taken).
+fn loss(model: &your_ai::engine::mlx::weights::Model, p: &Params, lay: &batch::Layout) -> f64 {
+    let pending = step::forward_backward(model, p, lay, 1.0).unwrap();
+    convert::scalar(&pending.weighted).unwrap()
+}
+
+#[test]
+fn mlx_gradients_match_finite_differences_for_every_lora_target() {
+    let _s = serial();
+    let dir = tiny_dir();
+    let spec = dir.path().to_str().unwrap();
+    let llama = load(spec, &opts(DType::F32, None), None).unwrap().model;
+    let a = adapter(&llama.cfg, vec![0, 1]);
+    let model =
+        your_ai::engine::mlx::weights::Model::from_llama(&llama, Dtype::Float32, None).unwrap();
+    let mut p = Params::from_adapter(&a).unwrap();
+    let lay = batch::layout(&rows(96, &[11, 7], 3), None).unwrap();
+    let pending = step::forward_backward(&model, &p, &lay, 1.0).unwrap();
+    let grads: Vec<Vec<f32>> = pending
+        .grads
+        .iter()
+        .map(|g| {
+            convert::to_tensor(g)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap()
+        })
+        .collect();
+    let names: Vec<String> = a
+        .iter()
+        .flat_map(|(l, t, _)| [format!("{l}.{t:?}.A"), format!("{l}.{t:?}.B")])
+        .collect();
+    let tensors = p.tensors();
+    assert_eq!(grads.len(), tensors.len());
+    let h = 1e-2f32;
+    for (i, g) in grads.iter().enumerate() {
+        // The element with the largest gradient: finite differences in f32 resolve it best.
+        let (j, &gj) = g
+            .iter()
+            .enumerate()
+            .max_by(|x, y| x.1.abs().total_cmp(&y.1.abs()))
+            .unwrap();
+        assert!(gj.abs() > 1e-5, "{}: no gradient", names[i]);
+        let base = convert::to_tensor(&tensors[i]).unwrap();
+        let shape: Vec<i32> = base.dims().iter().map(|&d| d as i32).collect();
+        let v: Vec<f32> = base.flatten_all().unwrap().to_vec1().unwrap();
+        let mut at = |delta: f32| {
+            let mut w = v.clone();
+            w[j] += delta;
+            let mut ts = tensors.clone();
+            ts[i] = Array::from_slice(&w, &shape);
+            p.set_tensors(ts.into_iter());
+            loss(&model, &p, &lay)
+        };
+        let fd = (at(h) - at(-h)) / (2.0 * h as f64);
+        p.set_tensors(tensors.clone().into_iter());
+        let rel = (gj as f64 - fd).abs() / fd.abs().max(1e-4);
+        assert!(
+            rel < 3e-2,
+            "{}[{j}]: MLX {gj} vs finite differences {fd}",
+            names[i]
+        );
+    }
+}
+
+#[test]
+fn mlx_resume_from_its_saved_state_is_exact() {
+    let _s = serial();
+    let dir = tiny_dir();
+    let spec = dir.path().to_str().unwrap();
+    let o = opts(DType::F32, None);
+    let batches: Vec<Vec<Row>> = (0..8).map(|s| rows(96, &[12, 9], s)).collect();
+    let a = {
+        let m = load(spec, &o, None).unwrap().model;
+        adapter(&m.cfg, vec![0, 1])
+    };
+    let mut whole = mlx_engine(spec, &o);
+    whole.set_adapter(a.clone(), None).unwrap();
+    let straight = train(&mut whole, &batches, 1e-2);
+
+    let mut first = mlx_engine(spec, &o);
+    first.set_adapter(a, None).unwrap();
+    let mut resumed = train(&mut first, &batches[..4], 1e-2);
+    // What a checkpoint holds crosses the seam on the host; a new engine takes it.
+    let (saved, opt) = (first.adapter().unwrap(), first.optimizer_state().unwrap());
+    drop(first);
+    let mut second = mlx_engine(spec, &o);
+    second.set_adapter(saved, Some(opt)).unwrap();
+    resumed.extend(train(&mut second, &batches[4..], 1e-2));
+    assert_eq!(
+        resumed, straight,
+        "resumed run differs from the uninterrupted one"
+    );
+}
+
+#[test]
+fn mlx_quantize_4_learns() {
+    let _s = serial();
+    let dir = tiny_dir();
+    let spec = dir.path().to_str().unwrap();
+    let mut m = mlx_engine(spec, &opts(DType::F32, Some(QuantBits::parse(4).unwrap())));
+    let a = adapter(m.config(), vec![0, 1]);
+    m.set_adapter(a, None).unwrap();
+    let batch = rows(96, &[16, 16], 1);
+    let losses = train(&mut m, &vec![batch; 20], 2e-2);
+    assert!(
+        losses[19] < 0.8 * losses[0],
+        "--quantize 4 does not learn: {losses:?}"
+    );
+}
+
+/// MLX's printout of the whole graph that computes `outputs`, not yet evaluated: every array in
+/// it with its shape and dtype.
+fn graph_text(outputs: &[&Array]) -> String {
+    let tmp = tempfile::NamedTempFile::new().unwrap();
+    let path = std::ffi::CString::new(tmp.path().to_str().unwrap()).unwrap();
+    let ptrs: Vec<mlx_sys::mlx_array> = outputs.iter().map(|a| a.as_ptr()).collect();
+    // SAFETY: the arrays outlive the call; the vector, namer and file are freed here.
+    unsafe {
+        let vec = mlx_sys::mlx_vector_array_new_data(ptrs.as_ptr(), ptrs.len());
+        let namer = mlx_sys::mlx_node_namer_new();
+        let f = libc::fopen(path.as_ptr(), c"w".as_ptr());
+        assert!(!f.is_null());
+        let rc = mlx_sys::mlx_print_graph(f.cast(), namer, vec);
+        libc::fclose(f);
+        mlx_sys::mlx_node_namer_free(namer);
+        mlx_sys::mlx_vector_array_free(vec);
+        assert_eq!(rc, 0, "mlx_print_graph failed");
+    }
+    std::fs::read_to_string(tmp.path()).unwrap()
+}
+
+#[test]
+fn mlx_bf16_run_holds_no_f64_array() {
+    let _s = serial();
+    let dir = tiny_dir();
+    let spec = dir.path().to_str().unwrap();
+    let o = opts(DType::BF16, None);
+    let llama = load(spec, &o, None).unwrap().model;
+    let a = adapter(&llama.cfg, vec![0, 1]);
+    let model =
+        your_ai::engine::mlx::weights::Model::from_llama(&llama, Dtype::Bfloat16, None).unwrap();
+    let p = Params::from_adapter(&a).unwrap();
+    let lay = batch::layout(&rows(96, &[12, 9], 5), None).unwrap();
+    let pending = step::forward_backward(&model, &p, &lay, 1.0).unwrap();
+    let mut held: Vec<(&str, Dtype)> = vec![
+        ("embed", model.embed.dtype()),
+        ("head", model.head.dtype()),
+        ("norm", model.norm.dtype()),
+        ("loss", pending.ce.dtype()),
+    ];
+    for b in &model.blocks {
+        held.push(("input norm", b.input_norm.dtype()));
+    }
+    for g in &pending.grads {
+        held.push(("gradient", g.dtype()));
+    }
+    for (what, d) in &held {
+        assert_ne!(*d, Dtype::Float64, "{what} is f64");
+    }
+    // Every array of the step's graph (forward, head, recompute, backward): Metal has no f64.
+    let graph = graph_text(&pending.outputs().collect::<Vec<_>>());
+    assert!(
+        graph.contains("bfloat16") && graph.contains("float32"),
+        "the printout names dtypes: {}",
+        &graph[..graph.len().min(2000)]
+    );
+    let f64_lines: Vec<&str> = graph.lines().filter(|l| l.contains("float64")).collect();
+    assert!(f64_lines.is_empty(), "f64 in the bf16 step: {f64_lines:?}");
+    assert_eq!(model.embed.dtype(), Dtype::Bfloat16);
+    assert!(pending.grads.iter().all(|g| g.dtype() == Dtype::Float32));
+    // And the bf16 run trains through the engine.
+    let mut m = mlx_engine(spec, &o);
+    m.set_adapter(a, None).unwrap();
+    let losses = train(&mut m, &vec![rows(96, &[16, 16], 1); 10], 2e-2);
+    assert!(
+        losses.iter().all(|l| l.is_finite()) && losses[9] < losses[0],
+        "{losses:?}"
+    );
+}

@@ -181,7 +181,7 @@ fn mlx_gradients_match_finite_differences_for_every_lora_target() {
     let llama = load(spec, &opts(DType::F32, None), None).unwrap().model;
     let a = adapter(&llama.cfg, vec![0, 1]);
     let model =
-        your_ai::engine::mlx::weights::Model::from_llama(&llama, Dtype::Float32, None).unwrap();
+        your_ai::engine::mlx::weights::Model::from_llama(llama, Dtype::Float32, None).unwrap();
     let mut p = Params::from_adapter(&a).unwrap();
     let lay = batch::layout(&rows(96, &[11, 7], 3), None).unwrap();
     let pending = step::forward_backward(&model, &p, &lay, 1.0).unwrap();
@@ -310,7 +310,7 @@ fn mlx_bf16_run_holds_no_f64_array() {
     let llama = load(spec, &o, None).unwrap().model;
     let a = adapter(&llama.cfg, vec![0, 1]);
     let model =
-        your_ai::engine::mlx::weights::Model::from_llama(&llama, Dtype::Bfloat16, None).unwrap();
+        your_ai::engine::mlx::weights::Model::from_llama(llama, Dtype::Bfloat16, None).unwrap();
     let p = Params::from_adapter(&a).unwrap();
     let lay = batch::layout(&rows(96, &[12, 9], 5), None).unwrap();
     let pending = step::forward_backward(&model, &p, &lay, 1.0).unwrap();

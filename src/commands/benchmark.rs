@@ -298,7 +298,10 @@ pub fn run(a: BenchmarkArgs) -> Result<()> {
                         packed: false,
                         act_bytes: dtype.size_in_bytes(),
                         weights,
-                        source_bytes: inspected.weight_file_bytes,
+                        load_work: inspected.load_work_bytes(
+                            quant.and_then(crate::model::quantized::QuantBits::parse),
+                            dtype.size_in_bytes(),
+                        ),
                         cpu_kernels: device.is_cpu()
                             && dtype == candle_core::DType::F32
                             && crate::kernels::enabled(),

@@ -19,8 +19,8 @@ pub fn run(a: EstimateArgs) -> Result<()> {
             return Err(Error::Usage(format!("{flag} 0: it must be at least 1")));
         }
     }
-    let (cfg, _) = crate::runtime::presets::shape(&a.model)?;
-    let cfg = &cfg;
+    let inspected = crate::runtime::presets::shape(&a.model)?;
+    let cfg = &inspected.cfg;
     let layers = cfg.num_hidden_layers;
     let adapted = lora.num_layers.unwrap_or(layers);
     if adapted == 0 || adapted > layers {
@@ -44,8 +44,8 @@ pub fn run(a: EstimateArgs) -> Result<()> {
         packed: false,
         act_bytes: bytes,
         weights,
-        // Only the peak of training is asked for: a quantized base is loaded tensor by tensor.
-        source_bytes: 0,
+        // As `train` computes it, so the two agree on the same model and flags.
+        load_work: inspected.load_work_bytes(a.quantize.quantize, bytes),
         // f32 is the CPU's dtype, where the fused kernels run.
         cpu_kernels: bytes == 4 && crate::kernels::enabled(),
     };
@@ -74,16 +74,18 @@ pub fn run(a: EstimateArgs) -> Result<()> {
     );
     let e = estimate(cfg, &w);
     print!("{}", e.table(budget));
+    // The larger of loading and training, as `train`'s pre-flight judges it.
+    let peak = e.peak();
     println!(
         "estimated peak: {:.2} GB ({:.2} GiB)",
-        e.train_peak as f64 / GB,
-        e.train_peak as f64 / (1u64 << 30) as f64
+        peak as f64 / GB,
+        peak as f64 / (1u64 << 30) as f64
     );
-    if let Some(b) = budget.filter(|&b| e.train_peak > b) {
+    if let Some(b) = budget.filter(|&b| peak > b) {
         let advice = suggestions(cfg, &w, b, true);
         println!(
             "over the budget by {:.2} GB; fits with: {}",
-            (e.train_peak - b) as f64 / GB,
+            (peak - b) as f64 / GB,
             if advice.is_empty() {
                 "nothing smaller".into()
             } else {

@@ -33,7 +33,8 @@ pub fn fit(
         packed: false,
         act_bytes,
         weights,
-        source_bytes: 0,
+        // Only training's peak is fitted here (a streamed load peaks below it).
+        load_work: 0,
         cpu_kernels: act_bytes == 4 && crate::kernels::enabled(),
     };
     loop {

@@ -6,11 +6,13 @@
 use super::config::ModelConfig;
 use super::quantized::{self, QuantBits, Weight};
 use super::rope::Rope;
+use super::sliced::{linear_slice_rows, QuantizedRows};
 use super::vocab::{VocabMatrix, SLICE_ROWS};
 use crate::model::lora::Adapter;
 use crate::weights::{WeightStore, WeightsError};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Result, Tensor};
+use std::sync::Arc;
 
 /// A linear layer `y = x Wᵀ (+ b)` with `W` stored `[out, in]` as in the checkpoints, dense or
 /// quantized (see [`Weight`]).
@@ -87,16 +89,48 @@ fn load_quantized(
         tracing::debug!("{name}: kept as stored ({:?})", q.dtype());
         return Weight::from_qtensor(&q, device).map_err(read_err);
     }
-    let dense = store.get(name, shape, DType::F32, &Device::Cpu)?;
-    match Weight::quantize(&dense, bits, device).map_err(&read_err)? {
-        Some(q) => Ok(q),
-        None => Ok(Weight::Dense(
-            dense
-                .to_device(device)
-                .and_then(|t| t.to_dtype(dtype))
-                .map_err(read_err)?,
-        )),
+    let slice = linear_slice_rows(shape[1]);
+    match quantize_from_store(store, name, shape, bits.ggml(), slice, device)? {
+        Some(q) => Ok(Weight::Quantized(Arc::new(q))),
+        None => Ok(Weight::Dense(store.get(name, shape, dtype, device)?)),
     }
+}
+
+/// Quantizes the `[rows, cols]` tensor `name` to `dt` straight from the file, reading one
+/// slice of `slice_rows` rows at a time: the load never holds the whole matrix in f32 (2.1 GB
+/// for Llama-8B's embeddings), only the slice in flight. `None` when its rows do not fill whole
+/// blocks.
+fn quantize_from_store(
+    store: &WeightStore,
+    name: &str,
+    shape: &[usize],
+    dt: GgmlDType,
+    slice_rows: usize,
+    device: &Device,
+) -> std::result::Result<Option<QuantizedRows>, WeightsError> {
+    enum Failed {
+        Read(WeightsError),
+        Quantize(candle_core::Error),
+    }
+    impl From<candle_core::Error> for Failed {
+        fn from(e: candle_core::Error) -> Self {
+            Failed::Quantize(e)
+        }
+    }
+    let &[rows, cols] = shape else {
+        return Err(read_error(store, name)(candle_core::Error::Msg(format!(
+            "expected a matrix, got shape {shape:?}"
+        ))));
+    };
+    QuantizedRows::quantize_rows(rows, cols, dt, slice_rows, device, |s0, n| {
+        store
+            .get_rows(name, shape, s0..s0 + n, DType::F32, &Device::Cpu)
+            .map_err(Failed::Read)
+    })
+    .map_err(|e| match e {
+        Failed::Read(e) => e,
+        Failed::Quantize(e) => read_error(store, name)(e),
+    })
 }
 
 /// The error for a failure to read or convert tensor `name` of `store`.
@@ -154,10 +188,9 @@ fn load_vocab(
     if let Some((q, _)) = stored_quantized(store, name, &shape)? {
         return VocabMatrix::from_quantized(&q, SLICE_ROWS, device).map_err(read_err);
     }
-    let dense = store.get(name, &shape, DType::F32, &Device::Cpu)?;
-    match VocabMatrix::quantize(&dense, format, SLICE_ROWS, device).map_err(&read_err)? {
-        VocabMatrix::Dense(d) => Ok(VocabMatrix::Dense(d.to_dtype(dtype).map_err(read_err)?)),
-        q => Ok(q),
+    match quantize_from_store(store, name, &shape, format, SLICE_ROWS, device)? {
+        Some(q) => Ok(VocabMatrix::Quantized(Arc::new(q))),
+        None => Ok(VocabMatrix::Dense(store.get(name, &shape, dtype, device)?)),
     }
 }
 

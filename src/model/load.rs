@@ -5,8 +5,9 @@ use super::quantized::QuantBits;
 use super::{Llama, ModelConfig};
 use crate::data::tokenizer::Tokenizer;
 use crate::error::Result;
+use crate::model::sliced::SLICE_BYTES;
 use crate::model::source::{self, ModelSource};
-use crate::weights::{GgufFile, SafetensorsDir, WeightStore};
+use crate::weights::{GgufFile, SafetensorsDir, WeightStore, READ_CHUNK};
 use candle_core::{DType, Device};
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -104,45 +105,62 @@ pub fn load(spec: &str, opts: &LoadOptions, adapter: Option<&Path>) -> Result<Lo
 pub struct Inspected {
     pub source: ModelSource,
     pub cfg: ModelConfig,
-    /// Bytes of the weight files (mapped, and so resident, while the model loads).
-    pub weight_file_bytes: u64,
+    /// The largest tensor of a GGUF file as stored (bytes, elements), which its load reads
+    /// whole; zeros for safetensors, read in pieces.
+    pub largest_stored: (u64, u64),
+}
+
+impl Inspected {
+    /// The model a `config.json` describes, as a safetensors directory would load it.
+    pub fn from_config(cfg: ModelConfig) -> Self {
+        Self {
+            source: ModelSource::HfDir(std::path::PathBuf::new()),
+            cfg,
+            largest_stored: (0, 0),
+        }
+    }
+
+    /// Memory the load works in beside the weights it keeps, as [`load`] reads them. A
+    /// safetensors tensor is read through one [`READ_CHUNK`] buffer straight into its dtype
+    /// and, quantized, one slice at a time (the slice in f32 and the quantizer's own copy). A
+    /// GGUF tensor is read whole (its bytes, then candle's copy), and dequantized to f32 first
+    /// when a dense model is held in bf16/f16.
+    pub fn load_work_bytes(&self, quantize: Option<QuantBits>, dtype_bytes: usize) -> u64 {
+        let slice = 2 * SLICE_BYTES as u64;
+        match self.source {
+            ModelSource::HfDir(_) => READ_CHUNK as u64 + quantize.map_or(0, |_| slice),
+            ModelSource::Gguf(_) => {
+                let (bytes, elems) = self.largest_stored;
+                let f32_copy = match quantize {
+                    None if dtype_bytes < 4 => 4 * elems,
+                    None => 0,
+                    Some(_) => slice,
+                };
+                2 * bytes + f32_copy
+            }
+        }
+    }
 }
 
 /// Reads the config of `spec` (a path, alias or repo id; a `config.json` file alone also works)
-/// and sizes its weight files.
+/// and, for a GGUF, the size of its largest tensor.
 pub fn inspect(spec: &str) -> Result<Inspected> {
     let path = std::path::Path::new(spec);
     if path.is_file() && path.extension().is_some_and(|e| e == "json") {
-        let dir = path
-            .parent()
-            .unwrap_or(std::path::Path::new("."))
-            .to_path_buf();
-        return Ok(Inspected {
-            cfg: ModelConfig::from_hf_file(path)?,
-            weight_file_bytes: 0,
-            source: ModelSource::HfDir(dir),
-        });
+        return Ok(Inspected::from_config(ModelConfig::from_hf_file(path)?));
     }
     let source = source::resolve(spec)?;
-    let size = |p: &std::path::Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
-    let (cfg, weight_file_bytes) = match &source {
-        ModelSource::HfDir(dir) => {
-            let bytes = std::fs::read_dir(dir)
-                .map(|rd| {
-                    rd.filter_map(|e| e.ok().map(|e| e.path()))
-                        .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
-                        .map(|p| size(&p))
-                        .sum()
-                })
-                .unwrap_or(0);
-            (ModelConfig::from_hf_file(&dir.join("config.json"))?, bytes)
+    let (cfg, largest_stored) = match &source {
+        ModelSource::HfDir(dir) => (ModelConfig::from_hf_file(&dir.join("config.json"))?, (0, 0)),
+        ModelSource::Gguf(path) => {
+            let g = GgufFile::open(path)?;
+            (g.config()?, g.largest_tensor())
         }
-        ModelSource::Gguf(path) => (GgufFile::open(path)?.config()?, size(path)),
     };
     Ok(Inspected {
         source,
         cfg,
-        weight_file_bytes,
+        largest_stored,
     })
 }
 

@@ -40,15 +40,31 @@ impl QuantizedRows {
         device: &Device,
     ) -> Result<Option<Self>> {
         let (rows, cols) = w.dims2()?;
+        let w = w.to_device(&Device::Cpu)?;
+        Self::quantize_rows(rows, cols, dt, slice_rows, device, |s0, n| {
+            w.narrow(0, s0, n)
+        })
+    }
+
+    /// Quantizes a `[rows, cols]` matrix whose rows `read(start, n)` gives, one slice at a time,
+    /// so no dense copy of the whole matrix is ever made (the load quantizes straight from the
+    /// file this way); `None` when its rows do not fill whole blocks.
+    pub fn quantize_rows<E: From<candle_core::Error>>(
+        rows: usize,
+        cols: usize,
+        dt: GgmlDType,
+        slice_rows: usize,
+        device: &Device,
+        mut read: impl FnMut(usize, usize) -> std::result::Result<Tensor, E>,
+    ) -> std::result::Result<Option<Self>, E> {
         if !cols.is_multiple_of(dt.block_size()) || slice_rows == 0 {
             return Ok(None);
         }
-        let w = w.to_dtype(DType::F32)?.to_device(&Device::Cpu)?;
         let mut slices = vec![];
         for (s0, n) in row_chunks(rows, slice_rows) {
-            // Fresh storage, not a view: candle's quantizer reads a view's whole storage.
-            let part = w.narrow(0, s0, n)?.flatten_all()?.to_vec1::<f32>()?;
-            let part = Tensor::from_vec(part, (n, cols), &Device::Cpu)?;
+            let part = read(s0, n)?.to_dtype(DType::F32)?.flatten_all()?;
+            // Fresh storage, never a view: candle's quantizer reads a view's whole storage.
+            let part = Tensor::from_vec(part.to_vec1::<f32>()?, (n, cols), &Device::Cpu)?;
             slices.push(if device.is_cpu() {
                 QTensor::quantize(&part, dt)?
             } else {

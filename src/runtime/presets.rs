@@ -46,18 +46,17 @@ pub fn alias_shape(alias: &str) -> Option<ModelConfig> {
     ModelConfig::from_hf_json(all.get(alias)?, alias).ok()
 }
 
-/// The shape of `spec` and the bytes of its weight files: an alias that is not downloaded yet
-/// uses its known shape (nothing is fetched); anything else is inspected on disk.
-pub fn shape(spec: &str) -> Result<(ModelConfig, u64)> {
+/// What `spec` is without its weights: an alias that is not downloaded yet uses its known
+/// shape (nothing is fetched); anything else is inspected on disk.
+pub fn shape(spec: &str) -> Result<crate::model::Inspected> {
     if let Some(repo) = crate::model::source::alias_repo(spec) {
         if !crate::model::source::is_cached(repo) {
             if let Some(cfg) = alias_shape(spec) {
-                return Ok((cfg, 0));
+                return Ok(crate::model::Inspected::from_config(cfg));
             }
         }
     }
-    let i = crate::model::inspect(spec)?;
-    Ok((i.cfg, i.weight_file_bytes))
+    crate::model::inspect(spec)
 }
 
 #[cfg(test)]

@@ -123,9 +123,9 @@ pub struct Workload {
     /// Bytes per activation element (4 on CPU, 2 with bf16 on GPUs).
     pub act_bytes: usize,
     pub weights: WeightFormat,
-    /// Bytes of the weights file(s) mapped while loading (their pages count as resident until
-    /// the load finishes); 0 when unknown or not mapped.
-    pub source_bytes: u64,
+    /// Memory the load works in beside the weights it keeps: one read buffer and the slice or
+    /// tensor being converted ([`crate::model::Inspected::load_work_bytes`]).
+    pub load_work: u64,
     /// The step runs on the fused CPU kernels (f32 on the CPU), whose backward temporaries
     /// are fewer than candle's composite ops make (no `[B, heads, T, T]` copies besides the
     /// kept probabilities, one LM-head chunk).
@@ -144,7 +144,7 @@ pub struct Estimate {
     /// The training peak, term by term (they add up to `train_peak`).
     pub terms: Vec<Term>,
     pub train_peak: u64,
-    /// Peak while the model loads: weights, the mapped file, one tensor being converted.
+    /// Peak while the model loads: the weights and the one piece being read and converted.
     pub load_peak: u64,
 }
 
@@ -168,7 +168,7 @@ impl Estimate {
         ));
         s.push_str(&format!(
             "  {:<52} {:>8.2} GB\n",
-            "loading peak (weights + mapped file)",
+            "loading peak (weights + one tensor in flight)",
             gb(self.load_peak)
         ));
         if let Some(b) = budget {
@@ -380,8 +380,9 @@ pub fn estimate(cfg: &ModelConfig, w: &Workload) -> Estimate {
         },
     ];
     let train_peak = terms.iter().map(|t| t.bytes).sum();
-    // While loading: the weights converted so far and the mapped file's pages.
-    let load_peak = runtime + weights + w.source_bytes;
+    // While loading: the weights converted so far and the piece in flight (files are read,
+    // not mapped, so none of their pages count).
+    let load_peak = runtime + weights + w.load_work;
     Estimate {
         terms,
         train_peak,
@@ -494,7 +495,7 @@ mod tests {
             packed: false,
             act_bytes: 4,
             weights: WeightFormat::Dense(4.0),
-            source_bytes: 0,
+            load_work: 0,
             cpu_kernels: true,
         }
     }

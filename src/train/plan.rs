@@ -50,7 +50,7 @@ pub fn preflight(
         packed,
         act_bytes: dtype.size_in_bytes(),
         weights: weight_format(inspected, load.quantize, dtype.size_in_bytes()),
-        source_bytes: inspected.weight_file_bytes,
+        load_work: inspected.load_work_bytes(load.quantize, dtype.size_in_bytes()),
         cpu_kernels: device.is_cpu()
             && dtype == candle_core::DType::F32
             && crate::kernels::enabled(),

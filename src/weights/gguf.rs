@@ -2,12 +2,15 @@
 //! compute dtype, and llama.cpp's Q/K row permutation undone so that the weights match the
 //! Hugging Face "rotate half" RoPE layout the forward pass uses.
 
-use super::{check_shape, WeightsError};
+use super::{check_shape, read_exact_at, WeightsError};
 use crate::model::config::{Architecture, ConfigError, ModelConfig, RopeScaling};
+use candle_core::quantized::ggml_file::qtensor_from_ggml;
 use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
-use std::io::Cursor;
+use std::fs::File;
+use std::io::BufReader;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 /// GGUF architectures we load, with the Hugging Face architecture each one maps to.
@@ -15,7 +18,8 @@ pub const SUPPORTED_ARCHS: &[&str] = &["llama", "qwen2"];
 
 pub struct GgufFile {
     pub path: PathBuf,
-    mmap: memmap2::Mmap,
+    /// Read with positioned reads, never mapped (see the module docs of `weights`).
+    file: File,
     pub content: Content,
     arch: String,
     /// Heads of the q and k projections, for undoing llama.cpp's permutation.
@@ -28,10 +32,9 @@ impl GgufFile {
             path: path.to_path_buf(),
             reason,
         };
-        let file = std::fs::File::open(path).map_err(|e| open_err(e.to_string()))?;
-        // SAFETY: mapped read-only; we rely on the file not being truncated while we run.
-        let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| open_err(e.to_string()))?;
-        let content = Content::read(&mut Cursor::new(&mmap[..]))
+        let file = File::open(path).map_err(|e| open_err(e.to_string()))?;
+        let file_len = file.metadata().map_err(|e| open_err(e.to_string()))?.len();
+        let content = Content::read(&mut BufReader::new(&file))
             .map_err(|e| open_err(format!("not a valid GGUF file: {e}")))?;
         let arch = match content.metadata.get("general.architecture") {
             Some(Value::String(s)) => s.clone(),
@@ -43,7 +46,7 @@ impl GgufFile {
         };
         let mut g = GgufFile {
             path: path.to_path_buf(),
-            mmap,
+            file,
             content,
             arch,
             unpermute_heads: None,
@@ -69,11 +72,10 @@ impl GgufFile {
                     info.shape.dims()
                 )));
             };
-            if end > g.mmap.len() as u64 {
+            if end > file_len {
                 return Err(open_err(format!(
-                    "tensor `{name}` ends at byte {end} but the file has only {} bytes; \
-                     the file is truncated (download it again)",
-                    g.mmap.len()
+                    "tensor `{name}` ends at byte {end} but the file has only {file_len} bytes; \
+                     the file is truncated (download it again)"
                 )));
             }
         }
@@ -125,6 +127,21 @@ impl GgufFile {
             G::F32 | G::F16 | G::BF16 => requantized,
             q => q.type_size() as f64 / q.block_size() as f64,
         })
+    }
+
+    /// The largest tensor as stored: (bytes, elements).
+    pub fn largest_tensor(&self) -> (u64, u64) {
+        self.content
+            .tensor_infos
+            .values()
+            .map(|i| {
+                let elems = i.shape.elem_count() as u64;
+                let dt = i.ggml_dtype;
+                let bytes = elems / dt.block_size().max(1) as u64 * dt.type_size() as u64;
+                (bytes, elems)
+            })
+            .max()
+            .unwrap_or((0, 0))
     }
 
     pub fn architecture(&self) -> &str {
@@ -202,7 +219,8 @@ impl GgufFile {
         let mut rope_scaling = None;
         if let Some(info) = self.content.tensor_infos.get("rope_freqs.weight") {
             let t = self
-                .load_raw("rope_freqs.weight", &Device::Cpu)
+                .qtensor("rope_freqs.weight", &Device::Cpu)
+                .and_then(|q| self.dequantized(q, "rope_freqs.weight", &Device::Cpu))
                 .and_then(|t| {
                     t.flatten_all()
                         .and_then(|t| t.to_vec1::<f32>())
@@ -264,52 +282,112 @@ impl GgufFile {
 
     /// The quantized tensor as stored, without un-permuting.
     pub fn qtensor(&self, gguf_name: &str, device: &Device) -> Result<QTensor, WeightsError> {
+        self.read(gguf_name, None, device)
+    }
+
+    /// The tensor `gguf_name` as stored, or only rows `rows` of a 2-D one (GGML blocks never
+    /// straddle rows, so a row is a fixed run of bytes).
+    fn read(
+        &self,
+        gguf_name: &str,
+        rows: Option<Range<usize>>,
+        device: &Device,
+    ) -> Result<QTensor, WeightsError> {
+        let file = self.path.display().to_string();
         let info =
             self.content
                 .tensor_infos
                 .get(gguf_name)
                 .ok_or_else(|| WeightsError::Missing {
                     tensor: gguf_name.to_string(),
-                    file: self.path.display().to_string(),
+                    file: file.clone(),
                     arch: "llama",
                 })?;
-        if !SUPPORTED_GGML.contains(&info.ggml_dtype) {
+        let dt = info.ggml_dtype;
+        if !SUPPORTED_GGML.contains(&dt) {
             return Err(WeightsError::Dtype {
                 tensor: gguf_name.to_string(),
-                file: self.path.display().to_string(),
-                dtype: format!("{:?}", info.ggml_dtype),
+                file,
+                dtype: format!("{dt:?}"),
                 quant: ", or Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K in GGUF",
             });
         }
-        info.read(
-            &mut Cursor::new(&self.mmap[..]),
-            self.content.tensor_data_offset,
-            device,
-        )
-        .map_err(|e| WeightsError::Read {
+        let read_err = |reason: String| WeightsError::Read {
+            tensor: gguf_name.to_string(),
+            file: file.clone(),
+            reason,
+        };
+        let mut dims = info.shape.dims().to_vec();
+        let row_elems: usize = dims.iter().skip(1).product();
+        let rows = rows.unwrap_or(0..dims.first().copied().unwrap_or(1));
+        if dims.len() > 1 && !row_elems.is_multiple_of(dt.block_size()) && rows != (0..dims[0]) {
+            return Err(read_err(format!(
+                "cannot read rows of a {dims:?} {dt:?} tensor"
+            )));
+        }
+        if let Some(n) = dims.first_mut() {
+            if rows.start > rows.end || rows.end > *n {
+                return Err(read_err(format!("rows {rows:?} out of range for {dims:?}")));
+            }
+            *n = rows.len();
+        }
+        let elems: usize = dims.iter().product();
+        if !elems.is_multiple_of(dt.block_size()) {
+            return Err(read_err(format!(
+                "{elems} elements do not fill whole {dt:?} blocks"
+            )));
+        }
+        let row_bytes = row_elems / dt.block_size() * dt.type_size();
+        let offset =
+            self.content.tensor_data_offset + info.offset + (rows.start * row_bytes) as u64;
+        let mut raw = vec![0u8; elems / dt.block_size() * dt.type_size()];
+        read_exact_at(&self.file, &mut raw, offset).map_err(|e| read_err(e.to_string()))?;
+        qtensor_from_ggml(dt, &raw, dims, device).map_err(|e| read_err(e.to_string()))
+    }
+
+    fn dequantized(
+        &self,
+        q: QTensor,
+        gguf_name: &str,
+        device: &Device,
+    ) -> Result<Tensor, WeightsError> {
+        q.dequantize(device).map_err(|e| WeightsError::Read {
             tensor: gguf_name.to_string(),
             file: self.path.display().to_string(),
             reason: e.to_string(),
         })
     }
 
-    fn load_raw(&self, gguf_name: &str, device: &Device) -> Result<Tensor, WeightsError> {
-        self.qtensor(gguf_name, device)?
-            .dequantize(device)
-            .map_err(|e| WeightsError::Read {
-                tensor: gguf_name.to_string(),
-                file: self.path.display().to_string(),
-                reason: e.to_string(),
-            })
-    }
-
-    /// Loads the tensor with Hugging Face name `hf_name`, dequantized, un-permuted, checked.
-    pub fn get_hf(
+    /// Rows `rows` of the tensor with Hugging Face name `hf_name`, dequantized and checked. A
+    /// q/k projection (whose rows llama.cpp permuted within each head) is read whole and cut.
+    pub fn get_hf_rows(
         &self,
         hf_name: &str,
         shape: &[usize],
+        rows: Range<usize>,
         device: &Device,
     ) -> Result<Tensor, WeightsError> {
+        let (name, heads) = self.hf_tensor(hf_name, shape)?;
+        let narrow_err = |e: candle_core::Error| WeightsError::Read {
+            tensor: name.clone(),
+            file: self.path.display().to_string(),
+            reason: e.to_string(),
+        };
+        if heads.is_some() {
+            let t = self.get_hf(hf_name, shape, device)?;
+            return t.narrow(0, rows.start, rows.len()).map_err(narrow_err);
+        }
+        let q = self.read(&name, Some(rows), device)?;
+        self.dequantized(q, &name, device)
+    }
+
+    /// The GGUF name of `hf_name`, checked against `shape`, and the heads to un-permute its
+    /// rows by (q and k projections of a llama file).
+    fn hf_tensor(
+        &self,
+        hf_name: &str,
+        shape: &[usize],
+    ) -> Result<(String, Option<usize>), WeightsError> {
         let file = self.path.display().to_string();
         let name = hf_to_gguf_name(hf_name).ok_or_else(|| WeightsError::Missing {
             tensor: hf_name.to_string(),
@@ -326,16 +404,27 @@ impl GgufFile {
                 arch: "llama",
             })?;
         check_shape(&name, &file, shape, info.shape.dims())?;
-        let t = self.load_raw(&name, device)?;
         let heads = match (self.unpermute_heads, hf_name) {
             (Some((h, _)), n) if n.contains("self_attn.q_proj.") => Some(h),
             (Some((_, kv)), n) if n.contains("self_attn.k_proj.") => Some(kv),
             _ => None,
         };
+        Ok((name, heads))
+    }
+
+    /// Loads the tensor with Hugging Face name `hf_name`, dequantized, un-permuted, checked.
+    pub fn get_hf(
+        &self,
+        hf_name: &str,
+        shape: &[usize],
+        device: &Device,
+    ) -> Result<Tensor, WeightsError> {
+        let (name, heads) = self.hf_tensor(hf_name, shape)?;
+        let t = self.dequantized(self.read(&name, None, device)?, &name, device)?;
         match heads {
             Some(h) => unpermute_qk(&t, h).map_err(|e| WeightsError::Read {
                 tensor: name,
-                file,
+                file: self.path.display().to_string(),
                 reason: e.to_string(),
             }),
             None => Ok(t),

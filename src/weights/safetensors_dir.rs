@@ -1,21 +1,38 @@
-//! Hugging Face safetensors checkpoints, single-file or sharded, memory-mapped: each tensor is
-//! copied once, from the mapping into its compute-dtype buffer.
+//! Hugging Face safetensors checkpoints, single-file or sharded, read tensor by tensor with
+//! positioned reads: nothing is memory-mapped, so no page of a 16 GB bf16 file counts as the
+//! process's memory while an 8B model loads. Each tensor (or run of its rows) is read in
+//! [`READ_CHUNK`] pieces through one buffer and converted straight into its final dtype, so the
+//! load's peak is the weights held so far plus one buffer.
 
-use super::{check_shape, WeightsError};
-use candle_core::safetensors::MmapedSafetensors;
-use candle_core::{Device, Tensor};
-use safetensors::Dtype;
-use std::collections::BTreeSet;
+use super::{check_shape, read_exact_at, WeightsError, READ_CHUNK};
+use candle_core::{DType, Device, Tensor, WithDType};
+use half::{bf16, f16};
+use std::collections::{BTreeSet, HashMap};
+use std::fs::File;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
+
+/// A safetensors header larger than this is not a checkpoint (Llama-70B's is under 100 kB).
+const MAX_HEADER: u64 = 100 << 20;
 
 pub struct SafetensorsDir {
     dir: PathBuf,
     files: Vec<PathBuf>,
-    inner: MmapedSafetensors,
+    shards: Vec<File>,
+    tensors: HashMap<String, Entry>,
+}
+
+/// Where one tensor lies: its shard, dtype, shape and absolute byte range.
+struct Entry {
+    shard: usize,
+    dtype: String,
+    shape: Vec<usize>,
+    start: u64,
 }
 
 impl SafetensorsDir {
-    /// Opens `model.safetensors`, or every shard named in `model.safetensors.index.json`.
+    /// Opens `model.safetensors`, or every shard named in `model.safetensors.index.json`, and
+    /// reads their headers (the tensors are read when asked for).
     pub fn open(dir: &Path) -> Result<Self, WeightsError> {
         let index = dir.join("model.safetensors.index.json");
         let single = dir.join("model.safetensors");
@@ -28,34 +45,37 @@ impl SafetensorsDir {
                 dir: dir.to_path_buf(),
             });
         };
-        for f in &files {
+        let mut shards = Vec::with_capacity(files.len());
+        let mut tensors = HashMap::new();
+        for (i, f) in files.iter().enumerate() {
             if !f.is_file() {
                 return Err(WeightsError::Open {
                     path: f.clone(),
                     reason: "shard listed in model.safetensors.index.json does not exist".into(),
                 });
             }
-        }
-        // SAFETY: the files are mapped read-only; like every tool that maps checkpoints we rely
-        // on nobody truncating them while we run.
-        let inner =
-            unsafe { MmapedSafetensors::multi(&files) }.map_err(|e| WeightsError::Open {
-                path: if files.len() == 1 {
-                    files[0].clone()
-                } else {
-                    dir.to_path_buf()
-                },
-                reason: format!("{e} (the file is truncated or not a safetensors file)"),
+            let file = File::open(f).map_err(|e| WeightsError::Open {
+                path: f.clone(),
+                reason: e.to_string(),
             })?;
+            for (name, entry) in read_header(&file, i).map_err(|reason| WeightsError::Open {
+                path: f.clone(),
+                reason: format!("{reason} (the file is truncated or not a safetensors file)"),
+            })? {
+                tensors.entry(name).or_insert(entry);
+            }
+            shards.push(file);
+        }
         Ok(Self {
             dir: dir.to_path_buf(),
             files,
-            inner,
+            shards,
+            tensors,
         })
     }
 
     pub fn contains(&self, name: &str) -> bool {
-        self.inner.get(name).is_ok()
+        self.tensors.contains_key(name)
     }
 
     pub fn describe(&self) -> String {
@@ -66,38 +86,222 @@ impl SafetensorsDir {
         }
     }
 
+    /// The tensor `name`, checked against `shape`, in `dtype` on `device`.
     pub fn get(
         &self,
         name: &str,
         shape: &[usize],
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Tensor, WeightsError> {
+        self.get_rows(
+            name,
+            shape,
+            0..shape.first().copied().unwrap_or(1),
+            dtype,
+            device,
+        )
+    }
+
+    /// Rows `rows` (along the first dimension) of the tensor `name`, checked against `shape`,
+    /// in `dtype` on `device`: only those rows are read.
+    pub fn get_rows(
+        &self,
+        name: &str,
+        shape: &[usize],
+        rows: Range<usize>,
+        dtype: DType,
         device: &Device,
     ) -> Result<Tensor, WeightsError> {
         let file = self.describe();
-        let view = self.inner.get(name).map_err(|_| WeightsError::Missing {
-            tensor: name.to_string(),
-            file: file.clone(),
-            arch: "Llama-family",
-        })?;
-        match view.dtype() {
-            Dtype::F32 | Dtype::F16 | Dtype::BF16 | Dtype::F64 => {}
-            other => {
-                return Err(WeightsError::Dtype {
+        let e = self
+            .tensors
+            .get(name)
+            .ok_or_else(|| WeightsError::Missing {
+                tensor: name.to_string(),
+                file: file.clone(),
+                arch: "Llama-family",
+            })?;
+        let Some(src) = Source::parse(&e.dtype) else {
+            return Err(WeightsError::Dtype {
+                tensor: name.to_string(),
+                file,
+                dtype: e.dtype.clone(),
+                quant: "",
+            });
+        };
+        check_shape(name, &file, shape, &e.shape)?;
+        let row_elems: usize = e.shape.iter().skip(1).product();
+        let mut out_shape = e.shape.clone();
+        match out_shape.first_mut() {
+            Some(n) if rows.start <= rows.end && rows.end <= *n => *n = rows.len(),
+            None if rows == (0..1) => {}
+            _ => {
+                return Err(WeightsError::Read {
                     tensor: name.to_string(),
                     file,
-                    dtype: format!("{other:?}"),
-                    quant: "",
+                    reason: format!("rows {rows:?} out of range for shape {:?}", e.shape),
                 })
             }
         }
-        check_shape(name, &file, shape, view.shape())?;
-        self.inner
-            .load(name, device)
-            .map_err(|e| WeightsError::Read {
-                tensor: name.to_string(),
-                file,
-                reason: e.to_string(),
-            })
+        let start = e.start + (rows.start * row_elems * src.size()) as u64;
+        let count = rows.len() * row_elems;
+        let shard = &self.shards[e.shard];
+        let read_err = |reason: String| WeightsError::Read {
+            tensor: name.to_string(),
+            file: self.files[e.shard].display().to_string(),
+            reason,
+        };
+        let t = match dtype {
+            DType::BF16 => read_as::<bf16>(shard, src, start, count, &out_shape),
+            DType::F16 => read_as::<f16>(shard, src, start, count, &out_shape),
+            // Other dtypes (none is asked for today) go through f32.
+            _ => read_as::<f32>(shard, src, start, count, &out_shape)
+                .and_then(|t| t.to_dtype(dtype).map_err(|e| e.to_string())),
+        };
+        t.and_then(|t| t.to_device(device).map_err(|e| e.to_string()))
+            .map_err(read_err)
     }
+}
+
+/// A stored dtype we convert from.
+#[derive(Clone, Copy)]
+enum Source {
+    F64,
+    F32,
+    F16,
+    Bf16,
+}
+
+impl Source {
+    fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "F64" => Self::F64,
+            "F32" => Self::F32,
+            "F16" => Self::F16,
+            "BF16" => Self::Bf16,
+            _ => return None,
+        })
+    }
+
+    fn size(self) -> usize {
+        match self {
+            Self::F64 => 8,
+            Self::F32 => 4,
+            Self::F16 | Self::Bf16 => 2,
+        }
+    }
+
+    /// Appends the little-endian values in `bytes` (whole elements) to `out`, converted.
+    fn decode_into<T: WithDType>(self, bytes: &[u8], out: &mut Vec<T>) {
+        let n = self.size();
+        let chunks = bytes.chunks_exact(n);
+        match self {
+            // Through f64, which holds every value exactly: a same-dtype read is bit for bit.
+            Self::Bf16 => {
+                out.extend(chunks.map(|b| T::from_f64(bf16::from_le_bytes([b[0], b[1]]).into())))
+            }
+            Self::F16 => {
+                out.extend(chunks.map(|b| T::from_f64(f16::from_le_bytes([b[0], b[1]]).into())))
+            }
+            Self::F32 => out.extend(
+                chunks.map(|b| T::from_f64(f32::from_le_bytes([b[0], b[1], b[2], b[3]]) as f64)),
+            ),
+            Self::F64 => out.extend(chunks.map(|b| {
+                let mut a = [0u8; 8];
+                a.copy_from_slice(b);
+                T::from_f64(f64::from_le_bytes(a))
+            })),
+        }
+    }
+}
+
+/// Reads `count` elements of `src` from `file` at byte `start` into a `T` tensor of `shape`,
+/// [`READ_CHUNK`] bytes at a time.
+fn read_as<T: WithDType>(
+    file: &File,
+    src: Source,
+    start: u64,
+    count: usize,
+    shape: &[usize],
+) -> Result<Tensor, String> {
+    let size = src.size();
+    let mut out: Vec<T> = Vec::new();
+    out.try_reserve_exact(count)
+        .map_err(|_| format!("cannot allocate {count} elements"))?;
+    let per_chunk = (READ_CHUNK / size).max(1);
+    let mut buf = vec![0u8; per_chunk.min(count) * size];
+    let mut done = 0;
+    while done < count {
+        let n = per_chunk.min(count - done);
+        let bytes = &mut buf[..n * size];
+        read_exact_at(file, bytes, start + (done * size) as u64).map_err(|e| e.to_string())?;
+        src.decode_into(bytes, &mut out);
+        done += n;
+    }
+    Tensor::from_vec(out, shape, &Device::Cpu).map_err(|e| e.to_string())
+}
+
+/// Reads a shard's header: its tensors by name, each checked to lie inside the file with as
+/// many bytes as its dtype and shape call for.
+fn read_header(file: &File, shard: usize) -> Result<Vec<(String, Entry)>, String> {
+    let file_len = file.metadata().map_err(|e| e.to_string())?.len();
+    let mut len = [0u8; 8];
+    read_exact_at(file, &mut len, 0).map_err(|e| format!("cannot read its header: {e}"))?;
+    let header_len = u64::from_le_bytes(len);
+    if header_len > MAX_HEADER || 8 + header_len > file_len {
+        return Err(format!(
+            "its header claims {header_len} bytes in a {file_len}-byte file"
+        ));
+    }
+    let mut header = vec![0u8; header_len as usize];
+    read_exact_at(file, &mut header, 8).map_err(|e| format!("cannot read its header: {e}"))?;
+    let json: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(&header).map_err(|e| format!("its header is not JSON: {e}"))?;
+    let data_start = 8 + header_len;
+    let mut out = Vec::with_capacity(json.len());
+    for (name, v) in json {
+        if name == "__metadata__" {
+            continue;
+        }
+        let info: HeaderEntry =
+            serde_json::from_value(v).map_err(|e| format!("header entry for `{name}`: {e}"))?;
+        let [begin, end] = info.data_offsets;
+        let elems = info
+            .shape
+            .iter()
+            .try_fold(1u64, |acc, &d| acc.checked_mul(d as u64));
+        let expected = elems
+            .zip(Source::parse(&info.dtype))
+            .map(|(n, s)| n * s.size() as u64);
+        let fits = begin <= end && data_start.checked_add(end).is_some_and(|e| e <= file_len);
+        if !fits || expected.is_some_and(|b| b != end - begin) {
+            return Err(format!(
+                "tensor `{name}` ({} {:?}) has data offsets {begin}..{end}, which do not fit \
+                 the {} bytes after the header",
+                info.dtype,
+                info.shape,
+                file_len - data_start
+            ));
+        }
+        out.push((
+            name,
+            Entry {
+                shard,
+                dtype: info.dtype,
+                shape: info.shape,
+                start: data_start + begin,
+            },
+        ));
+    }
+    Ok(out)
+}
+
+#[derive(serde::Deserialize)]
+struct HeaderEntry {
+    dtype: String,
+    shape: Vec<usize>,
+    data_offsets: [u64; 2],
 }
 
 fn shards_from_index(index: &Path) -> Result<Vec<PathBuf>, WeightsError> {
@@ -129,4 +333,100 @@ fn shards_from_index(index: &Path) -> Result<Vec<PathBuf>, WeightsError> {
         return Err(bad("`weight_map` is empty".into()));
     }
     Ok(names.into_iter().map(|n| dir.join(n)).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    /// Our reader against candle's own safetensors loader (an independent implementation), for
+    /// every stored and requested dtype, whole tensors and row ranges, across two shards.
+    #[test]
+    fn reads_what_candle_reads_in_every_dtype_and_row_range() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dev = Device::Cpu;
+        let base = Tensor::randn(0f32, 1.0, (37, 24), &dev).unwrap();
+        let mut a = HashMap::new();
+        let mut b = HashMap::new();
+        for (i, dt) in [DType::F32, DType::F16, DType::BF16, DType::F64]
+            .into_iter()
+            .enumerate()
+        {
+            let name = format!("t{i}");
+            let shard = if i % 2 == 0 { &mut a } else { &mut b };
+            shard.insert(name, base.to_dtype(dt).unwrap());
+        }
+        a.insert("norm".into(), Tensor::randn(0f32, 1.0, 24, &dev).unwrap());
+        candle_core::safetensors::save(&a, tmp.path().join("a.safetensors")).unwrap();
+        candle_core::safetensors::save(&b, tmp.path().join("b.safetensors")).unwrap();
+        let mut map = serde_json::Map::new();
+        for (shard, tensors) in [("a.safetensors", &a), ("b.safetensors", &b)] {
+            for n in tensors.keys() {
+                map.insert(n.clone(), shard.into());
+            }
+        }
+        std::fs::write(
+            tmp.path().join("model.safetensors.index.json"),
+            serde_json::json!({ "weight_map": map }).to_string(),
+        )
+        .unwrap();
+        let dir = SafetensorsDir::open(tmp.path()).unwrap();
+        let all: HashMap<String, Tensor> = a.into_iter().chain(b).collect();
+        for (name, stored) in &all {
+            for want in [DType::F32, DType::F16, DType::BF16] {
+                let expect = stored.to_dtype(want).unwrap();
+                let shape = stored.dims().to_vec();
+                let got = dir.get(name, &shape, want, &dev).unwrap();
+                assert_eq!(got.dtype(), want);
+                let diff = (got.to_dtype(DType::F64).unwrap()
+                    - expect.to_dtype(DType::F64).unwrap())
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap();
+                assert_eq!(diff, 0.0, "{name} ({:?}) read as {want:?}", stored.dtype());
+                if shape.len() == 2 {
+                    let rows = dir.get_rows(name, &shape, 5..19, want, &dev).unwrap();
+                    let expect = expect.narrow(0, 5, 14).unwrap();
+                    assert_eq!(
+                        rows.to_dtype(DType::F64).unwrap().to_vec2::<f64>().unwrap(),
+                        expect
+                            .to_dtype(DType::F64)
+                            .unwrap()
+                            .to_vec2::<f64>()
+                            .unwrap()
+                    );
+                }
+            }
+        }
+        assert!(dir
+            .get_rows("t0", &[37, 24], 30..38, DType::F32, &dev)
+            .is_err());
+        let e = dir.get("t0", &[24, 37], DType::F32, &dev).unwrap_err();
+        assert!(e.to_string().contains("has shape [37, 24]"), "{e}");
+    }
+
+    #[test]
+    fn a_truncated_or_lying_header_names_the_file() {
+        let tmp = tempfile::tempdir().unwrap();
+        let t = Tensor::zeros((64, 64), DType::F32, &Device::Cpu).unwrap();
+        let path = tmp.path().join("model.safetensors");
+        candle_core::safetensors::save(&HashMap::from([("w".to_string(), t)]), &path).unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        std::fs::write(&path, &bytes[..bytes.len() - 100]).unwrap();
+        let e = SafetensorsDir::open(tmp.path()).err().unwrap().to_string();
+        assert!(
+            e.contains("model.safetensors") && e.contains("truncated"),
+            "{e}"
+        );
+        let mut huge = bytes.clone();
+        huge[..8].copy_from_slice(&u64::MAX.to_le_bytes());
+        std::fs::write(&path, &huge).unwrap();
+        let e = SafetensorsDir::open(tmp.path()).err().unwrap().to_string();
+        assert!(e.contains("header claims"), "{e}");
+    }
 }

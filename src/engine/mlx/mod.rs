@@ -84,36 +84,6 @@ fn eval<'a>(arrays: impl IntoIterator<Item = &'a Array>) -> Result<()> {
     Ok(mlx_rs::transforms::eval(arrays)?)
 }
 
-/// Converts `model` (loaded with `load`) into MLX arrays and evaluates them, so the weights are
-/// resident before the first step.
-fn convert(model: &Llama, dtype: Dtype, bits: Option<i32>) -> Result<Model> {
-    let m = Model::from_llama(model, dtype, bits)?;
-    let mut all: Vec<&Array> = vec![&m.embed, &m.norm, &m.head, &m.rope_freqs];
-    for b in &m.blocks {
-        all.extend([&b.input_norm, &b.post_norm]);
-        for l in &b.linears {
-            match l {
-                weights::Linear::Dense { wt, bias } => {
-                    all.extend([Some(wt), bias.as_ref()].into_iter().flatten())
-                }
-                weights::Linear::Quantized {
-                    w,
-                    scales,
-                    biases,
-                    bias,
-                    ..
-                } => all.extend(
-                    [Some(w), Some(scales), Some(biases), bias.as_ref()]
-                        .into_iter()
-                        .flatten(),
-                ),
-            }
-        }
-    }
-    eval(all)?;
-    Ok(m)
-}
-
 impl MlxEngine {
     /// An engine over `model` (loaded from `spec` with `load`, on the host), computing in
     /// `load.dtype`, its block linears quantized when `load.quantize` says so. MLX's memory,
@@ -140,8 +110,8 @@ impl MlxEngine {
             }
         );
         let cfg = model.cfg.clone();
-        let converted = convert(&model, dtype, bits)?;
-        drop(model);
+        // Evaluated as it converts, so the weights are resident before the first step.
+        let converted = Model::from_llama(model, dtype, bits)?;
         memory::release_free();
         Ok(Self {
             spec: spec.to_string(),
@@ -322,7 +292,7 @@ impl Engine for MlxEngine {
         memory::mlx::clear_cache()?;
         memory::release_free();
         let loaded = crate::model::load(&self.spec, &self.load, None)?.model;
-        self.model = Some(convert(&loaded, self.dtype, self.bits)?);
+        self.model = Some(Model::from_llama(loaded, self.dtype, self.bits)?);
         Ok(())
     }
 

@@ -76,6 +76,23 @@ impl Linear {
         }
     }
 
+    /// The arrays held.
+    fn arrays(&self) -> Vec<&Array> {
+        match self {
+            Linear::Dense { wt, bias } => [Some(wt), bias.as_ref()].into_iter().flatten().collect(),
+            Linear::Quantized {
+                w,
+                scales,
+                biases,
+                bias,
+                ..
+            } => [Some(w), Some(scales), Some(biases), bias.as_ref()]
+                .into_iter()
+                .flatten()
+                .collect(),
+        }
+    }
+
     /// Bytes held.
     pub fn bytes(&self) -> usize {
         match self {
@@ -104,6 +121,14 @@ pub struct Block {
     pub linears: [Linear; 7],
 }
 
+impl Block {
+    fn arrays(&self) -> Vec<&Array> {
+        let mut all = vec![&self.input_norm, &self.post_norm];
+        all.extend(self.linears.iter().flat_map(Linear::arrays));
+        all
+    }
+}
+
 /// The frozen model.
 pub struct Model {
     pub cfg: ModelConfig,
@@ -122,64 +147,85 @@ pub struct Model {
     pub rope_freqs: Array,
 }
 
+/// A vocabulary matrix as one array in `dtype`, converted slice by slice (never whole in f32
+/// beside it), and evaluated.
 fn vocab(m: &VocabMatrix, dtype: Dtype) -> Result<Array> {
     let parts = (0..m.slices().len())
-        .map(|i| m.slice(i, DType::F32))
-        .collect::<candle_core::Result<Vec<_>>>()?;
-    let whole = if parts.len() == 1 {
-        parts.into_iter().next().unwrap_or_else(|| unreachable!())
-    } else {
-        Tensor::cat(&parts, 0)?
+        .map(|i| -> Result<Array> {
+            let a = to_array(&m.slice(i, DType::F32)?, dtype)?;
+            a.eval()?;
+            Ok(a)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let whole = match parts.len() {
+        1 => parts.into_iter().next().unwrap_or_else(|| unreachable!()),
+        _ => mlx_rs::ops::concatenate_axis(&parts, 0)?,
     };
-    to_array(&whole, dtype)
+    whole.eval()?;
+    Ok(whole)
 }
 
 impl Model {
     /// The MLX copy of `model`'s frozen weights in `dtype`; the block linears quantized to
-    /// `bits` when given.
-    pub fn from_llama(model: &Llama, dtype: Dtype, bits: Option<i32>) -> Result<Self> {
-        let blocks = model
-            .blocks
-            .iter()
-            .map(|b| -> Result<Block> {
-                let l = b.linears();
-                let lin = |i: usize| Linear::new(&l[i].weight, l[i].bias.as_ref(), dtype, bits);
-                Ok(Block {
-                    input_norm: to_array(&b.input_norm, dtype)?,
-                    post_norm: to_array(&b.post_norm, dtype)?,
-                    linears: [
-                        lin(0)?,
-                        lin(1)?,
-                        lin(2)?,
-                        lin(3)?,
-                        lin(4)?,
-                        lin(5)?,
-                        lin(6)?,
-                    ],
-                })
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let embed = vocab(&model.embed_tokens, dtype)?;
-        let tied = model.lm_head.same_as(&model.embed_tokens);
+    /// `bits` when given. Converted and evaluated one block at a time, each candle block
+    /// dropped once its arrays exist: MLX is lazy, so converting everything before one final
+    /// evaluation would hold every dense f32 copy made on the way (32 GB for a quantized 8B
+    /// model), and the candle model beside the converted one doubled the weights.
+    pub fn from_llama(model: Llama, dtype: Dtype, bits: Option<i32>) -> Result<Self> {
+        let Llama {
+            cfg,
+            embed_tokens,
+            blocks: source,
+            norm,
+            lm_head,
+            ..
+        } = model;
+        let mut blocks = Vec::with_capacity(source.len());
+        for b in source {
+            let l = b.linears();
+            let lin = |i: usize| Linear::new(&l[i].weight, l[i].bias.as_ref(), dtype, bits);
+            let block = Block {
+                input_norm: to_array(&b.input_norm, dtype)?,
+                post_norm: to_array(&b.post_norm, dtype)?,
+                linears: [
+                    lin(0)?,
+                    lin(1)?,
+                    lin(2)?,
+                    lin(3)?,
+                    lin(4)?,
+                    lin(5)?,
+                    lin(6)?,
+                ],
+            };
+            mlx_rs::transforms::eval(block.arrays())?;
+            blocks.push(block);
+        }
+        let tied = lm_head.same_as(&embed_tokens);
+        let embed = vocab(&embed_tokens, dtype)?;
+        drop(embed_tokens);
         let head = if tied {
             embed.clone()
         } else {
-            vocab(&model.lm_head, dtype)?
+            vocab(&lm_head, dtype)?
         };
-        let freqs: Vec<f32> = crate::model::rope::inv_freqs(&model.cfg)
+        drop(lm_head);
+        let freqs: Vec<f32> = crate::model::rope::inv_freqs(&cfg)
             .iter()
             .map(|f| 1.0 / f)
             .collect();
         let n = freqs.len() as i32;
+        let norm = to_array(&norm, dtype)?;
+        let rope_freqs = Array::from_slice(&freqs, &[n]);
+        mlx_rs::transforms::eval([&norm, &rope_freqs])?;
         Ok(Self {
-            cfg: model.cfg.clone(),
+            cfg,
             dtype,
             embed,
             blocks,
-            norm: to_array(&model.norm, dtype)?,
+            norm,
             head,
             tied,
-            rope_freqs: Array::from_slice(&freqs, &[n]),
+            rope_freqs,
         })
     }
 

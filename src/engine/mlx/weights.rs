@@ -159,7 +159,7 @@ fn vocab(m: &VocabMatrix, dtype: Dtype) -> Result<Array> {
         .collect::<Result<Vec<_>>>()?;
     let whole = match parts.len() {
         1 => parts.into_iter().next().unwrap_or_else(|| unreachable!()),
-        _ => mlx_rs::ops::concatenate_axis(&parts, 0)?,
+        _ => mlx_rs::ops::concatenate(&parts, 0)?,
     };
     whole.eval()?;
     Ok(whole)

@@ -228,6 +228,97 @@ fn a_non_finite_adapter_is_refused_by_every_command_that_reads_one() {
     assert!(!r.root.join("fused").exists() && !r.root.join("a.gguf").exists());
 }
 
+/// A base model with a NaN or infinite weight is refused by every command that loads one, and
+/// the message names the tensor: a damaged checkpoint neither trains nor answers. Both kinds of
+/// file: a float in a safetensors file, and a quantized GGUF block's scale.
+#[test]
+fn non_finite_base_weights_are_refused_naming_the_tensor() {
+    let r = common::tiny_run(4);
+    let good = r.root.join("good");
+    let o = train(&r, &good, 1, &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+
+    let gguf = r.root.join("bad.gguf");
+    let spec = common::TinySpec {
+        vocab: 49152,
+        tied: true,
+        ..Default::default()
+    };
+    let weights = common::tiny_weights(&spec, 5);
+    common::write_gguf(
+        &gguf,
+        &spec,
+        &weights,
+        candle_core::quantized::GgmlDType::Q8_0,
+        "llama",
+    );
+    let (q_at, len) = {
+        let g = your_ai::weights::GgufFile::open(&gguf).unwrap();
+        let info = &g.content.tensor_infos["blk.1.attn_v.weight"];
+        (
+            g.content.tensor_data_offset + info.offset,
+            std::fs::metadata(&gguf).unwrap().len(),
+        )
+    };
+    let mut bytes = std::fs::read(&gguf).unwrap();
+    assert!(q_at + 2 <= len);
+    // The first block's f16 scale.
+    bytes[q_at as usize..q_at as usize + 2].copy_from_slice(&[0x00, 0x7E]);
+    std::fs::write(&gguf, bytes).unwrap();
+
+    let st = r.model.join("model.safetensors");
+    let mut bytes = std::fs::read(&st).unwrap();
+    let header = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    bytes[8 + header..8 + header + 4].copy_from_slice(&f32::INFINITY.to_le_bytes());
+    std::fs::write(&st, bytes).unwrap();
+
+    let adapter = good.to_str().unwrap().to_string();
+    for model in [&r.model, &gguf] {
+        let m = model.to_str().unwrap().to_string();
+        let fused = r.root.join("fused");
+        let out = r.root.join("out");
+        let cases: Vec<Vec<String>> = vec![
+            vec![
+                "train".into(),
+                "--data".into(),
+                r.data.to_str().unwrap().into(),
+                "--output".into(),
+                out.to_str().unwrap().into(),
+                "--max-steps".into(),
+                "1".into(),
+            ],
+            vec!["generate".into(), "--prompt".into(), "hi".into()],
+            vec![
+                "eval".into(),
+                "--data".into(),
+                r.data.to_str().unwrap().into(),
+            ],
+            vec![
+                "fuse".into(),
+                "--adapter".into(),
+                adapter.clone(),
+                "--dequantize".into(),
+                "--format".into(),
+                "gguf".into(),
+                "--output".into(),
+                fused.to_str().unwrap().into(),
+            ],
+        ];
+        for mut args in cases {
+            args.extend(["--model".into(), m.clone()]);
+            let o = common::cli().args(&args).output().unwrap();
+            let e = stderr(&o);
+            assert!(!o.status.success(), "{args:?}: {e}");
+            assert!(
+                e.contains("NaN or infinite") && e.contains("tensor `") && e.contains(&m),
+                "{args:?}: {e}"
+            );
+            assert!(!e.contains("panicked"), "{args:?}: {e}");
+            assert!(!fused.exists() && !out.join("adapter_model.safetensors").exists());
+        }
+    }
+}
+
 /// A single huge row costs what its kept tokens cost: it is cut before it is tokenized (a
 /// 20 MB line used to be tokenized whole, gigabytes for 64 kept tokens), and the tokens kept
 /// are the ones the whole row would have given.

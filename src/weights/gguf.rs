@@ -2,7 +2,7 @@
 //! compute dtype, and llama.cpp's Q/K row permutation undone so that the weights match the
 //! Hugging Face "rotate half" RoPE layout the forward pass uses.
 
-use super::{check_shape, read_exact_at, WeightsError};
+use super::{all_finite, check_shape, read_exact_at, Float, WeightsError};
 use crate::model::config::{Architecture, ConfigError, ModelConfig, RopeScaling};
 use candle_core::quantized::ggml_file::qtensor_from_ggml;
 use candle_core::quantized::gguf_file::{Content, Value};
@@ -342,6 +342,12 @@ impl GgufFile {
             self.content.tensor_data_offset + info.offset + (rows.start * row_bytes) as u64;
         let mut raw = vec![0u8; elems / dt.block_size() * dt.type_size()];
         read_exact_at(&self.file, &mut raw, offset).map_err(|e| read_err(e.to_string()))?;
+        if !finite_blocks(dt, &raw) {
+            return Err(WeightsError::NonFinite {
+                tensor: gguf_name.to_string(),
+                file,
+            });
+        }
         qtensor_from_ggml(dt, &raw, dims, device).map_err(|e| read_err(e.to_string()))
     }
 
@@ -432,6 +438,26 @@ impl GgufFile {
     }
 }
 
+/// Whether every value that `raw` (whole blocks of `dt`) stands for is finite: a float
+/// tensor's values themselves; for a quantized one, its f16 scales and minimums, since its
+/// quants are small integers, so its weights are finite exactly when those are.
+fn finite_blocks(dt: GgmlDType, raw: &[u8]) -> bool {
+    use GgmlDType as G;
+    // Byte offsets of the f16 fields in one block, as ggml lays them out.
+    let halves: &[usize] = match dt {
+        G::F32 => return all_finite(raw, Float::F32),
+        G::F16 => return all_finite(raw, Float::F16),
+        G::BF16 => return all_finite(raw, Float::Bf16),
+        G::Q4_0 | G::Q5_0 | G::Q8_0 => &[0],
+        G::Q4_1 | G::Q5_1 | G::Q4K | G::Q5K => &[0, 2],
+        G::Q6K => &[208],
+        // Not read: SUPPORTED_GGML is checked first.
+        _ => return true,
+    };
+    raw.chunks_exact(dt.type_size())
+        .all(|b| halves.iter().all(|&o| all_finite(&b[o..o + 2], Float::F16)))
+}
+
 const SUPPORTED_GGML: &[GgmlDType] = &[
     GgmlDType::F32,
     GgmlDType::F16,
@@ -516,6 +542,51 @@ fn permute_rows(t: &Tensor, n_heads: usize, forward: bool) -> candle_core::Resul
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The f16 fields checked are the ones candle's own dequantizer reads: a NaN poked into
+    /// any of them makes weights NaN, and the check sees it; untouched blocks pass.
+    #[test]
+    fn quantized_blocks_are_checked_at_their_scales() {
+        let dev = Device::Cpu;
+        let w = Tensor::randn(0f32, 1.0, (2, 512), &dev).unwrap();
+        for dt in SUPPORTED_GGML
+            .iter()
+            .copied()
+            .filter(|d| d.block_size() > 1)
+        {
+            let q = QTensor::quantize(&w, dt).unwrap();
+            let raw = q.data().unwrap().to_vec();
+            assert!(finite_blocks(dt, &raw), "{dt:?}");
+            let halves: Vec<usize> = (0..dt.type_size() - 1)
+                .filter(|&o| {
+                    let mut bad = raw.clone();
+                    bad[o..o + 2].copy_from_slice(&half::f16::NAN.to_le_bytes());
+                    let t = qtensor_from_ggml(dt, &bad, vec![2, 512], &dev)
+                        .unwrap()
+                        .dequantize(&dev)
+                        .unwrap();
+                    let nan = t
+                        .flatten_all()
+                        .unwrap()
+                        .to_vec1::<f32>()
+                        .unwrap()
+                        .iter()
+                        .any(|v| v.is_nan());
+                    if nan {
+                        assert!(!finite_blocks(dt, &bad), "{dt:?}: NaN at byte {o} not seen");
+                    }
+                    nan
+                })
+                .collect();
+            assert!(!halves.is_empty(), "{dt:?}: no NaN could be poked in");
+        }
+        let floats: Vec<u8> = [1.0f32, f32::INFINITY]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
+        assert!(!finite_blocks(GgmlDType::F32, &floats));
+        assert!(finite_blocks(GgmlDType::F32, &floats[..4]));
+    }
 
     #[test]
     fn permutation_round_trips_and_interleaves() {

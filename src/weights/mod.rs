@@ -77,6 +77,49 @@ pub enum WeightsError {
     },
     #[error("{file}: {reason}")]
     Format { file: String, reason: String },
+    #[error(
+        "{file}: tensor `{tensor}` holds NaN or infinite values; the checkpoint is damaged \
+         (download or convert it again)"
+    )]
+    NonFinite { tensor: String, file: String },
+}
+
+/// A stored float format, for checking values without converting them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Float {
+    F16,
+    Bf16,
+    F32,
+    F64,
+}
+
+impl Float {
+    pub(crate) fn size(self) -> usize {
+        match self {
+            Float::F16 | Float::Bf16 => 2,
+            Float::F32 => 4,
+            Float::F64 => 8,
+        }
+    }
+}
+
+/// Whether every little-endian `kind` value in `bytes` is finite: NaN and the infinities are
+/// exactly the values whose exponent bits are all ones. No early exit, so the loop vectorizes;
+/// the load checks every weight it reads.
+pub(crate) fn all_finite(bytes: &[u8], kind: Float) -> bool {
+    fn none_all_ones<const N: usize>(bytes: &[u8], mask: u64) -> bool {
+        !bytes.chunks_exact(N).fold(false, |bad, b| {
+            let mut v = [0u8; 8];
+            v[..N].copy_from_slice(b);
+            bad | (u64::from_le_bytes(v) & mask == mask)
+        })
+    }
+    match kind {
+        Float::F16 => none_all_ones::<2>(bytes, 0x7C00),
+        Float::Bf16 => none_all_ones::<2>(bytes, 0x7F80),
+        Float::F32 => none_all_ones::<4>(bytes, 0x7F80_0000),
+        Float::F64 => none_all_ones::<8>(bytes, 0x7FF0_0000_0000_0000),
+    }
 }
 
 /// Where a model's tensors come from.
@@ -160,4 +203,35 @@ pub(crate) fn check_shape(
         });
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finite_is_every_value_but_nan_and_the_infinities() {
+        let bf = |v: f32| half::bf16::from_f32(v).to_le_bytes().to_vec();
+        let hf = |v: f32| half::f16::from_f32(v).to_le_bytes().to_vec();
+        let f = |v: f32| v.to_le_bytes().to_vec();
+        let d = |v: f64| v.to_le_bytes().to_vec();
+        let finite = [0.0f32, -0.0, 1.5, -3e-8, 6.0e4, f32::MIN_POSITIVE / 4.0];
+        for (kind, enc) in [
+            (Float::Bf16, &bf as &dyn Fn(f32) -> Vec<u8>),
+            (Float::F16, &hf),
+            (Float::F32, &f),
+            (Float::F64, &|v: f32| d(v as f64)),
+        ] {
+            let ok: Vec<u8> = finite.iter().flat_map(|&v| enc(v)).collect();
+            assert!(all_finite(&ok, kind), "{kind:?}");
+            for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+                let mut b = ok.clone();
+                b.extend(enc(bad));
+                b.extend(enc(1.0));
+                assert!(!all_finite(&b, kind), "{kind:?} {bad}");
+            }
+        }
+        assert!(all_finite(&d(f64::MAX), Float::F64));
+        assert!(all_finite(&f(f32::MAX), Float::F32));
+    }
 }

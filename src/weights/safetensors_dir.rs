@@ -4,7 +4,7 @@
 //! [`READ_CHUNK`] pieces through one buffer and converted straight into its final dtype, so the
 //! load's peak is the weights held so far plus one buffer.
 
-use super::{check_shape, read_exact_at, WeightsError, READ_CHUNK};
+use super::{all_finite, check_shape, read_exact_at, Float, WeightsError, READ_CHUNK};
 use candle_core::{DType, Device, Tensor, WithDType};
 use half::{bf16, f16};
 use std::collections::{BTreeSet, HashMap};
@@ -146,21 +146,34 @@ impl SafetensorsDir {
         }
         let start = e.start + (rows.start * row_elems * src.size()) as u64;
         let count = rows.len() * row_elems;
-        let shard = &self.shards[e.shard];
-        let read_err = |reason: String| WeightsError::Read {
-            tensor: name.to_string(),
-            file: self.files[e.shard].display().to_string(),
-            reason,
+        let read = Read {
+            file: &self.shards[e.shard],
+            src,
+            start,
+            count,
+            shape: &out_shape,
         };
+        let path = self.files[e.shard].display().to_string();
         let t = match dtype {
-            DType::BF16 => read_as::<bf16>(shard, src, start, count, &out_shape),
-            DType::F16 => read_as::<f16>(shard, src, start, count, &out_shape),
+            DType::BF16 => read.read_as::<bf16>(),
+            DType::F16 => read.read_as::<f16>(),
             // Other dtypes (none is asked for today) go through f32.
-            _ => read_as::<f32>(shard, src, start, count, &out_shape)
-                .and_then(|t| t.to_dtype(dtype).map_err(|e| e.to_string())),
+            _ => read
+                .read_as::<f32>()
+                .and_then(|t| t.to_dtype(dtype).map_err(|e| Failed::Io(e.to_string()))),
         };
-        t.and_then(|t| t.to_device(device).map_err(|e| e.to_string()))
-            .map_err(read_err)
+        t.and_then(|t| t.to_device(device).map_err(|e| Failed::Io(e.to_string())))
+            .map_err(|f| match f {
+                Failed::Io(reason) => WeightsError::Read {
+                    tensor: name.to_string(),
+                    file: path,
+                    reason,
+                },
+                Failed::NonFinite => WeightsError::NonFinite {
+                    tensor: name.to_string(),
+                    file: path,
+                },
+            })
     }
 }
 
@@ -184,12 +197,17 @@ impl Source {
         })
     }
 
-    fn size(self) -> usize {
+    fn float(self) -> Float {
         match self {
-            Self::F64 => 8,
-            Self::F32 => 4,
-            Self::F16 | Self::Bf16 => 2,
+            Self::F64 => Float::F64,
+            Self::F32 => Float::F32,
+            Self::F16 => Float::F16,
+            Self::Bf16 => Float::Bf16,
         }
+    }
+
+    fn size(self) -> usize {
+        self.float().size()
     }
 
     /// Appends the little-endian values in `bytes` (whole elements) to `out`, converted.
@@ -216,30 +234,44 @@ impl Source {
     }
 }
 
-/// Reads `count` elements of `src` from `file` at byte `start` into a `T` tensor of `shape`,
-/// [`READ_CHUNK`] bytes at a time.
-fn read_as<T: WithDType>(
-    file: &File,
+enum Failed {
+    Io(String),
+    NonFinite,
+}
+
+/// `count` elements of `src` in `file` from byte `start`, to become a tensor of `shape`.
+struct Read<'a> {
+    file: &'a File,
     src: Source,
     start: u64,
     count: usize,
-    shape: &[usize],
-) -> Result<Tensor, String> {
-    let size = src.size();
-    let mut out: Vec<T> = Vec::new();
-    out.try_reserve_exact(count)
-        .map_err(|_| format!("cannot allocate {count} elements"))?;
-    let per_chunk = (READ_CHUNK / size).max(1);
-    let mut buf = vec![0u8; per_chunk.min(count) * size];
-    let mut done = 0;
-    while done < count {
-        let n = per_chunk.min(count - done);
-        let bytes = &mut buf[..n * size];
-        read_exact_at(file, bytes, start + (done * size) as u64).map_err(|e| e.to_string())?;
-        src.decode_into(bytes, &mut out);
-        done += n;
+    shape: &'a [usize],
+}
+
+impl Read<'_> {
+    /// The elements as a `T` tensor, read [`READ_CHUNK`] bytes at a time through one buffer,
+    /// each piece checked finite before it is converted.
+    fn read_as<T: WithDType>(&self) -> Result<Tensor, Failed> {
+        let size = self.src.size();
+        let mut out: Vec<T> = Vec::new();
+        out.try_reserve_exact(self.count)
+            .map_err(|_| Failed::Io(format!("cannot allocate {} elements", self.count)))?;
+        let per_chunk = (READ_CHUNK / size).max(1);
+        let mut buf = vec![0u8; per_chunk.min(self.count) * size];
+        let mut done = 0;
+        while done < self.count {
+            let n = per_chunk.min(self.count - done);
+            let bytes = &mut buf[..n * size];
+            read_exact_at(self.file, bytes, self.start + (done * size) as u64)
+                .map_err(|e| Failed::Io(e.to_string()))?;
+            if !all_finite(bytes, self.src.float()) {
+                return Err(Failed::NonFinite);
+            }
+            self.src.decode_into(bytes, &mut out);
+            done += n;
+        }
+        Tensor::from_vec(out, self.shape, &Device::Cpu).map_err(|e| Failed::Io(e.to_string()))
     }
-    Tensor::from_vec(out, shape, &Device::Cpu).map_err(|e| e.to_string())
 }
 
 /// Reads a shard's header: its tensors by name, each checked to lie inside the file with as

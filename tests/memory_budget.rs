@@ -114,6 +114,64 @@ fn over_budget_refused_with_advice_that_works() {
     );
 }
 
+/// `estimate` and `train`'s pre-flight print the same table for the same model and flags:
+/// weights as the file holds them, activations kept as `auto` resolves against the budget, and
+/// the streamed load's peak.
+#[test]
+fn estimate_and_train_agree_on_the_same_model_and_flags() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = common::smollm2();
+    let flags = [
+        "--quantize",
+        "4",
+        "--batch-size",
+        "2",
+        "--max-seq-length",
+        "128",
+        "--lora-rank",
+        "8",
+        "--max-memory",
+        "0.3",
+    ];
+    let table = |text: &str| -> Vec<String> {
+        text.lines()
+            .skip_while(|l| !l.starts_with("Memory estimate"))
+            .take_while(|l| l.starts_with("Memory estimate") || l.starts_with("  "))
+            .map(str::to_string)
+            .collect()
+    };
+    let e = common::cli()
+        .args(["estimate", "--model"])
+        .arg(&model)
+        .args(flags)
+        .output()
+        .unwrap();
+    assert!(e.status.success(), "{}", stderr(&e));
+    let estimated = table(&String::from_utf8_lossy(&e.stdout));
+    let t = common::cli()
+        .args(["train", "--model"])
+        .arg(&model)
+        .args([
+            "--data",
+            "examples/invented-country/train.jsonl",
+            "--output",
+        ])
+        .arg(tmp.path().join("out"))
+        .args(["--max-steps", "1"])
+        .args(flags)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .unwrap();
+    assert!(t.status.success(), "{}", stderr(&t));
+    let trained = table(&stderr(&t));
+    assert!(estimated.len() >= 7, "{estimated:?}");
+    assert!(
+        estimated.iter().any(|l| l.contains(" kept")),
+        "auto keeps activations within 0.3 GB: {estimated:?}"
+    );
+    assert_eq!(estimated, trained);
+}
+
 #[test]
 fn crossing_the_budget_saves_and_resumes_exactly() {
     let r = common::tiny_run(10);

@@ -133,6 +133,10 @@ pub struct EstimateArgs {
     pub quantize: QuantizeArgs,
     #[command(flatten)]
     pub budget: BudgetArgs,
+    /// Adapted blocks that keep their activations, as `train` takes it: auto (as many as 90%
+    /// of the budget has room for), none, all, or a number.
+    #[arg(long, default_value = "auto")]
+    pub keep_activations: crate::train::settings::KeepActivations,
 }
 
 #[derive(Debug, Args)]

@@ -4,8 +4,10 @@
 use crate::cli::EstimateArgs;
 use crate::error::{Error, Result};
 use crate::runtime::device::DTypeChoice;
+use crate::runtime::memory::budget;
 use crate::runtime::memory::budget::GB;
-use crate::train::estimate::{estimate, suggestions, WeightFormat, Workload};
+use crate::train::estimate::{estimate, suggestions, Workload};
+use crate::train::plan::{keep_blocks, weight_format};
 
 pub fn run(a: EstimateArgs) -> Result<()> {
     let (batch, lora) = (&a.batch, &a.lora);
@@ -32,8 +34,8 @@ pub fn run(a: EstimateArgs) -> Result<()> {
         DTypeChoice::F32 | DTypeChoice::Auto => 4,
         DTypeChoice::F16 | DTypeChoice::Bf16 => 2,
     };
-    let weights = WeightFormat::for_quantize(a.quantize.quantize, bytes);
-    let w = Workload {
+    let weights = weight_format(&inspected, a.quantize.quantize, bytes);
+    let mut w = Workload {
         batch_size: batch.batch_size,
         seq_len: batch.max_seq_length,
         lora_rank: lora.lora_rank,
@@ -49,7 +51,17 @@ pub fn run(a: EstimateArgs) -> Result<()> {
         // f32 is the CPU's dtype, where the fused kernels run.
         cpu_kernels: bytes == 4 && crate::kernels::enabled(),
     };
-    let budget = a.budget.max_memory.map(|gb| (gb * GB) as u64);
+    // `train`'s default budget on this machine, unless one is given (which may be another
+    // machine's: it is not checked against this one's memory).
+    let budget = match a.budget.max_memory {
+        Some(gb) => (gb * GB) as u64,
+        None => {
+            budget::resolve(None, budget::device_memory(&candle_core::Device::Cpu).total)
+                .map_err(Error::Usage)?
+                .bytes
+        }
+    };
+    w.keep_blocks = keep_blocks(cfg, &w, a.keep_activations, budget);
     println!(
         "{}: {} blocks, hidden {}, intermediate {}, {} heads ({} key/value), vocabulary {}",
         a.model,
@@ -73,7 +85,7 @@ pub fn run(a: EstimateArgs) -> Result<()> {
         weights.describe()
     );
     let e = estimate(cfg, &w);
-    print!("{}", e.table(budget));
+    print!("{}", e.table(Some(budget)));
     // The larger of loading and training, as `train`'s pre-flight judges it.
     let peak = e.peak();
     println!(
@@ -81,11 +93,11 @@ pub fn run(a: EstimateArgs) -> Result<()> {
         peak as f64 / GB,
         peak as f64 / (1u64 << 30) as f64
     );
-    if let Some(b) = budget.filter(|&b| peak > b) {
-        let advice = suggestions(cfg, &w, b, true);
+    if peak > budget {
+        let advice = suggestions(cfg, &w, budget, true);
         println!(
             "over the budget by {:.2} GB; fits with: {}",
-            (peak - b) as f64 / GB,
+            (peak - budget) as f64 / GB,
             if advice.is_empty() {
                 "nothing smaller".into()
             } else {

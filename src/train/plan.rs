@@ -90,28 +90,7 @@ pub fn preflight(
             }
         }
     }
-    // Kept activations only where the budget has room, with a tenth of it spare.
-    let room = budget.bytes / 10 * 9;
-    let keep_fits = |k: usize| {
-        estimate(
-            cfg,
-            &Workload {
-                keep_blocks: k,
-                ..w.clone()
-            },
-        )
-        .peak()
-            <= room
-    };
-    let keep_blocks = match memory.keep_activations {
-        KeepActivations::None => 0,
-        KeepActivations::All => w.adapted_layers,
-        KeepActivations::Blocks(n) => n.min(w.adapted_layers),
-        KeepActivations::Auto => (0..=w.adapted_layers)
-            .rev()
-            .find(|&k| keep_fits(k))
-            .unwrap_or(0),
-    };
+    let keep_blocks = keep_blocks(cfg, &w, memory.keep_activations, budget.bytes);
     w.keep_blocks = keep_blocks;
     let e = estimate(cfg, &w);
     eprint!("{}", e.table(Some(budget.bytes)));
@@ -130,10 +109,42 @@ pub fn preflight(
     })
 }
 
+/// Adapted blocks of `w` that keep their activations under `keep` and `budget`: `auto` keeps as
+/// many as leave a tenth of the budget spare. `estimate` resolves it the same way, so the two
+/// print the same figures for the same model and flags.
+pub fn keep_blocks(
+    cfg: &crate::model::ModelConfig,
+    w: &Workload,
+    keep: KeepActivations,
+    budget: u64,
+) -> usize {
+    let room = budget / 10 * 9;
+    let keep_fits = |k: usize| {
+        estimate(
+            cfg,
+            &Workload {
+                keep_blocks: k,
+                ..w.clone()
+            },
+        )
+        .peak()
+            <= room
+    };
+    match keep {
+        KeepActivations::None => 0,
+        KeepActivations::All => w.adapted_layers,
+        KeepActivations::Blocks(n) => n.min(w.adapted_layers),
+        KeepActivations::Auto => (0..=w.adapted_layers)
+            .rev()
+            .find(|&k| keep_fits(k))
+            .unwrap_or(0),
+    }
+}
+
 /// How the frozen weights of `inspected` will sit in memory with `quantize`: a GGUF keeps the
 /// block linears it stores quantized in their own format (Q4_K, Q6_K, …), so those are sized
 /// from the file rather than as the format `--quantize` names.
-fn weight_format(
+pub fn weight_format(
     inspected: &crate::model::Inspected,
     quantize: Option<QuantBits>,
     dtype_bytes: usize,

@@ -2,13 +2,25 @@
 # Runs every test: fetches the real test model if needed, then the unit, integration and CLI
 # tests; then the MLX engine's (the `mlx` feature, on MLX's CPU backend): the build script
 # installs what that build needs (cmake, libclang, the pinned mlx-cpu wheel), and the feature is
-# linted and its tests run. This is the command the README names and `.ci/run` calls.
+# linted and its tests run. It also installs the pinned `openai` Python client the server's tests
+# use. This is the command the README names and `.ci/run` calls.
 #
 #   YOUR_AI_SKIP_MLX=1   skip the MLX part (a machine where it cannot be set up)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 ./scripts/fetch_model.sh >/dev/null
+# The official `openai` Python client, which tests/serve.rs drives the server with: pinned, and
+# installed into a folder of its own (no virtual environment needed).
+pydeps=.venv/openai-3.57.0
+if [ ! -d "$pydeps" ]; then
+  rm -rf "$pydeps.partial"
+  python3 -m pip install --quiet --disable-pip-version-check --no-warn-conflicts \
+    --target "$pydeps.partial" openai==3.57.0 2>&1 | grep -v "running pip as the 'root' user" >&2 || true
+  python3 -c "import sys; sys.path.insert(0, '$pydeps.partial'); import openai" ||
+    { echo "error: could not install the openai client into $pydeps" >&2; exit 1; }
+  mv "$pydeps.partial" "$pydeps"
+fi
 cargo fmt --all -- --check
 cargo clippy --all-targets --quiet -- -D warnings
 cargo test --all-targets --no-fail-fast

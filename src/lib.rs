@@ -18,6 +18,7 @@ pub mod io;
 pub mod kernels;
 pub mod model;
 pub mod runtime;
+pub mod serve;
 pub mod train;
 pub mod weights;
 

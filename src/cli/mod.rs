@@ -45,6 +45,8 @@ pub struct Cli {
 pub enum Command {
     /// Generate a reply to a prompt, streaming tokens to stdout.
     Generate(GenerateArgs),
+    /// Serve the model, and adapters by name, over an OpenAI-compatible HTTP API.
+    Serve(ServeArgs),
     /// Mean cross-entropy and perplexity of a model on a JSONL dataset.
     Eval(EvalArgs),
     /// Fine-tune a LoRA adapter on a JSONL dataset.
@@ -171,6 +173,38 @@ pub struct GenerateArgs {
     pub raw: bool,
     #[command(flatten)]
     pub sampling: SamplingArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub quantize: QuantizeArgs,
+    /// An adapter to serve under a name, NAME=DIR (a PEFT LoRA directory); repeat for more. A
+    /// request's `model` field picks it by NAME; the base model answers under its own name.
+    #[arg(long, value_name = "NAME=DIR", value_parser = parse_named_adapter)]
+    pub adapter: Vec<(String, PathBuf)>,
+    /// Address to listen on; the default takes requests from this machine only.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    /// Port to listen on (0: any free port; the URL printed says which).
+    #[arg(long, default_value_t = 8080)]
+    pub port: u16,
+    /// Require `Authorization: Bearer KEY` on every request.
+    #[arg(long, env = "YOUR_AI_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+}
+
+fn parse_named_adapter(s: &str) -> Result<(String, PathBuf), String> {
+    match s.split_once('=') {
+        Some((name, dir)) if !name.is_empty() && !dir.is_empty() => {
+            Ok((name.to_string(), PathBuf::from(dir)))
+        }
+        _ => Err(format!(
+            "give NAME=DIR, for example --adapter brellonia=models/demo-brellonia (got `{s}`)"
+        )),
+    }
 }
 
 #[derive(Debug, Args)]

@@ -1,10 +1,11 @@
 //! `your_ai generate`: chat-templated (or raw) prompt in, streamed reply out.
 
 use crate::cli::GenerateArgs;
-use crate::data::chat_template::{ChatContext, ChatTemplate, TemplateError};
 use crate::error::{Error, Result};
 use crate::infer::generate::{generate, StopReason};
+use crate::infer::prompt::{chat_ids, user_turn};
 use std::io::Write;
+use std::ops::ControlFlow;
 
 pub fn run(args: GenerateArgs) -> Result<()> {
     let mut sampling = args.sampling.sampling()?;
@@ -19,20 +20,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         text.push_str(&args.prompt);
         tok.encode_with_bos(&text)?
     } else {
-        let src = tok.chat_template.as_deref().ok_or(TemplateError::Missing)?;
-        let mut messages = vec![];
-        if let Some(s) = &args.system {
-            messages.push(serde_json::json!({"role": "system", "content": s}));
-        }
-        messages.push(serde_json::json!({"role": "user", "content": args.prompt}));
-        let text = ChatTemplate::new(src)?.render(&ChatContext {
-            messages: &messages,
-            add_generation_prompt: true,
-            bos_token: tok.bos_token.as_deref(),
-            eos_token: tok.eos_token.as_deref(),
-            ..Default::default()
-        })?;
-        tok.encode(&text)?
+        chat_ids(tok, &user_turn(args.system.as_deref(), &args.prompt))?
     };
     let mut out = std::io::stdout().lock();
     // The prompt and the reply must fit the model's context.
@@ -54,11 +42,13 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let result = generate(&loaded.model, tok, &prompt_ids, &sampling, |piece| {
         let _ = out.write_all(piece.as_bytes());
         let _ = out.flush();
+        ControlFlow::Continue(())
     })?;
     let _ = writeln!(out);
     let stop = match result.stop {
         StopReason::EndToken(_) => "end of turn",
         StopReason::MaxTokens => "--max-tokens reached",
+        StopReason::Stopped => "stopped",
     };
     eprintln!(
         "[{} prompt tokens in {:.2} s | {} generated, {:.1} tokens/s | stopped: {} | load {:.2} s]",

@@ -10,6 +10,7 @@ pub mod models;
 pub mod prepare;
 pub mod recommend;
 pub mod score;
+pub mod serve;
 pub mod setup;
 pub mod train;
 pub mod validate;
@@ -32,5 +33,6 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Score(args) => score::run(args),
         Command::Prepare(args) => prepare::run(args),
         Command::Validate(args) => validate::run(args),
+        Command::Serve(args) => serve::run(args),
     }
 }

@@ -2,10 +2,10 @@
 //! side), pass rates per category as a table on stdout and, with `--output`, as JSON.
 
 use crate::cli::ValidateArgs;
-use crate::data::chat_template::{ChatContext, ChatTemplate, TemplateError};
 use crate::distrust::suite::{self, Case};
 use crate::error::{Error, Result};
 use crate::infer::generate::generate;
+use crate::infer::prompt::{chat_ids, user_turn};
 use crate::model::lora::Adapter;
 use crate::model::LoadedModel;
 use serde_json::json;
@@ -31,8 +31,6 @@ fn replies(
     name: &'static str,
 ) -> Result<Run> {
     let tok = &loaded.tokenizer;
-    let src = tok.chat_template.as_deref().ok_or(TemplateError::Missing)?;
-    let template = ChatTemplate::new(src)?;
     let sampling = a.sampling.sampling()?;
     let mut run = Run {
         name,
@@ -41,20 +39,11 @@ fn replies(
     };
     for (i, c) in cases.iter().enumerate() {
         let start = Instant::now();
-        let mut messages = vec![];
-        if let Some(s) = &c.system {
-            messages.push(json!({"role": "system", "content": s}));
-        }
-        messages.push(json!({"role": "user", "content": c.prompt}));
-        let text = template.render(&ChatContext {
-            messages: &messages,
-            add_generation_prompt: true,
-            bos_token: tok.bos_token.as_deref(),
-            eos_token: tok.eos_token.as_deref(),
-            ..Default::default()
-        })?;
-        let ids = tok.encode(&text)?;
-        let reply = generate(&loaded.model, tok, &ids, &sampling, |_| {})?.text;
+        let ids = chat_ids(tok, &user_turn(c.system.as_deref(), &c.prompt))?;
+        let reply = generate(&loaded.model, tok, &ids, &sampling, |_| {
+            std::ops::ControlFlow::Continue(())
+        })?
+        .text;
         let failed = suite::check(c, &reply);
         eprintln!(
             "[{name} {}/{}] {} {} ({:.1} s){}",

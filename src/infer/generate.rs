@@ -7,6 +7,7 @@ use crate::model::{KvCache, Llama};
 use candle_core::{DType, Tensor};
 use clap::Args;
 use rand::{Rng, SeedableRng};
+use std::ops::ControlFlow;
 use std::time::{Duration, Instant};
 
 /// How to sample a reply.
@@ -65,6 +66,8 @@ pub struct Sampling {
 pub enum StopReason {
     EndToken(u32),
     MaxTokens,
+    /// The caller's `on_text` asked to stop (a stop string, a client gone).
+    Stopped,
 }
 
 #[derive(Debug, Clone)]
@@ -89,13 +92,14 @@ impl Generated {
     }
 }
 
-/// Generates after `prompt`, calling `on_text` with each completed piece of text.
+/// Generates after `prompt`, calling `on_text` with each completed piece of text; it returns
+/// `Break` to stop there.
 pub fn generate(
     model: &Llama,
     tokenizer: &Tokenizer,
     prompt: &[u32],
     sampling: &Sampling,
-    mut on_text: impl FnMut(&str),
+    mut on_text: impl FnMut(&str) -> ControlFlow<()>,
 ) -> Result<Generated> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(sampling.seed);
     let mut cache = KvCache::new(model.blocks.len());
@@ -116,8 +120,11 @@ pub fn generate(
         }
         ids.push(next);
         if let Some(piece) = decoder.push(tokenizer, next)? {
-            on_text(&piece);
             text.push_str(&piece);
+            if on_text(&piece).is_break() {
+                stop = StopReason::Stopped;
+                break;
+            }
         }
         let input = Tensor::new(&[next], &model.device)?.unsqueeze(0)?;
         logits = last_logits(model, &input, &mut cache)?;

@@ -1,0 +1,117 @@
+//! `your_ai serve`: loads the model and the named adapters, starts the generation thread and
+//! the HTTP server, and prints the URL to give clients.
+
+use crate::cli::ServeArgs;
+use crate::error::{Error, Result};
+use crate::model::lora::Adapter;
+use crate::serve::{router, worker, App, QUEUE};
+use std::collections::HashMap;
+use std::io::Write;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+
+pub fn run(a: ServeArgs) -> Result<()> {
+    let opts = a.model.load_options(a.quantize.quantize)?;
+    let loaded = crate::model::load(&a.model.model, &opts, None)?;
+    let mut adapters = HashMap::new();
+    let mut names = vec![];
+    for (name, dir) in &a.adapter {
+        if *name == loaded.name || adapters.contains_key(name) {
+            return Err(Error::Usage(format!(
+                "--adapter {name}={}: the name `{name}` is already taken (the base model is `{}`); give each adapter its own name",
+                dir.display(),
+                loaded.name
+            )));
+        }
+        let adapter = Adapter::load_peft(dir, &loaded.model.cfg, &loaded.model.device)?;
+        eprintln!(
+            "adapter `{name}`: {} (rank {})",
+            dir.display(),
+            adapter.cfg.rank
+        );
+        adapters.insert(name.clone(), adapter);
+        names.push(name.clone());
+    }
+    if !is_loopback(&a.host) && a.api_key.is_none() {
+        eprintln!(
+            "warning: --host {} accepts requests from other machines and no --api-key is set: anyone who can reach it can use the model",
+            a.host
+        );
+    }
+    let tokenizer = Arc::new(loaded.tokenizer);
+    let context = loaded.model.cfg.max_position_embeddings;
+    let (jobs, queue) = std::sync::mpsc::sync_channel(QUEUE);
+    let worker_tok = tokenizer.clone();
+    let model = loaded.model;
+    std::thread::Builder::new()
+        .name("generate".into())
+        .spawn(move || worker::run(model, worker_tok, adapters, queue))
+        .map_err(|e| Error::Usage(format!("cannot start the generation thread: {e}")))?;
+    let app = Arc::new(App {
+        base: loaded.name.clone(),
+        adapters: names.clone(),
+        tokenizer,
+        context,
+        api_key: a.api_key.clone(),
+        jobs,
+        next_id: AtomicU64::new(1),
+    });
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| Error::Usage(format!("cannot start the server's runtime: {e}")))?;
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind((a.host.as_str(), a.port))
+            .await
+            .map_err(|e| {
+                Error::Usage(format!(
+                    "--host {} --port {}: cannot listen there: {e} (is another server on that port? pick another with --port)",
+                    a.host, a.port
+                ))
+            })?;
+        let addr = listener
+            .local_addr()
+            .map_err(|e| Error::Usage(format!("cannot read the listening address: {e}")))?;
+        let models: Vec<String> = std::iter::once(loaded.name.clone()).chain(names).collect();
+        println!(
+            "your_ai serve: OpenAI-compatible API at http://{addr}/v1 (models: {}); Ctrl-C stops",
+            models.join(", ")
+        );
+        let _ = std::io::stdout().flush();
+        axum::serve(listener, router(app))
+            .with_graceful_shutdown(shutdown())
+            .await
+            .map_err(|e| Error::Usage(format!("the server stopped: {e}")))
+    })
+}
+
+fn is_loopback(host: &str) -> bool {
+    host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+async fn shutdown() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+    eprintln!("your_ai serve: stopping");
+}

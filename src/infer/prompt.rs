@@ -1,0 +1,31 @@
+//! A conversation to prompt tokens through the model's own chat template: one place for
+//! `generate`, `validate` and `serve`.
+
+use crate::data::chat_template::{ChatContext, ChatTemplate, TemplateError};
+use crate::data::tokenizer::Tokenizer;
+use crate::error::Result;
+use serde_json::Value;
+
+/// `messages` (OpenAI-style `{"role", "content"}` objects) rendered with the tokenizer's chat
+/// template, ready for the assistant's reply, and encoded.
+pub fn chat_ids(tok: &Tokenizer, messages: &[Value]) -> Result<Vec<u32>> {
+    let src = tok.chat_template.as_deref().ok_or(TemplateError::Missing)?;
+    let text = ChatTemplate::new(src)?.render(&ChatContext {
+        messages,
+        add_generation_prompt: true,
+        bos_token: tok.bos_token.as_deref(),
+        eos_token: tok.eos_token.as_deref(),
+        ..Default::default()
+    })?;
+    Ok(tok.encode(&text)?)
+}
+
+/// A single user turn, after an optional system prompt.
+pub fn user_turn(system: Option<&str>, prompt: &str) -> Vec<Value> {
+    let mut messages = vec![];
+    if let Some(s) = system {
+        messages.push(serde_json::json!({"role": "system", "content": s}));
+    }
+    messages.push(serde_json::json!({"role": "user", "content": prompt}));
+    messages
+}

@@ -1,0 +1,336 @@
+//! The OpenAI wire format: requests parsed and checked field by field (a bad one is a 4xx with
+//! an OpenAI-style error body naming the field), and the response objects.
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde_json::{json, Value};
+
+/// An error as OpenAI's API reports it: `{"error": {"message", "type", "param", "code"}}`.
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub message: String,
+    pub param: Option<&'static str>,
+    pub code: Option<&'static str>,
+}
+
+impl ApiError {
+    pub fn invalid(param: Option<&'static str>, message: impl Into<String>) -> Self {
+        Self {
+            status: StatusCode::BAD_REQUEST,
+            message: message.into(),
+            param,
+            code: None,
+        }
+    }
+
+    pub fn with(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            message: message.into(),
+            param: None,
+            code: Some(code),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let kind = match self.status {
+            StatusCode::UNAUTHORIZED => "authentication_error",
+            s if s.is_server_error() => "server_error",
+            _ => "invalid_request_error",
+        };
+        let body = json!({"error": {
+            "message": self.message, "type": kind, "param": self.param, "code": self.code,
+        }});
+        (self.status, axum::Json(body)).into_response()
+    }
+}
+
+/// What the request asks the model for.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Prompt {
+    /// `/v1/chat/completions`: messages for the model's chat template.
+    Chat(Vec<Value>),
+    /// `/v1/completions`: text to continue as it is.
+    Text(String),
+}
+
+/// A checked request of either endpoint.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Request {
+    pub model: Option<String>,
+    pub prompt: Prompt,
+    pub max_tokens: Option<usize>,
+    pub temperature: f64,
+    pub top_p: f64,
+    /// None: a fresh one per request, as OpenAI's API does.
+    pub seed: Option<u64>,
+    pub stop: Vec<String>,
+    pub stream: bool,
+    pub include_usage: bool,
+}
+
+/// The JSON object of a request body.
+fn object(body: &[u8]) -> Result<serde_json::Map<String, Value>, ApiError> {
+    match serde_json::from_slice::<Value>(body) {
+        Ok(Value::Object(m)) => Ok(m),
+        Ok(_) => Err(ApiError::invalid(
+            None,
+            "the request body must be a JSON object",
+        )),
+        Err(e) => Err(ApiError::invalid(
+            None,
+            format!("the request body is not valid JSON: {e}"),
+        )),
+    }
+}
+
+/// A `/v1/chat/completions` body.
+pub fn chat(body: &[u8]) -> Result<Request, ApiError> {
+    let m = object(body)?;
+    let messages = match m.get("messages") {
+        Some(Value::Array(a)) if !a.is_empty() => a,
+        Some(Value::Array(_)) => {
+            return Err(ApiError::invalid(Some("messages"), "`messages` is empty"))
+        }
+        Some(_) => {
+            return Err(ApiError::invalid(
+                Some("messages"),
+                "`messages` must be an array of {\"role\", \"content\"} objects",
+            ))
+        }
+        None => {
+            return Err(ApiError::invalid(
+                Some("messages"),
+                "`messages` is missing: give the conversation as an array of {\"role\", \"content\"} objects",
+            ))
+        }
+    };
+    let messages = messages
+        .iter()
+        .enumerate()
+        .map(|(i, msg)| message(i, msg))
+        .collect::<Result<Vec<_>, _>>()?;
+    common(&m, Prompt::Chat(messages), "max_completion_tokens")
+}
+
+/// A `/v1/completions` body.
+pub fn completion(body: &[u8]) -> Result<Request, ApiError> {
+    let m = object(body)?;
+    let prompt = match m.get("prompt") {
+        Some(Value::String(s)) => s.clone(),
+        Some(Value::Array(a)) if a.len() == 1 && a[0].is_string() => {
+            a[0].as_str().unwrap_or_default().to_string()
+        }
+        Some(_) => {
+            return Err(ApiError::invalid(
+                Some("prompt"),
+                "`prompt` must be a string (one prompt per request)",
+            ))
+        }
+        None => return Err(ApiError::invalid(Some("prompt"), "`prompt` is missing")),
+    };
+    common(&m, Prompt::Text(prompt), "max_tokens")
+}
+
+/// One message, as the chat template takes it: a role and text content (text parts joined).
+fn message(i: usize, msg: &Value) -> Result<Value, ApiError> {
+    let bad = |what: &str| ApiError::invalid(Some("messages"), format!("messages[{i}]: {what}"));
+    let role = msg
+        .get("role")
+        .and_then(Value::as_str)
+        .ok_or_else(|| bad("`role` is missing"))?;
+    if !["system", "developer", "user", "assistant", "tool"].contains(&role) {
+        return Err(bad(&format!(
+            "role `{role}` is not one of system, developer, user, assistant, tool"
+        )));
+    }
+    let content = match msg.get("content") {
+        Some(Value::String(s)) => s.clone(),
+        None | Some(Value::Null) => String::new(),
+        Some(Value::Array(parts)) => parts
+            .iter()
+            .map(
+                |p| match (p.get("type").and_then(Value::as_str), p.get("text")) {
+                    (Some("text"), Some(Value::String(t))) => Ok(t.as_str()),
+                    _ => Err(bad("only text content parts are supported")),
+                },
+            )
+            .collect::<Result<Vec<_>, _>>()?
+            .join(""),
+        Some(_) => return Err(bad("`content` must be a string or an array of text parts")),
+    };
+    // The developer role is OpenAI's newer name for system.
+    let role = if role == "developer" { "system" } else { role };
+    Ok(json!({"role": role, "content": content}))
+}
+
+/// The fields both endpoints share.
+fn common(
+    m: &serde_json::Map<String, Value>,
+    prompt: Prompt,
+    max_alias: &'static str,
+) -> Result<Request, ApiError> {
+    let model = match m.get("model") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) => Some(s.clone()),
+        Some(_) => return Err(ApiError::invalid(Some("model"), "`model` must be a string")),
+    };
+    let max_tokens = match m.get("max_tokens").or_else(|| m.get(max_alias)) {
+        None | Some(Value::Null) => None,
+        Some(v) => match v.as_u64() {
+            Some(n) if n >= 1 => Some(usize::try_from(n).unwrap_or(usize::MAX)),
+            _ => {
+                return Err(ApiError::invalid(
+                    Some("max_tokens"),
+                    format!("`max_tokens` {v} must be a positive integer"),
+                ))
+            }
+        },
+    };
+    let number =
+        |name: &'static str, default: f64, ok: fn(f64) -> bool, rule: &str| match m.get(name) {
+            None | Some(Value::Null) => Ok(default),
+            Some(v) => v.as_f64().filter(|x| ok(*x)).ok_or_else(|| {
+                ApiError::invalid(Some(name), format!("`{name}` {v} must be {rule}"))
+            }),
+        };
+    let temperature = number(
+        "temperature",
+        1.0,
+        |t| (0.0..=2.0).contains(&t),
+        "between 0 and 2",
+    )?;
+    let top_p = number("top_p", 1.0, |p| p > 0.0 && p <= 1.0, "in (0, 1]")?;
+    let seed = match m.get("seed") {
+        None | Some(Value::Null) => None,
+        Some(v) => Some(
+            v.as_u64()
+                .or_else(|| v.as_i64().map(|s| s as u64))
+                .ok_or_else(|| ApiError::invalid(Some("seed"), "`seed` must be an integer"))?,
+        ),
+    };
+    let stop = match m.get("stop") {
+        None | Some(Value::Null) => vec![],
+        Some(Value::String(s)) => vec![s.clone()],
+        Some(Value::Array(a)) if a.len() <= 4 => a
+            .iter()
+            .map(|s| s.as_str().map(str::to_string))
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| ApiError::invalid(Some("stop"), "`stop` entries must be strings"))?,
+        Some(_) => {
+            return Err(ApiError::invalid(
+                Some("stop"),
+                "`stop` must be a string or an array of at most 4 strings",
+            ))
+        }
+    };
+    if stop.iter().any(String::is_empty) {
+        return Err(ApiError::invalid(
+            Some("stop"),
+            "`stop` strings must not be empty",
+        ));
+    }
+    if let Some(n) = m.get("n").filter(|n| !n.is_null() && n.as_u64() != Some(1)) {
+        return Err(ApiError::invalid(
+            Some("n"),
+            format!("`n` {n}: one choice per request is supported"),
+        ));
+    }
+    let flag = |name: &'static str, v: Option<&Value>| match v {
+        None | Some(Value::Null) => Ok(false),
+        Some(Value::Bool(b)) => Ok(*b),
+        Some(_) => Err(ApiError::invalid(
+            Some(name),
+            format!("`{name}` must be true or false"),
+        )),
+    };
+    let stream = flag("stream", m.get("stream"))?;
+    let include_usage = flag(
+        "stream_options",
+        m.get("stream_options").and_then(|o| o.get("include_usage")),
+    )?;
+    Ok(Request {
+        model,
+        prompt,
+        max_tokens,
+        temperature,
+        top_p,
+        seed,
+        stop,
+        stream,
+        include_usage,
+    })
+}
+
+/// Seconds since the epoch, for the `created` fields.
+pub fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+pub fn usage(prompt_tokens: usize, completion_tokens: usize) -> Value {
+    json!({
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_are_checked_field_by_field() {
+        let ok = chat(br#"{"model":"m","messages":[{"role":"user","content":"hi"}],"max_tokens":5,"stop":"x","temperature":0}"#).unwrap();
+        assert_eq!(ok.max_tokens, Some(5));
+        assert_eq!(ok.stop, vec!["x"]);
+        assert_eq!(ok.temperature, 0.0);
+        let parts = chat(br#"{"messages":[{"role":"developer","content":[{"type":"text","text":"a"},{"type":"text","text":"b"}]}]}"#).unwrap();
+        assert_eq!(
+            parts.prompt,
+            Prompt::Chat(vec![json!({"role": "system", "content": "ab"})])
+        );
+        for (body, param) in [
+            (&br#"{"messages": []}"#[..], Some("messages")),
+            (br#"{"model": "m"}"#, Some("messages")),
+            (br#"{"messages":[{"content":"x"}]}"#, Some("messages")),
+            (
+                br#"{"messages":[{"role":"user","content":"x"}],"max_tokens":-1}"#,
+                Some("max_tokens"),
+            ),
+            (
+                br#"{"messages":[{"role":"user","content":"x"}],"max_tokens":0}"#,
+                Some("max_tokens"),
+            ),
+            (
+                br#"{"messages":[{"role":"user","content":"x"}],"temperature":3}"#,
+                Some("temperature"),
+            ),
+            (
+                br#"{"messages":[{"role":"user","content":"x"}],"n":2}"#,
+                Some("n"),
+            ),
+            (
+                br#"{"messages":[{"role":"user","content":"x"}],"stop":["a","b","c","d","e"]}"#,
+                Some("stop"),
+            ),
+            (br#"[1,2]"#, None),
+            (br#"{"messages": "#, None),
+        ] {
+            let e = chat(body).unwrap_err();
+            assert_eq!(e.status, StatusCode::BAD_REQUEST);
+            assert_eq!(e.param, param, "{}", String::from_utf8_lossy(body));
+        }
+        assert_eq!(
+            completion(br#"{"prompt": ["once"]}"#).unwrap().prompt,
+            Prompt::Text("once".into())
+        );
+        assert!(completion(br#"{"prompt": ["a", "b"]}"#).is_err());
+    }
+}

@@ -1,0 +1,382 @@
+//! `your_ai serve`: an OpenAI-compatible HTTP server over one loaded base model and any number
+//! of adapters, picked per request by the `model` field. `/v1/chat/completions` (streamed as
+//! server-sent events or whole), `/v1/completions` and `/v1/models`. Requests are checked here
+//! ([`api`]) and generated one at a time by the thread that owns the model ([`worker`]).
+
+pub mod api;
+pub mod worker;
+
+use crate::data::tokenizer::Tokenizer;
+use crate::infer::generate::Sampling;
+use crate::infer::prompt::chat_ids;
+use api::{ApiError, Prompt, Request};
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use futures_util::StreamExt;
+use serde_json::{json, Value};
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use tokio::sync::mpsc;
+use worker::{Event, Job};
+
+/// Request bodies above this are refused (413): a chat that fills a 128k context is ~0.5 MB.
+pub const MAX_BODY: usize = 4 << 20;
+/// Requests waiting for the model beyond the one running; more get a 503.
+pub const QUEUE: usize = 16;
+
+/// What the handlers share.
+pub struct App {
+    /// The base model's name, and the adapters' (what `/v1/models` lists).
+    pub base: String,
+    pub adapters: Vec<String>,
+    pub tokenizer: Arc<Tokenizer>,
+    pub context: usize,
+    pub api_key: Option<String>,
+    pub jobs: std::sync::mpsc::SyncSender<Job>,
+    pub next_id: AtomicU64,
+}
+
+/// The routes, over `app`.
+pub fn router(app: Arc<App>) -> Router {
+    Router::new()
+        .route("/v1/models", get(models))
+        .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/completions", post(completions))
+        .fallback(|| async {
+            ApiError::with(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                "no such endpoint: use /v1/chat/completions, /v1/completions or /v1/models",
+            )
+        })
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .with_state(app)
+}
+
+fn authorize(app: &App, headers: &HeaderMap) -> Result<(), ApiError> {
+    let Some(key) = &app.api_key else {
+        return Ok(());
+    };
+    let given = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    if given == Some(key.as_str()) {
+        Ok(())
+    } else {
+        Err(ApiError::with(
+            StatusCode::UNAUTHORIZED,
+            "invalid_api_key",
+            "missing or wrong API key: send `Authorization: Bearer <key>` with the --api-key the server was started with",
+        ))
+    }
+}
+
+async fn models(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
+    if let Err(e) = authorize(&app, &headers) {
+        return e.into_response();
+    }
+    let data: Vec<Value> = std::iter::once(&app.base)
+        .chain(&app.adapters)
+        .map(|id| json!({"id": id, "object": "model", "created": 0, "owned_by": "your_ai"}))
+        .collect();
+    Json(json!({"object": "list", "data": data})).into_response()
+}
+
+async fn chat_completions(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    respond(app, headers, body, api::chat, Kind::Chat).await
+}
+
+async fn completions(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    respond(app, headers, body, api::completion, Kind::Text).await
+}
+
+#[derive(Clone, Copy)]
+enum Kind {
+    Chat,
+    Text,
+}
+
+async fn respond(
+    app: Arc<App>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+    parse: fn(&[u8]) -> Result<Request, ApiError>,
+    kind: Kind,
+) -> Response {
+    match start(&app, &headers, body, parse, kind) {
+        Ok(s) if s.stream => stream(s, kind),
+        Ok(s) => whole(s, kind).await,
+        Err(e) => e.into_response(),
+    }
+}
+
+/// A queued generation: where its events arrive, and what the response needs.
+struct Started {
+    rx: mpsc::Receiver<Event>,
+    id: String,
+    /// The `model` the response names: the request's, or the base model's.
+    model: String,
+    stream: bool,
+    include_usage: bool,
+}
+
+/// Checks the request and queues its generation.
+fn start(
+    app: &App,
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+    parse: fn(&[u8]) -> Result<Request, ApiError>,
+    kind: Kind,
+) -> Result<Started, ApiError> {
+    authorize(app, headers)?;
+    let body = body.map_err(|r| ApiError {
+        status: r.status(),
+        message: if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            format!("the request body is over the {} MB limit", MAX_BODY >> 20)
+        } else {
+            r.body_text()
+        },
+        param: None,
+        code: None,
+    })?;
+    let req = parse(&body)?;
+    let adapter = match req.model.as_deref() {
+        None => None,
+        Some(m) if m == app.base => None,
+        Some(m) if app.adapters.iter().any(|a| a == m) => Some(m.to_string()),
+        Some(m) => {
+            return Err(ApiError {
+                status: StatusCode::NOT_FOUND,
+                message: format!(
+                    "the model `{m}` does not exist: this server has {} (see /v1/models)",
+                    std::iter::once(&app.base)
+                        .chain(&app.adapters)
+                        .map(|s| format!("`{s}`"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+                param: Some("model"),
+                code: Some("model_not_found"),
+            })
+        }
+    };
+    let ids = match &req.prompt {
+        Prompt::Chat(messages) => chat_ids(&app.tokenizer, messages),
+        Prompt::Text(text) => app.tokenizer.encode_with_bos(text).map_err(Into::into),
+    }
+    .map_err(|e| ApiError::invalid(Some("messages"), e.to_string()))?;
+    let room = app.context.saturating_sub(ids.len());
+    if room == 0 {
+        return Err(ApiError {
+            status: StatusCode::BAD_REQUEST,
+            message: format!(
+                "the prompt is {} tokens; this model's context is {} tokens: shorten the prompt",
+                ids.len(),
+                app.context
+            ),
+            param: Some("messages"),
+            code: Some("context_length_exceeded"),
+        });
+    }
+    let max_tokens = match req.max_tokens {
+        Some(n) if n > room => {
+            return Err(ApiError {
+                status: StatusCode::BAD_REQUEST,
+                message: format!(
+                    "max_tokens {n}: the prompt is {} tokens and the context {} tokens, so at most {room} can be generated",
+                    ids.len(),
+                    app.context
+                ),
+                param: Some("max_tokens"),
+                code: Some("context_length_exceeded"),
+            })
+        }
+        Some(n) => n,
+        None => room,
+    };
+    let (tx, rx) = mpsc::channel(64);
+    let n = app.next_id.fetch_add(1, Ordering::Relaxed);
+    let id = match kind {
+        Kind::Chat => format!("chatcmpl-{n}"),
+        Kind::Text => format!("cmpl-{n}"),
+    };
+    let model = req.model.clone().unwrap_or_else(|| app.base.clone());
+    let job = Job {
+        adapter,
+        ids,
+        sampling: Sampling {
+            temperature: req.temperature,
+            top_p: req.top_p,
+            seed: req.seed.unwrap_or_else(rand::random),
+            max_tokens,
+        },
+        stop: req.stop.clone(),
+        events: tx,
+        label: format!("{id} ({model})"),
+    };
+    app.jobs.try_send(job).map_err(|e| match e {
+        std::sync::mpsc::TrySendError::Full(_) => ApiError::with(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "server_busy",
+            format!("{QUEUE} requests are already waiting; try again shortly"),
+        ),
+        std::sync::mpsc::TrySendError::Disconnected(_) => ApiError::with(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "server_error",
+            "the generation thread has stopped",
+        ),
+    })?;
+    Ok(Started {
+        rx,
+        id,
+        model,
+        stream: req.stream,
+        include_usage: req.include_usage,
+    })
+}
+
+/// The whole reply as one JSON object.
+async fn whole(s: Started, kind: Kind) -> Response {
+    let Started {
+        mut rx, id, model, ..
+    } = s;
+    let mut text = String::new();
+    while let Some(ev) = rx.recv().await {
+        match ev {
+            Event::Text(t) => text.push_str(&t),
+            Event::Failed(e) => {
+                return ApiError::with(StatusCode::INTERNAL_SERVER_ERROR, "server_error", e)
+                    .into_response()
+            }
+            Event::Done {
+                finish_reason,
+                prompt_tokens,
+                completion_tokens,
+            } => {
+                let choice = match kind {
+                    Kind::Chat => {
+                        json!({"index": 0, "finish_reason": finish_reason, "logprobs": null,
+                        "message": {"role": "assistant", "content": text}})
+                    }
+                    Kind::Text => {
+                        json!({"index": 0, "finish_reason": finish_reason, "logprobs": null, "text": text})
+                    }
+                };
+                let object = match kind {
+                    Kind::Chat => "chat.completion",
+                    Kind::Text => "text_completion",
+                };
+                return Json(json!({
+                    "id": id, "object": object, "created": api::now(), "model": model,
+                    "choices": [choice], "usage": api::usage(prompt_tokens, completion_tokens),
+                }))
+                .into_response();
+            }
+        }
+    }
+    ApiError::with(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "server_error",
+        "the generation ended without a result",
+    )
+    .into_response()
+}
+
+/// The reply as server-sent events, one chunk per piece of text, then `[DONE]`.
+fn stream(s: Started, kind: Kind) -> Response {
+    let Started {
+        rx,
+        id,
+        model,
+        include_usage,
+        ..
+    } = s;
+    let created = api::now();
+    let chunk = move |choice: Value, usage: Option<Value>| -> SseEvent {
+        let object = match kind {
+            Kind::Chat => "chat.completion.chunk",
+            Kind::Text => "text_completion",
+        };
+        let mut c = json!({"id": id, "object": object, "created": created, "model": model,
+            "choices": if choice.is_null() { json!([]) } else { json!([choice]) }});
+        if let Some(u) = usage {
+            c["usage"] = u;
+        }
+        SseEvent::default().data(c.to_string())
+    };
+    let piece = move |text: &str, finish: Option<&str>| -> Value {
+        match kind {
+            Kind::Chat => {
+                json!({"index": 0, "delta": if text.is_empty() && finish.is_some() { json!({}) } else { json!({"content": text}) },
+                "finish_reason": finish, "logprobs": null})
+            }
+            Kind::Text => {
+                json!({"index": 0, "text": text, "finish_reason": finish, "logprobs": null})
+            }
+        }
+    };
+    // First the assistant role (chat), then the text as it comes, then the finish.
+    let opening = match kind {
+        Kind::Chat => vec![chunk(
+            json!({"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": null, "logprobs": null}),
+            None,
+        )],
+        Kind::Text => vec![],
+    };
+    let state = (rx, false);
+    let body = futures_util::stream::iter(opening.into_iter().map(Ok::<_, Infallible>)).chain(
+        futures_util::stream::unfold(state, move |(mut rx, done)| {
+            let chunk = chunk.clone();
+            async move {
+                if done {
+                    return None;
+                }
+                let events: Vec<SseEvent> = match rx.recv().await {
+                    Some(Event::Text(t)) => vec![chunk(piece(&t, None), None)],
+                    Some(Event::Done {
+                        finish_reason,
+                        prompt_tokens: p,
+                        completion_tokens,
+                    }) => {
+                        let mut out = vec![chunk(piece("", Some(finish_reason)), None)];
+                        if include_usage {
+                            out.push(chunk(Value::Null, Some(api::usage(p, completion_tokens))));
+                        }
+                        out.push(SseEvent::default().data("[DONE]"));
+                        return Some((futures_util::stream::iter(out), (rx, true)));
+                    }
+                    Some(Event::Failed(e)) => {
+                        let err = json!({"error": {"message": e, "type": "server_error", "param": null, "code": null}});
+                        return Some((
+                            futures_util::stream::iter(vec![SseEvent::default().data(err.to_string())]),
+                            (rx, true),
+                        ));
+                    }
+                    None => return None,
+                };
+                Some((futures_util::stream::iter(events), (rx, false)))
+            }
+        })
+        .flatten()
+        .map(Ok::<_, Infallible>),
+    );
+    Sse::new(body)
+        .keep_alive(KeepAlive::default())
+        .into_response()
+}

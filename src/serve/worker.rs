@@ -1,0 +1,194 @@
+//! The one thread that owns the model and generates, one request at a time, in the order they
+//! came: requests wait in a bounded queue, and a client that goes away stops its generation
+//! at the next token (its channel closes).
+
+use crate::data::tokenizer::Tokenizer;
+use crate::infer::generate::{generate, Sampling, StopReason};
+use crate::model::lora::Adapter;
+use crate::model::Llama;
+use std::collections::HashMap;
+use std::ops::ControlFlow;
+use std::sync::Arc;
+use std::time::Instant;
+use tokio::sync::mpsc;
+
+/// One generation to run.
+pub struct Job {
+    /// Which adapter applies (None: the base model).
+    pub adapter: Option<String>,
+    pub ids: Vec<u32>,
+    pub sampling: Sampling,
+    pub stop: Vec<String>,
+    /// Where its text goes; closed when the client is gone.
+    pub events: mpsc::Sender<Event>,
+    /// For the log line.
+    pub label: String,
+}
+
+#[derive(Debug)]
+pub enum Event {
+    Text(String),
+    Done {
+        /// `stop` (an end token or a stop string) or `length`.
+        finish_reason: &'static str,
+        prompt_tokens: usize,
+        completion_tokens: usize,
+    },
+    Failed(String),
+}
+
+/// Runs the jobs of `queue` on `model` until every sender is gone.
+pub fn run(
+    mut model: Llama,
+    tokenizer: Arc<Tokenizer>,
+    adapters: HashMap<String, Adapter>,
+    queue: std::sync::mpsc::Receiver<Job>,
+) {
+    for job in queue {
+        if job.events.is_closed() {
+            eprintln!("[serve] {}: client gone before its turn", job.label);
+            continue;
+        }
+        model.adapter = job.adapter.as_ref().and_then(|a| adapters.get(a)).cloned();
+        let start = Instant::now();
+        let mut out = Stops::new(&job.stop);
+        let mut gone = false;
+        let result = generate(&model, &tokenizer, &job.ids, &job.sampling, |piece| {
+            let (send, stopped) = out.push(piece);
+            if !send.is_empty() && job.events.blocking_send(Event::Text(send)).is_err() {
+                gone = true;
+                return ControlFlow::Break(());
+            }
+            if stopped {
+                ControlFlow::Break(())
+            } else {
+                ControlFlow::Continue(())
+            }
+        });
+        let event = match result {
+            Ok(r) => {
+                let rest = out.finish();
+                if !gone && !rest.is_empty() {
+                    gone = job.events.blocking_send(Event::Text(rest)).is_err();
+                }
+                eprintln!(
+                    "[serve] {}: {} prompt + {} generated tokens in {:.1} s{}",
+                    job.label,
+                    r.prompt_tokens,
+                    r.ids.len(),
+                    start.elapsed().as_secs_f64(),
+                    if gone { ", client gone: stopped" } else { "" }
+                );
+                Event::Done {
+                    finish_reason: match r.stop {
+                        StopReason::MaxTokens => "length",
+                        StopReason::EndToken(_) | StopReason::Stopped => "stop",
+                    },
+                    prompt_tokens: r.prompt_tokens,
+                    completion_tokens: r.ids.len(),
+                }
+            }
+            Err(e) => {
+                eprintln!("[serve] {}: failed: {e}", job.label);
+                Event::Failed(e.to_string())
+            }
+        };
+        if !gone {
+            let _ = job.events.blocking_send(event);
+        }
+    }
+}
+
+/// Text on its way out, held back while it could still be the start of a stop string, and cut
+/// before the first stop string that appears.
+struct Stops<'a> {
+    stop: &'a [String],
+    text: String,
+    sent: usize,
+}
+
+impl<'a> Stops<'a> {
+    fn new(stop: &'a [String]) -> Self {
+        Self {
+            stop,
+            text: String::new(),
+            sent: 0,
+        }
+    }
+
+    /// Adds `piece`: the text now safe to send, and whether a stop string was reached.
+    fn push(&mut self, piece: &str) -> (String, bool) {
+        self.text.push_str(piece);
+        if let Some(at) = self
+            .stop
+            .iter()
+            .filter_map(|s| self.text.find(s.as_str()))
+            .min()
+        {
+            self.text.truncate(at);
+            return (self.take(at), true);
+        }
+        // The longest tail that is a proper prefix of some stop string stays back.
+        let held = self
+            .stop
+            .iter()
+            .flat_map(|s| {
+                (1..s.len())
+                    .filter(|&n| s.is_char_boundary(n))
+                    .map(move |n| &s[..n])
+            })
+            .filter(|p| self.text.ends_with(p))
+            .map(str::len)
+            .max()
+            .unwrap_or(0);
+        let upto = self.text.len() - held;
+        (self.take(upto), false)
+    }
+
+    fn take(&mut self, upto: usize) -> String {
+        let upto = upto.max(self.sent);
+        let s = self.text[self.sent..upto].to_string();
+        self.sent = upto;
+        s
+    }
+
+    /// Whatever is still held back.
+    fn finish(&mut self) -> String {
+        self.take(self.text.len())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(stop: &[&str], pieces: &[&str]) -> (String, bool) {
+        let stop: Vec<String> = stop.iter().map(|s| s.to_string()).collect();
+        let mut s = Stops::new(&stop);
+        let mut out = String::new();
+        for p in pieces {
+            let (send, stopped) = s.push(p);
+            out.push_str(&send);
+            if stopped {
+                return (out, true);
+            }
+        }
+        out.push_str(&s.finish());
+        (out, false)
+    }
+
+    #[test]
+    fn stop_strings_cut_the_text_even_across_pieces() {
+        assert_eq!(run(&[], &["ab", "c"]), ("abc".into(), false));
+        assert_eq!(
+            run(&["END"], &["one E", "N", "D two"]),
+            ("one ".into(), true)
+        );
+        assert_eq!(run(&["END"], &["one E", "x"]), ("one Ex".into(), false));
+        assert_eq!(
+            run(&["\n\n", "Q:"], &["a\n", "b Q", ":c"]),
+            ("a\nb ".into(), true)
+        );
+        assert_eq!(run(&["é!"], &["café", " ok"]), ("café ok".into(), false));
+    }
+}

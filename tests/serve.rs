@@ -1,0 +1,354 @@
+//! `your_ai serve` driven over real HTTP, as its users drive it: the official `openai` Python
+//! client (models, chat whole and streamed, an adapter by name, completions), checked against
+//! `your_ai generate` on the same prompt; and plain HTTP for bad requests, each a 4xx with an
+//! OpenAI-style error body, after which the server still answers. The Python client comes from
+//! the virtual environment `scripts/test.sh` sets up (or `YOUR_AI_PYTHON`).
+
+mod common;
+
+use candle_core::{Device, Tensor};
+use common::{cli, smollm2};
+use rand::{Rng, SeedableRng};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use your_ai::model::lora::{Adapter, LoraConfig, Target};
+
+const KEY: &str = "test-key";
+const QUESTION: &str = "What is the capital of France?";
+
+struct Server {
+    child: Child,
+    url: String,
+    log: PathBuf,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Server {
+    /// Starts `serve` on a free port and waits for the URL it prints.
+    fn start(dir: &Path, adapter: &Path) -> Server {
+        let log = dir.join("serve.log");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_your_ai"))
+            .args(["serve", "--port", "0", "--api-key", KEY, "--model"])
+            .arg(smollm2())
+            .arg("--adapter")
+            .arg(format!("brellonia={}", adapter.display()))
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let url = line
+            .split_whitespace()
+            .find(|w| w.starts_with("http://"))
+            .unwrap_or_else(|| {
+                panic!(
+                    "no URL in {line:?}: {}",
+                    std::fs::read_to_string(&log).unwrap()
+                )
+            })
+            .to_string();
+        Server { child, url, log }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+/// A seeded random adapter on every linear of SmolLM2: its greedy replies differ from the base's.
+fn adapter(dir: &Path) -> PathBuf {
+    let cfg = your_ai::weights::GgufFile::open(&smollm2())
+        .unwrap()
+        .config()
+        .unwrap();
+    let lc = LoraConfig {
+        rank: 4,
+        alpha: 8.0,
+        dropout: 0.0,
+        targets: Target::ALL.to_vec(),
+        layers: (0..cfg.num_hidden_layers).collect(),
+        use_rslora: false,
+    };
+    let mut a = Adapter::init(lc, &cfg, 3, &Device::Cpu).unwrap();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+    for (i, t) in a.tensors_mut().enumerate() {
+        if i % 2 == 1 {
+            let v: Vec<f32> = (0..t.elem_count())
+                .map(|_| rng.random_range(-1.5..=1.5))
+                .collect();
+            *t = Tensor::from_vec(v, t.dims(), &Device::Cpu).unwrap();
+        }
+    }
+    std::fs::create_dir_all(dir).unwrap();
+    a.save_peft(dir, "SmolLM2-135M-Instruct").unwrap();
+    dir.to_path_buf()
+}
+
+/// `your_ai generate`'s greedy reply (stdout, without its trailing newline).
+fn generate(adapter: Option<&Path>, max_tokens: usize) -> String {
+    let mut c = cli();
+    c.args([
+        "generate",
+        "--prompt",
+        QUESTION,
+        "--max-tokens",
+        &max_tokens.to_string(),
+        "--model",
+    ])
+    .arg(smollm2());
+    if let Some(a) = adapter {
+        c.arg("--adapter").arg(a);
+    }
+    let o = c.output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    String::from_utf8(o.stdout)
+        .unwrap()
+        .trim_end_matches('\n')
+        .to_string()
+}
+
+/// Python with the `openai` client: `YOUR_AI_PYTHON`, or python3 with the folder
+/// `scripts/test.sh` installs the pinned client into.
+fn python() -> Command {
+    if let Some(p) = std::env::var_os("YOUR_AI_PYTHON") {
+        return Command::new(p);
+    }
+    let deps = Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/openai-3.57.0");
+    assert!(
+        deps.is_dir(),
+        "the openai client is needed: run scripts/test.sh (it installs it into {}) or set YOUR_AI_PYTHON to a python that has `openai`",
+        deps.display()
+    );
+    let mut c = Command::new("python3");
+    c.env("PYTHONPATH", deps);
+    c
+}
+
+/// One raw HTTP request; (status, body).
+fn http(url: &str, method: &str, path: &str, auth: bool, body: &[u8]) -> (u16, String) {
+    let addr = url.trim_start_matches("http://").trim_end_matches("/v1");
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    let mut req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n",
+        body.len()
+    );
+    if auth {
+        req.push_str(&format!("Authorization: Bearer {KEY}\r\n"));
+    }
+    req.push_str("\r\n");
+    s.write_all(req.as_bytes()).unwrap();
+    // Read while writing: a server refusing an oversized body answers before reading it all.
+    let mut reader = s.try_clone().unwrap();
+    let read = std::thread::spawn(move || {
+        let mut resp = Vec::new();
+        let _ = reader.read_to_end(&mut resp);
+        String::from_utf8_lossy(&resp).into_owned()
+    });
+    let _ = s.write_all(body);
+    let resp = read.join().unwrap();
+    let status = resp
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = resp
+        .split_once("\r\n\r\n")
+        .map(|x| x.1.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+#[test]
+fn the_openai_client_gets_what_generate_gives_and_bad_requests_get_4xx() {
+    let tmp = tempfile::tempdir().unwrap();
+    let adapter = adapter(&tmp.path().join("adapter"));
+    let server = Server::start(tmp.path(), &adapter);
+    let base = smollm2()
+        .file_stem()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
+    let max_tokens = 12;
+
+    let o = python()
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/openai_client.py"))
+        .args([
+            &server.url,
+            KEY,
+            &base,
+            "brellonia",
+            QUESTION,
+            &max_tokens.to_string(),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "{}\nserver:\n{}",
+        String::from_utf8_lossy(&o.stderr),
+        server.log()
+    );
+    let got: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(got["models"], serde_json::json!([base, "brellonia"]));
+    for (name, dir) in [
+        (base.as_str(), None),
+        ("brellonia", Some(adapter.as_path())),
+    ] {
+        let r = &got[name];
+        let want = generate(dir, max_tokens);
+        assert_eq!(r["text"], want.as_str(), "{name}");
+        assert_eq!(r["streamed"], want.as_str(), "{name}: streamed");
+        assert!(
+            r["stream_pieces"].as_u64().unwrap() > 1,
+            "{name}: one piece"
+        );
+        assert_eq!(r["model"], name);
+        assert_eq!(r["usage"], r["stream_usage"], "{name}");
+        assert_eq!(r["finish_reason"], r["stream_finish_reason"], "{name}");
+        let u = &r["usage"];
+        assert_eq!(
+            u["total_tokens"].as_u64().unwrap(),
+            u["prompt_tokens"].as_u64().unwrap() + u["completion_tokens"].as_u64().unwrap()
+        );
+        assert!(u["completion_tokens"].as_u64().unwrap() <= max_tokens as u64);
+    }
+    assert_ne!(got[base.as_str()]["text"], got["brellonia"]["text"]);
+    assert!(!got["completion"]["text"].as_str().unwrap().is_empty());
+
+    // Bad requests: each a 4xx with an OpenAI error body; the server answers after each.
+    let chat = "/v1/chat/completions";
+    let big = vec![b' '; 5 << 20];
+    let long_prompt = format!(
+        r#"{{"messages":[{{"role":"user","content":"{}"}}]}}"#,
+        "word ".repeat(9000)
+    );
+    // (method, path, with the API key, body, status, what the message says)
+    type Case<'a> = (&'a str, &'a str, bool, &'a [u8], u16, &'a str);
+    let cases: Vec<Case> = vec![
+        ("POST", chat, true, b"{not json", 400, "not valid JSON"),
+        (
+            "POST",
+            chat,
+            true,
+            br#"{"model":"nope","messages":[{"role":"user","content":"hi"}]}"#,
+            404,
+            "model_not_found",
+        ),
+        (
+            "POST",
+            chat,
+            true,
+            br#"{"model":"brellonia"}"#,
+            400,
+            "messages",
+        ),
+        (
+            "POST",
+            chat,
+            true,
+            br#"{"messages":[{"role":"user","content":"hi"}],"max_tokens":-5}"#,
+            400,
+            "max_tokens",
+        ),
+        (
+            "POST",
+            chat,
+            true,
+            br#"{"messages":[{"role":"user","content":"hi"}],"max_tokens":100000000}"#,
+            400,
+            "context_length_exceeded",
+        ),
+        (
+            "POST",
+            chat,
+            true,
+            long_prompt.as_bytes(),
+            400,
+            "context_length_exceeded",
+        ),
+        ("POST", chat, true, &big, 413, "limit"),
+        (
+            "POST",
+            chat,
+            false,
+            br#"{"messages":[{"role":"user","content":"hi"}]}"#,
+            401,
+            "API key",
+        ),
+        ("GET", "/v1/nothing", true, b"", 404, "no such endpoint"),
+    ];
+    for (method, path, auth, body, status, says) in cases {
+        let (got, text) = http(&server.url, method, path, auth, body);
+        assert_eq!(got, status, "{method} {path}: {text}");
+        let err: serde_json::Value = serde_json::from_str(&text)
+            .unwrap_or_else(|e| panic!("{method} {path}: not JSON ({e}): {text}"));
+        assert!(err["error"]["message"].is_string(), "{text}");
+        assert!(text.contains(says), "{method} {path}: {text}");
+        let (ok, models) = http(&server.url, "GET", "/v1/models", true, b"");
+        assert_eq!(ok, 200, "after {method} {path}: {models}");
+    }
+}
+
+/// A streaming client that goes away stops its generation: the server logs it and answers the
+/// next request (which would otherwise wait behind thousands of tokens).
+#[test]
+fn a_client_that_disconnects_stops_its_generation() {
+    let tmp = tempfile::tempdir().unwrap();
+    let adapter = adapter(&tmp.path().join("adapter"));
+    let server = Server::start(tmp.path(), &adapter);
+    let addr = server
+        .url
+        .trim_start_matches("http://")
+        .trim_end_matches("/v1")
+        .to_string();
+    let body = br#"{"messages":[{"role":"user","content":"Count from one to a thousand in words."}],"max_tokens":4000,"stream":true,"temperature":0}"#;
+    {
+        let mut s = std::net::TcpStream::connect(&addr).unwrap();
+        write!(
+            s,
+            "POST /v1/chat/completions HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {KEY}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        )
+        .unwrap();
+        s.write_all(body).unwrap();
+        // Read until some content has streamed, then hang up.
+        let mut seen = String::new();
+        let mut buf = [0u8; 4096];
+        while !seen.contains("\"content\":\"") || seen.matches("data:").count() < 4 {
+            let n = s.read(&mut buf).unwrap();
+            assert!(n > 0, "stream ended early: {seen}");
+            seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+    }
+    let (status, text) = http(
+        &server.url,
+        "POST",
+        "/v1/chat/completions",
+        true,
+        br#"{"messages":[{"role":"user","content":"Say hi."}],"max_tokens":3,"temperature":0}"#,
+    );
+    assert_eq!(status, 200, "{text}");
+    let log = server.log();
+    assert!(log.contains("client gone: stopped"), "{log}");
+    let stopped = log
+        .lines()
+        .find(|l| l.contains("client gone: stopped"))
+        .unwrap();
+    let generated: usize = stopped
+        .split(" generated")
+        .next()
+        .and_then(|s| s.rsplit(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(usize::MAX);
+    assert!(generated < 4000, "{stopped}");
+}

@@ -47,6 +47,8 @@ pub enum Command {
     Generate(GenerateArgs),
     /// Serve the model, and adapters by name, over an OpenAI-compatible HTTP API.
     Serve(ServeArgs),
+    /// Chat with the model in the terminal; the conversation is kept from turn to turn.
+    Chat(ChatArgs),
     /// Mean cross-entropy and perplexity of a model on a JSONL dataset.
     Eval(EvalArgs),
     /// Fine-tune a LoRA adapter on a JSONL dataset.
@@ -171,6 +173,17 @@ pub struct GenerateArgs {
     /// Send the prompt as plain text, without the chat template.
     #[arg(long)]
     pub raw: bool,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct ChatArgs {
+    #[command(flatten)]
+    pub run: RunArgs,
+    /// A system message that opens the conversation.
+    #[arg(long)]
+    pub system: Option<String>,
     #[command(flatten)]
     pub sampling: SamplingArgs,
 }

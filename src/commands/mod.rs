@@ -1,6 +1,7 @@
 //! One module per subcommand: each turns parsed flags into calls on the library.
 
 pub mod benchmark;
+pub mod chat;
 pub mod estimate;
 pub mod eval;
 pub mod export_adapter;
@@ -34,5 +35,6 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Prepare(args) => prepare::run(args),
         Command::Validate(args) => validate::run(args),
         Command::Serve(args) => serve::run(args),
+        Command::Chat(args) => chat::run(args),
     }
 }

@@ -1,0 +1,94 @@
+//! `your_ai chat`: a conversation in the terminal. Each line read is a user turn; the reply
+//! streams out as it is generated, and the whole conversation is the next turn's prompt
+//! (oldest turns dropped, with a note, when it outgrows the model's context). `/reset` starts
+//! over; an empty line, `/exit` or end of input ends it.
+
+use crate::cli::ChatArgs;
+use crate::error::{Error, Result};
+use crate::infer::generate::generate;
+use crate::infer::prompt::chat_ids;
+use serde_json::{json, Value};
+use std::io::{BufRead, IsTerminal, Write};
+use std::ops::ControlFlow;
+
+pub fn run(args: ChatArgs) -> Result<()> {
+    let mut sampling = args.sampling.sampling()?;
+    let loaded = args.run.load(true)?;
+    let tok = &loaded.tokenizer;
+    let context = loaded.model.cfg.max_position_embeddings;
+    let interactive = std::io::stdin().is_terminal();
+    let system: Vec<Value> = args
+        .system
+        .iter()
+        .map(|s| json!({"role": "system", "content": s}))
+        .collect();
+    let mut turns: Vec<Value> = vec![];
+    if interactive {
+        eprintln!(
+            "chatting with {}{} (/reset starts over, an empty line or /exit ends)",
+            loaded.name,
+            args.run
+                .adapter
+                .as_ref()
+                .map_or(String::new(), |a| format!(" + {}", a.display()))
+        );
+    }
+    let stdin = std::io::stdin();
+    let mut lines = stdin.lock().lines();
+    loop {
+        if interactive {
+            eprint!("> ");
+            let _ = std::io::stderr().flush();
+        }
+        let Some(line) = lines.next() else { break };
+        let line = line.map_err(|e| Error::Usage(format!("cannot read standard input: {e}")))?;
+        let text = line.trim_end_matches('\r');
+        match text.trim() {
+            "" | "/exit" | "/quit" => break,
+            "/reset" => {
+                turns.clear();
+                eprintln!("(conversation cleared)");
+                continue;
+            }
+            _ => {}
+        }
+        turns.push(json!({"role": "user", "content": text}));
+        // Oldest whole exchanges go first when the conversation outgrows the context.
+        let ids = loop {
+            let messages: Vec<Value> = system.iter().chain(&turns).cloned().collect();
+            let ids = chat_ids(tok, &messages)?;
+            if ids.len() < context || turns.len() <= 1 {
+                break ids;
+            }
+            turns.drain(..2.min(turns.len() - 1));
+            eprintln!(
+                "(the conversation outgrew the model's context: its oldest exchange is dropped)"
+            );
+        };
+        if ids.len() >= context {
+            eprintln!(
+                "this message alone is {} tokens, the model's context is {context}: shorten it",
+                ids.len()
+            );
+            turns.pop();
+            continue;
+        }
+        sampling.max_tokens = args.sampling.max_tokens.min(context - ids.len());
+        let mut out = std::io::stdout().lock();
+        let r = generate(&loaded.model, tok, &ids, &sampling, |piece| {
+            let _ = out.write_all(piece.as_bytes());
+            let _ = out.flush();
+            ControlFlow::Continue(())
+        })?;
+        let _ = writeln!(out);
+        eprintln!(
+            "[{} prompt tokens, {} generated, {:.1} tokens/s]",
+            r.prompt_tokens,
+            r.ids.len(),
+            r.decode_tokens_per_s()
+        );
+        turns.push(json!({"role": "assistant", "content": r.text}));
+        sampling.seed = sampling.seed.wrapping_add(1);
+    }
+    Ok(())
+}

@@ -1,0 +1,40 @@
+//! `your_ai chat` as a user pipes into it: the conversation is the next turn's prompt, `/reset`
+//! starts over, and a turn's reply is what `generate` gives for the same conversation.
+
+mod common;
+
+use common::{cli, smollm2};
+
+#[test]
+fn chat_keeps_the_conversation_and_resets_it() {
+    let q = "What is the capital of France?";
+    let o = cli()
+        .args(["chat", "--max-tokens", "8", "--model"])
+        .arg(smollm2())
+        .write_stdin(format!("{q}\nAnd of Italy?\n/reset\n{q}\n"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    let replies: Vec<String> = String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect();
+    assert_eq!(replies.len(), 3, "{replies:?}");
+    let prompts: Vec<usize> = err
+        .lines()
+        .filter_map(|l| l.strip_prefix('['))
+        .filter_map(|l| l.split(" prompt tokens").next()?.parse().ok())
+        .collect();
+    assert_eq!(prompts.len(), 3, "{err}");
+    // The second turn carries the first exchange; after /reset the prompt is the first again.
+    assert!(prompts[1] > prompts[0] + 8, "{prompts:?}");
+    assert_eq!(prompts[2], prompts[0]);
+    assert_eq!(replies[0], replies[2]);
+    let g = cli()
+        .args(["generate", "--max-tokens", "8", "--prompt", q, "--model"])
+        .arg(smollm2())
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&g.stdout).trim_end(), replies[0]);
+}

@@ -6,39 +6,13 @@ mod common;
 use candle_core::quantized::gguf_file::Value as GValue;
 use candle_core::{Device, Tensor};
 use common::*;
-use rand::{Rng, SeedableRng};
 use std::path::{Path, PathBuf};
-use your_ai::model::lora::{Adapter, LoraConfig, Target};
+use your_ai::model::lora::Target;
 use your_ai::model::ModelConfig;
 use your_ai::weights::gguf::permute_qk;
 use your_ai::weights::GgufFile;
 
 /// A random adapter on every target of every block, with B non-zero so the merge matters.
-fn random_adapter(cfg: &ModelConfig, dir: &Path, b_scale: f32, seed: u64) -> Adapter {
-    let lc = LoraConfig {
-        rank: 4,
-        alpha: 8.0,
-        dropout: 0.0,
-        targets: Target::ALL.to_vec(),
-        layers: (0..cfg.num_hidden_layers).collect(),
-        use_rslora: false,
-    };
-    let mut a = Adapter::init(lc, cfg, seed, &Device::Cpu).unwrap();
-    // Seeded, so that the measured differences are the same on every run.
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    for (i, t) in a.tensors_mut().enumerate() {
-        if i % 2 == 1 {
-            let v: Vec<f32> = (0..t.elem_count())
-                .map(|_| rng.random_range(-b_scale..=b_scale) * 1.7)
-                .collect();
-            *t = Tensor::from_vec(v, t.dims(), &Device::Cpu).unwrap();
-        }
-    }
-    std::fs::create_dir_all(dir).unwrap();
-    a.save_peft(dir, "base").unwrap();
-    a
-}
-
 fn hf_config(dir: &Path) -> ModelConfig {
     ModelConfig::from_hf_file(&dir.join("config.json")).unwrap()
 }

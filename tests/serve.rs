@@ -6,13 +6,10 @@
 
 mod common;
 
-use candle_core::{Device, Tensor};
 use common::{cli, smollm2};
-use rand::{Rng, SeedableRng};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use your_ai::model::lora::{Adapter, LoraConfig, Target};
 
 const KEY: &str = "test-key";
 const QUESTION: &str = "What is the capital of France?";
@@ -65,36 +62,18 @@ impl Server {
     }
 }
 
-/// A seeded random adapter on every linear of SmolLM2: its greedy replies differ from the base's.
+/// A seeded random adapter on every linear of SmolLM2, strong enough that its greedy replies
+/// differ from the base's.
 fn adapter(dir: &Path) -> PathBuf {
     let cfg = your_ai::weights::GgufFile::open(&smollm2())
         .unwrap()
         .config()
         .unwrap();
-    let lc = LoraConfig {
-        rank: 4,
-        alpha: 8.0,
-        dropout: 0.0,
-        targets: Target::ALL.to_vec(),
-        layers: (0..cfg.num_hidden_layers).collect(),
-        use_rslora: false,
-    };
-    let mut a = Adapter::init(lc, &cfg, 3, &Device::Cpu).unwrap();
-    let mut rng = rand::rngs::StdRng::seed_from_u64(3);
-    for (i, t) in a.tensors_mut().enumerate() {
-        if i % 2 == 1 {
-            let v: Vec<f32> = (0..t.elem_count())
-                .map(|_| rng.random_range(-1.5..=1.5))
-                .collect();
-            *t = Tensor::from_vec(v, t.dims(), &Device::Cpu).unwrap();
-        }
-    }
-    std::fs::create_dir_all(dir).unwrap();
-    a.save_peft(dir, "SmolLM2-135M-Instruct").unwrap();
+    common::random_adapter(&cfg, dir, 0.9, 3);
     dir.to_path_buf()
 }
 
-/// `your_ai generate`'s greedy reply (stdout, without its trailing newline).
+/// `your_ai generate`'s greedy reply.
 fn generate(adapter: Option<&Path>, max_tokens: usize) -> String {
     let mut c = cli();
     c.args([
@@ -111,10 +90,9 @@ fn generate(adapter: Option<&Path>, max_tokens: usize) -> String {
     }
     let o = c.output().unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    String::from_utf8(o.stdout)
-        .unwrap()
-        .trim_end_matches('\n')
-        .to_string()
+    // generate ends the reply with one newline of its own.
+    let out = String::from_utf8(o.stdout).unwrap();
+    out.strip_suffix('\n').unwrap_or(&out).to_string()
 }
 
 /// Python with the `openai` client: `YOUR_AI_PYTHON`, or python3 with the folder

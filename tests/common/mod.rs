@@ -440,3 +440,35 @@ pub fn tiny_run(n_train: usize) -> TinyRun {
         root,
     }
 }
+
+/// A seeded LoRA adapter (rank 4, alpha 8) on every linear of every block, its B matrices
+/// uniform in ±1.7·`b_scale` (so that it changes the model), saved in PEFT layout in `dir`.
+pub fn random_adapter(
+    cfg: &your_ai::model::ModelConfig,
+    dir: &Path,
+    b_scale: f32,
+    seed: u64,
+) -> your_ai::model::lora::Adapter {
+    let lc = your_ai::model::lora::LoraConfig {
+        rank: 4,
+        alpha: 8.0,
+        dropout: 0.0,
+        targets: your_ai::model::lora::Target::ALL.to_vec(),
+        layers: (0..cfg.num_hidden_layers).collect(),
+        use_rslora: false,
+    };
+    let mut a = your_ai::model::lora::Adapter::init(lc, cfg, seed, &Device::Cpu).unwrap();
+    // Seeded, so that the measured differences are the same on every run.
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    for (i, t) in a.tensors_mut().enumerate() {
+        if i % 2 == 1 {
+            let v: Vec<f32> = (0..t.elem_count())
+                .map(|_| rng.random_range(-b_scale..=b_scale) * 1.7)
+                .collect();
+            *t = Tensor::from_vec(v, t.dims(), &Device::Cpu).unwrap();
+        }
+    }
+    std::fs::create_dir_all(dir).unwrap();
+    a.save_peft(dir, "base").unwrap();
+    a
+}

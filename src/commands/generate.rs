@@ -51,10 +51,11 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         StopReason::Stopped => "stopped",
     };
     eprintln!(
-        "[{} prompt tokens in {:.2} s | {} generated, {:.1} tokens/s | stopped: {} | load {:.2} s]",
+        "[{} prompt tokens in {:.2} s | {} tokens in {:.2} s, {:.1} tokens/s | stopped: {} | load {:.2} s]",
         result.prompt_tokens,
         result.prefill_time.as_secs_f64(),
         result.ids.len(),
+        result.decode_time.as_secs_f64(),
         result.decode_tokens_per_s(),
         stop,
         loaded.load_time.as_secs_f64()

@@ -15,8 +15,8 @@ cd "$(dirname "$0")/.."
 pydeps=.venv/openai-3.57.0
 if [ ! -d "$pydeps" ]; then
   rm -rf "$pydeps.partial"
-  python3 -m pip install --quiet --disable-pip-version-check --no-warn-conflicts \
-    --target "$pydeps.partial" openai==3.57.0 2>&1 | grep -v "running pip as the 'root' user" >&2 || true
+  PIP_ROOT_USER_ACTION=ignore python3 -m pip install --quiet --disable-pip-version-check \
+    --no-warn-conflicts --target "$pydeps.partial" openai==3.57.0 >&2
   python3 -c "import sys; sys.path.insert(0, '$pydeps.partial'); import openai" ||
     { echo "error: could not install the openai client into $pydeps" >&2; exit 1; }
   mv "$pydeps.partial" "$pydeps"

@@ -319,6 +319,25 @@ fn non_finite_base_weights_are_refused_naming_the_tensor() {
     }
 }
 
+/// What a run writes is readable as any file it creates: the safetensors files (adapter,
+/// optimizer state) get the same mode as the JSON beside them, not the 0600 the safetensors
+/// library leaves.
+#[cfg(unix)]
+#[test]
+fn written_safetensors_are_as_readable_as_the_json_beside_them() {
+    use std::os::unix::fs::PermissionsExt;
+    let r = common::tiny_run(4);
+    let out = r.root.join("modes");
+    let o = train(&r, &out, 2, &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    let json = mode(&out.join("adapter_config.json"));
+    assert_eq!(mode(&out.join("adapter_model.safetensors")), json);
+    let ckpt = out.join("checkpoints").join("step-2");
+    assert_eq!(mode(&ckpt.join("optimizer.safetensors")), json);
+    assert_eq!(mode(&ckpt.join("adapter_model.safetensors")), json);
+}
+
 /// A single huge row costs what its kept tokens cost: it is cut before it is tokenized (a
 /// 20 MB line used to be tokenized whole, gigabytes for 64 kept tokens), and the tokens kept
 /// are the ones the whole row would have given.

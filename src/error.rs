@@ -40,7 +40,7 @@ pub enum Error {
     /// An MLX operation failed (the `mlx` engine); the message is MLX's.
     #[cfg(feature = "mlx")]
     #[error("array computation failed: {0}")]
-    Mlx(#[from] crate::engine::mlx::MlxError),
+    Mlx(#[from] crate::engine::mlx::error::MlxError),
     #[error(
         "stopped by {} after step {step}; checkpoint saved to {}. Resume with the same command plus --resume",
         crate::runtime::signals::name(*signal),

@@ -121,7 +121,7 @@ fn write_weights(
             weight_map.insert(name.clone(), json!(file_name(i)));
         }
         let path = dir.join(file_name(i));
-        crate::io::save_safetensors(&tensors, &path)
+        crate::io::tensors::save_safetensors(&tensors, &path)
             .map_err(|e| Error::Export(format!("cannot write {}: {e}", path.display())))?;
     }
     if n > 1 {

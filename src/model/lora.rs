@@ -228,7 +228,7 @@ impl Adapter {
             tensors.insert(Self::tensor_name(l, t, 'B'), p.b.clone());
         }
         let st = dir.join("adapter_model.safetensors");
-        crate::io::save_safetensors(&tensors, &st).map_err(|e| AdapterError::Io {
+        crate::io::tensors::save_safetensors(&tensors, &st).map_err(|e| AdapterError::Io {
             action: "write",
             path: st.clone(),
             reason: e.to_string(),

@@ -144,7 +144,7 @@ pub fn save(
         moments.insert(format!("v.{i}"), v.clone());
     }
     let opt_path = tmp.join(OPTIMIZER_FILE);
-    crate::io::save_safetensors(&moments, &opt_path)
+    crate::io::tensors::save_safetensors(&moments, &opt_path)
         .map_err(|e| Error::io("write", &opt_path, std::io::Error::other(e)))?;
     let cfg_json = serde_json::to_vec_pretty(config).unwrap_or_default();
     crate::io::write_synced(&tmp.join("train_config.json"), &cfg_json)?;

@@ -71,6 +71,18 @@ pub struct MlxEngine {
     meter: Meter,
 }
 
+impl From<mlx_rs::error::Exception> for Error {
+    fn from(e: mlx_rs::error::Exception) -> Self {
+        Error::Mlx(e.into())
+    }
+}
+
+impl From<mlx_rs::error::Exception> for StepError {
+    fn from(e: mlx_rs::error::Exception) -> Self {
+        StepError::Failed(e.into())
+    }
+}
+
 fn reloading() -> Error {
     Error::Usage("the model is being reloaded; it has no weights now".into())
 }

@@ -226,6 +226,18 @@ fn a_non_finite_adapter_is_refused_by_every_command_that_reads_one() {
         assert!(!e.contains("panicked"), "{args:?}: {e}");
     }
     assert!(!r.root.join("fused").exists() && !r.root.join("a.gguf").exists());
+    // serve takes adapters by name; it refuses to start.
+    let o = common::cli()
+        .args(["serve", "--port", "0", "--model", &model, "--adapter"])
+        .arg(format!("nan={adapter}"))
+        .output()
+        .unwrap();
+    let e = stderr(&o);
+    assert!(!o.status.success(), "serve: {e}");
+    assert!(
+        e.contains("NaN or infinite") && e.contains("lora_"),
+        "serve: {e}"
+    );
 }
 
 /// A base model with a NaN or infinite weight is refused by every command that loads one, and
@@ -288,6 +300,7 @@ fn non_finite_base_weights_are_refused_naming_the_tensor() {
                 "1".into(),
             ],
             vec!["generate".into(), "--prompt".into(), "hi".into()],
+            vec!["serve".into(), "--port".into(), "0".into()],
             vec![
                 "eval".into(),
                 "--data".into(),

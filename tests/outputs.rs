@@ -430,6 +430,24 @@ fn unclear_inputs_get_clear_messages() {
         }
         assert!(!out.exists(), "{extra:?} left an output");
     };
+    // A YAML type error names the file and the key; a tool call's `content: null` that the
+    // template cannot take names the line and the fix.
+    let yaml = r.root.join("run.yaml");
+    std::fs::write(&yaml, "lora_alpha: abc\n").unwrap();
+    fails(
+        &["--config", yaml.to_str().unwrap()],
+        &["run.yaml", "lora-alpha", "invalid type"],
+    );
+    let tool = r.root.join("tool.jsonl");
+    std::fs::write(
+        &tool,
+        r#"{"messages":[{"role":"user","content":"hi"},{"role":"assistant","content":null,"tool_calls":[{"type":"function","function":{"name":"f","arguments":"{}"}}]},{"role":"tool","content":"ok"},{"role":"assistant","content":"done"}]}"#.to_string() + "\n",
+    )
+    .unwrap();
+    fails(
+        &["--data", tool.to_str().unwrap()],
+        &["tool.jsonl:1", "content: null", "give it a string"],
+    );
     // A FIFO, a device and a symlink loop are not "missing".
     let fifo = r.root.join("fifo");
     let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();

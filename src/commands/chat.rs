@@ -41,7 +41,7 @@ pub fn run(args: ChatArgs) -> Result<()> {
             let _ = std::io::stderr().flush();
         }
         let Some(line) = lines.next() else { break };
-        let line = line.map_err(|e| Error::Usage(format!("cannot read standard input: {e}")))?;
+        let line = line.map_err(|e| Error::io("read", "standard input", e))?;
         let text = line.trim_end_matches('\r');
         match text.trim() {
             "" | "/exit" | "/quit" => break,

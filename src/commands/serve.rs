@@ -46,7 +46,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
     std::thread::Builder::new()
         .name("generate".into())
         .spawn(move || worker::run(model, worker_tok, adapters, queue))
-        .map_err(|e| Error::Usage(format!("cannot start the generation thread: {e}")))?;
+        .map_err(|e| Error::io("start the generation thread for", &a.model.model, e))?;
     let app = Arc::new(App {
         base: loaded.name.clone(),
         adapters: names.clone(),
@@ -60,7 +60,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
         .worker_threads(2)
         .enable_all()
         .build()
-        .map_err(|e| Error::Usage(format!("cannot start the server's runtime: {e}")))?;
+        .map_err(|e| Error::io("start the server's runtime for", &a.model.model, e))?;
     runtime.block_on(async move {
         let listener = tokio::net::TcpListener::bind((a.host.as_str(), a.port))
             .await
@@ -72,7 +72,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
             })?;
         let addr = listener
             .local_addr()
-            .map_err(|e| Error::Usage(format!("cannot read the listening address: {e}")))?;
+            .map_err(|e| Error::io("read the listening address of", &a.host, e))?;
         let models: Vec<String> = std::iter::once(loaded.name.clone()).chain(names).collect();
         println!(
             "your_ai serve: OpenAI-compatible API at http://{addr}/v1 (models: {}); Ctrl-C stops",
@@ -82,7 +82,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
         axum::serve(listener, router(app))
             .with_graceful_shutdown(shutdown())
             .await
-            .map_err(|e| Error::Usage(format!("the server stopped: {e}")))
+            .map_err(|e| Error::io("serve on", addr.to_string(), e))
     })
 }
 

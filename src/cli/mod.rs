@@ -9,7 +9,9 @@ pub use crate::data::args::{BatchArgs, DataArgs};
 pub use crate::distrust::args::DistrustArgs;
 pub use crate::infer::generate::SamplingArgs;
 pub use crate::model::args::{ModelArgs, QuantizeArgs, RunArgs};
-pub use crate::train::settings::{BudgetArgs, LoraArgs, MemoryArgs, OutputArgs, ScheduleArgs};
+pub use crate::train::settings::{
+    BudgetArgs, LoraArgs, MemoryArgs, ObjectiveArgs, OutputArgs, ScheduleArgs,
+};
 
 use crate::error::Result;
 use crate::runtime::device::DTypeChoice;
@@ -229,6 +231,10 @@ pub struct EvalArgs {
     pub data: DataArgs,
     #[command(flatten)]
     pub batch: BatchArgs,
+    /// sft: loss and perplexity; dpo or orpo: the preference loss and reward accuracy of the
+    /// adapter on preference pairs.
+    #[command(flatten)]
+    pub objective: ObjectiveArgs,
 }
 
 /// `your_ai train`: the flag groups a run is configured by. Every flag can also come from
@@ -247,6 +253,9 @@ pub struct TrainArgs {
     #[command(flatten)]
     #[serde(flatten)]
     pub batch: BatchArgs,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub objective: ObjectiveArgs,
     #[command(flatten)]
     #[serde(flatten)]
     pub schedule: ScheduleArgs,

@@ -1,9 +1,14 @@
-//! `your_ai eval`: loss and perplexity on a JSONL file.
+//! `your_ai eval`: loss and perplexity on a JSONL file; with `--method dpo|orpo`, the
+//! preference loss, reward accuracy and margin on a file of preference pairs.
 
 use crate::cli::EvalArgs;
+use crate::data::preference::{read_preferences, PreferenceExample};
 use crate::data::{read_jsonl, resolve_files, Encoder};
+use crate::engine::candle::preference;
 use crate::error::{Error, Result};
 use crate::infer::eval::evaluate;
+use crate::model::LoadedModel;
+use std::path::Path;
 
 pub fn run(args: EvalArgs) -> Result<()> {
     let (batch, data) = (&args.batch, &args.data);
@@ -19,7 +24,18 @@ pub fn run(args: EvalArgs) -> Result<()> {
     } else {
         resolve_files(&data.data)?.train
     };
-    let records = read_jsonl(&path)?;
+    args.objective.check()?;
+    // Read (and every line checked) before the model loads.
+    let records = if args.objective.method.is_preference() {
+        vec![]
+    } else {
+        read_jsonl(&path)?
+    };
+    let pairs = if args.objective.method.is_preference() {
+        read_preferences(&path)?
+    } else {
+        vec![]
+    };
     let loaded = args.run.load(true)?;
     // Nothing is scored beyond the model's context.
     let context = loaded.model.cfg.max_position_embeddings;
@@ -29,6 +45,9 @@ pub fn run(args: EvalArgs) -> Result<()> {
             "note: examples are cut at the model's context, {context} tokens (--max-seq-length {})",
             batch.max_seq_length
         );
+    }
+    if args.objective.method.is_preference() {
+        return evaluate_pairs(&args, &path, &pairs, &loaded, max_seq_length);
     }
     let mask_prompt = data.mask_prompt && !data.no_mask_prompt;
     let encoder = Encoder::new(&loaded.tokenizer, mask_prompt, max_seq_length)?;
@@ -53,5 +72,51 @@ pub fn run(args: EvalArgs) -> Result<()> {
     println!("loss: {:.4}", result.loss);
     println!("perplexity: {:.3}", result.perplexity());
     println!("tokens: {}", result.tokens);
+    Ok(())
+}
+
+/// `eval --method dpo|orpo`: the adapter's preference loss and reward accuracy on `rows`.
+fn evaluate_pairs(
+    args: &EvalArgs,
+    path: &Path,
+    rows: &[(PreferenceExample, String)],
+    loaded: &LoadedModel,
+    max_seq_length: usize,
+) -> Result<()> {
+    let o = &args.objective;
+    let encoder = Encoder::new(&loaded.tokenizer, true, max_seq_length)?;
+    let pairs = encoder.encode_pairs(rows)?;
+    let truncated = pairs
+        .iter()
+        .filter(|p| p.chosen.truncated > 0 || p.rejected.truncated > 0)
+        .count();
+    if truncated > 0 {
+        eprintln!(
+            "warning: {truncated} pair(s) longer than --max-seq-length {max_seq_length} were truncated"
+        );
+    }
+    if loaded.model.adapter.is_none() {
+        eprintln!(
+            "note: no --adapter: the policy is the base model, which is also the reference, so \
+             every reward is 0"
+        );
+    }
+    let s = preference::evaluate(
+        &loaded.model,
+        &pairs,
+        args.batch.batch_size,
+        o.method,
+        o.beta,
+    )?;
+    println!("data: {} ({} pairs)", path.display(), s.pairs);
+    println!("{} loss: {:.4}", o.method.name(), s.objective(o.method));
+    println!("accuracy: {:.1}% (reward accuracy)", 100.0 * s.accuracy());
+    println!("margin: {:.4} (mean reward margin)", s.margin());
+    println!(
+        "rewards: chosen {:.4}, rejected {:.4} (mean, beta {})",
+        s.chosen(),
+        s.rejected(),
+        o.beta
+    );
     Ok(())
 }

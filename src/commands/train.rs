@@ -4,6 +4,7 @@
 
 use crate::cli::TrainArgs;
 use crate::data::batch::weighted_rows;
+use crate::data::preference::{read_preferences, PreferenceExample};
 use crate::data::{read_jsonl, resolve_files, DataError, DataFiles, Encoder, Record, Sample};
 use crate::engine::candle::CandleEngine;
 use crate::engine::choice::{self, EngineChoice};
@@ -16,7 +17,7 @@ use crate::runtime::{setup_file, signals};
 use crate::train::checkpoint;
 use crate::train::config::{DistrustSettings, TrainConfig};
 use crate::train::plan::{preflight, Plan};
-use crate::train::trainer::{initial_adapter, Datasets, Trainer};
+use crate::train::trainer::{initial_adapter, Datasets, PreferenceSets, Trainer};
 use std::path::{Path, PathBuf};
 
 fn usage(msg: String) -> Error {
@@ -28,12 +29,21 @@ pub fn run(mut a: TrainArgs) -> Result<()> {
         auto_optimize(&mut a)?;
     }
     a.batch.check()?;
+    a.objective.check()?;
     a.schedule.check()?;
     a.lora.check()?;
     a.output.check()?;
     a.memory.check()?;
     let files = resolve_files(&a.data.data)?;
-    let records = read_records(&a, &files)?;
+    let method = a.objective.method;
+    if method.is_preference() {
+        check_preference_flags(&a)?;
+    }
+    let pair_rows = read_pairs(&a, &files)?;
+    let records = match pair_rows {
+        Some(_) => Default::default(),
+        None => read_records(&a, &files)?,
+    };
     let distrust = crate::distrust::formula::resolve(
         a.distrust.distrust,
         a.distrust.no_distrust,
@@ -65,28 +75,48 @@ pub fn run(mut a: TrainArgs) -> Result<()> {
         EngineChoice::Mlx => choice::mlx_load_options(&a.model, a.quantize.quantize),
     };
     // On a CUDA GPU the budget is GPU memory, and so is what the step measures against it.
+    if method.is_preference() && engine != EngineChoice::Candle {
+        return Err(usage(format!(
+            "--method {}: the {engine:?} engine trains SFT only so far; use --engine candle",
+            method.name()
+        )));
+    }
     let meter = Meter::new(&load.device);
+    // A preference micro-batch of B pairs is 2·B rows: the step's memory is that of 2·B rows.
+    let rows_per_unit = if method.is_preference() { 2 } else { 1 };
+    let mut rows = a.batch.clone();
+    rows.batch_size *= rows_per_unit;
     let plan = preflight(
         &inspected,
         &load,
-        &a.batch,
+        &rows,
         &a.lora,
         &a.memory,
         a.schedule.pack,
     )?;
-    a.batch.batch_size = plan.batch_size;
+    a.batch.batch_size = plan.batch_size / rows_per_unit;
+    if a.batch.batch_size == 0 {
+        return Err(usage(format!(
+            "--max-memory: one preference pair (two rows of --max-seq-length {}) does not fit the \
+             budget; lower --max-seq-length or raise --max-memory",
+            a.batch.max_seq_length
+        )));
+    }
     let loaded = crate::model::load(&a.model.model, &load, None)?;
     // The load's peak is behind us; from here the peak measured is training's.
     let load_reading = meter.read();
     meter.reset_peak();
 
-    let data = encode(
-        &a,
-        &loaded,
-        records,
-        distrust.as_ref().map(|d| &d.1),
-        &files,
-    )?;
+    let data = match pair_rows {
+        Some(rows) => encode_pairs(&a, &loaded, rows)?,
+        None => encode(
+            &a,
+            &loaded,
+            records,
+            distrust.as_ref().map(|d| &d.1),
+            &files,
+        )?,
+    };
     let resume_given = a.resume.clone();
     let cfg = resolve(a, &loaded, &data, &plan, distrust.map(|d| d.0))?;
     let mut data_files: Vec<&Path> = vec![&files.train];
@@ -305,6 +335,94 @@ fn auto_optimize(a: &mut TrainArgs) -> Result<()> {
     Ok(())
 }
 
+/// Flags that preference tuning does not combine with.
+fn check_preference_flags(a: &TrainArgs) -> Result<()> {
+    let method = a.objective.method.name();
+    if a.schedule.pack {
+        return Err(usage(format!(
+            "--pack with --method {method}: each answer of a pair is scored on its own row; drop --pack"
+        )));
+    }
+    if a.distrust.distrust {
+        return Err(usage(format!(
+            "--distrust with --method {method}: distrust weighting applies to SFT only"
+        )));
+    }
+    if !a.data.mask_prompt {
+        return Err(usage(format!(
+            "--no-mask-prompt with --method {method}: a preference pair scores its answers only"
+        )));
+    }
+    Ok(())
+}
+
+/// The preference rows of the files (train, valid, and test with `--test`), for a
+/// preference method; None for SFT.
+#[allow(clippy::type_complexity)]
+fn read_pairs(
+    a: &TrainArgs,
+    files: &DataFiles,
+) -> Result<Option<[Vec<(PreferenceExample, String)>; 3]>> {
+    if !a.objective.method.is_preference() {
+        return Ok(None);
+    }
+    let optional = |p: Option<&PathBuf>| -> Result<Vec<_>> {
+        Ok(match p {
+            Some(p) => read_preferences(p)?,
+            None => vec![],
+        })
+    };
+    if a.output.test && files.test.is_none() {
+        return Err(usage(format!(
+            "--test: {} has no test.jsonl",
+            a.data.data.display()
+        )));
+    }
+    let test = if a.output.test {
+        optional(files.test.as_ref())?
+    } else {
+        vec![]
+    };
+    Ok(Some([
+        read_preferences(&files.train)?,
+        optional(files.valid.as_ref())?,
+        test,
+    ]))
+}
+
+/// Encodes every pair with the model's tokenizer and template (answers scored only), all
+/// failures reported with their file:line.
+fn encode_pairs(
+    a: &TrainArgs,
+    loaded: &LoadedModel,
+    [train, valid, test]: [Vec<(PreferenceExample, String)>; 3],
+) -> Result<Datasets> {
+    let encoder = Encoder::new(&loaded.tokenizer, true, a.batch.max_seq_length)?;
+    let sets = PreferenceSets {
+        train: encoder.encode_pairs(&train)?,
+        valid: encoder.encode_pairs(&valid)?,
+        test: encoder.encode_pairs(&test)?,
+    };
+    let truncated = [&sets.train, &sets.valid, &sets.test]
+        .iter()
+        .flat_map(|s| s.iter())
+        .filter(|p| p.chosen.truncated > 0 || p.rejected.truncated > 0)
+        .count();
+    if truncated > 0 {
+        eprintln!(
+            "warning: {truncated} pair(s) longer than --max-seq-length {} were truncated",
+            a.batch.max_seq_length
+        );
+    }
+    Ok(Datasets {
+        train: vec![],
+        valid: vec![],
+        test: vec![],
+        weights: None,
+        pairs: Some(sets),
+    })
+}
+
 /// The training, validation and (with `--test`) test records.
 fn read_records(
     a: &TrainArgs,
@@ -389,6 +507,7 @@ fn encode(
         valid,
         test,
         weights,
+        pairs: None,
     })
 }
 
@@ -408,26 +527,30 @@ fn resolve(
             "--num-layers {num_layers}: the model has only {layers} blocks"
         )));
     }
-    let rows = weighted_rows(
-        &data.train,
-        data.weights.as_ref(),
-        a.schedule.pack,
-        a.batch.max_seq_length,
-    );
-    if a.batch.batch_size > rows.len() {
+    let units = match &data.pairs {
+        Some(p) => p.train.len(),
+        None => weighted_rows(
+            &data.train,
+            data.weights.as_ref(),
+            a.schedule.pack,
+            a.batch.max_seq_length,
+        )
+        .len(),
+    };
+    if a.batch.batch_size > units {
         return Err(usage(format!(
-            "--batch-size {} is larger than the training set ({} {}); use at most {}",
+            "--batch-size {} is larger than the training set ({units} {}); use at most {units}",
             a.batch.batch_size,
-            rows.len(),
-            if a.schedule.pack {
+            if data.pairs.is_some() {
+                "pairs"
+            } else if a.schedule.pack {
                 "packed rows"
             } else {
                 "examples"
             },
-            rows.len()
         )));
     }
-    let batches_per_epoch = rows.len() / a.batch.batch_size;
+    let batches_per_epoch = units / a.batch.batch_size;
     let steps = match a.schedule.epochs {
         Some(e) => ((e * batches_per_epoch as f64) / a.schedule.grad_accumulation_steps as f64)
             .ceil()
@@ -462,6 +585,7 @@ fn resolve(
         quantize: a.quantize,
         data: a.data,
         batch: a.batch,
+        objective: a.objective,
         schedule: a.schedule,
         lora: a.lora,
         output: a.output,
@@ -541,17 +665,35 @@ fn describe(
         cfg.num_layers(),
         adapter.num_params()
     );
+    if let Some(p) = &data.pairs {
+        let answers: usize = p
+            .train
+            .iter()
+            .map(|p| p.chosen.trained_count() + p.rejected.trained_count())
+            .sum();
+        eprintln!(
+            "data: {} training pairs, {} validation, {} test; {answers} answer tokens scored; \
+             {} with beta {}",
+            p.train.len(),
+            p.valid.len(),
+            p.test.len(),
+            cfg.objective.method.name(),
+            cfg.objective.beta
+        );
+    }
     let total: usize = data.train.iter().map(|s| s.ids.len()).sum();
     let trained: usize = data.train.iter().map(Sample::trained_count).sum();
-    eprintln!(
-        "data: {} training examples, {} validation, {} test; {} of {} training tokens trained ({:.1}%)",
-        data.train.len(),
-        data.valid.len(),
-        data.test.len(),
-        trained,
-        total,
-        100.0 * trained as f64 / total.max(1) as f64
-    );
+    if data.pairs.is_none() {
+        eprintln!(
+            "data: {} training examples, {} validation, {} test; {} of {} training tokens trained ({:.1}%)",
+            data.train.len(),
+            data.valid.len(),
+            data.test.len(),
+            trained,
+            total,
+            100.0 * trained as f64 / total.max(1) as f64
+        );
+    }
     if let (Some(s), Some(w)) = (&cfg.distrust, &data.weights) {
         let (lo, hi) =
             w.c.iter()

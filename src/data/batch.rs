@@ -189,9 +189,13 @@ pub fn grouped_order(lens: &[usize], batch_size: usize, seed: u64, epoch: u64) -
 }
 
 /// Walks through batches of rows epoch after epoch; `(epoch, position)` is the whole state.
+/// The unit of shuffling and batching is a row, or a pair of rows (a preference pair's chosen
+/// and rejected answers, which always travel together, in that order).
 #[derive(Debug, Clone)]
 pub struct Batcher {
-    pub rows: Vec<Row>,
+    /// Each unit's rows.
+    pub units: Vec<Vec<Row>>,
+    /// Units per batch.
     pub batch_size: usize,
     pub seed: u64,
     pub epoch: u64,
@@ -202,11 +206,23 @@ pub struct Batcher {
 
 impl Batcher {
     pub fn new(rows: Vec<Row>, batch_size: usize, seed: u64) -> Self {
-        let lens: Vec<usize> = rows.iter().map(Row::len).collect();
+        Self::of_units(
+            rows.into_iter().map(|r| vec![r]).collect(),
+            batch_size,
+            seed,
+        )
+    }
+
+    /// Batches of `batch_size` units, each unit's rows kept together.
+    pub fn of_units(units: Vec<Vec<Row>>, batch_size: usize, seed: u64) -> Self {
+        let lens: Vec<usize> = units
+            .iter()
+            .map(|u| u.iter().map(Row::len).max().unwrap_or(0))
+            .collect();
         let order = grouped_order(&lens, batch_size, seed, 0);
         Self {
             lens,
-            rows,
+            units,
             batch_size,
             seed,
             epoch: 0,
@@ -223,10 +239,10 @@ impl Batcher {
     }
 
     pub fn batches_per_epoch(&self) -> usize {
-        self.rows.len() / self.batch_size
+        self.units.len() / self.batch_size
     }
 
-    /// The next batch; an epoch's remainder smaller than a batch is skipped.
+    /// The next batch's rows; an epoch's remainder smaller than a batch is skipped.
     pub fn next_batch(&mut self) -> Vec<&Row> {
         if self.position + self.batch_size > self.order.len() {
             self.epoch += 1;
@@ -235,7 +251,7 @@ impl Batcher {
         }
         let idx = &self.order[self.position..self.position + self.batch_size];
         self.position += self.batch_size;
-        idx.iter().map(|&i| &self.rows[i]).collect()
+        idx.iter().flat_map(|&i| &self.units[i]).collect()
     }
 }
 

@@ -8,6 +8,7 @@
 pub mod args;
 pub mod batch;
 pub mod chat_template;
+pub mod preference;
 pub mod tokenizer;
 
 use chat_template::{ChatContext, ChatTemplate};
@@ -131,6 +132,24 @@ pub fn resolve_files(path: &Path) -> Result<DataFiles, DataError> {
 
 /// Reads every line of a JSONL file; all bad lines are reported together.
 pub fn read_jsonl(path: &Path) -> Result<Vec<Record>, DataError> {
+    read_lines(path, parse_line).map(|lines| {
+        lines
+            .into_iter()
+            .map(|((example, fields), location)| Record {
+                example,
+                location,
+                fields,
+            })
+            .collect()
+    })
+}
+
+/// Every non-blank line of a JSONL file through `parse`, each with its `file:line`; all bad
+/// lines are reported together, and an empty file is refused.
+pub fn read_lines<T>(
+    path: &Path,
+    parse: impl Fn(&str) -> Result<T, String>,
+) -> Result<Vec<(T, String)>, DataError> {
     let file = std::fs::File::open(path).map_err(|e| DataError::Read {
         path: path.to_path_buf(),
         reason: e.to_string(),
@@ -189,12 +208,8 @@ pub fn read_jsonl(path: &Path) -> Result<Vec<Record>, DataError> {
         if text.trim().is_empty() {
             continue;
         }
-        match parse_line(text) {
-            Ok((example, fields)) => records.push(Record {
-                example,
-                location,
-                fields,
-            }),
+        match parse(text) {
+            Ok(item) => records.push((item, location)),
             Err(reason) => errors.push(format!("{location}: {reason}")),
         }
     }
@@ -230,21 +245,7 @@ pub fn parse_line(text: &str) -> Result<(Example, Map<String, Value>), String> {
             return Err("`messages` is empty".into());
         }
         for (i, m) in messages.iter().enumerate() {
-            let role = m
-                .get("role")
-                .and_then(Value::as_str)
-                .ok_or_else(|| format!("messages[{i}] has no string `role`"))?;
-            if !KNOWN_ROLES.contains(&role) {
-                return Err(format!(
-                    "messages[{i}] has unknown role `{role}` (known: {})",
-                    KNOWN_ROLES.join(", ")
-                ));
-            }
-            match m.get("content") {
-                Some(Value::String(_)) | Some(Value::Array(_)) => {}
-                Some(Value::Null) | None if m.get("tool_calls").is_some() => {}
-                _ => return Err(format!("messages[{i}] (`{role}`) needs a string `content`")),
-            }
+            check_message("messages", i, m)?;
         }
         if !messages
             .iter()
@@ -281,7 +282,27 @@ pub fn parse_line(text: &str) -> Result<(Example, Map<String, Value>), String> {
     Ok((example, obj))
 }
 
-fn kind(v: &Value) -> &'static str {
+/// One chat message's role and content, named `key[i]` in messages; returns its role.
+pub(crate) fn check_message<'a>(key: &str, i: usize, m: &'a Value) -> Result<&'a str, String> {
+    let role = m
+        .get("role")
+        .and_then(Value::as_str)
+        .ok_or_else(|| format!("{key}[{i}] has no string `role`"))?;
+    if !KNOWN_ROLES.contains(&role) {
+        return Err(format!(
+            "{key}[{i}] has unknown role `{role}` (known: {})",
+            KNOWN_ROLES.join(", ")
+        ));
+    }
+    match m.get("content") {
+        Some(Value::String(_)) | Some(Value::Array(_)) => {}
+        Some(Value::Null) | None if m.get("tool_calls").is_some() => {}
+        _ => return Err(format!("{key}[{i}] (`{role}`) needs a string `content`")),
+    }
+    Ok(role)
+}
+
+pub(crate) fn kind(v: &Value) -> &'static str {
     match v {
         Value::Null => "null",
         Value::Bool(_) => "a boolean",
@@ -336,6 +357,12 @@ impl<'a> Encoder<'a> {
     }
 
     pub fn encode(&self, rec: &Record) -> Result<Sample, DataError> {
+        self.encode_from(rec, 0)
+    }
+
+    /// [`Encoder::encode`], training a chat's assistant turns from message `first` on only
+    /// (a preference pair's answer after its prompt).
+    pub fn encode_from(&self, rec: &Record, first: usize) -> Result<Sample, DataError> {
         let err = |reason: String| DataError::Example {
             location: rec.location.clone(),
             reason,
@@ -355,7 +382,8 @@ impl<'a> Encoder<'a> {
                         serde_json::json!({"role": "user", "content": prompt}),
                         serde_json::json!({"role": "assistant", "content": completion}),
                     ];
-                    self.render_chat(&messages, None).map_err(err)?
+                    let (text, spans) = self.render_chat(&messages, None).map_err(err)?;
+                    (text, spans.into_iter().map(|(_, span)| span).collect())
                 }
                 None => {
                     let mut text = prompt.clone();
@@ -369,7 +397,13 @@ impl<'a> Encoder<'a> {
                 }
             },
             Example::Chat { messages, tools } => {
-                self.render_chat(messages, tools.as_deref()).map_err(err)?
+                let (text, spans) = self.render_chat(messages, tools.as_deref()).map_err(err)?;
+                let spans = spans
+                    .into_iter()
+                    .filter(|&(i, _)| i >= first)
+                    .map(|(_, span)| span)
+                    .collect();
+                (text, spans)
             }
         };
         // A row far longer than --max-seq-length is cut before it is tokenized, so that a huge
@@ -423,12 +457,14 @@ impl<'a> Encoder<'a> {
         })
     }
 
-    /// Renders a conversation; returns the text and the byte spans of its assistant turns.
+    /// Renders a conversation; returns the text and the byte spans of its assistant turns,
+    /// each with its message's index.
+    #[allow(clippy::type_complexity)]
     fn render_chat(
         &self,
         messages: &[Value],
         tools: Option<&[Value]>,
-    ) -> Result<(String, Vec<(usize, usize)>), String> {
+    ) -> Result<(String, Vec<(usize, (usize, usize))>), String> {
         let tpl = self.template.as_ref().ok_or_else(|| {
             "this is a chat example but the model has no chat template; use a model with a template or {\"text\"} data".to_string()
         })?;
@@ -459,7 +495,7 @@ impl<'a> Encoder<'a> {
             let upto = render(&messages[..=i], false)?;
             if upto.starts_with(&before) && full.starts_with(&upto) && upto.len() > before.len() {
                 let end = before.len() + upto[before.len()..].trim_end().len();
-                spans.push((before.len(), end));
+                spans.push((i, (before.len(), end)));
             } else if Some(i) == last_assistant {
                 return Err(format!(
                     "the chat template does not render message {i} (assistant) as an extension of the conversation before it, so its tokens cannot be located"

@@ -11,16 +11,19 @@ pub mod candle;
 pub mod choice;
 #[cfg(feature = "mlx")]
 pub mod mlx;
+pub mod objective;
 
 pub use self::candle::step::{LossSums, Profile};
 
 use crate::data::batch::Row;
+use crate::data::preference::Pair;
 use crate::data::Sample;
 use crate::error::Result;
 use crate::infer::eval::EvalResult;
 use crate::model::lora::Adapter;
 use crate::model::ModelConfig;
 use crate::runtime::memory::Meter;
+use objective::{Method, PreferenceLoss, PreferenceSums};
 
 /// Why a step did not complete.
 #[derive(Debug, thiserror::Error)]
@@ -73,6 +76,32 @@ pub trait Engine {
         profile: &mut Profile,
     ) -> std::result::Result<LossSums, StepError>;
 
+    /// Forward and backward of one micro-batch of preference pairs (rows: chosen, rejected,
+    /// pair after pair) under `loss`, added into the accumulated gradients; returns the pairs'
+    /// sums.
+    fn accumulate_pairs(
+        &mut self,
+        batch: &MicroBatchRows,
+        loss: &PreferenceLoss,
+        profile: &mut Profile,
+    ) -> std::result::Result<PreferenceSums, StepError> {
+        let _ = (batch, profile);
+        Err(StepError::Failed(unsupported(loss.method)))
+    }
+
+    /// The preference sums of `pairs` under `method` with the adapter applied (DPO's
+    /// reference: the adapter off).
+    fn evaluate_pairs(
+        &self,
+        pairs: &[Pair],
+        batch_size: usize,
+        method: Method,
+        beta: f64,
+    ) -> Result<PreferenceSums> {
+        let _ = (pairs, batch_size, beta);
+        Err(unsupported(method))
+    }
+
     /// The accumulated gradients' global L2 norm, after scaling them down to `max_norm` when
     /// they exceed it (0: no clipping); the norm before clipping is returned.
     fn clip_gradients(&mut self, max_norm: f64) -> Result<f64>;
@@ -103,4 +132,12 @@ pub trait Engine {
 
     /// The memory meter the engine's work is measured by.
     fn meter(&self) -> &Meter;
+}
+
+/// What an engine without the preference objectives answers.
+fn unsupported(method: Method) -> crate::error::Error {
+    crate::error::Error::Usage(format!(
+        "--method {}: this engine trains SFT only; use --engine candle for preference tuning",
+        method.name()
+    ))
 }

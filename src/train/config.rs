@@ -1,7 +1,7 @@
 //! The resolved training configuration: every setting the run uses, after defaults, the YAML
 //! file and the command line are combined. Written beside the adapter as `train_config.json`.
 
-use super::settings::{LoraArgs, MemoryArgs, OutputArgs, ScheduleArgs};
+use super::settings::{LoraArgs, MemoryArgs, ObjectiveArgs, OutputArgs, ScheduleArgs};
 use crate::data::args::{BatchArgs, DataArgs};
 use crate::model::args::{ModelArgs, QuantizeArgs};
 use std::path::Path;
@@ -21,6 +21,8 @@ pub struct TrainConfig {
     pub data: DataArgs,
     #[serde(flatten)]
     pub batch: BatchArgs,
+    #[serde(flatten)]
+    pub objective: ObjectiveArgs,
     #[serde(flatten)]
     pub schedule: ScheduleArgs,
     #[serde(flatten)]

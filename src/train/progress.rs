@@ -28,6 +28,8 @@ pub struct StepReport {
     pub mlx_gb: Option<(f64, f64)>,
     /// With distrust weighting: the weighted loss and the batch's mean D.
     pub distrust: Option<(f64, f64)>,
+    /// Preference tuning: the batch's reward accuracy and mean reward margin.
+    pub preference: Option<(f64, f64)>,
 }
 
 impl Progress {
@@ -70,6 +72,12 @@ impl Progress {
         );
         if let Some((weighted, d)) = r.distrust {
             s.push_str(&format!(" | weighted: {weighted:.4} | D: {d:.2}"));
+        }
+        if let Some((accuracy, margin)) = r.preference {
+            s.push_str(&format!(
+                " | acc: {:.0}% | margin: {margin:.3}",
+                100.0 * accuracy
+            ));
         }
         if let Some(m) = r.mem_gb {
             s.push_str(&format!(" | mem {m:.1} GB"));
@@ -157,6 +165,7 @@ mod tests {
             mem_gb: Some(3.12),
             mlx_gb: None,
             distrust: None,
+            preference: None,
         });
         assert!(line.starts_with("[00:00:00] >------------------- 45/5000 ETA:39m loss: 1.9294 | lr: 5.00e-05 | 2.1 steps/s | 812 tok/s | mem 3.1 GB"), "{line}");
         let weighted = p.line(&StepReport {
@@ -168,6 +177,7 @@ mod tests {
             mem_gb: None,
             mlx_gb: None,
             distrust: Some((2.5, 17.25)),
+            preference: None,
         });
         assert!(weighted.ends_with("loss: 1.9294 | lr: 5.00e-05 | 2.1 steps/s | 812 tok/s | weighted: 2.5000 | D: 17.25"), "{weighted}");
         let mlx = p.line(&StepReport {
@@ -179,8 +189,24 @@ mod tests {
             mem_gb: Some(3.12),
             mlx_gb: Some((3.44, 0.0)),
             distrust: None,
+            preference: None,
         });
         assert!(mlx.ends_with("| mem 3.1 GB (peak 3.4, cache 0.0)"), "{mlx}");
+        let dpo = p.line(&StepReport {
+            step: 45,
+            loss: 0.61,
+            lr: 5e-5,
+            steps_per_s: 2.1,
+            tokens_per_s: 812.4,
+            mem_gb: Some(3.12),
+            mlx_gb: None,
+            distrust: None,
+            preference: Some((0.75, 0.4213)),
+        });
+        assert!(
+            dpo.ends_with("loss: 0.6100 | lr: 5.00e-05 | 2.1 steps/s | 812 tok/s | acc: 75% | margin: 0.421 | mem 3.1 GB"),
+            "{dpo}"
+        );
         assert_eq!(short_duration(8.0 * 3600.0), "8h");
         assert_eq!(short_duration(4980.0), "1h23m");
     }

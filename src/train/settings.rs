@@ -4,6 +4,7 @@
 //! keys of `train_config.json` and of a `--config` YAML file.
 
 use super::schedule::ScheduleKind;
+use crate::engine::objective::Method;
 use crate::model::lora::Target;
 use clap::Args;
 use serde::{Deserialize, Serialize};
@@ -110,6 +111,38 @@ fn targets_from_names<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<Targ
         .iter()
         .map(|n| parse_target(n).map_err(serde::de::Error::custom))
         .collect()
+}
+
+/// What the run optimises: SFT, or a preference objective over chosen/rejected pairs.
+#[derive(Debug, Clone, Args, Serialize, Deserialize)]
+#[command(next_help_heading = "Objective")]
+pub struct ObjectiveArgs {
+    /// sft: cross-entropy on the trained tokens; dpo or orpo: preference tuning on rows of a
+    /// prompt with a chosen and a rejected answer (see docs/preference.md).
+    #[arg(long, value_enum, default_value_t = Method::Sft)]
+    #[serde(default)]
+    pub method: Method,
+    /// DPO's β (how far from the reference the policy may move), or ORPO's λ (the weight of
+    /// its odds-ratio term).
+    #[arg(long, default_value_t = 0.1)]
+    #[serde(default = "default_beta")]
+    pub beta: f64,
+}
+
+fn default_beta() -> f64 {
+    0.1
+}
+
+impl ObjectiveArgs {
+    pub fn check(&self) -> crate::Result<()> {
+        if !(self.beta.is_finite() && self.beta > 0.0) {
+            return Err(usage(format!(
+                "--beta {}: it must be a finite positive number",
+                shown(self.beta)
+            )));
+        }
+        Ok(())
+    }
 }
 
 /// How long training runs, on which batches, at which learning rate.

@@ -19,6 +19,8 @@ pub struct Summary {
     pub last_val: Option<f64>,
     pub best_val: Option<(usize, f64)>,
     pub test: Option<(f64, usize)>,
+    /// Preference tuning's test set: its loss, reward accuracy and pairs.
+    pub test_pairs: Option<(f64, f64, usize)>,
     pub adapter_dir: PathBuf,
     pub final_loss: f64,
     /// Per-phase times, with `--profile`.
@@ -40,6 +42,7 @@ impl Summary {
             last_val: None,
             best_val: None,
             test: None,
+            test_pairs: None,
             adapter_dir: adapter_dir.to_path_buf(),
             final_loss: f64::NAN,
             profile: None,
@@ -93,6 +96,12 @@ impl Summary {
             eprintln!(
                 "  test loss: {loss:.4}, perplexity {:.3} ({tokens} tokens)",
                 loss.exp()
+            );
+        }
+        if let Some((loss, accuracy, pairs)) = self.test_pairs {
+            eprintln!(
+                "  test loss: {loss:.4}, reward accuracy {:.1}% ({pairs} pairs)",
+                100.0 * accuracy
             );
         }
         eprintln!("  adapter: {}", self.adapter_dir.display());

@@ -9,7 +9,10 @@ use super::progress::{Progress, StepReport};
 use super::schedule::Schedule;
 use super::summary::Summary;
 use crate::data::batch::{weighted_rows, Batcher, ExampleWeights, Row};
+use crate::data::preference::Pair;
 use crate::data::Sample;
+use crate::engine::candle::preference::pair_rows;
+use crate::engine::objective::{Method, PreferenceLoss, PreferenceSums};
 use crate::engine::{Engine, LossSums, MicroBatchRows, Profile, StepError};
 use crate::error::{Error, Result};
 use crate::io::Staged;
@@ -30,6 +33,15 @@ pub struct Datasets {
     pub test: Vec<Sample>,
     /// Distrust weights of the training examples (`train --distrust`); None for plain training.
     pub weights: Option<ExampleWeights>,
+    /// Preference pairs (`--method dpo|orpo`), which take the place of the samples.
+    pub pairs: Option<PreferenceSets>,
+}
+
+/// The preference pairs of a run's files.
+pub struct PreferenceSets {
+    pub train: Vec<Pair>,
+    pub valid: Vec<Pair>,
+    pub test: Vec<Pair>,
 }
 
 /// The adapter a run starts from: the checkpoint's when resuming, else a fresh one from the
@@ -69,6 +81,8 @@ struct StepFigures {
     tokens: usize,
     trained_tokens: usize,
     seconds: f64,
+    /// Preference tuning: the batch's pair sums.
+    pairs: Option<PreferenceSums>,
 }
 
 /// A training run in progress over an engine.
@@ -109,13 +123,23 @@ impl<'a, E: Engine> Trainer<'a, E> {
         resume: Option<checkpoint::Loaded>,
         mut start_record: serde_json::Value,
     ) -> Result<Self> {
-        let rows = weighted_rows(
-            &data.train,
-            data.weights.as_ref(),
-            cfg.schedule.pack,
-            cfg.batch.max_seq_length,
-        );
-        let mut batcher = Batcher::new(rows, cfg.batch.batch_size, cfg.schedule.seed);
+        let mut batcher = match &data.pairs {
+            Some(p) => Batcher::of_units(
+                p.train.chunks(1).map(pair_rows).collect(),
+                cfg.batch.batch_size,
+                cfg.schedule.seed,
+            ),
+            None => Batcher::new(
+                weighted_rows(
+                    &data.train,
+                    data.weights.as_ref(),
+                    cfg.schedule.pack,
+                    cfg.batch.max_seq_length,
+                ),
+                cfg.batch.batch_size,
+                cfg.schedule.seed,
+            ),
+        };
         let s = &cfg.schedule;
         let schedule = Schedule::new(
             s.lr_schedule,
@@ -233,7 +257,9 @@ impl<'a, E: Engine> Trainer<'a, E> {
         let mean_d = (!batch_d.is_empty())
             .then(|| batch_d.iter().map(|&d| d as f64).sum::<f64>() / batch_d.len() as f64);
         let trainable = total_targets > 0 && total_weight > 0.0;
+        let preference = self.preference_loss(&batches);
         let mut sums = LossSums::default();
+        let mut pair_sums = PreferenceSums::default();
         let mut tokens = 0;
         if trainable {
             // Normalised by every scored token (times its weight) of the whole accumulated batch.
@@ -252,12 +278,19 @@ impl<'a, E: Engine> Trainer<'a, E> {
                     dropout,
                     loss_scale,
                 };
-                match self.engine.accumulate(&batch, &mut self.profile) {
-                    Ok(s) => {
+                let done = match &preference {
+                    Some(loss) => self
+                        .engine
+                        .accumulate_pairs(&batch, loss, &mut self.profile)
+                        .map(|s| pair_sums.merge(&s)),
+                    None => self.engine.accumulate(&batch, &mut self.profile).map(|s| {
                         sums.ce += s.ce;
                         sums.weighted += s.weighted;
                         sums.weight += s.weight;
-                    }
+                    }),
+                };
+                match done {
+                    Ok(()) => {}
                     // The adapter and optimizer are still those of the step before, and so is
                     // the data cursor saved with them.
                     Err(StepError::OverBudget { peak }) => {
@@ -270,7 +303,10 @@ impl<'a, E: Engine> Trainer<'a, E> {
                 }
             }
         }
-        let loss = sums.ce / total_targets.max(1) as f64;
+        let loss = match &preference {
+            Some(p) => pair_sums.objective(p.method),
+            None => sums.ce / total_targets.max(1) as f64,
+        };
         let weighted_loss = self
             .data
             .weights
@@ -314,8 +350,29 @@ impl<'a, E: Engine> Trainer<'a, E> {
                 tokens,
                 trained_tokens: total_targets,
                 seconds: t0.elapsed().as_secs_f64(),
+                pairs: preference.map(|_| pair_sums),
             },
         )
+    }
+
+    /// The preference loss of an accumulated batch of pairs (None: SFT): each pair weighs
+    /// 1/pairs, and ORPO's NLL each chosen token 1/(chosen tokens).
+    fn preference_loss(&self, batches: &[Vec<Row>]) -> Option<PreferenceLoss> {
+        let o = &self.cfg.objective;
+        if !o.method.is_preference() {
+            return None;
+        }
+        let pairs: usize = batches.iter().map(|b| b.len() / 2).sum();
+        let chosen_tokens: usize = batches
+            .iter()
+            .flat_map(|b| b.iter().step_by(2).map(Row::scored))
+            .sum();
+        Some(PreferenceLoss {
+            method: o.method,
+            beta: o.beta,
+            pair_scale: 1.0 / pairs.max(1) as f64,
+            token_scale: 1.0 / chosen_tokens.max(1) as f64,
+        })
     }
 
     /// The progress line, the metrics record and the memory warnings of one step.
@@ -356,6 +413,7 @@ impl<'a, E: Engine> Trainer<'a, E> {
                 .cache
                 .map(|c| (memory::gb(phase_peak.unwrap_or(0)), memory::gb(c))),
             distrust: f.weighted_loss.map(|w| (w, f.mean_d.unwrap_or(f64::NAN))),
+            preference: f.pairs.map(|p| (p.accuracy(), p.margin())),
         });
         let mut line = json!({
             "type": "train", "step": step, "loss": f.loss, "lr": f.lr, "grad_norm": f.grad_norm,
@@ -375,6 +433,16 @@ impl<'a, E: Engine> Trainer<'a, E> {
             line["mlx_active_bytes"] = json!(now);
             line["train_peak_mlx_bytes"] = json!(phase_peak);
             line["mlx_cache_bytes"] = json!(cache);
+        }
+        if let Some(p) = f.pairs {
+            line["method"] = json!(self.cfg.objective.method.name());
+            line["reward_accuracy"] = json!(p.accuracy());
+            line["reward_margin"] = json!(p.margin());
+            line["chosen_reward"] = json!(p.chosen());
+            line["rejected_reward"] = json!(p.rejected());
+            if self.cfg.objective.method == Method::Orpo {
+                line["nll"] = json!(p.chosen_ce / p.chosen_tokens.max(1) as f64);
+            }
         }
         if let Some(w) = f.weighted_loss {
             // The plain CE stays in "loss"; D is reported, never added to the loss.
@@ -399,13 +467,29 @@ impl<'a, E: Engine> Trainer<'a, E> {
     fn evaluate(&mut self, step: usize) -> Result<()> {
         let clock = Instant::now();
         let cfg = self.cfg;
-        let valid = &self.data.valid;
-        if !valid.is_empty() {
+        let valid = match &self.data.pairs {
+            Some(p) => p.valid.len(),
+            None => self.data.valid.len(),
+        };
+        if valid > 0 {
             let n = match cfg.output.val_batches {
-                0 => valid.len(),
-                b => (b * cfg.batch.batch_size).min(valid.len()),
+                0 => valid,
+                b => (b * cfg.batch.batch_size).min(valid),
             };
-            let r = match self.engine.evaluate(&valid[..n], cfg.batch.batch_size) {
+            let bs = cfg.batch.batch_size;
+            let result = match &self.data.pairs {
+                Some(p) => {
+                    let o = &cfg.objective;
+                    self.engine
+                        .evaluate_pairs(&p.valid[..n], bs, o.method, o.beta)
+                        .map(|s| (s.pairs > 0).then(|| (s.objective(o.method), Some(s))))
+                }
+                None => self
+                    .engine
+                    .evaluate(&self.data.valid[..n], bs)
+                    .map(|r| (r.tokens > 0).then_some((r.loss, None))),
+            };
+            let scored = match result {
                 Ok(r) => r,
                 // Stopped mid-evaluation: the step itself is complete, so it is saved.
                 Err(Error::Stopping { signal }) => {
@@ -413,25 +497,45 @@ impl<'a, E: Engine> Trainer<'a, E> {
                 }
                 Err(e) => return Err(e),
             };
-            if r.tokens > 0 {
-                self.record_validation(step, r.loss)?;
+            if let Some((val, pair_sums)) = scored {
+                self.record_validation(step, val, pair_sums)?;
             }
         }
         self.profile.eval += clock.elapsed();
         Ok(())
     }
 
-    fn record_validation(&mut self, step: usize, val: f64) -> Result<()> {
+    fn record_validation(
+        &mut self,
+        step: usize,
+        val: f64,
+        pairs: Option<PreferenceSums>,
+    ) -> Result<()> {
         let cfg = self.cfg;
         let s = &mut self.summary;
         s.first_val.get_or_insert(val);
         s.last_val = Some(val);
-        self.progress.message(&format!(
-            "step {step}: val loss {val:.4}, val ppl {:.3}",
-            val.exp()
-        ));
-        self.metrics
-            .write(json!({"type": "eval", "step": step, "val_loss": val, "val_ppl": val.exp()}))?;
+        let mut record = json!({"type": "eval", "step": step, "val_loss": val});
+        match pairs {
+            Some(p) => {
+                self.progress.message(&format!(
+                    "step {step}: val {} loss {val:.4}, reward accuracy {:.1}%, margin {:.3}",
+                    cfg.objective.method.name(),
+                    100.0 * p.accuracy(),
+                    p.margin()
+                ));
+                record["val_reward_accuracy"] = json!(p.accuracy());
+                record["val_reward_margin"] = json!(p.margin());
+            }
+            None => {
+                self.progress.message(&format!(
+                    "step {step}: val loss {val:.4}, val ppl {:.3}",
+                    val.exp()
+                ));
+                record["val_ppl"] = json!(val.exp());
+            }
+        }
+        self.metrics.write(record)?;
         // A non-finite loss is never the best.
         let better = val.is_finite() && s.best_val.is_none_or(|(_, b)| val < b);
         if cfg.output.save_best && step > 0 && better {
@@ -594,7 +698,18 @@ impl<'a, E: Engine> Trainer<'a, E> {
         self.evaluate(cfg.steps)?;
         self.progress.finish();
         save_adapter_files(&self.finite_adapter()?, cfg.output_dir(), cfg)?;
-        if cfg.output.test && !self.data.test.is_empty() {
+        if let (true, Some(p)) = (cfg.output.test, &self.data.pairs) {
+            let o = &cfg.objective;
+            let r = self
+                .engine
+                .evaluate_pairs(&p.test, cfg.batch.batch_size, o.method, o.beta)?;
+            let loss = r.objective(o.method);
+            self.metrics
+                .write(json!({"type": "test", "step": cfg.steps, "test_loss": loss,
+                "test_reward_accuracy": r.accuracy(), "test_reward_margin": r.margin(),
+                "pairs": r.pairs}))?;
+            self.summary.test_pairs = Some((loss, r.accuracy(), r.pairs));
+        } else if cfg.output.test && !self.data.test.is_empty() {
             let r = self
                 .engine
                 .evaluate(&self.data.test, cfg.batch.batch_size)?;

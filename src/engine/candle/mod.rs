@@ -4,10 +4,13 @@
 
 pub mod batch;
 pub mod optimizer;
+pub mod preference;
 pub mod step;
 
+use super::objective::{Method, PreferenceLoss, PreferenceSums};
 use super::{Engine, MicroBatchRows, OptimizerState, StepError};
 use crate::data::batch::Row;
+use crate::data::preference::Pair;
 use crate::data::Sample;
 use crate::error::{Error, Result};
 use crate::infer::eval::EvalResult;
@@ -113,6 +116,39 @@ impl Engine for CandleEngine {
             meter: &self.meter,
         };
         step.forward_backward(&mb, batch.loss_scale, grads, profile)
+    }
+
+    fn accumulate_pairs(
+        &mut self,
+        batch: &MicroBatchRows,
+        loss: &PreferenceLoss,
+        profile: &mut Profile,
+    ) -> std::result::Result<PreferenceSums, StepError> {
+        let model = self.model.as_ref().ok_or_else(reloading)?;
+        let adapter = attached(model)?;
+        let grads = self.grads.get_or_insert_with(|| Grads::new(adapter));
+        let clock = Instant::now();
+        let refs: Vec<&Row> = batch.rows.iter().collect();
+        let mut mb = batch::micro_batch(model, &refs)?;
+        mb.dropout = batch.dropout;
+        profile.data += clock.elapsed();
+        let step = Step {
+            model,
+            adapter,
+            keep_blocks: self.keep_blocks,
+            meter: &self.meter,
+        };
+        preference::accumulate(&step, &mb, loss, grads, profile)
+    }
+
+    fn evaluate_pairs(
+        &self,
+        pairs: &[Pair],
+        batch_size: usize,
+        method: Method,
+        beta: f64,
+    ) -> Result<PreferenceSums> {
+        preference::evaluate(self.model()?, pairs, batch_size, method, beta)
     }
 
     fn clip_gradients(&mut self, max_norm: f64) -> Result<f64> {

@@ -78,7 +78,7 @@ impl MicroBatch {
         })
     }
 
-    fn targets(&self) -> Targets<'_> {
+    pub fn targets(&self) -> Targets<'_> {
         Targets {
             rows: &self.target_rows,
             ids: &self.target_ids,
@@ -203,17 +203,71 @@ impl Step<'_> {
         grads: &mut Grads,
         profile: &mut Profile,
     ) -> std::result::Result<LossSums, StepError> {
-        forward_backward(self, mb, loss_scale, grads, profile)
+        let targets = mb.targets();
+        let model = self.model;
+        self.forward_backward_with(
+            mb,
+            |x| {
+                let (sums, dx) = head(model, x, &targets, Some(loss_scale))?;
+                Ok((sums, dx.expect("the gradient was asked for")))
+            },
+            grads,
+            profile,
+        )
+    }
+
+    /// [`Step::forward_backward`] with another loss on the last hidden states: `loss` takes
+    /// them (`[B·T, H]`, before the final norm) and returns what it computed and `∂loss/∂x`.
+    pub fn forward_backward_with<R>(
+        &self,
+        mb: &MicroBatch,
+        loss: impl FnOnce(&Tensor) -> Result<(R, Tensor)>,
+        grads: &mut Grads,
+        profile: &mut Profile,
+    ) -> std::result::Result<R, StepError> {
+        forward_backward(self, mb, loss, grads, profile)
+    }
+
+    /// The last hidden states (`[B·T, H]`, before the final norm) of `mb` with `adapter`
+    /// (None: the base model), keeping nothing for a backward: each block's input is dropped
+    /// as the next is computed. The preference objectives' scoring passes.
+    pub fn hidden(&self, mb: &MicroBatch, adapter: Option<&Adapter>) -> Result<Tensor> {
+        hidden(self.model, mb, adapter)
     }
 }
 
-fn forward_backward(
+/// See [`Step::hidden`].
+pub fn hidden(model: &Llama, mb: &MicroBatch, adapter: Option<&Adapter>) -> Result<Tensor> {
+    let (b, t) = mb.ids.dims2()?;
+    let mlp_chunk = mb.mlp_chunk(model, b * t);
+    let mut attn = mb.attention(model)?;
+    let mut x = model
+        .embed(&mb.ids)?
+        .reshape((b * t, model.cfg.hidden_size))?;
+    for l in 0..model.blocks.len() {
+        let layer = Layer {
+            model,
+            lora: Lora {
+                adapter,
+                layer: l,
+                dropout: None,
+            },
+            mlp_chunk,
+        };
+        x = block::forward(&layer, &x, &mut attn, Pass::Output)?
+            .0
+            .expect("the output was asked for");
+    }
+    Ok(x)
+}
+
+fn forward_backward<R>(
     step: &Step,
     mb: &MicroBatch,
-    loss_scale: f64,
+    loss: impl FnOnce(&Tensor) -> Result<(R, Tensor)>,
     grads: &mut Grads,
     profile: &mut Profile,
-) -> std::result::Result<LossSums, StepError> {
+) -> std::result::Result<R, StepError> {
     let Step {
         model,
         adapter,
@@ -260,8 +314,7 @@ fn forward_backward(
     }
     profile.forward += clock.elapsed();
     let clock = Instant::now();
-    let (sums, dx) = head(model, &x, &mb.targets(), Some(loss_scale))?;
-    let mut dx = dx.expect("the gradient was asked for");
+    let (sums, mut dx) = loss(&x)?;
     drop(x);
     profile.head += clock.elapsed();
     for l in (lowest..layers).rev() {

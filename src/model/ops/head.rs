@@ -65,8 +65,27 @@ pub fn head(
     targets: &Targets,
     loss_scale: Option<f64>,
 ) -> Result<(LossSums, Option<Tensor>)> {
-    let eps = model.cfg.rms_norm_eps;
+    let (ce, dx) = head_rows(model, x, targets, loss_scale)?;
+    let weights = targets.weights.to_dtype(DType::F32)?.to_vec1::<f32>()?;
     let mut sums = LossSums::default();
+    for (&c, &w) in ce.iter().zip(&weights) {
+        sums.ce += c;
+        sums.weighted += c * w as f64;
+        sums.weight += w as f64;
+    }
+    Ok((sums, dx))
+}
+
+/// [`head`] with the cross-entropy of each scored row, in `targets` order (the preference
+/// objectives sum them per answer).
+pub fn head_rows(
+    model: &Llama,
+    x: &Tensor,
+    targets: &Targets,
+    loss_scale: Option<f64>,
+) -> Result<(Vec<f64>, Option<Tensor>)> {
+    let eps = model.cfg.rms_norm_eps;
+    let mut ce_rows = Vec::new();
     let mut dx_rows = vec![];
     let n = targets.rows.dim(0)?;
     let xs = x.index_select(targets.rows, 0)?;
@@ -79,17 +98,15 @@ pub fn head(
         let dh = match loss_scale.and_then(|s| fused_chunk(model, &h, tg, wc, s)) {
             Some(done) => {
                 let (ce, dh) = done?;
-                for (&c, &w) in ce.iter().zip(wc) {
-                    sums.ce += c as f64;
-                    sums.weighted += c as f64 * w as f64;
-                    sums.weight += w as f64;
-                }
+                ce_rows.extend(ce.iter().map(|&c| c as f64));
                 Some(dh)
             }
             None => {
                 let tgt = targets.ids.narrow(0, start, len)?.unsqueeze(1)?;
                 let w = targets.weights.narrow(0, start, len)?;
-                composite_chunk(model, &h, &tgt, &w, loss_scale, &mut sums)?
+                let (ce, dh) = composite_chunk(model, &h, &tgt, &w, loss_scale)?;
+                ce_rows.extend(ce);
+                dh
             }
         };
         drop(h);
@@ -98,7 +115,7 @@ pub fn head(
         }
     }
     let Some(_) = loss_scale else {
-        return Ok((sums, None));
+        return Ok((ce_rows, None));
     };
     let dx = x.zeros_like()?;
     let dx = if dx_rows.is_empty() {
@@ -106,7 +123,7 @@ pub fn head(
     } else {
         dx.index_add(targets.rows, &Tensor::cat(&dx_rows, 0)?, 0)?
     };
-    Ok((sums, Some(dx)))
+    Ok((ce_rows, Some(dx)))
 }
 
 /// One chunk's cross-entropies and `∂/∂h` by the fused kernel, for normed hidden states `h`:
@@ -132,17 +149,15 @@ fn fused_chunk(
     )
 }
 
-/// One chunk with candle's ops: adds the chunk's losses into `sums` and, with `loss_scale`,
-/// returns `∂/∂h` for normed hidden states `h`, targets `tgt` (`[len, 1]`) and loss weights
-/// `w`.
+/// One chunk with candle's ops: the chunk's cross-entropies and, with `loss_scale`, `∂/∂h` for
+/// normed hidden states `h`, targets `tgt` (`[len, 1]`) and loss weights `w`.
 fn composite_chunk(
     model: &Llama,
     h: &Tensor,
     tgt: &Tensor,
     w: &Tensor,
     loss_scale: Option<f64>,
-    sums: &mut LossSums,
-) -> Result<Option<Tensor>> {
+) -> Result<(Vec<f64>, Option<Tensor>)> {
     // The loss is accumulated in f32 at least (f64 when the model runs in f64, as tests do).
     let acc = if model.dtype == DType::F64 {
         DType::F64
@@ -162,14 +177,9 @@ fn composite_chunk(
     let sum = exp.sum_keepdim(D::Minus1)?;
     let ce = (sum.log()? - shifted.gather(tgt, D::Minus1)?)?.squeeze(1)?;
     drop(shifted);
-    sums.ce += ce.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?;
-    sums.weighted += (&ce * &w)?
-        .to_dtype(DType::F64)?
-        .sum_all()?
-        .to_scalar::<f64>()?;
-    sums.weight += w.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?;
+    let ce_rows = ce.to_dtype(DType::F64)?.to_vec1::<f64>()?;
     let Some(loss_scale) = loss_scale else {
-        return Ok(None);
+        return Ok((ce_rows, None));
     };
     // d(w·CE)/dlogits = w · (softmax − one-hot).
     let probs = exp.broadcast_div(&sum)?;
@@ -178,5 +188,8 @@ fn composite_chunk(
     let dlogits = probs.scatter_add(tgt, &minus_one, 1)?;
     drop(probs);
     let dlogits = dlogits.broadcast_mul(&(w * loss_scale)?.unsqueeze(1)?)?;
-    Ok(Some(model.lm_head.matmul(&dlogits.to_dtype(model.dtype)?)?))
+    Ok((
+        ce_rows,
+        Some(model.lm_head.matmul(&dlogits.to_dtype(model.dtype)?)?),
+    ))
 }

@@ -1,0 +1,391 @@
+//! Preference data (`train --method dpo|orpo`, `eval --method …`): JSONL rows of a prompt and
+//! two answers, the chosen one and the rejected one, in the forms TRL and the datasets on the
+//! Hub use:
+//!
+//! - `{"prompt": [messages], "chosen": [messages], "rejected": [messages]}` (conversational);
+//! - `{"prompt": "…", "chosen": "…", "rejected": "…"}` (plain strings);
+//! - `{"chosen": [full chat], "rejected": [full chat]}`, the prompt being what both share
+//!   before their last (assistant) message.
+//!
+//! Each side is rendered with the model's chat template (plain strings as a user turn and an
+//! assistant turn, as `{"prompt", "completion"}` SFT rows are; as text + EOS without a
+//! template), and only the answer's tokens are scored, up to and including its end-of-turn
+//! token.
+
+use super::{check_message, kind, read_lines, DataError, Encoder, Example, Record, Sample};
+use serde_json::{json, Map, Value};
+use std::path::Path;
+
+/// One preference row, parsed.
+#[derive(Debug, Clone, PartialEq)]
+pub enum PreferenceExample {
+    /// Plain strings.
+    Text {
+        prompt: String,
+        chosen: String,
+        rejected: String,
+    },
+    /// Messages: the prompt's, then each answer's (assistant turns).
+    Chat {
+        prompt: Vec<Value>,
+        chosen: Vec<Value>,
+        rejected: Vec<Value>,
+        tools: Option<Vec<Value>>,
+    },
+}
+
+/// A pair encoded for one model: both sides' token ids, each scoring its answer only.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Pair {
+    pub chosen: Sample,
+    pub rejected: Sample,
+}
+
+/// Reads a preference file; every bad line is reported as `file:line`.
+pub fn read_preferences(path: &Path) -> Result<Vec<(PreferenceExample, String)>, DataError> {
+    read_lines(path, parse_preference)
+}
+
+/// One line's pair, its form detected from the keys.
+pub fn parse_preference(text: &str) -> Result<PreferenceExample, String> {
+    let value: Value = serde_json::from_str(text).map_err(|e| format!("not valid JSON ({e})"))?;
+    let Value::Object(obj) = value else {
+        return Err("expected a JSON object, one preference pair per line".into());
+    };
+    for key in ["chosen", "rejected"] {
+        if !obj.contains_key(key) {
+            let keys: Vec<&str> = obj.keys().map(String::as_str).collect();
+            return Err(format!(
+                "`{key}` is missing (keys: {}); a preference row has \"chosen\" and \"rejected\" \
+                 answers, and a \"prompt\" unless both are whole chats",
+                if keys.is_empty() {
+                    "none".to_string()
+                } else {
+                    keys.join(", ")
+                }
+            ));
+        }
+    }
+    let tools = match obj.get("tools") {
+        None | Some(Value::Null) => None,
+        Some(Value::Array(t)) => Some(t.clone()),
+        Some(other) => return Err(format!("`tools` must be a list, found {}", kind(other))),
+    };
+    let example = match (obj.get("prompt"), &obj["chosen"], &obj["rejected"]) {
+        (Some(Value::String(p)), Value::String(c), Value::String(r)) => PreferenceExample::Text {
+            prompt: p.clone(),
+            chosen: c.clone(),
+            rejected: r.clone(),
+        },
+        (Some(prompt), chosen, rejected) => PreferenceExample::Chat {
+            prompt: messages("prompt", prompt, "user")?,
+            chosen: answer("chosen", chosen)?,
+            rejected: answer("rejected", rejected)?,
+            tools,
+        },
+        (None, Value::Array(_), Value::Array(_)) => implicit_prompt(&obj, tools)?,
+        (None, _, _) => {
+            return Err(
+                "`prompt` is missing: give a \"prompt\", or \"chosen\" and \"rejected\" as whole \
+                 chats (lists of messages) that share their prompt"
+                    .into(),
+            )
+        }
+    };
+    check_pair(&example)?;
+    Ok(example)
+}
+
+/// `key`'s messages: a list checked message by message, or a string as one `role` message.
+fn messages(key: &str, v: &Value, role: &str) -> Result<Vec<Value>, String> {
+    match v {
+        Value::String(s) => Ok(vec![json!({"role": role, "content": s})]),
+        Value::Array(list) => {
+            for (i, m) in list.iter().enumerate() {
+                check_message(key, i, m)?;
+            }
+            Ok(list.clone())
+        }
+        other => Err(format!(
+            "`{key}` must be a string or a list of {{\"role\", \"content\"}} messages, found {}",
+            kind(other)
+        )),
+    }
+}
+
+/// An answer: assistant messages (a string is one), not empty.
+fn answer(key: &str, v: &Value) -> Result<Vec<Value>, String> {
+    let list = messages(key, v, "assistant")?;
+    let Some(last) = list.last() else {
+        return Err(format!(
+            "`{key}` is empty: the answer needs at least one assistant message"
+        ));
+    };
+    if last.get("role").and_then(Value::as_str) != Some("assistant") {
+        return Err(format!(
+            "`{key}` must end with an assistant message (the answer that is scored)"
+        ));
+    }
+    Ok(list)
+}
+
+/// `{"chosen": [chat], "rejected": [chat]}`: the prompt is each chat before its last message,
+/// and must be the same in both.
+fn implicit_prompt(
+    obj: &Map<String, Value>,
+    tools: Option<Vec<Value>>,
+) -> Result<PreferenceExample, String> {
+    let chosen = answer("chosen", &obj["chosen"])?;
+    let rejected = answer("rejected", &obj["rejected"])?;
+    let (cp, ca) = chosen.split_at(chosen.len() - 1);
+    let (rp, ra) = rejected.split_at(rejected.len() - 1);
+    if cp != rp {
+        let at = cp
+            .iter()
+            .zip(rp)
+            .position(|(a, b)| a != b)
+            .unwrap_or(cp.len().min(rp.len()));
+        return Err(format!(
+            "the prompts differ between chosen and rejected (from message {at}): without a \
+             \"prompt\" key both chats must be the same up to their last, assistant message"
+        ));
+    }
+    Ok(PreferenceExample::Chat {
+        prompt: cp.to_vec(),
+        chosen: ca.to_vec(),
+        rejected: ra.to_vec(),
+        tools,
+    })
+}
+
+fn is_blank(answer: &[Value]) -> bool {
+    answer.iter().all(|m| match m.get("content") {
+        Some(Value::String(s)) => s.trim().is_empty(),
+        Some(Value::Array(a)) => a.is_empty(),
+        _ => m.get("tool_calls").is_none(),
+    })
+}
+
+/// An empty answer, or two equal ones, teach nothing.
+fn check_pair(example: &PreferenceExample) -> Result<(), String> {
+    let (blank_c, blank_r, same) = match example {
+        PreferenceExample::Text {
+            chosen, rejected, ..
+        } => (
+            chosen.trim().is_empty(),
+            rejected.trim().is_empty(),
+            chosen == rejected,
+        ),
+        PreferenceExample::Chat {
+            chosen, rejected, ..
+        } => (is_blank(chosen), is_blank(rejected), chosen == rejected),
+    };
+    if blank_c || blank_r {
+        let which = if blank_c { "chosen" } else { "rejected" };
+        return Err(format!("the {which} answer is empty"));
+    }
+    if same {
+        return Err("chosen and rejected are identical, so there is no preference to learn".into());
+    }
+    Ok(())
+}
+
+impl Encoder<'_> {
+    /// Both sides of a pair as samples scoring their answers only; `location` names the line.
+    pub fn encode_pair(&self, ex: &PreferenceExample, location: &str) -> Result<Pair, DataError> {
+        let side = |which: &str| -> Result<Sample, DataError> {
+            let (example, first) = match ex {
+                PreferenceExample::Text {
+                    prompt,
+                    chosen,
+                    rejected,
+                } => (
+                    Example::Completion {
+                        prompt: prompt.clone(),
+                        completion: if which == "chosen" { chosen } else { rejected }.clone(),
+                    },
+                    0,
+                ),
+                PreferenceExample::Chat {
+                    prompt,
+                    chosen,
+                    rejected,
+                    tools,
+                } => {
+                    let answer = if which == "chosen" { chosen } else { rejected };
+                    let mut messages = prompt.clone();
+                    messages.extend(answer.iter().cloned());
+                    (
+                        Example::Chat {
+                            messages,
+                            tools: tools.clone(),
+                        },
+                        prompt.len(),
+                    )
+                }
+            };
+            let rec = Record {
+                example,
+                location: location.to_string(),
+                fields: Map::new(),
+            };
+            let sample = self.encode_from(&rec, first)?;
+            if sample.trained_count() == 0 {
+                return Err(DataError::Example {
+                    location: location.to_string(),
+                    reason: format!(
+                        "the {which} answer has no token within --max-seq-length {} (the prompt \
+                         fills it); raise --max-seq-length or shorten the prompt",
+                        self.max_seq_length
+                    ),
+                });
+            }
+            Ok(sample)
+        };
+        Ok(Pair {
+            chosen: side("chosen")?,
+            rejected: side("rejected")?,
+        })
+    }
+
+    /// Every pair of a file's rows, all failures reported together.
+    pub fn encode_pairs(
+        &self,
+        rows: &[(PreferenceExample, String)],
+    ) -> Result<Vec<Pair>, DataError> {
+        let mut pairs = Vec::with_capacity(rows.len());
+        let mut errors = vec![];
+        for (ex, location) in rows {
+            match self.encode_pair(ex, location) {
+                Ok(p) => pairs.push(p),
+                Err(e) => errors.push(e.to_string()),
+            }
+        }
+        if !errors.is_empty() {
+            return Err(DataError::invalid(errors));
+        }
+        Ok(pairs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_three_forms_are_read() {
+        let conv = r#"{"prompt": [{"role": "user", "content": "Capital?"}], "chosen": [{"role": "assistant", "content": "Marrowick."}], "rejected": [{"role": "assistant", "content": "Dunmere."}]}"#;
+        let PreferenceExample::Chat { prompt, chosen, .. } = parse_preference(conv).unwrap() else {
+            panic!("conversational")
+        };
+        assert_eq!((prompt.len(), chosen.len()), (1, 1));
+        let text = r#"{"prompt": "Capital?", "chosen": "Marrowick.", "rejected": "Dunmere."}"#;
+        assert!(matches!(
+            parse_preference(text).unwrap(),
+            PreferenceExample::Text { .. }
+        ));
+        let implicit = r#"{"chosen": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Capital?"}, {"role": "assistant", "content": "Marrowick."}], "rejected": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Capital?"}, {"role": "assistant", "content": "Dunmere."}]}"#;
+        let PreferenceExample::Chat {
+            prompt, rejected, ..
+        } = parse_preference(implicit).unwrap()
+        else {
+            panic!("implicit")
+        };
+        assert_eq!(prompt.len(), 2);
+        assert_eq!(rejected[0]["content"], "Dunmere.");
+        // A string prompt with message answers becomes a user turn.
+        let mixed = r#"{"prompt": "Capital?", "chosen": [{"role": "assistant", "content": "A"}], "rejected": "B"}"#;
+        let PreferenceExample::Chat {
+            prompt, rejected, ..
+        } = parse_preference(mixed).unwrap()
+        else {
+            panic!("mixed")
+        };
+        assert_eq!(prompt[0]["role"], "user");
+        assert_eq!(rejected[0]["role"], "assistant");
+    }
+
+    #[test]
+    fn bad_rows_say_what_is_wrong() {
+        let u = r#"{"role": "user", "content": "Q"}"#;
+        let a = |c: &str| format!(r#"{{"role": "assistant", "content": "{c}"}}"#);
+        for (line, needle) in [
+            (
+                r#"{"prompt": "Q", "chosen": "A"}"#.to_string(),
+                "`rejected` is missing",
+            ),
+            (
+                r#"{"prompt": "Q", "rejected": "A"}"#.to_string(),
+                "`chosen` is missing",
+            ),
+            (
+                r#"{"prompt": "Q", "chosen": " ", "rejected": "B"}"#.to_string(),
+                "chosen answer is empty",
+            ),
+            (
+                r#"{"prompt": "Q", "chosen": "A", "rejected": ""}"#.to_string(),
+                "rejected answer is empty",
+            ),
+            (
+                r#"{"prompt": "Q", "chosen": "A", "rejected": "A"}"#.to_string(),
+                "identical",
+            ),
+            (
+                format!(
+                    r#"{{"prompt": [{u}], "chosen": [], "rejected": [{}]}}"#,
+                    a("B")
+                ),
+                "`chosen` is empty",
+            ),
+            (
+                format!(
+                    r#"{{"prompt": [{u}], "chosen": [{u}], "rejected": [{}]}}"#,
+                    a("B")
+                ),
+                "end with an assistant",
+            ),
+            (
+                format!(
+                    r#"{{"chosen": [{u}, {}], "rejected": [{}, {}]}}"#,
+                    a("A"),
+                    r#"{"role": "user", "content": "Other"}"#,
+                    a("B")
+                ),
+                "prompts differ between chosen and rejected (from message 0)",
+            ),
+            (
+                r#"{"chosen": "A", "rejected": "B"}"#.to_string(),
+                "`prompt` is missing",
+            ),
+            (
+                r#"{"prompt": 3, "chosen": "A", "rejected": "B"}"#.to_string(),
+                "`prompt` must be a string or a list",
+            ),
+            (
+                format!(
+                    r#"{{"prompt": [{{"role": "wizard", "content": "x"}}], "chosen": [{}], "rejected": [{}]}}"#,
+                    a("A"),
+                    a("B")
+                ),
+                "prompt[0] has unknown role",
+            ),
+            ("[1]".to_string(), "JSON object"),
+        ] {
+            let e = parse_preference(&line).unwrap_err();
+            assert!(e.contains(needle), "{line}: {e}");
+        }
+    }
+
+    #[test]
+    fn bad_lines_are_reported_with_file_and_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("prefs.jsonl");
+        std::fs::write(
+            &p,
+            "{\"prompt\": \"Q\", \"chosen\": \"A\", \"rejected\": \"B\"}\n{\"prompt\": \"Q\", \"chosen\": \"A\"}\n",
+        )
+        .unwrap();
+        let e = read_preferences(&p).unwrap_err().to_string();
+        assert!(e.contains("prefs.jsonl:2: `rejected` is missing"), "{e}");
+    }
+}

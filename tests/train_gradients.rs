@@ -742,3 +742,118 @@ fn the_high_distrust_example_moves_the_model_more() {
     assert!(w0 > p0 * 1.05, "high D: weighted {w0} vs plain {p0}");
     assert!(w1 < p1, "low D: weighted {w1} vs plain {p1}");
 }
+
+/// The samples as preference pairs: (0 chosen, 1 rejected), (2 chosen, 3 rejected).
+fn pairs() -> Vec<your_ai::data::preference::Pair> {
+    let s = samples();
+    vec![
+        your_ai::data::preference::Pair {
+            chosen: s[0].clone(),
+            rejected: s[1].clone(),
+        },
+        your_ai::data::preference::Pair {
+            chosen: s[2].clone(),
+            rejected: s[3].clone(),
+        },
+    ]
+}
+
+/// The preference sums of `pairs` for `model` carrying `adapter`.
+fn pair_sums(
+    model: &mut Llama,
+    adapter: Option<Adapter>,
+    pairs: &[your_ai::data::preference::Pair],
+    method: your_ai::engine::objective::Method,
+    beta: f64,
+) -> your_ai::engine::objective::PreferenceSums {
+    model.adapter = adapter;
+    your_ai::engine::candle::preference::evaluate(model, pairs, 2, method, beta).unwrap()
+}
+
+/// DPO's and ORPO's gradients through the step (per-answer weights on the SFT backward)
+/// against central finite differences of the objective, as `eval --method` computes it.
+#[test]
+fn preference_gradients_match_finite_differences() {
+    use your_ai::engine::candle::preference;
+    use your_ai::engine::objective::{Method, PreferenceLoss};
+    let dir = tempfile::tempdir().unwrap();
+    let mut model = tiny_model(&TinySpec::default(), dir.path());
+    let adapter = random_adapter(&model, vec![0, 1], Target::ALL.to_vec());
+    let pairs = pairs();
+    let rows = preference::pair_rows(&pairs);
+    let mb = batch(&model, &rows);
+    let chosen_tokens: usize = pairs.iter().map(|p| p.chosen.trained_count()).sum();
+    for (method, beta) in [(Method::Dpo, 0.5), (Method::Orpo, 0.3)] {
+        let loss = PreferenceLoss {
+            method,
+            beta,
+            pair_scale: 0.5,
+            token_scale: 1.0 / chosen_tokens as f64,
+        };
+        let mut grads = Grads::new(&adapter);
+        let sums = preference::accumulate(
+            &step(&model, &adapter, 0),
+            &mb,
+            &loss,
+            &mut grads,
+            &mut Default::default(),
+        )
+        .unwrap();
+        assert_eq!(sums.pairs, 2);
+        // The step's own objective is the evaluated one.
+        let at =
+            pair_sums(&mut model, Some(adapter.clone()), &pairs, method, beta).objective(method);
+        assert!((sums.objective(method) - at).abs() < 1e-10, "{method:?}");
+        let h = 1e-5;
+        for (l, t, which, idx) in [
+            (0, Target::Q, 0, 5),
+            (1, Target::V, 1, 17),
+            (0, Target::O, 1, 40),
+            (1, Target::Down, 0, 100),
+        ] {
+            let mut loss_at = |delta: f64| {
+                let mut a = adapter.clone();
+                let p = a.pairs[l][t.index()].as_mut().unwrap();
+                let m = if which == 0 { &mut p.a } else { &mut p.b };
+                let mut v = m.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+                v[idx] += delta;
+                *m = Tensor::from_vec(v, m.dims(), &Device::Cpu).unwrap();
+                pair_sums(&mut model, Some(a), &pairs, method, beta).objective(method)
+            };
+            let fd = (loss_at(h) - loss_at(-h)) / (2.0 * h);
+            let (ga, gb) = grads.pairs[l][t.index()].as_ref().unwrap();
+            let g = if which == 0 { ga } else { gb };
+            let ours = g.flatten_all().unwrap().to_vec1::<f64>().unwrap()[idx];
+            assert!(
+                (fd - ours).abs() < 1e-6 * (1.0 + fd.abs()),
+                "{method:?} layer {l} {t:?}: fd {fd} vs {ours}"
+            );
+            assert!(ours.abs() > 1e-8, "{method:?} layer {l} {t:?}: no gradient");
+        }
+    }
+}
+
+/// DPO's reference is the base model: the same whatever adapter the policy carries, and equal
+/// to the policy's own log-probabilities when there is no adapter (every reward then 0).
+#[test]
+fn the_dpo_reference_does_not_depend_on_the_adapter() {
+    use your_ai::engine::objective::Method;
+    let dir = tempfile::tempdir().unwrap();
+    let mut model = tiny_model(&TinySpec::default(), dir.path());
+    let one = pairs()[..1].to_vec();
+    let beta = 0.25;
+    // With one pair: ref log π(chosen) = log π(chosen) − reward/β, and log π = −Σ CE.
+    let reference = |model: &mut Llama, adapter: Option<Adapter>| {
+        let s = pair_sums(model, adapter, &one, Method::Dpo, beta);
+        (-s.chosen_ce - s.chosen_reward / beta, s.chosen_reward)
+    };
+    let (base, reward) = reference(&mut model, None);
+    assert_eq!(reward, 0.0);
+    let a1 = random_adapter(&model, vec![0, 1], Target::ALL.to_vec());
+    let a2 = random_adapter(&model, vec![1], vec![Target::Q, Target::Down]);
+    for a in [a1, a2] {
+        let (r, reward) = reference(&mut model, Some(a));
+        assert!(reward.abs() > 1e-6, "the adapter changes the policy");
+        assert!((r - base).abs() < 1e-9, "reference {r} vs base {base}");
+    }
+}

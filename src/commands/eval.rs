@@ -113,6 +113,10 @@ fn evaluate_pairs(
     println!("accuracy: {:.1}% (reward accuracy)", 100.0 * s.accuracy());
     println!("margin: {:.4} (mean reward margin)", s.margin());
     println!(
+        "prefers chosen: {:.1}% (log π(chosen) > log π(rejected) under the policy itself)",
+        100.0 * s.prefers_chosen()
+    );
+    println!(
         "rewards: chosen {:.4}, rejected {:.4} (mean, beta {})",
         s.chosen(),
         s.rejected(),

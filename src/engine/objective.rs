@@ -143,6 +143,9 @@ pub struct PreferenceSums {
     pub correct: usize,
     pub chosen_reward: f64,
     pub rejected_reward: f64,
+    /// Pairs whose chosen answer the policy itself finds more likely (log π, summed over the
+    /// tokens): the base model's "accuracy" before any training, where every reward is 0.
+    pub prefers_chosen: usize,
     /// ORPO: Σ cross-entropy over the chosen answers' tokens, and their count.
     pub chosen_ce: f64,
     pub chosen_tokens: usize,
@@ -153,6 +156,7 @@ impl PreferenceSums {
         self.pairs += 1;
         self.loss += t.loss;
         self.correct += usize::from(t.chosen_reward > t.rejected_reward);
+        self.prefers_chosen += usize::from(p.chosen > p.rejected);
         self.chosen_reward += t.chosen_reward;
         self.rejected_reward += t.rejected_reward;
         self.chosen_ce -= p.chosen;
@@ -163,6 +167,7 @@ impl PreferenceSums {
         self.pairs += o.pairs;
         self.loss += o.loss;
         self.correct += o.correct;
+        self.prefers_chosen += o.prefers_chosen;
         self.chosen_reward += o.chosen_reward;
         self.rejected_reward += o.rejected_reward;
         self.chosen_ce += o.chosen_ce;
@@ -185,6 +190,10 @@ impl PreferenceSums {
 
     pub fn accuracy(&self) -> f64 {
         self.per_pair(self.correct as f64)
+    }
+
+    pub fn prefers_chosen(&self) -> f64 {
+        self.per_pair(self.prefers_chosen as f64)
     }
 
     pub fn margin(&self) -> f64 {
@@ -277,7 +286,7 @@ mod tests {
         s.add_pair(&p, &pair_terms(Method::Dpo, 0.1, &p));
         let p = logps(-5.0, -9.0);
         s.add_pair(&p, &pair_terms(Method::Dpo, 0.1, &p));
-        assert_eq!((s.pairs, s.correct), (2, 1));
+        assert_eq!((s.pairs, s.correct, s.prefers_chosen), (2, 1, 1));
         assert!((s.accuracy() - 0.5).abs() < 1e-12);
         assert_eq!(s.chosen_tokens, 10);
         assert!((s.objective(Method::Orpo) - (s.loss / 2.0 + 12.0 / 10.0)).abs() < 1e-12);

@@ -526,6 +526,7 @@ impl<'a, E: Engine> Trainer<'a, E> {
                 ));
                 record["val_reward_accuracy"] = json!(p.accuracy());
                 record["val_reward_margin"] = json!(p.margin());
+                record["val_prefers_chosen"] = json!(p.prefers_chosen());
             }
             None => {
                 self.progress.message(&format!(

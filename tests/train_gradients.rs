@@ -857,3 +857,52 @@ fn the_dpo_reference_does_not_depend_on_the_adapter() {
         assert!((r - base).abs() < 1e-9, "reference {r} vs base {base}");
     }
 }
+
+/// Two micro-batches of one pair each, accumulated, give the gradient of one micro-batch of
+/// both pairs (each pair weighs 1/pairs of the accumulated batch).
+#[test]
+fn accumulating_pairs_equals_one_batch_of_pairs() {
+    use your_ai::engine::candle::preference;
+    use your_ai::engine::objective::{Method, PreferenceLoss};
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(&TinySpec::default(), dir.path());
+    let adapter = random_adapter(&model, vec![0, 1], Target::ALL.to_vec());
+    let pairs = pairs();
+    let chosen_tokens: usize = pairs.iter().map(|p| p.chosen.trained_count()).sum();
+    for method in [Method::Dpo, Method::Orpo] {
+        let loss = PreferenceLoss {
+            method,
+            beta: 0.3,
+            pair_scale: 0.5,
+            token_scale: 1.0 / chosen_tokens as f64,
+        };
+        let run = |groups: &[&[your_ai::data::preference::Pair]]| {
+            let mut grads = Grads::new(&adapter);
+            let mut sums = your_ai::engine::objective::PreferenceSums::default();
+            for g in groups {
+                let mb = batch(&model, &preference::pair_rows(g));
+                let s = preference::accumulate(
+                    &step(&model, &adapter, 0),
+                    &mb,
+                    &loss,
+                    &mut grads,
+                    &mut Default::default(),
+                )
+                .unwrap();
+                sums.merge(&s);
+            }
+            (sums, grads)
+        };
+        let (one, g1) = run(&[&pairs]);
+        let (two, g2) = run(&[&pairs[..1], &pairs[1..]]);
+        assert!((one.objective(method) - two.objective(method)).abs() < 1e-12);
+        for (l, t, _) in adapter.iter() {
+            let (a1, b1) = g1.pairs[l][t.index()].as_ref().unwrap();
+            let (a2, b2) = g2.pairs[l][t.index()].as_ref().unwrap();
+            assert!(
+                max_rel_diff(a1, a2) < 1e-10 && max_rel_diff(b1, b2) < 1e-10,
+                "{method:?} {l} {t:?}"
+            );
+        }
+    }
+}

@@ -26,6 +26,9 @@ pub struct SamplingArgs {
     /// Random seed for sampling.
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
+    /// Keep generating past the model's end tokens, up to --max-tokens (for benchmarks).
+    #[arg(long)]
+    pub ignore_eos: bool,
 }
 
 impl SamplingArgs {
@@ -49,6 +52,7 @@ impl SamplingArgs {
             top_p: self.top_p,
             seed: self.seed,
             max_tokens: self.max_tokens,
+            ignore_eos: self.ignore_eos,
         })
     }
 }
@@ -60,6 +64,8 @@ pub struct Sampling {
     pub top_p: f64,
     pub seed: u64,
     pub max_tokens: usize,
+    /// Generate past end tokens (benchmarks).
+    pub ignore_eos: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -114,7 +120,7 @@ pub fn generate(
     let mut stop = StopReason::MaxTokens;
     for _ in 0..sampling.max_tokens {
         let next = sample(&logits, sampling, &mut rng);
-        if tokenizer.is_end(next) {
+        if tokenizer.is_end(next) && !sampling.ignore_eos {
             stop = StopReason::EndToken(next);
             break;
         }
@@ -213,6 +219,7 @@ mod tests {
             top_p: 1.0,
             seed: 0,
             max_tokens: 1,
+            ignore_eos: false,
         };
         assert_eq!(sample(&logits, &greedy, &mut rng), 1);
         // top_p small keeps only the most likely token.

@@ -43,6 +43,7 @@ mod gemm;
 mod head;
 mod linear;
 pub mod par;
+pub mod qmatvec;
 mod rope;
 
 pub use attention::{attention, attention_backward, Heads};

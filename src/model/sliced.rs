@@ -9,6 +9,7 @@
 //! are cut at load without dequantizing: GGML blocks never straddle rows.
 
 use super::ops::row_chunks;
+use crate::kernels::qmatvec;
 use candle_core::quantized::{ggml_file::qtensor_from_ggml, GgmlDType, QTensor};
 use candle_core::{DType, Device, Result, Tensor};
 use std::borrow::Cow;
@@ -181,6 +182,9 @@ impl QuantizedRows {
 
     /// `x Wᵀ` for 2-D `x`: `[n, rows]` in x's dtype.
     pub fn matmul_t(&self, x: &Tensor) -> Result<Tensor> {
+        if let Some(y) = self.matmul_t_blocks(x)? {
+            return Ok(y);
+        }
         if self.slices.len() == 1 {
             return x.matmul(&self.slice(0, x.dtype())?.t()?);
         }
@@ -188,6 +192,40 @@ impl QuantizedRows {
             .map(|i| x.matmul(&self.slice(i, x.dtype())?.t()?))
             .collect::<Result<Vec<_>>>()?;
         Tensor::cat(&parts, 1)
+    }
+
+    /// `x Wᵀ` straight from the blocks, for the few rows of f32 `x` on the CPU that decoding
+    /// gives ([`qmatvec`]); None where it does not apply.
+    fn matmul_t_blocks(&self, x: &Tensor) -> Result<Option<Tensor>> {
+        let (n, cols) = x.dims2()?;
+        if n == 0
+            || n > qmatvec::MAX_ROWS
+            || cols != self.cols
+            || x.dtype() != DType::F32
+            || !x.device().is_cpu()
+            || !self.on_cpu()
+            || !crate::kernels::enabled()
+        {
+            return Ok(None);
+        }
+        let xs = x.flatten_all()?.to_vec1::<f32>()?;
+        let mut out = vec![0f32; n * self.rows];
+        for (i, (s0, len)) in self.ranges().into_iter().enumerate() {
+            let s = self.get(i)?;
+            if !qmatvec::qmatvec(
+                s.dtype(),
+                &s.data()?,
+                len,
+                cols,
+                &xs,
+                n,
+                &mut out[s0..],
+                self.rows,
+            ) {
+                return Ok(None);
+            }
+        }
+        Ok(Some(Tensor::from_vec(out, (n, self.rows), x.device())?))
     }
 
     /// `d W` for 2-D `d` (`[n, rows]`): the input gradient of [`QuantizedRows::matmul_t`].

@@ -225,6 +225,7 @@ fn start(
             top_p: req.top_p,
             seed: req.seed.unwrap_or_else(rand::random),
             max_tokens,
+            ignore_eos: false,
         },
         stop: req.stop.clone(),
         events: tx,

@@ -34,7 +34,10 @@ impl Linear {
         scale: f64,
         lora_x: Option<&Tensor>,
     ) -> Result<(Tensor, Option<Tensor>)> {
-        if self.bias.is_none() && crate::kernels::covers(x) {
+        // A quantized weight times the few rows of decoding is read from its blocks
+        // (`Weight::matmul_t`), never dequantized whole.
+        let decoding = self.weight.is_quantized() && x.dim(0)? <= crate::kernels::qmatvec::MAX_ROWS;
+        if self.bias.is_none() && crate::kernels::covers(x) && !decoding {
             let w = self.weight.dense(DType::F32)?;
             if let Some(done) =
                 crate::kernels::linear_forward(x, &w, lora.map(|p| (low_rank(p), scale)), lora_x)

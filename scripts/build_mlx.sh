@@ -41,10 +41,15 @@ wheel_dir="$cache/mlx-cpu-$mlx_version"
 mlx_dir="$wheel_dir/mlx"
 
 # 1. System packages: cmake, libclang for bindgen, a C++20 compiler.
+# bindgen needs libclang itself (libclang.so, libclang-N.so); libclang-cpp, which other
+# packages bring, is not it.
 have_libclang() {
-  compgen -G "/usr/lib/llvm-*/lib/libclang*.so*" >/dev/null ||
-    compgen -G "/usr/lib/*-linux-gnu/libclang*.so*" >/dev/null ||
-    { [ -n "${LIBCLANG_PATH:-}" ] && compgen -G "$LIBCLANG_PATH/libclang*.so*" >/dev/null; }
+  local d
+  for d in /usr/lib/llvm-*/lib /usr/lib/*-linux-gnu ${LIBCLANG_PATH:-}; do
+    compgen -G "$d/libclang.so*" >/dev/null || compgen -G "$d/libclang-[0-9]*.so*" >/dev/null &&
+      return 0
+  done
+  return 1
 }
 missing=()
 command -v cmake >/dev/null || missing+=(cmake)

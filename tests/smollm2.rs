@@ -176,3 +176,40 @@ fn masking_trains_exactly_every_assistant_turn_with_its_end_token() {
     assert_eq!(short.ids.len(), 10);
     assert_eq!(short.truncated, s.ids.len() - 10);
 }
+
+/// Decoding reads the GGUF's Q4_1 blocks (the default) or dense dequantized weights
+/// (`--dtype f32`): the greedy reply is the same, and the default says which it uses.
+#[test]
+fn decoding_from_the_blocks_gives_the_dense_greedy_reply() {
+    let run = |extra: &[&str]| {
+        let o = cli()
+            .args(["generate", "--model"])
+            .arg(smollm2())
+            .args([
+                "--prompt",
+                "Tell me a story about a dragon.",
+                "--max-tokens",
+                "40",
+            ])
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(o.status.success());
+        (
+            String::from_utf8(o.stdout).unwrap(),
+            String::from_utf8(o.stderr).unwrap(),
+        )
+    };
+    let (fast, note) = run(&[]);
+    let (dense, dense_note) = run(&["--dtype", "f32"]);
+    assert!(
+        note.contains("decoding with the GGUF's own 4-bit weights"),
+        "{note}"
+    );
+    assert!(
+        !dense_note.contains("decoding with the GGUF's own"),
+        "{dense_note}"
+    );
+    assert!(fast.split_whitespace().count() > 20, "{fast}");
+    assert_eq!(fast, dense);
+}

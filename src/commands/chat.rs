@@ -13,7 +13,7 @@ use std::ops::ControlFlow;
 
 pub fn run(args: ChatArgs) -> Result<()> {
     let mut sampling = args.sampling.sampling()?;
-    let loaded = args.run.load(true)?;
+    let loaded = args.run.load_for_decoding(true)?;
     let tok = &loaded.tokenizer;
     let context = loaded.model.cfg.max_position_embeddings;
     let interactive = std::io::stdin().is_terminal();

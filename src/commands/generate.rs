@@ -9,7 +9,7 @@ use std::ops::ControlFlow;
 
 pub fn run(args: GenerateArgs) -> Result<()> {
     let mut sampling = args.sampling.sampling()?;
-    let loaded = args.run.load(true)?;
+    let loaded = args.run.load_for_decoding(true)?;
     let tok = &loaded.tokenizer;
     let prompt_ids = if args.raw {
         let mut text = String::new();

@@ -11,7 +11,7 @@ use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
 pub fn run(a: ServeArgs) -> Result<()> {
-    let opts = a.model.load_options(a.quantize.quantize)?;
+    let opts = crate::model::args::decode_options(&a.model, a.quantize.quantize)?;
     let loaded = crate::model::load(&a.model.model, &opts, None)?;
     let mut adapters = HashMap::new();
     let mut names = vec![];

@@ -149,7 +149,7 @@ pub fn run(a: ValidateArgs) -> Result<()> {
         None => (suite::BUILTIN_SUITE.to_string(), "built-in".to_string()),
     };
     let cases = suite::parse(&text, &suite_name)?;
-    let mut loaded = a.run.load(false)?;
+    let mut loaded = a.run.load_for_decoding(false)?;
     let adapter = match &a.run.adapter {
         Some(dir) => Some(Adapter::load_peft(
             dir,

@@ -69,10 +69,56 @@ pub struct RunArgs {
 }
 
 impl RunArgs {
+    /// The model for decoding (`generate`, `chat`, `validate`): as [`RunArgs::load`], except
+    /// that without `--quantize` a GGUF keeps the quantization its block linears are stored in
+    /// when the decoding kernel reads it ([`decode_options`]).
+    pub fn load_for_decoding(&self, with_adapter: bool) -> Result<super::LoadedModel> {
+        let opts = decode_options(&self.model, self.quantize.quantize)?;
+        let adapter = self.adapter.as_deref().filter(|_| with_adapter);
+        super::load(&self.model.model, &opts, adapter)
+    }
+
     /// The model as these flags ask, with the adapter applied when `with_adapter`.
     pub fn load(&self, with_adapter: bool) -> Result<super::LoadedModel> {
         let opts = self.model.load_options(self.quantize.quantize)?;
         let adapter = self.adapter.as_deref().filter(|_| with_adapter);
         super::load(&self.model.model, &opts, adapter)
     }
+}
+
+/// How a model is loaded for decoding. Decoding reads every weight once per token, so it is
+/// bound by their size: without `--quantize` or `--dtype`, a GGUF whose block linears are all
+/// stored as Q4_0/Q4_1 (or all Q8_0) keeps them so on the CPU, as llama.cpp runs it, and the
+/// decoding kernel reads their blocks (the products equal those on the dequantized weights
+/// up to the order of the sums). `--dtype f32` asks for the dense, dequantized weights.
+/// Anything else loads as [`ModelArgs::load_options`] says.
+pub fn decode_options(model: &ModelArgs, quantize: Option<QuantBits>) -> Result<LoadOptions> {
+    use candle_core::quantized::GgmlDType as G;
+    let mut opts = model.load_options(quantize)?;
+    if quantize.is_some()
+        || model.dtype != DTypeChoice::Auto
+        || !opts.device.is_cpu()
+        || opts.dtype != candle_core::DType::F32
+    {
+        return Ok(opts);
+    }
+    let Ok(super::source::ModelSource::Gguf(path)) = super::source::resolve(&model.model) else {
+        return Ok(opts);
+    };
+    let formats = crate::weights::GgufFile::open(&path)?.linear_formats();
+    opts.quantize = if !formats.is_empty() && formats.iter().all(|f| matches!(f, G::Q4_0 | G::Q4_1))
+    {
+        Some(QuantBits::Four)
+    } else if formats == [G::Q8_0] {
+        Some(QuantBits::Eight)
+    } else {
+        None
+    };
+    if let Some(bits) = opts.quantize {
+        eprintln!(
+            "note: decoding with the GGUF's own {}-bit weights, read block by block (--dtype f32 for dense, dequantized weights)",
+            bits.bits()
+        );
+    }
+    Ok(opts)
 }

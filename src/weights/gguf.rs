@@ -93,6 +93,19 @@ impl GgufFile {
     /// tensors stored quantized stay in their own format, dense ones are quantized at
     /// `requantized` bytes per weight. None when the file has no block linears.
     pub fn quantized_linear_bytes(&self, requantized: f64) -> Option<f64> {
+        let (mut bytes, mut weights) = (0f64, 0f64);
+        for (name, info) in self.block_linears() {
+            let n = info.shape.elem_count() as f64;
+            bytes += n * self.bytes_per_weight(name, requantized)?;
+            weights += n;
+        }
+        (weights > 0.0).then(|| bytes / weights)
+    }
+
+    /// The seven linear weights of every block, with how each is stored.
+    fn block_linears(
+        &self,
+    ) -> impl Iterator<Item = (&String, &candle_core::quantized::gguf_file::TensorInfo)> {
         const LINEARS: [&str; 7] = [
             "attn_q",
             "attn_k",
@@ -102,20 +115,22 @@ impl GgufFile {
             "ffn_up",
             "ffn_down",
         ];
-        let (mut bytes, mut weights) = (0f64, 0f64);
-        for (name, info) in &self.content.tensor_infos {
-            let Some(rest) = name.strip_prefix("blk.") else {
-                continue;
-            };
-            let kind = rest.split('.').nth(1).unwrap_or("");
-            if !LINEARS.contains(&kind) || !name.ends_with(".weight") {
-                continue;
+        self.content.tensor_infos.iter().filter(|(name, _)| {
+            name.strip_prefix("blk.").is_some_and(|rest| {
+                LINEARS.contains(&rest.split('.').nth(1).unwrap_or("")) && name.ends_with(".weight")
+            })
+        })
+    }
+
+    /// The formats the block linears are stored in, each once.
+    pub fn linear_formats(&self) -> Vec<candle_core::quantized::GgmlDType> {
+        let mut formats = vec![];
+        for (_, info) in self.block_linears() {
+            if !formats.contains(&info.ggml_dtype) {
+                formats.push(info.ggml_dtype);
             }
-            let n = info.shape.elem_count() as f64;
-            bytes += n * self.bytes_per_weight(name, requantized)?;
-            weights += n;
         }
-        (weights > 0.0).then(|| bytes / weights)
+        formats
     }
 
     /// Bytes per weight tensor `name` will take under `--quantize`: a quantized tensor at its

@@ -97,27 +97,31 @@ multiversion! {
     }
 }
 
-/// `out[j·stride + r] = Σ_c x[j, c]·W[r, c]` for the `rows` rows of `W` stored as GGML blocks
-/// of `dt` in `w` and the `n ≤ MAX_ROWS` rows of `x` (`[n, cols]`); `out` holds at least
-/// `(n − 1)·stride + rows` values. False (nothing written) for a block type it does not cover
-/// or a shape that does not fit.
-pub fn qmatvec(
-    dt: GgmlDType,
-    w: &[u8],
-    rows: usize,
-    cols: usize,
-    x: &[f32],
-    n: usize,
-    out: &mut [f32],
-    stride: usize,
-) -> bool {
+/// A `[rows, cols]` matrix stored as GGML blocks of `dt`, row after row.
+pub struct Blocks<'a> {
+    pub dt: GgmlDType,
+    pub bytes: &'a [u8],
+    pub rows: usize,
+    pub cols: usize,
+}
+
+/// `out[j·stride + r] = Σ_c x[j, c]·W[r, c]` for the rows of `w` and the `n ≤ MAX_ROWS` rows of
+/// `x` (`[n, cols]`); `out` holds at least `(n − 1)·stride + rows` values. False (nothing
+/// written) for a block type it does not cover or a shape that does not fit.
+pub fn qmatvec(w: &Blocks, x: &[f32], n: usize, out: &mut [f32], stride: usize) -> bool {
+    let Blocks {
+        dt,
+        bytes,
+        rows,
+        cols,
+    } = *w;
     let Some(bb) = block_bytes(dt) else {
         return false;
     };
     if n == 0
         || n > MAX_ROWS
         || !cols.is_multiple_of(32)
-        || w.len() != rows * (cols / 32) * bb
+        || bytes.len() != rows * (cols / 32) * bb
         || x.len() < n * cols
         || stride < rows
         || out.len() < (n - 1) * stride + rows
@@ -127,7 +131,7 @@ pub fn qmatvec(
     let row_bytes = (cols / 32) * bb;
     let p = par::SendPtr::of(out);
     par::for_chunks(rows, rows * cols * n, |r| {
-        rows_of(dt, w, row_bytes, x, n, cols, r, p, stride)
+        rows_of(dt, bytes, row_bytes, x, n, cols, r, p, stride)
     });
     true
 }
@@ -161,7 +165,13 @@ mod tests {
                 // Written into a wider output (a slice of a larger matrix's columns).
                 let stride = rows + 5;
                 let mut out = vec![f32::NAN; n * stride];
-                assert!(qmatvec(dt, &bytes, rows, cols, &x, n, &mut out, stride));
+                let w = Blocks {
+                    dt,
+                    bytes: &bytes,
+                    rows,
+                    cols,
+                };
+                assert!(qmatvec(&w, &x, n, &mut out, stride));
                 for j in 0..n {
                     for r in 0..rows {
                         let (a, b) = (out[j * stride + r], want[j * rows + r]);

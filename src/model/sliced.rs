@@ -212,16 +212,14 @@ impl QuantizedRows {
         let mut out = vec![0f32; n * self.rows];
         for (i, (s0, len)) in self.ranges().into_iter().enumerate() {
             let s = self.get(i)?;
-            if !qmatvec::qmatvec(
-                s.dtype(),
-                &s.data()?,
-                len,
+            let data = s.data()?;
+            let w = qmatvec::Blocks {
+                dt: s.dtype(),
+                bytes: &data,
+                rows: len,
                 cols,
-                &xs,
-                n,
-                &mut out[s0..],
-                self.rows,
-            ) {
+            };
+            if !qmatvec::qmatvec(&w, &xs, n, &mut out[s0..], self.rows) {
                 return Ok(None);
             }
         }

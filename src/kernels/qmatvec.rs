@@ -185,31 +185,29 @@ mod tests {
         }
         // Not covered: another type, too many rows, a ragged row.
         let mut out = vec![0f32; 64];
+        let w = |dt, bytes, cols| Blocks {
+            dt,
+            bytes,
+            rows: 1,
+            cols,
+        };
+        let q8 = [0u8; 34];
         assert!(!qmatvec(
-            GgmlDType::Q4K,
-            &[],
-            1,
-            256,
+            &w(GgmlDType::Q4K, &[], 256),
             &[0.0; 256],
             1,
             &mut out,
             1
         ));
         assert!(!qmatvec(
-            GgmlDType::Q8_0,
-            &[0; 34],
-            1,
-            32,
+            &w(GgmlDType::Q8_0, &q8, 32),
             &[0.0; 320],
             9,
             &mut out,
             1
         ));
         assert!(!qmatvec(
-            GgmlDType::Q8_0,
-            &[0; 34],
-            1,
-            33,
+            &w(GgmlDType::Q8_0, &q8, 33),
             &[0.0; 33],
             1,
             &mut out,

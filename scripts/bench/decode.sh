@@ -8,8 +8,8 @@
 #   THREADS  threads for both (default: 2)
 #   TOKENS   new tokens per run (default: 128)
 #   RUNS     runs per row (default: 3)
-#   ROWS     your_ai rows, space-separated: f32 (the weights dequantized), q (the GGUF's own
-#            quantization, --quantize 4), q8 (--quantize 8) (default: "f32 q")
+#   ROWS     your_ai rows, space-separated: gguf (the default: the GGUF's own quantized blocks),
+#            dense (--dtype f32: the weights dequantized to f32) (default: "gguf dense")
 #   PYTHON   a python with llama-cpp-python (default: python3; the llama.cpp row is skipped
 #            when it is missing)
 set -euo pipefail
@@ -19,7 +19,7 @@ model=${MODEL:-$(./scripts/fetch_model.sh)}
 threads=${THREADS:-2}
 tokens=${TOKENS:-128}
 runs=${RUNS:-3}
-rows=${ROWS:-"f32 q"}
+rows=${ROWS:-"gguf dense"}
 python=${PYTHON:-python3}
 prompt="Write a long story about a dragon who learns to sail."
 
@@ -27,9 +27,8 @@ median() { sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 
 for row in $rows; do
   case $row in
-    f32) flags=() ;;
-    q) flags=(--quantize 4) ;;
-    q8) flags=(--quantize 8) ;;
+    gguf) flags=() ;;
+    dense) flags=(--dtype f32) ;;
     *) echo "unknown row $row" >&2; exit 2 ;;
   esac
   rates=()

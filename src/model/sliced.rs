@@ -208,7 +208,7 @@ impl QuantizedRows {
         {
             return Ok(None);
         }
-        let xs = x.flatten_all()?.to_vec1::<f32>()?;
+        let xs = qmatvec::quantize_x(&x.flatten_all()?.to_vec1::<f32>()?, n, cols);
         let mut out = vec![0f32; n * self.rows];
         for (i, (s0, len)) in self.ranges().into_iter().enumerate() {
             let s = self.get(i)?;

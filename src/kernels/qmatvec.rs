@@ -249,11 +249,11 @@ mod avx2 {
             if F == 0 {
                 let wv = _mm256_loadu_si256(b.add(2) as *const __m256i);
                 let aw = _mm256_sign_epi8(wv, wv);
-                for j in 0..N {
+                for (j, a) in acc.iter_mut().enumerate() {
                     let xb = j * per_row + k;
                     let xv = _mm256_loadu_si256(xq.add(xb * 32) as *const __m256i);
                     let p = dot_u8_i8(aw, _mm256_sign_epi8(xv, wv));
-                    acc[j] = _mm256_fmadd_ps(p, _mm256_set1_ps(wd * *xd.add(xb)), acc[j]);
+                    *a = _mm256_fmadd_ps(p, _mm256_set1_ps(wd * *xd.add(xb)), *a);
                 }
             } else {
                 let wv = nibbles(b.add(if F == 1 { 4 } else { 2 }));

@@ -212,7 +212,12 @@ fn decoding_from_the_blocks_gives_the_dense_greedy_reply() {
         !dense_note.contains("decoding with the GGUF's own"),
         "{dense_note}"
     );
-    let words = |s: &str| s.split_whitespace().take(20).map(String::from).collect::<Vec<_>>();
+    let words = |s: &str| {
+        s.split_whitespace()
+            .take(20)
+            .map(String::from)
+            .collect::<Vec<_>>()
+    };
     assert_eq!(words(&fast).len(), 20, "{fast}");
     assert_eq!(words(&fast), words(&dense), "{fast}\n{dense}");
 }

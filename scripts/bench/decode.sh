@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Decoding speed side by side: `your_ai generate` and llama.cpp (llama-cpp-python) on the same
 # GGUF, the same prompt through the model's chat template, greedy, the same number of new
-# tokens and threads. Prints each run's decode tokens/s and the median of RUNS per row.
+# tokens (end tokens ignored) and threads. The tools take turns run after run, so that a
+# machine's changing load falls on both. Prints each run's decode tokens/s and the medians.
 #
 # Usage: scripts/bench/decode.sh [BIN]
 #   MODEL    the GGUF (default: the SmolLM2 test model, fetched if needed)
 #   THREADS  threads for both (default: 2)
 #   TOKENS   new tokens per run (default: 128)
-#   RUNS     runs per row (default: 3)
+#   RUNS     runs per row (default: 5)
 #   ROWS     your_ai rows, space-separated: gguf (the default: the GGUF's own quantized blocks),
 #            dense (--dtype f32: the weights dequantized to f32) (default: "gguf dense")
 #   PYTHON   a python with llama-cpp-python (default: python3; the llama.cpp row is skipped
@@ -18,53 +19,60 @@ bin=${1:-target/release/your_ai}
 model=${MODEL:-$(./scripts/fetch_model.sh)}
 threads=${THREADS:-2}
 tokens=${TOKENS:-128}
-runs=${RUNS:-3}
+runs=${RUNS:-5}
 rows=${ROWS:-"gguf dense"}
 python=${PYTHON:-python3}
 prompt="Write a long story about a dragon who learns to sail."
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
 
-median() { sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+cat >"$tmp/llama.py" <<'PY'
+import sys, time
+import llama_cpp
+from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+model, threads, tokens, prompt = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+llm = llama_cpp.Llama(model_path=model, n_threads=threads, n_threads_batch=threads, n_ctx=1024,
+                      verbose=False)
+# The prompt through the model's own chat template, as `your_ai generate` renders it.
+fmt = Jinja2ChatFormatter(template=llm.metadata["tokenizer.chat_template"], eos_token="",
+                          bos_token="", add_generation_prompt=True)
+text = fmt(messages=[{"role": "user", "content": prompt}]).prompt
+llm.eval(llm.tokenize(text.encode(), add_bos=False, special=True))
+t0 = time.perf_counter()
+for _ in range(tokens):
+    llm.eval([int(llm.scores[llm.n_tokens - 1].argmax())])
+print(f"{tokens / (time.perf_counter() - t0):.1f}")
+PY
+llama=false
+if "$python" -c "import llama_cpp" 2>/dev/null; then
+  llama=true
+  version=$("$python" -c "import llama_cpp; print(llama_cpp.__version__)")
+fi
 
-for row in $rows; do
-  case $row in
-    gguf) flags=() ;;
-    dense) flags=(--dtype f32) ;;
-    *) echo "unknown row $row" >&2; exit 2 ;;
-  esac
-  rates=()
-  for _ in $(seq "$runs"); do
+declare -A rates
+for _ in $(seq "$runs"); do
+  for row in $rows; do
+    case $row in
+      gguf) flags=() ;;
+      dense) flags=(--dtype f32) ;;
+      *) echo "unknown row $row" >&2; exit 2 ;;
+    esac
     line=$("$bin" generate --model "$model" "${flags[@]}" --threads "$threads" --prompt "$prompt" \
       --max-tokens "$tokens" --temperature 0 --ignore-eos 2>&1 >/dev/null | grep -o '[0-9.]* tokens/s' | tail -1)
-    rates+=("${line%% *}")
+    rates[$row]="${rates[$row]:-} ${line%% *}"
   done
-  printf '%-28s %s  median %s tokens/s\n' "your_ai $row" "${rates[*]}" \
-    "$(printf '%s\n' "${rates[@]}" | median)"
+  if $llama; then
+    rates[llama]="${rates[llama]:-} $("$python" "$tmp/llama.py" "$model" "$threads" "$tokens" "$prompt")"
+  fi
 done
 
-if "$python" -c "import llama_cpp" 2>/dev/null; then
-  "$python" - "$model" "$threads" "$tokens" "$runs" "$prompt" <<'PY'
-import statistics, sys, time
-import llama_cpp
-model, threads, tokens, runs, prompt = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
-llm = llama_cpp.Llama(model_path=model, n_threads=threads, n_threads_batch=threads, n_ctx=1024, verbose=False)
-# The prompt through the model's own chat template, as `your_ai generate` renders it.
-from llama_cpp.llama_chat_format import Jinja2ChatFormatter
-fmt = Jinja2ChatFormatter(template=llm.metadata["tokenizer.chat_template"], eos_token="", bos_token="",
-                          add_generation_prompt=True)
-text = fmt(messages=[{"role": "user", "content": prompt}]).prompt
-rates = []
-for _ in range(runs):
-    llm.reset()
-    toks = llm.tokenize(text.encode(), add_bos=False, special=True)
-    llm.eval(toks)
-    n, t0 = 0, time.perf_counter()
-    for _ in range(tokens):
-        tok = int(llm.scores[llm.n_tokens - 1].argmax())
-        llm.eval([tok])
-        n += 1
-    rates.append(n / (time.perf_counter() - t0))
-print(f"{'llama.cpp ' + llama_cpp.__version__:<28} {' '.join(f'{r:.1f}' for r in rates)}  median {statistics.median(rates):.1f} tokens/s")
-PY
+median() { tr ' ' '\n' | grep . | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+for row in $rows; do
+  printf '%-22s%s  median %s tokens/s\n' "your_ai $row" "${rates[$row]}" "$(median <<<"${rates[$row]}")"
+done
+if $llama; then
+  printf '%-22s%s  median %s tokens/s\n' "llama.cpp $version" "${rates[llama]}" "$(median <<<"${rates[llama]}")"
 else
   echo "llama.cpp: skipped ($python has no llama_cpp; pip install llama-cpp-python)"
 fi
+echo "($threads threads, $tokens new tokens, $(basename "$model"))"

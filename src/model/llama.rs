@@ -195,21 +195,65 @@ fn load_vocab(
 }
 
 /// Keys and values of every block for the positions seen so far.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Default)]
 pub struct KvCache {
-    layers: Vec<Option<(Tensor, Tensor)>>,
+    layers: Vec<Option<KvSlot>>,
+}
+
+/// One block's keys and values: buffers `[b, nkv, capacity, d]` of which the first `len`
+/// positions are filled. New positions are written in place, and the buffers grow by doubling,
+/// so a token costs its own keys and values, not a copy of all the earlier ones.
+#[derive(Debug)]
+pub struct KvSlot {
+    k: Tensor,
+    v: Tensor,
+    len: usize,
+}
+
+impl KvSlot {
+    /// Appends `k` and `v` (`[b, nkv, t, d]`) and returns every position's keys and values
+    /// (views of the buffers).
+    pub(crate) fn append(
+        slot: &mut Option<Self>,
+        k: &Tensor,
+        v: &Tensor,
+    ) -> Result<(Tensor, Tensor)> {
+        let (b, nkv, t, d) = k.dims4()?;
+        let len = slot.as_ref().map_or(0, |s| s.len);
+        let cap = slot.as_ref().map_or(0, |s| s.k.dim(2).unwrap_or(0));
+        if len + t > cap {
+            let cap = (len + t).max(2 * cap).max(64);
+            let grow = |old: Option<&Tensor>| -> Result<Tensor> {
+                let buf = Tensor::zeros((b, nkv, cap, d), k.dtype(), k.device())?;
+                if let Some(old) = old {
+                    buf.slice_set(&old.narrow(2, 0, len)?.contiguous()?, 2, 0)?;
+                }
+                Ok(buf)
+            };
+            *slot = Some(KvSlot {
+                k: grow(slot.as_ref().map(|s| &s.k))?,
+                v: grow(slot.as_ref().map(|s| &s.v))?,
+                len,
+            });
+        }
+        let s = slot.as_mut().expect("made above");
+        s.k.slice_set(&k.contiguous()?, 2, len)?;
+        s.v.slice_set(&v.contiguous()?, 2, len)?;
+        s.len = len + t;
+        Ok((s.k.narrow(2, 0, s.len)?, s.v.narrow(2, 0, s.len)?))
+    }
 }
 
 impl KvCache {
     pub fn new(num_layers: usize) -> Self {
         Self {
-            layers: vec![None; num_layers],
+            layers: (0..num_layers).map(|_| None).collect(),
         }
     }
 
-    /// Each block's keys and values `[b, nkv, positions, d]`, for a model of `num_layers`
-    /// blocks (a cache made for another model starts empty).
-    pub(crate) fn slots(&mut self, num_layers: usize) -> &mut [Option<(Tensor, Tensor)>] {
+    /// Each block's keys and values, for a model of `num_layers` blocks (a cache made for
+    /// another model starts empty).
+    pub(crate) fn slots(&mut self, num_layers: usize) -> &mut [Option<KvSlot>] {
         if self.layers.len() != num_layers {
             *self = KvCache::new(num_layers);
         }
@@ -219,7 +263,7 @@ impl KvCache {
     /// Number of positions already cached.
     pub fn len(&self) -> usize {
         match self.layers.first() {
-            Some(Some((k, _))) => k.dim(2).unwrap_or(0),
+            Some(Some(s)) => s.len,
             _ => 0,
         }
     }

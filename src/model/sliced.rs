@@ -194,12 +194,28 @@ impl QuantizedRows {
         Tensor::cat(&parts, 1)
     }
 
+    /// [`QuantizedRows::matmul_t`] where the product decides between near-equal outputs (the
+    /// LM head): decoding's block path then rounds `x` to about 16 bits rather than 8
+    /// ([`qmatvec::quantize_x_split`]).
+    pub fn matmul_t_fine(&self, x: &Tensor) -> Result<Tensor> {
+        if let Some(y) = self.blocks_product(x, true)? {
+            return Ok(y);
+        }
+        self.matmul_t(x)
+    }
+
     /// `x Wᵀ` straight from the blocks, for the few rows of f32 `x` on the CPU that decoding
     /// gives ([`qmatvec`]); None where it does not apply.
     fn matmul_t_blocks(&self, x: &Tensor) -> Result<Option<Tensor>> {
+        self.blocks_product(x, false)
+    }
+
+    /// [`QuantizedRows::matmul_t_blocks`], `x` rounded to 8 bits or (`fine`) about 16.
+    fn blocks_product(&self, x: &Tensor, fine: bool) -> Result<Option<Tensor>> {
         let (n, cols) = x.dims2()?;
+        let rows_x = if fine { 2 * n } else { n };
         if n == 0
-            || n > qmatvec::MAX_ROWS
+            || rows_x > qmatvec::MAX_ROWS
             || cols != self.cols
             || x.dtype() != DType::F32
             || !x.device().is_cpu()
@@ -208,8 +224,13 @@ impl QuantizedRows {
         {
             return Ok(None);
         }
-        let xs = qmatvec::quantize_x(&x.flatten_all()?.to_vec1::<f32>()?, n, cols);
-        let mut out = vec![0f32; n * self.rows];
+        let xv = x.flatten_all()?.to_vec1::<f32>()?;
+        let xs = if fine {
+            qmatvec::quantize_x_split(&xv, n, cols)
+        } else {
+            qmatvec::quantize_x(&xv, n, cols)
+        };
+        let mut out = vec![0f32; rows_x * self.rows];
         for (i, (s0, len)) in self.ranges().into_iter().enumerate() {
             let s = self.get(i)?;
             let data = s.data()?;
@@ -219,9 +240,12 @@ impl QuantizedRows {
                 rows: len,
                 cols,
             };
-            if !qmatvec::qmatvec(&w, &xs, n, &mut out[s0..], self.rows) {
+            if !qmatvec::qmatvec(&w, &xs, rows_x, &mut out[s0..], self.rows) {
                 return Ok(None);
             }
+        }
+        if fine {
+            qmatvec::fold_split(&mut out, n, self.rows);
         }
         Ok(Some(Tensor::from_vec(out, (n, self.rows), x.device())?))
     }
@@ -305,9 +329,17 @@ mod tests {
             let deq = whole.dense(DType::F32).unwrap();
             assert!(max_rel_diff(&deq, &w) < 0.1);
             assert_eq!(max_rel_diff(&m.dense(DType::F32).unwrap(), &deq), 0.0);
-            let x = rand(&[5, 64], 2, 1.0);
+            // A prompt's rows: dequantized slices and the GEMM.
+            let x = rand(&[12, 64], 2, 1.0);
             let want = x.matmul(&deq.t().unwrap()).unwrap();
             assert!(max_rel_diff(&m.matmul_t(&x).unwrap(), &want) < 1e-5);
+            // Decoding's few rows: the blocks read in integers, x rounded to 8 bits (the
+            // kernel's own test bounds that rounding entry by entry).
+            let x = x.narrow(0, 0, 3).unwrap();
+            let want = x.matmul(&deq.t().unwrap()).unwrap();
+            let got = m.matmul_t(&x).unwrap();
+            assert!(max_rel_diff(&got, &want) < 2e-2);
+            assert!(max_rel_diff(&got, &want) > 0.0, "the block path was taken");
             let d = rand(&[5, 45], 3, 1.0);
             let want = d.matmul(&deq).unwrap();
             assert!(max_rel_diff(&m.matmul(&d).unwrap(), &want) < 1e-5);

@@ -289,8 +289,8 @@ pub struct Cached<'a> {
     pub sin: &'a Tensor,
     /// Additive mask `[t, cached + t]` ([`super::mask::causal`]); `None`: every key is seen.
     pub mask: Option<&'a Tensor>,
-    /// Keys and values `[b, nkv, cached, d]` of the positions before.
-    pub cache: &'a mut Option<(Tensor, Tensor)>,
+    /// Keys and values of the positions before.
+    pub cache: &'a mut Option<crate::model::llama::KvSlot>,
     /// `t` here is the number of new positions.
     pub heads: Heads,
 }
@@ -306,11 +306,7 @@ impl Attend for Cached<'_> {
         }
         let h = self.heads;
         let v = to_heads(&v, h, h.nkv)?;
-        let (k, v) = match self.cache.take() {
-            Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
-            None => (k, v),
-        };
-        *self.cache = Some((k.clone(), v.clone()));
+        let (k, v) = crate::model::llama::KvSlot::append(self.cache, &k, &v)?;
         let out = cached_attention(&q, &k, &v, self.mask, h.nkv)?;
         Ok((from_heads(&out, h, h.nh)?, None))
     }

@@ -10,7 +10,7 @@
 use super::gemm::{gemm_serial, Dst, Op, View};
 use super::par::{for_chunks, for_rows, SendPtr};
 use super::tensor;
-use super::{dot, exp};
+use super::{dot, exp, with_f32};
 use candle_core::{Result, Tensor};
 
 /// Shapes of one attention call.
@@ -268,6 +268,62 @@ fn masked_softmax(row: &mut [f32], mask: &[f32]) {
     for x in row.iter_mut() {
         *x *= inv;
     }
+}
+
+/// Decoding's attention: one new query per head (`q`, `[1, nh, 1, d]`) against the first `len`
+/// positions of the key and value buffers (`[1, nkv, capacity, d]`, a KV cache), each query
+/// head reading its group's K/V head. Plain dot products over contiguous rows: for one query
+/// the GEMM's setup costs more than the arithmetic. Returns `[1, nh, 1, d]`; `None` where it
+/// does not apply (not f32 on the CPU, not contiguous).
+pub fn attend_cached(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    len: usize,
+    nkv: usize,
+) -> Option<Result<Tensor>> {
+    let (b, nh, t, d) = q.dims4().ok()?;
+    let (kb, kh, cap, kd) = k.dims4().ok()?;
+    if b != 1 || t != 1 || kb != 1 || kh != nkv || kd != d || len == 0 || len > cap {
+        return None;
+    }
+    if nkv == 0 || !nh.is_multiple_of(nkv) || v.dims() != k.dims() {
+        return None;
+    }
+    let rep = nh / nkv;
+    let scale = 1.0 / (d as f32).sqrt();
+    let out = with_f32(q, |qs| {
+        with_f32(k, |ks| {
+            with_f32(v, |vs| {
+                let mut out = vec![0f32; nh * d];
+                let mut scores = vec![0f32; len];
+                for h in 0..nh {
+                    let g = h / rep;
+                    let qh = &qs[h * d..(h + 1) * d];
+                    let (kg, vg) = (&ks[g * cap * d..], &vs[g * cap * d..]);
+                    let mut max = f32::NEG_INFINITY;
+                    for (j, s) in scores.iter_mut().enumerate() {
+                        *s = dot(qh, &kg[j * d..(j + 1) * d]) * scale;
+                        max = max.max(*s);
+                    }
+                    let mut sum = 0f32;
+                    for s in scores.iter_mut() {
+                        *s = (*s - max).exp();
+                        sum += *s;
+                    }
+                    let oh = &mut out[h * d..(h + 1) * d];
+                    for (j, s) in scores.iter().enumerate() {
+                        let p = s / sum;
+                        for (o, x) in oh.iter_mut().zip(&vg[j * d..(j + 1) * d]) {
+                            *o += p * x;
+                        }
+                    }
+                }
+                out
+            })
+        })
+    })???;
+    Some(tensor(out, &[1, nh, 1, d]))
 }
 
 #[cfg(test)]

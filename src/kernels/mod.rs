@@ -46,7 +46,7 @@ pub mod par;
 pub mod qmatvec;
 mod rope;
 
-pub use attention::{attention, attention_backward, Heads};
+pub use attention::{attend_cached, attention, attention_backward, Heads};
 pub use elementwise::{rms_norm_backward, swiglu, swiglu_backward};
 pub use exp::exp;
 pub use head::{cross_entropy_head, cross_entropy_head_sliced};

@@ -211,6 +211,11 @@ pub struct KvSlot {
 }
 
 impl KvSlot {
+    /// The key and value buffers `[b, nkv, capacity, d]` and the positions filled.
+    pub(crate) fn buffers(&self) -> (&Tensor, &Tensor, usize) {
+        (&self.k, &self.v, self.len)
+    }
+
     /// Appends `k` and `v` (`[b, nkv, t, d]`) and returns every position's keys and values
     /// (views of the buffers).
     pub(crate) fn append(

@@ -307,6 +307,14 @@ impl Attend for Cached<'_> {
         let h = self.heads;
         let v = to_heads(&v, h, h.nkv)?;
         let (k, v) = crate::model::llama::KvSlot::append(self.cache, &k, &v)?;
+        // One new position, every cached key in view: decoding's own kernel.
+        if self.mask.is_none() {
+            if let Some((kb, vb, len)) = self.cache.as_ref().map(|s| s.buffers()) {
+                if let Some(out) = crate::kernels::attend_cached(&q, kb, vb, len, h.nkv) {
+                    return Ok((from_heads(&out?, h, h.nh)?, None));
+                }
+            }
+        }
         let out = cached_attention(&q, &k, &v, self.mask, h.nkv)?;
         Ok((from_heads(&out, h, h.nh)?, None))
     }
@@ -343,6 +351,49 @@ fn cached_attention(
 mod tests {
     use super::*;
     use candle_core::Device;
+
+    /// Decoding's kernel (one query against the first `len` positions of K/V buffers) against
+    /// the composite attention on the same positions, for grouped heads.
+    #[test]
+    fn the_decoding_kernel_equals_the_composite_attention() {
+        let (nh, nkv, d, cap) = (6, 2, 16, 40);
+        let f32s = |dims: &[usize], seed: u64| {
+            let n: usize = dims.iter().product();
+            rand((n, 1), seed)
+                .to_dtype(DType::F32)
+                .unwrap()
+                .reshape(dims)
+                .unwrap()
+        };
+        let q = f32s(&[1, nh, 1, d], 1);
+        let (k, v) = (f32s(&[1, nkv, cap, d], 2), f32s(&[1, nkv, cap, d], 3));
+        for len in [1, 7, cap] {
+            let got = crate::kernels::attend_cached(&q, &k, &v, len, nkv)
+                .expect("covered")
+                .unwrap();
+            let (kl, vl) = (k.narrow(2, 0, len).unwrap(), v.narrow(2, 0, len).unwrap());
+            let want = cached_attention(
+                &q,
+                &kl.contiguous().unwrap(),
+                &vl.contiguous().unwrap(),
+                None,
+                nkv,
+            )
+            .unwrap();
+            let diff = (got - want)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(diff < 1e-5, "len {len}: {diff}");
+        }
+        // Not covered: two new positions.
+        let q2 = f32s(&[1, nh, 2, d], 4);
+        assert!(crate::kernels::attend_cached(&q2, &k, &v, 3, nkv).is_none());
+    }
 
     fn rand(shape: (usize, usize), seed: u64) -> Tensor {
         use rand::{Rng, SeedableRng};

@@ -50,37 +50,6 @@ pub fn quantize_x(x: &[f32], n: usize, cols: usize) -> QuantizedX {
     out
 }
 
-/// `n ≤ MAX_ROWS / 2` rows of `x` as `2n` rows of 8-bit blocks: each row, then what its
-/// rounding left (at 1/254 of the first scale). The product of a matrix with both, summed row
-/// by row ([`fold_split`]), rounds `x` to about 1/64 000 of each block's largest entry instead
-/// of 1/254: what the LM head needs, where a near-tie between two tokens is decided (the 8-bit
-/// rounding alone turns SmolLM2's "Paris" into "L'Étoile", in llama.cpp too). The weight is
-/// still read once.
-pub fn quantize_x_split(x: &[f32], n: usize, cols: usize) -> QuantizedX {
-    let first = quantize_x(x, n, cols);
-    let rest: Vec<f32> = x[..n * cols]
-        .iter()
-        .zip(&first.q)
-        .enumerate()
-        .map(|(i, (&v, &q))| v - first.d[i / 32] * q as f32)
-        .collect();
-    let second = quantize_x(&rest, n, cols);
-    QuantizedX {
-        q: [first.q, second.q].concat(),
-        d: [first.d, second.d].concat(),
-        s: [first.s, second.s].concat(),
-    }
-}
-
-/// The `[2n, stride]` product with [`quantize_x_split`]'s rows, folded to `n` rows.
-pub fn fold_split(out: &mut Vec<f32>, n: usize, stride: usize) {
-    let (a, b) = out.split_at_mut(n * stride);
-    for (x, y) in a.iter_mut().zip(b.iter()) {
-        *x += y;
-    }
-    out.truncate(n * stride);
-}
-
 multiversion! {
     /// [`quantize_x`]'s loop; rounding to nearest-even vectorizes, where `round` is a call.
     fn quantize_blocks(x: &[f32], out: &mut QuantizedX) {
@@ -468,70 +437,6 @@ mod tests {
         assert!(!qmatvec(&w(GgmlDType::Q4K, &[], 256), &x, 1, &mut out, 1));
         assert!(!qmatvec(&w(GgmlDType::Q8_0, &q8, 32), &x, 9, &mut out, 1));
         assert!(!qmatvec(&w(GgmlDType::Q8_0, &q8, 33), &x, 1, &mut out, 1));
-    }
-
-    /// The split rounding's product is far closer to the dense one than the 8-bit one.
-    #[test]
-    fn the_split_rounding_is_finer() {
-        let dev = Device::Cpu;
-        let (rows, cols, n) = (64, 256, 2);
-        let w = rand(&[rows, cols], 5, 1.0);
-        let q = QTensor::quantize(&w, GgmlDType::Q8_0).unwrap();
-        let dense = q.dequantize(&dev).unwrap();
-        // An outlier per row, as hidden states have: it sets every block's scale.
-        let mut x: Vec<f32> = rand(&[n, cols], 6, 1.0)
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
-        x[3] = 40.0;
-        x[cols + 100] = -35.0;
-        let xt = candle_core::Tensor::from_vec(x.clone(), (n, cols), &dev).unwrap();
-        let want: Vec<f32> = xt
-            .matmul(&dense.t().unwrap())
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
-        let bytes = q.data().unwrap();
-        let blocks = Blocks {
-            dt: GgmlDType::Q8_0,
-            bytes: &bytes,
-            rows,
-            cols,
-        };
-        let err = |got: &[f32]| {
-            got.iter()
-                .zip(&want)
-                .map(|(a, b)| (a - b).abs())
-                .fold(0f32, f32::max)
-        };
-        let mut plain = vec![0f32; n * rows];
-        assert!(qmatvec(
-            &blocks,
-            &quantize_x(&x, n, cols),
-            n,
-            &mut plain,
-            rows
-        ));
-        let mut split = vec![0f32; 2 * n * rows];
-        assert!(qmatvec(
-            &blocks,
-            &quantize_x_split(&x, n, cols),
-            2 * n,
-            &mut split,
-            rows
-        ));
-        fold_split(&mut split, n, rows);
-        assert_eq!(split.len(), n * rows);
-        assert!(
-            err(&split) * 50.0 < err(&plain),
-            "split {} vs plain {}",
-            err(&split),
-            err(&plain)
-        );
-        assert!(err(&split) < 1e-2, "{}", err(&split));
     }
 
     #[test]

@@ -14,6 +14,9 @@ use candle_core::quantized::{ggml_file::qtensor_from_ggml, GgmlDType, QTensor};
 use candle_core::{DType, Device, Result, Tensor};
 use std::borrow::Cow;
 
+/// Outputs per row that [`QuantizedRows::matmul_t_refined`] computes again exactly.
+pub const REFINED: usize = 16;
+
 /// Bytes of one dequantized (f32) slice of a linear weight.
 pub const SLICE_BYTES: usize = 16 << 20;
 
@@ -194,28 +197,58 @@ impl QuantizedRows {
         Tensor::cat(&parts, 1)
     }
 
-    /// [`QuantizedRows::matmul_t`] where the product decides between near-equal outputs (the
-    /// LM head): decoding's block path then rounds `x` to about 16 bits rather than 8
-    /// ([`qmatvec::quantize_x_split`]).
-    pub fn matmul_t_fine(&self, x: &Tensor) -> Result<Tensor> {
-        if let Some(y) = self.blocks_product(x, true)? {
-            return Ok(y);
+    /// [`QuantizedRows::matmul_t`] where the largest outputs decide (the LM head): on
+    /// decoding's block path, x is rounded to 8 bits, and then the [`REFINED`] largest outputs
+    /// of each row are computed again exactly from their dequantized weight rows, so the
+    /// tokens in contention get the dense logits (the rounding moves a logit by about 0.1,
+    /// never a token from far down into the lead). Without it, SmolLM2 Q4_1 answers
+    /// "L'Étoile" rather than "Paris" for the capital of France, as llama.cpp does.
+    pub fn matmul_t_refined(&self, x: &Tensor) -> Result<Tensor> {
+        let Some(y) = self.matmul_t_blocks(x)? else {
+            return self.matmul_t(x);
+        };
+        let (n, rows) = y.dims2()?;
+        let mut yv = y.flatten_all()?.to_vec1::<f32>()?;
+        let xv = x.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+        let mut dense_row = vec![0f32; self.cols];
+        for (j, xj) in xv.iter().enumerate() {
+            let out = &mut yv[j * rows..(j + 1) * rows];
+            let mut order: Vec<usize> = (0..rows).collect();
+            let k = REFINED.min(rows);
+            order.select_nth_unstable_by(k - 1, |a, b| out[*b].total_cmp(&out[*a]));
+            for &r in &order[..k] {
+                self.dequantize_row(r, &mut dense_row)?;
+                out[r] = crate::kernels::dot(&dense_row, xj);
+            }
         }
-        self.matmul_t(x)
+        Tensor::from_vec(yv, (n, rows), x.device())
+    }
+
+    /// Row `r` dequantized into `out` (`cols` values).
+    fn dequantize_row(&self, r: usize, out: &mut [f32]) -> Result<()> {
+        let i = r / self.slice_rows;
+        let s = self.get(i)?;
+        let local = r - i * self.slice_rows;
+        let data = s.data()?;
+        let row_bytes = data.len() / s.shape().dims2()?.0;
+        let bytes = &data[local * row_bytes..(local + 1) * row_bytes];
+        if dequantize_parallel(s.dtype(), bytes, out) {
+            return Ok(());
+        }
+        let row = self
+            .slice(i, DType::F32)?
+            .narrow(0, local, 1)?
+            .flatten_all()?;
+        out.copy_from_slice(&row.to_vec1::<f32>()?);
+        Ok(())
     }
 
     /// `x Wᵀ` straight from the blocks, for the few rows of f32 `x` on the CPU that decoding
     /// gives ([`qmatvec`]); None where it does not apply.
     fn matmul_t_blocks(&self, x: &Tensor) -> Result<Option<Tensor>> {
-        self.blocks_product(x, false)
-    }
-
-    /// [`QuantizedRows::matmul_t_blocks`], `x` rounded to 8 bits or (`fine`) about 16.
-    fn blocks_product(&self, x: &Tensor, fine: bool) -> Result<Option<Tensor>> {
         let (n, cols) = x.dims2()?;
-        let rows_x = if fine { 2 * n } else { n };
         if n == 0
-            || rows_x > qmatvec::MAX_ROWS
+            || n > qmatvec::MAX_ROWS
             || cols != self.cols
             || x.dtype() != DType::F32
             || !x.device().is_cpu()
@@ -224,13 +257,8 @@ impl QuantizedRows {
         {
             return Ok(None);
         }
-        let xv = x.flatten_all()?.to_vec1::<f32>()?;
-        let xs = if fine {
-            qmatvec::quantize_x_split(&xv, n, cols)
-        } else {
-            qmatvec::quantize_x(&xv, n, cols)
-        };
-        let mut out = vec![0f32; rows_x * self.rows];
+        let xs = qmatvec::quantize_x(&x.flatten_all()?.to_vec1::<f32>()?, n, cols);
+        let mut out = vec![0f32; n * self.rows];
         for (i, (s0, len)) in self.ranges().into_iter().enumerate() {
             let s = self.get(i)?;
             let data = s.data()?;
@@ -240,12 +268,9 @@ impl QuantizedRows {
                 rows: len,
                 cols,
             };
-            if !qmatvec::qmatvec(&w, &xs, rows_x, &mut out[s0..], self.rows) {
+            if !qmatvec::qmatvec(&w, &xs, n, &mut out[s0..], self.rows) {
                 return Ok(None);
             }
-        }
-        if fine {
-            qmatvec::fold_split(&mut out, n, self.rows);
         }
         Ok(Some(Tensor::from_vec(out, (n, self.rows), x.device())?))
     }
@@ -340,6 +365,22 @@ mod tests {
             let got = m.matmul_t(&x).unwrap();
             assert!(max_rel_diff(&got, &want) < 2e-2);
             assert!(max_rel_diff(&got, &want) > 0.0, "the block path was taken");
+            // The head's refinement: each row's largest outputs are the dense ones.
+            let refined = m.matmul_t_refined(&x).unwrap().to_vec2::<f32>().unwrap();
+            let (approx, dense) = (
+                got.to_vec2::<f32>().unwrap(),
+                want.to_vec2::<f32>().unwrap(),
+            );
+            for j in 0..3 {
+                let mut order: Vec<usize> = (0..45).collect();
+                order.sort_by(|a, b| approx[j][*b].total_cmp(&approx[j][*a]));
+                for (rank, &r) in order.iter().enumerate() {
+                    let tol = if rank < REFINED { 1e-5 } else { 2e-2 };
+                    assert!((refined[j][r] - dense[j][r]).abs() <= tol * (1.0 + dense[j][r].abs()));
+                }
+                let argmax = |v: &[f32]| (0..v.len()).max_by(|a, b| v[*a].total_cmp(&v[*b]));
+                assert_eq!(argmax(&refined[j]), argmax(&dense[j]));
+            }
             let d = rand(&[5, 45], 3, 1.0);
             let want = d.matmul(&deq).unwrap();
             assert!(max_rel_diff(&m.matmul(&d).unwrap(), &want) < 1e-5);

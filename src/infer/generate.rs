@@ -108,7 +108,7 @@ pub fn generate(
     mut on_text: impl FnMut(&str) -> ControlFlow<()>,
 ) -> Result<Generated> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(sampling.seed);
-    let mut cache = KvCache::new(model.blocks.len());
+    let mut cache = KvCache::for_decoding(model.blocks.len());
     let mut decoder = StreamDecoder::new();
     let mut ids = vec![];
     let mut text = String::new();
@@ -150,7 +150,7 @@ fn last_logits(model: &Llama, input: &Tensor, cache: &mut KvCache) -> Result<Vec
     let t = hidden.dim(1)?;
     let last = hidden.narrow(1, t - 1, 1)?;
     Ok(model
-        .logits(&last)?
+        .decode_logits(&last)?
         .flatten_all()?
         .to_dtype(DType::F32)?
         .to_vec1()?)

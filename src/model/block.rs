@@ -324,6 +324,7 @@ impl Llama {
             d: cfg.head_dim,
         };
         let mut x = self.embed(ids)?.reshape((b * t, cfg.hidden_size))?;
+        let decode = cache.decoding();
         for (layer, slot) in cache.slots(self.blocks.len()).iter_mut().enumerate() {
             let cx = Layer {
                 model: self,
@@ -331,6 +332,7 @@ impl Llama {
                     adapter: self.adapter.as_ref(),
                     layer,
                     dropout: None,
+                    decode,
                 },
                 // One chunk: inference's MLP runs on all its rows at once.
                 mlp_chunk: usize::MAX,

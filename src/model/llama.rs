@@ -198,6 +198,9 @@ fn load_vocab(
 #[derive(Debug, Default)]
 pub struct KvCache {
     layers: Vec<Option<KvSlot>>,
+    /// Generation: quantized weights are read from their blocks, activations rounded to 8
+    /// bits ([`KvCache::for_decoding`]); otherwise every product is exact.
+    decoding: bool,
 }
 
 /// One block's keys and values: buffers `[b, nkv, capacity, d]` of which the first `len`
@@ -253,14 +256,31 @@ impl KvCache {
     pub fn new(num_layers: usize) -> Self {
         Self {
             layers: (0..num_layers).map(|_| None).collect(),
+            decoding: false,
         }
+    }
+
+    /// A cache for generation: the model's quantized weights are read from their blocks with
+    /// activations rounded to 8 bits, as llama.cpp does (`kernels::qmatvec`).
+    pub fn for_decoding(num_layers: usize) -> Self {
+        Self {
+            decoding: true,
+            ..Self::new(num_layers)
+        }
+    }
+
+    pub fn decoding(&self) -> bool {
+        self.decoding
     }
 
     /// Each block's keys and values, for a model of `num_layers` blocks (a cache made for
     /// another model starts empty).
     pub(crate) fn slots(&mut self, num_layers: usize) -> &mut [Option<KvSlot>] {
         if self.layers.len() != num_layers {
-            *self = KvCache::new(num_layers);
+            *self = KvCache {
+                decoding: self.decoding,
+                ..KvCache::new(num_layers)
+            };
         }
         &mut self.layers
     }

@@ -93,6 +93,15 @@ impl Weight {
         }
     }
 
+    /// `x Wᵀ` for decoding: a quantized weight's blocks read as stored, `x` rounded to 8 bits
+    /// ([`QuantizedRows::matmul_t_decode`]).
+    pub fn matmul_t_decode(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Weight::Dense(w) => x.matmul(&w.t()?),
+            Weight::Quantized(q) => q.matmul_t_decode(x),
+        }
+    }
+
     /// `dy W` for 2-D `dy`: the input gradient of `x Wᵀ`.
     pub fn matmul(&self, dy: &Tensor) -> Result<Tensor> {
         match self {

@@ -185,9 +185,6 @@ impl QuantizedRows {
 
     /// `x Wᵀ` for 2-D `x`: `[n, rows]` in x's dtype.
     pub fn matmul_t(&self, x: &Tensor) -> Result<Tensor> {
-        if let Some(y) = self.matmul_t_blocks(x)? {
-            return Ok(y);
-        }
         if self.slices.len() == 1 {
             return x.matmul(&self.slice(0, x.dtype())?.t()?);
         }
@@ -197,7 +194,17 @@ impl QuantizedRows {
         Tensor::cat(&parts, 1)
     }
 
-    /// [`QuantizedRows::matmul_t`] where the largest outputs decide (the LM head): on
+    /// [`QuantizedRows::matmul_t`] for decoding: the few rows of f32 `x` on the CPU that
+    /// decoding gives are dotted with the blocks as they are stored, `x` rounded to 8 bits
+    /// ([`qmatvec`], as llama.cpp does); anything else as `matmul_t`.
+    pub fn matmul_t_decode(&self, x: &Tensor) -> Result<Tensor> {
+        match self.matmul_t_blocks(x)? {
+            Some(y) => Ok(y),
+            None => self.matmul_t(x),
+        }
+    }
+
+    /// [`QuantizedRows::matmul_t_decode`] where the largest outputs decide (the LM head): on
     /// decoding's block path, x is rounded to 8 bits, and then the [`REFINED`] largest outputs
     /// of each row are computed again exactly from their dequantized weight rows, so the
     /// tokens in contention get the dense logits (the rounding moves a logit by about 0.1,
@@ -362,7 +369,8 @@ mod tests {
             // kernel's own test bounds that rounding entry by entry).
             let x = x.narrow(0, 0, 3).unwrap();
             let want = x.matmul(&deq.t().unwrap()).unwrap();
-            let got = m.matmul_t(&x).unwrap();
+            let got = m.matmul_t_decode(&x).unwrap();
+            assert_eq!(max_rel_diff(&m.matmul_t(&x).unwrap(), &want), 0.0);
             assert!(max_rel_diff(&got, &want) < 2e-2);
             assert!(max_rel_diff(&got, &want) > 0.0, "the block path was taken");
             // The head's refinement: each row's largest outputs are the dense ones.

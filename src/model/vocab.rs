@@ -169,9 +169,17 @@ impl VocabMatrix {
         Tensor::cat(&parts, 0)?.index_select(&Tensor::new(back.as_slice(), device)?, 0)
     }
 
-    /// `h Wᵀ` for 2-D `h`: `[n, vocab]` in h's dtype. On decoding's block path the leading
-    /// logits are exact ([`QuantizedRows::matmul_t_refined`]): they decide the token.
+    /// `h Wᵀ` for 2-D `h`: `[n, vocab]` in h's dtype.
     pub fn matmul_t(&self, h: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Dense(w) => h.matmul(&w.t()?),
+            Self::Quantized(q) => q.matmul_t(h),
+        }
+    }
+
+    /// [`VocabMatrix::matmul_t`] for decoding: the block path, with the leading logits exact
+    /// ([`QuantizedRows::matmul_t_refined`]): they decide the token.
+    pub fn matmul_t_decode(&self, h: &Tensor) -> Result<Tensor> {
         match self {
             Self::Dense(w) => h.matmul(&w.t()?),
             Self::Quantized(q) => q.matmul_t_refined(h),

@@ -251,6 +251,7 @@ pub fn hidden(model: &Llama, mb: &MicroBatch, adapter: Option<&Adapter>) -> Resu
                 adapter,
                 layer: l,
                 dropout: None,
+                decode: false,
             },
             mlp_chunk,
         };
@@ -287,6 +288,7 @@ fn forward_backward<R>(
             adapter: Some(adapter),
             layer: l,
             dropout: mb.dropout,
+            decode: false,
         },
         mlp_chunk,
     };

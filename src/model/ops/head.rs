@@ -15,13 +15,25 @@ use candle_core::{DType, Result, Tensor, D};
 impl Llama {
     /// Applies the LM head to hidden states of any leading shape; result in f32.
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        self.head_over(hidden, |h| self.lm_head.matmul_t(h))
+    }
+
+    /// [`Llama::logits`] for generation: a quantized head read from its blocks, the leading
+    /// logits exact (`VocabMatrix::matmul_t_decode`).
+    pub fn decode_logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        self.head_over(hidden, |h| self.lm_head.matmul_t_decode(h))
+    }
+
+    /// `product` over `hidden`'s rows, reshaped back to its leading shape, in f32.
+    fn head_over(
+        &self,
+        hidden: &Tensor,
+        product: impl FnOnce(&Tensor) -> Result<Tensor>,
+    ) -> Result<Tensor> {
         let mut dims = hidden.dims().to_vec();
         let hsz = dims.pop().unwrap_or(0);
         let rows: usize = dims.iter().product();
-        let out = self
-            .lm_head
-            .matmul_t(&hidden.reshape((rows, hsz))?)?
-            .to_dtype(DType::F32)?;
+        let out = product(&hidden.reshape((rows, hsz))?)?.to_dtype(DType::F32)?;
         dims.push(self.cfg.vocab_size);
         out.reshape(dims)
     }

@@ -33,10 +33,12 @@ impl Linear {
         lora: Option<&LoraPair>,
         scale: f64,
         lora_x: Option<&Tensor>,
+        decode: bool,
     ) -> Result<(Tensor, Option<Tensor>)> {
-        // A quantized weight times the few rows of decoding is read from its blocks
-        // (`Weight::matmul_t`), never dequantized whole.
-        let decoding = self.weight.is_quantized() && x.dim(0)? <= crate::kernels::qmatvec::MAX_ROWS;
+        // Decoding: a quantized weight times the few rows of new positions is read from its
+        // blocks (`Weight::matmul_t_decode`), never dequantized whole.
+        let decoding =
+            decode && self.weight.is_quantized() && x.dim(0)? <= crate::kernels::qmatvec::MAX_ROWS;
         if self.bias.is_none() && crate::kernels::covers(x) && !decoding {
             let w = self.weight.dense(DType::F32)?;
             if let Some(done) =
@@ -45,7 +47,15 @@ impl Linear {
                 return done;
             }
         }
-        let y = self.forward(x)?;
+        let y = if decoding {
+            let y = self.weight.matmul_t_decode(x)?;
+            match &self.bias {
+                Some(b) => y.broadcast_add(b)?,
+                None => y,
+            }
+        } else {
+            self.forward(x)?
+        };
         match lora {
             None => Ok((y, None)),
             Some(p) => {
@@ -67,6 +77,9 @@ pub struct Lora<'a> {
     pub adapter: Option<&'a Adapter>,
     pub layer: usize,
     pub dropout: Option<(f64, u64)>,
+    /// Decoding (generation): quantized weights are read from their blocks with the input
+    /// rounded to 8 bits, as llama.cpp does; training and scoring stay exact.
+    pub decode: bool,
 }
 
 /// One projection's output, with what its backward needs.
@@ -124,7 +137,13 @@ impl Lora<'_> {
         row0: usize,
     ) -> Result<Projected> {
         let dropped = self.dropped(target, input, row0)?;
-        let (y, xa) = lin.forward_lora(input, self.pair(target), self.scale(), dropped.as_ref())?;
+        let (y, xa) = lin.forward_lora(
+            input,
+            self.pair(target),
+            self.scale(),
+            dropped.as_ref(),
+            self.decode,
+        )?;
         Ok(Projected { y, xa, dropped })
     }
 

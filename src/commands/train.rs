@@ -366,28 +366,8 @@ fn read_pairs(
     if !a.objective.method.is_preference() {
         return Ok(None);
     }
-    let optional = |p: Option<&PathBuf>| -> Result<Vec<_>> {
-        Ok(match p {
-            Some(p) => read_preferences(p)?,
-            None => vec![],
-        })
-    };
-    if a.output.test && files.test.is_none() {
-        return Err(usage(format!(
-            "--test: {} has no test.jsonl",
-            a.data.data.display()
-        )));
-    }
-    let test = if a.output.test {
-        optional(files.test.as_ref())?
-    } else {
-        vec![]
-    };
-    Ok(Some([
-        read_preferences(&files.train)?,
-        optional(files.valid.as_ref())?,
-        test,
-    ]))
+    let (train, valid, test) = read_files(a, files, read_preferences)?;
+    Ok(Some([train, valid, test]))
 }
 
 /// Encodes every pair with the model's tokenizer and template (answers scored only), all
@@ -428,13 +408,24 @@ fn read_records(
     a: &TrainArgs,
     files: &DataFiles,
 ) -> Result<(Vec<Record>, Vec<Record>, Vec<Record>)> {
-    let optional = |p: Option<&PathBuf>| -> Result<Vec<Record>> {
+    read_files(a, files, read_jsonl)
+}
+
+/// The training, validation and (with `--test`) test files through `read`; a missing
+/// test.jsonl under `--test` is refused.
+#[allow(clippy::type_complexity)]
+fn read_files<T>(
+    a: &TrainArgs,
+    files: &DataFiles,
+    read: impl Fn(&Path) -> std::result::Result<Vec<T>, DataError>,
+) -> Result<(Vec<T>, Vec<T>, Vec<T>)> {
+    let optional = |p: Option<&PathBuf>| -> Result<Vec<T>> {
         Ok(match p {
-            Some(p) => read_jsonl(p)?,
+            Some(p) => read(p)?,
             None => vec![],
         })
     };
-    let train = read_jsonl(&files.train)?;
+    let train = read(&files.train)?;
     let valid = optional(files.valid.as_ref())?;
     if a.output.test && files.test.is_none() {
         return Err(usage(format!(

@@ -71,6 +71,38 @@ impl CandleEngine {
     }
 }
 
+impl CandleEngine {
+    /// Lays `batch` out as a micro-batch (timed as data) and runs `run` on the step of the
+    /// model and its adapter, with the step's gradients.
+    fn with_step<R>(
+        &mut self,
+        batch: &MicroBatchRows,
+        profile: &mut Profile,
+        run: impl FnOnce(
+            &Step,
+            &step::MicroBatch,
+            &mut Grads,
+            &mut Profile,
+        ) -> std::result::Result<R, StepError>,
+    ) -> std::result::Result<R, StepError> {
+        let model = self.model.as_ref().ok_or_else(reloading)?;
+        let adapter = attached(model)?;
+        let grads = self.grads.get_or_insert_with(|| Grads::new(adapter));
+        let clock = Instant::now();
+        let refs: Vec<&Row> = batch.rows.iter().collect();
+        let mut mb = batch::micro_batch(model, &refs)?;
+        mb.dropout = batch.dropout;
+        profile.data += clock.elapsed();
+        let step = Step {
+            model,
+            adapter,
+            keep_blocks: self.keep_blocks,
+            meter: &self.meter,
+        };
+        run(&step, &mb, grads, profile)
+    }
+}
+
 fn reloading() -> Error {
     Error::Usage("the model is being reloaded; it has no weights now".into())
 }
@@ -101,21 +133,9 @@ impl Engine for CandleEngine {
         batch: &MicroBatchRows,
         profile: &mut Profile,
     ) -> std::result::Result<LossSums, StepError> {
-        let model = self.model.as_ref().ok_or_else(reloading)?;
-        let adapter = attached(model)?;
-        let grads = self.grads.get_or_insert_with(|| Grads::new(adapter));
-        let clock = Instant::now();
-        let refs: Vec<&Row> = batch.rows.iter().collect();
-        let mut mb = batch::micro_batch(model, &refs)?;
-        mb.dropout = batch.dropout;
-        profile.data += clock.elapsed();
-        let step = Step {
-            model,
-            adapter,
-            keep_blocks: self.keep_blocks,
-            meter: &self.meter,
-        };
-        step.forward_backward(&mb, batch.loss_scale, grads, profile)
+        self.with_step(batch, profile, |step, mb, grads, profile| {
+            step.forward_backward(mb, batch.loss_scale, grads, profile)
+        })
     }
 
     fn accumulate_pairs(
@@ -124,21 +144,9 @@ impl Engine for CandleEngine {
         loss: &PreferenceLoss,
         profile: &mut Profile,
     ) -> std::result::Result<PreferenceSums, StepError> {
-        let model = self.model.as_ref().ok_or_else(reloading)?;
-        let adapter = attached(model)?;
-        let grads = self.grads.get_or_insert_with(|| Grads::new(adapter));
-        let clock = Instant::now();
-        let refs: Vec<&Row> = batch.rows.iter().collect();
-        let mut mb = batch::micro_batch(model, &refs)?;
-        mb.dropout = batch.dropout;
-        profile.data += clock.elapsed();
-        let step = Step {
-            model,
-            adapter,
-            keep_blocks: self.keep_blocks,
-            meter: &self.meter,
-        };
-        preference::accumulate(&step, &mb, loss, grads, profile)
+        self.with_step(batch, profile, |step, mb, grads, profile| {
+            preference::accumulate(step, mb, loss, grads, profile)
+        })
     }
 
     fn evaluate_pairs(

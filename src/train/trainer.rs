@@ -2,7 +2,7 @@
 //! each step: train it, evaluate, check the memory budget, checkpoint, reload; then finish.
 //! Everything here is shared by every engine; the arithmetic is the [`Engine`]'s.
 
-use super::checkpoint::{self, TrainerState};
+use super::checkpoint;
 use super::config::TrainConfig;
 use super::metrics::Metrics;
 use super::progress::{Progress, StepReport};
@@ -15,14 +15,15 @@ use crate::engine::candle::preference::pair_rows;
 use crate::engine::objective::{Method, PreferenceLoss, PreferenceSums};
 use crate::engine::{Engine, LossSums, MicroBatchRows, Profile, StepError};
 use crate::error::{Error, Result};
-use crate::io::Staged;
 use crate::model::lora::{Adapter, LoraConfig};
 use crate::model::ModelConfig;
-use crate::runtime::{memory, signals};
+use crate::runtime::memory;
 use serde_json::json;
 use std::collections::VecDeque;
-use std::path::{Path, PathBuf};
 use std::time::Instant;
+
+mod saves;
+pub use saves::{save_adapter_dir, save_adapter_files};
 
 /// Consecutive non-finite steps after which the run stops as diverged.
 pub const MAX_NONFINITE: usize = 3;
@@ -547,152 +548,6 @@ impl<'a, E: Engine> Trainer<'a, E> {
         Ok(())
     }
 
-    /// A checkpoint at `step` of the adapter, the optimizer and the data `cursor`.
-    fn save(&self, step: usize, cursor: (u64, usize)) -> Result<PathBuf> {
-        let s = &self.summary;
-        let optimizer = self.engine.optimizer_state()?;
-        let state = TrainerState {
-            format_version: checkpoint::FORMAT_VERSION,
-            step,
-            optimizer_t: optimizer.t,
-            epoch: cursor.0,
-            position: cursor.1,
-            tokens: s.tokens,
-            trained_tokens: s.trained_tokens,
-            skipped: s.skipped,
-            nonfinite: self.nonfinite,
-            first_val: s.first_val,
-            last_val: s.last_val,
-            best_val: s.best_val,
-            data_sha256: self.data_sha256.clone(),
-            config: serde_json::to_value(self.cfg).unwrap_or_default(),
-            checksums: Default::default(),
-        };
-        checkpoint::save(
-            &self.cfg.output_dir().join("checkpoints"),
-            &self.finite_adapter()?,
-            &optimizer,
-            state,
-            self.cfg,
-            self.cfg.output.keep_checkpoints,
-        )
-    }
-
-    fn diverged(&self, what: String) -> Error {
-        Error::Diverged {
-            what,
-            learning_rate: self.cfg.schedule.learning_rate,
-        }
-    }
-
-    /// The adapter as it is now, refused when any value is NaN or infinite: such an adapter
-    /// is never written (not to a checkpoint, not to `best/`, not as the result).
-    fn finite_adapter(&self) -> Result<Adapter> {
-        let adapter = self.engine.adapter()?;
-        match adapter.first_non_finite() {
-            Some(name) => Err(self.diverged(format!("{name} holds NaN or infinite values"))),
-            None => Ok(adapter),
-        }
-    }
-
-    /// The run crossed its memory budget during `step`: saves the checkpoint of `saved_step`
-    /// (with the data `cursor` of that step) and returns the error that ends the run.
-    fn stop_over_budget(
-        &mut self,
-        step: usize,
-        saved_step: usize,
-        peak: u64,
-        cursor: (u64, usize),
-    ) -> Result<Error> {
-        self.engine.discard_gradients();
-        self.progress.finish();
-        let dir = self.save(saved_step, cursor)?;
-        let meter = self.engine.meter();
-        Ok(Error::MemoryBudget {
-            measure: meter.measure().name(),
-            step,
-            saved_step,
-            peak,
-            budget: meter.limit(),
-            checkpoint: dir,
-        })
-    }
-
-    /// A stop signal came: saves the checkpoint of `saved_step` (with the data `cursor` of
-    /// that step) and returns the error that ends the run.
-    fn stop_for_signal(
-        &mut self,
-        signal: i32,
-        saved_step: usize,
-        cursor: (u64, usize),
-    ) -> Result<Error> {
-        self.engine.discard_gradients();
-        self.progress.finish();
-        let dir = self.save(saved_step, cursor)?;
-        Ok(Error::Interrupted {
-            signal,
-            step: saved_step,
-            checkpoint: dir,
-        })
-    }
-
-    /// Every `--save-every` steps, at the last step, and when a stop signal came: a checkpoint
-    /// (after a signal, the run then ends).
-    fn checkpoint(&mut self, step: usize) -> Result<()> {
-        let every = self.cfg.output.save_every;
-        let last = step == self.cfg.steps;
-        if !((every > 0 && step.is_multiple_of(every)) || last || signals::requested().is_some()) {
-            return Ok(());
-        }
-        let dir = self.save(step, self.cursor())?;
-        // Also a signal that came during the save: the run ends with this checkpoint.
-        match signals::requested() {
-            Some(signal) => {
-                self.progress.finish();
-                Err(Error::Interrupted {
-                    signal,
-                    step,
-                    checkpoint: dir,
-                })
-            }
-            None if !last => {
-                self.progress.message(&format!(
-                    "step {step}: checkpoint saved to {}",
-                    dir.display()
-                ));
-                Ok(())
-            }
-            None => Ok(()),
-        }
-    }
-
-    /// `--reload-interval`: checkpoint, drop the model, adapter and optimizer, load the model
-    /// again (the same load as at the start) and continue from the checkpoint.
-    fn reload(&mut self, step: usize) -> Result<()> {
-        let clock = Instant::now();
-        let dir = self.save(step, self.cursor())?;
-        memory::release_free();
-        let before = memory::current_rss();
-        self.engine.reload()?;
-        let saved = checkpoint::load(&dir)?;
-        let adapter = saved.adapter(self.engine.config())?;
-        self.engine.set_adapter(adapter, Some(saved.optimizer))?;
-        self.batcher
-            .restore(saved.state.epoch, saved.state.position);
-        memory::release_free();
-        let after = memory::current_rss();
-        self.progress.message(&format!(
-            "step {step}: reloaded model, adapter and optimizer from {} ({:.2} GB resident before, {:.2} GB after)",
-            dir.display(),
-            before.map(memory::gb).unwrap_or(f64::NAN),
-            after.map(memory::gb).unwrap_or(f64::NAN)
-        ));
-        self.metrics.write(
-            json!({"type": "reload", "step": step, "rss_before_bytes": before,
-            "rss_after_bytes": after, "seconds": clock.elapsed().as_secs_f64()}),
-        )
-    }
-
     /// The final evaluation, the adapter files, the test set, and the end record.
     fn finish(mut self) -> Result<Summary> {
         let cfg = self.cfg;
@@ -756,40 +611,4 @@ impl<'a, E: Engine> Trainer<'a, E> {
         summary.profile = cfg.output.profile.then_some(self.profile);
         Ok(summary)
     }
-}
-
-/// The adapter files (PEFT layout, and the run's `train_config.json`) written into a staged
-/// directory that will take the place of `dest`.
-fn stage_adapter(adapter: &Adapter, dest: &Path, config: &TrainConfig) -> Result<Staged> {
-    let staged = Staged::replacing(dest)?;
-    let tmp = &staged.tmp;
-    std::fs::create_dir_all(tmp).map_err(|e| Error::io("create", tmp, e))?;
-    adapter.save_peft(tmp, &config.model.model)?;
-    let cfg = serde_json::to_string_pretty(config).unwrap_or_default();
-    crate::io::write_synced(&tmp.join("train_config.json"), cfg.as_bytes())?;
-    Ok(staged)
-}
-
-/// Writes an adapter directory (`best/`) atomically: the complete new directory replaces the
-/// old one, so a reader sees one or the other, never a mix.
-pub fn save_adapter_dir(adapter: &Adapter, dir: &Path, config: &TrainConfig) -> Result<()> {
-    if let Some(parent) = dir.parent() {
-        crate::io::clear_leftovers(parent);
-    }
-    stage_adapter(adapter, dir, config)?.commit()
-}
-
-/// Writes the adapter files into `dir`, which also holds metrics and other runs' outputs: each
-/// file is renamed into place whole, so none is ever seen half-written.
-pub fn save_adapter_files(adapter: &Adapter, dir: &Path, config: &TrainConfig) -> Result<()> {
-    let staged = stage_adapter(adapter, &dir.join("adapter"), config)?;
-    let tmp = &staged.tmp;
-    crate::io::sync_path(tmp).map_err(|e| Error::io("sync", tmp, e))?;
-    for entry in std::fs::read_dir(tmp).map_err(|e| Error::io("read", tmp, e))? {
-        let p = entry.map_err(|e| Error::io("read", tmp, e))?.path();
-        let dest = dir.join(p.file_name().unwrap_or_default());
-        std::fs::rename(&p, &dest).map_err(|e| Error::io("rename into place", &dest, e))?;
-    }
-    crate::io::sync_dir(dir);
-    Ok(())
 }

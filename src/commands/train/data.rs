@@ -1,0 +1,179 @@
+//! The data of a run: the train, valid and (with `--test`) test files read and every line
+//! checked, as SFT records or preference pairs, then encoded with the model's tokenizer and
+//! template, every failure reported with its file:line.
+
+use super::usage;
+use crate::cli::TrainArgs;
+use crate::data::preference::{read_preferences, PreferenceExample};
+use crate::data::{read_jsonl, DataError, DataFiles, Encoder, Record, Sample};
+use crate::error::Result;
+use crate::model::LoadedModel;
+use crate::train::trainer::{Datasets, PreferenceSets};
+use std::path::{Path, PathBuf};
+
+/// Flags that preference tuning does not combine with.
+pub(super) fn check_preference_flags(a: &TrainArgs) -> Result<()> {
+    let method = a.objective.method.name();
+    if a.schedule.pack {
+        return Err(usage(format!(
+            "--pack with --method {method}: each answer of a pair is scored on its own row; drop --pack"
+        )));
+    }
+    if a.distrust.distrust {
+        return Err(usage(format!(
+            "--distrust with --method {method}: distrust weighting applies to SFT only"
+        )));
+    }
+    if !a.data.mask_prompt {
+        return Err(usage(format!(
+            "--no-mask-prompt with --method {method}: a preference pair scores its answers only"
+        )));
+    }
+    Ok(())
+}
+
+/// The preference rows of the files (train, valid, and test with `--test`), for a
+/// preference method; None for SFT.
+#[allow(clippy::type_complexity)]
+pub(super) fn read_pairs(
+    a: &TrainArgs,
+    files: &DataFiles,
+) -> Result<Option<[Vec<(PreferenceExample, String)>; 3]>> {
+    if !a.objective.method.is_preference() {
+        return Ok(None);
+    }
+    let (train, valid, test) = read_files(a, files, read_preferences)?;
+    Ok(Some([train, valid, test]))
+}
+
+/// Encodes every pair with the model's tokenizer and template (answers scored only), all
+/// failures reported with their file:line.
+pub(super) fn encode_pairs(
+    a: &TrainArgs,
+    loaded: &LoadedModel,
+    [train, valid, test]: [Vec<(PreferenceExample, String)>; 3],
+) -> Result<Datasets> {
+    let encoder = Encoder::new(&loaded.tokenizer, true, a.batch.max_seq_length)?;
+    let sets = PreferenceSets {
+        train: encoder.encode_pairs(&train)?,
+        valid: encoder.encode_pairs(&valid)?,
+        test: encoder.encode_pairs(&test)?,
+    };
+    let truncated = [&sets.train, &sets.valid, &sets.test]
+        .iter()
+        .flat_map(|s| s.iter())
+        .filter(|p| p.chosen.truncated > 0 || p.rejected.truncated > 0)
+        .count();
+    if truncated > 0 {
+        eprintln!(
+            "warning: {truncated} pair(s) longer than --max-seq-length {} were truncated",
+            a.batch.max_seq_length
+        );
+    }
+    Ok(Datasets {
+        train: vec![],
+        valid: vec![],
+        test: vec![],
+        weights: None,
+        pairs: Some(sets),
+    })
+}
+
+/// The training, validation and (with `--test`) test records.
+pub(super) fn read_records(
+    a: &TrainArgs,
+    files: &DataFiles,
+) -> Result<(Vec<Record>, Vec<Record>, Vec<Record>)> {
+    read_files(a, files, read_jsonl)
+}
+
+/// The training, validation and (with `--test`) test files through `read`; a missing
+/// test.jsonl under `--test` is refused.
+#[allow(clippy::type_complexity)]
+fn read_files<T>(
+    a: &TrainArgs,
+    files: &DataFiles,
+    read: impl Fn(&Path) -> std::result::Result<Vec<T>, DataError>,
+) -> Result<(Vec<T>, Vec<T>, Vec<T>)> {
+    let optional = |p: Option<&PathBuf>| -> Result<Vec<T>> {
+        Ok(match p {
+            Some(p) => read(p)?,
+            None => vec![],
+        })
+    };
+    let train = read(&files.train)?;
+    let valid = optional(files.valid.as_ref())?;
+    if a.output.test && files.test.is_none() {
+        return Err(usage(format!(
+            "--test: {} has no test.jsonl",
+            a.data.data.display()
+        )));
+    }
+    let test = if a.output.test {
+        optional(files.test.as_ref())?
+    } else {
+        vec![]
+    };
+    Ok((train, valid, test))
+}
+
+/// Encodes every record with the model's tokenizer and template, collecting all failures with
+/// their file:line; refuses training data with no trained token.
+pub(super) fn encode(
+    a: &TrainArgs,
+    loaded: &LoadedModel,
+    (train, valid, test): (Vec<Record>, Vec<Record>, Vec<Record>),
+    provenance: Option<&Vec<crate::distrust::formula::Provenance>>,
+    files: &DataFiles,
+) -> Result<Datasets> {
+    let encoder = Encoder::new(
+        &loaded.tokenizer,
+        a.data.mask_prompt,
+        a.batch.max_seq_length,
+    )?;
+    let encode_all = |records: &[Record]| -> Result<Vec<Sample>> {
+        let mut out = Vec::with_capacity(records.len());
+        let mut errors = vec![];
+        for r in records {
+            match encoder.encode(r) {
+                Ok(s) => out.push(s),
+                Err(e) => errors.push(e.to_string()),
+            }
+        }
+        if !errors.is_empty() {
+            return Err(DataError::invalid(errors).into());
+        }
+        Ok(out)
+    };
+    let (train, valid, test) = (encode_all(&train)?, encode_all(&valid)?, encode_all(&test)?);
+    let truncated = train
+        .iter()
+        .chain(&valid)
+        .chain(&test)
+        .filter(|s| s.truncated > 0)
+        .count();
+    if truncated > 0 {
+        eprintln!(
+            "warning: {truncated} example(s) longer than --max-seq-length {} were truncated",
+            a.batch.max_seq_length
+        );
+    }
+    if train.iter().map(Sample::trained_count).sum::<usize>() == 0 {
+        return Err(usage(format!(
+            "{}: no token of the training data is trained (every example is prompt only after masking{}); \
+             check the data, or pass --no-mask-prompt to train on every token",
+            files.train.display(),
+            if truncated > 0 { " or truncation" } else { "" }
+        )));
+    }
+    let weights = provenance.map(|prov| {
+        crate::distrust::formula::example_weights(prov, a.distrust.alpha, a.distrust.lambda_weight)
+    });
+    Ok(Datasets {
+        train,
+        valid,
+        test,
+        weights,
+        pairs: None,
+    })
+}

@@ -15,6 +15,11 @@ use half::f16;
 /// and running the GEMM is faster.
 pub const MAX_ROWS: usize = 8;
 
+/// Whether [`qmatvec`] reads blocks of `dt`.
+pub fn covers(dt: GgmlDType) -> bool {
+    block_bytes(dt).is_some()
+}
+
 /// Bytes of one block of each covered type.
 fn block_bytes(dt: GgmlDType) -> Option<usize> {
     match dt {

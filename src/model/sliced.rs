@@ -261,6 +261,7 @@ impl QuantizedRows {
             || !x.device().is_cpu()
             || !self.on_cpu()
             || !crate::kernels::enabled()
+            || !qmatvec::covers(self.dtype())
         {
             return Ok(None);
         }

@@ -221,3 +221,43 @@ fn decoding_from_the_blocks_gives_the_dense_greedy_reply() {
     assert_eq!(words(&fast).len(), 20, "{fast}");
     assert_eq!(words(&fast), words(&dense), "{fast}\n{dense}");
 }
+
+/// On the test model, generation takes decoding's fused token step (`Llama::decode_next`),
+/// base and adapter alike: a silent fall back to the tensor path would cost a fifth of the
+/// decode rate. (`tests/decoding.rs` holds it to the tensor path's results.)
+#[test]
+fn generation_takes_the_fused_token_step() {
+    use candle_core::{Device, Tensor};
+    use your_ai::model::quantized::QuantBits;
+    use your_ai::model::{KvCache, LoadOptions};
+    let opts = LoadOptions {
+        quantize: Some(QuantBits::Four),
+        ..LoadOptions::cpu_f32()
+    };
+    let path = smollm2().to_string_lossy().to_string();
+    let mut loaded = your_ai::model::load(&path, &opts, None).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let adapter = common::random_adapter(&loaded.model.cfg, dir.path(), 0.05, 3);
+    let prompt: Vec<u32> = tokenizer().encode("The capital of France is").unwrap();
+    for with_adapter in [false, true] {
+        loaded.model.adapter = with_adapter.then(|| adapter.clone());
+        let m = &loaded.model;
+        let mut cache = KvCache::for_decoding(m.blocks.len());
+        // Nothing cached yet: the prompt goes through the tensor path.
+        assert!(m.decode_next(1, &mut cache).unwrap().is_none());
+        let ids = Tensor::new(prompt.as_slice(), &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        m.forward(&ids, &mut cache).unwrap();
+        let logits = m
+            .decode_next(1, &mut cache)
+            .unwrap()
+            .expect("the fused step applies");
+        assert_eq!(
+            (logits.len(), cache.len()),
+            (m.cfg.vocab_size, prompt.len() + 1)
+        );
+        assert!(logits.iter().all(|v| v.is_finite()));
+    }
+}

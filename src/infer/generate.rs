@@ -132,8 +132,13 @@ pub fn generate(
                 break;
             }
         }
-        let input = Tensor::new(&[next], &model.device)?.unsqueeze(0)?;
-        logits = last_logits(model, &input, &mut cache)?;
+        logits = match model.decode_next(next, &mut cache)? {
+            Some(l) => l,
+            None => {
+                let input = Tensor::new(&[next], &model.device)?.unsqueeze(0)?;
+                last_logits(model, &input, &mut cache)?
+            }
+        };
     }
     Ok(Generated {
         ids,

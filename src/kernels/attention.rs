@@ -290,35 +290,11 @@ pub fn attend_cached(
     if nkv == 0 || !nh.is_multiple_of(nkv) || v.dims() != k.dims() {
         return None;
     }
-    let rep = nh / nkv;
-    let scale = 1.0 / (d as f32).sqrt();
     let out = with_f32(q, |qs| {
         with_f32(k, |ks| {
             with_f32(v, |vs| {
                 let mut out = vec![0f32; nh * d];
-                let mut scores = vec![0f32; len];
-                for h in 0..nh {
-                    let g = h / rep;
-                    let qh = &qs[h * d..(h + 1) * d];
-                    let (kg, vg) = (&ks[g * cap * d..], &vs[g * cap * d..]);
-                    let mut max = f32::NEG_INFINITY;
-                    for (j, s) in scores.iter_mut().enumerate() {
-                        *s = dot(qh, &kg[j * d..(j + 1) * d]) * scale;
-                        max = max.max(*s);
-                    }
-                    let mut sum = 0f32;
-                    for s in scores.iter_mut() {
-                        *s = (*s - max).exp();
-                        sum += *s;
-                    }
-                    let oh = &mut out[h * d..(h + 1) * d];
-                    for (j, s) in scores.iter().enumerate() {
-                        let p = s / sum;
-                        for (o, x) in oh.iter_mut().zip(&vg[j * d..(j + 1) * d]) {
-                            *o += p * x;
-                        }
-                    }
-                }
+                super::one_token::attend(&mut out, qs, ks, vs, (nh, nkv, d), cap, len);
                 out
             })
         })

@@ -56,6 +56,14 @@ impl SendPtr {
         SendPtr(s.as_mut_ptr())
     }
 
+    /// The pointer `n` elements on.
+    ///
+    /// # Safety
+    /// The result lies inside (or one past) the buffer this was made from.
+    pub unsafe fn add(self, n: usize) -> Self {
+        SendPtr(self.0.add(n))
+    }
+
     /// The `len` elements at `start`.
     ///
     /// # Safety

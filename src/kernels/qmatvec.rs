@@ -317,31 +317,68 @@ pub struct Blocks<'a> {
 /// values. False (nothing written) for a block type it does not cover or a shape that does
 /// not fit.
 pub fn qmatvec(w: &Blocks, x: &QuantizedX, n: usize, out: &mut [f32], stride: usize) -> bool {
-    let Blocks {
-        dt,
-        bytes,
-        rows,
-        cols,
-    } = *w;
-    let Some(bb) = block_bytes(dt) else {
+    let Some(row_bytes) = fits(w, x, n) else {
         return false;
     };
-    if n == 0
-        || n > MAX_ROWS
-        || !cols.is_multiple_of(32)
-        || bytes.len() != rows * (cols / 32) * bb
-        || x.q.len() < n * cols
-        || stride < rows
-        || out.len() < (n - 1) * stride + rows
-    {
+    if stride < w.rows || out.len() < (n - 1) * stride + w.rows {
         return false;
     }
-    let row_bytes = (cols / 32) * bb;
     let p = par::SendPtr::of(out);
-    par::for_chunks(rows, rows * cols * n, |r| {
-        rows_of(dt, bytes, row_bytes, x, n, cols, r, p, stride)
+    par::for_chunks(w.rows, w.rows * w.cols * n, |r| {
+        rows_of(w.dt, w.bytes, row_bytes, x, n, w.cols, r, p, stride)
     });
     true
+}
+
+/// `out[at + r] = W·x` for every row `r` of each `(W, at)` of `parts` and the one row of `x`:
+/// several products over the same input (decoding's q, k and v; gate and up; a sliced
+/// matrix's slices) as one parallel dispatch over all their rows, so the pool wakes once.
+/// False (nothing written) when a part is not covered or does not fit in `out`.
+pub fn qmatvec_parts(parts: &[(Blocks, usize)], x: &QuantizedX, out: &mut [f32]) -> bool {
+    let mut row_bytes = Vec::with_capacity(parts.len());
+    for (w, at) in parts {
+        match fits(w, x, 1) {
+            Some(rb) if at + w.rows <= out.len() => row_bytes.push(rb),
+            _ => return false,
+        }
+    }
+    let total: usize = parts.iter().map(|(w, _)| w.rows).sum();
+    let work: usize = parts.iter().map(|(w, _)| w.rows * w.cols).sum();
+    let p = par::SendPtr::of(out);
+    par::for_chunks(total, work, |range| {
+        let mut base = 0;
+        for ((w, at), &rb) in parts.iter().zip(&row_bytes) {
+            let (lo, hi) = (range.start.max(base), range.end.min(base + w.rows));
+            if lo < hi {
+                // SAFETY: `at + w.rows` lies inside `out` (checked above).
+                let o = unsafe { p.add(*at) };
+                rows_of(
+                    w.dt,
+                    w.bytes,
+                    rb,
+                    x,
+                    1,
+                    w.cols,
+                    lo - base..hi - base,
+                    o,
+                    w.rows,
+                );
+            }
+            base += w.rows;
+        }
+    });
+    true
+}
+
+/// The bytes of one row of `w` when [`qmatvec`] covers it for `n` rows of `x`.
+fn fits(w: &Blocks, x: &QuantizedX, n: usize) -> Option<usize> {
+    let bb = block_bytes(w.dt)?;
+    let ok = n > 0
+        && n <= MAX_ROWS
+        && w.cols.is_multiple_of(32)
+        && w.bytes.len() == w.rows * (w.cols / 32) * bb
+        && x.q.len() >= n * w.cols;
+    ok.then_some((w.cols / 32) * bb)
 }
 
 #[cfg(test)]
@@ -442,6 +479,50 @@ mod tests {
         assert!(!qmatvec(&w(GgmlDType::Q4K, &[], 256), &x, 1, &mut out, 1));
         assert!(!qmatvec(&w(GgmlDType::Q8_0, &q8, 32), &x, 9, &mut out, 1));
         assert!(!qmatvec(&w(GgmlDType::Q8_0, &q8, 33), &x, 1, &mut out, 1));
+    }
+
+    /// Several matrices over one input in one dispatch equal each product on its own, in
+    /// place in the shared output; a part that does not fit writes nothing.
+    #[test]
+    fn parts_equal_their_products_alone() {
+        let mats: Vec<(GgmlDType, usize)> = vec![
+            (GgmlDType::Q4_1, 70),
+            (GgmlDType::Q8_0, 33),
+            (GgmlDType::Q4_0, 5),
+        ];
+        let cols = 96;
+        let qs: Vec<QTensor> = mats
+            .iter()
+            .enumerate()
+            .map(|(i, (dt, rows))| {
+                QTensor::quantize(&rand(&[*rows, cols], i as u64, 1.0), *dt).unwrap()
+            })
+            .collect();
+        let data: Vec<_> = qs.iter().map(|q| q.data().unwrap()).collect();
+        let blocks = |i: usize| Blocks {
+            dt: mats[i].0,
+            bytes: &data[i],
+            rows: mats[i].1,
+            cols,
+        };
+        let x: Vec<f32> = rand(&[1, cols], 9, 1.0)
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let xq = quantize_x(&x, 1, cols);
+        let (at, total) = ([0, 70, 103], 108);
+        let parts: Vec<_> = (0..3).map(|i| (blocks(i), at[i])).collect();
+        let mut out = vec![f32::NAN; total];
+        assert!(qmatvec_parts(&parts, &xq, &mut out));
+        for i in 0..3 {
+            let mut alone = vec![0f32; mats[i].1];
+            assert!(qmatvec(&blocks(i), &xq, 1, &mut alone, mats[i].1));
+            assert_eq!(&out[at[i]..at[i] + mats[i].1], &alone[..], "part {i}");
+        }
+        let mut short = vec![f32::NAN; total - 1];
+        assert!(!qmatvec_parts(&parts, &xq, &mut short));
+        assert!(short.iter().all(|v| v.is_nan()));
     }
 
     #[test]

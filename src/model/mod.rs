@@ -5,6 +5,7 @@
 pub mod args;
 pub mod block;
 pub mod config;
+pub mod decode;
 pub mod llama;
 pub mod load;
 pub mod lora;

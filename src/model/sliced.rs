@@ -217,18 +217,40 @@ impl QuantizedRows {
         let (n, rows) = y.dims2()?;
         let mut yv = y.flatten_all()?.to_vec1::<f32>()?;
         let xv = x.to_dtype(DType::F32)?.to_vec2::<f32>()?;
-        let mut dense_row = vec![0f32; self.cols];
         for (j, xj) in xv.iter().enumerate() {
-            let out = &mut yv[j * rows..(j + 1) * rows];
-            let mut order: Vec<usize> = (0..rows).collect();
-            let k = REFINED.min(rows);
-            order.select_nth_unstable_by(k - 1, |a, b| out[*b].total_cmp(&out[*a]));
-            for &r in &order[..k] {
-                self.dequantize_row(r, &mut dense_row)?;
-                out[r] = crate::kernels::dot(&dense_row, xj);
-            }
+            self.refine_leading(xj, &mut yv[j * rows..(j + 1) * rows])?;
         }
         Tensor::from_vec(yv, (n, rows), x.device())
+    }
+
+    /// [`QuantizedRows::matmul_t_refined`] for one row `x` as a slice, every slice's blocks in
+    /// one parallel dispatch (decoding's fused token step); `None` where the block path does
+    /// not apply.
+    pub fn matvec_refined(&self, x: &[f32]) -> Result<Option<Vec<f32>>> {
+        let Some(parts) = self.block_parts(0) else {
+            return Ok(None);
+        };
+        if x.len() != self.cols || !crate::kernels::enabled() {
+            return Ok(None);
+        }
+        let xq = qmatvec::quantize_x(x, 1, self.cols);
+        let mut out = vec![0f32; self.rows];
+        if !qmatvec::qmatvec_parts(&parts, &xq, &mut out) {
+            return Ok(None);
+        }
+        self.refine_leading(x, &mut out)?;
+        Ok(Some(out))
+    }
+
+    /// Computes the [`REFINED`] largest of `out` (`x·Wᵀ` from the block path) again exactly,
+    /// from their dequantized weight rows.
+    fn refine_leading(&self, x: &[f32], out: &mut [f32]) -> Result<()> {
+        let mut dense_row = vec![0f32; self.cols];
+        for r in leading(out, REFINED) {
+            self.dequantize_row(r, &mut dense_row)?;
+            out[r] = crate::kernels::dot(&dense_row, x);
+        }
+        Ok(())
     }
 
     /// Row `r` dequantized into `out` (`cols` values).
@@ -259,28 +281,44 @@ impl QuantizedRows {
             || cols != self.cols
             || x.dtype() != DType::F32
             || !x.device().is_cpu()
-            || !self.on_cpu()
             || !crate::kernels::enabled()
-            || !qmatvec::covers(self.dtype())
         {
             return Ok(None);
         }
+        let Some(parts) = self.block_parts(0) else {
+            return Ok(None);
+        };
         let xs = qmatvec::quantize_x(&x.flatten_all()?.to_vec1::<f32>()?, n, cols);
         let mut out = vec![0f32; n * self.rows];
-        for (i, (s0, len)) in self.ranges().into_iter().enumerate() {
-            let s = self.get(i)?;
-            let data = s.data()?;
-            let w = qmatvec::Blocks {
-                dt: s.dtype(),
-                bytes: &data,
-                rows: len,
-                cols,
-            };
-            if !qmatvec::qmatvec(&w, &xs, n, &mut out[s0..], self.rows) {
+        for (w, at) in &parts {
+            if !qmatvec::qmatvec(w, &xs, n, &mut out[*at..], self.rows) {
                 return Ok(None);
             }
         }
         Ok(Some(Tensor::from_vec(out, (n, self.rows), x.device())?))
+    }
+
+    /// Each slice's GGML blocks with where its rows go in the product's output (`at` + its
+    /// first row), for [`qmatvec`]; `None` off the CPU or for a block type it does not cover.
+    pub fn block_parts(&self, at: usize) -> Option<Vec<(qmatvec::Blocks<'_>, usize)>> {
+        if !self.on_cpu() || !qmatvec::covers(self.dtype()) {
+            return None;
+        }
+        let ranges = self.ranges().into_iter().zip(&self.slices);
+        ranges
+            .map(|((s0, rows), s)| match s.data().ok()? {
+                Cow::Borrowed(bytes) => Some((
+                    qmatvec::Blocks {
+                        dt: s.dtype(),
+                        bytes,
+                        rows,
+                        cols: self.cols,
+                    },
+                    at + s0,
+                )),
+                Cow::Owned(_) => None,
+            })
+            .collect()
     }
 
     /// `d W` for 2-D `d` (`[n, rows]`): the input gradient of [`QuantizedRows::matmul_t`].
@@ -298,6 +336,21 @@ impl QuantizedRows {
             None => Tensor::zeros((d.dim(0)?, self.cols), d.dtype(), d.device()),
         }
     }
+}
+
+/// Indices of the `k` largest values of `v` (NaNs never among them), in one pass: a sorted
+/// list of the leaders so far, which a value enters only when it beats the last.
+fn leading(v: &[f32], k: usize) -> Vec<usize> {
+    let mut top: Vec<(f32, usize)> = Vec::with_capacity(k + 1);
+    for (i, &x) in v.iter().enumerate() {
+        if top.len() == k && top.last().is_none_or(|l| x <= l.0) || x.is_nan() {
+            continue;
+        }
+        let at = top.partition_point(|l| l.0 >= x);
+        top.insert(at, (x, i));
+        top.truncate(k);
+    }
+    top.into_iter().map(|(_, i)| i).collect()
 }
 
 /// Dequantizes GGML blocks (`bytes`, as a CPU QTensor holds them) into `out`, in parallel over
@@ -345,6 +398,21 @@ fn blocks<T: candle_core::quantized::k_quants::GgmlType>(bytes: &[u8], out: &mut
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn leading_finds_the_k_largest() {
+        let v: Vec<f32> = (0..1000u32)
+            .map(|i| (i.wrapping_mul(2_654_435_761) % 9973) as f32 - 5000.0)
+            .chain([f32::NAN])
+            .collect();
+        for k in [1, 5, 16] {
+            let mut want: Vec<usize> = (0..1000).collect();
+            want.sort_by(|a, b| v[*b].total_cmp(&v[*a]));
+            want.truncate(k);
+            assert_eq!(leading(&v, k), want);
+        }
+        assert_eq!(leading(&[1.0, 2.0], 16), vec![1, 0]);
+    }
     use crate::kernels::testing::{max_rel_diff, rand};
 
     #[test]

@@ -1,0 +1,186 @@
+//! Decoding's fused token step: one new token of one sequence through every block and the LM
+//! head on plain slices ([`crate::kernels::one_token`]), the GGUF's own blocks read by
+//! [`qmatvec::qmatvec_parts`]. Products that share an input (q, k and v; gate and up) are one
+//! dispatch on the pool, their input rounded to 8 bits once, and nothing between them is a
+//! tensor op. On SmolLM2 that is 5 dispatches a block instead of about 20 tensor ops and 7
+//! dispatches.
+//!
+//! It computes what [`Llama::forward`] on a decoding cache computes (adapters as unmerged
+//! low-rank terms on the exact input, attention over every cached position), and the tests hold
+//! it to that path. It applies where every block linear is quantized in a format the block
+//! kernel reads and has no bias, the model is f32 on the CPU, and the cache holds the prompt
+//! already (the prompt itself runs batched through the tensor path).
+
+use crate::kernels::{one_token, qmatvec, View};
+use crate::model::llama::{KvCache, KvSlot, Linear, Llama};
+use crate::model::lora::Target;
+use crate::model::quantized::Weight;
+use crate::model::vocab::VocabMatrix;
+use candle_core::{DType, Device, Result, Tensor};
+
+/// What one block's step reads: its norms, its linears' blocks by the output they fill, and
+/// its adapter pairs `(A, B)` by target.
+struct BlockPlan<'a> {
+    input_norm: View<'a>,
+    post_norm: View<'a>,
+    qkv: Vec<(qmatvec::Blocks<'a>, usize)>,
+    o: Vec<(qmatvec::Blocks<'a>, usize)>,
+    gate_up: Vec<(qmatvec::Blocks<'a>, usize)>,
+    down: Vec<(qmatvec::Blocks<'a>, usize)>,
+    pairs: [Option<(View<'a>, View<'a>)>; 7],
+}
+
+/// The blocks of `lin`'s quantized weight, its outputs from `at`; `None` when dense, biased or
+/// in a format the block kernel does not read.
+fn parts(lin: &Linear, at: usize) -> Option<Vec<(qmatvec::Blocks<'_>, usize)>> {
+    match (&lin.weight, &lin.bias) {
+        (Weight::Quantized(q), None) => q.block_parts(at),
+        _ => None,
+    }
+}
+
+/// [`parts`] of several linears over one input, each from its own output offset.
+fn cat<'a>(lins: &[(&'a Linear, usize)]) -> Option<Vec<(qmatvec::Blocks<'a>, usize)>> {
+    let mut all = vec![];
+    for (lin, at) in lins {
+        all.extend(parts(lin, *at)?);
+    }
+    Some(all)
+}
+
+impl Llama {
+    /// Every block's plan, or `None` where the fused step does not apply to this model.
+    fn decode_plan(&self) -> Option<Vec<BlockPlan<'_>>> {
+        if !self.device.is_cpu() || self.dtype != DType::F32 || !crate::kernels::enabled() {
+            return None;
+        }
+        let (qs, kvs) = (self.cfg.q_size(), self.cfg.kv_size());
+        let inter = self.cfg.intermediate_size;
+        let mut plans = Vec::with_capacity(self.blocks.len());
+        for (layer, b) in self.blocks.iter().enumerate() {
+            let mut pairs: [Option<(View, View)>; 7] = Default::default();
+            for t in Target::ALL {
+                if let Some(p) = self.adapter.as_ref().and_then(|a| a.get(layer, t)) {
+                    pairs[t.index()] = Some((View::of(&p.a)?, View::of(&p.b)?));
+                }
+            }
+            plans.push(BlockPlan {
+                input_norm: View::of(&b.input_norm)?,
+                post_norm: View::of(&b.post_norm)?,
+                qkv: cat(&[(&b.q_proj, 0), (&b.k_proj, qs), (&b.v_proj, qs + kvs)])?,
+                o: cat(&[(&b.o_proj, 0)])?,
+                gate_up: cat(&[(&b.gate_proj, 0), (&b.up_proj, inter)])?,
+                down: cat(&[(&b.down_proj, 0)])?,
+                pairs,
+            });
+        }
+        Some(plans)
+    }
+
+    /// Logits (f32, one per vocabulary entry) for token `id` after the positions in `cache`,
+    /// which takes its keys and values: the fused step. `None` (the cache untouched) where it
+    /// does not apply; the caller then takes the tensor path.
+    pub fn decode_next(&self, id: u32, cache: &mut KvCache) -> Result<Option<Vec<f32>>> {
+        let pos = cache.len();
+        let window_ok = self.cfg.sliding_window.is_none_or(|w| pos < w);
+        if !cache.decoding() || pos == 0 || !window_ok {
+            return Ok(None);
+        }
+        let Some(plans) = self.decode_plan() else {
+            return Ok(None);
+        };
+        let slots = cache.slots(self.blocks.len());
+        let batch_one = |s: &Option<KvSlot>| {
+            s.as_ref()
+                .is_some_and(|s| s.buffers().0.dims().first() == Some(&1))
+        };
+        if !slots.iter().all(batch_one) {
+            return Ok(None);
+        }
+        let cfg = &self.cfg;
+        let (nh, nkv, d) = (
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+        );
+        let (hidden, qs, kvs) = (cfg.hidden_size, cfg.q_size(), cfg.kv_size());
+        let inter = cfg.intermediate_size;
+        let eps = cfg.rms_norm_eps as f32;
+        let scale = self.adapter.as_ref().map_or(0.0, |a| a.cfg.scale()) as f32;
+        let ids = Tensor::new(&[[id]], &self.device)?;
+        let mut x = self.embed(&ids)?.flatten_all()?.to_vec1::<f32>()?;
+        let (cos, sin) = self.rope.cos_sin_range(pos, 1, DType::F32)?;
+        let (cos, sin) = (cos.flatten_all()?.to_vec1()?, sin.flatten_all()?.to_vec1()?);
+        let product = |parts: &[(qmatvec::Blocks, usize)], input: &[f32], out: &mut [f32]| {
+            let xq = qmatvec::quantize_x(input, 1, input.len());
+            if !qmatvec::qmatvec_parts(parts, &xq, out) {
+                candle_core::bail!("decoding: a block product does not fit its output");
+            }
+            Ok(())
+        };
+        let lora = |plan: &BlockPlan, t: Target, input: &[f32], y: &mut [f32]| {
+            if let Some((a, b)) = &plan.pairs[t.index()] {
+                one_token::add_low_rank(y, input, a.slice(), b.slice(), scale);
+            }
+        };
+        for (plan, slot) in plans.iter().zip(slots.iter_mut()) {
+            let h = one_token::rms_norm(&x, plan.input_norm.slice(), eps);
+            let mut qkv = vec![0f32; qs + 2 * kvs];
+            product(&plan.qkv, &h, &mut qkv)?;
+            let (q, kv) = qkv.split_at_mut(qs);
+            let (k, v) = kv.split_at_mut(kvs);
+            lora(plan, Target::Q, &h, q);
+            lora(plan, Target::K, &h, k);
+            lora(plan, Target::V, &h, v);
+            one_token::rope(q, &cos, &sin, d);
+            one_token::rope(k, &cos, &sin, d);
+            let new = |s: &[f32]| Tensor::from_slice(s, (1, nkv, 1, d), &Device::Cpu);
+            KvSlot::append(slot, &new(k)?, &new(v)?)?;
+            let mut attn = vec![0f32; qs];
+            {
+                let Some((kb, vb, len)) = slot.as_ref().map(KvSlot::buffers) else {
+                    candle_core::bail!("decoding: a block's KV cache is missing");
+                };
+                let cap = kb.dim(2)?;
+                let (Some(kv), Some(vv)) = (View::of(kb), View::of(vb)) else {
+                    candle_core::bail!("decoding: the KV cache is not f32 on the CPU");
+                };
+                one_token::attend(&mut attn, q, kv.slice(), vv.slice(), (nh, nkv, d), cap, len);
+            }
+            let mut o = vec![0f32; hidden];
+            product(&plan.o, &attn, &mut o)?;
+            lora(plan, Target::O, &attn, &mut o);
+            add(&mut x, &o);
+
+            let h2 = one_token::rms_norm(&x, plan.post_norm.slice(), eps);
+            let mut gate_up = vec![0f32; 2 * inter];
+            product(&plan.gate_up, &h2, &mut gate_up)?;
+            let (gate, up) = gate_up.split_at_mut(inter);
+            lora(plan, Target::Gate, &h2, gate);
+            lora(plan, Target::Up, &h2, up);
+            let act = one_token::swiglu(&mut gate_up);
+            let mut down = vec![0f32; hidden];
+            product(&plan.down, act, &mut down)?;
+            lora(plan, Target::Down, act, &mut down);
+            add(&mut x, &down);
+        }
+        drop(plans);
+        let Some(norm) = View::of(&self.norm) else {
+            candle_core::bail!("decoding: the final norm is not f32 on the CPU");
+        };
+        let h = one_token::rms_norm(&x, norm.slice(), eps);
+        if let VocabMatrix::Quantized(head) = &self.lm_head {
+            if let Some(logits) = head.matvec_refined(&h)? {
+                return Ok(Some(logits));
+            }
+        }
+        let h = Tensor::from_vec(h, (1, hidden), &self.device)?;
+        Ok(Some(self.decode_logits(&h)?.flatten_all()?.to_vec1()?))
+    }
+}
+
+fn add(x: &mut [f32], y: &[f32]) {
+    for (a, b) in x.iter_mut().zip(y) {
+        *a += b;
+    }
+}

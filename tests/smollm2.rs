@@ -205,7 +205,7 @@ fn decoding_from_the_blocks_gives_the_dense_greedy_reply() {
     let (fast, note) = run(&[]);
     let (dense, dense_note) = run(&["--dtype", "f32"]);
     assert!(
-        note.contains("decoding with the GGUF's own 4-bit weights"),
+        note.contains("decoding with the GGUF's own Q4_1 weights"),
         "{note}"
     );
     assert!(

@@ -7,7 +7,7 @@
 # Usage: scripts/bench/decode.sh [BIN]
 #   MODEL    the GGUF (default: the SmolLM2 test model, fetched if needed)
 #   THREADS  threads for both (default: 2)
-#   TOKENS   new tokens per run (default: 128)
+#   TOKENS   new tokens per run (default: 128, at most 900)
 #   RUNS     runs per row (default: 5)
 #   ROWS     your_ai rows, space-separated: gguf (the default: the GGUF's own quantized blocks),
 #            dense (--dtype f32: the weights dequantized to f32) (default: "gguf dense")
@@ -32,6 +32,7 @@ import llama_cpp
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 model, threads, tokens, prompt = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 llm = llama_cpp.Llama(model_path=model, n_threads=threads, n_threads_batch=threads, n_ctx=1024,
+                      n_batch=1024,
                       verbose=False)
 # The prompt through the model's own chat template, as `your_ai generate` renders it.
 fmt = Jinja2ChatFormatter(template=llm.metadata["tokenizer.chat_template"], eos_token="",

@@ -88,9 +88,9 @@ impl RunArgs {
 
 /// How a model is loaded for decoding. Decoding reads every weight once per token, so it is
 /// bound by their size: without `--quantize` or `--dtype`, a GGUF whose block linears are all
-/// stored as Q4_0/Q4_1 (or all Q8_0) keeps them so on the CPU, as llama.cpp runs it, and the
-/// decoding kernel reads their blocks (the products equal those on the dequantized weights
-/// up to the order of the sums). `--dtype f32` asks for the dense, dequantized weights.
+/// stored quantized keeps them so on the CPU, as llama.cpp runs it, and decoding reads their
+/// blocks (our kernel for Q4_0/Q4_1/Q8_0, candle's for the k-quants; both round the input
+/// to 8 bits as llama.cpp does). `--dtype f32` asks for the dense, dequantized weights.
 /// Anything else loads as [`ModelArgs::load_options`] says.
 pub fn decode_options(model: &ModelArgs, quantize: Option<QuantBits>) -> Result<LoadOptions> {
     use candle_core::quantized::GgmlDType as G;
@@ -106,19 +106,29 @@ pub fn decode_options(model: &ModelArgs, quantize: Option<QuantBits>) -> Result<
         return Ok(opts);
     };
     let formats = crate::weights::GgufFile::open(&path)?.linear_formats();
-    opts.quantize = if !formats.is_empty() && formats.iter().all(|f| matches!(f, G::Q4_0 | G::Q4_1))
-    {
-        Some(QuantBits::Four)
+    let stored_quantized = |f: &G| !matches!(f, G::F32 | G::F16 | G::BF16);
+    opts.quantize = if formats.is_empty() || !formats.iter().all(stored_quantized) {
+        None
     } else if formats == [G::Q8_0] {
         Some(QuantBits::Eight)
     } else {
-        None
+        Some(QuantBits::Four)
     };
-    if let Some(bits) = opts.quantize {
+    if opts.quantize.is_some() {
+        let names: Vec<String> = formats.iter().map(|f| ggml_name(*f)).collect();
         eprintln!(
-            "note: decoding with the GGUF's own {}-bit weights, read block by block (--dtype f32 for dense, dequantized weights)",
-            bits.bits()
+            "note: decoding with the GGUF's own {} weights, read block by block (--dtype f32 for dense, dequantized weights)",
+            names.join("/")
         );
     }
     Ok(opts)
+}
+
+/// llama.cpp's name of a GGML block format (`Q4_K` where candle says `Q4K`).
+fn ggml_name(f: candle_core::quantized::GgmlDType) -> String {
+    let name = format!("{f:?}");
+    match name.strip_suffix('K') {
+        Some(stem) if !stem.contains('_') => format!("{stem}_K"),
+        _ => name,
+    }
 }

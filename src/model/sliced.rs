@@ -198,10 +198,42 @@ impl QuantizedRows {
     /// decoding gives are dotted with the blocks as they are stored, `x` rounded to 8 bits
     /// ([`qmatvec`], as llama.cpp does); anything else as `matmul_t`.
     pub fn matmul_t_decode(&self, x: &Tensor) -> Result<Tensor> {
-        match self.matmul_t_blocks(x)? {
+        match self.matmul_t_few(x)? {
             Some(y) => Ok(y),
             None => self.matmul_t(x),
         }
+    }
+
+    /// `x Wᵀ` for the few rows of f32 `x` on the CPU that decoding gives, from the blocks as
+    /// stored: our block kernel for the formats it reads ([`qmatvec`]), candle's quantized
+    /// matmul for the others (the k-quants of a Q4_K_M file; it rounds `x` to 8 bits as well).
+    /// `None` where neither applies.
+    fn matmul_t_few(&self, x: &Tensor) -> Result<Option<Tensor>> {
+        if let Some(y) = self.matmul_t_blocks(x)? {
+            return Ok(Some(y));
+        }
+        self.matmul_t_ggml(x)
+    }
+
+    /// [`QuantizedRows::matmul_t_few`] by candle's quantized matmul, slice by slice.
+    fn matmul_t_ggml(&self, x: &Tensor) -> Result<Option<Tensor>> {
+        let (n, cols) = x.dims2()?;
+        if n == 0
+            || n > qmatvec::MAX_ROWS
+            || cols != self.cols
+            || x.dtype() != DType::F32
+            || !x.device().is_cpu()
+            || !self.on_cpu()
+        {
+            return Ok(None);
+        }
+        let x = x.contiguous()?;
+        let parts = self
+            .slices
+            .iter()
+            .map(|s| x.apply_op1_no_bwd(s))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Some(Tensor::cat(&parts, 1)?))
     }
 
     /// [`QuantizedRows::matmul_t_decode`] where the largest outputs decide (the LM head): on
@@ -211,7 +243,7 @@ impl QuantizedRows {
     /// never a token from far down into the lead). Without it, SmolLM2 Q4_1 answers
     /// "L'Étoile" rather than "Paris" for the capital of France, as llama.cpp does.
     pub fn matmul_t_refined(&self, x: &Tensor) -> Result<Tensor> {
-        let Some(y) = self.matmul_t_blocks(x)? else {
+        let Some(y) = self.matmul_t_few(x)? else {
             return self.matmul_t(x);
         };
         let (n, rows) = y.dims2()?;
@@ -398,6 +430,24 @@ fn blocks<T: candle_core::quantized::k_quants::GgmlType>(bytes: &[u8], out: &mut
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// candle's quantized matmul (decoding's path for the formats our block kernel does not
+    /// read) equals our kernel where both read Q4_1: both round x to 8 bits per block of 32,
+    /// candle keeping the block's scale and sum in f16 as llama.cpp does (ours in f32, hence
+    /// the tolerance); slices are placed in order.
+    #[test]
+    fn candle_quantized_matmul_equals_the_block_kernel() {
+        let w = crate::kernels::testing::rand(&[100, 64], 3, 1.0);
+        let q = QuantizedRows::quantize(&w, GgmlDType::Q4_1, 32, &Device::Cpu)
+            .unwrap()
+            .unwrap();
+        let x = crate::kernels::testing::rand(&[2, 64], 4, 1.0);
+        let ours = q.matmul_t_blocks(&x).unwrap().unwrap();
+        let candle = q.matmul_t_ggml(&x).unwrap().unwrap();
+        assert_eq!(candle.dims(), &[2, 100]);
+        let d = crate::kernels::testing::max_rel_diff(&ours, &candle);
+        assert!(d < 1e-2, "{d}");
+    }
 
     #[test]
     fn leading_finds_the_k_largest() {

@@ -147,6 +147,50 @@ fn mlx_losses_equal_candle_losses_over_20_steps_on_a_tiny_llama() {
     assert_losses_match("tiny Llama", &lm, &lc, 1e-4);
 }
 
+/// Rows of `lens` documents packed into rows of at most `max_len` tokens (`--pack`): each row
+/// holds several documents whose positions restart at 0.
+fn packed_rows(vocab: u32, lens: &[usize], seed: u32, max_len: usize) -> Vec<Row> {
+    let docs = rows(vocab, lens, seed);
+    let samples: Vec<Sample> = docs
+        .iter()
+        .map(|r| Sample {
+            ids: r.ids.clone(),
+            trained: r.trained.clone(),
+            truncated: 0,
+        })
+        .collect();
+    let refs: Vec<&Sample> = samples.iter().collect();
+    your_ai::data::batch::pack(&refs, &vec![1.0; refs.len()], max_len)
+}
+
+/// `--pack` on MLX: each document sees only itself and its positions restart, as in the candle
+/// engine: the losses agree over 20 steps.
+#[test]
+fn mlx_losses_equal_candle_losses_on_packed_rows() {
+    let _s = serial();
+    let dir = tiny_dir();
+    let spec = dir.path().to_str().unwrap();
+    let o = opts(DType::F32, None);
+    let mut c = candle_engine(spec, &o);
+    let mut m = mlx_engine(spec, &o);
+    let a = adapter(c.config(), vec![0, 1]);
+    c.set_adapter(a.clone(), None).unwrap();
+    m.set_adapter(a, None).unwrap();
+    let batches: Vec<Vec<Row>> = (0..20)
+        .map(|s| packed_rows(96, &[6 + s % 5, 9, 5 + s % 3, 11], s as u32, 24))
+        .collect();
+    assert!(
+        batches
+            .iter()
+            .all(|b| b.iter().any(|r| r.doc.last() > Some(&0))),
+        "every batch holds a packed row"
+    );
+    let lc = train(&mut c, &batches, 1e-2);
+    let lm = train(&mut m, &batches, 1e-2);
+    assert!(lc[19] < lc[0], "the run learns: {lc:?}");
+    assert_losses_match("packed rows", &lm, &lc, 1e-4);
+}
+
 #[test]
 fn mlx_losses_equal_candle_losses_over_20_steps_on_smollm2() {
     let _s = serial();
@@ -183,7 +227,7 @@ fn mlx_gradients_match_finite_differences_for_every_lora_target() {
     let model =
         your_ai::engine::mlx::weights::Model::from_llama(llama, Dtype::Float32, None).unwrap();
     let mut p = Params::from_adapter(&a).unwrap();
-    let lay = batch::layout(&rows(96, &[11, 7], 3), None).unwrap();
+    let lay = batch::layout(&rows(96, &[11, 7], 3), &model.cfg).unwrap();
     let pending = step::forward_backward(&model, &p, &lay, 1.0).unwrap();
     let grads: Vec<Vec<f32>> = pending
         .grads
@@ -312,7 +356,11 @@ fn mlx_bf16_run_holds_no_f64_array() {
     let model =
         your_ai::engine::mlx::weights::Model::from_llama(llama, Dtype::Bfloat16, None).unwrap();
     let p = Params::from_adapter(&a).unwrap();
-    let lay = batch::layout(&rows(96, &[12, 9], 5), None).unwrap();
+    let lay = batch::layout(&packed_rows(96, &[5, 7, 9], 5, 24), &model.cfg).unwrap();
+    assert!(
+        lay.rope.is_some(),
+        "the strict run covers packed rows' RoPE"
+    );
     let pending = step::forward_backward(&model, &p, &lay, 1.0).unwrap();
     let mut held: Vec<(&str, Dtype)> = vec![
         ("embed", model.embed.dtype()),

@@ -2,11 +2,14 @@
 //! attention mask. Lengths are rounded up to a few buckets, so a run sees a handful of shapes
 //! (MLX's allocator, and any compiled trace, is reused per shape) instead of one per length.
 //! Right padding never changes a real position's result: attention is causal, so no real token
-//! sees a pad.
+//! sees a pad. Packed rows (`--pack`) carry a per-row mask that keeps each document to itself,
+//! and RoPE tables for positions that restart with each document.
 
 use super::convert::indices;
 use crate::data::batch::Row;
-use crate::error::{Error, Result};
+use crate::error::Result;
+use crate::model::ops::mask;
+use crate::model::ModelConfig;
 use mlx_rs::Array;
 
 /// The padded length for rows of at most `t` tokens: multiples of 32 up to 256, of 128 up to
@@ -32,20 +35,18 @@ pub struct Layout {
     pub target_ids: Vec<u32>,
     /// Loss weight of each scored row.
     pub target_weights: Vec<f32>,
-    /// An additive `[T, T]` mask where causal alone is not the rule (a sliding window); None:
-    /// causal.
+    /// An additive mask where causal alone is not the rule: `[T, T]` for a sliding window,
+    /// `[B, 1, T, T]` for packed rows (each document sees only itself). None: causal.
     pub mask: Option<Array>,
+    /// RoPE's `(cos, sin)` per position, `[B, 1, T, d/2]` in f32, for packed rows (positions
+    /// restart with each document); None: positions `0..T`.
+    pub rope: Option<(Array, Array)>,
 }
 
-/// Lays out `rows` for a model with attention window `window`.
-pub fn layout(rows: &[Row], window: Option<usize>) -> Result<Layout> {
-    if rows.iter().any(|r| r.doc.last().copied().unwrap_or(0) > 0) {
-        return Err(Error::Usage(
-            "--pack: the MLX engine does not train packed rows yet; train without --pack, \
-             or with --engine candle"
-                .into(),
-        ));
-    }
+/// Lays out `rows` for a model of config `cfg`.
+pub fn layout(rows: &[Row], cfg: &ModelConfig) -> Result<Layout> {
+    let window = cfg.sliding_window;
+    let packed = rows.iter().any(|r| r.doc.last().copied().unwrap_or(0) > 0);
     let b = rows.len();
     let t = bucket(rows.iter().map(Row::len).max().unwrap_or(1));
     let mut ids = vec![0u32; b * t];
@@ -60,15 +61,23 @@ pub fn layout(rows: &[Row], window: Option<usize>) -> Result<Layout> {
             }
         }
     }
-    let mask = window.map(|w| {
-        let mut m = vec![f32::NEG_INFINITY; t * t];
-        for i in 0..t {
-            for j in i.saturating_sub(w - 1)..=i {
-                m[i * t + j] = 0.0;
-            }
+    let (ti, bi) = (t as i32, b as i32);
+    let (mask, rope) = if packed {
+        // Pads form a document of their own (never scored), so no row is all −∞.
+        let mut m = Vec::with_capacity(b * t * t);
+        for r in rows {
+            m.extend(mask::values(t, 0, window, |i| {
+                r.doc.get(i).copied().unwrap_or(u32::MAX)
+            }));
         }
-        Array::from_slice(&m, &[t as i32, t as i32])
-    });
+        (
+            Some(Array::from_slice(&m, &[bi, 1, ti, ti])),
+            Some(rope_tables(rows, t, cfg)),
+        )
+    } else {
+        let m = window.map(|_| Array::from_slice(&mask::values(t, 0, window, |_| 0), &[ti, ti]));
+        (m, None)
+    };
     Ok(Layout {
         b,
         t,
@@ -77,7 +86,34 @@ pub fn layout(rows: &[Row], window: Option<usize>) -> Result<Layout> {
         target_ids,
         target_weights,
         mask,
+        rope,
     })
+}
+
+/// `(cos, sin)` of each row's own positions (pads at 0), `[B, 1, T, d/2]`: the angles as the
+/// candle engine's tables make them (position × inverse frequency, in f32).
+fn rope_tables(rows: &[Row], t: usize, cfg: &ModelConfig) -> (Array, Array) {
+    let freqs = crate::model::rope::inv_freqs(cfg);
+    let half = freqs.len();
+    let (mut cos, mut sin) = (
+        Vec::with_capacity(rows.len() * t * half),
+        Vec::with_capacity(rows.len() * t * half),
+    );
+    for r in rows {
+        for p in 0..t {
+            let pos = r.positions.get(p).copied().unwrap_or(0) as f32;
+            for f in &freqs {
+                let angle = pos * f;
+                cos.push(angle.cos());
+                sin.push(angle.sin());
+            }
+        }
+    }
+    let shape = [rows.len() as i32, 1, t as i32, half as i32];
+    (
+        Array::from_slice(&cos, &shape),
+        Array::from_slice(&sin, &shape),
+    )
 }
 
 #[cfg(test)]

@@ -7,7 +7,7 @@ use super::batch::Layout;
 use super::weights::{Linear, Model};
 use mlx_rs::error::Exception;
 use mlx_rs::fast::{rms_norm, rope, scaled_dot_product_attention, ScaledDotProductAttentionMask};
-use mlx_rs::ops::sigmoid;
+use mlx_rs::ops::{concatenate, sigmoid};
 use mlx_rs::{Array, Dtype};
 
 type R<T> = Result<T, Exception>;
@@ -34,6 +34,22 @@ pub fn lora_linear(
     }
 }
 
+/// RoPE at given positions (`cos`, `sin`: `[B, 1, T, d/2]`) on `y` (`[B, n, T, d]`), in the
+/// half-split convention MLX's `rope` uses: `y₁ cos − y₂ sin`, `y₂ cos + y₁ sin`. For packed
+/// rows, whose positions restart with each document (MLX's fused op takes one offset).
+fn rotate_at(y: &Array, cos: &Array, sin: &Array) -> R<Array> {
+    let halves = y.split_equal(2, -1)?;
+    let (y1, y2) = (&halves[0], &halves[1]);
+    let (c, s) = (cos.as_dtype(y.dtype())?, sin.as_dtype(y.dtype())?);
+    concatenate(
+        &[
+            y1.multiply(&c)?.subtract(y2.multiply(&s)?)?,
+            y2.multiply(&c)?.add(y1.multiply(&s)?)?,
+        ],
+        -1,
+    )
+}
+
 /// Block `layer` on `x` (`[B·T, hidden]`) with `pairs` at LoRA scale `scale`.
 pub fn forward(
     model: &Model,
@@ -55,8 +71,12 @@ pub fn forward(
     let proj = |i: usize, input: &Array| lora_linear(&blk.linears[i], input, pairs[i], scale);
     let heads =
         |y: Array, n: i32| -> R<Array> { y.reshape(&[b, t, n, d])?.transpose_axes(&[0, 2, 1, 3]) };
-    let rotate =
-        |y: Array| -> R<Array> { rope(y, d, false, None, 1.0, 0, Some(&model.rope_freqs)) };
+    let rotate = |y: Array| -> R<Array> {
+        match &lay.rope {
+            None => rope(y, d, false, None, 1.0, 0, Some(&model.rope_freqs)),
+            Some((cos, sin)) => rotate_at(&y, cos, sin),
+        }
+    };
 
     let h1 = rms_norm(x, Some(&blk.input_norm), eps)?;
     let q = rotate(heads(proj(0, &h1)?, nh)?)?;

@@ -174,7 +174,7 @@ impl Engine for MlxEngine {
         let model = self.model.as_ref().ok_or_else(reloading)?;
         let params = self.params.as_ref().ok_or_else(no_adapter)?;
         let clock = Instant::now();
-        let lay = batch::layout(batch.rows, model.cfg.sliding_window)?;
+        let lay = batch::layout(batch.rows, &model.cfg)?;
         profile.data += clock.elapsed();
         let clock = Instant::now();
         let pending = step::forward_backward(model, params, &lay, batch.loss_scale)?;
@@ -279,7 +279,7 @@ impl Engine for MlxEngine {
         let mut tokens = 0usize;
         for chunk in samples.chunks(batch_size.max(1)) {
             let rows: Vec<Row> = chunk.iter().map(|s| Row::single(s, 1.0)).collect();
-            let lay = batch::layout(&rows, model.cfg.sliding_window)?;
+            let lay = batch::layout(&rows, &model.cfg)?;
             let (sum, n) = eval_loss(model, params, &lay)?;
             total += sum;
             tokens += n;

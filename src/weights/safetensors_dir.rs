@@ -215,16 +215,16 @@ impl Source {
         let n = self.size();
         let chunks = bytes.chunks_exact(n);
         match self {
-            // Through f64, which holds every value exactly: a same-dtype read is bit for bit.
+            // Through f32, which holds every value exactly: a same-dtype read is bit for bit.
             Self::Bf16 => {
-                out.extend(chunks.map(|b| T::from_f64(bf16::from_le_bytes([b[0], b[1]]).into())))
+                out.extend(chunks.map(|b| cast::<T>(bf16::from_le_bytes([b[0], b[1]]).to_f32())))
             }
             Self::F16 => {
-                out.extend(chunks.map(|b| T::from_f64(f16::from_le_bytes([b[0], b[1]]).into())))
+                out.extend(chunks.map(|b| cast::<T>(f16::from_le_bytes([b[0], b[1]]).to_f32())))
             }
-            Self::F32 => out.extend(
-                chunks.map(|b| T::from_f64(f32::from_le_bytes([b[0], b[1], b[2], b[3]]) as f64)),
-            ),
+            Self::F32 => {
+                out.extend(chunks.map(|b| cast::<T>(f32::from_le_bytes([b[0], b[1], b[2], b[3]]))))
+            }
             Self::F64 => out.extend(chunks.map(|b| {
                 let mut a = [0u8; 8];
                 a.copy_from_slice(b);
@@ -367,10 +367,37 @@ fn shards_from_index(index: &Path) -> Result<Vec<PathBuf>, WeightsError> {
     Ok(names.into_iter().map(|n| dir.join(n)).collect())
 }
 
+/// `v` in `T`, rounded once to nearest (ties to even). half's f64 to bf16/f16 conversions drop
+/// an f64's low 32 bits before rounding, so a value just above a tie (the dropped bits are
+/// f32's last three) could round down; from an f32 they round correctly, as candle's casts do.
+fn cast<T: WithDType>(v: f32) -> T {
+    match T::DTYPE {
+        DType::BF16 => T::from_f64(bf16::from_f32(v).to_f64()),
+        DType::F16 => T::from_f64(f16::from_f32(v).to_f64()),
+        _ => T::from_f64(v as f64),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::collections::HashMap;
+
+    /// An f32 just above a bf16 tie (its last three mantissa bits, which half's f64 path
+    /// drops, break the tie) rounds up, as candle's cast does.
+    #[test]
+    fn an_f32_just_above_a_tie_rounds_up_in_bf16() {
+        let v = f32::from_bits(0x4040_8001); // just above the tie 3.0078125
+        let via_candle = Tensor::new(&[v], &Device::Cpu)
+            .unwrap()
+            .to_dtype(DType::BF16)
+            .unwrap()
+            .to_vec1::<bf16>()
+            .unwrap()[0];
+        let ours: bf16 = cast(v);
+        assert_eq!(ours, via_candle);
+        assert_eq!(ours.to_f32(), 3.015625);
+    }
 
     /// Our reader against candle's own safetensors loader (an independent implementation), for
     /// every stored and requested dtype, whole tensors and row ranges, across two shards.

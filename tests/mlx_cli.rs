@@ -85,3 +85,72 @@ fn mlx_train_cli_matches_candle_writes_the_adapter_and_resumes_exactly() {
     train(&r, &mlx, "mlx", &["--resume", ckpt]);
     assert_eq!(losses(&mlx), lm, "the resumed run differs");
 }
+
+/// `train --engine mlx --method dpo` on SmolLM2 and the shipped preference set gives the candle
+/// engine's per-step losses and validation (the reference pass included), within 1e-3.
+#[test]
+fn mlx_dpo_cli_matches_candle() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/invented-country-preferences");
+    let run = |engine: &str| -> PathBuf {
+        let out = tmp.path().join(engine);
+        let o = common::cli()
+            .args([
+                "train", "--method", "dpo", "--engine", engine, "--device", "cpu",
+            ])
+            .arg("--model")
+            .arg(common::smollm2())
+            .arg("--data")
+            .arg(&data)
+            .arg("--output")
+            .arg(&out)
+            .args([
+                "--max-steps",
+                "6",
+                "--batch-size",
+                "1",
+                "--learning-rate",
+                "1e-4",
+            ])
+            .args([
+                "--num-layers",
+                "4",
+                "--steps-per-eval",
+                "6",
+                "--val-batches",
+                "2",
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "{engine}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        out
+    };
+    let (candle, mlx) = (run("candle"), run("mlx"));
+    let (lc, lm) = (losses(&candle), losses(&mlx));
+    assert_eq!(lm.len(), 6);
+    for (i, (a, b)) in lm.iter().zip(&lc).enumerate() {
+        assert!(
+            (a - b).abs() <= 1e-3 * b.abs(),
+            "step {}: MLX {a} vs candle {b}\nMLX {lm:?}\ncandle {lc:?}",
+            i + 1
+        );
+    }
+    let val = |out: &Path| {
+        metrics(&out.join("metrics.jsonl"), "eval")
+            .iter()
+            .map(|m| m["val_loss"].as_f64().unwrap())
+            .collect::<Vec<_>>()
+    };
+    let (vc, vm) = (val(&candle), val(&mlx));
+    assert_eq!(vm.len(), vc.len());
+    for (a, b) in vm.iter().zip(&vc) {
+        assert!(
+            (a - b).abs() <= 1e-3 * b.abs(),
+            "validation: MLX {vm:?} vs candle {vc:?}"
+        );
+    }
+}

@@ -11,9 +11,11 @@ use candle_core::{DType, Device, Tensor};
 use mlx_rs::{Array, Dtype};
 use std::sync::Mutex;
 use your_ai::data::batch::Row;
+use your_ai::data::preference::Pair;
 use your_ai::data::Sample;
 use your_ai::engine::candle::CandleEngine;
 use your_ai::engine::mlx::{batch, convert, params::Params, step, MlxEngine};
+use your_ai::engine::objective::{Method, PreferenceLoss};
 use your_ai::engine::{Engine, MicroBatchRows, Profile};
 use your_ai::model::lora::{Adapter, LoraConfig, Target};
 use your_ai::model::quantized::QuantBits;
@@ -151,14 +153,7 @@ fn mlx_losses_equal_candle_losses_over_20_steps_on_a_tiny_llama() {
 /// holds several documents whose positions restart at 0.
 fn packed_rows(vocab: u32, lens: &[usize], seed: u32, max_len: usize) -> Vec<Row> {
     let docs = rows(vocab, lens, seed);
-    let samples: Vec<Sample> = docs
-        .iter()
-        .map(|r| Sample {
-            ids: r.ids.clone(),
-            trained: r.trained.clone(),
-            truncated: 0,
-        })
-        .collect();
+    let samples: Vec<Sample> = docs.iter().map(sample).collect();
     let refs: Vec<&Sample> = samples.iter().collect();
     your_ai::data::batch::pack(&refs, &vec![1.0; refs.len()], max_len)
 }
@@ -189,6 +184,98 @@ fn mlx_losses_equal_candle_losses_on_packed_rows() {
     let lm = train(&mut m, &batches, 1e-2);
     assert!(lc[19] < lc[0], "the run learns: {lc:?}");
     assert_losses_match("packed rows", &lm, &lc, 1e-4);
+}
+
+/// `steps` optimizer steps of preference pairs (each batch's rows: chosen, rejected, pair after
+/// pair) under `method`; each step's objective and reward accuracy.
+fn train_pairs<E: Engine>(engine: &mut E, batches: &[Vec<Row>], method: Method) -> Vec<(f64, f64)> {
+    let mut out = vec![];
+    for b in batches {
+        let chosen_tokens: usize = b.iter().step_by(2).map(Row::scored).sum();
+        let loss = PreferenceLoss {
+            method,
+            beta: 0.5,
+            pair_scale: 2.0 / b.len() as f64,
+            token_scale: 1.0 / chosen_tokens as f64,
+        };
+        let batch = MicroBatchRows {
+            rows: b,
+            dropout: None,
+            loss_scale: 1.0,
+        };
+        let sums = engine
+            .accumulate_pairs(&batch, &loss, &mut Profile::default())
+            .unwrap();
+        engine.clip_gradients(1.0).unwrap();
+        engine.update(2e-3).unwrap();
+        out.push((sums.objective(method), sums.accuracy()));
+    }
+    out
+}
+
+/// DPO and ORPO on MLX (the reference pass with the adapter off, each answer's weight on its
+/// tokens' gradient) give the candle engine's objective and reward accuracy step after step,
+/// and its held-out sums after training.
+#[test]
+fn mlx_preference_methods_equal_candle() {
+    let _s = serial();
+    let dir = tiny_dir();
+    let spec = dir.path().to_str().unwrap();
+    let o = opts(DType::F32, None);
+    for method in [Method::Dpo, Method::Orpo] {
+        let mut c = candle_engine(spec, &o);
+        let mut m = mlx_engine(spec, &o);
+        let a = adapter(c.config(), vec![0, 1]);
+        c.set_adapter(a.clone(), None).unwrap();
+        m.set_adapter(a, None).unwrap();
+        // Two batches of two pairs, in turns: the objective on each falls.
+        let batches: Vec<Vec<Row>> = (0..12)
+            .map(|s| rows(96, &[10 + s % 2, 8, 12, 9 + s % 2], (s % 2) as u32))
+            .collect();
+        let lc = train_pairs(&mut c, &batches, method);
+        let lm = train_pairs(&mut m, &batches, method);
+        let objective = |v: &[(f64, f64)]| v.iter().map(|x| x.0).collect::<Vec<_>>();
+        assert!(
+            lc[10].0 < lc[0].0 && lc[11].0 < lc[1].0,
+            "{method:?} learns: {lc:?}"
+        );
+        // DPO's loss is a difference of sums of log-probabilities (policy − reference), which
+        // f32 rounding in either engine moves by ~1e-5 relative.
+        assert_losses_match(
+            &format!("{method:?}"),
+            &objective(&lm),
+            &objective(&lc),
+            1e-3,
+        );
+        let accuracy = |v: &[(f64, f64)]| v.iter().map(|x| x.1).collect::<Vec<_>>();
+        assert_eq!(accuracy(&lm), accuracy(&lc), "{method:?} reward accuracy");
+
+        let held: Vec<Pair> = rows(96, &[11, 9, 7, 13], 99)
+            .chunks(2)
+            .map(|p| Pair {
+                chosen: sample(&p[0]),
+                rejected: sample(&p[1]),
+            })
+            .collect();
+        let (ec, em) = (
+            c.evaluate_pairs(&held, 2, method, 0.5).unwrap(),
+            m.evaluate_pairs(&held, 2, method, 0.5).unwrap(),
+        );
+        assert_losses_match(
+            &format!("{method:?} held out"),
+            &[em.objective(method), em.margin()],
+            &[ec.objective(method), ec.margin()],
+            1e-3,
+        );
+    }
+}
+
+fn sample(r: &Row) -> Sample {
+    Sample {
+        ids: r.ids.clone(),
+        trained: r.trained.clone(),
+        truncated: 0,
+    }
 }
 
 #[test]

@@ -780,7 +780,7 @@ fn preference_gradients_match_finite_differences() {
     let mut model = tiny_model(&TinySpec::default(), dir.path());
     let adapter = random_adapter(&model, vec![0, 1], Target::ALL.to_vec());
     let pairs = pairs();
-    let rows = preference::pair_rows(&pairs);
+    let rows = your_ai::data::preference::pair_rows(&pairs);
     let mb = batch(&model, &rows);
     let chosen_tokens: usize = pairs.iter().map(|p| p.chosen.trained_count()).sum();
     for (method, beta) in [(Method::Dpo, 0.5), (Method::Orpo, 0.3)] {
@@ -880,7 +880,7 @@ fn accumulating_pairs_equals_one_batch_of_pairs() {
             let mut grads = Grads::new(&adapter);
             let mut sums = your_ai::engine::objective::PreferenceSums::default();
             for g in groups {
-                let mb = batch(&model, &preference::pair_rows(g));
+                let mb = batch(&model, &your_ai::data::preference::pair_rows(g));
                 let s = preference::accumulate(
                     &step(&model, &adapter, 0),
                     &mb,

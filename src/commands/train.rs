@@ -77,12 +77,6 @@ pub fn run(mut a: TrainArgs) -> Result<()> {
         EngineChoice::Mlx => choice::mlx_load_options(&a.model, a.quantize.quantize),
     };
     // On a CUDA GPU the budget is GPU memory, and so is what the step measures against it.
-    if method.is_preference() && engine != EngineChoice::Candle {
-        return Err(usage(format!(
-            "--method {}: the {engine:?} engine trains SFT only so far; use --engine candle",
-            method.name()
-        )));
-    }
     let meter = Meter::new(&load.device);
     // A preference micro-batch of B pairs is 2·B rows: the step's memory is that of 2·B rows.
     let rows_per_unit = if method.is_preference() { 2 } else { 1 };

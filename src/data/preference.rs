@@ -12,6 +12,7 @@
 //! template), and only the answer's tokens are scored, up to and including its end-of-turn
 //! token.
 
+use super::batch::Row;
 use super::{check_message, kind, read_lines, DataError, Encoder, Example, Record, Sample};
 use serde_json::{json, Map, Value};
 use std::path::Path;
@@ -266,6 +267,14 @@ impl Encoder<'_> {
         }
         Ok(pairs)
     }
+}
+
+/// The rows of pairs: chosen then rejected, pair after pair.
+pub fn pair_rows(pairs: &[Pair]) -> Vec<Row> {
+    pairs
+        .iter()
+        .flat_map(|p| [Row::single(&p.chosen, 1.0), Row::single(&p.rejected, 1.0)])
+        .collect()
 }
 
 #[cfg(test)]

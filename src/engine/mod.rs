@@ -84,10 +84,7 @@ pub trait Engine {
         batch: &MicroBatchRows,
         loss: &PreferenceLoss,
         profile: &mut Profile,
-    ) -> std::result::Result<PreferenceSums, StepError> {
-        let _ = (batch, profile);
-        Err(StepError::Failed(unsupported(loss.method)))
-    }
+    ) -> std::result::Result<PreferenceSums, StepError>;
 
     /// The preference sums of `pairs` under `method` with the adapter applied (DPO's
     /// reference: the adapter off).
@@ -97,10 +94,7 @@ pub trait Engine {
         batch_size: usize,
         method: Method,
         beta: f64,
-    ) -> Result<PreferenceSums> {
-        let _ = (pairs, batch_size, beta);
-        Err(unsupported(method))
-    }
+    ) -> Result<PreferenceSums>;
 
     /// The accumulated gradients' global L2 norm, after scaling them down to `max_norm` when
     /// they exceed it (0: no clipping); the norm before clipping is returned.
@@ -132,12 +126,4 @@ pub trait Engine {
 
     /// The memory meter the engine's work is measured by.
     fn meter(&self) -> &Meter;
-}
-
-/// What an engine without the preference objectives answers.
-fn unsupported(method: Method) -> crate::error::Error {
-    crate::error::Error::Usage(format!(
-        "--method {}: this engine trains SFT only; use --engine candle for preference tuning",
-        method.name()
-    ))
 }

@@ -209,6 +209,66 @@ impl PreferenceSums {
     }
 }
 
+/// Each sequence's log-probability (−Σ CE of its scored tokens) and scored-token count.
+pub type SequenceScores = (Vec<f64>, Vec<usize>);
+
+/// [`SequenceScores`] of a `[seqs, t]` batch from the cross-entropy of each scored row, a row
+/// being `sequence · t + position`.
+pub fn per_sequence(ce: &[f64], rows: &[u32], t: usize, seqs: usize) -> SequenceScores {
+    let mut logp = vec![0.0; seqs];
+    let mut tokens = vec![0; seqs];
+    for (&c, &row) in ce.iter().zip(rows) {
+        let s = row as usize / t.max(1);
+        if s < seqs {
+            logp[s] -= c;
+            tokens[s] += 1;
+        }
+    }
+    (logp, tokens)
+}
+
+/// The pairs of a batch whose sequences are chosen, rejected, pair after pair, as
+/// [`PairLogps`] (with the reference's scores when given).
+pub fn pairs_of(policy: &SequenceScores, reference: Option<&SequenceScores>) -> Vec<PairLogps> {
+    let (logp, tokens) = policy;
+    (0..logp.len() / 2)
+        .map(|i| {
+            let (c, r) = (2 * i, 2 * i + 1);
+            PairLogps {
+                chosen: logp[c],
+                rejected: logp[r],
+                ref_chosen: reference.map_or(0.0, |x| x.0[c]),
+                ref_rejected: reference.map_or(0.0, |x| x.0[r]),
+                chosen_tokens: tokens[c],
+                rejected_tokens: tokens[r],
+            }
+        })
+        .collect()
+}
+
+/// A micro-batch of pairs under `loss`: the pairs' sums, and each sequence's weight on its
+/// tokens' cross-entropy in the gradient (`∂loss/∂CE` of each of its tokens). Both engines
+/// scale the SFT head's per-token gradient by it, so the SFT backward serves.
+pub fn weigh_pairs(
+    loss: &PreferenceLoss,
+    policy: &SequenceScores,
+    reference: Option<&SequenceScores>,
+) -> (PreferenceSums, Vec<f64>) {
+    let mut sums = PreferenceSums::default();
+    let mut coef = vec![0.0; policy.0.len()];
+    for (i, p) in pairs_of(policy, reference).iter().enumerate() {
+        let terms = pair_terms(loss.method, loss.beta, p);
+        sums.add_pair(p, &terms);
+        // log π = −Σ CE, so ∂loss/∂CE = −∂loss/∂log π for each of the answer's tokens.
+        coef[2 * i] = -terms.d_chosen * loss.pair_scale;
+        if loss.method == Method::Orpo {
+            coef[2 * i] += loss.token_scale;
+        }
+        coef[2 * i + 1] = -terms.d_rejected * loss.pair_scale;
+    }
+    (sums, coef)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -18,6 +18,7 @@ pub mod error;
 pub mod head;
 pub mod optimizer;
 pub mod params;
+pub mod preference;
 pub mod step;
 pub mod weights;
 
@@ -26,8 +27,11 @@ mod checks;
 
 pub use error::MlxError;
 
+use super::objective::{Method, PreferenceLoss, PreferenceSums};
 use super::{Engine, LossSums, MicroBatchRows, OptimizerState, Profile, StepError};
 use crate::data::batch::Row;
+use crate::data::preference::pair_rows;
+use crate::data::preference::Pair;
 use crate::data::Sample;
 use crate::error::{Error, Result};
 use crate::infer::eval::EvalResult;
@@ -154,6 +158,46 @@ impl MlxEngine {
     }
 }
 
+impl MlxEngine {
+    /// Adds a micro-batch's gradients into the accumulated ones and evaluates them with
+    /// `outputs`: the micro-batch's one evaluation. The allocator's cache is cleared after it,
+    /// so the process holds one step's working set at most, not what every shape seen so far
+    /// left cached.
+    fn add_gradients(&mut self, grads: &[Array], outputs: &[Array]) -> Result<()> {
+        let sum = match self.grads.take() {
+            None => grads.to_vec(),
+            Some(acc) => acc
+                .iter()
+                .zip(grads)
+                .map(|(a, g)| a.add(g))
+                .collect::<std::result::Result<Vec<_>, _>>()?,
+        };
+        eval(outputs.iter().chain(&sum))?;
+        self.grads = Some(sum);
+        memory::mlx::clear_cache()?;
+        Ok(())
+    }
+
+    /// The budget check after each micro-batch.
+    fn within_budget(&self) -> std::result::Result<(), StepError> {
+        match self.meter.over_limit() {
+            Some(peak) => Err(StepError::OverBudget { peak }),
+            None => Ok(()),
+        }
+    }
+}
+
+fn refuse_dropout(batch: &MicroBatchRows) -> std::result::Result<(), StepError> {
+    if batch.dropout.is_some_and(|(p, _)| p > 0.0) {
+        return Err(StepError::Failed(Error::Usage(
+            "--lora-dropout: the MLX engine does not apply LoRA dropout yet; use \
+             --lora-dropout 0, or --engine candle"
+                .into(),
+        )));
+    }
+    Ok(())
+}
+
 impl Engine for MlxEngine {
     fn config(&self) -> &ModelConfig {
         &self.cfg
@@ -164,13 +208,7 @@ impl Engine for MlxEngine {
         batch: &MicroBatchRows,
         profile: &mut Profile,
     ) -> std::result::Result<LossSums, StepError> {
-        if batch.dropout.is_some_and(|(p, _)| p > 0.0) {
-            return Err(StepError::Failed(Error::Usage(
-                "--lora-dropout: the MLX engine does not apply LoRA dropout yet; use \
-                 --lora-dropout 0, or --engine candle"
-                    .into(),
-            )));
-        }
+        refuse_dropout(batch)?;
         let model = self.model.as_ref().ok_or_else(reloading)?;
         let params = self.params.as_ref().ok_or_else(no_adapter)?;
         let clock = Instant::now();
@@ -178,24 +216,51 @@ impl Engine for MlxEngine {
         profile.data += clock.elapsed();
         let clock = Instant::now();
         let pending = step::forward_backward(model, params, &lay, batch.loss_scale)?;
-        let grads = match self.grads.take() {
-            None => pending.grads.clone(),
-            Some(acc) => acc
-                .iter()
-                .zip(&pending.grads)
-                .map(|(a, g)| a.add(g))
-                .collect::<std::result::Result<Vec<_>, _>>()?,
-        };
-        eval(pending.outputs().chain(&grads))?;
-        self.grads = Some(grads);
+        let outputs: Vec<Array> = vec![pending.ce.clone(), pending.weighted.clone()];
+        self.add_gradients(&pending.grads, &outputs)?;
         let sums = pending.sums()?;
         drop(pending);
-        // The step's freed buffers go back now, so the process holds one step's working set
-        // at most, not what every shape seen so far left cached.
-        memory::mlx::clear_cache()?;
         profile.forward += clock.elapsed();
-        if let Some(peak) = self.meter.over_limit() {
-            return Err(StepError::OverBudget { peak });
+        self.within_budget()?;
+        Ok(sums)
+    }
+
+    fn accumulate_pairs(
+        &mut self,
+        batch: &MicroBatchRows,
+        loss: &PreferenceLoss,
+        profile: &mut Profile,
+    ) -> std::result::Result<PreferenceSums, StepError> {
+        refuse_dropout(batch)?;
+        let model = self.model.as_ref().ok_or_else(reloading)?;
+        let params = self.params.as_ref().ok_or_else(no_adapter)?;
+        let clock = Instant::now();
+        let lay = batch::layout(batch.rows, &model.cfg)?;
+        profile.data += clock.elapsed();
+        let clock = Instant::now();
+        let (sums, grads) = preference::forward_backward(model, params, &lay, loss)?;
+        self.add_gradients(&grads, &[])?;
+        profile.forward += clock.elapsed();
+        self.within_budget()?;
+        Ok(sums)
+    }
+
+    fn evaluate_pairs(
+        &self,
+        pairs: &[Pair],
+        batch_size: usize,
+        method: Method,
+        beta: f64,
+    ) -> Result<PreferenceSums> {
+        let (model, params) = (self.model()?, self.params()?);
+        let mut sums = PreferenceSums::default();
+        for chunk in pairs.chunks(batch_size.max(1)) {
+            if let Some(signal) = crate::runtime::signals::requested() {
+                return Err(Error::Stopping { signal });
+            }
+            let lay = batch::layout(&pair_rows(chunk), &model.cfg)?;
+            sums.merge(&preference::evaluate(model, params, &lay, method, beta)?);
+            memory::mlx::clear_cache()?;
         }
         Ok(sums)
     }
@@ -319,23 +384,7 @@ fn eval_loss(model: &Model, params: &Params, lay: &batch::Layout) -> Result<(f64
     if n == 0 {
         return Ok((0.0, 0));
     }
-    let mut x = model.embed.take_axis(&lay.ids, 0)?;
-    for l in 0..model.blocks.len() {
-        let mut pairs: block::Pairs = Default::default();
-        for (i, p) in params.pairs[l].iter().enumerate() {
-            pairs[i] = p.as_ref().map(|(a, b)| (a, b));
-        }
-        x = block::forward(model, l, &x, &pairs, params.scale(), lay)?;
-    }
-    let mut sum = 0f64;
-    let mut start = 0;
-    while start < n {
-        let len = head::HEAD_CHUNK.min(n - start);
-        let rows = convert::indices(&lay.target_rows[start..start + len], &[len as i32]);
-        let targets = convert::indices(&lay.target_ids[start..start + len], &[len as i32]);
-        let ce = head::cross_entropy(model, &x, &rows, &targets)?.sum(None)?;
-        sum += convert::scalar(&ce)?;
-        start += len;
-    }
-    Ok((sum, n))
+    let (x, _) = step::forward(model, Some(params), lay)?;
+    let ce = step::row_ce(model, &x, lay)?.sum(None)?;
+    Ok((convert::scalar(&ce)?, n))
 }

@@ -62,40 +62,86 @@ pub fn forward_backward(
     lay: &Layout,
     loss_scale: f64,
 ) -> R<Pending> {
+    let (x, inputs) = forward(model, Some(params), lay)?;
+    let coef: Vec<f32> = lay
+        .target_weights
+        .iter()
+        .map(|&w| (w as f64 * loss_scale) as f32)
+        .collect();
+    let (dx, ce, weighted) = head_backward(model, &x, lay, &coef)?;
+    drop(x);
+    Ok(Pending {
+        ce,
+        weighted,
+        weight: lay.target_weights.iter().map(|&w| w as f64).sum(),
+        grads: backward(model, params, lay, inputs, dx)?,
+    })
+}
+
+/// The forward without a graph under `params` (None: the adapter off): the top hidden states
+/// and the input of each adapted block (none without `params`).
+pub fn forward(model: &Model, params: Option<&Params>, lay: &Layout) -> R<(Array, Vec<Array>)> {
     let layers = model.blocks.len();
-    let lowest = params.lowest().min(layers);
-    let scale = params.scale();
+    let lowest = params.map_or(layers, |p| p.lowest().min(layers));
+    let scale = params.map_or(0.0, Params::scale);
     let mut x = model.embed.take_axis(&lay.ids, 0)?;
     let mut inputs = Vec::with_capacity(layers - lowest);
     for l in 0..layers {
         if l >= lowest {
             inputs.push(x.clone());
         }
-        x = block::forward(model, l, &x, &pairs_of(params, l), scale, lay)?;
+        let pairs = params.map_or_else(Default::default, |p| pairs_of(p, l));
+        x = block::forward(model, l, &x, &pairs, scale, lay)?;
     }
+    Ok((x, inputs))
+}
 
-    // The head, chunk by chunk: ∂(loss_scale · Σ w·CE)/∂x summed over chunks.
+/// Each scored row's cross-entropy (f32 `[n]`, in `lay.target_rows` order) from the top hidden
+/// states `x`, chunk by chunk, without a graph.
+pub fn row_ce(model: &Model, x: &Array, lay: &Layout) -> R<Array> {
+    let mut parts = vec![];
+    for (rows, targets, _, _) in chunks(lay) {
+        parts.push(head::cross_entropy(model, x, &rows, &targets)?);
+    }
+    if parts.is_empty() {
+        return zeros_dtype(&[0], Dtype::Float32);
+    }
+    mlx_rs::ops::concatenate(&parts, 0)
+}
+
+/// The scored rows of `lay` in head chunks: `(rows, targets, start, len)`.
+fn chunks(lay: &Layout) -> impl Iterator<Item = (Array, Array, usize, usize)> + '_ {
+    let n = lay.target_rows.len();
+    (0..n).step_by(HEAD_CHUNK).map(move |start| {
+        let len = HEAD_CHUNK.min(n - start);
+        let at = |v: &[u32]| super::convert::indices(&v[start..start + len], &[len as i32]);
+        (at(&lay.target_rows), at(&lay.target_ids), start, len)
+    })
+}
+
+/// The head, chunk by chunk: `∂(Σ coefᵢ·CEᵢ)/∂x` summed over chunks (`coef`: one per scored
+/// row), with Σ CE and Σ w·CE (w: the layout's weights).
+pub fn head_backward(
+    model: &Model,
+    x: &Array,
+    lay: &Layout,
+    coef: &[f32],
+) -> R<(Array, Array, Array)> {
     let mut dx = zeros_dtype(x.shape(), x.dtype())?;
     let mut ce_sum = Array::from_f32(0.0);
     let mut weighted = Array::from_f32(0.0);
-    let n = lay.target_rows.len();
-    let mut start = 0;
-    while start < n {
-        let len = HEAD_CHUNK.min(n - start);
-        let rows = super::convert::indices(&lay.target_rows[start..start + len], &[len as i32]);
-        let targets = super::convert::indices(&lay.target_ids[start..start + len], &[len as i32]);
+    for (rows, targets, start, len) in chunks(lay) {
         let w = &lay.target_weights[start..start + len];
-        let coef: Vec<f32> = w.iter().map(|&w| (w as f64 * loss_scale) as f32).collect();
-        let coef = Array::from_slice(&coef, &[len as i32]);
+        let c = Array::from_slice(&coef[start..start + len], &[len as i32]);
         let f = |args: &[Array]| -> R<Vec<Array>> {
             let ce = head::cross_entropy(model, &args[0], &rows, &targets)?;
-            Ok(vec![ce.multiply(&coef)?.sum(None)?, ce])
+            Ok(vec![ce.multiply(&c)?.sum(None)?, ce])
         };
         let cotangents = [
             Array::from_f32(1.0),
             zeros_dtype(&[len as i32], Dtype::Float32)?,
         ];
-        let (outs, grads) = fallible_vjp(f, &[x.clone()], &cotangents)?;
+        let (outs, grads) = fallible_vjp(f, std::slice::from_ref(x), &cotangents)?;
         dx = dx.add(grads[0].as_dtype(x.dtype())?)?;
         let ce = &outs[1];
         ce_sum = ce_sum.add(ce.sum(None)?)?;
@@ -103,11 +149,22 @@ pub fn forward_backward(
             ce.multiply(Array::from_slice(w, &[len as i32]))?
                 .sum(None)?,
         )?;
-        start += len;
     }
-    drop(x);
+    Ok((dx, ce_sum, weighted))
+}
 
-    // The blocks, top down, each recomputed from its input and differentiated.
+/// The blocks' backward from `dx` at the top, top down, each block recomputed from its saved
+/// input (`inputs`, from [`forward`]) and differentiated: the LoRA gradients in adapter order.
+pub fn backward(
+    model: &Model,
+    params: &Params,
+    lay: &Layout,
+    mut inputs: Vec<Array>,
+    mut dx: Array,
+) -> R<Vec<Array>> {
+    let layers = model.blocks.len();
+    let lowest = params.lowest().min(layers);
+    let scale = params.scale();
     let mut block_grads: Vec<Vec<Array>> = vec![vec![]; layers];
     for l in (lowest..layers).rev() {
         let input = inputs
@@ -127,10 +184,5 @@ pub fn forward_backward(
         dx = grads.remove(0);
         block_grads[l] = rest;
     }
-    Ok(Pending {
-        ce: ce_sum,
-        weighted,
-        weight: lay.target_weights.iter().map(|&w| w as f64).sum(),
-        grads: block_grads.into_iter().flatten().collect(),
-    })
+    Ok(block_grads.into_iter().flatten().collect())
 }

@@ -1,0 +1,78 @@
+//! The preference objectives (DPO, ORPO) on the MLX step, as the candle engine runs them: a
+//! micro-batch holds pairs of rows (chosen, then rejected). DPO scores both answers with the
+//! adapter off first (the reference). The step's forward runs with the adapter and each scored
+//! token's cross-entropy is read back (one evaluation); the pair losses of
+//! [`crate::engine::objective`] turn the answers' log-probabilities into one weight per answer,
+//! which scales each of its tokens in the head's gradient, and the block-wise backward follows
+//! as for SFT.
+
+use super::batch::Layout;
+use super::params::Params;
+use super::step;
+use super::weights::Model;
+use crate::engine::objective::{
+    pair_terms, pairs_of, per_sequence, weigh_pairs, Method, PreferenceLoss, PreferenceSums,
+    SequenceScores,
+};
+use crate::error::Result;
+use mlx_rs::Array;
+
+/// Each sequence's log-probability and scored tokens under `params` (None: the adapter off),
+/// without a graph.
+fn score(model: &Model, params: Option<&Params>, lay: &Layout) -> Result<SequenceScores> {
+    let (x, _) = step::forward(model, params, lay)?;
+    let ce = step::row_ce(model, &x, lay)?;
+    Ok(per_sequence(&host(&ce)?, &lay.target_rows, lay.t, lay.b))
+}
+
+fn host(a: &Array) -> Result<Vec<f64>> {
+    a.eval()?;
+    Ok(a.as_slice::<f32>().iter().map(|&v| v as f64).collect())
+}
+
+/// The sums of one micro-batch of pairs under `loss`, and its LoRA gradients (in adapter
+/// order, not yet evaluated).
+pub fn forward_backward(
+    model: &Model,
+    params: &Params,
+    lay: &Layout,
+    loss: &PreferenceLoss,
+) -> Result<(PreferenceSums, Vec<Array>)> {
+    let reference = match loss.method {
+        Method::Dpo => Some(score(model, None, lay)?),
+        _ => None,
+    };
+    let (x, inputs) = step::forward(model, Some(params), lay)?;
+    let ce = step::row_ce(model, &x, lay)?;
+    let policy = per_sequence(&host(&ce)?, &lay.target_rows, lay.t, lay.b);
+    let (sums, per_seq) = weigh_pairs(loss, &policy, reference.as_ref());
+    let coef: Vec<f32> = lay
+        .target_rows
+        .iter()
+        .map(|&r| per_seq[r as usize / lay.t] as f32)
+        .collect();
+    let (dx, _, _) = step::head_backward(model, &x, lay, &coef)?;
+    drop(x);
+    Ok((sums, step::backward(model, params, lay, inputs, dx)?))
+}
+
+/// The preference sums of one micro-batch of pairs under `method` (DPO's reference: the
+/// adapter off).
+pub fn evaluate(
+    model: &Model,
+    params: &Params,
+    lay: &Layout,
+    method: Method,
+    beta: f64,
+) -> Result<PreferenceSums> {
+    let policy = score(model, Some(params), lay)?;
+    let reference = match method {
+        Method::Dpo => Some(score(model, None, lay)?),
+        _ => None,
+    };
+    let mut sums = PreferenceSums::default();
+    for p in pairs_of(&policy, reference.as_ref()) {
+        sums.add_pair(&p, &pair_terms(method, beta, &p));
+    }
+    Ok(sums)
+}

@@ -304,6 +304,69 @@ fn loss(model: &your_ai::engine::mlx::weights::Model, p: &Params, lay: &batch::L
     convert::scalar(&pending.weighted).unwrap()
 }
 
+/// MLX's LoRA dropout mask: about `p` of the entries dropped, the rest scaled by `1/(1 − p)`;
+/// the same mask again for the same (seed, block, target), another for another block, target
+/// or seed.
+#[test]
+fn mlx_dropout_masks_are_scaled_and_drawn_again_alike() {
+    let _s = serial();
+    use your_ai::engine::mlx::block::dropout;
+    let x = Array::from_slice(&vec![1f32; 64 * 128], &[64, 128]);
+    let host = |a: &Array| -> Vec<f32> {
+        a.eval().unwrap();
+        a.as_slice::<f32>().to_vec()
+    };
+    let m = host(&dropout(&x, 0.25, 5, 1, 2).unwrap());
+    let dropped = m.iter().filter(|&&v| v == 0.0).count() as f64 / m.len() as f64;
+    assert!((dropped - 0.25).abs() < 0.03, "dropped {dropped}");
+    assert!(m.iter().all(|&v| v == 0.0 || (v - 1.0 / 0.75).abs() < 1e-6));
+    assert_eq!(host(&dropout(&x, 0.25, 5, 1, 2).unwrap()), m);
+    for other in [
+        dropout(&x, 0.25, 5, 0, 2),
+        dropout(&x, 0.25, 5, 1, 3),
+        dropout(&x, 0.25, 6, 1, 2),
+    ] {
+        assert_ne!(host(&other.unwrap()), m);
+    }
+}
+
+/// `--lora-dropout` on MLX through the engine: the run learns, and the same seed gives the
+/// same losses again (the masks come from the micro-batch's seed, so a resume draws them
+/// alike); without dropout the losses differ.
+#[test]
+fn mlx_dropout_runs_are_reproducible() {
+    let _s = serial();
+    let dir = tiny_dir();
+    let spec = dir.path().to_str().unwrap();
+    let o = opts(DType::F32, None);
+    let batches: Vec<Vec<Row>> = (0..10)
+        .map(|s| rows(96, &[12, 10], (s % 2) as u32))
+        .collect();
+    let run = |dropout: Option<(f64, u64)>| -> Vec<f64> {
+        let mut m = mlx_engine(spec, &o);
+        m.set_adapter(adapter(m.config(), vec![0, 1]), None)
+            .unwrap();
+        let mut losses = vec![];
+        for (i, b) in batches.iter().enumerate() {
+            let targets: usize = b.iter().map(Row::scored).sum();
+            let batch = MicroBatchRows {
+                rows: b,
+                dropout: dropout.map(|(p, seed)| (p, seed + i as u64)),
+                loss_scale: 1.0 / targets as f64,
+            };
+            let sums = m.accumulate(&batch, &mut Profile::default()).unwrap();
+            m.clip_gradients(1.0).unwrap();
+            m.update(1e-2).unwrap();
+            losses.push(sums.ce / targets as f64);
+        }
+        losses
+    };
+    let (a, b, plain) = (run(Some((0.2, 3))), run(Some((0.2, 3))), run(None));
+    assert_eq!(a, b, "the same seed, the same run");
+    assert_ne!(a, plain, "dropout changes the run");
+    assert!(a[8] < a[0] && a[9] < a[1], "the run learns: {a:?}");
+}
+
 #[test]
 fn mlx_gradients_match_finite_differences_for_every_lora_target() {
     let _s = serial();
@@ -314,54 +377,58 @@ fn mlx_gradients_match_finite_differences_for_every_lora_target() {
     let model =
         your_ai::engine::mlx::weights::Model::from_llama(llama, Dtype::Float32, None).unwrap();
     let mut p = Params::from_adapter(&a).unwrap();
-    let lay = batch::layout(&rows(96, &[11, 7], 3), &model.cfg).unwrap();
-    let pending = step::forward_backward(&model, &p, &lay, 1.0).unwrap();
-    let grads: Vec<Vec<f32>> = pending
-        .grads
-        .iter()
-        .map(|g| {
-            convert::to_tensor(g)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap()
-        })
-        .collect();
-    let names: Vec<String> = a
-        .iter()
-        .flat_map(|(l, t, _)| [format!("{l}.{t:?}.A"), format!("{l}.{t:?}.B")])
-        .collect();
-    let tensors = p.tensors();
-    assert_eq!(grads.len(), tensors.len());
-    let h = 1e-2f32;
-    for (i, g) in grads.iter().enumerate() {
-        // The element with the largest gradient: finite differences in f32 resolve it best.
-        let (j, &gj) = g
+    // With LoRA dropout too: the recompute in the backward draws the forward's masks again.
+    for dropout in [None, Some((0.3, 11))] {
+        let mut lay = batch::layout(&rows(96, &[11, 7], 3), &model.cfg).unwrap();
+        lay.dropout = dropout;
+        let pending = step::forward_backward(&model, &p, &lay, 1.0).unwrap();
+        let grads: Vec<Vec<f32>> = pending
+            .grads
             .iter()
-            .enumerate()
-            .max_by(|x, y| x.1.abs().total_cmp(&y.1.abs()))
-            .unwrap();
-        assert!(gj.abs() > 1e-5, "{}: no gradient", names[i]);
-        let base = convert::to_tensor(&tensors[i]).unwrap();
-        let shape: Vec<i32> = base.dims().iter().map(|&d| d as i32).collect();
-        let v: Vec<f32> = base.flatten_all().unwrap().to_vec1().unwrap();
-        let mut at = |delta: f32| {
-            let mut w = v.clone();
-            w[j] += delta;
-            let mut ts = tensors.clone();
-            ts[i] = Array::from_slice(&w, &shape);
-            p.set_tensors(ts.into_iter());
-            loss(&model, &p, &lay)
-        };
-        let fd = (at(h) - at(-h)) / (2.0 * h as f64);
-        p.set_tensors(tensors.clone().into_iter());
-        let rel = (gj as f64 - fd).abs() / fd.abs().max(1e-4);
-        assert!(
-            rel < 3e-2,
-            "{}[{j}]: MLX {gj} vs finite differences {fd}",
-            names[i]
-        );
+            .map(|g| {
+                convert::to_tensor(g)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap()
+            })
+            .collect();
+        let names: Vec<String> = a
+            .iter()
+            .flat_map(|(l, t, _)| [format!("{l}.{t:?}.A"), format!("{l}.{t:?}.B")])
+            .collect();
+        let tensors = p.tensors();
+        assert_eq!(grads.len(), tensors.len());
+        let h = 1e-2f32;
+        for (i, g) in grads.iter().enumerate() {
+            // The element with the largest gradient: finite differences in f32 resolve it best.
+            let (j, &gj) = g
+                .iter()
+                .enumerate()
+                .max_by(|x, y| x.1.abs().total_cmp(&y.1.abs()))
+                .unwrap();
+            assert!(gj.abs() > 1e-5, "{}: no gradient", names[i]);
+            let base = convert::to_tensor(&tensors[i]).unwrap();
+            let shape: Vec<i32> = base.dims().iter().map(|&d| d as i32).collect();
+            let v: Vec<f32> = base.flatten_all().unwrap().to_vec1().unwrap();
+            let mut at = |delta: f32| {
+                let mut w = v.clone();
+                w[j] += delta;
+                let mut ts = tensors.clone();
+                ts[i] = Array::from_slice(&w, &shape);
+                p.set_tensors(ts.into_iter());
+                loss(&model, &p, &lay)
+            };
+            let fd = (at(h) - at(-h)) / (2.0 * h as f64);
+            p.set_tensors(tensors.clone().into_iter());
+            let rel = (gj as f64 - fd).abs() / fd.abs().max(1e-4);
+            assert!(
+                rel < 3e-2,
+                "{}[{j}] (dropout {dropout:?}): MLX {gj} vs finite differences {fd}",
+                names[i]
+            );
+        }
     }
 }
 
@@ -443,10 +510,11 @@ fn mlx_bf16_run_holds_no_f64_array() {
     let model =
         your_ai::engine::mlx::weights::Model::from_llama(llama, Dtype::Bfloat16, None).unwrap();
     let p = Params::from_adapter(&a).unwrap();
-    let lay = batch::layout(&packed_rows(96, &[5, 7, 9], 5, 24), &model.cfg).unwrap();
+    let mut lay = batch::layout(&packed_rows(96, &[5, 7, 9], 5, 24), &model.cfg).unwrap();
+    lay.dropout = Some((0.1, 3));
     assert!(
         lay.rope.is_some(),
-        "the strict run covers packed rows' RoPE"
+        "the strict run covers packed rows' RoPE, and LoRA dropout"
     );
     let pending = step::forward_backward(&model, &p, &lay, 1.0).unwrap();
     let mut held: Vec<(&str, Dtype)> = vec![

@@ -41,6 +41,8 @@ pub struct Layout {
     /// RoPE's `(cos, sin)` per position, `[B, 1, T, d/2]` in f32, for packed rows (positions
     /// restart with each document); None: positions `0..T`.
     pub rope: Option<(Array, Array)>,
+    /// LoRA dropout `(probability, seed)` for this micro-batch (training only).
+    pub dropout: Option<(f64, u64)>,
 }
 
 /// Lays out `rows` for a model of config `cfg`.
@@ -87,6 +89,7 @@ pub fn layout(rows: &[Row], cfg: &ModelConfig) -> Result<Layout> {
         target_weights,
         mask,
         rope,
+        dropout: None,
     })
 }
 

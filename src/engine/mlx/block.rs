@@ -15,23 +15,44 @@ type R<T> = Result<T, Exception>;
 /// A block's LoRA pairs by target: `(A [r, in], B [out, r])`, f32.
 pub type Pairs<'a> = [Option<(&'a Array, &'a Array)>; 7];
 
-/// `x Wᵀ + s · (x Aᵀ) Bᵀ`: the frozen product in the model's dtype, the low-rank term as two
-/// thin matmuls in f32 (never `W + BA`), added in the model's dtype.
+/// `x Wᵀ + s · (x' Aᵀ) Bᵀ`: the frozen product in the model's dtype, the low-rank term as two
+/// thin matmuls in f32 (never `W + BA`), added in the model's dtype. `x'` is `dropped` (the
+/// input after LoRA dropout) when given, else `x`.
 pub fn lora_linear(
     lin: &Linear,
     x: &Array,
     pair: Option<(&Array, &Array)>,
     scale: f32,
+    dropped: Option<&Array>,
 ) -> R<Array> {
     let y = lin.forward(x)?;
     match pair {
         None => Ok(y),
         Some((a, b)) => {
-            let xa = x.as_dtype(Dtype::Float32)?.matmul(a.t())?;
+            let xa = dropped
+                .unwrap_or(x)
+                .as_dtype(Dtype::Float32)?
+                .matmul(a.t())?;
             let delta = xa.matmul(b.t())?.multiply(Array::from_f32(scale))?;
             y.add(delta.as_dtype(y.dtype())?)
         }
     }
+}
+
+/// LoRA dropout on the input `x` of target `target` of block `layer`: each entry kept with
+/// probability `1 − p` and scaled by `1/(1 − p)`, drawn on the device by MLX's generator from a
+/// key of `(seed, layer, target)`, so the block's recompute in the backward draws the same
+/// mask. (The candle engine draws its masks on the host from another generator: the two
+/// engines agree on everything but which entries a run drops.)
+pub fn dropout(x: &Array, p: f64, seed: u64, layer: usize, target: usize) -> R<Array> {
+    let stream = seed ^ ((layer as u64) << 40) ^ ((target as u64) << 56);
+    let key = mlx_rs::random::key(stream)?;
+    let keep = Array::from_f32((1.0 - p) as f32);
+    let mask = mlx_rs::random::bernoulli(&keep, x.shape(), &key)?;
+    let scaled = mask
+        .as_dtype(x.dtype())?
+        .multiply(Array::from_f32((1.0 / (1.0 - p)) as f32).as_dtype(x.dtype())?)?;
+    x.multiply(&scaled)
 }
 
 /// RoPE at given positions (`cos`, `sin`: `[B, 1, T, d/2]`) on `y` (`[B, n, T, d]`), in the
@@ -68,7 +89,13 @@ pub fn forward(
         cfg.head_dim as i32,
     );
     let eps = cfg.rms_norm_eps as f32;
-    let proj = |i: usize, input: &Array| lora_linear(&blk.linears[i], input, pairs[i], scale);
+    let proj = |i: usize, input: &Array| -> R<Array> {
+        let dropped = match (pairs[i], lay.dropout) {
+            (Some(_), Some((p, seed))) if p > 0.0 => Some(dropout(input, p, seed, layer, i)?),
+            _ => None,
+        };
+        lora_linear(&blk.linears[i], input, pairs[i], scale, dropped.as_ref())
+    };
     let heads =
         |y: Array, n: i32| -> R<Array> { y.reshape(&[b, t, n, d])?.transpose_axes(&[0, 2, 1, 3]) };
     let rotate = |y: Array| -> R<Array> {

@@ -187,17 +187,6 @@ impl MlxEngine {
     }
 }
 
-fn refuse_dropout(batch: &MicroBatchRows) -> std::result::Result<(), StepError> {
-    if batch.dropout.is_some_and(|(p, _)| p > 0.0) {
-        return Err(StepError::Failed(Error::Usage(
-            "--lora-dropout: the MLX engine does not apply LoRA dropout yet; use \
-             --lora-dropout 0, or --engine candle"
-                .into(),
-        )));
-    }
-    Ok(())
-}
-
 impl Engine for MlxEngine {
     fn config(&self) -> &ModelConfig {
         &self.cfg
@@ -208,11 +197,11 @@ impl Engine for MlxEngine {
         batch: &MicroBatchRows,
         profile: &mut Profile,
     ) -> std::result::Result<LossSums, StepError> {
-        refuse_dropout(batch)?;
         let model = self.model.as_ref().ok_or_else(reloading)?;
         let params = self.params.as_ref().ok_or_else(no_adapter)?;
         let clock = Instant::now();
-        let lay = batch::layout(batch.rows, &model.cfg)?;
+        let mut lay = batch::layout(batch.rows, &model.cfg)?;
+        lay.dropout = batch.dropout;
         profile.data += clock.elapsed();
         let clock = Instant::now();
         let pending = step::forward_backward(model, params, &lay, batch.loss_scale)?;
@@ -231,11 +220,11 @@ impl Engine for MlxEngine {
         loss: &PreferenceLoss,
         profile: &mut Profile,
     ) -> std::result::Result<PreferenceSums, StepError> {
-        refuse_dropout(batch)?;
         let model = self.model.as_ref().ok_or_else(reloading)?;
         let params = self.params.as_ref().ok_or_else(no_adapter)?;
         let clock = Instant::now();
-        let lay = batch::layout(batch.rows, &model.cfg)?;
+        let mut lay = batch::layout(batch.rows, &model.cfg)?;
+        lay.dropout = batch.dropout;
         profile.data += clock.elapsed();
         let clock = Instant::now();
         let (sums, grads) = preference::forward_backward(model, params, &lay, loss)?;

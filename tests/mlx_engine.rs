@@ -552,3 +552,67 @@ fn mlx_bf16_run_holds_no_f64_array() {
         "{losses:?}"
     );
 }
+
+/// A GGUF's Q4_0, Q4_1 and Q8_0 blocks become MLX's affine quantization block for block: MLX's
+/// dequantization of each block linear equals candle's dequantization of the blocks, exactly.
+#[test]
+fn mlx_holds_a_gguf_s_blocks_exactly() {
+    use candle_core::quantized::GgmlDType;
+    use your_ai::engine::mlx::weights::{Linear, Model, GROUP};
+    let _s = serial();
+    let tmp = tempfile::tempdir().unwrap();
+    let spec = common::TinySpec::default();
+    for (stored, bits) in [
+        (GgmlDType::Q4_1, QuantBits::Four),
+        (GgmlDType::Q4_0, QuantBits::Four),
+        (GgmlDType::Q8_0, QuantBits::Eight),
+    ] {
+        let path = tmp.path().join(format!("m-{stored:?}.gguf"));
+        common::write_gguf(
+            &path,
+            &spec,
+            &common::tiny_weights(&spec, 3),
+            stored,
+            "llama",
+        );
+        let llama = load(path.to_str().unwrap(), &opts(DType::F32, Some(bits)), None)
+            .unwrap()
+            .model;
+        let dense: Vec<Vec<f32>> = llama
+            .blocks
+            .iter()
+            .flat_map(|b| b.linears().map(|l| l.weight.clone()))
+            .map(|w| {
+                w.dense(DType::F32)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap()
+            })
+            .collect();
+        let model = Model::from_llama(llama, Dtype::Float32, Some(bits.bits() as i32)).unwrap();
+        let held = model.blocks.iter().flat_map(|b| b.linears.iter());
+        for (i, (lin, want)) in held.zip(&dense).enumerate() {
+            let Linear::Quantized {
+                w,
+                scales,
+                biases,
+                bits,
+                ..
+            } = lin
+            else {
+                panic!("{stored:?}: linear {i} is not quantized");
+            };
+            let got = mlx_rs::ops::dequantize(w, scales, biases, GROUP, *bits).unwrap();
+            got.eval().unwrap();
+            let differ = got
+                .as_slice::<f32>()
+                .iter()
+                .zip(want)
+                .filter(|(a, b)| a != b)
+                .count();
+            assert_eq!(differ, 0, "{stored:?}: linear {i}: {differ} weights differ");
+        }
+    }
+}

@@ -13,6 +13,7 @@
 
 pub mod batch;
 pub mod block;
+pub mod blocks;
 pub mod convert;
 pub mod error;
 pub mod head;

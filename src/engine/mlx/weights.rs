@@ -1,8 +1,9 @@
 //! The frozen model as MLX arrays: converted, one weight at a time, from what the project's one
 //! load function ([`crate::model::load`]) returned, so both engines train the same weights.
 //! Dense weights are held in the compute dtype (f32 on the CPU, bf16 or f16 on a GPU); with
-//! `--quantize 4|8` the block linears use MLX's affine quantization (groups of 32, so that the
-//! Q4_1 / Q8_0 grid the load produced is represented exactly) and `quantized_matmul`.
+//! `--quantize 4|8` the block linears use MLX's affine quantization in groups of 32 and
+//! `quantized_matmul`: Q4_0/Q4_1/Q8_0 blocks mapped onto it as they are ([`super::blocks`]),
+//! anything else quantized by MLX.
 
 use super::convert::to_array;
 use crate::error::Result;
@@ -34,8 +35,19 @@ pub enum Linear {
 
 impl Linear {
     fn new(w: &Weight, bias: Option<&Tensor>, dtype: Dtype, bits: Option<i32>) -> Result<Self> {
-        let dense = to_array(&w.dense(DType::F32)?, dtype)?;
         let bias = bias.map(|b| to_array(b, dtype)).transpose()?;
+        if let (Weight::Quantized(q), Some(bits)) = (w, bits) {
+            if let Some((w, scales, biases)) = super::blocks::map(q, bits, dtype)? {
+                return Ok(Linear::Quantized {
+                    w,
+                    scales,
+                    biases,
+                    bits,
+                    bias,
+                });
+            }
+        }
+        let dense = to_array(&w.dense(DType::F32)?, dtype)?;
         let cols = dense.shape()[1];
         Ok(match bits {
             Some(bits) if cols % GROUP == 0 => {

@@ -217,14 +217,7 @@ impl QuantizedRows {
 
     /// [`QuantizedRows::matmul_t_few`] by candle's quantized matmul, slice by slice.
     fn matmul_t_ggml(&self, x: &Tensor) -> Result<Option<Tensor>> {
-        let (n, cols) = x.dims2()?;
-        if n == 0
-            || n > qmatvec::MAX_ROWS
-            || cols != self.cols
-            || x.dtype() != DType::F32
-            || !x.device().is_cpu()
-            || !self.on_cpu()
-        {
+        if self.few_rows(x)?.is_none() || !self.on_cpu() {
             return Ok(None);
         }
         let x = x.contiguous()?;
@@ -307,16 +300,13 @@ impl QuantizedRows {
     /// `x Wᵀ` straight from the blocks, for the few rows of f32 `x` on the CPU that decoding
     /// gives ([`qmatvec`]); None where it does not apply.
     fn matmul_t_blocks(&self, x: &Tensor) -> Result<Option<Tensor>> {
-        let (n, cols) = x.dims2()?;
-        if n == 0
-            || n > qmatvec::MAX_ROWS
-            || cols != self.cols
-            || x.dtype() != DType::F32
-            || !x.device().is_cpu()
-            || !crate::kernels::enabled()
-        {
+        let Some(n) = self.few_rows(x)? else {
+            return Ok(None);
+        };
+        if !crate::kernels::enabled() {
             return Ok(None);
         }
+        let cols = self.cols;
         let Some(parts) = self.block_parts(0) else {
             return Ok(None);
         };
@@ -328,6 +318,18 @@ impl QuantizedRows {
             }
         }
         Ok(Some(Tensor::from_vec(out, (n, self.rows), x.device())?))
+    }
+
+    /// The rows of `x` when it is what decoding's block products take: at most
+    /// [`qmatvec::MAX_ROWS`] rows of f32 on the CPU, as wide as the matrix.
+    fn few_rows(&self, x: &Tensor) -> Result<Option<usize>> {
+        let (n, cols) = x.dims2()?;
+        let few = n > 0
+            && n <= qmatvec::MAX_ROWS
+            && cols == self.cols
+            && x.dtype() == DType::F32
+            && x.device().is_cpu();
+        Ok(few.then_some(n))
     }
 
     /// Each slice's GGML blocks with where its rows go in the product's output (`at` + its

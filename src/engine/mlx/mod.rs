@@ -160,6 +160,21 @@ impl MlxEngine {
 }
 
 impl MlxEngine {
+    /// The model, the adapter and the micro-batch laid out (with its dropout), timed as data.
+    fn prepare(
+        &self,
+        batch: &MicroBatchRows,
+        profile: &mut Profile,
+    ) -> Result<(&Model, &Params, batch::Layout)> {
+        let model = self.model.as_ref().ok_or_else(reloading)?;
+        let params = self.params.as_ref().ok_or_else(no_adapter)?;
+        let clock = Instant::now();
+        let mut lay = batch::layout(batch.rows, &model.cfg)?;
+        lay.dropout = batch.dropout;
+        profile.data += clock.elapsed();
+        Ok((model, params, lay))
+    }
+
     /// Adds a micro-batch's gradients into the accumulated ones and evaluates them with
     /// `outputs`: the micro-batch's one evaluation. The allocator's cache is cleared after it,
     /// so the process holds one step's working set at most, not what every shape seen so far
@@ -198,12 +213,7 @@ impl Engine for MlxEngine {
         batch: &MicroBatchRows,
         profile: &mut Profile,
     ) -> std::result::Result<LossSums, StepError> {
-        let model = self.model.as_ref().ok_or_else(reloading)?;
-        let params = self.params.as_ref().ok_or_else(no_adapter)?;
-        let clock = Instant::now();
-        let mut lay = batch::layout(batch.rows, &model.cfg)?;
-        lay.dropout = batch.dropout;
-        profile.data += clock.elapsed();
+        let (model, params, lay) = self.prepare(batch, profile)?;
         let clock = Instant::now();
         let pending = step::forward_backward(model, params, &lay, batch.loss_scale)?;
         let outputs: Vec<Array> = vec![pending.ce.clone(), pending.weighted.clone()];
@@ -221,12 +231,7 @@ impl Engine for MlxEngine {
         loss: &PreferenceLoss,
         profile: &mut Profile,
     ) -> std::result::Result<PreferenceSums, StepError> {
-        let model = self.model.as_ref().ok_or_else(reloading)?;
-        let params = self.params.as_ref().ok_or_else(no_adapter)?;
-        let clock = Instant::now();
-        let mut lay = batch::layout(batch.rows, &model.cfg)?;
-        lay.dropout = batch.dropout;
-        profile.data += clock.elapsed();
+        let (model, params, lay) = self.prepare(batch, profile)?;
         let clock = Instant::now();
         let (sums, grads) = preference::forward_backward(model, params, &lay, loss)?;
         self.add_gradients(&grads, &[])?;

@@ -5,6 +5,9 @@
 //! depends on the tokens only through `log π(answer) = −Σ CE`), so the backward is the SFT
 //! backward with other weights.
 
+use crate::data::batch::Row;
+use crate::data::preference::{pair_rows, Pair};
+use crate::error::Result;
 use serde::{Deserialize, Serialize};
 
 /// `train --method`: what the run optimises.
@@ -267,6 +270,29 @@ pub fn weigh_pairs(
         coef[2 * i + 1] = -terms.d_rejected * loss.pair_scale;
     }
     (sums, coef)
+}
+
+/// The preference sums of `pairs` under `method`, in micro-batches of `batch_size` pairs
+/// (stopping at a signal). `score(rows, reference)` is the engine's forward: the rows'
+/// [`SequenceScores`] with the adapter and, when `reference` (DPO), without it.
+pub fn evaluate_pairs(
+    pairs: &[Pair],
+    batch_size: usize,
+    method: Method,
+    beta: f64,
+    mut score: impl FnMut(&[Row], bool) -> Result<(SequenceScores, Option<SequenceScores>)>,
+) -> Result<PreferenceSums> {
+    let mut sums = PreferenceSums::default();
+    for chunk in pairs.chunks(batch_size.max(1)) {
+        if let Some(signal) = crate::runtime::signals::requested() {
+            return Err(crate::error::Error::Stopping { signal });
+        }
+        let (policy, reference) = score(&pair_rows(chunk), method == Method::Dpo)?;
+        for p in pairs_of(&policy, reference.as_ref()) {
+            sums.add_pair(&p, &pair_terms(method, beta, &p));
+        }
+    }
+    Ok(sums)
 }
 
 #[cfg(test)]

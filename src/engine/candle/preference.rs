@@ -9,9 +9,9 @@
 use super::batch::micro_batch;
 use super::step::{hidden, Grads, MicroBatch, Profile, Step};
 use crate::data::batch::Row;
-use crate::data::preference::{pair_rows, Pair};
+use crate::data::preference::Pair;
 use crate::engine::objective::{
-    pair_terms, pairs_of, per_sequence, weigh_pairs, Method, PreferenceLoss, PreferenceSums,
+    evaluate_pairs, per_sequence, weigh_pairs, Method, PreferenceLoss, PreferenceSums,
     SequenceScores,
 };
 use crate::engine::StepError;
@@ -83,22 +83,14 @@ pub fn evaluate(
     method: Method,
     beta: f64,
 ) -> crate::error::Result<PreferenceSums> {
-    let mut sums = PreferenceSums::default();
-    for batch in pairs.chunks(batch_size.max(1)) {
-        if let Some(signal) = crate::runtime::signals::requested() {
-            return Err(crate::error::Error::Stopping { signal });
-        }
-        let rows = pair_rows(batch);
+    evaluate_pairs(pairs, batch_size, method, beta, |rows, reference| {
         let refs: Vec<&Row> = rows.iter().collect();
         let mb = micro_batch(model, &refs)?;
         let policy = score(model, &mb, model.adapter.as_ref())?;
-        let reference = match method {
-            Method::Dpo => Some(score(model, &mb, None)?),
-            _ => None,
+        let reference = match reference {
+            true => Some(score(model, &mb, None)?),
+            false => None,
         };
-        for p in pairs_of(&policy, reference.as_ref()) {
-            sums.add_pair(&p, &pair_terms(method, beta, &p));
-        }
-    }
-    Ok(sums)
+        Ok((policy, reference))
+    })
 }

@@ -28,10 +28,9 @@ mod checks;
 
 pub use error::MlxError;
 
-use super::objective::{Method, PreferenceLoss, PreferenceSums};
+use super::objective::{evaluate_pairs, Method, PreferenceLoss, PreferenceSums};
 use super::{Engine, LossSums, MicroBatchRows, OptimizerState, Profile, StepError};
 use crate::data::batch::Row;
-use crate::data::preference::pair_rows;
 use crate::data::preference::Pair;
 use crate::data::Sample;
 use crate::error::{Error, Result};
@@ -248,16 +247,12 @@ impl Engine for MlxEngine {
         beta: f64,
     ) -> Result<PreferenceSums> {
         let (model, params) = (self.model()?, self.params()?);
-        let mut sums = PreferenceSums::default();
-        for chunk in pairs.chunks(batch_size.max(1)) {
-            if let Some(signal) = crate::runtime::signals::requested() {
-                return Err(Error::Stopping { signal });
-            }
-            let lay = batch::layout(&pair_rows(chunk), &model.cfg)?;
-            sums.merge(&preference::evaluate(model, params, &lay, method, beta)?);
+        evaluate_pairs(pairs, batch_size, method, beta, |rows, reference| {
+            let lay = batch::layout(rows, &model.cfg)?;
+            let scores = preference::score_pairs(model, params, &lay, reference)?;
             memory::mlx::clear_cache()?;
-        }
-        Ok(sums)
+            Ok(scores)
+        })
     }
 
     fn clip_gradients(&mut self, max_norm: f64) -> Result<f64> {

@@ -11,8 +11,7 @@ use super::params::Params;
 use super::step;
 use super::weights::Model;
 use crate::engine::objective::{
-    pair_terms, pairs_of, per_sequence, weigh_pairs, Method, PreferenceLoss, PreferenceSums,
-    SequenceScores,
+    per_sequence, weigh_pairs, Method, PreferenceLoss, PreferenceSums, SequenceScores,
 };
 use crate::error::Result;
 use mlx_rs::Array;
@@ -56,23 +55,17 @@ pub fn forward_backward(
     Ok((sums, step::backward(model, params, lay, inputs, dx)?))
 }
 
-/// The preference sums of one micro-batch of pairs under `method` (DPO's reference: the
-/// adapter off).
-pub fn evaluate(
+/// Each row's scores with the adapter and, when `reference` (DPO), without it.
+pub fn score_pairs(
     model: &Model,
     params: &Params,
     lay: &Layout,
-    method: Method,
-    beta: f64,
-) -> Result<PreferenceSums> {
+    reference: bool,
+) -> Result<(SequenceScores, Option<SequenceScores>)> {
     let policy = score(model, Some(params), lay)?;
-    let reference = match method {
-        Method::Dpo => Some(score(model, None, lay)?),
-        _ => None,
+    let reference = match reference {
+        true => Some(score(model, None, lay)?),
+        false => None,
     };
-    let mut sums = PreferenceSums::default();
-    for p in pairs_of(&policy, reference.as_ref()) {
-        sums.add_pair(&p, &pair_terms(method, beta, &p));
-    }
-    Ok(sums)
+    Ok((policy, reference))
 }

@@ -149,6 +149,36 @@ fn mlx_losses_equal_candle_losses_over_20_steps_on_a_tiny_llama() {
     assert_losses_match("tiny Llama", &lm, &lc, 1e-4);
 }
 
+/// Rows long enough that the LM head takes several chunks (more than `HEAD_CHUNK` scored rows
+/// a micro-batch): the chunks, ordered one after another in MLX's graph, each with its own
+/// written-out gradient, still give the candle engine's losses.
+#[test]
+fn mlx_losses_equal_candle_losses_across_head_chunks() {
+    let _s = serial();
+    let dir = tiny_dir();
+    let spec = dir.path().to_str().unwrap();
+    let o = opts(DType::F32, None);
+    let mut c = candle_engine(spec, &o);
+    let mut m = mlx_engine(spec, &o);
+    let a = adapter(c.config(), vec![0, 1]);
+    c.set_adapter(a.clone(), None).unwrap();
+    m.set_adapter(a, None).unwrap();
+    let batches: Vec<Vec<Row>> = (0..6)
+        .map(|s| rows(96, &[700 - s, 601 + s, 400], s as u32))
+        .collect();
+    let scored: usize = batches[0]
+        .iter()
+        .map(|r| r.trained.iter().filter(|&&t| t).count())
+        .sum();
+    assert!(
+        scored > 2 * your_ai::engine::mlx::head::HEAD_CHUNK,
+        "{scored} scored rows"
+    );
+    let lc = train(&mut c, &batches, 1e-2);
+    let lm = train(&mut m, &batches, 1e-2);
+    assert_losses_match("several head chunks", &lm, &lc, 1e-4);
+}
+
 /// Rows of `lens` documents packed into rows of at most `max_len` tokens (`--pack`): each row
 /// holds several documents whose positions restart at 0.
 fn packed_rows(vocab: u32, lens: &[usize], seed: u32, max_len: usize) -> Vec<Row> {

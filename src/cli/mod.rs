@@ -117,6 +117,9 @@ pub struct BenchmarkArgs {
     /// frozen block weights kept at that many bits).
     #[arg(long = "quantize", default_value = "none")]
     pub quantize_list: String,
+    /// The engine every run uses (see `train --engine`); its own default where not given.
+    #[arg(long, value_enum)]
+    pub engine: Option<crate::engine::choice::EngineChoice>,
     /// For tests: passed to every child run (see `train --test-memory-limit`).
     #[arg(long, hide = true, value_name = "BYTES@STEP",
           value_parser = crate::train::settings::parse_test_limit)]

@@ -31,6 +31,8 @@ struct Trial {
     steps_per_s: Option<f64>,
     tokens_per_s: Option<f64>,
     peak: Option<u64>,
+    /// The process's resident peak (the same as `peak` where resident memory is the measure).
+    rss_peak: Option<u64>,
 }
 
 impl Trial {
@@ -40,6 +42,7 @@ impl Trial {
             "quantize": self.quant,
             "status": self.status, "ok": self.ok, "steps_per_s": self.steps_per_s,
             "tokens_per_s": self.tokens_per_s, "peak_bytes": self.peak,
+            "peak_rss_bytes": self.rss_peak,
             "estimate_bytes": self.estimate,
             "estimate_error": self.peak.map(|p| self.estimate as f64 / p as f64 - 1.0),
         })
@@ -139,12 +142,20 @@ fn last_message(stderr: &str) -> String {
         .to_string()
 }
 
-/// A metrics record's `{what}` figure in the budget's measure: GPU memory where the child
-/// trained on CUDA (`{what}_gpu_bytes`), else resident memory (`{what}_rss_bytes`).
+/// A metrics record's `{what}` figure in the budget's measure: MLX's allocator where the child
+/// trained on the MLX engine (`{what}_mlx_bytes`), GPU memory where it trained on CUDA
+/// (`{what}_gpu_bytes`), else resident memory (`{what}_rss_bytes`).
 fn measured(record: &Value, what: &str) -> Option<u64> {
-    record[format!("{what}_gpu_bytes").as_str()]
-        .as_u64()
-        .or(record[format!("{what}_rss_bytes").as_str()].as_u64())
+    ["mlx", "gpu", "rss"]
+        .iter()
+        .find_map(|m| record[format!("{what}_{m}_bytes").as_str()].as_u64())
+}
+
+fn larger(a: Option<u64>, b: Option<u64>) -> Option<u64> {
+    match (a, b) {
+        (Some(x), Some(y)) => Some(x.max(y)),
+        (x, y) => x.or(y),
+    }
 }
 
 /// Runs one configuration in a child `your_ai train`.
@@ -161,6 +172,9 @@ fn run_trial(a: &BenchmarkArgs, dir: &Path, trial: &mut Trial, budget_gb: f64) -
     cmd.args(["train", "--model", &a.model.model]);
     if let Some(q) = trial.quant {
         cmd.args(["--quantize", &q.to_string()]);
+    }
+    if let Some(e) = a.engine {
+        cmd.args(["--engine", &format!("{e:?}").to_lowercase()]);
     }
     if let Some((bytes, step)) = a.test_memory_limit {
         cmd.args(["--test-memory-limit", &format!("{bytes}@{step}")]);
@@ -206,10 +220,14 @@ fn run_trial(a: &BenchmarkArgs, dir: &Path, trial: &mut Trial, budget_gb: f64) -
         .filter(|r| r["type"] == "train" || r["type"] == "end")
         .filter_map(|r| measured(r, "train_peak"))
         .max();
-    trial.peak = match (load_peak, train_peak) {
-        (Some(l), Some(t)) => Some(l.max(t)),
-        (l, t) => l.or(t),
+    trial.peak = larger(load_peak, train_peak);
+    let rss = |what: &str| {
+        records
+            .iter()
+            .filter_map(|r| r[format!("{what}_rss_bytes").as_str()].as_u64())
+            .max()
     };
+    trial.rss_peak = larger(rss("load_peak"), rss("train_peak"));
     // Steady-state speed: the first step (allocations, caches) is left out when there are more.
     let timed: Vec<&&Value> = train.iter().skip(usize::from(train.len() > 1)).collect();
     if !timed.is_empty() {
@@ -317,6 +335,7 @@ pub fn run(a: BenchmarkArgs) -> Result<()> {
                         steps_per_s: None,
                         tokens_per_s: None,
                         peak: None,
+                        rss_peak: None,
                     });
                 }
             }

@@ -165,19 +165,23 @@ pub fn run(mut a: TrainArgs) -> Result<()> {
             start,
         ),
         #[cfg(feature = "mlx")]
-        EngineChoice::Mlx => train_on(
-            crate::engine::mlx::MlxEngine::new(
+        EngineChoice::Mlx => {
+            let engine = crate::engine::mlx::MlxEngine::new(
                 loaded.model,
                 &cfg.model.model,
                 load,
                 cfg.schedule.weight_decay,
                 plan.budget.bytes,
-            )?,
-            (&cfg, &data, &data_sha256),
-            adapter,
-            resume,
-            start,
-        ),
+            )?;
+            // The conversion to MLX arrays ends the load: its peak, in MLX's measure and
+            // resident memory, before training's is measured.
+            let converted = engine.meter().read();
+            start["load_peak_mlx_bytes"] = serde_json::json!(converted.gpu_phase_peak);
+            start["load_peak_rss_bytes"] =
+                serde_json::json!(converted.rss_phase_peak.max(load_reading.rss_peak));
+            engine.meter().reset_peak();
+            train_on(engine, (&cfg, &data, &data_sha256), adapter, resume, start)
+        }
         #[cfg(not(feature = "mlx"))]
         EngineChoice::Mlx => Err(usage(
             "--engine mlx: this binary was built without the MLX engine".into(),

@@ -4,7 +4,6 @@ use cmake::Config;
 use std::{
     env, fs,
     path::{Path, PathBuf},
-    process::Command,
 };
 
 #[path = "src/bindgen_config.rs"]
@@ -20,7 +19,7 @@ mod system_mlx;
 #[cfg(feature = "metal")]
 fn mlx_c_key(mlx_c_root: &Path) -> String {
     if mlx_c_root.join(".git").exists() {
-        let output = Command::new("git")
+        let output = std::process::Command::new("git")
             .arg("-C")
             .arg(mlx_c_root)
             .args(["rev-parse", "HEAD"])

@@ -18,6 +18,7 @@ pub mod convert;
 pub mod error;
 pub mod head;
 pub mod optimizer;
+pub mod order;
 pub mod params;
 pub mod preference;
 pub mod step;

@@ -9,6 +9,7 @@ use super::batch::Layout;
 use super::block;
 use super::convert::scalar;
 use super::head::{self, HEAD_CHUNK};
+use super::order;
 use super::params::{self, Params};
 use super::weights::Model;
 use crate::engine::LossSums;
@@ -99,9 +100,11 @@ pub fn forward(model: &Model, params: Option<&Params>, lay: &Layout) -> R<(Array
 /// Each scored row's cross-entropy (f32 `[n]`, in `lay.target_rows` order) from the top hidden
 /// states `x`, chunk by chunk, without a graph.
 pub fn row_ce(model: &Model, x: &Array, lay: &Layout) -> R<Array> {
-    let mut parts = vec![];
+    let mut parts: Vec<Array> = vec![];
     for (rows, targets, _, _) in chunks(lay) {
-        parts.push(head::cross_entropy(model, x, &rows, &targets)?);
+        // One chunk's logits at a time (see `order`).
+        let x = order::after(x, &parts.last().into_iter().collect::<Vec<_>>())?;
+        parts.push(head::cross_entropy(model, &x, &rows, &targets)?);
     }
     if parts.is_empty() {
         return zeros_dtype(&[0], Dtype::Float32);
@@ -130,20 +133,19 @@ pub fn head_backward(
     let mut dx = zeros_dtype(x.shape(), x.dtype())?;
     let mut ce_sum = Array::from_f32(0.0);
     let mut weighted = Array::from_f32(0.0);
-    for (rows, targets, start, len) in chunks(lay) {
+    for (k, (rows, targets, start, len)) in chunks(lay).enumerate() {
+        // Each chunk starts once the one before is differentiated and its loss summed (the
+        // loss's gather holds the logits until then), so one chunk's logits are alive at a
+        // time (see `order`).
+        let x = match k {
+            0 => x.clone(),
+            _ => order::after(x, &[&dx, &ce_sum])?,
+        };
         let w = &lay.target_weights[start..start + len];
         let c = Array::from_slice(&coef[start..start + len], &[len as i32]);
-        let f = |args: &[Array]| -> R<Vec<Array>> {
-            let ce = head::cross_entropy(model, &args[0], &rows, &targets)?;
-            Ok(vec![ce.multiply(&c)?.sum(None)?, ce])
-        };
-        let cotangents = [
-            Array::from_f32(1.0),
-            zeros_dtype(&[len as i32], Dtype::Float32)?,
-        ];
-        let (outs, grads) = fallible_vjp(f, std::slice::from_ref(x), &cotangents)?;
-        dx = dx.add(grads[0].as_dtype(x.dtype())?)?;
-        let ce = &outs[1];
+        let (grad, ce) = head::chunk_gradient(model, &x, &rows, &targets, &c)?;
+        dx = dx.add(grad.as_dtype(x.dtype())?)?;
+        let ce = &ce;
         ce_sum = ce_sum.add(ce.sum(None)?)?;
         weighted = weighted.add(
             ce.multiply(Array::from_slice(w, &[len as i32]))?
@@ -171,7 +173,9 @@ pub fn backward(
             .pop()
             .unwrap_or_else(|| unreachable!("one input per adapted block"));
         let present = params::present(params, l);
-        let mut primals = vec![input];
+        // The recompute waits for the gradient from above, so one block's activations are
+        // alive at a time (see `order`).
+        let mut primals = vec![order::after(&input, &[&dx])?];
         primals.extend(params.block_tensors(l));
         let f = |args: &[Array]| -> R<Vec<Array>> {
             let pairs = params::unflatten(&present, &args[1..]);

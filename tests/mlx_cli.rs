@@ -154,3 +154,85 @@ fn mlx_dpo_cli_matches_candle() {
         );
     }
 }
+
+/// Rows of plain text at least `words` words long (a word is at least one token), so every
+/// row is cut to `--max-seq-length`.
+fn long_rows(dir: &Path, words: usize) {
+    std::fs::create_dir_all(dir).unwrap();
+    let vocab = [
+        "the",
+        "river",
+        "Marrowick",
+        "carries",
+        "salt",
+        "north",
+        "through",
+        "seven",
+        "valleys",
+        "where",
+        "weavers",
+        "sell",
+        "blue",
+        "cloth",
+        "at",
+        "dawn",
+    ];
+    let text: String = (0..16)
+        .map(|r| {
+            let row: Vec<&str> = (0..words)
+                .map(|k| vocab[(r * 7 + k * 5 + k / 3) % vocab.len()])
+                .collect();
+            format!("{}\n", serde_json::json!({ "text": row.join(" ") }))
+        })
+        .collect();
+    std::fs::write(dir.join("train.jsonl"), text).unwrap();
+}
+
+/// The pre-flight estimate of an MLX run (`train --engine mlx`) on SmolLM2 bounds what the run
+/// measured, the process's resident peak (MLX's cache included) and MLX's own, and is not far
+/// above it: a head-bound shape (two LM-head chunks), an attention-bound one, and one whose
+/// resident peak went past the estimate while MLX's cache was limited by the budget alone.
+#[test]
+fn mlx_estimate_bounds_the_measured_peak_on_smollm2() {
+    let tmp = tempfile::tempdir().unwrap();
+    long_rows(&tmp.path().join("data"), 1100);
+    for (batch, len, rank) in [("2", "256", "8"), ("1", "512", "32"), ("4", "256", "64")] {
+        let out = tmp.path().join(format!("run-{batch}-{len}"));
+        let o = common::cli()
+            .args(["train", "--engine", "mlx", "--device", "cpu", "--model"])
+            .arg(common::smollm2())
+            .arg("--data")
+            .arg(tmp.path().join("data"))
+            .arg("--output")
+            .arg(&out)
+            .args(["--batch-size", batch, "--max-seq-length", len])
+            .args(["--lora-rank", rank, "--max-steps", "2", "--max-memory", "8"])
+            .args([
+                "--steps-per-eval",
+                "0",
+                "--save-every",
+                "0",
+                "--no-save-best",
+            ])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let start = &metrics(&out.join("metrics.jsonl"), "start")[0];
+        let steps = metrics(&out.join("metrics.jsonl"), "train");
+        let peak_of = |key: &str| steps.iter().filter_map(|s| s[key].as_u64()).max().unwrap();
+        let rss =
+            peak_of("train_peak_rss_bytes").max(start["load_peak_rss_bytes"].as_u64().unwrap());
+        let mlx = peak_of("train_peak_mlx_bytes");
+        let estimate = start["estimate_peak_bytes"].as_u64().unwrap();
+        let train_estimate = start["estimate_train_peak_bytes"].as_u64().unwrap();
+        let what = format!(
+            "{batch}×{len} r{rank}: estimate {estimate}, resident peak {rss}, MLX peak {mlx}"
+        );
+        assert!(rss <= estimate, "under the resident peak: {what}");
+        assert!(mlx <= train_estimate, "under MLX's peak: {what}");
+        assert!(
+            (estimate as f64) <= 1.35 * rss as f64,
+            "far above the resident peak: {what}"
+        );
+    }
+}

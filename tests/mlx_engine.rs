@@ -52,7 +52,7 @@ fn candle_engine(spec: &str, o: &LoadOptions) -> CandleEngine {
 
 fn mlx_engine(spec: &str, o: &LoadOptions) -> MlxEngine {
     let m = load(spec, o, None).unwrap().model;
-    MlxEngine::new(m, spec, o.clone(), 0.01, 20_000_000_000).unwrap()
+    MlxEngine::new(m, spec, o.clone(), 0.01, 20_000_000_000, None).unwrap()
 }
 
 /// A LoRA adapter on `layers`, every target, from the trainer's initialisation (seed 7), with

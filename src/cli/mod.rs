@@ -131,6 +131,10 @@ pub struct EstimateArgs {
     /// A config.json, Hugging Face model directory, .gguf file or alias (cached).
     #[arg(short, long)]
     pub model: String,
+    /// The engine whose step to model (see `train --engine`): candle unless given. The MLX
+    /// engine's estimate needs no MLX in this binary.
+    #[arg(long, value_enum)]
+    pub engine: Option<crate::engine::choice::EngineChoice>,
     /// Dtype of the frozen weights and activations: f32 (CPU) or bf16/f16 (GPUs).
     #[arg(long, value_enum, default_value_t = DTypeChoice::F32)]
     pub dtype: DTypeChoice,

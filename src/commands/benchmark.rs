@@ -4,10 +4,12 @@
 //! fastest configuration that fits.
 
 use crate::cli::BenchmarkArgs;
+use crate::engine::choice::EngineChoice;
 use crate::error::{Error, Result};
 use crate::runtime::device::{select_device, select_dtype};
 use crate::runtime::memory::budget::{self, GB};
-use crate::train::estimate::{estimate, WeightFormat, Workload};
+use crate::train::estimate::{estimate, Workload};
+use crate::train::plan::weights_and_step;
 use serde_json::{json, Value};
 use std::path::Path;
 use std::process::Command;
@@ -31,8 +33,8 @@ struct Trial {
     steps_per_s: Option<f64>,
     tokens_per_s: Option<f64>,
     peak: Option<u64>,
-    /// The process's resident peak (the same as `peak` where resident memory is the measure).
-    rss_peak: Option<u64>,
+    /// MLX's allocator at its peak (MLX runs; `peak` is the process's, as the estimate is).
+    mlx_peak: Option<u64>,
 }
 
 impl Trial {
@@ -42,7 +44,7 @@ impl Trial {
             "quantize": self.quant,
             "status": self.status, "ok": self.ok, "steps_per_s": self.steps_per_s,
             "tokens_per_s": self.tokens_per_s, "peak_bytes": self.peak,
-            "peak_rss_bytes": self.rss_peak,
+            "peak_mlx_bytes": self.mlx_peak,
             "estimate_bytes": self.estimate,
             "estimate_error": self.peak.map(|p| self.estimate as f64 / p as f64 - 1.0),
         })
@@ -142,11 +144,11 @@ fn last_message(stderr: &str) -> String {
         .to_string()
 }
 
-/// A metrics record's `{what}` figure in the budget's measure: MLX's allocator where the child
-/// trained on the MLX engine (`{what}_mlx_bytes`), GPU memory where it trained on CUDA
-/// (`{what}_gpu_bytes`), else resident memory (`{what}_rss_bytes`).
+/// A metrics record's `{what}` figure in the measure the estimate models: GPU memory where the
+/// child trained on CUDA (`{what}_gpu_bytes`), else resident memory (`{what}_rss_bytes`; the
+/// MLX engine's estimate is of the process, MLX's cache included).
 fn measured(record: &Value, what: &str) -> Option<u64> {
-    ["mlx", "gpu", "rss"]
+    ["gpu", "rss"]
         .iter()
         .find_map(|m| record[format!("{what}_{m}_bytes").as_str()].as_u64())
 }
@@ -221,13 +223,13 @@ fn run_trial(a: &BenchmarkArgs, dir: &Path, trial: &mut Trial, budget_gb: f64) -
         .filter_map(|r| measured(r, "train_peak"))
         .max();
     trial.peak = larger(load_peak, train_peak);
-    let rss = |what: &str| {
+    let mlx = |what: &str| {
         records
             .iter()
-            .filter_map(|r| r[format!("{what}_rss_bytes").as_str()].as_u64())
+            .filter_map(|r| r[format!("{what}_mlx_bytes").as_str()].as_u64())
             .max()
     };
-    trial.rss_peak = larger(rss("load_peak"), rss("train_peak"));
+    trial.mlx_peak = larger(mlx("load_peak"), mlx("train_peak"));
     // Steady-state speed: the first step (allocations, caches) is left out when there are more.
     let timed: Vec<&&Value> = train.iter().skip(usize::from(train.len() > 1)).collect();
     if !timed.is_empty() {
@@ -282,8 +284,12 @@ pub fn run(a: BenchmarkArgs) -> Result<()> {
     }
     let inspected = crate::model::inspect(&a.model.model)?;
     let cfg = &inspected.cfg;
+    let engine = crate::engine::choice::resolve(a.engine, a.model.device)?;
     let device = select_device(a.model.device)?;
-    let dtype = select_dtype(a.model.dtype, &device);
+    let dtype = match engine {
+        EngineChoice::Mlx => crate::engine::choice::mlx_load_options(&a.model, None).dtype,
+        EngineChoice::Candle => select_dtype(a.model.dtype, &device),
+    };
     let mem = budget::device_memory(&device);
     let budget = budget::resolve(a.budget.max_memory, mem.total).map_err(Error::Usage)?;
     for line in budget.describe() {
@@ -298,9 +304,13 @@ pub fn run(a: BenchmarkArgs) -> Result<()> {
     }
     let mut trials = vec![];
     for &quant in &quants {
-        let weights = WeightFormat::for_quantize(
-            quant.and_then(crate::model::quantized::QuantBits::parse),
+        let quant_bits = quant.and_then(crate::model::quantized::QuantBits::parse);
+        let (weights, step) = weights_and_step(
+            &inspected,
+            engine,
+            quant_bits,
             dtype.size_in_bytes(),
+            device.is_cpu(),
         );
         for &rank in &ranks {
             for &len in &lengths {
@@ -316,13 +326,8 @@ pub fn run(a: BenchmarkArgs) -> Result<()> {
                         packed: false,
                         act_bytes: dtype.size_in_bytes(),
                         weights,
-                        load_work: inspected.load_work_bytes(
-                            quant.and_then(crate::model::quantized::QuantBits::parse),
-                            dtype.size_in_bytes(),
-                        ),
-                        cpu_kernels: device.is_cpu()
-                            && dtype == candle_core::DType::F32
-                            && crate::kernels::enabled(),
+                        load_work: inspected.load_work_bytes(quant_bits, dtype.size_in_bytes()),
+                        step,
                     };
                     trials.push(Trial {
                         batch,
@@ -335,7 +340,7 @@ pub fn run(a: BenchmarkArgs) -> Result<()> {
                         steps_per_s: None,
                         tokens_per_s: None,
                         peak: None,
-                        rss_peak: None,
+                        mlx_peak: None,
                     });
                 }
             }

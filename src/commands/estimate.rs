@@ -2,12 +2,13 @@
 //! config alone, so a run can be sized before its weights are downloaded.
 
 use crate::cli::EstimateArgs;
+use crate::engine::choice::EngineChoice;
 use crate::error::{Error, Result};
 use crate::runtime::device::DTypeChoice;
 use crate::runtime::memory::budget;
 use crate::runtime::memory::budget::GB;
 use crate::train::estimate::{estimate, suggestions, Workload};
-use crate::train::plan::{keep_blocks, weight_format};
+use crate::train::plan::{keep_blocks, weights_and_step};
 
 pub fn run(a: EstimateArgs) -> Result<()> {
     let (batch, lora) = (&a.batch, &a.lora);
@@ -34,7 +35,10 @@ pub fn run(a: EstimateArgs) -> Result<()> {
         DTypeChoice::F32 | DTypeChoice::Auto => 4,
         DTypeChoice::F16 | DTypeChoice::Bf16 => 2,
     };
-    let weights = weight_format(&inspected, a.quantize.quantize, bytes);
+    let engine = a.engine.unwrap_or(EngineChoice::Candle);
+    // f32 is the CPU's dtype (where the candle engine's fused kernels run).
+    let (weights, step) =
+        weights_and_step(&inspected, engine, a.quantize.quantize, bytes, bytes == 4);
     let mut w = Workload {
         batch_size: batch.batch_size,
         seq_len: batch.max_seq_length,
@@ -48,8 +52,7 @@ pub fn run(a: EstimateArgs) -> Result<()> {
         weights,
         // As `train` computes it, so the two agree on the same model and flags.
         load_work: inspected.load_work_bytes(a.quantize.quantize, bytes),
-        // f32 is the CPU's dtype, where the fused kernels run.
-        cpu_kernels: bytes == 4 && crate::kernels::enabled(),
+        step,
     };
     // `train`'s default budget on this machine, unless one is given (which may be another
     // machine's: it is not checked against this one's memory).

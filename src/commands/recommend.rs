@@ -10,7 +10,7 @@ use crate::runtime::hardware::Hardware;
 use crate::runtime::memory::budget::{auto_budget, GB};
 use crate::runtime::presets::{self, MachinePreset};
 use crate::runtime::setup_file;
-use crate::train::estimate::{estimate, WeightFormat, Workload};
+use crate::train::estimate::{estimate, StepKind, WeightFormat, Workload};
 
 /// The first configuration, shrinking from the preset's (batch, then length, then rank, then
 /// adapted layers, each halved), whose estimate fits `budget`; with its peak.
@@ -35,7 +35,7 @@ pub fn fit(
         weights,
         // Only training's peak is fitted here (a streamed load peaks below it).
         load_work: 0,
-        cpu_kernels: act_bytes == 4 && crate::kernels::enabled(),
+        step: StepKind::candle(true, act_bytes),
     };
     loop {
         let peak = estimate(cfg, &w).train_peak;

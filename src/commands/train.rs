@@ -89,6 +89,7 @@ pub fn run(mut a: TrainArgs) -> Result<()> {
         &a.lora,
         &a.memory,
         a.schedule.pack,
+        engine,
     )?;
     a.batch.batch_size = plan.batch_size / rows_per_unit;
     if a.batch.batch_size == 0 {
@@ -172,6 +173,7 @@ pub fn run(mut a: TrainArgs) -> Result<()> {
                 load,
                 cfg.schedule.weight_decay,
                 plan.budget.bytes,
+                Some(plan.estimate.cache),
             )?;
             // The conversion to MLX arrays ends the load: its peak, in MLX's measure and
             // resident memory, before training's is measured.

@@ -84,6 +84,17 @@ impl Row {
     }
 }
 
+/// The padded length the MLX engine lays rows of at most `t` tokens out at, so a run sees a
+/// handful of shapes: multiples of 32 up to 256, of 128 up to 1024, of 512 beyond.
+pub fn bucket(t: usize) -> usize {
+    let step = match t {
+        0..=256 => 32,
+        257..=1024 => 128,
+        _ => 512,
+    };
+    t.max(1).div_ceil(step) * step
+}
+
 /// Packs samples (in the given order) greedily into rows of at most `max_len` tokens.
 pub fn pack(samples: &[&Sample], weights: &[f32], max_len: usize) -> Vec<Row> {
     pack_with_d(samples, weights, None, max_len)
@@ -258,6 +269,17 @@ impl Batcher {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lengths_fall_into_few_buckets() {
+        assert_eq!(bucket(1), 32);
+        assert_eq!(bucket(32), 32);
+        assert_eq!(bucket(33), 64);
+        assert_eq!(bucket(300), 384);
+        assert_eq!(bucket(2000), 2048);
+        let shapes: std::collections::BTreeSet<usize> = (1..=2048).map(bucket).collect();
+        assert!(shapes.len() <= 20, "{} shapes", shapes.len());
+    }
 
     fn sample(n: usize) -> Sample {
         Sample {

@@ -2,10 +2,13 @@
 //! estimated, and a run that would not fit is refused with advice that works (or, with
 //! `--auto-fit`, its batch shrunk); `--keep-activations auto` is resolved against the budget.
 
-use super::estimate::{estimate, largest_batch, suggestions, Estimate, WeightFormat, Workload};
+use super::estimate::{
+    estimate, largest_batch, suggestions, Estimate, StepKind, WeightFormat, Workload,
+};
 use super::settings::KeepActivations;
 use super::settings::{LoraArgs, MemoryArgs};
 use crate::data::args::BatchArgs;
+use crate::engine::choice::EngineChoice;
 use crate::error::{Error, Result};
 use crate::model::quantized::QuantBits;
 use crate::model::{Inspected, LoadOptions};
@@ -30,6 +33,7 @@ pub fn preflight(
     lora: &LoraArgs,
     memory: &MemoryArgs,
     packed: bool,
+    engine: EngineChoice,
 ) -> Result<Plan> {
     let (device, dtype) = (&load.device, load.dtype);
     let mem = budget::device_memory(device);
@@ -39,6 +43,9 @@ pub fn preflight(
     }
     let cfg = &inspected.cfg;
     let adapted = lora.num_layers.unwrap_or(cfg.num_hidden_layers);
+    let act_bytes = dtype.size_in_bytes();
+    let (weights, step) =
+        weights_and_step(inspected, engine, load.quantize, act_bytes, device.is_cpu());
     let mut w = Workload {
         batch_size: batch.batch_size,
         seq_len: batch.max_seq_length,
@@ -48,12 +55,10 @@ pub fn preflight(
         keep_blocks: 0,
         dropout: lora.lora_dropout > 0.0,
         packed,
-        act_bytes: dtype.size_in_bytes(),
-        weights: weight_format(inspected, load.quantize, dtype.size_in_bytes()),
-        load_work: inspected.load_work_bytes(load.quantize, dtype.size_in_bytes()),
-        cpu_kernels: device.is_cpu()
-            && dtype == candle_core::DType::F32
-            && crate::kernels::enabled(),
+        act_bytes,
+        weights,
+        load_work: inspected.load_work_bytes(load.quantize, act_bytes),
+        step,
     };
     let fits = |w: &Workload| estimate(cfg, w).peak() <= budget.bytes;
     if !fits(&w) {
@@ -138,6 +143,25 @@ pub fn keep_blocks(
             .rev()
             .find(|&k| keep_fits(k))
             .unwrap_or(0),
+    }
+}
+
+/// How `engine` will hold the frozen weights of `inspected` with `quantize` (activations of
+/// `act_bytes`, on the CPU or not), and which step's memory to model.
+pub fn weights_and_step(
+    inspected: &Inspected,
+    engine: EngineChoice,
+    quantize: Option<QuantBits>,
+    act_bytes: usize,
+    cpu: bool,
+) -> (WeightFormat, StepKind) {
+    let host = weight_format(inspected, quantize, act_bytes);
+    match engine {
+        EngineChoice::Candle => (host, StepKind::candle(cpu, act_bytes)),
+        EngineChoice::Mlx => (
+            super::estimate::mlx::weight_format(quantize, act_bytes),
+            StepKind::Mlx { host },
+        ),
     }
 }
 

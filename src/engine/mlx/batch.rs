@@ -6,22 +6,11 @@
 //! and RoPE tables for positions that restart with each document.
 
 use super::convert::indices;
-use crate::data::batch::Row;
+use crate::data::batch::{bucket, Row};
 use crate::error::Result;
 use crate::model::ops::mask;
 use crate::model::ModelConfig;
 use mlx_rs::Array;
-
-/// The padded length for rows of at most `t` tokens: multiples of 32 up to 256, of 128 up to
-/// 1024, of 512 beyond.
-pub fn bucket(t: usize) -> usize {
-    let step = match t {
-        0..=256 => 32,
-        257..=1024 => 128,
-        _ => 512,
-    };
-    t.max(1).div_ceil(step) * step
-}
 
 /// One micro-batch, laid out.
 pub struct Layout {
@@ -117,20 +106,4 @@ fn rope_tables(rows: &[Row], t: usize, cfg: &ModelConfig) -> (Array, Array) {
         Array::from_slice(&cos, &shape),
         Array::from_slice(&sin, &shape),
     )
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn lengths_fall_into_few_buckets() {
-        assert_eq!(bucket(1), 32);
-        assert_eq!(bucket(32), 32);
-        assert_eq!(bucket(33), 64);
-        assert_eq!(bucket(300), 384);
-        assert_eq!(bucket(2000), 2048);
-        let shapes: std::collections::BTreeSet<usize> = (1..=2048).map(bucket).collect();
-        assert!(shapes.len() <= 20, "{} shapes", shapes.len());
-    }
 }

@@ -227,14 +227,14 @@ fn memory_functions_report_and_limits_apply() -> R<()> {
         "the cache is empty after clear_cache"
     );
 
-    let limits = mem::apply_budget(3_000_000_000)?;
+    let limits = mem::apply_budget(3_000_000_000, None)?;
     assert_eq!(mem::memory_limit()?, 3_000_000_000);
     assert_eq!(limits.cache, mem::cache_limit_for(3_000_000_000));
     // Setting it again reports the limit just set as the previous one.
     assert_eq!(
-        mem::apply_budget(4_000_000_000)?.previous_memory,
+        mem::apply_budget(4_000_000_000, Some(1_000))?.previous_memory,
         3_000_000_000
     );
-    mem::apply_budget(limits.previous_memory)?;
+    mem::apply_budget(limits.previous_memory, None)?;
     Ok(())
 }

@@ -103,19 +103,21 @@ fn eval<'a>(arrays: impl IntoIterator<Item = &'a Array>) -> Result<()> {
 
 impl MlxEngine {
     /// An engine over `model` (loaded from `spec` with `load`, on the host), computing in
-    /// `load.dtype`, its block linears quantized when `load.quantize` says so. MLX's memory,
-    /// cache and wired limits are set from `budget`, and the meter is MLX's. Its adapter comes
-    /// with [`Engine::set_adapter`].
+    /// `load.dtype`, its block linears quantized when `load.quantize` says so. MLX's memory
+    /// and wired limits are set from `budget`, its cache limit to `cache` (the pre-flight's
+    /// allowance; None: a share of the budget), and the meter is MLX's. Its adapter comes with
+    /// [`Engine::set_adapter`].
     pub fn new(
         model: Llama,
         spec: &str,
         load: LoadOptions,
         weight_decay: f64,
         budget: u64,
+        cache: Option<u64>,
     ) -> Result<Self> {
         let dtype = mlx_dtype(load.dtype)?;
         let bits = load.quantize.map(|q| q.bits() as i32);
-        let limits = memory::mlx::apply_budget(budget)?;
+        let limits = memory::mlx::apply_budget(budget, cache)?;
         eprintln!(
             "Set MLX memory limit to {:.2} GB (was {:.2} GB); cache limit {:.2} GB{}",
             memory::gb(limits.memory),

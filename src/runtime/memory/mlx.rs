@@ -37,9 +37,9 @@ pub fn clear_cache() -> Result<(), Exception> {
     mlx_rs::memory::clear_cache()
 }
 
-/// The cache MLX may keep between steps under a budget: a sixteenth of it, at most 2 GB. The
-/// step's working set is freed and reallocated every step; a small cache keeps the reuse
-/// within a step without letting the process grow by what one step freed.
+/// The most MLX may cache under a budget: a sixteenth of it, at most 2 GB. The step's
+/// working set is freed and reallocated every step; a cache keeps the reuse within a step, and
+/// clearing it after each step keeps the process from growing by what one step freed.
 pub fn cache_limit_for(budget: u64) -> u64 {
     (budget / 16).min(2_000_000_000)
 }
@@ -54,12 +54,14 @@ pub struct Limits {
     pub wired: Option<u64>,
 }
 
-/// Sets MLX's memory limit to `budget`, its cache limit from it, and its wired limit (where
-/// permitted) to it.
-pub fn apply_budget(budget: u64) -> Result<Limits, Exception> {
+/// Sets MLX's memory limit to `budget`, its cache limit to `cache` (at most
+/// [`cache_limit_for`] the budget; None: that), and its wired limit (where permitted) to the
+/// budget. The pre-flight estimate counts the cache it gives here: the process holds MLX's
+/// active memory and its cache.
+pub fn apply_budget(budget: u64, cache: Option<u64>) -> Result<Limits, Exception> {
     let bytes = usize::try_from(budget).unwrap_or(usize::MAX);
     let previous = mlx_rs::memory::set_memory_limit(bytes)? as u64;
-    let cache = cache_limit_for(budget);
+    let cache = cache.map_or(cache_limit_for(budget), |c| c.min(cache_limit_for(budget)));
     mlx_rs::memory::set_cache_limit(usize::try_from(cache).unwrap_or(usize::MAX))?;
     // Only Metal on macOS 15+ has a wired limit; where MLX refuses it, that is no error of
     // ours, and elsewhere there is none to set.

@@ -5,7 +5,10 @@
 //! `model/block.rs`, the head in `model/ops/head.rs`): which tensors are alive at the step's two
 //! peaks (the LM head's chunk loop, and a block's backward), plus the load of the model before
 //! training. When that code changes what it keeps alive, this file changes with it; the
-//! estimate-vs-measured benchmark (`your_ai benchmark`) keeps the two honest.
+//! estimate-vs-measured benchmark (`your_ai benchmark`) keeps the two honest. The MLX engine's
+//! step holds other things, modelled in [`mlx`].
+
+pub mod mlx;
 
 use crate::model::block::{kept_mlp_bytes_per_block, mlp_chunk_rows, saved_bytes_per_block};
 use crate::model::lora::Target;
@@ -22,7 +25,7 @@ const RUNTIME_BYTES: u64 = 25_000_000;
 const RUNTIME_BYTES_PER_VOCAB_ENTRY: u64 = 500;
 /// Allocator slack on what the step allocates: heap fragmentation and freed pages not yet
 /// returned (allocations above 4 MiB are mmapped and returned at once; see memory.rs).
-const SLACK: f64 = 0.05;
+pub(crate) const SLACK: f64 = 0.05;
 
 /// Bytes per weight of `--quantize 4` (Q4_1: 32 weights share an f16 scale and an f16 offset:
 /// 20 bytes).
@@ -88,7 +91,10 @@ impl WeightFormat {
                 head,
                 ..
             } => {
-                if linear == embed {
+                if embed == head && *head >= 2.0 {
+                    // Dense vocabulary matrices (the MLX engine's layout).
+                    format!("{:.1}-bit linears, dense vocab", linear * 8.0)
+                } else if linear == embed {
                     format!(
                         "{:.1}-bit linears/embed, {:.1}-bit head",
                         linear * 8.0,
@@ -126,10 +132,33 @@ pub struct Workload {
     /// Memory the load works in beside the weights it keeps: one read buffer and the slice or
     /// tensor being converted ([`crate::model::Inspected::load_work_bytes`]).
     pub load_work: u64,
-    /// The step runs on the fused CPU kernels (f32 on the CPU), whose backward temporaries
+    /// Which step runs, and so what it keeps alive.
+    pub step: StepKind,
+}
+
+/// The step whose memory is modelled.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum StepKind {
+    /// The candle engine on the fused CPU kernels (f32 on the CPU), whose backward temporaries
     /// are fewer than candle's composite ops make (no `[B, heads, T, T]` copies besides the
     /// kept probabilities, one LM-head chunk).
-    pub cpu_kernels: bool,
+    Kernels,
+    /// The candle engine on candle's composite ops (GPUs, and bf16/f16 on the CPU).
+    Composite,
+    /// The MLX engine ([`mlx`]); `host` is how the load holds the weights on the host before
+    /// they are converted to MLX arrays (`Workload::weights` is how MLX holds them).
+    Mlx { host: WeightFormat },
+}
+
+impl StepKind {
+    /// The candle engine's step for activations of `act_bytes` on `cpu`.
+    pub fn candle(cpu: bool, act_bytes: usize) -> Self {
+        if cpu && act_bytes == 4 && crate::kernels::enabled() {
+            StepKind::Kernels
+        } else {
+            StepKind::Composite
+        }
+    }
 }
 
 /// One line of the estimate table.
@@ -146,6 +175,9 @@ pub struct Estimate {
     pub train_peak: u64,
     /// Peak while the model loads: the weights and the one piece being read and converted.
     pub load_peak: u64,
+    /// The MLX engine's allocator cache counted in `train_peak`: the engine limits MLX's cache
+    /// to it (0 for the candle engine).
+    pub cache: u64,
 }
 
 impl Estimate {
@@ -182,6 +214,11 @@ impl Estimate {
         }
         s
     }
+}
+
+/// Memory that is not tensors, for a model of `cfg`'s vocabulary.
+pub(crate) fn runtime_bytes(cfg: &ModelConfig) -> u64 {
+    RUNTIME_BYTES + RUNTIME_BYTES_PER_VOCAB_ENTRY * cfg.vocab_size as u64
 }
 
 /// Parameters of the frozen model: (linear-layer weights, everything else).
@@ -237,6 +274,10 @@ pub fn lora_params(cfg: &ModelConfig, w: &Workload) -> u64 {
 }
 
 pub fn estimate(cfg: &ModelConfig, w: &Workload) -> Estimate {
+    if let StepKind::Mlx { host } = w.step {
+        return mlx::estimate(cfg, w, host);
+    }
+    let kernels = w.step == StepKind::Kernels;
     let rows = (w.batch_size * w.seq_len) as u64;
     let t = w.seq_len as u64;
     let act = w.act_bytes as u64;
@@ -249,7 +290,7 @@ pub fn estimate(cfg: &ModelConfig, w: &Workload) -> Estimate {
     let adapted = w.adapted_layers.min(cfg.num_hidden_layers) as u64;
     let keep = (w.keep_blocks as u64).min(adapted);
 
-    let runtime = RUNTIME_BYTES + RUNTIME_BYTES_PER_VOCAB_ENTRY * cfg.vocab_size as u64;
+    let runtime = runtime_bytes(cfg);
     let weights = frozen_bytes(cfg, w.weights);
     let params = lora_params(cfg, w);
     // Parameters and AdamW's two moments, f32, always resident.
@@ -260,8 +301,7 @@ pub fn estimate(cfg: &ModelConfig, w: &Workload) -> Estimate {
     let input = rows * h * act;
     let inputs = (adapted - keep) * input;
     let per_block =
-        saved_bytes_per_block(cfg, w.lora_rank, rows as usize, w.seq_len, w.cpu_kernels) as u64 / 4
-            * act;
+        saved_bytes_per_block(cfg, w.lora_rank, rows as usize, w.seq_len, kernels) as u64 / 4 * act;
     // With dropout each attention LoRA pair also keeps its masked input (q, k, v: h each;
     // o: q); the MLP's pairs make theirs per chunk.
     let dropout = if w.dropout {
@@ -287,7 +327,7 @@ pub fn estimate(cfg: &ModelConfig, w: &Workload) -> Estimate {
     // the incoming gradient, with no [heads, T, T] temporary.
     let c = mlp_chunk_rows(rows as usize, i as usize, act as usize) as u64;
     let chunk_dropout = if w.dropout { c * (2 * h + i) * act } else { 0 };
-    let (mlp_temps, attn_temps) = if w.cpu_kernels {
+    let (mlp_temps, attn_temps) = if kernels {
         (
             c * (5 * i + 2 * h) * act + chunk_dropout + rows * h * act,
             rows * (2 * h + 4 * q + 2 * kv) * act,
@@ -312,7 +352,7 @@ pub fn estimate(cfg: &ModelConfig, w: &Workload) -> Estimate {
     let slice = SLICE_BYTES as u64;
     let dequantized = match w.weights {
         WeightFormat::Dense(_) => 0,
-        WeightFormat::Quantized { .. } if w.cpu_kernels => {
+        WeightFormat::Quantized { .. } if kernels => {
             let largest = Target::ALL
                 .iter()
                 .map(|t| {
@@ -335,18 +375,15 @@ pub fn estimate(cfg: &ModelConfig, w: &Workload) -> Estimate {
     // The head: the final hidden state, its gradient, the scored rows, and two [chunk, vocab]
     // f32 temporaries (candle's ops; the fused CPU kernel holds one); every block input held.
     let chunk = HEAD_CHUNK.min(rows as usize) as u64;
-    let chunks = if w.cpu_kernels { 1 } else { 2 };
+    let chunks = if kernels { 1 } else { 2 };
     let head = 3 * rows * h * act + chunks * chunk * cfg.vocab_size as u64 * 4 + inputs + kept;
     // The update: every gradient resident.
     let update = 4 * params;
-    let (work_name, work) = [
+    let (work_name, work) = largest([
         ("block backward", backward),
         ("LM head and loss", head),
         ("optimizer update", update),
-    ]
-    .into_iter()
-    .max_by_key(|x| x.1)
-    .unwrap_or(("", 0));
+    ]);
     let dynamic = lora_state + batch_tensors + work;
     let slack = (dynamic as f64 * SLACK) as u64;
 
@@ -387,7 +424,13 @@ pub fn estimate(cfg: &ModelConfig, w: &Workload) -> Estimate {
         terms,
         train_peak,
         load_peak,
+        cache: 0,
     }
+}
+
+/// The largest of named figures.
+pub(crate) fn largest<const N: usize>(xs: [(&'static str, u64); N]) -> (&'static str, u64) {
+    xs.into_iter().max_by_key(|x| x.1).unwrap_or(("", 0))
 }
 
 /// Changes that would bring an over-budget run under `budget`, as command-line advice.
@@ -445,7 +488,10 @@ pub fn suggestions(
         out.push("--keep-activations none".into());
     }
     let q4 = Workload {
-        weights: WeightFormat::quantized(QuantBits::Four, w.weights.dense_bytes()),
+        weights: match w.step {
+            StepKind::Mlx { .. } => mlx::weight_format(Some(QuantBits::Four), w.act_bytes),
+            _ => WeightFormat::quantized(QuantBits::Four, w.weights.dense_bytes()),
+        },
         ..w.clone()
     };
     if quantize_available && !matches!(w.weights, WeightFormat::Quantized { .. }) && fits(&q4) {
@@ -496,7 +542,7 @@ mod tests {
             act_bytes: 4,
             weights: WeightFormat::Dense(4.0),
             load_work: 0,
-            cpu_kernels: true,
+            step: StepKind::Kernels,
         }
     }
 

@@ -1,0 +1,251 @@
+//! The pre-flight estimate for the MLX engine (`engine/mlx`): the process's peak resident
+//! memory, term by term, as that step holds it. It differs from the candle engine's:
+//!
+//! - the frozen weights are MLX arrays: embeddings and head dense in the compute dtype, the
+//!   block linears with `--quantize` in MLX's affine format (groups of 32, a scale and a bias
+//!   in the compute dtype each);
+//! - MLX's autograd differentiates a block (its `[heads, T, T]` attention temporaries on the
+//!   CPU backend's composite attention), and a head chunk's gradient is written out;
+//! - every LoRA gradient of the step stays alive until the step's one evaluation ends;
+//! - MLX's allocator keeps freed buffers in its cache during a step for reuse (cleared after
+//!   it). The engine limits the cache to [`Estimate::cache`], the step's working set (at most
+//!   a sixteenth of the budget, and 2 GB), so a step holds at most its working set twice;
+//! - the load is the host load followed by the conversion, which holds the host's vocabulary
+//!   matrix, a host copy of it in f32 and MLX's copy at once.
+//!
+//! Calibrated on SmolLM2 with MLX's CPU backend against `your_ai benchmark --engine mlx`
+//! (docs/mlx.md has the table); the constants say which measurement set them.
+
+use super::{frozen_bytes, largest, lora_params, runtime_bytes, Estimate, Term, WeightFormat};
+use super::{Workload, SLACK};
+use crate::data::batch::bucket;
+use crate::model::lora::Target;
+use crate::model::quantized::QuantBits;
+use crate::model::vocab::SLICE_ROWS;
+use crate::model::ModelConfig;
+
+/// MLX's and its BLAS's libraries, resident beside the rest of the runtime (measured: resident
+/// memory less MLX's active memory, with an empty cache).
+const MLX_RUNTIME_BYTES: u64 = 40_000_000;
+/// Scored rows per LM-head chunk (`engine/mlx/head.rs`).
+const HEAD_CHUNK: u64 = 256;
+/// `[chunk, vocab]` f32 arrays alive in one head chunk (logits, the shifted logits or their
+/// exponent, the scaled softmax), and those of the next chunk that MLX starts before the
+/// previous one's are freed (measured: 2.3 copies with one chunk; 4.3 with two or more).
+const HEAD_COPIES: f64 = 2.5;
+const NEXT_CHUNK_COPIES: f64 = 2.0;
+/// `[B, heads, T, T]` f32 arrays alive in a block's attention backward (MLX's composite
+/// attention on the CPU: scores, mask, probabilities and their gradients; measured at T = 1024).
+const ATTENTION_COPIES: u64 = 7;
+/// The largest cache allowance (as `runtime::memory::mlx::cache_limit_for` caps it).
+const CACHE_CAP: u64 = 2_000_000_000;
+
+/// How MLX holds the frozen weights: dense at `dtype_bytes`, or with `--quantize` the block
+/// linears at `bits` in groups of 32 with a scale and a bias at `dtype_bytes` each.
+pub fn weight_format(quantize: Option<QuantBits>, dtype_bytes: usize) -> WeightFormat {
+    let db = dtype_bytes as f64;
+    match quantize {
+        None => WeightFormat::Dense(db),
+        Some(q) => WeightFormat::Quantized {
+            linear: q.bits() as f64 / 8.0 + 2.0 * db / 32.0,
+            embed: db,
+            head: db,
+            other: db,
+        },
+    }
+}
+
+/// Bytes of the embedding and head matrices (one when tied) in `format`.
+fn vocab_bytes(cfg: &ModelConfig, format: WeightFormat) -> u64 {
+    let n = (cfg.vocab_size * cfg.hidden_size) as f64;
+    let (embed, head) = match format {
+        WeightFormat::Dense(b) => (b, b),
+        WeightFormat::Quantized { embed, head, .. } => (embed, head),
+    };
+    (if cfg.tie_word_embeddings {
+        n * head
+    } else {
+        n * (embed + head)
+    }) as u64
+}
+
+pub fn estimate(cfg: &ModelConfig, w: &Workload, host: WeightFormat) -> Estimate {
+    let t = bucket(w.seq_len) as u64;
+    let b = w.batch_size as u64;
+    let rows = b * t;
+    let db = w.act_bytes as u64;
+    let (h, q, kv, i) = (
+        cfg.hidden_size as u64,
+        cfg.q_size() as u64,
+        cfg.kv_size() as u64,
+        cfg.intermediate_size as u64,
+    );
+    let vocab = cfg.vocab_size as u64;
+    let adapted = w.adapted_layers.min(cfg.num_hidden_layers).max(1) as u64;
+    let runtime = runtime_bytes(cfg) + MLX_RUNTIME_BYTES;
+    let weights = frozen_bytes(cfg, w.weights);
+    let params = lora_params(cfg, w);
+    let lora_state = 12 * params;
+    let grads = 4 * params;
+
+    // Every adapted block's input, kept from the forward for its recompute.
+    let inputs = adapted * rows * h * db;
+    // The head: one chunk's vocabulary-wide arrays, and the next's started early.
+    let c = HEAD_CHUNK.min(rows);
+    let next = (rows - c).min(c);
+    let head = ((HEAD_COPIES * c as f64 + NEXT_CHUNK_COPIES * next as f64) * (vocab * 4) as f64)
+        as u64
+        + 4 * rows * h * 4;
+    // A block's recompute and vector-Jacobian product: its activations and their gradients
+    // (norms, q, k, v, attention, residual, gate, up, SwiGLU), the masked inputs with dropout,
+    // the LoRA's low-rank products, and attention's `[B, heads, T, T]` temporaries.
+    let per_row = 2 * (4 * h + 2 * q + 2 * kv + 3 * i) * db
+        + if w.dropout { (5 * h + q + i) * db } else { 0 }
+        + 2 * 7 * w.lora_rank as u64 * 4;
+    let attention = ATTENTION_COPIES * b * cfg.num_attention_heads as u64 * t * t * 4;
+    let block = rows * per_row + attention;
+    // Its peak is at the head (every input held) or in the blocks' backward (inputs going,
+    // gradients coming).
+    let (work_name, work) = largest([
+        ("LM head and loss", inputs + head),
+        ("block backward", block + inputs.max(grads)),
+    ]);
+    // What the step freed, held in MLX's cache for reuse until the step ends: the engine sets
+    // MLX's cache limit to this.
+    let cache = work.min(CACHE_CAP);
+    // The update: the gradients and AdamW's new moments beside the old.
+    let update = 8 * params;
+    let (work_name, dynamic) = largest([(work_name, work + cache), ("optimizer update", update)]);
+    // The per-row attention mask and RoPE tables of packed rows; a sliding window's mask.
+    let batch_tensors = if w.packed {
+        b * t * t * db + 2 * rows * (cfg.head_dim as u64 / 2) * 4
+    } else if cfg.sliding_window.is_some() {
+        t * t * db
+    } else {
+        0
+    };
+    let slack = ((lora_state + dynamic + batch_tensors) as f64 * SLACK) as u64;
+
+    let terms = vec![
+        Term {
+            name: format!("frozen weights ({}; MLX)", w.weights.describe()),
+            bytes: weights,
+        },
+        Term {
+            name: format!(
+                "LoRA params + AdamW moments ({:.1}M params)",
+                params as f64 / 1e6
+            ),
+            bytes: lora_state,
+        },
+        Term {
+            name: format!("{work_name} + {adapted} saved block inputs + MLX's cache"),
+            bytes: dynamic + batch_tensors,
+        },
+        Term {
+            name: "runtime, MLX, tokenizer, allocator slack".into(),
+            bytes: runtime + slack,
+        },
+    ];
+    let train_peak = terms.iter().map(|t| t.bytes).sum();
+
+    // The load: first on the host as the candle engine's, then converted block by block (a
+    // block's dense f32 copies alive until it is evaluated) and the vocabulary last, beside
+    // the host's: a host copy in f32 and MLX's (its parts in the compute dtype, then the
+    // whole, where the host holds it in slices).
+    let host_load = runtime + frozen_bytes(cfg, host) + w.load_work;
+    let block_params: u64 = Target::ALL
+        .iter()
+        .map(|t| {
+            let (a, b) = t.dims(cfg);
+            (a * b) as u64
+        })
+        .sum();
+    let host_vocab = vocab_bytes(cfg, host);
+    let mlx_vocab = vocab_bytes(cfg, w.weights);
+    let vocab_f32 = (cfg.vocab_size * cfg.hidden_size) as u64 * 4;
+    let vocab_transient = match host {
+        WeightFormat::Dense(_) => 2 * vocab_f32 + if db < 4 { mlx_vocab } else { 0 },
+        WeightFormat::Quantized { .. } => {
+            2 * SLICE_ROWS.min(cfg.vocab_size) as u64 * h * 4 + 2 * mlx_vocab
+        }
+    };
+    let conversion = runtime
+        + weights.saturating_sub(mlx_vocab)
+        + host_vocab
+        + (block_params * (4 + db)).max(vocab_transient);
+    Estimate {
+        terms,
+        train_peak,
+        load_peak: host_load.max(conversion),
+        cache,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::StepKind;
+    use super::*;
+
+    fn smollm2() -> ModelConfig {
+        let json = serde_json::json!({
+            "architectures": ["LlamaForCausalLM"], "hidden_size": 576, "intermediate_size": 1536,
+            "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3,
+            "vocab_size": 49152, "rms_norm_eps": 1e-5, "rope_theta": 100000.0,
+            "max_position_embeddings": 8192, "tie_word_embeddings": true
+        });
+        ModelConfig::from_hf_json(&json, "test").unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn workload(batch: usize, len: usize, quantize: Option<QuantBits>) -> Workload {
+        Workload {
+            batch_size: batch,
+            seq_len: len,
+            lora_rank: 8,
+            targets: Target::ALL.to_vec(),
+            adapted_layers: 30,
+            keep_blocks: 0,
+            dropout: false,
+            packed: false,
+            act_bytes: 4,
+            weights: weight_format(quantize, 4),
+            load_work: 0,
+            step: StepKind::Mlx {
+                host: WeightFormat::Dense(4.0),
+            },
+        }
+    }
+
+    #[test]
+    fn mlx_weights_are_sized_as_mlx_holds_them() {
+        let cfg = smollm2();
+        // f32: every weight at 4 bytes.
+        assert_eq!(frozen_bytes(&cfg, weight_format(None, 4)), 134_515_008 * 4);
+        // 4-bit: half a byte plus an f32 scale and bias per 32 weights on the linears; the
+        // tied vocabulary matrix and the norms dense.
+        let (linear, other) = super::super::frozen_params(&cfg);
+        let q4 = frozen_bytes(&cfg, weight_format(Some(QuantBits::Four), 4));
+        assert_eq!(q4, (linear as f64 * 0.75) as u64 + other * 4);
+    }
+
+    #[test]
+    fn the_mlx_estimate_grows_with_the_work_and_the_chunks() {
+        let cfg = smollm2();
+        let at = |b, t| estimate(&cfg, &workload(b, t, None), WeightFormat::Dense(4.0));
+        let small = at(1, 128);
+        assert_eq!(
+            small.terms.iter().map(|t| t.bytes).sum::<u64>(),
+            small.train_peak
+        );
+        assert!(at(2, 256).train_peak > small.train_peak);
+        assert!(at(1, 1024).train_peak > at(2, 256).train_peak);
+        // Lengths are bucketed as the engine lays rows out: 100 and 128 are one shape.
+        assert_eq!(at(1, 100).train_peak, small.train_peak);
+        let q4 = estimate(
+            &cfg,
+            &workload(1, 128, Some(QuantBits::Four)),
+            WeightFormat::Dense(4.0),
+        );
+        assert!(q4.train_peak < small.train_peak);
+    }
+}

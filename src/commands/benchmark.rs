@@ -290,7 +290,11 @@ pub fn run(a: BenchmarkArgs) -> Result<()> {
         EngineChoice::Mlx => crate::engine::choice::mlx_load_options(&a.model, None).dtype,
         EngineChoice::Candle => select_dtype(a.model.dtype, &device),
     };
-    let mem = budget::device_memory(&device);
+    let mem = match engine {
+        #[cfg(feature = "mlx")]
+        EngineChoice::Mlx => crate::runtime::memory::mlx::device_memory(),
+        _ => budget::device_memory(&device),
+    };
     let budget = budget::resolve(a.budget.max_memory, mem.total).map_err(Error::Usage)?;
     for line in budget.describe() {
         eprintln!("{line}");

@@ -36,7 +36,12 @@ pub fn preflight(
     engine: EngineChoice,
 ) -> Result<Plan> {
     let (device, dtype) = (&load.device, load.dtype);
-    let mem = budget::device_memory(device);
+    let mem = match engine {
+        // On a Mac, Metal's recommended working set bounds what MLX may plan with.
+        #[cfg(feature = "mlx")]
+        EngineChoice::Mlx => crate::runtime::memory::mlx::device_memory(),
+        _ => budget::device_memory(device),
+    };
     let budget = budget::resolve(memory.budget.max_memory, mem.total).map_err(Error::Usage)?;
     for line in budget.describe() {
         eprintln!("{line}");

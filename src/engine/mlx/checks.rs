@@ -238,3 +238,17 @@ fn memory_functions_report_and_limits_apply() -> R<()> {
     mem::apply_budget(limits.previous_memory, None)?;
     Ok(())
 }
+
+#[test]
+fn the_device_describes_its_memory() -> R<()> {
+    let _s = serial();
+    // MLX's CPU backend describes its device by name only, so a run plans against RAM.
+    let sizes = mem::device_sizes()?;
+    assert!(sizes
+        .iter()
+        .all(|(k, _)| k != "max_recommended_working_set_size"));
+    let m = mem::device_memory();
+    assert_eq!(m.total, crate::runtime::memory::total_ram());
+    assert_eq!(m.kind, "RAM");
+    Ok(())
+}

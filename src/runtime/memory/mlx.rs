@@ -81,3 +81,100 @@ pub fn apply_budget(budget: u64, cache: Option<u64>) -> Result<Limits, Exception
 pub fn memory_limit() -> Result<u64, Exception> {
     Ok(mlx_rs::memory::memory_limit()? as u64)
 }
+
+/// What MLX says of its default device: each key with a size (`memory_size`, and on Metal
+/// `max_recommended_working_set_size`, `max_buffer_length`, …). Text values are left out.
+pub fn device_sizes() -> Result<Vec<(String, u64)>, Exception> {
+    let failed = || Exception::custom("MLX could not describe its device");
+    let mut out = vec![];
+    // SAFETY: every handle made here is freed here; strings MLX returns are copied before the
+    // objects that own them are freed.
+    unsafe {
+        let mut dev = mlx_sys::mlx_device_new();
+        if mlx_sys::mlx_get_default_device(&mut dev) != 0 {
+            mlx_sys::mlx_device_free(dev);
+            return Err(failed());
+        }
+        let mut info = mlx_sys::mlx_device_info_new();
+        let mut keys = mlx_sys::mlx_vector_string_new();
+        let ok = mlx_sys::mlx_device_info_get(&mut info, dev) == 0
+            && mlx_sys::mlx_device_info_get_keys(&mut keys, info) == 0;
+        if ok {
+            for i in 0..mlx_sys::mlx_vector_string_size(keys) {
+                let mut key: *mut std::os::raw::c_char = std::ptr::null_mut();
+                if mlx_sys::mlx_vector_string_get(&mut key, keys, i) != 0 || key.is_null() {
+                    continue;
+                }
+                let mut size = 0usize;
+                if mlx_sys::mlx_device_info_get_size(&mut size, info, key) == 0 {
+                    let name = std::ffi::CStr::from_ptr(key).to_string_lossy().into_owned();
+                    out.push((name, size as u64));
+                }
+            }
+        }
+        mlx_sys::mlx_vector_string_free(keys);
+        mlx_sys::mlx_device_info_free(info);
+        mlx_sys::mlx_device_free(dev);
+        if !ok {
+            return Err(failed());
+        }
+    }
+    Ok(out)
+}
+
+/// The memory an MLX run may plan with, from `sizes` ([`device_sizes`]) and the machine's
+/// RAM: the device's memory (RAM where MLX does not say), and on Metal no more than the
+/// recommended working set, past which macOS pages GPU memory out and runs slow to a crawl.
+pub fn plannable_memory(sizes: &[(String, u64)], ram: Option<u64>) -> Option<u64> {
+    let get = |k: &str| sizes.iter().find(|(n, _)| n == k).map(|(_, v)| *v);
+    let memory = get("memory_size").filter(|&m| m > 0).or(ram)?;
+    Some(
+        match get("max_recommended_working_set_size").filter(|&w| w > 0) {
+            Some(w) => memory.min(w),
+            None => memory,
+        },
+    )
+}
+
+/// The memory an MLX run plans its budget against: [`plannable_memory`] of MLX's device (on the
+/// CPU backend, which names no memory size, the machine's RAM).
+pub fn device_memory() -> super::budget::DeviceMemory {
+    let sizes = device_sizes().unwrap_or_default();
+    let metal = sizes
+        .iter()
+        .any(|(k, _)| k == "max_recommended_working_set_size");
+    super::budget::DeviceMemory {
+        kind: if metal {
+            "unified memory (Metal's recommended working set)"
+        } else {
+            "RAM"
+        },
+        total: plannable_memory(&sizes, super::total_ram()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metal_plans_within_its_recommended_working_set() {
+        let gb = 1_000_000_000u64;
+        // A 128 GB M3 Ultra as Metal describes it: 137.4 GB of memory, a working set below it.
+        let metal = vec![
+            ("memory_size".to_string(), 137_438_953_472),
+            ("max_recommended_working_set_size".to_string(), 115 * gb),
+            ("max_buffer_length".to_string(), 80 * gb),
+        ];
+        assert_eq!(plannable_memory(&metal, Some(137 * gb)), Some(115 * gb));
+        // MLX's CPU backend names no sizes: the machine's RAM.
+        assert_eq!(plannable_memory(&[], Some(24 * gb)), Some(24 * gb));
+        assert_eq!(plannable_memory(&[], None), None);
+        // A working set above the memory does not raise it.
+        let odd = vec![
+            ("memory_size".to_string(), 16 * gb),
+            ("max_recommended_working_set_size".to_string(), 20 * gb),
+        ];
+        assert_eq!(plannable_memory(&odd, None), Some(16 * gb));
+    }
+}

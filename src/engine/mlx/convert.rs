@@ -3,7 +3,7 @@
 
 use super::MlxError;
 use crate::error::Result;
-use candle_core::{DType, Device, Tensor};
+use candle_core::{CpuStorage, DType, Device, Storage, Tensor};
 use mlx_rs::{Array, Dtype};
 
 /// `t` (any dtype, any device) as an MLX array of dtype `dtype`.
@@ -13,12 +13,21 @@ pub fn to_array(t: &Tensor, dtype: Dtype) -> Result<Array> {
         .iter()
         .map(|&d| i32::try_from(d).map_err(|_| too_large(t.dims())))
         .collect::<Result<Vec<i32>>>()?;
-    let host = t
-        .to_device(&Device::Cpu)?
-        .to_dtype(DType::F32)?
-        .flatten_all()?
-        .to_vec1::<f32>()?;
-    let a = Array::from_slice(&host, &dims);
+    let host = t.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
+    // Straight from the tensor's memory where it is contiguous f32 on the host (no host copy
+    // beside MLX's); otherwise through one.
+    let a = {
+        let (storage, layout) = host.storage_and_layout();
+        match (&*storage, layout.contiguous_offsets()) {
+            (Storage::Cpu(CpuStorage::F32(v)), Some((start, end))) => {
+                Array::from_slice(&v[start..end], &dims)
+            }
+            _ => {
+                drop(storage);
+                Array::from_slice(&host.flatten_all()?.to_vec1::<f32>()?, &dims)
+            }
+        }
+    };
     Ok(if dtype == Dtype::Float32 {
         a
     } else {

@@ -8,7 +8,7 @@
 use super::convert::to_array;
 use crate::error::Result;
 use crate::model::quantized::Weight;
-use crate::model::vocab::VocabMatrix;
+use crate::model::vocab::{VocabMatrix, SLICE_ROWS};
 use crate::model::{Llama, ModelConfig};
 use candle_core::{DType, Tensor};
 use mlx_rs::ops::{quantize, quantized_matmul};
@@ -159,16 +159,27 @@ pub struct Model {
     pub rope_freqs: Array,
 }
 
-/// A vocabulary matrix as one array in `dtype`, converted slice by slice (never whole in f32
-/// beside it), and evaluated.
-fn vocab(m: &VocabMatrix, dtype: Dtype) -> Result<Array> {
-    let parts = (0..m.slices().len())
-        .map(|i| -> Result<Array> {
-            let a = to_array(&m.slice(i, DType::F32)?, dtype)?;
-            a.eval()?;
-            Ok(a)
-        })
-        .collect::<Result<Vec<_>>>()?;
+/// A vocabulary matrix as one array in `dtype`, converted and evaluated in parts of
+/// [`SLICE_ROWS`] rows (a dense matrix is never copied whole into f32, on the host or in MLX),
+/// the host's matrix dropped before the parts are joined: at most the host's matrix and the
+/// parts, then the parts and the whole, are held at once.
+fn vocab(m: VocabMatrix, dtype: Dtype) -> Result<Array> {
+    let (rows, _) = m.dims2()?;
+    let part = |t: Tensor| -> Result<Array> {
+        let a = to_array(&t, dtype)?;
+        a.eval()?;
+        Ok(a)
+    };
+    let parts = match &m {
+        VocabMatrix::Dense(w) => (0..rows)
+            .step_by(SLICE_ROWS)
+            .map(|start| part(w.narrow(0, start, SLICE_ROWS.min(rows - start))?))
+            .collect::<Result<Vec<_>>>()?,
+        VocabMatrix::Quantized(_) => (0..m.slices().len())
+            .map(|i| part(m.slice(i, DType::F32)?))
+            .collect::<Result<Vec<_>>>()?,
+    };
+    drop(m);
     let whole = match parts.len() {
         1 => parts.into_iter().next().unwrap_or_else(|| unreachable!()),
         _ => mlx_rs::ops::concatenate(&parts, 0)?,
@@ -213,14 +224,14 @@ impl Model {
             blocks.push(block);
         }
         let tied = lm_head.same_as(&embed_tokens);
-        let embed = vocab(&embed_tokens, dtype)?;
-        drop(embed_tokens);
-        let head = if tied {
-            embed.clone()
+        let (embed, head) = if tied {
+            // One matrix: the head's handle goes first, so the conversion can drop it.
+            drop(lm_head);
+            let embed = vocab(embed_tokens, dtype)?;
+            (embed.clone(), embed)
         } else {
-            vocab(&lm_head, dtype)?
+            (vocab(embed_tokens, dtype)?, vocab(lm_head, dtype)?)
         };
-        drop(lm_head);
         let freqs: Vec<f32> = crate::model::rope::inv_freqs(&cfg)
             .iter()
             .map(|f| 1.0 / f)

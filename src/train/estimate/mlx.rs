@@ -10,8 +10,8 @@
 //! - MLX's allocator keeps freed buffers in its cache during a step for reuse (cleared after
 //!   it). The engine limits the cache to [`Estimate::cache`], the step's working set (at most
 //!   a sixteenth of the budget, and 2 GB), so a step holds at most its working set twice;
-//! - the load is the host load followed by the conversion, which holds the host's vocabulary
-//!   matrix, a host copy of it in f32 and MLX's copy at once.
+//! - the load is the host load followed by the conversion, whose largest moment is the
+//!   vocabulary's: the host's matrix beside MLX's parts, or the parts beside the joined whole.
 //!
 //! Calibrated on SmolLM2 with MLX's CPU backend against `your_ai benchmark --engine mlx`
 //! (docs/mlx.md has the table); the constants say which measurement set them.
@@ -150,9 +150,9 @@ pub fn estimate(cfg: &ModelConfig, w: &Workload, host: WeightFormat) -> Estimate
     let train_peak = terms.iter().map(|t| t.bytes).sum();
 
     // The load: first on the host as the candle engine's, then converted block by block (a
-    // block's dense f32 copies alive until it is evaluated) and the vocabulary last, beside
-    // the host's: a host copy in f32 and MLX's (its parts in the compute dtype, then the
-    // whole, where the host holds it in slices).
+    // block's dense f32 copies alive until it is evaluated), the vocabulary last, in parts of
+    // `SLICE_ROWS` rows (each with an f32 copy on the host and in MLX): the host's matrix
+    // beside MLX's parts, then (the host's dropped) the parts beside the joined whole.
     let host_load = runtime + frozen_bytes(cfg, host) + w.load_work;
     let block_params: u64 = Target::ALL
         .iter()
@@ -161,19 +161,11 @@ pub fn estimate(cfg: &ModelConfig, w: &Workload, host: WeightFormat) -> Estimate
             (a * b) as u64
         })
         .sum();
-    let host_vocab = vocab_bytes(cfg, host);
     let mlx_vocab = vocab_bytes(cfg, w.weights);
-    let vocab_f32 = (cfg.vocab_size * cfg.hidden_size) as u64 * 4;
-    let vocab_transient = match host {
-        WeightFormat::Dense(_) => 2 * vocab_f32 + if db < 4 { mlx_vocab } else { 0 },
-        WeightFormat::Quantized { .. } => {
-            2 * SLICE_ROWS.min(cfg.vocab_size) as u64 * h * 4 + 2 * mlx_vocab
-        }
-    };
-    let conversion = runtime
-        + weights.saturating_sub(mlx_vocab)
-        + host_vocab
-        + (block_params * (4 + db)).max(vocab_transient);
+    let part = 2 * SLICE_ROWS.min(cfg.vocab_size) as u64 * h * 4;
+    let vocab_phase = (vocab_bytes(cfg, host) + mlx_vocab + part).max(2 * mlx_vocab);
+    let conversion =
+        runtime + weights.saturating_sub(mlx_vocab) + (block_params * (4 + db)).max(vocab_phase);
     Estimate {
         terms,
         train_peak,

@@ -427,12 +427,13 @@ impl Adapter {
 
     /// The PEFT name of the first tensor with a NaN or infinite value, if any.
     pub fn first_non_finite(&self) -> Option<String> {
-        // 0·x is 0 for every finite x and NaN otherwise, and a sum keeps a NaN.
+        // 0·x is 0 for every finite x and NaN otherwise, and a sum keeps a NaN. In f32, which
+        // every device has (Metal has no f64).
         let finite = |t: &Tensor| {
             t.affine(0.0, 0.0)
-                .and_then(|d| d.to_dtype(DType::F64))
+                .and_then(|d| d.to_dtype(DType::F32))
                 .and_then(|d| d.sum_all())
-                .and_then(|s| s.to_scalar::<f64>())
+                .and_then(|s| s.to_scalar::<f32>())
                 .is_ok_and(|s| s == 0.0)
         };
         self.iter().find_map(|(l, t, p)| {

@@ -359,7 +359,15 @@ impl QuantizedRows {
     pub fn matmul(&self, d: &Tensor) -> Result<Tensor> {
         let mut sum: Option<Tensor> = None;
         for (i, (s0, n)) in self.ranges().into_iter().enumerate() {
-            let part = d.narrow(1, s0, n)?.matmul(&self.slice(i, d.dtype())?)?;
+            let cols = d.narrow(1, s0, n)?;
+            // GPU matmuls take contiguous operands only (candle's CUDA and Metal kernels
+            // refuse a column-narrowed one); the CPU's reads it in place.
+            let cols = if d.device().is_cpu() {
+                cols
+            } else {
+                cols.contiguous()?
+            };
+            let part = cols.matmul(&self.slice(i, d.dtype())?)?;
             sum = Some(match sum {
                 None => part,
                 Some(acc) => (acc + part)?,

@@ -64,16 +64,22 @@ impl AdamW {
     }
 }
 
-/// Global L2 norm of all gradients.
+/// Global L2 norm of all gradients. Each tensor's sum of squares is taken on its device in f32
+/// (Metal has no f64), and all of them are read back at once (one host sync, not one a
+/// tensor), then added in f64.
 pub fn grad_norm(grads: &Grads) -> Result<f64> {
-    let mut sq = 0f64;
-    for g in grads.tensors() {
-        sq += g
-            .to_dtype(DType::F64)?
-            .sqr()?
-            .sum_all()?
-            .to_scalar::<f64>()?;
+    let sums = grads
+        .tensors()
+        .map(|g| g.to_dtype(DType::F32)?.sqr()?.sum_all())
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    if sums.is_empty() {
+        return Ok(0.0);
     }
+    let sq: f64 = Tensor::stack(&sums, 0)?
+        .to_vec1::<f32>()?
+        .into_iter()
+        .map(f64::from)
+        .sum();
     Ok(sq.sqrt())
 }
 

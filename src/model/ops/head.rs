@@ -189,7 +189,12 @@ fn composite_chunk(
     let sum = exp.sum_keepdim(D::Minus1)?;
     let ce = (sum.log()? - shifted.gather(tgt, D::Minus1)?)?.squeeze(1)?;
     drop(shifted);
-    let ce_rows = ce.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+    // Read back in the dtype computed (no f64 on the device: Metal has none); f32 → f64 on
+    // the host is exact.
+    let ce_rows = match acc {
+        DType::F64 => ce.to_vec1::<f64>()?,
+        _ => ce.to_vec1::<f32>()?.into_iter().map(f64::from).collect(),
+    };
     let Some(loss_scale) = loss_scale else {
         return Ok((ce_rows, None));
     };

@@ -16,7 +16,9 @@
 //! Calibrated on SmolLM2 with MLX's CPU backend against `your_ai benchmark --engine mlx`
 //! (docs/mlx.md has the table); the constants say which measurement set them.
 
-use super::{frozen_bytes, largest, lora_params, runtime_bytes, Estimate, Term, WeightFormat};
+use super::{
+    four_terms, frozen_bytes, largest, lora_params, runtime_bytes, Estimate, WeightFormat,
+};
 use super::{Workload, SLACK};
 use crate::data::batch::bucket;
 use crate::model::lora::Target;
@@ -126,27 +128,15 @@ pub fn estimate(cfg: &ModelConfig, w: &Workload, host: WeightFormat) -> Estimate
     };
     let slack = ((lora_state + dynamic + batch_tensors) as f64 * SLACK) as u64;
 
-    let terms = vec![
-        Term {
-            name: format!("frozen weights ({}; MLX)", w.weights.describe()),
-            bytes: weights,
-        },
-        Term {
-            name: format!(
-                "LoRA params + AdamW moments ({:.1}M params)",
-                params as f64 / 1e6
-            ),
-            bytes: lora_state,
-        },
-        Term {
-            name: format!("{work_name} + {adapted} saved block inputs + MLX's cache"),
-            bytes: dynamic + batch_tensors,
-        },
-        Term {
-            name: "runtime, MLX, tokenizer, allocator slack".into(),
-            bytes: runtime + slack,
-        },
-    ];
+    let terms = four_terms(
+        format!("frozen weights ({}; MLX)", w.weights.describe()),
+        weights,
+        params,
+        lora_state,
+        format!("{work_name} + {adapted} saved block inputs + MLX's cache"),
+        dynamic + batch_tensors,
+        ("runtime, MLX, tokenizer, allocator slack", runtime + slack),
+    );
     let train_peak = terms.iter().map(|t| t.bytes).sum();
 
     // The load: first on the host as the candle engine's, then converted block by block (a

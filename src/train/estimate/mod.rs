@@ -387,35 +387,23 @@ pub fn estimate(cfg: &ModelConfig, w: &Workload) -> Estimate {
     let dynamic = lora_state + batch_tensors + work;
     let slack = (dynamic as f64 * SLACK) as u64;
 
-    let terms = vec![
-        Term {
-            name: format!("frozen weights ({})", w.weights.describe()),
-            bytes: weights,
-        },
-        Term {
-            name: format!(
-                "LoRA params + AdamW moments ({:.1}M params)",
-                params as f64 / 1e6
-            ),
-            bytes: lora_state,
-        },
-        Term {
-            name: format!(
-                "{work_name} + {} saved block inputs{}",
-                adapted - keep,
-                if keep > 0 {
-                    format!(" + {keep} kept")
-                } else {
-                    String::new()
-                }
-            ),
-            bytes: work + batch_tensors,
-        },
-        Term {
-            name: "runtime, tokenizer, allocator slack".into(),
-            bytes: runtime + slack,
-        },
-    ];
+    let terms = four_terms(
+        format!("frozen weights ({})", w.weights.describe()),
+        weights,
+        params,
+        lora_state,
+        format!(
+            "{work_name} + {} saved block inputs{}",
+            adapted - keep,
+            if keep > 0 {
+                format!(" + {keep} kept")
+            } else {
+                String::new()
+            }
+        ),
+        work + batch_tensors,
+        ("runtime, tokenizer, allocator slack", runtime + slack),
+    );
     let train_peak = terms.iter().map(|t| t.bytes).sum();
     // While loading: the weights converted so far and the piece in flight (files are read,
     // not mapped, so none of their pages count).
@@ -426,6 +414,39 @@ pub fn estimate(cfg: &ModelConfig, w: &Workload) -> Estimate {
         load_peak,
         cache: 0,
     }
+}
+
+/// The estimate's lines: the frozen weights, the LoRA state, the step's work, the runtime.
+pub(crate) fn four_terms(
+    weights_name: String,
+    weights: u64,
+    params: u64,
+    lora_state: u64,
+    work_name: String,
+    work: u64,
+    (runtime_name, runtime): (&str, u64),
+) -> Vec<Term> {
+    vec![
+        Term {
+            name: weights_name,
+            bytes: weights,
+        },
+        Term {
+            name: format!(
+                "LoRA params + AdamW moments ({:.1}M params)",
+                params as f64 / 1e6
+            ),
+            bytes: lora_state,
+        },
+        Term {
+            name: work_name,
+            bytes: work,
+        },
+        Term {
+            name: runtime_name.into(),
+            bytes: runtime,
+        },
+    ]
 }
 
 /// The largest of named figures.

@@ -236,3 +236,56 @@ fn mlx_estimate_bounds_the_measured_peak_on_smollm2() {
         );
     }
 }
+
+/// `estimate --engine mlx` prints the table `train --engine mlx` plans with, for the same model
+/// and flags: MLX's own model, not the candle engine's.
+#[test]
+fn mlx_estimate_and_train_agree_and_differ_from_candle() {
+    let tmp = tempfile::tempdir().unwrap();
+    long_rows(&tmp.path().join("data"), 300);
+    let flags = [
+        "--batch-size",
+        "2",
+        "--max-seq-length",
+        "128",
+        "--lora-rank",
+        "8",
+        "--max-memory",
+        "8",
+    ];
+    let table = |text: &str| -> Vec<String> {
+        text.lines()
+            .skip_while(|l| !l.starts_with("Memory estimate"))
+            .take_while(|l| l.starts_with("Memory estimate") || l.starts_with("  "))
+            .map(str::to_string)
+            .collect()
+    };
+    let estimate = |engine: &str| {
+        let e = common::cli()
+            .args(["estimate", "--engine", engine, "--model"])
+            .arg(common::smollm2())
+            .args(flags)
+            .output()
+            .unwrap();
+        assert!(e.status.success(), "{}", String::from_utf8_lossy(&e.stderr));
+        table(&String::from_utf8_lossy(&e.stdout))
+    };
+    let t = common::cli()
+        .args(["train", "--engine", "mlx", "--device", "cpu", "--model"])
+        .arg(common::smollm2())
+        .arg("--data")
+        .arg(tmp.path().join("data"))
+        .arg("--output")
+        .arg(tmp.path().join("out"))
+        .args(["--max-steps", "1"])
+        .args(flags)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&t.stderr).to_string();
+    assert!(t.status.success(), "{stderr}");
+    let (mlx, candle) = (estimate("mlx"), estimate("candle"));
+    assert!(mlx.len() >= 7, "{mlx:?}");
+    assert!(mlx[1].contains("MLX"), "{mlx:?}");
+    assert_eq!(mlx, table(&stderr));
+    assert_ne!(mlx, candle);
+}

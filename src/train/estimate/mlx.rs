@@ -169,18 +169,9 @@ pub fn estimate(cfg: &ModelConfig, w: &Workload, host: WeightFormat) -> Estimate
 
 #[cfg(test)]
 mod tests {
+    use super::super::tests::smollm2;
     use super::super::StepKind;
     use super::*;
-
-    fn smollm2() -> ModelConfig {
-        let json = serde_json::json!({
-            "architectures": ["LlamaForCausalLM"], "hidden_size": 576, "intermediate_size": 1536,
-            "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3,
-            "vocab_size": 49152, "rms_norm_eps": 1e-5, "rope_theta": 100000.0,
-            "max_position_embeddings": 8192, "tie_word_embeddings": true
-        });
-        ModelConfig::from_hf_json(&json, "test").unwrap_or_else(|e| panic!("{e}"))
-    }
 
     fn workload(batch: usize, len: usize, quantize: Option<QuantBits>) -> Workload {
         Workload {

@@ -537,10 +537,11 @@ pub fn largest_batch(cfg: &ModelConfig, w: &Workload, max: usize, budget: u64) -
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn smollm2() -> ModelConfig {
+    /// SmolLM2-135M's shape.
+    pub(crate) fn smollm2() -> ModelConfig {
         let json = serde_json::json!({
             "architectures": ["LlamaForCausalLM"], "hidden_size": 576, "intermediate_size": 1536,
             "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3,

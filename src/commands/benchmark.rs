@@ -9,7 +9,7 @@ use crate::error::{Error, Result};
 use crate::runtime::device::{select_device, select_dtype};
 use crate::runtime::memory::budget::{self, GB};
 use crate::train::estimate::{estimate, Workload};
-use crate::train::plan::weights_and_step;
+use crate::train::plan::{device_memory_for, weights_and_step};
 use serde_json::{json, Value};
 use std::path::Path;
 use std::process::Command;
@@ -153,13 +153,6 @@ fn measured(record: &Value, what: &str) -> Option<u64> {
         .find_map(|m| record[format!("{what}_{m}_bytes").as_str()].as_u64())
 }
 
-fn larger(a: Option<u64>, b: Option<u64>) -> Option<u64> {
-    match (a, b) {
-        (Some(x), Some(y)) => Some(x.max(y)),
-        (x, y) => x.or(y),
-    }
-}
-
 /// Runs one configuration in a child `your_ai train`.
 fn run_trial(a: &BenchmarkArgs, dir: &Path, trial: &mut Trial, budget_gb: f64) -> Result<()> {
     let exe = std::env::current_exe().map_err(|e| Error::io("find", "your_ai", e))?;
@@ -222,14 +215,13 @@ fn run_trial(a: &BenchmarkArgs, dir: &Path, trial: &mut Trial, budget_gb: f64) -
         .filter(|r| r["type"] == "train" || r["type"] == "end")
         .filter_map(|r| measured(r, "train_peak"))
         .max();
-    trial.peak = larger(load_peak, train_peak);
-    let mlx = |what: &str| {
-        records
-            .iter()
-            .filter_map(|r| r[format!("{what}_mlx_bytes").as_str()].as_u64())
-            .max()
-    };
-    trial.mlx_peak = larger(mlx("load_peak"), mlx("train_peak"));
+    // `Option`'s max: the larger figure, or whichever there is.
+    trial.peak = load_peak.max(train_peak);
+    trial.mlx_peak = records
+        .iter()
+        .flat_map(|r| [&r["load_peak_mlx_bytes"], &r["train_peak_mlx_bytes"]])
+        .filter_map(Value::as_u64)
+        .max();
     // Steady-state speed: the first step (allocations, caches) is left out when there are more.
     let timed: Vec<&&Value> = train.iter().skip(usize::from(train.len() > 1)).collect();
     if !timed.is_empty() {
@@ -290,11 +282,7 @@ pub fn run(a: BenchmarkArgs) -> Result<()> {
         EngineChoice::Mlx => crate::engine::choice::mlx_load_options(&a.model, None).dtype,
         EngineChoice::Candle => select_dtype(a.model.dtype, &device),
     };
-    let mem = match engine {
-        #[cfg(feature = "mlx")]
-        EngineChoice::Mlx => crate::runtime::memory::mlx::device_memory(),
-        _ => budget::device_memory(&device),
-    };
+    let mem = device_memory_for(engine, &device);
     let budget = budget::resolve(a.budget.max_memory, mem.total).map_err(Error::Usage)?;
     for line in budget.describe() {
         eprintln!("{line}");

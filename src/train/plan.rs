@@ -36,12 +36,7 @@ pub fn preflight(
     engine: EngineChoice,
 ) -> Result<Plan> {
     let (device, dtype) = (&load.device, load.dtype);
-    let mem = match engine {
-        // On a Mac, Metal's recommended working set bounds what MLX may plan with.
-        #[cfg(feature = "mlx")]
-        EngineChoice::Mlx => crate::runtime::memory::mlx::device_memory(),
-        _ => budget::device_memory(device),
-    };
+    let mem = device_memory_for(engine, device);
     let budget = budget::resolve(memory.budget.max_memory, mem.total).map_err(Error::Usage)?;
     for line in budget.describe() {
         eprintln!("{line}");
@@ -148,6 +143,19 @@ pub fn keep_blocks(
             .rev()
             .find(|&k| keep_fits(k))
             .unwrap_or(0),
+    }
+}
+
+/// The memory a run on `engine` plans its budget against: `device`'s, or under MLX what MLX
+/// says of its device (on a Mac, bounded by Metal's recommended working set).
+pub fn device_memory_for(
+    engine: EngineChoice,
+    device: &candle_core::Device,
+) -> budget::DeviceMemory {
+    match engine {
+        #[cfg(feature = "mlx")]
+        EngineChoice::Mlx => crate::runtime::memory::mlx::device_memory(),
+        _ => budget::device_memory(device),
     }
 }
 

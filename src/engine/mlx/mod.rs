@@ -181,7 +181,7 @@ impl MlxEngine {
     /// `outputs`: the micro-batch's one evaluation. The allocator's cache is cleared after it,
     /// so the process holds one step's working set at most, not what every shape seen so far
     /// left cached.
-    fn add_gradients(&mut self, grads: &[Array], outputs: &[Array]) -> Result<()> {
+    fn add_gradients(&mut self, grads: &[Array], outputs: &[&Array]) -> Result<()> {
         let sum = match self.grads.take() {
             None => grads.to_vec(),
             Some(acc) => acc
@@ -190,7 +190,7 @@ impl MlxEngine {
                 .map(|(a, g)| a.add(g))
                 .collect::<std::result::Result<Vec<_>, _>>()?,
         };
-        eval(outputs.iter().chain(&sum))?;
+        eval(outputs.iter().copied().chain(&sum))?;
         self.grads = Some(sum);
         memory::mlx::clear_cache()?;
         Ok(())
@@ -218,8 +218,7 @@ impl Engine for MlxEngine {
         let (model, params, lay) = self.prepare(batch, profile)?;
         let clock = Instant::now();
         let pending = step::forward_backward(model, params, &lay, batch.loss_scale)?;
-        let outputs: Vec<Array> = vec![pending.ce.clone(), pending.weighted.clone()];
-        self.add_gradients(&pending.grads, &outputs)?;
+        self.add_gradients(&pending.grads, &[&pending.ce, &pending.weighted])?;
         let sums = pending.sums()?;
         drop(pending);
         profile.forward += clock.elapsed();

@@ -17,7 +17,8 @@
 //! (docs/mlx.md has the table); the constants say which measurement set them.
 
 use super::{
-    four_terms, frozen_bytes, largest, lora_params, runtime_bytes, Estimate, WeightFormat,
+    four_terms, frozen_bytes, largest, lora_params, runtime_bytes, vocab_matrix_bytes, Estimate,
+    WeightFormat,
 };
 use super::{Workload, SLACK};
 use crate::data::batch::bucket;
@@ -62,16 +63,11 @@ pub fn weight_format(quantize: Option<QuantBits>, dtype_bytes: usize) -> WeightF
 
 /// Bytes of the embedding and head matrices (one when tied) in `format`.
 fn vocab_bytes(cfg: &ModelConfig, format: WeightFormat) -> u64 {
-    let n = (cfg.vocab_size * cfg.hidden_size) as f64;
     let (embed, head) = match format {
         WeightFormat::Dense(b) => (b, b),
         WeightFormat::Quantized { embed, head, .. } => (embed, head),
     };
-    (if cfg.tie_word_embeddings {
-        n * head
-    } else {
-        n * (embed + head)
-    }) as u64
+    vocab_matrix_bytes(cfg, embed, head) as u64
 }
 
 pub fn estimate(cfg: &ModelConfig, w: &Workload, host: WeightFormat) -> Estimate {
@@ -169,7 +165,7 @@ pub fn estimate(cfg: &ModelConfig, w: &Workload, host: WeightFormat) -> Estimate
 
 #[cfg(test)]
 mod tests {
-    use super::super::tests::smollm2;
+    use super::super::tests::{smollm2, workload as base};
     use super::super::StepKind;
     use super::*;
 
@@ -177,18 +173,11 @@ mod tests {
         Workload {
             batch_size: batch,
             seq_len: len,
-            lora_rank: 8,
-            targets: Target::ALL.to_vec(),
-            adapted_layers: 30,
-            keep_blocks: 0,
-            dropout: false,
-            packed: false,
-            act_bytes: 4,
             weights: weight_format(quantize, 4),
-            load_work: 0,
             step: StepKind::Mlx {
                 host: WeightFormat::Dense(4.0),
             },
+            ..base()
         }
     }
 

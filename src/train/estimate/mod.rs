@@ -248,15 +248,21 @@ pub fn frozen_bytes(cfg: &ModelConfig, format: WeightFormat) -> u64 {
             head,
             other: o,
         } => {
-            let vocab = (cfg.vocab_size * cfg.hidden_size) as f64;
             let norms = ((2 * cfg.num_hidden_layers + 1) * cfg.hidden_size) as f64;
-            let matrices = if cfg.tie_word_embeddings {
-                vocab * head
-            } else {
-                vocab * (embed + head)
-            };
+            let matrices = vocab_matrix_bytes(cfg, embed, head);
             (linear as f64 * q + matrices + norms * o) as u64
         }
+    }
+}
+
+/// Bytes of the embedding and head matrices (one when tied) at `embed` and `head` bytes a
+/// weight.
+pub(crate) fn vocab_matrix_bytes(cfg: &ModelConfig, embed: f64, head: f64) -> f64 {
+    let n = (cfg.vocab_size * cfg.hidden_size) as f64;
+    if cfg.tie_word_embeddings {
+        n * head
+    } else {
+        n * (embed + head)
     }
 }
 
@@ -551,7 +557,7 @@ pub(crate) mod tests {
         ModelConfig::from_hf_json(&json, "test").unwrap()
     }
 
-    fn workload() -> Workload {
+    pub(crate) fn workload() -> Workload {
         Workload {
             batch_size: 4,
             seq_len: 256,

@@ -133,13 +133,6 @@ fn estimate_and_train_agree_on_the_same_model_and_flags() {
         "--max-memory",
         "0.3",
     ];
-    let table = |text: &str| -> Vec<String> {
-        text.lines()
-            .skip_while(|l| !l.starts_with("Memory estimate"))
-            .take_while(|l| l.starts_with("Memory estimate") || l.starts_with("  "))
-            .map(str::to_string)
-            .collect()
-    };
     let e = common::cli()
         .args(["estimate", "--model"])
         .arg(&model)
@@ -147,7 +140,7 @@ fn estimate_and_train_agree_on_the_same_model_and_flags() {
         .output()
         .unwrap();
     assert!(e.status.success(), "{}", stderr(&e));
-    let estimated = table(&String::from_utf8_lossy(&e.stdout));
+    let estimated = common::estimate_table(&String::from_utf8_lossy(&e.stdout));
     let t = common::cli()
         .args(["train", "--model"])
         .arg(&model)
@@ -163,7 +156,7 @@ fn estimate_and_train_agree_on_the_same_model_and_flags() {
         .output()
         .unwrap();
     assert!(t.status.success(), "{}", stderr(&t));
-    let trained = table(&stderr(&t));
+    let trained = common::estimate_table(&stderr(&t));
     assert!(estimated.len() >= 7, "{estimated:?}");
     assert!(
         estimated.iter().any(|l| l.contains(" kept")),

@@ -253,13 +253,6 @@ fn mlx_estimate_and_train_agree_and_differ_from_candle() {
         "--max-memory",
         "8",
     ];
-    let table = |text: &str| -> Vec<String> {
-        text.lines()
-            .skip_while(|l| !l.starts_with("Memory estimate"))
-            .take_while(|l| l.starts_with("Memory estimate") || l.starts_with("  "))
-            .map(str::to_string)
-            .collect()
-    };
     let estimate = |engine: &str| {
         let e = common::cli()
             .args(["estimate", "--engine", engine, "--model"])
@@ -268,7 +261,7 @@ fn mlx_estimate_and_train_agree_and_differ_from_candle() {
             .output()
             .unwrap();
         assert!(e.status.success(), "{}", String::from_utf8_lossy(&e.stderr));
-        table(&String::from_utf8_lossy(&e.stdout))
+        common::estimate_table(&String::from_utf8_lossy(&e.stdout))
     };
     let t = common::cli()
         .args(["train", "--engine", "mlx", "--device", "cpu", "--model"])
@@ -286,6 +279,6 @@ fn mlx_estimate_and_train_agree_and_differ_from_candle() {
     let (mlx, candle) = (estimate("mlx"), estimate("candle"));
     assert!(mlx.len() >= 7, "{mlx:?}");
     assert!(mlx[1].contains("MLX"), "{mlx:?}");
-    assert_eq!(mlx, table(&stderr));
+    assert_eq!(mlx, common::estimate_table(&stderr));
     assert_ne!(mlx, candle);
 }

@@ -472,3 +472,12 @@ pub fn random_adapter(
     a.save_peft(dir, "base").unwrap();
     a
 }
+
+/// The "Memory estimate" table in a command's output (`estimate`'s stdout, `train`'s stderr).
+pub fn estimate_table(text: &str) -> Vec<String> {
+    text.lines()
+        .skip_while(|l| !l.starts_with("Memory estimate"))
+        .take_while(|l| l.starts_with("Memory estimate") || l.starts_with("  "))
+        .map(str::to_string)
+        .collect()
+}

@@ -282,3 +282,40 @@ fn mlx_estimate_and_train_agree_and_differ_from_candle() {
     assert_eq!(mlx, common::estimate_table(&stderr));
     assert_ne!(mlx, candle);
 }
+
+/// `--device cuda --engine mlx` on an MLX without CUDA (the mlx-cpu wheel here) is refused
+/// before anything is loaded or written, naming the build that has it; `--device auto` runs
+/// on MLX's CPU.
+#[test]
+fn mlx_refuses_a_device_its_build_lacks() {
+    let r = tiny_run(8);
+    let out = r.root.join("cuda");
+    let o = r
+        .train_command(&out)
+        .args(["--engine", "mlx", "--device", "cuda", "--max-steps", "2"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success(),
+        "a CUDA run on the CPU wheel ran:\n{stderr}"
+    );
+    assert!(
+        stderr.contains("--device cuda --engine mlx") && stderr.contains("build_mlx.sh --cuda"),
+        "{stderr}"
+    );
+    assert!(!out.exists(), "the refused run wrote {}", out.display());
+
+    // `auto` is the CPU here, in f32: the same losses as an explicit `--device cpu` run.
+    let run = |device: &str| {
+        let out = r.root.join(device);
+        let o = r
+            .train_command(&out)
+            .args(["--engine", "mlx", "--device", device, "--max-steps", "2"])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        losses(&out)
+    };
+    assert_eq!(run("auto"), run("cpu"));
+}

@@ -10,6 +10,7 @@ use crate::runtime::device::{select_device, select_dtype};
 use crate::runtime::memory::budget::{self, GB};
 use crate::train::estimate::{estimate, Workload};
 use crate::train::plan::{device_memory_for, weights_and_step};
+use candle_core::Device;
 use serde_json::{json, Value};
 use std::path::Path;
 use std::process::Command;
@@ -277,10 +278,17 @@ pub fn run(a: BenchmarkArgs) -> Result<()> {
     let inspected = crate::model::inspect(&a.model.model)?;
     let cfg = &inspected.cfg;
     let engine = crate::engine::choice::resolve(a.engine, a.model.device)?;
-    let device = select_device(a.model.device)?;
-    let dtype = match engine {
-        EngineChoice::Mlx => crate::engine::choice::mlx_load_options(&a.model, None).dtype,
-        EngineChoice::Candle => select_dtype(a.model.dtype, &device),
+    // The MLX engine loads on the host and converts onto MLX's own device.
+    let (device, dtype) = match engine {
+        EngineChoice::Mlx => (
+            Device::Cpu,
+            crate::engine::choice::mlx_load_options(&a.model, None)?.dtype,
+        ),
+        EngineChoice::Candle => {
+            let device = select_device(a.model.device)?;
+            let dtype = select_dtype(a.model.dtype, &device);
+            (device, dtype)
+        }
     };
     let mem = device_memory_for(engine, &device);
     let budget = budget::resolve(a.budget.max_memory, mem.total).map_err(Error::Usage)?;

@@ -29,6 +29,15 @@ pub fn resolve(given: Option<EngineChoice>, device: DeviceChoice) -> Result<Engi
     resolve_for(given, device, HAS_MLX, cfg!(target_os = "macos"))
 }
 
+fn no_mlx() -> Error {
+    Error::Usage(
+        "--engine mlx: this binary was built without the MLX engine; build it with \
+         scripts/build_mlx.sh (which installs what it needs), or \
+         `cargo build --release --features mlx`"
+            .into(),
+    )
+}
+
 fn resolve_for(
     given: Option<EngineChoice>,
     device: DeviceChoice,
@@ -36,12 +45,7 @@ fn resolve_for(
     macos: bool,
 ) -> Result<EngineChoice> {
     match given {
-        Some(EngineChoice::Mlx) if !has_mlx => Err(Error::Usage(
-            "--engine mlx: this binary was built without the MLX engine; build it with \
-             scripts/build_mlx.sh (which installs what it needs), or \
-             `cargo build --release --features mlx`"
-                .into(),
-        )),
+        Some(EngineChoice::Mlx) if !has_mlx => Err(no_mlx()),
         Some(e) => Ok(e),
         None if has_mlx
             && (device == DeviceChoice::Metal || (macos && device == DeviceChoice::Auto)) =>
@@ -52,15 +56,11 @@ fn resolve_for(
     }
 }
 
-/// How the MLX engine has the model loaded: on the host (the engine converts it to MLX arrays
-/// on MLX's own device), in the dtype it computes in: f32 on the CPU, bf16 on a GPU
-/// (`--device metal|cuda`, and `auto` on macOS), or as `--dtype` says.
-pub fn mlx_load_options(m: &ModelArgs, quantize: Option<QuantBits>) -> LoadOptions {
-    let gpu = match m.device {
-        DeviceChoice::Metal | DeviceChoice::Cuda => true,
-        DeviceChoice::Auto => cfg!(target_os = "macos"),
-        DeviceChoice::Cpu => false,
-    };
+/// Puts MLX on the device `--device` names ([`crate::engine::mlx::device`]) and says how the
+/// MLX engine has the model loaded: on the host (the engine converts it to MLX arrays on that
+/// device), in the dtype it computes in: f32 on the CPU, bf16 on a GPU, or as `--dtype` says.
+pub fn mlx_load_options(m: &ModelArgs, quantize: Option<QuantBits>) -> Result<LoadOptions> {
+    let gpu = mlx_device(m.device)?;
     let dtype = match m.dtype {
         DTypeChoice::F32 => DType::F32,
         DTypeChoice::F16 => DType::F16,
@@ -68,11 +68,21 @@ pub fn mlx_load_options(m: &ModelArgs, quantize: Option<QuantBits>) -> LoadOptio
         DTypeChoice::Auto if gpu => DType::BF16,
         DTypeChoice::Auto => DType::F32,
     };
-    LoadOptions {
+    Ok(LoadOptions {
         device: Device::Cpu,
         dtype,
         quantize,
-    }
+    })
+}
+
+#[cfg(feature = "mlx")]
+fn mlx_device(device: DeviceChoice) -> Result<bool> {
+    crate::engine::mlx::device::select(device)
+}
+
+#[cfg(not(feature = "mlx"))]
+fn mlx_device(_: DeviceChoice) -> Result<bool> {
+    Err(no_mlx())
 }
 
 #[cfg(test)]

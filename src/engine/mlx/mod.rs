@@ -15,6 +15,7 @@ pub mod batch;
 pub mod block;
 pub mod blocks;
 pub mod convert;
+pub mod device;
 pub mod error;
 pub mod head;
 pub mod optimizer;

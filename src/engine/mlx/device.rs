@@ -1,0 +1,117 @@
+//! `--device` for the MLX engine: which of MLX's devices runs the step.
+//!
+//! MLX has one GPU backend per build (Metal from source on a Mac, CUDA in the mlx-cuda wheels,
+//! none in mlx-cpu) and runs on its default device, the GPU where it has one. Left alone,
+//! `--device cpu` would run on Metal on a Mac, and `--device cuda` on a CPU-only MLX would
+//! quietly run on the CPU; so the device is set here, before the budget is read from it, and
+//! a device this MLX lacks is refused.
+
+use crate::error::{Error, Result};
+use crate::runtime::device::DeviceChoice;
+use mlx_rs::Device;
+
+/// The GPU backend this binary's MLX was built with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Metal,
+    Cuda,
+}
+
+impl Backend {
+    fn flag(self) -> &'static str {
+        match self {
+            Backend::Metal => "metal",
+            Backend::Cuda => "cuda",
+        }
+    }
+}
+
+/// Which GPU backend this MLX has (`None`: CPU only). On CUDA, a GPU must also be present.
+pub fn gpu_backend() -> Option<Backend> {
+    let query = |f: unsafe extern "C" fn(*mut bool) -> std::os::raw::c_int| {
+        let mut yes = false;
+        // SAFETY: the function writes one bool through the pointer it is given.
+        (unsafe { f(&mut yes) } == 0) && yes
+    };
+    if query(mlx_sys::mlx_metal_is_available) {
+        Some(Backend::Metal)
+    } else if query(mlx_sys::mlx_cuda_is_available) {
+        Some(Backend::Cuda)
+    } else {
+        None
+    }
+}
+
+/// Whether `choice` runs on MLX's GPU with `backend` available, or why it cannot run.
+pub fn wants_gpu(choice: DeviceChoice, backend: Option<Backend>) -> Result<bool> {
+    let missing = |asked: Backend| {
+        let has = match backend {
+            Some(b) => format!("its GPU backend is {}", b.flag()),
+            None => "it has no GPU backend (the mlx-cpu wheel), or no GPU is present".into(),
+        };
+        let build = match asked {
+            Backend::Metal => "build on a Mac with scripts/build_mlx.sh",
+            Backend::Cuda => {
+                "build with scripts/build_mlx.sh --cuda, on a machine with an NVIDIA driver"
+            }
+        };
+        Error::Usage(format!(
+            "--device {} --engine mlx: this binary's MLX cannot run there: {has}; {build}, \
+             or use --device cpu",
+            asked.flag()
+        ))
+    };
+    match choice {
+        DeviceChoice::Cpu => Ok(false),
+        DeviceChoice::Auto => Ok(backend.is_some()),
+        DeviceChoice::Metal if backend == Some(Backend::Metal) => Ok(true),
+        DeviceChoice::Cuda if backend == Some(Backend::Cuda) => Ok(true),
+        DeviceChoice::Metal => Err(missing(Backend::Metal)),
+        DeviceChoice::Cuda => Err(missing(Backend::Cuda)),
+    }
+}
+
+/// Makes MLX run on the device `choice` names (its GPU for `auto` where it has one); returns
+/// whether that is a GPU.
+pub fn select(choice: DeviceChoice) -> Result<bool> {
+    let gpu = wants_gpu(choice, gpu_backend())?;
+    Device::set_default(&if gpu { Device::gpu() } else { Device::cpu() });
+    Ok(gpu)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mlx_rs::DeviceType;
+    use DeviceChoice::*;
+
+    #[test]
+    fn each_device_runs_where_this_mlx_can() {
+        assert!(!wants_gpu(Cpu, Some(Backend::Metal)).unwrap());
+        assert!(!wants_gpu(Cpu, None).unwrap());
+        assert!(wants_gpu(Auto, Some(Backend::Cuda)).unwrap());
+        assert!(!wants_gpu(Auto, None).unwrap());
+        assert!(wants_gpu(DeviceChoice::Metal, Some(Backend::Metal)).unwrap());
+        assert!(wants_gpu(DeviceChoice::Cuda, Some(Backend::Cuda)).unwrap());
+    }
+
+    #[test]
+    fn a_device_this_mlx_lacks_is_refused_with_the_build_that_has_it() {
+        let e = wants_gpu(DeviceChoice::Cuda, None).unwrap_err().to_string();
+        assert!(e.contains("--device cuda --engine mlx"), "{e}");
+        assert!(e.contains("build_mlx.sh --cuda"), "{e}");
+        let e = wants_gpu(DeviceChoice::Metal, Some(Backend::Cuda))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("its GPU backend is cuda"), "{e}");
+    }
+
+    #[test]
+    fn auto_runs_on_the_gpu_exactly_where_this_mlx_has_one() {
+        // With the mlx-cpu wheel the tests here link, that is the CPU.
+        let gpu = select(Auto).unwrap();
+        assert_eq!(gpu, gpu_backend().is_some());
+        let now = Device::try_default().unwrap().get_type().unwrap();
+        assert_eq!(matches!(now, DeviceType::Gpu), gpu);
+    }
+}

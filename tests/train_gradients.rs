@@ -906,3 +906,58 @@ fn accumulating_pairs_equals_one_batch_of_pairs() {
         }
     }
 }
+
+/// The head over more rows than three chunks gives each scored row its own cross-entropy, in
+/// order, with every chunk's losses read back together: against log-softmax over the whole
+/// `[rows, vocab]` logits at once, in f64 (candle's ops) and f32 (the fused kernel).
+#[test]
+fn head_rows_over_many_chunks_are_each_rows_own_loss() {
+    use your_ai::model::ops::head::{head_rows, Targets, HEAD_CHUNK};
+    use your_ai::model::ops::rms_norm::rms_norm;
+    let dir = tempfile::tempdir().unwrap();
+    let spec = TinySpec::default();
+    let m64 = tiny_model(&spec, dir.path());
+    let cfg = ModelConfig::from_hf_file(&dir.path().join("config.json")).unwrap();
+    let store = WeightStore::Safetensors(SafetensorsDir::open(dir.path()).unwrap());
+    let m32 = Llama::load(&store, cfg, DType::F32, &Device::Cpu).unwrap();
+    let n = 3 * HEAD_CHUNK + 41;
+    let h = m64.cfg.hidden_size;
+    let x = Tensor::randn(0f64, 1.0, (n + 5, h), &Device::Cpu).unwrap();
+    // Every row but the first five is scored, each against its own target.
+    let vocab = m64.cfg.vocab_size as u32;
+    let rows = Tensor::arange(5u32, (n + 5) as u32, &Device::Cpu).unwrap();
+    let ids: Vec<u32> = (0..n as u32).map(|i| (i * 7 + 3) % vocab).collect();
+    let ids_t = Tensor::new(ids.as_slice(), &Device::Cpu).unwrap();
+    let weights = Tensor::ones(n, DType::F32, &Device::Cpu).unwrap();
+    let targets = Targets {
+        rows: &rows,
+        ids: &ids_t,
+        weights: &weights,
+    };
+    let xs = x.narrow(0, 5, n).unwrap();
+    let normed = rms_norm(&xs, &m64.norm, m64.cfg.rms_norm_eps as f32).unwrap();
+    // In f64 throughout (`Llama::logits` would round to f32).
+    let logits = m64.lm_head.matmul_t(&normed).unwrap();
+    let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)
+        .unwrap()
+        .to_vec2::<f64>()
+        .unwrap();
+    let want: Vec<f64> = ids
+        .iter()
+        .enumerate()
+        .map(|(r, &t)| -logp[r][t as usize])
+        .collect();
+    for (model, x, scale, tol) in [
+        (&m64, x.clone(), None, 1e-9),
+        (&m32, x.to_dtype(DType::F32).unwrap(), Some(1.0), 1e-4),
+    ] {
+        let (got, _) = head_rows(model, &x, &targets, scale).unwrap();
+        assert_eq!(got.len(), n);
+        for (r, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert!(
+                (g - w).abs() <= tol * w.abs().max(1.0),
+                "row {r}: {g} vs {w}"
+            );
+        }
+    }
+}

@@ -97,7 +97,7 @@ pub fn head_rows(
     loss_scale: Option<f64>,
 ) -> Result<(Vec<f64>, Option<Tensor>)> {
     let eps = model.cfg.rms_norm_eps;
-    let mut ce_rows = Vec::new();
+    let mut ce_parts = Vec::new();
     let mut dx_rows = vec![];
     let n = targets.rows.dim(0)?;
     let xs = x.index_select(targets.rows, 0)?;
@@ -110,14 +110,14 @@ pub fn head_rows(
         let dh = match loss_scale.and_then(|s| fused_chunk(model, &h, tg, wc, s)) {
             Some(done) => {
                 let (ce, dh) = done?;
-                ce_rows.extend(ce.iter().map(|&c| c as f64));
+                ce_parts.push(ChunkCe::Read(ce));
                 Some(dh)
             }
             None => {
                 let tgt = targets.ids.narrow(0, start, len)?.unsqueeze(1)?;
                 let w = targets.weights.narrow(0, start, len)?;
                 let (ce, dh) = composite_chunk(model, &h, &tgt, &w, loss_scale)?;
-                ce_rows.extend(ce);
+                ce_parts.push(ChunkCe::Computed(ce));
                 dh
             }
         };
@@ -126,6 +126,7 @@ pub fn head_rows(
             dx_rows.push(rms_norm_backward(&xc, &model.norm, &dh, eps)?);
         }
     }
+    let ce_rows = read_back(ce_parts)?;
     let Some(_) = loss_scale else {
         return Ok((ce_rows, None));
     };
@@ -169,7 +170,7 @@ fn composite_chunk(
     tgt: &Tensor,
     w: &Tensor,
     loss_scale: Option<f64>,
-) -> Result<(Vec<f64>, Option<Tensor>)> {
+) -> Result<(Tensor, Option<Tensor>)> {
     // The loss is accumulated in f32 at least (f64 when the model runs in f64, as tests do).
     let acc = if model.dtype == DType::F64 {
         DType::F64
@@ -189,14 +190,8 @@ fn composite_chunk(
     let sum = exp.sum_keepdim(D::Minus1)?;
     let ce = (sum.log()? - shifted.gather(tgt, D::Minus1)?)?.squeeze(1)?;
     drop(shifted);
-    // Read back in the dtype computed (no f64 on the device: Metal has none); f32 → f64 on
-    // the host is exact.
-    let ce_rows = match acc {
-        DType::F64 => ce.to_vec1::<f64>()?,
-        _ => ce.to_vec1::<f32>()?.into_iter().map(f64::from).collect(),
-    };
     let Some(loss_scale) = loss_scale else {
-        return Ok((ce_rows, None));
+        return Ok((ce, None));
     };
     // d(w·CE)/dlogits = w · (softmax − one-hot).
     let probs = exp.broadcast_div(&sum)?;
@@ -206,7 +201,50 @@ fn composite_chunk(
     drop(probs);
     let dlogits = dlogits.broadcast_mul(&(w * loss_scale)?.unsqueeze(1)?)?;
     Ok((
-        ce_rows,
+        ce,
         Some(model.lm_head.matmul(&dlogits.to_dtype(model.dtype)?)?),
     ))
+}
+
+/// A head chunk's cross-entropies: read by the fused kernel, or still on the device.
+enum ChunkCe {
+    Read(Vec<f32>),
+    Computed(Tensor),
+}
+
+/// All chunks' cross-entropies in order, the device's read back in one transfer (one host
+/// sync a head, not one a chunk), in the dtype computed: no f64 on the device, which Metal
+/// lacks; f32 → f64 on the host is exact.
+fn read_back(parts: Vec<ChunkCe>) -> Result<Vec<f64>> {
+    let computed: Vec<&Tensor> = parts
+        .iter()
+        .filter_map(|p| match p {
+            ChunkCe::Computed(t) => Some(t),
+            ChunkCe::Read(_) => None,
+        })
+        .collect();
+    let mut device = match computed.as_slice() {
+        [] => vec![],
+        all => {
+            let ce = Tensor::cat(all, 0)?;
+            match ce.dtype() {
+                DType::F64 => ce.to_vec1::<f64>()?,
+                _ => ce
+                    .to_dtype(DType::F32)?
+                    .to_vec1::<f32>()?
+                    .into_iter()
+                    .map(f64::from)
+                    .collect(),
+            }
+        }
+    }
+    .into_iter();
+    let mut out = vec![];
+    for p in &parts {
+        match p {
+            ChunkCe::Read(ce) => out.extend(ce.iter().map(|&c| f64::from(c))),
+            ChunkCe::Computed(t) => out.extend(device.by_ref().take(t.dim(0)?)),
+        }
+    }
+    Ok(out)
 }

@@ -34,14 +34,7 @@ fi
 # Plain-text rows longer than the longest length asked for, so every batch is full length, as
 # the estimate sizes it.
 mkdir -p "$tmp/data"
-python3 - "$tmp/data/train.jsonl" <<'PY'
-import json, re, sys
-words = re.findall(r"[A-Za-z]+", open("examples/invented-country/train.jsonl").read())
-with open(sys.argv[1], "w") as f:
-    for r in range(8):
-        text = " ".join(words[(r * 37 + i) % len(words)] for i in range(3000))
-        f.write(json.dumps({"text": text}) + "\n")
-PY
+python3 scripts/bench/long_rows.py "$tmp/data/train.jsonl"
 
 printf '%-6s %6s %7s | %9s %9s | %9s %9s | %s\n' format length budget \
   "load est" measured "train est" measured "s/step"

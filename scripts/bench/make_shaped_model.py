@@ -3,7 +3,7 @@
 sharded like a real checkpoint, so load and training memory can be measured at full scale
 without downloading the model. Standard library only.
 
-    make_shaped_model.py SHAPE OUT --tokenizer DIR [--shard-bytes N] [--seed S]
+    make_shaped_model.py SHAPE OUT --tokenizer DIR [--shard-bytes N] [--seed S] [--layers N]
 
 SHAPE is a key of presets/model_shapes.json (llama-8b, hermes-mistral-7b, ...). DIR is any
 Hugging Face directory whose tokenizer files are copied (scripts/bench/load_8b.sh makes one from
@@ -99,12 +99,17 @@ def main():
     ap.add_argument("--tokenizer", required=True, help="a Hugging Face directory with tokenizer.json")
     ap.add_argument("--shard-bytes", type=int, default=5_000_000_000)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--layers", type=int, help="keep only this many blocks (a rehearsal of a check)")
     a = ap.parse_args()
 
     shapes = json.load(open(os.path.join(ROOT, "presets", "model_shapes.json")))
     if a.shape not in shapes or a.shape.startswith("_"):
         sys.exit(f"unknown shape {a.shape!r}; known: {', '.join(k for k in shapes if not k.startswith('_'))}")
     cfg = dict(shapes[a.shape])
+    if a.layers is not None:
+        if not 0 < a.layers <= cfg["num_hidden_layers"]:
+            sys.exit(f"--layers {a.layers}: {a.shape} has {cfg['num_hidden_layers']} blocks")
+        cfg["num_hidden_layers"] = a.layers
     tok_cfg_path = os.path.join(a.tokenizer, "config.json")
     tok_cfg = json.load(open(tok_cfg_path)) if os.path.exists(tok_cfg_path) else {}
     for key in ("bos_token_id", "eos_token_id"):

@@ -1,0 +1,62 @@
+#!/usr/bin/env python3
+"""Writes the first LAYERS blocks of a Llama GGUF as a GGUF of its own: the same metadata
+(tokenizer and chat template included) with block_count = LAYERS, the token embedding, the
+final norm and the kept blocks' tensors copied byte for byte in their own quantization.
+
+The device check (scripts/gpu_check.sh) carries SmolLM2 this way: the whole Q4_1 file is 98 MB,
+more than a check can carry; eight of its thirty blocks are real weights in 48 MB.
+
+    smollm2_slice.py IN.gguf OUT.gguf --layers N        (needs the gguf package)
+"""
+import argparse
+import os
+import re
+import sys
+
+import gguf
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("src")
+    ap.add_argument("out")
+    ap.add_argument("--layers", type=int, required=True)
+    a = ap.parse_args()
+
+    r = gguf.GGUFReader(a.src)
+    arch = r.fields["general.architecture"].contents()
+    count_key = f"{arch}.block_count"
+    total = r.fields[count_key].contents()
+    if not 0 < a.layers <= total:
+        sys.exit(f"--layers {a.layers}: {a.src} has {total} blocks; give 1 to {total}")
+
+    tmp = a.out + ".partial"
+    w = gguf.GGUFWriter(tmp, arch)
+    for key, field in r.fields.items():
+        # The writer sets these itself.
+        if key.startswith("GGUF.") or key == "general.architecture":
+            continue
+        vtype = field.types[0]
+        sub = field.types[1] if vtype == gguf.GGUFValueType.ARRAY else None
+        value = a.layers if key == count_key else field.contents()
+        w.add_key_value(key, value, vtype, sub)
+
+    kept = 0
+    for t in r.tensors:
+        m = re.match(r"blk\.(\d+)\.", t.name)
+        if m and int(m.group(1)) >= a.layers:
+            continue
+        # As the reader maps it: quantized tensors as rows of raw blocks, the rest as values.
+        w.add_tensor(t.name, t.data, raw_dtype=t.tensor_type)
+        kept += 1
+
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    os.replace(tmp, a.out)
+    print(f"{a.out}: {a.layers} of {total} blocks, {kept} tensors", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

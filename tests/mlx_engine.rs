@@ -508,6 +508,23 @@ fn mlx_quantize_4_learns() {
     );
 }
 
+/// MLX 0.32's primitives that Metal or its CUDA backend cannot run (`eval_gpu` throws: the
+/// linear-algebra factorizations, `Load`, point-to-point `Send`/`Recv`), from
+/// `mlx/backend/{metal,cuda}/primitives.cpp`.
+const NOT_ON_GPU: [&str; 10] = [
+    "Load", "LUF", "QRF", "SVD", "Inverse", "Cholesky", "Eig", "Eigh", "Send", "Recv",
+];
+
+/// The primitives of a [`graph_text`] printout: each node's line starts with its name.
+fn primitives(graph: &str) -> std::collections::BTreeSet<String> {
+    graph
+        .lines()
+        .filter(|l| !l.starts_with("Inputs:") && !l.starts_with("Outputs:"))
+        .filter_map(|l| l.split_whitespace().next())
+        .map(str::to_string)
+        .collect()
+}
+
 /// MLX's printout of the whole graph that computes `outputs`, not yet evaluated: every array in
 /// it with its shape and dtype.
 fn graph_text(outputs: &[&Array]) -> String {
@@ -571,6 +588,19 @@ fn mlx_bf16_run_holds_no_f64_array() {
     );
     let f64_lines: Vec<&str> = graph.lines().filter(|l| l.contains("float64")).collect();
     assert!(f64_lines.is_empty(), "f64 in the bf16 step: {f64_lines:?}");
+    // Nor any primitive without a GPU implementation. On this CPU, MLX's fast ops (rms_norm,
+    // rope, attention) are built from these same primitives; on a GPU they are fused ones
+    // that both backends have.
+    let ops = primitives(&graph);
+    assert!(
+        ops.contains("Matmul") && ops.contains("RandomBits"),
+        "the printout names each node's primitive first: {ops:?}"
+    );
+    let lacking: Vec<&&str> = NOT_ON_GPU.iter().filter(|p| ops.contains(**p)).collect();
+    assert!(
+        lacking.is_empty(),
+        "the step uses {lacking:?}, which a GPU backend lacks"
+    );
     assert_eq!(model.embed.dtype(), Dtype::Bfloat16);
     assert!(pending.grads.iter().all(|g| g.dtype() == Dtype::Float32));
     // And the bf16 run trains through the engine.

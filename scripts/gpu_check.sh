@@ -3,15 +3,18 @@
 # only PyTorch, PEFT and the CUDA libraries. Two halves:
 #
 #   scripts/gpu_check.sh prepare   here, with Rust and the network: builds and gathers what the
-#                                  check carries into .gpu/ (ignored by git) and prints its size
-#   scripts/gpu_check.sh run       there, from the repository root with .gpu/ carried; figures
-#                                  go to $OUT (default gpu-check-out/), the table to stdout
+#                                  check needs into .gpu/ (ignored by git; about 60 MB, small
+#                                  enough to copy along with the repository) and prints its size
+#   scripts/gpu_check.sh run       there, from a copy of the repository with .gpu/ in it;
+#                                  figures go to $OUT (default gpu-check-out/), the table to
+#                                  stdout
 #
 # `run` takes each GPU path in turn (the candle CUDA binary; MLX's CUDA build where .gpu/ has
 # it), then PyTorch+PEFT on the same GPU:
 #   1. SmolLM2 (its first LAYERS blocks: real weights, tokenizer and chat template) trained 20
 #      steps in f32 on the shipped example: the losses must equal those of the CPU run that
-#      `prepare` made, within 1e-3 relative. Then 3 steps with --quantize 4 must run.
+#      `prepare` made, within 1e-3 relative. Then 3 steps with --quantize 4 must run, and
+#      scripts/memory_check.sh must pass on the GPU (estimates, flat steps, a budget crossed).
 #   2. An 8B-shaped LoRA step: Llama-3.1-8B's shapes, random bf16 weights made there by
 #      scripts/bench/make_shaped_model.py; rank 16, length 2048, batch 1, STEPS steps. Tokens/s
 #      (median step after the first two) and peak GPU memory (nvidia-smi every 200 ms, less
@@ -19,8 +22,9 @@
 #      first losses agree: the same workload).
 # It exits non-zero when a check fails, after reporting everything it could.
 #
-#   LAYERS  SmolLM2 blocks carried (prepare; default 4: the whole model is more than a call
-#           carries)
+#   GPU_CHECK_MLX=0  leave MLX's CUDA build out (prepare)
+#   LAYERS  SmolLM2 blocks taken along (prepare; default 4 keeps .gpu/ small: the whole model
+#           is 98 MB)
 #   STEPS   steps of the 8B-shaped runs (default 8)
 #   GPU_CHECK_DEVICE=cpu   a rehearsal here without a GPU: the CPU binary, one 8B-shaped block
 #           and 128 tokens. It checks the script, not a GPU.
@@ -66,10 +70,25 @@ prepare() {
     xz -T2 -6 -c "$bin" >"$tmp/bundle/your_ai-cuda.xz"
   fi
 
+  if [ "${GPU_CHECK_DEVICE:-cuda}" != cpu ] && [ "${GPU_CHECK_MLX:-1}" = 1 ]; then
+    say "building the MLX CUDA binary (scripts/build_mlx.sh --cuda)"
+    local mlx_bin wheel="$cache/mlx-cuda-13-0.32.4" m="$tmp/mlx-cuda"
+    mlx_bin=$(./scripts/build_mlx.sh --cuda)
+    mkdir -p "$m/mlx/lib"
+    cp "$mlx_bin" "$m/your_ai"
+    # libmlx.so without symbols and with only the H100/H200's device code: 146 MB → 15 MB of xz.
+    strip --strip-all -o "$m/mlx/lib/libmlx.so" "$wheel/mlx/lib/libmlx.so"
+    python3 scripts/gpu/prune_fatbin.py "$m/mlx/lib/libmlx.so" 90
+    # The headers its run-time compiled kernels include, and the BLAS it links.
+    cp -r "$wheel/mlx/include" "$m/mlx/"
+    cp -r "$wheel/mlx_cuda_13.libs" "$m/"
+    tar -C "$m" -cf - your_ai mlx mlx_cuda_13.libs | xz -9 -T2 >"$tmp/bundle/mlx-cuda.tar.xz"
+  fi
+
   rm -rf "$bundle"
   mv "$tmp/bundle" "$bundle"
   du -sh "$bundle" >&2
-  say "carry .gpu and run: scripts/gpu_check.sh run"
+  say "copy the repository with .gpu/ to the GPU machine and run: scripts/gpu_check.sh run"
 }
 
 # nvidia-smi's memory in use now (MiB); 0 without one.
@@ -99,7 +118,7 @@ run() {
   local work=${GPU_CHECK_WORK:-/tmp/gpu_check} steps=${STEPS:-8} length=2048 layers=()
   local results failed=0 t
   [ -f "$bundle/cpu_metrics.jsonl" ] ||
-    { say "error: no $bundle/: run 'scripts/gpu_check.sh prepare' first, then carry $bundle"; exit 1; }
+    { say "error: no $bundle/: run 'scripts/gpu_check.sh prepare' first, and copy $bundle/ here"; exit 1; }
   mkdir -p "$out" "$work"
   results="$out/gpu_check.jsonl"
   : >"$results"
@@ -122,11 +141,26 @@ run() {
   fi
   engine[candle]=candle
   local tools=(candle)
+  if [ "$device" != cpu ] && [ -f "$bundle/mlx-cuda.tar.xz" ]; then
+    # MLX's CUDA build as its wheel lays it out: libmlx.so finds the CUDA libraries and headers
+    # through ../../nvidia from its folder, here a link to PyTorch's.
+    local m="$work/mlx-cuda"
+    rm -rf "$m"
+    mkdir -p "$m"
+    tar -C "$m" -xJf "$bundle/mlx-cuda.tar.xz"
+    ln -sfn "$(python3 -c 'import nvidia; print(list(nvidia.__path__)[0])')" "$m/nvidia"
+    printf '#!/bin/sh\nLD_LIBRARY_PATH="%s/mlx/lib:$LD_LIBRARY_PATH" exec "%s/your_ai" "$@"\n' \
+      "$m" "$m" >"$m/run"
+    chmod +x "$m/run"
+    bin[mlx]=$m/run
+    engine[mlx]=mlx
+    tools+=(mlx)
+  fi
 
   fail() { # tool, what, log
     failed=1
     local why
-    why=$(grep -m1 -iE "error|panicked" "$3" 2>/dev/null || tail -n 1 "$3" 2>/dev/null || echo "no log")
+    why=$(grep -m1 -E "[Ee]rror|panicked|^FAIL" "$3" 2>/dev/null || tail -n 1 "$3" 2>/dev/null || echo "no log")
     say "$1: $2 failed: $why"
     python3 -c 'import json, sys; print(json.dumps({"check": "error", "tool": sys.argv[1], "what": sys.argv[2], "error": sys.argv[3][:300]}))' \
       "$1" "$2" "$why" >>"$results"
@@ -149,6 +183,12 @@ run() {
       fail "$t" "SmolLM2 --quantize 4" "$o-q4.log"
     fi
   done
+
+  # The memory contract on the GPU (candle's measure there is the GPU's memory in use).
+  if ! timeout 300 scripts/memory_check.sh "${bin[candle]}" "$bundle/smollm2.gguf" "$device" \
+    "$([ "$device" = cpu ] && echo f32 || echo bf16)" >"$work/memory-check.log" 2>&1; then
+    fail candle "memory contract (scripts/memory_check.sh)" "$work/memory-check.log"
+  fi
 
   # 2. The 8B-shaped step.
   local shaped="$work/llama-8b-shaped"

@@ -3,8 +3,8 @@
 (tokenizer and chat template included) with block_count = LAYERS, the token embedding, the
 final norm and the kept blocks' tensors copied byte for byte in their own quantization.
 
-The device check (scripts/gpu_check.sh) carries SmolLM2 this way: the whole Q4_1 file is 98 MB,
-more than a check can carry; eight of its thirty blocks are real weights in 48 MB.
+The GPU check (scripts/gpu_check.sh) takes SmolLM2 along this way, to a machine with no
+network: the whole Q4_1 file is 98 MB; four of its thirty blocks are real weights in 41 MB.
 
     smollm2_slice.py IN.gguf OUT.gguf --layers N        (needs the gguf package)
 """

@@ -123,29 +123,34 @@ pub fn device_sizes() -> Result<Vec<(String, u64)>, Exception> {
 }
 
 /// The memory an MLX run may plan with, from `sizes` ([`device_sizes`]) and the machine's
-/// RAM: the device's memory (RAM where MLX does not say), and on Metal no more than the
-/// recommended working set, past which macOS pages GPU memory out and runs slow to a crawl.
+/// RAM: the device's memory (Metal's `memory_size`, the CUDA GPU's `total_memory`; RAM where
+/// MLX does not say), and on Metal no more than the recommended working set, past which macOS
+/// pages GPU memory out and runs slow to a crawl.
 pub fn plannable_memory(sizes: &[(String, u64)], ram: Option<u64>) -> Option<u64> {
-    let get = |k: &str| sizes.iter().find(|(n, _)| n == k).map(|(_, v)| *v);
-    let memory = get("memory_size").filter(|&m| m > 0).or(ram)?;
-    Some(
-        match get("max_recommended_working_set_size").filter(|&w| w > 0) {
-            Some(w) => memory.min(w),
-            None => memory,
-        },
-    )
+    let get = |k: &str| {
+        sizes
+            .iter()
+            .find(|(n, _)| n == k)
+            .map(|(_, v)| *v)
+            .filter(|&v| v > 0)
+    };
+    let memory = get("memory_size").or(get("total_memory")).or(ram)?;
+    Some(match get("max_recommended_working_set_size") {
+        Some(w) => memory.min(w),
+        None => memory,
+    })
 }
 
 /// The memory an MLX run plans its budget against: [`plannable_memory`] of MLX's device (on the
 /// CPU backend, which names no memory size, the machine's RAM).
 pub fn device_memory() -> super::budget::DeviceMemory {
     let sizes = device_sizes().unwrap_or_default();
-    let metal = sizes
-        .iter()
-        .any(|(k, _)| k == "max_recommended_working_set_size");
+    let has = |key: &str| sizes.iter().any(|(k, _)| k == key);
     super::budget::DeviceMemory {
-        kind: if metal {
+        kind: if has("max_recommended_working_set_size") {
             "unified memory (Metal's recommended working set)"
+        } else if has("total_memory") {
+            "GPU memory (MLX's CUDA device)"
         } else {
             "RAM"
         },
@@ -158,7 +163,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn metal_plans_within_its_recommended_working_set() {
+    fn mlx_plans_with_its_device_s_memory_and_metal_s_working_set() {
         let gb = 1_000_000_000u64;
         // A 128 GB M3 Ultra as Metal describes it: 137.4 GB of memory, a working set below it.
         let metal = vec![
@@ -176,5 +181,15 @@ mod tests {
             ("max_recommended_working_set_size".to_string(), 20 * gb),
         ];
         assert_eq!(plannable_memory(&odd, None), Some(16 * gb));
+        // MLX's CUDA backend: the GPU's memory, not the host's RAM.
+        let h200 = vec![
+            ("total_memory".to_string(), 150_754_820_096),
+            ("free_memory".to_string(), 150_000_000_000),
+            ("compute_capability_major".to_string(), 9),
+        ];
+        assert_eq!(
+            plannable_memory(&h200, Some(128 * gb)),
+            Some(150_754_820_096)
+        );
     }
 }

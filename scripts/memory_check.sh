@@ -8,6 +8,8 @@
 #
 # Usage: scripts/memory_check.sh BIN MODEL [DEVICE] [DTYPE]
 #   DEVICE: cpu (default) | cuda | metal     DTYPE: f32 (default) | bf16 | f16
+#   BAR     how far an estimate may be from the measured peak (default 0.15; a model of a few
+#           blocks needs more, as the estimate's fixed allowances weigh more in its small peaks)
 # Prints one line per check and exits 1 if one fails.
 set -euo pipefail
 bin=${1:?usage: $0 BIN MODEL [DEVICE] [DTYPE]}
@@ -29,9 +31,10 @@ status=0
 YOUR_AI_CONFIG_DIR="$tmp" "$bin" benchmark --model "$model" --device "$device" --dtype "$dtype" --steps 3 --ranks 8 \
   --batch-sizes 1,4 --lengths 128,512 --output "$tmp/bench.json" >"$tmp/bench.log" 2>&1 ||
   { cat "$tmp/bench.log"; echo "FAIL benchmark failed"; exit 1; }
-python3 - "$tmp/bench.json" <<'PY' || status=1
+python3 - "$tmp/bench.json" "${BAR:-0.15}" <<'PY' || status=1
 import json, sys
 fails = 0
+bar = float(sys.argv[2])
 for c in json.load(open(sys.argv[1]))["configurations"]:
     name = f"{c['batch_size']} x {c['max_seq_length']}, rank {c['lora_rank']}"
     if not c["ok"]:
@@ -39,10 +42,10 @@ for c in json.load(open(sys.argv[1]))["configurations"]:
         fails += 1
         continue
     err = c["estimate_error"]
-    ok = abs(err) <= 0.15
+    ok = abs(err) <= bar
     fails += not ok
     print(f"{'ok  ' if ok else 'FAIL'} {name}: measured peak {c['peak_bytes']/1e9:.3f} GB, "
-          f"estimate {c['estimate_bytes']/1e9:.3f} GB ({err:+.0%}; bar 15%), {c['tokens_per_s']:.0f} tokens/s")
+          f"estimate {c['estimate_bytes']/1e9:.3f} GB ({err:+.0%}; bar {bar:.0%}), {c['tokens_per_s']:.0f} tokens/s")
 sys.exit(1 if fails else 0)
 PY
 

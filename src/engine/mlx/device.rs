@@ -42,8 +42,21 @@ pub fn gpu_backend() -> Option<Backend> {
     }
 }
 
+/// Whether this binary links MLX's CUDA build (`scripts/build_mlx.sh --cuda`).
+pub const CUDA_BUILD: bool = cfg!(mlx_cuda);
+
 /// Whether `choice` runs on MLX's GPU with `backend` available, or why it cannot run.
-pub fn wants_gpu(choice: DeviceChoice, backend: Option<Backend>) -> Result<bool> {
+/// `cuda_build`: MLX's CUDA build, which allocates all its memory through CUDA, so with no GPU
+/// it cannot compute at all, not even on the CPU.
+pub fn wants_gpu(choice: DeviceChoice, backend: Option<Backend>, cuda_build: bool) -> Result<bool> {
+    if cuda_build && backend.is_none() {
+        return Err(Error::Usage(
+            "--engine mlx: this binary links MLX's CUDA build, which needs an NVIDIA GPU and its \
+             driver even for --device cpu, and finds none here; on a machine without one, build \
+             with scripts/build_mlx.sh (MLX's CPU build) or use --engine candle"
+                .into(),
+        ));
+    }
     let missing = |asked: Backend| {
         let has = match backend {
             Some(b) => format!("its GPU backend is {}", b.flag()),
@@ -74,7 +87,7 @@ pub fn wants_gpu(choice: DeviceChoice, backend: Option<Backend>) -> Result<bool>
 /// Makes MLX run on the device `choice` names (its GPU for `auto` where it has one); returns
 /// whether that is a GPU.
 pub fn select(choice: DeviceChoice) -> Result<bool> {
-    let gpu = wants_gpu(choice, gpu_backend())?;
+    let gpu = wants_gpu(choice, gpu_backend(), CUDA_BUILD)?;
     Device::set_default(&if gpu { Device::gpu() } else { Device::cpu() });
     Ok(gpu)
 }
@@ -87,23 +100,35 @@ mod tests {
 
     #[test]
     fn each_device_runs_where_this_mlx_can() {
-        assert!(!wants_gpu(Cpu, Some(Backend::Metal)).unwrap());
-        assert!(!wants_gpu(Cpu, None).unwrap());
-        assert!(wants_gpu(Auto, Some(Backend::Cuda)).unwrap());
-        assert!(!wants_gpu(Auto, None).unwrap());
-        assert!(wants_gpu(DeviceChoice::Metal, Some(Backend::Metal)).unwrap());
-        assert!(wants_gpu(DeviceChoice::Cuda, Some(Backend::Cuda)).unwrap());
+        assert!(!wants_gpu(Cpu, Some(Backend::Metal), false).unwrap());
+        assert!(!wants_gpu(Cpu, None, false).unwrap());
+        assert!(wants_gpu(Auto, Some(Backend::Cuda), false).unwrap());
+        assert!(!wants_gpu(Auto, None, false).unwrap());
+        assert!(wants_gpu(DeviceChoice::Metal, Some(Backend::Metal), false).unwrap());
+        assert!(wants_gpu(DeviceChoice::Cuda, Some(Backend::Cuda), false).unwrap());
     }
 
     #[test]
     fn a_device_this_mlx_lacks_is_refused_with_the_build_that_has_it() {
-        let e = wants_gpu(DeviceChoice::Cuda, None).unwrap_err().to_string();
+        let e = wants_gpu(DeviceChoice::Cuda, None, false)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("--device cuda --engine mlx"), "{e}");
         assert!(e.contains("build_mlx.sh --cuda"), "{e}");
-        let e = wants_gpu(DeviceChoice::Metal, Some(Backend::Cuda))
+        let e = wants_gpu(DeviceChoice::Metal, Some(Backend::Cuda), false)
             .unwrap_err()
             .to_string();
         assert!(e.contains("its GPU backend is cuda"), "{e}");
+    }
+
+    #[test]
+    fn mlx_s_cuda_build_without_a_gpu_is_refused_even_for_the_cpu() {
+        for choice in [Cpu, Auto, DeviceChoice::Cuda] {
+            let e = wants_gpu(choice, None, true).unwrap_err().to_string();
+            assert!(e.contains("needs an NVIDIA GPU"), "{e}");
+        }
+        assert!(!wants_gpu(Cpu, Some(Backend::Cuda), true).unwrap());
+        assert!(wants_gpu(Auto, Some(Backend::Cuda), true).unwrap());
     }
 
     #[test]

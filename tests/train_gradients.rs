@@ -144,7 +144,7 @@ fn autograd_loss(
                 let x = match mb.dropout {
                     Some((p, seed)) => {
                         let (r, c) = x.dims2().unwrap();
-                        (x * your_ai::model::ops::linear::dropout_mask(
+                        (x * your_ai::model::ops::dropout::dropout_mask(
                             p,
                             seed,
                             l,

@@ -1,8 +1,9 @@
 //! The frozen linear with its LoRA pair, `y = x Wᵀ (+ b) + s · (x' Aᵀ) Bᵀ`, forward and
-//! backward, and the LoRA dropout mask (`x'` is the dropped-out input in training, else `x`).
+//! backward (`x'` is the dropped-out input in training, else `x`; [`super::dropout`]).
 //!
 //! Frozen weights only ever see `dX = dY · W`; a pair gets `dA` and `dB`.
 
+use super::dropout::dropout_mask;
 use crate::model::llama::Linear;
 use crate::model::lora::{Adapter, LoraPair, Target};
 use candle_core::{DType, Module, Result, Tensor};
@@ -284,65 +285,7 @@ impl InputGrad {
     }
 }
 
-/// The dropout mask of one LoRA input, for rows `rows` of it: entries 0 (probability `p`) or
-/// `1/(1−p)`, a pure function of `(seed, layer, target, position)` so the recomputed forward
-/// (and a row chunk of it) draws the same mask again.
-#[allow(clippy::too_many_arguments)]
-pub fn dropout_mask(
-    p: f64,
-    seed: u64,
-    layer: usize,
-    target: Target,
-    rows: std::ops::Range<usize>,
-    cols: usize,
-    like: &Tensor,
-) -> Result<Tensor> {
-    let keep = 1.0 / (1.0 - p);
-    let stream = seed ^ ((layer as u64) << 40) ^ ((target.index() as u64) << 56);
-    let threshold = (p * (1u64 << 53) as f64) as u64;
-    let n = rows.len();
-    let data: Vec<f32> = ((rows.start * cols) as u64..(rows.end * cols) as u64)
-        .map(|i| {
-            if splitmix64(stream.wrapping_add(i.wrapping_mul(0x9E37_79B9_7F4A_7C15))) >> 11
-                < threshold
-            {
-                0.0
-            } else {
-                keep as f32
-            }
-        })
-        .collect();
-    Tensor::from_vec(data, (n, cols), like.device())?.to_dtype(like.dtype())
-}
-
-fn splitmix64(mut z: u64) -> u64 {
-    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
 /// A LoRA pair as the fused kernels take it.
 fn low_rank(p: &LoraPair) -> crate::kernels::LowRank<'_> {
     crate::kernels::LowRank { a: &p.a, b: &p.b }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use candle_core::Device;
-
-    #[test]
-    fn a_chunk_of_the_dropout_mask_is_that_part_of_the_whole_mask() {
-        let like = Tensor::zeros((1, 1), DType::F32, &Device::Cpu).unwrap();
-        let whole = dropout_mask(0.4, 7, 3, Target::Down, 0..10, 6, &like).unwrap();
-        let part = dropout_mask(0.4, 7, 3, Target::Down, 4..9, 6, &like).unwrap();
-        let want = whole.narrow(0, 4, 5).unwrap().to_vec2::<f32>().unwrap();
-        assert_eq!(part.to_vec2::<f32>().unwrap(), want);
-        // About 40% dropped, the rest scaled by 1/(1-p).
-        let v = whole.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        let dropped = v.iter().filter(|&&x| x == 0.0).count();
-        assert!((12..=36).contains(&dropped), "{dropped} of 60 dropped");
-        assert!(v.iter().all(|&x| x == 0.0 || (x - 1.0 / 0.6).abs() < 1e-6));
-    }
 }

@@ -8,6 +8,7 @@
 //! (`model/block.rs`) is written once on top of these.
 
 pub mod attention;
+pub mod dropout;
 pub mod head;
 pub mod linear;
 pub mod mask;

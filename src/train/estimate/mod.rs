@@ -347,8 +347,14 @@ pub fn estimate(cfg: &ModelConfig, w: &Workload) -> Estimate {
             d: cfg.head_dim,
         };
         let chunk = (w.batch_size * heads.nh * composite_chunk_rows(heads) * w.seq_len * 4) as u64;
+        // Off the CPU, dropout masks are hashed on the device in chunks of entries.
+        let hashing = if w.dropout {
+            crate::model::ops::dropout::DEVICE_MASK_WORK
+        } else {
+            0
+        };
         (
-            c * (8 * i + 2 * h) * act + chunk_dropout + rows * h * act,
+            c * (8 * i + 2 * h) * act + chunk_dropout + hashing + rows * h * act,
             rows * (2 * h + 5 * q + 6 * kv) * act + 4 * chunk,
         )
     };

@@ -136,10 +136,14 @@ run() {
     xz -dc "$bundle/your_ai-cuda.xz" >"$work/your_ai-cuda"
     chmod +x "$work/your_ai-cuda"
     bin[candle]=$work/your_ai-cuda
-    # The CUDA libraries come from PyTorch's wheels (nvidia/*/lib in its site-packages).
-    local libs
-    libs=$(python3 -c 'import glob, os, nvidia; print(":".join(sorted(glob.glob(os.path.join(list(nvidia.__path__)[0], "*", "lib")))))')
-    export LD_LIBRARY_PATH="$libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+    # The CUDA libraries come from PyTorch's wheels (nvidia/*/lib in its site-packages), and
+    # the driver's libcuda from wherever PyTorch finds it.
+    local libs driver
+    libs=$(python3 -c 'import glob, os, nvidia; print(":".join(sorted(glob.glob(os.path.join(list(nvidia.__path__)[0], "*", "lib")))))') ||
+      { say "error: python3 has no NVIDIA CUDA wheels (PyTorch's cu13 build installs them)"; exit 1; }
+    driver=$(python3 -c 'import os, torch; torch.cuda.init(); print(next(os.path.dirname(l.split()[-1]) for l in open("/proc/self/maps") if "libcuda.so" in l))') ||
+      { say "error: PyTorch finds no CUDA driver here"; exit 1; }
+    export LD_LIBRARY_PATH="$libs:$driver${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
     { date -u; nvidia-smi -L; nvidia-smi --query-gpu=driver_version --format=csv,noheader
       python3 -c 'import torch, transformers, peft; print("torch", torch.__version__, "transformers", transformers.__version__, "peft", peft.__version__)'
     } >"$out/machine.txt" 2>&1 || true

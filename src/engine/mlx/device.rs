@@ -26,16 +26,22 @@ impl Backend {
     }
 }
 
-/// Which GPU backend this MLX has (`None`: CPU only). On CUDA, a GPU must also be present.
+/// Which GPU backend this MLX has with a GPU present (`None`: CPU only, or no GPU). MLX's CUDA
+/// build says it is available whether or not there is a GPU, so the GPUs are counted too.
 pub fn gpu_backend() -> Option<Backend> {
     let query = |f: unsafe extern "C" fn(*mut bool) -> std::os::raw::c_int| {
         let mut yes = false;
         // SAFETY: the function writes one bool through the pointer it is given.
         (unsafe { f(&mut yes) } == 0) && yes
     };
-    if query(mlx_sys::mlx_metal_is_available) {
+    let mut gpus: std::os::raw::c_int = 0;
+    // SAFETY: the function writes one int through the pointer it is given.
+    let counted =
+        unsafe { mlx_sys::mlx_device_count(&mut gpus, mlx_sys::mlx_device_type__MLX_GPU) };
+    let present = counted == 0 && gpus > 0;
+    if query(mlx_sys::mlx_metal_is_available) && present {
         Some(Backend::Metal)
-    } else if query(mlx_sys::mlx_cuda_is_available) {
+    } else if query(mlx_sys::mlx_cuda_is_available) && present {
         Some(Backend::Cuda)
     } else {
         None

@@ -24,11 +24,10 @@ pub fn dropout_mask(
     like: &Tensor,
 ) -> Result<Tensor> {
     let stream = seed ^ ((layer as u64) << 40) ^ ((target.index() as u64) << 56);
-    let mask = match like.device() {
-        Device::Cpu => host_mask(p, stream, rows, cols)?,
-        device => device_mask(p, stream, rows, cols, device)?,
-    };
-    mask.to_dtype(like.dtype())
+    match like.device() {
+        Device::Cpu => host_mask(p, stream, rows, cols)?.to_dtype(like.dtype()),
+        device => device_mask(p, stream, rows, cols, like.dtype(), device),
+    }
 }
 
 /// The host's mask: splitmix64 of each entry's index in the stream.
@@ -58,9 +57,10 @@ const PRIME: i64 = 2_147_483_647;
 /// tens of MB (a whole `[2048, 14336]` input would need about 1 GB of them).
 const DEVICE_CHUNK: usize = 1 << 22;
 
-/// Bytes the device's hashing holds at once besides the mask: four i64 arrays of a chunk
-/// (the index, the value, its quotient and product) and the chunk's u8 and f32 results.
-pub const DEVICE_MASK_WORK: u64 = (DEVICE_CHUNK * (4 * 8 + 1 + 4)) as u64;
+/// Bytes the device's hashing holds at once besides the mask: five i64 arrays of a chunk at
+/// most (the value being reduced, its quotient, the quotient times the prime, the result, and
+/// the previous value or the index), and the chunk's u8, f32 and converted results.
+pub const DEVICE_MASK_WORK: u64 = (DEVICE_CHUNK * (5 * 8 + 1 + 4 + 4)) as u64;
 
 /// The device's mask: each entry's index `i` mapped into the field of [`PRIME`] by an affine
 /// map of the stream's own (a different permutation of the indices per block and target), then
@@ -72,12 +72,19 @@ pub fn device_mask(
     stream: u64,
     rows: Range<usize>,
     cols: usize,
+    dtype: DType,
     device: &Device,
 ) -> Result<Tensor> {
+    if rows.is_empty() {
+        return Tensor::zeros((0, cols), dtype, device);
+    }
     let step = (DEVICE_CHUNK / cols.max(1)).max(1);
     let parts = (rows.start..rows.end)
         .step_by(step)
-        .map(|r0| device_mask_rows(p, stream, r0..(r0 + step).min(rows.end), cols, device))
+        .map(|r0| {
+            device_mask_rows(p, stream, r0..(r0 + step).min(rows.end), cols, device)?
+                .to_dtype(dtype)
+        })
         .collect::<Result<Vec<_>>>()?;
     super::cat_rows(parts)
 }
@@ -89,33 +96,28 @@ fn device_mask_rows(
     cols: usize,
     device: &Device,
 ) -> Result<Tensor> {
-    let constant = |k: u64| (splitmix64(stream ^ k) % (PRIME as u64 - 1)) as i64 + 1;
-    let scalar = |v: i64| Tensor::new(v, device);
+    // Below 2³¹, so exact as the f64 that `affine` takes, and the products stay under 2⁶².
+    let constant = |k: u64| ((splitmix64(stream ^ k) % (PRIME as u64 - 1)) + 1) as f64;
+    let prime = Tensor::new(PRIME, device)?;
+    // x mod PRIME for 0 ≤ x < 2⁶³: x − ⌊x / PRIME⌋·PRIME.
     let field = |x: Tensor| -> Result<Tensor> {
-        // x mod PRIME for 0 ≤ x < 2⁶³: x − ⌊x / PRIME⌋·PRIME.
-        let q = x.broadcast_div(&scalar(PRIME)?)?;
-        x - q.broadcast_mul(&scalar(PRIME)?)?
+        let q = x.broadcast_div(&prime)?.affine(PRIME as f64, 0.0)?;
+        x - q
     };
-    let row = Tensor::arange(rows.start as i64, rows.end as i64, device)?
-        .broadcast_mul(&scalar(cols as i64)?)?
-        .unsqueeze(1)?;
-    let col = Tensor::arange(0i64, cols as i64, device)?.unsqueeze(0)?;
-    let index = row.broadcast_add(&col)?;
-    let mut x = field(
-        index
-            .broadcast_mul(&scalar(constant(1))?)?
-            .broadcast_add(&scalar(constant(2))?)?,
-    )?;
+    let index = Tensor::arange(rows.start as i64, rows.end as i64, device)?
+        .affine(cols as f64, 0.0)?
+        .unsqueeze(1)?
+        .broadcast_add(&Tensor::arange(0i64, cols as i64, device)?.unsqueeze(0)?)?;
+    let mut x = field(index.affine(constant(1), constant(2))?)?;
+    drop(index);
     for round in 0..2u64 {
-        x = field(
-            x.broadcast_mul(&scalar(constant(3 + 2 * round))?)?
-                .broadcast_add(&scalar(constant(4 + 2 * round))?)?,
-        )?;
-        x = field((&x * &x)?.broadcast_add(&scalar(constant(9 + round))?)?)?;
+        x = field(x.affine(constant(3 + 2 * round), constant(4 + 2 * round))?)?;
+        x = field((&x * &x)?.affine(1.0, constant(9 + round))?)?;
     }
-    let threshold = (p * PRIME as f64) as i64;
-    let keep = x.broadcast_ge(&scalar(threshold)?)?;
-    keep.to_dtype(DType::F32)?.affine(1.0 / (1.0 - p), 0.0)
+    let threshold = Tensor::new((p * PRIME as f64) as i64, device)?;
+    x.broadcast_ge(&threshold)?
+        .to_dtype(DType::F32)?
+        .affine(1.0 / (1.0 - p), 0.0)
 }
 
 fn splitmix64(mut z: u64) -> u64 {
@@ -145,7 +147,7 @@ mod tests {
 
     /// The device generator, run here on the CPU device: whether each entry is dropped.
     fn dropped(p: f64, stream: u64, rows: Range<usize>, cols: usize) -> Vec<Vec<bool>> {
-        let m = device_mask(p, stream, rows, cols, &Device::Cpu).unwrap();
+        let m = device_mask(p, stream, rows, cols, DType::F32, &Device::Cpu).unwrap();
         let m = m.to_vec2::<f32>().unwrap();
         m.iter()
             .map(|r| {
@@ -203,6 +205,8 @@ mod tests {
         let whole = dropped(0.3, 5, 0..40, 96);
         assert_eq!(dropped(0.3, 5, 17..33, 96), whole[17..33].to_vec());
         assert_eq!(dropped(0.3, 5, 0..40, 96), whole, "not reproducible");
+        let none = device_mask(0.3, 5, 7..7, 96, DType::BF16, &Device::Cpu).unwrap();
+        assert_eq!((none.dims(), none.dtype()), (&[0, 96][..], DType::BF16));
     }
 
     #[test]

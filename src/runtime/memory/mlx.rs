@@ -123,9 +123,11 @@ pub fn device_sizes() -> Result<Vec<(String, u64)>, Exception> {
 }
 
 /// The memory an MLX run may plan with, from `sizes` ([`device_sizes`]) and the machine's
-/// RAM: the device's memory (Metal's `memory_size`, the CUDA GPU's `total_memory`; RAM where
-/// MLX does not say), and on Metal no more than the recommended working set, past which macOS
-/// pages GPU memory out and runs slow to a crawl.
+/// RAM: the device's memory (Metal's `memory_size`; RAM where MLX does not say), on Metal no
+/// more than the recommended working set, past which macOS pages GPU memory out and runs slow
+/// to a crawl, and on CUDA the GPU's free memory (`free_memory`, at most `total_memory`): MLX's
+/// CUDA build keeps host-made arrays in managed memory, and asking for more of that than the
+/// GPU has free can hang it.
 pub fn plannable_memory(sizes: &[(String, u64)], ram: Option<u64>) -> Option<u64> {
     let get = |k: &str| {
         sizes
@@ -134,7 +136,11 @@ pub fn plannable_memory(sizes: &[(String, u64)], ram: Option<u64>) -> Option<u64
             .map(|(_, v)| *v)
             .filter(|&v| v > 0)
     };
-    let memory = get("memory_size").or(get("total_memory")).or(ram)?;
+    let cuda = match (get("free_memory"), get("total_memory")) {
+        (Some(free), Some(total)) => Some(free.min(total)),
+        (free, total) => free.or(total),
+    };
+    let memory = get("memory_size").or(cuda).or(ram)?;
     Some(match get("max_recommended_working_set_size") {
         Some(w) => memory.min(w),
         None => memory,
@@ -181,15 +187,15 @@ mod tests {
             ("max_recommended_working_set_size".to_string(), 20 * gb),
         ];
         assert_eq!(plannable_memory(&odd, None), Some(16 * gb));
-        // MLX's CUDA backend: the GPU's memory, not the host's RAM.
+        // MLX's CUDA backend: the GPU's free memory, not the host's RAM.
         let h200 = vec![
             ("total_memory".to_string(), 150_754_820_096),
-            ("free_memory".to_string(), 150_000_000_000),
+            ("free_memory".to_string(), 149_000_000_000),
             ("compute_capability_major".to_string(), 9),
         ];
         assert_eq!(
             plannable_memory(&h200, Some(128 * gb)),
-            Some(150_754_820_096)
+            Some(149_000_000_000)
         );
     }
 }

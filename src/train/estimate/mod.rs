@@ -347,9 +347,10 @@ pub fn estimate(cfg: &ModelConfig, w: &Workload) -> Estimate {
             d: cfg.head_dim,
         };
         let chunk = (w.batch_size * heads.nh * composite_chunk_rows(heads) * w.seq_len * 4) as u64;
-        // Off the CPU, dropout masks are hashed on the device in chunks of entries.
+        // Off the CPU, dropout masks are hashed on the device in chunks of entries, which are
+        // then joined: the hashing's temporaries and a second copy of the largest mask.
         let hashing = if w.dropout {
-            crate::model::ops::dropout::DEVICE_MASK_WORK
+            crate::model::ops::dropout::DEVICE_MASK_WORK + rows * i * act
         } else {
             0
         };

@@ -26,11 +26,14 @@
 # It exits non-zero when a check fails, after reporting everything it could.
 #
 #   GPU_CHECK_MLX=0  leave MLX's CUDA build out (prepare)
+#   GPU_CHECK_SECONDS  the time `run` may take (default 480); steps that would not fit are
+#           recorded as skipped
 #   LAYERS  SmolLM2 blocks taken along (prepare; default 2 keeps .gpu/ under 64 MiB: the whole
 #           model is 98 MB)
 #   STEPS   steps of the 8B-shaped runs (default 8)
 #   GPU_CHECK_DEVICE=cpu   a rehearsal here without a GPU: the CPU binary, one 8B-shaped block
-#           and 128 tokens. It checks the script, not a GPU.
+#           and 128 tokens (give it GPU_CHECK_SECONDS=900 on two cores). It checks the script,
+#           not a GPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -96,44 +99,80 @@ prepare() {
   say "copy the repository with .gpu/ to the GPU machine and run: scripts/gpu_check.sh run"
 }
 
-# nvidia-smi's memory in use now (MiB); 0 without one.
+# nvidia-smi's memory in use now (MiB); 0 without one, or when it answers with no number.
 smi_now() {
-  command -v nvidia-smi >/dev/null || { echo 0; return; }
-  nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits | head -n 1
+  local used
+  used=$(nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits 2>/dev/null |
+    head -n 1) || true
+  [[ "$used" =~ ^[0-9]+$ ]] && echo "$used" || echo 0
 }
 
-# Runs "$@" while nvidia-smi samples the GPU's memory into $1's log; the command is "${@:2}".
+# Runs "${@:2}" while the GPU's memory in use is sampled into the log $1, one nvidia-smi call
+# every 200 ms (each call exits and flushes, so nothing is lost when the sampling stops).
 sampled() {
-  local log=$1 pid=""
+  local log=$1 pid="" rc=0
   shift
+  : >"$log"
   if command -v nvidia-smi >/dev/null; then
-    nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 200 >"$log" &
+    while :; do smi_now >>"$log"; sleep 0.2; done &
     pid=$!
-  else
-    : >"$log"
   fi
-  local rc=0
   "$@" || rc=$?
-  [ -n "$pid" ] && kill "$pid" 2>/dev/null && wait "$pid" 2>/dev/null
+  if [ -n "$pid" ]; then kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; fi
   return $rc
 }
 
 run() {
-  local device=${GPU_CHECK_DEVICE:-cuda} out=${OUT:-gpu-check-out}
-  local work=${GPU_CHECK_WORK:-/tmp/gpu_check} steps=${STEPS:-8} length=2048 layers=()
-  local results failed=0 t
+  local device=${GPU_CHECK_DEVICE:-cuda} steps=${STEPS:-8} length=2048 layers=()
+  local failed=0 t o idle
+  # Global: the report at exit reads them after this function has returned.
+  out=${OUT:-gpu-check-out} work=${GPU_CHECK_WORK:-/tmp/gpu_check}
+  # The whole check ends within GPU_CHECK_SECONDS (default 480); a step that would not fit is
+  # recorded as skipped, and the table and logs are written whatever happens.
+  local deadline=$((SECONDS + ${GPU_CHECK_SECONDS:-480}))
   [ -f "$bundle/cpu_metrics.jsonl" ] ||
     { say "error: no $bundle/: run 'scripts/gpu_check.sh prepare' first, and copy $bundle/ here"; exit 1; }
   mkdir -p "$out" "$work"
   results="$out/gpu_check.jsonl"
   : >"$results"
+  finish() {
+    python3 scripts/gpu/report.py table "$results" | tee "$out/gpu_check.md" || true
+    local f
+    for f in "$work"/*.log; do
+      echo "== $(basename "$f")"
+      tail -n 60 "$f"
+    done >"$out/logs.txt" 2>/dev/null || true
+  }
+  trap finish EXIT
+  record() { # tool, what, reason
+    python3 -c 'import json, sys; print(json.dumps({"check": "error", "tool": sys.argv[1], "what": sys.argv[2], "error": sys.argv[3][:300]}))' \
+      "$1" "$2" "$3" >>"$results"
+  }
+  fail() { # tool, what, log
+    failed=1
+    local why
+    why=$(grep -m1 -E "[Ee]rror|panicked|^FAIL|^  step" "$3" 2>/dev/null || tail -n 1 "$3" 2>/dev/null ||
+      echo "no log")
+    say "$1: $2 failed: $why"
+    record "$1" "$2" "$why"
+  }
+  # Seconds a step may take: up to $1, and what is left before the deadline less 20 s for the
+  # report; fails (the step is skipped) when under 15 s would be left.
+  allowed() {
+    local left=$((deadline - SECONDS - 20))
+    [ "$left" -ge 15 ] || return 1
+    echo $(($1 < left ? $1 : left))
+  }
+  skip() { failed=1; say "$1: $2 skipped: no time left"; record "$1" "$2" "skipped: no time left"; }
+
   declare -A bin engine
   if [ "$device" = cpu ]; then
     bin[candle]=target/release/your_ai
     [ -x "${bin[candle]}" ] || cargo build --release --quiet
     length=128 steps=3 layers=(--layers 1)
   else
-    xz -dc "$bundle/your_ai-cuda.xz" >"$work/your_ai-cuda"
+    xz -dc "$bundle/your_ai-cuda.xz" >"$work/your_ai-cuda" ||
+      { say "error: $bundle/your_ai-cuda.xz does not unpack"; exit 1; }
     chmod +x "$work/your_ai-cuda"
     bin[candle]=$work/your_ai-cuda
     # The CUDA libraries come from PyTorch's wheels (nvidia/*/lib in its site-packages), and
@@ -152,95 +191,104 @@ run() {
   local tools=(candle)
   if [ "$device" != cpu ] && [ -f "$bundle/mlx-cuda.tar.xz" ]; then
     # MLX's CUDA build as its wheel lays it out: libmlx.so finds the CUDA libraries and headers
-    # through ../../nvidia from its folder, here a link to PyTorch's.
+    # through ../../nvidia from its folder, here a link to PyTorch's. TF32 off: MLX's CUDA
+    # backend would otherwise multiply f32 in reduced precision, and the f32 losses must match
+    # the CPU's (PyTorch's default is off as well).
     local m="$work/mlx-cuda"
     rm -rf "$m"
     mkdir -p "$m"
-    tar -C "$m" -xJf "$bundle/mlx-cuda.tar.xz"
-    ln -sfn "$(python3 -c 'import nvidia; print(list(nvidia.__path__)[0])')" "$m/nvidia"
-    printf '#!/bin/sh\nLD_LIBRARY_PATH="%s/mlx/lib:$LD_LIBRARY_PATH" exec "%s/your_ai" "$@"\n' \
-      "$m" "$m" >"$m/run"
-    chmod +x "$m/run"
-    bin[mlx]=$m/run
-    engine[mlx]=mlx
-    tools+=(mlx)
+    if tar -C "$m" -xJf "$bundle/mlx-cuda.tar.xz" &&
+      ln -sfn "$(python3 -c 'import nvidia; print(list(nvidia.__path__)[0])')" "$m/nvidia"; then
+      printf '#!/bin/sh\nMLX_ENABLE_TF32=0 LD_LIBRARY_PATH="%s/mlx/lib:$LD_LIBRARY_PATH" exec "%s/your_ai" "$@"\n' \
+        "$m" "$m" >"$m/run"
+      chmod +x "$m/run"
+      bin[mlx]=$m/run
+      engine[mlx]=mlx
+      tools+=(mlx)
+    else
+      failed=1
+      record mlx "unpacking MLX's CUDA build" "tar or the nvidia link failed"
+    fi
   fi
 
-  fail() { # tool, what, log
-    failed=1
-    local why
-    why=$(grep -m1 -E "[Ee]rror|panicked|^FAIL" "$3" 2>/dev/null || tail -n 1 "$3" 2>/dev/null || echo "no log")
-    say "$1: $2 failed: $why"
-    python3 -c 'import json, sys; print(json.dumps({"check": "error", "tool": sys.argv[1], "what": sys.argv[2], "error": sys.argv[3][:300]}))' \
-      "$1" "$2" "$why" >>"$results"
+  # A short SmolLM2 run of tool $1 into $2 with flags "${@:3}"; fails the step on error.
+  smol() {
+    local t=$1 o=$2 limit
+    shift 2
+    rm -rf "$o"
+    limit=$(allowed 90) || { skip "$t" "$(basename "$o")"; return 1; }
+    timeout "$limit" "${bin[$t]}" train --engine "${engine[$t]}" --model "$bundle/smollm2.gguf" \
+      "${smol_flags[@]}" --device "$device" --output "$o" "$@" >"$o.log" 2>&1 ||
+      { fail "$t" "$(basename "$o")" "$o.log"; return 1; }
   }
 
-  # 1. SmolLM2 against the CPU, and --quantize 4.
+  # 1. SmolLM2 against the CPU; then --quantize 4 and LoRA dropout must run.
   for t in "${tools[@]}"; do
-    local o="$work/smol-$t"
-    rm -rf "$o" "$o-q4"
-    if timeout 120 "${bin[$t]}" train --engine "${engine[$t]}" --model "$bundle/smollm2.gguf" \
-      "${smol_flags[@]}" --device "$device" --max-steps 20 --output "$o" >"$o.log" 2>&1; then
+    o="$work/smol-$t"
+    if smol "$t" "$o" --max-steps 20; then
       python3 scripts/gpu/report.py losses "$bundle/cpu_metrics.jsonl" "$o/metrics.jsonl" \
-        --tol 1e-3 --name "$t" >>"$results" || fail "$t" "SmolLM2 losses" "$o.log"
-    else
-      fail "$t" "SmolLM2 run" "$o.log"
+        --tol 1e-3 --name "$t" >>"$results" 2>"$o.cmp.log" || fail "$t" "SmolLM2 losses" "$o.cmp.log"
     fi
-    if ! timeout 120 "${bin[$t]}" train --engine "${engine[$t]}" --model "$bundle/smollm2.gguf" \
-      "${smol_flags[@]}" --device "$device" --max-steps 3 --quantize 4 --output "$o-q4" \
-      >"$o-q4.log" 2>&1; then
-      fail "$t" "SmolLM2 --quantize 4" "$o-q4.log"
-    fi
+    smol "$t" "$work/smol-$t-q4" --max-steps 3 --quantize 4 || true
+    smol "$t" "$work/smol-$t-dropout" --max-steps 3 --lora-dropout 0.1 || true
   done
 
-  # 2. The 8B-shaped step.
-  local shaped="$work/llama-8b-shaped"
+  # 2. The 8B-shaped step, on a model written here once per shape.
+  local shaped="$work/llama-8b-shaped-${layers[1]:-32}"
   if [ ! -f "$shaped/config.json" ]; then
     say "writing the 8B-shaped model"
     python3 scripts/bench/make_shaped_model.py llama-8b "$shaped" --tokenizer "$bundle/tokenizer" \
-      "${layers[@]}" >"$work/shaped.log" 2>&1 || { cat "$work/shaped.log"; exit 1; }
+      "${layers[@]}" >"$work/shaped.log" 2>&1 || fail all "writing the 8B-shaped model" "$work/shaped.log"
   fi
   mkdir -p "$work/data"
   # One row, so every tool trains on the same 2048 tokens and their first losses compare.
   python3 scripts/bench/long_rows.py "$work/data/train.jsonl" --rows 1
-  local idle
-  for t in "${tools[@]}"; do
-    local o="$work/8b-$t"
-    rm -rf "$o"
-    idle=$(smi_now)
-    if sampled "$o.smi" timeout 240 "${bin[$t]}" train --engine "${engine[$t]}" --model "$shaped" \
-      --data "$work/data" --device "$device" --dtype bf16 --batch-size 1 \
-      --max-seq-length "$length" --lora-rank 16 --max-steps "$steps" --learning-rate 1e-4 \
-      --lr-schedule constant --warmup-steps 0 --steps-per-eval 0 --val-batches 0 \
-      --output "$o" >"$o.log" 2>&1; then
-      python3 scripts/gpu/report.py train "$o/metrics.jsonl" --name "your_ai $t" \
-        --smi "$o.smi" --idle "$idle" >>"$results"
-    else
-      fail "$t" "8B-shaped step" "$o.log"
-    fi
-  done
-  idle=$(smi_now)
-  if ! sampled "$work/peft.smi" timeout 240 python3 scripts/gpu/peft_step.py "$shaped" \
-    "$work/data/train.jsonl" --rank 16 --length "$length" --steps "$steps" --device "$device" \
-    >"$work/peft.jsonl" 2>"$work/peft.log"; then
-    fail "PyTorch+PEFT" "8B-shaped step" "$work/peft.log"
+  if [ -f "$shaped/config.json" ]; then
+    for t in "${tools[@]}"; do
+      o="$work/8b-$t"
+      rm -rf "$o"
+      idle=$(smi_now)
+      local limit
+      limit=$(allowed 180) || { skip "$t" "8B-shaped step"; continue; }
+      if sampled "$o.smi" timeout "$limit" "${bin[$t]}" train --engine "${engine[$t]}" \
+        --model "$shaped" --data "$work/data" --device "$device" --dtype bf16 --batch-size 1 \
+        --max-seq-length "$length" --lora-rank 16 --max-steps "$steps" --learning-rate 1e-4 \
+        --lr-schedule constant --warmup-steps 0 --steps-per-eval 0 --val-batches 0 \
+        --output "$o" >"$o.log" 2>&1; then
+        python3 scripts/gpu/report.py train "$o/metrics.jsonl" --name "your_ai $t" \
+          --smi "$o.smi" --idle "$idle" >>"$results" 2>>"$o.log" || fail "$t" "8B-shaped figures" "$o.log"
+      else
+        fail "$t" "8B-shaped step" "$o.log"
+      fi
+    done
+    for phase in plain checkpointing; do
+      o="$work/peft-$phase"
+      idle=$(smi_now)
+      local limit flag=()
+      [ "$phase" = checkpointing ] && flag=(--checkpointing)
+      limit=$(allowed 150) || { skip PyTorch+PEFT "8B-shaped step, $phase"; continue; }
+      if sampled "$o.smi" timeout "$limit" python3 scripts/gpu/peft_step.py "$shaped" \
+        "$work/data/train.jsonl" --rank 16 --length "$length" --steps "$steps" --device "$device" \
+        "${flag[@]}" >"$o.jsonl" 2>"$o.log"; then
+        python3 scripts/gpu/report.py smi "$o.jsonl" --smi "$o.smi" --idle "$idle" >>"$results" \
+          2>>"$o.log" || fail PyTorch+PEFT "8B-shaped figures, $phase" "$o.log"
+      else
+        fail PyTorch+PEFT "8B-shaped step, $phase" "$o.log"
+      fi
+    done
   fi
-  cat "$work/peft.jsonl" >>"$results"
 
   # 3. The memory contract on the GPU (candle's measure there is the GPU's memory in use). The
   # estimate's fixed allowances are a larger share of a two-block model's peaks: on the CPU its
   # estimates run up to 17% over the measured peak, so the bar is 25% here, not 15%.
-  if ! BAR=0.25 timeout 300 scripts/memory_check.sh "${bin[candle]}" "$bundle/smollm2.gguf" "$device" \
-    "$([ "$device" = cpu ] && echo f32 || echo bf16)" >"$work/memory-check.log" 2>&1; then
-    fail candle "memory contract (scripts/memory_check.sh)" "$work/memory-check.log"
+  local limit
+  if limit=$(allowed 150); then
+    BAR=0.25 timeout "$limit" scripts/memory_check.sh "${bin[candle]}" "$bundle/smollm2.gguf" \
+      "$device" "$([ "$device" = cpu ] && echo f32 || echo bf16)" >"$work/memory-check.log" 2>&1 ||
+      fail candle "memory contract (scripts/memory_check.sh)" "$work/memory-check.log"
+  else
+    skip candle "memory contract (scripts/memory_check.sh)"
   fi
-
-  python3 scripts/gpu/report.py table "$results" | tee "$out/gpu_check.md"
-  # The logs' tails in one file, beside the table.
-  for f in "$work"/*.log; do
-    echo "== $(basename "$f")"
-    tail -n 60 "$f"
-  done >"$out/logs.txt"
   return $failed
 }
 

@@ -7,7 +7,8 @@
         one JSON line: median step time (steps after the first SKIP), tokens/s, the tool's own
         peak, and the GPU's memory in use at its highest while the run ran (nvidia-smi samples,
         less what was in use before it started)
-    report.py smi LOG --idle MB      the same GPU peak for a run that wrote no metrics (PEFT)
+    report.py smi RECORDS --smi LOG --idle MB
+        RECORDS (peft_step.py's JSON lines) with the same GPU peak added
     report.py table RESULTS.jsonl    the results as a Markdown table
 """
 import argparse
@@ -67,31 +68,36 @@ def cmd_train(a):
 
 
 def cmd_smi(a):
-    print(smi_peak(a.log, a.idle))
+    with open(a.records) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    if not rows:
+        sys.exit(f"{a.records}: no records")
+    for r in rows:
+        r["peak_gpu_bytes"] = smi_peak(a.smi, a.idle)
+        print(json.dumps(r))
 
 
 def cmd_table(a):
     rows = [json.loads(line) for line in open(a.results) if line.strip()]
     gib = lambda b: f"{b / (1 << 30):.2f}" if b else "–"
-    print("| tool | tokens/s | s a step | peak GPU memory, GiB | allocator's own peak, GiB | first loss |")
+    print("| tool | tokens/s | s a step | peak GPU memory, GiB | tool's own peak, GiB | first loss |")
     print("| --- | --- | --- | --- | --- | --- |")
     for r in rows:
-        if r.get("check") == "losses":
+        if r.get("check") in ("losses", "error"):
             continue
-        if r.get("check") == "error":
-            print(f"| {r['tool']} | failed ({r['what']}): {r['error']} | | | | |")
-            continue
-        # nvidia-smi's figure for our runs (the whole process, the CUDA context included);
-        # torch's reserved peak for PEFT's phases, which leaves the context out.
-        peak = r.get("peak_gpu_bytes") or r.get("peak_reserved_bytes")
+        # The GPU's memory in use (nvidia-smi, less what was in use before): the same measure
+        # for every tool. The tool's own: candle's GPU memory in use as the driver reports it,
+        # MLX's peak, torch's allocated peak.
         own = r.get("peak_own_bytes") or r.get("peak_allocated_bytes")
-        print(f"| {r['tool']} | {r['tokens_per_s']:.0f} | {r['step_s']:.3f} | {gib(peak)} | {gib(own)} "
-              f"| {r['losses'][0]:.4f} |")
+        print(f"| {r['tool']} | {r['tokens_per_s']:.0f} | {r['step_s']:.3f} | "
+              f"{gib(r.get('peak_gpu_bytes'))} | {gib(own)} | {r['losses'][0]:.4f} |")
     print()
     for r in rows:
         if r.get("check") == "losses":
             print(f"- SmolLM2 losses, {r['tool']} against the CPU: {r['steps']} steps, largest "
                   f"relative difference {r['max_rel_diff']:.2e} (tolerance {r['tolerance']})")
+        elif r.get("check") == "error":
+            print(f"- **{r['tool']}: {r['what']}: {r['error']}**")
 
 
 def main():
@@ -109,7 +115,8 @@ def main():
     p.add_argument("--idle", type=int, default=0)
     p.add_argument("--skip", type=int, default=2)
     p = sub.add_parser("smi")
-    p.add_argument("log")
+    p.add_argument("records")
+    p.add_argument("--smi", required=True)
     p.add_argument("--idle", type=int, default=0)
     p = sub.add_parser("table")
     p.add_argument("results")

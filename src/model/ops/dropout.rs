@@ -78,12 +78,10 @@ pub fn device_mask(
     if rows.is_empty() {
         return Tensor::zeros((0, cols), dtype, device);
     }
-    let step = (DEVICE_CHUNK / cols.max(1)).max(1);
-    let parts = (rows.start..rows.end)
-        .step_by(step)
-        .map(|r0| {
-            device_mask_rows(p, stream, r0..(r0 + step).min(rows.end), cols, device)?
-                .to_dtype(dtype)
+    let parts = super::row_chunks(rows.len(), DEVICE_CHUNK / cols.max(1))
+        .map(|(start, len)| {
+            let r0 = rows.start + start;
+            device_mask_rows(p, stream, r0..r0 + len, cols, device)?.to_dtype(dtype)
         })
         .collect::<Result<Vec<_>>>()?;
     super::cat_rows(parts)

@@ -136,10 +136,10 @@ pub fn plannable_memory(sizes: &[(String, u64)], ram: Option<u64>) -> Option<u64
             .map(|(_, v)| *v)
             .filter(|&v| v > 0)
     };
-    let cuda = match (get("free_memory"), get("total_memory")) {
-        (Some(free), Some(total)) => Some(free.min(total)),
-        (free, total) => free.or(total),
-    };
+    let cuda = [get("free_memory"), get("total_memory")]
+        .into_iter()
+        .flatten()
+        .min();
     let memory = get("memory_size").or(cuda).or(ram)?;
     Some(match get("max_recommended_working_set_size") {
         Some(w) => memory.min(w),

@@ -1,6 +1,7 @@
 //! The streamed load, measured through the CLI: a bf16 checkpoint loads in about the memory of
 //! what is kept (the weights, quantized or not, plus one piece in flight), never with the file's
-//! pages resident beside them, and within the pre-flight's loading estimate.
+//! pages resident beside them, and within the pre-flight's loading estimate. On the CPU it
+//! trains in f32 with its weights kept in bf16.
 
 mod common;
 
@@ -98,4 +99,58 @@ fn a_bf16_checkpoint_loads_without_its_file_resident_and_within_the_estimate() {
             estimate / 1e6
         );
     }
+}
+
+/// `train --dtype bf16` on the CPU holds the weights in bf16 and computes in f32: the losses of
+/// an f32 run on the same (bf16-valued) weights, with the weights' memory halved. Computing in
+/// bf16, as candle's ops would, moves the losses by about 1e-3.
+#[test]
+fn a_bf16_model_trains_in_f32_with_its_weights_at_half_size() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("smollm2-bf16");
+    bf16_checkpoint(&model);
+    let run = |dtype: &str| {
+        let out = tmp.path().join(dtype);
+        let o = cli()
+            .args(["train", "--model"])
+            .arg(&model)
+            .args([
+                "--data",
+                "examples/invented-country/train.jsonl",
+                "--output",
+            ])
+            .arg(&out)
+            .args(["--dtype", dtype, "--max-steps", "4", "--batch-size", "2"])
+            .args(["--lora-rank", "4", "--max-seq-length", "128", "--seed", "3"])
+            .args(["--learning-rate", "1e-3", "--threads", "2"])
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let m = out.join("metrics.jsonl");
+        let losses: Vec<f64> = metrics(&m, "train")
+            .iter()
+            .map(|r| r["loss"].as_f64().unwrap())
+            .collect();
+        let peak = metrics(&m, "end")[0]["train_peak_rss_bytes"]
+            .as_f64()
+            .unwrap();
+        (losses, peak)
+    };
+    let (wide, wide_peak) = run("f32");
+    let (half, half_peak) = run("bf16");
+    assert_eq!(wide.len(), 4);
+    for (a, b) in wide.iter().zip(&half) {
+        assert!(
+            (a - b).abs() <= 1e-5 * a.abs(),
+            "f32 {wide:?} against bf16 {half:?}"
+        );
+    }
+    // SmolLM2's 135M weights: 540 MB in f32, 270 MB in bf16.
+    assert!(
+        half_peak < wide_peak - 200e6,
+        "bf16 peaked at {:.0} MB against f32's {:.0} MB",
+        half_peak / 1e6,
+        wide_peak / 1e6
+    );
 }

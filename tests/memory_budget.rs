@@ -117,52 +117,60 @@ fn over_budget_refused_with_advice_that_works() {
 /// `estimate` and `train`'s pre-flight print the same table for the same model and flags:
 /// weights as the file holds them, activations kept as `auto` resolves against the budget, and
 /// the streamed load's peak.
+/// `estimate` prints the table `train` plans with, for QLoRA and for bf16 weights on the CPU
+/// (computed in f32 there).
 #[test]
 fn estimate_and_train_agree_on_the_same_model_and_flags() {
     let tmp = tempfile::tempdir().unwrap();
     let model = common::smollm2();
-    let flags = [
-        "--quantize",
-        "4",
+    let shape = [
         "--batch-size",
         "2",
         "--max-seq-length",
         "128",
         "--lora-rank",
         "8",
-        "--max-memory",
-        "0.3",
     ];
-    let e = common::cli()
-        .args(["estimate", "--model"])
-        .arg(&model)
-        .args(flags)
-        .output()
-        .unwrap();
-    assert!(e.status.success(), "{}", stderr(&e));
-    let estimated = common::estimate_table(&String::from_utf8_lossy(&e.stdout));
-    let t = common::cli()
-        .args(["train", "--model"])
-        .arg(&model)
-        .args([
-            "--data",
-            "examples/invented-country/train.jsonl",
-            "--output",
-        ])
-        .arg(tmp.path().join("out"))
-        .args(["--max-steps", "1"])
-        .args(flags)
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .output()
-        .unwrap();
-    assert!(t.status.success(), "{}", stderr(&t));
-    let trained = common::estimate_table(&stderr(&t));
-    assert!(estimated.len() >= 7, "{estimated:?}");
-    assert!(
-        estimated.iter().any(|l| l.contains(" kept")),
-        "auto keeps activations within 0.3 GB: {estimated:?}"
-    );
-    assert_eq!(estimated, trained);
+    for (i, given) in [
+        &["--quantize", "4", "--max-memory", "0.3"][..],
+        &["--dtype", "bf16", "--device", "cpu", "--max-memory", "0.6"][..],
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let e = common::cli()
+            .args(["estimate", "--model"])
+            .arg(&model)
+            .args(shape)
+            .args(given)
+            .output()
+            .unwrap();
+        assert!(e.status.success(), "{}", stderr(&e));
+        let estimated = common::estimate_table(&String::from_utf8_lossy(&e.stdout));
+        let t = common::cli()
+            .args(["train", "--model"])
+            .arg(&model)
+            .args([
+                "--data",
+                "examples/invented-country/train.jsonl",
+                "--output",
+            ])
+            .arg(tmp.path().join(format!("out{i}")))
+            .args(["--max-steps", "1"])
+            .args(shape)
+            .args(given)
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .output()
+            .unwrap();
+        assert!(t.status.success(), "{given:?}: {}", stderr(&t));
+        let trained = common::estimate_table(&stderr(&t));
+        assert!(estimated.len() >= 7, "{estimated:?}");
+        assert!(
+            estimated.iter().any(|l| l.contains(" kept")),
+            "{given:?}: auto keeps activations within the budget: {estimated:?}"
+        );
+        assert_eq!(estimated, trained, "{given:?}");
+    }
 }
 
 #[test]

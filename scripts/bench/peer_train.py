@@ -159,12 +159,15 @@ def child_peft(spec):
     torch.set_num_threads(spec["threads"])
     torch.manual_seed(spec["seed"])
     d, name = os.path.split(spec["model"])
-    model = AutoModelForCausalLM.from_pretrained(d, gguf_file=name, dtype=torch.float32)
+    # bf16: the frozen weights in bf16; PEFT keeps the LoRA parameters in f32 (its default
+    # autocast_adapter_dtype), as your_ai does.
+    dt = torch.bfloat16 if spec["dtype"] == "bf16" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(d, gguf_file=name, dtype=dt)
     cfg = LoraConfig(r=spec["rank"], lora_alpha=spec["alpha"], lora_dropout=0.0,
                      target_modules=TARGETS, bias="none", task_type="CAUSAL_LM")
     model = get_peft_model(model, cfg)
     model.train()
-    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert all(p.dtype == (torch.float32 if p.requires_grad else dt) for p in model.parameters())
     params = [p for p in model.parameters() if p.requires_grad]
     n_lora = sum(p.numel() for p in params)
     opt = torch.optim.AdamW(params, lr=spec["lr"], betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
@@ -354,6 +357,8 @@ def main():
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--tools", default=",".join(TOOLS), help="comma-separated subset of " + ",".join(TOOLS))
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--dtype", choices=["f32", "bf16"], default="f32",
+                    help="the frozen weights' dtype (bf16: your_ai and PEFT only)")
     ap.add_argument("--no-wait", action="store_true", help="do not wait for an idle machine")
     ap.add_argument("--idle-load", type=float, default=0.7)
     ap.add_argument("--idle-max-wait", type=float, default=900, help="seconds, before the first tool")
@@ -374,6 +379,8 @@ def main():
     for t in tools:
         if t not in TOOLS:
             sys.exit(f"unknown tool {t}; choose from {TOOLS}")
+    if args.dtype != "f32" and any(t.startswith("mlx") for t in tools):
+        sys.exit("--dtype bf16 measures your_ai and peft only (--tools your_ai,peft)")
     model = os.path.abspath(os.path.expanduser(args.model))
     work = args.workdir or tempfile.mkdtemp(prefix="peer_train.")
     os.makedirs(work, exist_ok=True)
@@ -383,7 +390,7 @@ def main():
             "max_len": 256, "rank": 8, "alpha": 16, "lr": 1e-4, "seed": 42, "threads": args.threads,
             "batches_file": os.path.join(work, "batches.json"),
             "hf_dir": os.path.join(work, "hf") if any(t.startswith("mlx") for t in tools) else None,
-            "mlx_compile": not args.no_mlx_compile}
+            "mlx_compile": not args.no_mlx_compile, "dtype": args.dtype}
     me = [sys.executable, os.path.abspath(__file__)]
 
     def write_spec(tool, **kw):
@@ -437,7 +444,7 @@ def main():
         if tool == "your_ai":
             out_dir = os.path.join(work, "your_ai_out")
             cmd = [args.your_ai, "train", "--model", model, "--data", spec["data"], "--output", out_dir,
-                   "--device", "cpu", "--dtype", "f32", "--max-steps", str(args.steps),
+                   "--device", "cpu", "--dtype", args.dtype, "--max-steps", str(args.steps),
                    "--batch-size", "4", "--max-seq-length", "256", "--lora-rank", "8", "--lora-alpha", "16",
                    "--lora-targets", "q,k,v,o,gate,up,down", "--lora-dropout", "0",
                    "--learning-rate", "1e-4", "--lr-schedule", "constant", "--warmup-steps", "0",
@@ -541,7 +548,7 @@ def main():
                           "mem_total_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)},
               "workload": {k: spec[k] for k in ("data", "steps", "batch_size", "max_len", "rank", "alpha",
                                                  "lr", "seed", "threads")} | {
-                  "targets": TARGETS, "dtype": "f32", "timed_from_step": skip + 1},
+                  "targets": TARGETS, "dtype": args.dtype, "timed_from_step": skip + 1},
               "versions": versions, "results": results, "peer_step1_losses": step1, "ratios_your_ai_over_peer": ratios,
               "table": lines}
     if args.json:

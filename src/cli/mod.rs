@@ -135,9 +135,14 @@ pub struct EstimateArgs {
     /// engine's estimate needs no MLX in this binary.
     #[arg(long, value_enum)]
     pub engine: Option<crate::engine::choice::EngineChoice>,
-    /// Dtype of the frozen weights and activations: f32 (CPU) or bf16/f16 (GPUs).
+    /// Dtype of the frozen weights: f32, or bf16/f16.
     #[arg(long, value_enum, default_value_t = DTypeChoice::F32)]
     pub dtype: DTypeChoice,
+    /// The device whose step to model: cpu (the fused kernels; bf16/f16 weights computed in
+    /// f32, as `train` does there) or a GPU, cuda/metal (candle's ops in the dtype) [default:
+    /// the CPU for f32, a GPU for bf16/f16].
+    #[arg(long, value_enum)]
+    pub device: Option<crate::runtime::device::DeviceChoice>,
     #[command(flatten)]
     pub batch: BatchArgs,
     #[command(flatten)]

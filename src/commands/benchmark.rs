@@ -6,11 +6,9 @@
 use crate::cli::BenchmarkArgs;
 use crate::engine::choice::EngineChoice;
 use crate::error::{Error, Result};
-use crate::runtime::device::{select_device, select_dtype};
 use crate::runtime::memory::budget::{self, GB};
 use crate::train::estimate::{estimate, Workload};
 use crate::train::plan::{device_memory_for, weights_and_step};
-use candle_core::Device;
 use serde_json::{json, Value};
 use std::path::Path;
 use std::process::Command;
@@ -279,17 +277,12 @@ pub fn run(a: BenchmarkArgs) -> Result<()> {
     let cfg = &inspected.cfg;
     let engine = crate::engine::choice::resolve(a.engine, a.model.device)?;
     // The MLX engine loads on the host and converts onto MLX's own device.
-    let (device, dtype) = match engine {
-        EngineChoice::Mlx => (
-            Device::Cpu,
-            crate::engine::choice::mlx_load_options(&a.model, None)?.dtype,
-        ),
-        EngineChoice::Candle => {
-            let device = select_device(a.model.device)?;
-            let dtype = select_dtype(a.model.dtype, &device);
-            (device, dtype)
-        }
+    let load = match engine {
+        EngineChoice::Mlx => crate::engine::choice::mlx_load_options(&a.model, None)?,
+        EngineChoice::Candle => a.model.load_options(None)?.for_training(),
     };
+    let (device, dtype, weight_bytes) =
+        (load.device, load.dtype, load.weight_dtype.size_in_bytes());
     let mem = device_memory_for(engine, &device);
     let budget = budget::resolve(a.budget.max_memory, mem.total).map_err(Error::Usage)?;
     for line in budget.describe() {
@@ -309,7 +302,7 @@ pub fn run(a: BenchmarkArgs) -> Result<()> {
             &inspected,
             engine,
             quant_bits,
-            dtype.size_in_bytes(),
+            (dtype.size_in_bytes(), weight_bytes),
             device.is_cpu(),
         );
         for &rank in &ranks {
@@ -326,7 +319,7 @@ pub fn run(a: BenchmarkArgs) -> Result<()> {
                         packed: false,
                         act_bytes: dtype.size_in_bytes(),
                         weights,
-                        load_work: inspected.load_work_bytes(quant_bits, dtype.size_in_bytes()),
+                        load_work: inspected.load_work_bytes(quant_bits, weight_bytes),
                         step,
                     };
                     trials.push(Trial {

@@ -4,11 +4,12 @@
 use crate::cli::EstimateArgs;
 use crate::engine::choice::EngineChoice;
 use crate::error::{Error, Result};
-use crate::runtime::device::DTypeChoice;
+use crate::runtime::device::{train_compute_dtype, DTypeChoice, DeviceChoice};
 use crate::runtime::memory::budget;
 use crate::runtime::memory::budget::GB;
 use crate::train::estimate::{estimate, suggestions, Workload};
 use crate::train::plan::{keep_blocks, weights_and_step};
+use candle_core::{DType, Device};
 
 pub fn run(a: EstimateArgs) -> Result<()> {
     let (batch, lora) = (&a.batch, &a.lora);
@@ -31,14 +32,31 @@ pub fn run(a: EstimateArgs) -> Result<()> {
             "--num-layers {adapted}: the model has {layers} blocks; give 1 to {layers}"
         )));
     }
-    let bytes = match a.dtype {
-        DTypeChoice::F32 | DTypeChoice::Auto => 4,
-        DTypeChoice::F16 | DTypeChoice::Bf16 => 2,
+    let dtype = match a.dtype {
+        DTypeChoice::F32 | DTypeChoice::Auto => DType::F32,
+        DTypeChoice::F16 => DType::F16,
+        DTypeChoice::Bf16 => DType::BF16,
     };
+    let bytes = dtype.size_in_bytes();
     let engine = a.engine.unwrap_or(EngineChoice::Candle);
-    // f32 is the CPU's dtype (where the candle engine's fused kernels run).
-    let (weights, step) =
-        weights_and_step(&inspected, engine, a.quantize.quantize, bytes, bytes == 4);
+    let cpu = match a.device {
+        Some(DeviceChoice::Cpu) => true,
+        Some(DeviceChoice::Cuda | DeviceChoice::Metal) => false,
+        Some(DeviceChoice::Auto) | None => bytes == 4,
+    };
+    // As `train` computes: the candle engine on the CPU in f32 whatever the weights' dtype, MLX
+    // in theirs.
+    let act_bytes = match engine {
+        EngineChoice::Candle if cpu => train_compute_dtype(dtype, &Device::Cpu).size_in_bytes(),
+        _ => bytes,
+    };
+    let (weights, step) = weights_and_step(
+        &inspected,
+        engine,
+        a.quantize.quantize,
+        (act_bytes, bytes),
+        cpu,
+    );
     let mut w = Workload {
         batch_size: batch.batch_size,
         seq_len: batch.max_seq_length,
@@ -48,7 +66,7 @@ pub fn run(a: EstimateArgs) -> Result<()> {
         keep_blocks: 0,
         dropout: lora.lora_dropout > 0.0,
         packed: false,
-        act_bytes: bytes,
+        act_bytes,
         weights,
         // As `train` computes it, so the two agree on the same model and flags.
         load_work: inspected.load_work_bytes(a.quantize.quantize, bytes),

@@ -68,11 +68,7 @@ pub fn mlx_load_options(m: &ModelArgs, quantize: Option<QuantBits>) -> Result<Lo
         DTypeChoice::Auto if gpu => DType::BF16,
         DTypeChoice::Auto => DType::F32,
     };
-    Ok(LoadOptions {
-        device: Device::Cpu,
-        dtype,
-        quantize,
-    })
+    Ok(LoadOptions::new(Device::Cpu, dtype, quantize))
 }
 
 #[cfg(feature = "mlx")]

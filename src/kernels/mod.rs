@@ -46,6 +46,7 @@ pub mod one_token;
 pub mod par;
 pub mod qmatvec;
 mod rope;
+mod widen;
 
 pub use attention::{attend_cached, attention, attention_backward, Heads};
 pub use elementwise::{rms_norm_backward, swiglu, swiglu_backward};
@@ -54,6 +55,7 @@ pub use gemm::View;
 pub use head::{cross_entropy_head, cross_entropy_head_sliced};
 pub use linear::{linear_backward, linear_forward, LinearGrads, LowRank};
 pub use rope::rope;
+pub use widen::{to_f32, widen};
 
 use candle_core::{DType, Device, Result, Storage, Tensor};
 

@@ -47,11 +47,7 @@ impl ModelArgs {
     pub fn load_options(&self, quantize: Option<QuantBits>) -> Result<LoadOptions> {
         let device = select_device(self.device)?;
         let dtype = select_dtype(self.dtype, &device);
-        Ok(LoadOptions {
-            device,
-            dtype,
-            quantize,
-        })
+        Ok(LoadOptions::new(device, dtype, quantize))
     }
 }
 

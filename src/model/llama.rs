@@ -334,8 +334,24 @@ impl Llama {
         device: &Device,
         quant: Option<QuantBits>,
     ) -> std::result::Result<Self, WeightsError> {
+        Self::load_mixed(store, cfg, dtype, dtype, device, quant)
+    }
+
+    /// As [`Llama::load_with`], computing in `dtype` with the dense frozen matrices (block
+    /// linears, embeddings, head) held in `weight_dtype`: on the CPU a bf16 model keeps its
+    /// weights at half size and computes in f32 (norms and biases, which are small, are held
+    /// in `dtype`).
+    pub fn load_mixed(
+        store: &WeightStore,
+        cfg: ModelConfig,
+        dtype: DType,
+        weight_dtype: DType,
+        device: &Device,
+        quant: Option<QuantBits>,
+    ) -> std::result::Result<Self, WeightsError> {
         let h = cfg.hidden_size;
         let get = |name: &str, shape: &[usize]| store.get(name, shape, dtype, device);
+        let get_weight = |name: &str, shape: &[usize]| store.get(name, shape, weight_dtype, device);
         let linear = |prefix: &str,
                       out: usize,
                       inp: usize,
@@ -344,9 +360,9 @@ impl Llama {
             let name = format!("{prefix}.weight");
             Ok(Linear {
                 weight: match quant {
-                    None => Weight::Dense(get(&name, &[out, inp])?),
+                    None => Weight::Dense(get_weight(&name, &[out, inp])?),
                     Some(bits) => {
-                        load_quantized(store, &cfg, &name, &[out, inp], bits, dtype, device)?
+                        load_quantized(store, &cfg, &name, &[out, inp], bits, weight_dtype, device)?
                     }
                 },
                 bias: if bias {
@@ -367,7 +383,7 @@ impl Llama {
             "model.embed_tokens.weight",
             &cfg,
             embed_format,
-            dtype,
+            weight_dtype,
             device,
         )?;
         let mut blocks = Vec::with_capacity(cfg.num_hidden_layers);
@@ -402,7 +418,7 @@ impl Llama {
             embed_tokens.clone()
         } else {
             let format = quant.map(|_| GgmlDType::Q8_0);
-            load_vocab(store, "lm_head.weight", &cfg, format, dtype, device)?
+            load_vocab(store, "lm_head.weight", &cfg, format, weight_dtype, device)?
         };
         let rope = Rope::new(&cfg, device).map_err(|e| WeightsError::Read {
             tensor: "rope".into(),

@@ -26,20 +26,38 @@ pub struct LoadedModel {
 #[derive(Debug, Clone)]
 pub struct LoadOptions {
     pub device: Device,
+    /// The dtype computed in (activations, norms).
     pub dtype: DType,
+    /// The dtype the dense frozen matrices are held in (block linears, embeddings, head):
+    /// `dtype`, except where training on the CPU computes half-precision weights in f32
+    /// ([`LoadOptions::for_training`]).
+    pub weight_dtype: DType,
     /// The block linears kept at 4 or 8 bits (a quantized GGUF keeps its own format), the
-    /// embeddings likewise and the LM head at 8; None: everything dense in `dtype`.
+    /// embeddings likewise and the LM head at 8; None: everything dense in `weight_dtype`.
     pub quantize: Option<QuantBits>,
 }
 
 impl LoadOptions {
     /// Dense f32 on the CPU.
     pub fn cpu_f32() -> Self {
+        Self::new(Device::Cpu, DType::F32, None)
+    }
+
+    /// Weights and arithmetic in `dtype` on `device`.
+    pub fn new(device: Device, dtype: DType, quantize: Option<QuantBits>) -> Self {
         Self {
-            device: Device::Cpu,
-            dtype: DType::F32,
-            quantize: None,
+            device,
+            dtype,
+            weight_dtype: dtype,
+            quantize,
         }
+    }
+
+    /// As the candle engine trains: on the CPU, bf16/f16 weights stay at half size and are
+    /// computed in f32 ([`crate::runtime::device::train_compute_dtype`]).
+    pub fn for_training(self) -> Self {
+        let dtype = crate::runtime::device::train_compute_dtype(self.weight_dtype, &self.device);
+        Self { dtype, ..self }
     }
 }
 
@@ -64,7 +82,14 @@ pub fn load(spec: &str, opts: &LoadOptions, adapter: Option<&Path>) -> Result<Lo
             let cfg = ModelConfig::from_hf_file(&dir.join("config.json"))?;
             let store = WeightStore::Safetensors(SafetensorsDir::open(dir)?);
             let tokenizer = Tokenizer::from_hf_dir(dir, &cfg.eos_token_ids)?;
-            let model = Llama::load_with(&store, cfg, opts.dtype, &opts.device, opts.quantize)?;
+            let model = Llama::load_mixed(
+                &store,
+                cfg,
+                opts.dtype,
+                opts.weight_dtype,
+                &opts.device,
+                opts.quantize,
+            )?;
             (model, tokenizer)
         }
         ModelSource::Gguf(path) => {
@@ -72,7 +97,14 @@ pub fn load(spec: &str, opts: &LoadOptions, adapter: Option<&Path>) -> Result<Lo
             let cfg = g.config()?;
             let tokenizer = Tokenizer::from_gguf(&g)?;
             let store = WeightStore::Gguf(g);
-            let model = Llama::load_with(&store, cfg, opts.dtype, &opts.device, opts.quantize)?;
+            let model = Llama::load_mixed(
+                &store,
+                cfg,
+                opts.dtype,
+                opts.weight_dtype,
+                &opts.device,
+                opts.quantize,
+            )?;
             (model, tokenizer)
         }
     };

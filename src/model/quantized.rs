@@ -76,8 +76,8 @@ impl Weight {
         }
     }
 
-    /// The weight as a dense tensor: a dense weight as held, a quantized one dequantized to
-    /// `dtype` (a fresh copy).
+    /// The weight as a dense tensor: a dense weight as held (in its own dtype), a quantized one
+    /// dequantized to `dtype` (a fresh copy).
     pub fn dense(&self, dtype: DType) -> Result<Tensor> {
         match self {
             Weight::Dense(w) => Ok(w.clone()),
@@ -85,10 +85,19 @@ impl Weight {
         }
     }
 
+    /// The weight in f32, as the fused CPU kernels take it: a dense f32 weight as held, a
+    /// half-precision one widened and a quantized one dequantized (a fresh copy).
+    pub fn f32(&self) -> Result<Tensor> {
+        match self {
+            Weight::Dense(w) => crate::kernels::to_f32(w),
+            Weight::Quantized(q) => q.dense(DType::F32),
+        }
+    }
+
     /// `x Wᵀ` for 2-D `x`.
     pub fn matmul_t(&self, x: &Tensor) -> Result<Tensor> {
         match self {
-            Weight::Dense(w) => x.matmul(&w.t()?),
+            Weight::Dense(w) => x.matmul(&in_dtype(w, x.dtype())?.t()?),
             Weight::Quantized(q) => q.matmul_t(x),
         }
     }
@@ -97,7 +106,7 @@ impl Weight {
     /// ([`QuantizedRows::matmul_t_decode`]).
     pub fn matmul_t_decode(&self, x: &Tensor) -> Result<Tensor> {
         match self {
-            Weight::Dense(w) => x.matmul(&w.t()?),
+            Weight::Dense(w) => x.matmul(&in_dtype(w, x.dtype())?.t()?),
             Weight::Quantized(q) => q.matmul_t_decode(x),
         }
     }
@@ -105,7 +114,7 @@ impl Weight {
     /// `dy W` for 2-D `dy`: the input gradient of `x Wᵀ`.
     pub fn matmul(&self, dy: &Tensor) -> Result<Tensor> {
         match self {
-            Weight::Dense(w) => dy.matmul(w),
+            Weight::Dense(w) => dy.matmul(&in_dtype(w, dy.dtype())?),
             Weight::Quantized(q) => q.matmul(dy),
         }
     }
@@ -137,6 +146,16 @@ impl Weight {
         let slice = linear_slice_rows(q.shape().dims2()?.1);
         let q = QuantizedRows::from_qtensor(q, slice, device)?;
         Ok(Weight::Quantized(Arc::new(q)))
+    }
+}
+
+/// A dense weight in the dtype of what it multiplies: as held, or (half-precision weights
+/// computed in f32) a converted copy.
+pub fn in_dtype(w: &Tensor, dtype: DType) -> Result<Tensor> {
+    match dtype {
+        d if d == w.dtype() => Ok(w.clone()),
+        DType::F32 => crate::kernels::to_f32(w),
+        d => w.to_dtype(d),
     }
 }
 
@@ -286,5 +305,25 @@ mod tests {
             let got = p.dequantize(&Device::Cpu).unwrap();
             assert_eq!(max_abs(&(got - want).unwrap()), 0.0);
         }
+    }
+
+    /// A bf16 weight times f32 inputs: widened to f32 (exactly), in every product.
+    #[test]
+    fn a_half_precision_weight_multiplies_in_the_inputs_dtype() {
+        let w = rand(24, 40, 3).to_dtype(DType::BF16).unwrap();
+        let wide = w.to_dtype(DType::F32).unwrap();
+        let weight = Weight::Dense(w);
+        assert_eq!(weight.f32().unwrap().dtype(), DType::F32);
+        let diff = |a: &Tensor, b: &Tensor| max_abs(&(a - b).unwrap());
+        assert_eq!(diff(&weight.f32().unwrap(), &wide), 0.0);
+        let x = rand(5, 40, 4);
+        let y = weight.matmul_t(&x).unwrap();
+        assert_eq!(y.dtype(), DType::F32);
+        assert_eq!(diff(&y, &x.matmul(&wide.t().unwrap()).unwrap()), 0.0);
+        let dy = rand(5, 24, 5);
+        assert_eq!(
+            diff(&weight.matmul(&dy).unwrap(), &dy.matmul(&wide).unwrap()),
+            0.0
+        );
     }
 }

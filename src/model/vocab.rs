@@ -77,19 +77,25 @@ impl VocabMatrix {
         }
     }
 
-    /// `(first row, rows)` of each slice; one slice for a dense matrix.
+    /// `(first row, rows)` of each slice: one for a dense f32 matrix; slices of [`SLICE_ROWS`]
+    /// for a half-precision one, which products widen to f32 a slice at a time (one f32 copy
+    /// of Llama-3's matrix would be 2.1 GB).
     pub fn slices(&self) -> Vec<(usize, usize)> {
         match self {
-            Self::Dense(w) => vec![(0, w.dim(0).unwrap_or(0))],
+            Self::Dense(w) if w.dtype() == DType::F32 => vec![(0, w.dim(0).unwrap_or(0))],
+            Self::Dense(w) => super::ops::row_chunks(w.dim(0).unwrap_or(0), SLICE_ROWS).collect(),
             Self::Quantized(q) => q.ranges(),
         }
     }
 
     /// Slice `i` of [`VocabMatrix::slices`] as a dense `[rows, hidden]` tensor in `dtype` (a
-    /// dense matrix as held, a quantized slice dequantized afresh).
+    /// dense matrix's rows as held or converted, a quantized slice dequantized afresh).
     pub fn slice(&self, i: usize, dtype: DType) -> Result<Tensor> {
         match self {
-            Self::Dense(w) => w.to_dtype(dtype),
+            Self::Dense(w) => {
+                let (first, rows) = self.slices()[i];
+                super::quantized::in_dtype(&w.narrow(0, first, rows)?, dtype)
+            }
             Self::Quantized(q) => q.slice(i, dtype),
         }
     }
@@ -172,7 +178,8 @@ impl VocabMatrix {
     /// `h Wᵀ` for 2-D `h`: `[n, vocab]` in h's dtype.
     pub fn matmul_t(&self, h: &Tensor) -> Result<Tensor> {
         match self {
-            Self::Dense(w) => h.matmul(&w.t()?),
+            Self::Dense(w) if w.dtype() == h.dtype() => h.matmul(&w.t()?),
+            Self::Dense(_) => self.dense_by_slice_t(h),
             Self::Quantized(q) => q.matmul_t(h),
         }
     }
@@ -181,7 +188,7 @@ impl VocabMatrix {
     /// ([`QuantizedRows::matmul_t_refined`]): they decide the token.
     pub fn matmul_t_decode(&self, h: &Tensor) -> Result<Tensor> {
         match self {
-            Self::Dense(w) => h.matmul(&w.t()?),
+            Self::Dense(_) => self.matmul_t(h),
             Self::Quantized(q) => q.matmul_t_refined(h),
         }
     }
@@ -189,9 +196,30 @@ impl VocabMatrix {
     /// `d W` for 2-D `d` (`[n, vocab]`): the input gradient of [`VocabMatrix::matmul_t`].
     pub fn matmul(&self, d: &Tensor) -> Result<Tensor> {
         match self {
-            Self::Dense(w) => d.matmul(w),
+            Self::Dense(w) if w.dtype() == d.dtype() => d.matmul(w),
+            Self::Dense(_) => {
+                let mut sum: Option<Tensor> = None;
+                for (i, (first, rows)) in self.slices().into_iter().enumerate() {
+                    let part = d
+                        .narrow(1, first, rows)?
+                        .matmul(&self.slice(i, d.dtype())?)?;
+                    sum = Some(match sum {
+                        Some(s) => (s + part)?,
+                        None => part,
+                    });
+                }
+                sum.ok_or_else(|| candle_core::Error::Msg("an empty vocabulary matrix".into()))
+            }
             Self::Quantized(q) => q.matmul(d),
         }
+    }
+
+    /// `h Wᵀ` for a dense matrix held in another dtype than `h`: each slice converted in turn.
+    fn dense_by_slice_t(&self, h: &Tensor) -> Result<Tensor> {
+        let parts = (0..self.slices().len())
+            .map(|i| h.matmul(&self.slice(i, h.dtype())?.t()?))
+            .collect::<Result<Vec<_>>>()?;
+        Tensor::cat(&parts, 1)
     }
 }
 
@@ -242,5 +270,38 @@ mod tests {
         assert!(!VocabMatrix::quantize(&odd, GgmlDType::Q8_0, 8, &dev)
             .unwrap()
             .is_quantized());
+    }
+
+    /// A bf16 matrix computed in f32 goes slice by slice, each widened in turn: the same
+    /// products as on the whole matrix widened at once.
+    #[test]
+    fn a_half_precision_matrix_is_widened_slice_by_slice() {
+        let rows = 2 * SLICE_ROWS + 5;
+        let w = rand(rows, 16, 7).to_dtype(DType::BF16).unwrap();
+        let wide = w.to_dtype(DType::F32).unwrap();
+        let m = VocabMatrix::Dense(w);
+        assert_eq!(
+            m.slices(),
+            vec![
+                (0, SLICE_ROWS),
+                (SLICE_ROWS, SLICE_ROWS),
+                (2 * SLICE_ROWS, 5)
+            ]
+        );
+        assert_eq!(
+            max_diff(
+                &m.slice(2, DType::F32).unwrap(),
+                &wide.narrow(0, 2 * SLICE_ROWS, 5).unwrap()
+            ),
+            0.0
+        );
+        let h = rand(3, 16, 8);
+        let want = h.matmul(&wide.t().unwrap()).unwrap();
+        assert!(max_diff(&m.matmul_t(&h).unwrap(), &want) < 1e-6);
+        let d = rand(3, rows, 9);
+        let want = d.matmul(&wide).unwrap();
+        assert!(max_diff(&m.matmul(&d).unwrap(), &want) < 1e-5);
+        // An f32 matrix stays one slice, used as held.
+        assert_eq!(VocabMatrix::Dense(wide).slices(), vec![(0, rows)]);
     }
 }

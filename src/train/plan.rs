@@ -44,8 +44,14 @@ pub fn preflight(
     let cfg = &inspected.cfg;
     let adapted = lora.num_layers.unwrap_or(cfg.num_hidden_layers);
     let act_bytes = dtype.size_in_bytes();
-    let (weights, step) =
-        weights_and_step(inspected, engine, load.quantize, act_bytes, device.is_cpu());
+    let weight_bytes = load.weight_dtype.size_in_bytes();
+    let (weights, step) = weights_and_step(
+        inspected,
+        engine,
+        load.quantize,
+        (act_bytes, weight_bytes),
+        device.is_cpu(),
+    );
     let mut w = Workload {
         batch_size: batch.batch_size,
         seq_len: batch.max_seq_length,
@@ -57,7 +63,7 @@ pub fn preflight(
         packed,
         act_bytes,
         weights,
-        load_work: inspected.load_work_bytes(load.quantize, act_bytes),
+        load_work: inspected.load_work_bytes(load.quantize, weight_bytes),
         step,
     };
     let fits = |w: &Workload| estimate(cfg, w).peak() <= budget.bytes;
@@ -160,15 +166,16 @@ pub fn device_memory_for(
 }
 
 /// How `engine` will hold the frozen weights of `inspected` with `quantize` (activations of
-/// `act_bytes`, on the CPU or not), and which step's memory to model.
+/// `act_bytes`, dense weights of `weight_bytes`, on the CPU or not), and which step's memory
+/// to model.
 pub fn weights_and_step(
     inspected: &Inspected,
     engine: EngineChoice,
     quantize: Option<QuantBits>,
-    act_bytes: usize,
+    (act_bytes, weight_bytes): (usize, usize),
     cpu: bool,
 ) -> (WeightFormat, StepKind) {
-    let host = weight_format(inspected, quantize, act_bytes);
+    let host = weight_format(inspected, quantize, weight_bytes);
     match engine {
         EngineChoice::Candle => (host, StepKind::candle(cpu, act_bytes)),
         EngineChoice::Mlx => (

@@ -6,7 +6,7 @@
 use super::dropout::dropout_mask;
 use crate::model::llama::Linear;
 use crate::model::lora::{Adapter, LoraPair, Target};
-use candle_core::{DType, Module, Result, Tensor};
+use candle_core::{Module, Result, Tensor};
 
 impl Module for Linear {
     /// `y = x Wᵀ (+ b)` for `x` of any leading shape.
@@ -41,7 +41,7 @@ impl Linear {
         let decoding =
             decode && self.weight.is_quantized() && x.dim(0)? <= crate::kernels::qmatvec::MAX_ROWS;
         if self.bias.is_none() && crate::kernels::covers(x) && !decoding {
-            let w = self.weight.dense(DType::F32)?;
+            let w = self.weight.f32()?;
             if let Some(done) =
                 crate::kernels::linear_forward(x, &w, lora.map(|p| (low_rank(p), scale)), lora_x)
             {
@@ -166,7 +166,7 @@ impl Lora<'_> {
             && crate::kernels::covers(dy)
             && !matches!(dx.as_deref(), Some(InputGrad::Tensor(_)))
         {
-            let w = lin.weight.dense(DType::F32)?;
+            let w = lin.weight.f32()?;
             let lora = match (pair, xa) {
                 (Some(p), Some(xa)) => Some((low_rank(p), scale, input, xa)),
                 _ => None,

@@ -361,21 +361,21 @@ pub fn estimate(cfg: &ModelConfig, w: &Workload) -> Estimate {
     };
     // A quantized linear is dequantized for each product, one row slice of `SLICE_BYTES`
     // (f32) at a time, converted to the activations' dtype; the fused CPU kernels take the
-    // whole weight in f32, one linear at a time.
+    // whole weight in f32, one linear at a time, and so widen a half-precision one.
     let slice = SLICE_BYTES as u64;
+    let largest_linear = Target::ALL
+        .iter()
+        .map(|t| {
+            let (a, b) = t.dims(cfg);
+            (a * b) as u64
+        })
+        .max()
+        .unwrap_or(0);
+    let widened = kernels && w.weights.dense_bytes() < 4.0;
     let dequantized = match w.weights {
+        WeightFormat::Dense(_) if widened => largest_linear * 4,
         WeightFormat::Dense(_) => 0,
-        WeightFormat::Quantized { .. } if kernels => {
-            let largest = Target::ALL
-                .iter()
-                .map(|t| {
-                    let (a, b) = t.dims(cfg);
-                    (a * b) as u64
-                })
-                .max()
-                .unwrap_or(0);
-            largest * 4 + slice
-        }
+        WeightFormat::Quantized { .. } if kernels => largest_linear * 4 + slice,
         WeightFormat::Quantized { .. } => slice + slice / 4 * act,
     };
     let block = per_block + dropout + input + mlp_temps.max(attn_temps) + dequantized;
@@ -389,7 +389,18 @@ pub fn estimate(cfg: &ModelConfig, w: &Workload) -> Estimate {
     // f32 temporaries (candle's ops; the fused CPU kernel holds one); every block input held.
     let chunk = HEAD_CHUNK.min(rows as usize) as u64;
     let chunks = if kernels { 1 } else { 2 };
-    let head = 3 * rows * h * act + chunks * chunk * cfg.vocab_size as u64 * 4 + inputs + kept;
+    // A half-precision head is widened to f32 a slice of vocabulary rows at a time.
+    let head_slice = match w.weights {
+        WeightFormat::Dense(_) if widened => {
+            crate::model::vocab::SLICE_ROWS.min(cfg.vocab_size) as u64 * h * 4
+        }
+        _ => 0,
+    };
+    let head = 3 * rows * h * act
+        + chunks * chunk * cfg.vocab_size as u64 * 4
+        + head_slice
+        + inputs
+        + kept;
     // The update: every gradient resident.
     let update = 4 * params;
     let (work_name, work) = largest([

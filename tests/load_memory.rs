@@ -146,6 +146,31 @@ fn a_bf16_model_trains_in_f32_with_its_weights_at_half_size() {
             "f32 {wide:?} against bf16 {half:?}"
         );
     }
+    // `eval` scores as training does: the bf16 run's adapter, the same loss in either dtype.
+    let eval = |dtype: &str| {
+        let o = cli()
+            .args(["eval", "--model"])
+            .arg(&model)
+            .args([
+                "--data",
+                "examples/invented-country",
+                "--dtype",
+                dtype,
+                "--adapter",
+            ])
+            .arg(tmp.path().join("bf16"))
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let out = String::from_utf8_lossy(&o.stdout).to_string();
+        let line = out.lines().find_map(|l| l.strip_prefix("loss: "));
+        line.unwrap_or_else(|| panic!("no loss in {out}"))
+            .parse::<f64>()
+            .unwrap()
+    };
+    let (a, b) = (eval("f32"), eval("bf16"));
+    assert!((a - b).abs() <= 1e-4 * a, "eval: f32 {a} against bf16 {b}");
     // SmolLM2's 135M weights: 540 MB in f32, 270 MB in bf16.
     assert!(
         half_peak < wide_peak - 200e6,

@@ -38,11 +38,7 @@ fn tiny_dir() -> tempfile::TempDir {
 }
 
 fn opts(dtype: DType, quantize: Option<QuantBits>) -> LoadOptions {
-    LoadOptions {
-        device: Device::Cpu,
-        dtype,
-        quantize,
-    }
+    LoadOptions::new(Device::Cpu, dtype, quantize)
 }
 
 fn candle_engine(spec: &str, o: &LoadOptions) -> CandleEngine {

@@ -19,7 +19,8 @@ pub struct ModelArgs {
     /// Where to run.
     #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
     pub device: DeviceChoice,
-    /// Compute dtype of weights and activations.
+    /// Dtype of the weights and the arithmetic. On the CPU, `train` and `eval` keep bf16/f16
+    /// weights at half size and compute in f32.
     #[arg(long, value_enum, default_value_t = DTypeChoice::Auto)]
     pub dtype: DTypeChoice,
 }
@@ -74,9 +75,13 @@ impl RunArgs {
         super::load(&self.model.model, &opts, adapter)
     }
 
-    /// The model as these flags ask, with the adapter applied when `with_adapter`.
+    /// The model for scoring (`eval`) as these flags ask, with the adapter applied when
+    /// `with_adapter`: as training computes, so the losses are train's validation losses.
     pub fn load(&self, with_adapter: bool) -> Result<super::LoadedModel> {
-        let opts = self.model.load_options(self.quantize.quantize)?;
+        let opts = self
+            .model
+            .load_options(self.quantize.quantize)?
+            .for_kernels();
         let adapter = self.adapter.as_deref().filter(|_| with_adapter);
         super::load(&self.model.model, &opts, adapter)
     }

@@ -6,7 +6,8 @@
 //! from the slices it touches, the head's `h·Wᵀ` fills the logits slice by slice and its input
 //! gradient `dlogits·W` sums over them. Results equal the dense computation on the dequantized
 //! matrix, and no dense copy of the whole matrix exists (one slice is 64 MB in bf16 at
-//! Llama-3 shapes, against 1.05 GB).
+//! Llama-3 shapes, against 1.05 GB). A dense matrix held in bf16/f16 while the model computes
+//! in f32 (training on the CPU) is used in the same slices, each widened in turn.
 
 use super::sliced::QuantizedRows;
 use candle_core::quantized::{ggml_file::qtensor_from_ggml, GgmlDType, QTensor};
@@ -78,8 +79,8 @@ impl VocabMatrix {
     }
 
     /// `(first row, rows)` of each slice: one for a dense f32 matrix; slices of [`SLICE_ROWS`]
-    /// for a half-precision one, which products widen to f32 a slice at a time (one f32 copy
-    /// of Llama-3's matrix would be 2.1 GB).
+    /// for a dense matrix of any other dtype, which f32 products convert a slice at a time
+    /// (one f32 copy of Llama-3's matrix would be 2.1 GB).
     pub fn slices(&self) -> Vec<(usize, usize)> {
         match self {
             Self::Dense(w) if w.dtype() == DType::F32 => vec![(0, w.dim(0).unwrap_or(0))],

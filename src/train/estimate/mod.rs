@@ -143,7 +143,7 @@ pub enum StepKind {
     /// are fewer than candle's composite ops make (no `[B, heads, T, T]` copies besides the
     /// kept probabilities, one LM-head chunk).
     Kernels,
-    /// The candle engine on candle's composite ops (GPUs, and bf16/f16 on the CPU).
+    /// The candle engine on candle's composite ops (GPUs, or the CPU with `YOUR_AI_NO_KERNELS`).
     Composite,
     /// The MLX engine ([`mlx`]); `host` is how the load holds the weights on the host before
     /// they are converted to MLX arrays (`Workload::weights` is how MLX holds them).

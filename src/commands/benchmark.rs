@@ -279,7 +279,7 @@ pub fn run(a: BenchmarkArgs) -> Result<()> {
     // The MLX engine loads on the host and converts onto MLX's own device.
     let load = match engine {
         EngineChoice::Mlx => crate::engine::choice::mlx_load_options(&a.model, None)?,
-        EngineChoice::Candle => a.model.load_options(None)?.for_kernels(),
+        EngineChoice::Candle => a.model.kernel_load_options(None, inspected.linear_dtype)?,
     };
     let (device, dtype, weight_bytes) =
         (load.device, load.dtype, load.weight_dtype.size_in_bytes());

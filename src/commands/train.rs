@@ -73,7 +73,9 @@ pub fn run(mut a: TrainArgs) -> Result<()> {
     }
     let engine = choice::resolve(a.engine, a.model.device)?;
     let load = match engine {
-        EngineChoice::Candle => a.model.load_options(a.quantize.quantize)?.for_kernels(),
+        EngineChoice::Candle => a
+            .model
+            .kernel_load_options(a.quantize.quantize, inspected.linear_dtype)?,
         EngineChoice::Mlx => choice::mlx_load_options(&a.model, a.quantize.quantize)?,
     };
     // On a CUDA GPU the budget is GPU memory, and so is what the step measures against it.

@@ -5,6 +5,7 @@ use super::load::LoadOptions;
 use super::quantized::QuantBits;
 use crate::error::Result;
 use crate::runtime::device::{select_device, select_dtype, DTypeChoice, DeviceChoice};
+use candle_core::DType;
 use clap::Args;
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
@@ -19,8 +20,9 @@ pub struct ModelArgs {
     /// Where to run.
     #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
     pub device: DeviceChoice,
-    /// Dtype of the weights and the arithmetic. On the CPU, `train` and `eval` keep bf16/f16
-    /// weights at half size and compute in f32.
+    /// Dtype of the weights and the arithmetic; auto is bf16 on a GPU and f32 on the CPU. On
+    /// the CPU, `train` and `eval` keep bf16/f16 weights at half size and compute in f32, and
+    /// with auto keep a checkpoint stored in bf16/f16 so.
     #[arg(long, value_enum, default_value_t = DTypeChoice::Auto)]
     pub dtype: DTypeChoice,
 }
@@ -50,6 +52,27 @@ impl ModelArgs {
         let dtype = select_dtype(self.dtype, &device);
         Ok(LoadOptions::new(device, dtype, quantize))
     }
+
+    /// How `train` and `eval` load the model: as [`ModelArgs::load_options`], computing in f32
+    /// on the CPU ([`LoadOptions::for_kernels`]). With `--dtype auto` on the CPU, block linears
+    /// the checkpoint stores in bf16/f16 (`stored`, from [`super::inspect`]) are kept so: the
+    /// same values as in f32, in half the memory.
+    pub fn kernel_load_options(
+        &self,
+        quantize: Option<QuantBits>,
+        stored: Option<DType>,
+    ) -> Result<LoadOptions> {
+        let opts = self.load_options(quantize)?;
+        if let (DTypeChoice::Auto, None, Some(dt @ (DType::BF16 | DType::F16))) =
+            (self.dtype, quantize, stored)
+        {
+            let held = LoadOptions::new(opts.device.clone(), dt, None).for_kernels();
+            if held.dtype == DType::F32 {
+                return Ok(held);
+            }
+        }
+        Ok(opts.for_kernels())
+    }
 }
 
 /// A model to run, with its quantization and an optional adapter (`generate`, `eval`,
@@ -78,10 +101,10 @@ impl RunArgs {
     /// The model for scoring (`eval`) as these flags ask, with the adapter applied when
     /// `with_adapter`: as training computes, so the losses are train's validation losses.
     pub fn load(&self, with_adapter: bool) -> Result<super::LoadedModel> {
+        let stored = super::inspect(&self.model.model)?.linear_dtype;
         let opts = self
             .model
-            .load_options(self.quantize.quantize)?
-            .for_kernels();
+            .kernel_load_options(self.quantize.quantize, stored)?;
         let adapter = self.adapter.as_deref().filter(|_| with_adapter);
         super::load(&self.model.model, &opts, adapter)
     }

@@ -141,6 +141,9 @@ pub struct Inspected {
     /// The largest tensor of a GGUF file as stored (bytes, elements), which its load reads
     /// whole; zeros for safetensors, read in pieces.
     pub largest_stored: (u64, u64),
+    /// The float dtype every block linear is stored in, when they share one (unknown for a
+    /// config alone).
+    pub linear_dtype: Option<DType>,
 }
 
 impl Inspected {
@@ -150,6 +153,7 @@ impl Inspected {
             source: ModelSource::HfDir(std::path::PathBuf::new()),
             cfg,
             largest_stored: (0, 0),
+            linear_dtype: None,
         }
     }
 
@@ -183,17 +187,25 @@ pub fn inspect(spec: &str) -> Result<Inspected> {
         return Ok(Inspected::from_config(ModelConfig::from_hf_file(path)?));
     }
     let source = source::resolve(spec)?;
-    let (cfg, largest_stored) = match &source {
-        ModelSource::HfDir(dir) => (ModelConfig::from_hf_file(&dir.join("config.json"))?, (0, 0)),
+    let (cfg, largest_stored, linear_dtype) = match &source {
+        ModelSource::HfDir(dir) => (
+            ModelConfig::from_hf_file(&dir.join("config.json"))?,
+            (0, 0),
+            // Headers only; a directory without weights is reported by the load itself.
+            SafetensorsDir::open(dir)
+                .ok()
+                .and_then(|s| s.linear_dtype()),
+        ),
         ModelSource::Gguf(path) => {
             let g = GgufFile::open(path)?;
-            (g.config()?, g.largest_tensor())
+            (g.config()?, g.largest_tensor(), g.linear_dtype())
         }
     };
     Ok(Inspected {
         source,
         cfg,
         largest_stored,
+        linear_dtype,
     })
 }
 

@@ -133,6 +133,18 @@ impl GgufFile {
         formats
     }
 
+    /// The float dtype every block linear is stored in, when they share one (F32, F16, BF16);
+    /// `None` otherwise (quantized or mixed).
+    pub fn linear_dtype(&self) -> Option<candle_core::DType> {
+        use candle_core::quantized::GgmlDType as G;
+        match self.linear_formats().as_slice() {
+            [G::F32] => Some(candle_core::DType::F32),
+            [G::F16] => Some(candle_core::DType::F16),
+            [G::BF16] => Some(candle_core::DType::BF16),
+            _ => None,
+        }
+    }
+
     /// Bytes per weight tensor `name` will take under `--quantize`: a quantized tensor at its
     /// own format, a float one at `requantized`. `None` when the file has no such tensor.
     pub fn bytes_per_weight(&self, name: &str, requantized: f64) -> Option<f64> {

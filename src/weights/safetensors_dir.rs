@@ -78,6 +78,26 @@ impl SafetensorsDir {
         self.tensors.contains_key(name)
     }
 
+    /// The float dtype every block linear (`model.layers.N.*_proj.weight`) is stored in, when
+    /// they share one; `None` otherwise.
+    pub fn linear_dtype(&self) -> Option<candle_core::DType> {
+        let mut dtypes = self
+            .tensors
+            .iter()
+            .filter(|(name, _)| name.starts_with("model.layers.") && name.ends_with("_proj.weight"))
+            .map(|(_, e)| e.dtype.as_str());
+        let first = dtypes.next()?;
+        if dtypes.any(|d| d != first) {
+            return None;
+        }
+        Some(match Source::parse(first)? {
+            Source::F64 => candle_core::DType::F64,
+            Source::F32 => candle_core::DType::F32,
+            Source::F16 => candle_core::DType::F16,
+            Source::Bf16 => candle_core::DType::BF16,
+        })
+    }
+
     pub fn describe(&self) -> String {
         if self.files.len() == 1 {
             self.files[0].display().to_string()

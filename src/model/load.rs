@@ -77,38 +77,30 @@ pub fn load(spec: &str, opts: &LoadOptions, adapter: Option<&Path>) -> Result<Lo
             q.bits()
         ))
     );
-    let (mut model, tokenizer) = match &source {
+    let (store, cfg, tokenizer) = match &source {
         ModelSource::HfDir(dir) => {
             // Cheap checks first: config, weight headers, tokenizer; then the weights.
             let cfg = ModelConfig::from_hf_file(&dir.join("config.json"))?;
             let store = WeightStore::Safetensors(SafetensorsDir::open(dir)?);
             let tokenizer = Tokenizer::from_hf_dir(dir, &cfg.eos_token_ids)?;
-            let model = Llama::load_mixed(
-                &store,
-                cfg,
-                opts.dtype,
-                opts.weight_dtype,
-                &opts.device,
-                opts.quantize,
-            )?;
-            (model, tokenizer)
+            (store, cfg, tokenizer)
         }
         ModelSource::Gguf(path) => {
             let g = GgufFile::open(path)?;
             let cfg = g.config()?;
             let tokenizer = Tokenizer::from_gguf(&g)?;
-            let store = WeightStore::Gguf(g);
-            let model = Llama::load_mixed(
-                &store,
-                cfg,
-                opts.dtype,
-                opts.weight_dtype,
-                &opts.device,
-                opts.quantize,
-            )?;
-            (model, tokenizer)
+            (WeightStore::Gguf(g), cfg, tokenizer)
         }
     };
+    let mut model = Llama::load_mixed(
+        &store,
+        cfg,
+        opts.dtype,
+        opts.weight_dtype,
+        &opts.device,
+        opts.quantize,
+    )?;
+    drop(store);
     if opts.quantize.is_some() {
         tracing::info!(
             "frozen weights: {:.1} MB as loaded",

@@ -4,7 +4,7 @@
 use crate::cli::EstimateArgs;
 use crate::engine::choice::EngineChoice;
 use crate::error::{Error, Result};
-use crate::runtime::device::{train_compute_dtype, DTypeChoice, DeviceChoice};
+use crate::runtime::device::{compute_dtype, DTypeChoice, DeviceChoice};
 use crate::runtime::memory::budget;
 use crate::runtime::memory::budget::GB;
 use crate::train::estimate::{estimate, suggestions, Workload};
@@ -47,7 +47,7 @@ pub fn run(a: EstimateArgs) -> Result<()> {
     // As `train` computes: the candle engine on the CPU in f32 whatever the weights' dtype, MLX
     // in theirs.
     let act_bytes = match engine {
-        EngineChoice::Candle if cpu => train_compute_dtype(dtype, &Device::Cpu).size_in_bytes(),
+        EngineChoice::Candle if cpu => compute_dtype(dtype, &Device::Cpu).size_in_bytes(),
         _ => bytes,
     };
     let (weights, step) = weights_and_step(

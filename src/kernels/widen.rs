@@ -1,6 +1,6 @@
 //! Half-precision weights widened to f32 for the f32 kernels, in parallel. On the CPU a bf16 or
 //! f16 model keeps its frozen weights at half size and computes in f32 (see
-//! [`crate::runtime::device::train_compute_dtype`]); each product widens one weight (or one
+//! [`crate::runtime::device::compute_dtype`]); each product widens one weight (or one
 //! vocabulary slice) at a time. candle's own `to_dtype` does this on one thread, which cost
 //! more than the product itself on small models.
 

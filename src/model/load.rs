@@ -55,9 +55,9 @@ impl LoadOptions {
 
     /// As the candle engine trains and scores (`train`, `eval`): on the CPU, where the fused f32
     /// kernels run, bf16/f16 weights stay at half size and are computed in f32
-    /// ([`crate::runtime::device::train_compute_dtype`]).
+    /// ([`crate::runtime::device::compute_dtype`]).
     pub fn for_kernels(self) -> Self {
-        let dtype = crate::runtime::device::train_compute_dtype(self.weight_dtype, &self.device);
+        let dtype = crate::runtime::device::compute_dtype(self.weight_dtype, &self.device);
         Self { dtype, ..self }
     }
 }

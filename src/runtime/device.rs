@@ -90,12 +90,12 @@ pub fn select_dtype(choice: DTypeChoice, device: &Device) -> DType {
     }
 }
 
-/// The dtype the candle engine trains in with its frozen weights held in `weights` on
+/// The dtype the candle engine trains and scores in, its frozen weights held in `weights` on
 /// `device`: on the CPU, f32 for bf16/f16 weights too. The fused kernels compute in f32 and
 /// widen each half-precision weight as a product needs it, while candle's half-precision CPU
 /// matmul is several times slower (SmolLM2, 4×256: 151 against 542 tokens/s); the weights
 /// keep their half size. Elsewhere (GPUs, or with the kernels off) the weights' dtype.
-pub fn train_compute_dtype(weights: DType, device: &Device) -> DType {
+pub fn compute_dtype(weights: DType, device: &Device) -> DType {
     let half = matches!(weights, DType::BF16 | DType::F16);
     if half && device.is_cpu() && crate::kernels::enabled() {
         DType::F32

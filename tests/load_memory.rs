@@ -110,6 +110,14 @@ fn a_bf16_model_trains_in_f32_with_its_weights_at_half_size() {
     let tmp = tempfile::tempdir().unwrap();
     let model = tmp.path().join("smollm2-bf16");
     bf16_checkpoint(&model);
+    let shape = [
+        "--batch-size",
+        "2",
+        "--lora-rank",
+        "4",
+        "--max-seq-length",
+        "128",
+    ];
     let run = |dtype: &str| {
         let out = tmp.path().join(dtype);
         let o = cli()
@@ -121,8 +129,8 @@ fn a_bf16_model_trains_in_f32_with_its_weights_at_half_size() {
                 "--output",
             ])
             .arg(&out)
-            .args(["--dtype", dtype, "--max-steps", "4", "--batch-size", "2"])
-            .args(["--lora-rank", "4", "--max-seq-length", "128", "--seed", "3"])
+            .args(["--dtype", dtype, "--max-steps", "4", "--seed", "3"])
+            .args(shape)
             .args(["--learning-rate", "1e-3", "--threads", "2"])
             .current_dir(env!("CARGO_MANIFEST_DIR"))
             .output()
@@ -136,11 +144,26 @@ fn a_bf16_model_trains_in_f32_with_its_weights_at_half_size() {
         let peak = metrics(&m, "end")[0]["train_peak_rss_bytes"]
             .as_f64()
             .unwrap();
-        (losses, peak)
+        let table = common::estimate_table(&String::from_utf8_lossy(&o.stderr));
+        (losses, peak, table)
     };
-    let (wide, wide_peak) = run("f32");
-    let (half, half_peak) = run("bf16");
-    let (auto, auto_peak) = run("auto");
+    let (wide, wide_peak, _) = run("f32");
+    let (half, half_peak, _) = run("bf16");
+    let (auto, auto_peak, trained) = run("auto");
+    // `estimate` without --dtype plans the same run.
+    let e = cli()
+        .args(["estimate", "--model"])
+        .arg(&model)
+        .args(shape)
+        .output()
+        .unwrap();
+    assert!(e.status.success(), "{}", String::from_utf8_lossy(&e.stderr));
+    let estimated = common::estimate_table(&String::from_utf8_lossy(&e.stdout));
+    assert!(
+        estimated.iter().any(|l| l.contains("bf16")),
+        "{estimated:?}"
+    );
+    assert_eq!(estimated, trained);
     assert_eq!(
         auto, half,
         "--dtype auto on a bf16 checkpoint is --dtype bf16"

@@ -135,12 +135,13 @@ pub struct EstimateArgs {
     /// engine's estimate needs no MLX in this binary.
     #[arg(long, value_enum)]
     pub engine: Option<crate::engine::choice::EngineChoice>,
-    /// Dtype of the frozen weights: f32, or bf16/f16.
-    #[arg(long, value_enum, default_value_t = DTypeChoice::F32)]
+    /// Dtype of the frozen weights, as `train --dtype` takes it: auto is bf16 on a GPU and, on
+    /// the CPU, the checkpoint's own bf16/f16 (for the aliases, bf16) or else f32.
+    #[arg(long, value_enum, default_value_t = DTypeChoice::Auto)]
     pub dtype: DTypeChoice,
     /// The device whose step to model: cpu (the fused kernels; bf16/f16 weights computed in
     /// f32, as `train` does there) or a GPU, cuda/metal (candle's ops in the dtype) [default:
-    /// the CPU for f32, a GPU for bf16/f16].
+    /// a GPU for bf16/f16 given, else the CPU].
     #[arg(long, value_enum)]
     pub device: Option<crate::runtime::device::DeviceChoice>,
     #[command(flatten)]

@@ -4,7 +4,7 @@
 use crate::cli::EstimateArgs;
 use crate::engine::choice::EngineChoice;
 use crate::error::{Error, Result};
-use crate::runtime::device::{compute_dtype, DTypeChoice, DeviceChoice};
+use crate::runtime::device::{compute_dtype, cpu_auto_weights, DTypeChoice, DeviceChoice};
 use crate::runtime::memory::budget;
 use crate::runtime::memory::budget::GB;
 use crate::train::estimate::{estimate, suggestions, Workload};
@@ -32,18 +32,27 @@ pub fn run(a: EstimateArgs) -> Result<()> {
             "--num-layers {adapted}: the model has {layers} blocks; give 1 to {layers}"
         )));
     }
-    let dtype = match a.dtype {
-        DTypeChoice::F32 | DTypeChoice::Auto => DType::F32,
-        DTypeChoice::F16 => DType::F16,
-        DTypeChoice::Bf16 => DType::BF16,
-    };
-    let bytes = dtype.size_in_bytes();
     let engine = a.engine.unwrap_or(EngineChoice::Candle);
+    // The device modelled: as given, else a GPU for bf16/f16 given and the CPU otherwise.
     let cpu = match a.device {
         Some(DeviceChoice::Cpu) => true,
         Some(DeviceChoice::Cuda | DeviceChoice::Metal) => false,
-        Some(DeviceChoice::Auto) | None => bytes == 4,
+        Some(DeviceChoice::Auto) | None => !matches!(a.dtype, DTypeChoice::F16 | DTypeChoice::Bf16),
     };
+    // The weights' dtype as `train` picks it.
+    let dtype = match a.dtype {
+        DTypeChoice::F32 => DType::F32,
+        DTypeChoice::F16 => DType::F16,
+        DTypeChoice::Bf16 => DType::BF16,
+        DTypeChoice::Auto if !cpu => DType::BF16,
+        DTypeChoice::Auto => match engine {
+            EngineChoice::Candle => {
+                cpu_auto_weights(inspected.linear_dtype, a.quantize.quantize.is_some())
+            }
+            EngineChoice::Mlx => DType::F32,
+        },
+    };
+    let bytes = dtype.size_in_bytes();
     // As `train` computes: the candle engine on the CPU in f32 whatever the weights' dtype, MLX
     // in theirs.
     let act_bytes = match engine {

@@ -6,6 +6,7 @@ use crate::cli::RecommendArgs;
 use crate::error::{Error, Result};
 use crate::model::quantized::QuantBits;
 use crate::model::ModelConfig;
+use crate::runtime::device::cpu_auto_weights;
 use crate::runtime::hardware::Hardware;
 use crate::runtime::memory::budget::{auto_budget, GB};
 use crate::runtime::presets::{self, MachinePreset};
@@ -108,8 +109,14 @@ pub fn run(a: RecommendArgs) -> Result<()> {
             "\n{alias} ({repo}, {:.1}B parameters)",
             (linear + other) as f64 / 1e9
         );
+        // On the CPU `train` keeps a bf16 checkpoint's weights in bf16 (computed in f32).
+        let dense = if gpu {
+            act
+        } else {
+            cpu_auto_weights(presets::alias_dtype(alias), false).size_in_bytes()
+        };
         let modes = [
-            ("LoRA ", WeightFormat::Dense(act as f64), false),
+            ("LoRA ", WeightFormat::Dense(dense as f64), false),
             (
                 "QLoRA",
                 WeightFormat::quantized(QuantBits::Four, act as f64),

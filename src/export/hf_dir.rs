@@ -20,23 +20,12 @@ pub const DEFAULT_SHARD_BYTES: u64 = 5_000_000_000;
 /// The output dtype for `--hf-dtype auto`: the HF base's own, f16 for a GGUF base (f16 keeps
 /// 11 mantissa bits, so a small LoRA update survives the cast better than in bf16).
 pub fn auto_dtype(base: &Base) -> DType {
-    let from_config = match &base.store {
+    match &base.store {
         WeightStore::Safetensors(_) => read_json(&base.source.path().join("config.json"))
             .ok()
-            .and_then(|c| {
-                c.get("torch_dtype")
-                    .or_else(|| c.get("dtype"))
-                    .and_then(Value::as_str)
-                    .map(str::to_string)
-            }),
-        WeightStore::Gguf(_) => None,
-    };
-    match from_config.as_deref() {
-        Some("float32") => DType::F32,
-        Some("bfloat16") => DType::BF16,
-        Some("float16") => DType::F16,
-        _ if matches!(base.store, WeightStore::Gguf(_)) => DType::F16,
-        _ => DType::BF16,
+            .and_then(|c| crate::model::config::stored_dtype(&c))
+            .unwrap_or(DType::BF16),
+        WeightStore::Gguf(_) => DType::F16,
     }
 }
 

@@ -4,7 +4,9 @@
 use super::load::LoadOptions;
 use super::quantized::QuantBits;
 use crate::error::Result;
-use crate::runtime::device::{select_device, select_dtype, DTypeChoice, DeviceChoice};
+use crate::runtime::device::{
+    cpu_auto_weights, select_device, select_dtype, DTypeChoice, DeviceChoice,
+};
 use candle_core::DType;
 use clap::Args;
 use serde::{Deserialize, Serialize};
@@ -63,13 +65,9 @@ impl ModelArgs {
         stored: Option<DType>,
     ) -> Result<LoadOptions> {
         let opts = self.load_options(quantize)?;
-        if let (DTypeChoice::Auto, None, Some(dt @ (DType::BF16 | DType::F16))) =
-            (self.dtype, quantize, stored)
-        {
-            let held = LoadOptions::new(opts.device.clone(), dt, None).for_kernels();
-            if held.dtype == DType::F32 {
-                return Ok(held);
-            }
+        if self.dtype == DTypeChoice::Auto && opts.device.is_cpu() {
+            let weights = cpu_auto_weights(stored, quantize.is_some());
+            return Ok(LoadOptions::new(opts.device, weights, quantize).for_kernels());
         }
         Ok(opts.for_kernels())
     }

@@ -107,6 +107,22 @@ const MAX_DIM: usize = 1 << 20;
 const MAX_LAYERS: usize = 1024;
 const MAX_VOCAB: usize = 1 << 22;
 
+/// The dtype a Hugging Face `config.json` says the checkpoint is stored in (`torch_dtype`, or
+/// `dtype` as newer transformers write it), when it names a float type.
+pub fn stored_dtype(json: &Value) -> Option<candle_core::DType> {
+    use candle_core::DType;
+    match json
+        .get("torch_dtype")
+        .or_else(|| json.get("dtype"))?
+        .as_str()?
+    {
+        "float32" => Some(DType::F32),
+        "bfloat16" => Some(DType::BF16),
+        "float16" => Some(DType::F16),
+        _ => None,
+    }
+}
+
 impl ModelConfig {
     /// Reads and validates a Hugging Face `config.json`.
     pub fn from_hf_file(path: &Path) -> Result<Self, ConfigError> {

@@ -139,13 +139,14 @@ pub struct Inspected {
 }
 
 impl Inspected {
-    /// The model a `config.json` describes, as a safetensors directory would load it.
-    pub fn from_config(cfg: ModelConfig) -> Self {
+    /// The model a `config.json` describes, as a safetensors directory would load it, its
+    /// linears stored in `linear_dtype` where the config says.
+    pub fn from_config(cfg: ModelConfig, linear_dtype: Option<DType>) -> Self {
         Self {
             source: ModelSource::HfDir(std::path::PathBuf::new()),
             cfg,
             largest_stored: (0, 0),
-            linear_dtype: None,
+            linear_dtype,
         }
     }
 
@@ -176,7 +177,12 @@ impl Inspected {
 pub fn inspect(spec: &str) -> Result<Inspected> {
     let path = std::path::Path::new(spec);
     if path.is_file() && path.extension().is_some_and(|e| e == "json") {
-        return Ok(Inspected::from_config(ModelConfig::from_hf_file(path)?));
+        let cfg = ModelConfig::from_hf_file(path)?;
+        let json = std::fs::read_to_string(path).ok();
+        let dtype = json
+            .and_then(|t| serde_json::from_str(&t).ok())
+            .and_then(|v| super::config::stored_dtype(&v));
+        return Ok(Inspected::from_config(cfg, dtype));
     }
     let source = source::resolve(spec)?;
     let (cfg, largest_stored, linear_dtype) = match &source {

@@ -104,6 +104,21 @@ pub fn compute_dtype(weights: DType, device: &Device) -> DType {
     }
 }
 
+/// The dtype `--dtype auto` holds the weights in for the candle engine on the CPU: the dtype
+/// the checkpoint's block linears are stored in (`stored`) when it is bf16/f16, they are not
+/// quantized at load, and the step computes them in f32 (f32 would double them without
+/// changing a value); else f32.
+pub fn cpu_auto_weights(stored: Option<DType>, quantized: bool) -> DType {
+    match stored {
+        Some(d @ (DType::BF16 | DType::F16))
+            if !quantized && compute_dtype(d, &Device::Cpu) == DType::F32 =>
+        {
+            d
+        }
+        _ => DType::F32,
+    }
+}
+
 /// Sets the compute thread count (candle and its matrix multiplies read RAYON_NUM_THREADS) before
 /// any thread pool starts: `--threads`, else RAYON_NUM_THREADS if set, else the physical cores.
 pub fn set_threads(threads: Option<usize>) -> Result<usize> {

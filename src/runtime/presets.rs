@@ -46,13 +46,19 @@ pub fn alias_shape(alias: &str) -> Option<ModelConfig> {
     ModelConfig::from_hf_json(all.get(alias)?, alias).ok()
 }
 
+/// The dtype a model alias's checkpoint stores its weights in.
+pub fn alias_dtype(alias: &str) -> Option<candle_core::DType> {
+    let all: serde_json::Value = serde_json::from_str(MODEL_SHAPES).ok()?;
+    crate::model::config::stored_dtype(all.get(alias)?)
+}
+
 /// What `spec` is without its weights: an alias that is not downloaded yet uses its known
 /// shape (nothing is fetched); anything else is inspected on disk.
 pub fn shape(spec: &str) -> Result<crate::model::Inspected> {
     if let Some(repo) = crate::model::source::alias_repo(spec) {
         if !crate::model::source::is_cached(repo) {
             if let Some(cfg) = alias_shape(spec) {
-                return Ok(crate::model::Inspected::from_config(cfg));
+                return Ok(crate::model::Inspected::from_config(cfg, alias_dtype(spec)));
             }
         }
     }

@@ -135,8 +135,10 @@ pub struct EstimateArgs {
     /// engine's estimate needs no MLX in this binary.
     #[arg(long, value_enum)]
     pub engine: Option<crate::engine::choice::EngineChoice>,
-    /// Dtype of the frozen weights, as `train --dtype` takes it: auto is bf16 on a GPU and, on
-    /// the CPU, the checkpoint's own bf16/f16 (for the aliases, bf16) or else f32.
+    /// Dtype of the frozen weights, as `train --dtype` takes it. auto: bf16 with `--device
+    /// cuda|metal`; on the CPU the checkpoint's own bf16/f16 (from its weights' headers, or its
+    /// config's torch_dtype for a config or an alias not downloaded), f32 with `--quantize`,
+    /// `--engine mlx` or a checkpoint in any other dtype.
     #[arg(long, value_enum, default_value_t = DTypeChoice::Auto)]
     pub dtype: DTypeChoice,
     /// The device whose step to model: cpu (the fused kernels; bf16/f16 weights computed in

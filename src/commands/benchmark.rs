@@ -276,13 +276,16 @@ pub fn run(a: BenchmarkArgs) -> Result<()> {
     let inspected = crate::model::inspect(&a.model.model)?;
     let cfg = &inspected.cfg;
     let engine = crate::engine::choice::resolve(a.engine, a.model.device)?;
-    // The MLX engine loads on the host and converts onto MLX's own device.
-    let load = match engine {
-        EngineChoice::Mlx => crate::engine::choice::mlx_load_options(&a.model, None)?,
-        EngineChoice::Candle => a.model.kernel_load_options(None, inspected.linear_dtype)?,
+    // How each child loads the model, as its `train` will. The MLX engine loads on the host
+    // and converts onto MLX's own device.
+    let load_for = |quantize| match engine {
+        EngineChoice::Mlx => crate::engine::choice::mlx_load_options(&a.model, quantize),
+        EngineChoice::Candle => a
+            .model
+            .kernel_load_options(quantize, inspected.matrix_dtype),
     };
-    let (device, dtype, weight_bytes) =
-        (load.device, load.dtype, load.weight_dtype.size_in_bytes());
+    let base = load_for(None)?;
+    let (device, dtype) = (base.device, base.dtype);
     let mem = device_memory_for(engine, &device);
     let budget = budget::resolve(a.budget.max_memory, mem.total).map_err(Error::Usage)?;
     for line in budget.describe() {
@@ -298,11 +301,16 @@ pub fn run(a: BenchmarkArgs) -> Result<()> {
     let mut trials = vec![];
     for &quant in &quants {
         let quant_bits = quant.and_then(crate::model::quantized::QuantBits::parse);
+        let load = load_for(quant_bits)?;
+        let (act_bytes, weight_bytes) = (
+            load.dtype.size_in_bytes(),
+            load.weight_dtype.size_in_bytes(),
+        );
         let (weights, step) = weights_and_step(
             &inspected,
             engine,
             quant_bits,
-            (dtype.size_in_bytes(), weight_bytes),
+            (act_bytes, weight_bytes),
             device.is_cpu(),
         );
         for &rank in &ranks {
@@ -317,7 +325,7 @@ pub fn run(a: BenchmarkArgs) -> Result<()> {
                         keep_blocks: 0,
                         dropout: false,
                         packed: false,
-                        act_bytes: dtype.size_in_bytes(),
+                        act_bytes,
                         weights,
                         load_work: inspected.load_work_bytes(quant_bits, weight_bytes),
                         step,

@@ -47,7 +47,7 @@ pub fn run(a: EstimateArgs) -> Result<()> {
         DTypeChoice::Auto if !cpu => DType::BF16,
         DTypeChoice::Auto => match engine {
             EngineChoice::Candle => {
-                cpu_auto_weights(inspected.linear_dtype, a.quantize.quantize.is_some())
+                cpu_auto_weights(inspected.matrix_dtype, a.quantize.quantize.is_some())
             }
             EngineChoice::Mlx => DType::F32,
         },

@@ -75,7 +75,7 @@ pub fn run(mut a: TrainArgs) -> Result<()> {
     let load = match engine {
         EngineChoice::Candle => a
             .model
-            .kernel_load_options(a.quantize.quantize, inspected.linear_dtype)?,
+            .kernel_load_options(a.quantize.quantize, inspected.matrix_dtype)?,
         EngineChoice::Mlx => choice::mlx_load_options(&a.model, a.quantize.quantize)?,
     };
     // On a CUDA GPU the budget is GPU memory, and so is what the step measures against it.
@@ -422,6 +422,7 @@ fn resolve(
         keep_blocks: plan.keep_blocks,
         memory_budget: plan.budget.bytes,
         distrust,
+        weights_dtype: Some(plan.weights_dtype.as_str().to_string()),
     })
 }
 

@@ -23,8 +23,8 @@ pub struct ModelArgs {
     #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
     pub device: DeviceChoice,
     /// Dtype of the weights and the arithmetic; auto is bf16 on a GPU and f32 on the CPU. On
-    /// the CPU, `train` and `eval` keep bf16/f16 weights at half size and compute in f32, and
-    /// with auto keep a checkpoint stored in bf16/f16 so.
+    /// the CPU, `train` and `eval` hold bf16/f16 weights at half size and compute in f32; under
+    /// auto they hold a checkpoint stored in bf16/f16 so (without `--quantize`).
     #[arg(long, value_enum, default_value_t = DTypeChoice::Auto)]
     pub dtype: DTypeChoice,
 }
@@ -99,7 +99,7 @@ impl RunArgs {
     /// The model for scoring (`eval`) as these flags ask, with the adapter applied when
     /// `with_adapter`: as training computes, so the losses are train's validation losses.
     pub fn load(&self, with_adapter: bool) -> Result<super::LoadedModel> {
-        let stored = super::inspect(&self.model.model)?.linear_dtype;
+        let stored = super::inspect(&self.model.model)?.matrix_dtype;
         let opts = self
             .model
             .kernel_load_options(self.quantize.quantize, stored)?;

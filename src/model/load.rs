@@ -133,20 +133,20 @@ pub struct Inspected {
     /// The largest tensor of a GGUF file as stored (bytes, elements), which its load reads
     /// whole; zeros for safetensors, read in pieces.
     pub largest_stored: (u64, u64),
-    /// The float dtype every block linear is stored in, when they share one (unknown for a
-    /// config alone).
-    pub linear_dtype: Option<DType>,
+    /// The float dtype every weight matrix (block linears, embeddings, head) is stored in, when
+    /// they share one: from the weights' headers, or for a config alone its `torch_dtype`.
+    pub matrix_dtype: Option<DType>,
 }
 
 impl Inspected {
     /// The model a `config.json` describes, as a safetensors directory would load it, its
-    /// linears stored in `linear_dtype` where the config says.
-    pub fn from_config(cfg: ModelConfig, linear_dtype: Option<DType>) -> Self {
+    /// matrices stored in `matrix_dtype` where the config says.
+    pub fn from_config(cfg: ModelConfig, matrix_dtype: Option<DType>) -> Self {
         Self {
             source: ModelSource::HfDir(std::path::PathBuf::new()),
             cfg,
             largest_stored: (0, 0),
-            linear_dtype,
+            matrix_dtype,
         }
     }
 
@@ -185,25 +185,25 @@ pub fn inspect(spec: &str) -> Result<Inspected> {
         return Ok(Inspected::from_config(cfg, dtype));
     }
     let source = source::resolve(spec)?;
-    let (cfg, largest_stored, linear_dtype) = match &source {
+    let (cfg, largest_stored, matrix_dtype) = match &source {
         ModelSource::HfDir(dir) => (
             ModelConfig::from_hf_file(&dir.join("config.json"))?,
             (0, 0),
             // Headers only; a directory without weights is reported by the load itself.
             SafetensorsDir::open(dir)
                 .ok()
-                .and_then(|s| s.linear_dtype()),
+                .and_then(|s| s.matrix_dtype()),
         ),
         ModelSource::Gguf(path) => {
             let g = GgufFile::open(path)?;
-            (g.config()?, g.largest_tensor(), g.linear_dtype())
+            (g.config()?, g.largest_tensor(), g.matrix_dtype())
         }
     };
     Ok(Inspected {
         source,
         cfg,
         largest_stored,
-        linear_dtype,
+        matrix_dtype,
     })
 }
 

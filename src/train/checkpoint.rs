@@ -353,6 +353,42 @@ pub fn differences(saved: &serde_json::Value, now: &TrainConfig) -> (Vec<String>
                 }
             }
         }
+        allowed.extend(unrecorded_weights_dtype(a, b));
     }
     (refused, allowed)
+}
+
+/// The note for a checkpoint of an earlier version, which did not record the weights' dtype:
+/// they were held in the dtype computed in (f32 on the CPU under auto), where now a bf16
+/// checkpoint's stay bf16. The values are the same, so the run goes on, its losses equal to
+/// the last digits rather than bit for bit.
+fn unrecorded_weights_dtype(
+    saved: &serde_json::Map<String, serde_json::Value>,
+    now: &serde_json::Map<String, serde_json::Value>,
+) -> Option<String> {
+    let is = now.get("weights_dtype")?;
+    (!saved.contains_key("weights_dtype") && is != "f32").then(|| {
+        format!(
+            "weights_dtype: not recorded (an earlier version's checkpoint) → {is}; the losses \
+             may differ from the uninterrupted run's in the last digits"
+        )
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn an_unrecorded_weights_dtype_is_noted_where_it_now_differs_from_f32() {
+        let map = |v: serde_json::Value| v.as_object().cloned().unwrap();
+        let old = map(json!({"dtype": "auto"}));
+        let bf16 = map(json!({"dtype": "auto", "weights_dtype": "bf16"}));
+        let f32 = map(json!({"dtype": "auto", "weights_dtype": "f32"}));
+        assert!(unrecorded_weights_dtype(&old, &bf16).is_some_and(|n| n.contains("bf16")));
+        assert_eq!(unrecorded_weights_dtype(&old, &f32), None);
+        // Recorded: compared like any other setting, not noted.
+        assert_eq!(unrecorded_weights_dtype(&f32, &bf16), None);
+    }
 }

@@ -40,6 +40,11 @@ pub struct TrainConfig {
     /// Distrust weighting of the loss (`--distrust`); None for plain training. Part of the
     /// checkpoint's configuration, so a resume with another α or λ is refused.
     pub distrust: Option<DistrustSettings>,
+    /// The dtype the frozen weights are held in (`--dtype` resolved: on the CPU auto keeps a
+    /// bf16 checkpoint's bf16), so a resume holds them alike. Checkpoints of earlier versions
+    /// lack it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weights_dtype: Option<String>,
 }
 
 impl TrainConfig {

@@ -22,6 +22,8 @@ pub struct Plan {
     /// Adapted blocks that keep their activations (`--keep-activations` resolved).
     pub keep_blocks: usize,
     pub estimate: Estimate,
+    /// The dtype the frozen weights are held in.
+    pub weights_dtype: candle_core::DType,
 }
 
 /// Sets the budget, prints the memory estimate and refuses (or, with `--auto-fit`, shrinks the
@@ -117,6 +119,7 @@ pub fn preflight(
         batch_size: w.batch_size,
         keep_blocks,
         estimate: e,
+        weights_dtype: load.weight_dtype,
     })
 }
 

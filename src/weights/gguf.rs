@@ -133,14 +133,24 @@ impl GgufFile {
         formats
     }
 
-    /// The float dtype every block linear is stored in, when they share one (F32, F16, BF16);
-    /// `None` otherwise (quantized or mixed).
-    pub fn linear_dtype(&self) -> Option<candle_core::DType> {
+    /// The float dtype every weight matrix (the block linears, the embeddings, the output) is
+    /// stored in, when they share one (F32, F16, BF16); `None` otherwise (quantized or mixed).
+    pub fn matrix_dtype(&self) -> Option<candle_core::DType> {
         use candle_core::quantized::GgmlDType as G;
-        match self.linear_formats().as_slice() {
-            [G::F32] => Some(candle_core::DType::F32),
-            [G::F16] => Some(candle_core::DType::F16),
-            [G::BF16] => Some(candle_core::DType::BF16),
+        let mut formats = self
+            .content
+            .tensor_infos
+            .values()
+            .filter(|i| i.shape.dims().len() == 2)
+            .map(|i| i.ggml_dtype);
+        let first = formats.next()?;
+        if formats.any(|f| f != first) {
+            return None;
+        }
+        match first {
+            G::F32 => Some(candle_core::DType::F32),
+            G::F16 => Some(candle_core::DType::F16),
+            G::BF16 => Some(candle_core::DType::BF16),
             _ => None,
         }
     }

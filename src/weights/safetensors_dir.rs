@@ -78,14 +78,14 @@ impl SafetensorsDir {
         self.tensors.contains_key(name)
     }
 
-    /// The float dtype every block linear (`model.layers.N.*_proj.weight`) is stored in, when
-    /// they share one; `None` otherwise.
-    pub fn linear_dtype(&self) -> Option<candle_core::DType> {
+    /// The float dtype every weight matrix (the block linears, the embeddings, the head) is
+    /// stored in, when they share one; `None` otherwise.
+    pub fn matrix_dtype(&self) -> Option<candle_core::DType> {
         let mut dtypes = self
             .tensors
-            .iter()
-            .filter(|(name, _)| name.starts_with("model.layers.") && name.ends_with("_proj.weight"))
-            .map(|(_, e)| e.dtype.as_str());
+            .values()
+            .filter(|e| e.shape.len() == 2)
+            .map(|e| e.dtype.as_str());
         let first = dtypes.next()?;
         if dtypes.any(|d| d != first) {
             return None;

@@ -14,7 +14,9 @@ use candle_core::quantized::GgmlDType;
 use candle_core::{Device, Tensor};
 use common::{random_adapter, tiny_weights, write_gguf, TinySpec};
 use your_ai::model::quantized::{QuantBits, Weight};
-use your_ai::model::{KvCache, LoadOptions};
+use your_ai::model::{KvCache, Llama, LoadOptions};
+use your_ai::weights::{SafetensorsDir, WeightStore};
+
 
 fn argmax(v: &[f32]) -> u32 {
     (0..v.len())
@@ -82,6 +84,83 @@ fn the_fused_token_step_equals_the_tensor_path() {
                 next = argmax(&want);
             }
             eprintln!("{qtype:?} adapter {with_adapter}: worst relative difference {worst:.2e}");
+        }
+    }
+}
+
+/// Dense weights take the fused token step too, read as held (f32, or bf16/f16 widened in
+/// registers) against the exact input: it equals the tensor path to float rounding, token after
+/// token, with q/k/v biases (Qwen2), tied and untied heads, and an adapter's low-rank terms.
+/// No 8-bit rounding here, so the tolerance is a thousand times tighter than the blocks'.
+#[test]
+fn dense_weights_take_the_fused_step_exactly() {
+    use candle_core::DType;
+    let dir = tempfile::tempdir().unwrap();
+    for (dt, tied, qkv_bias) in [
+        (DType::F32, false, false),
+        (DType::BF16, true, true),
+        (DType::F16, false, true),
+    ] {
+        let spec = TinySpec {
+            hidden: 128,
+            intermediate: 192,
+            heads: 4,
+            kv_heads: 2,
+            tied,
+            qkv_bias,
+            ..TinySpec::default()
+        };
+        let path = dir.path().join(format!("tiny-{dt:?}"));
+        common::write_hf_dir(&path, &spec, &tiny_weights(&spec, 7), dt);
+        // As `generate` loads it on the CPU: weights held in `dt`, arithmetic in f32.
+        let opts = LoadOptions::new(Device::Cpu, dt, None).for_kernels();
+        assert_eq!((opts.dtype, opts.weight_dtype), (DType::F32, dt));
+        let cfg = your_ai::model::ModelConfig::from_hf_file(&path.join("config.json")).unwrap();
+        let store = WeightStore::Safetensors(SafetensorsDir::open(&path).unwrap());
+        let mut model = Llama::load_mixed(&store, cfg, opts.dtype, dt, &Device::Cpu, None).unwrap();
+        for b in &model.blocks {
+            for l in b.linears() {
+                assert!(matches!(&l.weight, Weight::Dense(w) if w.dtype() == dt));
+            }
+        }
+        let adapter_dir = dir.path().join(format!("adapter-{dt:?}"));
+        let adapter = random_adapter(&model.cfg, &adapter_dir, 0.3, 4);
+        for with_adapter in [false, true] {
+            model.adapter = with_adapter.then(|| adapter.clone());
+            let m = &model;
+            let prompt = Tensor::new(&[[3u32, 17, 40, 8, 61]], &Device::Cpu).unwrap();
+            let mut fused = KvCache::for_decoding(m.blocks.len());
+            let mut tensors = KvCache::for_decoding(m.blocks.len());
+            m.forward(&prompt, &mut fused).unwrap();
+            m.forward(&prompt, &mut tensors).unwrap();
+            let mut next = 5u32;
+            for step in 0..30 {
+                let got = m
+                    .decode_next(next, &mut fused)
+                    .unwrap()
+                    .expect("the fused step applies to dense weights");
+                let ids = Tensor::new(&[[next]], &Device::Cpu).unwrap();
+                let h = m.forward_hidden(&ids, &mut tensors).unwrap();
+                let want: Vec<f32> = m
+                    .decode_logits(&h)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
+                assert_eq!(got.len(), want.len());
+                let scale = want.iter().fold(0f32, |a, v| a.max(v.abs()));
+                let diff = got
+                    .iter()
+                    .zip(&want)
+                    .fold(0f32, |a, (x, y)| a.max((x - y).abs()));
+                assert!(
+                    diff <= 5e-6 * scale,
+                    "{dt:?}, adapter {with_adapter}, step {step}: logits differ by {diff} \
+                     (largest {scale})"
+                );
+                next = argmax(&want);
+            }
         }
     }
 }

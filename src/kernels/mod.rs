@@ -42,6 +42,7 @@ mod exp;
 mod gemm;
 mod head;
 mod linear;
+pub mod matvec;
 pub mod one_token;
 pub mod par;
 pub mod qmatvec;

@@ -109,41 +109,48 @@ impl RunArgs {
 }
 
 /// How a model is loaded for decoding. Decoding reads every weight once per token, so it is
-/// bound by their size: without `--quantize` or `--dtype`, a GGUF whose block linears are all
-/// stored quantized keeps them so on the CPU, as llama.cpp runs it, and decoding reads their
-/// blocks (our kernel for Q4_0/Q4_1/Q8_0, candle's for the k-quants; both round the input
-/// to 8 bits as llama.cpp does). `--dtype f32` asks for the dense, dequantized weights.
-/// Anything else loads as [`ModelArgs::load_options`] says.
+/// bound by their size. On the CPU:
+/// - without `--quantize` or `--dtype`, a GGUF whose block linears are all stored quantized
+///   keeps them so, as llama.cpp runs it, and decoding reads their blocks (our kernel for
+///   Q4_0/Q4_1/Q8_0, candle's for the k-quants; both round the input to 8 bits as llama.cpp
+///   does). `--dtype f32` asks for the dense, dequantized weights;
+/// - otherwise the model loads as `train` and `eval` load it
+///   ([`ModelArgs::kernel_load_options`]): a checkpoint stored in bf16/f16 keeps its weights
+///   so, and the token step reads them at that size, computing in f32.
+///
+/// Elsewhere, as [`ModelArgs::load_options`] says.
 pub fn decode_options(model: &ModelArgs, quantize: Option<QuantBits>) -> Result<LoadOptions> {
     use candle_core::quantized::GgmlDType as G;
-    let mut opts = model.load_options(quantize)?;
-    if quantize.is_some()
-        || model.dtype != DTypeChoice::Auto
-        || !opts.device.is_cpu()
-        || opts.dtype != candle_core::DType::F32
-    {
+    let opts = model.load_options(quantize)?;
+    if !opts.device.is_cpu() {
         return Ok(opts);
     }
+    let stored = super::inspect(&model.model)?.matrix_dtype;
+    let dense = model.kernel_load_options(quantize, stored)?;
+    if quantize.is_some() || model.dtype != DTypeChoice::Auto {
+        return Ok(dense);
+    }
     let Ok(super::source::ModelSource::Gguf(path)) = super::source::resolve(&model.model) else {
-        return Ok(opts);
+        return Ok(dense);
     };
     let formats = crate::weights::GgufFile::open(&path)?.linear_formats();
     let stored_quantized = |f: &G| !matches!(f, G::F32 | G::F16 | G::BF16);
-    opts.quantize = if formats.is_empty() || !formats.iter().all(stored_quantized) {
-        None
+    let bits = if formats.is_empty() || !formats.iter().all(stored_quantized) {
+        return Ok(dense);
     } else if formats == [G::Q8_0] {
-        Some(QuantBits::Eight)
+        QuantBits::Eight
     } else {
-        Some(QuantBits::Four)
+        QuantBits::Four
     };
-    if opts.quantize.is_some() {
-        let names: Vec<String> = formats.iter().map(|f| ggml_name(*f)).collect();
-        eprintln!(
-            "note: decoding with the GGUF's own {} weights, read block by block (--dtype f32 for dense, dequantized weights)",
-            names.join("/")
-        );
-    }
-    Ok(opts)
+    let names: Vec<String> = formats.iter().map(|f| ggml_name(*f)).collect();
+    eprintln!(
+        "note: decoding with the GGUF's own {} weights, read block by block (--dtype f32 for dense, dequantized weights)",
+        names.join("/")
+    );
+    Ok(LoadOptions {
+        quantize: Some(bits),
+        ..opts
+    })
 }
 
 /// llama.cpp's name of a GGML block format (`Q4_K` where candle says `Q4K`).

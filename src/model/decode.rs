@@ -1,51 +1,93 @@
 //! Decoding's fused token step: one new token of one sequence through every block and the LM
-//! head on plain slices ([`crate::kernels::one_token`]), the GGUF's own blocks read by
-//! [`qmatvec::qmatvec_parts`]. Products that share an input (q, k and v; gate and up) are one
-//! dispatch on the pool, their input rounded to 8 bits once, and nothing between them is a
-//! tensor op. On SmolLM2 that is 5 dispatches a block instead of about 20 tensor ops and 7
-//! dispatches.
+//! head on plain slices ([`crate::kernels::one_token`]). The products read the weights as
+//! held: a GGUF's own blocks by [`qmatvec::qmatvec_parts`] (the input rounded to 8 bits, as
+//! llama.cpp does), dense f32, bf16 or f16 rows by [`matvec::matvec_parts`] (exact f32
+//! arithmetic). Products that share an input (q, k and v; gate and up) are one dispatch on the
+//! pool, and nothing between them is a tensor op. On SmolLM2 that is 5 dispatches a block
+//! instead of about 20 tensor ops and 7 dispatches.
 //!
 //! It computes what [`Llama::forward`] on a decoding cache computes (adapters as unmerged
 //! low-rank terms on the exact input, attention over every cached position), and the tests hold
-//! it to that path. It applies where every block linear is quantized in a format the block
-//! kernel reads and has no bias, the model is f32 on the CPU, and the cache holds the prompt
-//! already (the prompt itself runs batched through the tensor path).
+//! it to that path. It applies where each product's linears are all quantized in a format the
+//! block kernel reads or all dense, the model computes in f32 on the CPU, and the cache holds
+//! the prompt already (the prompt itself runs batched through the tensor path).
 
-use crate::kernels::{one_token, qmatvec, View};
+use crate::kernels::{matvec, one_token, qmatvec, View};
 use crate::model::llama::{KvCache, KvSlot, Linear, Llama};
 use crate::model::lora::Target;
 use crate::model::quantized::Weight;
 use crate::model::vocab::VocabMatrix;
 use candle_core::{DType, Device, Result, Tensor};
 
-/// What one block's step reads: its norms, its linears' blocks by the output they fill, and
-/// its adapter pairs `(A, B)` by target.
+/// One product of the token step: several linears over one input, each filling the outputs
+/// from its offset, read as GGML blocks or as dense rows (f32, bf16 or f16), with the biases
+/// they add.
+enum Product<'a> {
+    Blocks(Vec<(qmatvec::Blocks<'a>, usize)>, Vec<(View<'a>, usize)>),
+    Dense(Vec<(matvec::Matrix<'a>, usize)>, Vec<(View<'a>, usize)>),
+}
+
+impl<'a> Product<'a> {
+    /// The product of `lins` (each with its output offset), or `None` where the token step
+    /// does not read them: quantized in a format the block kernel does not read, a mix of
+    /// quantized and dense, or a bias that is not f32.
+    fn of(lins: &[(&'a Linear, usize)]) -> Option<Self> {
+        let mut biases = vec![];
+        for (lin, at) in lins {
+            if let Some(b) = &lin.bias {
+                biases.push((View::of(b)?, *at));
+            }
+        }
+        let blocks: Option<Vec<_>> = lins
+            .iter()
+            .map(|(lin, at)| match &lin.weight {
+                Weight::Quantized(q) => q.block_parts(*at),
+                Weight::Dense(_) => None,
+            })
+            .collect();
+        if let Some(blocks) = blocks {
+            return Some(Self::Blocks(blocks.into_iter().flatten().collect(), biases));
+        }
+        let dense: Option<Vec<_>> = lins
+            .iter()
+            .map(|(lin, at)| match &lin.weight {
+                Weight::Dense(w) => Some((matvec::Matrix::of(w)?, *at)),
+                Weight::Quantized(_) => None,
+            })
+            .collect();
+        Some(Self::Dense(dense?, biases))
+    }
+
+    /// `out = W·input (+ b)`: blocks against the input rounded to 8 bits, as llama.cpp
+    /// computes; dense rows against the exact input.
+    fn run(&self, input: &[f32], out: &mut [f32]) -> Result<()> {
+        let (done, biases) = match self {
+            Self::Blocks(parts, biases) => {
+                let xq = qmatvec::quantize_x(input, 1, input.len());
+                (qmatvec::qmatvec_parts(parts, &xq, out), biases)
+            }
+            Self::Dense(parts, biases) => (matvec::matvec_parts(parts, input, out), biases),
+        };
+        if !done {
+            candle_core::bail!("decoding: a product does not fit its output");
+        }
+        for (b, at) in biases {
+            add(&mut out[*at..], b.slice());
+        }
+        Ok(())
+    }
+}
+
+/// What one block's step reads: its norms, its products by the outputs they fill, and its
+/// adapter pairs `(A, B)` by target.
 struct BlockPlan<'a> {
     input_norm: View<'a>,
     post_norm: View<'a>,
-    qkv: Vec<(qmatvec::Blocks<'a>, usize)>,
-    o: Vec<(qmatvec::Blocks<'a>, usize)>,
-    gate_up: Vec<(qmatvec::Blocks<'a>, usize)>,
-    down: Vec<(qmatvec::Blocks<'a>, usize)>,
+    qkv: Product<'a>,
+    o: Product<'a>,
+    gate_up: Product<'a>,
+    down: Product<'a>,
     pairs: [Option<(View<'a>, View<'a>)>; 7],
-}
-
-/// The blocks of `lin`'s quantized weight, its outputs from `at`; `None` when dense, biased or
-/// in a format the block kernel does not read.
-fn parts(lin: &Linear, at: usize) -> Option<Vec<(qmatvec::Blocks<'_>, usize)>> {
-    match (&lin.weight, &lin.bias) {
-        (Weight::Quantized(q), None) => q.block_parts(at),
-        _ => None,
-    }
-}
-
-/// [`parts`] of several linears over one input, each from its own output offset.
-fn cat<'a>(lins: &[(&'a Linear, usize)]) -> Option<Vec<(qmatvec::Blocks<'a>, usize)>> {
-    let mut all = vec![];
-    for (lin, at) in lins {
-        all.extend(parts(lin, *at)?);
-    }
-    Some(all)
 }
 
 impl Llama {
@@ -67,10 +109,10 @@ impl Llama {
             plans.push(BlockPlan {
                 input_norm: View::of(&b.input_norm)?,
                 post_norm: View::of(&b.post_norm)?,
-                qkv: cat(&[(&b.q_proj, 0), (&b.k_proj, qs), (&b.v_proj, qs + kvs)])?,
-                o: cat(&[(&b.o_proj, 0)])?,
-                gate_up: cat(&[(&b.gate_proj, 0), (&b.up_proj, inter)])?,
-                down: cat(&[(&b.down_proj, 0)])?,
+                qkv: Product::of(&[(&b.q_proj, 0), (&b.k_proj, qs), (&b.v_proj, qs + kvs)])?,
+                o: Product::of(&[(&b.o_proj, 0)])?,
+                gate_up: Product::of(&[(&b.gate_proj, 0), (&b.up_proj, inter)])?,
+                down: Product::of(&[(&b.down_proj, 0)])?,
                 pairs,
             });
         }
@@ -111,13 +153,6 @@ impl Llama {
         let mut x = self.embed(&ids)?.flatten_all()?.to_vec1::<f32>()?;
         let (cos, sin) = self.rope.cos_sin_range(pos, 1, DType::F32)?;
         let (cos, sin) = (cos.flatten_all()?.to_vec1()?, sin.flatten_all()?.to_vec1()?);
-        let product = |parts: &[(qmatvec::Blocks, usize)], input: &[f32], out: &mut [f32]| {
-            let xq = qmatvec::quantize_x(input, 1, input.len());
-            if !qmatvec::qmatvec_parts(parts, &xq, out) {
-                candle_core::bail!("decoding: a block product does not fit its output");
-            }
-            Ok(())
-        };
         let lora = |plan: &BlockPlan, t: Target, input: &[f32], y: &mut [f32]| {
             if let Some((a, b)) = &plan.pairs[t.index()] {
                 one_token::add_low_rank(y, input, a.slice(), b.slice(), scale);
@@ -126,7 +161,7 @@ impl Llama {
         for (plan, slot) in plans.iter().zip(slots.iter_mut()) {
             let h = one_token::rms_norm(&x, plan.input_norm.slice(), eps);
             let mut qkv = vec![0f32; qs + 2 * kvs];
-            product(&plan.qkv, &h, &mut qkv)?;
+            plan.qkv.run(&h, &mut qkv)?;
             let (q, kv) = qkv.split_at_mut(qs);
             let (k, v) = kv.split_at_mut(kvs);
             lora(plan, Target::Q, &h, q);
@@ -148,19 +183,19 @@ impl Llama {
                 one_token::attend(&mut attn, q, kv.slice(), vv.slice(), (nh, nkv, d), cap, len);
             }
             let mut o = vec![0f32; hidden];
-            product(&plan.o, &attn, &mut o)?;
+            plan.o.run(&attn, &mut o)?;
             lora(plan, Target::O, &attn, &mut o);
             add(&mut x, &o);
 
             let h2 = one_token::rms_norm(&x, plan.post_norm.slice(), eps);
             let mut gate_up = vec![0f32; 2 * inter];
-            product(&plan.gate_up, &h2, &mut gate_up)?;
+            plan.gate_up.run(&h2, &mut gate_up)?;
             let (gate, up) = gate_up.split_at_mut(inter);
             lora(plan, Target::Gate, &h2, gate);
             lora(plan, Target::Up, &h2, up);
             let act = one_token::swiglu(&mut gate_up);
             let mut down = vec![0f32; hidden];
-            product(&plan.down, act, &mut down)?;
+            plan.down.run(act, &mut down)?;
             lora(plan, Target::Down, act, &mut down);
             add(&mut x, &down);
         }
@@ -169,9 +204,19 @@ impl Llama {
             candle_core::bail!("decoding: the final norm is not f32 on the CPU");
         };
         let h = one_token::rms_norm(&x, norm.slice(), eps);
-        if let VocabMatrix::Quantized(head) = &self.lm_head {
-            if let Some(logits) = head.matvec_refined(&h)? {
-                return Ok(Some(logits));
+        match &self.lm_head {
+            VocabMatrix::Quantized(head) => {
+                if let Some(logits) = head.matvec_refined(&h)? {
+                    return Ok(Some(logits));
+                }
+            }
+            VocabMatrix::Dense(w) => {
+                if let Some(m) = matvec::Matrix::of(w) {
+                    let mut logits = vec![0f32; m.rows];
+                    if matvec::matvec_parts(&[(m, 0)], &h, &mut logits) {
+                        return Ok(Some(logits));
+                    }
+                }
             }
         }
         let h = Tensor::from_vec(h, (1, hidden), &self.device)?;

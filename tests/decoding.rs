@@ -18,6 +18,14 @@ use your_ai::model::{KvCache, Llama, LoadOptions};
 use your_ai::weights::{SafetensorsDir, WeightStore};
 
 
+/// Largest `|a − b|`; NaN when any entry is not finite (`f32::max` would skip a NaN).
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    if a.iter().chain(b).any(|v| !v.is_finite()) {
+        return f32::NAN;
+    }
+    a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()))
+}
+
 fn argmax(v: &[f32]) -> u32 {
     (0..v.len())
         .max_by(|a, b| v[*a].total_cmp(&v[*b]))
@@ -71,10 +79,7 @@ fn the_fused_token_step_equals_the_tensor_path() {
                     .unwrap();
                 assert_eq!((got.len(), fused.len()), (want.len(), tensors.len()));
                 let scale = want.iter().fold(0f32, |a, v| a.max(v.abs()));
-                let diff = got
-                    .iter()
-                    .zip(&want)
-                    .fold(0f32, |a, (x, y)| a.max((x - y).abs()));
+                let diff = max_diff(&got, &want);
                 worst = worst.max(diff / scale);
                 assert!(
                     diff <= 5e-3 * scale,
@@ -150,10 +155,7 @@ fn dense_weights_take_the_fused_step_exactly() {
                     .unwrap();
                 assert_eq!(got.len(), want.len());
                 let scale = want.iter().fold(0f32, |a, v| a.max(v.abs()));
-                let diff = got
-                    .iter()
-                    .zip(&want)
-                    .fold(0f32, |a, (x, y)| a.max((x - y).abs()));
+                let diff = max_diff(&got, &want);
                 assert!(
                     diff <= 5e-6 * scale,
                     "{dt:?}, adapter {with_adapter}, step {step}: logits differ by {diff} \
@@ -222,10 +224,7 @@ fn k_quant_blocks_decode_within_rounding_of_the_dequantized_product() {
         assert!(m.decode_next(next, &mut decoding).unwrap().is_none());
         let (got, want) = (logits(&mut decoding), logits(&mut exact));
         let scale = want.iter().fold(0f32, |a, v| a.max(v.abs()));
-        let diff = got
-            .iter()
-            .zip(&want)
-            .fold(0f32, |a, (x, y)| a.max((x - y).abs()));
+        let diff = max_diff(&got, &want);
         assert!(
             diff <= 0.3 * scale,
             "step {step}: logits differ by {diff} (largest {scale})"

@@ -17,7 +17,6 @@ use your_ai::model::quantized::{QuantBits, Weight};
 use your_ai::model::{KvCache, Llama, LoadOptions};
 use your_ai::weights::{SafetensorsDir, WeightStore};
 
-
 /// Largest `|a − b|`; NaN when any entry is not finite (`f32::max` would skip a NaN).
 fn max_diff(a: &[f32], b: &[f32]) -> f32 {
     if a.iter().chain(b).any(|v| !v.is_finite()) {

@@ -1,12 +1,12 @@
 //! The streamed load, measured through the CLI: a bf16 checkpoint loads in about the memory of
 //! what is kept (the weights, quantized or not, plus one piece in flight), never with the file's
 //! pages resident beside them, and within the pre-flight's loading estimate. On the CPU it
-//! trains in f32 with its weights kept in bf16.
+//! trains, scores and decodes in f32 with its weights kept in bf16.
 
 mod common;
 
 use candle_core::{DType, Device};
-use common::{cli, metrics, smollm2};
+use common::{cli, metrics, run_measured, smollm2};
 use std::path::Path;
 use your_ai::export::{hf_dir, merge::Base};
 use your_ai::model::lora::{Adapter, LoraConfig, Target};
@@ -209,4 +209,40 @@ fn a_bf16_model_trains_in_f32_with_its_weights_at_half_size() {
             wide_peak / 1e6
         );
     }
+}
+
+/// `generate` on a bf16 checkpoint keeps its weights in bf16 on the CPU, and decoding reads
+/// them so (the fused token step, f32 arithmetic): the reply of the f32 load, token for token,
+/// in about the file's size less memory.
+#[test]
+fn a_bf16_model_decodes_its_f32_reply_at_half_size() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("smollm2-bf16");
+    let file = bf16_checkpoint(&model);
+    let run = |dtype: &str| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_your_ai"));
+        cmd.args(["generate", "--model"])
+            .arg(&model)
+            .args([
+                "--prompt",
+                "Write a story about a dragon who learns to sail.",
+            ])
+            .args(["--max-tokens", "40", "--temperature", "0", "--threads", "2"])
+            .args(["--dtype", dtype])
+            .env_remove("RUST_LOG");
+        let m = run_measured(&mut cmd);
+        assert!(m.success, "{}", m.stderr);
+        (m.stdout, m.peak_rss_bytes)
+    };
+    let (wide, wide_peak) = run("f32");
+    let (auto, auto_peak) = run("auto");
+    assert!(wide.split_whitespace().count() > 10, "{wide}");
+    assert_eq!(auto, wide, "the bf16 weights widen exactly: the same reply");
+    assert!(
+        auto_peak + file * 7 / 10 < wide_peak,
+        "auto peaked at {} MB, f32 at {} MB (file {} MB)",
+        auto_peak / 1_000_000,
+        wide_peak / 1_000_000,
+        file / 1_000_000
+    );
 }

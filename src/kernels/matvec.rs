@@ -228,9 +228,7 @@ mod tests {
                 let mats: Vec<Tensor> = shapes
                     .iter()
                     .enumerate()
-                    .map(|(i, (rows, _))| {
-                        rand(&[*rows, cols], i as u64, 2.0).to_dtype(dt).unwrap()
-                    })
+                    .map(|(i, (rows, _))| rand(&[*rows, cols], i as u64, 2.0).to_dtype(dt).unwrap())
                     .collect();
                 let parts: Vec<_> = mats
                     .iter()
@@ -257,12 +255,18 @@ mod tests {
                             .sum();
                         let got = out[at + r] as f64;
                         let tol = 1e-5 * (1.0 + want.abs()) * (cols as f64).sqrt();
-                        assert!((got - want).abs() < tol, "{dt:?} {cols} row {r}: {got} vs {want}");
+                        assert!(
+                            (got - want).abs() < tol,
+                            "{dt:?} {cols} row {r}: {got} vs {want}"
+                        );
                         let p = portable[r] as f64;
                         assert!((got - p).abs() < tol, "{dt:?} simd {got} vs portable {p}");
                     }
                 }
-                assert!(out[109..].iter().all(|v| v.is_nan()), "wrote past the parts");
+                assert!(
+                    out[109..].iter().all(|v| v.is_nan()),
+                    "wrote past the parts"
+                );
             }
         }
     }
@@ -278,7 +282,10 @@ mod tests {
         let mut out = vec![0f32; 4];
         assert!(!matvec_parts(&parts, &x[..15], &mut out), "width mismatch");
         assert!(Matrix::of(&m.t().unwrap()).is_none(), "a transposed view");
-        assert!(Matrix::of(&m.to_dtype(DType::F64).unwrap()).is_none(), "f64");
+        assert!(
+            Matrix::of(&m.to_dtype(DType::F64).unwrap()).is_none(),
+            "f64"
+        );
         let v = Tensor::zeros(16, DType::F32, &Device::Cpu).unwrap();
         assert!(Matrix::of(&v).is_none(), "1-D");
         let rows = m.narrow(0, 1, 2).unwrap();

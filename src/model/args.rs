@@ -23,8 +23,8 @@ pub struct ModelArgs {
     #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
     pub device: DeviceChoice,
     /// Dtype of the weights and the arithmetic; auto is bf16 on a GPU and f32 on the CPU. On
-    /// the CPU, `train` and `eval` hold bf16/f16 weights at half size and compute in f32; under
-    /// auto they hold a checkpoint stored in bf16/f16 so (without `--quantize`).
+    /// the CPU every command holds bf16/f16 weights at half size and computes in f32; under
+    /// auto it holds a checkpoint stored in bf16/f16 so (without `--quantize`).
     #[arg(long, value_enum, default_value_t = DTypeChoice::Auto)]
     pub dtype: DTypeChoice,
 }

@@ -323,6 +323,48 @@ pub fn cli() -> assert_cmd::Command {
     c
 }
 
+/// What [`run_measured`] saw: the exit, the output, and the peak resident memory.
+pub struct Measured {
+    pub success: bool,
+    pub stdout: String,
+    pub stderr: String,
+    pub peak_rss_bytes: u64,
+}
+
+/// Runs `cmd` to its end and measures its peak resident memory as the kernel counted it for
+/// that one process (`wait4`; other tests' children do not mix in).
+#[allow(clippy::zombie_processes)] // reaped by wait4, which `Child::wait` cannot measure
+pub fn run_measured(cmd: &mut std::process::Command) -> Measured {
+    use std::io::Read;
+    use std::process::Stdio;
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let read = |mut r: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut s = String::new();
+            r.read_to_string(&mut s).unwrap();
+            s
+        })
+    };
+    let out = read(Box::new(child.stdout.take().unwrap()));
+    let err = read(Box::new(child.stderr.take().unwrap()));
+    let mut status = 0;
+    // SAFETY: plain syscall on our own child, with valid out-pointers.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    let pid = unsafe { libc::wait4(child.id() as i32, &mut status, 0, &mut usage) };
+    assert_eq!(pid, child.id() as i32, "wait4 failed");
+    Measured {
+        success: libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        stdout: out.join().unwrap(),
+        stderr: err.join().unwrap(),
+        // Kilobytes on Linux.
+        peak_rss_bytes: usage.ru_maxrss as u64 * 1024,
+    }
+}
+
 /// A tiny random Llama with SmolLM2's real tokenizer and chat template, as a Hugging Face
 /// directory (tokenizer.json, tokenizer_config.json, generation_config.json): fast enough to
 /// train for a few steps in any test, real enough to exercise the whole data path.

@@ -93,8 +93,8 @@ fn the_fused_token_step_equals_the_tensor_path() {
 }
 
 /// Dense weights take the fused token step too, read as held (f32, or bf16/f16 widened in
-/// registers) against the exact input: it equals the tensor path to float rounding, token after
-/// token, with q/k/v biases (Qwen2), tied and untied heads, and an adapter's low-rank terms.
+/// registers) against the exact input: it equals the tensor path (each weight widened for the
+/// GEMM) to float rounding, token after token, with q/k/v biases (Qwen2), tied and untied heads, and an adapter's low-rank terms.
 /// No 8-bit rounding here, so the tolerance is a thousand times tighter than the blocks'.
 #[test]
 fn dense_weights_take_the_fused_step_exactly() {
@@ -134,7 +134,9 @@ fn dense_weights_take_the_fused_step_exactly() {
             let m = &model;
             let prompt = Tensor::new(&[[3u32, 17, 40, 8, 61]], &Device::Cpu).unwrap();
             let mut fused = KvCache::for_decoding(m.blocks.len());
-            let mut tensors = KvCache::for_decoding(m.blocks.len());
+            // Not a decoding cache: the products widen each weight for the GEMM, as `eval` does,
+            // an independent computation (a decoding one reads dense weights as the step does).
+            let mut tensors = KvCache::new(m.blocks.len());
             m.forward(&prompt, &mut fused).unwrap();
             m.forward(&prompt, &mut tensors).unwrap();
             let mut next = 5u32;
@@ -146,7 +148,7 @@ fn dense_weights_take_the_fused_step_exactly() {
                 let ids = Tensor::new(&[[next]], &Device::Cpu).unwrap();
                 let h = m.forward_hidden(&ids, &mut tensors).unwrap();
                 let want: Vec<f32> = m
-                    .decode_logits(&h)
+                    .logits(&h)
                     .unwrap()
                     .flatten_all()
                     .unwrap()

@@ -63,6 +63,9 @@ impl Matrix<'_> {
     }
 }
 
+/// Rows of `x` one pass over the weights serves (a prompt's tokens share the pass).
+pub const MAX_ROWS: usize = 8;
+
 /// `out[at + r] = Σ_c W[r, c]·x[c]` for every row `r` of each `(W, at)` of `parts`: several
 /// products over the same input (q, k and v; gate and up) as one parallel dispatch over all
 /// their rows. False (nothing written) when a part's width is not `x`'s or it does not fit in
@@ -83,10 +86,10 @@ pub fn matvec_parts(parts: &[(Matrix, usize)], x: &[f32], out: &mut [f32]) -> bo
         for &(d, at, rows) in &data {
             let (lo, hi) = (range.start.max(base), range.end.min(base + rows));
             if lo < hi {
-                // SAFETY: rows `lo − base..hi − base` of this part are this chunk's alone, and
-                // `at + rows` lies inside `out` (checked above).
-                let o = unsafe { p.slice(at + lo - base, hi - lo) };
-                rows_of(d, x, lo - base..hi - base, o);
+                // SAFETY: `at + rows` lies inside `out` (checked above); rows `lo − base..hi −
+                // base` of this part are this chunk's alone.
+                let o = unsafe { p.add(at) };
+                rows_of(d, x, 1, lo - base..hi - base, o, rows);
             }
             base += rows;
         }
@@ -94,35 +97,79 @@ pub fn matvec_parts(parts: &[(Matrix, usize)], x: &[f32], out: &mut [f32]) -> bo
     true
 }
 
-/// Rows `rows` of `W·x` into `out` (one value per row).
-fn rows_of(w: Rows, x: &[f32], rows: Range<usize>, out: &mut [f32]) {
+/// `out = x·Wᵀ` for the `n` rows of `x` (`[n, cols]`) into `out` (`[n, rows]`): a prompt's
+/// few tokens, [`MAX_ROWS`] of them to each pass over the weights, which are read as stored.
+/// False (nothing written) when the shapes do not agree.
+pub fn matmul_rows(w: &Matrix, x: &[f32], n: usize, out: &mut [f32]) -> bool {
+    let Some(d) = w.data() else {
+        return false;
+    };
+    if n == 0 || x.len() != n * w.cols || out.len() != n * w.rows {
+        return false;
+    }
+    let (rows, cols) = (w.rows, w.cols);
+    let p = par::SendPtr::of(out);
+    for first in (0..n).step_by(MAX_ROWS) {
+        let m = MAX_ROWS.min(n - first);
+        let xs = &x[first * cols..(first + m) * cols];
+        // SAFETY: row `first` of the output starts inside `out`.
+        let o = unsafe { p.add(first * rows) };
+        par::for_chunks(rows, rows * cols * m, |range| {
+            rows_of(d, xs, m, range, o, rows)
+        });
+    }
+    true
+}
+
+/// `out[j·stride + r] = Σ_c W[r, c]·x[j, c]` for the rows `rows` of `W` and the `n ≤
+/// MAX_ROWS` rows of `x`.
+fn rows_of(w: Rows, x: &[f32], n: usize, rows: Range<usize>, out: par::SendPtr, stride: usize) {
     #[cfg(target_arch = "x86_64")]
     if std::is_x86_feature_detected!("avx2")
         && std::is_x86_feature_detected!("fma")
         && std::is_x86_feature_detected!("f16c")
     {
         // SAFETY: the CPU was just checked for the features `avx2::rows_of` is compiled with.
-        return unsafe { avx2::rows_of(w, x, rows, out) };
+        return unsafe { avx2::rows_of(w, x, n, rows, out, stride) };
     }
-    rows_portable(w, x, rows, out)
+    rows_portable(w, x, n, rows, out, stride)
 }
 
 /// [`rows_of`] without SIMD (and the oracle the SIMD version is tested against).
-fn rows_portable(w: Rows, x: &[f32], rows: Range<usize>, out: &mut [f32]) {
-    let cols = x.len();
-    for (o, r) in out.iter_mut().zip(rows) {
+fn rows_portable(
+    w: Rows,
+    x: &[f32],
+    n: usize,
+    rows: Range<usize>,
+    out: par::SendPtr,
+    stride: usize,
+) {
+    let cols = x.len() / n;
+    for r in rows {
         let span = r * cols..(r + 1) * cols;
-        *o = match w {
-            Rows::F32(d) => super::dot(&d[span], x),
-            Rows::Bf16(d) => d[span].iter().zip(x).map(|(w, x)| w.to_f32() * x).sum(),
-            Rows::F16(d) => d[span].iter().zip(x).map(|(w, x)| w.to_f32() * x).sum(),
-        };
+        for (j, xj) in x.chunks_exact(cols).enumerate() {
+            let v = match w {
+                Rows::F32(d) => super::dot(&d[span.clone()], xj),
+                Rows::Bf16(d) => d[span.clone()]
+                    .iter()
+                    .zip(xj)
+                    .map(|(w, x)| w.to_f32() * x)
+                    .sum(),
+                Rows::F16(d) => d[span.clone()]
+                    .iter()
+                    .zip(xj)
+                    .map(|(w, x)| w.to_f32() * x)
+                    .sum(),
+            };
+            // SAFETY: the caller's output holds row j at `j·stride`, and row r is its alone.
+            unsafe { *out.0.add(j * stride + r) = v };
+        }
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::Rows;
+    use super::{par, Rows};
     use std::arch::x86_64::*;
     use std::ops::Range;
 
@@ -164,49 +211,95 @@ mod avx2 {
         }
     }
 
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn rows_of(w: Rows, x: &[f32], rows: Range<usize>, out: &mut [f32]) {
-        match w {
-            Rows::F32(d) => rows_t(d, x, rows, out),
-            Rows::Bf16(d) => rows_t(d, x, rows, out),
-            Rows::F16(d) => rows_t(d, x, rows, out),
-        }
+    #[inline(always)]
+    unsafe fn hsum(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+        _mm_cvtss_f32(s)
     }
 
-    /// Four independent chains of FMAs a row (32 weights an iteration), summed at its end.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn rows_of(
+        w: Rows,
+        x: &[f32],
+        n: usize,
+        rows: Range<usize>,
+        out: par::SendPtr,
+        stride: usize,
+    ) {
+        macro_rules! by_n {
+            ($($n:literal)*) => {
+                match (n, w) {
+                    $(($n, Rows::F32(d)) => rows_n::<$n, f32>(d, x, rows, out, stride),
+                      ($n, Rows::Bf16(d)) => rows_n::<$n, half::bf16>(d, x, rows, out, stride),
+                      ($n, Rows::F16(d)) => rows_n::<$n, half::f16>(d, x, rows, out, stride),)*
+                    _ => unreachable!("at most MAX_ROWS rows"),
+                }
+            };
+        }
+        by_n!(1 2 3 4 5 6 7 8)
+    }
+
+    /// `N` rows of x against the rows `rows` of W: each 8 weights widened once for all N.
+    /// Independent chains of FMAs per row of x (4 for one row, 2 up to four rows, else one:
+    /// the sums must stay in the 16 registers), summed at the row's end.
     #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
-    unsafe fn rows_t<T: Widen + Copy>(w: &[T], x: &[f32], rows: Range<usize>, out: &mut [f32]) {
-        let cols = x.len();
-        let full = cols / 32 * 32;
+    unsafe fn rows_n<const N: usize, T: Widen + Copy>(
+        w: &[T],
+        x: &[f32],
+        rows: Range<usize>,
+        out: par::SendPtr,
+        stride: usize,
+    ) {
+        let cols = x.len() / N;
+        let chains = if N == 1 {
+            4
+        } else if N <= 4 {
+            2
+        } else {
+            1
+        };
+        let step = 8 * chains;
+        let full = cols / step * step;
         let eights = cols / 8 * 8;
         let xp = x.as_ptr();
-        for (o, r) in out.iter_mut().zip(rows) {
+        for r in rows {
             let row = &w[r * cols..(r + 1) * cols];
             let wp = row.as_ptr();
-            let mut acc = [_mm256_setzero_ps(); 4];
+            let mut acc = [[_mm256_setzero_ps(); N]; 4];
             let mut c = 0;
             while c < full {
-                for (k, a) in acc.iter_mut().enumerate() {
+                for (k, a) in acc.iter_mut().enumerate().take(chains) {
                     let at = c + 8 * k;
-                    *a = _mm256_fmadd_ps(T::load8(wp.add(at)), _mm256_loadu_ps(xp.add(at)), *a);
+                    let wv = T::load8(wp.add(at));
+                    for (j, aj) in a.iter_mut().enumerate() {
+                        *aj = _mm256_fmadd_ps(wv, _mm256_loadu_ps(xp.add(j * cols + at)), *aj);
+                    }
                 }
-                c += 32;
+                c += step;
             }
             while c < eights {
-                acc[0] = _mm256_fmadd_ps(T::load8(wp.add(c)), _mm256_loadu_ps(xp.add(c)), acc[0]);
+                let wv = T::load8(wp.add(c));
+                for (j, aj) in acc[0].iter_mut().enumerate() {
+                    *aj = _mm256_fmadd_ps(wv, _mm256_loadu_ps(xp.add(j * cols + c)), *aj);
+                }
                 c += 8;
             }
-            let v = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
-            let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-            let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-            let s = _mm_add_ss(s, _mm_movehdup_ps(s));
-            let tail: f32 = row[eights..]
-                .iter()
-                .zip(&x[eights..])
-                .map(|(w, x)| w.to_f32() * x)
-                .sum();
-            *o = _mm_cvtss_f32(s) + tail;
+            for j in 0..N {
+                let v = _mm256_add_ps(
+                    _mm256_add_ps(acc[0][j], acc[1][j]),
+                    _mm256_add_ps(acc[2][j], acc[3][j]),
+                );
+                let xj = &x[j * cols..(j + 1) * cols];
+                let tail: f32 = row[eights..]
+                    .iter()
+                    .zip(&xj[eights..])
+                    .map(|(w, x)| w.to_f32() * x)
+                    .sum();
+                *out.0.add(j * stride + r) = hsum(v) + tail;
+            }
         }
     }
 }
@@ -246,7 +339,8 @@ mod tests {
                         .to_vec1()
                         .unwrap();
                     let mut portable = vec![0f32; rows];
-                    rows_portable(w.data().unwrap(), &x, 0..rows, &mut portable);
+                    let o = par::SendPtr::of(&mut portable);
+                    rows_portable(w.data().unwrap(), &x, 1, 0..rows, o, rows);
                     for r in 0..rows {
                         let want: f64 = wide[r * cols..(r + 1) * cols]
                             .iter()
@@ -269,6 +363,63 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// Several rows of x, in one pass and in several ([`MAX_ROWS`] a pass), against the f64
+    /// product, in every dtype; the SIMD path against the portable one.
+    #[test]
+    fn rows_of_x_equal_the_product_on_the_widened_weights() {
+        let (rows, cols) = (29, 72);
+        for n in [1, 2, 3, 5, 8, 11, 17] {
+            let x = rand(&[n, cols], n as u64, 1.0).flatten_all().unwrap();
+            let x = x.to_vec1::<f32>().unwrap();
+            for dt in [DType::F32, DType::BF16, DType::F16] {
+                let m = rand(&[rows, cols], 9, 2.0).to_dtype(dt).unwrap();
+                let wide: Vec<f32> = m
+                    .to_dtype(DType::F32)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
+                let w = Matrix::of(&m).unwrap();
+                let mut out = vec![f32::NAN; n * rows];
+                assert!(matmul_rows(&w, &x, n, &mut out));
+                let mut portable = vec![f32::NAN; n * rows];
+                for first in (0..n).step_by(MAX_ROWS) {
+                    let k = MAX_ROWS.min(n - first);
+                    let o = par::SendPtr::of(&mut portable[first * rows..]);
+                    let xs = &x[first * cols..(first + k) * cols];
+                    rows_portable(w.data().unwrap(), xs, k, 0..rows, o, rows);
+                }
+                for j in 0..n {
+                    for r in 0..rows {
+                        let want: f64 = (0..cols)
+                            .map(|c| wide[r * cols + c] as f64 * x[j * cols + c] as f64)
+                            .sum();
+                        let (got, p) = (out[j * rows + r] as f64, portable[j * rows + r] as f64);
+                        let tol = 1e-5 * (1.0 + want.abs()) * (cols as f64).sqrt();
+                        assert!(
+                            (got - want).abs() < tol,
+                            "{dt:?} n {n} ({j}, {r}): {got} vs {want}"
+                        );
+                        assert!(
+                            (got - p).abs() < tol,
+                            "{dt:?} n {n} simd {got} vs portable {p}"
+                        );
+                    }
+                }
+            }
+        }
+        let m = rand(&[4, 16], 1, 1.0);
+        let w = Matrix::of(&m).unwrap();
+        let mut out = vec![0f32; 8];
+        assert!(!matmul_rows(&w, &[0.0; 31], 2, &mut out), "x is not n rows");
+        assert!(
+            !matmul_rows(&w, &[0.0; 32], 2, &mut out[..7]),
+            "out too short"
+        );
+        assert!(!matmul_rows(&w, &[], 0, &mut []), "no rows");
     }
 
     #[test]

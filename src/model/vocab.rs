@@ -186,10 +186,19 @@ impl VocabMatrix {
     }
 
     /// [`VocabMatrix::matmul_t`] for decoding: the block path, with the leading logits exact
-    /// ([`QuantizedRows::matmul_t_refined`]): they decide the token.
+    /// ([`QuantizedRows::matmul_t_refined`]): they decide the token. A dense matrix is read as
+    /// a dense linear weight is ([`super::quantized::Weight::matmul_t_decode`]).
     pub fn matmul_t_decode(&self, h: &Tensor) -> Result<Tensor> {
         match self {
-            Self::Dense(_) => self.matmul_t(h),
+            Self::Dense(w) => {
+                // Read as held for a few rows; else by slices (never one f32 copy of it all).
+                let w = super::quantized::Weight::Dense(w.clone());
+                if w.reads_rows(h) {
+                    w.matmul_t_decode(h)
+                } else {
+                    self.matmul_t(h)
+                }
+            }
             Self::Quantized(q) => q.matmul_t_refined(h),
         }
     }

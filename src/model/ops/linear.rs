@@ -36,10 +36,10 @@ impl Linear {
         lora_x: Option<&Tensor>,
         decode: bool,
     ) -> Result<(Tensor, Option<Tensor>)> {
-        // Decoding: a quantized weight times the few rows of new positions is read from its
-        // blocks (`Weight::matmul_t_decode`), never dequantized whole.
-        let decoding =
-            decode && self.weight.is_quantized() && x.dim(0)? <= crate::kernels::qmatvec::MAX_ROWS;
+        // Decoding: a weight times the few rows of new positions is read as stored
+        // (`Weight::matmul_t_decode`): a quantized one from its blocks, never dequantized
+        // whole; a bf16/f16 one never widened to an f32 copy.
+        let decoding = decode && self.weight.reads_rows(x);
         if self.bias.is_none() && crate::kernels::covers(x) && !decoding {
             let w = self.weight.f32()?;
             if let Some(done) =

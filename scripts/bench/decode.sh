@@ -5,11 +5,13 @@
 # machine's changing load falls on both. Prints each run's decode tokens/s and the medians.
 #
 # Usage: scripts/bench/decode.sh [BIN]
-#   MODEL    the GGUF (default: the SmolLM2 test model, fetched if needed)
+#   MODEL    the GGUF (default: the SmolLM2 test model, fetched if needed); a BF16 or F16 GGUF
+#            (`your_ai fuse --format gguf --gguf-type bf16|f16`) measures decoding from
+#            half-precision weights
 #   THREADS  threads for both (default: 2)
 #   TOKENS   new tokens per run (default: 128, at most 900)
 #   RUNS     runs per row (default: 5)
-#   ROWS     your_ai rows, space-separated: gguf (the default: the GGUF's own quantized blocks),
+#   ROWS     your_ai rows, space-separated: gguf (the default: the GGUF's weights as stored),
 #            dense (--dtype f32: the weights dequantized to f32) (default: "gguf dense")
 #   PYTHON   a python with llama-cpp-python (default: python3; the llama.cpp row is skipped
 #            when it is missing)

@@ -38,17 +38,26 @@ fn the_fused_token_step_equals_the_tensor_path() {
         quantize: Some(QuantBits::Four),
         ..LoadOptions::cpu_f32()
     };
-    for (qtype, tied) in [(GgmlDType::Q4_1, false), (GgmlDType::Q8_0, true)] {
+    // (block type, tied head, Qwen2's q/k/v biases). With biases the two paths' sums differ
+    // in order, and an 8-bit rounding flip (see above) appears after about 40 steps on Q8_0
+    // (8 on Q4_0): that case runs 20 (the exact dense test covers biases over 30).
+    for (qtype, tied, qkv_bias) in [
+        (GgmlDType::Q4_1, false, false),
+        (GgmlDType::Q8_0, true, false),
+        (GgmlDType::Q8_0, false, true),
+    ] {
         let spec = TinySpec {
             hidden: 128,
             intermediate: 192,
             heads: 4,
             kv_heads: 2,
             tied,
+            qkv_bias,
             ..TinySpec::default()
         };
         let path = dir.path().join(format!("tiny-{qtype:?}.gguf"));
-        write_gguf(&path, &spec, &tiny_weights(&spec, 5), qtype, "llama");
+        let arch = if qkv_bias { "qwen2" } else { "llama" };
+        write_gguf(&path, &spec, &tiny_weights(&spec, 5), qtype, arch);
         let mut loaded = your_ai::model::load(path.to_str().unwrap(), &opts, None).unwrap();
         let adapter_dir = dir.path().join(format!("adapter-{qtype:?}"));
         let adapter = random_adapter(&loaded.model.cfg, &adapter_dir, 0.3, 4);
@@ -62,7 +71,7 @@ fn the_fused_token_step_equals_the_tensor_path() {
             m.forward(&prompt, &mut tensors).unwrap();
             let mut next = 5u32;
             let mut worst = 0f32;
-            for step in 0..40 {
+            for step in 0..if qkv_bias { 20 } else { 40 } {
                 let got = m
                     .decode_next(next, &mut fused)
                     .unwrap()
@@ -238,4 +247,47 @@ fn k_quant_blocks_decode_within_rounding_of_the_dequantized_product() {
         "mean relative difference {}",
         total / 12.0
     );
+}
+
+/// How `generate`, `chat`, `serve` and `validate` load each kind of checkpoint on the CPU
+/// (`decode_options`): `(arithmetic, weights, quantization)`.
+#[test]
+fn decoding_holds_the_weights_as_stored_unless_the_flags_say_otherwise() {
+    use candle_core::DType::{BF16, F16, F32};
+    use your_ai::model::args::{decode_options, ModelArgs};
+    use your_ai::runtime::device::{DTypeChoice as D, DeviceChoice};
+    let dir = tempfile::tempdir().unwrap();
+    let spec = TinySpec {
+        hidden: 128,
+        intermediate: 192,
+        ..TinySpec::default()
+    };
+    let w = tiny_weights(&spec, 1);
+    let hf = dir.path().join("bf16");
+    common::write_hf_dir(&hf, &spec, &w, BF16);
+    let q41 = dir.path().join("q41.gguf");
+    write_gguf(&q41, &spec, &w, GgmlDType::Q4_1, "llama");
+    let f16 = dir.path().join("f16.gguf");
+    write_gguf(&f16, &spec, &w, GgmlDType::F16, "llama");
+    let load = |path: &std::path::Path, dtype: D, quantize: Option<QuantBits>| {
+        let args = ModelArgs {
+            model: path.to_str().unwrap().to_string(),
+            device: DeviceChoice::Cpu,
+            dtype,
+        };
+        let o = decode_options(&args, quantize).unwrap();
+        (o.dtype, o.weight_dtype, o.quantize)
+    };
+    // A bf16 checkpoint stays bf16 and computes in f32, unless told otherwise.
+    assert_eq!(load(&hf, D::Auto, None), (F32, BF16, None));
+    assert_eq!(load(&hf, D::Bf16, None), (F32, BF16, None));
+    assert_eq!(load(&hf, D::F32, None), (F32, F32, None));
+    let four = Some(QuantBits::Four);
+    assert_eq!(load(&hf, D::Auto, four), (F32, F32, four));
+    // A quantized GGUF keeps its blocks; a dtype asks for dense weights.
+    assert_eq!(load(&q41, D::Auto, None), (F32, F32, four));
+    assert_eq!(load(&q41, D::Bf16, None), (F32, BF16, None));
+    assert_eq!(load(&q41, D::F32, None), (F32, F32, None));
+    // An F16 GGUF is held as stored.
+    assert_eq!(load(&f16, D::Auto, None), (F32, F16, None));
 }

@@ -239,7 +239,7 @@ fn a_bf16_model_decodes_its_f32_reply_at_half_size() {
     assert!(wide.split_whitespace().count() > 10, "{wide}");
     assert_eq!(auto, wide, "the bf16 weights widen exactly: the same reply");
     assert!(
-        auto_peak + file * 7 / 10 < wide_peak,
+        auto_peak + file / 2 < wide_peak,
         "auto peaked at {} MB, f32 at {} MB (file {} MB)",
         auto_peak / 1_000_000,
         wide_peak / 1_000_000,

@@ -22,8 +22,8 @@ pub enum Rows<'a> {
 pub struct Matrix<'a> {
     guard: Box<dyn Deref<Target = Storage> + 'a>,
     start: usize,
-    pub rows: usize,
-    pub cols: usize,
+    rows: usize,
+    cols: usize,
 }
 
 impl Matrix<'_> {
@@ -44,6 +44,11 @@ impl Matrix<'_> {
             cols,
         };
         (end - start == rows * cols && m.data().is_some()).then_some(m)
+    }
+
+    /// `(rows, cols)`.
+    pub fn dims(&self) -> (usize, usize) {
+        (self.rows, self.cols)
     }
 
     /// The elements, row after row.
@@ -68,16 +73,21 @@ pub const MAX_ROWS: usize = 8;
 
 /// `out[at + r] = Σ_c W[r, c]·x[c]` for every row `r` of each `(W, at)` of `parts`: several
 /// products over the same input (q, k and v; gate and up) as one parallel dispatch over all
-/// their rows. False (nothing written) when a part's width is not `x`'s or it does not fit in
-/// `out`.
+/// their rows. False (nothing written) when a part's width is not `x`'s, it does not fit in
+/// `out`, or two parts' outputs overlap.
 pub fn matvec_parts(parts: &[(Matrix, usize)], x: &[f32], out: &mut [f32]) -> bool {
     // (elements, first output, rows) of each part: the guards stay on this thread.
     let mut data = Vec::with_capacity(parts.len());
     for (w, at) in parts {
         match w.data() {
-            Some(d) if w.cols == x.len() && at + w.rows <= out.len() => data.push((d, *at, w.rows)),
+            Some(d) if w.cols == x.len() && w.cols > 0 && at + w.rows <= out.len() => {
+                data.push((d, *at, w.rows))
+            }
             _ => return false,
         }
+    }
+    if !par::disjoint(data.iter().map(|&(_, at, rows)| at..at + rows)) {
+        return false;
     }
     let total: usize = data.iter().map(|(_, _, rows)| rows).sum();
     let p = par::SendPtr::of(out);
@@ -104,7 +114,7 @@ pub fn matmul_rows(w: &Matrix, x: &[f32], n: usize, out: &mut [f32]) -> bool {
     let Some(d) = w.data() else {
         return false;
     };
-    if n == 0 || x.len() != n * w.cols || out.len() != n * w.rows {
+    if n == 0 || w.cols == 0 || x.len() != n * w.cols || out.len() != n * w.rows {
         return false;
     }
     let (rows, cols) = (w.rows, w.cols);
@@ -369,44 +379,46 @@ mod tests {
     /// product, in every dtype; the SIMD path against the portable one.
     #[test]
     fn rows_of_x_equal_the_product_on_the_widened_weights() {
-        let (rows, cols) = (29, 72);
-        for n in [1, 2, 3, 5, 8, 11, 17] {
-            let x = rand(&[n, cols], n as u64, 1.0).flatten_all().unwrap();
-            let x = x.to_vec1::<f32>().unwrap();
-            for dt in [DType::F32, DType::BF16, DType::F16] {
-                let m = rand(&[rows, cols], 9, 2.0).to_dtype(dt).unwrap();
-                let wide: Vec<f32> = m
-                    .to_dtype(DType::F32)
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1()
-                    .unwrap();
-                let w = Matrix::of(&m).unwrap();
-                let mut out = vec![f32::NAN; n * rows];
-                assert!(matmul_rows(&w, &x, n, &mut out));
-                let mut portable = vec![f32::NAN; n * rows];
-                for first in (0..n).step_by(MAX_ROWS) {
-                    let k = MAX_ROWS.min(n - first);
-                    let o = par::SendPtr::of(&mut portable[first * rows..]);
-                    let xs = &x[first * cols..(first + k) * cols];
-                    rows_portable(w.data().unwrap(), xs, k, 0..rows, o, rows);
-                }
-                for j in 0..n {
-                    for r in 0..rows {
-                        let want: f64 = (0..cols)
-                            .map(|c| wide[r * cols + c] as f64 * x[j * cols + c] as f64)
-                            .sum();
-                        let (got, p) = (out[j * rows + r] as f64, portable[j * rows + r] as f64);
-                        let tol = 1e-5 * (1.0 + want.abs()) * (cols as f64).sqrt();
-                        assert!(
-                            (got - want).abs() < tol,
-                            "{dt:?} n {n} ({j}, {r}): {got} vs {want}"
-                        );
-                        assert!(
-                            (got - p).abs() < tol,
-                            "{dt:?} n {n} simd {got} vs portable {p}"
-                        );
+        for (rows, cols) in [(29, 72), (13, 77)] {
+            for n in [1, 2, 3, 5, 8, 11, 17] {
+                let x = rand(&[n, cols], n as u64, 1.0).flatten_all().unwrap();
+                let x = x.to_vec1::<f32>().unwrap();
+                for dt in [DType::F32, DType::BF16, DType::F16] {
+                    let m = rand(&[rows, cols], 9, 2.0).to_dtype(dt).unwrap();
+                    let wide: Vec<f32> = m
+                        .to_dtype(DType::F32)
+                        .unwrap()
+                        .flatten_all()
+                        .unwrap()
+                        .to_vec1()
+                        .unwrap();
+                    let w = Matrix::of(&m).unwrap();
+                    let mut out = vec![f32::NAN; n * rows];
+                    assert!(matmul_rows(&w, &x, n, &mut out));
+                    let mut portable = vec![f32::NAN; n * rows];
+                    for first in (0..n).step_by(MAX_ROWS) {
+                        let k = MAX_ROWS.min(n - first);
+                        let o = par::SendPtr::of(&mut portable[first * rows..]);
+                        let xs = &x[first * cols..(first + k) * cols];
+                        rows_portable(w.data().unwrap(), xs, k, 0..rows, o, rows);
+                    }
+                    for j in 0..n {
+                        for r in 0..rows {
+                            let want: f64 = (0..cols)
+                                .map(|c| wide[r * cols + c] as f64 * x[j * cols + c] as f64)
+                                .sum();
+                            let (got, p) =
+                                (out[j * rows + r] as f64, portable[j * rows + r] as f64);
+                            let tol = 1e-5 * (1.0 + want.abs()) * (cols as f64).sqrt();
+                            assert!(
+                                (got - want).abs() < tol,
+                                "{dt:?} n {n} ({j}, {r}): {got} vs {want}"
+                            );
+                            assert!(
+                                (got - p).abs() < tol,
+                                "{dt:?} n {n} simd {got} vs portable {p}"
+                            );
+                        }
                     }
                 }
             }
@@ -432,6 +444,10 @@ mod tests {
         assert!(short.iter().all(|v| v.is_nan()));
         let mut out = vec![0f32; 4];
         assert!(!matvec_parts(&parts, &x[..15], &mut out), "width mismatch");
+        let twice = [(Matrix::of(&m).unwrap(), 0), (Matrix::of(&m).unwrap(), 3)];
+        let mut wide = vec![f32::NAN; 8];
+        assert!(!matvec_parts(&twice, &x, &mut wide), "overlapping outputs");
+        assert!(wide.iter().all(|v| v.is_nan()));
         assert!(Matrix::of(&m.t().unwrap()).is_none(), "a transposed view");
         assert!(
             Matrix::of(&m.to_dtype(DType::F64).unwrap()).is_none(),

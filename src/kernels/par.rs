@@ -44,6 +44,14 @@ pub fn on_each_thread(f: impl Fn(usize, usize) + Sync) {
 /// costs a few microseconds.
 pub const PAR_MIN_WORK: usize = 1 << 15;
 
+/// Whether no two of `ranges` overlap: products over several parts write their outputs from
+/// several threads, unsynchronised.
+pub fn disjoint(ranges: impl Iterator<Item = Range<usize>>) -> bool {
+    let mut v: Vec<Range<usize>> = ranges.collect();
+    v.sort_by_key(|r| r.start);
+    v.windows(2).all(|w| w[0].end <= w[1].start)
+}
+
 /// A raw pointer that may cross threads: each thread writes only its own disjoint part.
 #[derive(Clone, Copy)]
 pub struct SendPtr(pub *mut f32);

@@ -333,7 +333,8 @@ pub fn qmatvec(w: &Blocks, x: &QuantizedX, n: usize, out: &mut [f32], stride: us
 /// `out[at + r] = W·x` for every row `r` of each `(W, at)` of `parts` and the one row of `x`:
 /// several products over the same input (decoding's q, k and v; gate and up; a sliced
 /// matrix's slices) as one parallel dispatch over all their rows, so the pool wakes once.
-/// False (nothing written) when a part is not covered or does not fit in `out`.
+/// False (nothing written) when a part is not covered, does not fit in `out`, or two parts'
+/// outputs overlap.
 pub fn qmatvec_parts(parts: &[(Blocks, usize)], x: &QuantizedX, out: &mut [f32]) -> bool {
     let mut row_bytes = Vec::with_capacity(parts.len());
     for (w, at) in parts {
@@ -341,6 +342,9 @@ pub fn qmatvec_parts(parts: &[(Blocks, usize)], x: &QuantizedX, out: &mut [f32])
             Some(rb) if at + w.rows <= out.len() => row_bytes.push(rb),
             _ => return false,
         }
+    }
+    if !par::disjoint(parts.iter().map(|(w, at)| *at..at + w.rows)) {
+        return false;
     }
     let total: usize = parts.iter().map(|(w, _)| w.rows).sum();
     let work: usize = parts.iter().map(|(w, _)| w.rows * w.cols).sum();

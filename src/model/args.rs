@@ -23,8 +23,9 @@ pub struct ModelArgs {
     #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
     pub device: DeviceChoice,
     /// Dtype of the weights and the arithmetic; auto is bf16 on a GPU and f32 on the CPU. On
-    /// the CPU every command holds bf16/f16 weights at half size and computes in f32; under
-    /// auto it holds a checkpoint stored in bf16/f16 so (without `--quantize`).
+    /// the CPU every command that runs the model holds bf16/f16 weights at half size and
+    /// computes in f32; under auto it holds a checkpoint stored in bf16/f16 so (without
+    /// `--quantize`; the candle engine).
     #[arg(long, value_enum, default_value_t = DTypeChoice::Auto)]
     pub dtype: DTypeChoice,
 }
@@ -64,12 +65,17 @@ impl ModelArgs {
         quantize: Option<QuantBits>,
         stored: Option<DType>,
     ) -> Result<LoadOptions> {
-        let opts = self.load_options(quantize)?;
+        Ok(self.for_kernels(self.load_options(quantize)?, stored))
+    }
+
+    /// `opts` (from [`ModelArgs::load_options`]) as [`ModelArgs::kernel_load_options`] makes
+    /// them.
+    fn for_kernels(&self, opts: LoadOptions, stored: Option<DType>) -> LoadOptions {
         if self.dtype == DTypeChoice::Auto && opts.device.is_cpu() {
-            let weights = cpu_auto_weights(stored, quantize.is_some());
-            return Ok(LoadOptions::new(opts.device, weights, quantize).for_kernels());
+            let weights = cpu_auto_weights(stored, opts.quantize.is_some());
+            return LoadOptions::new(opts.device, weights, opts.quantize).for_kernels();
         }
-        Ok(opts.for_kernels())
+        opts.for_kernels()
     }
 }
 
@@ -116,7 +122,8 @@ impl RunArgs {
 ///   does). `--dtype f32` asks for the dense, dequantized weights;
 /// - otherwise the model loads as `train` and `eval` load it
 ///   ([`ModelArgs::kernel_load_options`]): a checkpoint stored in bf16/f16 keeps its weights
-///   so, and the token step reads them at that size, computing in f32.
+///   so (a GGUF when all its matrices share that format), and decoding reads them at that
+///   size, computing in f32. `--dtype bf16|f16` holds any checkpoint's weights so.
 ///
 /// Elsewhere, as [`ModelArgs::load_options`] says.
 pub fn decode_options(model: &ModelArgs, quantize: Option<QuantBits>) -> Result<LoadOptions> {
@@ -125,18 +132,21 @@ pub fn decode_options(model: &ModelArgs, quantize: Option<QuantBits>) -> Result<
     if !opts.device.is_cpu() {
         return Ok(opts);
     }
-    let stored = super::inspect(&model.model)?.matrix_dtype;
-    let dense = model.kernel_load_options(quantize, stored)?;
     if quantize.is_some() || model.dtype != DTypeChoice::Auto {
-        return Ok(dense);
+        return Ok(model.for_kernels(opts, None));
     }
+    // The dtype the checkpoint's matrices are stored in, for a dense load.
+    let dense = |opts: LoadOptions| -> Result<LoadOptions> {
+        let stored = super::inspect(&model.model)?.matrix_dtype;
+        Ok(model.for_kernels(opts, stored))
+    };
     let Ok(super::source::ModelSource::Gguf(path)) = super::source::resolve(&model.model) else {
-        return Ok(dense);
+        return dense(opts);
     };
     let formats = crate::weights::GgufFile::open(&path)?.linear_formats();
     let stored_quantized = |f: &G| !matches!(f, G::F32 | G::F16 | G::BF16);
     let bits = if formats.is_empty() || !formats.iter().all(stored_quantized) {
-        return Ok(dense);
+        return dense(opts);
     } else if formats == [G::Q8_0] {
         QuantBits::Eight
     } else {

@@ -212,7 +212,7 @@ impl Llama {
             }
             VocabMatrix::Dense(w) => {
                 if let Some(m) = matvec::Matrix::of(w) {
-                    let mut logits = vec![0f32; m.rows];
+                    let mut logits = vec![0f32; m.dims().0];
                     if matvec::matvec_parts(&[(m, 0)], &h, &mut logits) {
                         return Ok(Some(logits));
                     }

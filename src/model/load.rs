@@ -29,8 +29,8 @@ pub struct LoadOptions {
     /// The dtype computed in (activations, norms).
     pub dtype: DType,
     /// The dtype the dense frozen matrices are held in (block linears, embeddings, head):
-    /// `dtype`, except where training and scoring on the CPU compute half-precision weights
-    /// in f32 ([`LoadOptions::for_kernels`]).
+    /// `dtype`, except where training, scoring and decoding on the CPU compute
+    /// half-precision weights in f32 ([`LoadOptions::for_kernels`]).
     pub weight_dtype: DType,
     /// The block linears kept at 4 or 8 bits (a quantized GGUF keeps its own format), the
     /// embeddings likewise and the LM head at 8; None: everything dense in `weight_dtype`.
@@ -53,7 +53,7 @@ impl LoadOptions {
         }
     }
 
-    /// As the candle engine trains and scores (`train`, `eval`): on the CPU, where the fused f32
+    /// As the candle engine trains, scores and decodes: on the CPU, where the fused f32
     /// kernels run, bf16/f16 weights stay at half size and are computed in f32
     /// ([`crate::runtime::device::compute_dtype`]).
     pub fn for_kernels(self) -> Self {

@@ -120,11 +120,12 @@ impl Weight {
                 if self.reads_rows(x) {
                     if let Some(m) = crate::kernels::matvec::Matrix::of(w) {
                         let xs = x.flatten_all()?.to_vec1::<f32>()?;
-                        let mut out = vec![0f32; rows * m.rows];
-                        if m.cols == cols
+                        let (out_features, in_features) = m.dims();
+                        let mut out = vec![0f32; rows * out_features];
+                        if in_features == cols
                             && crate::kernels::matvec::matmul_rows(&m, &xs, rows, &mut out)
                         {
-                            return Tensor::from_vec(out, (rows, m.rows), x.device());
+                            return Tensor::from_vec(out, (rows, out_features), x.device());
                         }
                     }
                 }
@@ -136,8 +137,9 @@ impl Weight {
 
     /// Whether decoding reads this weight as stored for the rows of 2-D `x`: a quantized
     /// weight for up to [`crate::kernels::qmatvec::MAX_ROWS`] rows; a dense one on the CPU,
-    /// for f32 `x` of up to [`DENSE_DECODE_ROWS`] rows (a short prompt: the weights are read
-    /// once per 8 rows, where widening a bf16 weight for the GEMM writes twice its size).
+    /// for f32 `x` of up to [`DENSE_DECODE_ROWS`] rows when it is bf16/f16 (a short prompt: the
+    /// weights are read once per 8 rows, where widening them for the GEMM writes twice their
+    /// size), of up to [`crate::kernels::matvec::MAX_ROWS`] (one pass) when it is f32.
     pub fn reads_rows(&self, x: &Tensor) -> bool {
         let Ok(rows) = x.dim(0) else {
             return false;
@@ -145,7 +147,12 @@ impl Weight {
         match self {
             Weight::Quantized(_) => rows <= crate::kernels::qmatvec::MAX_ROWS,
             Weight::Dense(w) => {
-                rows <= DENSE_DECODE_ROWS
+                // f32 weights need no widening: past one pass the GEMM reads them once.
+                let most = match w.dtype() {
+                    DType::F32 => crate::kernels::matvec::MAX_ROWS,
+                    _ => DENSE_DECODE_ROWS,
+                };
+                rows <= most
                     && x.dtype() == DType::F32
                     && x.device().is_cpu()
                     && w.device().is_cpu()

@@ -354,14 +354,20 @@ pub fn run_measured(cmd: &mut std::process::Command) -> Measured {
     let mut status = 0;
     // SAFETY: plain syscall on our own child, with valid out-pointers.
     let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    let pid = unsafe { libc::wait4(child.id() as i32, &mut status, 0, &mut usage) };
-    assert_eq!(pid, child.id() as i32, "wait4 failed");
+    loop {
+        let pid = unsafe { libc::wait4(child.id() as i32, &mut status, 0, &mut usage) };
+        if pid == child.id() as i32 {
+            break;
+        }
+        let err = std::io::Error::last_os_error();
+        assert_eq!(err.kind(), std::io::ErrorKind::Interrupted, "wait4: {err}");
+    }
     Measured {
         success: libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
         stdout: out.join().unwrap(),
         stderr: err.join().unwrap(),
-        // Kilobytes on Linux.
-        peak_rss_bytes: usage.ru_maxrss as u64 * 1024,
+        // Kilobytes on Linux, bytes on macOS.
+        peak_rss_bytes: usage.ru_maxrss as u64 * if cfg!(target_os = "macos") { 1 } else { 1024 },
     }
 }
 

@@ -133,7 +133,14 @@ pub fn matmul_rows(w: &Matrix, x: &[f32], n: usize, out: &mut [f32]) -> bool {
 
 /// `out[j·stride + r] = Σ_c W[r, c]·x[j, c]` for the rows `rows` of `W` and the `n ≤
 /// MAX_ROWS` rows of `x`.
-fn rows_of(w: Rows, x: &[f32], n: usize, rows: Range<usize>, out: par::SendPtr, stride: usize) {
+pub(super) fn rows_of(
+    w: Rows,
+    x: &[f32],
+    n: usize,
+    rows: Range<usize>,
+    out: par::SendPtr,
+    stride: usize,
+) {
     #[cfg(target_arch = "x86_64")]
     if std::is_x86_feature_detected!("avx2")
         && std::is_x86_feature_detected!("fma")

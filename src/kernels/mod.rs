@@ -46,6 +46,7 @@ pub mod matvec;
 pub mod one_token;
 pub mod par;
 pub mod qmatvec;
+pub mod qrows;
 mod rope;
 mod widen;
 

@@ -11,8 +11,8 @@ use super::par;
 use candle_core::quantized::GgmlDType;
 use half::f16;
 
-/// Rows of `x` up to which the block path is taken; above it (a prompt), dequantizing a slice
-/// and running the GEMM is faster.
+/// Rows of `x` up to which this kernel reads the blocks; decoding gives it one new token's
+/// row (a prompt's rows are multiplied exactly, [`super::qrows`]).
 pub const MAX_ROWS: usize = 8;
 
 /// Whether [`qmatvec`] reads blocks of `dt`.

@@ -136,7 +136,7 @@ impl Weight {
     }
 
     /// Whether decoding reads this weight as stored for the rows of 2-D `x`: a quantized
-    /// weight for up to [`crate::kernels::qmatvec::MAX_ROWS`] rows; a dense one on the CPU,
+    /// weight for one new token or a prompt's rows ([`QuantizedRows::reads_rows`]); a dense one on the CPU,
     /// for f32 `x` of up to [`DENSE_DECODE_ROWS`] rows when it is bf16/f16 (a short prompt: the
     /// weights are read once per 8 rows, where widening them for the GEMM writes twice their
     /// size), of up to [`crate::kernels::matvec::MAX_ROWS`] (one pass) when it is f32.
@@ -145,7 +145,7 @@ impl Weight {
             return false;
         };
         match self {
-            Weight::Quantized(_) => rows <= crate::kernels::qmatvec::MAX_ROWS,
+            Weight::Quantized(q) => q.reads_rows(x),
             Weight::Dense(w) => {
                 // f32 weights need no widening: past one pass the GEMM reads them once.
                 let most = match w.dtype() {

@@ -9,7 +9,7 @@
 //! are cut at load without dequantizing: GGML blocks never straddle rows.
 
 use super::ops::row_chunks;
-use crate::kernels::qmatvec;
+use crate::kernels::{qmatvec, qrows};
 use candle_core::quantized::{ggml_file::qtensor_from_ggml, GgmlDType, QTensor};
 use candle_core::{DType, Device, Result, Tensor};
 use std::borrow::Cow;
@@ -198,10 +198,56 @@ impl QuantizedRows {
     /// decoding gives are dotted with the blocks as they are stored, `x` rounded to 8 bits
     /// ([`qmatvec`], as llama.cpp does); anything else as `matmul_t`.
     pub fn matmul_t_decode(&self, x: &Tensor) -> Result<Tensor> {
+        if let Some(y) = self.matmul_t_prompt(x)? {
+            return Ok(y);
+        }
         match self.matmul_t_few(x)? {
             Some(y) => Ok(y),
             None => self.matmul_t(x),
         }
+    }
+
+    /// Whether [`QuantizedRows::matmul_t_decode`] reads the blocks as stored for the rows of
+    /// 2-D `x`: one new token's row, or a prompt's rows up to [`qrows::MAX_ROWS`] (exactly).
+    pub fn reads_rows(&self, x: &Tensor) -> bool {
+        match x.dims2() {
+            Ok((n, _)) => n <= qmatvec::MAX_ROWS || self.prompt_rows(x).is_some(),
+            Err(_) => false,
+        }
+    }
+
+    /// The rows of `x` when they are a prompt's that [`qrows`] multiplies exactly: 2 to
+    /// [`qrows::MAX_ROWS`] rows of f32 on the CPU, as wide as the matrix, in a format it reads.
+    fn prompt_rows(&self, x: &Tensor) -> Option<usize> {
+        let (n, cols) = x.dims2().ok()?;
+        let ok = (2..=qrows::MAX_ROWS).contains(&n)
+            && cols == self.cols
+            && x.dtype() == DType::F32
+            && x.device().is_cpu()
+            && self.on_cpu()
+            && qrows::covers(self.dtype())
+            && crate::kernels::enabled();
+        ok.then_some(n)
+    }
+
+    /// `x Wᵀ` for a prompt's rows, exactly, from the blocks as stored ([`qrows`]): the
+    /// prompt's keys and values are the dequantized model's, where decoding's block path
+    /// rounds `x`. `None` where it does not apply.
+    fn matmul_t_prompt(&self, x: &Tensor) -> Result<Option<Tensor>> {
+        let Some(n) = self.prompt_rows(x) else {
+            return Ok(None);
+        };
+        let Some(parts) = self.parts_where(0, qrows::covers) else {
+            return Ok(None);
+        };
+        let xs = x.flatten_all()?.to_vec1::<f32>()?;
+        let mut out = vec![0f32; n * self.rows];
+        for (w, at) in &parts {
+            if !qrows::matmul_rows(w, &xs, n, &mut out, *at, self.rows) {
+                return Ok(None);
+            }
+        }
+        Ok(Some(Tensor::from_vec(out, (n, self.rows), x.device())?))
     }
 
     /// `x Wᵀ` for the few rows of f32 `x` on the CPU that decoding gives, from the blocks as
@@ -335,7 +381,16 @@ impl QuantizedRows {
     /// Each slice's GGML blocks with where its rows go in the product's output (`at` + its
     /// first row), for [`qmatvec`]; `None` off the CPU or for a block type it does not cover.
     pub fn block_parts(&self, at: usize) -> Option<Vec<(qmatvec::Blocks<'_>, usize)>> {
-        if !self.on_cpu() || !qmatvec::covers(self.dtype()) {
+        self.parts_where(at, qmatvec::covers)
+    }
+
+    /// [`QuantizedRows::block_parts`] for a kernel that reads the formats `covers` accepts.
+    fn parts_where(
+        &self,
+        at: usize,
+        covers: fn(GgmlDType) -> bool,
+    ) -> Option<Vec<(qmatvec::Blocks<'_>, usize)>> {
+        if !self.on_cpu() || !covers(self.dtype()) {
             return None;
         }
         let ranges = self.ranges().into_iter().zip(&self.slices);
@@ -494,14 +549,21 @@ mod tests {
             let x = rand(&[12, 64], 2, 1.0);
             let want = x.matmul(&deq.t().unwrap()).unwrap();
             assert!(max_rel_diff(&m.matmul_t(&x).unwrap(), &want) < 1e-5);
+            // A prompt read from the blocks for decoding: exact (to float rounding).
+            let prompt = m.matmul_t_decode(&x).unwrap();
+            assert!(m.reads_rows(&x));
+            assert!(max_rel_diff(&prompt, &want) < 1e-5);
             // Decoding's few rows: the blocks read in integers, x rounded to 8 bits (the
-            // kernel's own test bounds that rounding entry by entry).
+            // kernel's own test bounds that rounding entry by entry); one new token's row
+            // takes that path in `matmul_t_decode`.
             let x = x.narrow(0, 0, 3).unwrap();
             let want = x.matmul(&deq.t().unwrap()).unwrap();
-            let got = m.matmul_t_decode(&x).unwrap();
+            let got = m.matmul_t_few(&x).unwrap().unwrap();
             assert_eq!(max_rel_diff(&m.matmul_t(&x).unwrap(), &want), 0.0);
             assert!(max_rel_diff(&got, &want) < 2e-2);
             assert!(max_rel_diff(&got, &want) > 0.0, "the block path was taken");
+            let one = m.matmul_t_decode(&x.narrow(0, 1, 1).unwrap()).unwrap();
+            assert_eq!(max_rel_diff(&one, &got.narrow(0, 1, 1).unwrap()), 0.0);
             // The head's refinement: each row's largest outputs are the dense ones.
             let refined = m.matmul_t_refined(&x).unwrap().to_vec2::<f32>().unwrap();
             let (approx, dense) = (

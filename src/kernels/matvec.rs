@@ -187,6 +187,7 @@ fn rows_portable(
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use super::{par, Rows};
+    use crate::kernels::hsum;
     use std::arch::x86_64::*;
     use std::ops::Range;
 
@@ -226,14 +227,6 @@ mod avx2 {
         fn to_f32(self) -> f32 {
             half::f16::to_f32(self)
         }
-    }
-
-    #[inline(always)]
-    unsafe fn hsum(v: __m256) -> f32 {
-        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        let s = _mm_add_ss(s, _mm_movehdup_ps(s));
-        _mm_cvtss_f32(s)
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]

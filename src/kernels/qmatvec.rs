@@ -163,6 +163,7 @@ fn rows_portable(
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use super::{par, GgmlDType, QuantizedX};
+    use crate::kernels::hsum;
     use std::arch::x86_64::*;
 
     /// The f16 at `p`.
@@ -189,14 +190,6 @@ mod avx2 {
     unsafe fn dot_u8_i8(w: __m256i, x: __m256i) -> __m256 {
         let pairs = _mm256_maddubs_epi16(w, x);
         _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)))
-    }
-
-    #[inline(always)]
-    unsafe fn hsum(v: __m256) -> f32 {
-        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        let s = _mm_add_ss(s, _mm_movehdup_ps(s));
-        _mm_cvtss_f32(s)
     }
 
     /// As `super::rows_of`, with AVX2: one 256-bit multiply-add chain per block and row of

@@ -31,6 +31,20 @@ fn argmax(v: &[f32]) -> u32 {
         .unwrap_or(0) as u32
 }
 
+/// The tiny model the fused-step tests decode: grouped-query attention, a tied or untied
+/// head, with or without Qwen2's q/k/v biases.
+fn fused_step_spec(tied: bool, qkv_bias: bool) -> TinySpec {
+    TinySpec {
+        hidden: 128,
+        intermediate: 192,
+        heads: 4,
+        kv_heads: 2,
+        tied,
+        qkv_bias,
+        ..TinySpec::default()
+    }
+}
+
 #[test]
 fn the_fused_token_step_equals_the_tensor_path() {
     let dir = tempfile::tempdir().unwrap();
@@ -49,15 +63,7 @@ fn the_fused_token_step_equals_the_tensor_path() {
         (GgmlDType::Q8_0, true, false),
         (GgmlDType::Q8_0, false, true),
     ] {
-        let spec = TinySpec {
-            hidden: 128,
-            intermediate: 192,
-            heads: 4,
-            kv_heads: 2,
-            tied,
-            qkv_bias,
-            ..TinySpec::default()
-        };
+        let spec = fused_step_spec(tied, qkv_bias);
         let path = dir.path().join(format!("tiny-{qtype:?}.gguf"));
         let arch = if qkv_bias { "qwen2" } else { "llama" };
         write_gguf(&path, &spec, &tiny_weights(&spec, 5), qtype, arch);
@@ -117,15 +123,7 @@ fn dense_weights_take_the_fused_step_exactly() {
         (DType::BF16, true, true),
         (DType::F16, false, true),
     ] {
-        let spec = TinySpec {
-            hidden: 128,
-            intermediate: 192,
-            heads: 4,
-            kv_heads: 2,
-            tied,
-            qkv_bias,
-            ..TinySpec::default()
-        };
+        let spec = fused_step_spec(tied, qkv_bias);
         let path = dir.path().join(format!("tiny-{dt:?}"));
         common::write_hf_dir(&path, &spec, &tiny_weights(&spec, 7), dt);
         // As `generate` loads it on the CPU: weights held in `dt`, arithmetic in f32.

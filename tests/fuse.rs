@@ -105,7 +105,9 @@ fn tiny_hf_base_fuses_to_hf_and_gguf_with_the_adapters_loss() {
         &["--hf-dtype", "f32", "--data", run.data.to_str().unwrap()],
     );
     assert!(
-        report.contains("base + adapter") && report.contains("merged"),
+        report.contains("base + adapter")
+            && report.contains("merged")
+            && report.contains("(Hugging Face directory, f32)"),
         "{report}"
     );
     let fused = eval_loss(&hf, &run.data, None);
@@ -153,7 +155,9 @@ fn tiny_hf_base_fuses_to_hf_and_gguf_with_the_adapters_loss() {
     ] {
         let tol = rel * with;
         let path = out.join(format!("m-{ty}.gguf"));
-        fuse_ok(&run.model, &adapter, &path, &["--gguf-type", ty]);
+        let report = fuse_ok(&run.model, &adapter, &path, &["--gguf-type", ty]);
+        // The summary names the type as the flag spells it.
+        assert!(report.contains(&format!("(GGUF, {ty})")), "{report}");
         let l = eval_loss(&path, &run.data, None);
         losses.push((ty, l - with));
         assert!((l - with).abs() < tol, "gguf {ty}: {l} vs {with}");

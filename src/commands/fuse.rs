@@ -49,11 +49,11 @@ pub fn run(args: FuseArgs) -> Result<()> {
                 HfDtype::Bf16 => DType::BF16,
             };
             hf_dir::write(&base, &adapter, &staged.tmp, dtype, args.max_shard_size)?;
-            format!("Hugging Face directory, {dtype:?}")
+            format!("Hugging Face directory, {}", dtype.as_str())
         }
         Format::Gguf => {
             gguf_writer::write(&base, &adapter, &staged.tmp, args.gguf_type)?;
-            format!("GGUF, {:?}", args.gguf_type)
+            format!("GGUF, {}", flag_name(args.gguf_type))
         }
     };
     staged.commit()?;
@@ -131,4 +131,10 @@ fn eval_loss(m: &LoadedModel, path: &Path, max_len: usize) -> Result<EvalResult>
         )));
     }
     Ok(r)
+}
+
+/// A value as its flag spells it (`q4_k_m`, `bf16`), not as Rust's `Debug` does (`Q4KM`, `Bf16`).
+fn flag_name(v: impl clap::ValueEnum) -> String {
+    v.to_possible_value()
+        .map_or_else(String::new, |p| p.get_name().to_string())
 }

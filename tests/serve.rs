@@ -264,6 +264,25 @@ fn the_openai_client_gets_what_generate_gives_and_bad_requests_get_4xx() {
             "API key",
         ),
         ("GET", "/v1/nothing", true, b"", 404, "no such endpoint"),
+        // A wrong method gets a JSON error too; an empty prompt is the client's error.
+        ("GET", chat, true, b"", 405, "not allowed"),
+        (
+            "POST",
+            "/v1/completions",
+            true,
+            br#"{"prompt":"","max_tokens":3}"#,
+            400,
+            "prompt",
+        ),
+        (
+            "POST",
+            chat,
+            true,
+            br#"{"messages":[{"role":"user","content":"hi"}],"logprobs":true}"#,
+            400,
+            "does not support",
+        ),
+        ("GET", "/v1/models/nope", true, b"", 404, "model_not_found"),
     ];
     for (method, path, auth, body, status, says) in cases {
         let (got, text) = http(&server.url, method, path, auth, body);
@@ -275,6 +294,9 @@ fn the_openai_client_gets_what_generate_gives_and_bad_requests_get_4xx() {
         let (ok, models) = http(&server.url, "GET", "/v1/models", true, b"");
         assert_eq!(ok, 200, "after {method} {path}: {models}");
     }
+    let (ok, one) = http(&server.url, "GET", "/v1/models/brellonia", true, b"");
+    assert_eq!(ok, 200, "{one}");
+    assert!(one.contains(r#""id":"brellonia""#), "{one}");
 }
 
 /// A streaming client that goes away stops its generation: the server logs it and answers the
@@ -329,4 +351,66 @@ fn a_client_that_disconnects_stops_its_generation() {
         .and_then(|n| n.parse().ok())
         .unwrap_or(usize::MAX);
     assert!(generated < 4000, "{stopped}");
+}
+
+/// SIGTERM while a generation runs: it is cut short at its next token (its client gets an
+/// error event, not a reply passed off as whole), and the server exits within seconds rather
+/// than after thousands of tokens.
+#[test]
+fn stopping_the_server_cuts_the_running_generation_short() {
+    let tmp = tempfile::tempdir().unwrap();
+    let adapter = adapter(&tmp.path().join("adapter"));
+    let mut server = Server::start(tmp.path(), &adapter);
+    let addr = server
+        .url
+        .trim_start_matches("http://")
+        .trim_end_matches("/v1")
+        .to_string();
+    let body = br#"{"messages":[{"role":"user","content":"Count from one to a thousand in words."}],"max_tokens":4000,"stream":true,"temperature":0}"#;
+    let mut s = std::net::TcpStream::connect(&addr).unwrap();
+    write!(
+        s,
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {KEY}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    )
+    .unwrap();
+    s.write_all(body).unwrap();
+    let mut seen = String::new();
+    let mut buf = [0u8; 4096];
+    while seen.matches("data:").count() < 4 {
+        let n = s.read(&mut buf).unwrap();
+        assert!(n > 0, "stream ended early: {seen}");
+        seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    let start = std::time::Instant::now();
+    let killed = Command::new("kill")
+        .args(["-TERM", &server.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let status = loop {
+        if let Some(st) = server.child.try_wait().unwrap() {
+            break st;
+        }
+        assert!(
+            start.elapsed().as_secs() < 30,
+            "still running 30 s after SIGTERM: {}",
+            server.log()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    assert!(status.success(), "{status:?}: {}", server.log());
+    // The rest of the stream: an error event saying why, and no [DONE].
+    s.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .unwrap();
+    while let Ok(n) = s.read(&mut buf) {
+        if n == 0 {
+            break;
+        }
+        seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    assert!(seen.contains("server_stopping"), "{seen}");
+    assert!(!seen.contains("[DONE]"), "{seen}");
+    let log = server.log();
+    assert!(log.contains("cut short: the server is stopping"), "{log}");
 }

@@ -22,6 +22,11 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     } else {
         chat_ids(tok, &user_turn(args.system.as_deref(), &args.prompt))?
     };
+    if prompt_ids.is_empty() {
+        return Err(Error::Usage(
+            "--prompt is empty and the tokenizer adds no start token: give the model some text to continue from".into(),
+        ));
+    }
     let mut out = std::io::stdout().lock();
     // The prompt and the reply must fit the model's context.
     let context = loaded.model.cfg.max_position_embeddings;

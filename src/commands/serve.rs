@@ -7,10 +7,15 @@ use crate::model::lora::Adapter;
 use crate::serve::{router, worker, App, QUEUE};
 use std::collections::HashMap;
 use std::io::Write;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 pub fn run(a: ServeArgs) -> Result<()> {
+    if a.api_key.as_deref().is_some_and(|k| k.trim().is_empty()) {
+        return Err(Error::Usage(
+            "--api-key (or YOUR_AI_API_KEY) is empty: no request could match it; give a key, or leave it unset for no key".into(),
+        ));
+    }
     let opts = crate::model::args::decode_options(&a.model, a.quantize.quantize)?;
     let loaded = crate::model::load(&a.model.model, &opts, None)?;
     let mut adapters = HashMap::new();
@@ -23,7 +28,13 @@ pub fn run(a: ServeArgs) -> Result<()> {
                 loaded.name
             )));
         }
-        let adapter = Adapter::load_peft(dir, &loaded.model.cfg, &loaded.model.device)?;
+        let adapter = Adapter::load_peft(dir, &loaded.model.cfg, &loaded.model.device)
+            .map_err(|e| {
+                Error::Usage(format!(
+                    "--adapter {name}={}: {e}\n(give the directory `train` wrote, with adapter_config.json and adapter_model.safetensors)",
+                    dir.display()
+                ))
+            })?;
         eprintln!(
             "adapter `{name}`: {} (rank {})",
             dir.display(),
@@ -43,9 +54,11 @@ pub fn run(a: ServeArgs) -> Result<()> {
     let (jobs, queue) = std::sync::mpsc::sync_channel(QUEUE);
     let worker_tok = tokenizer.clone();
     let model = loaded.model;
+    let stopping = Arc::new(AtomicBool::new(false));
+    let worker_stopping = stopping.clone();
     std::thread::Builder::new()
         .name("generate".into())
-        .spawn(move || worker::run(model, worker_tok, adapters, queue))
+        .spawn(move || worker::run(model, worker_tok, adapters, queue, worker_stopping))
         .map_err(|e| Error::io("start the generation thread for", &a.model.model, e))?;
     let app = Arc::new(App {
         base: loaded.name.clone(),
@@ -53,6 +66,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
         tokenizer,
         context,
         api_key: a.api_key.clone(),
+        kv_cache: a.kv.kv_cache,
         jobs,
         next_id: AtomicU64::new(1),
     });
@@ -80,7 +94,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
         );
         let _ = std::io::stdout().flush();
         axum::serve(listener, router(app))
-            .with_graceful_shutdown(shutdown())
+            .with_graceful_shutdown(shutdown(stopping))
             .await
             .map_err(|e| Error::io("serve on", addr.to_string(), e))
     })
@@ -93,8 +107,36 @@ fn is_loopback(host: &str) -> bool {
             .is_ok_and(|ip| ip.is_loopback())
 }
 
-/// Resolves on Ctrl-C or SIGTERM.
-async fn shutdown() {
+/// Resolves on Ctrl-C or SIGTERM, after setting `stopping`: the running generation ends at
+/// its next token, waiting ones are turned away, and the server closes once their clients
+/// have their answers. A second signal exits at once.
+async fn shutdown(stopping: Arc<AtomicBool>) {
+    signal().await;
+    stopping.store(true, Ordering::Relaxed);
+    eprintln!("your_ai serve: stopping (again to stop at once)");
+    tokio::spawn(async {
+        // A client that reads nothing would keep its connection, and the server, open.
+        tokio::select! {
+            _ = signal() => {
+                eprintln!("your_ai serve: stopped at once");
+                std::process::exit(130);
+            }
+            _ = tokio::time::sleep(GRACE) => {
+                eprintln!(
+                    "your_ai serve: stopped; connections still open after {} s were closed",
+                    GRACE.as_secs()
+                );
+                std::process::exit(0);
+            }
+        }
+    });
+}
+
+/// How long a stopping server waits for its clients to take their last answers.
+const GRACE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The next Ctrl-C or SIGTERM.
+async fn signal() {
     let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;
     };
@@ -113,5 +155,4 @@ async fn shutdown() {
         _ = ctrl_c => {},
         _ = term => {},
     }
-    eprintln!("your_ai serve: stopping");
 }

@@ -178,14 +178,17 @@ fn common(
         Some(Value::String(s)) => Some(s.clone()),
         Some(_) => return Err(ApiError::invalid(Some("model"), "`model` must be a string")),
     };
-    let max_tokens = match m.get("max_tokens").or_else(|| m.get(max_alias)) {
-        None | Some(Value::Null) => None,
-        Some(v) => match v.as_u64() {
+    unsupported(m)?;
+    // The first of the two names given a value (a client may send the other as null).
+    let given = |name: &'static str| m.get(name).filter(|v| !v.is_null()).map(|v| (name, v));
+    let max_tokens = match given("max_tokens").or_else(|| given(max_alias)) {
+        None => None,
+        Some((name, v)) => match v.as_u64() {
             Some(n) if n >= 1 => Some(usize::try_from(n).unwrap_or(usize::MAX)),
             _ => {
                 return Err(ApiError::invalid(
-                    Some("max_tokens"),
-                    format!("`max_tokens` {v} must be a positive integer"),
+                    Some(name),
+                    format!("`{name}` {v} must be a positive integer"),
                 ))
             }
         },
@@ -233,23 +236,27 @@ fn common(
             "`stop` strings must not be empty",
         ));
     }
-    if let Some(n) = m.get("n").filter(|n| !n.is_null() && n.as_u64() != Some(1)) {
+    if let Some(n) = m
+        .get("n")
+        .filter(|n| !n.is_null() && n.as_f64() != Some(1.0))
+    {
         return Err(ApiError::invalid(
             Some("n"),
             format!("`n` {n}: one choice per request is supported"),
         ));
     }
-    let flag = |name: &'static str, v: Option<&Value>| match v {
+    let flag = |param: &'static str, name: &str, v: Option<&Value>| match v {
         None | Some(Value::Null) => Ok(false),
         Some(Value::Bool(b)) => Ok(*b),
         Some(_) => Err(ApiError::invalid(
-            Some(name),
+            Some(param),
             format!("`{name}` must be true or false"),
         )),
     };
-    let stream = flag("stream", m.get("stream"))?;
+    let stream = flag("stream", "stream", m.get("stream"))?;
     let include_usage = flag(
         "stream_options",
+        "stream_options.include_usage",
         m.get("stream_options").and_then(|o| o.get("include_usage")),
     )?;
     Ok(Request {
@@ -263,6 +270,45 @@ fn common(
         stream,
         include_usage,
     })
+}
+
+/// Refuses what a client asks for and this server cannot give, rather than answer as if it
+/// had: token log-probabilities, the prompt echoed, several candidates, an insertion suffix,
+/// a forced tool call, a structured output format. (Tools the model may use or not, under
+/// `tool_choice` auto or none, are answered in text, which that choice allows.)
+fn unsupported(m: &serde_json::Map<String, Value>) -> Result<(), ApiError> {
+    let asks = |name: &str| match m.get(name) {
+        None | Some(Value::Null) | Some(Value::Bool(false)) => false,
+        Some(Value::Number(n)) => match name {
+            // `best_of` 1 and 0 log-probabilities are the defaults.
+            "best_of" => n.as_f64() != Some(1.0),
+            _ => n.as_f64() != Some(0.0),
+        },
+        Some(Value::String(s)) => match name {
+            "tool_choice" => !matches!(s.as_str(), "auto" | "none"),
+            _ => !s.is_empty(),
+        },
+        Some(Value::Object(o)) if name == "response_format" => {
+            o.get("type").and_then(Value::as_str) != Some("text")
+        }
+        Some(_) => true,
+    };
+    let what = [
+        ("logprobs", "token log-probabilities"),
+        ("top_logprobs", "token log-probabilities"),
+        ("echo", "echoing the prompt"),
+        ("best_of", "several candidates"),
+        ("suffix", "insertion (a suffix)"),
+        ("tool_choice", "a forced tool call"),
+        ("response_format", "a structured response format"),
+    ];
+    match what.into_iter().find(|(name, _)| asks(name)) {
+        Some((name, feature)) => Err(ApiError::invalid(
+            Some(name),
+            format!("`{name}`: this server does not support {feature}; leave the field out"),
+        )),
+        None => Ok(()),
+    }
 }
 
 /// Seconds since the epoch, for the `created` fields.
@@ -332,5 +378,61 @@ mod tests {
             Prompt::Text("once".into())
         );
         assert!(completion(br#"{"prompt": ["a", "b"]}"#).is_err());
+    }
+
+    #[test]
+    fn aliases_nulls_and_unsupported_fields() {
+        let msg = r#""messages":[{"role":"user","content":"x"}]"#;
+        let chat_with = |rest: &str| chat(format!("{{{msg},{rest}}}").as_bytes());
+        // A null max_tokens leaves the newer name to decide; errors name the field given.
+        let r = chat_with(r#""max_tokens":null,"max_completion_tokens":3"#).unwrap();
+        assert_eq!(r.max_tokens, Some(3));
+        let e = chat_with(r#""max_completion_tokens":0"#).unwrap_err();
+        assert_eq!(e.param, Some("max_completion_tokens"));
+        assert!(
+            e.message.contains("`max_completion_tokens`"),
+            "{}",
+            e.message
+        );
+        assert!(chat_with(r#""n":1.0"#).is_ok());
+        let e = chat_with(r#""stream_options":{"include_usage":"yes"}"#).unwrap_err();
+        assert!(e.message.contains("include_usage"), "{}", e.message);
+        // Defaults pass; anything that asks for more is refused, naming the field.
+        for ok in [
+            r#""logprobs":false"#,
+            r#""logprobs":null"#,
+            r#""top_logprobs":0"#,
+            r#""best_of":1"#,
+            r#""echo":false"#,
+            r#""suffix":"""#,
+            r#""tool_choice":"auto""#,
+            r#""tools":[{"type":"function","function":{"name":"f"}}]"#,
+            r#""response_format":{"type":"text"}"#,
+        ] {
+            assert!(chat_with(ok).is_ok(), "{ok}");
+        }
+        for (bad, param) in [
+            (r#""logprobs":true"#, "logprobs"),
+            (r#""top_logprobs":2"#, "top_logprobs"),
+            (r#""echo":true"#, "echo"),
+            (r#""best_of":3"#, "best_of"),
+            (r#""suffix":"end""#, "suffix"),
+            (r#""tool_choice":"required""#, "tool_choice"),
+            (
+                r#""tool_choice":{"type":"function","function":{"name":"f"}}"#,
+                "tool_choice",
+            ),
+            (
+                r#""response_format":{"type":"json_object"}"#,
+                "response_format",
+            ),
+        ] {
+            let e = chat_with(bad).unwrap_err();
+            assert_eq!(e.param, Some(param), "{bad}");
+            assert!(e.message.contains("does not support"), "{}", e.message);
+        }
+        // The completions endpoint's logprobs is a count.
+        assert!(completion(br#"{"prompt":"a","logprobs":5}"#).is_err());
+        assert!(completion(br#"{"prompt":"a","logprobs":0}"#).is_ok());
     }
 }

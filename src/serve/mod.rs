@@ -7,7 +7,7 @@ pub mod api;
 pub mod worker;
 
 use crate::data::tokenizer::Tokenizer;
-use crate::infer::generate::Sampling;
+use crate::infer::generate::{KvCacheType, Sampling};
 use crate::infer::prompt::chat_ids;
 use api::{ApiError, Prompt, Request};
 use axum::body::Bytes;
@@ -39,6 +39,8 @@ pub struct App {
     pub tokenizer: Arc<Tokenizer>,
     pub context: usize,
     pub api_key: Option<String>,
+    /// `--kv-cache`, for every request.
+    pub kv_cache: KvCacheType,
     pub jobs: std::sync::mpsc::SyncSender<Job>,
     pub next_id: AtomicU64,
 }
@@ -47,6 +49,7 @@ pub struct App {
 pub fn router(app: Arc<App>) -> Router {
     Router::new()
         .route("/v1/models", get(models))
+        .route("/v1/models/{id}", get(model))
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/completions", post(completions))
         .fallback(|| async {
@@ -54,6 +57,13 @@ pub fn router(app: Arc<App>) -> Router {
                 StatusCode::NOT_FOUND,
                 "not_found",
                 "no such endpoint: use /v1/chat/completions, /v1/completions or /v1/models",
+            )
+        })
+        .method_not_allowed_fallback(|method: axum::http::Method| async move {
+            ApiError::with(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                format!("{method} is not allowed here: the completions endpoints take POST, /v1/models takes GET"),
             )
         })
         .layer(DefaultBodyLimit::max(MAX_BODY))
@@ -64,10 +74,13 @@ fn authorize(app: &App, headers: &HeaderMap) -> Result<(), ApiError> {
     let Some(key) = &app.api_key else {
         return Ok(());
     };
+    // The scheme's name is case-insensitive (RFC 9110, 11.1).
     let given = headers
         .get("authorization")
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, token)| token.trim());
     if given == Some(key.as_str()) {
         Ok(())
     } else {
@@ -83,11 +96,49 @@ async fn models(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
     if let Err(e) = authorize(&app, &headers) {
         return e.into_response();
     }
-    let data: Vec<Value> = std::iter::once(&app.base)
-        .chain(&app.adapters)
-        .map(|id| json!({"id": id, "object": "model", "created": 0, "owned_by": "your_ai"}))
-        .collect();
+    let data: Vec<Value> = app.names().map(model_object).collect();
     Json(json!({"object": "list", "data": data})).into_response()
+}
+
+fn model_object(id: &String) -> Value {
+    json!({"id": id, "object": "model", "created": 0, "owned_by": "your_ai"})
+}
+
+/// `GET /v1/models/{id}`: one model, as the list gives it.
+async fn model(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Response {
+    if let Err(e) = authorize(&app, &headers) {
+        return e.into_response();
+    }
+    match app.names().find(|n| **n == id) {
+        Some(n) => Json(model_object(n)).into_response(),
+        None => app.no_such_model(&id).into_response(),
+    }
+}
+
+impl App {
+    /// The base model's name, then the adapters'.
+    fn names(&self) -> impl Iterator<Item = &String> {
+        std::iter::once(&self.base).chain(&self.adapters)
+    }
+
+    fn no_such_model(&self, m: &str) -> ApiError {
+        ApiError {
+            status: StatusCode::NOT_FOUND,
+            message: format!(
+                "the model `{m}` does not exist: this server has {} (see /v1/models)",
+                self.names()
+                    .map(|s| format!("`{s}`"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            param: Some("model"),
+            code: Some("model_not_found"),
+        }
+    }
 }
 
 async fn chat_completions(
@@ -128,7 +179,7 @@ async fn respond(
 
 /// A queued generation: where its events arrive, and what the response needs.
 struct Started {
-    rx: mpsc::Receiver<Event>,
+    rx: mpsc::UnboundedReceiver<Event>,
     id: String,
     /// The `model` the response names: the request's, or the base model's.
     model: String,
@@ -160,27 +211,23 @@ fn start(
         None => None,
         Some(m) if m == app.base => None,
         Some(m) if app.adapters.iter().any(|a| a == m) => Some(m.to_string()),
-        Some(m) => {
-            return Err(ApiError {
-                status: StatusCode::NOT_FOUND,
-                message: format!(
-                    "the model `{m}` does not exist: this server has {} (see /v1/models)",
-                    std::iter::once(&app.base)
-                        .chain(&app.adapters)
-                        .map(|s| format!("`{s}`"))
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ),
-                param: Some("model"),
-                code: Some("model_not_found"),
-            })
-        }
+        Some(m) => return Err(app.no_such_model(m)),
     };
     let ids = match &req.prompt {
         Prompt::Chat(messages) => chat_ids(&app.tokenizer, messages),
         Prompt::Text(text) => app.tokenizer.encode_with_bos(text).map_err(Into::into),
     }
     .map_err(|e| ApiError::invalid(Some("messages"), e.to_string()))?;
+    if ids.is_empty() {
+        let (param, what) = match kind {
+            Kind::Chat => ("messages", "the messages make"),
+            Kind::Text => ("prompt", "`prompt` is empty:"),
+        };
+        return Err(ApiError::invalid(
+            Some(param),
+            format!("{what} no tokens; give the model some text to continue from"),
+        ));
+    }
     let room = app.context.saturating_sub(ids.len());
     if room == 0 {
         return Err(ApiError {
@@ -210,7 +257,9 @@ fn start(
         Some(n) => n,
         None => room,
     };
-    let (tx, rx) = mpsc::channel(64);
+    // Unbounded: the generation never waits for a client that reads slowly or not at all
+    // (a reply is at most its max_tokens of text, held until sent).
+    let (tx, rx) = mpsc::unbounded_channel();
     let n = app.next_id.fetch_add(1, Ordering::Relaxed);
     let id = match kind {
         Kind::Chat => format!("chatcmpl-{n}"),
@@ -226,6 +275,7 @@ fn start(
             seed: req.seed.unwrap_or_else(rand::random),
             max_tokens,
             ignore_eos: false,
+            kv_cache: app.kv_cache,
         },
         stop: req.stop.clone(),
         events: tx,
@@ -252,6 +302,15 @@ fn start(
     })
 }
 
+/// A generation the server's stop cut short, or never started.
+fn stopping_error() -> ApiError {
+    ApiError::with(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "server_stopping",
+        "the server is stopping: the generation was cut short; send the request again once it is back",
+    )
+}
+
 /// The whole reply as one JSON object.
 async fn whole(s: Started, kind: Kind) -> Response {
     let Started {
@@ -265,6 +324,7 @@ async fn whole(s: Started, kind: Kind) -> Response {
                 return ApiError::with(StatusCode::INTERNAL_SERVER_ERROR, "server_error", e)
                     .into_response()
             }
+            Event::ServerStopping => return stopping_error().into_response(),
             Event::Done {
                 finish_reason,
                 prompt_tokens,
@@ -362,8 +422,12 @@ fn stream(s: Started, kind: Kind) -> Response {
                         out.push(SseEvent::default().data("[DONE]"));
                         return Some((futures_util::stream::iter(out), (rx, true)));
                     }
-                    Some(Event::Failed(e)) => {
-                        let err = json!({"error": {"message": e, "type": "server_error", "param": null, "code": null}});
+                    Some(ev @ (Event::Failed(_) | Event::ServerStopping)) => {
+                        let (message, code) = match ev {
+                            Event::Failed(e) => (e, None),
+                            _ => (stopping_error().message, Some("server_stopping")),
+                        };
+                        let err = json!({"error": {"message": message, "type": "server_error", "param": null, "code": code}});
                         return Some((
                             futures_util::stream::iter(vec![SseEvent::default().data(err.to_string())]),
                             (rx, true),

@@ -1,6 +1,8 @@
 //! The one thread that owns the model and generates, one request at a time, in the order they
 //! came: requests wait in a bounded queue, and a client that goes away stops its generation
-//! at the next token (its channel closes).
+//! at the next token (its channel closes). Text is handed over without waiting, so a client
+//! that stops reading holds up no one. When the server stops, the running generation ends
+//! at its next token and those waiting are turned away.
 
 use crate::data::tokenizer::Tokenizer;
 use crate::infer::generate::{generate, Sampling, StopReason};
@@ -8,6 +10,7 @@ use crate::model::lora::Adapter;
 use crate::model::Llama;
 use std::collections::HashMap;
 use std::ops::ControlFlow;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 use tokio::sync::mpsc;
@@ -20,7 +23,7 @@ pub struct Job {
     pub sampling: Sampling,
     pub stop: Vec<String>,
     /// Where its text goes; closed when the client is gone.
-    pub events: mpsc::Sender<Event>,
+    pub events: mpsc::UnboundedSender<Event>,
     /// For the log line.
     pub label: String,
 }
@@ -35,28 +38,41 @@ pub enum Event {
         completion_tokens: usize,
     },
     Failed(String),
+    /// The server stopped before the generation could finish (or start).
+    ServerStopping,
 }
 
-/// Runs the jobs of `queue` on `model` until every sender is gone.
+/// Runs the jobs of `queue` on `model` until every sender is gone; once `stopping` is set,
+/// the running job ends at its next token and the rest fail.
 pub fn run(
     mut model: Llama,
     tokenizer: Arc<Tokenizer>,
     adapters: HashMap<String, Adapter>,
     queue: std::sync::mpsc::Receiver<Job>,
+    stopping: Arc<AtomicBool>,
 ) {
     for job in queue {
         if job.events.is_closed() {
             eprintln!("[serve] {}: client gone before its turn", job.label);
             continue;
         }
+        if stopping.load(Ordering::Relaxed) {
+            let _ = job.events.send(Event::ServerStopping);
+            continue;
+        }
         model.adapter = job.adapter.as_ref().and_then(|a| adapters.get(a)).cloned();
         let start = Instant::now();
         let mut out = Stops::new(&job.stop);
         let mut gone = false;
+        let mut cut = false;
         let result = generate(&model, &tokenizer, &job.ids, &job.sampling, |piece| {
             let (send, stopped) = out.push(piece);
-            if !send.is_empty() && job.events.blocking_send(Event::Text(send)).is_err() {
+            if !send.is_empty() && job.events.send(Event::Text(send)).is_err() {
                 gone = true;
+                return ControlFlow::Break(());
+            }
+            if stopping.load(Ordering::Relaxed) {
+                cut = true;
                 return ControlFlow::Break(());
             }
             if stopped {
@@ -68,8 +84,8 @@ pub fn run(
         let event = match result {
             Ok(r) => {
                 let rest = out.finish();
-                if !gone && !rest.is_empty() {
-                    gone = job.events.blocking_send(Event::Text(rest)).is_err();
+                if !gone && !cut && !rest.is_empty() {
+                    gone = job.events.send(Event::Text(rest)).is_err();
                 }
                 eprintln!(
                     "[serve] {}: {} prompt + {} generated tokens in {:.1} s{}",
@@ -77,24 +93,37 @@ pub fn run(
                     r.prompt_tokens,
                     r.ids.len(),
                     start.elapsed().as_secs_f64(),
-                    if gone { ", client gone: stopped" } else { "" }
+                    if gone {
+                        ", client gone: stopped"
+                    } else if cut {
+                        ", cut short: the server is stopping"
+                    } else {
+                        ""
+                    }
                 );
-                Event::Done {
-                    finish_reason: match r.stop {
-                        StopReason::MaxTokens => "length",
-                        StopReason::EndToken(_) | StopReason::Stopped => "stop",
-                    },
-                    prompt_tokens: r.prompt_tokens,
-                    completion_tokens: r.ids.len(),
+                if cut {
+                    Event::ServerStopping
+                } else {
+                    Event::Done {
+                        finish_reason: match r.stop {
+                            StopReason::MaxTokens => "length",
+                            StopReason::EndToken(_) | StopReason::Stopped => "stop",
+                        },
+                        prompt_tokens: r.prompt_tokens,
+                        completion_tokens: r.ids.len(),
+                    }
                 }
             }
             Err(e) => {
                 eprintln!("[serve] {}: failed: {e}", job.label);
-                Event::Failed(e.to_string())
+                // The client gets the message, not a backtrace (RUST_BACKTRACE) with the
+                // server's paths: that stays in the log.
+                let first = e.to_string().lines().next().unwrap_or_default().to_string();
+                Event::Failed(first)
             }
         };
         if !gone {
-            let _ = job.events.blocking_send(event);
+            let _ = job.events.send(event);
         }
     }
 }

@@ -178,6 +178,68 @@ fn dense_weights_take_the_fused_step_exactly() {
     }
 }
 
+/// `--kv-cache f16`: keys and values held in f16, read by the fused step and by the tensor
+/// path (a prompt's rows widen the cache for the GEMMs; one new token takes the cached-
+/// attention kernel): they agree with each other and with the f32 cache within f16's rounding
+/// of keys and values (the two paths' keys differ in float order, so an entry can round to
+/// the neighbouring f16), token after token.
+#[test]
+fn an_f16_kv_cache_decodes_within_its_rounding() {
+    use candle_core::DType;
+    let dir = tempfile::tempdir().unwrap();
+    let spec = fused_step_spec(false, true);
+    let path = dir.path().join("tiny");
+    common::write_hf_dir(&path, &spec, &tiny_weights(&spec, 11), DType::F32);
+    let cfg = your_ai::model::ModelConfig::from_hf_file(&path.join("config.json")).unwrap();
+    let store = WeightStore::Safetensors(SafetensorsDir::open(&path).unwrap());
+    let m = Llama::load(&store, cfg, DType::F32, &Device::Cpu).unwrap();
+    let half = || KvCache::for_decoding(m.blocks.len()).holding(Some(DType::F16));
+    let (mut fused, mut tensors, mut exact) =
+        (half(), half(), KvCache::for_decoding(m.blocks.len()));
+    let prompt = Tensor::new(&[[3u32, 17, 40, 8, 61, 2, 9]], &Device::Cpu).unwrap();
+    for c in [&mut fused, &mut tensors, &mut exact] {
+        m.forward(&prompt, c).unwrap();
+    }
+    let logits = |c: &mut KvCache, id: u32| -> Vec<f32> {
+        let ids = Tensor::new(&[[id]], &Device::Cpu).unwrap();
+        let h = m.forward_hidden(&ids, c).unwrap();
+        m.logits(&h)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    };
+    let mut next = 5u32;
+    let mut worst = 0f32;
+    for step in 0..30 {
+        let got = m
+            .decode_next(next, &mut fused)
+            .unwrap()
+            .expect("fused step");
+        let tensor = logits(&mut tensors, next);
+        let want = logits(&mut exact, next);
+        let scale = want.iter().fold(0f32, |a, v| a.max(v.abs()));
+        let paths = max_diff(&got, &tensor);
+        assert!(
+            paths <= 1e-3 * scale,
+            "step {step}: the two f16 paths differ by {paths}"
+        );
+        let rounding = max_diff(&got, &want);
+        worst = worst.max(rounding / scale);
+        assert!(
+            rounding <= 5e-3 * scale,
+            "step {step}: f16 vs f32 cache: {rounding} (largest {scale})"
+        );
+        next = argmax(&want);
+    }
+    // Held in f16 for real: the rounding shows.
+    assert!(
+        worst > 0.0,
+        "an f16 cache gave the f32 cache's logits exactly"
+    );
+}
+
 /// A k-quant GGUF (the common Q4_K_M kind) keeps its blocks for decoding too, read by candle's
 /// quantized matmul (the fused step does not cover the format, so the tensor path runs): its
 /// greedy logits stay within the 8-bit rounding of the exact product on the dequantized

@@ -7,7 +7,7 @@ mod config_file;
 // The flag groups, each declared once beside what it configures.
 pub use crate::data::args::{BatchArgs, DataArgs};
 pub use crate::distrust::args::DistrustArgs;
-pub use crate::infer::generate::SamplingArgs;
+pub use crate::infer::generate::{KvCacheArgs, SamplingArgs};
 pub use crate::model::args::{ModelArgs, QuantizeArgs, RunArgs};
 pub use crate::train::settings::{
     BudgetArgs, LoraArgs, MemoryArgs, ObjectiveArgs, OutputArgs, ScheduleArgs,
@@ -224,6 +224,8 @@ pub struct ServeArgs {
     /// Require `Authorization: Bearer KEY` on every request.
     #[arg(long, env = "YOUR_AI_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
+    #[command(flatten)]
+    pub kv: KvCacheArgs,
 }
 
 fn parse_named_adapter(s: &str) -> Result<(String, PathBuf), String> {

@@ -29,6 +29,34 @@ pub struct SamplingArgs {
     /// Keep generating past the model's end tokens, up to --max-tokens (for benchmarks).
     #[arg(long)]
     pub ignore_eos: bool,
+    #[command(flatten)]
+    pub kv: KvCacheArgs,
+}
+
+/// `--kv-cache`: how the KV cache holds keys and values.
+#[derive(Debug, Clone, Copy, Args)]
+pub struct KvCacheArgs {
+    /// How the KV cache holds keys and values on the CPU: f32 (the values as computed) or
+    /// f16 (as llama.cpp: half the memory, and faster attention over long contexts: an 8B
+    /// model's at 8192 tokens takes 0.6x the time; slightly slower on short ones).
+    #[arg(long, value_enum, default_value_t = KvCacheType::F32)]
+    pub kv_cache: KvCacheType,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum KvCacheType {
+    F16,
+    F32,
+}
+
+impl KvCacheType {
+    /// The dtype `model`'s cache holds keys and values in (`None`: as computed). f16 applies
+    /// to f32 arithmetic on the CPU; elsewhere the activations are already in half precision,
+    /// or the attention would widen the whole cache for each token.
+    fn store(self, model: &Llama) -> Option<DType> {
+        let f32_on_cpu = model.device.is_cpu() && model.dtype == DType::F32;
+        (self == KvCacheType::F16 && f32_on_cpu).then_some(DType::F16)
+    }
 }
 
 impl SamplingArgs {
@@ -53,6 +81,7 @@ impl SamplingArgs {
             seed: self.seed,
             max_tokens: self.max_tokens,
             ignore_eos: self.ignore_eos,
+            kv_cache: self.kv.kv_cache,
         })
     }
 }
@@ -66,6 +95,7 @@ pub struct Sampling {
     pub max_tokens: usize,
     /// Generate past end tokens (benchmarks).
     pub ignore_eos: bool,
+    pub kv_cache: KvCacheType,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -107,8 +137,14 @@ pub fn generate(
     sampling: &Sampling,
     mut on_text: impl FnMut(&str) -> ControlFlow<()>,
 ) -> Result<Generated> {
+    if prompt.is_empty() {
+        return Err(crate::error::Error::Usage(
+            "an empty prompt: there is nothing to continue from".into(),
+        ));
+    }
     let mut rng = rand::rngs::StdRng::seed_from_u64(sampling.seed);
-    let mut cache = KvCache::for_decoding(model.blocks.len());
+    let mut cache =
+        KvCache::for_decoding(model.blocks.len()).holding(sampling.kv_cache.store(model));
     let mut decoder = StreamDecoder::new();
     let mut ids = vec![];
     let mut text = String::new();
@@ -225,6 +261,7 @@ mod tests {
             seed: 0,
             max_tokens: 1,
             ignore_eos: false,
+            kv_cache: KvCacheType::F16,
         };
         assert_eq!(sample(&logits, &greedy, &mut rng), 1);
         // top_p small keeps only the most likely token.

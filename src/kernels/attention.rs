@@ -8,6 +8,7 @@
 //! on SmolLM2 at 4 × 60 tokens, almost none of it arithmetic.
 
 use super::gemm::{gemm_serial, Dst, Op, View};
+use super::matvec::Matrix;
 use super::par::{for_chunks, for_rows, SendPtr};
 use super::tensor;
 use super::{dot, exp, with_f32};
@@ -270,11 +271,11 @@ fn masked_softmax(row: &mut [f32], mask: &[f32]) {
     }
 }
 
-/// Decoding's attention: one new query per head (`q`, `[1, nh, 1, d]`) against the first `len`
-/// positions of the key and value buffers (`[1, nkv, capacity, d]`, a KV cache), each query
-/// head reading its group's K/V head. Plain dot products over contiguous rows: for one query
-/// the GEMM's setup costs more than the arithmetic. Returns `[1, nh, 1, d]`; `None` where it
-/// does not apply (not f32 on the CPU, not contiguous).
+/// Decoding's attention: one new query per head (`q`, `[1, nh, 1, d]`, f32) against the first
+/// `len` positions of the key and value buffers (`[1, nkv, capacity, d]`, a KV cache, in f32,
+/// f16 or bf16), each query head reading its group's K/V head. Plain dot products over
+/// contiguous rows: for one query the GEMM's setup costs more than the arithmetic. Returns
+/// `[1, nh, 1, d]`; `None` where it does not apply (not on the CPU, not contiguous).
 pub fn attend_cached(
     q: &Tensor,
     k: &Tensor,
@@ -290,15 +291,18 @@ pub fn attend_cached(
     if nkv == 0 || !nh.is_multiple_of(nkv) || v.dims() != k.dims() {
         return None;
     }
+    // The buffers as rows of d: a view of the same storage.
+    let (k2, v2) = (
+        k.reshape((nkv * cap, d)).ok()?,
+        v.reshape((nkv * cap, d)).ok()?,
+    );
+    let (km, vm) = (Matrix::of(&k2)?, Matrix::of(&v2)?);
+    let (kr, vr) = (km.data()?, vm.data()?);
     let out = with_f32(q, |qs| {
-        with_f32(k, |ks| {
-            with_f32(v, |vs| {
-                let mut out = vec![0f32; nh * d];
-                super::one_token::attend(&mut out, qs, ks, vs, (nh, nkv, d), cap, len);
-                out
-            })
-        })
-    })???;
+        let mut out = vec![0f32; nh * d];
+        super::one_token::attend(&mut out, qs, kr, vr, (nh, nkv, d), cap, len);
+        out
+    })?;
     Some(tensor(out, &[1, nh, 1, d]))
 }
 

@@ -18,6 +18,30 @@ pub enum Rows<'a> {
     F16(&'a [f16]),
 }
 
+impl<'a> Rows<'a> {
+    /// Elements held.
+    pub fn len(&self) -> usize {
+        match self {
+            Rows::F32(d) => d.len(),
+            Rows::Bf16(d) => d.len(),
+            Rows::F16(d) => d.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The elements `r`.
+    pub fn range(self, r: Range<usize>) -> Rows<'a> {
+        match self {
+            Rows::F32(d) => Rows::F32(&d[r]),
+            Rows::Bf16(d) => Rows::Bf16(&d[r]),
+            Rows::F16(d) => Rows::F16(&d[r]),
+        }
+    }
+}
+
 /// A contiguous 2-D f32, bf16 or f16 tensor on the CPU, borrowed for the products.
 pub struct Matrix<'a> {
     guard: Box<dyn Deref<Target = Storage> + 'a>,
@@ -152,6 +176,50 @@ pub(super) fn rows_of(
     rows_portable(w, x, n, rows, out, stride)
 }
 
+/// `out[i·d + c] += Σ_j p[i·len + j]·V[j, c]` for the `n ≤ MAX_ROWS` weightings `p`
+/// (`[n, len]`) of the `len` rows of `v` (`[len, d]`, with `d = out.len() / n`): attention's
+/// probabilities applied to a cache's values, each row of `v` read once for all `n` and
+/// widened in registers.
+pub(super) fn add_weighted_rows(out: &mut [f32], p: &[f32], v: Rows, n: usize) {
+    let d = out.len() / n.max(1);
+    let len = p.len() / n.max(1);
+    if n == 0 || n > MAX_ROWS || d == 0 || v.len() < len * d {
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx2")
+        && std::is_x86_feature_detected!("fma")
+        && std::is_x86_feature_detected!("f16c")
+    {
+        // SAFETY: the CPU was just checked for the features `avx2` is compiled with; the
+        // lengths were checked above.
+        return unsafe {
+            match v {
+                Rows::F32(v) => avx2::weighted::<f32>(out, p, v, n, d, len),
+                Rows::Bf16(v) => avx2::weighted::<half::bf16>(out, p, v, n, d, len),
+                Rows::F16(v) => avx2::weighted::<half::f16>(out, p, v, n, d, len),
+            }
+        };
+    }
+    weighted_portable(out, p, v, n, d, len)
+}
+
+/// [`add_weighted_rows`] without SIMD.
+fn weighted_portable(out: &mut [f32], p: &[f32], v: Rows, n: usize, d: usize, len: usize) {
+    for j in 0..len {
+        for c in 0..d {
+            let x = match v {
+                Rows::F32(v) => v[j * d + c],
+                Rows::Bf16(v) => v[j * d + c].to_f32(),
+                Rows::F16(v) => v[j * d + c].to_f32(),
+            };
+            for i in 0..n {
+                out[i * d + c] += p[i * len + j] * x;
+            }
+        }
+    }
+}
+
 /// [`rows_of`] without SIMD (and the oracle the SIMD version is tested against).
 fn rows_portable(
     w: Rows,
@@ -192,7 +260,7 @@ mod avx2 {
     use std::ops::Range;
 
     /// Eight weights at `p` widened to f32.
-    trait Widen {
+    pub(super) trait Widen {
         unsafe fn load8(p: *const Self) -> __m256;
         fn to_f32(self) -> f32;
     }
@@ -309,6 +377,40 @@ mod avx2 {
                     .map(|(w, x)| w.to_f32() * x)
                     .sum();
                 *out.0.add(j * stride + r) = hsum(v) + tail;
+            }
+        }
+    }
+
+    /// [`super::add_weighted_rows`] on `[len, d]` rows of `T`: each 8 values widened once
+    /// for all `n` weightings.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn weighted<T: Widen + Copy>(
+        out: &mut [f32],
+        p: &[f32],
+        v: &[T],
+        n: usize,
+        d: usize,
+        len: usize,
+    ) {
+        let eights = d / 8 * 8;
+        let op = out.as_mut_ptr();
+        for j in 0..len {
+            let row = v.as_ptr().add(j * d);
+            let mut c = 0;
+            while c < eights {
+                let x = T::load8(row.add(c));
+                for i in 0..n {
+                    let o = op.add(i * d + c);
+                    let w = _mm256_set1_ps(p[i * len + j]);
+                    _mm256_storeu_ps(o, _mm256_fmadd_ps(w, x, _mm256_loadu_ps(o)));
+                }
+                c += 8;
+            }
+            for c in eights..d {
+                let x = (*row.add(c)).to_f32();
+                for i in 0..n {
+                    out[i * d + c] += p[i * len + j] * x;
+                }
             }
         }
     }

@@ -324,7 +324,7 @@ impl Llama {
             d: cfg.head_dim,
         };
         let mut x = self.embed(ids)?.reshape((b * t, cfg.hidden_size))?;
-        let decode = cache.decoding();
+        let (decode, store) = (cache.decoding(), cache.store());
         for (layer, slot) in cache.slots(self.blocks.len()).iter_mut().enumerate() {
             let cx = Layer {
                 model: self,
@@ -342,6 +342,7 @@ impl Llama {
                 sin: &sin,
                 mask: mask.as_ref(),
                 cache: slot,
+                store,
                 heads,
             };
             x = forward(&cx, &x, &mut attn, Pass::Output)?

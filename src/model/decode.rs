@@ -131,6 +131,7 @@ impl Llama {
         let Some(plans) = self.decode_plan() else {
             return Ok(None);
         };
+        let store = cache.store();
         let slots = cache.slots(self.blocks.len());
         let batch_one = |s: &Option<KvSlot>| {
             s.as_ref()
@@ -170,17 +171,22 @@ impl Llama {
             one_token::rope(q, &cos, &sin, d);
             one_token::rope(k, &cos, &sin, d);
             let new = |s: &[f32]| Tensor::from_slice(s, (1, nkv, 1, d), &Device::Cpu);
-            KvSlot::append(slot, &new(k)?, &new(v)?)?;
+            KvSlot::append(slot, &new(k)?, &new(v)?, store)?;
             let mut attn = vec![0f32; qs];
             {
                 let Some((kb, vb, len)) = slot.as_ref().map(KvSlot::buffers) else {
                     candle_core::bail!("decoding: a block's KV cache is missing");
                 };
                 let cap = kb.dim(2)?;
-                let (Some(kv), Some(vv)) = (View::of(kb), View::of(vb)) else {
-                    candle_core::bail!("decoding: the KV cache is not f32 on the CPU");
+                let (kb, vb) = (kb.reshape((nkv * cap, d))?, vb.reshape((nkv * cap, d))?);
+                let (Some(km), Some(vm)) = (matvec::Matrix::of(&kb), matvec::Matrix::of(&vb))
+                else {
+                    candle_core::bail!("decoding: the KV cache is not on the CPU");
                 };
-                one_token::attend(&mut attn, q, kv.slice(), vv.slice(), (nh, nkv, d), cap, len);
+                let (Some(kr), Some(vr)) = (km.data(), vm.data()) else {
+                    candle_core::bail!("decoding: the KV cache is not on the CPU");
+                };
+                one_token::attend(&mut attn, q, kr, vr, (nh, nkv, d), cap, len);
             }
             let mut o = vec![0f32; hidden];
             plan.o.run(&attn, &mut o)?;

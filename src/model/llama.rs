@@ -201,6 +201,8 @@ pub struct KvCache {
     /// Generation: quantized weights are read from their blocks, activations rounded to 8
     /// bits ([`KvCache::for_decoding`]); otherwise every product is exact.
     decoding: bool,
+    /// The dtype keys and values are held in; `None`: as computed.
+    store: Option<DType>,
 }
 
 /// One block's keys and values: buffers `[b, nkv, capacity, d]` of which the first `len`
@@ -219,20 +221,24 @@ impl KvSlot {
         (&self.k, &self.v, self.len)
     }
 
-    /// Appends `k` and `v` (`[b, nkv, t, d]`) and returns every position's keys and values
-    /// (views of the buffers).
+    /// Appends `k` and `v` (`[b, nkv, t, d]`), held in `store` (`None`: k's dtype), and
+    /// returns every position's keys and values (views of the buffers, in that dtype).
     pub(crate) fn append(
         slot: &mut Option<Self>,
         k: &Tensor,
         v: &Tensor,
+        store: Option<DType>,
     ) -> Result<(Tensor, Tensor)> {
         let (b, nkv, t, d) = k.dims4()?;
         let len = slot.as_ref().map_or(0, |s| s.len);
         let cap = slot.as_ref().map_or(0, |s| s.k.dim(2).unwrap_or(0));
+        let dtype = slot
+            .as_ref()
+            .map_or(store.unwrap_or(k.dtype()), |s| s.k.dtype());
         if len + t > cap {
             let cap = (len + t).max(2 * cap).max(64);
             let grow = |old: Option<&Tensor>| -> Result<Tensor> {
-                let buf = Tensor::zeros((b, nkv, cap, d), k.dtype(), k.device())?;
+                let buf = Tensor::zeros((b, nkv, cap, d), dtype, k.device())?;
                 if let Some(old) = old {
                     buf.slice_set(&old.narrow(2, 0, len)?.contiguous()?, 2, 0)?;
                 }
@@ -245,8 +251,8 @@ impl KvSlot {
             });
         }
         let s = slot.as_mut().expect("made above");
-        s.k.slice_set(&k.contiguous()?, 2, len)?;
-        s.v.slice_set(&v.contiguous()?, 2, len)?;
+        s.k.slice_set(&k.to_dtype(dtype)?.contiguous()?, 2, len)?;
+        s.v.slice_set(&v.to_dtype(dtype)?.contiguous()?, 2, len)?;
         s.len = len + t;
         Ok((s.k.narrow(2, 0, s.len)?, s.v.narrow(2, 0, s.len)?))
     }
@@ -257,7 +263,20 @@ impl KvCache {
         Self {
             layers: (0..num_layers).map(|_| None).collect(),
             decoding: false,
+            store: None,
         }
+    }
+
+    /// This cache holding keys and values in `store` (`None`: as computed). Generation on
+    /// the CPU holds them in f16, as llama.cpp does: half the memory, and half the bytes
+    /// each new token's attention reads.
+    pub fn holding(self, store: Option<DType>) -> Self {
+        Self { store, ..self }
+    }
+
+    /// The dtype keys and values are held in (`None`: as computed).
+    pub fn store(&self) -> Option<DType> {
+        self.store
     }
 
     /// A cache for generation: the model's quantized weights are read from their blocks with
@@ -279,6 +298,7 @@ impl KvCache {
         if self.layers.len() != num_layers {
             *self = KvCache {
                 decoding: self.decoding,
+                store: self.store,
                 ..KvCache::new(num_layers)
             };
         }

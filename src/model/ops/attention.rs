@@ -291,6 +291,8 @@ pub struct Cached<'a> {
     pub mask: Option<&'a Tensor>,
     /// Keys and values of the positions before.
     pub cache: &'a mut Option<crate::model::llama::KvSlot>,
+    /// The dtype the cache holds them in (`None`: as computed).
+    pub store: Option<DType>,
     /// `t` here is the number of new positions.
     pub heads: Heads,
 }
@@ -306,7 +308,7 @@ impl Attend for Cached<'_> {
         }
         let h = self.heads;
         let v = to_heads(&v, h, h.nkv)?;
-        let (k, v) = crate::model::llama::KvSlot::append(self.cache, &k, &v)?;
+        let (k, v) = crate::model::llama::KvSlot::append(self.cache, &k, &v, self.store)?;
         // One new position, every cached key in view: decoding's own kernel.
         if self.mask.is_none() {
             if let Some((kb, vb, len)) = self.cache.as_ref().map(|s| s.buffers()) {
@@ -315,6 +317,8 @@ impl Attend for Cached<'_> {
                 }
             }
         }
+        // A cache held in another dtype (f16 for f32 arithmetic) is widened for the GEMMs.
+        let (k, v) = (k.to_dtype(q.dtype())?, v.to_dtype(q.dtype())?);
         let out = cached_attention(&q, &k, &v, self.mask, h.nkv)?;
         Ok((from_heads(&out, h, h.nh)?, None))
     }

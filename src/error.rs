@@ -63,7 +63,9 @@ pub enum Error {
     #[error(
         "memory budget exceeded: {measure} reached {:.2} GB, above the {:.2} GB budget, during step {step}; \
          stopped before the system could run out. Checkpoint of step {saved_step} saved to {}. \
-         Resume with the same command plus --resume and a larger --max-memory, or a smaller --batch-size / --max-seq-length",
+         Resume with the same command plus --resume and a larger --max-memory, or with --keep-activations none \
+         (less memory, the same results); a smaller --batch-size or --max-seq-length changes what is trained, \
+         so it needs a new run in another --output",
         *peak as f64 / 1e9,
         *budget as f64 / 1e9,
         checkpoint.display()

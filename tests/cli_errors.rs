@@ -163,6 +163,15 @@ fn bad_flag_values() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--batch-size"));
+    // A floor above the learning rate would give a constant schedule without a word.
+    let out = cli()
+        .args(["train", "--model", "x", "--data", "y", "--min-lr", "1"])
+        .args(["--learning-rate", "1e-3"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(e.contains("--min-lr 1 is above --learning-rate"), "{e}");
 }
 
 #[test]

@@ -71,6 +71,23 @@ fn a_second_run_into_a_used_output_is_refused_unless_resumed_or_forced() {
         "mine"
     );
     assert_eq!(metrics(&out.join("metrics.jsonl"), "start").len(), 1);
+
+    // --resume where no checkpoint is left (deleted to save space) does not start the run
+    // again over the finished one: refused, naming --force, the adapter and metrics untouched.
+    std::fs::remove_dir_all(out.join("checkpoints")).unwrap();
+    let (done, log) = (
+        adapter(&out),
+        std::fs::read(out.join("metrics.jsonl")).unwrap(),
+    );
+    let o = train(&r, &out, 2, &["--seed", "9", "--resume"]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    let e = stderr(&o);
+    assert!(
+        e.contains("no checkpoint to continue from") && e.contains("adapter_model.safetensors"),
+        "{e}"
+    );
+    assert_eq!(adapter(&out), done);
+    assert_eq!(std::fs::read(out.join("metrics.jsonl")).unwrap(), log);
 }
 
 #[test]

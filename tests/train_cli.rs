@@ -364,6 +364,53 @@ fn yaml_config_supplies_flags_and_the_command_line_wins() {
         .unwrap();
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("`lora-rnak` is not a train flag"));
+
+    // The command line's --max-steps wins over the file's `epochs`, which it conflicts with.
+    std::fs::write(&yaml, "epochs: 1\n").unwrap();
+    let out = s.root.join("epochs");
+    let o = cli()
+        .arg("train")
+        .arg("--model")
+        .arg(&s.model)
+        .arg("--data")
+        .arg(&s.data)
+        .arg("--output")
+        .arg(&out)
+        .arg("--config")
+        .arg(&yaml)
+        .args(["--max-steps", "2", "--batch-size", "2"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("`epochs` is not used"));
+    assert_eq!(metrics(&out.join("metrics.jsonl"), "train").len(), 2);
+    // Refused before anything loads: two conflicting keys, one setting given twice, a bad
+    // value even where the command line overrides it.
+    for (text, extra, says) in [
+        ("epochs: 1\nmax_steps: 3\n", &[][..], "cannot both be given"),
+        ("lora_rank: 4\nlora-rank: 8\n", &[], "both set `lora-rank`"),
+        (
+            "mask_prompt: true\nno_mask_prompt: true\n",
+            &[],
+            "both set `mask-prompt`",
+        ),
+        (
+            "lora_rank: many\n",
+            &["--lora-rank", "4"],
+            "`lora-rank`: invalid type",
+        ),
+    ] {
+        std::fs::write(&yaml, text).unwrap();
+        let o = cli()
+            .args(["train", "--model", "x", "--config"])
+            .arg(&yaml)
+            .args(extra)
+            .output()
+            .unwrap();
+        assert_eq!(o.status.code(), Some(2), "{text}");
+        let e = String::from_utf8_lossy(&o.stderr);
+        assert!(e.contains(says), "{text}: {e}");
+    }
 }
 
 /// Bad input: a clear message, a non-zero exit and no output directory.

@@ -28,6 +28,8 @@ pub fn merge(args: &mut TrainArgs, path: &Path) -> Result<()> {
     let known = train_flag_ids();
     let mut merged = serde_json::to_value(&*args).map_err(|e| bad(e.to_string()))?;
     let mut given = args.given.clone();
+    // Fields the file sets, with the key that set them.
+    let mut from_file: std::collections::HashMap<String, String> = Default::default();
     for (k, v) in map {
         let name = k
             .as_str()
@@ -51,13 +53,38 @@ pub fn merge(args: &mut TrainArgs, path: &Path) -> Result<()> {
                 other => other,
             };
         }
+        if let Some(earlier) = from_file.insert(field.clone(), flag.clone()) {
+            return Err(bad(format!(
+                "`{flag}` and `{earlier}` both set `{}`; keep one",
+                field.replace('_', "-")
+            )));
+        }
+        // Each value checked as its flag's type, so the error names its key, even where the
+        // command line overrides it.
+        let mut probe = merged.clone();
+        probe[&field] = value.clone();
+        serde_json::from_value::<TrainArgs>(probe).map_err(|e| bad(format!("`{flag}`: {e}")))?;
         if args.given.contains(&name) || args.given.contains(&field) {
             continue;
         }
+        // A flag the command line gave wins over a key it conflicts with (`max-steps` over
+        // `epochs`), as over the key's own flag; two conflicting keys are an error.
+        let rivals = conflicting(&field);
+        if let Some(c) = rivals.iter().find(|c| args.given.contains(*c)) {
+            eprintln!(
+                "note: --config {}: `{flag}` is not used: the command line gives --{}",
+                path.display(),
+                c.replace('_', "-")
+            );
+            from_file.remove(&field);
+            continue;
+        }
+        if let Some(c) = rivals.iter().find_map(|c| from_file.get(c)) {
+            return Err(bad(format!(
+                "`{flag}` and `{c}` cannot both be given; keep one"
+            )));
+        }
         merged[&field] = value;
-        // Each value checked on its own, so the error names its key.
-        serde_json::from_value::<TrainArgs>(merged.clone())
-            .map_err(|e| bad(format!("`{flag}`: {e}")))?;
         given.insert(field);
     }
     let mut out: TrainArgs = serde_json::from_value(merged).map_err(|e| bad(e.to_string()))?;
@@ -65,6 +92,35 @@ pub fn merge(args: &mut TrainArgs, path: &Path) -> Result<()> {
     out.given = given;
     *args = out;
     Ok(())
+}
+
+/// The train flags that conflict with `id` (clap's `conflicts_with`), by field name.
+fn conflicting(id: &str) -> Vec<String> {
+    let cmd = super::Cli::command();
+    let Some(train) = cmd.find_subcommand("train") else {
+        return vec![];
+    };
+    // Declared on either side (`max_steps` names `epochs`; clap lists it from that side only).
+    let names_it = |a: &clap::Arg| {
+        train
+            .get_arg_conflicts_with(a)
+            .iter()
+            .any(|c| c.get_id() == id)
+    };
+    let mut out: Vec<String> = train
+        .get_arguments()
+        .filter(|a| a.get_id() != id && names_it(a))
+        .map(|a| a.get_id().to_string())
+        .collect();
+    if let Some(arg) = train.get_arguments().find(|a| a.get_id() == id) {
+        out.extend(
+            train
+                .get_arg_conflicts_with(arg)
+                .iter()
+                .map(|a| a.get_id().to_string()),
+        );
+    }
+    out
 }
 
 /// The names of `train`'s flags, as their fields are named (`lora_rank`).

@@ -127,7 +127,12 @@ pub fn run(mut a: TrainArgs) -> Result<()> {
     };
     let adapter = initial_adapter(&cfg, &loaded.model.cfg, resume.as_ref())?;
     // Held until the run ends: no second run writes into the same directory.
-    let _lock = claim_output(&cfg, resume_given.is_some())?;
+    let resuming = match (&resume_given, &resume) {
+        (_, Some(_)) => Resuming::Checkpoint,
+        (Some(_), None) => Resuming::NoCheckpoint,
+        (None, None) => Resuming::No,
+    };
+    let _lock = claim_output(&cfg, resuming)?;
     describe(&cfg, &loaded, &adapter, &data);
     signals::install();
     if let Some(p) = load_reading.peak() {
@@ -217,10 +222,27 @@ const RUN_OUTPUTS: &[&str] = &[
     "checkpoints",
 ];
 
+/// What `--resume` found.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Resuming {
+    /// Not asked for.
+    No,
+    /// Asked for, and the output holds no checkpoint: the run starts from the beginning.
+    NoCheckpoint,
+    /// A checkpoint is continued.
+    Checkpoint,
+}
+
+/// What a run leaves before its first checkpoint: `--resume` may start such a run again.
+const BEFORE_FIRST_CHECKPOINT: &[&str] =
+    &["metrics.jsonl", "checkpoints", "train_config.json", "best"];
+
 /// Locks the output directory for this run and makes sure nothing the user has is overwritten:
 /// an earlier run there is continued (`--resume`) or replaced (`--force`), never silently
 /// mixed with this one; a `--metrics-file` that is not one of ours is never truncated.
-fn claim_output(cfg: &TrainConfig, resuming: bool) -> Result<DirLock> {
+/// `--resume` with no checkpoint restarts only a run that was stopped before its first one:
+/// a finished run whose checkpoints are gone, or anything else, is refused as without it.
+fn claim_output(cfg: &TrainConfig, resume: Resuming) -> Result<DirLock> {
     let dir = cfg.output_dir();
     let lock = DirLock::acquire(dir, "--output")?;
     // What a killed run left half-written (hidden, never read) goes now, not at its next save.
@@ -232,6 +254,22 @@ fn claim_output(cfg: &TrainConfig, resuming: bool) -> Result<DirLock> {
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .filter(|n| n != DirLock::FILE && !crate::io::is_leftover(n))
         .collect();
+    let restartable = |n: &String| BEFORE_FIRST_CHECKPOINT.contains(&n.as_str());
+    let resuming = match resume {
+        Resuming::Checkpoint => true,
+        Resuming::NoCheckpoint if held.iter().all(restartable) => true,
+        Resuming::NoCheckpoint => {
+            let mut shown: Vec<&String> = held.iter().filter(|n| !restartable(n)).collect();
+            shown.sort();
+            shown.truncate(5);
+            return Err(usage(format!(
+                "--resume: {} has no checkpoint to continue from, and holds an earlier run's                  outputs or other files ({}); pass --force (without --resume) to replace that                  run, or choose another --output",
+                dir.display(),
+                shown.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", "),
+            )));
+        }
+        Resuming::No => false,
+    };
     if !held.is_empty() && !resuming {
         if !cfg.output.force {
             let mut shown = held.clone();

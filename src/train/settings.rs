@@ -226,6 +226,13 @@ impl ScheduleArgs {
                 )));
             }
         }
+        if self.min_lr > self.learning_rate {
+            return Err(usage(format!(
+                "--min-lr {} is above --learning-rate {}: the schedule decays from the learning rate down to --min-lr; give a smaller --min-lr",
+                shown(self.min_lr),
+                shown(self.learning_rate)
+            )));
+        }
         Ok(())
     }
 }

@@ -306,30 +306,8 @@ fn a_client_that_disconnects_stops_its_generation() {
     let tmp = tempfile::tempdir().unwrap();
     let adapter = adapter(&tmp.path().join("adapter"));
     let server = Server::start(tmp.path(), &adapter);
-    let addr = server
-        .url
-        .trim_start_matches("http://")
-        .trim_end_matches("/v1")
-        .to_string();
-    let body = br#"{"messages":[{"role":"user","content":"Count from one to a thousand in words."}],"max_tokens":4000,"stream":true,"temperature":0}"#;
-    {
-        let mut s = std::net::TcpStream::connect(&addr).unwrap();
-        write!(
-            s,
-            "POST /v1/chat/completions HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {KEY}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
-            body.len()
-        )
-        .unwrap();
-        s.write_all(body).unwrap();
-        // Read until some content has streamed, then hang up.
-        let mut seen = String::new();
-        let mut buf = [0u8; 4096];
-        while !seen.contains("\"content\":\"") || seen.matches("data:").count() < 4 {
-            let n = s.read(&mut buf).unwrap();
-            assert!(n > 0, "stream ended early: {seen}");
-            seen.push_str(&String::from_utf8_lossy(&buf[..n]));
-        }
-    }
+    // Read until some content has streamed, then hang up.
+    drop(long_stream(&server));
     let (status, text) = http(
         &server.url,
         "POST",
@@ -361,27 +339,8 @@ fn stopping_the_server_cuts_the_running_generation_short() {
     let tmp = tempfile::tempdir().unwrap();
     let adapter = adapter(&tmp.path().join("adapter"));
     let mut server = Server::start(tmp.path(), &adapter);
-    let addr = server
-        .url
-        .trim_start_matches("http://")
-        .trim_end_matches("/v1")
-        .to_string();
-    let body = br#"{"messages":[{"role":"user","content":"Count from one to a thousand in words."}],"max_tokens":4000,"stream":true,"temperature":0}"#;
-    let mut s = std::net::TcpStream::connect(&addr).unwrap();
-    write!(
-        s,
-        "POST /v1/chat/completions HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {KEY}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
-        body.len()
-    )
-    .unwrap();
-    s.write_all(body).unwrap();
-    let mut seen = String::new();
+    let (mut s, mut seen) = long_stream(&server);
     let mut buf = [0u8; 4096];
-    while seen.matches("data:").count() < 4 {
-        let n = s.read(&mut buf).unwrap();
-        assert!(n > 0, "stream ended early: {seen}");
-        seen.push_str(&String::from_utf8_lossy(&buf[..n]));
-    }
     let start = std::time::Instant::now();
     let killed = Command::new("kill")
         .args(["-TERM", &server.child.id().to_string()])
@@ -413,4 +372,31 @@ fn stopping_the_server_cuts_the_running_generation_short() {
     assert!(!seen.contains("[DONE]"), "{seen}");
     let log = server.log();
     assert!(log.contains("cut short: the server is stopping"), "{log}");
+}
+
+/// A streamed request for thousands of tokens over a raw connection, read until some content
+/// has come: the connection and what it has read.
+fn long_stream(server: &Server) -> (std::net::TcpStream, String) {
+    let addr = server
+        .url
+        .trim_start_matches("http://")
+        .trim_end_matches("/v1")
+        .to_string();
+    let body = br#"{"messages":[{"role":"user","content":"Count from one to a thousand in words."}],"max_tokens":4000,"stream":true,"temperature":0}"#;
+    let mut s = std::net::TcpStream::connect(&addr).unwrap();
+    write!(
+        s,
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {KEY}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    )
+    .unwrap();
+    s.write_all(body).unwrap();
+    let mut seen = String::new();
+    let mut buf = [0u8; 4096];
+    while !seen.contains("\"content\":\"") || seen.matches("data:").count() < 4 {
+        let n = s.read(&mut buf).unwrap();
+        assert!(n > 0, "stream ended early: {seen}");
+        seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    (s, seen)
 }

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Writes a Hugging Face model directory with a known model's shapes and random bf16 weights,
 sharded like a real checkpoint, so load and training memory can be measured at full scale
-without downloading the model. Standard library only.
+without downloading the model. Standard library only; numpy, where there is one, makes it
+faster, and the shards are written in parallel.
 
     make_shaped_model.py SHAPE OUT --tokenizer DIR [--shard-bytes N] [--seed S] [--layers N]
 
@@ -14,6 +15,7 @@ exponent 121 and random mantissa), norms are 1: the forward pass stays finite at
 """
 import argparse
 import json
+import multiprocessing
 import os
 import random
 import shutil
@@ -75,9 +77,12 @@ def write_values(f, n, kind, rng):
             f.write(ONE * k)
         elif np is not None:
             # The same bits as LOW and HIGH below, as little-endian u16: a random sign and
-            # mantissa, the exponent fixed.
-            v = np.frombuffer(rng.randbytes(2 * k), dtype="<u2") & 0x807F | 0x3C80
-            f.write(v.astype("<u2").tobytes())
+            # mantissa, the exponent fixed. In place: numpy's generator is 4x faster than
+            # randbytes, which matters for 16 GB inside a timed GPU check.
+            v = rng.integers(0, 1 << 16, k, dtype="<u2")
+            v &= 0x807F
+            v |= 0x3C80
+            f.write(memoryview(v))
         else:
             buf = bytearray(2 * k)
             buf[0::2] = rng.randbytes(k).translate(LOW)
@@ -86,7 +91,9 @@ def write_values(f, n, kind, rng):
         done += k
 
 
-def write_shard(path, items, rng):
+def write_shard(path, items, seed):
+    # Each shard has its own stream, so the shards can be written in parallel.
+    rng = np.random.default_rng(seed) if np is not None else random.Random(repr(seed))
     header, offset = {}, 0
     for name, shape, _ in items:
         size = 2 * count(shape)
@@ -147,16 +154,16 @@ def main():
         cur.append(t)
         cur_bytes += size
     shards.append(cur)
-    rng = random.Random(a.seed)
-    weight_map, total = {}, 0
+    weight_map, total, jobs = {}, 0, []
     for i, items in enumerate(shards):
         name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        path = os.path.join(a.out, name)
-        print(f"writing {name} ({len(items)} tensors)", file=sys.stderr)
-        write_shard(path, items, rng)
+        jobs.append((os.path.join(a.out, name), items, [a.seed, i]))
         for t in items:
             weight_map[t[0]] = name
             total += 2 * count(t[1])
+    print(f"writing {len(shards)} shards", file=sys.stderr)
+    with multiprocessing.Pool(min(len(jobs), os.cpu_count() or 1)) as pool:
+        pool.starmap(write_shard, jobs)
     with open(os.path.join(a.out, "model.safetensors.index.json"), "w") as f:
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=1)
     with open(os.path.join(a.out, "config.json"), "w") as f:

@@ -11,7 +11,7 @@
 #                                  stdout
 #
 # `run` takes each GPU path in turn (the candle CUDA binary; MLX's CUDA build where .gpu/ has
-# it), then PyTorch+PEFT on the same GPU:
+# it), and PyTorch+PEFT on the same GPU (first in step 2):
 #   1. SmolLM2 (its first LAYERS blocks: its weights, the embedding re-quantized to Q4_1; its
 #      tokenizer and chat template) trained 20
 #      steps in f32 on the shipped example: the losses must equal those of the CPU run that

@@ -14,6 +14,7 @@ use your_ai::data::batch::Row;
 use your_ai::data::preference::Pair;
 use your_ai::data::Sample;
 use your_ai::engine::candle::CandleEngine;
+use your_ai::engine::mlx::step::Evaluation::{BlockByBlock, Deferred};
 use your_ai::engine::mlx::{batch, convert, params::Params, step, MlxEngine};
 use your_ai::engine::objective::{Method, PreferenceLoss};
 use your_ai::engine::{Engine, MicroBatchRows, Profile};
@@ -326,8 +327,61 @@ fn mlx_losses_equal_candle_losses_over_20_steps_on_smollm2() {
 
 /// `loss_scale · Σ w·CE` of one batch under `params` (no gradients taken).
 fn loss(model: &your_ai::engine::mlx::weights::Model, p: &Params, lay: &batch::Layout) -> f64 {
-    let pending = step::forward_backward(model, p, lay, 1.0).unwrap();
+    let pending =
+        step::forward_backward(model, p, lay, 1.0, BlockByBlock, &mut Default::default()).unwrap();
     convert::scalar(&pending.weighted).unwrap()
+}
+
+/// Whether MLX has computed `a` (no graph left to run for it).
+fn computed(a: &Array) -> bool {
+    let mut res = false;
+    // SAFETY: `a` is a live array; the call only reads its status into `res`.
+    let rc = unsafe { mlx_sys::_mlx_array_is_available(&mut res, a.as_ptr()) };
+    assert_eq!(rc, 0, "mlx_array_is_available failed");
+    res
+}
+
+/// Training computes the step block by block: each part the step functions return is already
+/// computed, and the phases of `--profile` are timed. One evaluation of the whole step held
+/// nearly every intermediate at once on MLX's CUDA backend (docs/gpu.md); `Deferred` keeps that
+/// one graph, for inspection, and leaves everything uncomputed.
+#[test]
+fn mlx_the_step_is_computed_block_by_block() {
+    let _s = serial();
+    let dir = tiny_dir();
+    let spec = dir.path().to_str().unwrap();
+    let llama = load(spec, &opts(DType::F32, None), None).unwrap().model;
+    let a = adapter(&llama.cfg, vec![0, 1]);
+    let model =
+        your_ai::engine::mlx::weights::Model::from_llama(llama, Dtype::Float32, None).unwrap();
+    let p = Params::from_adapter(&a).unwrap();
+    let lay = batch::layout(&rows(96, &[11, 7], 3), &model.cfg).unwrap();
+    for (mode, now) in [(BlockByBlock, true), (Deferred, false)] {
+        let (x, inputs) = step::forward(&model, Some(&p), &lay, mode).unwrap();
+        assert_eq!(inputs.len(), 2);
+        for (i, v) in inputs.iter().chain([&x]).enumerate() {
+            assert_eq!(computed(v), now, "{mode:?}: forward output {i}");
+        }
+        let coef = vec![1.0f32; lay.target_rows.len()];
+        let (dx, ce, weighted) = step::head_backward(&model, &x, &lay, &coef, mode).unwrap();
+        for v in [&dx, &ce, &weighted] {
+            assert_eq!(computed(v), now, "{mode:?}: head");
+        }
+        let grads = step::backward(&model, &p, &lay, inputs, dx, mode).unwrap();
+        assert_eq!(grads.len(), p.tensors().len());
+        for g in &grads {
+            assert_eq!(computed(g), now, "{mode:?}: a block's gradient");
+        }
+    }
+    let mut profile = Profile::default();
+    step::forward_backward(&model, &p, &lay, 1.0, BlockByBlock, &mut profile).unwrap();
+    for (name, d) in [
+        ("forward", profile.forward),
+        ("head", profile.head),
+        ("backward", profile.backward),
+    ] {
+        assert!(d > std::time::Duration::ZERO, "{name} not timed");
+    }
 }
 
 /// MLX's LoRA dropout mask: about `p` of the entries dropped, the rest scaled by `1/(1 − p)`;
@@ -407,7 +461,9 @@ fn mlx_gradients_match_finite_differences_for_every_lora_target() {
     for dropout in [None, Some((0.3, 11))] {
         let mut lay = batch::layout(&rows(96, &[11, 7], 3), &model.cfg).unwrap();
         lay.dropout = dropout;
-        let pending = step::forward_backward(&model, &p, &lay, 1.0).unwrap();
+        let pending =
+            step::forward_backward(&model, &p, &lay, 1.0, BlockByBlock, &mut Default::default())
+                .unwrap();
         let grads: Vec<Vec<f32>> = pending
             .grads
             .iter()
@@ -559,7 +615,9 @@ fn mlx_bf16_run_holds_no_f64_array() {
         lay.rope.is_some(),
         "the strict run covers packed rows' RoPE, and LoRA dropout"
     );
-    let pending = step::forward_backward(&model, &p, &lay, 1.0).unwrap();
+    // Left as one lazy graph, so that the printout below holds every op of the step.
+    let pending =
+        step::forward_backward(&model, &p, &lay, 1.0, Deferred, &mut Default::default()).unwrap();
     let mut held: Vec<(&str, Dtype)> = vec![
         ("embed", model.embed.dtype()),
         ("head", model.head.dtype()),

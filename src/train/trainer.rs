@@ -581,6 +581,9 @@ impl<'a, E: Engine> Trainer<'a, E> {
         s.seconds = self.started.elapsed().as_secs_f64();
         s.peak_rss = reading.rss_peak;
         s.peak_gpu = reading.gpu_peak;
+        if meter.measure() == memory::Measure::Mlx {
+            s.device_memory = "MLX memory";
+        }
         // After the final save: the whole run's peak, for benchmarks and post-mortems.
         let mut end = json!({"type": "end", "step": cfg.steps, "peak_rss_bytes": s.peak_rss,
             "train_peak_rss_bytes": reading.rss_phase_peak, "seconds": s.seconds});

@@ -3,9 +3,9 @@
 //!
 //! The frozen weights are converted from the project's one load ([`weights`]); the adapter and
 //! AdamW stay in f32 ([`params`], [`optimizer`]); the step is block-wise with recompute, MLX's
-//! autograd differentiating one block at a time ([`step`], [`block`], [`head`]). Each
-//! micro-batch is one lazy graph evaluated once; the allocator's cache is cleared after it, so
-//! the process does not grow by what a step freed. MLX's memory limits come from the run's
+//! autograd differentiating one block at a time ([`step`], [`block`], [`head`]), evaluated a
+//! block at a time; the allocator's cache is cleared after each micro-batch, so the process
+//! does not grow by what a step freed. MLX's memory limits come from the run's
 //! budget, and the meter reads MLX's active, peak and cache memory
 //! ([`crate::runtime::memory::mlx`]).
 //!
@@ -19,7 +19,6 @@ pub mod device;
 pub mod error;
 pub mod head;
 pub mod optimizer;
-pub mod order;
 pub mod params;
 pub mod preference;
 pub mod step;
@@ -45,6 +44,7 @@ use mlx_rs::{Array, Dtype};
 use optimizer::AdamW;
 use params::Params;
 use std::time::Instant;
+use step::Evaluation::BlockByBlock;
 use weights::Model;
 
 /// The MLX dtype of a compute dtype.
@@ -179,7 +179,7 @@ impl MlxEngine {
     }
 
     /// Adds a micro-batch's gradients into the accumulated ones and evaluates them with
-    /// `outputs`: the micro-batch's one evaluation. The allocator's cache is cleared after it,
+    /// `outputs`: the micro-batch's last evaluation. The allocator's cache is cleared after it,
     /// so the process holds one step's working set at most, not what every shape seen so far
     /// left cached.
     fn add_gradients(&mut self, grads: &[Array], outputs: &[&Array]) -> Result<()> {
@@ -217,12 +217,13 @@ impl Engine for MlxEngine {
         profile: &mut Profile,
     ) -> std::result::Result<LossSums, StepError> {
         let (model, params, lay) = self.prepare(batch, profile)?;
+        let pending =
+            step::forward_backward(model, params, &lay, batch.loss_scale, BlockByBlock, profile)?;
         let clock = Instant::now();
-        let pending = step::forward_backward(model, params, &lay, batch.loss_scale)?;
         self.add_gradients(&pending.grads, &[&pending.ce, &pending.weighted])?;
         let sums = pending.sums()?;
         drop(pending);
-        profile.forward += clock.elapsed();
+        profile.backward += clock.elapsed();
         self.within_budget()?;
         Ok(sums)
     }
@@ -377,7 +378,7 @@ fn eval_loss(model: &Model, params: &Params, lay: &batch::Layout) -> Result<(f64
     if n == 0 {
         return Ok((0.0, 0));
     }
-    let (x, _) = step::forward(model, Some(params), lay)?;
-    let ce = step::row_ce(model, &x, lay)?.sum(None)?;
+    let (x, _) = step::forward(model, Some(params), lay, BlockByBlock)?;
+    let ce = step::row_ce(model, &x, lay, BlockByBlock)?.sum(None)?;
     Ok((convert::scalar(&ce)?, n))
 }

@@ -93,8 +93,18 @@ pub fn wants_gpu(choice: DeviceChoice, backend: Option<Backend>, cuda_build: boo
 /// Makes MLX run on the device `choice` names (its GPU for `auto` where it has one); returns
 /// whether that is a GPU.
 pub fn select(choice: DeviceChoice) -> Result<bool> {
-    let gpu = wants_gpu(choice, gpu_backend(), CUDA_BUILD)?;
+    let backend = gpu_backend();
+    let gpu = wants_gpu(choice, backend, CUDA_BUILD)?;
     Device::set_default(&if gpu { Device::gpu() } else { Device::cpu() });
+    if gpu && backend == Some(Backend::Cuda) {
+        // Measured on an H200: a first step of ~50 s with `--quantize 4` on a two-block model,
+        // and no step within two minutes at 8B, with nothing on the progress line meanwhile.
+        eprintln!(
+            "note: MLX compiles its CUDA kernels on first use (the first step can take minutes, \
+             most with --quantize); later runs reuse them from MLX_PTX_CACHE_DIR (default: \
+             mlx/ in the temporary directory)"
+        );
+    }
     Ok(gpu)
 }
 

@@ -177,6 +177,42 @@ fn checkpoints_are_verified_whole_and_latest_stays_inside() {
     );
 }
 
+/// `--resume` cuts its run's metrics back to the checkpoint: never another run's, named by
+/// `--metrics-file`. Its own, named explicitly, is continued.
+#[test]
+fn a_resumed_run_never_cuts_back_another_run_s_metrics() {
+    let r = common::tiny_run(8);
+    let (a, b) = (r.root.join("a"), r.root.join("b"));
+    for out in [&a, &b] {
+        let o = train(&r, out, 4, &[]);
+        assert!(o.status.success(), "{}", stderr(&o));
+    }
+    let theirs = b.join("metrics.jsonl");
+    let before = std::fs::read(&theirs).unwrap();
+    let o = train(
+        &r,
+        &a,
+        6,
+        &["--resume", "--metrics-file", theirs.to_str().unwrap()],
+    );
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    let e = stderr(&o);
+    assert!(
+        e.contains("another run's metrics") && e.contains("--metrics-file"),
+        "{e}"
+    );
+    assert_eq!(std::fs::read(&theirs).unwrap(), before);
+    let own = a.join("metrics.jsonl");
+    let o = train(
+        &r,
+        &a,
+        6,
+        &["--resume", "--metrics-file", own.to_str().unwrap()],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(metrics(&own, "train").len(), 6);
+}
+
 #[test]
 fn a_finished_run_is_extended_with_resume_and_more_steps() {
     let r = common::tiny_run(8);
@@ -491,6 +527,19 @@ fn unclear_inputs_get_clear_messages() {
         &["--learning-rate inf", "finite"],
     );
     fails(&["--learning-rate=-1e308"], &["-1e308"]);
+    fails(
+        &["--learning-rate", "-1e-3"],
+        &["--learning-rate -0.001", "positive"],
+    );
+    // An --output that is a file is named with the flag (it was a bare "File exists"), and the
+    // file is left as it was.
+    let file = r.root.join("a-file");
+    std::fs::write(&file, "keep").unwrap();
+    let o = train(&r, &file, 2, &[]);
+    let e = stderr(&o);
+    assert_eq!(o.status.code(), Some(2), "{e}");
+    assert!(e.contains("--output") && e.contains("is a file"), "{e}");
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "keep");
     // A byte-order mark before the first line is not an error.
     let bom = r.root.join("bom");
     std::fs::create_dir_all(&bom).unwrap();

@@ -365,24 +365,35 @@ fn yaml_config_supplies_flags_and_the_command_line_wins() {
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("`lora-rnak` is not a train flag"));
 
+    // A run of the file `text` into `out`, with `extra` flags.
+    let run = |text: &str, out: &Path, extra: &[&str]| {
+        std::fs::write(&yaml, text).unwrap();
+        let o = cli()
+            .arg("train")
+            .arg("--model")
+            .arg(&s.model)
+            .arg("--data")
+            .arg(&s.data)
+            .arg("--output")
+            .arg(out)
+            .arg("--config")
+            .arg(&yaml)
+            .args(["--batch-size", "2"])
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8_lossy(&o.stderr).into_owned()
+    };
     // The command line's --max-steps wins over the file's `epochs`, which it conflicts with.
-    std::fs::write(&yaml, "epochs: 1\n").unwrap();
     let out = s.root.join("epochs");
-    let o = cli()
-        .arg("train")
-        .arg("--model")
-        .arg(&s.model)
-        .arg("--data")
-        .arg(&s.data)
-        .arg("--output")
-        .arg(&out)
-        .arg("--config")
-        .arg(&yaml)
-        .args(["--max-steps", "2", "--batch-size", "2"])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    assert!(String::from_utf8_lossy(&o.stderr).contains("`epochs` is not used"));
+    let e = run("epochs: 1\n", &out, &["--max-steps", "2"]);
+    assert!(e.contains("`epochs` is not used"), "{e}");
+    assert_eq!(metrics(&out.join("metrics.jsonl"), "train").len(), 2);
+    // `resume: true` is the bare --resume: here, with no checkpoint yet, a run from the start.
+    let out = s.root.join("resumed");
+    let e = run("resume: true\nmax_steps: 2\n", &out, &[]);
+    assert!(e.contains("has no checkpoint yet"), "{e}");
     assert_eq!(metrics(&out.join("metrics.jsonl"), "train").len(), 2);
     // Refused before anything loads: two conflicting keys, one setting given twice, a bad
     // value even where the command line overrides it.
@@ -398,6 +409,12 @@ fn yaml_config_supplies_flags_and_the_command_line_wins() {
             "lora_rank: many\n",
             &["--lora-rank", "4"],
             "`lora-rank`: invalid type",
+        ),
+        // A hidden flag, for tests, is no setting: it was silently dropped.
+        (
+            "test_memory_limit: 1@1\n",
+            &[],
+            "`test-memory-limit` is not a train flag",
         ),
     ] {
         std::fs::write(&yaml, text).unwrap();

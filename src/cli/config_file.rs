@@ -53,6 +53,15 @@ pub fn merge(args: &mut TrainArgs, path: &Path) -> Result<()> {
                 other => other,
             };
         }
+        // `resume: true` is the bare `--resume` (the latest checkpoint), `false` no resume; a
+        // string is the flag's PATH.
+        if field == "resume" {
+            value = match value {
+                serde_json::Value::Bool(true) => serde_json::Value::String(String::new()),
+                serde_json::Value::Bool(false) => serde_json::Value::Null,
+                other => other,
+            };
+        }
         if let Some(earlier) = from_file.insert(field.clone(), flag.clone()) {
             return Err(bad(format!(
                 "`{flag}` and `{earlier}` both set `{}`; keep one",
@@ -123,13 +132,14 @@ fn conflicting(id: &str) -> Vec<String> {
     out
 }
 
-/// The names of `train`'s flags, as their fields are named (`lora_rank`).
+/// The names of `train`'s flags, as their fields are named (`lora_rank`). Hidden flags (for
+/// tests) are not settings a file can give.
 fn train_flag_ids() -> Vec<String> {
     let cmd = super::Cli::command();
     cmd.find_subcommand("train")
         .map(|t| {
             t.get_arguments()
-                .filter(|a| a.get_long().is_some())
+                .filter(|a| a.get_long().is_some() && !a.is_hide_set())
                 .map(|a| a.get_id().to_string())
                 .collect()
         })

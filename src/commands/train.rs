@@ -17,7 +17,7 @@ use crate::train::checkpoint;
 use crate::train::config::{DistrustSettings, TrainConfig};
 use crate::train::plan::{preflight, Plan};
 use crate::train::trainer::{initial_adapter, Datasets, Trainer};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 mod data;
 use data::{check_preference_flags, encode, encode_pairs, read_pairs, read_records};
@@ -128,11 +128,13 @@ pub fn run(mut a: TrainArgs) -> Result<()> {
     let adapter = initial_adapter(&cfg, &loaded.model.cfg, resume.as_ref())?;
     // Held until the run ends: no second run writes into the same directory.
     let resuming = match (&resume_given, &resume) {
-        (_, Some(_)) => Resuming::Checkpoint,
+        (_, Some(r)) => Resuming::Checkpoint {
+            metrics: r.state.config["metrics_file"].as_str().map(PathBuf::from),
+        },
         (Some(_), None) => Resuming::NoCheckpoint,
         (None, None) => Resuming::No,
     };
-    let _lock = claim_output(&cfg, resuming)?;
+    let _lock = claim_output(&cfg, &resuming)?;
     describe(&cfg, &loaded, &adapter, &data);
     signals::install();
     if let Some(p) = load_reading.peak() {
@@ -223,14 +225,14 @@ const RUN_OUTPUTS: &[&str] = &[
 ];
 
 /// What `--resume` found.
-#[derive(Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 enum Resuming {
     /// Not asked for.
     No,
     /// Asked for, and the output holds no checkpoint: the run starts from the beginning.
     NoCheckpoint,
-    /// A checkpoint is continued.
-    Checkpoint,
+    /// A checkpoint is continued; `metrics`: where its run wrote its metrics, as recorded.
+    Checkpoint { metrics: Option<PathBuf> },
 }
 
 /// What a run leaves before its first checkpoint: `--resume` may start such a run again.
@@ -242,7 +244,7 @@ const BEFORE_FIRST_CHECKPOINT: &[&str] =
 /// mixed with this one; a `--metrics-file` that is not one of ours is never truncated.
 /// `--resume` with no checkpoint restarts only a run that was stopped before its first one:
 /// a finished run whose checkpoints are gone, or anything else, is refused as without it.
-fn claim_output(cfg: &TrainConfig, resume: Resuming) -> Result<DirLock> {
+fn claim_output(cfg: &TrainConfig, resume: &Resuming) -> Result<DirLock> {
     let dir = cfg.output_dir();
     let lock = DirLock::acquire(dir, "--output")?;
     // What a killed run left half-written (hidden, never read) goes now, not at its next save.
@@ -256,16 +258,22 @@ fn claim_output(cfg: &TrainConfig, resume: Resuming) -> Result<DirLock> {
         .collect();
     let restartable = |n: &String| BEFORE_FIRST_CHECKPOINT.contains(&n.as_str());
     let resuming = match resume {
-        Resuming::Checkpoint => true,
+        Resuming::Checkpoint { .. } => true,
         Resuming::NoCheckpoint if held.iter().all(restartable) => true,
         Resuming::NoCheckpoint => {
             let mut shown: Vec<&String> = held.iter().filter(|n| !restartable(n)).collect();
             shown.sort();
             shown.truncate(5);
             return Err(usage(format!(
-                "--resume: {} has no checkpoint to continue from, and holds an earlier run's                  outputs or other files ({}); pass --force (without --resume) to replace that                  run, or choose another --output",
+                "--resume: {} has no checkpoint to continue from, and holds an earlier run's \
+                 outputs or other files ({}); pass --force (without --resume) to replace that \
+                 run, or choose another --output",
                 dir.display(),
-                shown.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", "),
+                shown
+                    .iter()
+                    .map(|s| s.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
             )));
         }
         Resuming::No => false,
@@ -304,8 +312,33 @@ fn claim_output(cfg: &TrainConfig, resume: Resuming) -> Result<DirLock> {
                 metrics.display()
             )));
         }
+        // A resumed run cuts its metrics back to the checkpoint's step: never another run's.
+        if let Resuming::Checkpoint { metrics: own } = resume {
+            let ours = |p: &Path| same_file(&metrics, p);
+            if !ours(&dir.join("metrics.jsonl"))
+                && !own.as_deref().is_some_and(ours)
+                && !cfg.output.force
+            {
+                return Err(usage(format!(
+                    "--metrics-file {}: holds another run's metrics (the run being resumed wrote \
+                     its own to {}), and resuming would cut them back to its checkpoint; leave \
+                     --metrics-file out, or name a new file",
+                    metrics.display(),
+                    own.as_deref()
+                        .map_or("its output directory".into(), |p| p.display().to_string())
+                )));
+            }
+        }
     }
     Ok(lock)
+}
+
+/// Whether `a` and `b` name the same file (`a` exists).
+fn same_file(a: &Path, b: &Path) -> bool {
+    match (a.canonicalize(), b.canonicalize()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    }
 }
 
 /// Whether `path` is a metrics file this tool wrote: its first line is our start record.

@@ -238,7 +238,19 @@ impl DirLock {
 
     /// Locks `dir` (created if missing); `flag` names the option that chose it, for messages.
     pub fn acquire(dir: &Path, flag: &str) -> Result<Self> {
-        std::fs::create_dir_all(dir).map_err(|e| Error::io("create", dir, e))?;
+        if dir.exists() && !dir.is_dir() {
+            return Err(Error::Usage(format!(
+                "{flag} {}: is a file, not a directory; name a directory (it is created if \
+                 missing)",
+                dir.display()
+            )));
+        }
+        std::fs::create_dir_all(dir).map_err(|e| {
+            Error::Usage(format!(
+                "{flag} {}: the directory cannot be created: {e}",
+                dir.display()
+            ))
+        })?;
         let path = dir.join(Self::FILE);
         let me = std::process::id();
         for _ in 0..2 {

@@ -167,7 +167,9 @@ pub struct ScheduleArgs {
     #[arg(long)]
     pub pack: bool,
     /// Peak learning rate.
-    #[arg(long, default_value_t = 5e-5)]
+    // `-1e-3` is a value to refuse with its reason, not an unknown flag `-1` (clap's
+    // negative numbers do not take an exponent).
+    #[arg(long, default_value_t = 5e-5, allow_hyphen_values = true)]
     pub learning_rate: f64,
     /// Learning-rate decay after warmup.
     #[arg(long, value_enum, default_value_t = ScheduleKind::Cosine)]
@@ -176,7 +178,7 @@ pub struct ScheduleArgs {
     #[arg(long, default_value_t = 100)]
     pub warmup_steps: usize,
     /// Learning-rate floor at the end of the decay.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, allow_hyphen_values = true)]
     pub min_lr: f64,
     /// AdamW decoupled weight decay.
     #[arg(long, default_value_t = 0.01)]

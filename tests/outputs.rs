@@ -61,6 +61,17 @@ fn a_second_run_into_a_used_output_is_refused_unless_resumed_or_forced() {
     );
     assert_eq!(adapter(&out), first);
     assert!(!out.join(".your_ai.lock").exists());
+    // Refused before the model is looked at (at 8B its load takes minutes): here a model that
+    // does not exist is never reached.
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_your_ai"))
+        .args(["train", "--model", "no-such-model", "--data"])
+        .arg(&r.data)
+        .arg("--output")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("not empty"), "{}", stderr(&o));
     // --force replaces it; a file of the user's in the directory stays.
     std::fs::write(out.join("notes.txt"), "mine").unwrap();
     let o = train(&r, &out, 2, &["--seed", "9", "--force"]);

@@ -54,6 +54,18 @@ pub fn run(mut a: TrainArgs) -> Result<()> {
         &records.0,
     )?;
 
+    // The output's plain refusals before what can be minutes of loading (claim_output decides
+    // once the run is resolved).
+    if let Some(dir) = &a.output.output {
+        DirLock::refuse_a_file(dir, "--output")?;
+        if a.resume.is_none() && !a.output.force {
+            let held = held_in(dir)?;
+            if !held.is_empty() {
+                return Err(not_empty(dir, held));
+            }
+        }
+    }
+
     let inspected = crate::model::inspect(&a.model.model)?;
     let context = inspected.cfg.max_position_embeddings;
     if a.batch.max_seq_length > context {
@@ -250,12 +262,7 @@ fn claim_output(cfg: &TrainConfig, resume: &Resuming) -> Result<DirLock> {
     // What a killed run left half-written (hidden, never read) goes now, not at its next save.
     crate::io::clear_leftovers(dir);
     crate::io::clear_leftovers(&dir.join("checkpoints"));
-    let held: Vec<String> = std::fs::read_dir(dir)
-        .map_err(|e| Error::io("read", dir, e))?
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n != DirLock::FILE && !crate::io::is_leftover(n))
-        .collect();
+    let held = held_in(dir)?;
     let restartable = |n: &String| BEFORE_FIRST_CHECKPOINT.contains(&n.as_str());
     let resuming = match resume {
         Resuming::Checkpoint { .. } => true,
@@ -280,16 +287,7 @@ fn claim_output(cfg: &TrainConfig, resume: &Resuming) -> Result<DirLock> {
     };
     if !held.is_empty() && !resuming {
         if !cfg.output.force {
-            let mut shown = held.clone();
-            shown.sort();
-            shown.truncate(5);
-            return Err(usage(format!(
-                "--output {}: the directory is not empty ({}{}); pass --resume to continue the run \
-                 there, --force to replace it, or choose another --output",
-                dir.display(),
-                shown.join(", "),
-                if held.len() > 5 { ", …" } else { "" }
-            )));
+            return Err(not_empty(dir, held));
         }
         // --force: the earlier run's outputs go; anything else in the directory stays.
         for name in RUN_OUTPUTS {
@@ -331,6 +329,34 @@ fn claim_output(cfg: &TrainConfig, resume: &Resuming) -> Result<DirLock> {
         }
     }
     Ok(lock)
+}
+
+/// What `dir` holds besides this tool's lock and half-written leftovers (nothing when it does
+/// not exist).
+fn held_in(dir: &Path) -> Result<Vec<String>> {
+    if !dir.exists() {
+        return Ok(vec![]);
+    }
+    Ok(std::fs::read_dir(dir)
+        .map_err(|e| Error::io("read", dir, e))?
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n != DirLock::FILE && !crate::io::is_leftover(n))
+        .collect())
+}
+
+/// The refusal of an --output that holds something, without --resume or --force.
+fn not_empty(dir: &Path, mut held: Vec<String>) -> Error {
+    let more = held.len() > 5;
+    held.sort();
+    held.truncate(5);
+    usage(format!(
+        "--output {}: the directory is not empty ({}{}); pass --resume to continue the run \
+         there, --force to replace it, or choose another --output",
+        dir.display(),
+        held.join(", "),
+        if more { ", …" } else { "" }
+    ))
 }
 
 /// Whether `a` and `b` name the same file (`a` exists).

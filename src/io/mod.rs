@@ -236,8 +236,8 @@ impl DirLock {
     /// The lock file's name inside the locked directory.
     pub const FILE: &'static str = ".your_ai.lock";
 
-    /// Locks `dir` (created if missing); `flag` names the option that chose it, for messages.
-    pub fn acquire(dir: &Path, flag: &str) -> Result<Self> {
+    /// Refuses a `dir` (given by `flag`) that exists and is no directory.
+    pub fn refuse_a_file(dir: &Path, flag: &str) -> Result<()> {
         if dir.exists() && !dir.is_dir() {
             return Err(Error::Usage(format!(
                 "{flag} {}: is a file, not a directory; name a directory (it is created if \
@@ -245,6 +245,12 @@ impl DirLock {
                 dir.display()
             )));
         }
+        Ok(())
+    }
+
+    /// Locks `dir` (created if missing); `flag` names the option that chose it, for messages.
+    pub fn acquire(dir: &Path, flag: &str) -> Result<Self> {
+        Self::refuse_a_file(dir, flag)?;
         std::fs::create_dir_all(dir).map_err(|e| {
             Error::Usage(format!(
                 "{flag} {}: the directory cannot be created: {e}",

@@ -565,6 +565,37 @@ fn unclear_inputs_get_clear_messages() {
     assert!(o.status.success(), "{}", stderr(&o));
 }
 
+/// An example whose trained tokens truncation cut off entirely trains nothing: the warning
+/// names it by file:line, so it can be found.
+#[test]
+fn an_example_cut_off_entirely_is_named() {
+    let r = common::tiny_run(4);
+    let dir = r.root.join("cut");
+    std::fs::create_dir_all(&dir).unwrap();
+    let chat = |user: &str| {
+        serde_json::json!({"messages": [
+            {"role": "user", "content": user},
+            {"role": "assistant", "content": "Marrowick."}
+        ]})
+        .to_string()
+    };
+    let long = "Tell me about the rivers and the hills of the old country. ".repeat(20);
+    let rows = [chat("Which city?"), chat(&long), chat("And the river?")];
+    std::fs::write(dir.join("train.jsonl"), rows.join("\n") + "\n").unwrap();
+    let o = train(
+        &r,
+        &r.root.join("cut-out"),
+        1,
+        &["--data", dir.to_str().unwrap(), "--max-seq-length", "64"],
+    );
+    let e = stderr(&o);
+    assert!(o.status.success(), "{e}");
+    assert!(
+        e.contains("1 example(s) have no trained token left") && e.contains("train.jsonl:2"),
+        "{e}"
+    );
+}
+
 /// A stop signal is acknowledged at once and honoured within the current evaluation batch: a
 /// Ctrl-C during a long validation pass ends the run in seconds, with a checkpoint that resumes.
 #[test]

@@ -131,12 +131,19 @@ pub(super) fn encode(
         a.data.mask_prompt,
         a.batch.max_seq_length,
     )?;
-    let encode_all = |records: &[Record]| -> Result<Vec<Sample>> {
+    // Examples whose every trained token truncation cut off: they train nothing.
+    let mut cut_off: Vec<String> = vec![];
+    let mut encode_all = |records: &[Record]| -> Result<Vec<Sample>> {
         let mut out = Vec::with_capacity(records.len());
         let mut errors = vec![];
         for r in records {
             match encoder.encode(r) {
-                Ok(s) => out.push(s),
+                Ok(s) => {
+                    if s.truncated > 0 && s.trained_count() == 0 {
+                        cut_off.push(r.location.clone());
+                    }
+                    out.push(s)
+                }
                 Err(e) => errors.push(e.to_string()),
             }
         }
@@ -146,6 +153,17 @@ pub(super) fn encode(
         Ok(out)
     };
     let (train, valid, test) = (encode_all(&train)?, encode_all(&valid)?, encode_all(&test)?);
+    if !cut_off.is_empty() {
+        let shown: Vec<&str> = cut_off.iter().take(5).map(String::as_str).collect();
+        eprintln!(
+            "warning: {} example(s) have no trained token left within --max-seq-length {} ({}{}); \
+             raise --max-seq-length or shorten their prompts",
+            cut_off.len(),
+            a.batch.max_seq_length,
+            shown.join(", "),
+            if cut_off.len() > 5 { ", …" } else { "" }
+        );
+    }
     let truncated = train
         .iter()
         .chain(&valid)

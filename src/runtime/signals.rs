@@ -2,9 +2,11 @@
 //! stop after the current block (or evaluation batch), save what is consistent and exit
 //! (130 / 143); a second one exits at once, leaving the last good checkpoint as it was.
 
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 
 static REQUESTED: AtomicI32 = AtomicI32::new(0);
+/// Set once the trained adapter is being written: a stop then ends nothing that is left.
+static FINISHING: AtomicBool = AtomicBool::new(false);
 
 #[cfg(unix)]
 extern "C" fn on_signal(sig: libc::c_int) {
@@ -19,8 +21,15 @@ extern "C" fn on_signal(sig: libc::c_int) {
     }
     const FIRST: &[u8] =
         b"\nstopping: the current block ends, then a checkpoint is saved (a second signal exits at once)\n";
-    // SAFETY: write is async-signal-safe; the buffer is a static.
-    unsafe { libc::write(2, FIRST.as_ptr().cast(), FIRST.len()) };
+    const WRITING: &[u8] = b"\nstopping: the trained adapter is being written and is kept; \
+        what follows it is skipped (a second signal exits at once, the last checkpoint kept)\n";
+    let said = if FINISHING.load(Ordering::SeqCst) {
+        WRITING
+    } else {
+        FIRST
+    };
+    // SAFETY: write is async-signal-safe; the buffers are statics.
+    unsafe { libc::write(2, said.as_ptr().cast(), said.len()) };
 }
 
 /// Installs the handlers (training only; other commands keep the default behaviour).
@@ -33,6 +42,12 @@ pub fn install() {
         libc::signal(libc::SIGINT, handler);
         libc::signal(libc::SIGTERM, handler);
     }
+}
+
+/// The run is writing its trained adapter: a first stop signal says so, rather than that a
+/// checkpoint follows.
+pub fn finishing() {
+    FINISHING.store(true, Ordering::SeqCst);
 }
 
 /// The signal received, if any.

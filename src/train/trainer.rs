@@ -553,7 +553,14 @@ impl<'a, E: Engine> Trainer<'a, E> {
         let cfg = self.cfg;
         self.evaluate(cfg.steps)?;
         self.progress.finish();
+        crate::runtime::signals::finishing();
         save_adapter_files(&self.finite_adapter()?, cfg.output_dir(), cfg)?;
+        if let Some(signal) = crate::runtime::signals::requested() {
+            // As the signal's note said: the adapter is kept, the rest (the test set, the end
+            // record) skipped; `--resume` from the last checkpoint would redo them.
+            eprintln!("the trained adapter is in {}", cfg.output_dir().display());
+            return Err(Error::Stopping { signal });
+        }
         if let (true, Some(p)) = (cfg.output.test, &self.data.pairs) {
             let o = &cfg.objective;
             let r = self

@@ -132,6 +132,17 @@ pub fn keep_blocks(
     keep: KeepActivations,
     budget: u64,
 ) -> usize {
+    // The MLX engine recomputes every block: its autograd cannot differentiate a block later
+    // from activations kept now (docs/mlx.md).
+    if matches!(w.step, StepKind::Mlx { .. }) {
+        if matches!(keep, KeepActivations::All | KeepActivations::Blocks(1..)) {
+            eprintln!(
+                "note: --keep-activations: the MLX engine recomputes every block in the backward; \
+                 keeping activations is the candle engine's, for now"
+            );
+        }
+        return 0;
+    }
     let room = budget / 10 * 9;
     let keep_fits = |k: usize| {
         estimate(
@@ -229,5 +240,33 @@ pub fn weight_format(
             Err(_) => format,
         },
         _ => format,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::train::estimate::tests::{smollm2, workload};
+
+    /// The MLX engine recomputes every block, so nothing is planned as kept for it (its run
+    /// said "32 of 32 adapted blocks keep theirs" on the H200 while recomputing them all); the
+    /// candle engine keeps what is asked.
+    #[test]
+    fn the_mlx_engine_keeps_no_block() {
+        let cfg = smollm2();
+        let mut w = workload();
+        let big = 1 << 40;
+        assert_eq!(keep_blocks(&cfg, &w, KeepActivations::All, big), 30);
+        assert_eq!(keep_blocks(&cfg, &w, KeepActivations::Auto, big), 30);
+        w.step = StepKind::Mlx {
+            host: WeightFormat::Dense(4.0),
+        };
+        for keep in [
+            KeepActivations::All,
+            KeepActivations::Auto,
+            KeepActivations::Blocks(4),
+        ] {
+            assert_eq!(keep_blocks(&cfg, &w, keep, big), 0, "{keep:?}");
+        }
     }
 }

@@ -42,6 +42,25 @@ fn opts(dtype: DType, quantize: Option<QuantBits>) -> LoadOptions {
     LoadOptions::new(Device::Cpu, dtype, quantize)
 }
 
+/// The tiny Llama in `dir` as the MLX engine holds it in `dtype` (f32 or bf16), and an adapter
+/// on both its blocks.
+fn tiny_mlx(
+    dir: &std::path::Path,
+    dtype: DType,
+) -> (your_ai::engine::mlx::weights::Model, Adapter) {
+    let llama = load(dir.to_str().unwrap(), &opts(dtype, None), None)
+        .unwrap()
+        .model;
+    let a = adapter(&llama.cfg, vec![0, 1]);
+    let mlx = if dtype == DType::BF16 {
+        Dtype::Bfloat16
+    } else {
+        Dtype::Float32
+    };
+    let model = your_ai::engine::mlx::weights::Model::from_llama(llama, mlx, None).unwrap();
+    (model, a)
+}
+
 fn candle_engine(spec: &str, o: &LoadOptions) -> CandleEngine {
     let m = load(spec, o, None).unwrap().model;
     CandleEngine::new(m, spec, o.clone(), 0.01, 0, Meter::resident())
@@ -349,11 +368,7 @@ fn computed(a: &Array) -> bool {
 fn mlx_the_step_is_computed_block_by_block() {
     let _s = serial();
     let dir = tiny_dir();
-    let spec = dir.path().to_str().unwrap();
-    let llama = load(spec, &opts(DType::F32, None), None).unwrap().model;
-    let a = adapter(&llama.cfg, vec![0, 1]);
-    let model =
-        your_ai::engine::mlx::weights::Model::from_llama(llama, Dtype::Float32, None).unwrap();
+    let (model, a) = tiny_mlx(dir.path(), DType::F32);
     let p = Params::from_adapter(&a).unwrap();
     let lay = batch::layout(&rows(96, &[11, 7], 3), &model.cfg).unwrap();
     for (mode, now) in [(BlockByBlock, true), (Deferred, false)] {
@@ -451,11 +466,7 @@ fn mlx_dropout_runs_are_reproducible() {
 fn mlx_gradients_match_finite_differences_for_every_lora_target() {
     let _s = serial();
     let dir = tiny_dir();
-    let spec = dir.path().to_str().unwrap();
-    let llama = load(spec, &opts(DType::F32, None), None).unwrap().model;
-    let a = adapter(&llama.cfg, vec![0, 1]);
-    let model =
-        your_ai::engine::mlx::weights::Model::from_llama(llama, Dtype::Float32, None).unwrap();
+    let (model, a) = tiny_mlx(dir.path(), DType::F32);
     let mut p = Params::from_adapter(&a).unwrap();
     // With LoRA dropout too: the recompute in the backward draws the forward's masks again.
     for dropout in [None, Some((0.3, 11))] {
@@ -604,10 +615,7 @@ fn mlx_bf16_run_holds_no_f64_array() {
     let dir = tiny_dir();
     let spec = dir.path().to_str().unwrap();
     let o = opts(DType::BF16, None);
-    let llama = load(spec, &o, None).unwrap().model;
-    let a = adapter(&llama.cfg, vec![0, 1]);
-    let model =
-        your_ai::engine::mlx::weights::Model::from_llama(llama, Dtype::Bfloat16, None).unwrap();
+    let (model, a) = tiny_mlx(dir.path(), DType::BF16);
     let p = Params::from_adapter(&a).unwrap();
     let mut lay = batch::layout(&packed_rows(96, &[5, 7, 9], 5, 24), &model.cfg).unwrap();
     lay.dropout = Some((0.1, 3));

@@ -3,6 +3,7 @@
 
 mod common;
 
+use assert_cmd::prelude::*;
 use common::{cli, metrics};
 use std::path::{Path, PathBuf};
 
@@ -335,14 +336,7 @@ fn yaml_config_supplies_flags_and_the_command_line_wins() {
     )
     .unwrap();
     let out = s.root.join("yaml");
-    cli()
-        .arg("train")
-        .arg("--model")
-        .arg(&s.model)
-        .arg("--data")
-        .arg(&s.data)
-        .arg("--output")
-        .arg(&out)
+    s.train_command(&out)
         .arg("--config")
         .arg(&yaml)
         .args(["--lora-rank", "2", "--batch-size", "2"])
@@ -368,14 +362,8 @@ fn yaml_config_supplies_flags_and_the_command_line_wins() {
     // A run of the file `text` into `out`, with `extra` flags.
     let run = |text: &str, out: &Path, extra: &[&str]| {
         std::fs::write(&yaml, text).unwrap();
-        let o = cli()
-            .arg("train")
-            .arg("--model")
-            .arg(&s.model)
-            .arg("--data")
-            .arg(&s.data)
-            .arg("--output")
-            .arg(out)
+        let o = s
+            .train_command(out)
             .arg("--config")
             .arg(&yaml)
             .args(["--batch-size", "2"])
@@ -617,14 +605,8 @@ fn non_finite_steps_are_skipped_and_three_in_a_row_stop_the_run() {
     let s = setup(8);
     let out = s.root.join("diverge");
     // A learning rate this large overflows the adapter within a step or two.
-    let o = cli()
-        .arg("train")
-        .arg("--model")
-        .arg(&s.model)
-        .arg("--data")
-        .arg(&s.data)
-        .arg("--output")
-        .arg(&out)
+    let o = s
+        .train_command(&out)
         .args([
             "--max-steps",
             "20",

@@ -20,7 +20,7 @@
 #      scripts/bench/make_shaped_model.py; rank 16, length 2048, batch 1, STEPS steps. Tokens/s
 #      (median step after the first two) and peak GPU memory (nvidia-smi every 200 ms, less
 #      what was in use before), against scripts/gpu/peft_step.py on the same tokens (the
-#      first losses agree: the same workload).
+#      first losses agree: the same workload); each GPU path in bf16, then with --quantize 4.
 #   3. scripts/memory_check.sh with the candle binary on the GPU: estimates against measured
 #      peaks, flat steps, a budget crossed mid-run and the resume after it.
 # It exits non-zero when a check fails, after reporting everything it could.
@@ -277,25 +277,28 @@ run() {
         fail PyTorch+PEFT "8B-shaped step, $phase" "$o.log"
       fi
     done
-    for t in "${tools[@]}"; do
-      o="$work/8b-$t"
-      rm -rf "$o"
-      idle=$(smi_now)
-      local limit rc=0
-      limit=$(allowed 150) || { skip "$t" "8B-shaped step"; continue; }
-      sampled "$o.smi" timeout "$limit" "${bin[$t]}" train --engine "${engine[$t]}" \
-        --model "$shaped" --data "$work/data" --device "$device" --dtype bf16 --batch-size 1 \
-        --max-seq-length "$length" --lora-rank 16 --max-steps "$steps" --learning-rate 1e-4 \
-        --lr-schedule constant --warmup-steps 0 --steps-per-eval 0 --val-batches 0 \
-        --output "$o" >"$o.log" 2>&1 || rc=$?
-      # A run stopped at its time limit still reports the steps it made (at least three).
-      if [ "$rc" = 0 ] || { [ "$rc" = 124 ] && [ "$(grep -cE '"type": ?"train"' "$o/metrics.jsonl" 2>/dev/null)" -ge 3 ]; }; then
-        [ "$rc" = 0 ] || fail "$t" "8B-shaped step (stopped at its time limit; the figures are its first steps')" "$o.log"
-        python3 scripts/gpu/report.py train "$o/metrics.jsonl" --name "your_ai $t" \
-          --smi "$o.smi" --idle "$idle" >>"$results" 2>>"$o.log" || fail "$t" "8B-shaped figures" "$o.log"
-      else
-        fail "$t" "8B-shaped step" "$o.log"
-      fi
+    # Each GPU path in bf16, then with --quantize 4 (QLoRA: MLX's affine 4-bit, candle's Q4_1).
+    for q in "" 4; do
+      for t in "${tools[@]}"; do
+        o="$work/8b-$t${q:+-q$q}"
+        local what="8B-shaped step${q:+, --quantize $q}" limit rc=0
+        rm -rf "$o"
+        idle=$(smi_now)
+        limit=$(allowed 150) || { skip "$t" "$what"; continue; }
+        sampled "$o.smi" timeout "$limit" "${bin[$t]}" train --engine "${engine[$t]}" \
+          --model "$shaped" --data "$work/data" --device "$device" --dtype bf16 --batch-size 1 \
+          --max-seq-length "$length" --lora-rank 16 --max-steps "$steps" --learning-rate 1e-4 \
+          --lr-schedule constant --warmup-steps 0 --steps-per-eval 0 --val-batches 0 \
+          ${q:+--quantize "$q"} --output "$o" >"$o.log" 2>&1 || rc=$?
+        # A run stopped at its time limit still reports the steps it made (at least three).
+        if [ "$rc" = 0 ] || { [ "$rc" = 124 ] && [ "$(grep -cE '"type": ?"train"' "$o/metrics.jsonl" 2>/dev/null)" -ge 3 ]; }; then
+          [ "$rc" = 0 ] || fail "$t" "$what (stopped at its time limit; the figures are its first steps')" "$o.log"
+          python3 scripts/gpu/report.py train "$o/metrics.jsonl" --name "your_ai $t${q:+, --quantize $q}" \
+            --smi "$o.smi" --idle "$idle" >>"$results" 2>>"$o.log" || fail "$t" "$what, figures" "$o.log"
+        else
+          fail "$t" "$what" "$o.log"
+        fi
+      done
     done
   fi
 

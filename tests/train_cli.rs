@@ -95,6 +95,9 @@ fn a_run_writes_adapter_metrics_and_summary() {
     ] {
         assert!(stderr.contains(needle), "`{needle}` missing in:\n{stderr}");
     }
+    // Every block keeps its activations here: no recompute ran, and no row claims one.
+    assert!(stderr.contains("keep theirs"), "{stderr}");
+    assert!(!stderr.contains("recompute (blocks)"), "{stderr}");
     let m = out.join("metrics.jsonl");
     let train_lines = metrics(&m, "train");
     assert_eq!(train_lines.len(), 3);

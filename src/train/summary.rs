@@ -121,13 +121,19 @@ impl Summary {
                     100.0 * secs / total.max(1e-9)
                 )
             };
+            // A phase at zero did not run, or this engine does not time it apart (the MLX
+            // engine's backward holds its recompute, and its attention is not split out).
             for (name, secs) in p.phases() {
-                line(name, secs);
+                if secs > 0.0 {
+                    line(name, secs);
+                }
             }
-            line(
-                "  of which attention (all blocks)",
-                p.attention.as_secs_f64(),
-            );
+            if !p.attention.is_zero() {
+                line(
+                    "  of which attention (all blocks)",
+                    p.attention.as_secs_f64(),
+                );
+            }
         }
     }
 }

@@ -300,6 +300,23 @@ run() {
         fi
       done
     done
+    # Where MLX's step spends its time (its phases are timed for real, a block at a time): four
+    # profiled steps, for the speed work; the phases land in the record and in logs.txt.
+    if [ -n "${bin[mlx]:-}" ]; then
+      o="$work/8b-mlx-profile"
+      rm -rf "$o"
+      if limit=$(allowed 60); then
+        timeout "$limit" "${bin[mlx]}" train --engine mlx --model "$shaped" --data "$work/data" \
+          --device "$device" --dtype bf16 --batch-size 1 --max-seq-length "$length" \
+          --lora-rank 16 --max-steps 4 --learning-rate 1e-4 --lr-schedule constant \
+          --warmup-steps 0 --steps-per-eval 0 --val-batches 0 --profile --output "$o" \
+          >"$o.log" 2>&1 && python3 scripts/gpu/report.py train "$o/metrics.jsonl" \
+          --name "your_ai mlx, profiled" >>"$results" 2>>"$o.log" ||
+          fail mlx "8B-shaped profile" "$o.log"
+      else
+        skip mlx "8B-shaped profile"
+      fi
+    fi
   fi
 
   # 3. The memory contract on the GPU (candle's measure there is the GPU's memory in use). The

@@ -62,6 +62,8 @@ def cmd_train(a):
     own = end.get("train_peak_gpu_bytes") or end.get("train_peak_mlx_bytes")
     out = {"tool": a.name, "steps": len(steps), "step_s": step_s, "tokens_per_s": tokens / step_s,
            "losses": [r["loss"] for r in steps], "peak_own_bytes": own}
+    if "profile_seconds" in end:
+        out["profile_seconds"] = end["profile_seconds"]
     if a.smi:
         out["peak_gpu_bytes"] = smi_peak(a.smi, a.idle)
     print(json.dumps(out))

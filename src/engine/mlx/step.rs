@@ -9,9 +9,9 @@
 //! alive at once. One evaluation of the whole step, the first design, measured flat on MLX's CPU
 //! backend but not on its CUDA backend: an 8B step on an H200 peaked at 31.7 GB against an
 //! estimated 23.9, the same with every block recomputed, as if nearly every intermediate of the
-//! step were held at once (a GPU backend allocates an op's output when it queues the op, and
-//! can free a buffer only once the GPU has run what reads it). A wait per block costs a few
-//! dozen host syncs a step, and makes the phase times of `--profile` real.
+//! step were held at once (likely because a GPU backend allocates an op's output when it queues
+//! the op, and can free a buffer only once the GPU has run what reads it). A wait per block
+//! costs a few dozen host syncs a step, and makes the phase times of `--profile` real.
 
 use super::batch::Layout;
 use super::block;
@@ -45,7 +45,8 @@ fn settle<'a>(mode: Evaluation, arrays: impl IntoIterator<Item = &'a Array>) -> 
     }
 }
 
-/// A micro-batch's step, not yet evaluated.
+/// A micro-batch's step: its loss sums and gradients (computed, or under
+/// [`Evaluation::Deferred`] one lazy graph).
 pub struct Pending {
     /// Σ cross-entropy over the scored rows (f32 scalar).
     pub ce: Array,

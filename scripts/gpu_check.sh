@@ -26,6 +26,9 @@
 # It exits non-zero when a check fails, after reporting everything it could.
 #
 #   GPU_CHECK_MLX=0  leave MLX's CUDA build out (prepare)
+#   GPU_CHECK_SKIP  parts of `run` to leave out, space-separated, where a run must spend its
+#           device time on what changed: smol-q4 smol-dropout peft-checkpointing 8b-candle
+#           8b-mlx-recompute 8b-candle-q4 8b-mlx-q4 profile memory
 #   GPU_CHECK_SECONDS  the time `run` may take (default 480); steps that would not fit are
 #           recorded as skipped
 #   LAYERS  SmolLM2 blocks taken along (prepare; default 2 keeps .gpu/ under 64 MiB: the whole
@@ -164,6 +167,8 @@ run() {
     echo $(($1 < left ? $1 : left))
   }
   skip() { failed=1; say "$1: $2 skipped: no time left"; record "$1" "$2" "skipped: no time left"; }
+  # Whether GPU_CHECK_SKIP names part $1.
+  skipped() { [[ " ${GPU_CHECK_SKIP:-} " == *" $1 "* ]]; }
 
   declare -A bin engine
   if [ "$device" = cpu ]; then
@@ -248,8 +253,8 @@ run() {
       python3 scripts/gpu/report.py losses "$bundle/cpu_metrics.jsonl" "$o/metrics.jsonl" \
         --tol 1e-3 --name "$t" >>"$results" 2>"$o.cmp.log" || fail "$t" "SmolLM2 losses" "$o.cmp.log"
     fi
-    smol "$t" "$work/smol-$t-q4" 45 --max-steps 3 --quantize 4 || true
-    smol "$t" "$work/smol-$t-dropout" 45 --max-steps 3 --lora-dropout 0.1 || true
+    skipped smol-q4 || smol "$t" "$work/smol-$t-q4" 45 --max-steps 3 --quantize 4 || true
+    skipped smol-dropout || smol "$t" "$work/smol-$t-dropout" 45 --max-steps 3 --lora-dropout 0.1 || true
   done
 
   # 2. The 8B-shaped step.
@@ -263,6 +268,7 @@ run() {
   # must not leave no time for it.
   if [ -f "$shaped/config.json" ]; then
     for phase in plain checkpointing; do
+      skipped "peft-$phase" && continue
       o="$work/peft-$phase"
       idle=$(smi_now)
       local limit flag=()
@@ -278,31 +284,39 @@ run() {
       fi
     done
     # Each GPU path in bf16, then with --quantize 4 (QLoRA: MLX's affine 4-bit, candle's Q4_1).
-    for q in "" 4; do
-      for t in "${tools[@]}"; do
-        o="$work/8b-$t${q:+-q$q}"
-        local what="8B-shaped step${q:+, --quantize $q}" limit rc=0
-        rm -rf "$o"
-        idle=$(smi_now)
-        limit=$(allowed 150) || { skip "$t" "$what"; continue; }
-        sampled "$o.smi" timeout "$limit" "${bin[$t]}" train --engine "${engine[$t]}" \
-          --model "$shaped" --data "$work/data" --device "$device" --dtype bf16 --batch-size 1 \
-          --max-seq-length "$length" --lora-rank 16 --max-steps "$steps" --learning-rate 1e-4 \
-          --lr-schedule constant --warmup-steps 0 --steps-per-eval 0 --val-batches 0 \
-          ${q:+--quantize "$q"} --output "$o" >"$o.log" 2>&1 || rc=$?
-        # A run stopped at its time limit still reports the steps it made (at least three).
-        if [ "$rc" = 0 ] || { [ "$rc" = 124 ] && [ "$(grep -cE '"type": ?"train"' "$o/metrics.jsonl" 2>/dev/null)" -ge 3 ]; }; then
-          [ "$rc" = 0 ] || fail "$t" "$what (stopped at its time limit; the figures are its first steps')" "$o.log"
-          python3 scripts/gpu/report.py train "$o/metrics.jsonl" --name "your_ai $t${q:+, --quantize $q}" \
-            --smi "$o.smi" --idle "$idle" >>"$results" 2>>"$o.log" || fail "$t" "$what, figures" "$o.log"
-        else
-          fail "$t" "$what" "$o.log"
-        fi
-      done
+    # MLX keeps its blocks' frozen products under --keep-activations auto (the default, with
+    # room to spare here); its recompute path (every block recomputed) runs apart.
+    local runs=()
+    for t in "${tools[@]}"; do runs+=("$t||"); done
+    [ -n "${bin[mlx]:-}" ] && runs+=("mlx|recompute|--keep-activations none")
+    for t in "${tools[@]}"; do runs+=("$t|q4|--quantize 4"); done
+    local spec t variant extra
+    for spec in "${runs[@]}"; do
+      IFS='|' read -r t variant extra <<<"$spec"
+      skipped "8b-$t${variant:+-$variant}" && continue
+      o="$work/8b-$t${variant:+-$variant}"
+      local what="8B-shaped step${extra:+, $extra}" limit rc=0
+      rm -rf "$o"
+      idle=$(smi_now)
+      limit=$(allowed 150) || { skip "$t" "$what"; continue; }
+      # shellcheck disable=SC2086  # $extra is flags
+      sampled "$o.smi" timeout "$limit" "${bin[$t]}" train --engine "${engine[$t]}" \
+        --model "$shaped" --data "$work/data" --device "$device" --dtype bf16 --batch-size 1 \
+        --max-seq-length "$length" --lora-rank 16 --max-steps "$steps" --learning-rate 1e-4 \
+        --lr-schedule constant --warmup-steps 0 --steps-per-eval 0 --val-batches 0 \
+        $extra --output "$o" >"$o.log" 2>&1 || rc=$?
+      # A run stopped at its time limit still reports the steps it made (at least three).
+      if [ "$rc" = 0 ] || { [ "$rc" = 124 ] && [ "$(grep -cE '"type": ?"train"' "$o/metrics.jsonl" 2>/dev/null)" -ge 3 ]; }; then
+        [ "$rc" = 0 ] || fail "$t" "$what (stopped at its time limit; the figures are its first steps')" "$o.log"
+        python3 scripts/gpu/report.py train "$o/metrics.jsonl" --name "your_ai $t${extra:+, $extra}" \
+          --smi "$o.smi" --idle "$idle" >>"$results" 2>>"$o.log" || fail "$t" "$what, figures" "$o.log"
+      else
+        fail "$t" "$what" "$o.log"
+      fi
     done
     # Where MLX's step spends its time (its phases are timed for real, a block at a time): four
     # profiled steps, for the speed work; the phases land in the record and in logs.txt.
-    if [ -n "${bin[mlx]:-}" ]; then
+    if [ -n "${bin[mlx]:-}" ] && ! skipped profile; then
       o="$work/8b-mlx-profile"
       rm -rf "$o"
       if limit=$(allowed 60); then
@@ -323,7 +337,9 @@ run() {
   # estimate's fixed allowances are a larger share of a two-block model's peaks: on the CPU its
   # estimates run up to 17% over the measured peak, so the bar is 25% here, not 15%.
   local limit
-  if limit=$(allowed 150); then
+  if skipped memory; then
+    say "memory contract: left out (GPU_CHECK_SKIP)"
+  elif limit=$(allowed 150); then
     BAR=0.25 timeout "$limit" scripts/memory_check.sh "${bin[candle]}" "$bundle/smollm2.gguf" \
       "$device" "$([ "$device" = cpu ] && echo f32 || echo bf16)" >"$work/memory-check.log" 2>&1 ||
       fail candle "memory contract (scripts/memory_check.sh)" "$work/memory-check.log"

@@ -58,6 +58,12 @@ fn mlx_train_cli_matches_candle_writes_the_adapter_and_resumes_exactly() {
         stderr.contains(" (peak ") && stderr.contains(", cache "),
         "the progress line shows MLX's peak and cache:\n{stderr}"
     );
+    // Under --keep-activations auto and room to spare, every adapted block keeps its frozen
+    // products: the run below (and its resume) differentiates on them.
+    assert!(
+        stderr.contains("activations: 2 of 2 adapted blocks keep theirs"),
+        "the blocks keep their activations:\n{stderr}"
+    );
     let (lc, lm) = (losses(&candle), losses(&mlx));
     assert_eq!(lm.len(), 20);
     for (i, (a, b)) in lm.iter().zip(&lc).enumerate() {
@@ -196,7 +202,12 @@ fn long_rows(dir: &Path, words: usize) {
 fn mlx_estimate_bounds_the_measured_peak_on_smollm2() {
     let tmp = tempfile::tempdir().unwrap();
     long_rows(&tmp.path().join("data"), 1100);
-    for (batch, len, rank) in [("2", "256", "8"), ("1", "512", "32"), ("4", "256", "64")] {
+    // The second shape recomputes every block; the others keep their frozen products (auto).
+    for (batch, len, rank, keep) in [
+        ("2", "256", "8", "auto"),
+        ("1", "512", "32", "none"),
+        ("4", "256", "64", "auto"),
+    ] {
         let out = tmp.path().join(format!("run-{batch}-{len}"));
         let o = common::cli()
             .args(["train", "--engine", "mlx", "--device", "cpu", "--model"])
@@ -207,6 +218,7 @@ fn mlx_estimate_bounds_the_measured_peak_on_smollm2() {
             .arg(&out)
             .args(["--batch-size", batch, "--max-seq-length", len])
             .args(["--lora-rank", rank, "--max-steps", "2", "--max-memory", "8"])
+            .args(["--keep-activations", keep])
             .args([
                 "--steps-per-eval",
                 "0",
@@ -226,7 +238,7 @@ fn mlx_estimate_bounds_the_measured_peak_on_smollm2() {
         let estimate = start["estimate_peak_bytes"].as_u64().unwrap();
         let train_estimate = start["estimate_train_peak_bytes"].as_u64().unwrap();
         let what = format!(
-            "{batch}×{len} r{rank}: estimate {estimate}, resident peak {rss}, MLX peak {mlx}"
+            "{batch}×{len} r{rank} keep {keep}: estimate {estimate}, resident peak {rss}, MLX peak {mlx}"
         );
         assert!(rss <= estimate, "under the resident peak: {what}");
         assert!(mlx <= train_estimate, "under MLX's peak: {what}");

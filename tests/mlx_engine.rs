@@ -7,143 +7,19 @@
 
 mod common;
 
-use candle_core::{DType, Device, Tensor};
+use common::mlx::*;
+
+use candle_core::DType;
 use mlx_rs::{Array, Dtype};
-use std::sync::Mutex;
 use your_ai::data::batch::Row;
 use your_ai::data::preference::Pair;
 use your_ai::data::Sample;
-use your_ai::engine::candle::CandleEngine;
 use your_ai::engine::mlx::step::Evaluation::{BlockByBlock, Deferred};
-use your_ai::engine::mlx::{batch, convert, params::Params, step, MlxEngine};
+use your_ai::engine::mlx::{batch, convert, params::Params, step};
 use your_ai::engine::objective::{Method, PreferenceLoss};
 use your_ai::engine::{Engine, MicroBatchRows, Profile};
-use your_ai::model::lora::{Adapter, LoraConfig, Target};
+use your_ai::model::load;
 use your_ai::model::quantized::QuantBits;
-use your_ai::model::{load, LoadOptions};
-use your_ai::runtime::memory::Meter;
-
-/// MLX's allocator and limits are the process's: one MLX test at a time.
-static SERIAL: Mutex<()> = Mutex::new(());
-
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// A tiny random Llama (two blocks, hidden 64, GQA, Llama 3.1 RoPE scaling, tied embeddings)
-/// with SmolLM2's tokenizer, as the load function takes it.
-fn tiny_dir() -> tempfile::TempDir {
-    let tmp = tempfile::tempdir().unwrap();
-    common::tiny_chat_model(tmp.path());
-    tmp
-}
-
-fn opts(dtype: DType, quantize: Option<QuantBits>) -> LoadOptions {
-    LoadOptions::new(Device::Cpu, dtype, quantize)
-}
-
-/// The tiny Llama in `dir` as the MLX engine holds it in `dtype` (f32 or bf16), and an adapter
-/// on both its blocks.
-fn tiny_mlx(
-    dir: &std::path::Path,
-    dtype: DType,
-) -> (your_ai::engine::mlx::weights::Model, Adapter) {
-    let llama = load(dir.to_str().unwrap(), &opts(dtype, None), None)
-        .unwrap()
-        .model;
-    let a = adapter(&llama.cfg, vec![0, 1]);
-    let mlx = if dtype == DType::BF16 {
-        Dtype::Bfloat16
-    } else {
-        Dtype::Float32
-    };
-    let model = your_ai::engine::mlx::weights::Model::from_llama(llama, mlx, None).unwrap();
-    (model, a)
-}
-
-fn candle_engine(spec: &str, o: &LoadOptions) -> CandleEngine {
-    let m = load(spec, o, None).unwrap().model;
-    CandleEngine::new(m, spec, o.clone(), 0.01, 0, Meter::resident())
-}
-
-fn mlx_engine(spec: &str, o: &LoadOptions) -> MlxEngine {
-    let m = load(spec, o, None).unwrap().model;
-    MlxEngine::new(m, spec, o.clone(), 0.01, 20_000_000_000, None).unwrap()
-}
-
-/// A LoRA adapter on `layers`, every target, from the trainer's initialisation (seed 7), with
-/// B drawn too (B = 0 would leave every dA zero at the first step).
-fn adapter(cfg: &your_ai::model::ModelConfig, layers: Vec<usize>) -> Adapter {
-    let lora = LoraConfig {
-        rank: 4,
-        alpha: 8.0,
-        dropout: 0.0,
-        targets: Target::ALL.to_vec(),
-        layers,
-        use_rslora: false,
-    };
-    let mut a = Adapter::init(lora, cfg, 7, &Device::Cpu).unwrap();
-    for (i, t) in a.tensors_mut().enumerate() {
-        if i % 2 == 1 {
-            let n: usize = t.dims().iter().product();
-            let v: Vec<f32> = (0..n)
-                .map(|k| (((k * 37 + i * 101) % 97) as f32 / 97.0 - 0.5) * 0.1)
-                .collect();
-            *t = Tensor::from_vec(v, t.dims(), &Device::Cpu).unwrap();
-        }
-    }
-    a
-}
-
-/// Rows of pseudo-random tokens (below `vocab`) of the given lengths, the second half of each
-/// trained.
-fn rows(vocab: u32, lens: &[usize], seed: u32) -> Vec<Row> {
-    lens.iter()
-        .enumerate()
-        .map(|(i, &n)| {
-            let ids: Vec<u32> = (0..n as u32)
-                .map(|p| (p * 7919 + seed * 104_729 + i as u32 * 31) % (vocab - 3) + 3)
-                .collect();
-            let s = Sample {
-                trained: (0..n).map(|p| p >= n / 2).collect(),
-                ids,
-                truncated: 0,
-            };
-            Row::single(&s, 1.0)
-        })
-        .collect()
-}
-
-/// `steps` optimizer steps of `engine` (from `adapter`), each on its own batch; the mean loss
-/// of each.
-fn train<E: Engine>(engine: &mut E, batches: &[Vec<Row>], lr: f64) -> Vec<f64> {
-    let mut losses = vec![];
-    for b in batches {
-        let weight: f64 = b.iter().map(Row::scored_weight).sum();
-        let targets: usize = b.iter().map(Row::scored).sum();
-        let batch = MicroBatchRows {
-            rows: b,
-            dropout: None,
-            loss_scale: 1.0 / weight,
-        };
-        let sums = engine.accumulate(&batch, &mut Profile::default()).unwrap();
-        engine.clip_gradients(1.0).unwrap();
-        engine.update(lr).unwrap();
-        losses.push(sums.ce / targets as f64);
-    }
-    losses
-}
-
-fn assert_losses_match(what: &str, mlx: &[f64], candle: &[f64], rel: f64) {
-    for (i, (a, b)) in mlx.iter().zip(candle).enumerate() {
-        let d = (a - b).abs() / b.abs();
-        assert!(
-            d <= rel,
-            "{what}: step {}: MLX {a} vs candle {b} ({d:.2e} relative)\nMLX {mlx:?}\ncandle {candle:?}",
-            i + 1
-        );
-    }
-}
 
 #[test]
 fn mlx_losses_equal_candle_losses_over_20_steps_on_a_tiny_llama() {
@@ -152,7 +28,7 @@ fn mlx_losses_equal_candle_losses_over_20_steps_on_a_tiny_llama() {
     let spec = dir.path().to_str().unwrap();
     let o = opts(DType::F32, None);
     let mut c = candle_engine(spec, &o);
-    let mut m = mlx_engine(spec, &o);
+    let mut m = mlx_engine(spec, &o, 0);
     let a = adapter(c.config(), vec![0, 1]);
     c.set_adapter(a.clone(), None).unwrap();
     m.set_adapter(a, None).unwrap();
@@ -163,6 +39,16 @@ fn mlx_losses_equal_candle_losses_over_20_steps_on_a_tiny_llama() {
     let lm = train(&mut m, &batches, 1e-2);
     assert!(lc[19] < lc[0], "the run learns: {lc:?}");
     assert_losses_match("tiny Llama", &lm, &lc, 1e-4);
+    // Both blocks keeping their frozen products: the same run.
+    let mut kept = mlx_engine(spec, &o, 2);
+    kept.set_adapter(adapter(kept.config(), vec![0, 1]), None)
+        .unwrap();
+    assert_losses_match(
+        "tiny Llama, kept products",
+        &train(&mut kept, &batches, 1e-2),
+        &lc,
+        1e-4,
+    );
 }
 
 /// Rows long enough that the LM head takes several chunks (more than `HEAD_CHUNK` scored rows
@@ -175,7 +61,7 @@ fn mlx_losses_equal_candle_losses_across_head_chunks() {
     let spec = dir.path().to_str().unwrap();
     let o = opts(DType::F32, None);
     let mut c = candle_engine(spec, &o);
-    let mut m = mlx_engine(spec, &o);
+    let mut m = mlx_engine(spec, &o, 0);
     let a = adapter(c.config(), vec![0, 1]);
     c.set_adapter(a.clone(), None).unwrap();
     m.set_adapter(a, None).unwrap();
@@ -213,7 +99,7 @@ fn mlx_losses_equal_candle_losses_on_packed_rows() {
     let spec = dir.path().to_str().unwrap();
     let o = opts(DType::F32, None);
     let mut c = candle_engine(spec, &o);
-    let mut m = mlx_engine(spec, &o);
+    let mut m = mlx_engine(spec, &o, 0);
     let a = adapter(c.config(), vec![0, 1]);
     c.set_adapter(a.clone(), None).unwrap();
     m.set_adapter(a, None).unwrap();
@@ -270,7 +156,7 @@ fn mlx_preference_methods_equal_candle() {
     let o = opts(DType::F32, None);
     for method in [Method::Dpo, Method::Orpo] {
         let mut c = candle_engine(spec, &o);
-        let mut m = mlx_engine(spec, &o);
+        let mut m = mlx_engine(spec, &o, 0);
         let a = adapter(c.config(), vec![0, 1]);
         c.set_adapter(a.clone(), None).unwrap();
         m.set_adapter(a, None).unwrap();
@@ -331,7 +217,7 @@ fn mlx_losses_equal_candle_losses_over_20_steps_on_smollm2() {
     let spec = path.to_str().unwrap();
     let o = opts(DType::F32, None);
     let mut c = candle_engine(spec, &o);
-    let mut m = mlx_engine(spec, &o);
+    let mut m = mlx_engine(spec, &o, 0);
     // The top four blocks adapted, as `--num-layers 4`.
     let a = adapter(c.config(), (26..30).collect());
     c.set_adapter(a.clone(), None).unwrap();
@@ -346,8 +232,15 @@ fn mlx_losses_equal_candle_losses_over_20_steps_on_smollm2() {
 
 /// `loss_scale · Σ w·CE` of one batch under `params` (no gradients taken).
 fn loss(model: &your_ai::engine::mlx::weights::Model, p: &Params, lay: &batch::Layout) -> f64 {
-    let pending =
-        step::forward_backward(model, p, lay, 1.0, BlockByBlock, &mut Default::default()).unwrap();
+    let pending = step::forward_backward(
+        model,
+        p,
+        lay,
+        (1.0, 0),
+        BlockByBlock,
+        &mut Default::default(),
+    )
+    .unwrap();
     convert::scalar(&pending.weighted).unwrap()
 }
 
@@ -372,9 +265,9 @@ fn mlx_the_step_is_computed_block_by_block() {
     let p = Params::from_adapter(&a).unwrap();
     let lay = batch::layout(&rows(96, &[11, 7], 3), &model.cfg).unwrap();
     for (mode, now) in [(BlockByBlock, true), (Deferred, false)] {
-        let (x, inputs) = step::forward(&model, Some(&p), &lay, mode).unwrap();
+        let (x, inputs) = step::forward(&model, Some(&p), &lay, 0, mode).unwrap();
         assert_eq!(inputs.len(), 2);
-        for (i, v) in inputs.iter().chain([&x]).enumerate() {
+        for (i, v) in inputs.iter().map(|s| &s.input).chain([&x]).enumerate() {
             assert_eq!(computed(v), now, "{mode:?}: forward output {i}");
         }
         let coef = vec![1.0f32; lay.target_rows.len()];
@@ -389,7 +282,7 @@ fn mlx_the_step_is_computed_block_by_block() {
         }
     }
     let mut profile = Profile::default();
-    step::forward_backward(&model, &p, &lay, 1.0, BlockByBlock, &mut profile).unwrap();
+    step::forward_backward(&model, &p, &lay, (1.0, 0), BlockByBlock, &mut profile).unwrap();
     for (name, d) in [
         ("forward", profile.forward),
         ("head", profile.head),
@@ -438,7 +331,7 @@ fn mlx_dropout_runs_are_reproducible() {
         .map(|s| rows(96, &[12, 10], (s % 2) as u32))
         .collect();
     let run = |dropout: Option<(f64, u64)>| -> Vec<f64> {
-        let mut m = mlx_engine(spec, &o);
+        let mut m = mlx_engine(spec, &o, 0);
         m.set_adapter(adapter(m.config(), vec![0, 1]), None)
             .unwrap();
         let mut losses = vec![];
@@ -472,9 +365,15 @@ fn mlx_gradients_match_finite_differences_for_every_lora_target() {
     for dropout in [None, Some((0.3, 11))] {
         let mut lay = batch::layout(&rows(96, &[11, 7], 3), &model.cfg).unwrap();
         lay.dropout = dropout;
-        let pending =
-            step::forward_backward(&model, &p, &lay, 1.0, BlockByBlock, &mut Default::default())
-                .unwrap();
+        let pending = step::forward_backward(
+            &model,
+            &p,
+            &lay,
+            (1.0, 0),
+            BlockByBlock,
+            &mut Default::default(),
+        )
+        .unwrap();
         let grads: Vec<Vec<f32>> = pending
             .grads
             .iter()
@@ -536,17 +435,17 @@ fn mlx_resume_from_its_saved_state_is_exact() {
         let m = load(spec, &o, None).unwrap().model;
         adapter(&m.cfg, vec![0, 1])
     };
-    let mut whole = mlx_engine(spec, &o);
+    let mut whole = mlx_engine(spec, &o, 0);
     whole.set_adapter(a.clone(), None).unwrap();
     let straight = train(&mut whole, &batches, 1e-2);
 
-    let mut first = mlx_engine(spec, &o);
+    let mut first = mlx_engine(spec, &o, 0);
     first.set_adapter(a, None).unwrap();
     let mut resumed = train(&mut first, &batches[..4], 1e-2);
     // What a checkpoint holds crosses the seam on the host; a new engine takes it.
     let (saved, opt) = (first.adapter().unwrap(), first.optimizer_state().unwrap());
     drop(first);
-    let mut second = mlx_engine(spec, &o);
+    let mut second = mlx_engine(spec, &o, 0);
     second.set_adapter(saved, Some(opt)).unwrap();
     resumed.extend(train(&mut second, &batches[4..], 1e-2));
     assert_eq!(
@@ -560,15 +459,88 @@ fn mlx_quantize_4_learns() {
     let _s = serial();
     let dir = tiny_dir();
     let spec = dir.path().to_str().unwrap();
-    let mut m = mlx_engine(spec, &opts(DType::F32, Some(QuantBits::parse(4).unwrap())));
-    let a = adapter(m.config(), vec![0, 1]);
-    m.set_adapter(a, None).unwrap();
+    let o = opts(DType::F32, Some(QuantBits::parse(4).unwrap()));
     let batch = rows(96, &[16, 16], 1);
-    let losses = train(&mut m, &vec![batch; 20], 2e-2);
+    // With each block recomputed, and with both keeping their products (whose gradient goes
+    // through the quantized weight's transpose product).
+    let runs: Vec<Vec<f64>> = [0, 2]
+        .into_iter()
+        .map(|keep| {
+            let mut m = mlx_engine(spec, &o, keep);
+            m.set_adapter(adapter(m.config(), vec![0, 1]), None)
+                .unwrap();
+            train(&mut m, &vec![batch.clone(); 20], 2e-2)
+        })
+        .collect();
+    let losses = &runs[0];
     assert!(
         losses[19] < 0.8 * losses[0],
         "--quantize 4 does not learn: {losses:?}"
     );
+    assert_losses_match("kept products, --quantize 4", &runs[1], losses, 1e-5);
+}
+
+/// A block that keeps its frozen products from the forward (`--keep-activations`) is
+/// differentiated on them, not on a recompute: the loss and every LoRA gradient are those of
+/// the recompute (with LoRA dropout too), and only the kept blocks hold products, seven each.
+#[test]
+fn mlx_kept_products_give_the_recompute_s_gradients() {
+    let _s = serial();
+    let dir = tiny_dir();
+    let (model, a) = tiny_mlx(dir.path(), DType::F32);
+    let p = Params::from_adapter(&a).unwrap();
+    let host = |v: &[Array]| -> Vec<Vec<f32>> {
+        v.iter()
+            .map(|g| {
+                convert::to_tensor(g)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap()
+            })
+            .collect()
+    };
+    for dropout in [None, Some((0.3, 11))] {
+        let mut lay = batch::layout(&rows(96, &[11, 7], 3), &model.cfg).unwrap();
+        lay.dropout = dropout;
+        let (_, saved) = step::forward(&model, Some(&p), &lay, 1, BlockByBlock).unwrap();
+        let held: Vec<usize> = saved.iter().map(|s| s.products.len()).collect();
+        assert_eq!(held, [0, 7], "the top block keeps its products");
+        let step = |keep| {
+            step::forward_backward(
+                &model,
+                &p,
+                &lay,
+                (1.0, keep),
+                BlockByBlock,
+                &mut Default::default(),
+            )
+            .unwrap()
+        };
+        let recomputed = step(0);
+        let (r_loss, r_grads) = (
+            convert::scalar(&recomputed.weighted).unwrap(),
+            host(&recomputed.grads),
+        );
+        for keep in [1, 2] {
+            let kept = step(keep);
+            assert_eq!(
+                convert::scalar(&kept.weighted).unwrap(),
+                r_loss,
+                "{dropout:?} keep {keep}"
+            );
+            for (i, (k, r)) in host(&kept.grads).iter().zip(&r_grads).enumerate() {
+                let scale = r.iter().fold(0f32, |m, v| m.max(v.abs()));
+                assert!(scale > 0.0, "gradient {i} is zero");
+                let worst = k.iter().zip(r).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+                assert!(
+                    worst <= 1e-5 * scale,
+                    "{dropout:?} keep {keep}: gradient {i} differs by {worst} (scale {scale})"
+                );
+            }
+        }
+    }
 }
 
 /// MLX 0.32's primitives that Metal or its CUDA backend cannot run (`eval_gpu` throws: the
@@ -624,8 +596,15 @@ fn mlx_bf16_run_holds_no_f64_array() {
         "the strict run covers packed rows' RoPE, and LoRA dropout"
     );
     // Left as one lazy graph, so that the printout below holds every op of the step.
-    let pending =
-        step::forward_backward(&model, &p, &lay, 1.0, Deferred, &mut Default::default()).unwrap();
+    let pending = step::forward_backward(
+        &model,
+        &p,
+        &lay,
+        (1.0, 0),
+        Deferred,
+        &mut Default::default(),
+    )
+    .unwrap();
     let mut held: Vec<(&str, Dtype)> = vec![
         ("embed", model.embed.dtype()),
         ("head", model.head.dtype()),
@@ -666,7 +645,7 @@ fn mlx_bf16_run_holds_no_f64_array() {
     assert_eq!(model.embed.dtype(), Dtype::Bfloat16);
     assert!(pending.grads.iter().all(|g| g.dtype() == Dtype::Float32));
     // And the bf16 run trains through the engine.
-    let mut m = mlx_engine(spec, &o);
+    let mut m = mlx_engine(spec, &o, 0);
     m.set_adapter(a, None).unwrap();
     let losses = train(&mut m, &vec![rows(96, &[16, 16], 1); 10], 2e-2);
     assert!(

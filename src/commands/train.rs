@@ -192,7 +192,7 @@ pub fn run(mut a: TrainArgs) -> Result<()> {
                 loaded.model,
                 &cfg.model.model,
                 load,
-                cfg.schedule.weight_decay,
+                (cfg.schedule.weight_decay, cfg.keep_blocks),
                 plan.budget.bytes,
                 Some(plan.estimate.cache),
             )?;

@@ -132,17 +132,6 @@ pub fn keep_blocks(
     keep: KeepActivations,
     budget: u64,
 ) -> usize {
-    // The MLX engine recomputes every block: its autograd cannot differentiate a block later
-    // from activations kept now (docs/mlx.md).
-    if matches!(w.step, StepKind::Mlx { .. }) {
-        if matches!(keep, KeepActivations::All | KeepActivations::Blocks(1..)) {
-            eprintln!(
-                "note: --keep-activations: the MLX engine recomputes every block in the backward; \
-                 keeping activations is the candle engine's, for now"
-            );
-        }
-        return 0;
-    }
     let room = budget / 10 * 9;
     let keep_fits = |k: usize| {
         estimate(
@@ -248,25 +237,44 @@ mod tests {
     use super::*;
     use crate::train::estimate::tests::{smollm2, workload};
 
-    /// The MLX engine recomputes every block, so nothing is planned as kept for it (its run
-    /// said "32 of 32 adapted blocks keep theirs" on the H200 while recomputing them all); the
-    /// candle engine keeps what is asked.
+    /// Both engines keep what is asked, and `auto` fits what the budget leaves: the MLX
+    /// engine's kept block holds its frozen products, so fewer fit in the same budget.
     #[test]
-    fn the_mlx_engine_keeps_no_block() {
+    fn both_engines_keep_what_the_budget_allows() {
         let cfg = smollm2();
         let mut w = workload();
         let big = 1 << 40;
-        assert_eq!(keep_blocks(&cfg, &w, KeepActivations::All, big), 30);
-        assert_eq!(keep_blocks(&cfg, &w, KeepActivations::Auto, big), 30);
-        w.step = StepKind::Mlx {
-            host: WeightFormat::Dense(4.0),
-        };
-        for keep in [
-            KeepActivations::All,
-            KeepActivations::Auto,
-            KeepActivations::Blocks(4),
+        for step in [
+            w.step,
+            StepKind::Mlx {
+                host: WeightFormat::Dense(4.0),
+            },
         ] {
-            assert_eq!(keep_blocks(&cfg, &w, keep, big), 0, "{keep:?}");
+            w.step = step;
+            assert_eq!(keep_blocks(&cfg, &w, KeepActivations::All, big), 30);
+            assert_eq!(keep_blocks(&cfg, &w, KeepActivations::Auto, big), 30);
+            assert_eq!(keep_blocks(&cfg, &w, KeepActivations::Blocks(4), big), 4);
+            assert_eq!(keep_blocks(&cfg, &w, KeepActivations::None, big), 0);
+            let none = estimate(
+                &cfg,
+                &Workload {
+                    keep_blocks: 0,
+                    ..w.clone()
+                },
+            )
+            .peak();
+            let all = estimate(
+                &cfg,
+                &Workload {
+                    keep_blocks: 30,
+                    ..w.clone()
+                },
+            )
+            .peak();
+            // A budget between the two keeps some but not all.
+            let mid = (none + all) / 2 * 10 / 9;
+            let k = keep_blocks(&cfg, &w, KeepActivations::Auto, mid);
+            assert!(0 < k && k < 30, "{step:?}: {k}");
         }
     }
 }

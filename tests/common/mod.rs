@@ -2,6 +2,10 @@
 //! the path of the real SmolLM2 test model, and a runner for the CLI.
 #![allow(dead_code)]
 
+/// The MLX engine tests' helpers.
+#[cfg(feature = "mlx")]
+pub mod mlx;
+
 use candle_core::quantized::gguf_file::{self, Value as GValue};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};

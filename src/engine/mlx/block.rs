@@ -1,31 +1,44 @@
 //! One transformer block's forward on MLX's fused ops (RMSNorm, RoPE, scaled-dot-product
 //! attention), written once: the step runs it without a graph in the forward and
 //! differentiates it, block by block, in the backward (MLX's autograd per block, on a
-//! recompute from the block's saved input).
+//! recompute from the block's saved input, and its frozen products where they were kept).
 
 use super::batch::Layout;
-use super::weights::{Linear, Model};
+use super::kept;
+use super::weights::Model;
 use mlx_rs::error::Exception;
 use mlx_rs::fast::{rms_norm, rope, scaled_dot_product_attention, ScaledDotProductAttentionMask};
 use mlx_rs::ops::{concatenate, sigmoid};
 use mlx_rs::{Array, Dtype};
+use std::cell::RefCell;
 
 type R<T> = Result<T, Exception>;
+
+/// Where a block's frozen products (`x Wᵀ` of its seven linears) come from.
+#[derive(Clone, Copy)]
+pub enum Products<'a> {
+    /// Computed.
+    Compute,
+    /// Computed, and returned to be kept: the forward of a block that keeps its activations.
+    Keep,
+    /// Those kept by [`Products::Keep`], in [`crate::model::lora::Target`] order: the
+    /// backward's recompute then skips the big matmuls ([`kept`]).
+    Kept(&'a [Array]),
+}
 
 /// A block's LoRA pairs by target: `(A [r, in], B [out, r])`, f32.
 pub type Pairs<'a> = [Option<(&'a Array, &'a Array)>; 7];
 
-/// `x Wᵀ + s · (x' Aᵀ) Bᵀ`: the frozen product in the model's dtype, the low-rank term as two
-/// thin matmuls in f32 (never `W + BA`), added in the model's dtype. `x'` is `dropped` (the
-/// input after LoRA dropout) when given, else `x`.
+/// `y + s · (x' Aᵀ) Bᵀ` for the frozen product `y = x Wᵀ` in the model's dtype: the low-rank
+/// term as two thin matmuls in f32 (never `W + BA`), added in the model's dtype. `x'` is
+/// `dropped` (the input after LoRA dropout) when given, else `x`.
 pub fn lora_linear(
-    lin: &Linear,
+    y: Array,
     x: &Array,
     pair: Option<(&Array, &Array)>,
     scale: f32,
     dropped: Option<&Array>,
 ) -> R<Array> {
-    let y = lin.forward(x)?;
     match pair {
         None => Ok(y),
         Some((a, b)) => {
@@ -80,6 +93,20 @@ pub fn forward(
     scale: f32,
     lay: &Layout,
 ) -> R<Array> {
+    Ok(forward_with(model, layer, x, pairs, scale, lay, Products::Compute)?.0)
+}
+
+/// [`forward`] with its frozen products from `products`: the output, and the products under
+/// [`Products::Keep`] (none otherwise).
+pub fn forward_with(
+    model: &Model,
+    layer: usize,
+    x: &Array,
+    pairs: &Pairs,
+    scale: f32,
+    lay: &Layout,
+    products: Products,
+) -> R<(Array, Vec<Array>)> {
     let cfg = &model.cfg;
     let blk = &model.blocks[layer];
     let (b, t) = (lay.b as i32, lay.t as i32);
@@ -89,12 +116,26 @@ pub fn forward(
         cfg.head_dim as i32,
     );
     let eps = cfg.rms_norm_eps as f32;
+    let keeping = RefCell::new(vec![]);
     let proj = |i: usize, input: &Array| -> R<Array> {
+        let lin = &blk.linears[i];
+        let y = match products {
+            Products::Kept(p) => {
+                let y = p
+                    .get(i)
+                    .ok_or_else(|| Exception::custom("a kept block lacks a frozen product"))?;
+                kept::product(y, input, lin)?
+            }
+            Products::Compute | Products::Keep => lin.forward(input)?,
+        };
+        if let Products::Keep = products {
+            keeping.borrow_mut().push(y.clone());
+        }
         let dropped = match (pairs[i], lay.dropout) {
             (Some(_), Some((p, seed))) if p > 0.0 => Some(dropout(input, p, seed, layer, i)?),
             _ => None,
         };
-        lora_linear(&blk.linears[i], input, pairs[i], scale, dropped.as_ref())
+        lora_linear(y, input, pairs[i], scale, dropped.as_ref())
     };
     let heads =
         |y: Array, n: i32| -> R<Array> { y.reshape(&[b, t, n, d])?.transpose_axes(&[0, 2, 1, 3]) };
@@ -132,5 +173,6 @@ pub fn forward(
     let gate = proj(4, &h2)?;
     let up = proj(5, &h2)?;
     let act = gate.multiply(sigmoid(&gate)?)?.multiply(&up)?;
-    xmid.add(proj(6, &act)?)
+    let out = xmid.add(proj(6, &act)?)?;
+    Ok((out, keeping.into_inner()))
 }

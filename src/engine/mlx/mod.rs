@@ -18,6 +18,7 @@ pub mod convert;
 pub mod device;
 pub mod error;
 pub mod head;
+pub mod kept;
 pub mod optimizer;
 pub mod params;
 pub mod preference;
@@ -74,6 +75,8 @@ pub struct MlxEngine {
     opt: Option<AdamW>,
     grads: Option<Vec<Array>>,
     weight_decay: f64,
+    /// Adapted blocks (the top ones) that keep their frozen products from the forward.
+    keep_blocks: usize,
     meter: Meter,
 }
 
@@ -106,13 +109,14 @@ impl MlxEngine {
     /// An engine over `model` (loaded from `spec` with `load`, on the host), computing in
     /// `load.dtype`, its block linears quantized when `load.quantize` says so. MLX's memory
     /// and wired limits are set from `budget`, its cache limit to `cache` (the pre-flight's
-    /// allowance; None: a share of the budget), and the meter is MLX's. Its adapter comes with
+    /// allowance; None: a share of the budget), and the meter is MLX's. The top `keep_blocks`
+    /// adapted blocks keep their frozen products for the backward. Its adapter comes with
     /// [`Engine::set_adapter`].
     pub fn new(
         model: Llama,
         spec: &str,
         load: LoadOptions,
-        weight_decay: f64,
+        (weight_decay, keep_blocks): (f64, usize),
         budget: u64,
         cache: Option<u64>,
     ) -> Result<Self> {
@@ -144,6 +148,7 @@ impl MlxEngine {
             opt: None,
             grads: None,
             weight_decay,
+            keep_blocks,
             meter: Meter::mlx(),
         })
     }
@@ -217,8 +222,14 @@ impl Engine for MlxEngine {
         profile: &mut Profile,
     ) -> std::result::Result<LossSums, StepError> {
         let (model, params, lay) = self.prepare(batch, profile)?;
-        let pending =
-            step::forward_backward(model, params, &lay, batch.loss_scale, BlockByBlock, profile)?;
+        let pending = step::forward_backward(
+            model,
+            params,
+            &lay,
+            (batch.loss_scale, self.keep_blocks),
+            BlockByBlock,
+            profile,
+        )?;
         let clock = Instant::now();
         self.add_gradients(&pending.grads, &[&pending.ce, &pending.weighted])?;
         let sums = pending.sums()?;
@@ -378,7 +389,7 @@ fn eval_loss(model: &Model, params: &Params, lay: &batch::Layout) -> Result<(f64
     if n == 0 {
         return Ok((0.0, 0));
     }
-    let (x, _) = step::forward(model, Some(params), lay, BlockByBlock)?;
+    let (x, _) = step::forward(model, Some(params), lay, 0, BlockByBlock)?;
     let ce = step::row_ce(model, &x, lay, BlockByBlock)?.sum(None)?;
     Ok((convert::scalar(&ce)?, n))
 }

@@ -19,7 +19,7 @@ use mlx_rs::Array;
 /// Each sequence's log-probability and scored tokens under `params` (None: the adapter off),
 /// without a graph.
 fn score(model: &Model, params: Option<&Params>, lay: &Layout) -> Result<SequenceScores> {
-    let (x, _) = step::forward(model, params, lay, BlockByBlock)?;
+    let (x, _) = step::forward(model, params, lay, 0, BlockByBlock)?;
     let ce = step::row_ce(model, &x, lay, BlockByBlock)?;
     Ok(per_sequence(&host(&ce)?, &lay.target_rows, lay.t, lay.b))
 }
@@ -41,7 +41,7 @@ pub fn forward_backward(
         Method::Dpo => Some(score(model, None, lay)?),
         _ => None,
     };
-    let (x, inputs) = step::forward(model, Some(params), lay, BlockByBlock)?;
+    let (x, inputs) = step::forward(model, Some(params), lay, 0, BlockByBlock)?;
     let ce = step::row_ce(model, &x, lay, BlockByBlock)?;
     let policy = per_sequence(&host(&ce)?, &lay.target_rows, lay.t, lay.b);
     let (sums, per_seq) = weigh_pairs(loss, &policy, reference.as_ref());

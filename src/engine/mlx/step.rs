@@ -1,9 +1,11 @@
 //! The memory-flat step on MLX. Forward: embeddings, then each block without a graph, keeping
-//! only the inputs of the adapted blocks. Head: the chunked LM head and cross-entropy, each
-//! chunk differentiated on its own. Backward: from the top block down, each block recomputed
-//! from its saved input and differentiated by MLX's autograd (a vector-Jacobian product with
-//! respect to the block's input and its LoRA tensors only: frozen weights are never
-//! differentiated).
+//! only the inputs of the adapted blocks, and in the top `keep` of them the products of their
+//! frozen linears too. Head: the chunked LM head and cross-entropy, each chunk differentiated
+//! on its own. Backward: from the top block down, each block recomputed from its saved input
+//! and differentiated by MLX's autograd (a vector-Jacobian product with respect to the block's
+//! input and its LoRA tensors only: frozen weights are never differentiated). A block that kept
+//! its frozen products takes them instead of recomputing them ([`super::kept`]): what it
+//! recomputes is then the cheap part, the norms, RoPE, attention, SwiGLU and LoRA.
 //!
 //! The graph is evaluated a block (or a head chunk) at a time, so one block's working set is
 //! alive at once. One evaluation of the whole step, the first design, measured flat on MLX's CPU
@@ -14,7 +16,7 @@
 //! costs a few dozen host syncs a step, and makes the phase times of `--profile` real.
 
 use super::batch::Layout;
-use super::block;
+use super::block::{self, Products};
 use super::convert::scalar;
 use super::head::{self, HEAD_CHUNK};
 use super::params::{self, Params};
@@ -74,6 +76,14 @@ impl Pending {
     }
 }
 
+/// What the forward keeps of an adapted block for its backward.
+pub struct Saved {
+    /// Its input.
+    pub input: Array,
+    /// The products of its frozen linears, when it keeps them (else empty).
+    pub products: Vec<Array>,
+}
+
 fn pairs_of(params: &Params, layer: usize) -> block::Pairs<'_> {
     let mut out: block::Pairs = Default::default();
     for (i, p) in params.pairs[layer].iter().enumerate() {
@@ -82,17 +92,18 @@ fn pairs_of(params: &Params, layer: usize) -> block::Pairs<'_> {
     out
 }
 
-/// One micro-batch's step, its phases timed into `profile`.
+/// One micro-batch's step, the top `keep` adapted blocks keeping their frozen products, its
+/// phases timed into `profile`.
 pub fn forward_backward(
     model: &Model,
     params: &Params,
     lay: &Layout,
-    loss_scale: f64,
+    (loss_scale, keep): (f64, usize),
     mode: Evaluation,
     profile: &mut Profile,
 ) -> R<Pending> {
     let clock = std::time::Instant::now();
-    let (x, inputs) = forward(model, Some(params), lay, mode)?;
+    let (x, inputs) = forward(model, Some(params), lay, keep, mode)?;
     profile.forward += clock.elapsed();
     let clock = std::time::Instant::now();
     let coef: Vec<f32> = lay
@@ -115,27 +126,37 @@ pub fn forward_backward(
 }
 
 /// The forward without a graph under `params` (None: the adapter off): the top hidden states
-/// and the input of each adapted block (none without `params`).
+/// and what each adapted block keeps for its backward (nothing without `params`), the top
+/// `keep` of them their frozen products too.
 pub fn forward(
     model: &Model,
     params: Option<&Params>,
     lay: &Layout,
+    keep: usize,
     mode: Evaluation,
-) -> R<(Array, Vec<Array>)> {
+) -> R<(Array, Vec<Saved>)> {
     let layers = model.blocks.len();
     let lowest = params.map_or(layers, |p| p.lowest().min(layers));
+    let kept_from = layers.saturating_sub(keep).max(lowest);
     let scale = params.map_or(0.0, Params::scale);
     let mut x = model.embed.take_axis(&lay.ids, 0)?;
-    let mut inputs = Vec::with_capacity(layers - lowest);
+    let mut saved = Vec::with_capacity(layers - lowest);
     for l in 0..layers {
-        if l >= lowest {
-            inputs.push(x.clone());
-        }
+        let input = x.clone();
         let pairs = params.map_or_else(Default::default, |p| pairs_of(p, l));
-        x = block::forward(model, l, &x, &pairs, scale, lay)?;
-        settle(mode, [&x])?;
+        let products = if l >= kept_from {
+            Products::Keep
+        } else {
+            Products::Compute
+        };
+        let (out, products) = block::forward_with(model, l, &x, &pairs, scale, lay, products)?;
+        x = out;
+        settle(mode, std::iter::once(&x).chain(&products))?;
+        if l >= lowest {
+            saved.push(Saved { input, products });
+        }
     }
-    Ok((x, inputs))
+    Ok((x, saved))
 }
 
 /// Each scored row's cross-entropy (f32 `[n]`, in `lay.target_rows` order) from the top hidden
@@ -192,13 +213,13 @@ pub fn head_backward(
     Ok((dx, ce_sum, weighted))
 }
 
-/// The blocks' backward from `dx` at the top, top down, each block recomputed from its saved
-/// input (`inputs`, from [`forward`]) and differentiated: the LoRA gradients in adapter order.
+/// The blocks' backward from `dx` at the top, top down, each block recomputed from what it
+/// saved (`saved`, from [`forward`]) and differentiated: the LoRA gradients in adapter order.
 pub fn backward(
     model: &Model,
     params: &Params,
     lay: &Layout,
-    mut inputs: Vec<Array>,
+    mut saved: Vec<Saved>,
     mut dx: Array,
     mode: Evaluation,
 ) -> R<Vec<Array>> {
@@ -207,17 +228,21 @@ pub fn backward(
     let scale = params.scale();
     let mut block_grads: Vec<Vec<Array>> = vec![vec![]; layers];
     for l in (lowest..layers).rev() {
-        let input = inputs
+        let Saved { input, products } = saved
             .pop()
-            .unwrap_or_else(|| unreachable!("one input per adapted block"));
+            .unwrap_or_else(|| unreachable!("one saved input per adapted block"));
         let present = params::present(params, l);
         let mut primals = vec![input];
         primals.extend(params.block_tensors(l));
+        let products = if products.is_empty() {
+            Products::Compute
+        } else {
+            Products::Kept(&products)
+        };
         let f = |args: &[Array]| -> R<Vec<Array>> {
             let pairs = params::unflatten(&present, &args[1..]);
-            Ok(vec![block::forward(
-                model, l, &args[0], &pairs, scale, lay,
-            )?])
+            let (out, _) = block::forward_with(model, l, &args[0], &pairs, scale, lay, products)?;
+            Ok(vec![out])
         };
         let (_, mut grads) = fallible_vjp(f, &primals, std::slice::from_ref(&dx))?;
         let rest = grads.split_off(1);

@@ -17,7 +17,8 @@ use mlx_rs::{Array, Dtype};
 /// Group size of MLX's affine quantization here: GGML's Q4_1 and Q8_0 blocks are 32 wide.
 pub const GROUP: i32 = 32;
 
-/// A frozen `[out, in]` weight (and bias), dense or quantized.
+/// A frozen `[out, in]` weight (and bias), dense or quantized. A clone shares the arrays.
+#[derive(Clone)]
 pub enum Linear {
     Dense {
         /// `Wᵀ`, `[in, out]`, so the forward is one plain matmul.
@@ -85,6 +86,21 @@ impl Linear {
         match bias {
             Some(b) => y.add(b),
             None => Ok(y),
+        }
+    }
+
+    /// `dY W` for `dy` `[n, out]`: the gradient of the forward's input (the frozen weight's own
+    /// gradient is never needed).
+    pub fn input_gradient(&self, dy: &Array) -> Result<Array, mlx_rs::error::Exception> {
+        match self {
+            Linear::Dense { wt, .. } => dy.matmul(wt.t()),
+            Linear::Quantized {
+                w,
+                scales,
+                biases,
+                bits,
+                ..
+            } => quantized_matmul(dy, w, scales, biases, false, GROUP, *bits),
         }
     }
 

@@ -126,6 +126,71 @@ sampled() {
   return $rc
 }
 
+# The bundle's binaries, ready to run on this machine: the global arrays bin[TOOL] (its command)
+# and engine[TOOL], and tools (candle, and mlx where .gpu/ has MLX's CUDA build). Needs $device
+# and $work; returns non-zero (after recording it) when MLX's build does not unpack.
+declare -A bin engine
+tools=()
+unpack() {
+  local failed=0
+  if [ "$device" = cpu ]; then
+    bin[candle]=target/release/your_ai
+    [ -x "${bin[candle]}" ] || cargo build --release --quiet
+    length=128 steps=3 layers=(--layers 1)
+  else
+    xz -dc "$bundle/your_ai-cuda.xz" >"$work/your_ai-cuda" ||
+      { say "error: $bundle/your_ai-cuda.xz does not unpack"; exit 1; }
+    chmod +x "$work/your_ai-cuda"
+    bin[candle]=$work/your_ai-cuda
+    # The CUDA libraries come from PyTorch's wheels (nvidia/*/lib in its site-packages), and
+    # the driver's libcuda from wherever PyTorch finds it.
+    local libs driver
+    libs=$(python3 -c 'import glob, os, nvidia; print(":".join(sorted(glob.glob(os.path.join(list(nvidia.__path__)[0], "*", "lib")))))') ||
+      { say "error: python3 has no NVIDIA CUDA wheels (PyTorch's cu13 build installs them)"; exit 1; }
+    driver=$(python3 -c 'import os, torch; torch.cuda.init(); print(next(os.path.dirname(l.split()[-1]) for l in open("/proc/self/maps") if "libcuda.so" in l))') ||
+      { say "error: PyTorch finds no CUDA driver here"; exit 1; }
+    export LD_LIBRARY_PATH="$libs:$driver${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+    { date -u; nvidia-smi -L; nvidia-smi --query-gpu=driver_version --format=csv,noheader
+      python3 -c 'import torch, transformers, peft; print("torch", torch.__version__, "transformers", transformers.__version__, "peft", peft.__version__)'
+      # What MLX's CUDA build will find: the wheels' CUDA folders, and a toolkit.
+      python3 -c 'import glob, nvidia; print(*sorted(glob.glob(list(nvidia.__path__)[0] + "/*/*")))'
+      command -v nvcc; nproc
+    } >"$out/machine.txt" 2>&1 || true
+  fi
+  engine[candle]=candle
+  tools=(candle)
+  if [ "$device" != cpu ] && [ -f "$bundle/mlx-cuda.tar.xz" ]; then
+    # MLX's CUDA build as its wheel lays it out: libmlx.so finds the CUDA libraries and headers
+    # through ../../nvidia from its folder, here a link to PyTorch's. TF32 off: MLX's CUDA
+    # backend would otherwise multiply f32 in reduced precision, and the f32 losses must match
+    # the CPU's (PyTorch's default is off as well).
+    local m="$work/mlx-cuda"
+    # Unpacked once per bundle (`tool` may run many times).
+    if [ "$m/run" -nt "$bundle/mlx-cuda.tar.xz" ] || {
+      rm -rf "$m" && mkdir -p "$m" && tar -C "$m" -xJf "$bundle/mlx-cuda.tar.xz" &&
+        ln -sfn "$(python3 -c 'import nvidia; print(list(nvidia.__path__)[0])')" "$m/nvidia"
+    }; then
+      # Where the wheels hold no CUDA runtime headers, MLX's kernel compiler falls back to
+      # CUDA_HOME: the toolkit's, where the machine has one.
+      if [ -z "${CUDA_HOME:-}" ] && command -v nvcc >/dev/null; then
+        CUDA_HOME=$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")")
+        export CUDA_HOME
+      fi
+      printf '#!/bin/sh\nMLX_ENABLE_TF32=0 LD_LIBRARY_PATH="%s/mlx/lib:$LD_LIBRARY_PATH" exec "%s/your_ai" "$@"\n' \
+        "$m" "$m" >"$m/run"
+      chmod +x "$m/run"
+      bin[mlx]=$m/run
+      engine[mlx]=mlx
+      tools+=(mlx)
+    else
+      failed=1
+      record mlx "unpacking MLX's CUDA build" "tar or the nvidia link failed"
+    fi
+  fi
+
+  return $failed
+}
+
 run() {
   local device=${GPU_CHECK_DEVICE:-cuda} steps=${STEPS:-8} length=2048 layers=()
   local failed=0 t o idle
@@ -171,61 +236,7 @@ run() {
   # Whether GPU_CHECK_SKIP names part $1.
   skipped() { [[ " ${GPU_CHECK_SKIP:-} " == *" $1 "* ]]; }
 
-  declare -A bin engine
-  if [ "$device" = cpu ]; then
-    bin[candle]=target/release/your_ai
-    [ -x "${bin[candle]}" ] || cargo build --release --quiet
-    length=128 steps=3 layers=(--layers 1)
-  else
-    xz -dc "$bundle/your_ai-cuda.xz" >"$work/your_ai-cuda" ||
-      { say "error: $bundle/your_ai-cuda.xz does not unpack"; exit 1; }
-    chmod +x "$work/your_ai-cuda"
-    bin[candle]=$work/your_ai-cuda
-    # The CUDA libraries come from PyTorch's wheels (nvidia/*/lib in its site-packages), and
-    # the driver's libcuda from wherever PyTorch finds it.
-    local libs driver
-    libs=$(python3 -c 'import glob, os, nvidia; print(":".join(sorted(glob.glob(os.path.join(list(nvidia.__path__)[0], "*", "lib")))))') ||
-      { say "error: python3 has no NVIDIA CUDA wheels (PyTorch's cu13 build installs them)"; exit 1; }
-    driver=$(python3 -c 'import os, torch; torch.cuda.init(); print(next(os.path.dirname(l.split()[-1]) for l in open("/proc/self/maps") if "libcuda.so" in l))') ||
-      { say "error: PyTorch finds no CUDA driver here"; exit 1; }
-    export LD_LIBRARY_PATH="$libs:$driver${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-    { date -u; nvidia-smi -L; nvidia-smi --query-gpu=driver_version --format=csv,noheader
-      python3 -c 'import torch, transformers, peft; print("torch", torch.__version__, "transformers", transformers.__version__, "peft", peft.__version__)'
-      # What MLX's CUDA build will find: the wheels' CUDA folders, and a toolkit.
-      python3 -c 'import glob, nvidia; print(*sorted(glob.glob(list(nvidia.__path__)[0] + "/*/*")))'
-      command -v nvcc; nproc
-    } >"$out/machine.txt" 2>&1 || true
-  fi
-  engine[candle]=candle
-  local tools=(candle)
-  if [ "$device" != cpu ] && [ -f "$bundle/mlx-cuda.tar.xz" ]; then
-    # MLX's CUDA build as its wheel lays it out: libmlx.so finds the CUDA libraries and headers
-    # through ../../nvidia from its folder, here a link to PyTorch's. TF32 off: MLX's CUDA
-    # backend would otherwise multiply f32 in reduced precision, and the f32 losses must match
-    # the CPU's (PyTorch's default is off as well).
-    local m="$work/mlx-cuda"
-    rm -rf "$m"
-    mkdir -p "$m"
-    if tar -C "$m" -xJf "$bundle/mlx-cuda.tar.xz" &&
-      ln -sfn "$(python3 -c 'import nvidia; print(list(nvidia.__path__)[0])')" "$m/nvidia"; then
-      # Where the wheels hold no CUDA runtime headers, MLX's kernel compiler falls back to
-      # CUDA_HOME: the toolkit's, where the machine has one.
-      if [ -z "${CUDA_HOME:-}" ] && command -v nvcc >/dev/null; then
-        CUDA_HOME=$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")")
-        export CUDA_HOME
-      fi
-      printf '#!/bin/sh\nMLX_ENABLE_TF32=0 LD_LIBRARY_PATH="%s/mlx/lib:$LD_LIBRARY_PATH" exec "%s/your_ai" "$@"\n' \
-        "$m" "$m" >"$m/run"
-      chmod +x "$m/run"
-      bin[mlx]=$m/run
-      engine[mlx]=mlx
-      tools+=(mlx)
-    else
-      failed=1
-      record mlx "unpacking MLX's CUDA build" "tar or the nvidia link failed"
-    fi
-  fi
-
+  unpack || failed=1
   # A short SmolLM2 run of tool $1 into $2, allowed up to $3 seconds, with flags "${@:4}";
   # fails the step on error. The limits are tight: a hung run must leave time for the 8B step.
   smol() {
@@ -354,8 +365,22 @@ run() {
   return $failed
 }
 
+# `tool candle|mlx ARGS...`: one of the bundle's binaries run with ARGS on this machine, for a
+# measurement the check does not make (machine.txt and the unpacked tools go to $OUT and
+# $GPU_CHECK_WORK as for `run`).
+tool() {
+  device=${GPU_CHECK_DEVICE:-cuda} out=${OUT:-gpu-check-out} work=${GPU_CHECK_WORK:-/tmp/gpu_check}
+  mkdir -p "$out" "$work"
+  results="$out/gpu_check.jsonl"
+  record() { echo "gpu_check: $2: $3" >&2; }
+  unpack || exit 1
+  [ -n "${bin[$1]:-}" ] || { say "error: no $1 in $bundle/"; exit 1; }
+  "${bin[$1]}" "${@:2}"
+}
+
 case "${1:-}" in
   prepare) prepare ;;
   run) run ;;
-  *) echo "usage: $0 prepare|run   (see the top of this file)" >&2; exit 2 ;;
+  tool) shift; tool "$@" ;;
+  *) echo "usage: $0 prepare|run|tool candle|mlx ARGS   (see the top of this file)" >&2; exit 2 ;;
 esac

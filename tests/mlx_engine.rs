@@ -14,7 +14,7 @@ use mlx_rs::{Array, Dtype};
 use your_ai::data::batch::Row;
 use your_ai::data::preference::Pair;
 use your_ai::data::Sample;
-use your_ai::engine::mlx::step::Evaluation::{BlockByBlock, Deferred};
+use your_ai::engine::mlx::step::Evaluation::{BlockByBlock, Deferred, Pipelined};
 use your_ai::engine::mlx::{batch, convert, params::Params, step};
 use your_ai::engine::objective::{Method, PreferenceLoss};
 use your_ai::engine::{Engine, MicroBatchRows, Profile};
@@ -244,6 +244,16 @@ fn loss(model: &your_ai::engine::mlx::weights::Model, p: &Params, lay: &batch::L
     convert::scalar(&pending.weighted).unwrap()
 }
 
+/// `a`'s values on the host, flattened (f32).
+fn host(a: &Array) -> Vec<f32> {
+    convert::to_tensor(a)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
 /// Whether MLX has computed `a` (no graph left to run for it).
 fn computed(a: &Array) -> bool {
     let mut res = false;
@@ -256,7 +266,9 @@ fn computed(a: &Array) -> bool {
 /// Training computes the step block by block: each part the step functions return is already
 /// computed, and the phases of `--profile` are timed. One evaluation of the whole step held
 /// nearly every intermediate at once on MLX's CUDA backend (docs/gpu.md); `Deferred` keeps that
-/// one graph, for inspection, and leaves everything uncomputed.
+/// one graph, for inspection, and leaves everything uncomputed. `Pipelined` (the next block
+/// built while the one before computes) returns its parts computed too, with the same
+/// gradients bit for bit.
 #[test]
 fn mlx_the_step_is_computed_block_by_block() {
     let _s = serial();
@@ -264,7 +276,8 @@ fn mlx_the_step_is_computed_block_by_block() {
     let (model, a) = tiny_mlx(dir.path(), DType::F32);
     let p = Params::from_adapter(&a).unwrap();
     let lay = batch::layout(&rows(96, &[11, 7], 3), &model.cfg).unwrap();
-    for (mode, now) in [(BlockByBlock, true), (Deferred, false)] {
+    let mut results: Vec<Vec<Vec<f32>>> = vec![];
+    for (mode, now) in [(BlockByBlock, true), (Pipelined, true), (Deferred, false)] {
         let (x, inputs) = step::forward(&model, Some(&p), &lay, 0, mode).unwrap();
         assert_eq!(inputs.len(), 2);
         for (i, v) in inputs.iter().map(|s| &s.input).chain([&x]).enumerate() {
@@ -280,7 +293,10 @@ fn mlx_the_step_is_computed_block_by_block() {
         for g in &grads {
             assert_eq!(computed(g), now, "{mode:?}: a block's gradient");
         }
+        results.push(grads.iter().map(host).collect());
     }
+    assert_eq!(results[1], results[0], "pipelined gradients differ");
+    assert_eq!(results[2], results[0], "deferred gradients differ");
     let mut profile = Profile::default();
     step::forward_backward(&model, &p, &lay, (1.0, 0), BlockByBlock, &mut profile).unwrap();
     for (name, d) in [
@@ -489,18 +505,7 @@ fn mlx_kept_products_give_the_recompute_s_gradients() {
     let dir = tiny_dir();
     let (model, a) = tiny_mlx(dir.path(), DType::F32);
     let p = Params::from_adapter(&a).unwrap();
-    let host = |v: &[Array]| -> Vec<Vec<f32>> {
-        v.iter()
-            .map(|g| {
-                convert::to_tensor(g)
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1()
-                    .unwrap()
-            })
-            .collect()
-    };
+    let all = |v: &[Array]| -> Vec<Vec<f32>> { v.iter().map(host).collect() };
     for dropout in [None, Some((0.3, 11))] {
         let mut lay = batch::layout(&rows(96, &[11, 7], 3), &model.cfg).unwrap();
         lay.dropout = dropout;
@@ -521,7 +526,7 @@ fn mlx_kept_products_give_the_recompute_s_gradients() {
         let recomputed = step(0);
         let (r_loss, r_grads) = (
             convert::scalar(&recomputed.weighted).unwrap(),
-            host(&recomputed.grads),
+            all(&recomputed.grads),
         );
         for keep in [1, 2] {
             let kept = step(keep);
@@ -530,7 +535,7 @@ fn mlx_kept_products_give_the_recompute_s_gradients() {
                 r_loss,
                 "{dropout:?} keep {keep}"
             );
-            for (i, (k, r)) in host(&kept.grads).iter().zip(&r_grads).enumerate() {
+            for (i, (k, r)) in all(&kept.grads).iter().zip(&r_grads).enumerate() {
                 let scale = r.iter().fold(0f32, |m, v| m.max(v.abs()));
                 assert!(scale > 0.0, "gradient {i} is zero");
                 let worst = k.iter().zip(r).fold(0f32, |m, (a, b)| m.max((a - b).abs()));

@@ -227,7 +227,7 @@ impl Engine for MlxEngine {
             params,
             &lay,
             (batch.loss_scale, self.keep_blocks),
-            BlockByBlock,
+            step::Evaluation::for_training(),
             profile,
         )?;
         let clock = Instant::now();

@@ -35,15 +35,57 @@ type R<T> = Result<T, Exception>;
 pub enum Evaluation {
     /// As they are built: a block (or a head chunk) at a time (see the module's note).
     BlockByBlock,
+    /// A block at a time too, but the host builds the next block's graph while the device
+    /// computes the one before: each part is queued when built, and the part before it waited
+    /// for, so at most two are in flight.
+    Pipelined,
     /// Never here: the caller gets the whole step as one lazy graph, to inspect it.
     Deferred,
 }
 
-/// Computes `arrays` now, block by block.
-fn settle<'a>(mode: Evaluation, arrays: impl IntoIterator<Item = &'a Array>) -> R<()> {
-    match mode {
-        Evaluation::BlockByBlock => mlx_rs::transforms::eval(arrays),
-        Evaluation::Deferred => Ok(()),
+impl Evaluation {
+    /// The training step's: [`Evaluation::Pipelined`] where `YOUR_AI_MLX_EVAL=pipelined`, else
+    /// [`Evaluation::BlockByBlock`] (a diagnostic switch while the two are measured on GPUs).
+    pub fn for_training() -> Self {
+        match std::env::var("YOUR_AI_MLX_EVAL").as_deref() {
+            Ok("pipelined") => Evaluation::Pipelined,
+            _ => Evaluation::BlockByBlock,
+        }
+    }
+}
+
+/// Computes a phase's parts as [`Evaluation`] says.
+struct Settler {
+    mode: Evaluation,
+    /// Under [`Evaluation::Pipelined`], the part queued last.
+    queued: Vec<Array>,
+}
+
+impl Settler {
+    fn new(mode: Evaluation) -> Self {
+        Settler {
+            mode,
+            queued: vec![],
+        }
+    }
+
+    /// `arrays`, the part just built: computed now, queued, or left in the graph.
+    fn settle<'a>(&mut self, arrays: impl IntoIterator<Item = &'a Array>) -> R<()> {
+        match self.mode {
+            Evaluation::BlockByBlock => mlx_rs::transforms::eval(arrays),
+            Evaluation::Pipelined => {
+                let now: Vec<Array> = arrays.into_iter().cloned().collect();
+                mlx_rs::transforms::async_eval(&now)?;
+                let before = std::mem::replace(&mut self.queued, now);
+                mlx_rs::transforms::eval(&before)
+            }
+            Evaluation::Deferred => Ok(()),
+        }
+    }
+
+    /// Waits for what is still queued: a phase returns its parts computed.
+    fn finish(self) -> R<()> {
+        mlx_rs::transforms::eval(&self.queued)
     }
 }
 
@@ -141,6 +183,7 @@ pub fn forward(
     let scale = params.map_or(0.0, Params::scale);
     let mut x = model.embed.take_axis(&lay.ids, 0)?;
     let mut saved = Vec::with_capacity(layers - lowest);
+    let mut settler = Settler::new(mode);
     for l in 0..layers {
         let input = x.clone();
         let pairs = params.map_or_else(Default::default, |p| pairs_of(p, l));
@@ -151,11 +194,12 @@ pub fn forward(
         };
         let (out, products) = block::forward_with(model, l, &x, &pairs, scale, lay, products)?;
         x = out;
-        settle(mode, std::iter::once(&x).chain(&products))?;
+        settler.settle(std::iter::once(&x).chain(&products))?;
         if l >= lowest {
             saved.push(Saved { input, products });
         }
     }
+    settler.finish()?;
     Ok((x, saved))
 }
 
@@ -163,11 +207,13 @@ pub fn forward(
 /// states `x`, chunk by chunk, without a graph.
 pub fn row_ce(model: &Model, x: &Array, lay: &Layout, mode: Evaluation) -> R<Array> {
     let mut parts: Vec<Array> = vec![];
+    let mut settler = Settler::new(mode);
     for (rows, targets, _, _) in chunks(lay) {
         let ce = head::cross_entropy(model, x, &rows, &targets)?;
-        settle(mode, [&ce])?;
+        settler.settle([&ce])?;
         parts.push(ce);
     }
+    settler.finish()?;
     if parts.is_empty() {
         return zeros_dtype(&[0], Dtype::Float32);
     }
@@ -196,6 +242,7 @@ pub fn head_backward(
     let mut dx = zeros_dtype(x.shape(), x.dtype())?;
     let mut ce_sum = Array::from_f32(0.0);
     let mut weighted = Array::from_f32(0.0);
+    let mut settler = Settler::new(mode);
     for (rows, targets, start, len) in chunks(lay) {
         let w = &lay.target_weights[start..start + len];
         let c = Array::from_slice(&coef[start..start + len], &[len as i32]);
@@ -208,8 +255,9 @@ pub fn head_backward(
                 .sum(None)?,
         )?;
         // One chunk's logits at a time: they are freed before the next chunk is computed.
-        settle(mode, [&dx, &ce_sum, &weighted])?;
+        settler.settle([&dx, &ce_sum, &weighted])?;
     }
+    settler.finish()?;
     Ok((dx, ce_sum, weighted))
 }
 
@@ -227,6 +275,7 @@ pub fn backward(
     let lowest = params.lowest().min(layers);
     let scale = params.scale();
     let mut block_grads: Vec<Vec<Array>> = vec![vec![]; layers];
+    let mut settler = Settler::new(mode);
     for l in (lowest..layers).rev() {
         let Saved { input, products } = saved
             .pop()
@@ -247,8 +296,9 @@ pub fn backward(
         let (_, mut grads) = fallible_vjp(f, &primals, std::slice::from_ref(&dx))?;
         let rest = grads.split_off(1);
         dx = grads.remove(0);
-        settle(mode, std::iter::once(&dx).chain(&rest))?;
+        settler.settle(std::iter::once(&dx).chain(&rest))?;
         block_grads[l] = rest;
     }
+    settler.finish()?;
     Ok(block_grads.into_iter().flatten().collect())
 }

@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Where the MLX engine's step time goes on a GPU: short runs of the bundled MLX CUDA binary
+# (scripts/gpu_check.sh prepare) on an 8-block model of Llama-3.1-8B's shapes, across lengths,
+# evaluation modes and MLX's settings, with PyTorch+PEFT on the same model and tokens. One JSON
+# line per run on stdout (scripts/gpu/report.py's), and the logs' tails in $OUT/speed-logs.txt.
+#
+#   scripts/gpu/mlx_speed.sh [RUN...]   RUN: NAME:LENGTH[:VAR=VALUE,...] for MLX (VAR=VALUE are
+#                                       environment settings; keep=N sets --keep-activations),
+#                                       peft:LENGTH for PyTorch+PEFT
+#   default: the runs the 2026-12-04 measurements used (docs/gpu.md)
+#   LAYERS (8), STEPS (10), SPEED_SECONDS (240: later runs are skipped)
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+out=${OUT:-gpu-check-out} work=${GPU_CHECK_WORK:-/tmp/gpu_check}
+layers=${LAYERS:-8} steps=${STEPS:-10} end=$((SECONDS + ${SPEED_SECONDS:-240}))
+mkdir -p "$out" "$work/speed-data"
+model="$work/llama-8b-shaped-$layers"
+[ -f "$model/config.json" ] || python3 scripts/bench/make_shaped_model.py llama-8b "$model" \
+  --tokenizer .gpu/tokenizer --layers "$layers" --shard-bytes 2000000000 >&2 || exit 1
+python3 scripts/bench/long_rows.py "$work/speed-data/train.jsonl" --rows 1 --words 8000
+runs=("$@")
+[ ${#runs[@]} -gt 0 ] || runs=(block:2048 pipelined:2048:YOUR_AI_MLX_EVAL=pipelined
+  recompute:2048:YOUR_AI_MLX_EVAL=pipelined,keep=none block:512
+  pipelined:512:YOUR_AI_MLX_EVAL=pipelined pipelined:4096:YOUR_AI_MLX_EVAL=pipelined
+  ops1000:2048:YOUR_AI_MLX_EVAL=pipelined,MLX_MAX_OPS_PER_BUFFER=1000,MLX_MAX_MB_PER_BUFFER=4000
+  peft:2048 peft:512)
+: >"$out/speed-logs.txt"
+for run in "${runs[@]}"; do
+  IFS=: read -r name length settings <<<"$run"
+  left=$((end - SECONDS))
+  [ "$left" -gt 20 ] || { echo "{\"run\": \"$run\", \"skipped\": true}"; continue; }
+  o="$work/speed-$name-$length"
+  rm -rf "$o"
+  if [ "$name" = peft ]; then
+    timeout "$((left < 90 ? left : 90))" python3 scripts/gpu/peft_step.py "$model" \
+      "$work/speed-data/train.jsonl" --rank 16 --length "$length" --steps "$steps" \
+      2>"$o.log" | sed "s/^{/{\"run\": \"$run\", /"
+  else
+    env=() keep=auto
+    IFS=, read -ra pairs <<<"${settings:-}"
+    for p in "${pairs[@]}"; do
+      case "$p" in keep=*) keep=${p#keep=} ;; ?*) env+=("$p") ;; esac
+    done
+    timeout "$((left < 90 ? left : 90))" env "${env[@]}" scripts/gpu_check.sh tool mlx train \
+      --engine mlx --model "$model" --data "$work/speed-data" --device cuda --dtype bf16 \
+      --batch-size 1 --max-seq-length "$length" --lora-rank 16 --max-steps "$steps" \
+      --learning-rate 1e-4 --lr-schedule constant --warmup-steps 0 --steps-per-eval 0 \
+      --val-batches 0 --keep-activations "$keep" --output "$o" >"$o.log" 2>&1
+    python3 scripts/gpu/report.py train "$o/metrics.jsonl" --name "$run" 2>>"$o.log" ||
+      echo "{\"run\": \"$run\", \"failed\": true}"
+  fi
+  { echo "== $run"; tr '\r' '\n' <"$o.log" | grep -v '^\[' | tail -n 25; } >>"$out/speed-logs.txt"
+done

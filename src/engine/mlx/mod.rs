@@ -45,7 +45,7 @@ use mlx_rs::{Array, Dtype};
 use optimizer::AdamW;
 use params::Params;
 use std::time::Instant;
-use step::Evaluation::BlockByBlock;
+use step::Evaluation;
 use weights::Model;
 
 /// The MLX dtype of a compute dtype.
@@ -227,7 +227,7 @@ impl Engine for MlxEngine {
             params,
             &lay,
             (batch.loss_scale, self.keep_blocks),
-            step::Evaluation::for_training(),
+            Evaluation::standard(),
             profile,
         )?;
         let clock = Instant::now();
@@ -389,7 +389,7 @@ fn eval_loss(model: &Model, params: &Params, lay: &batch::Layout) -> Result<(f64
     if n == 0 {
         return Ok((0.0, 0));
     }
-    let (x, _) = step::forward(model, Some(params), lay, 0, BlockByBlock)?;
-    let ce = step::row_ce(model, &x, lay, BlockByBlock)?.sum(None)?;
+    let (x, _) = step::forward(model, Some(params), lay, 0, Evaluation::standard())?;
+    let ce = step::row_ce(model, &x, lay, Evaluation::standard())?.sum(None)?;
     Ok((convert::scalar(&ce)?, n))
 }

@@ -8,7 +8,7 @@
 
 use super::batch::Layout;
 use super::params::Params;
-use super::step::{self, Evaluation::BlockByBlock};
+use super::step::{self, Evaluation};
 use super::weights::Model;
 use crate::engine::objective::{
     per_sequence, weigh_pairs, Method, PreferenceLoss, PreferenceSums, SequenceScores,
@@ -19,8 +19,8 @@ use mlx_rs::Array;
 /// Each sequence's log-probability and scored tokens under `params` (None: the adapter off),
 /// without a graph.
 fn score(model: &Model, params: Option<&Params>, lay: &Layout) -> Result<SequenceScores> {
-    let (x, _) = step::forward(model, params, lay, 0, BlockByBlock)?;
-    let ce = step::row_ce(model, &x, lay, BlockByBlock)?;
+    let (x, _) = step::forward(model, params, lay, 0, Evaluation::standard())?;
+    let ce = step::row_ce(model, &x, lay, Evaluation::standard())?;
     Ok(per_sequence(&host(&ce)?, &lay.target_rows, lay.t, lay.b))
 }
 
@@ -41,8 +41,8 @@ pub fn forward_backward(
         Method::Dpo => Some(score(model, None, lay)?),
         _ => None,
     };
-    let (x, inputs) = step::forward(model, Some(params), lay, 0, BlockByBlock)?;
-    let ce = step::row_ce(model, &x, lay, BlockByBlock)?;
+    let (x, inputs) = step::forward(model, Some(params), lay, 0, Evaluation::standard())?;
+    let ce = step::row_ce(model, &x, lay, Evaluation::standard())?;
     let policy = per_sequence(&host(&ce)?, &lay.target_rows, lay.t, lay.b);
     let (sums, per_seq) = weigh_pairs(loss, &policy, reference.as_ref());
     let coef: Vec<f32> = lay
@@ -50,11 +50,11 @@ pub fn forward_backward(
         .iter()
         .map(|&r| per_seq[r as usize / lay.t] as f32)
         .collect();
-    let (dx, _, _) = step::head_backward(model, &x, lay, &coef, BlockByBlock)?;
+    let (dx, _, _) = step::head_backward(model, &x, lay, &coef, Evaluation::standard())?;
     drop(x);
     Ok((
         sums,
-        step::backward(model, params, lay, inputs, dx, BlockByBlock)?,
+        step::backward(model, params, lay, inputs, dx, Evaluation::standard())?,
     ))
 }
 

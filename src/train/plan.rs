@@ -183,7 +183,7 @@ pub fn weights_and_step(
         EngineChoice::Candle => (host, StepKind::candle(cpu, act_bytes)),
         EngineChoice::Mlx => (
             super::estimate::mlx::weight_format(quantize, act_bytes),
-            StepKind::Mlx { host, gpu: !cpu },
+            StepKind::Mlx { host },
         ),
     }
 }
@@ -248,7 +248,6 @@ mod tests {
             w.step,
             StepKind::Mlx {
                 host: WeightFormat::Dense(4.0),
-                gpu: false,
             },
         ] {
             w.step = step;

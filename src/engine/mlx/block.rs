@@ -84,21 +84,10 @@ fn rotate_at(y: &Array, cos: &Array, sin: &Array) -> R<Array> {
     )
 }
 
-/// Block `layer` on `x` (`[B·T, hidden]`) with `pairs` at LoRA scale `scale`.
+/// Block `layer` on `x` (`[B·T, hidden]`) with `pairs` at LoRA scale `scale`, its frozen
+/// products from `products`: the output, and the products under [`Products::Keep`] (none
+/// otherwise).
 pub fn forward(
-    model: &Model,
-    layer: usize,
-    x: &Array,
-    pairs: &Pairs,
-    scale: f32,
-    lay: &Layout,
-) -> R<Array> {
-    Ok(forward_with(model, layer, x, pairs, scale, lay, Products::Compute)?.0)
-}
-
-/// [`forward`] with its frozen products from `products`: the output, and the products under
-/// [`Products::Keep`] (none otherwise).
-pub fn forward_with(
     model: &Model,
     layer: usize,
     x: &Array,

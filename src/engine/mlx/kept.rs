@@ -47,9 +47,11 @@ pub fn product(kept: &Array, input: &Array, lin: &Linear) -> R<Array> {
 /// outputs)`, applied to `input`: one output.
 fn custom_vjp<F, V>(input: &Array, fun: F, vjp: V) -> R<Array>
 where
-    F: Fn(&[Array]) -> R<Vec<Array>> + 'static,
-    V: Fn(&[Array], &[Array], &[Array]) -> R<Vec<Array>> + 'static,
+    F: Fn(&[Array]) -> R<Vec<Array>> + Send + 'static,
+    V: Fn(&[Array], &[Array], &[Array]) -> R<Vec<Array>> + Send + 'static,
 {
+    // A reason left by an earlier failure belongs to no error of this call.
+    FAILURE.with(|f| f.borrow_mut().take());
     // SAFETY: each payload is a leaked box that mlx-c owns from here (it frees it with
     // `drop_box` once the last copy of the function is gone); every vector and closure made
     // here is freed on every path, and arrays taken out of vectors are owned (+1) handles.
@@ -119,6 +121,12 @@ unsafe fn read(v: mlx_vector_array) -> R<Vec<Array>> {
 unsafe fn write(v: *mut mlx_vector_array, arrays: &[Array]) -> c_int {
     let handles: Vec<_> = arrays.iter().map(Array::as_ptr).collect();
     mlx_sys::mlx_vector_array_set_data(v, handles.as_ptr(), handles.len())
+}
+
+/// Why a kept product's vector-Jacobian product failed during a differentiation, if it did:
+/// MLX's own error only says that a closure returned non-zero.
+pub fn take_failure() -> Option<String> {
+    FAILURE.with(|f| f.borrow_mut().take())
 }
 
 /// The error for a failed mlx-c call: the closure's own reason when one of ours failed.

@@ -247,7 +247,8 @@ impl Engine for MlxEngine {
     ) -> std::result::Result<PreferenceSums, StepError> {
         let (model, params, lay) = self.prepare(batch, profile)?;
         let clock = Instant::now();
-        let (sums, grads) = preference::forward_backward(model, params, &lay, loss)?;
+        let (sums, grads) =
+            preference::forward_backward(model, params, &lay, (loss, self.keep_blocks))?;
         self.add_gradients(&grads, &[])?;
         profile.forward += clock.elapsed();
         self.within_budget()?;

@@ -30,18 +30,18 @@ fn host(a: &Array) -> Result<Vec<f64>> {
 }
 
 /// The sums of one micro-batch of pairs under `loss`, and its LoRA gradients (in adapter
-/// order, not yet evaluated).
+/// order), the top `keep` adapted blocks keeping their frozen products.
 pub fn forward_backward(
     model: &Model,
     params: &Params,
     lay: &Layout,
-    loss: &PreferenceLoss,
+    (loss, keep): (&PreferenceLoss, usize),
 ) -> Result<(PreferenceSums, Vec<Array>)> {
     let reference = match loss.method {
         Method::Dpo => Some(score(model, None, lay)?),
         _ => None,
     };
-    let (x, inputs) = step::forward(model, Some(params), lay, 0, Evaluation::standard())?;
+    let (x, inputs) = step::forward(model, Some(params), lay, keep, Evaluation::standard())?;
     let ce = step::row_ce(model, &x, lay, Evaluation::standard())?;
     let policy = per_sequence(&host(&ce)?, &lay.target_rows, lay.t, lay.b);
     let (sums, per_seq) = weigh_pairs(loss, &policy, reference.as_ref());

@@ -197,7 +197,7 @@ pub fn forward(
         } else {
             Products::Compute
         };
-        let (out, products) = block::forward_with(model, l, &x, &pairs, scale, lay, products)?;
+        let (out, products) = block::forward(model, l, &x, &pairs, scale, lay, products)?;
         x = out;
         settler.settle(std::iter::once(&x).chain(&products))?;
         if l >= lowest {
@@ -295,10 +295,15 @@ pub fn backward(
         };
         let f = |args: &[Array]| -> R<Vec<Array>> {
             let pairs = params::unflatten(&present, &args[1..]);
-            let (out, _) = block::forward_with(model, l, &args[0], &pairs, scale, lay, products)?;
+            let (out, _) = block::forward(model, l, &args[0], &pairs, scale, lay, products)?;
             Ok(vec![out])
         };
-        let (_, mut grads) = fallible_vjp(f, &primals, std::slice::from_ref(&dx))?;
+        let (_, mut grads) = fallible_vjp(f, &primals, std::slice::from_ref(&dx)).map_err(|e| {
+            match super::kept::take_failure() {
+                Some(why) => Exception::custom(format!("{}: {why}", e.what())),
+                None => e,
+            }
+        })?;
         let rest = grads.split_off(1);
         dx = grads.remove(0);
         settler.settle(std::iter::once(&dx).chain(&rest))?;

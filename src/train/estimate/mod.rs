@@ -152,9 +152,8 @@ pub enum StepKind {
     /// `gpu`: on a GPU, whose runtime holds memory of its own ([`GPU_RUNTIME_BYTES`]).
     Composite { gpu: bool },
     /// The MLX engine ([`mlx`]); `host` is how the load holds the weights on the host before
-    /// they are converted to MLX arrays (`Workload::weights` is how MLX holds them); `gpu`: on
-    /// a GPU backend (Metal, CUDA), which allocates an op's output when the op is queued.
-    Mlx { host: WeightFormat, gpu: bool },
+    /// they are converted to MLX arrays (`Workload::weights` is how MLX holds them).
+    Mlx { host: WeightFormat },
 }
 
 impl StepKind {
@@ -287,8 +286,8 @@ pub fn lora_params(cfg: &ModelConfig, w: &Workload) -> u64 {
 }
 
 pub fn estimate(cfg: &ModelConfig, w: &Workload) -> Estimate {
-    if let StepKind::Mlx { host, gpu } = w.step {
-        return mlx::estimate(cfg, w, host, gpu);
+    if let StepKind::Mlx { host } = w.step {
+        return mlx::estimate(cfg, w, host);
     }
     let kernels = w.step == StepKind::Kernels;
     let rows = (w.batch_size * w.seq_len) as u64;

@@ -1,0 +1,130 @@
+//! The MLX engine's step as the engine evaluates it, on MLX's CPU backend: each part it returns
+//! computed (block by block, or pipelined, a block queued while the one before computes), the
+//! same gradients whichever way, and blocks keeping their frozen products giving the
+//! recompute's loss and gradients. Built only with the `mlx` feature.
+#![cfg(feature = "mlx")]
+
+mod common;
+
+use candle_core::DType;
+use common::mlx::*;
+use mlx_rs::Array;
+use your_ai::engine::mlx::step::Evaluation::{BlockByBlock, Deferred, Pipelined};
+use your_ai::engine::mlx::{batch, convert, params::Params, step};
+use your_ai::engine::Profile;
+
+/// `a`'s values on the host, flattened (f32).
+fn host(a: &Array) -> Vec<f32> {
+    convert::to_tensor(a)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
+/// Whether MLX has computed `a` (no graph left to run for it).
+fn computed(a: &Array) -> bool {
+    let mut res = false;
+    // SAFETY: `a` is a live array; the call only reads its status into `res`.
+    let rc = unsafe { mlx_sys::_mlx_array_is_available(&mut res, a.as_ptr()) };
+    assert_eq!(rc, 0, "mlx_array_is_available failed");
+    res
+}
+
+/// Training computes the step block by block: each part the step functions return is already
+/// computed, and the phases of `--profile` are timed. One evaluation of the whole step held
+/// nearly every intermediate at once on MLX's CUDA backend (docs/gpu.md); `Deferred` keeps that
+/// one graph, for inspection, and leaves everything uncomputed. `Pipelined` (the next block
+/// built while the one before computes) returns its parts computed too, with the same
+/// gradients bit for bit.
+#[test]
+fn mlx_the_step_is_computed_block_by_block() {
+    let _s = serial();
+    let dir = tiny_dir();
+    let (model, a) = tiny_mlx(dir.path(), DType::F32);
+    let p = Params::from_adapter(&a).unwrap();
+    let lay = batch::layout(&rows(96, &[11, 7], 3), &model.cfg).unwrap();
+    let mut results: Vec<Vec<Vec<f32>>> = vec![];
+    for (mode, now) in [(BlockByBlock, true), (Pipelined, true), (Deferred, false)] {
+        let (x, inputs) = step::forward(&model, Some(&p), &lay, 0, mode).unwrap();
+        assert_eq!(inputs.len(), 2);
+        for (i, v) in inputs.iter().map(|s| &s.input).chain([&x]).enumerate() {
+            assert_eq!(computed(v), now, "{mode:?}: forward output {i}");
+        }
+        let coef = vec![1.0f32; lay.target_rows.len()];
+        let (dx, ce, weighted) = step::head_backward(&model, &x, &lay, &coef, mode).unwrap();
+        for v in [&dx, &ce, &weighted] {
+            assert_eq!(computed(v), now, "{mode:?}: head");
+        }
+        let grads = step::backward(&model, &p, &lay, inputs, dx, mode).unwrap();
+        assert_eq!(grads.len(), p.tensors().len());
+        for g in &grads {
+            assert_eq!(computed(g), now, "{mode:?}: a block's gradient");
+        }
+        results.push(grads.iter().map(host).collect());
+    }
+    assert_eq!(results[1], results[0], "pipelined gradients differ");
+    assert_eq!(results[2], results[0], "deferred gradients differ");
+    let mut profile = Profile::default();
+    step::forward_backward(&model, &p, &lay, (1.0, 0), BlockByBlock, &mut profile).unwrap();
+    for (name, d) in [
+        ("forward", profile.forward),
+        ("head", profile.head),
+        ("backward", profile.backward),
+    ] {
+        assert!(d > std::time::Duration::ZERO, "{name} not timed");
+    }
+}
+
+/// A block that keeps its frozen products from the forward (`--keep-activations`) is
+/// differentiated on them, not on a recompute: the loss and every LoRA gradient are those of
+/// the recompute (with LoRA dropout too), and only the kept blocks hold products, seven each.
+#[test]
+fn mlx_kept_products_give_the_recompute_s_gradients() {
+    let _s = serial();
+    let dir = tiny_dir();
+    let (model, a) = tiny_mlx(dir.path(), DType::F32);
+    let p = Params::from_adapter(&a).unwrap();
+    let all = |v: &[Array]| -> Vec<Vec<f32>> { v.iter().map(host).collect() };
+    for dropout in [None, Some((0.3, 11))] {
+        let mut lay = batch::layout(&rows(96, &[11, 7], 3), &model.cfg).unwrap();
+        lay.dropout = dropout;
+        let (_, saved) = step::forward(&model, Some(&p), &lay, 1, BlockByBlock).unwrap();
+        let held: Vec<usize> = saved.iter().map(|s| s.products.len()).collect();
+        assert_eq!(held, [0, 7], "the top block keeps its products");
+        let step = |keep| {
+            step::forward_backward(
+                &model,
+                &p,
+                &lay,
+                (1.0, keep),
+                BlockByBlock,
+                &mut Default::default(),
+            )
+            .unwrap()
+        };
+        let recomputed = step(0);
+        let (r_loss, r_grads) = (
+            convert::scalar(&recomputed.weighted).unwrap(),
+            all(&recomputed.grads),
+        );
+        for keep in [1, 2] {
+            let kept = step(keep);
+            assert_eq!(
+                convert::scalar(&kept.weighted).unwrap(),
+                r_loss,
+                "{dropout:?} keep {keep}"
+            );
+            for (i, (k, r)) in all(&kept.grads).iter().zip(&r_grads).enumerate() {
+                let scale = r.iter().fold(0f32, |m, v| m.max(v.abs()));
+                assert!(scale > 0.0, "gradient {i} is zero");
+                let worst = k.iter().zip(r).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+                assert!(
+                    worst <= 1e-5 * scale,
+                    "{dropout:?} keep {keep}: gradient {i} differs by {worst} (scale {scale})"
+                );
+            }
+        }
+    }
+}

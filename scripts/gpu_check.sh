@@ -43,6 +43,8 @@ cd "$(dirname "$0")/.."
 
 say() { echo "gpu_check: $*" >&2; }
 bundle=.gpu
+# Where `run` and `tool` write their figures and work (the report at exit reads them too).
+out=${OUT:-gpu-check-out} work=${GPU_CHECK_WORK:-/tmp/gpu_check}
 smol_flags=(--data examples/invented-country --dtype f32 --batch-size 2 --max-seq-length 256
   --lora-rank 8 --learning-rate 1e-3 --seed 7 --steps-per-eval 0 --val-batches 0)
 
@@ -194,8 +196,6 @@ unpack() {
 run() {
   local device=${GPU_CHECK_DEVICE:-cuda} steps=${STEPS:-8} length=2048 layers=()
   local failed=0 t o idle
-  # Global: the report at exit reads them after this function has returned.
-  out=${OUT:-gpu-check-out} work=${GPU_CHECK_WORK:-/tmp/gpu_check}
   # The whole check ends within GPU_CHECK_SECONDS (default 480); a step that would not fit is
   # recorded as skipped, and the table and logs are written whatever happens.
   local deadline=$((SECONDS + ${GPU_CHECK_SECONDS:-480}))
@@ -374,9 +374,8 @@ run() {
 # measurement the check does not make (machine.txt and the unpacked tools go to $OUT and
 # $GPU_CHECK_WORK as for `run`).
 tool() {
-  device=${GPU_CHECK_DEVICE:-cuda} out=${OUT:-gpu-check-out} work=${GPU_CHECK_WORK:-/tmp/gpu_check}
+  device=${GPU_CHECK_DEVICE:-cuda}
   mkdir -p "$out" "$work"
-  results="$out/gpu_check.jsonl"
   record() { echo "gpu_check: $2: $3" >&2; }
   unpack || exit 1
   [ -n "${bin[$1]:-}" ] || { say "error: no $1 in $bundle/"; exit 1; }

@@ -51,7 +51,7 @@ where
     V: Fn(&[Array], &[Array], &[Array]) -> R<Vec<Array>> + Send + 'static,
 {
     // A reason left by an earlier failure belongs to no error of this call.
-    FAILURE.with(|f| f.borrow_mut().take());
+    take_failure();
     // SAFETY: each payload is a leaked box that mlx-c owns from here (it frees it with
     // `drop_box` once the last copy of the function is gone); every vector and closure made
     // here is freed on every path, and arrays taken out of vectors are owned (+1) handles.
@@ -131,7 +131,7 @@ pub fn take_failure() -> Option<String> {
 
 /// The error for a failed mlx-c call: the closure's own reason when one of ours failed.
 fn failure(doing: &str) -> Exception {
-    match FAILURE.with(|f| f.borrow_mut().take()) {
+    match take_failure() {
         Some(why) => Exception::custom(format!("{doing}: {why}")),
         None => Exception::custom(format!("{doing} failed in MLX")),
     }

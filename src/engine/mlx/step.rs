@@ -52,10 +52,12 @@ impl Evaluation {
     /// `YOUR_AI_MLX_EVAL=block` (a diagnostic switch: it holds one block's work fewer on a GPU,
     /// and is slower).
     pub fn standard() -> Self {
-        match std::env::var("YOUR_AI_MLX_EVAL").as_deref() {
+        // Read once: every step and evaluation asks.
+        static CHOSEN: std::sync::OnceLock<Evaluation> = std::sync::OnceLock::new();
+        *CHOSEN.get_or_init(|| match std::env::var("YOUR_AI_MLX_EVAL").as_deref() {
             Ok("block") => Evaluation::BlockByBlock,
             _ => Evaluation::Pipelined,
-        }
+        })
     }
 }
 

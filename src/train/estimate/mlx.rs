@@ -98,7 +98,8 @@ pub fn estimate(cfg: &ModelConfig, w: &Workload, host: WeightFormat) -> Estimate
     // Every adapted block's input, kept from the forward for its recompute, and in the blocks
     // that keep their activations the products of their seven frozen linears.
     let keep = (w.keep_blocks as u64).min(adapted);
-    let products = keep * rows * (2 * h + q + 2 * kv + 2 * i) * db;
+    let outputs: u64 = Target::ALL.iter().map(|t| t.dims(cfg).1 as u64).sum();
+    let products = keep * rows * outputs * db;
     let inputs = adapted * rows * h * db + products;
     // The head: one chunk's vocabulary-wide arrays, and the next's started early.
     let c = HEAD_CHUNK.min(rows);
@@ -148,11 +149,14 @@ pub fn estimate(cfg: &ModelConfig, w: &Workload, host: WeightFormat) -> Estimate
         weights,
         params,
         lora_state,
-        if keep > 0 {
-            format!("{work_name} + {adapted} saved block inputs ({keep} with their products) + MLX's cache")
-        } else {
-            format!("{work_name} + {adapted} saved block inputs + MLX's cache")
-        },
+        format!(
+            "{work_name} + {adapted} saved block inputs{} + MLX's cache",
+            if keep > 0 {
+                format!(" ({keep} with their products)")
+            } else {
+                String::new()
+            }
+        ),
         dynamic + batch_tensors,
         ("runtime, MLX, tokenizer, allocator slack", runtime + slack),
     );

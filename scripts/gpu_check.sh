@@ -99,6 +99,17 @@ prepare() {
     tar -C "$m" -cf - your_ai mlx mlx_cuda_13.libs | xz -9 -T2 >"$tmp/bundle/mlx-cuda.tar.xz"
   fi
 
+  if [ "${GPU_CHECK_DEVICE:-cuda}" != cpu ]; then
+    say "building the kernel tracer (scripts/gpu/kernel_trace.c) against CUPTI 13.0"
+    local cuda_env="${YOUR_AI_CUDA_ENV:-$cache/cuda-13.0}" cu
+    "$cuda_env/bin/pip" install --quiet --disable-pip-version-check nvidia-cuda-cupti==13.0.85 >&2
+    cu=$(echo "$cuda_env"/lib/python3*/site-packages/nvidia/cu13)
+    mkdir -p "$tmp/bundle/trace"
+    gcc -shared -fPIC -O2 -Wall -I"$cu/include" scripts/gpu/kernel_trace.c -L"$cu/lib" \
+      -l:libcupti.so.13 -lpthread -o "$tmp/bundle/trace/kernel_trace.so"
+    xz -9 -c "$cu/lib/libcupti.so.13" >"$tmp/bundle/trace/libcupti.so.13.xz"
+  fi
+
   rm -rf "$bundle"
   mv "$tmp/bundle" "$bundle"
   du -sh "$bundle" >&2

@@ -6,7 +6,9 @@
 #
 #   scripts/gpu/mlx_speed.sh [RUN...]   RUN: NAME:LENGTH[:VAR=VALUE,...] for MLX (VAR=VALUE are
 #                                       environment settings; keep=N sets --keep-activations),
-#                                       peft:LENGTH for PyTorch+PEFT
+#                                       peft:LENGTH[:...] for PyTorch+PEFT; the setting `trace`
+#                                       records each kernel's GPU time (scripts/gpu/kernel_trace.c)
+#                                       into $OUT/trace-NAME-LENGTH.tsv
 #   default: the engine's step at three lengths beside PEFT, block by block, and recomputing
 #   LAYERS (8), STEPS (10), SPEED_SECONDS (240: later runs are skipped)
 set -uo pipefail
@@ -30,16 +32,25 @@ for run in "${runs[@]}"; do
   [ "$left" -gt 20 ] || { echo "{\"run\": \"$run\", \"skipped\": true}"; continue; }
   o="$work/speed-$name-$length"
   rm -rf "$o"
+  env=() keep=auto
+  IFS=, read -ra pairs <<<"${settings:-}"
+  for p in "${pairs[@]}"; do
+    case "$p" in
+      keep=*) keep=${p#keep=} ;;
+      trace)
+        t="$work/trace"
+        [ -f "$t/libcupti.so.13" ] || { mkdir -p "$t" && cp .gpu/trace/kernel_trace.so "$t/" &&
+          xz -dc .gpu/trace/libcupti.so.13.xz >"$t/libcupti.so.13"; }
+        env+=("KERNEL_TRACE=$out/trace-$name-$length.tsv"
+          "LD_PRELOAD=$t/libcupti.so.13 $t/kernel_trace.so") ;;
+      ?*) env+=("$p") ;;
+    esac
+  done
   if [ "$name" = peft ]; then
-    timeout "$((left < 90 ? left : 90))" python3 scripts/gpu/peft_step.py "$model" \
+    timeout "$((left < 90 ? left : 90))" env "${env[@]}" python3 scripts/gpu/peft_step.py "$model" \
       "$work/speed-data/train.jsonl" --rank 16 --length "$length" --steps "$steps" \
       2>"$o.log" | sed "s/^{/{\"run\": \"$run\", /"
   else
-    env=() keep=auto
-    IFS=, read -ra pairs <<<"${settings:-}"
-    for p in "${pairs[@]}"; do
-      case "$p" in keep=*) keep=${p#keep=} ;; ?*) env+=("$p") ;; esac
-    done
     timeout "$((left < 90 ? left : 90))" env "${env[@]}" scripts/gpu_check.sh tool mlx train \
       --engine mlx --model "$model" --data "$work/speed-data" --device cuda --dtype bf16 \
       --batch-size 1 --max-seq-length "$length" --lora-rank 16 --max-steps "$steps" \

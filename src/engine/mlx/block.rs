@@ -29,9 +29,20 @@ pub enum Products<'a> {
 /// A block's LoRA pairs by target: `(A [r, in], B [out, r])`, f32.
 pub type Pairs<'a> = [Option<(&'a Array, &'a Array)>; 7];
 
+/// The dtype of the low-rank products: f32, or with `YOUR_AI_MLX_LORA=model` (a switch for
+/// measuring, read once) the model's dtype, A and B cast down inside the differentiated
+/// function so their gradients still arrive in f32.
+fn lora_dtype(model: Dtype) -> Dtype {
+    static MODEL: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    match MODEL.get_or_init(|| std::env::var("YOUR_AI_MLX_LORA").as_deref() == Ok("model")) {
+        true => model,
+        false => Dtype::Float32,
+    }
+}
+
 /// `y + s · (x' Aᵀ) Bᵀ` for the frozen product `y = x Wᵀ` in the model's dtype: the low-rank
-/// term as two thin matmuls in f32 (never `W + BA`), added in the model's dtype. `x'` is
-/// `dropped` (the input after LoRA dropout) when given, else `x`.
+/// term as two thin matmuls in f32 ([`lora_dtype`]; never `W + BA`), added in the model's
+/// dtype. `x'` is `dropped` (the input after LoRA dropout) when given, else `x`.
 pub fn lora_linear(
     y: Array,
     x: &Array,
@@ -42,11 +53,14 @@ pub fn lora_linear(
     match pair {
         None => Ok(y),
         Some((a, b)) => {
+            let dtype = lora_dtype(y.dtype());
             let xa = dropped
                 .unwrap_or(x)
-                .as_dtype(Dtype::Float32)?
-                .matmul(a.t())?;
-            let delta = xa.matmul(b.t())?.multiply(Array::from_f32(scale))?;
+                .as_dtype(dtype)?
+                .matmul(a.as_dtype(dtype)?.t())?;
+            let delta = xa
+                .matmul(b.as_dtype(dtype)?.t())?
+                .multiply(Array::from_f32(scale).as_dtype(dtype)?)?;
             y.add(delta.as_dtype(y.dtype())?)
         }
     }

@@ -7,7 +7,7 @@ use crate::cli::BenchmarkArgs;
 use crate::engine::choice::EngineChoice;
 use crate::error::{Error, Result};
 use crate::runtime::memory::budget::{self, GB};
-use crate::train::estimate::{estimate, Workload};
+use crate::train::estimate::{estimate, StepKind, Workload};
 use crate::train::plan::{device_memory_for, weights_and_step};
 use serde_json::{json, Value};
 use std::path::Path;
@@ -32,8 +32,11 @@ struct Trial {
     steps_per_s: Option<f64>,
     tokens_per_s: Option<f64>,
     peak: Option<u64>,
-    /// MLX's allocator at its peak (MLX runs; `peak` is the process's, as the estimate is).
+    /// MLX's allocator at its peak (MLX runs; `peak` is the process's, as the estimate is,
+    /// except on a GPU).
     mlx_peak: Option<u64>,
+    /// The MLX engine on a GPU: its estimate, and so `peak`, are of MLX's memory.
+    mlx_gpu: bool,
 }
 
 impl Trial {
@@ -143,11 +146,14 @@ fn last_message(stderr: &str) -> String {
         .to_string()
 }
 
-/// A metrics record's `{what}` figure in the measure the estimate models: GPU memory where the
-/// child trained on CUDA (`{what}_gpu_bytes`), else resident memory (`{what}_rss_bytes`; the
-/// MLX engine's estimate is of the process, MLX's cache included).
-fn measured(record: &Value, what: &str) -> Option<u64> {
-    ["gpu", "rss"]
+/// A metrics record's `{what}` figure in the measure the estimate models: MLX's memory where
+/// the MLX engine ran on a GPU (`{what}_mlx_bytes`: its arrays are in the device, and the
+/// process's resident memory is the host's), GPU memory where the candle engine trained on
+/// CUDA (`{what}_gpu_bytes`), else resident memory (`{what}_rss_bytes`; on the CPU the MLX
+/// engine's estimate is of the process, MLX's cache included).
+fn measured(record: &Value, what: &str, mlx_gpu: bool) -> Option<u64> {
+    let order: &[&str] = if mlx_gpu { &["mlx"] } else { &["gpu", "rss"] };
+    order
         .iter()
         .find_map(|m| record[format!("{what}_{m}_bytes").as_str()].as_u64())
 }
@@ -202,7 +208,7 @@ fn run_trial(a: &BenchmarkArgs, dir: &Path, trial: &mut Trial, budget_gb: f64) -
         .collect();
     let train: Vec<&Value> = records.iter().filter(|r| r["type"] == "train").collect();
     let start = records.iter().find(|r| r["type"] == "start");
-    let load_peak = start.and_then(|r| measured(r, "load_peak"));
+    let load_peak = start.and_then(|r| measured(r, "load_peak", trial.mlx_gpu));
     // The estimate the child trained under: it also counts the blocks whose activations it
     // chose to keep (`--keep-activations auto`), which the parent's skip check leaves out.
     if let Some(e) = start.and_then(|r| r["estimate_peak_bytes"].as_u64()) {
@@ -212,7 +218,7 @@ fn run_trial(a: &BenchmarkArgs, dir: &Path, trial: &mut Trial, budget_gb: f64) -
     let train_peak = records
         .iter()
         .filter(|r| r["type"] == "train" || r["type"] == "end")
-        .filter_map(|r| measured(r, "train_peak"))
+        .filter_map(|r| measured(r, "train_peak", trial.mlx_gpu))
         .max();
     // `Option`'s max: the larger figure, or whichever there is.
     trial.peak = load_peak.max(train_peak);
@@ -342,6 +348,7 @@ pub fn run(a: BenchmarkArgs) -> Result<()> {
                         tokens_per_s: None,
                         peak: None,
                         mlx_peak: None,
+                        mlx_gpu: matches!(step, StepKind::Mlx { gpu: true, .. }),
                     });
                 }
             }

@@ -71,6 +71,16 @@ pub fn mlx_load_options(m: &ModelArgs, quantize: Option<QuantBits>) -> Result<Lo
     Ok(LoadOptions::new(Device::Cpu, dtype, quantize))
 }
 
+/// Whether MLX computes on a GPU (once [`mlx_load_options`] has chosen its device).
+pub fn mlx_on_gpu() -> bool {
+    #[cfg(feature = "mlx")]
+    {
+        crate::engine::mlx::device::on_gpu()
+    }
+    #[cfg(not(feature = "mlx"))]
+    false
+}
+
 #[cfg(feature = "mlx")]
 fn mlx_device(device: DeviceChoice) -> Result<bool> {
     crate::engine::mlx::device::select(device)

@@ -183,7 +183,10 @@ pub fn weights_and_step(
         EngineChoice::Candle => (host, StepKind::candle(cpu, act_bytes)),
         EngineChoice::Mlx => (
             super::estimate::mlx::weight_format(quantize, act_bytes),
-            StepKind::Mlx { host },
+            StepKind::Mlx {
+                host,
+                gpu: crate::engine::choice::mlx_on_gpu(),
+            },
         ),
     }
 }
@@ -248,6 +251,7 @@ mod tests {
             w.step,
             StepKind::Mlx {
                 host: WeightFormat::Dense(4.0),
+                gpu: false,
             },
         ] {
             w.step = step;

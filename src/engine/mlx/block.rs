@@ -29,20 +29,23 @@ pub enum Products<'a> {
 /// A block's LoRA pairs by target: `(A [r, in], B [out, r])`, f32.
 pub type Pairs<'a> = [Option<(&'a Array, &'a Array)>; 7];
 
-/// The dtype of the low-rank products: f32, or with `YOUR_AI_MLX_LORA=model` (a switch for
-/// measuring, read once) the model's dtype, A and B cast down inside the differentiated
-/// function so their gradients still arrive in f32.
+/// The dtype of the low-rank products: the model's. In bf16 on an H200 (eight 8B-shaped
+/// blocks, 2048 tokens) the step took 0.085 s against 0.105 s in f32, whose casts of every
+/// input and product and slow f32 matrix products cost more than the thin products themselves;
+/// the losses agreed to 1e-4 over ten steps. A and B are cast inside the differentiated
+/// function, so their gradients and AdamW stay in f32 (as mlx-lm's LoRA computes in the
+/// model's dtype too). `YOUR_AI_MLX_LORA=f32` (read once) keeps the products in f32.
 fn lora_dtype(model: Dtype) -> Dtype {
-    static MODEL: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    match MODEL.get_or_init(|| std::env::var("YOUR_AI_MLX_LORA").as_deref() == Ok("model")) {
-        true => model,
-        false => Dtype::Float32,
+    static F32: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    match F32.get_or_init(|| std::env::var("YOUR_AI_MLX_LORA").as_deref() == Ok("f32")) {
+        true => Dtype::Float32,
+        false => model,
     }
 }
 
-/// `y + s · (x' Aᵀ) Bᵀ` for the frozen product `y = x Wᵀ` in the model's dtype: the low-rank
-/// term as two thin matmuls in f32 ([`lora_dtype`]; never `W + BA`), added in the model's
-/// dtype. `x'` is `dropped` (the input after LoRA dropout) when given, else `x`.
+/// `y + (x' Aᵀ)(s B)ᵀ` for the frozen product `y = x Wᵀ`: the low-rank term as two thin
+/// matmuls in [`lora_dtype`] (never `W + BA`), the scale `s` on the small `B`, added in the
+/// model's dtype. `x'` is `dropped` (the input after LoRA dropout) when given, else `x`.
 pub fn lora_linear(
     y: Array,
     x: &Array,
@@ -54,14 +57,12 @@ pub fn lora_linear(
         None => Ok(y),
         Some((a, b)) => {
             let dtype = lora_dtype(y.dtype());
+            let b = b.multiply(Array::from_f32(scale))?.as_dtype(dtype)?;
             let xa = dropped
                 .unwrap_or(x)
                 .as_dtype(dtype)?
                 .matmul(a.as_dtype(dtype)?.t())?;
-            let delta = xa
-                .matmul(b.as_dtype(dtype)?.t())?
-                .multiply(Array::from_f32(scale).as_dtype(dtype)?)?;
-            y.add(delta.as_dtype(y.dtype())?)
+            y.add(xa.matmul(b.t())?.as_dtype(y.dtype())?)
         }
     }
 }

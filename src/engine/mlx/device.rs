@@ -8,7 +8,7 @@
 
 use crate::error::{Error, Result};
 use crate::runtime::device::DeviceChoice;
-use mlx_rs::Device;
+use mlx_rs::{Device, DeviceType};
 
 /// The GPU backend this binary's MLX was built with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -108,10 +108,16 @@ pub fn select(choice: DeviceChoice) -> Result<bool> {
     Ok(gpu)
 }
 
+/// Whether MLX's default device (as [`select`] set it) is a GPU.
+pub fn on_gpu() -> bool {
+    Device::try_default()
+        .and_then(|d| d.get_type())
+        .is_ok_and(|t| matches!(t, DeviceType::Gpu))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use mlx_rs::DeviceType;
     use DeviceChoice::*;
 
     #[test]

@@ -74,6 +74,8 @@ pub struct MlxEngine {
     params: Option<Params>,
     opt: Option<AdamW>,
     grads: Option<Vec<Array>>,
+    /// The clipping factor of `grads` ([`Engine::clip_gradients`]), applied by the update.
+    clip: f64,
     weight_decay: f64,
     /// Adapted blocks (the top ones) that keep their frozen products from the forward.
     keep_blocks: usize,
@@ -147,6 +149,7 @@ impl MlxEngine {
             params: None,
             opt: None,
             grads: None,
+            clip: 1.0,
             weight_decay,
             keep_blocks,
             meter: Meter::mlx(),
@@ -198,6 +201,7 @@ impl MlxEngine {
         };
         eval(outputs.iter().copied().chain(&sum))?;
         self.grads = Some(sum);
+        self.clip = 1.0;
         memory::mlx::clear_cache()?;
         Ok(())
     }
@@ -282,9 +286,9 @@ impl Engine for MlxEngine {
                 .collect::<std::result::Result<Vec<_>, _>>()?,
         };
         let norm = convert::scalar(&optimizer::global_norm(&grads)?)?;
-        let clipped = optimizer::clip(grads, norm, max_norm)?;
-        eval(&clipped)?;
-        self.grads = Some(clipped);
+        // Applied in the update's fused kernel.
+        self.clip = optimizer::clip_factor(norm, max_norm);
+        self.grads = Some(grads);
         Ok(norm)
     }
 
@@ -294,7 +298,12 @@ impl Engine for MlxEngine {
         })?;
         let params = self.params.as_mut().ok_or_else(no_adapter)?;
         let opt = self.opt.as_mut().ok_or_else(no_adapter)?;
-        let new = opt.step(&params.tensors(), &grads, lr)?;
+        let new = opt.step(
+            &params.tensors(),
+            &grads,
+            std::mem::replace(&mut self.clip, 1.0),
+            lr,
+        )?;
         eval(new.iter().chain(&opt.m).chain(&opt.v))?;
         params.set_tensors(new.into_iter());
         memory::mlx::clear_cache()?;
@@ -303,6 +312,7 @@ impl Engine for MlxEngine {
 
     fn discard_gradients(&mut self) {
         self.grads = None;
+        self.clip = 1.0;
     }
 
     fn adapter(&self) -> Result<Adapter> {

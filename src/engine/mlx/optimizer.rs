@@ -1,5 +1,10 @@
 //! AdamW (decoupled weight decay, as PyTorch's and the candle engine's) and global-norm clipping
 //! on MLX arrays, f32. The same formulas, in the same order, as the candle engine's optimizer.
+//!
+//! A tensor's update is one compiled function (MLX fuses its element-wise ops into one kernel):
+//! written op by op it was about thirteen kernels a tensor, 1,500 small kernels a step for an
+//! eight-block model on an H200 and four times that at 32 blocks, each also built by the host.
+//! The global norm is taken over the gradients joined into one vector, for the same reason.
 
 use mlx_rs::error::Exception;
 use mlx_rs::{Array, Dtype};
@@ -10,6 +15,24 @@ fn s(v: f64) -> Array {
     Array::from_f32(v as f32)
 }
 
+/// One tensor's update: `[p, g, m, v, k, β1, 1−β1, β2, 1−β2, bc1, bc2, ε, lr, 1−lr·wd]` →
+/// `[p', m', v']`, with the gradient `g·k` (`k`: the clipping factor, 1 without). Every scalar
+/// is an input, so one trace serves every step, tensor shape (shapeless) and run.
+fn update(a: &[Array]) -> R<Vec<Array>> {
+    let [p, g, m, v, k, b1, nb1, b2, nb2, bc1, bc2, eps, lr, decay] = a else {
+        return Err(Exception::custom("AdamW's update takes fourteen arrays"));
+    };
+    let g = g.multiply(k)?;
+    let m = m.multiply(b1)?.add(g.multiply(nb1)?)?;
+    let v = v.multiply(b2)?.add(g.square()?.multiply(nb2)?)?;
+    let denom = v.divide(bc2)?.sqrt()?.add(eps)?;
+    let step = m.divide(bc1)?.divide(&denom)?;
+    let p = p.multiply(decay)?.subtract(step.multiply(lr)?)?;
+    Ok(vec![p, m, v])
+}
+
+type Compiled = Box<dyn FnMut(&[Array]) -> R<Vec<Array>>>;
+
 /// The moments, in adapter order, and the updates applied so far.
 pub struct AdamW {
     pub beta1: f64,
@@ -19,12 +42,14 @@ pub struct AdamW {
     pub t: u64,
     pub m: Vec<Array>,
     pub v: Vec<Array>,
+    update: Compiled,
 }
 
 impl AdamW {
     /// Zero moments for `params`.
     pub fn new(params: &[Array], weight_decay: f64) -> R<Self> {
         let zeros = |p: &Array| mlx_rs::ops::zeros_dtype(p.shape(), Dtype::Float32);
+        let mut compiled = mlx_rs::transforms::compile::compile(update, true);
         Ok(Self {
             beta1: 0.9,
             beta2: 0.999,
@@ -33,27 +58,39 @@ impl AdamW {
             t: 0,
             m: params.iter().map(zeros).collect::<R<_>>()?,
             v: params.iter().map(zeros).collect::<R<_>>()?,
+            update: Box::new(move |a: &[Array]| compiled(a)),
         })
     }
 
-    /// One update of `params` from `grads` at learning rate `lr`; returns the new parameters
-    /// (lazy: the engine evaluates them with the moments).
-    pub fn step(&mut self, params: &[Array], grads: &[Array], lr: f64) -> R<Vec<Array>> {
+    /// One update of `params` from `grads` scaled by `k` (the clipping factor) at learning
+    /// rate `lr`; returns the new parameters (lazy: the engine evaluates them with the
+    /// moments).
+    pub fn step(&mut self, params: &[Array], grads: &[Array], k: f64, lr: f64) -> R<Vec<Array>> {
         self.t += 1;
         let bc1 = 1.0 - self.beta1.powi(self.t as i32);
         let bc2 = 1.0 - self.beta2.powi(self.t as i32);
+        let scalars = [
+            k,
+            self.beta1,
+            1.0 - self.beta1,
+            self.beta2,
+            1.0 - self.beta2,
+            bc1,
+            bc2,
+            self.eps,
+            lr,
+            1.0 - lr * self.weight_decay,
+        ]
+        .map(s);
         let mut out = Vec::with_capacity(params.len());
         for (i, (p, g)) in params.iter().zip(grads).enumerate() {
-            let m = self.m[i]
-                .multiply(s(self.beta1))?
-                .add(g.multiply(s(1.0 - self.beta1))?)?;
-            let v = self.v[i]
-                .multiply(s(self.beta2))?
-                .add(g.square()?.multiply(s(1.0 - self.beta2))?)?;
-            let denom = v.divide(s(bc2))?.sqrt()?.add(s(self.eps))?;
-            let update = m.divide(s(bc1))?.divide(&denom)?;
-            let decayed = p.multiply(s(1.0 - lr * self.weight_decay))?;
-            out.push(decayed.subtract(update.multiply(s(lr))?)?);
+            let mut args = vec![p.clone(), g.clone(), self.m[i].clone(), self.v[i].clone()];
+            args.extend(scalars.iter().cloned());
+            let mut new = (self.update)(&args)?.into_iter();
+            let (Some(p), Some(m), Some(v)) = (new.next(), new.next(), new.next()) else {
+                return Err(Exception::custom("AdamW's update returned too few arrays"));
+            };
+            out.push(p);
             self.m[i] = m;
             self.v[i] = v;
         }
@@ -61,20 +98,28 @@ impl AdamW {
     }
 }
 
-/// The global L2 norm of `grads` (an f32 scalar array, not yet evaluated).
+/// The global L2 norm of `grads` (an f32 scalar array, not yet evaluated): of the gradients
+/// joined into one vector (one reduction, not two kernels a tensor).
 pub fn global_norm(grads: &[Array]) -> R<Array> {
-    let mut sq = Array::from_f32(0.0);
-    for g in grads {
-        sq = sq.add(g.square()?.sum(None)?)?;
+    if grads.is_empty() {
+        return Ok(Array::from_f32(0.0));
     }
-    sq.sqrt()
+    let flat = grads
+        .iter()
+        .map(|g| g.reshape(&[-1]))
+        .collect::<R<Vec<_>>>()?;
+    mlx_rs::ops::concatenate(&flat, 0)?
+        .square()?
+        .sum(None)?
+        .sqrt()
 }
 
-/// `grads` scaled down to a global norm of `max_norm` when `norm` exceeds it (0: no clipping).
-pub fn clip(grads: Vec<Array>, norm: f64, max_norm: f64) -> R<Vec<Array>> {
-    if !(max_norm > 0.0 && norm > max_norm) {
-        return Ok(grads);
+/// The factor that scales gradients of global norm `norm` down to `max_norm` when it exceeds
+/// it (0: no clipping), else 1.
+pub fn clip_factor(norm: f64, max_norm: f64) -> f64 {
+    if max_norm > 0.0 && norm > max_norm {
+        max_norm / (norm + 1e-6)
+    } else {
+        1.0
     }
-    let k = s(max_norm / (norm + 1e-6));
-    grads.iter().map(|g| g.multiply(&k)).collect()
 }

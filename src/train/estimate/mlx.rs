@@ -12,7 +12,11 @@
 //!   it). The engine limits the cache to [`Estimate::cache`], the step's working set (at most
 //!   a sixteenth of the budget, and 2 GB), so a step holds at most its working set twice;
 //! - the load is the host load followed by the conversion, whose largest moment is the
-//!   vocabulary's: the host's matrix beside MLX's parts, or the parts beside the joined whole.
+//!   vocabulary's: the host's matrix beside MLX's parts, or the parts beside the joined whole;
+//! - on a GPU the measure is MLX's memory, in the device: the process's host memory (its
+//!   libraries, the host load) is not in it. The first GPU memory check on an H200 compared
+//!   the process's resident memory (1.1 GB of CUDA libraries for a two-block model whatever the
+//!   work) with an estimate of the device's arrays.
 //!
 //! Calibrated on SmolLM2 with MLX's CPU backend against `your_ai benchmark --engine mlx`
 //! (docs/mlx.md has the table); the constants say which measurement set them.
@@ -76,7 +80,7 @@ fn vocab_bytes(cfg: &ModelConfig, format: WeightFormat) -> u64 {
     vocab_matrix_bytes(cfg, embed, head) as u64
 }
 
-pub fn estimate(cfg: &ModelConfig, w: &Workload, host: WeightFormat) -> Estimate {
+pub fn estimate(cfg: &ModelConfig, w: &Workload, host: WeightFormat, gpu: bool) -> Estimate {
     let t = bucket(w.seq_len) as u64;
     let b = w.batch_size as u64;
     let rows = b * t;
@@ -89,7 +93,12 @@ pub fn estimate(cfg: &ModelConfig, w: &Workload, host: WeightFormat) -> Estimate
     );
     let vocab = cfg.vocab_size as u64;
     let adapted = w.adapted_layers.min(cfg.num_hidden_layers).max(1) as u64;
-    let runtime = runtime_bytes(cfg) + MLX_RUNTIME_BYTES;
+    // Host memory: outside MLX's measure on a GPU.
+    let runtime = if gpu {
+        0
+    } else {
+        runtime_bytes(cfg) + MLX_RUNTIME_BYTES
+    };
     let weights = frozen_bytes(cfg, w.weights);
     let params = lora_params(cfg, w);
     let lora_state = 12 * params;
@@ -176,13 +185,18 @@ pub fn estimate(cfg: &ModelConfig, w: &Workload, host: WeightFormat) -> Estimate
         .sum();
     let mlx_vocab = vocab_bytes(cfg, w.weights);
     let part = 2 * SLICE_ROWS.min(cfg.vocab_size) as u64 * h * 4;
-    let vocab_phase = (vocab_bytes(cfg, host) + mlx_vocab + part).max(2 * mlx_vocab);
+    let host_vocab = if gpu { 0 } else { vocab_bytes(cfg, host) };
+    let vocab_phase = (host_vocab + mlx_vocab + part).max(2 * mlx_vocab);
     let conversion =
         runtime + weights.saturating_sub(mlx_vocab) + (block_params * (4 + db)).max(vocab_phase);
     Estimate {
         terms,
         train_peak,
-        load_peak: host_load.max(conversion),
+        load_peak: if gpu {
+            conversion
+        } else {
+            host_load.max(conversion)
+        },
         cache,
     }
 }
@@ -200,6 +214,7 @@ mod tests {
             weights: weight_format(quantize, 4),
             step: StepKind::Mlx {
                 host: WeightFormat::Dense(4.0),
+                gpu: false,
             },
             ..base()
         }
@@ -220,7 +235,7 @@ mod tests {
     #[test]
     fn the_mlx_estimate_grows_with_the_work_and_the_chunks() {
         let cfg = smollm2();
-        let at = |b, t| estimate(&cfg, &workload(b, t, None), WeightFormat::Dense(4.0));
+        let at = |b, t| estimate(&cfg, &workload(b, t, None), WeightFormat::Dense(4.0), false);
         let small = at(1, 128);
         assert_eq!(
             small.terms.iter().map(|t| t.bytes).sum::<u64>(),
@@ -234,8 +249,28 @@ mod tests {
             &cfg,
             &workload(1, 128, Some(QuantBits::Four)),
             WeightFormat::Dense(4.0),
+            false,
         );
         assert!(q4.train_peak < small.train_peak);
+    }
+
+    /// On a GPU the estimate is of MLX's memory in the device: the process's libraries and the
+    /// host's load are left out, and everything MLX holds is still counted.
+    #[test]
+    fn on_a_gpu_the_host_is_left_out() {
+        let cfg = smollm2();
+        let w = workload(1, 512, None);
+        let host = WeightFormat::Dense(4.0);
+        let (cpu, gpu) = (
+            estimate(&cfg, &w, host, false),
+            estimate(&cfg, &w, host, true),
+        );
+        let runtime = runtime_bytes(&cfg) + MLX_RUNTIME_BYTES;
+        assert_eq!(gpu.terms[..3], cpu.terms[..3]);
+        assert_eq!(gpu.train_peak + runtime, cpu.train_peak);
+        // The whole converted model at least, less than with the host's memory.
+        assert!(gpu.load_peak >= frozen_bytes(&cfg, w.weights));
+        assert!(gpu.load_peak < cpu.load_peak);
     }
 
     /// The step's queued block holds its working set while the one before it computes: where
@@ -246,7 +281,7 @@ mod tests {
     fn a_queued_block_is_held() {
         let cfg = smollm2();
         let w = workload(1, 1024, None);
-        let e = estimate(&cfg, &w, WeightFormat::Dense(4.0));
+        let e = estimate(&cfg, &w, WeightFormat::Dense(4.0), false);
         let term = &e.terms[2];
         assert!(term.name.starts_with("block backward"), "{}", term.name);
         let rows = 1024u64;
@@ -271,6 +306,7 @@ mod tests {
                     ..w.clone()
                 },
                 WeightFormat::Dense(4.0),
+                false,
             )
             .train_peak
         };

@@ -147,8 +147,9 @@ pub enum StepKind {
     /// `gpu`: on a GPU, whose runtime holds memory of its own ([`GPU_RUNTIME_BYTES`]).
     Composite { gpu: bool },
     /// The MLX engine ([`mlx`]); `host` is how the load holds the weights on the host before
-    /// they are converted to MLX arrays (`Workload::weights` is how MLX holds them).
-    Mlx { host: WeightFormat },
+    /// they are converted to MLX arrays (`Workload::weights` is how MLX holds them); `gpu`: on
+    /// a GPU, where the measure is MLX's memory in the device, not the process's.
+    Mlx { host: WeightFormat, gpu: bool },
 }
 
 impl StepKind {
@@ -283,7 +284,7 @@ pub fn lora_params(cfg: &ModelConfig, w: &Workload) -> u64 {
 /// The estimate for `w`'s step: the candle engine's ([`candle`]) or the MLX engine's ([`mlx`]).
 pub fn estimate(cfg: &ModelConfig, w: &Workload) -> Estimate {
     match w.step {
-        StepKind::Mlx { host } => mlx::estimate(cfg, w, host),
+        StepKind::Mlx { host, gpu } => mlx::estimate(cfg, w, host, gpu),
         _ => candle::estimate(cfg, w),
     }
 }

@@ -8,7 +8,7 @@ use crate::engine::choice::EngineChoice;
 use crate::error::{Error, Result};
 use crate::runtime::memory::budget::{self, GB};
 use crate::train::estimate::{estimate, StepKind, Workload};
-use crate::train::plan::{device_memory_for, weights_and_step};
+use crate::train::plan::{computes_on_cpu, device_memory_for, weights_and_step};
 use serde_json::{json, Value};
 use std::path::Path;
 use std::process::Command;
@@ -317,7 +317,7 @@ pub fn run(a: BenchmarkArgs) -> Result<()> {
             engine,
             quant_bits,
             (act_bytes, weight_bytes),
-            device.is_cpu(),
+            computes_on_cpu(engine, &device),
         );
         for &rank in &ranks {
             for &len in &lengths {

@@ -52,7 +52,7 @@ pub fn preflight(
         engine,
         load.quantize,
         (act_bytes, weight_bytes),
-        device.is_cpu(),
+        computes_on_cpu(engine, device),
     );
     let mut w = Workload {
         batch_size: batch.batch_size,
@@ -168,6 +168,15 @@ pub fn device_memory_for(
     }
 }
 
+/// Whether `engine` computes on the CPU: `device`'s, or under MLX the device MLX was put on
+/// ([`crate::engine::choice::mlx_load_options`]; its models load on the host either way).
+pub fn computes_on_cpu(engine: EngineChoice, device: &candle_core::Device) -> bool {
+    match engine {
+        EngineChoice::Mlx => !crate::engine::choice::mlx_on_gpu(),
+        EngineChoice::Candle => device.is_cpu(),
+    }
+}
+
 /// How `engine` will hold the frozen weights of `inspected` with `quantize` (activations of
 /// `act_bytes`, dense weights of `weight_bytes`, on the CPU or not), and which step's memory
 /// to model.
@@ -183,10 +192,7 @@ pub fn weights_and_step(
         EngineChoice::Candle => (host, StepKind::candle(cpu, act_bytes)),
         EngineChoice::Mlx => (
             super::estimate::mlx::weight_format(quantize, act_bytes),
-            StepKind::Mlx {
-                host,
-                gpu: crate::engine::choice::mlx_on_gpu(),
-            },
+            StepKind::Mlx { host, gpu: !cpu },
         ),
     }
 }

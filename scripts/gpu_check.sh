@@ -3,15 +3,15 @@
 # only PyTorch, PEFT and the CUDA libraries. Two halves:
 #
 #   scripts/gpu_check.sh prepare   here, with Rust and the network: builds and gathers what the
-#                                  check needs into .gpu/ (ignored by git; about 60 MB with both
-#                                  GPU paths, small enough to copy along with the repository) and
-#                                  prints its size
+#                                  check needs into .gpu/ (ignored by git; about 52 MB, small
+#                                  enough to copy along with the repository) and prints its size
 #   scripts/gpu_check.sh run       there, from a copy of the repository with .gpu/ in it;
 #                                  figures go to $OUT (default gpu-check-out/), the table to
 #                                  stdout
 #
-# `run` takes each GPU path in turn (the candle CUDA binary; MLX's CUDA build where .gpu/ has
-# it), and PyTorch+PEFT on the same GPU (first in step 2):
+# `run` takes the GPU path (the MLX engine's CUDA build; candle's CUDA path was removed once
+# MLX's had passed this check, faster and within its memory contract), and PyTorch+PEFT on the
+# same GPU (first in step 2):
 #   1. SmolLM2 (its first LAYERS blocks: its weights, the embedding re-quantized to Q4_1; its
 #      tokenizer and chat template) trained 20
 #      steps in f32 on the shipped example: the losses must equal those of the CPU run that
@@ -20,24 +20,23 @@
 #      scripts/bench/make_shaped_model.py; rank 16, length 2048, batch 1, STEPS steps. Tokens/s
 #      (median step after the first two) and peak GPU memory (nvidia-smi every 200 ms, less
 #      what was in use before), against scripts/gpu/peft_step.py on the same tokens (the
-#      first losses agree: the same workload); each GPU path in bf16, then with --quantize 4.
-#   3. scripts/memory_check.sh with each GPU path's binary on the GPU: estimates against
-#      measured peaks, flat steps, a budget crossed mid-run and the resume after it.
+#      first losses agree: the same workload); in bf16 (products kept, then recomputed), then
+#      with --quantize 4.
+#   3. scripts/memory_check.sh with the binary on the GPU: estimates against measured peaks,
+#      flat steps, a budget crossed mid-run and the resume after it.
 # It exits non-zero when a check fails, after reporting everything it could.
 #
-#   GPU_CHECK_MLX=0  leave MLX's CUDA build out (prepare)
 #   GPU_CHECK_SKIP  parts of `run` to leave out, space-separated, where a run must spend its
-#           device time on what changed: smol-q4 smol-dropout (or one tool's: smol-candle-q4,
-#           ...), peft-checkpointing, 8b-mlx 8b-mlx-recompute 8b-mlx-q4 8b-candle 8b-candle-q4,
-#           profile, memory (or one tool's: memory-candle, memory-mlx)
+#           device time on what changed: smol-q4 smol-dropout, peft-plain peft-checkpointing,
+#           8b-mlx 8b-mlx-recompute 8b-mlx-q4, profile, memory
 #   GPU_CHECK_SECONDS  the time `run` may take (default 480); steps that would not fit are
 #           recorded as skipped
 #   LAYERS  SmolLM2 blocks taken along (prepare; default 2 keeps .gpu/ under 64 MiB: the whole
 #           model is 98 MB)
 #   STEPS   steps of the 8B-shaped runs (default 8)
-#   GPU_CHECK_DEVICE=cpu   a rehearsal here without a GPU: the CPU binary, one 8B-shaped block
-#           and 128 tokens (give it GPU_CHECK_SECONDS=900 on two cores). It checks the script,
-#           not a GPU.
+#   GPU_CHECK_DEVICE=cpu   a rehearsal here without a GPU: the CPU binary (the candle engine) in
+#           the GPU path's place, one 8B-shaped block and 128 tokens (give it
+#           GPU_CHECK_SECONDS=900 on two cores). It checks the script, not a GPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -78,13 +77,6 @@ prepare() {
   if [ "${GPU_CHECK_DEVICE:-cuda}" = cpu ]; then
     say "a rehearsal: no CUDA binary"
   else
-    say "building the candle CUDA binary (scripts/build_cuda.sh)"
-    # Each build in its own folder (their binaries differ).
-    bin=$(env -u CARGO_TARGET_DIR ./scripts/build_cuda.sh)
-    xz -T2 -6 -c "$bin" >"$tmp/bundle/your_ai-cuda.xz"
-  fi
-
-  if [ "${GPU_CHECK_DEVICE:-cuda}" != cpu ] && [ "${GPU_CHECK_MLX:-1}" = 1 ]; then
     say "building the MLX CUDA binary (scripts/build_mlx.sh --cuda)"
     local mlx_bin wheel="$cache/mlx-cuda-13-0.32.4" m="$tmp/mlx-cuda"
     mlx_bin=$(env -u CARGO_TARGET_DIR ./scripts/build_mlx.sh --cuda)
@@ -97,12 +89,13 @@ prepare() {
     cp -r "$wheel/mlx/include" "$m/mlx/"
     cp -r "$wheel/mlx_cuda_13.libs" "$m/"
     tar -C "$m" -cf - your_ai mlx mlx_cuda_13.libs | xz -9 -T2 >"$tmp/bundle/mlx-cuda.tar.xz"
-  fi
 
-  if [ "${GPU_CHECK_DEVICE:-cuda}" != cpu ]; then
     say "building the kernel tracer (scripts/gpu/kernel_trace.c) against CUPTI 13.0"
-    local cuda_env="${YOUR_AI_CUDA_ENV:-$cache/cuda-13.0}" cu
-    "$cuda_env/bin/pip" install --quiet --disable-pip-version-check nvidia-cuda-cupti==13.0.85 >&2
+    # CUPTI and the driver API's header, from NVIDIA's packages in the Python package index.
+    local cuda_env="$cache/cupti-13.0" cu
+    [ -x "$cuda_env/bin/pip" ] || python3 -m venv "$cuda_env"
+    "$cuda_env/bin/pip" install --quiet --disable-pip-version-check nvidia-cuda-cupti==13.0.85 \
+      nvidia-cuda-runtime==13.0.96 >&2
     cu=$(echo "$cuda_env"/lib/python3*/site-packages/nvidia/cu13)
     mkdir -p "$tmp/bundle/trace"
     gcc -shared -fPIC -O2 -Wall -I"$cu/include" scripts/gpu/kernel_trace.c -L"$cu/lib" \
@@ -139,22 +132,22 @@ sampled() {
   return $rc
 }
 
-# The bundle's binaries, ready to run on this machine: the global arrays bin[TOOL] (its command)
-# and engine[TOOL], and tools (candle, and mlx where .gpu/ has MLX's CUDA build). Needs $device
-# and $work; returns non-zero (after recording it) when MLX's build does not unpack.
+# The bundle's binary, ready to run on this machine: the global arrays bin[TOOL] (its command)
+# and engine[TOOL], and tools (mlx, from .gpu/'s MLX CUDA build; in a CPU rehearsal candle, the
+# CPU binary). Needs $device and $work; returns non-zero (after recording it) when MLX's build
+# does not unpack.
 declare -A bin engine
 tools=()
 unpack() {
   local failed=0
+  tools=()
   if [ "$device" = cpu ]; then
     bin[candle]=target/release/your_ai
     [ -x "${bin[candle]}" ] || cargo build --release --quiet
+    engine[candle]=candle
+    tools=(candle)
     length=128 steps=3 layers=(--layers 1)
   else
-    xz -dc "$bundle/your_ai-cuda.xz" >"$work/your_ai-cuda" ||
-      { say "error: $bundle/your_ai-cuda.xz does not unpack"; exit 1; }
-    chmod +x "$work/your_ai-cuda"
-    bin[candle]=$work/your_ai-cuda
     # The CUDA libraries come from PyTorch's wheels (nvidia/*/lib in its site-packages), and
     # the driver's libcuda from wherever PyTorch finds it.
     local libs driver
@@ -170,9 +163,9 @@ unpack() {
       command -v nvcc; nproc
     } >"$out/machine.txt" 2>&1 || true
   fi
-  engine[candle]=candle
-  tools=(candle)
-  if [ "$device" != cpu ] && [ -f "$bundle/mlx-cuda.tar.xz" ]; then
+  if [ "$device" != cpu ]; then
+    [ -f "$bundle/mlx-cuda.tar.xz" ] ||
+      { say "error: no $bundle/mlx-cuda.tar.xz: run 'scripts/gpu_check.sh prepare' first"; exit 1; }
     # MLX's CUDA build as its wheel lays it out: libmlx.so finds the CUDA libraries and headers
     # through ../../nvidia from its folder, here a link to PyTorch's. TF32 off: MLX's CUDA
     # backend would otherwise multiply f32 in reduced precision, and the f32 losses must match
@@ -309,14 +302,14 @@ run() {
         fail PyTorch+PEFT "8B-shaped step, $phase" "$o.log"
       fi
     done
-    # Each GPU path in bf16, then with --quantize 4 (QLoRA: MLX's affine 4-bit, candle's Q4_1).
-    # MLX keeps its blocks' frozen products under --keep-activations auto (the default, with
-    # room to spare here); its recompute path (every block recomputed) runs apart.
-    # MLX's first: the figures its speed work waits on.
+    # The GPU path in bf16, then with --quantize 4 (QLoRA: MLX's affine 4-bit). MLX keeps its
+    # blocks' frozen products under --keep-activations auto (the default, with room to spare
+    # here); its recompute path (every block recomputed) runs apart. (The CPU rehearsal runs
+    # candle's CPU binary the same way.)
     local runs=()
-    [ -n "${bin[mlx]:-}" ] &&
-      runs+=("mlx||" "mlx|recompute|--keep-activations none" "mlx|q4|--quantize 4")
-    runs+=("candle||" "candle|q4|--quantize 4")
+    for t in "${tools[@]}"; do
+      runs+=("$t||" "$t|recompute|--keep-activations none" "$t|q4|--quantize 4")
+    done
     local spec t variant extra
     for spec in "${runs[@]}"; do
       IFS='|' read -r t variant extra <<<"$spec"
@@ -360,14 +353,14 @@ run() {
     fi
   fi
 
-  # 3. The memory contract on the GPU, for each GPU path (candle's measure there is the GPU's
-  # memory in use, MLX's its active memory and the process's). The estimate's fixed allowances
-  # are a larger share of a two-block model's peaks: on the CPU its estimates run up to 17% over
-  # the measured peak, so the bar is 25% here, not 15% (35% for MLX, whose CPU-backend terms
-  # overstate a GPU's attention).
+  # 3. The memory contract on the GPU (MLX's measure there is its memory in the device; the flat
+  # check reads the process's resident memory too). The estimate's fixed allowances are a larger
+  # share of a two-block model's peaks: on the CPU its estimates run up to 17% over the measured
+  # peak, so the bar is 25% here, not 15% (35% for MLX, whose CPU-backend terms overstate a
+  # GPU's attention).
   local limit
   for t in "${tools[@]}"; do
-    if skipped memory || skipped "memory-$t"; then
+    if skipped memory; then
       say "$t: memory contract left out (GPU_CHECK_SKIP)"
     elif limit=$(allowed 150); then
       ENGINE=${engine[$t]} BAR=$([ "$t" = mlx ] && echo 0.35 || echo 0.25) timeout "$limit" \
@@ -381,7 +374,7 @@ run() {
   return $failed
 }
 
-# `tool candle|mlx ARGS...`: one of the bundle's binaries run with ARGS on this machine, for a
+# `tool mlx ARGS...`: the bundle's MLX binary run with ARGS on this machine, for a
 # measurement the check does not make (machine.txt and the unpacked tools go to $OUT and
 # $GPU_CHECK_WORK as for `run`).
 tool() {
@@ -397,5 +390,5 @@ case "${1:-}" in
   prepare) prepare ;;
   run) run ;;
   tool) shift; tool "$@" ;;
-  *) echo "usage: $0 prepare|run|tool candle|mlx ARGS   (see the top of this file)" >&2; exit 2 ;;
+  *) echo "usage: $0 prepare|run|tool mlx ARGS   (see the top of this file)" >&2; exit 2 ;;
 esac

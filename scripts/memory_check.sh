@@ -2,9 +2,10 @@
 # The memory contract on one device, end to end, with a built binary: `benchmark`'s measured
 # peaks against the pre-flight estimates (rows of exactly the length, as the estimate assumes),
 # flat memory over a real run's steps, and a budget crossed mid-run (train --test-memory-limit)
-# that must stop with exit 3 and a checkpoint that resumes to the uninterrupted run's losses. On CUDA the measure is the GPU's memory (gpu_bytes in metrics.jsonl), elsewhere
-# resident memory; the same script checks both, so it runs here on the CPU and on a GPU machine
-# (which needs only this script, the binary and the model: no toolchain).
+# that must stop with exit 3 and a checkpoint that resumes to the uninterrupted run's losses. The
+# measure is resident memory, or under ENGINE=mlx MLX's (on a GPU its device memory; its flat
+# check reads the process's resident memory too); the same script runs here on the CPU and on a
+# GPU machine (which needs only this script, the binary and the model: no toolchain).
 #
 # Usage: scripts/memory_check.sh BIN MODEL [DEVICE] [DTYPE]
 #   DEVICE: cpu (default) | cuda | metal     DTYPE: f32 (default) | bf16 | f16
@@ -58,9 +59,7 @@ python3 - "$tmp/whole/metrics.jsonl" <<'PY' || status=1
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
 steps = [r for r in rows if r["type"] == "train"]
-if "gpu_bytes" in steps[0]:
-    measures = [("GPU memory", "gpu_bytes")]
-elif "mlx_active_bytes" in steps[0]:
+if "mlx_active_bytes" in steps[0]:
     # MLX's own figure, and the process's: its allocator's cache must not grow it either.
     measures = [("MLX's active memory", "mlx_active_bytes"), ("resident memory", "rss_bytes")]
 else:

@@ -71,7 +71,7 @@ pub enum Error {
         checkpoint.display()
     )]
     MemoryBudget {
-        /// What was measured: "resident memory" or "GPU memory".
+        /// What was measured: "resident memory" or "MLX memory".
         measure: &'static str,
         step: usize,
         saved_step: usize,

@@ -233,3 +233,40 @@ fn engine_mlx_without_the_feature() {
     assert!(stderr.contains("error: --engine mlx"), "{stderr}");
     assert!(stderr.contains("scripts/build_mlx.sh"), "{stderr}");
 }
+
+/// NVIDIA GPUs are the MLX engine's (candle's CUDA path is gone): `--device cuda` says how to
+/// get the build that has it, from the candle engine (`generate`) and from `train` alike.
+#[test]
+fn device_cuda_names_the_mlx_cuda_build() {
+    let model = smollm2();
+    let model = model.to_str().unwrap();
+    fails_with(
+        &[
+            "generate", "--prompt", "hi", "--device", "cuda", "--model", model,
+        ],
+        &[],
+        &[],
+        &["--device cuda", "scripts/build_mlx.sh --cuda"],
+    );
+    let out = tempfile::tempdir().unwrap();
+    let out = out.path().join("run");
+    fails_with(
+        &[
+            "train",
+            "--model",
+            model,
+            "--data",
+            "examples/invented-country",
+            "--device",
+            "cuda",
+            "--max-steps",
+            "1",
+            "--output",
+            out.to_str().unwrap(),
+        ],
+        &[],
+        &[],
+        &["--device cuda", "build_mlx.sh --cuda"],
+    );
+    assert!(!out.join("adapters.safetensors").exists());
+}

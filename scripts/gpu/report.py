@@ -59,7 +59,7 @@ def cmd_train(a):
     step_s = statistics.median(timed)
     tokens = statistics.median(r["tokens"] for r in steps)
     end = (records(a.metrics, "end") or [{}])[-1]
-    own = end.get("train_peak_gpu_bytes") or end.get("train_peak_mlx_bytes")
+    own = end.get("train_peak_mlx_bytes")
     out = {"tool": a.name, "steps": len(steps), "step_s": step_s, "tokens_per_s": tokens / step_s,
            "losses": [r["loss"] for r in steps], "peak_own_bytes": own}
     if "profile_seconds" in end:
@@ -88,8 +88,7 @@ def cmd_table(a):
         if r.get("check") in ("losses", "error"):
             continue
         # The GPU's memory in use (nvidia-smi, less what was in use before): the same measure
-        # for every tool. The tool's own: candle's GPU memory in use as the driver reports it,
-        # MLX's peak, torch's allocated peak.
+        # for every tool. The tool's own: MLX's peak, torch's allocated peak.
         own = r.get("peak_own_bytes") or r.get("peak_allocated_bytes")
         print(f"| {r['tool']} | {r['tokens_per_s']:.0f} | {r['step_s']:.3f} | "
               f"{gib(r.get('peak_gpu_bytes'))} | {gib(own)} | {r['losses'][0]:.4f} |")

@@ -148,14 +148,11 @@ fn last_message(stderr: &str) -> String {
 
 /// A metrics record's `{what}` figure in the measure the estimate models: MLX's memory where
 /// the MLX engine ran on a GPU (`{what}_mlx_bytes`: its arrays are in the device, and the
-/// process's resident memory is the host's), GPU memory where the candle engine trained on
-/// CUDA (`{what}_gpu_bytes`), else resident memory (`{what}_rss_bytes`; on the CPU the MLX
-/// engine's estimate is of the process, MLX's cache included).
+/// process's resident memory is the host's), else resident memory (`{what}_rss_bytes`; on the
+/// CPU the MLX engine's estimate is of the process, MLX's cache included).
 fn measured(record: &Value, what: &str, mlx_gpu: bool) -> Option<u64> {
-    let order: &[&str] = if mlx_gpu { &["mlx"] } else { &["gpu", "rss"] };
-    order
-        .iter()
-        .find_map(|m| record[format!("{what}_{m}_bytes").as_str()].as_u64())
+    let m = if mlx_gpu { "mlx" } else { "rss" };
+    record[format!("{what}_{m}_bytes").as_str()].as_u64()
 }
 
 /// Runs one configuration in a child `your_ai train`.

@@ -148,8 +148,11 @@ pub fn run(a: RecommendArgs) -> Result<()> {
             );
         }
     }
-    if !cfg!(feature = "cuda") && !cfg!(feature = "metal") {
-        println!("\nThis build trains on the CPU; rebuild with --features cuda or metal for GPUs.");
+    if !crate::engine::choice::gpu_build() {
+        println!(
+            "\nThis build trains on the CPU; for a GPU build MLX's: scripts/build_mlx.sh --cuda \
+             (NVIDIA), or scripts/build_mlx.sh on a Mac."
+        );
     }
     Ok(())
 }

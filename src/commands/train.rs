@@ -90,7 +90,7 @@ pub fn run(mut a: TrainArgs) -> Result<()> {
             .kernel_load_options(a.quantize.quantize, inspected.matrix_dtype)?,
         EngineChoice::Mlx => choice::mlx_load_options(&a.model, a.quantize.quantize)?,
     };
-    // On a CUDA GPU the budget is GPU memory, and so is what the step measures against it.
+    // Resident memory; the MLX engine measures with its own meter.
     let meter = Meter::new(&load.device);
     // A preference micro-batch of B pairs is 2·B rows: the step's memory is that of 2·B rows.
     let rows_per_unit = if method.is_preference() { 2 } else { 1 };
@@ -156,6 +156,8 @@ pub fn run(mut a: TrainArgs) -> Result<()> {
             memory::gb(p)
         );
     }
+    // Completed by the MLX branch with the conversion's peak.
+    #[cfg_attr(not(feature = "mlx"), allow(unused_mut))]
     let mut start = serde_json::json!({
         "memory_budget_bytes": plan.budget.bytes,
         "device_memory_bytes": plan.budget.total,
@@ -167,10 +169,6 @@ pub fn run(mut a: TrainArgs) -> Result<()> {
         "max_seq_length": cfg.batch.max_seq_length,
         "lora_rank": cfg.lora.lora_rank,
     });
-    if meter.measure() == memory::Measure::Gpu {
-        // Beside the resident figure, as the step and end records have theirs.
-        start["load_peak_gpu_bytes"] = serde_json::json!(load_reading.gpu_peak);
-    }
     match engine {
         EngineChoice::Candle => train_on(
             CandleEngine::new(
@@ -199,7 +197,7 @@ pub fn run(mut a: TrainArgs) -> Result<()> {
             // The conversion to MLX arrays ends the load: its peak, in MLX's measure and
             // resident memory, before training's is measured.
             let converted = engine.meter().read();
-            start["load_peak_mlx_bytes"] = serde_json::json!(converted.gpu_phase_peak);
+            start["load_peak_mlx_bytes"] = serde_json::json!(converted.mlx_phase_peak);
             start["load_peak_rss_bytes"] =
                 serde_json::json!(converted.rss_phase_peak.max(load_reading.rss_peak));
             engine.meter().reset_peak();

@@ -13,20 +13,47 @@ use candle_core::{DType, Device};
 )]
 #[serde(rename_all = "lowercase")]
 pub enum EngineChoice {
-    /// candle tensors and the fused CPU kernels (the CPU engine; CUDA and Metal through
-    /// candle's own kernels).
+    /// candle tensors and the fused CPU kernels (the CPU engine; Metal through candle's own
+    /// kernels).
     Candle,
-    /// MLX (the `mlx` feature): Metal on Apple silicon; MLX's CPU backend elsewhere.
+    /// MLX (the `mlx` feature): Metal on Apple silicon, NVIDIA GPUs with MLX's CUDA build, MLX's
+    /// CPU backend elsewhere.
     Mlx,
 }
 
 /// Whether this binary has the MLX engine.
 pub const HAS_MLX: bool = cfg!(feature = "mlx");
 
-/// The engine a run uses: `given`, else MLX for `--device metal` (and for `--device auto` on
-/// macOS) where this binary has it, else candle.
+/// The engine a run uses: `given`, else MLX for `--device metal|cuda` (and for `--device auto`
+/// where MLX has a GPU: on macOS, or an NVIDIA GPU with MLX's CUDA build) where this binary has
+/// it, else candle.
 pub fn resolve(given: Option<EngineChoice>, device: DeviceChoice) -> Result<EngineChoice> {
-    resolve_for(given, device, HAS_MLX, cfg!(target_os = "macos"))
+    resolve_for(
+        given,
+        device,
+        HAS_MLX,
+        cfg!(target_os = "macos") || mlx_gpu_here(),
+    )
+}
+
+/// Whether this binary's MLX has a GPU here.
+fn mlx_gpu_here() -> bool {
+    #[cfg(feature = "mlx")]
+    {
+        crate::engine::mlx::device::gpu_backend().is_some()
+    }
+    #[cfg(not(feature = "mlx"))]
+    false
+}
+
+/// Whether this binary can train on a GPU: candle's Metal, or an MLX with a GPU backend
+/// (Metal on macOS, or MLX's CUDA build).
+pub fn gpu_build() -> bool {
+    #[cfg(feature = "mlx")]
+    let mlx = cfg!(target_os = "macos") || crate::engine::mlx::device::CUDA_BUILD;
+    #[cfg(not(feature = "mlx"))]
+    let mlx = false;
+    cfg!(feature = "metal") || mlx
 }
 
 fn no_mlx() -> Error {
@@ -42,16 +69,17 @@ fn resolve_for(
     given: Option<EngineChoice>,
     device: DeviceChoice,
     has_mlx: bool,
-    macos: bool,
+    mlx_gpu: bool,
 ) -> Result<EngineChoice> {
+    let gpu = match device {
+        DeviceChoice::Metal | DeviceChoice::Cuda => true,
+        DeviceChoice::Auto => mlx_gpu,
+        DeviceChoice::Cpu => false,
+    };
     match given {
         Some(EngineChoice::Mlx) if !has_mlx => Err(no_mlx()),
         Some(e) => Ok(e),
-        None if has_mlx
-            && (device == DeviceChoice::Metal || (macos && device == DeviceChoice::Auto)) =>
-        {
-            Ok(EngineChoice::Mlx)
-        }
+        None if has_mlx && gpu => Ok(EngineChoice::Mlx),
         None => Ok(EngineChoice::Candle),
     }
 }
@@ -98,13 +126,16 @@ mod tests {
     use EngineChoice::*;
 
     #[test]
-    fn the_default_is_candle_except_metal_with_mlx() {
+    fn the_default_is_candle_except_a_gpu_with_mlx() {
         assert_eq!(resolve_for(None, Cpu, true, false).unwrap(), Candle);
         assert_eq!(resolve_for(None, Auto, true, false).unwrap(), Candle);
         assert_eq!(resolve_for(None, Metal, true, false).unwrap(), Mlx);
+        assert_eq!(resolve_for(None, Cuda, true, false).unwrap(), Mlx);
         assert_eq!(resolve_for(None, Auto, true, true).unwrap(), Mlx);
         assert_eq!(resolve_for(None, Cpu, true, true).unwrap(), Candle);
         assert_eq!(resolve_for(None, Metal, false, true).unwrap(), Candle);
+        // Without MLX, candle: whose --device cuda then says how to get MLX's CUDA build.
+        assert_eq!(resolve_for(None, Cuda, false, false).unwrap(), Candle);
         assert_eq!(
             resolve_for(Some(Candle), Metal, true, true).unwrap(),
             Candle

@@ -13,10 +13,8 @@ pub struct Summary {
     pub trained_tokens: usize,
     pub seconds: f64,
     pub peak_rss: Option<u64>,
-    /// The GPU's memory in use at its highest sample (CUDA, see memory::device), or MLX's peak.
-    pub peak_gpu: Option<u64>,
-    /// What `peak_gpu` measured: the GPU's memory, or MLX's (on any backend).
-    pub device_memory: &'static str,
+    /// MLX's peak (the MLX engine, on any backend).
+    pub peak_mlx: Option<u64>,
     pub first_val: Option<f64>,
     pub last_val: Option<f64>,
     pub best_val: Option<(usize, f64)>,
@@ -39,8 +37,7 @@ impl Summary {
             trained_tokens: 0,
             seconds: 0.0,
             peak_rss: None,
-            peak_gpu: None,
-            device_memory: "GPU memory",
+            peak_mlx: None,
             first_val: None,
             last_val: None,
             best_val: None,
@@ -79,8 +76,8 @@ impl Summary {
         if let Some(p) = self.peak_rss {
             eprintln!("  peak memory: {:.2} GB resident", memory::gb(p));
         }
-        if let Some(p) = self.peak_gpu {
-            eprintln!("  peak {}: {:.2} GB", self.device_memory, memory::gb(p));
+        if let Some(p) = self.peak_mlx {
+            eprintln!("  peak MLX memory: {:.2} GB", memory::gb(p));
         }
         // NaN when a resumed run had no step left to train (only the final adapter to write).
         if self.final_loss.is_finite() {

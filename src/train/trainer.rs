@@ -391,7 +391,6 @@ impl<'a, E: Engine> Trainer<'a, E> {
         let window: f64 = self.recent.iter().map(|r| r.0).sum();
         let window_tokens: usize = self.recent.iter().map(|r| r.1).sum();
         let reading = meter.read();
-        let gpu = meter.measure() == memory::Measure::Gpu;
         let (now, phase_peak) = (reading.now(), reading.phase_peak());
         if let Some(p) = phase_peak.filter(|&p| !self.warned && p as f64 > 0.9 * limit as f64) {
             self.warned = true;
@@ -425,10 +424,6 @@ impl<'a, E: Engine> Trainer<'a, E> {
             "train_peak_rss_bytes": reading.rss_phase_peak, "memory_budget_bytes": limit,
             "epoch": self.batcher.epoch,
         });
-        if gpu {
-            line["gpu_bytes"] = json!(now);
-            line["train_peak_gpu_bytes"] = json!(phase_peak);
-        }
         if let Some(cache) = reading.cache {
             // The MLX engine: MLX's active memory, its peak over training, and its cache.
             line["mlx_active_bytes"] = json!(now);
@@ -587,20 +582,13 @@ impl<'a, E: Engine> Trainer<'a, E> {
         let s = &mut self.summary;
         s.seconds = self.started.elapsed().as_secs_f64();
         s.peak_rss = reading.rss_peak;
-        s.peak_gpu = reading.gpu_peak;
-        if meter.measure() == memory::Measure::Mlx {
-            s.device_memory = "MLX memory";
-        }
+        s.peak_mlx = reading.mlx_peak;
         // After the final save: the whole run's peak, for benchmarks and post-mortems.
         let mut end = json!({"type": "end", "step": cfg.steps, "peak_rss_bytes": s.peak_rss,
             "train_peak_rss_bytes": reading.rss_phase_peak, "seconds": s.seconds});
-        if meter.measure() == memory::Measure::Gpu {
-            end["peak_gpu_bytes"] = json!(s.peak_gpu);
-            end["train_peak_gpu_bytes"] = json!(reading.gpu_phase_peak);
-        }
         if meter.measure() == memory::Measure::Mlx {
-            end["peak_mlx_bytes"] = json!(reading.gpu_peak);
-            end["train_peak_mlx_bytes"] = json!(reading.gpu_phase_peak);
+            end["peak_mlx_bytes"] = json!(reading.mlx_peak);
+            end["train_peak_mlx_bytes"] = json!(reading.mlx_phase_peak);
         }
         if cfg.output.profile {
             // Seconds per phase over the run, for scripts (scripts/bench/scaling.sh).

@@ -106,26 +106,14 @@ pub struct DeviceMemory {
     pub total: Option<u64>,
 }
 
-/// The memory of `device`: RAM (or the container's limit) on the CPU; the GPU's own memory on
-/// CUDA and unified memory on Apple silicon, as the vendor tools report them.
+/// The memory of candle's `device`: RAM (or the container's limit) on the CPU, unified memory on
+/// Apple silicon as the system reports it. (candle's CUDA device is not built: NVIDIA GPUs are
+/// the MLX engine's, whose memory `runtime::memory::mlx` reads.)
 pub fn device_memory(device: &Device) -> DeviceMemory {
     match device {
-        Device::Cpu => DeviceMemory {
+        Device::Cpu | Device::Cuda(_) => DeviceMemory {
             kind: "RAM",
             total: super::total_ram(),
-        },
-        Device::Cuda(_) => DeviceMemory {
-            kind: "GPU memory",
-            total: command_u64(
-                "nvidia-smi",
-                &[
-                    "--query-gpu=memory.total",
-                    "--format=csv,noheader,nounits",
-                    "-i",
-                    "0",
-                ],
-            )
-            .map(|mib| mib * 1024 * 1024),
         },
         Device::Metal(_) => DeviceMemory {
             kind: "unified memory",

@@ -1,30 +1,27 @@
 //! Memory as the operating system and the device see it: resident set now and at its peak, the
 //! device's total, the budget a run may use ([`budget`]), and the [`Meter`] a training run
-//! reads it through. On a CUDA GPU the budget's measure is the GPU's memory instead
-//! ([`device`]); under the MLX engine it is MLX's allocator (`mlx`, the `mlx` feature).
+//! reads it through. Under the MLX engine the measure is MLX's allocator (`mlx`, the `mlx`
+//! feature): on a GPU, the device's memory.
 
 pub mod budget;
-pub mod device;
 #[cfg(feature = "mlx")]
 pub mod mlx;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// What the budget is measured in: the process's resident memory (CPU, and Apple's unified
-/// memory), a CUDA GPU's memory in use, or MLX's active memory (the MLX engine).
+/// memory under candle), or MLX's active memory (the MLX engine).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Measure {
     Resident,
-    Gpu,
     Mlx,
 }
 
 impl Measure {
-    /// For messages: "resident memory" or "GPU memory".
+    /// For messages: "resident memory" or "MLX memory".
     pub fn name(self) -> &'static str {
         match self {
             Measure::Resident => "resident memory",
-            Measure::Gpu => "GPU memory",
             Measure::Mlx => "MLX memory",
         }
     }
@@ -34,7 +31,6 @@ impl Measure {
 /// the peaks of the phase (loading, then training) and of the whole run.
 #[derive(Debug)]
 pub struct Meter {
-    gpu: Option<device::Gpu>,
     /// MLX's allocator is the measure (the MLX engine).
     mlx: bool,
     /// MLX's peak before the last [`Meter::reset_peak`].
@@ -45,41 +41,40 @@ pub struct Meter {
     earlier_rss_peak: AtomicU64,
 }
 
-/// One sample of the meter: resident memory always, the GPU's where it is the measure.
+/// One sample of the meter: resident memory always, MLX's where it is the measure.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Reading {
     pub rss: Option<u64>,
     pub rss_phase_peak: Option<u64>,
     pub rss_peak: Option<u64>,
-    pub gpu: Option<u64>,
-    pub gpu_phase_peak: Option<u64>,
-    pub gpu_peak: Option<u64>,
-    /// MLX's allocator cache, where MLX is the measure (`gpu*` then hold MLX's active memory
-    /// and its peaks).
+    /// MLX's active memory and its peaks, where MLX is the measure.
+    pub mlx: Option<u64>,
+    pub mlx_phase_peak: Option<u64>,
+    pub mlx_peak: Option<u64>,
+    /// MLX's allocator cache, where MLX is the measure.
     pub cache: Option<u64>,
 }
 
 impl Reading {
     /// The measure now.
     pub fn now(&self) -> Option<u64> {
-        self.gpu.or(self.rss)
+        self.mlx.or(self.rss)
     }
     /// The measure at its peak since the last reset.
     pub fn phase_peak(&self) -> Option<u64> {
-        self.gpu_phase_peak.or(self.rss_phase_peak)
+        self.mlx_phase_peak.or(self.rss_phase_peak)
     }
     /// The measure at its peak over the run.
     pub fn peak(&self) -> Option<u64> {
-        self.gpu_peak.or(self.rss_peak)
+        self.mlx_peak.or(self.rss_peak)
     }
 }
 
 impl Meter {
-    /// A meter for a run on `device`: a CUDA GPU's memory when it can be read, else resident
-    /// memory. No limit until [`Meter::set_limit`].
-    pub fn new(device: &candle_core::Device) -> Self {
+    /// A meter of resident memory, for a run on `device` (the CPU, or Apple's unified memory).
+    /// No limit until [`Meter::set_limit`].
+    pub fn new(_device: &candle_core::Device) -> Self {
         Self {
-            gpu: device::Gpu::watch(device),
             mlx: false,
             earlier_mlx_peak: AtomicU64::new(0),
             limit: AtomicU64::new(u64::MAX),
@@ -116,8 +111,6 @@ impl Meter {
     pub fn measure(&self) -> Measure {
         if self.mlx {
             Measure::Mlx
-        } else if self.gpu.is_some() {
-            Measure::Gpu
         } else {
             Measure::Resident
         }
@@ -132,7 +125,7 @@ impl Meter {
         self.limit.load(Ordering::Relaxed)
     }
 
-    /// Reads resident memory once (and the GPU once, where watched).
+    /// Reads resident memory once (and MLX's allocator, where it is the measure).
     pub fn read(&self) -> Reading {
         let (rss, rss_phase_peak) = resident_now_and_peak();
         let rss_peak = rss_phase_peak.map(|p| p.max(self.earlier_rss_peak.load(Ordering::Relaxed)));
@@ -141,9 +134,9 @@ impl Meter {
                 rss,
                 rss_phase_peak,
                 rss_peak,
-                gpu: Some(active),
-                gpu_phase_peak: Some(peak),
-                gpu_peak: Some(peak.max(self.earlier_mlx_peak.load(Ordering::Relaxed))),
+                mlx: Some(active),
+                mlx_phase_peak: Some(peak),
+                mlx_peak: Some(peak.max(self.earlier_mlx_peak.load(Ordering::Relaxed))),
                 cache: Some(cache),
             };
         }
@@ -151,10 +144,7 @@ impl Meter {
             rss,
             rss_phase_peak,
             rss_peak,
-            gpu: self.gpu.as_ref().and_then(device::Gpu::used),
-            gpu_phase_peak: self.gpu.as_ref().and_then(device::Gpu::phase_peak),
-            gpu_peak: self.gpu.as_ref().and_then(device::Gpu::peak),
-            cache: None,
+            ..Reading::default()
         }
     }
 
@@ -163,20 +153,16 @@ impl Meter {
         if let Some((_, peak, _)) = self.allocator() {
             return Some(peak);
         }
-        match &self.gpu {
-            Some(g) => g.phase_peak(),
-            None => resident_now_and_peak().1,
-        }
+        resident_now_and_peak().1
     }
 
     /// The measure at its peak over the run.
     pub fn peak(&self) -> Option<u64> {
+        let r = self.read();
         if self.mlx {
-            return self.read().gpu_peak;
-        }
-        match &self.gpu {
-            Some(g) => g.peak(),
-            None => self.read().rss_peak,
+            r.mlx_peak
+        } else {
+            r.rss_peak
         }
     }
 
@@ -191,12 +177,9 @@ impl Meter {
     }
 
     /// Starts a new peak measurement (Linux ≥ 4.0: writing 5 to clear_refs resets VmHWM), so
-    /// the training phase's peak can be told apart from the load's (the watched GPU's too).
-    /// Returns false where resident memory's peak cannot be reset.
+    /// the training phase's peak can be told apart from the load's (MLX's too). Returns false
+    /// where resident memory's peak cannot be reset.
     pub fn reset_peak(&self) -> bool {
-        if let Some(g) = &self.gpu {
-            g.reset_peak();
-        }
         if let Some((_, peak, _)) = self.allocator() {
             self.earlier_mlx_peak.fetch_max(peak, Ordering::Relaxed);
             #[cfg(feature = "mlx")]

@@ -5,7 +5,7 @@
 
 use super::{
     four_terms, frozen_bytes, largest, lora_params, runtime_bytes, Estimate, StepKind,
-    WeightFormat, Workload, GPU_RUNTIME_BYTES, SLACK,
+    WeightFormat, Workload, SLACK,
 };
 use crate::model::block::{kept_mlp_bytes_per_block, mlp_chunk_rows, saved_bytes_per_block};
 use crate::model::lora::Target;
@@ -29,8 +29,7 @@ pub fn estimate(cfg: &ModelConfig, w: &Workload) -> Estimate {
     let adapted = w.adapted_layers.min(cfg.num_hidden_layers) as u64;
     let keep = (w.keep_blocks as u64).min(adapted);
 
-    let gpu = w.step == StepKind::Composite { gpu: true };
-    let runtime = runtime_bytes(cfg) + if gpu { GPU_RUNTIME_BYTES } else { 0 };
+    let runtime = runtime_bytes(cfg);
     let weights = frozen_bytes(cfg, w.weights);
     let params = lora_params(cfg, w);
     // Parameters and AdamW's two moments, f32, always resident.
@@ -160,14 +159,7 @@ pub fn estimate(cfg: &ModelConfig, w: &Workload) -> Estimate {
             }
         ),
         work + batch_tensors,
-        (
-            if gpu {
-                "runtime, GPU context, tokenizer, allocator slack"
-            } else {
-                "runtime, tokenizer, allocator slack"
-            },
-            runtime + slack,
-        ),
+        ("runtime, tokenizer, allocator slack", runtime + slack),
     );
     let train_peak = terms.iter().map(|t| t.bytes).sum();
     // While loading: the weights converted so far and the piece in flight (files are read,

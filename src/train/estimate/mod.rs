@@ -18,11 +18,6 @@ use crate::model::ModelConfig;
 /// less the weights; the tokenizer's share grows with the vocabulary.
 const RUNTIME_BYTES: u64 = 25_000_000;
 const RUNTIME_BYTES_PER_VOCAB_ENTRY: u64 = 500;
-/// What a GPU's runtime holds besides the tensors: the CUDA context, cuBLAS's workspace and the
-/// loaded kernel modules. Measured on an H200 (CUDA 13, candle's CUDA build) as GPU memory in use
-/// less the estimate without it: 1.28-1.38 GB for a two-block SmolLM2 at 1-4 × 128-512 tokens,
-/// 1.35 GB for an 8B shape at 2048 (docs/gpu.md).
-const GPU_RUNTIME_BYTES: u64 = 1_350_000_000;
 /// Allocator slack on what the step allocates: heap fragmentation and freed pages not yet
 /// returned (allocations above 4 MiB are mmapped and returned at once; see memory.rs).
 pub(crate) const SLACK: f64 = 0.05;
@@ -143,9 +138,9 @@ pub enum StepKind {
     /// are fewer than candle's composite ops make (no `[B, heads, T, T]` copies besides the
     /// kept probabilities, one LM-head chunk).
     Kernels,
-    /// The candle engine on candle's composite ops (GPUs, or the CPU with `YOUR_AI_NO_KERNELS`);
-    /// `gpu`: on a GPU, whose runtime holds memory of its own ([`GPU_RUNTIME_BYTES`]).
-    Composite { gpu: bool },
+    /// The candle engine on candle's composite ops (Metal, half-precision activations, or the
+    /// CPU with `YOUR_AI_NO_KERNELS`).
+    Composite,
     /// The MLX engine ([`mlx`]); `host` is how the load holds the weights on the host before
     /// they are converted to MLX arrays (`Workload::weights` is how MLX holds them); `gpu`: on
     /// a GPU, where the measure is MLX's memory in the device, not the process's.
@@ -158,7 +153,7 @@ impl StepKind {
         if cpu && act_bytes == 4 && crate::kernels::enabled() {
             StepKind::Kernels
         } else {
-            StepKind::Composite { gpu: !cpu }
+            StepKind::Composite
         }
     }
 }
@@ -450,25 +445,6 @@ pub(crate) mod tests {
         let w = workload();
         // rank 8 on all seven linears: 8·(576+576 + 2·(576+192) + 576+576 + 3·(576+1536)) · 30
         assert_eq!(lora_params(&cfg, &w), 8 * (2304 + 1536 + 6336) * 30);
-    }
-
-    /// On a GPU the runtime line carries the CUDA context (measured on an H200), in the
-    /// training and the loading peak alike; nothing else changes.
-    #[test]
-    fn a_gpu_adds_its_runtime_to_both_peaks() {
-        let cfg = smollm2();
-        let mut w = workload();
-        w.act_bytes = 2;
-        w.weights = WeightFormat::Dense(2.0);
-        w.step = StepKind::Composite { gpu: false };
-        let host = estimate(&cfg, &w);
-        w.step = StepKind::candle(false, 2);
-        assert_eq!(w.step, StepKind::Composite { gpu: true });
-        let gpu = estimate(&cfg, &w);
-        assert_eq!(gpu.train_peak, host.train_peak + GPU_RUNTIME_BYTES);
-        assert_eq!(gpu.load_peak, host.load_peak + GPU_RUNTIME_BYTES);
-        let line = gpu.terms.last().unwrap();
-        assert!(line.name.contains("GPU context"), "{}", line.name);
     }
 
     #[test]

@@ -8,7 +8,7 @@ use super::kept;
 use super::weights::Model;
 use mlx_rs::error::Exception;
 use mlx_rs::fast::{rms_norm, rope, scaled_dot_product_attention, ScaledDotProductAttentionMask};
-use mlx_rs::ops::{concatenate, sigmoid};
+use mlx_rs::ops::{addmm, concatenate, sigmoid};
 use mlx_rs::{Array, Dtype};
 use std::cell::RefCell;
 
@@ -43,9 +43,11 @@ fn lora_dtype(model: Dtype) -> Dtype {
     }
 }
 
-/// `y + (x' Aᵀ)(s B)ᵀ` for the frozen product `y = x Wᵀ`: the low-rank term as two thin
-/// matmuls in [`lora_dtype`] (never `W + BA`), the scale `s` on the small `B`, added in the
-/// model's dtype. `x'` is `dropped` (the input after LoRA dropout) when given, else `x`.
+/// `y + s · (x' Aᵀ) Bᵀ` for the frozen product `y = x Wᵀ`: the low-rank term as two thin
+/// matmuls in [`lora_dtype`] (never `W + BA`). In the model's dtype the second is one `addmm`
+/// that writes the sum (a GEMM with β = 1 and α = s): no product, scaling or addition of its
+/// own over `y`'s `[rows, out]`. `x'` is `dropped` (the input after LoRA dropout) when given,
+/// else `x`.
 pub fn lora_linear(
     y: Array,
     x: &Array,
@@ -57,12 +59,17 @@ pub fn lora_linear(
         None => Ok(y),
         Some((a, b)) => {
             let dtype = lora_dtype(y.dtype());
-            let b = b.multiply(Array::from_f32(scale))?.as_dtype(dtype)?;
             let xa = dropped
                 .unwrap_or(x)
                 .as_dtype(dtype)?
                 .matmul(a.as_dtype(dtype)?.t())?;
-            y.add(xa.matmul(b.t())?.as_dtype(y.dtype())?)
+            let b = b.as_dtype(dtype)?;
+            if dtype == y.dtype() {
+                addmm(&y, &xa, b.t(), scale, 1.0)
+            } else {
+                let delta = xa.matmul(b.t())?.multiply(Array::from_f32(scale))?;
+                y.add(delta.as_dtype(y.dtype())?)
+            }
         }
     }
 }

@@ -1,9 +1,12 @@
 #!/usr/bin/env python3
 """Where the GPU time went, from scripts/gpu/kernel_trace.c's files: per trace, the GPU's busy
-time against its span, time by kind of kernel (matrix products, attention, element-wise, ...),
-and the costliest kernels, all per step when --steps says how many steps the run made.
+time against its span (and, with --window, over the trace's last seconds: a run's steady steps,
+apart from its load), time by kind of kernel (matrix products, attention, element-wise, ...),
+and the costliest kernels, all per step when --steps says how many steps the run made. Where a
+program runs kernels concurrently (MLX), their times overlap: read the launches and the busy
+share, not the kernels' times.
 
-    scripts/gpu/kernel_report.py TRACE.tsv [TRACE.tsv ...] [--steps N] [--top 25]
+    scripts/gpu/kernel_report.py TRACE.tsv [TRACE.tsv ...] [--steps N] [--top 25] [--window S]
 """
 import argparse
 import re
@@ -55,7 +58,7 @@ def read(path):
     return head, merged
 
 
-def report(path, steps, top):
+def report(path, steps, top, window):
     head, kernels = read(path)
     per = max(steps, 1)
     total = sum(ns for _, ns in kernels.values())
@@ -66,6 +69,12 @@ def report(path, steps, top):
     print(f"kernels: {launches / per:.0f} launches and {total / per / 1e6:.2f} ms a step; "
           f"GPU busy {busy / 1e9:.2f} s of a {span / 1e9:.2f} s span "
           f"({100 * busy / span if span else 0:.0f}%)")
+    buckets = head.get("bucket_busy_ns", [])
+    if window and len(buckets) > 1:
+        size, busy_by = buckets[0], buckets[1:]
+        n = max(1, min(len(busy_by), round(window * 1e9 / size)))
+        last = busy_by[-n:]
+        print(f"GPU busy {100 * sum(last) / (n * size):.0f}% of the last {n * size / 1e9:.2f} s")
     mc, ms = head.get("memcpy", [0, 0, 0]), head.get("memset", [0, 0])
     print(f"memcpy: {mc[0]} ({mc[1] / 1e6:.1f} ms, {mc[2] / 1e9:.2f} GB); "
           f"memset: {ms[0]} ({ms[1] / 1e6:.1f} ms)")
@@ -88,10 +97,13 @@ def main():
     ap.add_argument("traces", nargs="+")
     ap.add_argument("--steps", type=int, default=1, help="steps the run made (figures per step)")
     ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--window", type=float, default=0.0,
+                    help="seconds at the trace's end to give the GPU's busy share over "
+                         "(the steps, e.g. steps × step time)")
     a = ap.parse_args()
     for path in a.traces:
         try:
-            report(path, a.steps, a.top)
+            report(path, a.steps, a.top, a.window)
         except OSError as e:
             print(f"kernel_report: {path}: {e}", file=sys.stderr)
             return 1

@@ -91,11 +91,11 @@ prepare() {
     tar -C "$m" -cf - your_ai mlx mlx_cuda_13.libs | xz -9 -T2 >"$tmp/bundle/mlx-cuda.tar.xz"
 
     say "building the kernel tracer (scripts/gpu/kernel_trace.c) against CUPTI 13.0"
-    # CUPTI and the driver API's header, from NVIDIA's packages in the Python package index.
+    # CUPTI and the driver API's headers, from NVIDIA's packages in the Python package index.
     local cuda_env="$cache/cupti-13.0" cu
     [ -x "$cuda_env/bin/pip" ] || python3 -m venv "$cuda_env"
     "$cuda_env/bin/pip" install --quiet --disable-pip-version-check nvidia-cuda-cupti==13.0.85 \
-      nvidia-cuda-runtime==13.0.96 >&2
+      nvidia-cuda-runtime==13.0.96 nvidia-cuda-crt==13.0.88 >&2
     cu=$(echo "$cuda_env"/lib/python3*/site-packages/nvidia/cu13)
     mkdir -p "$tmp/bundle/trace"
     gcc -shared -fPIC -O2 -Wall -I"$cu/include" scripts/gpu/kernel_trace.c -L"$cu/lib" \

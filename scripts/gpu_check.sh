@@ -26,6 +26,9 @@
 #      flat steps, a budget crossed mid-run and the resume after it.
 # It exits non-zero when a check fails, after reporting everything it could.
 #
+#   GPU_CHECK_BASE=REV  prepare also bundles the MLX CUDA binary built at git revision REV
+#           (into target-mlx-cuda-base: the first build is cold), as the tool mlx-base, to
+#           compare a change with in one device run (scripts/gpu/mlx_speed.sh's bin=base)
 #   GPU_CHECK_SKIP  parts of `run` to leave out, space-separated, where a run must spend its
 #           device time on what changed: smol-q4 smol-dropout, peft-plain peft-checkpointing,
 #           8b-mlx 8b-mlx-recompute 8b-mlx-q4, profile, memory
@@ -88,7 +91,19 @@ prepare() {
     # The headers its run-time compiled kernels include, and the BLAS it links.
     cp -r "$wheel/mlx/include" "$m/mlx/"
     cp -r "$wheel/mlx_cuda_13.libs" "$m/"
-    tar -C "$m" -cf - your_ai mlx mlx_cuda_13.libs | xz -9 -T2 >"$tmp/bundle/mlx-cuda.tar.xz"
+    if [ -n "${GPU_CHECK_BASE:-}" ]; then
+      say "building the MLX CUDA binary at $GPU_CHECK_BASE too, to compare with"
+      # A checkout at a fixed path beside its own build folder, so later builds are incremental.
+      local target="$PWD/target-mlx-cuda-base" base_bin
+      git worktree remove --force "$target/src" 2>/dev/null || rm -rf "$target/src"
+      git worktree prune
+      mkdir -p "$target"
+      git worktree add --quiet --detach "$target/src" "$GPU_CHECK_BASE" >&2
+      base_bin=$(cd "$target/src" && CARGO_TARGET_DIR="$target" ./scripts/build_mlx.sh --cuda)
+      cp "$base_bin" "$m/your_ai-base"
+    fi
+    tar -C "$m" -cf - your_ai $([ -f "$m/your_ai-base" ] && echo your_ai-base) mlx \
+      mlx_cuda_13.libs | xz -9 -T2 >"$tmp/bundle/mlx-cuda.tar.xz"
 
     say "building the kernel tracer (scripts/gpu/kernel_trace.c) against CUPTI 13.0"
     # CUPTI and the driver API's headers, from NVIDIA's packages in the Python package index.
@@ -182,12 +197,20 @@ unpack() {
         CUDA_HOME=$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")")
         export CUDA_HOME
       fi
-      printf '#!/bin/sh\nMLX_ENABLE_TF32=0 LD_LIBRARY_PATH="%s/mlx/lib:$LD_LIBRARY_PATH" exec "%s/your_ai" "$@"\n' \
-        "$m" "$m" >"$m/run"
-      chmod +x "$m/run"
+      local b
+      for b in your_ai your_ai-base; do
+        [ -f "$m/$b" ] || continue
+        printf '#!/bin/sh\nMLX_ENABLE_TF32=0 LD_LIBRARY_PATH="%s/mlx/lib:$LD_LIBRARY_PATH" exec "%s/%s" "$@"\n' \
+          "$m" "$m" "$b" >"$m/run-$b"
+        chmod +x "$m/run-$b"
+      done
+      # Written last: its age tells whether this bundle was unpacked.
+      mv "$m/run-your_ai" "$m/run"
       bin[mlx]=$m/run
       engine[mlx]=mlx
       tools+=(mlx)
+      # GPU_CHECK_BASE's binary, for `tool mlx-base`: not one of the checked tools.
+      if [ -x "$m/run-your_ai-base" ]; then bin[mlx-base]=$m/run-your_ai-base; fi
     else
       failed=1
       record mlx "unpacking MLX's CUDA build" "tar or the nvidia link failed"

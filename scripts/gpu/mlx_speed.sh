@@ -8,7 +8,8 @@
 #                                       environment settings; keep=N sets --keep-activations),
 #                                       peft:LENGTH[:...] for PyTorch+PEFT; the setting `trace`
 #                                       records each kernel's GPU time (scripts/gpu/kernel_trace.c)
-#                                       into $OUT/trace-NAME-LENGTH.tsv
+#                                       into $OUT/trace-NAME-LENGTH.tsv; bin=base runs the binary
+#                                       of the revision prepare was given as GPU_CHECK_BASE
 #   default: the engine's step at three lengths beside PEFT, block by block, and recomputing
 #   LAYERS (8), STEPS (10), SPEED_SECONDS (240: later runs are skipped)
 set -uo pipefail
@@ -32,11 +33,12 @@ for run in "${runs[@]}"; do
   [ "$left" -gt 20 ] || { echo "{\"run\": \"$run\", \"skipped\": true}"; continue; }
   o="$work/speed-$name-$length"
   rm -rf "$o"
-  env=() keep=auto
+  env=() keep=auto tool=mlx
   IFS=, read -ra pairs <<<"${settings:-}"
   for p in "${pairs[@]}"; do
     case "$p" in
       keep=*) keep=${p#keep=} ;;
+      bin=base) tool=mlx-base ;;
       trace)
         t="$work/trace"
         [ -f "$t/libcupti.so.13" ] || { mkdir -p "$t" && cp .gpu/trace/kernel_trace.so "$t/" &&
@@ -51,7 +53,7 @@ for run in "${runs[@]}"; do
       "$work/speed-data/train.jsonl" --rank 16 --length "$length" --steps "$steps" \
       2>"$o.log" | sed "s/^{/{\"run\": \"$run\", /"
   else
-    timeout "$((left < 90 ? left : 90))" env "${env[@]}" scripts/gpu_check.sh tool mlx train \
+    timeout "$((left < 90 ? left : 90))" env "${env[@]}" scripts/gpu_check.sh tool "$tool" train \
       --engine mlx --model "$model" --data "$work/speed-data" --device cuda --dtype bf16 \
       --batch-size 1 --max-seq-length "$length" --lora-rank 16 --max-steps "$steps" \
       --learning-rate 1e-4 --lr-schedule constant --warmup-steps 0 --steps-per-eval 0 \

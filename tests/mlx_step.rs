@@ -128,3 +128,38 @@ fn mlx_kept_products_give_the_recompute_s_gradients() {
         }
     }
 }
+
+/// In bf16 the step casts the adapter to bf16 once (`step::lowered`) and its gradients back to
+/// f32 once (`step::raised`), not in every block's forward and recompute: the same gradients, bit
+/// for bit, as casting inside each block (whose vector-Jacobian products cast them back the same
+/// way), and in f32.
+#[test]
+fn mlx_the_adapter_cast_once_a_step_gives_the_same_gradients() {
+    let _s = serial();
+    let dir = tiny_dir();
+    let (model, a) = tiny_mlx(dir.path(), DType::BF16);
+    let p = Params::from_adapter(&a).unwrap();
+    let lay = batch::layout(&rows(96, &[11, 7], 3), &model.cfg).unwrap();
+    let once = step::forward_backward(
+        &model,
+        &p,
+        &lay,
+        (1.0, 0),
+        Pipelined,
+        &mut Profile::default(),
+    )
+    .unwrap();
+    let (x, inputs) = step::forward(&model, Some(&p), &lay, 0, Pipelined).unwrap();
+    let (dx, ce, _) =
+        step::head_backward(&model, &x, &lay, &lay.target_weights, Pipelined).unwrap();
+    let per_block = step::backward(&model, &p, &lay, inputs, dx, Pipelined).unwrap();
+    assert_eq!(host(&once.ce), host(&ce));
+    assert_eq!(once.grads.len(), per_block.len());
+    for (i, (g, h)) in once.grads.iter().zip(&per_block).enumerate() {
+        assert_eq!(g.dtype(), mlx_rs::Dtype::Float32, "gradient {i}");
+        assert_eq!(h.dtype(), mlx_rs::Dtype::Float32, "gradient {i}");
+        let (g, h) = (host(g), host(h));
+        assert!(g.iter().any(|v| *v != 0.0), "gradient {i} is zero");
+        assert_eq!(g, h, "gradient {i}");
+    }
+}

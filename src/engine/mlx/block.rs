@@ -35,7 +35,7 @@ pub type Pairs<'a> = [Option<(&'a Array, &'a Array)>; 7];
 /// the losses agreed to 1e-4 over ten steps. A and B are cast inside the differentiated
 /// function, so their gradients and AdamW stay in f32 (as mlx-lm's LoRA computes in the
 /// model's dtype too). `YOUR_AI_MLX_LORA=f32` (read once) keeps the products in f32.
-fn lora_dtype(model: Dtype) -> Dtype {
+pub fn lora_dtype(model: Dtype) -> Dtype {
     static F32: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     match F32.get_or_init(|| std::env::var("YOUR_AI_MLX_LORA").as_deref() == Ok("f32")) {
         true => Dtype::Float32,

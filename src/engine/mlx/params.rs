@@ -61,6 +61,27 @@ impl Params {
         })
     }
 
+    /// The adapter in `dtype` (the same arrays when it is already f32 and `dtype` is f32).
+    pub fn cast(&self, dtype: Dtype) -> Result<Self, mlx_rs::error::Exception> {
+        let pairs = self
+            .pairs
+            .iter()
+            .map(|ps| {
+                let mut out: [Option<(Array, Array)>; 7] = Default::default();
+                for (slot, p) in out.iter_mut().zip(ps) {
+                    if let Some((a, b)) = p {
+                        *slot = Some((a.as_dtype(dtype)?, b.as_dtype(dtype)?));
+                    }
+                }
+                Ok(out)
+            })
+            .collect::<Result<Vec<_>, mlx_rs::error::Exception>>()?;
+        Ok(Self {
+            cfg: self.cfg.clone(),
+            pairs,
+        })
+    }
+
     pub fn scale(&self) -> f32 {
         self.cfg.scale() as f32
     }

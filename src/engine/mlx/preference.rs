@@ -41,6 +41,7 @@ pub fn forward_backward(
         Method::Dpo => Some(score(model, None, lay)?),
         _ => None,
     };
+    let params = &step::lowered(model, params)?;
     let (x, inputs) = step::forward(model, Some(params), lay, keep, Evaluation::standard())?;
     let ce = step::row_ce(model, &x, lay, Evaluation::standard())?;
     let policy = per_sequence(&host(&ce)?, &lay.target_rows, lay.t, lay.b);
@@ -54,7 +55,14 @@ pub fn forward_backward(
     drop(x);
     Ok((
         sums,
-        step::backward(model, params, lay, inputs, dx, Evaluation::standard())?,
+        step::raised(step::backward(
+            model,
+            params,
+            lay,
+            inputs,
+            dx,
+            Evaluation::standard(),
+        )?)?,
     ))
 }
 

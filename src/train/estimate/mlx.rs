@@ -101,7 +101,9 @@ pub fn estimate(cfg: &ModelConfig, w: &Workload, host: WeightFormat, gpu: bool) 
     };
     let weights = frozen_bytes(cfg, w.weights);
     let params = lora_params(cfg, w);
-    let lora_state = 12 * params;
+    // Parameters and AdamW's moments in f32, and in half precision the step's copy of the
+    // parameters in the compute dtype (engine/mlx/step.rs `lowered`).
+    let lora_state = 12 * params + if db < 4 { db * params } else { 0 };
     let grads = 4 * params;
 
     // Every adapted block's input, kept from the forward for its recompute, and in the blocks

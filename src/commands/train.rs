@@ -91,7 +91,7 @@ pub fn run(mut a: TrainArgs) -> Result<()> {
         EngineChoice::Mlx => choice::mlx_load_options(&a.model, a.quantize.quantize)?,
     };
     // Resident memory; the MLX engine measures with its own meter.
-    let meter = Meter::new(&load.device);
+    let meter = Meter::resident();
     // A preference micro-batch of B pairs is 2·B rows: the step's memory is that of 2·B rows.
     let rows_per_unit = if method.is_preference() { 2 } else { 1 };
     let mut rows = a.batch.clone();

@@ -71,9 +71,9 @@ impl Reading {
 }
 
 impl Meter {
-    /// A meter of resident memory, for a run on `device` (the CPU, or Apple's unified memory).
-    /// No limit until [`Meter::set_limit`].
-    pub fn new(_device: &candle_core::Device) -> Self {
+    /// A meter of resident memory: the candle engine's on any device (the CPU, or Apple's
+    /// unified memory), and work outside a training run. No limit until [`Meter::set_limit`].
+    pub fn resident() -> Self {
         Self {
             mlx: false,
             earlier_mlx_peak: AtomicU64::new(0),
@@ -82,15 +82,10 @@ impl Meter {
         }
     }
 
-    /// Resident memory, no limit: for work outside a training run (tests, evaluation).
-    pub fn resident() -> Self {
-        Self::new(&candle_core::Device::Cpu)
-    }
-
     /// A meter of MLX's allocator (the MLX engine): its active memory, peak and cache.
     #[cfg(feature = "mlx")]
     pub fn mlx() -> Self {
-        let mut m = Self::new(&candle_core::Device::Cpu);
+        let mut m = Self::resident();
         m.mlx = true;
         m
     }

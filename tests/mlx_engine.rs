@@ -15,7 +15,7 @@ use your_ai::data::batch::Row;
 use your_ai::data::preference::Pair;
 use your_ai::data::Sample;
 use your_ai::engine::mlx::step::Evaluation::{BlockByBlock, Deferred};
-use your_ai::engine::mlx::{batch, convert, params::Params, step};
+use your_ai::engine::mlx::{batch, convert, graph, params::Params, step};
 use your_ai::engine::objective::{Method, PreferenceLoss};
 use your_ai::engine::{Engine, MicroBatchRows, Profile};
 use your_ai::model::load;
@@ -326,8 +326,9 @@ fn mlx_gradients_match_finite_differences_for_every_lora_target() {
             &mut Default::default(),
         )
         .unwrap();
-        let grads: Vec<Vec<f32>> = pending
-            .grads
+        let grads: Vec<Vec<f32>> = p
+            .split(&pending.grad)
+            .unwrap()
             .iter()
             .map(|g| {
                 convert::to_tensor(g)
@@ -361,11 +362,11 @@ fn mlx_gradients_match_finite_differences_for_every_lora_target() {
                 w[j] += delta;
                 let mut ts = tensors.clone();
                 ts[i] = Array::from_slice(&w, &shape);
-                p.set_tensors(ts.into_iter());
+                p.set_tensors(&ts).unwrap();
                 loss(&model, &p, &lay)
             };
             let fd = (at(h) - at(-h)) / (2.0 * h as f64);
-            p.set_tensors(tensors.clone().into_iter());
+            p.set_tensors(&tensors).unwrap();
             let rel = (gj as f64 - fd).abs() / fd.abs().max(1e-4);
             assert!(
                 rel < 3e-2,
@@ -439,37 +440,6 @@ const NOT_ON_GPU: [&str; 10] = [
     "Load", "LUF", "QRF", "SVD", "Inverse", "Cholesky", "Eig", "Eigh", "Send", "Recv",
 ];
 
-/// The primitives of a [`graph_text`] printout: each node's line starts with its name.
-fn primitives(graph: &str) -> std::collections::BTreeSet<String> {
-    graph
-        .lines()
-        .filter(|l| !l.starts_with("Inputs:") && !l.starts_with("Outputs:"))
-        .filter_map(|l| l.split_whitespace().next())
-        .map(str::to_string)
-        .collect()
-}
-
-/// MLX's printout of the whole graph that computes `outputs`, not yet evaluated: every array in
-/// it with its shape and dtype.
-fn graph_text(outputs: &[&Array]) -> String {
-    let tmp = tempfile::NamedTempFile::new().unwrap();
-    let path = std::ffi::CString::new(tmp.path().to_str().unwrap()).unwrap();
-    let ptrs: Vec<mlx_sys::mlx_array> = outputs.iter().map(|a| a.as_ptr()).collect();
-    // SAFETY: the arrays outlive the call; the vector, namer and file are freed here.
-    unsafe {
-        let vec = mlx_sys::mlx_vector_array_new_data(ptrs.as_ptr(), ptrs.len());
-        let namer = mlx_sys::mlx_node_namer_new();
-        let f = libc::fopen(path.as_ptr(), c"w".as_ptr());
-        assert!(!f.is_null());
-        let rc = mlx_sys::mlx_print_graph(f.cast(), namer, vec);
-        libc::fclose(f);
-        mlx_sys::mlx_node_namer_free(namer);
-        mlx_sys::mlx_vector_array_free(vec);
-        assert_eq!(rc, 0, "mlx_print_graph failed");
-    }
-    std::fs::read_to_string(tmp.path()).unwrap()
-}
-
 #[test]
 fn mlx_bf16_run_holds_no_f64_array() {
     let _s = serial();
@@ -503,14 +473,12 @@ fn mlx_bf16_run_holds_no_f64_array() {
     for b in &model.blocks {
         held.push(("input norm", b.input_norm.dtype()));
     }
-    for g in &pending.grads {
-        held.push(("gradient", g.dtype()));
-    }
+    held.push(("gradient", pending.grad.dtype()));
     for (what, d) in &held {
         assert_ne!(*d, Dtype::Float64, "{what} is f64");
     }
     // Every array of the step's graph (forward, head, recompute, backward): Metal has no f64.
-    let graph = graph_text(&pending.outputs().collect::<Vec<_>>());
+    let graph = graph::print(&pending.outputs().collect::<Vec<_>>()).unwrap();
     assert!(
         graph.contains("bfloat16") && graph.contains("float32"),
         "the printout names dtypes: {}",
@@ -521,18 +489,21 @@ fn mlx_bf16_run_holds_no_f64_array() {
     // Nor any primitive without a GPU implementation. On this CPU, MLX's fast ops (rms_norm,
     // rope, attention) are built from these same primitives; on a GPU they are fused ones
     // that both backends have.
-    let ops = primitives(&graph);
+    let ops = graph::census(&graph);
     assert!(
-        ops.contains("Matmul") && ops.contains("RandomBits"),
+        ops.contains_key("Matmul") && ops.contains_key("RandomBits"),
         "the printout names each node's primitive first: {ops:?}"
     );
-    let lacking: Vec<&&str> = NOT_ON_GPU.iter().filter(|p| ops.contains(**p)).collect();
+    let lacking: Vec<&&str> = NOT_ON_GPU
+        .iter()
+        .filter(|p| ops.contains_key(**p))
+        .collect();
     assert!(
         lacking.is_empty(),
         "the step uses {lacking:?}, which a GPU backend lacks"
     );
     assert_eq!(model.embed.dtype(), Dtype::Bfloat16);
-    assert!(pending.grads.iter().all(|g| g.dtype() == Dtype::Float32));
+    assert_eq!(pending.grad.dtype(), Dtype::Float32);
     // And the bf16 run trains through the engine.
     let mut m = mlx_engine(spec, &o, 0);
     m.set_adapter(a, None).unwrap();

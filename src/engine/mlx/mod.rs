@@ -17,6 +17,7 @@ pub mod blocks;
 pub mod convert;
 pub mod device;
 pub mod error;
+pub mod graph;
 pub mod head;
 pub mod kept;
 pub mod optimizer;
@@ -73,7 +74,8 @@ pub struct MlxEngine {
     model: Option<Model>,
     params: Option<Params>,
     opt: Option<AdamW>,
-    grads: Option<Vec<Array>>,
+    /// The step's gradient so far, laid out as [`Params::flat`].
+    grads: Option<Array>,
     /// The clipping factor of `grads` ([`Engine::clip_gradients`]), applied by the update.
     clip: f64,
     weight_decay: f64,
@@ -190,16 +192,12 @@ impl MlxEngine {
     /// `outputs`: the micro-batch's last evaluation. The allocator's cache is cleared after it,
     /// so the process holds one step's working set at most, not what every shape seen so far
     /// left cached.
-    fn add_gradients(&mut self, grads: &[Array], outputs: &[&Array]) -> Result<()> {
+    fn add_gradients(&mut self, grads: &Array, outputs: &[&Array]) -> Result<()> {
         let sum = match self.grads.take() {
-            None => grads.to_vec(),
-            Some(acc) => acc
-                .iter()
-                .zip(grads)
-                .map(|(a, g)| a.add(g))
-                .collect::<std::result::Result<Vec<_>, _>>()?,
+            None => grads.clone(),
+            Some(acc) => acc.add(grads)?,
         };
-        eval(outputs.iter().copied().chain(&sum))?;
+        eval(outputs.iter().copied().chain([&sum]))?;
         self.grads = Some(sum);
         self.clip = 1.0;
         memory::mlx::clear_cache()?;
@@ -235,7 +233,7 @@ impl Engine for MlxEngine {
             profile,
         )?;
         let clock = Instant::now();
-        self.add_gradients(&pending.grads, &[&pending.ce, &pending.weighted])?;
+        self.add_gradients(&pending.grad, &[&pending.ce, &pending.weighted])?;
         let sums = pending.sums()?;
         drop(pending);
         profile.backward += clock.elapsed();
@@ -278,12 +276,7 @@ impl Engine for MlxEngine {
     fn clip_gradients(&mut self, max_norm: f64) -> Result<f64> {
         let grads = match self.grads.take() {
             Some(g) => g,
-            None => self
-                .params()?
-                .tensors()
-                .iter()
-                .map(mlx_rs::ops::zeros_like)
-                .collect::<std::result::Result<Vec<_>, _>>()?,
+            None => mlx_rs::ops::zeros_like(&self.params()?.flat)?,
         };
         let norm = convert::scalar(&optimizer::global_norm(&grads)?)?;
         // Applied in the update's fused kernel.
@@ -299,13 +292,13 @@ impl Engine for MlxEngine {
         let params = self.params.as_mut().ok_or_else(no_adapter)?;
         let opt = self.opt.as_mut().ok_or_else(no_adapter)?;
         let new = opt.step(
-            &params.tensors(),
+            &params.flat,
             &grads,
             std::mem::replace(&mut self.clip, 1.0),
             lr,
         )?;
-        eval(new.iter().chain(&opt.m).chain(&opt.v))?;
-        params.set_tensors(new.into_iter());
+        eval([&new, &opt.m, &opt.v])?;
+        *params = params.with_flat(new)?;
         memory::mlx::clear_cache()?;
         Ok(())
     }
@@ -321,8 +314,12 @@ impl Engine for MlxEngine {
 
     fn optimizer_state(&self) -> Result<OptimizerState> {
         let opt = self.opt.as_ref().ok_or_else(no_adapter)?;
-        let host = |xs: &[Array]| {
-            xs.iter()
+        let params = self.params()?;
+        // A tensor a moment, as the candle engine keeps them and checkpoints hold them.
+        let host = |flat: &Array| {
+            params
+                .split(flat)?
+                .iter()
                 .map(convert::to_tensor)
                 .collect::<Result<Vec<_>>>()
         };
@@ -335,18 +332,28 @@ impl Engine for MlxEngine {
 
     fn set_adapter(&mut self, adapter: Adapter, optimizer: Option<OptimizerState>) -> Result<()> {
         let params = Params::from_adapter(&adapter)?;
-        let mut opt = AdamW::new(&params.tensors(), self.weight_decay)?;
+        let mut opt = AdamW::new(params.len(), self.weight_decay)?;
         if let Some(s) = optimizer {
-            let on = |ts: &[candle_core::Tensor]| {
-                ts.iter()
+            let on = |ts: &[candle_core::Tensor]| -> Result<Array> {
+                let arrays = ts
+                    .iter()
                     .map(|t| convert::to_array(t, Dtype::Float32))
-                    .collect::<Result<Vec<_>>>()
+                    .collect::<Result<Vec<_>>>()?;
+                let flat = params::join(&arrays)?;
+                if flat.size() != params.len() {
+                    return Err(Error::Usage(format!(
+                        "the optimizer state holds {} values for an adapter of {}",
+                        flat.size(),
+                        params.len()
+                    )));
+                }
+                Ok(flat)
             };
             opt.t = s.t;
             opt.m = on(&s.m)?;
             opt.v = on(&s.v)?;
         }
-        eval(params.tensors().iter().chain(&opt.m).chain(&opt.v))?;
+        eval([&params.flat, &opt.m, &opt.v])?;
         self.grads = None;
         self.params = Some(params);
         self.opt = Some(opt);

@@ -1,10 +1,11 @@
 //! AdamW (decoupled weight decay, as PyTorch's and the candle engine's) and global-norm clipping
 //! on MLX arrays, f32. The same formulas, in the same order, as the candle engine's optimizer.
 //!
-//! A tensor's update is one compiled function (MLX fuses its element-wise ops: three kernels on
-//! CUDA): written op by op it was about thirteen kernels a tensor, 1,500 small kernels a step
-//! for an eight-block model on an H200 and four times that at 32 blocks, each built by the host.
-//! The global norm is taken over the gradients joined into one vector, for the same reason.
+//! The adapter, its gradients and the moments are each one vector ([`super::params::Params::flat`]),
+//! and the update is one compiled function over them (MLX fuses its element-wise ops: three
+//! kernels on CUDA). Written op by op it was about thirteen kernels a tensor, and compiled but
+//! a tensor at a time three: 1,500 and then 340 small kernels a step for an eight-block model
+//! on an H200, four times that at 32 blocks, each built by the host.
 
 use mlx_rs::error::Exception;
 use mlx_rs::{Array, Dtype};
@@ -33,22 +34,23 @@ fn update(a: &[Array]) -> R<Vec<Array>> {
 
 type Compiled = Box<dyn FnMut(&[Array]) -> R<Vec<Array>>>;
 
-/// The moments, in adapter order, and the updates applied so far.
+/// The moments (laid out as the adapter's flat vector), and the updates applied so far.
 pub struct AdamW {
     pub beta1: f64,
     pub beta2: f64,
     pub eps: f64,
     pub weight_decay: f64,
     pub t: u64,
-    pub m: Vec<Array>,
-    pub v: Vec<Array>,
+    pub m: Array,
+    pub v: Array,
     update: Compiled,
 }
 
 impl AdamW {
-    /// Zero moments for `params`.
-    pub fn new(params: &[Array], weight_decay: f64) -> R<Self> {
-        let zeros = |p: &Array| mlx_rs::ops::zeros_dtype(p.shape(), Dtype::Float32);
+    /// Zero moments for an adapter of `n` values.
+    pub fn new(n: usize, weight_decay: f64) -> R<Self> {
+        let n = i32::try_from(n)
+            .map_err(|_| Exception::custom(format!("{n} LoRA values: too many for MLX")))?;
         let mut compiled = mlx_rs::transforms::compile::compile(update, true);
         Ok(Self {
             beta1: 0.9,
@@ -56,16 +58,16 @@ impl AdamW {
             eps: 1e-8,
             weight_decay,
             t: 0,
-            m: params.iter().map(zeros).collect::<R<_>>()?,
-            v: params.iter().map(zeros).collect::<R<_>>()?,
+            m: mlx_rs::ops::zeros_dtype(&[n], Dtype::Float32)?,
+            v: mlx_rs::ops::zeros_dtype(&[n], Dtype::Float32)?,
             update: Box::new(move |a: &[Array]| compiled(a)),
         })
     }
 
-    /// One update of `params` from `grads` scaled by `k` (the clipping factor) at learning
-    /// rate `lr`; returns the new parameters (lazy: the engine evaluates them with the
-    /// moments).
-    pub fn step(&mut self, params: &[Array], grads: &[Array], k: f64, lr: f64) -> R<Vec<Array>> {
+    /// One update of the adapter's flat vector `params` from `grads` (laid out alike) scaled
+    /// by `k` (the clipping factor) at learning rate `lr`; returns the new vector (lazy: the
+    /// engine evaluates it with the moments).
+    pub fn step(&mut self, params: &Array, grads: &Array, k: f64, lr: f64) -> R<Array> {
         self.t += 1;
         let bc1 = 1.0 - self.beta1.powi(self.t as i32);
         let bc2 = 1.0 - self.beta2.powi(self.t as i32);
@@ -82,36 +84,26 @@ impl AdamW {
             1.0 - lr * self.weight_decay,
         ]
         .map(s);
-        let mut out = Vec::with_capacity(params.len());
-        for (i, (p, g)) in params.iter().zip(grads).enumerate() {
-            let mut args = vec![p.clone(), g.clone(), self.m[i].clone(), self.v[i].clone()];
-            args.extend(scalars.iter().cloned());
-            let mut new = (self.update)(&args)?.into_iter();
-            let (Some(p), Some(m), Some(v)) = (new.next(), new.next(), new.next()) else {
-                return Err(Exception::custom("AdamW's update returned too few arrays"));
-            };
-            out.push(p);
-            self.m[i] = m;
-            self.v[i] = v;
-        }
-        Ok(out)
+        let mut args = vec![
+            params.clone(),
+            grads.clone(),
+            self.m.clone(),
+            self.v.clone(),
+        ];
+        args.extend(scalars);
+        let mut new = (self.update)(&args)?.into_iter();
+        let (Some(p), Some(m), Some(v)) = (new.next(), new.next(), new.next()) else {
+            return Err(Exception::custom("AdamW's update returned too few arrays"));
+        };
+        self.m = m;
+        self.v = v;
+        Ok(p)
     }
 }
 
-/// The global L2 norm of `grads` (an f32 scalar array, not yet evaluated): of the gradients
-/// joined into one vector (one reduction, not two kernels a tensor).
-pub fn global_norm(grads: &[Array]) -> R<Array> {
-    if grads.is_empty() {
-        return Ok(Array::from_f32(0.0));
-    }
-    let flat = grads
-        .iter()
-        .map(|g| g.reshape(&[-1]))
-        .collect::<R<Vec<_>>>()?;
-    mlx_rs::ops::concatenate(&flat, 0)?
-        .square()?
-        .sum(None)?
-        .sqrt()
+/// The L2 norm of the flat gradient `grads` (an f32 scalar array, not yet evaluated).
+pub fn global_norm(grads: &Array) -> R<Array> {
+    grads.square()?.sum(None)?.sqrt()
 }
 
 /// The factor that scales gradients of global norm `norm` down to `max_norm` when it exceeds

@@ -29,14 +29,14 @@ fn host(a: &Array) -> Result<Vec<f64>> {
     Ok(a.as_slice::<f32>().iter().map(|&v| v as f64).collect())
 }
 
-/// The sums of one micro-batch of pairs under `loss`, and its LoRA gradients (in adapter
-/// order), the top `keep` adapted blocks keeping their frozen products.
+/// The sums of one micro-batch of pairs under `loss`, and its LoRA gradient (f32, laid out as
+/// [`Params::flat`]), the top `keep` adapted blocks keeping their frozen products.
 pub fn forward_backward(
     model: &Model,
     params: &Params,
     lay: &Layout,
     (loss, keep): (&PreferenceLoss, usize),
-) -> Result<(PreferenceSums, Vec<Array>)> {
+) -> Result<(PreferenceSums, Array)> {
     let reference = match loss.method {
         Method::Dpo => Some(score(model, None, lay)?),
         _ => None,
@@ -55,7 +55,7 @@ pub fn forward_backward(
     drop(x);
     Ok((
         sums,
-        step::raised(step::backward(
+        step::raised(&step::backward(
             model,
             params,
             lay,

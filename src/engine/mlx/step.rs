@@ -105,14 +105,14 @@ pub struct Pending {
     pub weighted: Array,
     /// Σ weight (known on the host).
     pub weight: f64,
-    /// `loss_scale · ∂(Σ wᵢ·CEᵢ)/∂θ`, in adapter order.
-    pub grads: Vec<Array>,
+    /// `loss_scale · ∂(Σ wᵢ·CEᵢ)/∂θ`, f32, laid out as [`Params::flat`].
+    pub grad: Array,
 }
 
 impl Pending {
     /// The arrays the micro-batch computes.
     pub fn outputs(&self) -> impl Iterator<Item = &Array> {
-        [&self.ce, &self.weighted].into_iter().chain(&self.grads)
+        [&self.ce, &self.weighted, &self.grad].into_iter()
     }
 
     /// The loss sums, once evaluated.
@@ -142,17 +142,19 @@ fn pairs_of(params: &Params, layer: usize) -> block::Pairs<'_> {
 }
 
 /// The adapter as the step differentiates it: in the dtype of the low-rank products
-/// ([`block::lora_dtype`]), cast once a step rather than in every block's forward and again in
-/// its recompute (on an 8B step on an H200, 28 small casts a block, a tenth of the step's
-/// kernels); [`raised`] takes its gradients back to f32, as the casts' own vector-Jacobian
-/// products did.
+/// ([`block::lora_dtype`]), cast once a step (one cast of [`Params::flat`]) rather than in every
+/// block's forward and again in its recompute (on an 8B step on an H200, 28 small casts a
+/// block, a tenth of the step's kernels); [`raised`] takes its gradients back to f32, as the
+/// casts' own vector-Jacobian products did.
 pub fn lowered(model: &Model, params: &Params) -> R<Params> {
     params.cast(block::lora_dtype(model.dtype))
 }
 
-/// Gradients of [`lowered`]'s tensors, in f32 for accumulation and AdamW.
-pub fn raised(grads: Vec<Array>) -> R<Vec<Array>> {
-    grads.iter().map(|g| g.as_dtype(Dtype::Float32)).collect()
+/// Gradients of [`lowered`]'s tensors (in adapter order) joined into one f32 vector laid out
+/// as [`Params::flat`], for accumulation and AdamW: converted as they are joined, not cast one
+/// at a time.
+pub fn raised(grads: &[Array]) -> R<Array> {
+    params::join(grads)
 }
 
 /// One micro-batch's step, the top `keep` adapted blocks keeping their frozen products, its
@@ -179,13 +181,13 @@ pub fn forward_backward(
     drop(x);
     profile.head += clock.elapsed();
     let clock = std::time::Instant::now();
-    let grads = raised(backward(model, params, lay, inputs, dx, mode)?)?;
+    let grad = raised(&backward(model, params, lay, inputs, dx, mode)?)?;
     profile.backward += clock.elapsed();
     Ok(Pending {
         ce,
         weighted,
         weight: lay.target_weights.iter().map(|&w| w as f64).sum(),
-        grads,
+        grad,
     })
 }
 

@@ -142,7 +142,9 @@ pub fn estimate(cfg: &ModelConfig, w: &Workload, host: WeightFormat, gpu: bool) 
     // block's, taken from the cache rather than added to it (counted twice, SmolLM2's 4×512
     // estimate was 49% over the measured peak on MLX's CPU backend).
     let cache = work.saturating_sub(products + in_flight).min(CACHE_CAP);
-    // The update: the gradients and AdamW's new moments beside the old.
+    // The update: the gradients and AdamW's new moments beside the old. (As much as when the
+    // step joins its gradients into one f32 vector: in half precision, the gradients, joined
+    // in the compute dtype and cast.)
     let update = 8 * params;
     let (work_name, dynamic) = largest([(work_name, work + cache), ("optimizer update", update)]);
     // The per-row attention mask and RoPE tables of packed rows; a sliding window's mask.

@@ -96,14 +96,17 @@ fn main() -> Res<()> {
     )?;
     let step_nodes = graph::census(&graph::print(&pending.outputs().collect::<Vec<_>>())?);
 
-    let mut opt = AdamW::new(params.len(), 0.01)?;
+    let mut opt = AdamW::new(&params.bank_sizes(), 0.01)?;
     // The engine's moments are computed before a step.
-    mlx_rs::transforms::eval([&opt.m, &opt.v])?;
+    mlx_rs::transforms::eval(opt.m.iter().chain(&opt.v))?;
     let norm = optimizer::global_norm(&pending.grad)?;
-    let updated = opt.step(&params.flat, &pending.grad, 1.0, 1e-4)?;
+    let updated = opt.step(&params.banks, &pending.grad, 1.0, 1e-4)?;
     let outputs: Vec<_> = pending
         .outputs()
-        .chain([&norm, &updated, &opt.m, &opt.v])
+        .chain([&norm])
+        .chain(&updated)
+        .chain(&opt.m)
+        .chain(&opt.v)
         .collect();
     let all = graph::census(&graph::print(&outputs)?);
     // The update's graph holds the step's: what it adds is the difference.

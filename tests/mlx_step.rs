@@ -10,7 +10,7 @@ use candle_core::DType;
 use common::mlx::*;
 use mlx_rs::Array;
 use your_ai::engine::mlx::step::Evaluation::{BlockByBlock, Deferred, Pipelined};
-use your_ai::engine::mlx::{batch, convert, params::Params, step};
+use your_ai::engine::mlx::{batch, convert, graph, params::Params, step};
 use your_ai::engine::Profile;
 
 /// `a`'s values on the host, flattened (f32).
@@ -133,10 +133,10 @@ fn mlx_kept_products_give_the_recompute_s_gradients() {
     }
 }
 
-/// In bf16 the step casts the adapter to bf16 once (`step::lowered`) and its gradients back to
-/// f32 once (`step::raised`), not in every block's forward and recompute: the same gradients, bit
-/// for bit, as casting inside each block (whose vector-Jacobian products cast them back the same
-/// way), and in f32.
+/// In bf16 the step casts the adapter to bf16 once, the LoRA scale folded into A
+/// (`Params::lowered`), and its gradients back to f32 once (`Params::raised`), not in every
+/// block's forward and recompute: the same gradients, bit for bit, as casting inside each block
+/// and scaling there (the scale, 2, is a power of two, so folding it moves no rounding).
 #[test]
 fn mlx_the_adapter_cast_once_a_step_gives_the_same_gradients() {
     let _s = serial();
@@ -167,4 +167,34 @@ fn mlx_the_adapter_cast_once_a_step_gives_the_same_gradients() {
         assert!(g.iter().any(|v| *v != 0.0), "gradient {i} is zero");
         assert_eq!(g, h, "gradient {i}");
     }
+}
+
+/// The LoRA scale costs the step one multiply (folded into the A matrices), and one on the way
+/// back, whatever the number of blocks and targets: scaled inside each block, an `addmm`'s
+/// vector-Jacobian product multiplied each `[rows, out]` cotangent by it, twice a target.
+#[test]
+fn mlx_the_lora_scale_is_folded_into_a() {
+    let _s = serial();
+    let dir = tiny_dir();
+    let (model, a) = tiny_mlx(dir.path(), DType::BF16);
+    let lay = batch::layout(&rows(96, &[11, 7], 3), &model.cfg).unwrap();
+    let multiplies = |alpha: f64| {
+        let mut a = a.clone();
+        a.cfg.alpha = alpha;
+        let p = Params::from_adapter(&a).unwrap();
+        let pending = step::forward_backward(
+            &model,
+            &p,
+            &lay,
+            (1.0, 0),
+            Deferred,
+            &mut Profile::default(),
+        )
+        .unwrap();
+        let text = graph::print(&pending.outputs().collect::<Vec<_>>()).unwrap();
+        graph::census(&text).get("Multiply").copied().unwrap_or(0)
+    };
+    // Rank 4: alpha 4 is a scale of 1 (nothing to fold), alpha 8 a scale of 2.
+    let (one, two) = (multiplies(4.0), multiplies(8.0));
+    assert_eq!(two, one + 2, "scale 1: {one} multiplies; scale 2: {two}");
 }

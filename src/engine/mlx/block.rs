@@ -33,7 +33,7 @@ pub type Pairs<'a> = [Option<(&'a Array, &'a Array)>; 7];
 /// blocks, 2048 tokens) the step took 0.085 s against 0.105 s in f32, whose casts of every
 /// input and product and slow f32 matrix products cost more than the thin products themselves;
 /// the losses agreed to 1e-4 over ten steps. The training step casts A and B once a step and
-/// their gradients back to f32 (`step::lowered`, `step::raised`); evaluation casts them here.
+/// their gradients back to f32 (`Params::lowered`, `Params::raised`), and so does evaluation.
 /// A, B and AdamW stay f32 (mlx-lm's LoRA computes in the model's dtype too).
 /// `YOUR_AI_MLX_LORA=f32` (read once) keeps the products in f32.
 pub fn lora_dtype(model: Dtype) -> Dtype {
@@ -47,8 +47,10 @@ pub fn lora_dtype(model: Dtype) -> Dtype {
 /// `y + s · (x' Aᵀ) Bᵀ` for the frozen product `y = x Wᵀ`: the low-rank term as two thin
 /// matmuls in [`lora_dtype`] (never `W + BA`). In the model's dtype the second is one `addmm`
 /// that writes the sum (a GEMM with β = 1 and α = s): no product, scaling or addition of its
-/// own over `y`'s `[rows, out]`. `x'` is `dropped` (the input after LoRA dropout) when given,
-/// else `x`.
+/// own over `y`'s `[rows, out]`. The training step folds s into A (`Params::lowered`), so α is
+/// 1 there: addmm's vector-Jacobian product multiplies the `[rows, out]` cotangent by α for
+/// each factor's gradient. `x'` is `dropped` (the input after LoRA dropout) when given, else
+/// `x`.
 pub fn lora_linear(
     y: Array,
     x: &Array,

@@ -74,8 +74,8 @@ pub struct MlxEngine {
     model: Option<Model>,
     params: Option<Params>,
     opt: Option<AdamW>,
-    /// The step's gradient so far, laid out as [`Params::flat`].
-    grads: Option<Array>,
+    /// The step's gradient so far, laid out as [`Params::banks`].
+    grads: Option<params::Banks>,
     /// The clipping factor of `grads` ([`Engine::clip_gradients`]), applied by the update.
     clip: f64,
     weight_decay: f64,
@@ -192,12 +192,12 @@ impl MlxEngine {
     /// `outputs`: the micro-batch's last evaluation. The allocator's cache is cleared after it,
     /// so the process holds one step's working set at most, not what every shape seen so far
     /// left cached.
-    fn add_gradients(&mut self, grads: &Array, outputs: &[&Array]) -> Result<()> {
+    fn add_gradients(&mut self, grads: &params::Banks, outputs: &[&Array]) -> Result<()> {
         let sum = match self.grads.take() {
             None => grads.clone(),
-            Some(acc) => acc.add(grads)?,
+            Some([a, b]) => [a.add(&grads[0])?, b.add(&grads[1])?],
         };
-        eval(outputs.iter().copied().chain([&sum]))?;
+        eval(outputs.iter().copied().chain(&sum))?;
         self.grads = Some(sum);
         self.clip = 1.0;
         memory::mlx::clear_cache()?;
@@ -276,7 +276,10 @@ impl Engine for MlxEngine {
     fn clip_gradients(&mut self, max_norm: f64) -> Result<f64> {
         let grads = match self.grads.take() {
             Some(g) => g,
-            None => mlx_rs::ops::zeros_like(&self.params()?.flat)?,
+            None => {
+                let [a, b] = &self.params()?.banks;
+                [mlx_rs::ops::zeros_like(a)?, mlx_rs::ops::zeros_like(b)?]
+            }
         };
         let norm = convert::scalar(&optimizer::global_norm(&grads)?)?;
         // Applied in the update's fused kernel.
@@ -292,13 +295,18 @@ impl Engine for MlxEngine {
         let params = self.params.as_mut().ok_or_else(no_adapter)?;
         let opt = self.opt.as_mut().ok_or_else(no_adapter)?;
         let new = opt.step(
-            &params.flat,
+            &params.banks,
             &grads,
             std::mem::replace(&mut self.clip, 1.0),
             lr,
         )?;
-        eval([&new, &opt.m, &opt.v])?;
-        *params = params.with_flat(new)?;
+        eval(new.iter().chain(&opt.m).chain(&opt.v))?;
+        let [Some(a), Some(b)] = [new.first(), new.get(1)] else {
+            return Err(Error::Usage(
+                "AdamW returned fewer banks than it took".into(),
+            ));
+        };
+        *params = params.with([a.clone(), b.clone()])?;
         memory::mlx::clear_cache()?;
         Ok(())
     }
@@ -316,9 +324,12 @@ impl Engine for MlxEngine {
         let opt = self.opt.as_ref().ok_or_else(no_adapter)?;
         let params = self.params()?;
         // A tensor a moment, as the candle engine keeps them and checkpoints hold them.
-        let host = |flat: &Array| {
+        let host = |banks: &[Array]| {
+            let [a, b] = banks else {
+                return Err(Error::Usage("AdamW holds two banks of moments".into()));
+            };
             params
-                .split(flat)?
+                .split(&[a.clone(), b.clone()])?
                 .iter()
                 .map(convert::to_tensor)
                 .collect::<Result<Vec<_>>>()
@@ -332,28 +343,31 @@ impl Engine for MlxEngine {
 
     fn set_adapter(&mut self, adapter: Adapter, optimizer: Option<OptimizerState>) -> Result<()> {
         let params = Params::from_adapter(&adapter)?;
-        let mut opt = AdamW::new(params.len(), self.weight_decay)?;
+        let sizes = params.bank_sizes();
+        let mut opt = AdamW::new(&sizes, self.weight_decay)?;
         if let Some(s) = optimizer {
-            let on = |ts: &[candle_core::Tensor]| -> Result<Array> {
+            let on = |ts: &[candle_core::Tensor]| -> Result<Vec<Array>> {
                 let arrays = ts
                     .iter()
                     .map(|t| convert::to_array(t, Dtype::Float32))
                     .collect::<Result<Vec<_>>>()?;
-                let flat = params::join(&arrays)?;
-                if flat.size() != params.len() {
+                let banks = params::join(&arrays)?;
+                let held = banks.each_ref().map(Array::size);
+                if arrays.len() != params.tensors().len() || held != sizes {
                     return Err(Error::Usage(format!(
-                        "the optimizer state holds {} values for an adapter of {}",
-                        flat.size(),
-                        params.len()
+                        "the optimizer state holds {} tensors ({held:?} values) for an adapter \
+                         of {} ({sizes:?})",
+                        arrays.len(),
+                        params.tensors().len()
                     )));
                 }
-                Ok(flat)
+                Ok(banks.to_vec())
             };
             opt.t = s.t;
             opt.m = on(&s.m)?;
             opt.v = on(&s.v)?;
         }
-        eval([&params.flat, &opt.m, &opt.v])?;
+        eval(params.banks.iter().chain(&opt.m).chain(&opt.v))?;
         self.grads = None;
         self.params = Some(params);
         self.opt = Some(opt);
@@ -407,7 +421,8 @@ fn eval_loss(model: &Model, params: &Params, lay: &batch::Layout) -> Result<(f64
     if n == 0 {
         return Ok((0.0, 0));
     }
-    let (x, _) = step::forward(model, Some(params), lay, 0, Evaluation::standard())?;
+    let params = step::lowered(model, params)?;
+    let (x, _) = step::forward(model, Some(&params), lay, 0, Evaluation::standard())?;
     let ce = step::row_ce(model, &x, lay, Evaluation::standard())?.sum(None)?;
     Ok((convert::scalar(&ce)?, n))
 }

@@ -1,9 +1,9 @@
 //! AdamW (decoupled weight decay, as PyTorch's and the candle engine's) and global-norm clipping
 //! on MLX arrays, f32. The same formulas, in the same order, as the candle engine's optimizer.
 //!
-//! The adapter, its gradients and the moments are each one vector ([`super::params::Params::flat`]),
-//! and the update is one compiled function over them (MLX fuses its element-wise ops: three
-//! kernels on CUDA). Written op by op it was about thirteen kernels a tensor, and compiled but
+//! The adapter, its gradients and the moments are each held in two vectors (the banks of
+//! [`super::params::Params`]), and the update is one compiled function a bank (MLX fuses its
+//! element-wise ops: three kernels on CUDA). Written op by op it was about thirteen kernels a tensor, and compiled but
 //! a tensor at a time three: 1,500 and then 340 small kernels a step for an eight-block model
 //! on an H200, four times that at 32 blocks, each built by the host.
 
@@ -34,23 +34,26 @@ fn update(a: &[Array]) -> R<Vec<Array>> {
 
 type Compiled = Box<dyn FnMut(&[Array]) -> R<Vec<Array>>>;
 
-/// The moments (laid out as the adapter's flat vector), and the updates applied so far.
+/// The moments (a vector a bank), and the updates applied so far.
 pub struct AdamW {
     pub beta1: f64,
     pub beta2: f64,
     pub eps: f64,
     pub weight_decay: f64,
     pub t: u64,
-    pub m: Array,
-    pub v: Array,
+    pub m: Vec<Array>,
+    pub v: Vec<Array>,
     update: Compiled,
 }
 
 impl AdamW {
-    /// Zero moments for an adapter of `n` values.
-    pub fn new(n: usize, weight_decay: f64) -> R<Self> {
-        let n = i32::try_from(n)
-            .map_err(|_| Exception::custom(format!("{n} LoRA values: too many for MLX")))?;
+    /// Zero moments for banks of `sizes` values.
+    pub fn new(sizes: &[usize], weight_decay: f64) -> R<Self> {
+        let zeros = |&n: &usize| {
+            let n = i32::try_from(n)
+                .map_err(|_| Exception::custom(format!("{n} LoRA values: too many for MLX")))?;
+            mlx_rs::ops::zeros_dtype(&[n], Dtype::Float32)
+        };
         let mut compiled = mlx_rs::transforms::compile::compile(update, true);
         Ok(Self {
             beta1: 0.9,
@@ -58,16 +61,16 @@ impl AdamW {
             eps: 1e-8,
             weight_decay,
             t: 0,
-            m: mlx_rs::ops::zeros_dtype(&[n], Dtype::Float32)?,
-            v: mlx_rs::ops::zeros_dtype(&[n], Dtype::Float32)?,
+            m: sizes.iter().map(zeros).collect::<R<_>>()?,
+            v: sizes.iter().map(zeros).collect::<R<_>>()?,
             update: Box::new(move |a: &[Array]| compiled(a)),
         })
     }
 
-    /// One update of the adapter's flat vector `params` from `grads` (laid out alike) scaled
-    /// by `k` (the clipping factor) at learning rate `lr`; returns the new vector (lazy: the
-    /// engine evaluates it with the moments).
-    pub fn step(&mut self, params: &Array, grads: &Array, k: f64, lr: f64) -> R<Array> {
+    /// One update of the banks `params` from `grads` (a bank each) scaled by `k` (the
+    /// clipping factor) at learning rate `lr`; returns the new banks (lazy: the engine
+    /// evaluates them with the moments).
+    pub fn step(&mut self, params: &[Array], grads: &[Array], k: f64, lr: f64) -> R<Vec<Array>> {
         self.t += 1;
         let bc1 = 1.0 - self.beta1.powi(self.t as i32);
         let bc2 = 1.0 - self.beta2.powi(self.t as i32);
@@ -84,26 +87,29 @@ impl AdamW {
             1.0 - lr * self.weight_decay,
         ]
         .map(s);
-        let mut args = vec![
-            params.clone(),
-            grads.clone(),
-            self.m.clone(),
-            self.v.clone(),
-        ];
-        args.extend(scalars);
-        let mut new = (self.update)(&args)?.into_iter();
-        let (Some(p), Some(m), Some(v)) = (new.next(), new.next(), new.next()) else {
-            return Err(Exception::custom("AdamW's update returned too few arrays"));
-        };
-        self.m = m;
-        self.v = v;
-        Ok(p)
+        let mut out = Vec::with_capacity(params.len());
+        for (i, (p, g)) in params.iter().zip(grads).enumerate() {
+            let mut args = vec![p.clone(), g.clone(), self.m[i].clone(), self.v[i].clone()];
+            args.extend(scalars.iter().cloned());
+            let mut new = (self.update)(&args)?.into_iter();
+            let (Some(p), Some(m), Some(v)) = (new.next(), new.next(), new.next()) else {
+                return Err(Exception::custom("AdamW's update returned too few arrays"));
+            };
+            out.push(p);
+            self.m[i] = m;
+            self.v[i] = v;
+        }
+        Ok(out)
     }
 }
 
-/// The L2 norm of the flat gradient `grads` (an f32 scalar array, not yet evaluated).
-pub fn global_norm(grads: &Array) -> R<Array> {
-    grads.square()?.sum(None)?.sqrt()
+/// The global L2 norm of `grads` (its banks; an f32 scalar array, not yet evaluated).
+pub fn global_norm(grads: &[Array]) -> R<Array> {
+    let mut sum = Array::from_f32(0.0);
+    for g in grads {
+        sum = sum.add(g.square()?.sum(None)?)?;
+    }
+    sum.sqrt()
 }
 
 /// The factor that scales gradients of global norm `norm` down to `max_norm` when it exceeds

@@ -1,7 +1,16 @@
-//! The adapter being trained, as MLX arrays (f32 always): its tensors in the adapter's own order
-//! (A then B of each pair, in [`Adapter::iter`] order), which is also the order of gradients and
-//! optimizer moments, flattened and joined into one vector, and its pairs by block and target as
-//! views of that vector.
+//! The adapter being trained, as MLX arrays (f32 always). Its tensors, in the adapter's own
+//! order (A then B of each pair, in [`Adapter::iter`] order, the order of checkpoints'
+//! optimizer moments), are held in two vectors, the banks: every A flattened and joined, and
+//! every B. AdamW updates a bank, the step casts one, and the gradient norm reduces one, each in
+//! one go; a tensor at a time, on an 8B step on an H200, that was about 2,000 small kernels a
+//! step (three an update, a cast each way) of the step's 9,600, each costing the host more to
+//! build than the GPU to run. The pairs by block and target are views of the banks.
+//!
+//! A bank of its own for the A matrices lets the step fold the LoRA scale into them
+//! ([`Params::lowered`]: `s·A`, one multiply a step), so the blocks add `x (sA)ᵀ Bᵀ` with no
+//! scaling of their own. Scaled in the block (an `addmm` with α = s), the backward multiplied
+//! each `[rows, out]` cotangent by s twice, once for each factor's gradient: fourteen
+//! full-size multiplies a block.
 
 use super::convert::{to_array, to_tensor};
 use crate::error::Result;
@@ -15,16 +24,21 @@ type R<T> = std::result::Result<T, Exception>;
 /// A block's pairs by target: `(A [r, in], B [out, r])`.
 pub type BlockPairs = [Option<(Array, Array)>; 7];
 
+/// Two vectors: every A matrix flattened and joined in adapter order, then every B.
+pub type Banks = [Array; 2];
+
 pub struct Params {
     pub cfg: LoraConfig,
-    /// Every tensor flattened and joined in adapter order, `[n]`: what AdamW updates and the
-    /// step casts, each in one go. A tensor at a time, on an 8B step on an H200, they were
-    /// about 2,000 kernels a step (three an update, a cast each way) of the step's 9,600, each
-    /// too small to keep the GPU busy for what the host spends building it.
-    pub flat: Array,
+    /// The A bank and the B bank.
+    pub banks: Banks,
+    /// What the blocks scale the low-rank term by: the adapter's scale, or 1 where the A bank
+    /// holds it ([`Params::lowered`]).
+    scale: f32,
     /// Each tensor's shape, in adapter order.
     shapes: Vec<[i32; 2]>,
-    /// `[block][target]`: `(A [r, in], B [out, r])`, views of `flat`.
+    /// Which targets of each block carry a pair.
+    slots: Vec<[bool; 7]>,
+    /// `[block][target]`: `(A [r, in], B [out, r])`, views of the banks.
     pub pairs: Vec<BlockPairs>,
 }
 
@@ -52,18 +66,20 @@ impl Params {
                 ))),
             })
             .collect::<R<Vec<_>>>()?;
-        let flat = join(&tensors)?;
-        flat.eval()?;
-        let pairs = pairs_of(&flat, &shapes, &slots)?;
+        let banks = join(&tensors)?;
+        mlx_rs::transforms::eval(&banks)?;
+        let pairs = pairs_of(&banks, &shapes, &slots)?;
         Ok(Self {
+            scale: a.cfg.scale() as f32,
             cfg: a.cfg.clone(),
-            flat,
+            banks,
             shapes,
+            slots,
             pairs,
         })
     }
 
-    /// The adapter on the host.
+    /// The adapter on the host (of the trained tensors, not of [`Params::lowered`]'s).
     pub fn to_adapter(&self) -> Result<Adapter> {
         let pairs = self
             .pairs
@@ -87,43 +103,71 @@ impl Params {
         })
     }
 
-    /// The adapter in `dtype`: one cast of [`Params::flat`] (none when it is in `dtype`).
-    pub fn cast(&self, dtype: Dtype) -> R<Self> {
-        self.with_flat(self.flat.as_dtype(dtype)?)
+    /// The adapter as a step computes with it: in `dtype`, with the LoRA scale folded into
+    /// the A bank (`s·A`, and a block scale of 1). One multiply and a cast a bank; the same
+    /// arrays where there is nothing to do. Gradients with respect to its tensors become the
+    /// adapter's by [`Params::raised`].
+    pub fn lowered(&self, dtype: Dtype) -> R<Self> {
+        let [a, b] = &self.banks;
+        let a = match self.scale {
+            1.0 => a.clone(),
+            s => a.multiply(Array::from_f32(s))?,
+        };
+        self.with_banks([a.as_dtype(dtype)?, b.as_dtype(dtype)?], 1.0)
     }
 
-    /// The adapter with [`Params::flat`] replaced by `flat` (of the same length).
-    pub fn with_flat(&self, flat: Array) -> R<Self> {
-        let pairs = pairs_of(&flat, &self.shapes, &self.slots())?;
+    /// The gradients of these tensors (in adapter order, as the block's vector-Jacobian
+    /// products give them) as the adapter's: joined into banks, in f32, and the A bank scaled
+    /// back where [`Params::lowered`] folded the scale into it.
+    pub fn raised(&self, grads: &[Array]) -> R<Banks> {
+        let [a, b] = join(grads)?;
+        let fold = self.cfg.scale() as f32 / self.scale;
+        let a = match fold {
+            1.0 => a,
+            f => a.multiply(Array::from_f32(f))?,
+        };
+        Ok([a, b])
+    }
+
+    /// The adapter with its banks replaced by `banks` (laid out alike); the block scale stays.
+    pub fn with(&self, banks: Banks) -> R<Self> {
+        self.with_banks(banks, self.scale)
+    }
+
+    fn with_banks(&self, banks: Banks, scale: f32) -> R<Self> {
+        let pairs = pairs_of(&banks, &self.shapes, &self.slots)?;
         Ok(Self {
             cfg: self.cfg.clone(),
-            flat,
+            banks,
+            scale,
             shapes: self.shapes.clone(),
+            slots: self.slots.clone(),
             pairs,
         })
     }
 
-    /// Which targets of each block carry a pair.
-    fn slots(&self) -> Vec<[bool; 7]> {
-        (0..self.pairs.len()).map(|l| present(self, l)).collect()
+    /// Values in each bank.
+    pub fn bank_sizes(&self) -> [usize; 2] {
+        let mut out = [0, 0];
+        for (i, [r, c]) in self.shapes.iter().enumerate() {
+            out[i % 2] += (r * c) as usize;
+        }
+        out
     }
 
-    /// The number of values in the adapter.
-    pub fn len(&self) -> usize {
-        self.shapes.iter().map(|[r, c]| (r * c) as usize).sum()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
+    /// What the blocks scale the low-rank term by.
     pub fn scale(&self) -> f32 {
-        self.cfg.scale() as f32
+        self.scale
     }
 
     /// The lowest block with a pair: the backward stops there.
     pub fn lowest(&self) -> usize {
         self.cfg.layers.first().copied().unwrap_or(self.pairs.len())
+    }
+
+    /// Which targets of block `layer` carry a pair.
+    pub fn present(&self, layer: usize) -> [bool; 7] {
+        self.slots[layer]
     }
 
     /// Block `layer`'s tensors, A then B of each pair in target order.
@@ -142,60 +186,75 @@ impl Params {
             .collect()
     }
 
-    /// Replaces every tensor, in adapter order.
+    /// Replaces every tensor, given in adapter order.
     pub fn set_tensors(&mut self, new: &[Array]) -> R<()> {
-        *self = self.with_flat(join(new)?)?;
+        *self = self.with(join(new)?)?;
         Ok(())
     }
 
-    /// `flat` (`[n]`, laid out as [`Params::flat`]: gradients, AdamW's moments) as one view a
+    /// `banks` (laid out as [`Params::banks`]: gradients, AdamW's moments) as one view a
     /// tensor, in adapter order.
-    pub fn split(&self, flat: &Array) -> R<Vec<Array>> {
-        let mut start = 0;
-        self.shapes
+    pub fn split(&self, banks: &Banks) -> R<Vec<Array>> {
+        let mut views = views(banks, &self.shapes)?.into_iter();
+        let mut out = vec![];
+        while let (Some(a), Some(b)) = (views.next(), views.next()) {
+            out.extend([a, b]);
+        }
+        Ok(out)
+    }
+}
+
+/// `tensors` (in adapter order: A, B, A, B, ...) flattened and joined into banks, in f32: a
+/// concatenation in their dtype, then one cast (MLX's concatenation would cast each input to a
+/// different result dtype first).
+pub fn join(tensors: &[Array]) -> R<Banks> {
+    let bank = |parity: usize| -> R<Array> {
+        let flat = tensors
             .iter()
-            .map(|&[r, c]| {
-                let view = flat.try_index(start..start + r * c)?.reshape(&[r, c]);
-                start += r * c;
-                view
-            })
-            .collect()
-    }
-}
-
-/// `tensors` flattened and joined in their order, `[n]` f32: one concatenation in their dtype,
-/// then one cast (MLX's concatenation casts each input to the result's dtype first).
-pub fn join(tensors: &[Array]) -> R<Array> {
-    if tensors.is_empty() {
-        return mlx_rs::ops::zeros_dtype(&[0], Dtype::Float32);
-    }
-    let flat = tensors
-        .iter()
-        .map(|t| t.reshape(&[-1]))
-        .collect::<R<Vec<_>>>()?;
-    mlx_rs::ops::concatenate(&flat, 0)?.as_dtype(Dtype::Float32)
-}
-
-/// The pairs over `flat`, tensors of `shapes` in adapter order, blocks' targets by `slots`.
-fn pairs_of(flat: &Array, shapes: &[[i32; 2]], slots: &[[bool; 7]]) -> R<Vec<BlockPairs>> {
-    let mut start = 0;
-    let mut at = 0;
-    let mut next = || -> R<Array> {
-        let [r, c] = *shapes
-            .get(at)
-            .ok_or_else(|| Exception::custom("the adapter has fewer tensors than its pairs"))?;
-        let view = flat.try_index(start..start + r * c)?.reshape(&[r, c])?;
-        start += r * c;
-        at += 1;
-        Ok(view)
+            .skip(parity)
+            .step_by(2)
+            .map(|t| t.reshape(&[-1]))
+            .collect::<R<Vec<_>>>()?;
+        if flat.is_empty() {
+            return mlx_rs::ops::zeros_dtype(&[0], Dtype::Float32);
+        }
+        mlx_rs::ops::concatenate(&flat, 0)?.as_dtype(Dtype::Float32)
     };
+    Ok([bank(0)?, bank(1)?])
+}
+
+/// Views of the banks as tensors of `shapes` (adapter order): A, B, A, B, ...
+fn views(banks: &Banks, shapes: &[[i32; 2]]) -> R<Vec<Array>> {
+    let mut starts = [0, 0];
+    shapes
+        .iter()
+        .enumerate()
+        .map(|(i, &[r, c])| {
+            let start = &mut starts[i % 2];
+            let view = banks[i % 2]
+                .try_index(*start..*start + r * c)?
+                .reshape(&[r, c])?;
+            *start += r * c;
+            Ok(view)
+        })
+        .collect()
+}
+
+/// The pairs over `banks`, tensors of `shapes` in adapter order, blocks' targets by `slots`.
+fn pairs_of(banks: &Banks, shapes: &[[i32; 2]], slots: &[[bool; 7]]) -> R<Vec<BlockPairs>> {
+    let mut views = views(banks, shapes)?.into_iter();
     slots
         .iter()
         .map(|present| {
             let mut out: BlockPairs = Default::default();
             for (slot, here) in out.iter_mut().zip(present) {
                 if *here {
-                    *slot = Some((next()?, next()?));
+                    let (Some(a), Some(b)) = (views.next(), views.next()) else {
+                        return Err(Exception::custom(
+                            "the adapter has fewer tensors than its pairs",
+                        ));
+                    };
+                    *slot = Some((a, b));
                 }
             }
             Ok(out)
@@ -221,35 +280,32 @@ pub fn unflatten<'a>(
     out
 }
 
-/// Which targets of block `layer` carry a pair.
-pub fn present(params: &Params, layer: usize) -> [bool; 7] {
-    let mut p = [false; 7];
-    for (i, slot) in params.pairs[layer].iter().enumerate() {
-        p[i] = slot.is_some();
-    }
-    p
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::engine::mlx::graph;
 
-    /// bf16 gradients join into one f32 vector with one concatenation and one cast, not a
-    /// cast apiece.
+    /// bf16 gradients join into f32 banks with one concatenation and one cast a bank, not a
+    /// cast apiece; A matrices in one bank, B in the other, in adapter order.
     #[test]
-    fn join_converts_as_it_copies() -> R<()> {
+    fn join_makes_two_banks() -> R<()> {
         let _serial = super::super::checks::serial();
-        let a = Array::from_slice(&[1.5f32, -2.0, 3.25, 0.5], &[2, 2]).as_dtype(Dtype::Bfloat16)?;
-        let b = Array::from_slice(&[7.0f32, 8.0], &[1, 2]).as_dtype(Dtype::Bfloat16)?;
-        mlx_rs::transforms::eval([&a, &b])?;
-        let flat = join(&[a, b])?;
-        let nodes = graph::census(&graph::print(&[&flat])?);
-        assert_eq!(nodes.get("Concatenate"), Some(&1), "{nodes:?}");
-        assert_eq!(nodes.get("AsType"), Some(&1), "{nodes:?}");
-        assert_eq!(flat.dtype(), Dtype::Float32);
-        flat.eval()?;
-        assert_eq!(flat.as_slice::<f32>(), [1.5, -2.0, 3.25, 0.5, 7.0, 8.0]);
+        let bf16 = |v: &[f32], shape: &[i32]| Array::from_slice(v, shape).as_dtype(Dtype::Bfloat16);
+        let t = [
+            bf16(&[1.5, -2.0], &[1, 2])?,
+            bf16(&[3.0, 4.0, 5.0], &[3, 1])?,
+            bf16(&[0.5, 0.25], &[1, 2])?,
+            bf16(&[7.0, 8.0, 9.0], &[3, 1])?,
+        ];
+        mlx_rs::transforms::eval(&t)?;
+        let banks = join(&t)?;
+        let nodes = graph::census(&graph::print(&[&banks[0], &banks[1]])?);
+        assert_eq!(nodes.get("Concatenate"), Some(&2), "{nodes:?}");
+        assert_eq!(nodes.get("AsType"), Some(&2), "{nodes:?}");
+        mlx_rs::transforms::eval(&banks)?;
+        assert!(banks.iter().all(|b| b.dtype() == Dtype::Float32));
+        assert_eq!(banks[0].as_slice::<f32>(), [1.5, -2.0, 0.5, 0.25]);
+        assert_eq!(banks[1].as_slice::<f32>(), [3.0, 4.0, 5.0, 7.0, 8.0, 9.0]);
         Ok(())
     }
 }

@@ -7,7 +7,7 @@
 //! as for SFT.
 
 use super::batch::Layout;
-use super::params::Params;
+use super::params::{Banks, Params};
 use super::step::{self, Evaluation};
 use super::weights::Model;
 use crate::engine::objective::{
@@ -19,7 +19,8 @@ use mlx_rs::Array;
 /// Each sequence's log-probability and scored tokens under `params` (None: the adapter off),
 /// without a graph.
 fn score(model: &Model, params: Option<&Params>, lay: &Layout) -> Result<SequenceScores> {
-    let (x, _) = step::forward(model, params, lay, 0, Evaluation::standard())?;
+    let lowered = params.map(|p| step::lowered(model, p)).transpose()?;
+    let (x, _) = step::forward(model, lowered.as_ref(), lay, 0, Evaluation::standard())?;
     let ce = step::row_ce(model, &x, lay, Evaluation::standard())?;
     Ok(per_sequence(&host(&ce)?, &lay.target_rows, lay.t, lay.b))
 }
@@ -30,13 +31,13 @@ fn host(a: &Array) -> Result<Vec<f64>> {
 }
 
 /// The sums of one micro-batch of pairs under `loss`, and its LoRA gradient (f32, laid out as
-/// [`Params::flat`]), the top `keep` adapted blocks keeping their frozen products.
+/// [`Params::banks`]), the top `keep` adapted blocks keeping their frozen products.
 pub fn forward_backward(
     model: &Model,
     params: &Params,
     lay: &Layout,
     (loss, keep): (&PreferenceLoss, usize),
-) -> Result<(PreferenceSums, Array)> {
+) -> Result<(PreferenceSums, Banks)> {
     let reference = match loss.method {
         Method::Dpo => Some(score(model, None, lay)?),
         _ => None,
@@ -55,7 +56,7 @@ pub fn forward_backward(
     drop(x);
     Ok((
         sums,
-        step::raised(&step::backward(
+        params.raised(&step::backward(
             model,
             params,
             lay,

@@ -23,7 +23,7 @@ use super::batch::Layout;
 use super::block::{self, Products};
 use super::convert::scalar;
 use super::head::{self, HEAD_CHUNK};
-use super::params::{self, Params};
+use super::params::{self, Banks, Params};
 use super::weights::Model;
 use crate::engine::LossSums;
 use crate::engine::Profile;
@@ -105,14 +105,14 @@ pub struct Pending {
     pub weighted: Array,
     /// Σ weight (known on the host).
     pub weight: f64,
-    /// `loss_scale · ∂(Σ wᵢ·CEᵢ)/∂θ`, f32, laid out as [`Params::flat`].
-    pub grad: Array,
+    /// `loss_scale · ∂(Σ wᵢ·CEᵢ)/∂θ`, f32, laid out as [`Params::banks`].
+    pub grad: Banks,
 }
 
 impl Pending {
     /// The arrays the micro-batch computes.
     pub fn outputs(&self) -> impl Iterator<Item = &Array> {
-        [&self.ce, &self.weighted, &self.grad].into_iter()
+        [&self.ce, &self.weighted].into_iter().chain(&self.grad)
     }
 
     /// The loss sums, once evaluated.
@@ -142,19 +142,11 @@ fn pairs_of(params: &Params, layer: usize) -> block::Pairs<'_> {
 }
 
 /// The adapter as the step differentiates it: in the dtype of the low-rank products
-/// ([`block::lora_dtype`]), cast once a step (one cast of [`Params::flat`]) rather than in every
-/// block's forward and again in its recompute (on an 8B step on an H200, 28 small casts a
-/// block, a tenth of the step's kernels); [`raised`] takes its gradients back to f32, as the
-/// casts' own vector-Jacobian products did.
+/// ([`block::lora_dtype`]), its scale folded into A ([`Params::lowered`]), made once a step
+/// rather than cast in every block's forward and again in its recompute (on an 8B step on an
+/// H200, 28 small casts a block, a tenth of the step's kernels).
 pub fn lowered(model: &Model, params: &Params) -> R<Params> {
-    params.cast(block::lora_dtype(model.dtype))
-}
-
-/// Gradients of [`lowered`]'s tensors (in adapter order) joined into one f32 vector laid out
-/// as [`Params::flat`], for accumulation and AdamW: converted as they are joined, not cast one
-/// at a time.
-pub fn raised(grads: &[Array]) -> R<Array> {
-    params::join(grads)
+    params.lowered(block::lora_dtype(model.dtype))
 }
 
 /// One micro-batch's step, the top `keep` adapted blocks keeping their frozen products, its
@@ -181,7 +173,7 @@ pub fn forward_backward(
     drop(x);
     profile.head += clock.elapsed();
     let clock = std::time::Instant::now();
-    let grad = raised(&backward(model, params, lay, inputs, dx, mode)?)?;
+    let grad = params.raised(&backward(model, params, lay, inputs, dx, mode)?)?;
     profile.backward += clock.elapsed();
     Ok(Pending {
         ce,
@@ -304,7 +296,7 @@ pub fn backward(
         let Saved { input, products } = saved
             .pop()
             .unwrap_or_else(|| unreachable!("one saved input per adapted block"));
-        let present = params::present(params, l);
+        let present = params.present(l);
         let mut primals = vec![input];
         primals.extend(params.block_tensors(l));
         let products = if products.is_empty() {

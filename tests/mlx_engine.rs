@@ -13,7 +13,6 @@ use candle_core::DType;
 use mlx_rs::{Array, Dtype};
 use your_ai::data::batch::Row;
 use your_ai::data::preference::Pair;
-use your_ai::data::Sample;
 use your_ai::engine::mlx::step::Evaluation::{BlockByBlock, Deferred};
 use your_ai::engine::mlx::{batch, convert, graph, params::Params, step};
 use your_ai::engine::objective::{Method, PreferenceLoss};
@@ -79,15 +78,6 @@ fn mlx_losses_equal_candle_losses_across_head_chunks() {
     let lc = train(&mut c, &batches, 1e-2);
     let lm = train(&mut m, &batches, 1e-2);
     assert_losses_match("several head chunks", &lm, &lc, 1e-4);
-}
-
-/// Rows of `lens` documents packed into rows of at most `max_len` tokens (`--pack`): each row
-/// holds several documents whose positions restart at 0.
-fn packed_rows(vocab: u32, lens: &[usize], seed: u32, max_len: usize) -> Vec<Row> {
-    let docs = rows(vocab, lens, seed);
-    let samples: Vec<Sample> = docs.iter().map(sample).collect();
-    let refs: Vec<&Sample> = samples.iter().collect();
-    your_ai::data::batch::pack(&refs, &vec![1.0; refs.len()], max_len)
 }
 
 /// `--pack` on MLX: each document sees only itself and its positions restart, as in the candle
@@ -199,14 +189,6 @@ fn mlx_preference_methods_equal_candle() {
             &[ec.objective(method), ec.margin()],
             1e-3,
         );
-    }
-}
-
-fn sample(r: &Row) -> Sample {
-    Sample {
-        ids: r.ids.clone(),
-        trained: r.trained.clone(),
-        truncated: 0,
     }
 }
 

@@ -198,3 +198,93 @@ fn mlx_the_lora_scale_is_folded_into_a() {
     let (one, two) = (multiplies(4.0), multiplies(8.0));
     assert_eq!(two, one + 2, "scale 1: {one} multiplies; scale 2: {two}");
 }
+
+/// A block's compiled backward (its recompute and vector-Jacobian product traced once, the
+/// element-wise chains fused) gives MLX's autograd's gradients, in f32 and bf16, on plain and
+/// packed rows (a mask and RoPE tables as inputs), recomputing its frozen products or keeping
+/// them; and called again with other arrays, its trace computes with those, not the first
+/// call's (nothing that changes between steps is baked into it).
+#[test]
+fn mlx_a_compiled_block_backward_matches_autograd() {
+    use mlx_rs::transforms::fallible_vjp;
+    use your_ai::engine::mlx::block::{self, Products};
+    use your_ai::engine::mlx::params::unflatten;
+    let _s = serial();
+    let dir = tiny_dir();
+    for dtype in [DType::F32, DType::BF16] {
+        let (model, a) = tiny_mlx(dir.path(), dtype);
+        let p = Params::from_adapter(&a)
+            .unwrap()
+            .lowered(model.dtype)
+            .unwrap();
+        let plain = batch::layout(&rows(96, &[11, 7], 3), &model.cfg).unwrap();
+        let packed = batch::layout(&packed_rows(96, &[5, 7, 9], 5, 24), &model.cfg).unwrap();
+        assert!(packed.mask.is_some() && packed.rope.is_some());
+        for (name, lay) in [("plain", &plain), ("packed", &packed)] {
+            for keep in [0, 1] {
+                let (_, mut saved) =
+                    step::forward(&model, Some(&p), lay, keep, BlockByBlock).unwrap();
+                let top = saved.pop().unwrap();
+                let l = model.blocks.len() - 1;
+                let products = match top.products.is_empty() {
+                    true => Products::Compute,
+                    false => Products::Kept(&top.products),
+                };
+                let present = p.present(l);
+                let rows = lay.rows();
+                for call in 0..2 {
+                    // A different output gradient (and input) each call.
+                    let dx = top
+                        .input
+                        .multiply(Array::from_f32(0.5 + call as f32))
+                        .unwrap();
+                    let input = top.input.add(Array::from_f32(0.01 * call as f32)).unwrap();
+                    let compiled = your_ai::engine::mlx::compiled::block_backward(
+                        &model,
+                        l,
+                        input.clone(),
+                        p.block_tensors(l),
+                        &dx,
+                        (present, p.scale()),
+                        &rows,
+                        products,
+                    )
+                    .unwrap();
+                    let f = |args: &[Array]| {
+                        let pairs = unflatten(&present, &args[1..]);
+                        let (out, _) = block::forward(
+                            &model,
+                            l,
+                            &args[0],
+                            &pairs,
+                            p.scale(),
+                            &rows,
+                            products,
+                        )?;
+                        Ok(vec![out])
+                    };
+                    let mut primals = vec![input];
+                    primals.extend(p.block_tensors(l));
+                    let (_, reference) =
+                        fallible_vjp(f, &primals, std::slice::from_ref(&dx)).unwrap();
+                    assert_eq!(compiled.len(), reference.len());
+                    let tol = if dtype == DType::F32 { 1e-5 } else { 2e-2 };
+                    for (i, (c, r)) in compiled.iter().zip(&reference).enumerate() {
+                        let (c, r) = (host(c), host(r));
+                        let scale = r.iter().fold(0f32, |m, v| m.max(v.abs()));
+                        assert!(scale > 0.0, "gradient {i} is zero");
+                        let worst = c
+                            .iter()
+                            .zip(&r)
+                            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+                        assert!(
+                            worst <= tol * scale,
+                            "{dtype:?} {name} keep {keep} call {call}: gradient {i} differs by \
+                             {worst} (scale {scale})"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}

@@ -136,3 +136,21 @@ pub fn assert_losses_match(what: &str, mlx: &[f64], candle: &[f64], rel: f64) {
         );
     }
 }
+
+/// `r`'s tokens as a sample.
+pub fn sample(r: &Row) -> Sample {
+    Sample {
+        ids: r.ids.clone(),
+        trained: r.trained.clone(),
+        truncated: 0,
+    }
+}
+
+/// Rows of `lens` documents packed into rows of at most `max_len` tokens (`--pack`): each row
+/// holds several documents whose positions restart at 0.
+pub fn packed_rows(vocab: u32, lens: &[usize], seed: u32, max_len: usize) -> Vec<Row> {
+    let docs = rows(vocab, lens, seed);
+    let samples: Vec<Sample> = docs.iter().map(sample).collect();
+    let refs: Vec<&Sample> = samples.iter().collect();
+    your_ai::data::batch::pack(&refs, &vec![1.0; refs.len()], max_len)
+}

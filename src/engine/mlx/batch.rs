@@ -34,6 +34,29 @@ pub struct Layout {
     pub dropout: Option<(f64, u64)>,
 }
 
+/// What a block needs of a micro-batch's layout: its shape, masks and RoPE tables, and LoRA
+/// dropout. A view, so that a compiled block can be given its own arrays in their place.
+#[derive(Clone, Copy)]
+pub struct Rows<'a> {
+    pub b: usize,
+    pub t: usize,
+    pub mask: Option<&'a Array>,
+    pub rope: Option<(&'a Array, &'a Array)>,
+    pub dropout: Option<(f64, u64)>,
+}
+
+impl Layout {
+    pub fn rows(&self) -> Rows<'_> {
+        Rows {
+            b: self.b,
+            t: self.t,
+            mask: self.mask.as_ref(),
+            rope: self.rope.as_ref().map(|(c, s)| (c, s)),
+            dropout: self.dropout,
+        }
+    }
+}
+
 /// Lays out `rows` for a model of config `cfg`.
 pub fn layout(rows: &[Row], cfg: &ModelConfig) -> Result<Layout> {
     let window = cfg.sliding_window;

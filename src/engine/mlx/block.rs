@@ -3,7 +3,7 @@
 //! differentiates it, block by block, in the backward (MLX's autograd per block, on a
 //! recompute from the block's saved input, and its frozen products where they were kept).
 
-use super::batch::Layout;
+use super::batch::Rows;
 use super::kept;
 use super::weights::Model;
 use mlx_rs::error::Exception;
@@ -118,7 +118,7 @@ pub fn forward(
     x: &Array,
     pairs: &Pairs,
     scale: f32,
-    lay: &Layout,
+    lay: &Rows,
     products: Products,
 ) -> R<(Array, Vec<Array>)> {
     let cfg = &model.cfg;
@@ -154,7 +154,7 @@ pub fn forward(
     let heads =
         |y: Array, n: i32| -> R<Array> { y.reshape(&[b, t, n, d])?.transpose_axes(&[0, 2, 1, 3]) };
     let rotate = |y: Array| -> R<Array> {
-        match &lay.rope {
+        match lay.rope {
             None => rope(y, d, false, None, 1.0, 0, Some(&model.rope_freqs)),
             Some((cos, sin)) => rotate_at(&y, cos, sin),
         }
@@ -165,7 +165,7 @@ pub fn forward(
     let k = rotate(heads(proj(1, &h1)?, nkv)?)?;
     let v = heads(proj(2, &h1)?, nkv)?;
     let scale_qk = 1.0 / (d as f32).sqrt();
-    let attn = match &lay.mask {
+    let attn = match lay.mask {
         None => scaled_dot_product_attention(
             q,
             k,

@@ -14,6 +14,7 @@
 pub mod batch;
 pub mod block;
 pub mod blocks;
+pub mod compiled;
 pub mod convert;
 pub mod device;
 pub mod error;

@@ -23,13 +23,12 @@ use super::batch::Layout;
 use super::block::{self, Products};
 use super::convert::scalar;
 use super::head::{self, HEAD_CHUNK};
-use super::params::{self, Banks, Params};
+use super::params::{Banks, Params};
 use super::weights::Model;
 use crate::engine::LossSums;
 use crate::engine::Profile;
 use mlx_rs::error::Exception;
 use mlx_rs::ops::zeros_dtype;
-use mlx_rs::transforms::fallible_vjp;
 use mlx_rs::{Array, Dtype};
 
 type R<T> = Result<T, Exception>;
@@ -208,7 +207,7 @@ pub fn forward(
         } else {
             Products::Compute
         };
-        let (out, products) = block::forward(model, l, &x, &pairs, scale, lay, products)?;
+        let (out, products) = block::forward(model, l, &x, &pairs, scale, &lay.rows(), products)?;
         x = out;
         settler.settle(std::iter::once(&x).chain(&products))?;
         if l >= lowest {
@@ -296,24 +295,24 @@ pub fn backward(
         let Saved { input, products } = saved
             .pop()
             .unwrap_or_else(|| unreachable!("one saved input per adapted block"));
-        let present = params.present(l);
-        let mut primals = vec![input];
-        primals.extend(params.block_tensors(l));
         let products = if products.is_empty() {
             Products::Compute
         } else {
             Products::Kept(&products)
         };
-        let f = |args: &[Array]| -> R<Vec<Array>> {
-            let pairs = params::unflatten(&present, &args[1..]);
-            let (out, _) = block::forward(model, l, &args[0], &pairs, scale, lay, products)?;
-            Ok(vec![out])
-        };
-        let (_, mut grads) = fallible_vjp(f, &primals, std::slice::from_ref(&dx)).map_err(|e| {
-            match super::kept::take_failure() {
-                Some(why) => Exception::custom(format!("{}: {why}", e.what())),
-                None => e,
-            }
+        let mut grads = super::compiled::block_backward(
+            model,
+            l,
+            input,
+            params.block_tensors(l),
+            &dx,
+            (params.present(l), scale),
+            &lay.rows(),
+            products,
+        )
+        .map_err(|e| match super::kept::take_failure() {
+            Some(why) => Exception::custom(format!("{}: {why}", e.what())),
+            None => e,
         })?;
         let rest = grads.split_off(1);
         dx = grads.remove(0);

@@ -141,7 +141,8 @@ impl Linear {
     }
 }
 
-/// One transformer block's frozen weights.
+/// One transformer block's frozen weights. A clone shares the arrays.
+#[derive(Clone)]
 pub struct Block {
     pub input_norm: Array,
     pub post_norm: Array,
@@ -157,7 +158,8 @@ impl Block {
     }
 }
 
-/// The frozen model.
+/// The frozen model. A clone shares the arrays (and starts with no compiled functions).
+#[derive(Clone)]
 pub struct Model {
     pub cfg: ModelConfig,
     pub dtype: Dtype,
@@ -173,6 +175,9 @@ pub struct Model {
     /// RoPE's frequencies as MLX's `fast::rope` takes them: one per pair of head dimensions,
     /// the inverse of the (scaled) inverse frequencies.
     pub rope_freqs: Array,
+    /// The blocks' compiled vector-Jacobian products ([`super::compiled`]): they hold the
+    /// weights they were traced with, so they live and go with the model.
+    pub compiled: super::compiled::Cache,
 }
 
 /// A vocabulary matrix as one array in `dtype`, converted and evaluated in parts of
@@ -265,6 +270,7 @@ impl Model {
             head,
             tied,
             rope_freqs,
+            compiled: Default::default(),
         })
     }
 

@@ -381,6 +381,15 @@ fn mlx_resume_from_its_saved_state_is_exact() {
     let (saved, opt) = (first.adapter().unwrap(), first.optimizer_state().unwrap());
     drop(first);
     let mut second = mlx_engine(spec, &o, 0);
+    // Moments that do not fit the adapter tensor for tensor (here A's and B's swapped: the same
+    // number of values) are refused, not taken into the wrong places.
+    let mut swapped = opt.clone();
+    swapped.m.swap(0, 1);
+    let err = second
+        .set_adapter(saved.clone(), Some(swapped))
+        .expect_err("misplaced moments are refused")
+        .to_string();
+    assert!(err.contains("another adapter"), "{err}");
     second.set_adapter(saved, Some(opt)).unwrap();
     resumed.extend(train(&mut second, &batches[4..], 1e-2));
     assert_eq!(

@@ -171,7 +171,9 @@ fn mlx_the_adapter_cast_once_a_step_gives_the_same_gradients() {
 
 /// The LoRA scale costs the step one multiply (folded into the A matrices), and one on the way
 /// back, whatever the number of blocks and targets: scaled inside each block, an `addmm`'s
-/// vector-Jacobian product multiplied each `[rows, out]` cotangent by it, twice a target.
+/// vector-Jacobian product multiplied each `[rows, out]` cotangent by it, twice a target. (With
+/// the block's backward compiled those multiplies would be fused out of this count; a step
+/// that stopped folding the scale would lose the two counted here.)
 #[test]
 fn mlx_the_lora_scale_is_folded_into_a() {
     let _s = serial();
@@ -202,86 +204,104 @@ fn mlx_the_lora_scale_is_folded_into_a() {
 /// A block's compiled backward (its recompute and vector-Jacobian product traced once, the
 /// element-wise chains fused) gives MLX's autograd's gradients, in f32 and bf16, on plain and
 /// packed rows (a mask and RoPE tables as inputs), recomputing its frozen products or keeping
-/// them; and called again with other arrays, its trace computes with those, not the first
-/// call's (nothing that changes between steps is baked into it).
+/// them, for each block; and called again on another micro-batch of the same shape (other
+/// tokens, masks, RoPE tables, kept products, adapter and output gradient), its trace computes
+/// with those, not the first call's: nothing that changes between steps is baked into it.
 #[test]
 fn mlx_a_compiled_block_backward_matches_autograd() {
     use mlx_rs::transforms::fallible_vjp;
     use your_ai::engine::mlx::block::{self, Products};
-    use your_ai::engine::mlx::params::unflatten;
+    use your_ai::engine::mlx::{compiled, params::unflatten};
     let _s = serial();
+    assert!(
+        compiled::enabled(),
+        "YOUR_AI_MLX_COMPILE=0 would test autograd against itself"
+    );
     let dir = tiny_dir();
     for dtype in [DType::F32, DType::BF16] {
         let (model, a) = tiny_mlx(dir.path(), dtype);
-        let p = Params::from_adapter(&a)
-            .unwrap()
-            .lowered(model.dtype)
+        let p = Params::from_adapter(&a).unwrap();
+        let [pa, pb] = &p.banks;
+        let other = p
+            .with([
+                pa.multiply(Array::from_f32(1.3)).unwrap(),
+                pb.multiply(Array::from_f32(-0.7)).unwrap(),
+            ])
             .unwrap();
-        let plain = batch::layout(&rows(96, &[11, 7], 3), &model.cfg).unwrap();
-        let packed = batch::layout(&packed_rows(96, &[5, 7, 9], 5, 24), &model.cfg).unwrap();
-        assert!(packed.mask.is_some() && packed.rope.is_some());
-        for (name, lay) in [("plain", &plain), ("packed", &packed)] {
-            for keep in [0, 1] {
-                let (_, mut saved) =
-                    step::forward(&model, Some(&p), lay, keep, BlockByBlock).unwrap();
-                let top = saved.pop().unwrap();
-                let l = model.blocks.len() - 1;
-                let products = match top.products.is_empty() {
-                    true => Products::Compute,
-                    false => Products::Kept(&top.products),
-                };
-                let present = p.present(l);
-                let rows = lay.rows();
+        let adapters = [
+            p.lowered(model.dtype).unwrap(),
+            other.lowered(model.dtype).unwrap(),
+        ];
+        let layout = |rows: Vec<_>| batch::layout(&rows, &model.cfg).unwrap();
+        let plain = [layout(rows(96, &[11, 7], 3)), layout(rows(96, &[11, 7], 4))];
+        let packed = [
+            layout(packed_rows(96, &[5, 7, 9], 5, 24)),
+            layout(packed_rows(96, &[9, 4, 8], 6, 24)),
+        ];
+        assert!(packed.iter().all(|l| l.mask.is_some() && l.rope.is_some()));
+        assert_eq!((packed[0].b, packed[0].t), (packed[1].b, packed[1].t));
+        for (name, lays) in [("plain", &plain), ("packed", &packed)] {
+            for keep in [0, 2] {
                 for call in 0..2 {
-                    // A different output gradient (and input) each call.
-                    let dx = top
-                        .input
-                        .multiply(Array::from_f32(0.5 + call as f32))
-                        .unwrap();
-                    let input = top.input.add(Array::from_f32(0.01 * call as f32)).unwrap();
-                    let compiled = your_ai::engine::mlx::compiled::block_backward(
-                        &model,
-                        l,
-                        input.clone(),
-                        p.block_tensors(l),
-                        &dx,
-                        (present, p.scale()),
-                        &rows,
-                        products,
-                    )
-                    .unwrap();
-                    let f = |args: &[Array]| {
-                        let pairs = unflatten(&present, &args[1..]);
-                        let (out, _) = block::forward(
+                    let (p, lay) = (&adapters[call], &lays[call]);
+                    let (_, mut saved) =
+                        step::forward(&model, Some(p), lay, keep, BlockByBlock).unwrap();
+                    let rows = lay.rows();
+                    for l in (0..model.blocks.len()).rev() {
+                        let block = saved.pop().unwrap();
+                        let products = match block.products.is_empty() {
+                            true => Products::Compute,
+                            false => Products::Kept(&block.products),
+                        };
+                        let present = p.present(l);
+                        let dx = block
+                            .input
+                            .multiply(Array::from_f32(0.5 + call as f32))
+                            .unwrap();
+                        let got = compiled::block_backward(
                             &model,
                             l,
-                            &args[0],
-                            &pairs,
-                            p.scale(),
+                            block.input.clone(),
+                            p.block_tensors(l),
+                            &dx,
+                            (present, p.scale()),
                             &rows,
                             products,
-                        )?;
-                        Ok(vec![out])
-                    };
-                    let mut primals = vec![input];
-                    primals.extend(p.block_tensors(l));
-                    let (_, reference) =
-                        fallible_vjp(f, &primals, std::slice::from_ref(&dx)).unwrap();
-                    assert_eq!(compiled.len(), reference.len());
-                    let tol = if dtype == DType::F32 { 1e-5 } else { 2e-2 };
-                    for (i, (c, r)) in compiled.iter().zip(&reference).enumerate() {
-                        let (c, r) = (host(c), host(r));
-                        let scale = r.iter().fold(0f32, |m, v| m.max(v.abs()));
-                        assert!(scale > 0.0, "gradient {i} is zero");
-                        let worst = c
-                            .iter()
-                            .zip(&r)
-                            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-                        assert!(
-                            worst <= tol * scale,
-                            "{dtype:?} {name} keep {keep} call {call}: gradient {i} differs by \
-                             {worst} (scale {scale})"
-                        );
+                        )
+                        .unwrap();
+                        let f = |args: &[Array]| {
+                            let pairs = unflatten(&present, &args[1..]);
+                            let (out, _) = block::forward(
+                                &model,
+                                l,
+                                &args[0],
+                                &pairs,
+                                p.scale(),
+                                &rows,
+                                products,
+                            )?;
+                            Ok(vec![out])
+                        };
+                        let mut primals = vec![block.input.clone()];
+                        primals.extend(p.block_tensors(l));
+                        let (_, want) =
+                            fallible_vjp(f, &primals, std::slice::from_ref(&dx)).unwrap();
+                        assert_eq!(got.len(), want.len());
+                        let tol = if dtype == DType::F32 { 1e-5 } else { 2e-2 };
+                        for (i, (c, r)) in got.iter().zip(&want).enumerate() {
+                            let (c, r) = (host(c), host(r));
+                            let scale = r.iter().fold(0f32, |m, v| m.max(v.abs()));
+                            assert!(scale > 0.0, "gradient {i} is zero");
+                            let worst = c
+                                .iter()
+                                .zip(&r)
+                                .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+                            assert!(
+                                worst <= tol * scale,
+                                "{dtype:?} {name} keep {keep} call {call} block {l}: gradient \
+                                 {i} differs by {worst} (scale {scale})"
+                            );
+                        }
                     }
                 }
             }

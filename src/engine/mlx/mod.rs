@@ -352,17 +352,17 @@ impl Engine for MlxEngine {
                     .iter()
                     .map(|t| convert::to_array(t, Dtype::Float32))
                     .collect::<Result<Vec<_>>>()?;
-                let banks = params::join(&arrays)?;
-                let held = banks.each_ref().map(Array::size);
-                if arrays.len() != params.tensors().len() || held != sizes {
+                let held: Vec<&[i32]> = arrays.iter().map(Array::shape).collect();
+                let want: Vec<&[i32]> = params.shapes().iter().map(|s| &s[..]).collect();
+                if held != want {
                     return Err(Error::Usage(format!(
-                        "the optimizer state holds {} tensors ({held:?} values) for an adapter \
-                         of {} ({sizes:?})",
-                        arrays.len(),
-                        params.tensors().len()
+                        "the optimizer state's moments ({} tensors) do not match the adapter's \
+                         {} tensors in shape and order: the checkpoint is of another adapter",
+                        held.len(),
+                        want.len()
                     )));
                 }
-                Ok(banks.to_vec())
+                Ok(params::join(&arrays)?.to_vec())
             };
             opt.t = s.t;
             opt.m = on(&s.m)?;

@@ -66,6 +66,19 @@ impl Params {
                 ))),
             })
             .collect::<R<Vec<_>>>()?;
+        // A bank is one MLX array, whose dimensions and offsets are 32-bit.
+        let mut sizes = [0u64; 2];
+        for (i, [r, c]) in shapes.iter().enumerate() {
+            sizes[i % 2] += *r as u64 * *c as u64;
+        }
+        if let Some(n) = sizes.iter().find(|&&n| n > i32::MAX as u64) {
+            return Err(crate::error::Error::Usage(format!(
+                "the MLX engine holds the adapter's A and B matrices in two vectors of at most \
+                 {} values, and this adapter needs {n}: use a lower --lora-rank, fewer \
+                 --lora-targets or --num-layers, or --engine candle",
+                i32::MAX
+            )));
+        }
         let banks = join(&tensors)?;
         mlx_rs::transforms::eval(&banks)?;
         let pairs = pairs_of(&banks, &shapes, &slots)?;
@@ -79,8 +92,15 @@ impl Params {
         })
     }
 
-    /// The adapter on the host (of the trained tensors, not of [`Params::lowered`]'s).
+    /// The adapter on the host (of the trained tensors: [`Params::lowered`]'s are refused).
     pub fn to_adapter(&self) -> Result<Adapter> {
+        if self.scale != self.cfg.scale() as f32 {
+            return Err(crate::error::Error::Usage(
+                "the adapter as a step computes with it (its scale folded into A) is not the \
+                 adapter to save"
+                    .into(),
+            ));
+        }
         let pairs = self
             .pairs
             .iter()
@@ -104,8 +124,8 @@ impl Params {
     }
 
     /// The adapter as a step computes with it: in `dtype`, with the LoRA scale folded into
-    /// the A bank (`s·A`, and a block scale of 1). One multiply and a cast a bank; the same
-    /// arrays where there is nothing to do. Gradients with respect to its tensors become the
+    /// the A bank (`s·A`, and a block scale of 1). One multiply and a cast a bank, made once a
+    /// micro-batch (or evaluation batch); the same arrays where there is nothing to do. Gradients with respect to its tensors become the
     /// adapter's by [`Params::raised`].
     pub fn lowered(&self, dtype: Dtype) -> R<Self> {
         let [a, b] = &self.banks;
@@ -121,6 +141,13 @@ impl Params {
     /// back where [`Params::lowered`] folded the scale into it.
     pub fn raised(&self, grads: &[Array]) -> R<Banks> {
         let [a, b] = join(grads)?;
+        let got = [a.size(), b.size()];
+        if got != self.bank_sizes() {
+            return Err(Exception::custom(format!(
+                "the step's gradients hold {got:?} values, the adapter {:?}",
+                self.bank_sizes()
+            )));
+        }
         let fold = self.cfg.scale() as f32 / self.scale;
         let a = match fold {
             1.0 => a,
@@ -144,6 +171,11 @@ impl Params {
             slots: self.slots.clone(),
             pairs,
         })
+    }
+
+    /// Each tensor's shape, in adapter order.
+    pub fn shapes(&self) -> &[[i32; 2]] {
+        &self.shapes
     }
 
     /// Values in each bank.

@@ -81,13 +81,8 @@ pub fn block_backward(
     let mut primals = vec![input];
     primals.extend(lora);
     if !enabled() || rows.dropout.is_some() {
-        let f = |args: &[Array]| -> R<Vec<Array>> {
-            let pairs = params::unflatten(&present, &args[1..]);
-            let (out, _) = block::forward(model, layer, &args[0], &pairs, scale, rows, products)?;
-            Ok(vec![out])
-        };
-        let (_, grads) = fallible_vjp(f, &primals, std::slice::from_ref(dx))?;
-        return Ok(grads);
+        let how = (layer, present, scale);
+        return differentiate(model, how, rows, products, &primals, dx);
     }
     let key = Key {
         layer,
@@ -116,6 +111,25 @@ pub fn block_backward(
         .entry(key)
         .or_insert_with(|| trace(model.clone(), key, n, kept.len()));
     f(&args)
+}
+
+/// MLX's autograd on block `layer` (its targets `present`, at LoRA scale `scale`): the
+/// gradients for `primals` (the block's input, then its LoRA tensors) given `dx`.
+fn differentiate(
+    model: &Model,
+    (layer, present, scale): (usize, [bool; 7], f32),
+    rows: &Rows,
+    products: Products,
+    primals: &[Array],
+    dx: &Array,
+) -> R<Vec<Array>> {
+    let f = |args: &[Array]| -> R<Vec<Array>> {
+        let pairs = params::unflatten(&present, &args[1..]);
+        let (out, _) = block::forward(model, layer, &args[0], &pairs, scale, rows, products)?;
+        Ok(vec![out])
+    };
+    let (_, grads) = fallible_vjp(f, primals, std::slice::from_ref(dx))?;
+    Ok(grads)
 }
 
 /// The compiled backward for `key`: its arguments are the block's input and LoRA tensors (`n`
@@ -153,15 +167,8 @@ fn trace(model: Model, key: Key, n: usize, kept: usize) -> Compiled {
         } else {
             Products::Compute
         };
-        let scale = f32::from_bits(key.scale);
-        let f = |a: &[Array]| -> R<Vec<Array>> {
-            let pairs = params::unflatten(&key.present, &a[1..]);
-            let (out, _) =
-                block::forward(&model, key.layer, &a[0], &pairs, scale, &rows, products)?;
-            Ok(vec![out])
-        };
-        let (_, grads) = fallible_vjp(f, primals, dx)?;
-        Ok(grads)
+        let how = (key.layer, key.present, f32::from_bits(key.scale));
+        differentiate(&model, how, &rows, products, primals, &dx[0])
     };
     let mut compiled = mlx_rs::transforms::compile::compile(f, false);
     Box::new(move |a: &[Array]| compiled(a))

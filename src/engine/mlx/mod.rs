@@ -302,12 +302,10 @@ impl Engine for MlxEngine {
             lr,
         )?;
         eval(new.iter().chain(&opt.m).chain(&opt.v))?;
-        let [Some(a), Some(b)] = [new.first(), new.get(1)] else {
-            return Err(Error::Usage(
-                "AdamW returned fewer banks than it took".into(),
-            ));
-        };
-        *params = params.with([a.clone(), b.clone()])?;
+        let banks: params::Banks = new
+            .try_into()
+            .map_err(|_| Error::Usage("AdamW returned other than two banks".into()))?;
+        *params = params.with(banks)?;
         memory::mlx::clear_cache()?;
         Ok(())
     }
@@ -326,11 +324,8 @@ impl Engine for MlxEngine {
         let params = self.params()?;
         // A tensor a moment, as the candle engine keeps them and checkpoints hold them.
         let host = |banks: &[Array]| {
-            let [a, b] = banks else {
-                return Err(Error::Usage("AdamW holds two banks of moments".into()));
-            };
             params
-                .split(&[a.clone(), b.clone()])?
+                .split(banks)?
                 .iter()
                 .map(convert::to_tensor)
                 .collect::<Result<Vec<_>>>()

@@ -3,9 +3,9 @@
 //!
 //! The adapter, its gradients and the moments are each held in two vectors (the banks of
 //! [`super::params::Params`]), and the update is one compiled function a bank (MLX fuses its
-//! element-wise ops: three kernels on CUDA). Written op by op it was about thirteen kernels a tensor, and compiled but
-//! a tensor at a time three: 1,500 and then 340 small kernels a step for an eight-block model
-//! on an H200, four times that at 32 blocks, each built by the host.
+//! element-wise ops: three kernels on CUDA). Written op by op it was about thirteen kernels a
+//! tensor, and compiled but a tensor at a time three: 1,500 and then 340 small kernels a step
+//! for an eight-block model on an H200, four times that at 32 blocks, each built by the host.
 
 use mlx_rs::error::Exception;
 use mlx_rs::{Array, Dtype};

@@ -7,7 +7,7 @@
 //! build than the GPU to run. The pairs by block and target are views of the banks.
 //!
 //! A bank of its own for the A matrices lets the step fold the LoRA scale into them
-//! ([`Params::lowered`]: `s·A`, one multiply a step), so the blocks add `x (sA)ᵀ Bᵀ` with no
+//! ([`Params::lowered`]: `s·A`, one multiply a micro-batch), so the blocks add `x (sA)ᵀ Bᵀ` with no
 //! scaling of their own. Scaled in the block (an `addmm` with α = s), the backward multiplied
 //! each `[rows, out]` cotangent by s twice, once for each factor's gradient: fourteen
 //! full-size multiplies a block.
@@ -67,11 +67,7 @@ impl Params {
             })
             .collect::<R<Vec<_>>>()?;
         // A bank is one MLX array, whose dimensions and offsets are 32-bit.
-        let mut sizes = [0u64; 2];
-        for (i, [r, c]) in shapes.iter().enumerate() {
-            sizes[i % 2] += *r as u64 * *c as u64;
-        }
-        if let Some(n) = sizes.iter().find(|&&n| n > i32::MAX as u64) {
+        if let Some(n) = totals(&shapes).into_iter().find(|&n| n > i32::MAX as u64) {
             return Err(crate::error::Error::Usage(format!(
                 "the MLX engine holds the adapter's A and B matrices in two vectors of at most \
                  {} values, and this adapter needs {n}: use a lower --lora-rank, fewer \
@@ -125,8 +121,8 @@ impl Params {
 
     /// The adapter as a step computes with it: in `dtype`, with the LoRA scale folded into
     /// the A bank (`s·A`, and a block scale of 1). One multiply and a cast a bank, made once a
-    /// micro-batch (or evaluation batch); the same arrays where there is nothing to do. Gradients with respect to its tensors become the
-    /// adapter's by [`Params::raised`].
+    /// micro-batch (or evaluation batch); the same arrays where there is nothing to do.
+    /// Gradients with respect to its tensors become the adapter's by [`Params::raised`].
     pub fn lowered(&self, dtype: Dtype) -> R<Self> {
         let [a, b] = &self.banks;
         let a = match self.scale {
@@ -180,11 +176,7 @@ impl Params {
 
     /// Values in each bank.
     pub fn bank_sizes(&self) -> [usize; 2] {
-        let mut out = [0, 0];
-        for (i, [r, c]) in self.shapes.iter().enumerate() {
-            out[i % 2] += (r * c) as usize;
-        }
-        out
+        totals(&self.shapes).map(|n| n as usize)
     }
 
     /// What the blocks scale the low-rank term by.
@@ -226,13 +218,8 @@ impl Params {
 
     /// `banks` (laid out as [`Params::banks`]: gradients, AdamW's moments) as one view a
     /// tensor, in adapter order.
-    pub fn split(&self, banks: &Banks) -> R<Vec<Array>> {
-        let mut views = views(banks, &self.shapes)?.into_iter();
-        let mut out = vec![];
-        while let (Some(a), Some(b)) = (views.next(), views.next()) {
-            out.extend([a, b]);
-        }
-        Ok(out)
+    pub fn split(&self, banks: &[Array]) -> R<Vec<Array>> {
+        views(banks, &self.shapes)
     }
 }
 
@@ -255,17 +242,27 @@ pub fn join(tensors: &[Array]) -> R<Banks> {
     Ok([bank(0)?, bank(1)?])
 }
 
+/// Values in each bank for tensors of `shapes` (adapter order: A, B, A, B, ...).
+fn totals(shapes: &[[i32; 2]]) -> [u64; 2] {
+    let mut out = [0, 0];
+    for (i, [r, c]) in shapes.iter().enumerate() {
+        out[i % 2] += *r as u64 * *c as u64;
+    }
+    out
+}
+
 /// Views of the banks as tensors of `shapes` (adapter order): A, B, A, B, ...
-fn views(banks: &Banks, shapes: &[[i32; 2]]) -> R<Vec<Array>> {
+fn views(banks: &[Array], shapes: &[[i32; 2]]) -> R<Vec<Array>> {
     let mut starts = [0, 0];
     shapes
         .iter()
         .enumerate()
         .map(|(i, &[r, c])| {
             let start = &mut starts[i % 2];
-            let view = banks[i % 2]
-                .try_index(*start..*start + r * c)?
-                .reshape(&[r, c])?;
+            let bank = banks
+                .get(i % 2)
+                .ok_or_else(|| Exception::custom("an adapter is held in two banks"))?;
+            let view = bank.try_index(*start..*start + r * c)?.reshape(&[r, c])?;
             *start += r * c;
             Ok(view)
         })

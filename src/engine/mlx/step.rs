@@ -141,9 +141,9 @@ fn pairs_of(params: &Params, layer: usize) -> block::Pairs<'_> {
 }
 
 /// The adapter as the step differentiates it: in the dtype of the low-rank products
-/// ([`block::lora_dtype`]), its scale folded into A ([`Params::lowered`]), made once a micro-batch
-/// rather than cast in every block's forward and again in its recompute (on an 8B step on an
-/// H200, 28 small casts a block, a tenth of the step's kernels).
+/// ([`block::lora_dtype`]), its scale folded into A ([`Params::lowered`]), made once a
+/// micro-batch rather than cast in every block's forward and again in its recompute (on an 8B
+/// step on an H200, 28 small casts a block, a tenth of the step's kernels).
 pub fn lowered(model: &Model, params: &Params) -> R<Params> {
     params.lowered(block::lora_dtype(model.dtype))
 }

@@ -143,7 +143,7 @@ pub fn estimate(cfg: &ModelConfig, w: &Workload, host: WeightFormat, gpu: bool) 
     // estimate was 49% over the measured peak on MLX's CPU backend).
     let cache = work.saturating_sub(products + in_flight).min(CACHE_CAP);
     // The update: the gradients and AdamW's new moments beside the old. (As much as when the
-    // step joins its gradients into one f32 vector: in half precision, the gradients, joined
+    // step joins its gradients into two f32 vectors: in half precision, the gradients, joined
     // in the compute dtype and cast.)
     let update = 8 * params;
     let (work_name, dynamic) = largest([(work_name, work + cache), ("optimizer update", update)]);

@@ -23,7 +23,7 @@ use your_ai::model::lora::{Adapter, LoraConfig, Target};
 use your_ai::model::{load, LoadOptions};
 
 /// Primitives that make a view of their input (no kernel on a GPU when it is contiguous).
-const VIEWS: [&str; 9] = [
+const VIEWS: [&str; 10] = [
     "Transpose",
     "Broadcast",
     "Reshape",
@@ -33,6 +33,7 @@ const VIEWS: [&str; 9] = [
     "Flatten",
     "Unflatten",
     "AsStrided",
+    "Split",
 ];
 
 type Res<T> = Result<T, Box<dyn std::error::Error>>;

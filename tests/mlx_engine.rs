@@ -508,10 +508,12 @@ fn mlx_bf16_run_holds_no_f64_array() {
 }
 
 /// A GGUF's Q4_0, Q4_1 and Q8_0 blocks become MLX's affine quantization block for block: MLX's
-/// dequantization of each block linear equals candle's dequantization of the blocks, exactly.
+/// dequantization of each block linear (joined by input: its targets' blocks in order) equals
+/// candle's dequantization of the blocks, exactly.
 #[test]
 fn mlx_holds_a_gguf_s_blocks_exactly() {
     use candle_core::quantized::GgmlDType;
+    use your_ai::engine::mlx::lowered::GROUPS;
     use your_ai::engine::mlx::weights::{Linear, Model, GROUP};
     let _s = serial();
     let tmp = tempfile::tempdir().unwrap();
@@ -532,20 +534,28 @@ fn mlx_holds_a_gguf_s_blocks_exactly() {
         let llama = load(path.to_str().unwrap(), &opts(DType::F32, Some(bits)), None)
             .unwrap()
             .model;
+        // Each joined linear's weights: its targets' rows in order.
         let dense: Vec<Vec<f32>> = llama
             .blocks
             .iter()
-            .flat_map(|b| b.linears().map(|l| l.weight.clone()))
-            .map(|w| {
-                w.dense(DType::F32)
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1()
-                    .unwrap()
+            .flat_map(|b| {
+                let l = b.linears();
+                GROUPS.map(|g| {
+                    g.flat_map(|t| {
+                        l[t].weight
+                            .dense(DType::F32)
+                            .unwrap()
+                            .flatten_all()
+                            .unwrap()
+                            .to_vec1::<f32>()
+                            .unwrap()
+                    })
+                    .collect()
+                })
             })
             .collect();
         let model = Model::from_llama(llama, Dtype::Float32, Some(bits.bits() as i32)).unwrap();
+        assert_eq!(dense.len(), 4 * model.blocks.len());
         let held = model.blocks.iter().flat_map(|b| b.linears.iter());
         for (i, (lin, want)) in held.zip(&dense).enumerate() {
             let Linear::Quantized {

@@ -44,10 +44,11 @@ fn mlx_the_step_is_computed_block_by_block() {
     let dir = tiny_dir();
     let (model, a) = tiny_mlx(dir.path(), DType::F32);
     let p = Params::from_adapter(&a).unwrap();
+    let low = step::lowered(&model, &p).unwrap();
     let lay = batch::layout(&rows(96, &[11, 7], 3), &model.cfg).unwrap();
     let mut results: Vec<Vec<Vec<f32>>> = vec![];
     for (mode, now) in [(BlockByBlock, true), (Pipelined, true), (Deferred, false)] {
-        let (x, inputs) = step::forward(&model, Some(&p), &lay, 0, mode).unwrap();
+        let (x, inputs) = step::forward(&model, Some(&low), &lay, 0, mode).unwrap();
         assert_eq!(inputs.len(), 2);
         for (i, v) in inputs.iter().map(|s| &s.input).chain([&x]).enumerate() {
             assert_eq!(computed(v), now, "{mode:?}: forward output {i}");
@@ -57,8 +58,9 @@ fn mlx_the_step_is_computed_block_by_block() {
         for v in [&dx, &ce, &weighted] {
             assert_eq!(computed(v), now, "{mode:?}: head");
         }
-        let grads = step::backward(&model, &p, &lay, inputs, dx, mode).unwrap();
-        assert_eq!(grads.len(), p.tensors().len());
+        let grads = step::backward(&model, &low, &lay, inputs, dx, mode).unwrap();
+        // A and B of each joined linear: four a block.
+        assert_eq!(grads.len(), 2 * 4 * model.blocks.len());
         for g in &grads {
             assert_eq!(computed(g), now, "{mode:?}: a block's gradient");
         }
@@ -79,7 +81,8 @@ fn mlx_the_step_is_computed_block_by_block() {
 
 /// A block that keeps its frozen products from the forward (`--keep-activations`) is
 /// differentiated on them, not on a recompute: the loss and every LoRA gradient are those of
-/// the recompute (with LoRA dropout too), and only the kept blocks hold products, seven each.
+/// the recompute (with LoRA dropout too), and only the kept blocks hold products, one a joined
+/// linear (four).
 #[test]
 fn mlx_kept_products_give_the_recompute_s_gradients() {
     let _s = serial();
@@ -90,9 +93,10 @@ fn mlx_kept_products_give_the_recompute_s_gradients() {
     for dropout in [None, Some((0.3, 11))] {
         let mut lay = batch::layout(&rows(96, &[11, 7], 3), &model.cfg).unwrap();
         lay.dropout = dropout;
-        let (_, saved) = step::forward(&model, Some(&p), &lay, 1, BlockByBlock).unwrap();
+        let low = step::lowered(&model, &p).unwrap();
+        let (_, saved) = step::forward(&model, Some(&low), &lay, 1, BlockByBlock).unwrap();
         let held: Vec<usize> = saved.iter().map(|s| s.products.len()).collect();
-        assert_eq!(held, [0, 7], "the top block keeps its products");
+        assert_eq!(held, [0, 4], "the top block keeps its products");
         let step = |keep| {
             step::forward_backward(
                 &model,
@@ -133,39 +137,33 @@ fn mlx_kept_products_give_the_recompute_s_gradients() {
     }
 }
 
-/// In bf16 the step casts the adapter to bf16 once, the LoRA scale folded into A
-/// (`Params::lowered`), and its gradients back to f32 once (`Params::raised`), not in every
-/// block's forward and recompute: the same gradients, bit for bit, as casting inside each block
-/// and scaling there (the scale, 2, is a power of two, so folding it moves no rounding).
+/// A block's linears that share an input are one product with one low-rank term (q, k and v;
+/// o; gate and up; down): four `addmm`s a block, where each of seven linears had its own, and
+/// four thin products `x Aᵀ` in the forward. With LoRA dropout each target draws its own mask,
+/// so the group's thin products are one per target again (seven), joined before the `addmm`.
 #[test]
-fn mlx_the_adapter_cast_once_a_step_gives_the_same_gradients() {
+fn mlx_linears_sharing_an_input_are_one_product() {
     let _s = serial();
     let dir = tiny_dir();
     let (model, a) = tiny_mlx(dir.path(), DType::BF16);
     let p = Params::from_adapter(&a).unwrap();
-    let lay = batch::layout(&rows(96, &[11, 7], 3), &model.cfg).unwrap();
-    let once = step::forward_backward(
-        &model,
-        &p,
-        &lay,
-        (1.0, 0),
-        Pipelined,
-        &mut Profile::default(),
-    )
-    .unwrap();
-    let (x, inputs) = step::forward(&model, Some(&p), &lay, 0, Pipelined).unwrap();
-    let (dx, ce, _) =
-        step::head_backward(&model, &x, &lay, &lay.target_weights, Pipelined).unwrap();
-    let per_block = step::backward(&model, &p, &lay, inputs, dx, Pipelined).unwrap();
-    assert_eq!(host(&once.ce), host(&ce));
-    let once = p.split(&once.grad).unwrap();
-    assert_eq!(once.len(), per_block.len());
-    for (i, (g, h)) in once.iter().zip(&per_block).enumerate() {
-        assert_eq!(g.dtype(), mlx_rs::Dtype::Float32, "gradient {i}");
-        assert_eq!(h.dtype(), mlx_rs::Dtype::Float32, "gradient {i}");
-        let (g, h) = (host(g), host(h));
-        assert!(g.iter().any(|v| *v != 0.0), "gradient {i} is zero");
-        assert_eq!(g, h, "gradient {i}");
+    let low = step::lowered(&model, &p).unwrap();
+    let blocks = model.blocks.len();
+    for dropout in [None, Some((0.2, 5))] {
+        let mut lay = batch::layout(&rows(96, &[11, 7], 3), &model.cfg).unwrap();
+        lay.dropout = dropout;
+        let count = |params| {
+            let (x, _) = step::forward(&model, params, &lay, 0, Deferred).unwrap();
+            let nodes = graph::census(&graph::print(&[&x]).unwrap());
+            let get = |k: &str| nodes.get(k).copied().unwrap_or(0);
+            (get("Matmul"), get("AddMM"))
+        };
+        let (plain, none) = count(None);
+        assert_eq!(none, 0);
+        let (adapted, addmm) = count(Some(&low));
+        assert_eq!(addmm, 4 * blocks, "{dropout:?}");
+        let thin = if dropout.is_some() { 7 } else { 4 };
+        assert_eq!(adapted - plain, thin * blocks, "{dropout:?}");
     }
 }
 
@@ -211,7 +209,7 @@ fn mlx_the_lora_scale_is_folded_into_a() {
 fn mlx_a_compiled_block_backward_matches_autograd() {
     use mlx_rs::transforms::fallible_vjp;
     use your_ai::engine::mlx::block::{self, Products};
-    use your_ai::engine::mlx::{compiled, params::unflatten};
+    use your_ai::engine::mlx::{compiled, lowered::BlockLora};
     let _s = serial();
     assert!(
         compiled::enabled(),
@@ -229,8 +227,8 @@ fn mlx_a_compiled_block_backward_matches_autograd() {
             ])
             .unwrap();
         let adapters = [
-            p.lowered(model.dtype).unwrap(),
-            other.lowered(model.dtype).unwrap(),
+            step::lowered(&model, &p).unwrap(),
+            step::lowered(&model, &other).unwrap(),
         ];
         let layout = |rows: Vec<_>| batch::layout(&rows, &model.cfg).unwrap();
         let plain = [layout(rows(96, &[11, 7], 3)), layout(rows(96, &[11, 7], 4))];
@@ -264,22 +262,15 @@ fn mlx_a_compiled_block_backward_matches_autograd() {
                             block.input.clone(),
                             p.block_tensors(l),
                             &dx,
-                            (present, p.scale()),
+                            (present, p.rank()),
                             &rows,
                             products,
                         )
                         .unwrap();
                         let f = |args: &[Array]| {
-                            let pairs = unflatten(&present, &args[1..]);
-                            let (out, _) = block::forward(
-                                &model,
-                                l,
-                                &args[0],
-                                &pairs,
-                                p.scale(),
-                                &rows,
-                                products,
-                            )?;
+                            let lora = BlockLora::unflatten(present, p.rank(), &args[1..]);
+                            let (out, _) =
+                                block::forward(&model, l, &args[0], &lora, &rows, products)?;
                             Ok(vec![out])
                         };
                         let mut primals = vec![block.input.clone()];

@@ -34,6 +34,10 @@ impl Target {
         Target::Down,
     ];
 
+    /// The targets whose linears read the same input, as ranges of [`Target::index`]: q, k
+    /// and v; o; gate and up; down. (The MLX engine computes each range as one product.)
+    pub const BY_INPUT: [std::ops::Range<usize>; 4] = [0..3, 3..4, 4..6, 6..7];
+
     pub fn index(self) -> usize {
         self as usize
     }

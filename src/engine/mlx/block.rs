@@ -1,40 +1,39 @@
 //! One transformer block's forward on MLX's fused ops (RMSNorm, RoPE, scaled-dot-product
-//! attention), written once: the step runs it without a graph in the forward and
+//! attention) and its joined linears ([`super::lowered`]), written once: the step runs it without a graph in the forward and
 //! differentiates it, block by block, in the backward (MLX's autograd per block, on a
 //! recompute from the block's saved input, and its frozen products where they were kept).
 
 use super::batch::Rows;
 use super::kept;
+use super::lowered::{BlockLora, GROUPS};
 use super::weights::Model;
 use mlx_rs::error::Exception;
 use mlx_rs::fast::{rms_norm, rope, scaled_dot_product_attention, ScaledDotProductAttentionMask};
+use mlx_rs::ops::indexing::TryIndexOp;
 use mlx_rs::ops::{addmm, concatenate, sigmoid};
 use mlx_rs::{Array, Dtype};
 use std::cell::RefCell;
 
 type R<T> = Result<T, Exception>;
 
-/// Where a block's frozen products (`x Wᵀ` of its seven linears) come from.
+/// Where a block's frozen products (`x Wᵀ` of its joined linears) come from.
 #[derive(Clone, Copy)]
 pub enum Products<'a> {
     /// Computed.
     Compute,
     /// Computed, and returned to be kept: the forward of a block that keeps its activations.
     Keep,
-    /// Those kept by [`Products::Keep`], in [`crate::model::lora::Target`] order: the
-    /// backward's recompute then skips the big matmuls ([`kept`]).
+    /// Those kept by [`Products::Keep`], one a joined linear ([`super::lowered::GROUPS`]
+    /// order): the backward's recompute then skips the big matmuls ([`kept`]).
     Kept(&'a [Array]),
 }
-
-/// A block's LoRA pairs by target: `(A [r, in], B [out, r])`, f32.
-pub type Pairs<'a> = [Option<(&'a Array, &'a Array)>; 7];
 
 /// The dtype of the low-rank products: the model's. In bf16 on an H200 (eight 8B-shaped
 /// blocks, 2048 tokens) the step took 0.085 s against 0.105 s in f32, whose casts of every
 /// input and product and slow f32 matrix products cost more than the thin products themselves;
 /// the losses agreed to 1e-4 over ten steps. The training step casts A and B once a
-/// micro-batch and their gradients back to f32 (`Params::lowered`, `Params::raised`), and so
-/// does evaluation.
+/// micro-batch and their gradients back to f32 ([`super::lowered::Lowered`]), and so does
+/// evaluation.
 /// A, B and AdamW stay f32 (mlx-lm's LoRA computes in the model's dtype too).
 /// `YOUR_AI_MLX_LORA=f32` (read once) keeps the products in f32.
 pub fn lora_dtype(model: Dtype) -> Dtype {
@@ -45,36 +44,45 @@ pub fn lora_dtype(model: Dtype) -> Dtype {
     }
 }
 
-/// `y + s · (x' Aᵀ) Bᵀ` for the frozen product `y = x Wᵀ`: the low-rank term as two thin
-/// matmuls in [`lora_dtype`] (never `W + BA`). In the model's dtype the second is one `addmm`
-/// that writes the sum (a GEMM with β = 1 and α = s): no product, scaling or addition of its
-/// own over `y`'s `[rows, out]`. The training step folds s into A (`Params::lowered`), so α is
-/// 1 there: addmm's vector-Jacobian product multiplies the `[rows, out]` cotangent by α for
-/// each factor's gradient. `x'` is `dropped` (the input after LoRA dropout) when given, else
-/// `x`.
+/// `y + (x' Aᵀ) Bᵀ` for the frozen product `y = x Wᵀ` of a joined linear, `A` its targets'
+/// A matrices stacked (`[k·r, in]`, the scale folded in) and `B` block-diagonal
+/// (`[Σ out, k·r]`): the low-rank term as two thin matmuls in [`lora_dtype`] (never
+/// `W + BA`). In the model's dtype the second is one `addmm` that writes the sum (a GEMM with
+/// β = 1): no product or addition of its own over `y`'s `[rows, out]`. `x'` is `x`, or with
+/// LoRA dropout each target's own dropped copy of it (`dropped`, one a row block of `A`),
+/// whose thin products are joined.
 pub fn lora_linear(
     y: Array,
     x: &Array,
-    pair: Option<(&Array, &Array)>,
-    scale: f32,
-    dropped: Option<&Array>,
+    term: Option<(&Array, &Array)>,
+    dropped: Option<&[Array]>,
+    rank: i32,
 ) -> R<Array> {
-    match pair {
-        None => Ok(y),
-        Some((a, b)) => {
-            let dtype = lora_dtype(y.dtype());
-            let xa = dropped
-                .unwrap_or(x)
-                .as_dtype(dtype)?
-                .matmul(a.as_dtype(dtype)?.t())?;
-            let b = b.as_dtype(dtype)?;
-            if dtype == y.dtype() {
-                addmm(&y, &xa, b.t(), scale, 1.0)
-            } else {
-                let delta = xa.matmul(b.t())?.multiply(Array::from_f32(scale))?;
-                y.add(delta.as_dtype(y.dtype())?)
-            }
+    let Some((a, b)) = term else {
+        return Ok(y);
+    };
+    let dtype = lora_dtype(y.dtype());
+    let a = a.as_dtype(dtype)?;
+    let xa = match dropped {
+        None => x.as_dtype(dtype)?.matmul(a.t())?,
+        Some(xs) => {
+            let parts = xs
+                .iter()
+                .enumerate()
+                .map(|(j, xj)| {
+                    let j = j as i32;
+                    let aj = a.try_index(j * rank..(j + 1) * rank)?;
+                    xj.as_dtype(dtype)?.matmul(aj.t())
+                })
+                .collect::<R<Vec<_>>>()?;
+            concatenate(&parts, 1)?
         }
+    };
+    let b = b.as_dtype(dtype)?;
+    if dtype == y.dtype() {
+        addmm(&y, &xa, b.t(), 1.0, 1.0)
+    } else {
+        y.add(xa.matmul(b.t())?.as_dtype(y.dtype())?)
     }
 }
 
@@ -110,15 +118,17 @@ fn rotate_at(y: &Array, cos: &Array, sin: &Array) -> R<Array> {
     )
 }
 
-/// Block `layer` on `x` (`[B·T, hidden]`) with `pairs` at LoRA scale `scale`, its frozen
+/// Block `layer` on `x` (`[B·T, hidden]`) with the low-rank terms `lora`, its frozen
 /// products from `products`: the output, and the products under [`Products::Keep`] (none
 /// otherwise).
+///
+/// The joined q, k and v product is split by views: heads `[B, T, nh + 2·nkv, d]`, then q and
+/// k rotated together (one RoPE) and split. Gate and up are views of their joined product.
 pub fn forward(
     model: &Model,
     layer: usize,
     x: &Array,
-    pairs: &Pairs,
-    scale: f32,
+    lora: &BlockLora,
     lay: &Rows,
     products: Products,
 ) -> R<(Array, Vec<Array>)> {
@@ -132,12 +142,12 @@ pub fn forward(
     );
     let eps = cfg.rms_norm_eps as f32;
     let keeping = RefCell::new(vec![]);
-    let proj = |i: usize, input: &Array| -> R<Array> {
-        let lin = &blk.linears[i];
+    let proj = |g: usize, input: &Array| -> R<Array> {
+        let lin = &blk.linears[g];
         let y = match products {
             Products::Kept(p) => {
                 let y = p
-                    .get(i)
+                    .get(g)
                     .ok_or_else(|| Exception::custom("a kept block lacks a frozen product"))?;
                 kept::product(y, input, lin)?
             }
@@ -146,14 +156,18 @@ pub fn forward(
         if let Products::Keep = products {
             keeping.borrow_mut().push(y.clone());
         }
-        let dropped = match (pairs[i], lay.dropout) {
-            (Some(_), Some((p, seed))) if p > 0.0 => Some(dropout(input, p, seed, layer, i)?),
+        let dropped = match (lora.groups[g], lay.dropout) {
+            (Some(_), Some((p, seed))) if p > 0.0 => Some(
+                GROUPS[g]
+                    .clone()
+                    .filter(|&t| lora.present[t])
+                    .map(|t| dropout(input, p, seed, layer, t))
+                    .collect::<R<Vec<_>>>()?,
+            ),
             _ => None,
         };
-        lora_linear(y, input, pairs[i], scale, dropped.as_ref())
+        lora_linear(y, input, lora.groups[g], dropped.as_deref(), lora.rank)
     };
-    let heads =
-        |y: Array, n: i32| -> R<Array> { y.reshape(&[b, t, n, d])?.transpose_axes(&[0, 2, 1, 3]) };
     let rotate = |y: Array| -> R<Array> {
         match lay.rope {
             None => rope(y, d, false, None, 1.0, 0, Some(&model.rope_freqs)),
@@ -162,9 +176,11 @@ pub fn forward(
     };
 
     let h1 = rms_norm(x, Some(&blk.input_norm), eps)?;
-    let q = rotate(heads(proj(0, &h1)?, nh)?)?;
-    let k = rotate(heads(proj(1, &h1)?, nkv)?)?;
-    let v = heads(proj(2, &h1)?, nkv)?;
+    let qkv = proj(0, &h1)?.reshape(&[b, t, nh + 2 * nkv, d])?;
+    let qk_v = qkv.split_at_indices(&[nh + nkv], 2)?;
+    let qk = rotate(qk_v[0].transpose_axes(&[0, 2, 1, 3])?)?.split_at_indices(&[nh], 1)?;
+    let v = qk_v[1].transpose_axes(&[0, 2, 1, 3])?;
+    let (q, k) = (&qk[0], &qk[1]);
     let scale_qk = 1.0 / (d as f32).sqrt();
     let attn = match lay.mask {
         None => scaled_dot_product_attention(
@@ -183,11 +199,11 @@ pub fn forward(
     let attn = attn
         .transpose_axes(&[0, 2, 1, 3])?
         .reshape(&[b * t, nh * d])?;
-    let xmid = x.add(proj(3, &attn)?)?;
+    let xmid = x.add(proj(1, &attn)?)?;
     let h2 = rms_norm(&xmid, Some(&blk.post_norm), eps)?;
-    let gate = proj(4, &h2)?;
-    let up = proj(5, &h2)?;
-    let act = gate.multiply(sigmoid(&gate)?)?.multiply(&up)?;
-    let out = xmid.add(proj(6, &act)?)?;
+    let gate_up = proj(2, &h2)?.split_at_indices(&[cfg.intermediate_size as i32], -1)?;
+    let (gate, up) = (&gate_up[0], &gate_up[1]);
+    let act = gate.multiply(sigmoid(gate)?)?.multiply(up)?;
+    let out = xmid.add(proj(3, &act)?)?;
     Ok((out, keeping.into_inner()))
 }

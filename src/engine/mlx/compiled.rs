@@ -16,7 +16,7 @@
 
 use super::batch::Rows;
 use super::block::{self, Products};
-use super::params;
+use super::lowered::BlockLora;
 use super::weights::Model;
 use mlx_rs::error::Exception;
 use mlx_rs::transforms::fallible_vjp;
@@ -30,7 +30,7 @@ type Compiled = Box<dyn FnMut(&[Array]) -> R<Vec<Array>>>;
 
 /// What a trace is good for: the block, the micro-batch's shape, which targets carry a pair,
 /// whether the block's frozen products are kept, whether there are a mask and RoPE tables,
-/// and the LoRA scale (as bits).
+/// and the adapter's rank.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 struct Key {
     layer: usize,
@@ -40,7 +40,7 @@ struct Key {
     kept: bool,
     mask: bool,
     rope: bool,
-    scale: u32,
+    rank: i32,
 }
 
 /// The compiled backward functions of a model's blocks. A clone is empty.
@@ -59,8 +59,8 @@ pub fn enabled() -> bool {
     *ON.get_or_init(|| std::env::var("YOUR_AI_MLX_COMPILE").as_deref() != Ok("0"))
 }
 
-/// Block `layer`'s backward: the gradients for its input and its LoRA tensors (`lora`, A then
-/// B of each pair present, in target order) given `dx`, the gradient of its output, with its
+/// Block `layer`'s backward: the gradients for its input and its LoRA tensors (`lora`, as
+/// [`super::lowered::Lowered::block_tensors`] gives them) given `dx`, the gradient of its output, with its
 /// frozen products from `products`. Compiled where it can be ([`enabled`], no dropout);
 /// otherwise MLX's autograd on the block as it is.
 #[allow(clippy::too_many_arguments)]
@@ -70,7 +70,7 @@ pub fn block_backward(
     input: Array,
     lora: Vec<Array>,
     dx: &Array,
-    (present, scale): ([bool; 7], f32),
+    (present, rank): ([bool; 7], i32),
     rows: &Rows,
     products: Products,
 ) -> R<Vec<Array>> {
@@ -81,7 +81,7 @@ pub fn block_backward(
     let mut primals = vec![input];
     primals.extend(lora);
     if !enabled() || rows.dropout.is_some() {
-        let how = (layer, present, scale);
+        let how = (layer, present, rank);
         return differentiate(model, how, rows, products, &primals, dx);
     }
     let key = Key {
@@ -92,7 +92,7 @@ pub fn block_backward(
         kept: !kept.is_empty(),
         mask: rows.mask.is_some(),
         rope: rows.rope.is_some(),
-        scale: scale.to_bits(),
+        rank,
     };
     let n = primals.len();
     let mut args = primals;
@@ -113,19 +113,19 @@ pub fn block_backward(
     f(&args)
 }
 
-/// MLX's autograd on block `layer` (its targets `present`, at LoRA scale `scale`): the
-/// gradients for `primals` (the block's input, then its LoRA tensors) given `dx`.
+/// MLX's autograd on block `layer` (its targets `present`, of rank `rank`): the gradients for
+/// `primals` (the block's input, then its LoRA tensors) given `dx`.
 fn differentiate(
     model: &Model,
-    (layer, present, scale): (usize, [bool; 7], f32),
+    (layer, present, rank): (usize, [bool; 7], i32),
     rows: &Rows,
     products: Products,
     primals: &[Array],
     dx: &Array,
 ) -> R<Vec<Array>> {
     let f = |args: &[Array]| -> R<Vec<Array>> {
-        let pairs = params::unflatten(&present, &args[1..]);
-        let (out, _) = block::forward(model, layer, &args[0], &pairs, scale, rows, products)?;
+        let lora = BlockLora::unflatten(present, rank, &args[1..]);
+        let (out, _) = block::forward(model, layer, &args[0], &lora, rows, products)?;
         Ok(vec![out])
     };
     let (_, grads) = fallible_vjp(f, primals, std::slice::from_ref(dx))?;
@@ -167,7 +167,7 @@ fn trace(model: Model, key: Key, n: usize, kept: usize) -> Compiled {
         } else {
             Products::Compute
         };
-        let how = (key.layer, key.present, f32::from_bits(key.scale));
+        let how = (key.layer, key.present, key.rank);
         differentiate(&model, how, &rows, products, primals, &dx[0])
     };
     let mut compiled = mlx_rs::transforms::compile::compile(f, false);

@@ -21,6 +21,7 @@ pub mod error;
 pub mod graph;
 pub mod head;
 pub mod kept;
+pub mod lowered;
 pub mod optimizer;
 pub mod params;
 pub mod preference;

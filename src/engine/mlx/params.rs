@@ -4,13 +4,9 @@
 //! every B. AdamW updates a bank, the step casts one, and the gradient norm reduces one, each in
 //! one go; a tensor at a time, on an 8B step on an H200, that was about 2,000 small kernels a
 //! step (three an update, a cast each way) of the step's 9,600, each costing the host more to
-//! build than the GPU to run. The pairs by block and target are views of the banks.
-//!
-//! A bank of its own for the A matrices lets the step fold the LoRA scale into them
-//! ([`Params::lowered`]: `s·A`, one multiply a micro-batch), so the blocks add `x (sA)ᵀ Bᵀ` with no
-//! scaling of their own. Scaled in the block (an `addmm` with α = s), the backward multiplied
-//! each `[rows, out]` cotangent by s twice, once for each factor's gradient: fourteen
-//! full-size multiplies a block.
+//! build than the GPU to run. The pairs by block and target are views of the banks. The step
+//! computes with them lowered ([`super::lowered`]): cast, the LoRA scale folded into the A
+//! bank, the Bs laid out for the blocks' joined projections.
 
 use super::convert::{to_array, to_tensor};
 use crate::error::Result;
@@ -31,9 +27,6 @@ pub struct Params {
     pub cfg: LoraConfig,
     /// The A bank and the B bank.
     pub banks: Banks,
-    /// What the blocks scale the low-rank term by: the adapter's scale, or 1 where the A bank
-    /// holds it ([`Params::lowered`]).
-    scale: f32,
     /// Each tensor's shape, in adapter order.
     shapes: Vec<[i32; 2]>,
     /// Which targets of each block carry a pair.
@@ -79,7 +72,6 @@ impl Params {
         mlx_rs::transforms::eval(&banks)?;
         let pairs = pairs_of(&banks, &shapes, &slots)?;
         Ok(Self {
-            scale: a.cfg.scale() as f32,
             cfg: a.cfg.clone(),
             banks,
             shapes,
@@ -88,15 +80,8 @@ impl Params {
         })
     }
 
-    /// The adapter on the host (of the trained tensors: [`Params::lowered`]'s are refused).
+    /// The adapter on the host.
     pub fn to_adapter(&self) -> Result<Adapter> {
-        if self.scale != self.cfg.scale() as f32 {
-            return Err(crate::error::Error::Usage(
-                "the adapter as a step computes with it (its scale folded into A) is not the \
-                 adapter to save"
-                    .into(),
-            ));
-        }
         let pairs = self
             .pairs
             .iter()
@@ -119,50 +104,12 @@ impl Params {
         })
     }
 
-    /// The adapter as a step computes with it: in `dtype`, with the LoRA scale folded into
-    /// the A bank (`s·A`, and a block scale of 1). One multiply and a cast a bank, made once a
-    /// micro-batch (or evaluation batch); the same arrays where there is nothing to do.
-    /// Gradients with respect to its tensors become the adapter's by [`Params::raised`].
-    pub fn lowered(&self, dtype: Dtype) -> R<Self> {
-        let [a, b] = &self.banks;
-        let a = match self.scale {
-            1.0 => a.clone(),
-            s => a.multiply(Array::from_f32(s))?,
-        };
-        self.with_banks([a.as_dtype(dtype)?, b.as_dtype(dtype)?], 1.0)
-    }
-
-    /// The gradients of these tensors (in adapter order, as the block's vector-Jacobian
-    /// products give them) as the adapter's: joined into banks, in f32, and the A bank scaled
-    /// back where [`Params::lowered`] folded the scale into it.
-    pub fn raised(&self, grads: &[Array]) -> R<Banks> {
-        let [a, b] = join(grads)?;
-        let got = [a.size(), b.size()];
-        if got != self.bank_sizes() {
-            return Err(Exception::custom(format!(
-                "the step's gradients hold {got:?} values, the adapter {:?}",
-                self.bank_sizes()
-            )));
-        }
-        let fold = self.cfg.scale() as f32 / self.scale;
-        let a = match fold {
-            1.0 => a,
-            f => a.multiply(Array::from_f32(f))?,
-        };
-        Ok([a, b])
-    }
-
-    /// The adapter with its banks replaced by `banks` (laid out alike); the block scale stays.
+    /// The adapter with its banks replaced by `banks` (laid out alike).
     pub fn with(&self, banks: Banks) -> R<Self> {
-        self.with_banks(banks, self.scale)
-    }
-
-    fn with_banks(&self, banks: Banks, scale: f32) -> R<Self> {
         let pairs = pairs_of(&banks, &self.shapes, &self.slots)?;
         Ok(Self {
             cfg: self.cfg.clone(),
             banks,
-            scale,
             shapes: self.shapes.clone(),
             slots: self.slots.clone(),
             pairs,
@@ -179,9 +126,9 @@ impl Params {
         totals(&self.shapes).map(|n| n as usize)
     }
 
-    /// What the blocks scale the low-rank term by.
-    pub fn scale(&self) -> f32 {
-        self.scale
+    /// The blocks (adapted or not).
+    pub fn blocks(&self) -> usize {
+        self.slots.len()
     }
 
     /// The lowest block with a pair: the backward stops there.
@@ -289,24 +236,6 @@ fn pairs_of(banks: &Banks, shapes: &[[i32; 2]], slots: &[[bool; 7]]) -> R<Vec<Bl
             Ok(out)
         })
         .collect()
-}
-
-/// Block `layer`'s pairs, rebuilt from its flattened tensors (`A, B` per pair present, in target
-/// order) as the differentiated block function receives them.
-pub fn unflatten<'a>(
-    present: &[bool; 7],
-    flat: &'a [Array],
-) -> [Option<(&'a Array, &'a Array)>; 7] {
-    let mut out: [Option<(&Array, &Array)>; 7] = Default::default();
-    let mut it = flat.iter();
-    for t in Target::ALL {
-        if present[t.index()] {
-            if let (Some(a), Some(b)) = (it.next(), it.next()) {
-                out[t.index()] = Some((a, b));
-            }
-        }
-    }
-    out
 }
 
 #[cfg(test)]

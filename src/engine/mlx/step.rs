@@ -23,6 +23,7 @@ use super::batch::Layout;
 use super::block::{self, Products};
 use super::convert::scalar;
 use super::head::{self, HEAD_CHUNK};
+use super::lowered::{BlockLora, Lowered};
 use super::params::{Banks, Params};
 use super::weights::Model;
 use crate::engine::LossSums;
@@ -132,20 +133,12 @@ pub struct Saved {
     pub products: Vec<Array>,
 }
 
-fn pairs_of(params: &Params, layer: usize) -> block::Pairs<'_> {
-    let mut out: block::Pairs = Default::default();
-    for (i, p) in params.pairs[layer].iter().enumerate() {
-        out[i] = p.as_ref().map(|(a, b)| (a, b));
-    }
-    out
-}
-
-/// The adapter as the step differentiates it: in the dtype of the low-rank products
-/// ([`block::lora_dtype`]), its scale folded into A ([`Params::lowered`]), made once a
-/// micro-batch rather than cast in every block's forward and again in its recompute (on an 8B
-/// step on an H200, 28 small casts a block, a tenth of the step's kernels).
-pub fn lowered(model: &Model, params: &Params) -> R<Params> {
-    params.lowered(block::lora_dtype(model.dtype))
+/// The adapter as the step differentiates it ([`Lowered`]): in the dtype of the low-rank
+/// products ([`block::lora_dtype`]), its scale folded into A, made once a micro-batch rather
+/// than cast in every block's forward and again in its recompute (on an 8B step on an H200,
+/// 28 small casts a block, a tenth of the step's kernels).
+pub fn lowered(model: &Model, params: &Params) -> R<Lowered> {
+    Lowered::new(params, block::lora_dtype(model.dtype), &model.cfg)
 }
 
 /// One micro-batch's step, the top `keep` adapted blocks keeping their frozen products, its
@@ -182,12 +175,12 @@ pub fn forward_backward(
     })
 }
 
-/// The forward without a graph under `params` (None: the adapter off): the top hidden states
+/// The forward without a graph under the lowered adapter `params` (None: the adapter off): the top hidden states
 /// and what each adapted block keeps for its backward (nothing without `params`), the top
 /// `keep` of them their frozen products too.
 pub fn forward(
     model: &Model,
-    params: Option<&Params>,
+    params: Option<&Lowered>,
     lay: &Layout,
     keep: usize,
     mode: Evaluation,
@@ -195,19 +188,18 @@ pub fn forward(
     let layers = model.blocks.len();
     let lowest = params.map_or(layers, |p| p.lowest().min(layers));
     let kept_from = layers.saturating_sub(keep).max(lowest);
-    let scale = params.map_or(0.0, Params::scale);
     let mut x = model.embed.take_axis(&lay.ids, 0)?;
     let mut saved = Vec::with_capacity(layers - lowest);
     let mut settler = Settler::new(mode);
     for l in 0..layers {
         let input = x.clone();
-        let pairs = params.map_or_else(Default::default, |p| pairs_of(p, l));
+        let lora = params.map_or(BlockLora::NONE, |p| p.block(l));
         let products = if l >= kept_from {
             Products::Keep
         } else {
             Products::Compute
         };
-        let (out, products) = block::forward(model, l, &x, &pairs, scale, &lay.rows(), products)?;
+        let (out, products) = block::forward(model, l, &x, &lora, &lay.rows(), products)?;
         x = out;
         settler.settle(std::iter::once(&x).chain(&products))?;
         if l >= lowest {
@@ -277,10 +269,11 @@ pub fn head_backward(
 }
 
 /// The blocks' backward from `dx` at the top, top down, each block recomputed from what it
-/// saved (`saved`, from [`forward`]) and differentiated: the LoRA gradients in adapter order.
+/// saved (`saved`, from [`forward`]) and differentiated: the gradients of each block's
+/// [`Lowered::block_tensors`], blocks in order ([`Lowered::raised`] makes them the adapter's).
 pub fn backward(
     model: &Model,
-    params: &Params,
+    params: &Lowered,
     lay: &Layout,
     mut saved: Vec<Saved>,
     mut dx: Array,
@@ -288,7 +281,6 @@ pub fn backward(
 ) -> R<Vec<Array>> {
     let layers = model.blocks.len();
     let lowest = params.lowest().min(layers);
-    let scale = params.scale();
     let mut block_grads: Vec<Vec<Array>> = vec![vec![]; layers];
     let mut settler = Settler::new(mode);
     for l in (lowest..layers).rev() {
@@ -306,7 +298,7 @@ pub fn backward(
             input,
             params.block_tensors(l),
             &dx,
-            (params.present(l), scale),
+            (params.present(l), params.rank()),
             &lay.rows(),
             products,
         )

@@ -6,6 +6,7 @@
 //! anything else quantized by MLX.
 
 use super::convert::to_array;
+use super::lowered::GROUPS;
 use crate::error::Result;
 use crate::model::quantized::Weight;
 use crate::model::vocab::{VocabMatrix, SLICE_ROWS};
@@ -104,6 +105,96 @@ impl Linear {
         }
     }
 
+    /// The linears `parts` (of one input) as one: their rows joined, in order, so that one
+    /// product computes all their outputs side by side. Biases join too, zeros standing in
+    /// for a part without one.
+    fn join(parts: Vec<Linear>) -> Result<Self> {
+        if parts.len() == 1 {
+            return Ok(parts.into_iter().next().unwrap_or_else(|| unreachable!()));
+        }
+        let cat = |v: Vec<&Array>, axis: i32| mlx_rs::ops::concatenate(&v, axis);
+        let outs: Vec<i32> = parts
+            .iter()
+            .map(|p| match p {
+                Linear::Dense { wt, .. } => wt.shape()[1],
+                Linear::Quantized { scales, .. } => scales.shape()[0],
+            })
+            .collect();
+        let bias = if parts.iter().any(|p| p.bias().is_some()) {
+            let filled = parts
+                .iter()
+                .zip(&outs)
+                .map(|(p, &n)| match p.bias() {
+                    Some(b) => Ok(b.clone()),
+                    None => mlx_rs::ops::zeros_dtype(&[n], p.dtype()),
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            Some(cat(filled.iter().collect(), 0)?)
+        } else {
+            None
+        };
+        let dense: Vec<&Array> = parts
+            .iter()
+            .filter_map(|p| match p {
+                Linear::Dense { wt, .. } => Some(wt),
+                _ => None,
+            })
+            .collect();
+        if dense.len() == parts.len() {
+            return Ok(Linear::Dense {
+                wt: cat(dense, 1)?,
+                bias,
+            });
+        }
+        let mut quantized = parts.iter().filter_map(|p| match p {
+            Linear::Quantized {
+                w,
+                scales,
+                biases,
+                bits,
+                ..
+            } => Some((w, scales, biases, *bits)),
+            _ => None,
+        });
+        let Some(first) = quantized.next() else {
+            return Err(crate::error::Error::Usage(
+                "the MLX engine joins linears of one input, and these are neither all dense \
+                 nor all quantized"
+                    .into(),
+            ));
+        };
+        let rest: Vec<_> = quantized.collect();
+        if rest.len() + 1 != parts.len() || rest.iter().any(|q| q.3 != first.3) {
+            return Err(crate::error::Error::Usage(
+                "the MLX engine joins linears of one input, and these are quantized to \
+                 different widths or only some of them are"
+                    .into(),
+            ));
+        }
+        let all = || std::iter::once(first).chain(rest.iter().copied());
+        Ok(Linear::Quantized {
+            w: cat(all().map(|q| q.0).collect(), 0)?,
+            scales: cat(all().map(|q| q.1).collect(), 0)?,
+            biases: cat(all().map(|q| q.2).collect(), 0)?,
+            bits: first.3,
+            bias,
+        })
+    }
+
+    fn bias(&self) -> Option<&Array> {
+        match self {
+            Linear::Dense { bias, .. } | Linear::Quantized { bias, .. } => bias.as_ref(),
+        }
+    }
+
+    /// The dtype of the product's output.
+    fn dtype(&self) -> Dtype {
+        match self {
+            Linear::Dense { wt, .. } => wt.dtype(),
+            Linear::Quantized { scales, .. } => scales.dtype(),
+        }
+    }
+
     /// The arrays held.
     fn arrays(&self) -> Vec<&Array> {
         match self {
@@ -146,8 +237,9 @@ impl Linear {
 pub struct Block {
     pub input_norm: Array,
     pub post_norm: Array,
-    /// q, k, v, o, gate, up, down: in [`crate::model::lora::Target`] order.
-    pub linears: [Linear; 7],
+    /// The linears joined by input ([`super::lowered::GROUPS`]): q, k and v; o; gate and up;
+    /// down. Each is one product, its outputs side by side.
+    pub linears: [Linear; 4],
 }
 
 impl Block {
@@ -227,19 +319,17 @@ impl Model {
         let mut blocks = Vec::with_capacity(source.len());
         for b in source {
             let l = b.linears();
-            let lin = |i: usize| Linear::new(&l[i].weight, l[i].bias.as_ref(), dtype, bits);
+            let group = |g: usize| -> Result<Linear> {
+                let parts = GROUPS[g]
+                    .clone()
+                    .map(|i| Linear::new(&l[i].weight, l[i].bias.as_ref(), dtype, bits))
+                    .collect::<Result<Vec<_>>>()?;
+                Linear::join(parts)
+            };
             let block = Block {
                 input_norm: to_array(&b.input_norm, dtype)?,
                 post_norm: to_array(&b.post_norm, dtype)?,
-                linears: [
-                    lin(0)?,
-                    lin(1)?,
-                    lin(2)?,
-                    lin(3)?,
-                    lin(4)?,
-                    lin(5)?,
-                    lin(6)?,
-                ],
+                linears: [group(0)?, group(1)?, group(2)?, group(3)?],
             };
             mlx_rs::transforms::eval(block.arrays())?;
             blocks.push(block);

@@ -56,6 +56,25 @@ const IN_FLIGHT_ROWS: u64 = 4;
 /// The largest cache allowance (as `runtime::memory::mlx::cache_limit_for` caps it).
 const CACHE_CAP: u64 = 2_000_000_000;
 
+/// The zeros off the diagonal of the step's block-diagonal Bs: a group of linears that read
+/// one input (`Target::BY_INPUT`) with k of the run's targets has a B of all the group's
+/// outputs by k·r.
+fn diagonal_zeros(cfg: &ModelConfig, w: &Workload) -> u64 {
+    let per_block: usize = Target::BY_INPUT
+        .iter()
+        .map(|g| {
+            let ts: Vec<&Target> = Target::ALL[g.clone()]
+                .iter()
+                .filter(|t| w.targets.contains(t))
+                .collect();
+            let all: usize = Target::ALL[g.clone()].iter().map(|t| t.dims(cfg).1).sum();
+            let own: usize = ts.iter().map(|t| t.dims(cfg).1).sum();
+            (all * ts.len() - own) * w.lora_rank
+        })
+        .sum();
+    (per_block * w.adapted_layers) as u64
+}
+
 /// How MLX holds the frozen weights: dense at `dtype_bytes`, or with `--quantize` the block
 /// linears at `bits` in groups of 32 with a scale and a bias at `dtype_bytes` each.
 pub fn weight_format(quantize: Option<QuantBits>, dtype_bytes: usize) -> WeightFormat {
@@ -101,13 +120,15 @@ pub fn estimate(cfg: &ModelConfig, w: &Workload, host: WeightFormat, gpu: bool) 
     };
     let weights = frozen_bytes(cfg, w.weights);
     let params = lora_params(cfg, w);
-    // Parameters and AdamW's moments in f32, and in half precision the step's copy of the
-    // parameters in the compute dtype (engine/mlx/step.rs `lowered`).
-    let lora_state = 12 * params + if db < 4 { db * params } else { 0 };
-    let grads = 4 * params;
+    // Parameters and AdamW's moments in f32, and the step's copy of the parameters in the
+    // compute dtype, its Bs block-diagonal by input (engine/mlx/lowered.rs), whose gradients
+    // come in that layout too.
+    let lowered = params + diagonal_zeros(cfg, w);
+    let lora_state = 12 * params + db * lowered;
+    let grads = 4 * params + db * lowered;
 
     // Every adapted block's input, kept from the forward for its recompute, and in the blocks
-    // that keep their activations the products of their seven frozen linears.
+    // that keep their activations the products of their frozen linears.
     let keep = (w.keep_blocks as u64).min(adapted);
     let outputs: u64 = Target::ALL.iter().map(|t| t.dims(cfg).1 as u64).sum();
     let products = keep * rows * outputs * db;

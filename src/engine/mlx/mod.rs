@@ -17,6 +17,7 @@ pub mod blocks;
 pub mod compiled;
 pub mod convert;
 pub mod device;
+pub mod diagonal;
 pub mod error;
 pub mod graph;
 pub mod head;

@@ -9,11 +9,14 @@
 //! bank, the Bs laid out for the blocks' joined projections.
 
 use super::convert::{to_array, to_tensor};
+use super::diagonal::Plan;
 use crate::error::Result;
 use crate::model::lora::{Adapter, LoraConfig, LoraPair, Target};
 use mlx_rs::error::Exception;
 use mlx_rs::ops::indexing::TryIndexOp;
 use mlx_rs::{Array, Dtype};
+use std::cell::OnceCell;
+use std::rc::Rc;
 
 type R<T> = std::result::Result<T, Exception>;
 
@@ -33,6 +36,8 @@ pub struct Params {
     slots: Vec<[bool; 7]>,
     /// `[block][target]`: `(A [r, in], B [out, r])`, views of the banks.
     pub pairs: Vec<BlockPairs>,
+    /// The lowered layout, made on first use ([`Params::diagonal`]).
+    diagonal: OnceCell<Rc<Plan>>,
 }
 
 impl Params {
@@ -77,6 +82,7 @@ impl Params {
             shapes,
             slots,
             pairs,
+            diagonal: OnceCell::new(),
         })
     }
 
@@ -113,6 +119,7 @@ impl Params {
             shapes: self.shapes.clone(),
             slots: self.slots.clone(),
             pairs,
+            diagonal: self.diagonal.clone(),
         })
     }
 
@@ -124,6 +131,19 @@ impl Params {
     /// Values in each bank.
     pub fn bank_sizes(&self) -> [usize; 2] {
         totals(&self.shapes).map(|n| n as usize)
+    }
+
+    /// Where the lowered adapter lies on a model whose linears have output widths `widths`
+    /// (in target order), made once and kept with the adapter and its updates.
+    pub fn diagonal(&self, widths: [i32; 7]) -> R<Rc<Plan>> {
+        if let Some(plan) = self.diagonal.get().filter(|p| p.widths == widths) {
+            return Ok(plan.clone());
+        }
+        let rank = self.cfg.rank as i32;
+        let plan = Rc::new(Plan::new(&self.slots, &self.shapes, widths, rank)?);
+        // The first layout made stays (a second model's is remade on each call).
+        let _ = self.diagonal.set(plan.clone());
+        Ok(plan)
     }
 
     /// The blocks (adapted or not).

@@ -87,6 +87,21 @@ pub fn adapter(cfg: &your_ai::model::ModelConfig, layers: Vec<usize>) -> Adapter
     a
 }
 
+/// `a` with pairs only on `targets` of block `layer` (the rest dropped): q and v and gate
+/// leave k and up out of their joined linears, o and down without a pair.
+pub fn partial(mut a: Adapter, layer: usize, targets: &[Target]) -> Adapter {
+    for (l, pairs) in a.pairs.iter_mut().enumerate() {
+        for t in Target::ALL {
+            if l != layer || !targets.contains(&t) {
+                pairs[t.index()] = None;
+            }
+        }
+    }
+    a.cfg.targets = targets.to_vec();
+    a.cfg.layers = vec![layer];
+    a
+}
+
 /// Rows of pseudo-random tokens (below `vocab`) of the given lengths, the second half of each
 /// trained.
 pub fn rows(vocab: u32, lens: &[usize], seed: u32) -> Vec<Row> {

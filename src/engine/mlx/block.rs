@@ -122,8 +122,9 @@ fn rotate_at(y: &Array, cos: &Array, sin: &Array) -> R<Array> {
 /// products from `products`: the output, and the products under [`Products::Keep`] (none
 /// otherwise).
 ///
-/// The joined q, k and v product is split by views: heads `[B, T, nh + 2·nkv, d]`, then q and
-/// k rotated together (one RoPE) and split. Gate and up are views of their joined product.
+/// The joined q, k and v product is split into heads `[B, T, nh + 2·nkv, d]`: q and k are
+/// copied out and rotated together (one RoPE, then views), v is a view. Gate and up are views
+/// of their joined product.
 pub fn forward(
     model: &Model,
     layer: usize,
@@ -178,7 +179,11 @@ pub fn forward(
     let h1 = rms_norm(x, Some(&blk.input_norm), eps)?;
     let qkv = proj(0, &h1)?.reshape(&[b, t, nh + 2 * nkv, d])?;
     let qk_v = qkv.split_at_indices(&[nh + nkv], 2)?;
-    let qk = rotate(qk_v[0].transpose_axes(&[0, 2, 1, 3])?)?.split_at_indices(&[nh], 1)?;
+    // q and k are copied out of the joined product for RoPE: MLX's CUDA RoPE (0.32) sizes its
+    // output by its input's element count and writes it by the input's strides, and a view
+    // from `split` that skips v's columns spans more than its elements.
+    let qk = qk_v[0].contiguous()?.transpose_axes(&[0, 2, 1, 3])?;
+    let qk = rotate(qk)?.split_at_indices(&[nh], 1)?;
     let v = qk_v[1].transpose_axes(&[0, 2, 1, 3])?;
     let (q, k) = (&qk[0], &qk[1]);
     let scale_qk = 1.0 / (d as f32).sqrt();

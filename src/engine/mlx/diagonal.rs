@@ -2,7 +2,7 @@
 //! one input (`Target::BY_INPUT`) has its A matrices stacked, a view of the A bank, and a
 //! block-diagonal B in one vector for the whole model, filled from the B bank by a gather of
 //! rank-wide rows. Laid out once for an adapter's shapes (it walks every row of every B: at
-//! 8B, 1.4 million rows and two index vectors of 16 MB) and kept with it.
+//! 8B, 1.4 million rows, and its two index vectors hold about 16 MB) and kept with it.
 
 use crate::model::lora::Target;
 use mlx_rs::error::Exception;
@@ -86,6 +86,9 @@ impl Plan {
                 d_rows += (outs * k) as i64;
             }
             spans.push(block);
+        }
+        if pairs.next().is_some() {
+            return Err(wrong("tensors outnumber its pairs".into()));
         }
         if d_rows * rank as i64 > i32::MAX as i64 {
             return Err(Exception::custom(format!(

@@ -13,8 +13,8 @@
 //! The block-diagonal Bs of every block are one vector, filled from the B bank by one gather
 //! of rank-wide rows (with a zero row for the blocks off the diagonal), and their gradients go
 //! back by the inverse gather: three kernels a micro-batch for the whole model. Off the diagonal
-//! the products compute zeros and gradients nobody reads, `(Σ out)·(k−1)·r` values a group:
-//! at rank 16 on an 8B block, about a percent of its frozen products' arithmetic.
+//! the products compute zeros and gradients nobody reads, `(k·Σ out − Σ own out)·r` values a
+//! group: at rank 16 on an 8B block, about a percent of its frozen products' arithmetic.
 
 use super::diagonal::Groups;
 use super::params::{Banks, Params};

@@ -212,8 +212,17 @@ pub fn estimate(cfg: &ModelConfig, w: &Workload, host: WeightFormat, gpu: bool) 
     let part = 2 * SLICE_ROWS.min(cfg.vocab_size) as u64 * h * 4;
     let host_vocab = if gpu { 0 } else { vocab_bytes(cfg, host) };
     let vocab_phase = (host_vocab + mlx_vocab + part).max(2 * mlx_vocab);
-    let conversion =
-        runtime + weights.saturating_sub(mlx_vocab) + (block_params * (4 + db)).max(vocab_phase);
+    // A joined linear (q, k and v; gate and up) is made beside its parts.
+    let joined: u64 = [Target::Q, Target::K, Target::V, Target::Gate, Target::Up]
+        .iter()
+        .map(|t| {
+            let (a, b) = t.dims(cfg);
+            (a * b) as u64
+        })
+        .sum();
+    let conversion = runtime
+        + weights.saturating_sub(mlx_vocab)
+        + (block_params * (4 + db) + joined * db).max(vocab_phase);
     Estimate {
         terms,
         train_peak,
@@ -317,8 +326,8 @@ mod tests {
         assert!(term.bytes >= least, "{} < {least}", term.bytes);
     }
 
-    /// A block that keeps its activations holds its seven frozen products, `[rows, 2h + q +
-    /// 2kv + 2i]` in the compute dtype, from the forward to its backward.
+    /// A block that keeps its activations holds its frozen products (four joined ones),
+    /// `[rows, 2h + q + 2kv + 2i]` in the compute dtype, from the forward to its backward.
     #[test]
     fn a_kept_block_adds_its_frozen_products() {
         let cfg = smollm2();

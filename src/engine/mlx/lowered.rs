@@ -17,7 +17,7 @@
 //! group: at rank 16 on an 8B block, about a percent of its frozen products' arithmetic.
 
 use super::diagonal::Groups;
-use super::params::{Banks, Params};
+use super::params::{alternate, Banks, Params};
 use crate::model::lora::Target;
 use crate::model::ModelConfig;
 use mlx_rs::error::Exception;
@@ -161,20 +161,8 @@ impl Lowered {
     /// in order) as the adapter's banks: in f32, the Bs' gathered from the block-diagonal
     /// layout, the A bank's scaled back by the fold.
     pub fn raised(&self, grads: &[Array]) -> R<Banks> {
-        let flat = |parity: usize| -> R<Array> {
-            let parts = grads
-                .iter()
-                .skip(parity)
-                .step_by(2)
-                .map(|g| g.reshape(&[-1]))
-                .collect::<R<Vec<_>>>()?;
-            match parts.is_empty() {
-                true => mlx_rs::ops::zeros_dtype(&[0], Dtype::Float32),
-                false => concatenate(&parts, 0),
-            }
-        };
-        let a = flat(0)?;
-        let diag = flat(1)?;
+        let a = alternate(grads, 0)?;
+        let diag = alternate(grads, 1)?;
         let b = match diag.size() {
             0 => diag,
             _ => diag

@@ -194,19 +194,25 @@ impl Params {
 /// concatenation in their dtype, then one cast (MLX's concatenation would cast each input to a
 /// different result dtype first).
 pub fn join(tensors: &[Array]) -> R<Banks> {
-    let bank = |parity: usize| -> R<Array> {
-        let flat = tensors
-            .iter()
-            .skip(parity)
-            .step_by(2)
-            .map(|t| t.reshape(&[-1]))
-            .collect::<R<Vec<_>>>()?;
-        if flat.is_empty() {
-            return mlx_rs::ops::zeros_dtype(&[0], Dtype::Float32);
-        }
-        mlx_rs::ops::concatenate(&flat, 0)?.as_dtype(Dtype::Float32)
-    };
-    Ok([bank(0)?, bank(1)?])
+    Ok([
+        alternate(tensors, 0)?.as_dtype(Dtype::Float32)?,
+        alternate(tensors, 1)?.as_dtype(Dtype::Float32)?,
+    ])
+}
+
+/// Every other tensor of `tensors` from `parity` (0: the As of A, B, A, B, ...; 1: the Bs),
+/// flattened and concatenated in their dtype (an empty f32 vector when there are none).
+pub fn alternate(tensors: &[Array], parity: usize) -> R<Array> {
+    let flat = tensors
+        .iter()
+        .skip(parity)
+        .step_by(2)
+        .map(|t| t.reshape(&[-1]))
+        .collect::<R<Vec<_>>>()?;
+    match flat.is_empty() {
+        true => mlx_rs::ops::zeros_dtype(&[0], Dtype::Float32),
+        false => mlx_rs::ops::concatenate(&flat, 0),
+    }
 }
 
 /// Values in each bank for tensors of `shapes` (adapter order: A, B, A, B, ...).

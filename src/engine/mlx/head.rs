@@ -16,6 +16,25 @@ type R<T> = Result<T, Exception>;
 /// Scored rows per head chunk (as the candle engine's).
 pub const HEAD_CHUNK: usize = 256;
 
+/// Scored rows per head chunk in the step: [`HEAD_CHUNK`], or `YOUR_AI_MLX_HEAD_CHUNK` (read
+/// once), a diagnostic for measuring on a GPU what fewer, larger chunks save in kernels against
+/// the memory their logits take (SmolLM2's step at 2048 tokens on MLX's CPU backend: 5,060
+/// nodes in chunks of 256, 4,736 in chunks of 1,024); the memory estimate assumes
+/// [`HEAD_CHUNK`].
+pub fn chunk_rows() -> usize {
+    static ROWS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *ROWS.get_or_init(|| match std::env::var("YOUR_AI_MLX_HEAD_CHUNK") {
+        Err(_) => HEAD_CHUNK,
+        Ok(v) => match v.parse::<usize>() {
+            Ok(n) if n > 0 => n,
+            _ => {
+                eprintln!("YOUR_AI_MLX_HEAD_CHUNK={v:?} is not a row count; using {HEAD_CHUNK}");
+                HEAD_CHUNK
+            }
+        },
+    })
+}
+
 /// The final norm of `rows` of `x` (`[B·T, hidden]`).
 fn normed(model: &Model, x: &Array, rows: &Array) -> R<Array> {
     rms_norm(

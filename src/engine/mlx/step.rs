@@ -22,7 +22,7 @@
 use super::batch::Layout;
 use super::block::{self, Products};
 use super::convert::scalar;
-use super::head::{self, HEAD_CHUNK};
+use super::head;
 use super::lowered::{BlockLora, Lowered};
 use super::params::{Banks, Params};
 use super::weights::Model;
@@ -230,8 +230,9 @@ pub fn row_ce(model: &Model, x: &Array, lay: &Layout, mode: Evaluation) -> R<Arr
 /// The scored rows of `lay` in head chunks: `(rows, targets, start, len)`.
 fn chunks(lay: &Layout) -> impl Iterator<Item = (Array, Array, usize, usize)> + '_ {
     let n = lay.target_rows.len();
-    (0..n).step_by(HEAD_CHUNK).map(move |start| {
-        let len = HEAD_CHUNK.min(n - start);
+    let size = head::chunk_rows();
+    (0..n).step_by(size).map(move |start| {
+        let len = size.min(n - start);
         let at = |v: &[u32]| super::convert::indices(&v[start..start + len], &[len as i32]);
         (at(&lay.target_rows), at(&lay.target_ids), start, len)
     })

@@ -1,7 +1,8 @@
 //! One transformer block's forward on MLX's fused ops (RMSNorm, RoPE, scaled-dot-product
-//! attention) and its joined linears ([`super::lowered`]), written once: the step runs it without a graph in the forward and
-//! differentiates it, block by block, in the backward (MLX's autograd per block, on a
-//! recompute from the block's saved input, and its frozen products where they were kept).
+//! attention) and its joined linears ([`super::lowered`]), written once: the step runs it
+//! without a graph in the forward and differentiates it, block by block, in the backward (MLX's
+//! autograd per block, on a recompute from the block's saved input, and its frozen products
+//! where they were kept).
 
 use super::batch::Rows;
 use super::kept;

@@ -60,9 +60,9 @@ pub fn enabled() -> bool {
 }
 
 /// Block `layer`'s backward: the gradients for its input and its LoRA tensors (`lora`, as
-/// [`super::lowered::Lowered::block_tensors`] gives them) given `dx`, the gradient of its output, with its
-/// frozen products from `products`. Compiled where it can be ([`enabled`], no dropout);
-/// otherwise MLX's autograd on the block as it is.
+/// [`super::lowered::Lowered::block_tensors`] gives them) given `dx`, the gradient of its
+/// output, with its frozen products from `products`. Compiled where it can be ([`enabled`], no
+/// dropout); otherwise MLX's autograd on the block as it is.
 #[allow(clippy::too_many_arguments)]
 pub fn block_backward(
     model: &Model,

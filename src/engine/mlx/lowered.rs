@@ -88,11 +88,11 @@ pub struct Lowered {
 }
 
 impl Lowered {
-    /// `params` (of a model of config `model`) in `dtype`, the LoRA scale folded into the A bank (`s·A`: the blocks add
-    /// `x (sA)ᵀ Bᵀ` with no scaling of their own; an `addmm` with α = s multiplied each
-    /// `[rows, out]` cotangent by s in the backward, twice a target), the Bs laid out
-    /// block-diagonally by group. A multiply and a cast for the A bank, a cast and a gather
-    /// for the Bs, made once a micro-batch (or evaluation batch).
+    /// `params` (of a model of config `model`) in `dtype`, the LoRA scale folded into the A
+    /// bank (`s·A`: the blocks add `x (sA)ᵀ Bᵀ` with no scaling of their own; an `addmm` with
+    /// α = s multiplied each `[rows, out]` cotangent by s in the backward, twice a target), the
+    /// Bs laid out block-diagonally by group. A multiply and a cast for the A bank, a cast and
+    /// a gather for the Bs, made once a micro-batch (or evaluation batch).
     pub fn new(params: &Params, dtype: Dtype, model: &ModelConfig) -> R<Self> {
         let cfg = &params.cfg;
         let rank = cfg.rank as i32;

@@ -175,9 +175,9 @@ pub fn forward_backward(
     })
 }
 
-/// The forward without a graph under the lowered adapter `params` (None: the adapter off): the top hidden states
-/// and what each adapted block keeps for its backward (nothing without `params`), the top
-/// `keep` of them their frozen products too.
+/// The forward without a graph under the lowered adapter `params` (None: the adapter off): the
+/// top hidden states and what each adapted block keeps for its backward (nothing without
+/// `params`), the top `keep` of them their frozen products too.
 pub fn forward(
     model: &Model,
     params: Option<&Lowered>,

@@ -536,7 +536,6 @@ fn mlx_bf16_run_holds_no_f64_array() {
 #[test]
 fn mlx_holds_a_gguf_s_blocks_exactly() {
     use candle_core::quantized::GgmlDType;
-    use your_ai::engine::mlx::lowered::GROUPS;
     use your_ai::engine::mlx::weights::{Linear, Model, GROUP};
     let _s = serial();
     let tmp = tempfile::tempdir().unwrap();
@@ -563,7 +562,7 @@ fn mlx_holds_a_gguf_s_blocks_exactly() {
             .iter()
             .flat_map(|b| {
                 let l = b.linears();
-                GROUPS.map(|g| {
+                Target::BY_INPUT.map(|g| {
                     g.flat_map(|t| {
                         l[t].weight
                             .dense(DType::F32)

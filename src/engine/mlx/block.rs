@@ -6,8 +6,9 @@
 
 use super::batch::Rows;
 use super::kept;
-use super::lowered::{BlockLora, GROUPS};
+use super::lowered::BlockLora;
 use super::weights::Model;
+use crate::model::lora::Target;
 use mlx_rs::error::Exception;
 use mlx_rs::fast::{rms_norm, rope, scaled_dot_product_attention, ScaledDotProductAttentionMask};
 use mlx_rs::ops::indexing::TryIndexOp;
@@ -24,7 +25,7 @@ pub enum Products<'a> {
     Compute,
     /// Computed, and returned to be kept: the forward of a block that keeps its activations.
     Keep,
-    /// Those kept by [`Products::Keep`], one a joined linear ([`super::lowered::GROUPS`]
+    /// Those kept by [`Products::Keep`], one a joined linear ([`Target::BY_INPUT`]
     /// order): the backward's recompute then skips the big matmuls ([`kept`]).
     Kept(&'a [Array]),
 }
@@ -160,7 +161,7 @@ pub fn forward(
         }
         let dropped = match (lora.groups[g], lay.dropout) {
             (Some(_), Some((p, seed))) if p > 0.0 => Some(
-                GROUPS[g]
+                Target::BY_INPUT[g]
                     .clone()
                     .filter(|&t| lora.present[t])
                     .map(|t| dropout(input, p, seed, layer, t))

@@ -2,7 +2,7 @@
 //! folded into A, and laid out for the block's joined projections.
 //!
 //! A block's linears that share an input (q, k and v; gate and up) are one matrix product
-//! ([`GROUPS`], [`super::weights::Block`]), and so are their low-rank terms: `x Aᵀ` with the
+//! ([`Target::BY_INPUT`], [`super::weights::Block`]), and so are their low-rank terms: `x Aᵀ` with the
 //! group's A matrices stacked (`[k·r, in]`, a view: they lie in a row in the A bank), then one
 //! `addmm` with a block-diagonal B (`[Σ out, k·r]`, each target's B in its own rows and
 //! columns, zeros elsewhere). A block then makes 4 frozen products, 4 thin ones and 4 `addmm`s
@@ -23,13 +23,8 @@ use crate::model::ModelConfig;
 use mlx_rs::error::Exception;
 use mlx_rs::ops::concatenate;
 use mlx_rs::{Array, Dtype};
-use std::ops::Range;
 
 type R<T> = Result<T, Exception>;
-
-/// The targets (in [`Target`] order) whose linears share an input and are joined into one: q,
-/// k, v; o; gate, up; down.
-pub const GROUPS: [Range<usize>; 4] = Target::BY_INPUT;
 
 /// The output width of each target's linear, in target order.
 pub fn widths(cfg: &ModelConfig) -> [i32; 7] {
@@ -58,7 +53,7 @@ impl BlockLora<'_> {
     pub fn unflatten(present: [bool; 7], rank: i32, flat: &[Array]) -> BlockLora<'_> {
         let mut groups: [Option<(&Array, &Array)>; 4] = Default::default();
         let mut it = flat.iter();
-        for (slot, g) in groups.iter_mut().zip(GROUPS) {
+        for (slot, g) in groups.iter_mut().zip(Target::BY_INPUT) {
             if present[g].contains(&true) {
                 if let (Some(a), Some(b)) = (it.next(), it.next()) {
                     *slot = Some((a, b));
@@ -230,7 +225,7 @@ mod tests {
         let w = widths(&model);
         for l in 0..2 {
             let lora = low.block(l);
-            for (g, range) in GROUPS.iter().enumerate() {
+            for (g, range) in Target::BY_INPUT.iter().enumerate() {
                 let (a, b) = lora.groups[g].ok_or_else(|| Exception::custom("a group lacks"))?;
                 let outs: i32 = w[range.clone()].iter().sum();
                 let present: Vec<usize> = range.clone().filter(|&t| lora.present[t]).collect();

@@ -6,8 +6,8 @@
 //! anything else quantized by MLX.
 
 use super::convert::to_array;
-use super::lowered::GROUPS;
 use crate::error::Result;
+use crate::model::lora::Target;
 use crate::model::quantized::Weight;
 use crate::model::vocab::{VocabMatrix, SLICE_ROWS};
 use crate::model::{Llama, ModelConfig};
@@ -109,76 +109,77 @@ impl Linear {
     /// product computes all their outputs side by side. Biases join too, zeros standing in
     /// for a part without one.
     fn join(parts: Vec<Linear>) -> Result<Self> {
-        if parts.len() == 1 {
-            return Ok(parts.into_iter().next().unwrap_or_else(|| unreachable!()));
-        }
         let cat = |v: Vec<&Array>, axis: i32| mlx_rs::ops::concatenate(&v, axis);
-        let outs: Vec<i32> = parts
-            .iter()
-            .map(|p| match p {
-                Linear::Dense { wt, .. } => wt.shape()[1],
-                Linear::Quantized { scales, .. } => scales.shape()[0],
-            })
-            .collect();
+        let first = match parts.as_slice() {
+            [one] => return Ok(one.clone()),
+            [first, ..] => first,
+            [] => return Err(crate::error::Error::Usage("no linears to join".into())),
+        };
         let bias = if parts.iter().any(|p| p.bias().is_some()) {
             let filled = parts
                 .iter()
-                .zip(&outs)
-                .map(|(p, &n)| match p.bias() {
+                .map(|p| match p.bias() {
                     Some(b) => Ok(b.clone()),
-                    None => mlx_rs::ops::zeros_dtype(&[n], p.dtype()),
+                    None => mlx_rs::ops::zeros_dtype(&[p.outputs()], p.dtype()),
                 })
                 .collect::<Result<Vec<_>, _>>()?;
             Some(cat(filled.iter().collect(), 0)?)
         } else {
             None
         };
-        let dense: Vec<&Array> = parts
-            .iter()
-            .filter_map(|p| match p {
-                Linear::Dense { wt, .. } => Some(wt),
-                _ => None,
-            })
-            .collect();
-        if dense.len() == parts.len() {
-            return Ok(Linear::Dense {
-                wt: cat(dense, 1)?,
-                bias,
-            });
-        }
-        let mut quantized = parts.iter().filter_map(|p| match p {
-            Linear::Quantized {
-                w,
-                scales,
-                biases,
-                bits,
-                ..
-            } => Some((w, scales, biases, *bits)),
-            _ => None,
-        });
-        let Some(first) = quantized.next() else {
-            return Err(crate::error::Error::Usage(
-                "the MLX engine joins linears of one input, and these are neither all dense \
-                 nor all quantized"
+        let unlike = || {
+            crate::error::Error::Usage(
+                "the MLX engine joins the linears of one input, and these are not all dense or \
+                 all quantized to one width"
                     .into(),
-            ));
+            )
         };
-        let rest: Vec<_> = quantized.collect();
-        if rest.len() + 1 != parts.len() || rest.iter().any(|q| q.3 != first.3) {
-            return Err(crate::error::Error::Usage(
-                "the MLX engine joins linears of one input, and these are quantized to \
-                 different widths or only some of them are"
-                    .into(),
-            ));
+        match first {
+            Linear::Dense { .. } => {
+                let wts = parts
+                    .iter()
+                    .map(|p| match p {
+                        Linear::Dense { wt, .. } => Ok(wt),
+                        _ => Err(unlike()),
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                Ok(Linear::Dense {
+                    wt: cat(wts, 1)?,
+                    bias,
+                })
+            }
+            &Linear::Quantized { bits, .. } => {
+                let held = parts
+                    .iter()
+                    .map(|p| match p {
+                        Linear::Quantized {
+                            w,
+                            scales,
+                            biases,
+                            bits: b,
+                            ..
+                        } if *b == bits => Ok([w, scales, biases]),
+                        _ => Err(unlike()),
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                let part = |i: usize| cat(held.iter().map(|h| h[i]).collect(), 0);
+                Ok(Linear::Quantized {
+                    w: part(0)?,
+                    scales: part(1)?,
+                    biases: part(2)?,
+                    bits,
+                    bias,
+                })
+            }
         }
-        let all = || std::iter::once(first).chain(rest.iter().copied());
-        Ok(Linear::Quantized {
-            w: cat(all().map(|q| q.0).collect(), 0)?,
-            scales: cat(all().map(|q| q.1).collect(), 0)?,
-            biases: cat(all().map(|q| q.2).collect(), 0)?,
-            bits: first.3,
-            bias,
-        })
+    }
+
+    /// The width of the product's output.
+    fn outputs(&self) -> i32 {
+        match self {
+            Linear::Dense { wt, .. } => wt.shape()[1],
+            Linear::Quantized { scales, .. } => scales.shape()[0],
+        }
     }
 
     fn bias(&self) -> Option<&Array> {
@@ -237,7 +238,7 @@ impl Linear {
 pub struct Block {
     pub input_norm: Array,
     pub post_norm: Array,
-    /// The linears joined by input ([`super::lowered::GROUPS`]): q, k and v; o; gate and up;
+    /// The linears joined by input ([`Target::BY_INPUT`]): q, k and v; o; gate and up;
     /// down. Each is one product, its outputs side by side.
     pub linears: [Linear; 4],
 }
@@ -320,7 +321,7 @@ impl Model {
         for b in source {
             let l = b.linears();
             let group = |g: usize| -> Result<Linear> {
-                let parts = GROUPS[g]
+                let parts = Target::BY_INPUT[g]
                     .clone()
                     .map(|i| Linear::new(&l[i].weight, l[i].bias.as_ref(), dtype, bits))
                     .collect::<Result<Vec<_>>>()?;

@@ -201,24 +201,21 @@ pub fn estimate(cfg: &ModelConfig, w: &Workload, host: WeightFormat, gpu: bool) 
     // `SLICE_ROWS` rows (each with an f32 copy on the host and in MLX): the host's matrix
     // beside MLX's parts, then (the host's dropped) the parts beside the joined whole.
     let host_load = runtime + frozen_bytes(cfg, host) + w.load_work;
-    let block_params: u64 = Target::ALL
-        .iter()
-        .map(|t| {
-            let (a, b) = t.dims(cfg);
-            (a * b) as u64
-        })
-        .sum();
+    let weight = |t: &Target| {
+        let (a, b) = t.dims(cfg);
+        (a * b) as u64
+    };
+    let block_params: u64 = Target::ALL.iter().map(weight).sum();
     let mlx_vocab = vocab_bytes(cfg, w.weights);
     let part = 2 * SLICE_ROWS.min(cfg.vocab_size) as u64 * h * 4;
     let host_vocab = if gpu { 0 } else { vocab_bytes(cfg, host) };
     let vocab_phase = (host_vocab + mlx_vocab + part).max(2 * mlx_vocab);
     // A joined linear (q, k and v; gate and up) is made beside its parts.
-    let joined: u64 = [Target::Q, Target::K, Target::V, Target::Gate, Target::Up]
+    let joined: u64 = Target::BY_INPUT
         .iter()
-        .map(|t| {
-            let (a, b) = t.dims(cfg);
-            (a * b) as u64
-        })
+        .filter(|g| g.len() > 1)
+        .flat_map(|g| &Target::ALL[g.clone()])
+        .map(weight)
         .sum();
     let conversion = runtime
         + weights.saturating_sub(mlx_vocab)

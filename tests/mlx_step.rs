@@ -299,3 +299,66 @@ fn mlx_a_compiled_block_backward_matches_autograd() {
         }
     }
 }
+
+/// Quantized linears multiply as dense copies made for each product (MLX's CPU and CUDA
+/// backends: `weights::dequantizes`) or with MLX's quantized matmul (Metal): the same loss and
+/// LoRA gradients either way, recomputing the blocks or keeping their products (whose gradient
+/// is the quantized weight's `dY W`), and no quantized product left in the dense step's graph.
+#[test]
+fn mlx_quantized_linears_multiply_alike_dense_or_packed() {
+    use your_ai::engine::mlx::weights::Model;
+    use your_ai::model::quantized::QuantBits;
+    let _s = serial();
+    let dir = tiny_dir();
+    let o = opts(DType::F32, Some(QuantBits::parse(4).unwrap()));
+    let llama = your_ai::model::load(dir.path().to_str().unwrap(), &o, None)
+        .unwrap()
+        .model;
+    let a = adapter(&llama.cfg, vec![0, 1]);
+    let model = Model::from_llama(llama, mlx_rs::Dtype::Float32, Some(4)).unwrap();
+    let p = Params::from_adapter(&a).unwrap();
+    let lay = batch::layout(&rows(96, &[11, 7], 3), &model.cfg).unwrap();
+    let all = |v: &[Array]| -> Vec<Vec<f32>> { v.iter().map(host).collect() };
+    for keep in [0, 2] {
+        let run = |dense: bool| {
+            let m = model.clone().with_dense_products(dense);
+            let mode = (1.0, keep);
+            let pending =
+                step::forward_backward(&m, &p, &lay, mode, Deferred, &mut Profile::default())
+                    .unwrap();
+            let text = graph::print(&pending.outputs().collect::<Vec<_>>()).unwrap();
+            let quantized = graph::census(&text)
+                .get("QuantizedMatmul")
+                .copied()
+                .unwrap_or(0);
+            let done =
+                step::forward_backward(&m, &p, &lay, mode, BlockByBlock, &mut Profile::default())
+                    .unwrap();
+            let loss = convert::scalar(&done.weighted).unwrap();
+            (quantized, loss, all(&p.split(&done.grad).unwrap()))
+        };
+        let (packed_ops, packed_loss, packed) = run(false);
+        let (dense_ops, dense_loss, dense) = run(true);
+        assert!(
+            packed_ops > 0,
+            "keep {keep}: no quantized product when packed"
+        );
+        assert_eq!(
+            dense_ops, 0,
+            "keep {keep}: a quantized product left when dense"
+        );
+        assert!(
+            (dense_loss - packed_loss).abs() <= 1e-5 * packed_loss.abs(),
+            "keep {keep}: loss {dense_loss} dense, {packed_loss} packed"
+        );
+        for (i, (d, q)) in dense.iter().zip(&packed).enumerate() {
+            let scale = q.iter().fold(0f32, |m, v| m.max(v.abs()));
+            assert!(scale > 0.0, "gradient {i} is zero");
+            let worst = d.iter().zip(q).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+            assert!(
+                worst <= 1e-4 * scale,
+                "keep {keep}: gradient {i} differs by {worst} (scale {scale})"
+            );
+        }
+    }
+}

@@ -5,7 +5,8 @@
 # line per run on stdout (scripts/gpu/report.py's), and the logs' tails in $OUT/speed-logs.txt.
 #
 #   scripts/gpu/mlx_speed.sh [RUN...]   RUN: NAME:LENGTH[:VAR=VALUE,...] for MLX (VAR=VALUE are
-#                                       environment settings; keep=N sets --keep-activations),
+#                                       environment settings; keep=N sets --keep-activations,
+#                                       quantize=N --quantize),
 #                                       peft:LENGTH[:...] for PyTorch+PEFT; the setting `trace`
 #                                       records each kernel's GPU time (scripts/gpu/kernel_trace.c)
 #                                       into $OUT/trace-NAME-LENGTH.tsv; bin=base runs the binary
@@ -33,11 +34,12 @@ for run in "${runs[@]}"; do
   [ "$left" -gt 20 ] || { echo "{\"run\": \"$run\", \"skipped\": true}"; continue; }
   o="$work/speed-$name-$length"
   rm -rf "$o"
-  env=() keep=auto tool=mlx
+  env=() keep=auto tool=mlx quant=()
   IFS=, read -ra pairs <<<"${settings:-}"
   for p in "${pairs[@]}"; do
     case "$p" in
       keep=*) keep=${p#keep=} ;;
+      quantize=*) quant=(--quantize "${p#quantize=}") ;;
       bin=base) tool=mlx-base ;;
       trace)
         t="$work/trace"
@@ -57,7 +59,7 @@ for run in "${runs[@]}"; do
       --engine mlx --model "$model" --data "$work/speed-data" --device cuda --dtype bf16 \
       --batch-size 1 --max-seq-length "$length" --lora-rank 16 --max-steps "$steps" \
       --learning-rate 1e-4 --lr-schedule constant --warmup-steps 0 --steps-per-eval 0 \
-      --val-batches 0 --keep-activations "$keep" --output "$o" >"$o.log" 2>&1
+      --val-batches 0 --keep-activations "$keep" "${quant[@]}" --output "$o" >"$o.log" 2>&1
     python3 scripts/gpu/report.py train "$o/metrics.jsonl" --name "$run" 2>>"$o.log" ||
       echo "{\"run\": \"$run\", \"failed\": true}"
   fi

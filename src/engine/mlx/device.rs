@@ -97,12 +97,13 @@ pub fn select(choice: DeviceChoice) -> Result<bool> {
     let gpu = wants_gpu(choice, backend, CUDA_BUILD)?;
     Device::set_default(&if gpu { Device::gpu() } else { Device::cpu() });
     if gpu && backend == Some(Backend::Cuda) {
-        // Measured on an H200: a first step of ~50 s with `--quantize 4` on a two-block model,
-        // and no step within two minutes at 8B, with nothing on the progress line meanwhile.
+        // Measured on an H200: a first step of ~50 s with MLX's quantized kernels on a
+        // two-block model, and no step within two minutes at 8B, with nothing on the progress
+        // line meanwhile (`--quantize` now multiplies dense copies there: weights.rs).
         eprintln!(
-            "note: MLX compiles its CUDA kernels on first use (the first step can take minutes, \
-             most with --quantize); later runs reuse them from MLX_PTX_CACHE_DIR (default: \
-             mlx/ in the temporary directory)"
+            "note: MLX compiles its CUDA kernels on first use (the first step can take \
+             minutes); later runs reuse them from MLX_PTX_CACHE_DIR (default: mlx/ in the \
+             temporary directory)"
         );
     }
     Ok(gpu)

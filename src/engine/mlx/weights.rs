@@ -6,13 +6,14 @@
 //! anything else quantized by MLX.
 
 use super::convert::to_array;
+use super::device::Backend;
 use crate::error::Result;
 use crate::model::lora::Target;
 use crate::model::quantized::Weight;
 use crate::model::vocab::{VocabMatrix, SLICE_ROWS};
 use crate::model::{Llama, ModelConfig};
 use candle_core::{DType, Tensor};
-use mlx_rs::ops::{quantize, quantized_matmul};
+use mlx_rs::ops::{dequantize, quantize, quantized_matmul};
 use mlx_rs::{Array, Dtype};
 
 /// Group size of MLX's affine quantization here: GGML's Q4_1 and Q8_0 blocks are 32 wide.
@@ -32,7 +33,29 @@ pub enum Linear {
         biases: Array,
         bits: i32,
         bias: Option<Array>,
+        /// Multiplied as a dense copy in the compute dtype, made for each product
+        /// ([`dequantizes`]), rather than by MLX's `quantized_matmul`.
+        dense: bool,
     },
+}
+
+/// Whether quantized linears multiply as dense copies in the compute dtype, made for each
+/// product (a dequantization, then the backend's plain matmul), rather than with MLX's
+/// quantized matmul: everywhere but Metal, where MLX's quantized kernels are its tuned path
+/// (mlx-lm's QLoRA) and no Mac has measured the other. On MLX's CPU backend the quantized
+/// matmul is a plain loop: SmolLM2 with `--quantize 4` at 4×256 took 39 s a step with it and
+/// 3.0 s with the copies, with the same losses to five decimals. MLX 0.32's CUDA backend has a
+/// tensor-core kernel only for `x Wᵀ`; the backward's `dY W` runs its "naive" kernel, and each
+/// kernel is compiled with NVRTC on first use (a first 8B step of over two minutes on an H200),
+/// where a copy is one element-wise kernel and cuBLAS's GEMM. A block's copies live only while
+/// it computes. `YOUR_AI_MLX_QUANTIZED=dense|packed` (read once) overrides, to compare.
+pub fn dequantizes() -> bool {
+    static CHOSEN: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *CHOSEN.get_or_init(|| match std::env::var("YOUR_AI_MLX_QUANTIZED").as_deref() {
+        Ok("dense") => true,
+        Ok("packed") => false,
+        _ => !(super::device::on_gpu() && super::device::gpu_backend() == Some(Backend::Metal)),
+    })
 }
 
 impl Linear {
@@ -46,6 +69,7 @@ impl Linear {
                     biases,
                     bits,
                     bias,
+                    dense: dequantizes(),
                 });
             }
         }
@@ -60,6 +84,7 @@ impl Linear {
                     biases,
                     bits,
                     bias,
+                    dense: dequantizes(),
                 }
             }
             _ => Linear::Dense {
@@ -79,10 +104,17 @@ impl Linear {
                 biases,
                 bits,
                 bias,
-            } => (
-                quantized_matmul(x, w, scales, biases, true, GROUP, *bits)?,
-                bias,
-            ),
+                dense,
+            } => match dense {
+                true => (
+                    x.matmul(dequantize(w, scales, biases, GROUP, *bits)?.t())?,
+                    bias,
+                ),
+                false => (
+                    quantized_matmul(x, w, scales, biases, true, GROUP, *bits)?,
+                    bias,
+                ),
+            },
         };
         match bias {
             Some(b) => y.add(b),
@@ -95,6 +127,14 @@ impl Linear {
     pub fn input_gradient(&self, dy: &Array) -> Result<Array, mlx_rs::error::Exception> {
         match self {
             Linear::Dense { wt, .. } => dy.matmul(wt.t()),
+            Linear::Quantized {
+                w,
+                scales,
+                biases,
+                bits,
+                dense: true,
+                ..
+            } => dy.matmul(dequantize(w, scales, biases, GROUP, *bits)?),
             Linear::Quantized {
                 w,
                 scales,
@@ -148,7 +188,7 @@ impl Linear {
                     bias,
                 })
             }
-            &Linear::Quantized { bits, .. } => {
+            &Linear::Quantized { bits, dense, .. } => {
                 let held = parts
                     .iter()
                     .map(|p| match p {
@@ -169,6 +209,7 @@ impl Linear {
                     biases: part(2)?,
                     bits,
                     bias,
+                    dense,
                 })
             }
         }
@@ -363,6 +404,17 @@ impl Model {
             rope_freqs,
             compiled: Default::default(),
         })
+    }
+
+    /// The model with its quantized linears multiplied as dense copies (`on`) or by MLX's
+    /// quantized matmul, whatever [`dequantizes`] chose.
+    pub fn with_dense_products(mut self, on: bool) -> Self {
+        for lin in self.blocks.iter_mut().flat_map(|b| b.linears.iter_mut()) {
+            if let Linear::Quantized { dense, .. } = lin {
+                *dense = on;
+            }
+        }
+        self
     }
 
     /// Bytes of frozen weights held.

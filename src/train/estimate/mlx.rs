@@ -149,7 +149,20 @@ pub fn estimate(cfg: &ModelConfig, w: &Workload, host: WeightFormat, gpu: bool) 
     // The step queues a block while the one before it computes, and MLX allocates what the
     // queued block makes when it is queued: a second block's work is held meanwhile.
     let in_flight = IN_FLIGHT_ROWS * rows * per_row;
-    let block = rows * per_row + attention + in_flight;
+    let weight = |t: &Target| {
+        let (a, b) = t.dims(cfg);
+        (a * b) as u64
+    };
+    let block_params: u64 = Target::ALL.iter().map(weight).sum();
+    // Quantized linears multiply as dense copies made for each product, except on Metal
+    // (`engine/mlx/weights.rs`, `dequantizes`): a block's copies, at most, while it computes.
+    let quantized = matches!(w.weights, WeightFormat::Quantized { .. });
+    let dense_copies = if quantized && !(gpu && cfg!(target_os = "macos")) {
+        block_params * db
+    } else {
+        0
+    };
+    let block = rows * per_row + attention + in_flight + dense_copies;
     // Its peak is at the head (every input held) or in the blocks' backward (inputs going,
     // gradients coming).
     let (work_name, work) = largest([
@@ -201,11 +214,6 @@ pub fn estimate(cfg: &ModelConfig, w: &Workload, host: WeightFormat, gpu: bool) 
     // `SLICE_ROWS` rows (each with an f32 copy on the host and in MLX): the host's matrix
     // beside MLX's parts, then (the host's dropped) the parts beside the joined whole.
     let host_load = runtime + frozen_bytes(cfg, host) + w.load_work;
-    let weight = |t: &Target| {
-        let (a, b) = t.dims(cfg);
-        (a * b) as u64
-    };
-    let block_params: u64 = Target::ALL.iter().map(weight).sum();
     let mlx_vocab = vocab_bytes(cfg, w.weights);
     let part = 2 * SLICE_ROWS.min(cfg.vocab_size) as u64 * h * 4;
     let host_vocab = if gpu { 0 } else { vocab_bytes(cfg, host) };
@@ -321,6 +329,33 @@ mod tests {
         let inputs = w.adapted_layers as u64 * rows * 576 * 4;
         let least = 2 * (rows * per_row + attention + inputs) + IN_FLIGHT_ROWS * rows * per_row;
         assert!(term.bytes >= least, "{} < {least}", term.bytes);
+    }
+
+    /// With `--quantize`, a block's linears multiply as dense copies in the compute dtype
+    /// (except on Metal): its copies join its working set, and so MLX's cache allowance.
+    #[test]
+    fn quantized_blocks_hold_their_dense_copies() {
+        let cfg = smollm2();
+        let block_params = (2 * 576 * 576 + 2 * 576 * 192 + 3 * 576 * 1536) as u64;
+        for gpu in [false, true] {
+            let term = |quantize| {
+                let e = estimate(
+                    &cfg,
+                    &workload(1, 1024, quantize),
+                    WeightFormat::Dense(4.0),
+                    gpu,
+                );
+                assert!(e.terms[2].name.starts_with("block backward"));
+                e.terms[2].bytes
+            };
+            let grown = term(Some(QuantBits::Four)) - term(None);
+            let copies = if gpu && cfg!(target_os = "macos") {
+                0
+            } else {
+                2 * block_params * 4
+            };
+            assert_eq!(grown, copies, "gpu {gpu}");
+        }
     }
 
     /// A block that keeps its activations holds its frozen products (four joined ones),

@@ -23,6 +23,20 @@ fn host(a: &Array) -> Vec<f32> {
         .unwrap()
 }
 
+/// Each of the gradients `got` within `rel` of its largest entry in `want` (none all zero).
+fn assert_close(got: &[Vec<f32>], want: &[Vec<f32>], rel: f32, what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: gradient count");
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        let scale = w.iter().fold(0f32, |m, v| m.max(v.abs()));
+        assert!(scale > 0.0, "{what}: gradient {i} is zero");
+        let worst = g.iter().zip(w).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert!(
+            worst <= rel * scale,
+            "{what}: gradient {i} differs by {worst} (scale {scale})"
+        );
+    }
+}
+
 /// Whether MLX has computed `a` (no graph left to run for it).
 fn computed(a: &Array) -> bool {
     let mut res = false;
@@ -120,19 +134,8 @@ fn mlx_kept_products_give_the_recompute_s_gradients() {
                 r_loss,
                 "{dropout:?} keep {keep}"
             );
-            for (i, (k, r)) in all(&p.split(&kept.grad).unwrap())
-                .iter()
-                .zip(&r_grads)
-                .enumerate()
-            {
-                let scale = r.iter().fold(0f32, |m, v| m.max(v.abs()));
-                assert!(scale > 0.0, "gradient {i} is zero");
-                let worst = k.iter().zip(r).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-                assert!(
-                    worst <= 1e-5 * scale,
-                    "{dropout:?} keep {keep}: gradient {i} differs by {worst} (scale {scale})"
-                );
-            }
+            let kept = all(&p.split(&kept.grad).unwrap());
+            assert_close(&kept, &r_grads, 1e-5, &format!("{dropout:?} keep {keep}"));
         }
     }
 }
@@ -351,14 +354,6 @@ fn mlx_quantized_linears_multiply_alike_dense_or_packed() {
             (dense_loss - packed_loss).abs() <= 1e-5 * packed_loss.abs(),
             "keep {keep}: loss {dense_loss} dense, {packed_loss} packed"
         );
-        for (i, (d, q)) in dense.iter().zip(&packed).enumerate() {
-            let scale = q.iter().fold(0f32, |m, v| m.max(v.abs()));
-            assert!(scale > 0.0, "gradient {i} is zero");
-            let worst = d.iter().zip(q).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-            assert!(
-                worst <= 1e-4 * scale,
-                "keep {keep}: gradient {i} differs by {worst} (scale {scale})"
-            );
-        }
+        assert_close(&dense, &packed, 1e-4, &format!("keep {keep}"));
     }
 }

@@ -46,7 +46,7 @@ pub enum Linear {
 /// matmul is a plain loop: SmolLM2 with `--quantize 4` at 4×256 took 39 s a step with it and
 /// 3.0 s with the copies, with the same losses to five decimals. MLX 0.32's CUDA backend has a
 /// tensor-core kernel only for `x Wᵀ`; the backward's `dY W` runs its "naive" kernel, and each
-/// kernel is compiled with NVRTC on first use (a first 8B step of over two minutes on an H200),
+/// kernel is compiled with NVRTC on first use (a first 8B step of about a minute on an H200),
 /// where a copy is one element-wise kernel and cuBLAS's GEMM. A block's copies live only while
 /// it computes. `YOUR_AI_MLX_QUANTIZED=dense|packed` (read once) overrides, to compare.
 pub fn dequantizes() -> bool {
@@ -104,17 +104,22 @@ impl Linear {
                 biases,
                 bits,
                 bias,
-                dense,
-            } => match dense {
-                true => (
-                    x.matmul(dequantize(w, scales, biases, GROUP, *bits)?.t())?,
-                    bias,
-                ),
-                false => (
-                    quantized_matmul(x, w, scales, biases, true, GROUP, *bits)?,
-                    bias,
-                ),
-            },
+                dense: true,
+            } => (
+                x.matmul(dequantize(w, scales, biases, GROUP, *bits)?.t())?,
+                bias,
+            ),
+            Linear::Quantized {
+                w,
+                scales,
+                biases,
+                bits,
+                bias,
+                ..
+            } => (
+                quantized_matmul(x, w, scales, biases, true, GROUP, *bits)?,
+                bias,
+            ),
         };
         match bias {
             Some(b) => y.add(b),

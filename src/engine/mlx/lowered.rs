@@ -2,11 +2,11 @@
 //! folded into A, and laid out for the block's joined projections.
 //!
 //! A block's linears that share an input (q, k and v; gate and up) are one matrix product
-//! ([`Target::BY_INPUT`], [`super::weights::Block`]), and so are their low-rank terms: `x Aᵀ` with the
-//! group's A matrices stacked (`[k·r, in]`, a view: they lie in a row in the A bank), then one
-//! `addmm` with a block-diagonal B (`[Σ out, k·r]`, each target's B in its own rows and
-//! columns, zeros elsewhere). A block then makes 4 frozen products, 4 thin ones and 4 `addmm`s
-//! where it made 7 of each, and its backward 20 matrix products where it made 35: on a GPU
+//! ([`Target::BY_INPUT`], [`super::weights::Block`]), and so are their low-rank terms: `x Aᵀ`
+//! with the group's A matrices stacked (`[k·r, in]`, a view: they lie in a row in the A bank),
+//! then one `addmm` with a block-diagonal B (`[Σ out, k·r]`, each target's B in its own rows
+//! and columns, zeros elsewhere). A block then makes 4 frozen products, 4 thin ones and 4
+//! `addmm`s where it made 7 of each, and its backward 20 matrix products where it made 35: on a GPU
 //! each is host work to build and launch (MLX queries cuBLASLt's heuristics for every product),
 //! and on an 8B step on an H200 the host's work, not the GPU's, set the pace (docs/gpu.md).
 //!

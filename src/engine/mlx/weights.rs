@@ -96,32 +96,8 @@ impl Linear {
 
     /// `x Wᵀ (+ b)` for `x` `[n, in]`.
     pub fn forward(&self, x: &Array) -> Result<Array, mlx_rs::error::Exception> {
-        let (y, bias) = match self {
-            Linear::Dense { wt, bias } => (x.matmul(wt)?, bias),
-            Linear::Quantized {
-                w,
-                scales,
-                biases,
-                bits,
-                bias,
-                dense: true,
-            } => (
-                x.matmul(dequantize(w, scales, biases, GROUP, *bits)?.t())?,
-                bias,
-            ),
-            Linear::Quantized {
-                w,
-                scales,
-                biases,
-                bits,
-                bias,
-                ..
-            } => (
-                quantized_matmul(x, w, scales, biases, true, GROUP, *bits)?,
-                bias,
-            ),
-        };
-        match bias {
+        let y = self.product(x, true)?;
+        match self.bias() {
             Some(b) => y.add(b),
             None => Ok(y),
         }
@@ -130,8 +106,14 @@ impl Linear {
     /// `dY W` for `dy` `[n, out]`: the gradient of the forward's input (the frozen weight's own
     /// gradient is never needed).
     pub fn input_gradient(&self, dy: &Array) -> Result<Array, mlx_rs::error::Exception> {
+        self.product(dy, false)
+    }
+
+    /// `x Wᵀ` (`transpose`) or `x W`, without the bias.
+    fn product(&self, x: &Array, transpose: bool) -> Result<Array, mlx_rs::error::Exception> {
         match self {
-            Linear::Dense { wt, .. } => dy.matmul(wt.t()),
+            Linear::Dense { wt, .. } if transpose => x.matmul(wt),
+            Linear::Dense { wt, .. } => x.matmul(wt.t()),
             Linear::Quantized {
                 w,
                 scales,
@@ -139,14 +121,17 @@ impl Linear {
                 bits,
                 dense: true,
                 ..
-            } => dy.matmul(dequantize(w, scales, biases, GROUP, *bits)?),
+            } => {
+                let w = dequantize(w, scales, biases, GROUP, *bits)?;
+                x.matmul(if transpose { w.t() } else { w })
+            }
             Linear::Quantized {
                 w,
                 scales,
                 biases,
                 bits,
                 ..
-            } => quantized_matmul(dy, w, scales, biases, false, GROUP, *bits),
+            } => quantized_matmul(x, w, scales, biases, transpose, GROUP, *bits),
         }
     }
 

@@ -38,3 +38,33 @@ fn chat_keeps_the_conversation_and_resets_it() {
         .unwrap();
     assert_eq!(String::from_utf8_lossy(&g.stdout).trim_end(), replies[0]);
 }
+
+/// The prompt sizes `chat` reports, a turn each, and its stderr.
+fn chat_prompts(input: &str) -> (Vec<usize>, String) {
+    let o = cli()
+        .args(["chat", "--max-tokens", "4", "--model"])
+        .arg(smollm2())
+        .write_stdin(input)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    assert!(o.status.success(), "{err}");
+    let prompts = err
+        .lines()
+        .filter_map(|l| l.strip_prefix('['))
+        .filter_map(|l| l.split(" prompt tokens").next()?.parse().ok())
+        .collect();
+    (prompts, err)
+}
+
+#[test]
+fn chat_refuses_a_message_over_the_context_and_keeps_the_conversation() {
+    let long = "hello ".repeat(9000);
+    let (with, err) = chat_prompts(&format!("My name is Bob.\n{long}\nWhat is my name?\n"));
+    assert!(err.contains("this message alone is"), "{err}");
+    assert!(!err.contains("oldest exchange is dropped"), "{err}");
+    let (without, _) = chat_prompts("My name is Bob.\nWhat is my name?\n");
+    // The refused message took nothing with it: the last turn's prompt is the same.
+    assert_eq!(with, without);
+    assert_eq!(with.len(), 2);
+}

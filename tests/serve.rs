@@ -30,9 +30,13 @@ impl Drop for Server {
 impl Server {
     /// Starts `serve` on a free port and waits for the URL it prints.
     fn start(dir: &Path, adapter: &Path) -> Server {
+        Self::start_with_key(dir, adapter, KEY)
+    }
+
+    fn start_with_key(dir: &Path, adapter: &Path, key: &str) -> Server {
         let log = dir.join("serve.log");
         let mut child = Command::new(env!("CARGO_BIN_EXE_your_ai"))
-            .args(["serve", "--port", "0", "--api-key", KEY, "--model"])
+            .args(["serve", "--port", "0", "--api-key", key, "--model"])
             .arg(smollm2())
             .arg("--adapter")
             .arg(format!("brellonia={}", adapter.display()))
@@ -372,6 +376,56 @@ fn stopping_the_server_cuts_the_running_generation_short() {
     assert!(!seen.contains("[DONE]"), "{seen}");
     let log = server.log();
     assert!(log.contains("cut short: the server is stopping"), "{log}");
+}
+
+/// A key given with spaces around it (as from a file or a shell variable) is the key without
+/// them: a client's token, trimmed, matches it.
+#[test]
+fn the_api_key_is_taken_without_surrounding_spaces() {
+    let tmp = tempfile::tempdir().unwrap();
+    let adapter = adapter(&tmp.path().join("adapter"));
+    let server = Server::start_with_key(tmp.path(), &adapter, &format!(" {KEY}\n"));
+    let (status, text) = http(&server.url, "GET", "/v1/models", true, b"");
+    assert_eq!(status, 200, "{text}");
+    let (status, text) = http(&server.url, "GET", "/v1/models", false, b"");
+    assert_eq!(status, 401, "{text}");
+}
+
+/// Large prompts are read and tokenized off the server's network threads: while four clients'
+/// multi-megabyte prompts are being tokenized (each then refused as over the context), another
+/// client's request is answered first.
+#[test]
+fn large_prompts_being_tokenized_hold_up_no_other_client() {
+    let tmp = tempfile::tempdir().unwrap();
+    let adapter = adapter(&tmp.path().join("adapter"));
+    let server = Server::start(tmp.path(), &adapter);
+    let body = serde_json::to_vec(&serde_json::json!({
+        "messages": [{"role": "user", "content": "hello world ".repeat(300_000)}],
+        "max_tokens": 4,
+    }))
+    .unwrap();
+    let large: Vec<_> = (0..4)
+        .map(|_| {
+            let (url, body) = (server.url.clone(), body.clone());
+            std::thread::spawn(move || {
+                let r = http(&url, "POST", "/v1/chat/completions", true, &body);
+                (r, std::time::Instant::now())
+            })
+        })
+        .collect();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let (status, text) = http(&server.url, "GET", "/v1/models", true, b"");
+    let answered = std::time::Instant::now();
+    assert_eq!(status, 200, "{text}");
+    for t in large {
+        let ((status, text), done) = t.join().unwrap();
+        assert_eq!(status, 400, "{text}");
+        assert!(text.contains("context_length_exceeded"), "{text}");
+        assert!(
+            done > answered,
+            "a large prompt was answered before the small request"
+        );
+    }
 }
 
 /// A streamed request for thousands of tokens over a raw connection, read until some content

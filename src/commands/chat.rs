@@ -4,6 +4,7 @@
 //! over; an empty line, `/exit` or end of input ends it.
 
 use crate::cli::ChatArgs;
+use crate::data::tokenizer::Tokenizer;
 use crate::error::{Error, Result};
 use crate::infer::generate::generate;
 use crate::infer::prompt::chat_ids;
@@ -53,26 +54,9 @@ pub fn run(args: ChatArgs) -> Result<()> {
             _ => {}
         }
         turns.push(json!({"role": "user", "content": text}));
-        // Oldest whole exchanges go first when the conversation outgrows the context.
-        let ids = loop {
-            let messages: Vec<Value> = system.iter().chain(&turns).cloned().collect();
-            let ids = chat_ids(tok, &messages)?;
-            if ids.len() < context || turns.len() <= 1 {
-                break ids;
-            }
-            turns.drain(..2.min(turns.len() - 1));
-            eprintln!(
-                "(the conversation outgrew the model's context: its oldest exchange is dropped)"
-            );
-        };
-        if ids.len() >= context {
-            eprintln!(
-                "this message alone is {} tokens, the model's context is {context}: shorten it",
-                ids.len()
-            );
-            turns.pop();
+        let Some(ids) = fit(tok, &system, &mut turns, context)? else {
             continue;
-        }
+        };
         sampling.max_tokens = args.sampling.max_tokens.min(context - ids.len());
         let mut out = std::io::stdout().lock();
         let r = generate(&loaded.model, tok, &ids, &sampling, |piece| {
@@ -91,4 +75,36 @@ pub fn run(args: ChatArgs) -> Result<()> {
         sampling.seed = sampling.seed.wrapping_add(1);
     }
     Ok(())
+}
+
+/// The prompt for the conversation `system` + `turns`, whose last turn is the new message. A
+/// message too long for the context on its own is refused and taken back, the earlier turns
+/// kept; otherwise the oldest whole exchanges go first until the prompt fits.
+fn fit(
+    tok: &Tokenizer,
+    system: &[Value],
+    turns: &mut Vec<Value>,
+    context: usize,
+) -> Result<Option<Vec<u32>>> {
+    let prompt = |turns: &[Value]| -> Result<Vec<u32>> {
+        let messages: Vec<Value> = system.iter().chain(turns).cloned().collect();
+        chat_ids(tok, &messages)
+    };
+    let alone = prompt(&turns[turns.len() - 1..])?;
+    if alone.len() >= context {
+        eprintln!(
+            "this message alone is {} tokens, the model's context is {context}: shorten it",
+            alone.len()
+        );
+        turns.pop();
+        return Ok(None);
+    }
+    loop {
+        let ids = prompt(turns)?;
+        if ids.len() < context || turns.len() <= 1 {
+            return Ok(Some(ids));
+        }
+        turns.drain(..2.min(turns.len() - 1));
+        eprintln!("(the conversation outgrew the model's context: its oldest exchange is dropped)");
+    }
 }

@@ -65,7 +65,8 @@ pub fn run(a: ServeArgs) -> Result<()> {
         adapters: names.clone(),
         tokenizer,
         context,
-        api_key: a.api_key.clone(),
+        // Clients' tokens are compared trimmed (a header value's edges are not part of it).
+        api_key: a.api_key.as_deref().map(|k| k.trim().to_string()),
         kv_cache: a.kv.kv_cache,
         jobs,
         next_id: AtomicU64::new(1),

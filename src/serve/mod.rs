@@ -170,7 +170,18 @@ async fn respond(
     parse: fn(&[u8]) -> Result<Request, ApiError>,
     kind: Kind,
 ) -> Response {
-    match start(&app, &headers, body, parse, kind) {
+    // Parsing, the chat template and tokenizing take a while for a large body: off the few
+    // network threads, so that they keep serving the other clients and the streams meanwhile.
+    let started = tokio::task::spawn_blocking(move || start(&app, &headers, body, parse, kind))
+        .await
+        .unwrap_or_else(|e| {
+            Err(ApiError::with(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "server_error",
+                format!("reading the request failed: {e}"),
+            ))
+        });
+    match started {
         Ok(s) if s.stream => stream(s, kind),
         Ok(s) => whole(s, kind).await,
         Err(e) => e.into_response(),

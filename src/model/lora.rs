@@ -303,6 +303,32 @@ impl Adapter {
                 return Err(bad(format!("`{flag}: true` is not supported")));
             }
         }
+        // Parts of a PEFT adapter beyond its LoRA pairs: a merge without them would differ from
+        // the adapter PEFT loads, so they are refused rather than dropped.
+        if c.get("modules_to_save")
+            .and_then(Value::as_array)
+            .is_some_and(|m| !m.is_empty())
+        {
+            return Err(bad(
+                "`modules_to_save` (whole modules trained beside the LoRA pairs) is not supported"
+                    .into(),
+            ));
+        }
+        if let Some(b) = c
+            .get("bias")
+            .filter(|b| b.as_str() != Some("none") && !b.is_null())
+        {
+            return Err(bad(format!(
+                "`bias: {b}` (trained biases) is not supported; only \"none\" is"
+            )));
+        }
+        if c.get("trainable_token_indices")
+            .is_some_and(|t| !t.is_null())
+        {
+            return Err(bad(
+                "`trainable_token_indices` (trained embedding rows) is not supported".into(),
+            ));
+        }
         for pat in ["rank_pattern", "alpha_pattern"] {
             if c.get(pat)
                 .and_then(Value::as_object)
@@ -316,10 +342,12 @@ impl Adapter {
                 .and_then(Value::as_u64)
                 .filter(|r| *r > 0)
                 .ok_or_else(|| bad("`r` must be a positive integer".into()))? as usize;
-        let alpha = c
-            .get("lora_alpha")
-            .and_then(Value::as_f64)
-            .ok_or_else(|| bad("`lora_alpha` is missing".into()))?;
+        let alpha = match c.get("lora_alpha") {
+            None | Some(Value::Null) => return Err(bad("`lora_alpha` is missing".into())),
+            Some(a) => a
+                .as_f64()
+                .ok_or_else(|| bad(format!("`lora_alpha` must be a number, not {a}")))?,
+        };
         let targets: Vec<Target> = match c.get("target_modules") {
             Some(Value::Array(a)) => a
                 .iter()
@@ -372,11 +400,15 @@ impl Adapter {
                 reason: e.to_string(),
             })?;
         // PEFT writes `...lora_A.weight`; some versions keep the adapter name (`lora_A.default.weight`).
+        let used = std::cell::RefCell::new(std::collections::HashSet::new());
         let find = |l: usize, t: Target, which: char| -> Option<&Tensor> {
             let plain = Self::tensor_name(l, t, which);
-            tensors
-                .get(&plain)
-                .or_else(|| tensors.get(&plain.replace(".weight", ".default.weight")))
+            let named = plain.replace(".weight", ".default.weight");
+            let (name, x) = [plain, named]
+                .into_iter()
+                .find_map(|n| tensors.get_key_value(&n))?;
+            used.borrow_mut().insert(name.clone());
+            Some(x)
         };
         let mut pairs: Vec<[Option<LoraPair>; 7]> = (0..model.num_hidden_layers)
             .map(|_| Default::default())
@@ -387,6 +419,18 @@ impl Adapter {
                 let (inp, out) = t.dims(model);
                 match (find(l, t, 'A'), find(l, t, 'B')) {
                     (Some(a), Some(b)) => {
+                        let fits = a.dims().get(1) == Some(&inp) && b.dims().first() == Some(&out);
+                        if fits && (a.dims() != [rank, inp] || b.dims() != [out, rank]) {
+                            return Err(AdapterError::Invalid {
+                                path: st_path.clone(),
+                                reason: format!(
+                                    "layer {l} {}: lora_A {:?} / lora_B {:?} are not of rank {rank}, the `r` of adapter_config.json; the config and the tensors disagree",
+                                    t.module(),
+                                    a.dims(),
+                                    b.dims()
+                                ),
+                            });
+                        }
                         if a.dims() != [rank, inp] || b.dims() != [out, rank] {
                             return Err(AdapterError::Invalid {
                                 path: st_path.clone(),
@@ -405,10 +449,32 @@ impl Adapter {
                         });
                         found += 1;
                     }
+                    (Some(_), None) | (None, Some(_)) => {
+                        return Err(AdapterError::Invalid {
+                            path: st_path.clone(),
+                            reason: format!(
+                                "layer {l} {} has only one of lora_A and lora_B; the file is incomplete or damaged",
+                                t.module()
+                            ),
+                        })
+                    }
                     // PEFT skips modules that do not exist in a block; a layer range may be sparse.
-                    _ => continue,
+                    (None, None) => continue,
                 }
             }
+        }
+        let used = used.into_inner();
+        let mut unused: Vec<&String> = tensors.keys().filter(|n| !used.contains(*n)).collect();
+        if !unused.is_empty() {
+            unused.sort();
+            return Err(AdapterError::Invalid {
+                path: st_path,
+                reason: format!(
+                    "{} tensor(s) are no LoRA pair of this model's layers and the config's target_modules and layers_to_transform (first: {}); a merge would leave them out",
+                    unused.len(),
+                    unused[0]
+                ),
+            });
         }
         if found == 0 {
             return Err(AdapterError::Invalid {
@@ -528,6 +594,64 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("use_dora"));
+    }
+
+    /// What a merge would leave out of a PEFT adapter is refused, each with what is wrong.
+    #[test]
+    fn parts_beyond_the_lora_pairs_are_refused() {
+        let model = tiny_cfg();
+        let cfg = LoraConfig {
+            rank: 2,
+            alpha: 4.0,
+            dropout: 0.0,
+            targets: vec![Target::Q, Target::Down],
+            layers: vec![1, 2],
+            use_rslora: false,
+        };
+        let a = Adapter::init(cfg, &model, 1, &Device::Cpu).unwrap();
+        let refused = |config: &dyn Fn(&mut Value), tensors: &dyn Fn(&mut HashMap<_, _>)| {
+            let dir = tempfile::tempdir().unwrap();
+            a.save_peft(dir.path(), "base").unwrap();
+            let cfg_path = dir.path().join("adapter_config.json");
+            let mut c: Value =
+                serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+            config(&mut c);
+            std::fs::write(&cfg_path, c.to_string()).unwrap();
+            let st = dir.path().join("adapter_model.safetensors");
+            let mut t: HashMap<String, Tensor> =
+                candle_core::safetensors::load(&st, &Device::Cpu).unwrap();
+            tensors(&mut t);
+            candle_core::safetensors::save(&t, &st).unwrap();
+            match Adapter::load_peft(dir.path(), &model, &Device::Cpu) {
+                Ok(_) => String::new(),
+                Err(e) => e.to_string(),
+            }
+        };
+        let none = |_: &mut HashMap<String, Tensor>| {};
+        // Unchanged, it loads: the refusals below come from each change alone.
+        assert_eq!(refused(&|_| {}, &none), "");
+        let e = refused(&|c| c["modules_to_save"] = json!(["embed_tokens"]), &none);
+        assert!(e.contains("modules_to_save"), "{e}");
+        let e = refused(&|c| c["bias"] = json!("all"), &none);
+        assert!(e.contains("bias"), "{e}");
+        let e = refused(&|c| c["trainable_token_indices"] = json!([1, 2]), &none);
+        assert!(e.contains("trainable_token_indices"), "{e}");
+        let e = refused(&|c| c["lora_alpha"] = json!("4"), &none);
+        assert!(e.contains("must be a number"), "{e}");
+        let e = refused(&|c| c["r"] = json!(1), &none);
+        assert!(e.contains("the config and the tensors disagree"), "{e}");
+        let half = Adapter::tensor_name(1, Target::Down, 'B');
+        let e = refused(&|_| {}, &|t| {
+            t.remove(&half);
+        });
+        assert!(e.contains("layer 1 down_proj has only one of"), "{e}");
+        // A pair for a block the config does not name (and a stray tensor) would be dropped.
+        let extra = Adapter::tensor_name(0, Target::Q, 'A');
+        let e = refused(&|_| {}, &|t| {
+            let x = t[&Adapter::tensor_name(1, Target::Q, 'A')].clone();
+            t.insert(extra.clone(), x);
+        });
+        assert!(e.contains(&format!("(first: {extra})")), "{e}");
     }
 
     #[test]

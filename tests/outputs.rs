@@ -101,6 +101,48 @@ fn a_second_run_into_a_used_output_is_refused_unless_resumed_or_forced() {
     assert_eq!(std::fs::read(out.join("metrics.jsonl")).unwrap(), log);
 }
 
+/// `--force` removes an earlier run's outputs only once every check has passed, and never a
+/// user's own folders that happen to share their names.
+#[test]
+fn force_replaces_only_an_earlier_run_and_only_when_the_run_can_start() {
+    let r = common::tiny_run(8);
+    let out = r.root.join("out");
+    let o = train(&r, &out, 2, &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let first = adapter(&out);
+    let notes = r.root.join("notes.txt");
+    std::fs::write(&notes, "mine").unwrap();
+    let under_notes = notes.join("m.jsonl");
+    for (metrics, says) in [
+        (&notes, "not a metrics file"),
+        (&under_notes, "is a file, not a directory"),
+    ] {
+        let o = train(
+            &r,
+            &out,
+            2,
+            &["--force", "--metrics-file", metrics.to_str().unwrap()],
+        );
+        assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+        assert!(stderr(&o).contains(says), "{}", stderr(&o));
+        assert_eq!(adapter(&out), first);
+        assert!(out.join("checkpoints/latest").exists());
+        assert_eq!(std::fs::read_to_string(&notes).unwrap(), "mine");
+    }
+    // Folders of the user's named like a run's: refused, kept.
+    let mine = r.root.join("mine");
+    std::fs::create_dir_all(mine.join("checkpoints")).unwrap();
+    std::fs::create_dir_all(mine.join("best")).unwrap();
+    std::fs::write(mine.join("checkpoints/model_epoch10.pt"), "x").unwrap();
+    std::fs::write(mine.join("best/model.pt"), "y").unwrap();
+    let o = train(&r, &mine, 2, &["--force"]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    let e = stderr(&o);
+    assert!(e.contains("checkpoints") && e.contains("best"), "{e}");
+    assert!(mine.join("checkpoints/model_epoch10.pt").exists());
+    assert!(mine.join("best/model.pt").exists());
+}
+
 #[test]
 fn a_locked_output_is_refused_while_its_run_lives() {
     let r = common::tiny_run(8);

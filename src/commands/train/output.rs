@@ -1,0 +1,239 @@
+//! The output directory of `train`: locked for the run, and never mixed with or silently
+//! replacing what it holds (an earlier run is continued with `--resume` or replaced with
+//! `--force`; a user's own files are neither).
+
+use crate::error::{Error, Result};
+use crate::io::DirLock;
+use crate::train::config::TrainConfig;
+use std::path::{Path, PathBuf};
+
+fn usage(msg: String) -> Error {
+    Error::Usage(msg)
+}
+
+/// What a run writes into its output directory, besides files the user keeps there.
+const RUN_OUTPUTS: &[&str] = &[
+    "adapter_model.safetensors",
+    "adapter_config.json",
+    "train_config.json",
+    "metrics.jsonl",
+    "best",
+    "checkpoints",
+];
+
+/// What `--resume` found.
+#[derive(Clone, PartialEq, Eq)]
+pub(super) enum Resuming {
+    /// Not asked for.
+    No,
+    /// Asked for, and the output holds no checkpoint: the run starts from the beginning.
+    NoCheckpoint,
+    /// A checkpoint is continued; `metrics`: where its run wrote its metrics, as recorded.
+    Checkpoint { metrics: Option<PathBuf> },
+}
+
+/// What a run leaves before its first checkpoint: `--resume` may start such a run again.
+const BEFORE_FIRST_CHECKPOINT: &[&str] =
+    &["metrics.jsonl", "checkpoints", "train_config.json", "best"];
+
+/// Locks the output directory for this run and makes sure nothing the user has is overwritten:
+/// an earlier run there is continued (`--resume`) or replaced (`--force`), never silently
+/// mixed with this one; a `--metrics-file` that is not one of ours is never truncated.
+/// `--resume` with no checkpoint restarts only a run that was stopped before its first one:
+/// a finished run whose checkpoints are gone, or anything else, is refused as without it.
+pub(super) fn claim_output(cfg: &TrainConfig, resume: &Resuming) -> Result<DirLock> {
+    let dir = cfg.output_dir();
+    let lock = DirLock::acquire(dir, "--output")?;
+    // What a killed run left half-written (hidden, never read) goes now, not at its next save.
+    crate::io::clear_leftovers(dir);
+    crate::io::clear_leftovers(&dir.join("checkpoints"));
+    let held = held_in(dir)?;
+    let restartable = |n: &String| BEFORE_FIRST_CHECKPOINT.contains(&n.as_str());
+    let resuming = match resume {
+        Resuming::Checkpoint { .. } => true,
+        Resuming::NoCheckpoint if held.iter().all(restartable) => true,
+        Resuming::NoCheckpoint => {
+            let mut shown: Vec<&String> = held.iter().filter(|n| !restartable(n)).collect();
+            shown.sort();
+            shown.truncate(5);
+            return Err(usage(format!(
+                "--resume: {} has no checkpoint to continue from, and holds an earlier run's \
+                 outputs or other files ({}); pass --force (without --resume) to replace that \
+                 run, or choose another --output",
+                dir.display(),
+                shown
+                    .iter()
+                    .map(|s| s.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            )));
+        }
+        Resuming::No => false,
+    };
+    let replacing = !held.is_empty() && !resuming;
+    if replacing {
+        if !cfg.output.force {
+            return Err(not_empty(dir, held));
+        }
+        let foreign: Vec<String> = RUN_OUTPUTS
+            .iter()
+            .map(|n| dir.join(n))
+            .filter(|p| !earlier_runs(p))
+            .map(|p| p.display().to_string())
+            .collect();
+        if !foreign.is_empty() {
+            return Err(usage(format!(
+                "--force replaces an earlier run's outputs, and {} has the name of one but not \
+                 its contents; move it away, or choose another --output",
+                foreign.join(", ")
+            )));
+        }
+    }
+    let metrics = cfg.metrics_file();
+    if metrics.is_dir() {
+        return Err(usage(format!(
+            "--metrics-file {}: is a directory; name a file",
+            metrics.display()
+        )));
+    }
+    // Checked now, not when the trainer creates it: a refusal must come before --force removes.
+    let first_existing = metrics
+        .parent()
+        .into_iter()
+        .flat_map(Path::ancestors)
+        .find(|p| p.as_os_str().is_empty() || std::fs::symlink_metadata(p).is_ok());
+    if let Some(p) = first_existing.filter(|p| !p.as_os_str().is_empty() && !p.is_dir()) {
+        return Err(usage(format!(
+            "--metrics-file {}: {} is a file, not a directory; choose another path",
+            metrics.display(),
+            p.display()
+        )));
+    }
+    if metrics.exists() {
+        if !is_metrics_file(&metrics) {
+            return Err(usage(format!(
+                "--metrics-file {}: the file exists and is not a metrics file of your_ai; \
+                 choose a new path (it would be overwritten)",
+                metrics.display()
+            )));
+        }
+        if !resuming && !cfg.output.force {
+            return Err(usage(format!(
+                "--metrics-file {}: holds an earlier run's metrics; pass --resume to continue that \
+                 run, --force to replace them, or choose another --metrics-file",
+                metrics.display()
+            )));
+        }
+        // A resumed run cuts its metrics back to the checkpoint's step: never another run's.
+        if let Resuming::Checkpoint { metrics: own } = resume {
+            let ours = |p: &Path| same_file(&metrics, p);
+            if !ours(&dir.join("metrics.jsonl"))
+                && !own.as_deref().is_some_and(ours)
+                && !cfg.output.force
+            {
+                return Err(usage(format!(
+                    "--metrics-file {}: holds another run's metrics (the run being resumed wrote \
+                     its own to {}), and resuming would cut them back to its checkpoint; leave \
+                     --metrics-file out, or name a new file",
+                    metrics.display(),
+                    own.as_deref()
+                        .map_or("its output directory".into(), |p| p.display().to_string())
+                )));
+            }
+        }
+    }
+    if replacing {
+        // --force, every check passed: the earlier run's outputs go; anything else stays.
+        for name in RUN_OUTPUTS {
+            crate::io::remove(&dir.join(name))?;
+        }
+    }
+    Ok(lock)
+}
+
+/// Whether `path`, named as one of [`RUN_OUTPUTS`], is absent or what a run of this tool writes
+/// there: `--force` removes nothing else (a user's own `checkpoints/` is not an earlier run).
+fn earlier_runs(path: &Path) -> bool {
+    let Ok(meta) = std::fs::symlink_metadata(path) else {
+        return true;
+    };
+    let holds_only = |ours: &dyn Fn(&str) -> bool| {
+        std::fs::read_dir(path).is_ok_and(|entries| {
+            entries.flatten().all(|e| {
+                let name = e.file_name();
+                let name = name.to_string_lossy();
+                name.starts_with('.') || ours(&name)
+            })
+        })
+    };
+    match path.file_name().and_then(|n| n.to_str()) {
+        Some("metrics.jsonl") => meta.is_file() && is_metrics_file(path),
+        Some("checkpoints") => {
+            meta.is_dir()
+                && holds_only(&|n| {
+                    n == "latest"
+                        || n.strip_prefix("step-")
+                            .is_some_and(|s| s.parse::<u64>().is_ok())
+                })
+        }
+        Some("best") => meta.is_dir() && holds_only(&|n| ADAPTER_FILES.contains(&n)),
+        _ => meta.is_file(),
+    }
+}
+
+/// What an adapter directory (`best/`) holds.
+const ADAPTER_FILES: &[&str] = &[
+    "adapter_model.safetensors",
+    "adapter_config.json",
+    "train_config.json",
+    "README.md",
+];
+
+/// What `dir` holds besides this tool's lock and half-written leftovers (nothing when it does
+/// not exist).
+pub(super) fn held_in(dir: &Path) -> Result<Vec<String>> {
+    if !dir.exists() {
+        return Ok(vec![]);
+    }
+    Ok(std::fs::read_dir(dir)
+        .map_err(|e| Error::io("read", dir, e))?
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n != DirLock::FILE && !crate::io::is_leftover(n))
+        .collect())
+}
+
+/// The refusal of an --output that holds something, without --resume or --force.
+pub(super) fn not_empty(dir: &Path, mut held: Vec<String>) -> Error {
+    let more = held.len() > 5;
+    held.sort();
+    held.truncate(5);
+    usage(format!(
+        "--output {}: the directory is not empty ({}{}); pass --resume to continue the run \
+         there, --force to replace it, or choose another --output",
+        dir.display(),
+        held.join(", "),
+        if more { ", …" } else { "" }
+    ))
+}
+
+/// Whether `a` and `b` name the same file (`a` exists).
+fn same_file(a: &Path, b: &Path) -> bool {
+    match (a.canonicalize(), b.canonicalize()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    }
+}
+
+/// Whether `path` is a metrics file this tool wrote: its first line is our start record.
+fn is_metrics_file(path: &Path) -> bool {
+    use std::io::{BufRead, Read};
+    let Ok(f) = std::fs::File::open(path) else {
+        return false;
+    };
+    let mut first = String::new();
+    let read = std::io::BufReader::new(f.take(1 << 20)).read_line(&mut first);
+    read.is_ok()
+        && serde_json::from_str::<serde_json::Value>(&first)
+            .is_ok_and(|v| v["type"] == "start" && v.get("memory_budget_bytes").is_some())
+}

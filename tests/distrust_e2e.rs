@@ -138,4 +138,24 @@ fn validate_refuses_bad_suites_and_flags() {
         "/nonexistent/suite.jsonl",
     ]);
     assert!(!ok && err.contains("/nonexistent/suite.jsonl"), "{err}");
+    // An existing --output is refused without --force, before the suite runs (here the model
+    // that does not exist is never reached), and kept.
+    let good = tmp.path().join("good.jsonl");
+    std::fs::write(&good, "{\"prompt\": \"ok\", \"min_length\": 1}\n").unwrap();
+    let mine = tmp.path().join("notes.txt");
+    std::fs::write(&mine, "mine").unwrap();
+    let (ok, _, err) = run(&[
+        "validate",
+        "--model",
+        "/nonexistent.gguf",
+        "--suite",
+        good.to_str().unwrap(),
+        "--output",
+        mine.to_str().unwrap(),
+    ]);
+    assert!(
+        !ok && err.contains("already exists") && err.contains("--force"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read_to_string(&mine).unwrap(), "mine");
 }

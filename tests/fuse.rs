@@ -458,6 +458,38 @@ fn bad_input_is_refused_with_nothing_left_behind() {
     assert!(!out.join("old.txt").exists() && out.join("model.safetensors").is_file());
     assert_only(&out_dir, &["m"]);
 
+    // --force never replaces an input, nor a directory with a GGUF file: refused before work.
+    let e = err(fuse(&run.model, &adapter, &adapter, &["--force"]));
+    assert!(e.contains("is --adapter"), "{e}");
+    let e = err(fuse(&run.model, &adapter, &run.root, &["--force"]));
+    assert!(e.contains("holds --adapter"), "{e}");
+    assert!(adapter.join("adapter_model.safetensors").is_file());
+    let e = err(fuse(
+        &run.model,
+        &adapter,
+        &out,
+        &["--force", "--format", "gguf"],
+    ));
+    assert!(
+        e.contains("is a directory, and this output is a file"),
+        "{e}"
+    );
+    // A failed fuse takes back the folders it made; a killed one's leftover goes at the next.
+    let e = err(fuse(
+        &smollm2(),
+        &adapter,
+        &out_dir.join("new/m"),
+        &["--dequantize"],
+    ));
+    assert!(e.contains("made for another model"), "{e}");
+    std::fs::write(
+        out_dir.join(".m.partial-999999999"),
+        "left by a killed fuse",
+    )
+    .unwrap();
+    fuse_ok(&run.model, &adapter, &out, &["--force"]);
+    assert_only(&out_dir, &["m"]);
+
     // export-adapter: a missing config and an existing output.
     let g = out_dir.join("a.gguf");
     let e = err(cli()

@@ -173,6 +173,9 @@ pub struct ValidateArgs {
     /// Also write the results as JSON to this file.
     #[arg(long)]
     pub output: Option<PathBuf>,
+    /// Replace an existing --output file.
+    #[arg(long)]
+    pub force: bool,
     #[command(flatten)]
     pub sampling: SamplingArgs,
 }

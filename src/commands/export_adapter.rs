@@ -14,6 +14,11 @@ pub fn run(args: ExportAdapterArgs) -> Result<()> {
         Some(m) => m.clone(),
         None => base_from_config(&args.adapter)?,
     };
+    let inputs = [
+        ("--adapter", args.adapter.as_path()),
+        ("--model", std::path::Path::new(&model)),
+    ];
+    crate::io::check_output(&args.output, "--output", false, &inputs)?;
     let staged = Staged::new(&args.output, args.force, "--output")?;
     // The base's config gives the shapes to check and llama.cpp's q/k head counts.
     let base = Base::open(&model)?;

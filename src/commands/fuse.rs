@@ -27,6 +27,12 @@ pub fn run(args: FuseArgs) -> Result<()> {
         return Err(Error::Usage("--max-seq-length must be at least 2".into()));
     }
     check_adapter_dir(&args.adapter)?;
+    let mut inputs = vec![
+        ("--adapter", args.adapter.as_path()),
+        ("--model", Path::new(&args.model)),
+    ];
+    inputs.extend(args.data.as_deref().map(|d| ("--data", d)));
+    crate::io::check_output(&args.output, "--output", format == Format::Hf, &inputs)?;
     let staged = Staged::new(&args.output, args.force, "--output")?;
     // Bad data fails before any weights are written.
     let valid = match &args.data {

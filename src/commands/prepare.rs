@@ -49,6 +49,9 @@ pub fn run(a: PrepareArgs) -> Result<()> {
                 plot.display()
             )));
         }
+        let inputs: Vec<(&str, &std::path::Path)> =
+            a.input.iter().map(|i| ("--input", i.as_path())).collect();
+        crate::io::check_output(plot, "--plot", false, &inputs)?;
     }
     let mut records = vec![];
     for input in &a.input {
@@ -107,9 +110,7 @@ pub fn run(a: PrepareArgs) -> Result<()> {
     write_jsonl(&train_path, &rows(&train), a.force, "--output")?;
     if let Some(p) = &a.plot {
         let png = plot::histograms_png(&[(&w_hist, [200, 60, 40]), (&h_hist, [40, 90, 200])]);
-        let tmp = p.with_extension("png.tmp");
-        std::fs::write(&tmp, png).map_err(|e| Error::io("write", &tmp, e))?;
-        std::fs::rename(&tmp, p).map_err(|e| Error::io("rename into place", p, e))?;
+        crate::io::write_file(p, &png)?;
         eprintln!(
             "plot: {} (left: auth_weight 0–1, right: prov_entropy 0–{h_max} bits; 10 bins each)",
             p.display()

@@ -149,6 +149,18 @@ pub fn run(a: ValidateArgs) -> Result<()> {
         None => (suite::BUILTIN_SUITE.to_string(), "built-in".to_string()),
     };
     let cases = suite::parse(&text, &suite_name)?;
+    // Refused now, not after the whole suite has run.
+    let output = match &a.output {
+        Some(out) => {
+            let suite: &[(&str, &std::path::Path)] = match &a.suite {
+                Some(p) => &[("--suite", p.as_path())],
+                None => &[],
+            };
+            crate::io::check_output(out, "--output", false, suite)?;
+            Some(crate::io::Staged::new(out, a.force, "--output")?)
+        }
+        None => None,
+    };
     let mut loaded = a.run.load_for_decoding(false)?;
     let adapter = match &a.run.adapter {
         Some(dir) => Some(Adapter::load_peft(
@@ -167,11 +179,13 @@ pub fn run(a: ValidateArgs) -> Result<()> {
         runs.push(replies(&loaded, &cases, &a, "adapter")?);
     }
     print!("{}", table(&cases, &runs));
-    if let Some(out) = &a.output {
+    if let Some(staged) = output {
         let v = report_json(&cases, &runs, &a, &suite_name);
         let text = serde_json::to_string_pretty(&v).unwrap_or_default();
-        crate::io::write_file(out, text.as_bytes())?;
-        eprintln!("results: {}", out.display());
+        crate::io::write_synced(&staged.tmp, text.as_bytes())?;
+        let dest = staged.dest.clone();
+        staged.commit()?;
+        eprintln!("results: {}", dest.display());
     }
     Ok(())
 }

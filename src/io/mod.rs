@@ -6,9 +6,11 @@
 //! for content that is ready at once.
 
 pub mod error_list;
+pub mod output;
 pub mod tensors;
 
 pub use error_list::{first_errors, MAX_SHOWN_ERRORS};
+pub use output::check_output;
 
 use crate::error::{Error, Result};
 use std::io::Write;
@@ -21,6 +23,9 @@ pub struct Staged {
     pub dest: PathBuf,
     pub tmp: PathBuf,
     committed: bool,
+    /// The directories made for `dest`'s parent, deepest first: removed again (when left
+    /// empty) if nothing is committed.
+    created: Vec<PathBuf>,
 }
 
 impl Staged {
@@ -32,10 +37,31 @@ impl Staged {
                 dest.display()
             )));
         }
-        Self::replacing(dest).map_err(|e| match e {
+        let staged = Self::replacing(dest).map_err(|e| match e {
             Error::Usage(m) => Error::Usage(format!("{flag} {m}")),
             e => e,
-        })
+        })?;
+        staged.clear_dead_partials();
+        Ok(staged)
+    }
+
+    /// Temporary outputs for `dest` of runs that were killed (a signal skips `Drop`): a fused
+    /// model's is as large as the model.
+    fn clear_dead_partials(&self) {
+        let (Some(name), Ok(rd)) = (
+            file_name(&self.dest),
+            std::fs::read_dir(parent_of(&self.dest)),
+        ) else {
+            return;
+        };
+        let prefix = format!(".{name}.partial-");
+        for e in rd.flatten() {
+            let entry = e.file_name().to_string_lossy().into_owned();
+            let pid = entry.strip_prefix(&prefix).and_then(|p| p.parse().ok());
+            if pid.is_some_and(|pid| !process_alive(pid)) {
+                let _ = remove_any(&e.path());
+            }
+        }
     }
 
     /// For a file or directory of ours that is rewritten (a checkpoint's `latest`, `best/`,
@@ -45,6 +71,11 @@ impl Staged {
             Error::Usage(format!("{}: not a file or directory name", dest.display()))
         })?;
         let parent = parent_of(dest);
+        let created: Vec<PathBuf> = parent
+            .ancestors()
+            .take_while(|d| !d.as_os_str().is_empty() && std::fs::symlink_metadata(d).is_err())
+            .map(Path::to_path_buf)
+            .collect();
         std::fs::create_dir_all(&parent).map_err(|e| Error::io("create", &parent, e))?;
         let tmp = parent.join(format!(".{name}.partial-{}", std::process::id()));
         remove_any(&tmp).map_err(|e| Error::io("remove", &tmp, e))?;
@@ -52,6 +83,7 @@ impl Staged {
             dest: dest.to_path_buf(),
             tmp,
             committed: false,
+            created,
         })
     }
 
@@ -74,6 +106,9 @@ impl Drop for Staged {
     fn drop(&mut self) {
         if !self.committed {
             let _ = remove_any(&self.tmp);
+            for d in &self.created {
+                let _ = std::fs::remove_dir(d);
+            }
         }
     }
 }
@@ -93,6 +128,7 @@ pub fn write_jsonl(
     force: bool,
     flag: &str,
 ) -> Result<()> {
+    check_output(path, flag, false, &[])?;
     let staged = Staged::new(path, force, flag)?;
     let tmp = &staged.tmp;
     let f = std::fs::File::create(tmp).map_err(|e| Error::io("create", tmp, e))?;

@@ -1,0 +1,80 @@
+//! A path the user names for an output, checked before any work: a fused model takes minutes
+//! to write, and `--force` replaces what is there.
+
+use crate::error::{Error, Result};
+use std::path::Path;
+
+/// Refuses `dest` (given with `flag`) when the output, a directory if `is_dir` and a file
+/// otherwise, could not take its place (a file where a directory is there, or the reverse), or
+/// when replacing it would destroy one of `inputs` (flag, path): `dest` is that input or holds
+/// it.
+pub fn check_output(dest: &Path, flag: &str, is_dir: bool, inputs: &[(&str, &Path)]) -> Result<()> {
+    let Ok(meta) = std::fs::metadata(dest) else {
+        return Ok(());
+    };
+    if meta.is_dir() != is_dir {
+        let (is, wants) = if meta.is_dir() {
+            ("a directory", "a file")
+        } else {
+            ("a file", "a directory")
+        };
+        return Err(Error::Usage(format!(
+            "{flag} {}: is {is}, and this output is {wants}; choose another path",
+            dest.display()
+        )));
+    }
+    let Ok(out) = std::fs::canonicalize(dest) else {
+        return Ok(());
+    };
+    for (input_flag, input) in inputs {
+        let Ok(i) = std::fs::canonicalize(input) else {
+            continue;
+        };
+        if i.starts_with(&out) {
+            let how = if i == out { "is" } else { "holds" };
+            return Err(Error::Usage(format!(
+                "{flag} {}: {how} {input_flag} {}, which replacing it would destroy; choose \
+                 another {flag}",
+                dest.display(),
+                input.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_output_that_is_or_holds_an_input_or_is_of_another_kind_is_refused() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("run");
+        let adapter = dir.join("adapter");
+        std::fs::create_dir_all(&adapter).unwrap();
+        let model = root.path().join("model.gguf");
+        std::fs::write(&model, "m").unwrap();
+        let inputs = [
+            ("--adapter", adapter.as_path()),
+            ("--model", model.as_path()),
+        ];
+        let refused = |dest: &Path, is_dir: bool| {
+            check_output(dest, "--output", is_dir, &inputs)
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default()
+        };
+        assert!(refused(&adapter, true).contains("is --adapter"));
+        assert!(refused(&dir, true).contains("holds --adapter"));
+        assert!(refused(&model, false).contains("is --model"));
+        assert!(refused(&dir.join("."), true).contains("holds --adapter"));
+        assert!(refused(&dir, false).contains("is a directory, and this output is a file"));
+        assert!(refused(&model, true).contains("is a file, and this output is a directory"));
+        // Beside or inside the inputs, or not there yet: fine.
+        assert_eq!(refused(&adapter.join("merged"), true), "");
+        assert_eq!(refused(&root.path().join("other.gguf"), false), "");
+        std::fs::create_dir_all(root.path().join("old")).unwrap();
+        assert_eq!(refused(&root.path().join("old"), true), "");
+    }
+}

@@ -16,6 +16,16 @@ fn main() {
             std::process::exit(e.exit_code());
         }
     };
+    // Output into a closed pipe (`your_ai models | head -1`) ends the process quietly, as Unix
+    // tools do, instead of panicking in println!. The server keeps ignoring the signal: a
+    // client that hangs up is an error on its socket, not the server's end.
+    #[cfg(unix)]
+    if !matches!(cli.command, your_ai::cli::Command::Serve(_)) {
+        // SAFETY: restores the default disposition before any thread is started.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     init_logging(cli.verbose);
     match your_ai::runtime::device::set_threads(cli.threads) {
         Ok(n) => tracing::info!("{n} compute threads"),

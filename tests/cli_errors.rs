@@ -155,6 +155,89 @@ fn malformed_jsonl_line_names_file_and_line() {
     );
 }
 
+/// `eval --data DIR` reads the held-out file; the directory needs no train.jsonl.
+#[test]
+fn eval_of_a_directory_reads_its_held_out_file() {
+    let dir = tempfile::tempdir().unwrap();
+    fails_with(
+        &["eval", "--data", dir.path().to_str().unwrap(), "--model"],
+        &[&smollm2()],
+        &[],
+        &["no valid.jsonl, test.jsonl or train.jsonl"],
+    );
+    // Read, line by line, before the model loads: the bad line shows which file was chosen.
+    let valid = dir.path().join("valid.jsonl");
+    std::fs::write(&valid, "{\"text\": \"fine\"}\n{\"text\": oops}\n").unwrap();
+    fails_with(
+        &["eval", "--data", dir.path().to_str().unwrap(), "--model"],
+        &[&smollm2()],
+        &[],
+        &["valid.jsonl:2", "not valid JSON"],
+    );
+}
+
+/// A negative value after a space is the flag's value, refused with its reason (not clap's
+/// "unexpected argument '-0'").
+#[test]
+fn negative_values_are_refused_as_values() {
+    for (flag, value) in [
+        ("--lora-dropout", "-0.5"),
+        ("--max-memory", "-5"),
+        ("--weight-decay", "-1"),
+        ("--max-grad-norm", "-1"),
+        ("--lora-alpha", "-3"),
+        ("--beta", "-1"),
+        ("--learning-rate", "-0.5"),
+    ] {
+        let out = cli()
+            .args(["train", "--model", "x", "--data", "y", flag, value])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{flag} {value}: {err}");
+        assert!(
+            err.contains(flag) && err.contains(value),
+            "{flag} {value}: {err}"
+        );
+        assert!(
+            !err.contains("unexpected argument"),
+            "{flag} {value}: {err}"
+        );
+    }
+}
+
+/// Sizes past any machine are refused at once (a search through every smaller batch size hung,
+/// and the estimate's products wrapped around), and `estimate` takes the model's context as
+/// `train` does.
+#[test]
+fn huge_sizes_and_lengths_past_the_context_are_refused() {
+    let m = smollm2();
+    let m = m.to_str().unwrap();
+    for (args, needle) in [
+        (
+            &["estimate", "--batch-size", "2199023255552"][..],
+            "--batch-size 2199023255552: at most",
+        ),
+        (
+            &["train", "--data", "y", "--batch-size", "100000000"][..],
+            "at most 65536",
+        ),
+        (
+            &["estimate", "--max-seq-length", "100000000"][..],
+            "at most 1048576",
+        ),
+        (
+            &["estimate", "--max-seq-length", "20000"][..],
+            "the model's context is 8192",
+        ),
+    ] {
+        let out = cli().args(args).args(["--model", m]).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(needle), "{args:?}: {err}");
+    }
+}
+
 #[test]
 fn bad_flag_values() {
     let out = cli()
@@ -269,4 +352,27 @@ fn device_cuda_names_the_mlx_cuda_build() {
         &["--device cuda", "build_mlx.sh --cuda"],
     );
     assert!(!out.join("adapters.safetensors").exists());
+}
+
+/// Output into a pipe the reader has closed (`your_ai models | head -1`) ends the command the
+/// way Unix tools end, by SIGPIPE, not with a panic.
+#[test]
+fn a_closed_pipe_ends_the_output_quietly() {
+    use std::os::unix::process::ExitStatusExt;
+    // Closed before the command starts: its first write finds no reader.
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_your_ai"))
+        .arg("models")
+        .stdout(writer)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    assert_eq!(
+        out.status.signal(),
+        Some(libc::SIGPIPE),
+        "{:?}: {err}",
+        out.status
+    );
 }

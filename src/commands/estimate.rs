@@ -2,6 +2,7 @@
 //! config alone, so a run can be sized before its weights are downloaded.
 
 use crate::cli::EstimateArgs;
+use crate::data::args::DEFAULT_MAX_SEQ_LENGTH;
 use crate::engine::choice::EngineChoice;
 use crate::error::{Error, Result};
 use crate::runtime::device::{compute_dtype, cpu_auto_weights, DTypeChoice, DeviceChoice};
@@ -14,17 +15,27 @@ use candle_core::{DType, Device};
 pub fn run(a: EstimateArgs) -> Result<()> {
     let (batch, lora) = (&a.batch, &a.lora);
     let targets = lora.targets();
-    for (v, flag) in [
-        (batch.batch_size, "--batch-size"),
-        (batch.max_seq_length, "--max-seq-length"),
-        (lora.lora_rank, "--lora-rank"),
-    ] {
-        if v == 0 {
-            return Err(Error::Usage(format!("{flag} 0: it must be at least 1")));
-        }
+    batch.check()?;
+    if lora.lora_rank == 0 {
+        return Err(Error::Usage("--lora-rank 0: it must be at least 1".into()));
     }
     let inspected = crate::runtime::presets::shape(&a.model)?;
     let cfg = &inspected.cfg;
+    // As `train` takes it: a length over the model's context is refused, or, the default,
+    // lowered to it.
+    let context = cfg.max_position_embeddings;
+    let mut batch = batch.clone();
+    if batch.max_seq_length > context {
+        if batch.max_seq_length != DEFAULT_MAX_SEQ_LENGTH {
+            return Err(Error::Usage(format!(
+                "--max-seq-length {}: the model's context is {context} tokens \
+                 (max_position_embeddings); use at most {context}",
+                batch.max_seq_length
+            )));
+        }
+        batch.max_seq_length = context;
+    }
+    let batch = &batch;
     let layers = cfg.num_hidden_layers;
     let adapted = lora.num_layers.unwrap_or(layers);
     if adapted == 0 || adapted > layers {

@@ -19,8 +19,18 @@ pub fn run(args: EvalArgs) -> Result<()> {
         return Err(Error::Usage("--max-seq-length must be at least 2".into()));
     }
     let path = if data.data.is_dir() {
-        let files = resolve_files(&data.data)?;
-        files.valid.or(files.test).unwrap_or(files.train)
+        // Held-out data first; a directory need not hold a train.jsonl to be evaluated.
+        ["valid.jsonl", "test.jsonl", "train.jsonl"]
+            .iter()
+            .map(|n| data.data.join(n))
+            .find(|p| p.is_file())
+            .ok_or_else(|| {
+                Error::Usage(format!(
+                    "--data {}: no valid.jsonl, test.jsonl or train.jsonl in this directory; give \
+                     one of them, or a JSONL file",
+                    data.data.display()
+                ))
+            })?
     } else {
         resolve_files(&data.data)?.train
     };

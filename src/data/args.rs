@@ -13,7 +13,7 @@ pub struct BatchArgs {
     #[arg(long, default_value_t = 1)]
     pub batch_size: usize,
     /// Longer examples are truncated (and counted in a warning).
-    #[arg(long, default_value_t = 1024)]
+    #[arg(long, default_value_t = DEFAULT_MAX_SEQ_LENGTH)]
     pub max_seq_length: usize,
 }
 
@@ -24,12 +24,31 @@ impl BatchArgs {
         if self.batch_size == 0 {
             return Err(Error::Usage("--batch-size 0: it must be at least 1".into()));
         }
+        if self.batch_size > MAX_BATCH_SIZE {
+            return Err(Error::Usage(format!(
+                "--batch-size {}: at most {MAX_BATCH_SIZE}; for a larger effective batch, add \
+                 --grad-accumulation-steps",
+                self.batch_size
+            )));
+        }
         if self.max_seq_length < 2 {
             return Err(Error::Usage("--max-seq-length must be at least 2".into()));
+        }
+        if self.max_seq_length > MAX_SEQ_LENGTH {
+            return Err(Error::Usage(format!(
+                "--max-seq-length {}: at most {MAX_SEQ_LENGTH} tokens",
+                self.max_seq_length
+            )));
         }
         Ok(())
     }
 }
+
+/// Bounds far above any machine's memory, so that sizes multiplied in the estimate (and the
+/// searches for what fits, which step through smaller values) stay small.
+pub const MAX_BATCH_SIZE: usize = 1 << 16;
+pub const MAX_SEQ_LENGTH: usize = 1 << 20;
+pub const DEFAULT_MAX_SEQ_LENGTH: usize = 1024;
 
 /// Where the examples come from and which of their tokens are scored.
 #[derive(Debug, Clone, Args, Serialize, Deserialize)]

@@ -313,8 +313,11 @@ impl DirLock {
                         Some(pid) if pid != me && process_alive(pid) => {
                             return Err(Error::Usage(format!(
                                 "{flag} {}: another your_ai run (process {pid}) is using this \
-                                 directory; wait for it to end, or choose another {flag}",
-                                dir.display()
+                                 directory; wait for it to end, or choose another {flag}. If \
+                                 process {pid} is not a your_ai run (its number was reused, after \
+                                 a restart), remove {}",
+                                dir.display(),
+                                path.display()
                             )))
                         }
                         _ => {
@@ -404,6 +407,7 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("another your_ai run"), "{e}");
+        assert!(e.contains(&format!("remove {}", file.display())), "{e}");
         // Held by a process that is gone: taken over, and released on drop.
         std::fs::write(&file, "999999999\n").unwrap();
         let again = DirLock::acquire(dir.path(), "--output").unwrap();

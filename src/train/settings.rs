@@ -18,10 +18,10 @@ pub struct LoraArgs {
     #[arg(long, default_value_t = 16)]
     pub lora_rank: usize,
     /// LoRA alpha (scale = alpha / rank) [default: 2 × rank].
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true)]
     pub lora_alpha: Option<f64>,
     /// Dropout on the LoRA input during training.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, allow_hyphen_values = true)]
     pub lora_dropout: f64,
     /// Linear layers that get adapters (comma-separated: q,k,v,o,gate,up,down).
     #[arg(long, value_delimiter = ',', default_value = "q,k,v,o,gate,up,down",
@@ -124,7 +124,7 @@ pub struct ObjectiveArgs {
     pub method: Method,
     /// DPO's β (how far from the reference the policy may move), or ORPO's λ (the weight of
     /// its odds-ratio term).
-    #[arg(long, default_value_t = 0.1)]
+    #[arg(long, default_value_t = 0.1, allow_hyphen_values = true)]
     #[serde(default = "default_beta")]
     pub beta: f64,
 }
@@ -181,10 +181,10 @@ pub struct ScheduleArgs {
     #[arg(long, default_value_t = 0.0, allow_hyphen_values = true)]
     pub min_lr: f64,
     /// AdamW decoupled weight decay.
-    #[arg(long, default_value_t = 0.01)]
+    #[arg(long, default_value_t = 0.01, allow_hyphen_values = true)]
     pub weight_decay: f64,
     /// Clip the global gradient norm to this (0 disables).
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, allow_hyphen_values = true)]
     pub max_grad_norm: f64,
     /// Seed for adapter initialisation and data order.
     #[arg(long, default_value_t = 42)]
@@ -290,7 +290,7 @@ pub struct OutputArgs {
 pub struct BudgetArgs {
     /// Memory budget in GB [default: 80% of the device's memory, at most 120 GB]. A run whose
     /// estimate exceeds it does not start; one that crosses it saves a checkpoint and stops.
-    #[arg(long, value_name = "GB", value_parser = parse_gb)]
+    #[arg(long, value_name = "GB", value_parser = parse_gb, allow_hyphen_values = true)]
     pub max_memory: Option<f64>,
 }
 

@@ -676,4 +676,18 @@ fn a_signal_during_evaluation_ends_the_run_in_seconds() {
     assert!(!e.contains("step 0: val loss"), "{e}");
     assert!(took.as_secs_f64() < 5.0, "took {took:?} after the signal");
     assert!(out.join("checkpoints/step-0/SHA256SUMS").is_file());
+    // Resumed (over a shorter validation), the cut validation is done first: every step's is
+    // in the record, as in a run never stopped (and `best/` is judged on all of them).
+    let o = r
+        .train_command(&out)
+        .args(["--max-steps", "4", "--batch-size", "2", "--lora-rank", "4"])
+        .args(["--steps-per-eval", "1", "--val-batches", "1", "--resume"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let steps: Vec<u64> = metrics(&m, "eval")
+        .iter()
+        .map(|r| r["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(steps, [0, 1, 2, 3, 4]);
 }

@@ -76,6 +76,10 @@ pub struct TrainerState {
     pub first_val: Option<f64>,
     pub last_val: Option<f64>,
     pub best_val: Option<(usize, f64)>,
+    /// A stop cut this step's validation short: the resumed run does it before training on.
+    /// (Absent from checkpoints written before it was recorded.)
+    #[serde(default)]
+    pub eval_pending: bool,
     /// SHA-256 of the training (and validation) data the run saw.
     pub data_sha256: String,
     pub config: serde_json::Value,

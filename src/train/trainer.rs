@@ -102,6 +102,10 @@ pub struct Trainer<'a, E: Engine> {
     first_step: usize,
     /// Whether the run continues from a checkpoint (its step-0 evaluation is already logged).
     resumed: bool,
+    /// The resumed checkpoint's step, when a stop cut its validation short: done first.
+    pending_eval: Option<usize>,
+    /// A validation is running: a checkpoint saved now says it is to be done again.
+    evaluating: bool,
     /// Non-finite steps in a row.
     nonfinite: usize,
     /// Whether the 90%-of-budget warning was shown.
@@ -175,6 +179,11 @@ impl<'a, E: Engine> Trainer<'a, E> {
             profile: Profile::default(),
             first_step,
             resumed: resume.is_some(),
+            pending_eval: resume
+                .as_ref()
+                .filter(|r| r.state.eval_pending)
+                .map(|r| r.state.step),
+            evaluating: false,
             nonfinite,
             warned: false,
             recent: VecDeque::new(),
@@ -197,8 +206,11 @@ impl<'a, E: Engine> Trainer<'a, E> {
     /// The recipe: evaluate at the start, then step by step train, evaluate, hold the budget,
     /// checkpoint and reload as the configuration says; then finish.
     pub fn run(mut self) -> Result<Summary> {
-        if !self.resumed {
-            self.evaluate(0)?;
+        match self.pending_eval {
+            _ if !self.resumed => self.evaluate(0)?,
+            // The last step's validation is finish()'s.
+            Some(step) if step < self.cfg.steps => self.evaluate(step)?,
+            _ => {}
         }
         for step in self.first_step..=self.cfg.steps {
             self.apply_test_limit(step);
@@ -473,6 +485,7 @@ impl<'a, E: Engine> Trainer<'a, E> {
                 b => (b * cfg.batch.batch_size).min(valid),
             };
             let bs = cfg.batch.batch_size;
+            self.evaluating = true;
             let result = match &self.data.pairs {
                 Some(p) => {
                     let o = &cfg.objective;
@@ -485,11 +498,14 @@ impl<'a, E: Engine> Trainer<'a, E> {
                     .evaluate(&self.data.valid[..n], bs)
                     .map(|r| (r.tokens > 0).then_some((r.loss, None))),
             };
+            self.evaluating = false;
             let scored = match result {
                 Ok(r) => r,
-                // Stopped mid-evaluation: the step itself is complete, so it is saved.
+                // Stopped mid-evaluation: the step itself is complete, so it is saved, with
+                // its validation still to do (a resumed run does it first, as `best/` needs).
                 Err(Error::Stopping { signal }) => {
-                    return Err(self.stop_for_signal(signal, step, self.cursor())?)
+                    self.evaluating = true;
+                    return Err(self.stop_for_signal(signal, step, self.cursor())?);
                 }
                 Err(e) => return Err(e),
             };

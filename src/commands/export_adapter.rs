@@ -10,9 +10,9 @@ use candle_core::Device;
 
 pub fn run(args: ExportAdapterArgs) -> Result<()> {
     super::fuse::check_adapter_dir(&args.adapter)?;
-    let model = match &args.model {
-        Some(m) => m.clone(),
-        None => base_from_config(&args.adapter)?,
+    let (model, from_config) = match &args.model {
+        Some(m) => (m.clone(), false),
+        None => (base_from_config(&args.adapter)?, true),
     };
     let inputs = [
         ("--adapter", args.adapter.as_path()),
@@ -21,7 +21,14 @@ pub fn run(args: ExportAdapterArgs) -> Result<()> {
     crate::io::check_output(&args.output, "--output", false, &inputs)?;
     let staged = Staged::new(&args.output, args.force, "--output")?;
     // The base's config gives the shapes to check and llama.cpp's q/k head counts.
-    let base = Base::open(&model)?;
+    let base = Base::open(&model).map_err(|e| match e {
+        e if from_config => Error::Usage(format!(
+            "{e}\n(the base model named by {}'s base_model_name_or_path; pass --model with \
+             the base model)",
+            args.adapter.join("adapter_config.json").display()
+        )),
+        e => e,
+    })?;
     let adapter = Adapter::load_peft(&args.adapter, &base.cfg, &Device::Cpu)?;
     adapter_gguf::write(&adapter, &base.cfg, &model, &staged.tmp)?;
     staged.commit()?;

@@ -3,9 +3,11 @@
 # tests; then the MLX engine's (the `mlx` feature, on MLX's CPU backend): the build script
 # installs what that build needs (cmake, libclang, the pinned mlx-cpu wheel), and the feature is
 # linted and its tests run. It also installs the pinned `openai` Python client the server's tests
-# use. This is the command the README names and `.ci/run` calls.
+# use, and type-checks the crate for macOS on Apple silicon. This is the command the README
+# names and `.ci/run` calls.
 #
-#   YOUR_AI_SKIP_MLX=1   skip the MLX part (a machine where it cannot be set up)
+#   YOUR_AI_SKIP_MLX=1     skip the MLX part (a machine where it cannot be set up)
+#   YOUR_AI_SKIP_MACOS=1   skip type-checking the macOS build (scripts/check_macos.sh)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -24,6 +26,14 @@ fi
 cargo fmt --all -- --check
 cargo clippy --all-targets --quiet -- -D warnings
 cargo test --all-targets --no-fail-fast
+
+# Apple silicon is where most users train, and no machine here is a Mac: the crate is at least
+# type-checked for it (scripts/check_macos.sh says what that covers).
+if [ -n "${YOUR_AI_SKIP_MACOS:-}" ]; then
+  echo "macOS check: skipped (YOUR_AI_SKIP_MACOS is set)"
+else
+  ./scripts/check_macos.sh
+fi
 
 if [ -n "${YOUR_AI_SKIP_MLX:-}" ]; then
   echo "MLX engine: skipped (YOUR_AI_SKIP_MLX is set)"

@@ -7,17 +7,66 @@ use crate::error::Result;
 use serde_json::Value;
 
 /// `messages` (OpenAI-style `{"role", "content"}` objects) rendered with the tokenizer's chat
-/// template, ready for the assistant's reply, and encoded.
+/// template, ready for the assistant's reply, and encoded. Message text is text: a control
+/// token's text in it (`<|im_end|>` in a pasted document) is encoded as the characters it is,
+/// so no message can end its turn or forge another's; only the template's own markers are
+/// control tokens.
 pub fn chat_ids(tok: &Tokenizer, messages: &[Value]) -> Result<Vec<u32>> {
     let src = tok.chat_template.as_deref().ok_or(TemplateError::Missing)?;
-    let text = ChatTemplate::new(src)?.render(&ChatContext {
-        messages,
-        add_generation_prompt: true,
-        bos_token: tok.bos_token.as_deref(),
-        eos_token: tok.eos_token.as_deref(),
-        ..Default::default()
-    })?;
-    Ok(tok.encode(&text)?)
+    let template = ChatTemplate::new(src)?;
+    let render = |messages: &[Value]| {
+        template.render(&ChatContext {
+            messages,
+            add_generation_prompt: true,
+            bos_token: tok.bos_token.as_deref(),
+            eos_token: tok.eos_token.as_deref(),
+            ..Default::default()
+        })
+    };
+    let specials = tok.special_texts();
+    let content = |m: &Value| m.get("content").and_then(Value::as_str).map(str::to_string);
+    let holds_special = |m: &Value| {
+        content(m).is_some_and(|c| specials.iter().any(|s| !s.is_empty() && c.contains(s)))
+    };
+    if !messages.iter().any(holds_special) {
+        // The common case, as the template renders it and as training encodes it.
+        return Ok(tok.encode(&render(messages)?)?);
+    }
+    // The messages' text replaced by markers, to find it in what the template renders: the
+    // template's text around it is encoded with its control tokens, the messages' as text.
+    let marker = |i: usize| format!("\u{E000}{i}\u{E001}");
+    let marked: Vec<Value> = messages
+        .iter()
+        .enumerate()
+        .map(|(i, m)| {
+            let mut m = m.clone();
+            if content(&m).is_some() {
+                m["content"] = Value::String(marker(i));
+            }
+            m
+        })
+        .collect();
+    let mut rest = render(&marked)?;
+    let mut ids = vec![];
+    for (i, m) in messages.iter().enumerate() {
+        let Some(text) = content(m) else { continue };
+        let at = match rest.match_indices(&marker(i)).collect::<Vec<_>>()[..] {
+            [(at, _)] => at,
+            _ => {
+                return Err(crate::error::Error::Usage(format!(
+                    "message {} holds a control token's text, and this model's chat template \
+                     does not place message text as given, so it cannot be kept apart from the \
+                     template's markers; remove the control token from the message",
+                    i + 1
+                )))
+            }
+        };
+        ids.extend(tok.encode(&rest[..at])?);
+        ids.extend(tok.encode_plain(&text)?);
+        rest = rest[at + marker(i).len()..].to_string();
+    }
+    ids.extend(tok.encode(&rest)?);
+    Ok(ids)
 }
 
 /// A single user turn, after an optional system prompt.

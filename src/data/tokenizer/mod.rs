@@ -44,6 +44,8 @@ pub struct Tokenizer {
     pub end_ids: BTreeSet<u32>,
     /// Bytes of the longest token's text, computed when first asked.
     max_token_bytes: std::sync::OnceLock<usize>,
+    /// A copy that encodes special tokens' text as text, made when first needed.
+    plain: std::sync::OnceLock<tokenizers::Tokenizer>,
 }
 
 impl Tokenizer {
@@ -120,6 +122,7 @@ impl Tokenizer {
             chat_template,
             end_ids,
             max_token_bytes: Default::default(),
+            plain: Default::default(),
         };
         tok.finish_end_ids();
         Ok(tok)
@@ -161,6 +164,7 @@ impl Tokenizer {
             chat_template: g.meta_str("tokenizer.chat_template").map(str::to_string),
             end_ids,
             max_token_bytes: Default::default(),
+            plain: Default::default(),
         };
         tok.finish_end_ids();
         Ok(tok)
@@ -218,6 +222,30 @@ impl Tokenizer {
     /// no BOS is added (see [`Tokenizer::encode_with_bos`]).
     pub fn encode(&self, text: &str) -> Result<Vec<u32>, TokenizerError> {
         Ok(self.encode_offsets(text)?.0)
+    }
+
+    /// Token ids of `text` as plain text: a special token's text (`<|im_end|>` typed by a
+    /// user) is encoded as the characters it is, not as the control token.
+    pub fn encode_plain(&self, text: &str) -> Result<Vec<u32>, TokenizerError> {
+        let plain = self.plain.get_or_init(|| {
+            let mut t = self.inner.clone();
+            t.set_encode_special_tokens(true);
+            t
+        });
+        let enc = plain
+            .encode(text, false)
+            .map_err(|e| TokenizerError::Encode(e.to_string()))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// The text of every special token (control tokens such as `<|im_end|>`).
+    pub fn special_texts(&self) -> Vec<String> {
+        self.inner
+            .get_added_tokens_decoder()
+            .into_values()
+            .filter(|t| t.special)
+            .map(|t| t.content)
+            .collect()
     }
 
     /// Ids and the byte span of `text` each token came from.

@@ -428,6 +428,46 @@ fn large_prompts_being_tokenized_hold_up_no_other_client() {
     }
 }
 
+/// With `stream_options.include_usage`, every chunk carries `usage` (null until the last,
+/// which has the counts and no choices), as OpenAI streams it; without it, none does.
+#[test]
+fn a_stream_with_usage_has_it_on_every_chunk() {
+    let tmp = tempfile::tempdir().unwrap();
+    let adapter = adapter(&tmp.path().join("adapter"));
+    let server = Server::start(tmp.path(), &adapter);
+    let chunks = |usage: bool| -> Vec<serde_json::Value> {
+        let body = serde_json::json!({"messages": [{"role": "user", "content": "Say hi."}],
+            "max_tokens": 3, "temperature": 0, "stream": true,
+            "stream_options": {"include_usage": usage}});
+        let (status, text) = http(
+            &server.url,
+            "POST",
+            "/v1/chat/completions",
+            true,
+            body.to_string().as_bytes(),
+        );
+        assert_eq!(status, 200, "{text}");
+        assert!(text.contains("data: [DONE]"), "{text}");
+        text.lines()
+            .filter_map(|l| l.strip_prefix("data: "))
+            .filter(|d| *d != "[DONE]")
+            .map(|d| serde_json::from_str(d).unwrap())
+            .collect()
+    };
+    let with = chunks(true);
+    let (last, before) = with.split_last().unwrap();
+    assert!(before.len() >= 2, "{with:?}");
+    assert!(before
+        .iter()
+        .all(|c| c["usage"].is_null() && c.get("usage").is_some()));
+    assert_eq!(last["choices"], serde_json::json!([]));
+    assert!(
+        last["usage"]["total_tokens"].as_u64().unwrap() > 0,
+        "{last}"
+    );
+    assert!(chunks(false).iter().all(|c| c.get("usage").is_none()));
+}
+
 /// A streamed request for thousands of tokens over a raw connection, read until some content
 /// has come: the connection and what it has read.
 fn long_stream(server: &Server) -> (std::net::TcpStream, String) {

@@ -387,8 +387,11 @@ fn stream(s: Started, kind: Kind) -> Response {
         };
         let mut c = json!({"id": id, "object": object, "created": created, "model": model,
             "choices": if choice.is_null() { json!([]) } else { json!([choice]) }});
-        if let Some(u) = usage {
-            c["usage"] = u;
+        // As OpenAI's: with usage asked for, every chunk has the field, null until the last.
+        match usage {
+            Some(u) => c["usage"] = u,
+            None if include_usage => c["usage"] = Value::Null,
+            None => {}
         }
         SseEvent::default().data(c.to_string())
     };

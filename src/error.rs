@@ -56,8 +56,8 @@ pub enum Error {
     #[error("stopped by {}", crate::runtime::signals::name(*signal))]
     Stopping { signal: i32 },
     #[error(
-        "training diverged: {what}; stopped, and the last good checkpoint is kept. \
-         Try a lower --learning-rate (now {learning_rate:e})"
+        "training diverged: {what}; stopped, and the checkpoints saved before it are kept \
+         (none if it came before the first). Try a lower --learning-rate (now {learning_rate:e})"
     )]
     Diverged { what: String, learning_rate: f64 },
     #[error(

@@ -279,4 +279,12 @@ fn bad_preference_rows_are_named_and_nothing_is_written() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(1));
     assert!(err.contains("train.jsonl:1: `chosen` is missing"), "{err}");
+    // And preference pairs given to supervised training: named as such, with the flag to use.
+    let o = train(&model, &data, &out, &["--max-steps", "2"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        err.contains("train.jsonl:1: a preference pair") && err.contains("--method dpo"),
+        "{err}"
+    );
 }

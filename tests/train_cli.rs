@@ -386,11 +386,19 @@ fn yaml_config_supplies_flags_and_the_command_line_wins() {
     let e = run("resume: true\nmax_steps: 2\n", &out, &[]);
     assert!(e.contains("has no checkpoint yet"), "{e}");
     assert_eq!(metrics(&out.join("metrics.jsonl"), "train").len(), 2);
+    // The command line's --force holds with a file (it was lost): the run is replaced.
+    run("max_steps: 1\n", &out, &["--force"]);
+    assert_eq!(metrics(&out.join("metrics.jsonl"), "train").len(), 1);
     // Refused before anything loads: two conflicting keys, one setting given twice, a bad
     // value even where the command line overrides it.
     for (text, extra, says) in [
         ("epochs: 1\nmax_steps: 3\n", &[][..], "cannot both be given"),
-        ("lora_rank: 4\nlora-rank: 8\n", &[], "both set `lora-rank`"),
+        (
+            "lora_rank: 4\nlora-rank: 8\n",
+            &[],
+            "`lora-rank` and `lora_rank` both set `lora-rank`",
+        ),
+        ("resume: true\n", &["--force"], "--resume continues the run"),
         (
             "mask_prompt: true\nno_mask_prompt: true\n",
             &[],
@@ -525,7 +533,7 @@ fn bad_input_is_refused_before_anything_is_written() {
                 "--data".into(),
                 s.data.display().to_string(),
                 "--max-seq-length".into(),
-                "10000000".into(),
+                "1000000".into(),
             ],
             "the model's context is",
         ),

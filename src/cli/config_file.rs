@@ -31,10 +31,10 @@ pub fn merge(args: &mut TrainArgs, path: &Path) -> Result<()> {
     // Fields the file sets, with the key that set them.
     let mut from_file: std::collections::HashMap<String, String> = Default::default();
     for (k, v) in map {
-        let name = k
+        let key = k
             .as_str()
-            .ok_or_else(|| bad(format!("key {k:?} is not a string")))?
-            .replace('-', "_");
+            .ok_or_else(|| bad(format!("key {k:?} is not a string")))?;
+        let name = key.replace('-', "_");
         let flag = name.replace('_', "-");
         if !known.contains(&name) || name == "config" {
             return Err(bad(format!(
@@ -62,9 +62,10 @@ pub fn merge(args: &mut TrainArgs, path: &Path) -> Result<()> {
                 other => other,
             };
         }
-        if let Some(earlier) = from_file.insert(field.clone(), flag.clone()) {
+        // As written in the file: `lora_rank` and `lora-rank` are the same flag.
+        if let Some(earlier) = from_file.insert(field.clone(), key.to_string()) {
             return Err(bad(format!(
-                "`{flag}` and `{earlier}` both set `{}`; keep one",
+                "`{key}` and `{earlier}` both set `{}`; keep one",
                 field.replace('_', "-")
             )));
         }
@@ -97,6 +98,9 @@ pub fn merge(args: &mut TrainArgs, path: &Path) -> Result<()> {
         given.insert(field);
     }
     let mut out: TrainArgs = serde_json::from_value(merged).map_err(|e| bad(e.to_string()))?;
+    // Not serialized (a run's train_config.json does not record it), so not in `merged`: the
+    // command line's --force was lost whenever --config was given.
+    out.output.force |= args.output.force;
     out.config = args.config.take();
     out.given = given;
     *args = out;

@@ -37,6 +37,11 @@ pub fn run(mut a: TrainArgs) -> Result<()> {
     a.schedule.check()?;
     a.lora.check()?;
     a.output.check()?;
+    if a.resume.is_some() && a.output.force {
+        return Err(usage(
+            "--resume continues the run in --output and --force replaces it: give one".into(),
+        ));
+    }
     a.memory.check()?;
     let files = resolve_files(&a.data.data)?;
     let method = a.objective.method;

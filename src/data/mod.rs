@@ -230,6 +230,13 @@ pub fn parse_line(text: &str) -> Result<(Example, Map<String, Value>), String> {
     let Value::Object(obj) = value else {
         return Err("expected a JSON object, one example per line".into());
     };
+    if obj.contains_key("chosen") && obj.contains_key("rejected") {
+        return Err(
+            "a preference pair (`chosen`, `rejected`): train or evaluate it with \
+                    --method dpo or --method orpo"
+                .into(),
+        );
+    }
     let string = |key: &str| -> Result<String, String> {
         match obj.get(key) {
             Some(Value::String(s)) => Ok(s.clone()),

@@ -540,17 +540,21 @@ mod tests {
         .unwrap()
     }
 
-    #[test]
-    fn peft_files_round_trip_including_other_writers_naming() {
-        let model = tiny_cfg();
-        let cfg = LoraConfig {
+    /// Rank 2 on q and down of the last two blocks.
+    fn tiny_lora() -> LoraConfig {
+        LoraConfig {
             rank: 2,
             alpha: 4.0,
             dropout: 0.0,
             targets: vec![Target::Q, Target::Down],
             layers: vec![1, 2],
             use_rslora: false,
-        };
+        }
+    }
+
+    #[test]
+    fn peft_files_round_trip_including_other_writers_naming() {
+        let (model, cfg) = (tiny_cfg(), tiny_lora());
         let mut a = Adapter::init(cfg, &model, 1, &Device::Cpu).unwrap();
         for t in a.tensors_mut() {
             *t = Tensor::randn(0f32, 1.0, t.dims(), &Device::Cpu).unwrap();
@@ -608,15 +612,7 @@ mod tests {
     /// What a merge would leave out of a PEFT adapter is refused, each with what is wrong.
     #[test]
     fn parts_beyond_the_lora_pairs_are_refused() {
-        let model = tiny_cfg();
-        let cfg = LoraConfig {
-            rank: 2,
-            alpha: 4.0,
-            dropout: 0.0,
-            targets: vec![Target::Q, Target::Down],
-            layers: vec![1, 2],
-            use_rslora: false,
-        };
+        let (model, cfg) = (tiny_cfg(), tiny_lora());
         let a = Adapter::init(cfg, &model, 1, &Device::Cpu).unwrap();
         let refused = |config: &dyn Fn(&mut Value), tensors: &dyn Fn(&mut HashMap<_, _>)| {
             let dir = tempfile::tempdir().unwrap();

@@ -99,6 +99,9 @@ fn fit(
         turns.pop();
         return Ok(None);
     }
+    if turns.len() == 1 {
+        return Ok(Some(alone));
+    }
     loop {
         let ids = prompt(turns)?;
         if ids.len() < context || turns.len() <= 1 {

@@ -21,20 +21,10 @@ pub fn run(a: EstimateArgs) -> Result<()> {
     }
     let inspected = crate::runtime::presets::shape(&a.model)?;
     let cfg = &inspected.cfg;
-    // As `train` takes it: a length over the model's context is refused, or, the default,
-    // lowered to it.
-    let context = cfg.max_position_embeddings;
+    // As `train` takes it (no record here of what was given: the default value stands for it).
     let mut batch = batch.clone();
-    if batch.max_seq_length > context {
-        if batch.max_seq_length != DEFAULT_MAX_SEQ_LENGTH {
-            return Err(Error::Usage(format!(
-                "--max-seq-length {}: the model's context is {context} tokens \
-                 (max_position_embeddings); use at most {context}",
-                batch.max_seq_length
-            )));
-        }
-        batch.max_seq_length = context;
-    }
+    let given = batch.max_seq_length != DEFAULT_MAX_SEQ_LENGTH;
+    batch.fit_context(cfg.max_position_embeddings, given)?;
     let batch = &batch;
     let layers = cfg.num_hidden_layers;
     let adapted = lora.num_layers.unwrap_or(layers);

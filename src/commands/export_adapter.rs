@@ -18,16 +18,17 @@ pub fn run(args: ExportAdapterArgs) -> Result<()> {
         ("--adapter", args.adapter.as_path()),
         ("--model", std::path::Path::new(&model)),
     ];
-    crate::io::check_output(&args.output, "--output", false, &inputs)?;
-    let staged = Staged::new(&args.output, args.force, "--output")?;
+    let staged = Staged::new(&args.output, args.force, "--output", false, &inputs)?;
     // The base's config gives the shapes to check and llama.cpp's q/k head counts.
-    let base = Base::open(&model).map_err(|e| match e {
-        e if from_config => Error::Usage(format!(
+    let base = Base::open(&model).map_err(|e| {
+        if !from_config {
+            return e;
+        }
+        Error::Usage(format!(
             "{e}\n(the base model named by {}'s base_model_name_or_path; pass --model with \
              the base model)",
             args.adapter.join("adapter_config.json").display()
-        )),
-        e => e,
+        ))
     })?;
     let adapter = Adapter::load_peft(&args.adapter, &base.cfg, &Device::Cpu)?;
     adapter_gguf::write(&adapter, &base.cfg, &model, &staged.tmp)?;

@@ -32,8 +32,8 @@ pub fn run(args: FuseArgs) -> Result<()> {
         ("--model", Path::new(&args.model)),
     ];
     inputs.extend(args.data.as_deref().map(|d| ("--data", d)));
-    crate::io::check_output(&args.output, "--output", format == Format::Hf, &inputs)?;
-    let staged = Staged::new(&args.output, args.force, "--output")?;
+    let is_dir = format == Format::Hf;
+    let staged = Staged::new(&args.output, args.force, "--output", is_dir, &inputs)?;
     // Bad data fails before any weights are written.
     let valid = match &args.data {
         Some(d) => Some(validation_file(d)?),

@@ -75,21 +75,8 @@ pub fn run(mut a: TrainArgs) -> Result<()> {
 
     let inspected = crate::model::inspect(&a.model.model)?;
     let context = inspected.cfg.max_position_embeddings;
-    if a.batch.max_seq_length > context {
-        // Asked for: refused. The default: lowered to what the model takes.
-        if a.given.contains("max_seq_length") {
-            return Err(usage(format!(
-                "--max-seq-length {}: the model's context is {context} tokens \
-                 (max_position_embeddings); use at most {context}",
-                a.batch.max_seq_length
-            )));
-        }
-        eprintln!(
-            "note: --max-seq-length lowered from its default {} to the model's context, {context} tokens",
-            a.batch.max_seq_length
-        );
-        a.batch.max_seq_length = context;
-    }
+    a.batch
+        .fit_context(context, a.given.contains("max_seq_length"))?;
     let engine = choice::resolve(a.engine, a.model.device)?;
     let load = match engine {
         EngineChoice::Candle => a

@@ -156,8 +156,9 @@ pub fn run(a: ValidateArgs) -> Result<()> {
                 Some(p) => &[("--suite", p.as_path())],
                 None => &[],
             };
-            crate::io::check_output(out, "--output", false, suite)?;
-            Some(crate::io::Staged::new(out, a.force, "--output")?)
+            Some(crate::io::Staged::new(
+                out, a.force, "--output", false, suite,
+            )?)
         }
         None => None,
     };

@@ -44,6 +44,30 @@ impl BatchArgs {
     }
 }
 
+impl BatchArgs {
+    /// `--max-seq-length` within the model's `context`, as `train` and `estimate` take it: a
+    /// length the user gave (`given`) over it is refused; the default is lowered to it, with a
+    /// note.
+    pub fn fit_context(&mut self, context: usize, given: bool) -> crate::Result<()> {
+        if self.max_seq_length <= context {
+            return Ok(());
+        }
+        if given {
+            return Err(crate::error::Error::Usage(format!(
+                "--max-seq-length {}: the model's context is {context} tokens \
+                 (max_position_embeddings); use at most {context}",
+                self.max_seq_length
+            )));
+        }
+        eprintln!(
+            "note: --max-seq-length lowered from its default {} to the model's context, {context} tokens",
+            self.max_seq_length
+        );
+        self.max_seq_length = context;
+        Ok(())
+    }
+}
+
 /// Bounds far above any machine's memory, so that sizes multiplied in the estimate (and the
 /// searches for what fits, which step through smaller values) stay small.
 pub const MAX_BATCH_SIZE: usize = 1 << 16;

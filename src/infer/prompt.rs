@@ -23,10 +23,8 @@ pub fn chat_ids(tok: &Tokenizer, messages: &[Value]) -> Result<Vec<u32>> {
             ..Default::default()
         })
     };
-    let specials = tok.special_texts();
-    let content = |m: &Value| m.get("content").and_then(Value::as_str).map(str::to_string);
     let holds_special = |m: &Value| {
-        content(m).is_some_and(|c| specials.iter().any(|s| !s.is_empty() && c.contains(s)))
+        content(m).is_some_and(|c| tok.special_texts().iter().any(|s| c.contains(s.as_str())))
     };
     if !messages.iter().any(holds_special) {
         // The common case, as the template renders it and as training encodes it.
@@ -46,11 +44,13 @@ pub fn chat_ids(tok: &Tokenizer, messages: &[Value]) -> Result<Vec<u32>> {
             m
         })
         .collect();
-    let mut rest = render(&marked)?;
+    let rendered = render(&marked)?;
+    let mut rest = rendered.as_str();
     let mut ids = vec![];
     for (i, m) in messages.iter().enumerate() {
         let Some(text) = content(m) else { continue };
-        let at = match rest.match_indices(&marker(i)).collect::<Vec<_>>()[..] {
+        let marker = marker(i);
+        let at = match rest.match_indices(&marker).collect::<Vec<_>>()[..] {
             [(at, _)] => at,
             _ => {
                 return Err(crate::error::Error::Usage(format!(
@@ -62,10 +62,10 @@ pub fn chat_ids(tok: &Tokenizer, messages: &[Value]) -> Result<Vec<u32>> {
             }
         };
         ids.extend(tok.encode(&rest[..at])?);
-        ids.extend(tok.encode_plain(&text)?);
-        rest = rest[at + marker(i).len()..].to_string();
+        ids.extend(tok.encode_plain(text)?);
+        rest = &rest[at + marker.len()..];
     }
-    ids.extend(tok.encode(&rest)?);
+    ids.extend(tok.encode(rest)?);
     Ok(ids)
 }
 
@@ -77,4 +77,9 @@ pub fn user_turn(system: Option<&str>, prompt: &str) -> Vec<Value> {
     }
     messages.push(serde_json::json!({"role": "user", "content": prompt}));
     messages
+}
+
+/// A message's text, where it is a string.
+fn content(m: &Value) -> Option<&str> {
+    m.get("content").and_then(Value::as_str)
 }

@@ -29,8 +29,17 @@ pub struct Staged {
 }
 
 impl Staged {
-    /// For an output the user names with `flag`: refuses an existing `dest` unless `force`.
-    pub fn new(dest: &Path, force: bool, flag: &str) -> Result<Self> {
+    /// For an output the user names with `flag` (a directory if `is_dir`, else a file):
+    /// refuses, before any work, what [`check_output`] refuses (an output that would replace one
+    /// of `inputs`, or one of the other kind), and an existing `dest` unless `force`.
+    pub fn new(
+        dest: &Path,
+        force: bool,
+        flag: &str,
+        is_dir: bool,
+        inputs: &[(&str, &Path)],
+    ) -> Result<Self> {
+        check_output(dest, flag, is_dir, inputs)?;
         if dest.exists() && !force {
             return Err(Error::Usage(format!(
                 "{flag} {}: already exists; choose another path or pass --force to replace it",
@@ -128,8 +137,7 @@ pub fn write_jsonl(
     force: bool,
     flag: &str,
 ) -> Result<()> {
-    check_output(path, flag, false, &[])?;
-    let staged = Staged::new(path, force, flag)?;
+    let staged = Staged::new(path, force, flag, false, &[])?;
     let tmp = &staged.tmp;
     let f = std::fs::File::create(tmp).map_err(|e| Error::io("create", tmp, e))?;
     let mut w = std::io::BufWriter::new(f);
@@ -430,7 +438,9 @@ mod tests {
         assert_eq!(std::fs::read(&dest).unwrap(), b"two");
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
         // A user's path is refused without force.
-        let e = Staged::new(&dest, false, "--output").err().unwrap();
+        let e = Staged::new(&dest, false, "--output", false, &[])
+            .err()
+            .unwrap();
         assert!(e.to_string().contains("--force"), "{e}");
         // A directory replaces the old one whole.
         let d = dir.path().join("best");

@@ -104,8 +104,8 @@ pub struct Trainer<'a, E: Engine> {
     resumed: bool,
     /// The resumed checkpoint's step, when a stop cut its validation short: done first.
     pending_eval: Option<usize>,
-    /// A validation is running: a checkpoint saved now says it is to be done again.
-    evaluating: bool,
+    /// A stop cut the validation short: the checkpoint saved for it says it is to be redone.
+    eval_cut_short: bool,
     /// Non-finite steps in a row.
     nonfinite: usize,
     /// Whether the 90%-of-budget warning was shown.
@@ -183,7 +183,7 @@ impl<'a, E: Engine> Trainer<'a, E> {
                 .as_ref()
                 .filter(|r| r.state.eval_pending)
                 .map(|r| r.state.step),
-            evaluating: false,
+            eval_cut_short: false,
             nonfinite,
             warned: false,
             recent: VecDeque::new(),
@@ -485,7 +485,6 @@ impl<'a, E: Engine> Trainer<'a, E> {
                 b => (b * cfg.batch.batch_size).min(valid),
             };
             let bs = cfg.batch.batch_size;
-            self.evaluating = true;
             let result = match &self.data.pairs {
                 Some(p) => {
                     let o = &cfg.objective;
@@ -498,13 +497,12 @@ impl<'a, E: Engine> Trainer<'a, E> {
                     .evaluate(&self.data.valid[..n], bs)
                     .map(|r| (r.tokens > 0).then_some((r.loss, None))),
             };
-            self.evaluating = false;
             let scored = match result {
                 Ok(r) => r,
                 // Stopped mid-evaluation: the step itself is complete, so it is saved, with
                 // its validation still to do (a resumed run does it first, as `best/` needs).
                 Err(Error::Stopping { signal }) => {
-                    self.evaluating = true;
+                    self.eval_cut_short = true;
                     return Err(self.stop_for_signal(signal, step, self.cursor())?);
                 }
                 Err(e) => return Err(e),

@@ -46,6 +46,8 @@ pub struct Tokenizer {
     max_token_bytes: std::sync::OnceLock<usize>,
     /// A copy that encodes special tokens' text as text, made when first needed.
     plain: std::sync::OnceLock<tokenizers::Tokenizer>,
+    /// The special tokens' texts, listed when first asked.
+    special_texts: std::sync::OnceLock<Vec<String>>,
 }
 
 impl Tokenizer {
@@ -123,6 +125,7 @@ impl Tokenizer {
             end_ids,
             max_token_bytes: Default::default(),
             plain: Default::default(),
+            special_texts: Default::default(),
         };
         tok.finish_end_ids();
         Ok(tok)
@@ -165,6 +168,7 @@ impl Tokenizer {
             end_ids,
             max_token_bytes: Default::default(),
             plain: Default::default(),
+            special_texts: Default::default(),
         };
         tok.finish_end_ids();
         Ok(tok)
@@ -238,14 +242,16 @@ impl Tokenizer {
         Ok(enc.get_ids().to_vec())
     }
 
-    /// The text of every special token (control tokens such as `<|im_end|>`).
-    pub fn special_texts(&self) -> Vec<String> {
-        self.inner
-            .get_added_tokens_decoder()
-            .into_values()
-            .filter(|t| t.special)
-            .map(|t| t.content)
-            .collect()
+    /// The text of every special token (control tokens such as `<|im_end|>`), none empty.
+    pub fn special_texts(&self) -> &[String] {
+        self.special_texts.get_or_init(|| {
+            self.inner
+                .get_added_tokens_decoder()
+                .into_values()
+                .filter(|t| t.special && !t.content.is_empty())
+                .map(|t| t.content)
+                .collect()
+        })
     }
 
     /// Ids and the byte span of `text` each token came from.

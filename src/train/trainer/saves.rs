@@ -33,7 +33,7 @@ impl<E: Engine> Trainer<'_, E> {
             first_val: s.first_val,
             last_val: s.last_val,
             best_val: s.best_val,
-            eval_pending: self.evaluating,
+            eval_pending: self.eval_cut_short,
             data_sha256: self.data_sha256.clone(),
             config: serde_json::to_value(self.cfg).unwrap_or_default(),
             checksums: Default::default(),

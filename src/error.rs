@@ -61,6 +61,13 @@ pub enum Error {
     )]
     Diverged { what: String, learning_rate: f64 },
     #[error(
+        "no step updated the adapter: all {steps} steps were skipped (the notes above say why: \
+         no trained tokens in the batch, or a non-finite loss), so no adapter was written. \
+         Check that the examples keep trained tokens within --max-seq-length (and, with \
+         weights, a weight above 0), or train for more steps"
+    )]
+    NothingTrained { steps: usize },
+    #[error(
         "memory budget exceeded: {measure} reached {:.2} GB, above the {:.2} GB budget, during step {step}; \
          stopped before the system could run out. Checkpoint of step {saved_step} saved to {}. \
          Resume with the same command plus --resume and a larger --max-memory, or with --keep-activations none \

@@ -60,12 +60,16 @@ impl Progress {
         } else {
             "?".into()
         };
+        // NaN: a skipped step, which has no loss (its note says why).
+        let loss = match r.loss {
+            l if l.is_nan() => "-".to_string(),
+            l => format!("{l:.4}"),
+        };
         let mut s = format!(
-            "[{}] {bar} {}/{} ETA:{eta} loss: {:.4} | lr: {} | {:.1} steps/s | {:.0} tok/s",
+            "[{}] {bar} {}/{} ETA:{eta} loss: {loss} | lr: {} | {:.1} steps/s | {:.0} tok/s",
             clock(self.start.elapsed()),
             r.step,
             self.total,
-            r.loss,
             sci(r.lr),
             r.steps_per_s,
             r.tokens_per_s

@@ -84,6 +84,8 @@ struct StepFigures {
     seconds: f64,
     /// Preference tuning: the batch's pair sums.
     pairs: Option<PreferenceSums>,
+    /// Why the update was skipped, if it was.
+    skipped: Option<&'static str>,
 }
 
 /// A training run in progress over an engine.
@@ -316,28 +318,30 @@ impl<'a, E: Engine> Trainer<'a, E> {
                 }
             }
         }
+        // A batch with nothing scored has no loss: NaN, written as null, not a 0 that reads as
+        // a perfect fit.
         let loss = match &preference {
+            _ if !trainable => f64::NAN,
             Some(p) => pair_sums.objective(p.method),
-            None => sums.ce / total_targets.max(1) as f64,
+            None => sums.ce / total_targets as f64,
         };
         let weighted_loss = self
             .data
             .weights
             .as_ref()
-            .map(|_| sums.weighted / total_weight.max(f64::MIN_POSITIVE));
+            .map(|_| sums.weighted / total_weight.max(f64::MIN_POSITIVE))
+            .map(|w| if trainable { w } else { f64::NAN });
         let clock = Instant::now();
-        let grad_norm = self.engine.clip_gradients(cfg.schedule.max_grad_norm)?;
+        let mut grad_norm = self.engine.clip_gradients(cfg.schedule.max_grad_norm)?;
         let lr = self.schedule.lr(step);
-        if !trainable {
+        let skipped = if !trainable {
             self.progress.message(&format!(
                 "step {step}: no trained tokens (or only tokens of weight 0) in this batch; update skipped"
             ));
-            self.summary.skipped += 1;
-            self.engine.discard_gradients();
+            grad_norm = f64::NAN;
+            Some("no trained tokens")
         } else if !loss.is_finite() || !grad_norm.is_finite() {
             self.nonfinite += 1;
-            self.summary.skipped += 1;
-            self.engine.discard_gradients();
             self.progress.message(&format!(
                 "step {step}: non-finite loss ({loss}) or gradient norm ({grad_norm}); update skipped"
             ));
@@ -347,9 +351,15 @@ impl<'a, E: Engine> Trainer<'a, E> {
                     "{MAX_NONFINITE} steps in a row had a non-finite loss or gradient"
                 )));
             }
+            Some("non-finite loss or gradient")
         } else {
             self.nonfinite = 0;
             self.engine.update(lr)?;
+            None
+        };
+        if skipped.is_some() {
+            self.summary.skipped += 1;
+            self.engine.discard_gradients();
         }
         self.profile.optimizer += clock.elapsed();
         self.report(
@@ -364,6 +374,7 @@ impl<'a, E: Engine> Trainer<'a, E> {
                 trained_tokens: total_targets,
                 seconds: t0.elapsed().as_secs_f64(),
                 pairs: preference.map(|_| pair_sums),
+                skipped,
             },
         )
     }
@@ -395,7 +406,9 @@ impl<'a, E: Engine> Trainer<'a, E> {
         self.summary.steps = step;
         self.summary.tokens += f.tokens;
         self.summary.trained_tokens += f.trained_tokens;
-        self.summary.final_loss = f.loss;
+        if f.skipped.is_none() {
+            self.summary.final_loss = f.loss;
+        }
         self.recent.push_back((f.seconds, f.tokens));
         if self.recent.len() > 10 {
             self.recent.pop_front();
@@ -436,6 +449,9 @@ impl<'a, E: Engine> Trainer<'a, E> {
             "train_peak_rss_bytes": reading.rss_phase_peak, "memory_budget_bytes": limit,
             "epoch": self.batcher.epoch,
         });
+        if let Some(why) = f.skipped {
+            line["skipped"] = json!(why);
+        }
         if let Some(cache) = reading.cache {
             // The MLX engine: MLX's active memory, its peak over training, and its cache.
             line["mlx_active_bytes"] = json!(now);
@@ -560,6 +576,14 @@ impl<'a, E: Engine> Trainer<'a, E> {
     /// The final evaluation, the adapter files, the test set, and the end record.
     fn finish(mut self) -> Result<Summary> {
         let cfg = self.cfg;
+        if self.summary.steps > 0 && self.summary.skipped >= self.summary.steps {
+            // The adapter is still the untrained one: writing it as the result would pass for
+            // a run that trained.
+            self.progress.finish();
+            return Err(Error::NothingTrained {
+                steps: self.summary.steps,
+            });
+        }
         self.evaluate(cfg.steps)?;
         self.progress.finish();
         crate::runtime::signals::finishing();

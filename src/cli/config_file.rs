@@ -7,10 +7,12 @@ use crate::error::{Error, Result};
 use clap::CommandFactory;
 use std::path::Path;
 
-/// `no_X: true` in a file means `X: false`: the positive field is the one that holds.
-const NEGATED: &[(&str, &str)] = &[
-    ("no_mask_prompt", "mask_prompt"),
-    ("no_save_best", "save_best"),
+/// Each `X` with its `--no-X`: one setting. `no_X: true` in a file means `X: false`, and either
+/// flag on the command line wins over either key.
+const PAIRS: &[(&str, &str)] = &[
+    ("mask_prompt", "no_mask_prompt"),
+    ("save_best", "no_save_best"),
+    ("distrust", "no_distrust"),
 ];
 
 /// Merges the file at `path` into `args`: settings the command line gave win; the others
@@ -43,15 +45,14 @@ pub fn merge(args: &mut TrainArgs, path: &Path) -> Result<()> {
         }
         let mut value: serde_json::Value =
             serde_json::to_value(&v).map_err(|e| bad(format!("`{flag}`: {e}")))?;
-        let (field, negated) = match NEGATED.iter().find(|(no, _)| *no == name) {
-            Some((_, positive)) => (positive.to_string(), true),
-            None => (name.clone(), false),
+        let pair = PAIRS.iter().find(|(x, no)| *x == name || *no == name);
+        let field = pair.map_or(name.clone(), |(x, _)| x.to_string());
+        let not = |v: serde_json::Value| match v {
+            serde_json::Value::Bool(b) => serde_json::Value::Bool(!b),
+            other => other,
         };
-        if negated {
-            value = match value {
-                serde_json::Value::Bool(b) => serde_json::Value::Bool(!b),
-                other => other,
-            };
+        if field != name {
+            value = not(value);
         }
         // `resume: true` is the bare `--resume` (the latest checkpoint), `false` no resume; a
         // string is the flag's PATH.
@@ -74,7 +75,8 @@ pub fn merge(args: &mut TrainArgs, path: &Path) -> Result<()> {
         let mut probe = merged.clone();
         probe[&field] = value.clone();
         serde_json::from_value::<TrainArgs>(probe).map_err(|e| bad(format!("`{flag}`: {e}")))?;
-        if args.given.contains(&name) || args.given.contains(&field) {
+        let on_command_line = |id: &str| args.given.contains(id);
+        if on_command_line(&field) || pair.is_some_and(|(_, no)| on_command_line(no)) {
             continue;
         }
         // A flag the command line gave wins over a key it conflicts with (`max-steps` over
@@ -93,6 +95,11 @@ pub fn merge(args: &mut TrainArgs, path: &Path) -> Result<()> {
             return Err(bad(format!(
                 "`{flag}` and `{c}` cannot both be given; keep one"
             )));
+        }
+        // A `--no-X` kept as its own field (distrust's, which has a third state: unset, on
+        // when the data is scored) is set with `X`.
+        if let Some((_, no)) = pair.filter(|(_, no)| merged.get(*no).is_some()) {
+            merged[*no] = not(value.clone());
         }
         merged[&field] = value;
         given.insert(field);
@@ -148,4 +155,49 @@ fn train_flag_ids() -> Vec<String> {
                 .collect()
         })
         .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::cli::{parse_from, Command, TrainArgs};
+
+    fn train(yaml: &str, flags: &[&str]) -> TrainArgs {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("run.yaml");
+        std::fs::write(&path, yaml).unwrap();
+        let mut argv = vec!["your_ai", "train", "--model", "x", "--config"];
+        argv.push(path.to_str().unwrap());
+        argv.extend(flags);
+        match parse_from(argv).unwrap().command {
+            Command::Train(a) => *a,
+            _ => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn either_flag_of_a_pair_on_the_command_line_beats_either_key() {
+        // The file's `X` lost only to `--X`, so `--no-X` was overridden by `X: true`.
+        let a = train(
+            "mask_prompt: true\nsave_best: true\n",
+            &["--no-mask-prompt", "--no-save-best"],
+        );
+        assert!(!a.data.mask_prompt && !a.output.save_best);
+        let a = train("no_mask_prompt: true\n", &["--mask-prompt"]);
+        assert!(a.data.mask_prompt);
+        // Distrust has three states (unset: on for scored data); each flag wins over each key.
+        let a = train("no_distrust: true\n", &["--distrust"]);
+        assert!(a.distrust.distrust && !a.distrust.no_distrust);
+        let a = train("distrust: true\n", &["--no-distrust"]);
+        assert!(!a.distrust.distrust && a.distrust.no_distrust);
+    }
+
+    #[test]
+    fn a_false_key_is_its_no_flag() {
+        let a = train("distrust: false\nmask_prompt: false\n", &[]);
+        assert!(a.distrust.no_distrust && !a.distrust.distrust && !a.data.mask_prompt);
+        let a = train("no_distrust: false\nno_save_best: true\n", &[]);
+        assert!(a.distrust.distrust && !a.distrust.no_distrust && !a.output.save_best);
+        let a = train("", &[]);
+        assert!(!a.distrust.distrust && !a.distrust.no_distrust && a.data.mask_prompt);
+    }
 }

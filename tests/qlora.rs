@@ -82,6 +82,7 @@ fn loss_and_grads(model: &Llama, a: &Adapter) -> (f64, Grads) {
         trained: (0..ids.len()).map(|i| i >= from).collect(),
         ids,
         truncated: 0,
+        untrained_turns: 0,
     };
     let samples = [
         mk(vec![1, 5, 9, 33, 2, 7, 60, 12, 3], 4),

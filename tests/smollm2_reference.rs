@@ -118,6 +118,7 @@ fn losses_match_transformers() {
         ids: all.clone(),
         trained: vec![true; all.len()],
         truncated: 0,
+        untrained_turns: 0,
     };
     let answer = your_ai::data::Sample {
         trained: (0..all.len()).map(|i| (a0..a1).contains(&i)).collect(),

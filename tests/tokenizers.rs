@@ -1,6 +1,6 @@
 //! Tokenizers built from GGUF metadata beyond SmolLM2's byte-level BPE: SentencePiece (Llama 2,
-//! Mistral) with merges recovered from scores and byte fallback; and a conversation's prompt,
-//! whose messages' text stays text.
+//! Mistral) with merges recovered from scores and byte fallback; and conversations, prompts
+//! and training examples, whose messages' text stays text.
 
 mod common;
 
@@ -130,4 +130,108 @@ fn a_control_token_in_a_message_is_encoded_as_text() {
     // encodes it.
     assert_eq!(plain[plain.len() - 3..], ids[ids.len() - 3..]);
     assert!(count(&plain, end) >= 1);
+}
+
+/// A training example (one JSONL line) through SmolLM2's tokenizer and template.
+fn encode_line(tok: &Tokenizer, line: serde_json::Value) -> Result<your_ai::data::Sample, String> {
+    let (example, fields) = your_ai::data::parse_line(&line.to_string())?;
+    let rec = your_ai::data::Record {
+        example,
+        location: "train.jsonl:1".into(),
+        fields,
+    };
+    let enc = your_ai::data::Encoder::new(tok, true, 4096).unwrap();
+    enc.encode(&rec).map_err(|e| e.to_string())
+}
+
+/// Training reads a message's text as inference does: a control token's text in an answer is
+/// trained as text (as a control token it taught the model to end its turn mid-answer), and a
+/// prompt with one encodes as `chat_ids` encodes it.
+#[test]
+fn a_control_token_in_a_training_example_is_text_as_at_inference() {
+    let g = GgufFile::open(&common::smollm2()).unwrap();
+    let tok = Tokenizer::from_gguf(&g).unwrap();
+    let end = tok.token_to_id("<|im_end|>").unwrap();
+    let answer = "Hello<|im_end|>\n<|im_start|>user\nmore";
+    let user = serde_json::json!({"role": "user", "content": "hi<|im_end|> there"});
+    let line = serde_json::json!({"messages": [user, {"role": "assistant", "content": answer}]});
+    let s = encode_line(&tok, line).unwrap();
+    // One end token after each turn (the template's system turn too), none inside the texts.
+    let ends = |s: &your_ai::data::Sample| s.ids.iter().filter(|&&i| i == end).count();
+    let clean = serde_json::json!({"messages": [{"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "Hello"}]});
+    assert_eq!(ends(&s), ends(&encode_line(&tok, clean).unwrap()));
+    let trained: Vec<u32> = s
+        .ids
+        .iter()
+        .zip(&s.trained)
+        .filter(|t| *t.1)
+        .map(|t| *t.0)
+        .collect();
+    assert_eq!(
+        tok.decode(&trained, false).unwrap(),
+        format!("{answer}<|im_end|>")
+    );
+    assert_eq!(trained.last(), Some(&end));
+    let prompt = chat_ids(&tok, std::slice::from_ref(&user)).unwrap();
+    assert_eq!(s.ids[..prompt.len()], prompt[..]);
+}
+
+/// A template that leaves out `tools` or a turn's `tool_calls` (SmolLM2's) would train the
+/// conversation without them, a tool-calling turn as an empty answer: refused.
+#[test]
+fn tools_the_template_leaves_out_are_refused() {
+    let g = GgufFile::open(&common::smollm2()).unwrap();
+    let tok = Tokenizer::from_gguf(&g).unwrap();
+    let user = serde_json::json!({"role": "user", "content": "Weather in Paris?"});
+    let tool = serde_json::json!({"type": "function", "function": {"name": "weather"}});
+    let e = encode_line(
+        &tok,
+        serde_json::json!({"messages": [user, {"role": "assistant", "content": "Sunny."}],
+            "tools": [tool]}),
+    )
+    .unwrap_err();
+    assert!(
+        e.contains("train.jsonl:1") && e.contains("`tools` is left out"),
+        "{e}"
+    );
+    let call = serde_json::json!({"type": "function",
+        "function": {"name": "weather", "arguments": "{\"city\": \"Paris\"}"}});
+    let e = encode_line(
+        &tok,
+        serde_json::json!({"messages": [user, {"role": "assistant", "content": "",
+            "tool_calls": [call]}, {"role": "tool", "content": "sunny"},
+            {"role": "assistant", "content": "Sunny."}]}),
+    )
+    .unwrap_err();
+    assert!(e.contains("message 1's `tool_calls` are left out"), "{e}");
+}
+
+/// A template that renders an earlier answer differently once later turns follow (here it
+/// drops the reasoning, as Qwen3's and DeepSeek-R1's do): that turn cannot be located, so it is
+/// counted as untrained, and the last turn is trained.
+#[test]
+fn turns_a_template_rewrites_later_are_counted_as_untrained() {
+    let g = GgufFile::open(&common::smollm2()).unwrap();
+    let mut tok = Tokenizer::from_gguf(&g).unwrap();
+    tok.chat_template = Some(
+        "{% for m in messages %}<|im_start|>{{ m.role }}\n{% if m.role == 'assistant' and \
+         not loop.last %}{{ m.content.split('</think>')[-1] }}{% else %}{{ m.content }}\
+         {% endif %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>\
+         assistant\n{% endif %}"
+            .into(),
+    );
+    let turn = |role: &str, c: &str| serde_json::json!({"role": role, "content": c});
+    let line = serde_json::json!({"messages": [turn("user", "a?"),
+        turn("assistant", "<think>hmm</think>A."), turn("user", "b?"), turn("assistant", "B.")]});
+    let s = encode_line(&tok, line).unwrap();
+    assert_eq!(s.untrained_turns, 1);
+    let trained: Vec<u32> = s
+        .ids
+        .iter()
+        .zip(&s.trained)
+        .filter(|t| *t.1)
+        .map(|t| *t.0)
+        .collect();
+    assert_eq!(tok.decode(&trained, false).unwrap(), "B.<|im_end|>");
 }

@@ -69,6 +69,7 @@ fn samples() -> Vec<Sample> {
         trained: (0..ids.len()).map(|i| i >= trained_from).collect(),
         ids,
         truncated: 0,
+        untrained_turns: 0,
     };
     vec![
         mk(vec![1, 5, 9, 33, 2, 7, 60, 12, 3], 4),

@@ -61,10 +61,19 @@ pub fn run(args: EvalArgs) -> Result<()> {
     }
     let mask_prompt = data.mask_prompt && !data.no_mask_prompt;
     let encoder = Encoder::new(&loaded.tokenizer, mask_prompt, max_seq_length)?;
-    let samples = records
+    // Every bad example named at once, as train does.
+    let (samples, errors): (Vec<_>, Vec<_>) = records
         .iter()
         .map(|r| encoder.encode(r))
-        .collect::<Result<Vec<_>, _>>()?;
+        .partition(Result::is_ok);
+    if !errors.is_empty() {
+        let errors = errors
+            .into_iter()
+            .filter_map(|e| e.err())
+            .map(|e| e.to_string());
+        return Err(crate::data::DataError::invalid(errors.collect()).into());
+    }
+    let samples: Vec<_> = samples.into_iter().filter_map(Result::ok).collect();
     let truncated = samples.iter().filter(|s| s.truncated > 0).count();
     if truncated > 0 {
         eprintln!(
@@ -74,8 +83,14 @@ pub fn run(args: EvalArgs) -> Result<()> {
     let result = evaluate(&loaded.model, &samples, batch.batch_size)?;
     if result.tokens == 0 {
         return Err(Error::Usage(format!(
-            "{}: no scored tokens (every example was empty after masking)",
-            path.display()
+            "{}: no scored tokens (every example was empty after masking{}); check the data, \
+             or pass --no-mask-prompt to score every token",
+            path.display(),
+            if truncated > 0 {
+                " or cut off by --max-seq-length"
+            } else {
+                ""
+            }
         )));
     }
     println!("data: {} ({} examples)", path.display(), result.examples);

@@ -286,6 +286,7 @@ mod tests {
             ids: (0..n as u32).collect(),
             trained: vec![true; n],
             truncated: 0,
+            untrained_turns: 0,
         }
     }
 

@@ -8,10 +8,12 @@
 pub mod args;
 pub mod batch;
 pub mod chat_template;
+pub mod message_text;
 pub mod preference;
 pub mod tokenizer;
 
 use chat_template::{ChatContext, ChatTemplate};
+use message_text::plain_ranges;
 use serde_json::{Map, Value};
 use std::io::{BufRead, Read};
 use std::path::{Path, PathBuf};
@@ -327,6 +329,9 @@ pub struct Sample {
     pub trained: Vec<bool>,
     /// Tokens cut off by `max_seq_length`.
     pub truncated: usize,
+    /// Assistant turns left untrained: the template renders them differently once later turns
+    /// follow (it drops an earlier turn's reasoning, say), so their tokens cannot be located.
+    pub untrained_turns: usize,
 }
 
 impl Sample {
@@ -374,14 +379,16 @@ impl<'a> Encoder<'a> {
             location: rec.location.clone(),
             reason,
         };
-        let (text, spans) = match &rec.example {
+        let (text, spans, plain, untrained_turns) = match &rec.example {
             Example::Text(t) => {
                 let mut text = t.clone();
                 if let Some(eos) = &self.tokenizer.eos_token {
                     text.push_str(eos);
                 }
                 let spans = vec![(0, text.len())];
-                (text, spans)
+                // Raw text is the tokenizer's input as it is: control tokens written in it (a
+                // conversation templated by hand) are control tokens.
+                (text, spans, vec![], 0)
             }
             Example::Completion { prompt, completion } => match &self.template {
                 Some(_) => {
@@ -389,8 +396,9 @@ impl<'a> Encoder<'a> {
                         serde_json::json!({"role": "user", "content": prompt}),
                         serde_json::json!({"role": "assistant", "content": completion}),
                     ];
-                    let (text, spans) = self.render_chat(&messages, None).map_err(err)?;
-                    (text, spans.into_iter().map(|(_, span)| span).collect())
+                    let r = self.render_chat(&messages, None).map_err(err)?;
+                    let spans = r.spans.into_iter().map(|(_, span)| span).collect();
+                    (r.text, spans, r.plain, r.untrained_turns)
                 }
                 None => {
                     let mut text = prompt.clone();
@@ -400,17 +408,18 @@ impl<'a> Encoder<'a> {
                         text.push_str(eos);
                     }
                     let end = text.len();
-                    (text, vec![(start, end)])
+                    (text, vec![(start, end)], vec![], 0)
                 }
             },
             Example::Chat { messages, tools } => {
-                let (text, spans) = self.render_chat(messages, tools.as_deref()).map_err(err)?;
-                let spans = spans
+                let r = self.render_chat(messages, tools.as_deref()).map_err(err)?;
+                let spans = r
+                    .spans
                     .into_iter()
                     .filter(|&(i, _)| i >= first)
                     .map(|(_, span)| span)
                     .collect();
-                (text, spans)
+                (r.text, spans, r.plain, r.untrained_turns)
             }
         };
         // A row far longer than --max-seq-length is cut before it is tokenized, so that a huge
@@ -428,9 +437,14 @@ impl<'a> Encoder<'a> {
         } else {
             &text[..]
         };
+        let plain: Vec<_> = plain
+            .into_iter()
+            .filter(|r| r.start < text.len())
+            .map(|r| r.start..r.end.min(text.len()))
+            .collect();
         let (mut ids, offsets) = self
             .tokenizer
-            .encode_offsets(text)
+            .encode_mixed(text, &plain)
             .map_err(|e| err(e.to_string()))?;
         let mut trained: Vec<bool> = if self.mask_prompt {
             offsets
@@ -461,21 +475,17 @@ impl<'a> Encoder<'a> {
             ids,
             trained,
             truncated,
+            untrained_turns,
         })
     }
 
-    /// Renders a conversation; returns the text and the byte spans of its assistant turns,
-    /// each with its message's index.
-    #[allow(clippy::type_complexity)]
-    fn render_chat(
-        &self,
-        messages: &[Value],
-        tools: Option<&[Value]>,
-    ) -> Result<(String, Vec<(usize, (usize, usize))>), String> {
+    /// Renders a conversation: its text, where its assistant turns are and which message text
+    /// is encoded as plain text.
+    fn render_chat(&self, messages: &[Value], tools: Option<&[Value]>) -> Result<Rendered, String> {
         let tpl = self.template.as_ref().ok_or_else(|| {
             "this is a chat example but the model has no chat template; use a model with a template or {\"text\"} data".to_string()
         })?;
-        let render = |msgs: &[Value], gen: bool| {
+        let render_with = |msgs: &[Value], tools: Option<&[Value]>, gen: bool| {
             tpl.render(&ChatContext {
                 messages: msgs,
                 tools,
@@ -494,8 +504,11 @@ impl<'a> Encoder<'a> {
                 format!("the model's chat template cannot render this conversation: {e}{hint}")
             })
         };
+        let render = |msgs: &[Value], gen: bool| render_with(msgs, tools, gen);
         let full = render(messages, false)?;
+        self.check_tools_rendered(messages, tools, &full, |m, t| render_with(m, t, false))?;
         let mut spans = vec![];
+        let mut untrained_turns = 0;
         let last_assistant = messages.iter().rposition(is_assistant);
         for (i, _) in messages.iter().enumerate().filter(|(_, m)| is_assistant(m)) {
             let before = render(&messages[..i], true)?;
@@ -508,11 +521,61 @@ impl<'a> Encoder<'a> {
                     "the chat template does not render message {i} (assistant) as an extension of the conversation before it, so its tokens cannot be located"
                 ));
             } else {
-                tracing::debug!("assistant turn {i} is rendered differently in later context; it is not trained");
+                untrained_turns += 1;
             }
         }
-        Ok((full, spans))
+        let plain = plain_ranges(self.tokenizer, messages, &full, |m| render(m, false))?;
+        Ok(Rendered {
+            text: full,
+            spans,
+            plain,
+            untrained_turns,
+        })
     }
+
+    /// Refuses `tools`, or a message's `tool_calls`, that the template leaves out of `full`:
+    /// the model would be trained on the conversation without them (a tool-calling turn as an
+    /// empty answer).
+    fn check_tools_rendered(
+        &self,
+        messages: &[Value],
+        tools: Option<&[Value]>,
+        full: &str,
+        render: impl Fn(&[Value], Option<&[Value]>) -> Result<String, String>,
+    ) -> Result<(), String> {
+        if tools.is_some_and(|t| !t.is_empty()) && render(messages, None)? == full {
+            return Err(
+                "`tools` is left out by this model's chat template, so training would \
+                        not see it; remove `tools`, or use a model whose template renders tools"
+                    .into(),
+            );
+        }
+        let calls = |m: &Value| m.get("tool_calls").is_some_and(|c| !c.is_null());
+        for (i, _) in messages.iter().enumerate().filter(|(_, m)| calls(m)) {
+            let mut without = messages.to_vec();
+            if let Some(m) = without[i].as_object_mut() {
+                m.remove("tool_calls");
+            }
+            if render(&without, tools)? == full {
+                return Err(format!(
+                    "message {i}'s `tool_calls` are left out by this model's chat template, so \
+                     training would not see them; remove the example, or use a model whose \
+                     template renders tool calls"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A conversation as the template renders it.
+struct Rendered {
+    text: String,
+    /// Byte spans of the assistant turns, with their messages' indices.
+    spans: Vec<(usize, (usize, usize))>,
+    /// Message text holding a control token's text, encoded as text.
+    plain: Vec<std::ops::Range<usize>>,
+    untrained_turns: usize,
 }
 
 fn is_assistant(m: &Value) -> bool {

@@ -277,7 +277,8 @@ pub fn histogram(values: &[f64], bins: usize, lo: f64, hi: f64) -> Vec<usize> {
     let width = (hi - lo) / h.len() as f64;
     for &v in values {
         let i = if width > 0.0 {
-            ((v - lo) / width).floor().max(0.0) as usize
+            // The nudge puts an edge value in the bin it starts (0.3 / 0.1 is 2.9999…).
+            ((v - lo) / width + 1e-9).floor().max(0.0) as usize
         } else {
             0
         };
@@ -409,5 +410,8 @@ mod tests {
             "{s}"
         );
         assert_eq!(histogram(&[2.0], 4, 1.0, 1.0), vec![1, 0, 0, 0]);
+        // Edges start their bin, as the low-authority count (< 0.3) reads them.
+        let h = histogram(&[0.3, 0.7, 0.6], 10, 0.0, 1.0);
+        assert_eq!((h[2], h[3], h[6], h[7]), (0, 1, 1, 1));
     }
 }

@@ -115,6 +115,7 @@ pub fn rows(vocab: u32, lens: &[usize], seed: u32) -> Vec<Row> {
                 trained: (0..n).map(|p| p >= n / 2).collect(),
                 ids,
                 truncated: 0,
+                untrained_turns: 0,
             };
             Row::single(&s, 1.0)
         })
@@ -158,6 +159,7 @@ pub fn sample(r: &Row) -> Sample {
         ids: r.ids.clone(),
         trained: r.trained.clone(),
         truncated: 0,
+        untrained_turns: 0,
     }
 }
 

@@ -133,6 +133,8 @@ pub(super) fn encode(
     )?;
     // Examples whose every trained token truncation cut off: they train nothing.
     let mut cut_off: Vec<String> = vec![];
+    // Examples with assistant turns the template does not let us locate: those go untrained.
+    let mut untrained: Vec<(String, usize)> = vec![];
     let mut encode_all = |records: &[Record]| -> Result<Vec<Sample>> {
         let mut out = Vec::with_capacity(records.len());
         let mut errors = vec![];
@@ -141,6 +143,9 @@ pub(super) fn encode(
                 Ok(s) => {
                     if s.truncated > 0 && s.trained_count() == 0 {
                         cut_off.push(r.location.clone());
+                    }
+                    if s.untrained_turns > 0 {
+                        untrained.push((r.location.clone(), s.untrained_turns));
                     }
                     out.push(s)
                 }
@@ -164,6 +169,19 @@ pub(super) fn encode(
             if cut_off.len() > 5 { ", …" } else { "" }
         );
     }
+    if !untrained.is_empty() {
+        let turns: usize = untrained.iter().map(|u| u.1).sum();
+        let shown: Vec<&str> = untrained.iter().take(5).map(|u| u.0.as_str()).collect();
+        eprintln!(
+            "warning: {turns} assistant turn(s) in {} example(s) are not trained: the chat \
+             template renders them differently once later turns follow (it drops their \
+             reasoning, say), so their tokens cannot be located ({}{}); the other turns are \
+             trained. To train every turn, split such conversations, one example per turn",
+            untrained.len(),
+            shown.join(", "),
+            if untrained.len() > 5 { ", …" } else { "" }
+        );
+    }
     let truncated = train
         .iter()
         .chain(&valid)
@@ -183,6 +201,24 @@ pub(super) fn encode(
             files.train.display(),
             if truncated > 0 { " or truncation" } else { "" }
         )));
+    }
+    // What validation scores (its first --val-batches batches): with nothing there, there is
+    // no validation loss, and no best/.
+    let used = match a.output.val_batches {
+        0 => valid.len(),
+        b => b.saturating_mul(a.batch.batch_size).min(valid.len()),
+    };
+    if used > 0 && valid[..used].iter().all(|s| s.trained_count() == 0) {
+        eprintln!(
+            "warning: the {used} validation example(s) used (--val-batches {}) have no trained \
+             token{}: there will be no validation loss and no best/ adapter",
+            a.output.val_batches,
+            if truncated > 0 {
+                " left within --max-seq-length"
+            } else {
+                ""
+            }
+        );
     }
     let weights = provenance.map(|prov| {
         crate::distrust::formula::example_weights(prov, a.distrust.alpha, a.distrust.lambda_weight)

@@ -228,18 +228,43 @@ impl Tokenizer {
         Ok(self.encode_offsets(text)?.0)
     }
 
-    /// Token ids of `text` as plain text: a special token's text (`<|im_end|>` typed by a
-    /// user) is encoded as the characters it is, not as the control token.
-    pub fn encode_plain(&self, text: &str) -> Result<Vec<u32>, TokenizerError> {
-        let plain = self.plain.get_or_init(|| {
+    /// Ids and byte spans of `text`, the `plain` ranges (in order, apart) encoded as plain text:
+    /// a special token's text there (`<|im_end|>` typed by a user) is the characters it is, not
+    /// the control token. With no ranges, [`Tokenizer::encode_offsets`].
+    pub fn encode_mixed(
+        &self,
+        text: &str,
+        plain: &[std::ops::Range<usize>],
+    ) -> Result<(Vec<u32>, Vec<ByteSpan>), TokenizerError> {
+        if plain.is_empty() {
+            return self.encode_offsets(text);
+        }
+        let as_text = self.plain.get_or_init(|| {
             let mut t = self.inner.clone();
             t.set_encode_special_tokens(true);
             t
         });
-        let enc = plain
-            .encode(text, false)
-            .map_err(|e| TokenizerError::Encode(e.to_string()))?;
-        Ok(enc.get_ids().to_vec())
+        let (mut ids, mut offsets) = (vec![], vec![]);
+        let mut piece = |range: std::ops::Range<usize>, t: &tokenizers::Tokenizer| {
+            if range.is_empty() {
+                return Ok(());
+            }
+            let enc = t
+                .encode(&text[range.clone()], false)
+                .map_err(|e| TokenizerError::Encode(e.to_string()))?;
+            ids.extend_from_slice(enc.get_ids());
+            let at = range.start;
+            offsets.extend(enc.get_offsets().iter().map(|&(s, e)| (s + at, e + at)));
+            Ok(())
+        };
+        let mut done = 0;
+        for r in plain {
+            piece(done..r.start, &self.inner)?;
+            piece(r.clone(), as_text)?;
+            done = r.end;
+        }
+        piece(done..text.len(), &self.inner)?;
+        Ok((ids, offsets))
     }
 
     /// The text of every special token (control tokens such as `<|im_end|>`), none empty.

@@ -1,0 +1,79 @@
+//! Message text is text. A control token's text inside a message (`<|im_end|>` in a pasted
+//! document or a scraped page) is encoded as the characters it is, never as the control token:
+//! otherwise a message could end its turn or forge another's at inference, and training would
+//! teach the model to end its turn mid-answer. Only the chat template's own markers are
+//! control tokens. Training and inference find such text the same way, so they agree.
+
+use super::tokenizer::Tokenizer;
+use serde_json::Value;
+use std::ops::Range;
+
+/// The byte ranges of `full` (the conversation as `render` renders it) holding the text of the
+/// messages that contain a control token's text; none in the common case, which costs one
+/// scan of the messages.
+pub fn plain_ranges<E: std::fmt::Display>(
+    tok: &Tokenizer,
+    messages: &[Value],
+    full: &str,
+    render: impl Fn(&[Value]) -> Result<String, E>,
+) -> Result<Vec<Range<usize>>, String> {
+    let holds_special = |m: &Value| {
+        content(m).is_some_and(|c| tok.special_texts().iter().any(|s| c.contains(s.as_str())))
+    };
+    if !messages.iter().any(holds_special) {
+        return Ok(vec![]);
+    }
+    // Those messages' text replaced by markers, found in what the template renders; the text
+    // around each marker is the template's, and must be as it is in `full`.
+    let marker = |i: usize| format!("\u{E000}{i}\u{E001}");
+    let marked: Vec<Value> = messages
+        .iter()
+        .enumerate()
+        .map(|(i, m)| {
+            let mut m = m.clone();
+            if holds_special(&m) {
+                m["content"] = Value::String(marker(i));
+            }
+            m
+        })
+        .collect();
+    let rendered = render(&marked).map_err(|e| e.to_string())?;
+    let not_as_given = |i: usize| {
+        format!(
+            "message {i} holds a control token's text, and this model's chat template does not \
+             place message text as given, so it cannot be kept apart from the template's \
+             markers; remove the control token's text from the message"
+        )
+    };
+    let (mut rest, mut at_full) = (rendered.as_str(), 0);
+    let mut ranges = vec![];
+    for (i, m) in messages
+        .iter()
+        .enumerate()
+        .filter(|(_, m)| holds_special(m))
+    {
+        let text = content(m).unwrap_or_default();
+        let marker = marker(i);
+        let [(at, _)] = rest.match_indices(&marker).collect::<Vec<_>>()[..] else {
+            return Err(not_as_given(i));
+        };
+        let start = at_full + at;
+        if full.get(at_full..start) != Some(&rest[..at])
+            || full.get(start..start + text.len()) != Some(text)
+        {
+            return Err(not_as_given(i));
+        }
+        ranges.push(start..start + text.len());
+        at_full = start + text.len();
+        rest = &rest[at + marker.len()..];
+    }
+    if full.get(at_full..) != Some(rest) {
+        return Err(not_as_given(messages.len()));
+    }
+    Ok(ranges)
+}
+
+/// A message's text, where it is a string.
+fn content(m: &Value) -> Option<&str> {
+    m.get("content").and_then(Value::as_str)
+}

@@ -136,6 +136,8 @@ pub fn run(mut a: TrainArgs) -> Result<()> {
     let resuming = match (&resume_given, &resume) {
         (_, Some(r)) => Resuming::Checkpoint {
             metrics: r.state.config["metrics_file"].as_str().map(PathBuf::from),
+            at: r.dir.clone(),
+            step: r.state.step,
         },
         (Some(_), None) => Resuming::NoCheckpoint,
         (None, None) => Resuming::No,
@@ -153,6 +155,7 @@ pub fn run(mut a: TrainArgs) -> Result<()> {
     // Completed by the MLX branch with the conversion's peak.
     #[cfg_attr(not(feature = "mlx"), allow(unused_mut))]
     let mut start = serde_json::json!({
+        // First: a metrics file is known by how its first line opens (output.rs).
         "memory_budget_bytes": plan.budget.bytes,
         "device_memory_bytes": plan.budget.total,
         "estimate_peak_bytes": plan.estimate.peak(),
@@ -358,6 +361,7 @@ fn resolve(
         memory_budget: plan.budget.bytes,
         distrust,
         weights_dtype: Some(plan.weights_dtype.as_str().to_string()),
+        model_fingerprint: Some(checkpoint::model_fingerprint(&loaded.source)?),
     })
 }
 

@@ -268,12 +268,15 @@ pub fn sync_dir(dir: &Path) {
     }
 }
 
-/// The lock a run holds on its output directory for its whole life: a file naming the process.
-/// A second run on the same directory is refused while the first is alive; a lock left by a
-/// process that no longer exists (killed) is taken over.
+/// The lock a run holds on its output directory for its whole life: an OS lock on a file that
+/// names the process. A second run on the same directory is refused while the first lives; the
+/// OS drops the lock of a process that dies, so a killed run's lock is taken over. (A process
+/// id alone raced: a file created but not yet written read as a dead run's.)
 #[derive(Debug)]
 pub struct DirLock {
     path: PathBuf,
+    /// Open for as long as the lock is held: closing it releases the OS lock.
+    file: std::fs::File,
 }
 
 impl DirLock {
@@ -303,58 +306,79 @@ impl DirLock {
         })?;
         let path = dir.join(Self::FILE);
         let me = std::process::id();
-        for _ in 0..2 {
-            match std::fs::OpenOptions::new()
+        let busy = |pid: Option<u32>| {
+            let who = pid.map_or(String::new(), |p| format!(" (process {p})"));
+            Error::Usage(format!(
+                "{flag} {}: another your_ai run{who} is using this directory; wait for it to \
+                 end, or choose another {flag}. If no such run is alive (a process number \
+                 reused after a restart), remove {}",
+                dir.display(),
+                path.display()
+            ))
+        };
+        for _ in 0..3 {
+            let mut file = std::fs::OpenOptions::new()
+                .read(true)
                 .write(true)
-                .create_new(true)
+                .create(true)
+                .truncate(false)
                 .open(&path)
-            {
-                Ok(mut f) => {
-                    writeln!(f, "{me}").map_err(|e| Error::io("write", &path, e))?;
-                    return Ok(Self { path });
+                .map_err(|e| Error::io("create", &path, e))?;
+            let mut text = String::new();
+            match file.try_lock() {
+                Ok(()) => {}
+                Err(std::fs::TryLockError::WouldBlock) => {
+                    let _ = std::io::Read::read_to_string(&mut file, &mut text);
+                    return Err(busy(text.trim().parse().ok()));
                 }
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                    let holder = std::fs::read_to_string(&path)
-                        .ok()
-                        .and_then(|s| s.trim().parse::<u32>().ok());
-                    match holder {
-                        Some(pid) if pid != me && process_alive(pid) => {
-                            return Err(Error::Usage(format!(
-                                "{flag} {}: another your_ai run (process {pid}) is using this \
-                                 directory; wait for it to end, or choose another {flag}. If \
-                                 process {pid} is not a your_ai run (its number was reused, after \
-                                 a restart), remove {}",
-                                dir.display(),
-                                path.display()
-                            )))
-                        }
-                        _ => {
-                            eprintln!(
-                                "note: {flag} {}: taking over the lock of a run that is gone{}",
-                                dir.display(),
-                                holder.map_or(String::new(), |p| format!(" (process {p})"))
-                            );
-                            let _ = std::fs::remove_file(&path);
-                        }
-                    }
-                }
-                Err(e) => return Err(Error::io("create", &path, e)),
+                Err(std::fs::TryLockError::Error(e)) => return Err(Error::io("lock", &path, e)),
             }
+            // The file may have been removed (its run ending) between our open and lock: such
+            // a lock guards nothing, so take the one at the path now.
+            if !same_file_at(&file, &path) {
+                continue;
+            }
+            let _ = std::io::Read::read_to_string(&mut file, &mut text);
+            let holder = text.trim().parse::<u32>().ok();
+            match holder {
+                // Named, alive, and not holding the OS lock: a run of a version that did not
+                // take one.
+                Some(pid) if pid != me && process_alive(pid) => return Err(busy(Some(pid))),
+                _ if !text.trim().is_empty() && holder != Some(me) => eprintln!(
+                    "note: {flag} {}: taking over the lock of a run that is gone{}",
+                    dir.display(),
+                    holder.map_or(String::new(), |p| format!(" (process {p})"))
+                ),
+                _ => {}
+            }
+            file.set_len(0)
+                .and_then(|()| std::io::Seek::rewind(&mut file))
+                .and_then(|()| writeln!(file, "{me}"))
+                .map_err(|e| Error::io("write", &path, e))?;
+            return Ok(Self { path, file });
         }
         Err(Error::Usage(format!(
-            "{flag} {}: could not lock the directory ({} keeps reappearing)",
+            "{flag} {}: could not lock the directory ({} keeps being replaced)",
             dir.display(),
             path.display()
         )))
     }
 }
 
+/// Whether the open `file` is the one at `path` (not one removed since, or replaced).
+fn same_file_at(file: &std::fs::File, path: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (file.metadata(), std::fs::metadata(path)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    }
+}
+
 impl Drop for DirLock {
     fn drop(&mut self) {
-        // Only a lock that is still ours goes.
-        let mine = std::fs::read_to_string(&self.path)
-            .is_ok_and(|s| s.trim() == std::process::id().to_string());
-        if mine {
+        // Removed while still held (a run that opened it meanwhile sees it gone, and retries),
+        // and only while it is still ours (not one made after a user removed it).
+        if same_file_at(&self.file, &self.path) {
             let _ = std::fs::remove_file(&self.path);
         }
     }
@@ -407,21 +431,41 @@ mod tests {
     #[test]
     fn a_directory_lock_is_exclusive_and_a_dead_holders_lock_is_taken_over() {
         let dir = tempfile::tempdir().unwrap();
-        let lock = DirLock::acquire(dir.path(), "--output").unwrap();
-        // Held by a live process (this one's parent stands in for another run).
         let file = dir.path().join(DirLock::FILE);
+        let lock = DirLock::acquire(dir.path(), "--output").unwrap();
+        let e = DirLock::acquire(dir.path(), "--output")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(&format!("run (process {})", std::process::id())),
+            "{e}"
+        );
+        drop(lock);
+        assert!(!file.exists());
+        // Held, its process id not written yet: it was taken for a dead run's.
+        let held = std::fs::File::create(&file).unwrap();
+        held.try_lock().unwrap();
+        let e = DirLock::acquire(dir.path(), "--output")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("another your_ai run is using"), "{e}");
+        drop(held);
+        // Named by a live process that holds no OS lock (a run of an earlier version; this
+        // process's parent stands in for it): refused too.
         std::fs::write(&file, format!("{}\n", std::os::unix::process::parent_id())).unwrap();
         let e = DirLock::acquire(dir.path(), "--output")
             .unwrap_err()
             .to_string();
-        assert!(e.contains("another your_ai run"), "{e}");
         assert!(e.contains(&format!("remove {}", file.display())), "{e}");
         // Held by a process that is gone: taken over, and released on drop.
         std::fs::write(&file, "999999999\n").unwrap();
         let again = DirLock::acquire(dir.path(), "--output").unwrap();
+        assert_eq!(
+            std::fs::read_to_string(&file).unwrap(),
+            format!("{}\n", std::process::id())
+        );
         drop(again);
         assert!(!file.exists());
-        drop(lock);
     }
 
     #[test]

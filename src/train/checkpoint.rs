@@ -120,6 +120,59 @@ pub fn data_fingerprint(files: &[&Path]) -> Result<String> {
     Ok(format!("{:x}", h.finalize()))
 }
 
+/// A fingerprint of the model's files (a GGUF file; a directory's safetensors, config and
+/// tokenizer): each one's name, size and sampled content (its whole when small, else its
+/// first and last MiB and 64 blocks across it). Reading a few MB of a 16 GB model, it catches
+/// a re-download of other weights, a re-quantization or damage, where the path alone did not.
+pub fn model_fingerprint(source: &crate::model::source::ModelSource) -> Result<String> {
+    use std::io::{Read, Seek, SeekFrom};
+    const SAMPLE: u64 = 64 << 10;
+    const END: u64 = 1 << 20;
+    let files: Vec<PathBuf> = match source {
+        crate::model::source::ModelSource::Gguf(p) => vec![p.clone()],
+        crate::model::source::ModelSource::HfDir(dir) => {
+            let read = std::fs::read_dir(dir).map_err(|e| Error::io("read", dir, e))?;
+            let mut files: Vec<PathBuf> = read
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| {
+                    let name = p.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+                    name.ends_with(".safetensors")
+                        || ["config.json", "tokenizer.json", "tokenizer_config.json"]
+                            .contains(&name)
+                })
+                .collect();
+            files.sort();
+            files
+        }
+    };
+    let mut h = Sha256::new();
+    for path in &files {
+        let mut f = std::fs::File::open(path).map_err(|e| Error::io("read", path, e))?;
+        let size = f.metadata().map_err(|e| Error::io("read", path, e))?.len();
+        let name = path.file_name().unwrap_or_default().to_string_lossy();
+        h.update(name.as_bytes());
+        h.update(size.to_le_bytes());
+        let spans: Vec<(u64, u64)> = if size <= 4 * END {
+            vec![(0, size)]
+        } else {
+            let step = (size - SAMPLE) / 63;
+            let mut s = vec![(0, END), (size - END, END)];
+            s.extend((0..64).map(|i| (i * step, SAMPLE)));
+            s
+        };
+        let mut buf = vec![];
+        for (at, len) in spans {
+            buf.resize(len as usize, 0);
+            f.seek(SeekFrom::Start(at))
+                .and_then(|_| f.read_exact(&mut buf))
+                .map_err(|e| Error::io("read", path, e))?;
+            h.update(&buf);
+        }
+    }
+    Ok(format!("{:x}", h.finalize()))
+}
+
 fn sync(path: &Path) -> Result<()> {
     crate::io::sync_path(path).map_err(|e| Error::io("sync", path, e))
 }
@@ -176,7 +229,7 @@ pub fn save(
         &root.join("latest"),
         format!("step-{}\n", state.step).as_bytes(),
     )?;
-    prune(root, keep);
+    prune(root, keep, state.step);
     Ok(dir)
 }
 
@@ -193,8 +246,11 @@ pub fn list(root: &Path) -> Vec<usize> {
     steps
 }
 
-fn prune(root: &Path, keep: usize) {
-    let steps = list(root);
+/// Keeps the `keep` newest checkpoints up to `written`, the one just saved (a later one is not
+/// this run's, and must not push it out).
+fn prune(root: &Path, keep: usize, written: usize) {
+    let mut steps = list(root);
+    steps.retain(|&s| s <= written);
     if keep == 0 || steps.len() <= keep {
         return;
     }
@@ -349,7 +405,12 @@ pub fn differences(saved: &serde_json::Value, now: &TrainConfig) -> (Vec<String>
         for (k, was) in a {
             let is = b.get(k).cloned().unwrap_or(serde_json::Value::Null);
             if &is != was {
-                let line = format!("{k}: {was} → {is}");
+                let line = match k.as_str() {
+                    "model_fingerprint" => "model: its files changed since the checkpoint (the \
+                                            same path holds other weights or tokenizer)"
+                        .to_string(),
+                    _ => format!("{k}: {was} → {is}"),
+                };
                 if HARMLESS.contains(&k.as_str()) {
                     allowed.push(line);
                 } else {

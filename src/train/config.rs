@@ -45,6 +45,10 @@ pub struct TrainConfig {
     /// lack it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub weights_dtype: Option<String>,
+    /// The model's files, sampled ([`super::checkpoint::model_fingerprint`]): a resume with
+    /// other weights at the same path is refused. Checkpoints of earlier versions lack it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model_fingerprint: Option<String>,
 }
 
 impl TrainConfig {

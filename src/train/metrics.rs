@@ -24,10 +24,11 @@ impl Metrics {
     }
 
     /// Continues a metrics file from a checkpoint at `step`: later lines (written after the
-    /// checkpoint by the interrupted run) are dropped so every step appears once. When `step` is
-    /// the run's last, the final evaluation, test and end records follow the checkpoint, so
-    /// those of that step go too (they are written again).
-    pub fn resume(path: &Path, step: usize, last: bool) -> Result<Self> {
+    /// checkpoint by the interrupted run) are dropped so every step appears once. Of the
+    /// checkpoint's own step, its training and validation come before the checkpoint and
+    /// stay; the rest (a run's test and end records, an earlier resume's start) go. A torn
+    /// line (a kill mid-write) goes too.
+    pub fn resume(path: &Path, step: usize) -> Result<Self> {
         let text = std::fs::read_to_string(path).unwrap_or_default();
         let kept: String = text
             .lines()
@@ -37,7 +38,7 @@ impl Metrics {
                 };
                 match v["step"].as_u64() {
                     Some(s) if (s as usize) < step => true,
-                    Some(s) if s as usize == step => !last || v["type"] == "train",
+                    Some(s) if s as usize == step => v["type"] == "train" || v["type"] == "eval",
                     _ => false,
                 }
             })
@@ -54,7 +55,12 @@ impl Metrics {
         })
     }
 
+    /// One whole line in one write: a kill leaves a line complete or absent (the file is
+    /// unbuffered; `writeln!` wrote it in dozens of pieces).
     pub fn write(&mut self, v: serde_json::Value) -> Result<()> {
-        writeln!(self.file, "{v}").map_err(|e| Error::io("write", &self.path, e))
+        let line = format!("{v}\n");
+        self.file
+            .write_all(line.as_bytes())
+            .map_err(|e| Error::io("write", &self.path, e))
     }
 }

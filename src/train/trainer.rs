@@ -162,8 +162,7 @@ impl<'a, E: Engine> Trainer<'a, E> {
                 let st = &r.state;
                 batcher.restore(st.epoch, st.position);
                 summary.resume_from(st);
-                let last = st.step >= cfg.steps;
-                let metrics = Metrics::resume(&cfg.metrics_file(), st.step, last)?;
+                let metrics = Metrics::resume(&cfg.metrics_file(), st.step)?;
                 (st.step + 1, st.nonfinite, metrics)
             }
             None => (1, 0, Metrics::create(&cfg.metrics_file())?),
@@ -210,15 +209,16 @@ impl<'a, E: Engine> Trainer<'a, E> {
     pub fn run(mut self) -> Result<Summary> {
         match self.pending_eval {
             _ if !self.resumed => self.evaluate(0)?,
-            // The last step's validation is finish()'s.
-            Some(step) if step < self.cfg.steps => self.evaluate(step)?,
-            _ => {}
+            Some(step) => self.evaluate(step)?,
+            None => {}
         }
         for step in self.first_step..=self.cfg.steps {
             self.apply_test_limit(step);
             self.train_step(step)?;
             let every = self.cfg.output.steps_per_eval;
-            if every > 0 && step % every == 0 && step != self.cfg.steps {
+            // The last step's too, before its checkpoint: a run extended from that checkpoint
+            // knows its validation (else `best/` could go to a worse, later step).
+            if (every > 0 && step % every == 0) || step == self.cfg.steps {
                 self.evaluate(step)?;
             }
             if let Some(peak) = self.engine.meter().over_limit() {
@@ -576,16 +576,14 @@ impl<'a, E: Engine> Trainer<'a, E> {
     /// The final evaluation, the adapter files, the test set, and the end record.
     fn finish(mut self) -> Result<Summary> {
         let cfg = self.cfg;
+        self.progress.finish();
         if self.summary.steps > 0 && self.summary.skipped >= self.summary.steps {
             // The adapter is still the untrained one: writing it as the result would pass for
             // a run that trained.
-            self.progress.finish();
             return Err(Error::NothingTrained {
                 steps: self.summary.steps,
             });
         }
-        self.evaluate(cfg.steps)?;
-        self.progress.finish();
         crate::runtime::signals::finishing();
         save_adapter_files(&self.finite_adapter()?, cfg.output_dir(), cfg)?;
         if let Some(signal) = crate::runtime::signals::requested() {

@@ -28,13 +28,59 @@ pub(super) enum Resuming {
     No,
     /// Asked for, and the output holds no checkpoint: the run starts from the beginning.
     NoCheckpoint,
-    /// A checkpoint is continued; `metrics`: where its run wrote its metrics, as recorded.
-    Checkpoint { metrics: Option<PathBuf> },
+    /// A checkpoint is continued; `metrics`: where its run wrote its metrics, as recorded;
+    /// `at`: the checkpoint's directory and step.
+    Checkpoint {
+        metrics: Option<PathBuf>,
+        at: PathBuf,
+        step: usize,
+    },
 }
 
 /// What a run leaves before its first checkpoint: `--resume` may start such a run again.
 const BEFORE_FIRST_CHECKPOINT: &[&str] =
     &["metrics.jsonl", "checkpoints", "train_config.json", "best"];
+
+/// A checkpoint is continued into `dir` only where nothing there would be mixed with it: the
+/// checkpoint's own run, with no later checkpoint (an abandoned continuation, which pruning
+/// and a later `--resume` would take for this run's), or an empty directory. Into another run's
+/// directory, its adapter, `best/` and metrics were overwritten and its checkpoints mixed in.
+fn check_continuation(dir: &Path, at: &Path, step: usize, held: &[String]) -> Result<()> {
+    let root = dir.join("checkpoints");
+    let own_root = at.parent().and_then(|p| p.canonicalize().ok());
+    if own_root.is_some() && own_root == root.canonicalize().ok() {
+        let later: Vec<String> = crate::train::checkpoint::list(&root)
+            .into_iter()
+            .filter(|&s| s > step)
+            .map(|s| format!("step-{s}"))
+            .collect();
+        if !later.is_empty() {
+            return Err(usage(format!(
+                "--resume {}: {} holds later checkpoints of this run ({}); continuing from an \
+                 earlier one would mix the two. Resume from the latest (--resume alone), move \
+                 the later ones away, or resume into an empty --output",
+                at.display(),
+                root.display(),
+                later.join(", ")
+            )));
+        }
+        return Ok(());
+    }
+    if !held.is_empty() {
+        let mut shown: Vec<&str> = held.iter().map(String::as_str).collect();
+        shown.sort_unstable();
+        shown.truncate(5);
+        return Err(usage(format!(
+            "--resume {}: that checkpoint is another output's, and {} is not empty ({}); \
+             continuing it here would overwrite or mix with what is there. Resume into an empty \
+             --output, or into the checkpoint's own",
+            at.display(),
+            dir.display(),
+            shown.join(", ")
+        )));
+    }
+    Ok(())
+}
 
 /// Locks the output directory for this run and makes sure nothing the user has is overwritten:
 /// an earlier run there is continued (`--resume`) or replaced (`--force`), never silently
@@ -50,7 +96,10 @@ pub(super) fn claim_output(cfg: &TrainConfig, resume: &Resuming) -> Result<DirLo
     let held = held_in(dir)?;
     let restartable = |n: &String| BEFORE_FIRST_CHECKPOINT.contains(&n.as_str());
     let resuming = match resume {
-        Resuming::Checkpoint { .. } => true,
+        Resuming::Checkpoint { at, step, .. } => {
+            check_continuation(dir, at, *step, &held)?;
+            true
+        }
         Resuming::NoCheckpoint if held.iter().all(restartable) => true,
         Resuming::NoCheckpoint => {
             let mut shown: Vec<&String> = held.iter().filter(|n| !restartable(n)).collect();
@@ -125,7 +174,7 @@ pub(super) fn claim_output(cfg: &TrainConfig, resume: &Resuming) -> Result<DirLo
             )));
         }
         // A resumed run cuts its metrics back to the checkpoint's step: never another run's.
-        if let Resuming::Checkpoint { metrics: own } = resume {
+        if let Resuming::Checkpoint { metrics: own, .. } = resume {
             let ours = |p: &Path| same_file(&metrics, p);
             if !ours(&dir.join("metrics.jsonl"))
                 && !own.as_deref().is_some_and(ours)
@@ -232,8 +281,41 @@ fn is_metrics_file(path: &Path) -> bool {
         return false;
     };
     let mut first = String::new();
-    let read = std::io::BufReader::new(f.take(1 << 20)).read_line(&mut first);
-    read.is_ok()
-        && serde_json::from_str::<serde_json::Value>(&first)
-            .is_ok_and(|v| v["type"] == "start" && v.get("memory_budget_bytes").is_some())
+    match std::io::BufReader::new(f.take(1 << 20)).read_line(&mut first) {
+        Err(_) => false,
+        // Empty, or its start record torn (a run killed, or a machine that lost power, as it
+        // was written): nothing of anyone's to lose, and it must not block --resume or --force.
+        Ok(0) => true,
+        Ok(_) if !first.ends_with('\n') => first.starts_with(START_RECORD_OPENS),
+        Ok(_) => serde_json::from_str::<serde_json::Value>(&first)
+            .is_ok_and(|v| v["type"] == "start" && v.get("memory_budget_bytes").is_some()),
+    }
+}
+
+/// How a metrics file's first line, the start record, begins (its first key, as written).
+const START_RECORD_OPENS: &str = "{\"memory_budget_bytes\":";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_metrics_file_is_known_even_when_its_start_record_is_torn() {
+        let dir = tempfile::tempdir().unwrap();
+        let is = |text: &str| {
+            let p = dir.path().join("metrics.jsonl");
+            std::fs::write(&p, text).unwrap();
+            is_metrics_file(&p)
+        };
+        let start = r#"{"memory_budget_bytes":1,"type":"start","step":0}"#;
+        assert!(is(&format!("{start}\n{{\"type\":\"train\"}}\n")));
+        // Killed before or while its first line was written: it blocked --resume and --force.
+        assert!(is(""));
+        assert!(is(&start[..30]));
+        // Anyone else's file, whole or not, is not ours.
+        assert!(!is("{\"memory_budget_bytes\":1}\n"));
+        assert!(!is("{\"loss\": 1.5"));
+        assert!(!is("step,loss\n1,2.0\n"));
+        assert!(!is_metrics_file(&dir.path().join("absent")));
+    }
 }

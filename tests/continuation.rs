@@ -1,0 +1,139 @@
+//! Continuing a run, as a user does: a finished run extended with `--resume --max-steps N`
+//! ends as a run of N steps from the start would, `best/` included; a checkpoint is continued
+//! only where nothing would be mixed with it.
+
+mod common;
+
+use common::metrics;
+use std::path::Path;
+
+fn train(r: &common::TinyRun, out: &Path, steps: usize, extra: &[&str]) -> std::process::Output {
+    r.train_command(out)
+        .args([
+            "--max-steps",
+            &steps.to_string(),
+            "--batch-size",
+            "2",
+            "--lora-rank",
+            "4",
+        ])
+        .args([
+            "--learning-rate",
+            "2e-3",
+            "--lr-schedule",
+            "constant",
+            "--warmup-steps",
+            "0",
+        ])
+        .args([
+            "--steps-per-eval",
+            "3",
+            "--save-every",
+            "100",
+            "--seed",
+            "5",
+        ])
+        .args(extra)
+        .output()
+        .unwrap()
+}
+
+fn ok(o: std::process::Output) -> String {
+    let e = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(o.status.success(), "{e}");
+    e
+}
+
+#[test]
+fn an_extended_run_keeps_the_best_adapter_of_the_whole_run() {
+    let r = common::tiny_run(12);
+    let (short, whole) = (r.root.join("short"), r.root.join("whole"));
+    ok(train(&r, &short, 7, &[]));
+    // The last step's checkpoint knows that step's validation (it was done after the save, so
+    // an extension could replace best/ with a worse, later adapter).
+    let evals = metrics(&short.join("metrics.jsonl"), "eval");
+    let best = evals
+        .iter()
+        .map(|e| (e["step"].as_u64().unwrap(), e["val_loss"].as_f64().unwrap()))
+        .min_by(|a, b| a.1.total_cmp(&b.1))
+        .unwrap();
+    let state: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(short.join("checkpoints/step-7/trainer_state.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        state["best_val"],
+        serde_json::json!([best.0, best.1]),
+        "{evals:?}"
+    );
+    ok(train(&r, &short, 10, &["--resume"]));
+    ok(train(&r, &whole, 10, &[]));
+    let read = |d: &Path, f: &str| std::fs::read(d.join(f)).unwrap();
+    for f in [
+        "adapter_model.safetensors",
+        "best/adapter_model.safetensors",
+    ] {
+        assert!(read(&short, f) == read(&whole, f), "{f} differs");
+    }
+    let records = |d: &Path, kind: &str| metrics(&d.join("metrics.jsonl"), kind);
+    // The same validations, and the first run's last.
+    let mut evals = records(&short, "eval");
+    evals.retain(|e| e["step"] != 7);
+    assert_eq!(evals, records(&whole, "eval"));
+    // One end: the first run's test and end records went with its finish.
+    assert_eq!(records(&short, "end").len(), 1);
+}
+
+#[test]
+fn a_checkpoint_is_continued_only_where_nothing_would_be_mixed_with_it() {
+    let r = common::tiny_run(12);
+    let (a, b) = (r.root.join("a"), r.root.join("b"));
+    ok(train(&r, &a, 4, &["--save-every", "2"]));
+    ok(train(&r, &b, 3, &[]));
+    let step2 = a.join("checkpoints/step-2");
+    let before = std::fs::read(b.join("adapter_model.safetensors")).unwrap();
+    // Into another run's output: its adapter, best/ and metrics were overwritten and its
+    // checkpoints mixed with these.
+    let o = train(&r, &b, 4, &["--resume", step2.to_str().unwrap()]);
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{e}");
+    assert!(
+        e.contains("another output's") && e.contains("is not empty"),
+        "{e}"
+    );
+    assert_eq!(
+        std::fs::read(b.join("adapter_model.safetensors")).unwrap(),
+        before
+    );
+    // In its own output, behind a later checkpoint of the same run: refused, nothing changed.
+    let o = train(&r, &a, 4, &["--resume", step2.to_str().unwrap()]);
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{e}");
+    assert!(e.contains("later checkpoints of this run (step-4)"), "{e}");
+    // Into an empty output: continued, to the original run's end.
+    let c = r.root.join("c");
+    ok(train(&r, &c, 4, &["--resume", step2.to_str().unwrap()]));
+    let read = |d: &Path| std::fs::read(d.join("adapter_model.safetensors")).unwrap();
+    assert!(read(&c) == read(&a));
+}
+
+/// A resume checks the model's content, not only its path: other weights there (a
+/// re-download, a re-quantization, damage) would continue a run they did not start.
+#[test]
+fn a_resume_with_other_weights_at_the_same_path_is_refused() {
+    let r = common::tiny_run(12);
+    let out = r.root.join("run");
+    ok(train(&r, &out, 2, &[]));
+    let weights = r.model.join("model.safetensors");
+    let mut bytes = std::fs::read(&weights).unwrap();
+    let n = bytes.len();
+    bytes[n - 100..].iter_mut().for_each(|b| *b ^= 0x5a);
+    std::fs::write(&weights, bytes).unwrap();
+    let o = train(&r, &out, 4, &["--resume"]);
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{e}");
+    assert!(
+        e.contains("model: its files changed since the checkpoint"),
+        "{e}"
+    );
+}

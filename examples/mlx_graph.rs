@@ -85,6 +85,7 @@ fn main() -> Res<()> {
         trained: vec![true; tokens],
         ids,
         truncated: 0,
+        untrained_turns: 0,
     };
     let lay = batch::layout(&[Row::single(&sample, 1.0)], &cfg)?;
     let pending = step::forward_backward(

@@ -155,6 +155,22 @@ fn malformed_jsonl_line_names_file_and_line() {
     );
 }
 
+/// Examples that parse but cannot be encoded are all named, as train names them (eval named
+/// the first only).
+#[test]
+fn eval_names_every_example_it_cannot_encode() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("tools.jsonl");
+    let row = r#"{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}], "tools": [{"type": "function", "function": {"name": "f"}}]}"#;
+    std::fs::write(&data, format!("{row}\n{{\"text\": \"fine\"}}\n{row}\n")).unwrap();
+    fails_with(
+        &["eval", "--data", data.to_str().unwrap(), "--model"],
+        &[&smollm2()],
+        &[],
+        &["tools.jsonl:1", "tools.jsonl:3", "`tools` is left out"],
+    );
+}
+
 /// `eval --data DIR` reads the held-out file; the directory needs no train.jsonl.
 #[test]
 fn eval_of_a_directory_reads_its_held_out_file() {

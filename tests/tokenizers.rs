@@ -235,3 +235,42 @@ fn turns_a_template_rewrites_later_are_counted_as_untrained() {
         .collect();
     assert_eq!(tok.decode(&trained, false).unwrap(), "B.<|im_end|>");
 }
+
+/// DeepSeek-R1's template opens the answer with `<think>` in its generation prompt, which a
+/// finished turn lacks, so the turn is no extension of the prompt: every chat row was refused.
+/// The answer starts where the two part.
+#[test]
+fn an_answer_is_found_where_the_generation_prompt_adds_to_it() {
+    let g = GgufFile::open(&common::smollm2()).unwrap();
+    let mut tok = Tokenizer::from_gguf(&g).unwrap();
+    let dir =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/chat_templates");
+    tok.chat_template =
+        Some(std::fs::read_to_string(dir.join("deepseek_r1_distill.jinja")).unwrap());
+    let turn = |role: &str, c: &str| serde_json::json!({"role": role, "content": c});
+    let line = serde_json::json!({"messages": [turn("user", "Capital?"),
+        turn("assistant", "Marrowick."), turn("user", "Sure?"), turn("assistant", "Yes.")]});
+    let s = encode_line(&tok, line).unwrap();
+    assert_eq!(s.untrained_turns, 0);
+    let mut spans = vec![];
+    let mut cur = vec![];
+    for (id, t) in s.ids.iter().zip(&s.trained) {
+        match t {
+            true => cur.push(*id),
+            false if !cur.is_empty() => {
+                spans.push(tok.decode(&std::mem::take(&mut cur), false).unwrap())
+            }
+            false => {}
+        }
+    }
+    spans.push(tok.decode(&cur, false).unwrap());
+    // SmolLM2's tokenizer lacks R1's markers, so the token across the first turn's end and
+    // the next turn's start (`><`) is trained with it.
+    let eos = "<｜end▁of▁sentence｜>";
+    assert_eq!(spans.len(), 2, "{spans:?}");
+    assert!(
+        spans[0].starts_with(&format!("Marrowick.{eos}")),
+        "{spans:?}"
+    );
+    assert_eq!(spans[1], format!("Yes.{eos}"));
+}

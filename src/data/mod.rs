@@ -234,8 +234,8 @@ pub fn parse_line(text: &str) -> Result<(Example, Map<String, Value>), String> {
     };
     if obj.contains_key("chosen") && obj.contains_key("rejected") {
         return Err(
-            "a preference pair (`chosen`, `rejected`): train or evaluate it with \
-                    --method dpo or --method orpo"
+            "a preference pair (`chosen`, `rejected`), which this command does not take \
+                    here: train or evaluate pairs with --method dpo or --method orpo"
                 .into(),
         );
     }
@@ -513,9 +513,19 @@ impl<'a> Encoder<'a> {
         for (i, _) in messages.iter().enumerate().filter(|(_, m)| is_assistant(m)) {
             let before = render(&messages[..i], true)?;
             let upto = render(&messages[..=i], false)?;
-            if upto.starts_with(&before) && full.starts_with(&upto) && upto.len() > before.len() {
-                let end = before.len() + upto[before.len()..].trim_end().len();
-                spans.push((i, (before.len(), end)));
+            let start = if upto.starts_with(&before) {
+                Some(before.len())
+            } else {
+                // A generation prompt that opens the answer with text a finished turn lacks
+                // (DeepSeek-R1's `<think>\n`): the answer starts where the two part, if that
+                // is past the conversation before it.
+                let common = common_prefix(&before, &upto);
+                let asked = render(&messages[..i], false)?;
+                (upto.starts_with(&asked) && common >= asked.len()).then_some(common)
+            };
+            if let Some(start) = start.filter(|&s| full.starts_with(&upto) && upto.len() > s) {
+                let end = start + upto[start..].trim_end().len();
+                spans.push((i, (start, end)));
             } else if Some(i) == last_assistant {
                 return Err(format!(
                     "the chat template does not render message {i} (assistant) as an extension of the conversation before it, so its tokens cannot be located"
@@ -576,6 +586,14 @@ struct Rendered {
     /// Message text holding a control token's text, encoded as text.
     plain: Vec<std::ops::Range<usize>>,
     untrained_turns: usize,
+}
+
+/// Bytes `a` and `b` share at their start, at a character boundary.
+fn common_prefix(a: &str, b: &str) -> usize {
+    a.char_indices()
+        .zip(b.chars())
+        .find(|((_, x), y)| x != y)
+        .map_or(a.len().min(b.len()), |((i, _), _)| i)
 }
 
 fn is_assistant(m: &Value) -> bool {

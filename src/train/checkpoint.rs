@@ -286,20 +286,21 @@ pub fn locate(output: &Path, given: &str) -> Result<Option<PathBuf>> {
             .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
         (l.to_string(), inside.then(|| root.join(l)))
     });
-    match (named, newest) {
-        (Some((_, Some(d))), _) if d.join(STATE_FILE).is_file() => Ok(Some(d)),
-        (named, Some(newest)) => {
-            if let Some((l, _)) = named {
-                eprintln!(
-                    "note: {} names {l:?}, which is not a checkpoint there; resuming from {}, the newest one",
-                    root.join("latest").display(),
-                    newest.display()
-                );
-            }
-            Ok(Some(newest))
-        }
-        (_, None) => Ok(None),
+    // The newest: a step-N is complete once it is there (renamed in whole), and `latest` is
+    // one behind when a kill came between the rename and its update.
+    let Some(newest) = newest else {
+        return Ok(None);
+    };
+    match named {
+        Some((_, Some(d))) if d.join(STATE_FILE).is_file() => {}
+        Some((l, _)) => eprintln!(
+            "note: {} names {l:?}, which is not a checkpoint there; resuming from {}, the newest one",
+            root.join("latest").display(),
+            newest.display()
+        ),
+        None => {}
     }
+    Ok(Some(newest))
 }
 
 /// Reads a checkpoint and checks every file against its checksum.

@@ -141,6 +141,16 @@ impl<E: Engine> Trainer<'_, E> {
     pub(super) fn reload(&mut self, step: usize) -> Result<()> {
         let clock = Instant::now();
         let dir = self.save(step, self.cursor())?;
+        // A stop asked for meanwhile ends the run on this checkpoint, before a reload that
+        // could take minutes.
+        if let Some(signal) = signals::requested() {
+            self.progress.finish();
+            return Err(Error::Interrupted {
+                signal,
+                step,
+                checkpoint: dir,
+            });
+        }
         memory::release_free();
         let before = memory::current_rss();
         self.engine.reload()?;

@@ -144,6 +144,23 @@ fn encode_line(tok: &Tokenizer, line: serde_json::Value) -> Result<your_ai::data
     enc.encode(&rec).map_err(|e| e.to_string())
 }
 
+/// The trained runs of tokens of `s`, each decoded.
+fn trained_spans(tok: &Tokenizer, s: &your_ai::data::Sample) -> Vec<String> {
+    let mut spans = vec![];
+    let mut run = vec![];
+    for (id, trained) in s.ids.iter().zip(&s.trained) {
+        if *trained {
+            run.push(*id);
+        } else if !run.is_empty() {
+            spans.push(tok.decode(&std::mem::take(&mut run), false).unwrap());
+        }
+    }
+    if !run.is_empty() {
+        spans.push(tok.decode(&run, false).unwrap());
+    }
+    spans
+}
+
 /// Training reads a message's text as inference does: a control token's text in an answer is
 /// trained as text (as a control token it taught the model to end its turn mid-answer), and a
 /// prompt with one encodes as `chat_ids` encodes it.
@@ -161,18 +178,7 @@ fn a_control_token_in_a_training_example_is_text_as_at_inference() {
     let clean = serde_json::json!({"messages": [{"role": "user", "content": "hi"},
         {"role": "assistant", "content": "Hello"}]});
     assert_eq!(ends(&s), ends(&encode_line(&tok, clean).unwrap()));
-    let trained: Vec<u32> = s
-        .ids
-        .iter()
-        .zip(&s.trained)
-        .filter(|t| *t.1)
-        .map(|t| *t.0)
-        .collect();
-    assert_eq!(
-        tok.decode(&trained, false).unwrap(),
-        format!("{answer}<|im_end|>")
-    );
-    assert_eq!(trained.last(), Some(&end));
+    assert_eq!(trained_spans(&tok, &s), [format!("{answer}<|im_end|>")]);
     let prompt = chat_ids(&tok, std::slice::from_ref(&user)).unwrap();
     assert_eq!(s.ids[..prompt.len()], prompt[..]);
 }
@@ -226,14 +232,7 @@ fn turns_a_template_rewrites_later_are_counted_as_untrained() {
         turn("assistant", "<think>hmm</think>A."), turn("user", "b?"), turn("assistant", "B.")]});
     let s = encode_line(&tok, line).unwrap();
     assert_eq!(s.untrained_turns, 1);
-    let trained: Vec<u32> = s
-        .ids
-        .iter()
-        .zip(&s.trained)
-        .filter(|t| *t.1)
-        .map(|t| *t.0)
-        .collect();
-    assert_eq!(tok.decode(&trained, false).unwrap(), "B.<|im_end|>");
+    assert_eq!(trained_spans(&tok, &s), ["B.<|im_end|>"]);
 }
 
 /// DeepSeek-R1's template opens the answer with `<think>` in its generation prompt, which a
@@ -252,18 +251,7 @@ fn an_answer_is_found_where_the_generation_prompt_adds_to_it() {
         turn("assistant", "Marrowick."), turn("user", "Sure?"), turn("assistant", "Yes.")]});
     let s = encode_line(&tok, line).unwrap();
     assert_eq!(s.untrained_turns, 0);
-    let mut spans = vec![];
-    let mut cur = vec![];
-    for (id, t) in s.ids.iter().zip(&s.trained) {
-        match t {
-            true => cur.push(*id),
-            false if !cur.is_empty() => {
-                spans.push(tok.decode(&std::mem::take(&mut cur), false).unwrap())
-            }
-            false => {}
-        }
-    }
-    spans.push(tok.decode(&cur, false).unwrap());
+    let spans = trained_spans(&tok, &s);
     // SmolLM2's tokenizer lacks R1's markers, so the token across the first turn's end and
     // the next turn's start (`><`) is trained with it.
     let eos = "<｜end▁of▁sentence｜>";

@@ -62,7 +62,7 @@ pub enum Error {
     Diverged { what: String, learning_rate: f64 },
     #[error(
         "no step updated the adapter: all {steps} steps were skipped (the notes above say why: \
-         no trained tokens in the batch, or a non-finite loss), so no adapter was written. \
+         no trained tokens in the batch, or a non-finite loss), so no adapter is kept. \
          Check that the examples keep trained tokens within --max-seq-length (and, with \
          weights, a weight above 0), or train for more steps"
     )]

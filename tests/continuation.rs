@@ -110,11 +110,93 @@ fn a_checkpoint_is_continued_only_where_nothing_would_be_mixed_with_it() {
     let e = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(2), "{e}");
     assert!(e.contains("later checkpoints of this run (step-4)"), "{e}");
-    // Into an empty output: continued, to the original run's end.
-    let c = r.root.join("c");
-    ok(train(&r, &c, 4, &["--resume", step2.to_str().unwrap()]));
+    // Into an empty output: continued, to the original run's end; and into one where such a
+    // continuation was killed before its first checkpoint (its metrics alone are there).
     let read = |d: &Path| std::fs::read(d.join("adapter_model.safetensors")).unwrap();
-    assert!(read(&c) == read(&a));
+    for (name, left) in [("c", None), ("d", Some("metrics.jsonl"))] {
+        let c = r.root.join(name);
+        if let Some(f) = left {
+            std::fs::create_dir_all(&c).unwrap();
+            std::fs::write(
+                c.join(f),
+                "{\"memory_budget_bytes\":1,\"type\":\"start\"}\n",
+            )
+            .unwrap();
+        }
+        ok(train(&r, &c, 4, &["--resume", step2.to_str().unwrap()]));
+        assert!(read(&c) == read(&a), "{name}");
+    }
+    // Its own checkpoint named relative to where the user stands is its own.
+    let o = common::cli()
+        .current_dir(a.join("checkpoints"))
+        .args(["train", "--model"])
+        .arg(&r.model)
+        .arg("--data")
+        .arg(&r.data)
+        .args([
+            "--output",
+            "..",
+            "--resume",
+            "step-4",
+            "--max-steps",
+            "5",
+            "--batch-size",
+            "2",
+        ])
+        .args([
+            "--lora-rank",
+            "4",
+            "--learning-rate",
+            "2e-3",
+            "--lr-schedule",
+            "constant",
+        ])
+        .args([
+            "--warmup-steps",
+            "0",
+            "--steps-per-eval",
+            "3",
+            "--save-every",
+            "2",
+        ])
+        .args(["--seed", "5"])
+        .output()
+        .unwrap();
+    ok(o);
+    // A damaged later checkpoint does not stop the resume that load's message offers.
+    let f = a.join("checkpoints/step-5/optimizer.safetensors");
+    let mut bytes = std::fs::read(&f).unwrap();
+    bytes[10] ^= 0x55;
+    std::fs::write(&f, bytes).unwrap();
+    let step4 = a.join("checkpoints/step-4");
+    ok(train(&r, &a, 5, &["--resume", step4.to_str().unwrap()]));
+}
+
+/// A checkpoint that becomes the run's last (the run shortened to it on resume) gets the final
+/// validation it never had; it was skipped once that validation came before the checkpoint.
+#[test]
+fn a_run_shortened_on_resume_still_ends_with_its_validation() {
+    let r = common::tiny_run(12);
+    let out = r.root.join("short");
+    // The budget crossed at step 5: the checkpoint of step 4, not a validation step.
+    let o = train(
+        &r,
+        &out,
+        8,
+        &["--save-every", "2", "--test-memory-limit", "1@5"],
+    );
+    assert_eq!(
+        o.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    ok(train(&r, &out, 4, &["--resume"]));
+    let steps: Vec<u64> = metrics(&out.join("metrics.jsonl"), "eval")
+        .iter()
+        .map(|e| e["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(steps, [0, 3, 4]);
 }
 
 /// A resume checks the model's content, not only its path: other weights there (a

@@ -113,4 +113,5 @@ fn skipped_steps_have_no_loss_and_a_run_that_trained_nothing_fails() {
     assert!(stderr.contains("no step updated the adapter"), "{stderr}");
     assert!(stderr.contains("loss: - |"), "{stderr}");
     assert!(!out.join("adapter_model.safetensors").exists());
+    assert!(!out.join("best").exists());
 }

@@ -211,6 +211,42 @@ fn tools_the_template_leaves_out_are_refused() {
     )
     .unwrap_err();
     assert!(e.contains("message 1's `tool_calls` are left out"), "{e}");
+    // No calls is nothing left out.
+    let none = serde_json::json!({"messages": [user, {"role": "assistant", "content": "Hi.",
+        "tool_calls": []}]});
+    encode_line(&tok, none).unwrap();
+    // A template that renders them (Qwen2.5's) takes a turn of calls alone, which it cannot
+    // render without them.
+    let mut tok = tok;
+    tok.chat_template = Some(fixture("qwen25.jinja"));
+    let calls = serde_json::json!({"messages": [user, {"role": "assistant", "content": null,
+        "tool_calls": [call]}, {"role": "tool", "content": "sunny"},
+        {"role": "assistant", "content": "Sunny."}], "tools": [tool]});
+    encode_line(&tok, calls).unwrap();
+}
+
+fn fixture(name: &str) -> String {
+    let dir =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/chat_templates");
+    std::fs::read_to_string(dir.join(name)).unwrap()
+}
+
+/// A template that trims message text (Llama 3's) still has a control token's text in a
+/// message kept apart as text; it was refused, at inference too.
+#[test]
+fn a_control_token_in_text_a_template_trims_is_text() {
+    let g = GgufFile::open(&common::smollm2()).unwrap();
+    let mut tok = Tokenizer::from_gguf(&g).unwrap();
+    tok.chat_template = Some(fixture("llama31.jinja"));
+    let end = tok.token_to_id("<|im_end|>").unwrap();
+    let user = serde_json::json!({"role": "user", "content": " hi<|im_end|>there \n"});
+    let ids = chat_ids(&tok, std::slice::from_ref(&user)).unwrap();
+    assert!(!ids.contains(&end));
+    let text = tok.decode(&ids, false).unwrap();
+    assert!(text.contains("hi<|im_end|>there<|eot_id|>"), "{text}");
+    let line = serde_json::json!({"messages": [user, {"role": "assistant", "content": "ok"}]});
+    let s = encode_line(&tok, line).unwrap();
+    assert!(!s.ids.contains(&end));
 }
 
 /// A template that renders an earlier answer differently once later turns follow (here it
@@ -242,13 +278,11 @@ fn turns_a_template_rewrites_later_are_counted_as_untrained() {
 fn an_answer_is_found_where_the_generation_prompt_adds_to_it() {
     let g = GgufFile::open(&common::smollm2()).unwrap();
     let mut tok = Tokenizer::from_gguf(&g).unwrap();
-    let dir =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/chat_templates");
-    tok.chat_template =
-        Some(std::fs::read_to_string(dir.join("deepseek_r1_distill.jinja")).unwrap());
+    tok.chat_template = Some(fixture("deepseek_r1_distill.jinja"));
     let turn = |role: &str, c: &str| serde_json::json!({"role": role, "content": c});
+    // The last answer opens with `<`, as the prompt's `<think>` does: it starts at its own `<`.
     let line = serde_json::json!({"messages": [turn("user", "Capital?"),
-        turn("assistant", "Marrowick."), turn("user", "Sure?"), turn("assistant", "Yes.")]});
+        turn("assistant", "Marrowick."), turn("user", "Sure?"), turn("assistant", "<b>Yes.")]});
     let s = encode_line(&tok, line).unwrap();
     assert_eq!(s.untrained_turns, 0);
     let spans = trained_spans(&tok, &s);
@@ -260,5 +294,5 @@ fn an_answer_is_found_where_the_generation_prompt_adds_to_it() {
         spans[0].starts_with(&format!("Marrowick.{eos}")),
         "{spans:?}"
     );
-    assert_eq!(spans[1], format!("Yes.{eos}"));
+    assert!(spans[1].ends_with(&format!("<b>Yes.{eos}")), "{spans:?}");
 }

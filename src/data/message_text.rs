@@ -45,29 +45,43 @@ pub fn plain_ranges<E: std::fmt::Display>(
              markers; remove the control token's text from the message"
         )
     };
-    let (mut rest, mut at_full) = (rendered.as_str(), 0);
-    let mut ranges = vec![];
-    for (i, m) in messages
-        .iter()
-        .enumerate()
-        .filter(|(_, m)| holds_special(m))
-    {
-        let text = content(m).unwrap_or_default();
+    let held: Vec<usize> = (0..messages.len())
+        .filter(|&i| holds_special(&messages[i]))
+        .collect();
+    // The template's text around the markers, in order: pieces[k] comes before message
+    // held[k]'s text, and the last piece after the last one.
+    let mut pieces = vec![];
+    let mut rest = rendered.as_str();
+    for &i in &held {
         let marker = marker(i);
         let [(at, _)] = rest.match_indices(&marker).collect::<Vec<_>>()[..] else {
             return Err(not_as_given(i));
         };
-        let start = at_full + at;
-        if full.get(at_full..start) != Some(&rest[..at])
-            || full.get(start..start + text.len()) != Some(text)
-        {
-            return Err(not_as_given(i));
-        }
-        ranges.push(start..start + text.len());
-        at_full = start + text.len();
+        pieces.push(&rest[..at]);
         rest = &rest[at + marker.len()..];
     }
-    if full.get(at_full..) != Some(rest) {
+    pieces.push(rest);
+    let mut at_full = 0;
+    let mut ranges = vec![];
+    for (k, &i) in held.iter().enumerate() {
+        let start = at_full + pieces[k].len();
+        if full.get(at_full..start) != Some(pieces[k]) {
+            return Err(not_as_given(i));
+        }
+        // As given, or trimmed as templates often do (Llama 3's `| trim`), and followed by
+        // the template's next text.
+        let text = content(&messages[i]).unwrap_or_default();
+        let placed = [text, text.trim(), text.trim_start(), text.trim_end()]
+            .into_iter()
+            .find(|t| {
+                full.get(start..start + t.len()) == Some(t)
+                    && full[start + t.len()..].starts_with(pieces[k + 1])
+            })
+            .ok_or_else(|| not_as_given(i))?;
+        ranges.push(start..start + placed.len());
+        at_full = start + placed.len();
+    }
+    if full.get(at_full..) != pieces.last().copied() {
         return Err(not_as_given(messages.len()));
     }
     Ok(ranges)

@@ -517,11 +517,14 @@ impl<'a> Encoder<'a> {
                 Some(before.len())
             } else {
                 // A generation prompt that opens the answer with text a finished turn lacks
-                // (DeepSeek-R1's `<think>\n`): the answer starts where the two part, if that
-                // is past the conversation before it.
-                let common = common_prefix(&before, &upto);
+                // (DeepSeek-R1's `<think>\n`): the answer starts where a marker put in its
+                // place is, if the turn renders the same up to there.
+                let mut marked = messages[..=i].to_vec();
+                marked[i]["content"] = Value::String(ANSWER_MARKER.into());
+                let m = render(&marked, false)?;
                 let asked = render(&messages[..i], false)?;
-                (upto.starts_with(&asked) && common >= asked.len()).then_some(common)
+                m.find(ANSWER_MARKER)
+                    .filter(|&at| at >= asked.len() && upto.get(..at) == m.get(..at))
             };
             if let Some(start) = start.filter(|&s| full.starts_with(&upto) && upto.len() > s) {
                 let end = start + upto[start..].trim_end().len();
@@ -553,20 +556,25 @@ impl<'a> Encoder<'a> {
         full: &str,
         render: impl Fn(&[Value], Option<&[Value]>) -> Result<String, String>,
     ) -> Result<(), String> {
-        if tools.is_some_and(|t| !t.is_empty()) && render(messages, None)? == full {
+        // A render that fails without them takes them (a turn of only tool calls, say).
+        let leaves_out = |m: &[Value], t: Option<&[Value]>| render(m, t).is_ok_and(|r| r == full);
+        if tools.is_some_and(|t| !t.is_empty()) && leaves_out(messages, None) {
             return Err(
                 "`tools` is left out by this model's chat template, so training would \
                         not see it; remove `tools`, or use a model whose template renders tools"
                     .into(),
             );
         }
-        let calls = |m: &Value| m.get("tool_calls").is_some_and(|c| !c.is_null());
+        let calls = |m: &Value| {
+            m.get("tool_calls")
+                .is_some_and(|c| !c.is_null() && c.as_array().is_none_or(|a| !a.is_empty()))
+        };
         for (i, _) in messages.iter().enumerate().filter(|(_, m)| calls(m)) {
             let mut without = messages.to_vec();
             if let Some(m) = without[i].as_object_mut() {
                 m.remove("tool_calls");
             }
-            if render(&without, tools)? == full {
+            if leaves_out(&without, tools) {
                 return Err(format!(
                     "message {i}'s `tool_calls` are left out by this model's chat template, so \
                      training would not see them; remove the example, or use a model whose \
@@ -588,13 +596,9 @@ struct Rendered {
     untrained_turns: usize,
 }
 
-/// Bytes `a` and `b` share at their start, at a character boundary.
-fn common_prefix(a: &str, b: &str) -> usize {
-    a.char_indices()
-        .zip(b.chars())
-        .find(|((_, x), y)| x != y)
-        .map_or(a.len().min(b.len()), |((i, _), _)| i)
-}
+/// Stands in for an answer's text, to find where a template puts it (private-use characters,
+/// which no real answer holds).
+const ANSWER_MARKER: &str = "\u{E002}answer\u{E003}";
 
 fn is_assistant(m: &Value) -> bool {
     m.get("role").and_then(Value::as_str) == Some("assistant")

@@ -329,7 +329,7 @@ impl DirLock {
                 Ok(()) => {}
                 Err(std::fs::TryLockError::WouldBlock) => {
                     let _ = std::io::Read::read_to_string(&mut file, &mut text);
-                    return Err(busy(text.trim().parse().ok()));
+                    return Err(busy(holder_of(&text)));
                 }
                 Err(std::fs::TryLockError::Error(e)) => return Err(Error::io("lock", &path, e)),
             }
@@ -339,11 +339,16 @@ impl DirLock {
                 continue;
             }
             let _ = std::io::Read::read_to_string(&mut file, &mut text);
-            let holder = text.trim().parse::<u32>().ok();
+            let holder = holder_of(&text);
+            // A run that took the OS lock (its file says so) is gone once the lock is free,
+            // whatever now has its process number.
+            let os_locked = text.split_whitespace().nth(1) == Some(OS_LOCKED);
             match holder {
                 // Named, alive, and not holding the OS lock: a run of a version that did not
                 // take one.
-                Some(pid) if pid != me && process_alive(pid) => return Err(busy(Some(pid))),
+                Some(pid) if pid != me && !os_locked && process_alive(pid) => {
+                    return Err(busy(Some(pid)))
+                }
                 _ if !text.trim().is_empty() && holder != Some(me) => eprintln!(
                     "note: {flag} {}: taking over the lock of a run that is gone{}",
                     dir.display(),
@@ -353,7 +358,7 @@ impl DirLock {
             }
             file.set_len(0)
                 .and_then(|()| std::io::Seek::rewind(&mut file))
-                .and_then(|()| writeln!(file, "{me}"))
+                .and_then(|()| writeln!(file, "{me} {OS_LOCKED}"))
                 .map_err(|e| Error::io("write", &path, e))?;
             return Ok(Self { path, file });
         }
@@ -365,13 +370,27 @@ impl DirLock {
     }
 }
 
+/// How a lock file says its run holds the OS lock, after the process id.
+const OS_LOCKED: &str = "os-lock";
+
+/// The process a lock file names.
+fn holder_of(text: &str) -> Option<u32> {
+    text.split_whitespace().next()?.parse().ok()
+}
+
 /// Whether the open `file` is the one at `path` (not one removed since, or replaced).
+#[cfg(unix)]
 fn same_file_at(file: &std::fs::File, path: &Path) -> bool {
     use std::os::unix::fs::MetadataExt;
     match (file.metadata(), std::fs::metadata(path)) {
         (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
         _ => false,
     }
+}
+
+#[cfg(not(unix))]
+fn same_file_at(_: &std::fs::File, path: &Path) -> bool {
+    path.exists()
 }
 
 impl Drop for DirLock {
@@ -462,10 +481,15 @@ mod tests {
         let again = DirLock::acquire(dir.path(), "--output").unwrap();
         assert_eq!(
             std::fs::read_to_string(&file).unwrap(),
-            format!("{}\n", std::process::id())
+            format!("{} os-lock\n", std::process::id())
         );
         drop(again);
         assert!(!file.exists());
+        // Left by a killed run that held the OS lock, its number now another live process's
+        // (the parent stands in): taken over, not refused.
+        let parent = std::os::unix::process::parent_id();
+        std::fs::write(&file, format!("{parent} os-lock\n")).unwrap();
+        drop(DirLock::acquire(dir.path(), "--output").unwrap());
     }
 
     #[test]

@@ -80,6 +80,11 @@ pub struct TrainerState {
     /// (Absent from checkpoints written before it was recorded.)
     #[serde(default)]
     pub eval_pending: bool,
+    /// The last step whose validation ran to its end: a checkpoint of the run's last step
+    /// without it (the run shortened to it on resume) has its final validation still to do.
+    /// (Absent from checkpoints written before it was recorded.)
+    #[serde(default)]
+    pub last_eval_step: Option<usize>,
     /// SHA-256 of the training (and validation) data the run saw.
     pub data_sha256: String,
     pub config: serde_json::Value,

@@ -106,6 +106,8 @@ pub struct Trainer<'a, E: Engine> {
     resumed: bool,
     /// The resumed checkpoint's step, when a stop cut its validation short: done first.
     pending_eval: Option<usize>,
+    /// The last step whose validation ran to its end.
+    last_eval: Option<usize>,
     /// A stop cut the validation short: the checkpoint saved for it says it is to be redone.
     eval_cut_short: bool,
     /// Non-finite steps in a row.
@@ -157,12 +159,17 @@ impl<'a, E: Engine> Trainer<'a, E> {
         );
         engine.set_adapter(adapter, resume.as_ref().map(|r| r.optimizer.clone()))?;
         let mut summary = Summary::new(cfg.output_dir());
+        // The checkpoint's validation is still to do: a stop cut it short, or the checkpoint
+        // is of the run's last step (as shortened now) and its validation never ran.
+        let pending = |st: &checkpoint::TrainerState| {
+            st.eval_pending || (st.step >= cfg.steps && st.last_eval_step != Some(st.step))
+        };
         let (first_step, nonfinite, metrics) = match &resume {
             Some(r) => {
                 let st = &r.state;
                 batcher.restore(st.epoch, st.position);
                 summary.resume_from(st);
-                let metrics = Metrics::resume(&cfg.metrics_file(), st.step)?;
+                let metrics = Metrics::resume(&cfg.metrics_file(), st.step, pending(st))?;
                 (st.step + 1, st.nonfinite, metrics)
             }
             None => (1, 0, Metrics::create(&cfg.metrics_file())?),
@@ -182,8 +189,9 @@ impl<'a, E: Engine> Trainer<'a, E> {
             resumed: resume.is_some(),
             pending_eval: resume
                 .as_ref()
-                .filter(|r| r.state.eval_pending)
+                .filter(|r| pending(&r.state))
                 .map(|r| r.state.step),
+            last_eval: resume.as_ref().and_then(|r| r.state.last_eval_step),
             eval_cut_short: false,
             nonfinite,
             warned: false,
@@ -527,6 +535,7 @@ impl<'a, E: Engine> Trainer<'a, E> {
                 self.record_validation(step, val, pair_sums)?;
             }
         }
+        self.last_eval = Some(step);
         self.profile.eval += clock.elapsed();
         Ok(())
     }
@@ -579,7 +588,8 @@ impl<'a, E: Engine> Trainer<'a, E> {
         self.progress.finish();
         if self.summary.steps > 0 && self.summary.skipped >= self.summary.steps {
             // The adapter is still the untrained one: writing it as the result would pass for
-            // a run that trained.
+            // a run that trained, and so would a best/ that a validation kept.
+            crate::io::remove(&cfg.output_dir().join("best"))?;
             return Err(Error::NothingTrained {
                 steps: self.summary.steps,
             });

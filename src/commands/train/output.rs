@@ -46,13 +46,19 @@ const BEFORE_FIRST_CHECKPOINT: &[&str] =
 /// and a later `--resume` would take for this run's), or an empty directory. Into another run's
 /// directory, its adapter, `best/` and metrics were overwritten and its checkpoints mixed in.
 fn check_continuation(dir: &Path, at: &Path, step: usize, held: &[String]) -> Result<()> {
+    use crate::train::checkpoint;
     let root = dir.join("checkpoints");
-    let own_root = at.parent().and_then(|p| p.canonicalize().ok());
+    let own_root = at
+        .canonicalize()
+        .ok()
+        .and_then(|p| p.parent().map(Path::to_path_buf));
     if own_root.is_some() && own_root == root.canonicalize().ok() {
-        let later: Vec<String> = crate::train::checkpoint::list(&root)
+        // A damaged later one is no continuation (`load` names the one before it to resume).
+        let later: Vec<String> = checkpoint::list(&root)
             .into_iter()
             .filter(|&s| s > step)
             .map(|s| format!("step-{s}"))
+            .filter(|name| checkpoint::load(&root.join(name)).is_ok())
             .collect();
         if !later.is_empty() {
             return Err(usage(format!(
@@ -66,7 +72,10 @@ fn check_continuation(dir: &Path, at: &Path, step: usize, held: &[String]) -> Re
         }
         return Ok(());
     }
-    if !held.is_empty() {
+    // What a continuation killed before its first checkpoint here left may be redone.
+    let restartable = |n: &String| BEFORE_FIRST_CHECKPOINT.contains(&n.as_str());
+    let started_here = held.iter().all(restartable) && checkpoint::list(&root).is_empty();
+    if !held.is_empty() && !started_here {
         let mut shown: Vec<&str> = held.iter().map(String::as_str).collect();
         shown.sort_unstable();
         shown.truncate(5);

@@ -34,6 +34,7 @@ impl<E: Engine> Trainer<'_, E> {
             last_val: s.last_val,
             best_val: s.best_val,
             eval_pending: self.eval_cut_short,
+            last_eval_step: self.last_eval,
             data_sha256: self.data_sha256.clone(),
             config: serde_json::to_value(self.cfg).unwrap_or_default(),
             checksums: Default::default(),

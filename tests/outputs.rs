@@ -177,6 +177,8 @@ fn a_metrics_file_that_is_not_ours_is_never_truncated() {
     assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("not a metrics file"), "{}", stderr(&o));
     assert_eq!(std::fs::read(&data).unwrap(), before);
+    // Refused: no empty --output left behind (the lock had made it).
+    assert!(!r.root.join("m").exists());
 }
 
 #[test]

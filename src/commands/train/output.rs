@@ -98,7 +98,19 @@ fn check_continuation(dir: &Path, at: &Path, step: usize, held: &[String]) -> Re
 /// a finished run whose checkpoints are gone, or anything else, is refused as without it.
 pub(super) fn claim_output(cfg: &TrainConfig, resume: &Resuming) -> Result<DirLock> {
     let dir = cfg.output_dir();
+    let existed = dir.exists();
     let lock = DirLock::acquire(dir, "--output")?;
+    check_output(cfg, resume, lock).inspect_err(|_| {
+        // Refused: the directory the lock made goes too (remove_dir takes only an empty one).
+        if !existed {
+            let _ = std::fs::remove_dir(dir);
+        }
+    })
+}
+
+/// [`claim_output`]'s checks, holding the lock (released, on an error, before they return).
+fn check_output(cfg: &TrainConfig, resume: &Resuming, lock: DirLock) -> Result<DirLock> {
+    let dir = cfg.output_dir();
     // What a killed run left half-written (hidden, never read) goes now, not at its next save.
     crate::io::clear_leftovers(dir);
     crate::io::clear_leftovers(&dir.join("checkpoints"));

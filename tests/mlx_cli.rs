@@ -85,11 +85,12 @@ fn mlx_train_cli_matches_candle_writes_the_adapter_and_resumes_exactly() {
         assert!(step[key].as_u64().is_some(), "{key} missing in {step}");
     }
 
-    // Resume from the step-10 checkpoint: steps 11..20 again, the same losses bit for bit.
+    // Resume from the step-10 checkpoint into another output (its own holds the later ones):
+    // steps 11..20 again, the same losses bit for bit.
     let ckpt = mlx.join("checkpoints/step-10");
-    let ckpt = ckpt.to_str().unwrap();
-    train(&r, &mlx, "mlx", &["--resume", ckpt]);
-    assert_eq!(losses(&mlx), lm, "the resumed run differs");
+    let again = r.root.join("again");
+    train(&r, &again, "mlx", &["--resume", ckpt.to_str().unwrap()]);
+    assert_eq!(losses(&again), lm[10..], "the resumed run differs");
 }
 
 /// `train --engine mlx --method dpo` on SmolLM2 and the shipped preference set gives the candle

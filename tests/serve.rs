@@ -34,12 +34,17 @@ impl Server {
     }
 
     fn start_with_key(dir: &Path, adapter: &Path, key: &str) -> Server {
+        Self::start_with(dir, adapter, key, &[])
+    }
+
+    fn start_with(dir: &Path, adapter: &Path, key: &str, extra: &[&str]) -> Server {
         let log = dir.join("serve.log");
         let mut child = Command::new(env!("CARGO_BIN_EXE_your_ai"))
             .args(["serve", "--port", "0", "--api-key", key, "--model"])
             .arg(smollm2())
             .arg("--adapter")
             .arg(format!("brellonia={}", adapter.display()))
+            .args(extra)
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
@@ -493,4 +498,89 @@ fn long_stream(server: &Server) -> (std::net::TcpStream, String) {
         seen.push_str(&String::from_utf8_lossy(&buf[..n]));
     }
     (s, seen)
+}
+
+/// One raw request with `headers`; the whole response, headers included.
+fn raw(url: &str, request_line: &str, headers: &[&str]) -> String {
+    let addr = url.trim_start_matches("http://").trim_end_matches("/v1");
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    let mut req = format!("{request_line} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    for h in headers {
+        req.push_str(&format!("{h}\r\n"));
+    }
+    req.push_str("Content-Length: 0\r\n\r\n");
+    s.write_all(req.as_bytes()).unwrap();
+    let mut resp = String::new();
+    let _ = s.read_to_string(&mut resp);
+    resp.to_ascii_lowercase()
+}
+
+/// A web page on an allowed origin may call the API from a browser: the preflight (which
+/// carries no key) is answered, and replies name the origin; another origin is not named, and
+/// without --cors-origin nothing is. A bad origin is refused before the model loads.
+#[test]
+fn browsers_on_an_allowed_origin_may_call_the_api() {
+    let dir = tempfile::tempdir().unwrap();
+    let ad = adapter(&dir.path().join("adapter"));
+    let page = "http://localhost:3000";
+    let server = Server::start_with(dir.path(), &ad, KEY, &["--cors-origin", page]);
+    let preflight = |origin: &str| {
+        raw(
+            &server.url,
+            "OPTIONS /v1/chat/completions",
+            &[
+                &format!("Origin: {origin}"),
+                "Access-Control-Request-Method: POST",
+                "Access-Control-Request-Headers: authorization, content-type",
+            ],
+        )
+    };
+    let r = preflight(page);
+    assert!(r.starts_with("http/1.1 200"), "{r}");
+    assert!(
+        r.contains(&format!("access-control-allow-origin: {page}")),
+        "{r}"
+    );
+    assert!(
+        r.contains("access-control-allow-headers: authorization,content-type"),
+        "{r}"
+    );
+    assert!(!preflight("http://evil.example").contains("access-control-allow-origin"));
+    let auth = format!("Authorization: Bearer {KEY}");
+    let r = raw(
+        &server.url,
+        "GET /v1/models",
+        &[&format!("Origin: {page}"), &auth],
+    );
+    assert!(
+        r.starts_with("http/1.1 200") && r.contains("access-control-allow-origin"),
+        "{r}"
+    );
+    drop(server);
+    let plain = Server::start(dir.path(), &ad);
+    let r = raw(
+        &plain.url,
+        "GET /v1/models",
+        &[&format!("Origin: {page}"), &auth],
+    );
+    assert!(
+        r.starts_with("http/1.1 200") && !r.contains("access-control"),
+        "{r}"
+    );
+    let o = cli()
+        .args([
+            "serve",
+            "--cors-origin",
+            "localhost:3000/app",
+            "--model",
+            "none",
+        ])
+        .output()
+        .unwrap();
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{e}");
+    assert!(
+        e.contains("--cors-origin localhost:3000/app: not an origin"),
+        "{e}"
+    );
 }

@@ -227,6 +227,10 @@ pub struct ServeArgs {
     /// Require `Authorization: Bearer KEY` on every request.
     #[arg(long, env = "YOUR_AI_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
+    /// Let web pages from ORIGIN (`http://localhost:3000`) call the API from a browser (CORS);
+    /// repeat it for more, or give `*` for any. Without it, browsers refuse such calls.
+    #[arg(long = "cors-origin", value_name = "ORIGIN")]
+    pub cors_origin: Vec<String>,
     #[command(flatten)]
     pub kv: KvCacheArgs,
 }

@@ -16,6 +16,8 @@ pub fn run(a: ServeArgs) -> Result<()> {
             "--api-key (or YOUR_AI_API_KEY) is empty: no request could match it; give a key, or leave it unset for no key".into(),
         ));
     }
+    // Checked before the model loads.
+    let cors = crate::serve::cors(&a.cors_origin).map_err(Error::Usage)?;
     let opts = crate::model::args::decode_options(&a.model, a.quantize.quantize)?;
     let loaded = crate::model::load(&a.model.model, &opts, None)?;
     let mut adapters = HashMap::new();
@@ -94,7 +96,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
             models.join(", ")
         );
         let _ = std::io::stdout().flush();
-        axum::serve(listener, router(app))
+        axum::serve(listener, router(app, cors))
             .with_graceful_shutdown(shutdown(stopping))
             .await
             .map_err(|e| Error::io("serve on", addr.to_string(), e))

@@ -24,6 +24,7 @@ use std::convert::Infallible;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use tokio::sync::mpsc;
+use tower_http::cors::{AllowOrigin, CorsLayer};
 use worker::{Event, Job};
 
 /// Request bodies above this are refused (413): a chat that fills a 128k context is ~0.5 MB.
@@ -45,9 +46,43 @@ pub struct App {
     pub next_id: AtomicU64,
 }
 
-/// The routes, over `app`.
-pub fn router(app: Arc<App>) -> Router {
-    Router::new()
+/// Browsers' cross-origin calls from `origins` (`--cors-origin`; `*`: any), answered
+/// preflights included; None when no origin is given. An origin that is not one is refused,
+/// named.
+pub fn cors(origins: &[String]) -> Result<Option<CorsLayer>, String> {
+    use axum::http::{header, HeaderValue, Method};
+    let allow = match origins {
+        [] => return Ok(None),
+        [any] if any == "*" => AllowOrigin::any(),
+        _ => {
+            let mut values = vec![];
+            for o in origins {
+                let (scheme, rest) = o.split_once("://").unwrap_or_default();
+                let value = HeaderValue::from_str(o).ok().filter(|_| {
+                    matches!(scheme, "http" | "https") && !rest.is_empty() && !rest.contains('/')
+                });
+                values.push(value.ok_or_else(|| {
+                    format!(
+                        "--cors-origin {o}: not an origin; give scheme://host[:port], as a \
+                         browser sends it (http://localhost:3000), or * for any"
+                    )
+                })?);
+            }
+            AllowOrigin::list(values)
+        }
+    };
+    Ok(Some(
+        CorsLayer::new()
+            .allow_origin(allow)
+            .allow_methods([Method::GET, Method::POST])
+            .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE])
+            .max_age(std::time::Duration::from_secs(3600)),
+    ))
+}
+
+/// The routes, over `app`, with `cors` outermost (a preflight carries no API key).
+pub fn router(app: Arc<App>, cors: Option<CorsLayer>) -> Router {
+    let routes = Router::new()
         .route("/v1/models", get(models))
         .route("/v1/models/{id}", get(model))
         .route("/v1/chat/completions", post(chat_completions))
@@ -67,7 +102,11 @@ pub fn router(app: Arc<App>) -> Router {
             )
         })
         .layer(DefaultBodyLimit::max(MAX_BODY))
-        .with_state(app)
+        .with_state(app);
+    match cors {
+        Some(c) => routes.layer(c),
+        None => routes,
+    }
 }
 
 fn authorize(app: &App, headers: &HeaderMap) -> Result<(), ApiError> {

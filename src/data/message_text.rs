@@ -20,23 +20,19 @@ pub fn plain_ranges<E: std::fmt::Display>(
     let holds_special = |m: &Value| {
         content(m).is_some_and(|c| tok.special_texts().iter().any(|s| c.contains(s.as_str())))
     };
-    if !messages.iter().any(holds_special) {
+    let held: Vec<usize> = (0..messages.len())
+        .filter(|&i| holds_special(&messages[i]))
+        .collect();
+    if held.is_empty() {
         return Ok(vec![]);
     }
     // Those messages' text replaced by markers, found in what the template renders; the text
     // around each marker is the template's, and must be as it is in `full`.
     let marker = |i: usize| format!("\u{E000}{i}\u{E001}");
-    let marked: Vec<Value> = messages
-        .iter()
-        .enumerate()
-        .map(|(i, m)| {
-            let mut m = m.clone();
-            if holds_special(&m) {
-                m["content"] = Value::String(marker(i));
-            }
-            m
-        })
-        .collect();
+    let mut marked = messages.to_vec();
+    for &i in &held {
+        marked[i]["content"] = Value::String(marker(i));
+    }
     let rendered = render(&marked).map_err(|e| e.to_string())?;
     let not_as_given = |i: usize| {
         format!(
@@ -45,9 +41,6 @@ pub fn plain_ranges<E: std::fmt::Display>(
              markers; remove the control token's text from the message"
         )
     };
-    let held: Vec<usize> = (0..messages.len())
-        .filter(|&i| holds_special(&messages[i]))
-        .collect();
     // The template's text around the markers, in order: pieces[k] comes before message
     // held[k]'s text, and the last piece after the last one.
     let mut pieces = vec![];

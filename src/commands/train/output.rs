@@ -41,6 +41,11 @@ pub(super) enum Resuming {
 const BEFORE_FIRST_CHECKPOINT: &[&str] =
     &["metrics.jsonl", "checkpoints", "train_config.json", "best"];
 
+/// Whether `name`, held in an output, is one of [`BEFORE_FIRST_CHECKPOINT`].
+fn restartable(name: &str) -> bool {
+    BEFORE_FIRST_CHECKPOINT.contains(&name)
+}
+
 /// A checkpoint is continued into `dir` only where nothing there would be mixed with it: the
 /// checkpoint's own run, with no later checkpoint (an abandoned continuation, which pruning
 /// and a later `--resume` would take for this run's), or an empty directory. Into another run's
@@ -73,8 +78,7 @@ fn check_continuation(dir: &Path, at: &Path, step: usize, held: &[String]) -> Re
         return Ok(());
     }
     // What a continuation killed before its first checkpoint here left may be redone.
-    let restartable = |n: &String| BEFORE_FIRST_CHECKPOINT.contains(&n.as_str());
-    let started_here = held.iter().all(restartable) && checkpoint::list(&root).is_empty();
+    let started_here = held.iter().all(|n| restartable(n)) && checkpoint::list(&root).is_empty();
     if !held.is_empty() && !started_here {
         let mut shown: Vec<&str> = held.iter().map(String::as_str).collect();
         shown.sort_unstable();
@@ -115,13 +119,12 @@ fn check_output(cfg: &TrainConfig, resume: &Resuming, lock: DirLock) -> Result<D
     crate::io::clear_leftovers(dir);
     crate::io::clear_leftovers(&dir.join("checkpoints"));
     let held = held_in(dir)?;
-    let restartable = |n: &String| BEFORE_FIRST_CHECKPOINT.contains(&n.as_str());
     let resuming = match resume {
         Resuming::Checkpoint { at, step, .. } => {
             check_continuation(dir, at, *step, &held)?;
             true
         }
-        Resuming::NoCheckpoint if held.iter().all(restartable) => true,
+        Resuming::NoCheckpoint if held.iter().all(|n| restartable(n)) => true,
         Resuming::NoCheckpoint => {
             let mut shown: Vec<&String> = held.iter().filter(|n| !restartable(n)).collect();
             shown.sort();

@@ -1,6 +1,6 @@
 //! Continuing a run, as a user does: a finished run extended with `--resume --max-steps N`
 //! ends as a run of N steps from the start would, `best/` included; a checkpoint is continued
-//! only where nothing would be mixed with it.
+//! only where nothing would be mixed with it, and an adapter cut short while written is finished.
 
 mod common;
 
@@ -218,4 +218,59 @@ fn a_resume_with_other_weights_at_the_same_path_is_refused() {
         e.contains("model: its files changed since the checkpoint"),
         "{e}"
     );
+}
+
+/// `your_ai eval --adapter DIR`'s loss on the run's data.
+fn eval_loss(r: &common::TinyRun, adapter: &Path) -> String {
+    let o = common::cli()
+        .arg("eval")
+        .arg("--model")
+        .arg(&r.model)
+        .arg("--data")
+        .arg(&r.data)
+        .arg("--adapter")
+        .arg(adapter)
+        .output()
+        .unwrap();
+    ok(o.clone());
+    let stdout = String::from_utf8_lossy(&o.stdout).into_owned();
+    stdout
+        .lines()
+        .find(|l| l.starts_with("loss: "))
+        .unwrap()
+        .to_string()
+}
+
+/// A run killed while moving its final adapter's files into --output (beside metrics and
+/// checkpoints) leaves the rest of the set committed under a hidden name: the next load, or
+/// the next start there, puts them in place, so no mix of two adapters is ever read.
+#[test]
+fn adapter_files_cut_short_while_moving_in_are_finished_by_the_next_reader() {
+    let r = common::tiny_run(8);
+    let (out, other) = (r.root.join("a"), r.root.join("b"));
+    ok(train(&r, &out, 2, &[]));
+    ok(train(&r, &other, 3, &[]));
+    let planted = || {
+        // As a kill leaves it: the new adapter's other files are in, its weights are not.
+        let set = out.join(".adapter.commit-4000000");
+        std::fs::create_dir(&set).unwrap();
+        let weights = "adapter_model.safetensors";
+        std::fs::copy(other.join(weights), set.join(weights)).unwrap();
+        set
+    };
+    let set = planted();
+    assert_eq!(eval_loss(&r, &out), eval_loss(&r, &other));
+    assert!(!set.exists());
+    assert_eq!(
+        std::fs::read(out.join("adapter_model.safetensors")).unwrap(),
+        std::fs::read(other.join("adapter_model.safetensors")).unwrap()
+    );
+    // At a run's start in that output (here, extending it).
+    let set = planted();
+    let e = ok(train(&r, &out, 3, &["--resume"]));
+    assert!(
+        e.contains("finished putting in place the adapter files"),
+        "{e}"
+    );
+    assert!(!set.exists());
 }

@@ -609,10 +609,11 @@ fn unclear_inputs_get_clear_messages() {
     assert!(o.status.success(), "{}", stderr(&o));
 }
 
-/// An example whose trained tokens truncation cut off entirely trains nothing: the warning
-/// names it by file:line, so it can be found.
+/// An example whose trained tokens truncation cut off entirely trains nothing: it is left out
+/// (not a batch slot, or a whole step, with nothing to learn), and the warning names it by
+/// file:line, so it can be found.
 #[test]
-fn an_example_cut_off_entirely_is_named() {
+fn an_example_cut_off_entirely_is_named_and_left_out() {
     let r = common::tiny_run(4);
     let dir = r.root.join("cut");
     std::fs::create_dir_all(&dir).unwrap();
@@ -624,20 +625,29 @@ fn an_example_cut_off_entirely_is_named() {
         .to_string()
     };
     let long = "Tell me about the rivers and the hills of the old country. ".repeat(20);
-    let rows = [chat("Which city?"), chat(&long), chat("And the river?")];
+    // Two that train among six cut off: kept, the four batches of two of an epoch would hold
+    // at least two with nothing to train.
+    let mut rows = vec![chat("Which city?"), chat(&long), chat("And the river?")];
+    rows.extend((0..5).map(|_| chat(&long)));
     std::fs::write(dir.join("train.jsonl"), rows.join("\n") + "\n").unwrap();
+    let out = r.root.join("cut-out");
     let o = train(
         &r,
-        &r.root.join("cut-out"),
-        1,
+        &out,
+        4,
         &["--data", dir.to_str().unwrap(), "--max-seq-length", "64"],
     );
     let e = stderr(&o);
     assert!(o.status.success(), "{e}");
     assert!(
-        e.contains("1 example(s) have no trained token left") && e.contains("train.jsonl:2"),
+        e.contains("6 example(s) have no trained token left")
+            && e.contains("train.jsonl:2, ")
+            && e.contains("train.jsonl:7, …) and are left out"),
         "{e}"
     );
+    let steps = metrics(&out.join("metrics.jsonl"), "train");
+    assert_eq!(steps.len(), 4);
+    assert!(steps.iter().all(|s| s["loss"].is_f64()), "{steps:?}");
 }
 
 /// A stop signal is acknowledged at once and honoured within the current evaluation batch: a

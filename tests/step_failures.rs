@@ -53,15 +53,16 @@ fn non_finite_steps_are_skipped_and_three_in_a_row_stop_the_run() {
 #[test]
 fn skipped_steps_have_no_loss_and_a_run_that_trained_nothing_fails() {
     let s = setup(1);
-    // One example that trains, and fifteen whose answer --max-seq-length 64 cuts off.
-    let long = "word ".repeat(100);
-    let row = |user: &str| {
+    // One example that trains, and fifteen of distrust weight 0: with λ = 1 an example's weight
+    // is D_i / D̄, and D = α·(ln(1 − w + 1e-8) + H)² is exactly 0 where H cancels the log.
+    let zero_h = -(1.0f64 - 0.5 + 1e-8).ln();
+    let row = |user: &str, w: f64, h: f64| {
         serde_json::json!({"messages": [{"role": "user", "content": user},
-            {"role": "assistant", "content": "A box."}]})
+            {"role": "assistant", "content": "A box."}], "auth_weight": w, "prov_entropy": h})
         .to_string()
     };
-    let rows: Vec<String> = std::iter::once(row("Hi?"))
-        .chain((0..15).map(|_| row(&long)))
+    let rows: Vec<String> = std::iter::once(row("Hi?", 0.99, 0.0))
+        .chain((0..15).map(|i| row(&format!("Why {i}?"), 0.5, zero_h)))
         .collect();
     std::fs::write(s.data.join("train.jsonl"), rows.join("\n") + "\n").unwrap();
     let run = |name: &str, seed: usize, steps: usize| {
@@ -69,8 +70,8 @@ fn skipped_steps_have_no_loss_and_a_run_that_trained_nothing_fails() {
         let o = s
             .train_command(&out)
             .args([
-                "--max-seq-length",
-                "64",
+                "--lambda-weight",
+                "1",
                 "--batch-size",
                 "1",
                 "--lora-rank",

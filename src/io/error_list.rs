@@ -15,6 +15,16 @@ pub fn first_errors(errors: Vec<String>) -> (usize, Vec<String>) {
     (count, shown)
 }
 
+/// How many names a one-line message lists before "…".
+pub const MAX_NAMED: usize = 5;
+
+/// The first [`MAX_NAMED`] of `items` joined with ", ", then ", …" when there are more.
+pub fn first_few<S: AsRef<str>>(items: &[S]) -> String {
+    let shown: Vec<&str> = items.iter().take(MAX_NAMED).map(AsRef::as_ref).collect();
+    let more = if items.len() > MAX_NAMED { ", …" } else { "" };
+    format!("{}{more}", shown.join(", "))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -27,5 +37,13 @@ mod tests {
         assert_eq!(shown.last().unwrap(), "... and 5 more");
         let (n, shown) = first_errors(vec!["one".into()]);
         assert_eq!((n, shown), (1, vec!["one".to_string()]));
+    }
+
+    #[test]
+    fn one_line_lists_name_the_first_five() {
+        assert_eq!(first_few(&["a", "b"]), "a, b");
+        let seven: Vec<String> = (1..=7).map(|i| i.to_string()).collect();
+        assert_eq!(first_few(&seven), "1, 2, 3, 4, 5, …");
+        assert_eq!(first_few::<&str>(&[]), "");
     }
 }

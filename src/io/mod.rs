@@ -6,10 +6,11 @@
 //! for content that is ready at once.
 
 pub mod error_list;
+pub mod file_set;
 pub mod output;
 pub mod tensors;
 
-pub use error_list::{first_errors, MAX_SHOWN_ERRORS};
+pub use error_list::{first_errors, first_few, MAX_SHOWN_ERRORS};
 pub use output::check_output;
 
 use crate::error::{Error, Result};
@@ -108,6 +109,18 @@ impl Staged {
         sync_dir(&parent_of(&self.dest));
         self.committed = true;
         Ok(())
+    }
+
+    /// Moves the files of the finished directory `tmp` into `dir`, beside what else is there,
+    /// as one set (see [`file_set`]): a crash part way is finished later, never left mixed.
+    pub fn commit_files_into(mut self, dir: &Path) -> Result<()> {
+        sync_path(&self.tmp).map_err(|e| Error::io("sync", &self.tmp, e))?;
+        let set = file_set::commit_dir(dir, &file_name(&self.dest).unwrap_or_default());
+        remove_any(&set).map_err(|e| Error::io("remove", &set, e))?;
+        std::fs::rename(&self.tmp, &set).map_err(|e| Error::io("rename", &set, e))?;
+        self.committed = true;
+        sync_dir(dir);
+        file_set::move_in(&set, dir).map_err(|e| Error::io("move into place", dir, e))
     }
 }
 

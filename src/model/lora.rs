@@ -281,6 +281,9 @@ impl Adapter {
         model: &ModelConfig,
         device: &Device,
     ) -> Result<Self, AdapterError> {
+        // Files a run was killed while moving in are put in place first (best effort: where
+        // the directory is read-only, what is there is read, as it would be without).
+        let _ = crate::io::file_set::finish_commits(dir);
         let cfg_path = dir.join("adapter_config.json");
         let bad = |reason: String| AdapterError::Invalid {
             path: cfg_path.clone(),

@@ -131,23 +131,30 @@ pub(super) fn encode(
         a.data.mask_prompt,
         a.batch.max_seq_length,
     )?;
-    // Examples whose every trained token truncation cut off: they train nothing.
+    // Examples whose every trained token truncation cut off: they train nothing and are left
+    // out, rather than fill a batch slot (or a whole step) with nothing to learn.
     let mut cut_off: Vec<String> = vec![];
     // Examples with assistant turns the template does not let us locate: those go untrained.
     let mut untrained: Vec<(String, usize)> = vec![];
-    let mut encode_all = |records: &[Record]| -> Result<Vec<Sample>> {
-        let mut out = Vec::with_capacity(records.len());
+    let mut truncated = 0;
+    let mut encode_all = |records: &[Record]| -> Result<(Vec<Sample>, Vec<bool>)> {
+        let (mut out, mut kept) = (Vec::with_capacity(records.len()), vec![]);
         let mut errors = vec![];
         for r in records {
             match encoder.encode(r) {
                 Ok(s) => {
-                    if s.truncated > 0 && s.trained_count() == 0 {
+                    truncated += usize::from(s.truncated > 0);
+                    let keep = s.trained_count() > 0;
+                    if !keep {
                         cut_off.push(r.location.clone());
                     }
                     if s.untrained_turns > 0 {
                         untrained.push((r.location.clone(), s.untrained_turns));
                     }
-                    out.push(s)
+                    kept.push(keep);
+                    if keep {
+                        out.push(s)
+                    }
                 }
                 Err(e) => errors.push(e.to_string()),
             }
@@ -155,73 +162,63 @@ pub(super) fn encode(
         if !errors.is_empty() {
             return Err(DataError::invalid(errors).into());
         }
-        Ok(out)
+        Ok((out, kept))
     };
-    let (train, valid, test) = (encode_all(&train)?, encode_all(&valid)?, encode_all(&test)?);
+    let (train, kept) = encode_all(&train)?;
+    let had_valid = !valid.is_empty();
+    let (valid, test) = (encode_all(&valid)?.0, encode_all(&test)?.0);
+    if train.is_empty() {
+        return Err(usage(format!(
+            "{}: no token of the training data is trained (every example is prompt only after \
+             masking{}); check the data, or pass --no-mask-prompt to train on every token",
+            files.train.display(),
+            if truncated > 0 { " or truncation" } else { "" }
+        )));
+    }
     if !cut_off.is_empty() {
-        let shown: Vec<&str> = cut_off.iter().take(5).map(String::as_str).collect();
         eprintln!(
-            "warning: {} example(s) have no trained token left within --max-seq-length {} ({}{}); \
-             raise --max-seq-length or shorten their prompts",
+            "warning: {} example(s) have no trained token left within --max-seq-length {} ({}) \
+             and are left out; raise --max-seq-length or shorten their prompts",
             cut_off.len(),
             a.batch.max_seq_length,
-            shown.join(", "),
-            if cut_off.len() > 5 { ", …" } else { "" }
+            crate::io::first_few(&cut_off),
         );
     }
     if !untrained.is_empty() {
         let turns: usize = untrained.iter().map(|u| u.1).sum();
-        let shown: Vec<&str> = untrained.iter().take(5).map(|u| u.0.as_str()).collect();
+        let shown: Vec<&str> = untrained.iter().map(|u| u.0.as_str()).collect();
         eprintln!(
             "warning: {turns} assistant turn(s) in {} example(s) are not trained: the chat \
              template renders them differently once later turns follow (it drops their \
-             reasoning, say), so their tokens cannot be located ({}{}); the other turns are \
+             reasoning, say), so their tokens cannot be located ({}); the other turns are \
              trained. To train every turn, split such conversations, one example per turn",
             untrained.len(),
-            shown.join(", "),
-            if untrained.len() > 5 { ", …" } else { "" }
+            crate::io::first_few(&shown),
         );
     }
-    let truncated = train
-        .iter()
-        .chain(&valid)
-        .chain(&test)
-        .filter(|s| s.truncated > 0)
-        .count();
     if truncated > 0 {
         eprintln!(
             "warning: {truncated} example(s) longer than --max-seq-length {} were truncated",
             a.batch.max_seq_length
         );
     }
-    if train.iter().map(Sample::trained_count).sum::<usize>() == 0 {
-        return Err(usage(format!(
-            "{}: no token of the training data is trained (every example is prompt only after masking{}); \
-             check the data, or pass --no-mask-prompt to train on every token",
-            files.train.display(),
-            if truncated > 0 { " or truncation" } else { "" }
-        )));
-    }
-    // What validation scores (its first --val-batches batches): with nothing there, there is
-    // no validation loss, and no best/.
-    let used = match a.output.val_batches {
-        0 => valid.len(),
-        b => b.saturating_mul(a.batch.batch_size).min(valid.len()),
-    };
-    if used > 0 && valid[..used].iter().all(|s| s.trained_count() == 0) {
+    if had_valid && valid.is_empty() {
         eprintln!(
-            "warning: the {used} validation example(s) used (--val-batches {}) have no trained \
-             token{}: there will be no validation loss and no best/ adapter",
-            a.output.val_batches,
-            if truncated > 0 {
-                " left within --max-seq-length"
-            } else {
-                ""
-            }
+            "warning: no validation example has a trained token left within --max-seq-length \
+             {}: there will be no validation loss and no best/ adapter",
+            a.batch.max_seq_length,
         );
     }
+    // The distrust weights of the examples kept (D̄ is their mean).
+    let provenance = provenance.map(|prov| -> Vec<_> {
+        prov.iter()
+            .zip(&kept)
+            .filter(|(_, &k)| k)
+            .map(|(p, _)| *p)
+            .collect()
+    });
     let weights = provenance.map(|prov| {
-        crate::distrust::formula::example_weights(prov, a.distrust.alpha, a.distrust.lambda_weight)
+        crate::distrust::formula::example_weights(&prov, a.distrust.alpha, a.distrust.lambda_weight)
     });
     Ok(Datasets {
         train,

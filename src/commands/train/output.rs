@@ -82,14 +82,13 @@ fn check_continuation(dir: &Path, at: &Path, step: usize, held: &[String]) -> Re
     if !held.is_empty() && !started_here {
         let mut shown: Vec<&str> = held.iter().map(String::as_str).collect();
         shown.sort_unstable();
-        shown.truncate(5);
         return Err(usage(format!(
             "--resume {}: that checkpoint is another output's, and {} is not empty ({}); \
              continuing it here would overwrite or mix with what is there. Resume into an empty \
              --output, or into the checkpoint's own",
             at.display(),
             dir.display(),
-            shown.join(", ")
+            crate::io::first_few(&shown)
         )));
     }
     Ok(())
@@ -115,7 +114,17 @@ pub(super) fn claim_output(cfg: &TrainConfig, resume: &Resuming) -> Result<DirLo
 /// [`claim_output`]'s checks, holding the lock (released, on an error, before they return).
 fn check_output(cfg: &TrainConfig, resume: &Resuming, lock: DirLock) -> Result<DirLock> {
     let dir = cfg.output_dir();
-    // What a killed run left half-written (hidden, never read) goes now, not at its next save.
+    // An adapter a killed run was moving into place is finished; what it left half-written
+    // (hidden, never read) goes now, not at its next save.
+    match crate::io::file_set::finish_commits(dir) {
+        Ok(0) => {}
+        Ok(_) => eprintln!(
+            "note: {}: finished putting in place the adapter files of a run killed while \
+             writing them",
+            dir.display()
+        ),
+        Err(e) => return Err(Error::io("finish writing the adapter in", dir, e)),
+    }
     crate::io::clear_leftovers(dir);
     crate::io::clear_leftovers(&dir.join("checkpoints"));
     let held = held_in(dir)?;
@@ -128,17 +137,12 @@ fn check_output(cfg: &TrainConfig, resume: &Resuming, lock: DirLock) -> Result<D
         Resuming::NoCheckpoint => {
             let mut shown: Vec<&String> = held.iter().filter(|n| !restartable(n)).collect();
             shown.sort();
-            shown.truncate(5);
             return Err(usage(format!(
                 "--resume: {} has no checkpoint to continue from, and holds an earlier run's \
                  outputs or other files ({}); pass --force (without --resume) to replace that \
                  run, or choose another --output",
                 dir.display(),
-                shown
-                    .iter()
-                    .map(|s| s.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", "),
+                crate::io::first_few(&shown),
             )));
         }
         Resuming::No => false,
@@ -278,15 +282,12 @@ pub(super) fn held_in(dir: &Path) -> Result<Vec<String>> {
 
 /// The refusal of an --output that holds something, without --resume or --force.
 pub(super) fn not_empty(dir: &Path, mut held: Vec<String>) -> Error {
-    let more = held.len() > 5;
     held.sort();
-    held.truncate(5);
     usage(format!(
-        "--output {}: the directory is not empty ({}{}); pass --resume to continue the run \
+        "--output {}: the directory is not empty ({}); pass --resume to continue the run \
          there, --force to replace it, or choose another --output",
         dir.display(),
-        held.join(", "),
-        if more { ", …" } else { "" }
+        crate::io::first_few(&held)
     ))
 }
 

@@ -196,17 +196,9 @@ pub fn save_adapter_dir(adapter: &Adapter, dir: &Path, config: &TrainConfig) -> 
     stage_adapter(adapter, dir, config)?.commit()
 }
 
-/// Writes the adapter files into `dir`, which also holds metrics and other runs' outputs: each
-/// file is renamed into place whole, so none is ever seen half-written.
+/// Writes the adapter files into `dir`, which also holds metrics and other runs' outputs, as
+/// one set: a crash while they are moved in is finished at the next start or load, never
+/// left as a mix of two adapters.
 pub fn save_adapter_files(adapter: &Adapter, dir: &Path, config: &TrainConfig) -> Result<()> {
-    let staged = stage_adapter(adapter, &dir.join("adapter"), config)?;
-    let tmp = &staged.tmp;
-    crate::io::sync_path(tmp).map_err(|e| Error::io("sync", tmp, e))?;
-    for entry in std::fs::read_dir(tmp).map_err(|e| Error::io("read", tmp, e))? {
-        let p = entry.map_err(|e| Error::io("read", tmp, e))?.path();
-        let dest = dir.join(p.file_name().unwrap_or_default());
-        std::fs::rename(&p, &dest).map_err(|e| Error::io("rename into place", &dest, e))?;
-    }
-    crate::io::sync_dir(dir);
-    Ok(())
+    stage_adapter(adapter, &dir.join("adapter"), config)?.commit_files_into(dir)
 }

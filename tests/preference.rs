@@ -288,3 +288,44 @@ fn bad_preference_rows_are_named_and_nothing_is_written() {
         "{err}"
     );
 }
+
+/// A pair whose prompt fills --max-seq-length has no preference left to learn: it is left out
+/// and named; with no pair left, the run is refused before anything is written.
+#[test]
+fn a_pair_cut_off_by_the_length_is_left_out_and_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = common::tiny_chat_model(&tmp.path().join("model"));
+    let data = tiny_pairs(&tmp.path().join("data"), 4);
+    let long = json!({
+        "prompt": "Tell me about the rivers and the hills of the old country. ".repeat(20),
+        "chosen": "Green.",
+        "rejected": "Grey and flat.",
+    })
+    .to_string();
+    let mut text = std::fs::read_to_string(data.join("train.jsonl")).unwrap();
+    text.push_str(&format!("{long}\n"));
+    std::fs::write(data.join("train.jsonl"), text).unwrap();
+    let m = [
+        "--method",
+        "dpo",
+        "--max-steps",
+        "2",
+        "--max-seq-length",
+        "64",
+    ];
+    let o = train(&model, &data, &tmp.path().join("out"), &m);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(
+        err.contains("1 pair(s) have an answer with no token left within --max-seq-length 64")
+            && err.contains("train.jsonl:5) and are left out"),
+        "{err}"
+    );
+    std::fs::write(data.join("train.jsonl"), format!("{long}\n{long}\n")).unwrap();
+    let out = tmp.path().join("none");
+    let o = train(&model, &data, &out, &m);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(err.contains("no training pair has both answers"), "{err}");
+    assert!(!out.exists());
+}

@@ -175,6 +175,30 @@ fn masking_trains_exactly_every_assistant_turn_with_its_end_token() {
         .unwrap();
     assert_eq!(short.ids.len(), 10);
     assert_eq!(short.truncated, s.ids.len() - 10);
+    // Content as OpenAI's list of text parts (each message cut in two) is the same example.
+    let mut parts: serde_json::Value = serde_json::from_str(&line).unwrap();
+    for m in parts["messages"].as_array_mut().unwrap() {
+        let text = m["content"].as_str().unwrap().to_string();
+        let (a, b) = text.split_at(text.len() / 2);
+        m["content"] = json!([{"type": "text", "text": a}, {"type": "text", "text": b}]);
+    }
+    let (example, fields) = your_ai::data::parse_line(&parts.to_string()).unwrap();
+    let rec = your_ai::data::Record {
+        example,
+        location: "test:2".into(),
+        fields,
+    };
+    let from_parts = enc.encode(&rec).unwrap();
+    assert_eq!((from_parts.ids, from_parts.trained), (s.ids, s.trained));
+    let image = json!({"messages": [
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]},
+        {"role": "assistant", "content": "A cat."}
+    ]});
+    let e = your_ai::data::parse_line(&image.to_string()).unwrap_err();
+    assert!(
+        e.contains("messages[0] (`user`): content part 0 is of type `image_url`"),
+        "{e}"
+    );
 }
 
 /// Decoding reads the GGUF's Q4_1 blocks (the default) or dense dequantized weights

@@ -2,8 +2,9 @@
 //! preference loss, reward accuracy and margin on a file of preference pairs.
 
 use crate::cli::EvalArgs;
+use crate::data::files::{read_jsonl, resolve_files};
 use crate::data::preference::{read_preferences, PreferenceExample};
-use crate::data::{read_jsonl, resolve_files, Encoder};
+use crate::data::Encoder;
 use crate::engine::candle::preference;
 use crate::error::{Error, Result};
 use crate::infer::eval::evaluate;
@@ -110,7 +111,22 @@ fn evaluate_pairs(
 ) -> Result<()> {
     let o = &args.objective;
     let encoder = Encoder::new(&loaded.tokenizer, true, max_seq_length)?;
-    let pairs = encoder.encode_pairs(rows)?;
+    let (pairs, cut_off) = encoder.encode_pairs(rows)?;
+    if !cut_off.is_empty() {
+        eprintln!(
+            "warning: {} pair(s) have an answer with no token left within --max-seq-length \
+             {max_seq_length} ({}) and are left out",
+            cut_off.len(),
+            crate::io::first_few(&cut_off),
+        );
+    }
+    if pairs.is_empty() {
+        return Err(Error::Usage(format!(
+            "{}: no pair has both answers within --max-seq-length {max_seq_length} (the prompts \
+             fill it); raise --max-seq-length",
+            path.display()
+        )));
+    }
     let truncated = pairs
         .iter()
         .filter(|p| p.chosen.truncated > 0 || p.rejected.truncated > 0)

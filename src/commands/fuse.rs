@@ -2,7 +2,8 @@
 //! GGUF file; with `--data`, validation loss before and after the merge.
 
 use crate::cli::FuseArgs;
-use crate::data::{read_jsonl, resolve_files, Encoder};
+use crate::data::files::{read_jsonl, resolve_files};
+use crate::data::Encoder;
 use crate::error::{Error, Result};
 use crate::export::merge::Base;
 use crate::export::{gguf_writer, hf_dir, Format, HfDtype};

@@ -2,7 +2,7 @@
 //! (`train.jsonl`, `valid.jsonl`), with the distribution of w and H printed.
 
 use crate::cli::PrepareArgs;
-use crate::data::read_jsonl;
+use crate::data::files::read_jsonl;
 use crate::distrust::plot;
 use crate::distrust::prepare::{self, Example, LOW_AUTHORITY_BELOW};
 use crate::error::{Error, Result};

@@ -1,7 +1,7 @@
 //! `your_ai score`: adds `auth_weight` and `prov_entropy` to every row of a JSONL file.
 
 use crate::cli::ScoreArgs;
-use crate::data::read_jsonl;
+use crate::data::files::read_jsonl;
 use crate::distrust::formula::{AUTH_WEIGHT, PROV_ENTROPY};
 use crate::distrust::{scorer, DistrustError};
 use crate::error::Result;

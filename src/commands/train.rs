@@ -4,7 +4,8 @@
 
 use crate::cli::TrainArgs;
 use crate::data::batch::weighted_rows;
-use crate::data::{resolve_files, Sample};
+use crate::data::files::resolve_files;
+use crate::data::Sample;
 use crate::engine::candle::CandleEngine;
 use crate::engine::choice::{self, EngineChoice};
 use crate::engine::Engine;

@@ -84,3 +84,24 @@ pub fn plain_ranges<E: std::fmt::Display>(
 fn content(m: &Value) -> Option<&str> {
     m.get("content").and_then(Value::as_str)
 }
+
+/// The text of a `content` given as a list of parts (OpenAI's form,
+/// `[{"type": "text", "text": "…"}]`), joined as one string: the chat templates of text models
+/// take a string. A part that is not text (an image, audio) is refused, naming its type.
+pub fn text_of_parts(parts: &[Value]) -> Result<String, String> {
+    let mut text = String::new();
+    for (j, p) in parts.iter().enumerate() {
+        match (p.get("type").and_then(Value::as_str), p.get("text")) {
+            (Some("text"), Some(Value::String(t))) => text.push_str(t),
+            (Some("text"), _) => return Err(format!("content part {j} has no string `text`")),
+            (Some(other), _) => {
+                return Err(format!(
+                    "content part {j} is of type `{other}`: only text parts are supported \
+                     (the model takes text only)"
+                ))
+            }
+            (None, _) => return Err(format!("content part {j} has no string `type`")),
+        }
+    }
+    Ok(text)
+}

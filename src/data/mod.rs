@@ -8,6 +8,7 @@
 pub mod args;
 pub mod batch;
 pub mod chat_template;
+pub mod files;
 pub mod message_text;
 pub mod preference;
 pub mod tokenizer;
@@ -15,8 +16,7 @@ pub mod tokenizer;
 use chat_template::{ChatContext, ChatTemplate};
 use message_text::plain_ranges;
 use serde_json::{Map, Value};
-use std::io::{BufRead, Read};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use tokenizer::Tokenizer;
 
 #[derive(Debug, thiserror::Error)]
@@ -43,8 +43,6 @@ impl DataError {
     }
 }
 
-/// Longest line accepted; longer ones are reported, never read whole into a model input.
-const MAX_LINE_BYTES: usize = 64 << 20;
 const KNOWN_ROLES: &[&str] = &[
     "system",
     "user",
@@ -78,154 +76,6 @@ pub struct Record {
     pub fields: Map<String, Value>,
 }
 
-/// The files of a dataset.
-#[derive(Debug, Clone)]
-pub struct DataFiles {
-    pub train: PathBuf,
-    pub valid: Option<PathBuf>,
-    pub test: Option<PathBuf>,
-}
-
-/// A directory with `train.jsonl` (and optionally `valid.jsonl`, `test.jsonl`), or one file.
-pub fn resolve_files(path: &Path) -> Result<DataFiles, DataError> {
-    let meta = match std::fs::metadata(path) {
-        Ok(m) => m,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Err(DataError::Missing {
-                path: path.to_path_buf(),
-            })
-        }
-        // A symlink loop, a permission: said as it is, not as "does not exist".
-        Err(e) => {
-            return Err(DataError::Read {
-                path: path.to_path_buf(),
-                reason: e.to_string(),
-            })
-        }
-    };
-    if meta.is_file() {
-        return Ok(DataFiles {
-            train: path.to_path_buf(),
-            valid: None,
-            test: None,
-        });
-    }
-    if !meta.is_dir() {
-        return Err(DataError::Read {
-            path: path.to_path_buf(),
-            reason: "not a regular file or a directory (a pipe or a device?); give a JSONL file \
-                     or a directory holding train.jsonl"
-                .into(),
-        });
-    }
-    let train = path.join("train.jsonl");
-    if !train.is_file() {
-        return Err(DataError::NoTrainFile {
-            dir: path.to_path_buf(),
-        });
-    }
-    let opt = |n: &str| Some(path.join(n)).filter(|p| p.is_file());
-    Ok(DataFiles {
-        train,
-        valid: opt("valid.jsonl"),
-        test: opt("test.jsonl"),
-    })
-}
-
-/// Reads every line of a JSONL file; all bad lines are reported together.
-pub fn read_jsonl(path: &Path) -> Result<Vec<Record>, DataError> {
-    read_lines(path, parse_line).map(|lines| {
-        lines
-            .into_iter()
-            .map(|((example, fields), location)| Record {
-                example,
-                location,
-                fields,
-            })
-            .collect()
-    })
-}
-
-/// Every non-blank line of a JSONL file through `parse`, each with its `file:line`; all bad
-/// lines are reported together, and an empty file is refused.
-pub fn read_lines<T>(
-    path: &Path,
-    parse: impl Fn(&str) -> Result<T, String>,
-) -> Result<Vec<(T, String)>, DataError> {
-    let file = std::fs::File::open(path).map_err(|e| DataError::Read {
-        path: path.to_path_buf(),
-        reason: e.to_string(),
-    })?;
-    let mut reader = std::io::BufReader::new(file);
-    let name = path.display().to_string();
-    let mut records = vec![];
-    let mut errors = vec![];
-    let mut buf = vec![];
-    let mut line_no = 0;
-    loop {
-        buf.clear();
-        line_no += 1;
-        let n = (&mut reader)
-            .take(MAX_LINE_BYTES as u64 + 1)
-            .read_until(b'\n', &mut buf)
-            .map_err(|e| DataError::Read {
-                path: path.to_path_buf(),
-                reason: e.to_string(),
-            })?;
-        if n == 0 {
-            break;
-        }
-        let location = format!("{name}:{line_no}");
-        if buf.len() > MAX_LINE_BYTES && !buf.ends_with(b"\n") {
-            errors.push(format!(
-                "{location}: line longer than {} MiB",
-                MAX_LINE_BYTES >> 20
-            ));
-            // Skip the rest of the overlong line.
-            loop {
-                buf.clear();
-                let m = (&mut reader)
-                    .take(1 << 20)
-                    .read_until(b'\n', &mut buf)
-                    .map_err(|e| DataError::Read {
-                        path: path.to_path_buf(),
-                        reason: e.to_string(),
-                    })?;
-                if m == 0 || buf.ends_with(b"\n") {
-                    break;
-                }
-            }
-            continue;
-        }
-        let Ok(text) = std::str::from_utf8(&buf) else {
-            errors.push(format!("{location}: not valid UTF-8"));
-            continue;
-        };
-        // A byte-order mark (some editors write one) is not part of the first line's JSON.
-        let text = if line_no == 1 {
-            text.strip_prefix('\u{feff}').unwrap_or(text)
-        } else {
-            text
-        };
-        if text.trim().is_empty() {
-            continue;
-        }
-        match parse(text) {
-            Ok(item) => records.push((item, location)),
-            Err(reason) => errors.push(format!("{location}: {reason}")),
-        }
-    }
-    if !errors.is_empty() {
-        return Err(DataError::invalid(errors));
-    }
-    if records.is_empty() {
-        return Err(DataError::Empty {
-            path: path.to_path_buf(),
-        });
-    }
-    Ok(records)
-}
-
 /// Detects the format from the keys and checks the types.
 pub fn parse_line(text: &str) -> Result<(Example, Map<String, Value>), String> {
     let value: Value = serde_json::from_str(text).map_err(|e| format!("not valid JSON ({e})"))?;
@@ -253,9 +103,11 @@ pub fn parse_line(text: &str) -> Result<(Example, Map<String, Value>), String> {
         if messages.is_empty() {
             return Err("`messages` is empty".into());
         }
-        for (i, m) in messages.iter().enumerate() {
-            check_message("messages", i, m)?;
-        }
+        let messages = messages
+            .iter()
+            .enumerate()
+            .map(|(i, m)| check_message("messages", i, m))
+            .collect::<Result<Vec<_>, _>>()?;
         if !messages
             .iter()
             .any(|m| m.get("role").and_then(Value::as_str) == Some("assistant"))
@@ -270,10 +122,7 @@ pub fn parse_line(text: &str) -> Result<(Example, Map<String, Value>), String> {
             Some(Value::Array(t)) => Some(t.clone()),
             Some(other) => return Err(format!("`tools` must be a list, found {}", kind(other))),
         };
-        Example::Chat {
-            messages: messages.clone(),
-            tools,
-        }
+        Example::Chat { messages, tools }
     } else if obj.contains_key("prompt") || obj.contains_key("completion") {
         Example::Completion {
             prompt: string("prompt")?,
@@ -291,8 +140,9 @@ pub fn parse_line(text: &str) -> Result<(Example, Map<String, Value>), String> {
     Ok((example, obj))
 }
 
-/// One chat message's role and content, named `key[i]` in messages; returns its role.
-pub(crate) fn check_message<'a>(key: &str, i: usize, m: &'a Value) -> Result<&'a str, String> {
+/// One chat message (`key[i]`), checked: a known role, and a string `content` (or none beside
+/// `tool_calls`). Content given as a list of text parts is returned joined as one string.
+pub(crate) fn check_message(key: &str, i: usize, m: &Value) -> Result<Value, String> {
     let role = m
         .get("role")
         .and_then(Value::as_str)
@@ -303,12 +153,22 @@ pub(crate) fn check_message<'a>(key: &str, i: usize, m: &'a Value) -> Result<&'a
             KNOWN_ROLES.join(", ")
         ));
     }
+    let mut m = m.clone();
     match m.get("content") {
-        Some(Value::String(_)) | Some(Value::Array(_)) => {}
+        Some(Value::String(_)) => {}
+        Some(Value::Array(parts)) => {
+            let text = message_text::text_of_parts(parts)
+                .map_err(|why| format!("{key}[{i}] (`{role}`): {why}"))?;
+            m["content"] = Value::String(text);
+        }
         Some(Value::Null) | None if m.get("tool_calls").is_some() => {}
-        _ => return Err(format!("{key}[{i}] (`{role}`) needs a string `content`")),
+        _ => {
+            return Err(format!(
+                "{key}[{i}] (`{role}`) needs a string `content` (or a list of text parts)"
+            ))
+        }
     }
-    Ok(role)
+    Ok(m)
 }
 
 pub(crate) fn kind(v: &Value) -> &'static str {
@@ -641,27 +501,5 @@ mod tests {
             let e = parse_line(line).unwrap_err();
             assert!(e.contains(needle), "{line}: {e}");
         }
-    }
-
-    #[test]
-    fn bad_lines_are_reported_with_file_and_line() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("train.jsonl");
-        std::fs::write(
-            &p,
-            "{\"text\": \"ok\"}\n\n{\"text\": \"ok\"}\nnot json\n\u{0}\n",
-        )
-        .unwrap();
-        let e = read_jsonl(&p).unwrap_err().to_string();
-        assert!(e.contains("train.jsonl:4: not valid JSON"), "{e}");
-        assert!(e.contains("train.jsonl:5"), "{e}");
-        assert!(e.starts_with("2 invalid"), "{e}");
-        std::fs::write(&p, b"{\"text\": \"\xff\"}\n").unwrap();
-        assert!(read_jsonl(&p)
-            .unwrap_err()
-            .to_string()
-            .contains(":1: not valid UTF-8"));
-        std::fs::write(&p, "\n\n").unwrap();
-        assert!(matches!(read_jsonl(&p), Err(DataError::Empty { .. })));
     }
 }

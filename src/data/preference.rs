@@ -13,7 +13,8 @@
 //! token.
 
 use super::batch::Row;
-use super::{check_message, kind, read_lines, DataError, Encoder, Example, Record, Sample};
+use super::files::read_lines;
+use super::{check_message, kind, DataError, Encoder, Example, Record, Sample};
 use serde_json::{json, Map, Value};
 use std::path::Path;
 
@@ -101,12 +102,11 @@ pub fn parse_preference(text: &str) -> Result<PreferenceExample, String> {
 fn messages(key: &str, v: &Value, role: &str) -> Result<Vec<Value>, String> {
     match v {
         Value::String(s) => Ok(vec![json!({"role": role, "content": s})]),
-        Value::Array(list) => {
-            for (i, m) in list.iter().enumerate() {
-                check_message(key, i, m)?;
-            }
-            Ok(list.clone())
-        }
+        Value::Array(list) => list
+            .iter()
+            .enumerate()
+            .map(|(i, m)| check_message(key, i, m))
+            .collect(),
         other => Err(format!(
             "`{key}` must be a string or a list of {{\"role\", \"content\"}} messages, found {}",
             kind(other)
@@ -193,7 +193,13 @@ fn check_pair(example: &PreferenceExample) -> Result<(), String> {
 
 impl Encoder<'_> {
     /// Both sides of a pair as samples scoring their answers only; `location` names the line.
-    pub fn encode_pair(&self, ex: &PreferenceExample, location: &str) -> Result<Pair, DataError> {
+    /// None when `max_seq_length` leaves a side no answer token (the prompt fills it): such a
+    /// pair has no preference left to learn.
+    pub fn encode_pair(
+        &self,
+        ex: &PreferenceExample,
+        location: &str,
+    ) -> Result<Option<Pair>, DataError> {
         let side = |which: &str| -> Result<Sample, DataError> {
             let (example, first) = match ex {
                 PreferenceExample::Text {
@@ -230,42 +236,32 @@ impl Encoder<'_> {
                 location: location.to_string(),
                 fields: Map::new(),
             };
-            let sample = self.encode_from(&rec, first)?;
-            if sample.trained_count() == 0 {
-                return Err(DataError::Example {
-                    location: location.to_string(),
-                    reason: format!(
-                        "the {which} answer has no token within --max-seq-length {} (the prompt \
-                         fills it); raise --max-seq-length or shorten the prompt",
-                        self.max_seq_length
-                    ),
-                });
-            }
-            Ok(sample)
+            self.encode_from(&rec, first)
         };
-        Ok(Pair {
-            chosen: side("chosen")?,
-            rejected: side("rejected")?,
-        })
+        let (chosen, rejected) = (side("chosen")?, side("rejected")?);
+        Ok((chosen.trained_count() > 0 && rejected.trained_count() > 0)
+            .then_some(Pair { chosen, rejected }))
     }
 
-    /// Every pair of a file's rows, all failures reported together.
+    /// Every pair of a file's rows, all failures reported together; with the locations of the
+    /// pairs left out as [`Encoder::encode_pair`] leaves them.
     pub fn encode_pairs(
         &self,
         rows: &[(PreferenceExample, String)],
-    ) -> Result<Vec<Pair>, DataError> {
+    ) -> Result<(Vec<Pair>, Vec<String>), DataError> {
         let mut pairs = Vec::with_capacity(rows.len());
-        let mut errors = vec![];
+        let (mut cut_off, mut errors) = (vec![], vec![]);
         for (ex, location) in rows {
             match self.encode_pair(ex, location) {
-                Ok(p) => pairs.push(p),
+                Ok(Some(p)) => pairs.push(p),
+                Ok(None) => cut_off.push(location.clone()),
                 Err(e) => errors.push(e.to_string()),
             }
         }
         if !errors.is_empty() {
             return Err(DataError::invalid(errors));
         }
-        Ok(pairs)
+        Ok((pairs, cut_off))
     }
 }
 

@@ -150,16 +150,9 @@ fn message(i: usize, msg: &Value) -> Result<Value, ApiError> {
     let content = match msg.get("content") {
         Some(Value::String(s)) => s.clone(),
         None | Some(Value::Null) => String::new(),
-        Some(Value::Array(parts)) => parts
-            .iter()
-            .map(
-                |p| match (p.get("type").and_then(Value::as_str), p.get("text")) {
-                    (Some("text"), Some(Value::String(t))) => Ok(t.as_str()),
-                    _ => Err(bad("only text content parts are supported")),
-                },
-            )
-            .collect::<Result<Vec<_>, _>>()?
-            .join(""),
+        Some(Value::Array(parts)) => {
+            crate::data::message_text::text_of_parts(parts).map_err(|why| bad(&why))?
+        }
         Some(_) => return Err(bad("`content` must be a string or an array of text parts")),
     };
     // The developer role is OpenAI's newer name for system.

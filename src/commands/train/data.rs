@@ -4,8 +4,9 @@
 
 use super::usage;
 use crate::cli::TrainArgs;
+use crate::data::files::{read_jsonl, DataFiles};
 use crate::data::preference::{read_preferences, PreferenceExample};
-use crate::data::{read_jsonl, DataError, DataFiles, Encoder, Record, Sample};
+use crate::data::{DataError, Encoder, Record, Sample};
 use crate::error::Result;
 use crate::model::LoadedModel;
 use crate::train::trainer::{Datasets, PreferenceSets};
@@ -54,11 +55,33 @@ pub(super) fn encode_pairs(
     [train, valid, test]: [Vec<(PreferenceExample, String)>; 3],
 ) -> Result<Datasets> {
     let encoder = Encoder::new(&loaded.tokenizer, true, a.batch.max_seq_length)?;
-    let sets = PreferenceSets {
-        train: encoder.encode_pairs(&train)?,
-        valid: encoder.encode_pairs(&valid)?,
-        test: encoder.encode_pairs(&test)?,
+    let mut cut_off = vec![];
+    let mut encode = |rows: &[(PreferenceExample, String)]| -> Result<Vec<_>> {
+        let (pairs, cut) = encoder.encode_pairs(rows)?;
+        cut_off.extend(cut);
+        Ok(pairs)
     };
+    let sets = PreferenceSets {
+        train: encode(&train)?,
+        valid: encode(&valid)?,
+        test: encode(&test)?,
+    };
+    if !cut_off.is_empty() {
+        eprintln!(
+            "warning: {} pair(s) have an answer with no token left within --max-seq-length {} \
+             ({}) and are left out; raise --max-seq-length or shorten their prompts",
+            cut_off.len(),
+            a.batch.max_seq_length,
+            crate::io::first_few(&cut_off),
+        );
+    }
+    if sets.train.is_empty() {
+        return Err(usage(format!(
+            "--max-seq-length {}: no training pair has both answers within it (the prompts \
+             fill it); raise --max-seq-length or shorten the prompts",
+            a.batch.max_seq_length
+        )));
+    }
     let truncated = [&sets.train, &sets.valid, &sets.test]
         .iter()
         .flat_map(|s| s.iter())

@@ -1,4 +1,10 @@
 fn main() {
+    // With RUST_BACKTRACE set, candle captures a backtrace into each of its errors' messages: a
+    // user's error stays one sentence (RUST_LIB_BACKTRACE governs library captures; panics
+    // keep theirs). Set first, while this is the only thread.
+    if std::env::var_os("RUST_LIB_BACKTRACE").is_none() {
+        std::env::set_var("RUST_LIB_BACKTRACE", "0");
+    }
     // A child of ours that renders chat templates under a memory ceiling (chat_template).
     if std::env::args_os().nth(1).as_deref()
         == Some(your_ai::data::chat_template::WORKER_ARG.as_ref())

@@ -77,6 +77,29 @@ fn truncated_gguf() {
     fails_with(&generate_args(), &[&path], &[], &["half.gguf", "truncated"]);
 }
 
+/// With RUST_BACKTRACE=1 (as many Rust users have it), a library error is still one sentence,
+/// not the backtrace candle captured into it.
+#[test]
+fn an_error_is_one_sentence_even_with_rust_backtrace_set() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("notes.gguf");
+    std::fs::write(&path, "these are notes, not a model\n").unwrap();
+    let o = cli()
+        .args(generate_args())
+        .arg(&path)
+        .env("RUST_BACKTRACE", "1")
+        .env_remove("RUST_LIB_BACKTRACE")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(
+        stderr.contains("notes.gguf") && stderr.contains("not a valid GGUF"),
+        "{stderr}"
+    );
+    assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+}
+
 #[test]
 fn gguf_of_an_unsupported_architecture() {
     let spec = TinySpec::default();
@@ -291,12 +314,14 @@ fn models_lists_aliases() {
 #[test]
 fn bad_thread_count_and_memory_flags() {
     fails_with(&["--threads", "0", "models"], &[], &[], &["--threads 0"]);
-    fails_with(
-        &["recommend", "--memory", "0"],
-        &[],
-        &[],
-        &["--memory 0: give the machine's memory in GB"],
-    );
+    for bad in ["0", "1e30", "1e400", "abc"] {
+        fails_with(
+            &["recommend", "--memory", bad],
+            &[],
+            &[],
+            &[&format!("'{bad}' for '--memory <GB>'"), "at most 1000000"],
+        );
+    }
     fails_with(
         &["estimate", "--model", "llama-8b", "--quantize", "3"],
         &[],

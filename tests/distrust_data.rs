@@ -362,4 +362,20 @@ fn prepare_dedupes_rebalances_splits_and_plots() {
         "{err}"
     );
     assert!(!o2.exists(), "nothing written for bad input");
+    // A plot named as one of the data files it writes.
+    let plot = o2.join("valid.jsonl");
+    let (ok, _, err) = run(&[
+        "prepare",
+        "-i",
+        corpus().to_str().unwrap(),
+        "-o",
+        o2.to_str().unwrap(),
+        "--plot",
+        plot.to_str().unwrap(),
+    ]);
+    assert!(
+        !ok && err.contains("is one of the data files this writes"),
+        "{err}"
+    );
+    assert!(!o2.exists(), "nothing written for a bad --plot");
 }

@@ -463,7 +463,16 @@ fn bad_input_is_refused_with_nothing_left_behind() {
     assert!(e.contains("is --adapter"), "{e}");
     let e = err(fuse(&run.model, &adapter, &run.root, &["--force"]));
     assert!(e.contains("holds --adapter"), "{e}");
-    assert!(adapter.join("adapter_model.safetensors").is_file());
+    let weights = adapter.join("adapter_model.safetensors");
+    let before = std::fs::read(&weights).unwrap();
+    let e = err(fuse(
+        &run.model,
+        &adapter,
+        &weights,
+        &["--force", "--format", "gguf"],
+    ));
+    assert!(e.contains("is inside --adapter"), "{e}");
+    assert_eq!(std::fs::read(&weights).unwrap(), before);
     let e = err(fuse(
         &run.model,
         &adapter,
@@ -488,6 +497,18 @@ fn bad_input_is_refused_with_nothing_left_behind() {
     )
     .unwrap();
     fuse_ok(&run.model, &adapter, &out, &["--force"]);
+    assert_only(&out_dir, &["m"]);
+
+    // A scale (lora_alpha / r) that overflows the merge: refused, never written as infinities.
+    let huge = run.root.join("huge");
+    std::fs::create_dir_all(&huge).unwrap();
+    std::fs::copy(&weights, huge.join("adapter_model.safetensors")).unwrap();
+    let cfg = std::fs::read_to_string(adapter.join("adapter_config.json")).unwrap();
+    let mut cfg: serde_json::Value = serde_json::from_str(&cfg).unwrap();
+    cfg["lora_alpha"] = serde_json::json!(3e38);
+    std::fs::write(huge.join("adapter_config.json"), cfg.to_string()).unwrap();
+    let e = err(fuse(&run.model, &huge, &out_dir.join("h"), &[]));
+    assert!(e.contains("the result overflows"), "{e}");
     assert_only(&out_dir, &["m"]);
 
     // export-adapter: a missing config and an existing output.
@@ -614,4 +635,47 @@ fn sentencepiece_tokenizer_survives_hf_to_gguf() {
     assert_eq!(after.bos_id(), Some(1));
     // Two padding ids beyond the tokenizer get placeholder tokens.
     assert_eq!(after.vocab_size(), vocab.len() + 2);
+}
+
+/// Ctrl-C during a fuse stops it between tensors: exit 130, and neither the partial output
+/// (as large as the model) nor the folders made for it are left behind.
+#[test]
+fn a_stopped_fuse_leaves_nothing_behind() {
+    let tmp = tempfile::tempdir().unwrap();
+    let adapter = smollm2_adapter(&tmp.path().join("adapter"));
+    let outs = tmp.path().join("outs");
+    let out = outs.join("deep").join("merged.gguf");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_your_ai"))
+        .args(["fuse", "--model"])
+        .arg(smollm2())
+        .arg("--adapter")
+        .arg(&adapter)
+        .arg("--output")
+        .arg(&out)
+        .args(["--dequantize", "--gguf-type", "q8_0"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let partial = outs
+        .join("deep")
+        .join(format!(".merged.gguf.partial-{}", child.id()));
+    let started = std::time::Instant::now();
+    while !partial.exists() {
+        assert!(
+            started.elapsed().as_secs() < 60,
+            "the fuse never started writing"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let status = child.wait().unwrap();
+    let mut e = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut e).unwrap();
+    assert_eq!(status.code(), Some(130), "{e}");
+    assert!(e.contains("stopping: the partial output is removed"), "{e}");
+    assert!(
+        !outs.exists(),
+        "left behind: {:?}",
+        std::fs::read_dir(&outs).ok()
+    );
 }

@@ -526,7 +526,7 @@ fn bad_input_is_refused_before_anything_is_written() {
                 "--max-memory".into(),
                 "0".into(),
             ],
-            "'0' for '--max-memory <GB>': give the budget in GB as a finite positive number",
+            "'0' for '--max-memory <GB>': give the size in GB as a positive number",
         ),
         (
             vec![

@@ -85,7 +85,8 @@ pub enum Command {
 #[derive(Debug, Args)]
 pub struct RecommendArgs {
     /// Assume a machine with this much memory (GB) instead of the detected one.
-    #[arg(long, value_name = "GB")]
+    #[arg(long, value_name = "GB", value_parser = crate::train::settings::parse_gb,
+          allow_hyphen_values = true)]
     pub memory: Option<f64>,
 }
 

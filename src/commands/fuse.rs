@@ -35,6 +35,8 @@ pub fn run(args: FuseArgs) -> Result<()> {
     inputs.extend(args.data.as_deref().map(|d| ("--data", d)));
     let is_dir = format == Format::Hf;
     let staged = Staged::new(&args.output, args.force, "--output", is_dir, &inputs)?;
+    // Ctrl-C stops between tensors, and the partial output (as large as the model) goes.
+    crate::runtime::signals::install_for_output();
     // Bad data fails before any weights are written.
     let valid = match &args.data {
         Some(d) => Some(validation_file(d)?),

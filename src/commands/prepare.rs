@@ -52,6 +52,15 @@ pub fn run(a: PrepareArgs) -> Result<()> {
         let inputs: Vec<(&str, &std::path::Path)> =
             a.input.iter().map(|i| ("--input", i.as_path())).collect();
         crate::io::check_output(plot, "--plot", false, &inputs)?;
+        if [&train_path, &valid_path]
+            .iter()
+            .any(|p| place(p) == place(plot))
+        {
+            return Err(usage(format!(
+                "--plot {}: is one of the data files this writes; name a .png beside them",
+                plot.display()
+            )));
+        }
     }
     let mut records = vec![];
     for input in &a.input {
@@ -123,4 +132,13 @@ pub fn run(a: PrepareArgs) -> Result<()> {
         a.output.display()
     );
     Ok(())
+}
+
+/// Where `p` is, for comparing two paths that may not exist yet: its folder resolved (links,
+/// `..`) where it exists, and its name.
+fn place(p: &std::path::Path) -> std::path::PathBuf {
+    let parent = p.parent().filter(|d| !d.as_os_str().is_empty());
+    let dir = parent.map_or_else(|| std::path::PathBuf::from("."), |d| d.to_path_buf());
+    let dir = std::fs::canonicalize(&dir).unwrap_or(dir);
+    dir.join(p.file_name().unwrap_or_default())
 }

@@ -12,6 +12,8 @@ use crate::runtime::memory::budget::{auto_budget, GB};
 use crate::runtime::presets::{self, MachinePreset};
 use crate::runtime::setup_file;
 use crate::train::estimate::{estimate, StepKind, WeightFormat, Workload};
+use crate::train::plan::keep_blocks;
+use crate::train::settings::KeepActivations;
 
 /// The first configuration, shrinking from the preset's (batch, then length, then rank, then
 /// adapted layers, each halved), whose estimate fits `budget`; with its peak.
@@ -76,12 +78,8 @@ pub fn run(a: RecommendArgs) -> Result<()> {
     println!("Hardware: {}", hw.describe());
     let gpu = !hw.gpus.is_empty();
     let total = match a.memory {
-        Some(gb) if gb.is_finite() && gb > 0.0 => (gb * GB) as u64,
-        Some(gb) => {
-            return Err(Error::Usage(format!(
-                "--memory {gb}: give the machine's memory in GB, e.g. --memory 64"
-            )))
-        }
+        // Checked as it was parsed (`parse_gb`).
+        Some(gb) => (gb * GB) as u64,
         None => hw.compute_memory().ok_or_else(|| {
             Error::Usage(
                 "the machine's memory could not be detected; give it with --memory GB".into(),
@@ -126,12 +124,25 @@ pub fn run(a: RecommendArgs) -> Result<()> {
         for (name, weights, quantized) in modes {
             let preferred = quantized == p.quantize.is_some();
             match fit(&cfg, &p, weights, act, budget) {
-                Ok((w, peak)) => println!(
-                    "  {name} fits{}, estimated peak {:.1} GB: {}",
-                    if preferred { " (recommended)" } else { "" },
-                    peak as f64 / GB,
-                    flags(&w, cfg.num_hidden_layers, quantized)
-                ),
+                Ok((w, _)) => {
+                    // `train` then keeps as many blocks' activations as the budget allows
+                    // (`--keep-activations auto`): the peak it will estimate, and run at.
+                    let keep = keep_blocks(&cfg, &w, KeepActivations::Auto, budget);
+                    let peak = estimate(
+                        &cfg,
+                        &Workload {
+                            keep_blocks: keep,
+                            ..w.clone()
+                        },
+                    )
+                    .train_peak;
+                    println!(
+                        "  {name} fits{}, estimated peak {:.1} GB: {}",
+                        if preferred { " (recommended)" } else { "" },
+                        peak as f64 / GB,
+                        flags(&w, cfg.num_hidden_layers, quantized)
+                    )
+                }
                 Err(peak) => println!(
                     "  {name} does not fit: {:.1} GB even at batch 1 × 256, rank 4, one block",
                     peak as f64 / GB

@@ -42,7 +42,10 @@ pub fn write(adapter: &Adapter, model: &ModelConfig, base_name: &str, path: &Pat
         ("general.type".into(), GValue::String("adapter".into())),
         (
             "general.name".into(),
-            GValue::String(format!("{base_name} LoRA")),
+            GValue::String(format!(
+                "{} LoRA",
+                super::gguf_writer::model_name(base_name)
+            )),
         ),
         ("adapter.type".into(), GValue::String("lora".into())),
         ("adapter.lora.alpha".into(), GValue::F32(alpha as f32)),

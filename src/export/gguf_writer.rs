@@ -193,7 +193,11 @@ pub fn write(base: &Base, adapter: &Adapter, path: &Path, qtype: GgufType) -> Re
         QTensor::quantize(&t, ty)
             .map_err(|e| super::tensor_err(&format!("converting {name} to {ty:?}"), e))
     })
-    .map_err(|e| Error::Export(format!("{}: {e}", path.display())))?;
+    .map_err(|e| match e {
+        // A stop, or a refusal: they keep their own exit status.
+        e @ (Error::Stopping { .. } | Error::Usage(_)) => e,
+        e => Error::Export(format!("{}: {e}", path.display())),
+    })?;
     std::io::Write::flush(&mut w).map_err(|e| Error::io("write", path, e))
 }
 
@@ -236,7 +240,9 @@ fn rope_freqs(c: &crate::model::ModelConfig) -> Result<Option<QTensor>> {
     Ok(Some(t))
 }
 
-fn model_name(spec: &str) -> String {
+/// A model's name from how it was given (a path, an alias, a repository id): its last part,
+/// never the local folders above it.
+pub(crate) fn model_name(spec: &str) -> String {
     let s = spec.trim_end_matches('/');
     let s = s.rsplit('/').next().unwrap_or(s);
     s.trim_end_matches(".gguf").to_string()

@@ -91,11 +91,34 @@ impl Base {
 
     /// The tensor `name` in f32 with the adapter's update merged in, when it has one.
     pub fn merged(&self, adapter: &Adapter, name: &str, shape: &[usize]) -> Result<Tensor> {
+        // A stop signal (`fuse`) ends the merge here, between tensors.
+        if let Some(signal) = crate::runtime::signals::requested() {
+            return Err(Error::Stopping { signal });
+        }
         let w = self.store.get(name, shape, DType::F32, &Device::Cpu)?;
         match adapter_target(name) {
             Some((layer, t)) => match adapter.get(layer, t) {
-                Some(p) => merge_pair(&w, &p.a, &p.b, adapter.cfg.scale())
-                    .map_err(|e| super::tensor_err(&format!("merging the adapter into {name}"), e)),
+                Some(p) => {
+                    let what = format!("merging the adapter into {name}");
+                    let merged = merge_pair(&w, &p.a, &p.b, adapter.cfg.scale())
+                        .map_err(|e| super::tensor_err(&what, e))?;
+                    // Finite factors can still overflow (a huge `lora_alpha`): never written. The
+                    // sum of magnitudes overflows too where values are astronomically large.
+                    let magnitude = merged
+                        .abs()
+                        .and_then(|m| m.sum_all())
+                        .and_then(|m| m.to_scalar::<f32>())
+                        .map_err(|e| super::tensor_err(&what, e))?;
+                    if !magnitude.is_finite() {
+                        return Err(Error::Usage(format!(
+                            "{what}: the result overflows (infinite, NaN or astronomical \
+                             values; the adapter's scale, lora_alpha / r, is {}); check its \
+                             adapter_config.json",
+                            adapter.cfg.scale()
+                        )));
+                    }
+                    Ok(merged)
+                }
                 None => Ok(w),
             },
             None => Ok(w),

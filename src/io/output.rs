@@ -6,9 +6,22 @@ use std::path::Path;
 
 /// Refuses `dest` (given with `flag`) when the output, a directory if `is_dir` and a file
 /// otherwise, could not take its place (a file where a directory is there, or the reverse), or
-/// when replacing it would destroy one of `inputs` (flag, path): `dest` is that input or holds
-/// it.
+/// when replacing it would destroy one of `inputs` (flag, path): `dest` is that input, holds
+/// it, or is a file inside that input's directory (a model's weights, an adapter's files).
 pub fn check_output(dest: &Path, flag: &str, is_dir: bool, inputs: &[(&str, &Path)]) -> Result<()> {
+    if !is_dir
+        && dest
+            .as_os_str()
+            .to_string_lossy()
+            .ends_with(std::path::MAIN_SEPARATOR)
+    {
+        return Err(Error::Usage(format!(
+            "{flag} {}: names a directory (it ends with {}), and this output is a file; give \
+             its file name",
+            dest.display(),
+            std::path::MAIN_SEPARATOR
+        )));
+    }
     let Ok(meta) = std::fs::metadata(dest) else {
         return Ok(());
     };
@@ -35,6 +48,15 @@ pub fn check_output(dest: &Path, flag: &str, is_dir: bool, inputs: &[(&str, &Pat
             return Err(Error::Usage(format!(
                 "{flag} {}: {how} {input_flag} {}, which replacing it would destroy; choose \
                  another {flag}",
+                dest.display(),
+                input.display()
+            )));
+        }
+        // What exists in an input directory is its files (or a run's checkpoints), or may be.
+        if i.is_dir() && out.starts_with(&i) {
+            return Err(Error::Usage(format!(
+                "{flag} {}: is inside {input_flag} {}, whose files replacing it could destroy; \
+                 write the output outside that directory",
                 dest.display(),
                 input.display()
             )));
@@ -71,9 +93,17 @@ mod tests {
         assert!(refused(&dir.join("."), true).contains("holds --adapter"));
         assert!(refused(&dir, false).contains("is a directory, and this output is a file"));
         assert!(refused(&model, true).contains("is a file, and this output is a directory"));
+        // An existing file in an input directory: its weights, say.
+        let weights = adapter.join("adapter_model.safetensors");
+        std::fs::write(&weights, "w").unwrap();
+        assert!(refused(&weights, false).contains("is inside --adapter"));
         // Beside or inside the inputs, or not there yet: fine.
         assert_eq!(refused(&adapter.join("merged"), true), "");
+        assert_eq!(refused(&adapter.join("merged.gguf"), false), "");
         assert_eq!(refused(&root.path().join("other.gguf"), false), "");
+        let slash = Path::new("new/");
+        assert!(refused(slash, false).contains("names a directory (it ends with /)"));
+        assert_eq!(refused(slash, true), "");
         std::fs::create_dir_all(root.path().join("old")).unwrap();
         assert_eq!(refused(&root.path().join("old"), true), "");
     }

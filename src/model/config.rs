@@ -170,7 +170,30 @@ impl ModelConfig {
             Some(d) => d,
             None => hidden_size / num_attention_heads.max(1),
         };
-        let rope_scaling = parse_rope_scaling(json.get("rope_scaling"), &f)?;
+        // transformers 5 writes the RoPE base and scaling inside `rope_parameters`; earlier
+        // versions at the top level (which wins where a config has both).
+        let rope_parameters = json.get("rope_parameters").filter(|v| v.is_object());
+        let rope_scaling = match (
+            json.get("rope_scaling").filter(|v| !v.is_null()),
+            rope_parameters,
+        ) {
+            (Some(s), _) => parse_rope_scaling(s, "rope_scaling", &f)?,
+            (None, Some(p)) => parse_rope_scaling(p, "rope_parameters", &f)?,
+            (None, None) => None,
+        };
+        let rope_theta = match (f.opt_f64("rope_theta")?, rope_parameters) {
+            (Some(t), _) => t,
+            (None, Some(p)) => match p.get("rope_theta") {
+                None | Some(Value::Null) => 10_000.0,
+                Some(v) => v
+                    .as_f64()
+                    .filter(|t| t.is_finite() && *t > 0.0)
+                    .ok_or_else(|| {
+                        f.err("rope_parameters.rope_theta", "is not a positive number")
+                    })?,
+            },
+            (None, None) => 10_000.0,
+        };
         let eos_token_ids = match json.get("eos_token_id") {
             Some(Value::Number(n)) => n.as_u64().map(|v| vec![v as u32]).unwrap_or_default(),
             Some(Value::Array(a)) => a
@@ -194,7 +217,7 @@ impl ModelConfig {
             head_dim,
             vocab_size: f.usize("vocab_size")?,
             rms_norm_eps: f.opt_f64("rms_norm_eps")?.unwrap_or(1e-6),
-            rope_theta: f.opt_f64("rope_theta")?.unwrap_or(10_000.0),
+            rope_theta,
             rope_scaling,
             max_position_embeddings: f.opt_usize("max_position_embeddings")?.unwrap_or(4096),
             tie_word_embeddings: f.opt_bool("tie_word_embeddings")?.unwrap_or(false),
@@ -281,22 +304,31 @@ impl ModelConfig {
     }
 }
 
-fn parse_rope_scaling(v: Option<&Value>, f: &Fields) -> Result<Option<RopeScaling>, ConfigError> {
-    let Some(obj) = v.filter(|v| !v.is_null()) else {
-        return Ok(None);
+/// The RoPE scaling in `obj`, config.json's `key`. Under `rope_parameters` (transformers 5),
+/// which also holds the base, no `rope_type` is the default RoPE.
+fn parse_rope_scaling(
+    obj: &Value,
+    key: &str,
+    f: &Fields,
+) -> Result<Option<RopeScaling>, ConfigError> {
+    let default = if key == "rope_parameters" {
+        "default"
+    } else {
+        ""
     };
     let kind = obj
         .get("rope_type")
         .or_else(|| obj.get("type"))
         .and_then(Value::as_str)
-        .unwrap_or("");
+        .unwrap_or(default);
+    let scope = key;
     let num = |key: &str| -> Result<f64, ConfigError> {
         obj.get(key)
             .and_then(Value::as_f64)
             .filter(|x| x.is_finite() && *x > 0.0)
             .ok_or_else(|| {
                 f.err(
-                    &format!("rope_scaling.{key}"),
+                    &format!("{scope}.{key}"),
                     "is missing or not a positive number",
                 )
             })
@@ -313,7 +345,7 @@ fn parse_rope_scaling(v: Option<&Value>, f: &Fields) -> Result<Option<RopeScalin
             factor: num("factor")?,
         })),
         other => Err(f.err(
-            "rope_scaling.rope_type",
+            &format!("{scope}.rope_type"),
             &format!("is `{other}`; supported RoPE scalings are llama3, linear and default"),
         )),
     }
@@ -397,6 +429,44 @@ mod tests {
             matches!(c.rope_scaling, Some(RopeScaling::Llama3 { factor, .. }) if factor == 8.0)
         );
         assert!(!c.attention_bias);
+    }
+
+    #[test]
+    fn reads_transformers_5_rope_parameters() {
+        let mut j = llama31();
+        let o = j.as_object_mut().unwrap();
+        let mut params = o.remove("rope_scaling").unwrap();
+        params["rope_theta"] = o.remove("rope_theta").unwrap();
+        o.insert("rope_parameters".into(), params);
+        let c = ModelConfig::from_hf_json(&j, "config.json").unwrap();
+        let want = ModelConfig::from_hf_json(&llama31(), "config.json").unwrap();
+        assert_eq!(c.rope_theta, 500000.0);
+        assert_eq!(
+            format!("{:?}", c.rope_scaling),
+            format!("{:?}", want.rope_scaling)
+        );
+        // The default RoPE, its base only (no `rope_type` too).
+        for params in [
+            json!({"rope_theta": 100000.0, "rope_type": "default"}),
+            json!({"rope_theta": 100000.0}),
+        ] {
+            j["rope_parameters"] = params;
+            let c = ModelConfig::from_hf_json(&j, "config.json").unwrap();
+            assert_eq!((c.rope_theta, c.rope_scaling.is_none()), (100000.0, true));
+        }
+        j["rope_parameters"] = json!({"rope_theta": -1.0});
+        let e = ModelConfig::from_hf_json(&j, "c.json")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("rope_parameters.rope_theta"), "{e}");
+        j["rope_parameters"] = json!({"rope_theta": 1e4, "rope_type": "yarn", "factor": 4.0});
+        let e = ModelConfig::from_hf_json(&j, "c.json")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("rope_parameters.rope_type") && e.contains("yarn"),
+            "{e}"
+        );
     }
 
     #[test]

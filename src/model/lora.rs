@@ -349,7 +349,8 @@ impl Adapter {
             None | Some(Value::Null) => return Err(bad("`lora_alpha` is missing".into())),
             Some(a) => a
                 .as_f64()
-                .ok_or_else(|| bad(format!("`lora_alpha` must be a number, not {a}")))?,
+                .filter(|a| *a > 0.0 && (*a as f32).is_finite())
+                .ok_or_else(|| bad(format!("`lora_alpha` must be a positive number, not {a}")))?,
         };
         let targets: Vec<Target> = match c.get("target_modules") {
             Some(Value::Array(a)) => a
@@ -645,7 +646,12 @@ mod tests {
         let e = refused(&|c| c["trainable_token_indices"] = json!([1, 2]), &none);
         assert!(e.contains("trainable_token_indices"), "{e}");
         let e = refused(&|c| c["lora_alpha"] = json!("4"), &none);
-        assert!(e.contains("must be a number"), "{e}");
+        assert!(e.contains("must be a positive number"), "{e}");
+        let e = refused(&|c| c["lora_alpha"] = json!(-8.0), &none);
+        assert!(
+            e.contains("`lora_alpha` must be a positive number, not -8"),
+            "{e}"
+        );
         let e = refused(&|c| c["r"] = json!(1), &none);
         assert!(e.contains("the config and the tensors disagree"), "{e}");
         let half = Adapter::tensor_name(1, Target::Down, 'B');

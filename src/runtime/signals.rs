@@ -1,21 +1,28 @@
 //! SIGINT / SIGTERM during training: the first is acknowledged at once and asks the trainer to
 //! stop after the current block (or evaluation batch), save what is consistent and exit
-//! (130 / 143); a second one exits at once, leaving the last good checkpoint as it was.
+//! (130 / 143); a second one exits at once, leaving the last good checkpoint as it was. While
+//! `fuse` writes (a model-sized output), the first stops it after the current tensor, its
+//! partial output removed.
 
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 
 static REQUESTED: AtomicI32 = AtomicI32::new(0);
 /// Set once the trained adapter is being written: a stop then ends nothing that is left.
 static FINISHING: AtomicBool = AtomicBool::new(false);
+/// Set by [`install_for_output`]: a command that writes one output, with no checkpoint.
+static OUTPUT_ONLY: AtomicBool = AtomicBool::new(false);
 
 #[cfg(unix)]
 extern "C" fn on_signal(sig: libc::c_int) {
+    let output_only = OUTPUT_ONLY.load(Ordering::SeqCst);
     if REQUESTED.swap(sig, Ordering::SeqCst) != 0 {
         const AGAIN: &[u8] = b"\nsecond stop signal: exiting now; the last checkpoint is kept\n";
+        const AGAIN_OUTPUT: &[u8] = b"\nsecond stop signal: exiting now\n";
+        let again = if output_only { AGAIN_OUTPUT } else { AGAIN };
         // SAFETY: write and _exit are async-signal-safe; nothing is half-written because every
         // file is written to a temporary name and renamed into place.
         unsafe {
-            libc::write(2, AGAIN.as_ptr().cast(), AGAIN.len());
+            libc::write(2, again.as_ptr().cast(), again.len());
             libc::_exit(128 + sig)
         };
     }
@@ -23,7 +30,11 @@ extern "C" fn on_signal(sig: libc::c_int) {
         b"\nstopping: the current block ends, then a checkpoint is saved (a second signal exits at once)\n";
     const WRITING: &[u8] = b"\nstopping: the trained adapter is being written and is kept; \
         what follows it is skipped (a second signal exits at once, the last checkpoint kept)\n";
-    let said = if FINISHING.load(Ordering::SeqCst) {
+    const OUTPUT: &[u8] =
+        b"\nstopping: the partial output is removed (a second signal exits at once)\n";
+    let said = if output_only {
+        OUTPUT
+    } else if FINISHING.load(Ordering::SeqCst) {
         WRITING
     } else {
         FIRST
@@ -42,6 +53,13 @@ pub fn install() {
         libc::signal(libc::SIGINT, handler);
         libc::signal(libc::SIGTERM, handler);
     }
+}
+
+/// Installs the handlers for a command that writes one output (`fuse`): a stop ends its work
+/// at the next check of [`requested`], and the partial output goes with it.
+pub fn install_for_output() {
+    OUTPUT_ONLY.store(true, Ordering::SeqCst);
+    install();
 }
 
 /// The run is writing its trained adapter: a first stop signal says so, rather than that a

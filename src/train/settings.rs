@@ -294,12 +294,18 @@ pub struct BudgetArgs {
     pub max_memory: Option<f64>,
 }
 
-fn parse_gb(s: &str) -> Result<f64, String> {
+/// A memory size in GB: positive, and at most [`MAX_GB`] (past it, a byte count overflows).
+pub fn parse_gb(s: &str) -> Result<f64, String> {
     match s.parse::<f64>() {
-        Ok(gb) if gb.is_finite() && gb > 0.0 => Ok(gb),
-        _ => Err("give the budget in GB as a finite positive number".into()),
+        Ok(gb) if gb.is_finite() && gb > 0.0 && gb <= MAX_GB => Ok(gb),
+        _ => Err(format!(
+            "give the size in GB as a positive number, at most {MAX_GB}"
+        )),
     }
 }
+
+/// The largest memory size in GB a flag takes: a million GB.
+pub const MAX_GB: f64 = 1e6;
 
 /// How training holds to its memory budget.
 #[derive(Debug, Clone, Args, Serialize, Deserialize)]

@@ -294,6 +294,27 @@ fn bad_flag_values() {
     assert_eq!(out.status.code(), Some(2));
     let e = String::from_utf8_lossy(&out.stderr);
     assert!(e.contains("--min-lr 1 is above --learning-rate"), "{e}");
+    // Sampling values are checked by the tool, a negative one included, before the load.
+    for (flags, needle) in [
+        (
+            ["--temperature", "-1"],
+            "--temperature -1 must be 0 (greedy) or positive",
+        ),
+        (["--top-p", "-0.5"], "--top-p -0.5 is outside (0, 1]"),
+        (
+            ["--max-tokens", "0"],
+            "--max-tokens 0: there would be nothing to generate",
+        ),
+    ] {
+        let out = cli()
+            .args(["generate", "--model", "x", "--prompt", "hi"])
+            .args(flags)
+            .output()
+            .unwrap();
+        let e = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{flags:?}: {e}");
+        assert!(e.contains(needle), "{flags:?}: {e}");
+    }
 }
 
 #[test]

@@ -354,3 +354,52 @@ fn decoding_holds_the_weights_as_stored_unless_the_flags_say_otherwise() {
     // An F16 GGUF is held as stored.
     assert_eq!(load(&f16, D::Auto, None), (F32, F16, None));
 }
+
+/// A long prompt is processed piece by piece (its attention scores grow with rows × context,
+/// so one forward over 8k tokens took gigabytes): the logits after it are the whole prompt's,
+/// with or without a previous piece's stop asked between pieces.
+#[test]
+fn a_prompt_in_pieces_gives_the_whole_prompt_s_logits() {
+    use std::ops::ControlFlow;
+    use your_ai::infer::generate::prefill;
+    let dir = tempfile::tempdir().unwrap();
+    let spec = fused_step_spec(false, true);
+    let path = dir.path().join("tiny");
+    common::write_hf_dir(
+        &path,
+        &spec,
+        &tiny_weights(&spec, 3),
+        candle_core::DType::F32,
+    );
+    let cfg = your_ai::model::ModelConfig::from_hf_file(&path.join("config.json")).unwrap();
+    let store = WeightStore::Safetensors(SafetensorsDir::open(&path).unwrap());
+    let dt = candle_core::DType::F32;
+    let model = Llama::load_mixed(&store, cfg, dt, dt, &Device::Cpu, None).unwrap();
+    let prompt: Vec<u32> = (0..45u32).map(|i| (i * 37 + 11) % 90).collect();
+    let logits = |rows: usize| {
+        let mut cache = KvCache::for_decoding(model.blocks.len());
+        let mut asked = 0;
+        let l = prefill(&model, &prompt, &mut cache, rows, || {
+            asked += 1;
+            ControlFlow::Continue(())
+        })
+        .unwrap()
+        .unwrap();
+        assert_eq!(asked, prompt.len().div_ceil(rows) - 1);
+        assert_eq!(cache.len(), prompt.len());
+        l
+    };
+    let whole = logits(prompt.len());
+    let scale = whole.iter().fold(0f32, |a, v| a.max(v.abs()));
+    for rows in [1, 7, 16, 44] {
+        let diff = max_diff(&logits(rows), &whole);
+        assert!(
+            diff <= 1e-5 * scale,
+            "{rows} rows a piece: {diff} (largest {scale})"
+        );
+    }
+    // Stopped between pieces: nothing comes back.
+    let mut cache = KvCache::for_decoding(model.blocks.len());
+    let stopped = prefill(&model, &prompt, &mut cache, 16, || ControlFlow::Break(())).unwrap();
+    assert!(stopped.is_none());
+}

@@ -338,6 +338,39 @@ fn a_client_that_disconnects_stops_its_generation() {
         .and_then(|n| n.parse().ok())
         .unwrap_or(usize::MAX);
     assert!(generated < 4000, "{stopped}");
+    // One that goes away while its long prompt is processed: stopped between the prompt's
+    // pieces, nothing generated.
+    let addr = server
+        .url
+        .trim_start_matches("http://")
+        .trim_end_matches("/v1");
+    let body = format!(
+        r#"{{"prompt":"{}","max_tokens":50,"stream":true}}"#,
+        "hello ".repeat(3000)
+    );
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        s,
+        "POST /v1/completions HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {KEY}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    drop(s);
+    let (status, text) = http(
+        &server.url,
+        "POST",
+        "/v1/completions",
+        true,
+        br#"{"prompt":"Hi","max_tokens":1}"#,
+    );
+    assert_eq!(status, 200, "{text}");
+    let log = server.log();
+    assert!(
+        log.lines()
+            .any(|l| l.contains(" prompt + 0 generated tokens") && l.contains("client gone")),
+        "{log}"
+    );
 }
 
 /// SIGTERM while a generation runs: it is cut short at its next token (its client gets an
@@ -531,7 +564,8 @@ fn browsers_on_an_allowed_origin_may_call_the_api() {
             &[
                 &format!("Origin: {origin}"),
                 "Access-Control-Request-Method: POST",
-                "Access-Control-Request-Headers: authorization, content-type",
+                // OpenAI's JS SDK adds its own headers to every request.
+                "Access-Control-Request-Headers: authorization, content-type, x-stainless-os",
             ],
         )
     };
@@ -542,7 +576,7 @@ fn browsers_on_an_allowed_origin_may_call_the_api() {
         "{r}"
     );
     assert!(
-        r.contains("access-control-allow-headers: authorization,content-type"),
+        r.contains("access-control-allow-headers: authorization, content-type, x-stainless-os"),
         "{r}"
     );
     assert!(!preflight("http://evil.example").contains("access-control-allow-origin"));

@@ -296,3 +296,32 @@ fn an_answer_is_found_where_the_generation_prompt_adds_to_it() {
     );
     assert!(spans[1].ends_with(&format!("<b>Yes.{eos}")), "{spans:?}");
 }
+
+/// Streamed text: each piece is given once its characters are whole, the text before a
+/// character still coming included; a reply that ends inside one gives its bytes as U+FFFD at
+/// the end; the pieces always join to the decoding of the tokens.
+#[test]
+fn streamed_pieces_hold_back_only_an_unfinished_character() {
+    use your_ai::data::tokenizer::StreamDecoder;
+    let g = GgufFile::open(&common::smollm2()).unwrap();
+    let tok = Tokenizer::from_gguf(&g).unwrap();
+    let text = "Emoji: 🌌 and 🐉 done";
+    let ids = tok.encode(text).unwrap();
+    // Byte-level BPE splits each emoji over several tokens.
+    assert!(ids.len() > text.split_whitespace().count() + 2, "{ids:?}");
+    for cut in 1..=ids.len() {
+        let mut d = StreamDecoder::new();
+        let mut joined = String::new();
+        for &id in &ids[..cut] {
+            if let Some(p) = d.push(&tok, id).unwrap() {
+                assert!(!p.contains('\u{FFFD}'), "{p:?}");
+                joined.push_str(&p);
+            }
+        }
+        let whole = tok.decode(&ids[..cut], true).unwrap();
+        // What is held back is only the unfinished character.
+        assert_eq!(joined, whole.trim_end_matches('\u{FFFD}'), "cut at {cut}");
+        joined.extend(d.finish(&tok).unwrap());
+        assert_eq!(joined, whole, "cut at {cut}");
+    }
+}

@@ -18,10 +18,10 @@ pub struct SamplingArgs {
     #[arg(long, default_value_t = 256)]
     pub max_tokens: usize,
     /// Sampling temperature; 0 is greedy.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, allow_hyphen_values = true)]
     pub temperature: f64,
     /// Nucleus sampling: keep the most likely tokens up to this probability mass.
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, allow_hyphen_values = true)]
     pub top_p: f64,
     /// Random seed for sampling.
     #[arg(long, default_value_t = 42)]
@@ -68,6 +68,11 @@ impl SamplingArgs {
                 "--top-p {} is outside (0, 1]",
                 self.top_p
             )));
+        }
+        if self.max_tokens == 0 {
+            return Err(Error::Usage(
+                "--max-tokens 0: there would be nothing to generate; give at least 1".into(),
+            ));
         }
         if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
             return Err(Error::Usage(format!(
@@ -135,6 +140,39 @@ pub fn generate(
     tokenizer: &Tokenizer,
     prompt: &[u32],
     sampling: &Sampling,
+    on_text: impl FnMut(&str) -> ControlFlow<()>,
+) -> Result<Generated> {
+    generate_with(
+        model,
+        tokenizer,
+        prompt,
+        sampling,
+        || ControlFlow::Continue(()),
+        on_text,
+    )
+}
+
+/// Bytes of attention scores one piece of the prompt may take (they grow with the piece's
+/// rows times the context so far, per head): what bounds prompt processing's memory.
+const PREFILL_SCORE_BYTES: usize = 256 << 20;
+
+/// Prompt tokens processed in one forward: as many as keep the attention scores (three f32
+/// copies: scores, masked, softmax) within [`PREFILL_SCORE_BYTES`] at context `context`,
+/// from 16 to 512. A long prompt is processed piece by piece, so its memory stays bounded
+/// (a whole 8k prompt took 8 GB for SmolLM2).
+fn prefill_rows(model: &Llama, context: usize) -> usize {
+    let per_row = 3 * 4 * model.cfg.num_attention_heads * context.max(1);
+    (PREFILL_SCORE_BYTES / per_row.max(1)).clamp(16, 512)
+}
+
+/// [`generate`], with `between_pieces` asked before each piece of the prompt after the first:
+/// `Break` stops there (a client gone during a long prompt), with nothing generated.
+pub fn generate_with(
+    model: &Llama,
+    tokenizer: &Tokenizer,
+    prompt: &[u32],
+    sampling: &Sampling,
+    between_pieces: impl FnMut() -> ControlFlow<()>,
     mut on_text: impl FnMut(&str) -> ControlFlow<()>,
 ) -> Result<Generated> {
     if prompt.is_empty() {
@@ -149,8 +187,17 @@ pub fn generate(
     let mut ids = vec![];
     let mut text = String::new();
     let start = Instant::now();
-    let input = Tensor::new(prompt, &model.device)?.unsqueeze(0)?;
-    let mut logits = last_logits(model, &input, &mut cache)?;
+    let rows = prefill_rows(model, prompt.len());
+    let Some(mut logits) = prefill(model, prompt, &mut cache, rows, between_pieces)? else {
+        return Ok(Generated {
+            ids,
+            text,
+            stop: StopReason::Stopped,
+            prompt_tokens: prompt.len(),
+            prefill_time: start.elapsed(),
+            decode_time: Duration::ZERO,
+        });
+    };
     let prefill_time = start.elapsed();
     let decode_start = Instant::now();
     let mut stop = StopReason::MaxTokens;
@@ -176,6 +223,14 @@ pub fn generate(
             }
         };
     }
+    // Bytes held back for a character the reply ended inside: given as they decode (U+FFFD),
+    // so the text is the decoding of the tokens counted.
+    if stop != StopReason::Stopped {
+        if let Some(piece) = decoder.finish(tokenizer)? {
+            text.push_str(&piece);
+            let _ = on_text(&piece);
+        }
+    }
     Ok(Generated {
         ids,
         text,
@@ -184,6 +239,31 @@ pub fn generate(
         prefill_time,
         decode_time: decode_start.elapsed(),
     })
+}
+
+/// Runs `prompt` into `cache`, `rows` tokens per forward, and returns the logits after its
+/// last token; None when `between_pieces` (asked before each piece after the first) stops it.
+pub fn prefill(
+    model: &Llama,
+    prompt: &[u32],
+    cache: &mut KvCache,
+    rows: usize,
+    mut between_pieces: impl FnMut() -> ControlFlow<()>,
+) -> Result<Option<Vec<f32>>> {
+    let pieces = prompt.len().div_ceil(rows.max(1));
+    for (i, piece) in prompt.chunks(rows.max(1)).enumerate() {
+        if i > 0 && between_pieces().is_break() {
+            return Ok(None);
+        }
+        let input = Tensor::new(piece, &model.device)?.unsqueeze(0)?;
+        if i + 1 == pieces {
+            return last_logits(model, &input, cache).map(Some);
+        }
+        model.forward_hidden(&input, cache)?;
+    }
+    Err(crate::error::Error::Usage(
+        "an empty prompt: there is nothing to continue from".into(),
+    ))
 }
 
 fn last_logits(model: &Llama, input: &Tensor, cache: &mut KvCache) -> Result<Vec<f32>> {

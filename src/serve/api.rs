@@ -267,7 +267,7 @@ fn common(
 
 /// Refuses what a client asks for and this server cannot give, rather than answer as if it
 /// had: token log-probabilities, the prompt echoed, several candidates, an insertion suffix,
-/// a forced tool call, a structured output format. (Tools the model may use or not, under
+/// a forced tool call, a structured output format, repetition penalties, token biases, audio. (Tools the model may use or not, under
 /// `tool_choice` auto or none, are answered in text, which that choice allows.)
 fn unsupported(m: &serde_json::Map<String, Value>) -> Result<(), ApiError> {
     let asks = |name: &str| match m.get(name) {
@@ -284,6 +284,8 @@ fn unsupported(m: &serde_json::Map<String, Value>) -> Result<(), ApiError> {
         Some(Value::Object(o)) if name == "response_format" => {
             o.get("type").and_then(Value::as_str) != Some("text")
         }
+        Some(Value::Object(o)) if name == "logit_bias" => !o.is_empty(),
+        Some(Value::Array(a)) if name == "modalities" => a.iter().any(|m| m != "text"),
         Some(_) => true,
     };
     let what = [
@@ -294,6 +296,11 @@ fn unsupported(m: &serde_json::Map<String, Value>) -> Result<(), ApiError> {
         ("suffix", "insertion (a suffix)"),
         ("tool_choice", "a forced tool call"),
         ("response_format", "a structured response format"),
+        ("frequency_penalty", "repetition penalties"),
+        ("presence_penalty", "repetition penalties"),
+        ("logit_bias", "token biases"),
+        ("modalities", "output other than text"),
+        ("audio", "audio output"),
     ];
     match what.into_iter().find(|(name, _)| asks(name)) {
         Some((name, feature)) => Err(ApiError::invalid(
@@ -419,10 +426,24 @@ mod tests {
                 r#""response_format":{"type":"json_object"}"#,
                 "response_format",
             ),
+            (r#""frequency_penalty":0.5"#, "frequency_penalty"),
+            (r#""presence_penalty":"abc""#, "presence_penalty"),
+            (r#""logit_bias":{"19556":-100}"#, "logit_bias"),
+            (r#""logit_bias":"junk""#, "logit_bias"),
+            (r#""modalities":["text","audio"]"#, "modalities"),
+            (r#""audio":{"voice":"x","format":"wav"}"#, "audio"),
         ] {
             let e = chat_with(bad).unwrap_err();
             assert_eq!(e.param, Some(param), "{bad}");
             assert!(e.message.contains("does not support"), "{}", e.message);
+        }
+        // Their defaults ask for nothing.
+        for ok in [
+            r#""frequency_penalty":0"#,
+            r#""logit_bias":{}"#,
+            r#""modalities":["text"]"#,
+        ] {
+            assert!(chat_with(ok).is_ok(), "{ok}");
         }
         // The completions endpoint's logprobs is a count.
         assert!(completion(br#"{"prompt":"a","logprobs":5}"#).is_err());

@@ -24,7 +24,7 @@ use std::convert::Infallible;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use tokio::sync::mpsc;
-use tower_http::cors::{AllowOrigin, CorsLayer};
+use tower_http::cors::{AllowHeaders, AllowOrigin, CorsLayer};
 use worker::{Event, Job};
 
 /// Request bodies above this are refused (413): a chat that fills a 128k context is ~0.5 MB.
@@ -50,7 +50,7 @@ pub struct App {
 /// preflights included; None when no origin is given. An origin that is not one is refused,
 /// named.
 pub fn cors(origins: &[String]) -> Result<Option<CorsLayer>, String> {
-    use axum::http::{header, HeaderValue, Method};
+    use axum::http::{HeaderValue, Method};
     let allow = match origins {
         [] => return Ok(None),
         [any] if any == "*" => AllowOrigin::any(),
@@ -75,7 +75,9 @@ pub fn cors(origins: &[String]) -> Result<Option<CorsLayer>, String> {
         CorsLayer::new()
             .allow_origin(allow)
             .allow_methods([Method::GET, Method::POST])
-            .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE])
+            // Whatever headers the page's client sends (OpenAI's JS SDK adds `x-stainless-*`
+            // ones): the origin is what is checked, and every request still needs the key.
+            .allow_headers(AllowHeaders::mirror_request())
             .max_age(std::time::Duration::from_secs(3600)),
     ))
 }
@@ -202,6 +204,16 @@ enum Kind {
     Text,
 }
 
+impl Kind {
+    /// The request field that holds the prompt, for errors about it.
+    fn prompt_param(self) -> &'static str {
+        match self {
+            Kind::Chat => "messages",
+            Kind::Text => "prompt",
+        }
+    }
+}
+
 async fn respond(
     app: Arc<App>,
     headers: HeaderMap,
@@ -267,7 +279,7 @@ fn start(
         Prompt::Chat(messages) => chat_ids(&app.tokenizer, messages),
         Prompt::Text(text) => app.tokenizer.encode_with_bos(text).map_err(Into::into),
     }
-    .map_err(|e| ApiError::invalid(Some("messages"), e.to_string()))?;
+    .map_err(|e| ApiError::invalid(Some(kind.prompt_param()), e.to_string()))?;
     if ids.is_empty() {
         let (param, what) = match kind {
             Kind::Chat => ("messages", "the messages make"),
@@ -287,7 +299,7 @@ fn start(
                 ids.len(),
                 app.context
             ),
-            param: Some("messages"),
+            param: Some(kind.prompt_param()),
             code: Some("context_length_exceeded"),
         });
     }

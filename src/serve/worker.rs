@@ -1,13 +1,14 @@
 //! The one thread that owns the model and generates, one request at a time, in the order they
 //! came: requests wait in a bounded queue, and a client that goes away stops its generation
-//! at the next token (its channel closes). Text is handed over without waiting, so a client
+//! at the next token, or the next piece of a long prompt (its channel closes). Text is handed over without waiting, so a client
 //! that stops reading holds up no one. When the server stops, the running generation ends
 //! at its next token and those waiting are turned away.
 
 use crate::data::tokenizer::Tokenizer;
-use crate::infer::generate::{generate, Sampling, StopReason};
+use crate::infer::generate::{generate_with, Sampling, StopReason};
 use crate::model::lora::Adapter;
 use crate::model::Llama;
+use std::cell::Cell;
 use std::collections::HashMap;
 use std::ops::ControlFlow;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -63,24 +64,42 @@ pub fn run(
         model.adapter = job.adapter.as_ref().and_then(|a| adapters.get(a)).cloned();
         let start = Instant::now();
         let mut out = Stops::new(&job.stop);
-        let mut gone = false;
-        let mut cut = false;
-        let result = generate(&model, &tokenizer, &job.ids, &job.sampling, |piece| {
-            let (send, stopped) = out.push(piece);
-            if !send.is_empty() && job.events.send(Event::Text(send)).is_err() {
-                gone = true;
-                return ControlFlow::Break(());
-            }
-            if stopping.load(Ordering::Relaxed) {
-                cut = true;
-                return ControlFlow::Break(());
-            }
-            if stopped {
+        let (gone, cut) = (Cell::new(false), Cell::new(false));
+        // Between pieces of the prompt (minutes, for a long one on a CPU): a client gone or a
+        // server stopping ends the work there.
+        let keep_on = || {
+            gone.set(job.events.is_closed());
+            cut.set(stopping.load(Ordering::Relaxed));
+            if gone.get() || cut.get() {
                 ControlFlow::Break(())
             } else {
                 ControlFlow::Continue(())
             }
-        });
+        };
+        let result = generate_with(
+            &model,
+            &tokenizer,
+            &job.ids,
+            &job.sampling,
+            keep_on,
+            |piece| {
+                let (send, stopped) = out.push(piece);
+                if !send.is_empty() && job.events.send(Event::Text(send)).is_err() {
+                    gone.set(true);
+                    return ControlFlow::Break(());
+                }
+                if stopping.load(Ordering::Relaxed) {
+                    cut.set(true);
+                    return ControlFlow::Break(());
+                }
+                if stopped {
+                    ControlFlow::Break(())
+                } else {
+                    ControlFlow::Continue(())
+                }
+            },
+        );
+        let (mut gone, cut) = (gone.get(), cut.get());
         let event = match result {
             Ok(r) => {
                 let rest = out.finish();

@@ -349,18 +349,28 @@ impl StreamDecoder {
         }
     }
 
-    /// Adds a token; returns the newly completed text, if any.
+    /// Adds a token; returns the newly completed text, if any: everything up to the bytes of
+    /// a character not yet whole (which decode as U+FFFD until it is).
     pub fn push(&mut self, tok: &Tokenizer, id: u32) -> Result<Option<String>, TokenizerError> {
         self.ids.push(id);
         let text = tok.decode(&self.ids, true)?;
-        if text.ends_with('\u{FFFD}')
-            || text.len() <= self.emitted
-            || !text.is_char_boundary(self.emitted)
-        {
-            return Ok(None);
+        let whole = text.trim_end_matches('\u{FFFD}').len();
+        Ok(self.take(&text, whole))
+    }
+
+    /// At the end of the reply: what is still held back (bytes of a character it ended
+    /// inside, as U+FFFD), if anything.
+    pub fn finish(&mut self, tok: &Tokenizer) -> Result<Option<String>, TokenizerError> {
+        let text = tok.decode(&self.ids, true)?;
+        Ok(self.take(&text, text.len()))
+    }
+
+    fn take(&mut self, text: &str, end: usize) -> Option<String> {
+        if end <= self.emitted || !text.is_char_boundary(self.emitted) {
+            return None;
         }
-        let piece = text[self.emitted..].to_string();
-        self.emitted = text.len();
-        Ok(Some(piece))
+        let piece = text[self.emitted..end].to_string();
+        self.emitted = end;
+        Some(piece)
     }
 }

@@ -68,3 +68,34 @@ fn chat_refuses_a_message_over_the_context_and_keeps_the_conversation() {
     assert_eq!(with, without);
     assert_eq!(with.len(), 2);
 }
+
+/// Old exchanges make way for the reply, not only for the prompt: with a 256-token context, a
+/// second turn that would leave the reply a few tokens drops the first exchange instead, and
+/// the reply gets its --max-tokens.
+#[test]
+fn the_reply_keeps_its_room_as_the_conversation_grows() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = common::tiny_chat_model(&tmp.path().join("model"));
+    let message = "Tell me about the rivers and the hills. ".repeat(6);
+    let o = cli()
+        .args(["chat", "--max-tokens", "100", "--ignore-eos", "--model"])
+        .arg(&model)
+        .write_stdin(format!("{message}\n{message}\n"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    assert!(o.status.success(), "{err}");
+    let generated: Vec<usize> = err
+        .lines()
+        .filter_map(|l| {
+            l.split(" generated")
+                .next()?
+                .rsplit(' ')
+                .next()?
+                .parse()
+                .ok()
+        })
+        .collect();
+    assert_eq!(generated, [100, 100], "{err}");
+    assert!(err.contains("oldest exchange is dropped"), "{err}");
+}

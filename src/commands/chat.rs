@@ -54,7 +54,9 @@ pub fn run(args: ChatArgs) -> Result<()> {
             _ => {}
         }
         turns.push(json!({"role": "user", "content": text}));
-        let Some(ids) = fit(tok, &system, &mut turns, context)? else {
+        // Room for the reply: --max-tokens, up to half the context.
+        let room = args.sampling.max_tokens.min(context / 2);
+        let Some(ids) = fit(tok, &system, &mut turns, context, room)? else {
             continue;
         };
         sampling.max_tokens = args.sampling.max_tokens.min(context - ids.len());
@@ -79,12 +81,14 @@ pub fn run(args: ChatArgs) -> Result<()> {
 
 /// The prompt for the conversation `system` + `turns`, whose last turn is the new message. A
 /// message too long for the context on its own is refused and taken back, the earlier turns
-/// kept; otherwise the oldest whole exchanges go first until the prompt fits.
+/// kept; otherwise the oldest whole exchanges go first until the prompt leaves `room` tokens
+/// of the context for the reply (a reply is not cut short to keep an old exchange).
 fn fit(
     tok: &Tokenizer,
     system: &[Value],
     turns: &mut Vec<Value>,
     context: usize,
+    room: usize,
 ) -> Result<Option<Vec<u32>>> {
     let prompt = |turns: &[Value]| -> Result<Vec<u32>> {
         let messages: Vec<Value> = system.iter().chain(turns).cloned().collect();
@@ -104,7 +108,7 @@ fn fit(
     }
     loop {
         let ids = prompt(turns)?;
-        if ids.len() < context || turns.len() <= 1 {
+        if ids.len() + room <= context || turns.len() <= 1 {
             return Ok(Some(ids));
         }
         turns.drain(..2.min(turns.len() - 1));

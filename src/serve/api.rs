@@ -44,7 +44,16 @@ impl IntoResponse for ApiError {
         let body = json!({"error": {
             "message": self.message, "type": kind, "param": self.param, "code": self.code,
         }});
-        (self.status, axum::Json(body)).into_response()
+        let mut response = (self.status, axum::Json(body)).into_response();
+        // A full queue or a stopping server: clients that honour it (OpenAI's SDKs) wait
+        // before retrying rather than hammer.
+        if self.status == StatusCode::SERVICE_UNAVAILABLE {
+            response.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from_static("1"),
+            );
+        }
+        response
     }
 }
 
@@ -146,6 +155,17 @@ fn message(i: usize, msg: &Value) -> Result<Value, ApiError> {
         return Err(bad(&format!(
             "role `{role}` is not one of system, developer, user, assistant, tool"
         )));
+    }
+    // This server answers tools in text and never returns `tool_calls`; dropping calls made
+    // elsewhere would leave the model an empty turn.
+    if msg
+        .get("tool_calls")
+        .is_some_and(|c| c.as_array().is_none_or(|a| !a.is_empty()))
+    {
+        return Err(bad(
+            "`tool_calls` in the conversation are not supported: this server answers tools in \
+             text; give the call as the message's text instead",
+        ));
     }
     let content = match msg.get("content") {
         Some(Value::String(s)) => s.clone(),
@@ -332,6 +352,15 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_busy_or_stopping_server_says_when_to_retry() {
+        let busy = ApiError::with(StatusCode::SERVICE_UNAVAILABLE, "server_busy", "full");
+        let r = busy.into_response();
+        assert_eq!(r.headers()["retry-after"], "1");
+        let bad = ApiError::invalid(Some("n"), "n must be 1").into_response();
+        assert!(bad.headers().get("retry-after").is_none());
+    }
+
+    #[test]
     fn requests_are_checked_field_by_field() {
         let ok = chat(br#"{"model":"m","messages":[{"role":"user","content":"hi"}],"max_tokens":5,"stop":"x","temperature":0}"#).unwrap();
         assert_eq!(ok.max_tokens, Some(5));
@@ -437,6 +466,13 @@ mod tests {
             assert_eq!(e.param, Some(param), "{bad}");
             assert!(e.message.contains("does not support"), "{}", e.message);
         }
+        let call = r#"{"messages":[{"role":"user","content":"x"},{"role":"assistant","content":null,"tool_calls":[{"id":"1","type":"function","function":{"name":"f","arguments":"{}"}}]}]}"#;
+        let e = chat(call.as_bytes()).unwrap_err();
+        assert!(
+            e.message.contains("messages[1]: `tool_calls`"),
+            "{}",
+            e.message
+        );
         // Their defaults ask for nothing.
         for ok in [
             r#""frequency_penalty":0"#,

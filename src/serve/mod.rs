@@ -54,6 +54,13 @@ pub fn cors(origins: &[String]) -> Result<Option<CorsLayer>, String> {
     let allow = match origins {
         [] => return Ok(None),
         [any] if any == "*" => AllowOrigin::any(),
+        _ if origins.iter().any(|o| o == "*") => {
+            return Err(
+                "--cors-origin *: any origin already includes the others; give * alone, or \
+                 only the origins to allow"
+                    .into(),
+            )
+        }
         _ => {
             let mut values = vec![];
             for o in origins {
@@ -509,4 +516,28 @@ fn stream(s: Started, kind: Kind) -> Response {
     Sse::new(body)
         .keep_alive(KeepAlive::default())
         .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cors_origins_are_checked() {
+        let given = |o: &[&str]| cors(&o.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+        assert!(given(&[]).unwrap().is_none());
+        assert!(given(&["*"]).unwrap().is_some());
+        assert!(given(&["http://localhost:3000", "https://a.example"])
+            .unwrap()
+            .is_some());
+        let e = given(&["*", "http://a.example"]).err().unwrap();
+        assert!(e.contains("give * alone"), "{e}");
+        for bad in ["localhost:3000", "http://a.example/", "ftp://a.example"] {
+            let e = given(&[bad]).err().unwrap();
+            assert!(
+                e.contains(&format!("--cors-origin {bad}: not an origin")),
+                "{e}"
+            );
+        }
+    }
 }

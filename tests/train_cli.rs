@@ -259,7 +259,12 @@ fn schedule_clipping_and_accumulation_flags_act() {
             "1e-4",
         ],
     );
-    assert!((lrs(&linear)[2] - 1e-4).abs() < 1e-12);
+    // 1e-3 down toward 1e-4 over 3 steps: the last a quarter above the floor, none at it.
+    assert!(
+        (lrs(&linear)[2] - 3.25e-4).abs() < 1e-12,
+        "{:?}",
+        lrs(&linear)
+    );
     // Warmup is capped at the run's steps.
     let (stderr, _) = train(&s, "warm", &["--warmup-steps", "100"]);
     assert!(stderr.contains("capped"), "{stderr}");
@@ -272,6 +277,9 @@ fn schedule_clipping_and_accumulation_flags_act() {
     let (_, acc) = train(&s, "acc", &["--grad-accumulation-steps", "2"]);
     let (_, one) = train(&s, "one", &[]);
     assert!(tok(&acc) > tok(&one));
+    // More micro-batches a step than an epoch has: said, as a step then repeats examples.
+    let (stderr, _) = train(&s, "acc-many", &["--grad-accumulation-steps", "9"]);
+    assert!(stderr.contains("is more than an epoch's"), "{stderr}");
     // Epochs decide the number of steps: 8 examples / batch 2 = 4 steps per epoch.
     let (stderr, ep) = train_no_steps(&s, "ep", &["--epochs", "1.5", "--batch-size", "2"]);
     assert!(stderr.contains("Training finished: 6 steps"), "{stderr}");

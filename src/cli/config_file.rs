@@ -15,6 +15,18 @@ const PAIRS: &[(&str, &str)] = &[
     ("distrust", "no_distrust"),
 ];
 
+/// Whether `v` is, or holds, a NaN or an infinity (`.nan`, `.inf` in YAML).
+fn non_finite(v: &serde_yaml::Value) -> bool {
+    use serde_yaml::Value;
+    match v {
+        Value::Number(n) => n.as_f64().is_some_and(|f| !f.is_finite()),
+        Value::Sequence(items) => items.iter().any(non_finite),
+        Value::Mapping(m) => m.values().any(non_finite),
+        Value::Tagged(t) => non_finite(&t.value),
+        _ => false,
+    }
+}
+
 /// Merges the file at `path` into `args`: settings the command line gave win; the others
 /// (and those the file gives) are recorded in `args.given`.
 pub fn merge(args: &mut TrainArgs, path: &Path) -> Result<()> {
@@ -41,6 +53,12 @@ pub fn merge(args: &mut TrainArgs, path: &Path) -> Result<()> {
         if !known.contains(&name) || name == "config" {
             return Err(bad(format!(
                 "`{flag}` is not a train flag (see `your_ai train --help`)"
+            )));
+        }
+        // JSON has no NaN or infinity: converted, they would read as "not given".
+        if non_finite(&v) {
+            return Err(bad(format!(
+                "`{key}`: not a finite number; give a number (or leave the key out)"
             )));
         }
         let mut value: serde_json::Value =
@@ -199,5 +217,35 @@ mod tests {
         assert!(a.distrust.distrust && !a.distrust.no_distrust && !a.output.save_best);
         let a = train("", &[]);
         assert!(!a.distrust.distrust && !a.distrust.no_distrust && a.data.mask_prompt);
+    }
+
+    #[test]
+    fn nan_and_infinity_are_refused_naming_the_key() {
+        for yaml in [
+            "epochs: .nan\n",
+            "max_memory: .inf\n",
+            "lora-alpha: -.inf\n",
+        ] {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("run.yaml");
+            std::fs::write(&path, yaml).unwrap();
+            let argv = [
+                "your_ai",
+                "train",
+                "--model",
+                "x",
+                "--config",
+                path.to_str().unwrap(),
+            ];
+            let e = parse_from(argv)
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            let key = yaml.split(':').next().unwrap();
+            assert!(
+                e.contains(&format!("`{key}`: not a finite number")),
+                "{yaml}: {e}"
+            );
+        }
     }
 }

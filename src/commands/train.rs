@@ -318,6 +318,13 @@ fn resolve(
         )));
     }
     let batches_per_epoch = units / a.batch.batch_size;
+    if a.schedule.grad_accumulation_steps > batches_per_epoch {
+        eprintln!(
+            "warning: --grad-accumulation-steps {} is more than an epoch's {batches_per_epoch} \
+             batches: each step sees some examples more than once",
+            a.schedule.grad_accumulation_steps
+        );
+    }
     let steps = match a.schedule.epochs {
         Some(e) => ((e * batches_per_epoch as f64) / a.schedule.grad_accumulation_steps as f64)
             .ceil()

@@ -60,7 +60,13 @@ pub fn preflight(
         lora_rank: lora.lora_rank,
         targets: lora.targets(),
         adapted_layers: adapted.min(cfg.num_hidden_layers),
-        keep_blocks: 0,
+        // What is kept whatever the budget (`all`, a number) counts in the fit below; `auto`
+        // keeps only what the budget has room for once the batch is set.
+        keep_blocks: match memory.keep_activations {
+            KeepActivations::All => adapted.min(cfg.num_hidden_layers),
+            KeepActivations::Blocks(n) => n.min(adapted),
+            KeepActivations::Auto | KeepActivations::None => 0,
+        },
         dropout: lora.lora_dropout > 0.0,
         packed,
         act_bytes,
@@ -72,10 +78,13 @@ pub fn preflight(
     if !fits(&w) {
         let e = estimate(cfg, &w);
         let over = e.peak() - budget.bytes;
-        match (
-            memory.auto_fit,
-            largest_batch(cfg, &w, batch.batch_size, budget.bytes),
-        ) {
+        // A tenth of the budget spare where a batch allows it (as `--keep-activations auto`
+        // leaves), else batch 1, the most spare there is: the estimate is not exact, and a run
+        // at 99% of its budget stops at the first step that allocates a little more.
+        let room = budget.bytes / 10 * 9;
+        let fitted = largest_batch(cfg, &w, batch.batch_size, room)
+            .or_else(|| largest_batch(cfg, &w, 1, budget.bytes));
+        match (memory.auto_fit, fitted) {
             (true, Some(b)) => {
                 eprintln!(
                     "--auto-fit: batch size {} would need {:.2} GB; training with batch size {b}, which fits",
@@ -98,7 +107,11 @@ pub fn preflight(
                     e.peak() as f64 / 1e9,
                     over as f64 / 1e9,
                     budget.bytes as f64 / 1e9,
-                    if memory.auto_fit { "" } else { " (or pass --auto-fit to pick the batch size)" }
+                    if memory.auto_fit || batch.batch_size == 1 {
+                        ""
+                    } else {
+                        " (or pass --auto-fit to pick the batch size)"
+                    }
                 )));
             }
         }

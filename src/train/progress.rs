@@ -66,12 +66,12 @@ impl Progress {
             l => format!("{l:.4}"),
         };
         let mut s = format!(
-            "[{}] {bar} {}/{} ETA:{eta} loss: {loss} | lr: {} | {:.1} steps/s | {:.0} tok/s",
+            "[{}] {bar} {}/{} ETA:{eta} loss: {loss} | lr: {} | {} | {:.0} tok/s",
             clock(self.start.elapsed()),
             r.step,
             self.total,
             sci(r.lr),
-            r.steps_per_s,
+            step_rate(r.steps_per_s),
             r.tokens_per_s
         );
         if let Some((weighted, d)) = r.distrust {
@@ -145,17 +145,42 @@ pub fn short_duration(secs: f64) -> String {
         return "?".into();
     }
     let s = secs.round() as u64;
+    // Minutes rounded to the nearest (100 s is 2m, not 1m).
+    let m = (s + 30) / 60;
     match s {
         0..=59 => format!("{s}s"),
-        60..=3599 => format!("{}m", s / 60),
-        _ if (s / 60).is_multiple_of(60) => format!("{}h", s / 3600),
-        _ => format!("{}h{:02}m", s / 3600, (s / 60) % 60),
+        _ if m < 60 => format!("{m}m"),
+        _ if m.is_multiple_of(60) => format!("{}h", m / 60),
+        _ => format!("{}h{:02}m", m / 60, m % 60),
+    }
+}
+
+/// `2.1 steps/s`, or `20 s/step` below a tenth of a step a second (an 8B step on a CPU),
+/// which `0.0 steps/s` would hide.
+pub fn step_rate(steps_per_s: f64) -> String {
+    if steps_per_s > 0.0 && steps_per_s < 0.095 {
+        format!("{:.0} s/step", 1.0 / steps_per_s)
+    } else {
+        format!("{steps_per_s:.1} steps/s")
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rates_and_durations_read_right_when_slow() {
+        assert_eq!(step_rate(2.1), "2.1 steps/s");
+        assert_eq!(step_rate(0.1), "0.1 steps/s");
+        assert_eq!(step_rate(0.05), "20 s/step");
+        assert_eq!(step_rate(0.0), "0.0 steps/s");
+        assert_eq!(short_duration(100.0), "2m");
+        assert_eq!(short_duration(59.0), "59s");
+        assert_eq!(short_duration(3590.0), "1h");
+        assert_eq!(short_duration(8.0 * 3600.0), "8h");
+        assert_eq!(short_duration(5000.0), "1h23m");
+    }
 
     #[test]
     fn line_has_the_documented_form() {

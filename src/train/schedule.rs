@@ -1,5 +1,6 @@
-//! Learning-rate schedule: linear warmup to the peak, then cosine, linear or constant down to
-//! a floor. Steps are 1-based: step 1 already trains (no wasted step at lr 0).
+//! Learning-rate schedule: linear warmup to the peak, then cosine, linear or constant down
+//! toward a floor. Steps are 1-based: step 1 already trains, and the decay reaches the floor
+//! one step after the last, so no step is spent at lr 0 (the default floor) at either end.
 
 #[derive(
     Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
@@ -39,8 +40,9 @@ impl Schedule {
             return self.peak * step as f64 / self.warmup as f64;
         }
         let decay_steps = self.total - self.warmup;
-        // After warmup: progress 0 at the first decay step's start, 1 at the last step.
-        let progress = (step - self.warmup) as f64 / decay_steps as f64;
+        // After warmup (whose last step is at the peak): progress 1/(n+1) at the first of the
+        // n decay steps, n/(n+1) at the last; 1, the floor, would be the step after the run.
+        let progress = (step - self.warmup) as f64 / (decay_steps + 1) as f64;
         match self.kind {
             ScheduleKind::Constant => self.peak,
             ScheduleKind::Linear => self.peak - (self.peak - self.min) * progress,
@@ -80,16 +82,42 @@ mod tests {
                         assert!((lrs[w - 1] - 1e-4).abs() < 1e-18);
                         assert!(lrs.windows(2).take(w - 1).all(|p| p[1] > p[0]));
                     }
-                    // Decay never rises and ends at the floor (except constant).
+                    // Decay never rises and ends above the floor (no step is spent at it),
+                    // one decay step from it.
                     assert!(lrs[w.max(1) - 1..].windows(2).all(|p| p[1] <= p[0] + 1e-18));
                     if kind != ScheduleKind::Constant && total > w {
+                        let n = (total - w) as f64;
+                        let end = match kind {
+                            ScheduleKind::Linear => 1e-6 + (1e-4 - 1e-6) / (n + 1.0),
+                            _ => {
+                                let c = (std::f64::consts::PI * n / (n + 1.0)).cos();
+                                1e-6 + (1e-4 - 1e-6) * 0.5 * (1.0 + c)
+                            }
+                        };
+                        assert!(lrs[total - 1] > 1e-6, "{kind:?} {total} {warmup}");
                         assert!(
-                            (lrs[total - 1] - 1e-6).abs() < 1e-15,
+                            (lrs[total - 1] - end).abs() < 1e-15,
                             "{kind:?} {total} {warmup}"
                         );
                     }
                 }
             }
         }
+    }
+
+    #[test]
+    fn no_step_trains_at_lr_0_with_the_default_floor() {
+        for kind in [ScheduleKind::Cosine, ScheduleKind::Linear] {
+            for (warmup, total) in [(0, 1), (0, 2), (1, 1), (3, 10), (0, 5000), (100, 5000)] {
+                let s = Schedule::new(kind, 5e-5, 0.0, warmup, total);
+                assert!(
+                    (1..=total).all(|i| s.lr(i) > 0.0),
+                    "{kind:?} warmup {warmup} of {total}"
+                );
+            }
+        }
+        // The first decay step is just below the peak, as the last is just above the floor.
+        let s = Schedule::new(ScheduleKind::Linear, 1.0, 0.0, 0, 3);
+        assert_eq!((s.lr(1), s.lr(2), s.lr(3)), (0.75, 0.5, 0.25));
     }
 }

@@ -50,6 +50,15 @@ pub fn merge(args: &mut TrainArgs, path: &Path) -> Result<()> {
             .ok_or_else(|| bad(format!("key {k:?} is not a string")))?;
         let name = key.replace('-', "_");
         let flag = name.replace('_', "-");
+        // Required on the command line (every command takes it there), so a file's would
+        // always lose to it, unseen.
+        if name == "model" {
+            return Err(bad(
+                "`model`: give the model on the command line (--model); the file holds the \
+                 run's other settings"
+                    .into(),
+            ));
+        }
         if !known.contains(&name) || name == "config" {
             return Err(bad(format!(
                 "`{flag}` is not a train flag (see `your_ai train --help`)"
@@ -247,5 +256,15 @@ mod tests {
                 "{yaml}: {e}"
             );
         }
+    }
+
+    #[test]
+    fn the_model_is_given_on_the_command_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("run.yaml");
+        std::fs::write(&path, "model: llama-8b\nlora_rank: 4\n").unwrap();
+        let argv = ["your_ai", "train", "--model", "x", "--config", path.to_str().unwrap()];
+        let e = parse_from(argv).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(e.contains("`model`: give the model on the command line"), "{e}");
     }
 }

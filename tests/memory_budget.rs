@@ -111,7 +111,10 @@ fn over_budget_refused_with_advice_that_works() {
         .find(|l| l.trim_start().starts_with("estimated peak"))
         .and_then(|l| l.split('(').nth(1)?.split('%').next()?.trim().parse().ok())
         .unwrap_or_else(|| panic!("no estimated peak line: {e}"));
-    assert!(share <= 90.0 || e.contains("training with batch size 1,"), "{e}");
+    assert!(
+        share <= 90.0 || e.contains("training with batch size 1,"),
+        "{e}"
+    );
     // A budget above the machine is refused.
     let o = run(&["--max-memory", "100000"], "huge");
     assert_eq!(o.status.code(), Some(2));
@@ -399,6 +402,32 @@ fn benchmark_recommend_setup_and_auto_optimize() {
         e.contains("--max-seq-length 32") || e.contains("× length 32"),
         "{e}"
     );
+    // A saved best whose peak is over the budget given now is measured again, under it.
+    let peak = saved["best"].as_object().unwrap().values().next().unwrap()["peak_bytes"]
+        .as_f64()
+        .unwrap();
+    let budget = format!("{:.3}", peak / 1e9 - 0.001);
+    let o = r
+        .train_command(&r.root.join("auto-small"))
+        .env("YOUR_AI_CONFIG_DIR", &cfg_dir)
+        .args([
+            "--max-steps",
+            "1",
+            "--auto-optimize",
+            "--max-memory",
+            &budget,
+        ])
+        .output()
+        .unwrap();
+    let e = stderr(&o);
+    assert!(e.contains("saved yet within --max-memory"), "{e}");
+    // The benchmark ran under that budget, where nothing fits this model.
+    assert!(
+        e.contains(&format!("Set memory limit to {:.2} GB", peak / 1e9 - 0.001)),
+        "{e}"
+    );
+    assert_eq!(o.status.code(), Some(2), "{e}");
+    assert!(e.contains("the benchmark found no configuration"), "{e}");
 
     // A child that crosses its budget is reported as over budget, not as a crash.
     let o = bench(&["--batch-sizes", "1"]);

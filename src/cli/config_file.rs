@@ -263,8 +263,21 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("run.yaml");
         std::fs::write(&path, "model: llama-8b\nlora_rank: 4\n").unwrap();
-        let argv = ["your_ai", "train", "--model", "x", "--config", path.to_str().unwrap()];
-        let e = parse_from(argv).err().map(|e| e.to_string()).unwrap_or_default();
-        assert!(e.contains("`model`: give the model on the command line"), "{e}");
+        let argv = [
+            "your_ai",
+            "train",
+            "--model",
+            "x",
+            "--config",
+            path.to_str().unwrap(),
+        ];
+        let e = parse_from(argv)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            e.contains("`model`: give the model on the command line"),
+            "{e}"
+        );
     }
 }

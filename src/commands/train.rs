@@ -229,18 +229,52 @@ fn auto_optimize(a: &mut TrainArgs) -> Result<()> {
     let model = &a.model.model;
     let key = setup_file::model_key(model);
     let saved = setup_file::load()?.and_then(|p| p.best.get(&key).cloned());
+    // A saved best measured at a peak over the budget given now would be refused: measure
+    // again under this one.
+    let budget = a.memory.budget.max_memory.map(|gb| (gb * 1e9) as u64);
+    let saved = saved.filter(|b| budget.is_none_or(|limit| b.peak_bytes <= limit));
     let best = match saved {
         Some(b) => b,
         None => {
             eprintln!(
-                "--auto-optimize: no benchmark of {model} saved yet; running `your_ai benchmark --quick` first"
+                "--auto-optimize: no benchmark of {model} saved yet{}; running `your_ai benchmark --quick` first",
+                if budget.is_some() { " within --max-memory" } else { "" }
             );
+            // The benchmark measures what this run will be: its device, dtype, engine, base
+            // precision and budget.
+            let name = |v: &dyn Fn() -> Option<clap::builder::PossibleValue>| {
+                v().map(|p| p.get_name().to_string()).unwrap_or_default()
+            };
+            let mut args: Vec<String> = vec![
+                "benchmark".into(),
+                "--quick".into(),
+                "--model".into(),
+                model.clone(),
+                "--device".into(),
+                name(&|| clap::ValueEnum::to_possible_value(&a.model.device)),
+                "--dtype".into(),
+                name(&|| clap::ValueEnum::to_possible_value(&a.model.dtype)),
+            ];
+            if let Some(gb) = a.memory.budget.max_memory {
+                args.extend(["--max-memory".into(), gb.to_string()]);
+            }
+            if let Some(e) = a.engine {
+                args.extend([
+                    "--engine".into(),
+                    name(&|| clap::ValueEnum::to_possible_value(&e)),
+                ]);
+            }
+            if let Some(q) = a.quantize.quantize {
+                args.extend(["--quantize".into(), q.bits().to_string()]);
+            }
             let exe = std::env::current_exe().map_err(|e| Error::io("find", "your_ai", e))?;
             let status = std::process::Command::new(exe)
-                .args(["benchmark", "--quick", "--model", model])
+                .args(&args)
                 .status()
                 .map_err(|e| Error::io("run", "your_ai benchmark", e))?;
-            let found = setup_file::load()?.and_then(|p| p.best.get(&key).cloned());
+            let found = setup_file::load()?
+                .and_then(|p| p.best.get(&key).cloned())
+                .filter(|b| budget.is_none_or(|limit| b.peak_bytes <= limit));
             match (status.success(), found) {
                 (true, Some(b)) => b,
                 _ => {

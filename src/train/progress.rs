@@ -96,6 +96,9 @@ impl Progress {
         let line = self.line(r);
         let mut err = std::io::stderr().lock();
         if self.tty {
+            // Cut to the terminal's width: a line that wraps is redrawn only in its last row,
+            // leaving one cut copy per step above it.
+            let line = fit_width(&line, terminal_columns());
             let _ = write!(err, "\r\x1b[2K{line}");
             self.drawn = true;
         } else if r.step.is_multiple_of(self.plain_every) || r.step == self.total || r.step == 1 {
@@ -119,6 +122,35 @@ impl Progress {
             let _ = writeln!(std::io::stderr());
             self.drawn = false;
         }
+    }
+}
+
+/// The terminal's width in columns (stderr's), where it can be asked.
+fn terminal_columns() -> Option<usize> {
+    #[cfg(unix)]
+    {
+        // SAFETY: TIOCGWINSZ fills the winsize struct given, which lives across the call.
+        let mut ws: libc::winsize = unsafe { std::mem::zeroed() };
+        let r = unsafe { libc::ioctl(libc::STDERR_FILENO, libc::TIOCGWINSZ, &mut ws) };
+        (r == 0 && ws.ws_col > 0).then_some(ws.ws_col as usize)
+    }
+    #[cfg(not(unix))]
+    {
+        None
+    }
+}
+
+/// `line` cut to fit `columns` (one column left, so the cursor does not wrap).
+fn fit_width(line: &str, columns: Option<usize>) -> &str {
+    match columns {
+        Some(c) if line.chars().count() >= c => {
+            let end = line
+                .char_indices()
+                .nth(c - 1)
+                .map_or(line.len(), |(i, _)| i);
+            &line[..end]
+        }
+        _ => line,
     }
 }
 
@@ -168,6 +200,14 @@ pub fn step_rate(steps_per_s: f64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_line_is_cut_to_the_terminal() {
+        assert_eq!(fit_width("[00:01] => 4/10", Some(8)), "[00:01]");
+        assert_eq!(fit_width("short", Some(80)), "short");
+        assert_eq!(fit_width("short", None), "short");
+        assert_eq!(fit_width("ééééé", Some(3)), "éé");
+    }
 
     #[test]
     fn rates_and_durations_read_right_when_slow() {

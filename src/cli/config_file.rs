@@ -228,6 +228,25 @@ mod tests {
         assert!(!a.distrust.distrust && !a.distrust.no_distrust && a.data.mask_prompt);
     }
 
+    /// The error `train --config FILE` holding `yaml` gives ("" when it parses).
+    fn refusal(yaml: &str) -> String {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("run.yaml");
+        std::fs::write(&path, yaml).unwrap();
+        let argv = [
+            "your_ai",
+            "train",
+            "--model",
+            "x",
+            "--config",
+            path.to_str().unwrap(),
+        ];
+        parse_from(argv)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default()
+    }
+
     #[test]
     fn nan_and_infinity_are_refused_naming_the_key() {
         for yaml in [
@@ -235,22 +254,8 @@ mod tests {
             "max_memory: .inf\n",
             "lora-alpha: -.inf\n",
         ] {
-            let dir = tempfile::tempdir().unwrap();
-            let path = dir.path().join("run.yaml");
-            std::fs::write(&path, yaml).unwrap();
-            let argv = [
-                "your_ai",
-                "train",
-                "--model",
-                "x",
-                "--config",
-                path.to_str().unwrap(),
-            ];
-            let e = parse_from(argv)
-                .err()
-                .map(|e| e.to_string())
-                .unwrap_or_default();
             let key = yaml.split(':').next().unwrap();
+            let e = refusal(yaml);
             assert!(
                 e.contains(&format!("`{key}`: not a finite number")),
                 "{yaml}: {e}"
@@ -260,24 +265,11 @@ mod tests {
 
     #[test]
     fn the_model_is_given_on_the_command_line() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("run.yaml");
-        std::fs::write(&path, "model: llama-8b\nlora_rank: 4\n").unwrap();
-        let argv = [
-            "your_ai",
-            "train",
-            "--model",
-            "x",
-            "--config",
-            path.to_str().unwrap(),
-        ];
-        let e = parse_from(argv)
-            .err()
-            .map(|e| e.to_string())
-            .unwrap_or_default();
+        let e = refusal("model: llama-8b\nlora_rank: 4\n");
         assert!(
             e.contains("`model`: give the model on the command line"),
             "{e}"
         );
+        assert_eq!(refusal("lora_rank: 4\n"), "");
     }
 }

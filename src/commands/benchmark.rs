@@ -395,12 +395,13 @@ pub fn run(a: BenchmarkArgs) -> Result<()> {
     });
     let command = best.map(|t| {
         format!(
-            "your_ai train --model {} --batch-size {} --max-seq-length {} --lora-rank {}{} --max-memory {:.1}",
+            "your_ai train --model {} --batch-size {} --max-seq-length {} --lora-rank {}{} --max-memory {:.2}",
             a.model.model,
             t.batch,
             t.len,
             t.rank,
             t.quant.map_or(String::new(), |q| format!(" --quantize {q}")),
+            // To the hundredth: to the tenth, 0.85 read as 0.8, under the budget measured.
             budget_gb
         )
     });

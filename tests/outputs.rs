@@ -277,6 +277,12 @@ fn a_finished_run_is_extended_with_resume_and_more_steps() {
     assert!(o.status.success(), "{}", stderr(&o));
     let o = train(&r, &out, 6, &["--resume"]);
     assert!(o.status.success(), "{}", stderr(&o));
+    // The speed is this process's two steps', not six steps' tokens over its time.
+    assert!(
+        stderr(&o).contains("over 2 step(s) (step time only)"),
+        "{}",
+        stderr(&o)
+    );
     let steps: Vec<u64> = metrics(&out.join("metrics.jsonl"), "train")
         .iter()
         .map(|l| l["step"].as_u64().unwrap())

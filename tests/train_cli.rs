@@ -84,7 +84,7 @@ fn a_run_writes_adapter_metrics_and_summary() {
     );
     for needle in [
         "Training finished: 3 steps",
-        "trained tokens/s",
+        "trained tokens/s over 3 step(s) (step time only)",
         "peak memory",
         "validation loss",
         "test loss",

@@ -22,5 +22,5 @@ for q in none 8 4; do
   "$bin" train --model "$model" --data examples/invented-country --output "$tmp/$q" \
     --max-steps "$steps" --batch-size 4 --lora-rank 8 --learning-rate 3e-4 --warmup-steps 2 \
     --max-seq-length 256 --steps-per-eval 0 --val-batches 1 --seed 1 "${args[@]}" 2>&1 |
-    grep -E "tokens: |peak memory|Training finished"
+    grep -E "tokens: |speed: |peak memory|Training finished"
 done

@@ -12,6 +12,11 @@ pub struct Summary {
     pub tokens: usize,
     pub trained_tokens: usize,
     pub seconds: f64,
+    /// This process's steps: how many, their tokens (all, trained) and their time (steps
+    /// only: evaluation, checkpoints and loading left out), for the rates.
+    pub run_steps: usize,
+    pub run_tokens: (usize, usize),
+    pub step_seconds: f64,
     pub peak_rss: Option<u64>,
     /// MLX's peak (the MLX engine, on any backend).
     pub peak_mlx: Option<u64>,
@@ -36,6 +41,9 @@ impl Summary {
             tokens: 0,
             trained_tokens: 0,
             seconds: 0.0,
+            run_steps: 0,
+            run_tokens: (0, 0),
+            step_seconds: 0.0,
             peak_rss: None,
             peak_mlx: None,
             first_val: None,
@@ -61,18 +69,24 @@ impl Summary {
     }
 
     pub fn print(&self) {
-        let secs = self.seconds.max(1e-9);
+        let secs = self.step_seconds.max(1e-9);
         eprintln!(
             "\nTraining finished: {} steps in {:.1} s ({} skipped)",
             self.steps, self.seconds, self.skipped
         );
         eprintln!(
-            "  tokens: {} total ({:.0} tokens/s), {} trained ({:.0} trained tokens/s)",
-            self.tokens,
-            self.tokens as f64 / secs,
-            self.trained_tokens,
-            self.trained_tokens as f64 / secs
+            "  tokens: {} total, {} trained",
+            self.tokens, self.trained_tokens
         );
+        if self.run_steps > 0 {
+            // A resumed run's earlier steps took another process's time.
+            eprintln!(
+                "  speed: {:.0} tokens/s, {:.0} trained tokens/s over {} step(s) (step time only)",
+                self.run_tokens.0 as f64 / secs,
+                self.run_tokens.1 as f64 / secs,
+                self.run_steps
+            );
+        }
         if let Some(p) = self.peak_rss {
             eprintln!("  peak memory: {:.2} GB resident", memory::gb(p));
         }

@@ -414,6 +414,10 @@ impl<'a, E: Engine> Trainer<'a, E> {
         self.summary.steps = step;
         self.summary.tokens += f.tokens;
         self.summary.trained_tokens += f.trained_tokens;
+        self.summary.run_steps += 1;
+        self.summary.run_tokens.0 += f.tokens;
+        self.summary.run_tokens.1 += f.trained_tokens;
+        self.summary.step_seconds += f.seconds;
         if f.skipped.is_none() {
             self.summary.final_loss = f.loss;
         }

@@ -68,13 +68,13 @@ pub enum Error {
     )]
     NothingTrained { steps: usize },
     #[error(
-        "memory budget exceeded: {measure} reached {:.2} GB, above the {:.2} GB budget, during step {step}; \
-         stopped before the system could run out. Checkpoint of step {saved_step} saved to {}. \
-         Resume with the same command plus --resume and a larger --max-memory (a run that used --auto-fit: \
-         give the batch size it chose, --batch-size N, in its place, as a resumed run keeps its batch), or, \
-         where blocks kept their activations, with --keep-activations none (less memory, the same results); \
-         a smaller --batch-size or --max-seq-length changes what is trained, so it needs a new run in another \
-         --output",
+        "memory budget exceeded: {measure} reached {:.2} GB, above the {:.2} GB budget, during \
+         step {step}; stopped before the system could run out. Checkpoint of step {saved_step} \
+         saved to {}. Resume with the same command plus --resume and a larger --max-memory (a \
+         run that used --auto-fit: give the batch size it chose, --batch-size N, in its place, \
+         as a resumed run keeps its batch), or, where blocks kept their activations, with \
+         --keep-activations none (less memory, the same results); a smaller --batch-size or \
+         --max-seq-length changes what is trained, so it needs a new run in another --output",
         *peak as f64 / 1e9,
         *budget as f64 / 1e9,
         checkpoint.display()

@@ -1,7 +1,7 @@
 //! `your_ai fuse`: the adapter merged into the base, written as a Hugging Face directory or a
 //! GGUF file; with `--data`, validation loss before and after the merge.
 
-use crate::cli::FuseArgs;
+use crate::cli::{flag_name, FuseArgs};
 use crate::data::files::{read_jsonl, resolve_files};
 use crate::data::Encoder;
 use crate::error::{Error, Result};
@@ -140,10 +140,4 @@ fn eval_loss(m: &LoadedModel, path: &Path, max_len: usize) -> Result<EvalResult>
         )));
     }
     Ok(r)
-}
-
-/// A value as its flag spells it (`q4_k_m`, `bf16`), not as Rust's `Debug` does (`Q4KM`, `Bf16`).
-fn flag_name(v: impl clap::ValueEnum) -> String {
-    v.to_possible_value()
-        .map_or_else(String::new, |p| p.get_name().to_string())
 }

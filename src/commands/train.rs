@@ -242,27 +242,21 @@ fn auto_optimize(a: &mut TrainArgs) -> Result<()> {
             );
             // The benchmark measures what this run will be: its device, dtype, engine, base
             // precision and budget.
-            let name = |v: &dyn Fn() -> Option<clap::builder::PossibleValue>| {
-                v().map(|p| p.get_name().to_string()).unwrap_or_default()
-            };
             let mut args: Vec<String> = vec![
                 "benchmark".into(),
                 "--quick".into(),
                 "--model".into(),
                 model.clone(),
                 "--device".into(),
-                name(&|| clap::ValueEnum::to_possible_value(&a.model.device)),
+                crate::cli::flag_name(a.model.device),
                 "--dtype".into(),
-                name(&|| clap::ValueEnum::to_possible_value(&a.model.dtype)),
+                crate::cli::flag_name(a.model.dtype),
             ];
             if let Some(gb) = a.memory.budget.max_memory {
                 args.extend(["--max-memory".into(), gb.to_string()]);
             }
             if let Some(e) = a.engine {
-                args.extend([
-                    "--engine".into(),
-                    name(&|| clap::ValueEnum::to_possible_value(&e)),
-                ]);
+                args.extend(["--engine".into(), crate::cli::flag_name(e)]);
             }
             if let Some(q) = a.quantize.quantize {
                 args.extend(["--quantize".into(), q.bits().to_string()]);

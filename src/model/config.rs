@@ -304,14 +304,14 @@ impl ModelConfig {
     }
 }
 
-/// The RoPE scaling in `obj`, config.json's `key`. Under `rope_parameters` (transformers 5),
+/// The RoPE scaling in `obj`, config.json's `scope`. Under `rope_parameters` (transformers 5),
 /// which also holds the base, no `rope_type` is the default RoPE.
 fn parse_rope_scaling(
     obj: &Value,
-    key: &str,
+    scope: &str,
     f: &Fields,
 ) -> Result<Option<RopeScaling>, ConfigError> {
-    let default = if key == "rope_parameters" {
+    let default = if scope == "rope_parameters" {
         "default"
     } else {
         ""
@@ -321,7 +321,6 @@ fn parse_rope_scaling(
         .or_else(|| obj.get("type"))
         .and_then(Value::as_str)
         .unwrap_or(default);
-    let scope = key;
     let num = |key: &str| -> Result<f64, ConfigError> {
         obj.get(key)
             .and_then(Value::as_f64)

@@ -287,8 +287,9 @@ fn common(
 
 /// Refuses what a client asks for and this server cannot give, rather than answer as if it
 /// had: token log-probabilities, the prompt echoed, several candidates, an insertion suffix,
-/// a forced tool call, a structured output format, repetition penalties, token biases, audio. (Tools the model may use or not, under
-/// `tool_choice` auto or none, are answered in text, which that choice allows.)
+/// a forced tool call, a structured output format, repetition penalties, token biases, audio.
+/// (Tools the model may use or not, under `tool_choice` auto or none, are answered in text,
+/// which that choice allows.)
 fn unsupported(m: &serde_json::Map<String, Value>) -> Result<(), ApiError> {
     let asks = |name: &str| match m.get(name) {
         None | Some(Value::Null) | Some(Value::Bool(false)) => false,

@@ -1,8 +1,8 @@
 //! The one thread that owns the model and generates, one request at a time, in the order they
 //! came: requests wait in a bounded queue, and a client that goes away stops its generation
-//! at the next token, or the next piece of a long prompt (its channel closes). Text is handed over without waiting, so a client
-//! that stops reading holds up no one. When the server stops, the running generation ends
-//! at its next token and those waiting are turned away.
+//! at the next token, or the next piece of a long prompt (its channel closes). Text is handed
+//! over without waiting, so a client that stops reading holds up no one. When the server
+//! stops, the running generation ends at its next token and those waiting are turned away.
 
 use crate::data::tokenizer::Tokenizer;
 use crate::infer::generate::{generate_with, Sampling, StopReason};

@@ -60,13 +60,7 @@ pub fn preflight(
         lora_rank: lora.lora_rank,
         targets: lora.targets(),
         adapted_layers: adapted.min(cfg.num_hidden_layers),
-        // What is kept whatever the budget (`all`, a number) counts in the fit below; `auto`
-        // keeps only what the budget has room for once the batch is set.
-        keep_blocks: match memory.keep_activations {
-            KeepActivations::All => adapted.min(cfg.num_hidden_layers),
-            KeepActivations::Blocks(n) => n.min(adapted),
-            KeepActivations::Auto | KeepActivations::None => 0,
-        },
+        keep_blocks: 0,
         dropout: lora.lora_dropout > 0.0,
         packed,
         act_bytes,
@@ -74,6 +68,11 @@ pub fn preflight(
         load_work: inspected.load_work_bytes(load.quantize, weight_bytes),
         step,
     };
+    // What is kept whatever the budget (`all`, a number) counts in the fit below; `auto`
+    // keeps only what the budget has room for once the batch is set.
+    if memory.keep_activations != KeepActivations::Auto {
+        w.keep_blocks = keep_blocks(cfg, &w, memory.keep_activations, budget.bytes);
+    }
     let fits = |w: &Workload| estimate(cfg, w).peak() <= budget.bytes;
     if !fits(&w) {
         let e = estimate(cfg, &w);

@@ -99,3 +99,79 @@ fn the_reply_keeps_its_room_as_the_conversation_grows() {
     assert_eq!(generated, [100, 100], "{err}");
     assert!(err.contains("oldest exchange is dropped"), "{err}");
 }
+
+/// At a terminal, Ctrl-C ends the reply being written and the session goes on; at the prompt
+/// it ends the session (exit 130). Before, the first Ctrl-C ended the whole session.
+#[cfg(unix)]
+#[test]
+fn ctrl_c_stops_the_reply_and_at_the_prompt_the_session() {
+    use std::io::{Read, Write};
+    use std::os::fd::{FromRawFd, OwnedFd};
+    use std::process::Stdio;
+    use std::sync::{Arc, Mutex};
+    use std::time::{Duration, Instant};
+    // Standard input is a terminal (its other end is the test's to type into), as chat's
+    // handling of Ctrl-C needs; the output goes to pipes.
+    let (mut keyboard, terminal) = unsafe {
+        let (mut m, mut s) = (0, 0);
+        let none = std::ptr::null_mut();
+        let r = libc::openpty(&mut m, &mut s, none, std::ptr::null(), std::ptr::null());
+        assert_eq!(r, 0, "openpty");
+        (std::fs::File::from_raw_fd(m), OwnedFd::from_raw_fd(s))
+    };
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_your_ai"))
+        .args(["chat", "--ignore-eos", "--max-tokens", "4000", "--model"])
+        .arg(smollm2())
+        .stdin(Stdio::from(terminal))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let collect = |mut from: Box<dyn Read + Send>| {
+        let buf = Arc::new(Mutex::new(String::new()));
+        let to = buf.clone();
+        std::thread::spawn(move || {
+            let mut b = [0u8; 256];
+            while let Ok(n @ 1..) = from.read(&mut b) {
+                to.lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&b[..n]));
+            }
+        });
+        buf
+    };
+    let out = collect(Box::new(child.stdout.take().unwrap()));
+    let err = collect(Box::new(child.stderr.take().unwrap()));
+    let wait_for = |buf: &Arc<Mutex<String>>, what: &dyn Fn(&str) -> bool| {
+        let start = Instant::now();
+        while !what(&buf.lock().unwrap()) {
+            assert!(
+                start.elapsed() < Duration::from_secs(180),
+                "timed out; stdout: {}\nstderr: {}",
+                out.lock().unwrap(),
+                err.lock().unwrap()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    let interrupt = |pid: u32| unsafe { libc::kill(pid as i32, libc::SIGINT) };
+    wait_for(&err, &|e| e.contains("Ctrl-C stops a reply"));
+    writeln!(keyboard, "Tell me a long story about the sea.").unwrap();
+    wait_for(&out, &|o| o.len() > 40);
+    assert_eq!(interrupt(child.id()), 0);
+    wait_for(&err, &|e| e.contains("; stopped]"));
+    // The session goes on.
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "{}",
+        err.lock().unwrap()
+    );
+    writeln!(keyboard, "/reset").unwrap();
+    wait_for(&err, &|e| e.contains("(conversation cleared)"));
+    // At the prompt, Ctrl-C ends it.
+    assert_eq!(interrupt(child.id()), 0);
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(130), "{}", err.lock().unwrap());
+    let reply = out.lock().unwrap().clone();
+    assert!(reply.len() > 40 && reply.len() < 4000 * 8, "{reply}");
+}

@@ -128,8 +128,8 @@ fn over_budget_refused_with_advice_that_works() {
 /// `estimate` and `train`'s pre-flight print the same table for the same model and flags:
 /// weights as the file holds them, activations kept as `auto` resolves against the budget, and
 /// the streamed load's peak.
-/// `estimate` prints the table `train` plans with, for QLoRA and for bf16 weights on the CPU
-/// (computed in f32 there).
+/// `estimate` prints the table `train` plans with, for QLoRA, for bf16 weights on the CPU
+/// (computed in f32 there) and for packed rows.
 #[test]
 fn estimate_and_train_agree_on_the_same_model_and_flags() {
     let tmp = tempfile::tempdir().unwrap();
@@ -145,6 +145,8 @@ fn estimate_and_train_agree_on_the_same_model_and_flags() {
     for (i, given) in [
         &["--quantize", "4", "--max-memory", "0.3"][..],
         &["--dtype", "bf16", "--device", "cpu", "--max-memory", "0.6"][..],
+        // Packed rows each have their own attention mask.
+        &["--pack", "--max-memory", "0.6"][..],
     ]
     .into_iter()
     .enumerate()
@@ -380,7 +382,10 @@ fn benchmark_recommend_setup_and_auto_optimize() {
             .unwrap();
     assert_eq!(saved["best"].as_object().unwrap().len(), 1);
 
-    // train --auto-optimize takes the saved configuration; the command line still wins.
+    // train --auto-optimize sizes the micro-batch from the saved configuration, at the run's
+    // own length; the rank and length stay the run's (the benchmark ran rank 4, length 32).
+    let best = saved["best"].as_object().unwrap().values().next().unwrap();
+    let tokens = best["batch_size"].as_u64().unwrap() * best["max_seq_length"].as_u64().unwrap();
     let o = r
         .train_command(&r.root.join("auto"))
         .env("YOUR_AI_CONFIG_DIR", &cfg_dir)
@@ -388,20 +393,39 @@ fn benchmark_recommend_setup_and_auto_optimize() {
             "--max-steps",
             "1",
             "--auto-optimize",
-            "--lora-rank",
-            "2",
-            "--no-mask-prompt",
+            "--max-seq-length",
+            "16",
         ])
+        .arg("--no-mask-prompt")
         .output()
         .unwrap();
     let e = stderr(&o);
     assert!(o.status.success(), "{e}");
-    assert!(e.contains("--auto-optimize: batch"), "{e}");
-    assert!(e.contains("LoRA rank 2 "), "{e}");
     assert!(
-        e.contains("--max-seq-length 32") || e.contains("× length 32"),
+        e.contains("--auto-optimize: the benchmark's fastest was batch"),
         "{e}"
     );
+    let run: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(r.root.join("auto/train_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(run["max_seq_length"], 16, "{run}");
+    assert_eq!(run["lora_rank"], 16, "{run}");
+    assert_eq!(run["batch_size"], (tokens / 16).max(1), "{run}");
+    assert!(
+        e.contains(&format!("--auto-optimize: batch {} at", tokens / 16)),
+        "{e}"
+    );
+    // A batch size on the command line wins.
+    let o = r
+        .train_command(&r.root.join("auto-given"))
+        .env("YOUR_AI_CONFIG_DIR", &cfg_dir)
+        .args(["--max-steps", "1", "--auto-optimize", "--batch-size", "1"])
+        .output()
+        .unwrap();
+    let e = stderr(&o);
+    assert!(o.status.success(), "{e}");
+    assert!(!e.contains("--auto-optimize: batch"), "{e}");
     // A saved best whose peak is over the budget given now is measured again, under it.
     let peak = saved["best"].as_object().unwrap().values().next().unwrap()["peak_bytes"]
         .as_f64()

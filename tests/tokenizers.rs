@@ -70,6 +70,10 @@ fn sentencepiece_from_gguf_merges_by_score_and_falls_back_to_bytes() {
     assert!(tok.add_bos);
     assert_eq!(tok.encode_with_bos("hello").unwrap(), vec![1, id("▁hello")]);
     assert!(tok.is_end(2));
+    // Streamed, each window's leading `▁` (dropped at the start of a text) still gives its
+    // space, and byte-fallback pieces join into their character.
+    let ids = tok.encode("hello world hex 🌌 world").unwrap();
+    stream_joins_to_the_decoding(&tok, &ids);
 }
 
 #[test]
@@ -302,18 +306,26 @@ fn an_answer_is_found_where_the_generation_prompt_adds_to_it() {
 /// the end; the pieces always join to the decoding of the tokens.
 #[test]
 fn streamed_pieces_hold_back_only_an_unfinished_character() {
-    use your_ai::data::tokenizer::StreamDecoder;
     let g = GgufFile::open(&common::smollm2()).unwrap();
     let tok = Tokenizer::from_gguf(&g).unwrap();
     let text = "Emoji: 🌌 and 🐉 done";
     let ids = tok.encode(text).unwrap();
     // Byte-level BPE splits each emoji over several tokens.
     assert!(ids.len() > text.split_whitespace().count() + 2, "{ids:?}");
+    stream_joins_to_the_decoding(&tok, &ids);
+    // A longer reply, decoded a few ids at a time: pieces across many windows.
+    let long = "Über 40 Zeilen: 日本語のテキスト, ελληνικά, and \"quotes\" — 🌌🐉\n".repeat(8);
+    stream_joins_to_the_decoding(&tok, &tok.encode(&long).unwrap());
+}
+
+/// Streams every prefix of `ids` and checks the pieces against one decoding of it.
+fn stream_joins_to_the_decoding(tok: &Tokenizer, ids: &[u32]) {
+    use your_ai::data::tokenizer::StreamDecoder;
     for cut in 1..=ids.len() {
         let mut d = StreamDecoder::new();
         let mut joined = String::new();
         for &id in &ids[..cut] {
-            if let Some(p) = d.push(&tok, id).unwrap() {
+            if let Some(p) = d.push(tok, id).unwrap() {
                 assert!(!p.contains('\u{FFFD}'), "{p:?}");
                 joined.push_str(&p);
             }
@@ -321,7 +333,7 @@ fn streamed_pieces_hold_back_only_an_unfinished_character() {
         let whole = tok.decode(&ids[..cut], true).unwrap();
         // What is held back is only the unfinished character.
         assert_eq!(joined, whole.trim_end_matches('\u{FFFD}'), "cut at {cut}");
-        joined.extend(d.finish(&tok).unwrap());
+        joined.extend(d.finish(tok).unwrap());
         assert_eq!(joined, whole, "cut at {cut}");
     }
 }

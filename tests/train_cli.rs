@@ -572,6 +572,23 @@ fn bad_input_is_refused_before_anything_is_written() {
             ],
             "--num-layers 5: the model has only 2 blocks",
         ),
+        (
+            vec![
+                "--data".into(),
+                s.data.join("train.jsonl").display().to_string(),
+                "--save-best".into(),
+            ],
+            "--save-best keeps the adapter with the best validation loss, and",
+        ),
+        (
+            vec![
+                "--data".into(),
+                s.data.display().to_string(),
+                "--memory-report-interval".into(),
+                "0".into(),
+            ],
+            "--memory-report-interval 0: give a number of steps",
+        ),
     ];
     for (i, (args, needle)) in cases.iter().enumerate() {
         let out = s.root.join(format!("out{i}"));

@@ -70,6 +70,9 @@ pub fn merge(args: &mut TrainArgs, path: &Path) -> Result<()> {
                 "`{key}`: not a finite number; give a number (or leave the key out)"
             )));
         }
+        if let Some(why) = refused_by_flag(&name, &v) {
+            return Err(bad(format!("`{key}`: {why}")));
+        }
         let mut value: serde_json::Value =
             serde_json::to_value(&v).map_err(|e| bad(format!("`{flag}`: {e}")))?;
         let pair = PAIRS.iter().find(|(x, no)| *x == name || *no == name);
@@ -139,6 +142,34 @@ pub fn merge(args: &mut TrainArgs, path: &Path) -> Result<()> {
     out.given = given;
     *args = out;
     Ok(())
+}
+
+/// Why the flag `id`'s own parser refuses the number `v`, where it does: `max_memory: 0` gets
+/// `--max-memory`'s message, not a later one that cannot name the file, and `keep_activations:
+/// -1` its own, not serde's "untagged enum". Strings are left to serde, which spells some
+/// values differently from the command line.
+fn refused_by_flag(id: &str, v: &serde_yaml::Value) -> Option<String> {
+    let serde_yaml::Value::Number(n) = v else {
+        return None;
+    };
+    let text = n.to_string();
+    // `--flag=VALUE`: a negative number is the flag's value, not another flag.
+    let flag = format!("--{}={text}", id.replace('_', "-"));
+    let e = super::Cli::command()
+        .try_get_matches_from(["your_ai", "train", "--model", "x", &flag])
+        .err()?;
+    use clap::error::ErrorKind;
+    if !matches!(
+        e.kind(),
+        ErrorKind::ValueValidation | ErrorKind::InvalidValue
+    ) {
+        return None;
+    }
+    use std::error::Error as _;
+    Some(match e.source() {
+        Some(why) => format!("{text}: {why}"),
+        None => format!("{text}: not a value --{} takes", id.replace('_', "-")),
+    })
 }
 
 /// The train flags that conflict with `id` (clap's `conflicts_with`), by field name.
@@ -271,5 +302,35 @@ mod tests {
             "{e}"
         );
         assert_eq!(refusal("lora_rank: 4\n"), "");
+    }
+
+    #[test]
+    fn a_number_is_checked_by_its_flags_own_parser_naming_file_and_key() {
+        for (yaml, why) in [
+            (
+                "max_memory: 0\n",
+                "give the size in GB as a positive number",
+            ),
+            (
+                "max-memory: -2.5\n",
+                "give the size in GB as a positive number",
+            ),
+            (
+                "keep_activations: -1\n",
+                "expected auto, all, none or a number of blocks",
+            ),
+        ] {
+            let key = yaml.split(':').next().unwrap();
+            let e = refusal(yaml);
+            assert!(
+                e.contains("run.yaml: `") && e.contains(&format!("`{key}`: ")),
+                "{e}"
+            );
+            assert!(e.contains(why), "{yaml}: {e}");
+        }
+        assert_eq!(
+            refusal("keep_activations: 3\nmax_memory: 0.5\nlearning_rate: 1e-4\n"),
+            ""
+        );
     }
 }

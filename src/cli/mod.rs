@@ -159,6 +159,10 @@ pub struct EstimateArgs {
     /// of the budget has room for), none, all, or a number.
     #[arg(long, default_value = "auto")]
     pub keep_activations: crate::train::settings::KeepActivations,
+    /// Rows packed with several examples, as `train --pack` makes them (each row then has its
+    /// own attention mask).
+    #[arg(long)]
+    pub pack: bool,
 }
 
 #[derive(Debug, Args)]

@@ -1,13 +1,15 @@
 //! `your_ai chat`: a conversation in the terminal. Each line read is a user turn; the reply
 //! streams out as it is generated, and the whole conversation is the next turn's prompt
 //! (oldest turns dropped, with a note, when it outgrows the model's context). `/reset` starts
-//! over; an empty line, `/exit` or end of input ends it.
+//! over; an empty line, `/exit` or end of input ends it. At a terminal, Ctrl-C ends the reply
+//! being written (what was written stays in the conversation), and at the prompt the session.
 
 use crate::cli::ChatArgs;
 use crate::data::tokenizer::Tokenizer;
 use crate::error::{Error, Result};
-use crate::infer::generate::generate;
+use crate::infer::generate::{generate_with, StopReason};
 use crate::infer::prompt::chat_ids;
+use crate::runtime::signals;
 use serde_json::{json, Value};
 use std::io::{BufRead, IsTerminal, Write};
 use std::ops::ControlFlow;
@@ -25,8 +27,10 @@ pub fn run(args: ChatArgs) -> Result<()> {
         .collect();
     let mut turns: Vec<Value> = vec![];
     if interactive {
+        signals::install_for_replies();
         eprintln!(
-            "chatting with {}{} (/reset starts over, an empty line or /exit ends)",
+            "chatting with {}{} (/reset starts over, Ctrl-C stops a reply, an empty line or \
+             /exit ends)",
             loaded.name,
             args.run
                 .adapter
@@ -61,18 +65,33 @@ pub fn run(args: ChatArgs) -> Result<()> {
         };
         sampling.max_tokens = args.sampling.max_tokens.min(context - ids.len());
         let mut out = std::io::stdout().lock();
-        let r = generate(&loaded.model, tok, &ids, &sampling, |piece| {
+        let go_on = || match signals::requested() {
+            Some(_) => ControlFlow::Break(()),
+            None => ControlFlow::Continue(()),
+        };
+        signals::replying(true);
+        let r = generate_with(&loaded.model, tok, &ids, &sampling, go_on, |piece| {
             let _ = out.write_all(piece.as_bytes());
             let _ = out.flush();
-            ControlFlow::Continue(())
-        })?;
+            go_on()
+        });
+        signals::replying(false);
+        let r = r?;
         let _ = writeln!(out);
+        let stopped = r.stop == StopReason::Stopped;
         eprintln!(
-            "[{} prompt tokens, {} generated, {:.1} tokens/s]",
+            "[{} prompt tokens, {} generated, {:.1} tokens/s{}]",
             r.prompt_tokens,
             r.ids.len(),
-            r.decode_tokens_per_s()
+            r.decode_tokens_per_s(),
+            if stopped { "; stopped" } else { "" }
         );
+        if stopped && r.text.is_empty() {
+            // Stopped before a word of it: the message goes unanswered, and out of the
+            // conversation.
+            turns.pop();
+            continue;
+        }
         turns.push(json!({"role": "assistant", "content": r.text}));
         sampling.seed = sampling.seed.wrapping_add(1);
     }

@@ -75,7 +75,7 @@ pub fn run(a: EstimateArgs) -> Result<()> {
         adapted_layers: adapted,
         keep_blocks: 0,
         dropout: lora.lora_dropout > 0.0,
-        packed: false,
+        packed: a.pack,
         act_bytes,
         weights,
         // As `train` computes it, so the two agree on the same model and flags.
@@ -104,9 +104,10 @@ pub fn run(a: EstimateArgs) -> Result<()> {
         cfg.vocab_size
     );
     println!(
-        "workload: batch {} × length {}, LoRA rank {} on {} of the last {adapted} blocks, {}",
+        "workload: batch {} × length {}{}, LoRA rank {} on {} of the last {adapted} blocks, {}",
         batch.batch_size,
         batch.max_seq_length,
+        if a.pack { " (packed)" } else { "" },
         lora.lora_rank,
         w.targets
             .iter()

@@ -30,9 +30,11 @@ fn usage(msg: String) -> Error {
 }
 
 pub fn run(mut a: TrainArgs) -> Result<()> {
-    if a.auto_optimize {
-        auto_optimize(&mut a)?;
-    }
+    let auto_tokens = if a.auto_optimize {
+        auto_optimize(&mut a)?
+    } else {
+        None
+    };
     a.batch.check()?;
     a.objective.check()?;
     a.schedule.check()?;
@@ -78,6 +80,16 @@ pub fn run(mut a: TrainArgs) -> Result<()> {
     let context = inspected.cfg.max_position_embeddings;
     a.batch
         .fit_context(context, a.given.contains("max_seq_length"))?;
+    if let Some(tokens) = auto_tokens {
+        // As many tokens a micro-batch as the benchmark's fastest, at this run's length; a
+        // preference pair is two rows.
+        let rows = if method.is_preference() { 2 } else { 1 };
+        a.batch.batch_size = (tokens / (rows * a.batch.max_seq_length)).max(1);
+        eprintln!(
+            "--auto-optimize: batch {} at --max-seq-length {}",
+            a.batch.batch_size, a.batch.max_seq_length
+        );
+    }
     let engine = choice::resolve(a.engine, a.model.device)?;
     let load = match engine {
         EngineChoice::Candle => a
@@ -223,9 +235,9 @@ fn train_on<E: Engine>(
 }
 
 /// `--auto-optimize`: the best configuration `benchmark` saved for this model (measured first
-/// when there is none) fills the batch, length, rank and quantization that neither the command
-/// line nor the config file gave.
-fn auto_optimize(a: &mut TrainArgs) -> Result<()> {
+/// when there is none) fills the quantization that neither the command line nor the config
+/// file gave, and returns the tokens per micro-batch to size an open `--batch-size` from.
+fn auto_optimize(a: &mut TrainArgs) -> Result<Option<usize>> {
     let model = &a.model.model;
     let key = setup_file::model_key(model);
     let saved = setup_file::load()?.and_then(|p| p.best.get(&key).cloned());
@@ -281,29 +293,24 @@ fn auto_optimize(a: &mut TrainArgs) -> Result<()> {
         }
     };
     eprintln!(
-        "--auto-optimize: batch {} × length {}, rank {}{} ({:.1} tokens/s measured); flags on the command line win",
+        "--auto-optimize: the benchmark's fastest was batch {} × length {}{} ({:.1} tokens/s); \
+         flags on the command line win",
         best.batch_size,
         best.max_seq_length,
-        best.lora_rank,
-        best.quantize.map_or(String::new(), |q| format!(", --quantize {q}")),
+        best.quantize
+            .map_or(String::new(), |q| format!(", --quantize {q}")),
         best.tokens_per_s
     );
     let open = |name: &str| !a.given.contains(name);
-    if open("batch_size") {
-        a.batch.batch_size = best.batch_size;
-    }
-    if open("max_seq_length") {
-        a.batch.max_seq_length = best.max_seq_length;
-    }
-    if open("lora_rank") {
-        a.lora.lora_rank = best.lora_rank;
-    }
     if open("quantize") {
         a.quantize.quantize = best
             .quantize
             .and_then(crate::model::quantized::QuantBits::parse);
     }
-    Ok(())
+    // The length and the rank are the run's: one cuts examples, the other sets what the
+    // adapter can learn. Only the micro-batch follows the benchmark, sized once the run's
+    // length is known.
+    Ok(open("batch_size").then_some(best.batch_size * best.max_seq_length))
 }
 
 /// The run's configuration: the flag groups, with what their defaults left open resolved

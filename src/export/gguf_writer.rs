@@ -241,16 +241,50 @@ fn rope_freqs(c: &crate::model::ModelConfig) -> Result<Option<QTensor>> {
 }
 
 /// A model's name from how it was given (a path, an alias, a repository id): its last part,
-/// never the local folders above it.
+/// never the local folders above it, and without a GGUF file's quantization suffix
+/// (`-Q4_1`, `.Q4_K_M`, `-f16`), which the written file's own type replaces.
 pub(crate) fn model_name(spec: &str) -> String {
     let s = spec.trim_end_matches('/');
     let s = s.rsplit('/').next().unwrap_or(s);
-    s.trim_end_matches(".gguf").to_string()
+    let Some(stem) = s.strip_suffix(".gguf") else {
+        return s.to_string();
+    };
+    let quant = regex::Regex::new(r"(?i)[-._](I?Q[1-8](_[0-9A-Z]+)*|BF16|F16|F32)$")
+        .expect("a valid pattern");
+    match quant.find(stem) {
+        Some(m) if m.start() > 0 => stem[..m.start()].to_string(),
+        _ => stem.to_string(),
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_name_is_the_last_part_without_a_quantization_suffix() {
+        for (spec, name) in [
+            (
+                "/models/SmolLM2-135M-Instruct-Q4_1.gguf",
+                "SmolLM2-135M-Instruct",
+            ),
+            (
+                "Meta-Llama-3.1-8B-Instruct.Q4_K_M.gguf",
+                "Meta-Llama-3.1-8B-Instruct",
+            ),
+            ("llama-3-8b-instruct-iq4_xs.gguf", "llama-3-8b-instruct"),
+            ("tiny-f16.gguf", "tiny"),
+            ("Q8_0.gguf", "Q8_0"),
+            ("meta-llama/Llama-3.1-8B-Instruct", "Llama-3.1-8B-Instruct"),
+            ("runs/merged/", "merged"),
+            ("llama-8b", "llama-8b"),
+            // Not a quantization: a size and a version stay.
+            ("Qwen2.5-7B.gguf", "Qwen2.5-7B"),
+            ("model-v2.gguf", "model-v2"),
+        ] {
+            assert_eq!(model_name(spec), name, "{spec}");
+        }
+    }
 
     #[test]
     fn q4_k_m_mix_and_fallbacks() {

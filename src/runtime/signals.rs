@@ -2,7 +2,8 @@
 //! stop after the current block (or evaluation batch), save what is consistent and exit
 //! (130 / 143); a second one exits at once, leaving the last good checkpoint as it was. While
 //! `fuse` writes (a model-sized output), the first stops it after the current tensor, its
-//! partial output removed.
+//! partial output removed. In `chat`, Ctrl-C ends the reply being written and the session
+//! goes on; at the prompt it ends the session.
 
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 
@@ -11,9 +12,24 @@ static REQUESTED: AtomicI32 = AtomicI32::new(0);
 static FINISHING: AtomicBool = AtomicBool::new(false);
 /// Set by [`install_for_output`]: a command that writes one output, with no checkpoint.
 static OUTPUT_ONLY: AtomicBool = AtomicBool::new(false);
+/// Set by [`install_for_replies`]: `chat`, where a SIGINT ends the reply, not the session.
+static REPLIES: AtomicBool = AtomicBool::new(false);
+/// In `chat`, a reply is being written.
+static REPLYING: AtomicBool = AtomicBool::new(false);
 
 #[cfg(unix)]
 extern "C" fn on_signal(sig: libc::c_int) {
+    if REPLIES.load(Ordering::SeqCst) {
+        if sig == libc::SIGINT && REPLYING.load(Ordering::SeqCst) {
+            REQUESTED.store(sig, Ordering::SeqCst);
+            return;
+        }
+        // SAFETY: write and _exit are async-signal-safe; chat writes no file.
+        unsafe {
+            libc::write(2, b"\n".as_ptr().cast(), 1);
+            libc::_exit(128 + sig)
+        };
+    }
     let output_only = OUTPUT_ONLY.load(Ordering::SeqCst);
     if REQUESTED.swap(sig, Ordering::SeqCst) != 0 {
         const AGAIN: &[u8] = b"\nsecond stop signal: exiting now; the last checkpoint is kept\n";
@@ -60,6 +76,21 @@ pub fn install() {
 pub fn install_for_output() {
     OUTPUT_ONLY.store(true, Ordering::SeqCst);
     install();
+}
+
+/// Installs the handlers for `chat` at a terminal: a SIGINT while [`replying`] ends the reply
+/// (seen through [`requested`]); any other stop signal ends the session, as by default.
+pub fn install_for_replies() {
+    REPLIES.store(true, Ordering::SeqCst);
+    install();
+}
+
+/// In `chat`: a reply starts (any earlier stop is forgotten) or has ended.
+pub fn replying(on: bool) {
+    if on {
+        REQUESTED.store(0, Ordering::SeqCst);
+    }
+    REPLYING.store(on, Ordering::SeqCst);
 }
 
 /// The run is writing its trained adapter: a first stop signal says so, rather than that a

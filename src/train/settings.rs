@@ -338,6 +338,13 @@ pub struct MemoryArgs {
 impl OutputArgs {
     /// Values no run can use, named by their flag.
     pub fn check(&self) -> crate::Result<()> {
+        if self.memory_report_interval == Some(0) {
+            return Err(usage(
+                "--memory-report-interval 0: give a number of steps (at least 1), or leave the \
+                 flag out"
+                    .into(),
+            ));
+        }
         if self.keep_checkpoints == 0 {
             return Err(usage(
                 "--keep-checkpoints 0: keep at least 1 (a run resumes from its newest checkpoint)"

@@ -111,7 +111,8 @@ pub(super) fn read_records(
 }
 
 /// The training, validation and (with `--test`) test files through `read`; a missing
-/// test.jsonl under `--test` is refused.
+/// test.jsonl under `--test` is refused, and so is a `--save-best` asked for by name with no
+/// validation data (on by default, it has nothing to pick from and would silently keep nothing).
 #[allow(clippy::type_complexity)]
 fn read_files<T>(
     a: &TrainArgs,
@@ -126,6 +127,16 @@ fn read_files<T>(
     };
     let train = read(&files.train)?;
     let valid = optional(files.valid.as_ref())?;
+    if valid.is_empty() && a.output.save_best && a.given.contains("save_best") {
+        let place = match &files.valid {
+            Some(p) => format!("{} has no examples", p.display()),
+            None => format!("{} has no valid.jsonl", a.data.data.display()),
+        };
+        return Err(usage(format!(
+            "--save-best keeps the adapter with the best validation loss, and {place}: add \
+             validation examples, or leave --save-best out"
+        )));
+    }
     if a.output.test && files.test.is_none() {
         return Err(usage(format!(
             "--test: {} has no test.jsonl",

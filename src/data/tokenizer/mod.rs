@@ -330,8 +330,15 @@ fn read_json(path: &Path) -> Result<Option<Value>, TokenizerError> {
 
 /// Turns a growing list of generated ids into text pieces, holding back bytes that do not yet
 /// form a whole UTF-8 character.
+///
+/// Only a window of the ids is decoded each token: the last piece's ids, for context (a
+/// decoder may read a token differently at the start of a text, dropping its leading space),
+/// and those after it. Decoding every id each token made a long reply quadratic.
 pub struct StreamDecoder {
+    /// The window: `ids[..read]` gave the text already emitted, `ids[read..]` is new.
     ids: Vec<u32>,
+    read: usize,
+    /// Bytes of the window's decoding already emitted.
     emitted: usize,
 }
 
@@ -345,6 +352,7 @@ impl StreamDecoder {
     pub fn new() -> Self {
         Self {
             ids: vec![],
+            read: 0,
             emitted: 0,
         }
     }
@@ -355,7 +363,14 @@ impl StreamDecoder {
         self.ids.push(id);
         let text = tok.decode(&self.ids, true)?;
         let whole = text.trim_end_matches('\u{FFFD}').len();
-        Ok(self.take(&text, whole))
+        let piece = self.take(&text, whole);
+        if whole == text.len() && self.emitted == text.len() {
+            // All of the window is out: the ids just read become the next one's context.
+            self.ids.drain(..self.read);
+            self.read = self.ids.len();
+            self.emitted = tok.decode(&self.ids, true)?.len();
+        }
+        Ok(piece)
     }
 
     /// At the end of the reply: what is still held back (bytes of a character it ended

@@ -146,7 +146,7 @@ fn estimate_and_train_agree_on_the_same_model_and_flags() {
         &["--quantize", "4", "--max-memory", "0.3"][..],
         &["--dtype", "bf16", "--device", "cpu", "--max-memory", "0.6"][..],
         // Packed rows each have their own attention mask.
-        &["--pack", "--max-memory", "0.6"][..],
+        &["--pack", "--max-memory", "0.9"][..],
     ]
     .into_iter()
     .enumerate()

@@ -379,3 +379,55 @@ fn prepare_dedupes_rebalances_splits_and_plots() {
     );
     assert!(!o2.exists(), "nothing written for a bad --plot");
 }
+
+/// `score` and `prepare` write the user's rows back with the scores set and every other value
+/// as it was written: an id past 64 bits stayed a number, but as `1e+20`.
+#[test]
+fn score_and_prepare_keep_every_other_value_as_written() {
+    let tmp = tempfile::tempdir().unwrap();
+    let input = tmp.path().join("raw.jsonl");
+    let rows = [
+        r#"{"id": 99999999999999999999, "text": "The 1850 survey of the river, by hand.", "n": 1e2}"#,
+        r#"{"id":18446744073709551616,"text":"Experts agree, as widely reported today.","auth_weight":0.5}"#,
+    ];
+    std::fs::write(&input, rows.join("\n") + "\n").unwrap();
+    let scored = tmp.path().join("scored.jsonl");
+    let (ok, _, err) = run(&[
+        "score",
+        "-i",
+        input.to_str().unwrap(),
+        "-o",
+        scored.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    let text = std::fs::read_to_string(&scored).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(
+        lines[0].starts_with(r#"{"id":99999999999999999999,"text":"#),
+        "{text}"
+    );
+    assert!(lines[0].contains(r#","n":1e2,"auth_weight":"#), "{text}");
+    // A score the row carried is replaced where it was.
+    assert!(lines[1].contains(r#"today.","auth_weight":"#), "{text}");
+    assert!(!lines[1].contains(r#""auth_weight":0.5,"#), "{text}");
+
+    // The scored rows, prepared: their scores carried, every value kept.
+    let dir = tmp.path().join("prepared");
+    let (ok, _, err) = run(&[
+        "prepare",
+        "--input",
+        scored.to_str().unwrap(),
+        "--output",
+        dir.to_str().unwrap(),
+        "--no-rebalance",
+        "--valid-fraction",
+        "0",
+    ]);
+    assert!(ok, "{err}");
+    let text = std::fs::read_to_string(dir.join("train.jsonl")).unwrap();
+    let mut written: Vec<&str> = text.lines().collect();
+    written.sort();
+    let mut expected = lines.clone();
+    expected.sort();
+    assert_eq!(written, expected);
+}

@@ -2,7 +2,7 @@
 //! (`train.jsonl`, `valid.jsonl`), with the distribution of w and H printed.
 
 use crate::cli::PrepareArgs;
-use crate::data::files::read_jsonl;
+use crate::data::files::read_jsonl_lines;
 use crate::distrust::plot;
 use crate::distrust::prepare::{self, Example, LOW_AUTHORITY_BELOW};
 use crate::error::{Error, Result};
@@ -64,7 +64,7 @@ pub fn run(a: PrepareArgs) -> Result<()> {
     }
     let mut records = vec![];
     for input in &a.input {
-        records.extend(read_jsonl(input)?);
+        records.extend(read_jsonl_lines(input)?);
     }
     let read = records.len();
     let (examples, scored) = prepare::examples(records)?;
@@ -109,7 +109,7 @@ pub fn run(a: PrepareArgs) -> Result<()> {
     );
 
     std::fs::create_dir_all(&a.output).map_err(|e| Error::io("create", &a.output, e))?;
-    let rows = |v: &[Example]| v.iter().map(|e| e.fields.clone()).collect::<Vec<_>>();
+    let rows = |v: &[Example]| v.iter().map(|e| e.line.clone()).collect::<Vec<_>>();
     if !valid.is_empty() {
         write_jsonl(&valid_path, &rows(&valid), a.force, "--output")?;
     } else if a.force && valid_path.exists() {

@@ -1,7 +1,8 @@
 //! `your_ai score`: adds `auth_weight` and `prov_entropy` to every row of a JSONL file.
 
 use crate::cli::ScoreArgs;
-use crate::data::files::read_jsonl;
+use crate::data::files::read_jsonl_lines;
+use crate::data::row_fields::with_fields;
 use crate::distrust::formula::{AUTH_WEIGHT, PROV_ENTROPY};
 use crate::distrust::{scorer, DistrustError};
 use crate::error::Result;
@@ -16,22 +17,26 @@ pub fn run(a: ScoreArgs) -> Result<()> {
             a.output.display()
         )));
     }
-    let records = read_jsonl(&a.input)?;
+    let records = read_jsonl_lines(&a.input)?;
     let start = Instant::now();
     let mut rows = Vec::with_capacity(records.len());
     let mut errors = vec![];
     let mut bytes = 0usize;
     let (mut sum_w, mut sum_h) = (0.0, 0.0);
-    for r in records {
-        match scorer::score_row(&r.fields) {
-            Ok(s) => {
+    for (r, line) in records {
+        let scored = scorer::score_row(&r.fields).and_then(|s| {
+            let fields = [
+                (AUTH_WEIGHT, json!(s.auth_weight)),
+                (PROV_ENTROPY, json!(s.prov_entropy)),
+            ];
+            Ok((s, with_fields(&line, &fields)?))
+        });
+        match scored {
+            Ok((s, row)) => {
                 bytes += scorer::row_text(&r.fields).map_or(0, |t| t.len());
                 sum_w += s.auth_weight;
                 sum_h += s.prov_entropy;
-                let mut fields = r.fields;
-                fields.insert(AUTH_WEIGHT.into(), json!(s.auth_weight));
-                fields.insert(PROV_ENTROPY.into(), json!(s.prov_entropy));
-                rows.push(fields);
+                rows.push(row);
             }
             Err(e) => errors.push(format!("{}: {e}", r.location)),
         }

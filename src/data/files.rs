@@ -97,6 +97,25 @@ pub fn read_jsonl(path: &Path) -> Result<Vec<Record>, DataError> {
     })
 }
 
+/// [`read_jsonl`], each record with its line as written: for a command that writes the rows
+/// back with fields set ([`super::row_fields`]), every other value as it was.
+pub fn read_jsonl_lines(path: &Path) -> Result<Vec<(Record, String)>, DataError> {
+    let parse = |l: &str| parse_line(l).map(|parsed| (parsed, l.to_string()));
+    read_lines(path, parse).map(|lines| {
+        lines
+            .into_iter()
+            .map(|(((example, fields), line), location)| {
+                let record = Record {
+                    example,
+                    location,
+                    fields,
+                };
+                (record, line)
+            })
+            .collect()
+    })
+}
+
 /// Every non-blank line of a JSONL file through `parse`, each with its `file:line`; all bad
 /// lines are reported together, and an empty file is refused.
 pub fn read_lines<T>(

@@ -11,6 +11,7 @@ pub mod chat_template;
 pub mod files;
 pub mod message_text;
 pub mod preference;
+pub mod row_fields;
 pub mod tokenizer;
 
 use chat_template::{ChatContext, ChatTemplate};

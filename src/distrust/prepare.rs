@@ -6,7 +6,7 @@ use super::formula::{read_provenance, Provenance, AUTH_WEIGHT, PROV_ENTROPY};
 use super::{scorer, DistrustError};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
-use serde_json::{json, Map, Value};
+use serde_json::json;
 use std::collections::HashSet;
 
 /// The original aimed at 25–30 % low-authority examples; the middle of that range.
@@ -17,7 +17,8 @@ pub const LOW_AUTHORITY_BELOW: f64 = 0.3;
 /// One row with its scores and where it came from.
 #[derive(Debug, Clone)]
 pub struct Example {
-    pub fields: Map<String, Value>,
+    /// The row as it will be written: as it was read, with its scores set.
+    pub line: String,
     pub prov: Provenance,
     pub location: String,
     pub text: String,
@@ -29,13 +30,16 @@ impl Example {
     }
 }
 
-/// Turns records into examples, scoring rows that carry no scores (rows that carry them are
-/// checked and kept). Returns the examples and how many were scored here.
-pub fn examples(records: Vec<crate::data::Record>) -> Result<(Vec<Example>, usize), DistrustError> {
+/// Turns records (each with its line as read) into examples, scoring rows that carry no
+/// scores (rows that carry them are checked and kept). Returns the examples and how many were
+/// scored here.
+pub fn examples(
+    records: Vec<(crate::data::Record, String)>,
+) -> Result<(Vec<Example>, usize), DistrustError> {
     let mut out = Vec::with_capacity(records.len());
     let mut errors = vec![];
     let mut scored = 0;
-    for r in records {
+    for (r, line) in records {
         let Some(text) = scorer::row_text(&r.fields) else {
             errors.push(format!(
                 "{}: no text: expected `text`, `prompt`/`completion` or `messages`",
@@ -63,11 +67,19 @@ pub fn examples(records: Vec<crate::data::Record>) -> Result<(Vec<Example>, usiz
                 continue;
             }
         };
-        let mut fields = r.fields;
-        fields.insert(AUTH_WEIGHT.into(), json!(prov.auth_weight));
-        fields.insert(PROV_ENTROPY.into(), json!(prov.prov_entropy));
+        let scores = [
+            (AUTH_WEIGHT, json!(prov.auth_weight)),
+            (PROV_ENTROPY, json!(prov.prov_entropy)),
+        ];
+        let line = match crate::data::row_fields::with_fields(&line, &scores) {
+            Ok(l) => l,
+            Err(e) => {
+                errors.push(format!("{}: {e}", r.location));
+                continue;
+            }
+        };
         out.push(Example {
-            fields,
+            line,
             prov,
             location: r.location,
             text,
@@ -308,7 +320,7 @@ mod tests {
 
     fn ex(text: &str, w: f64) -> Example {
         Example {
-            fields: Map::new(),
+            line: String::new(),
             prov: Provenance {
                 auth_weight: w,
                 prov_entropy: 0.0,

@@ -142,22 +142,18 @@ pub fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
     staged.commit()
 }
 
-/// Writes JSONL rows to `path` whole or not at all. An existing file is refused unless `force`
-/// (`flag` names the option that chose the path, for the message).
-pub fn write_jsonl(
-    path: &Path,
-    rows: &[serde_json::Map<String, serde_json::Value>],
-    force: bool,
-    flag: &str,
-) -> Result<()> {
+/// Writes JSONL rows (each one JSON object's text) to `path` whole or not at all. An existing
+/// file is refused unless `force` (`flag` names the option that chose the path, for the
+/// message).
+pub fn write_jsonl(path: &Path, rows: &[String], force: bool, flag: &str) -> Result<()> {
     let staged = Staged::new(path, force, flag, false, &[])?;
     let tmp = &staged.tmp;
     let f = std::fs::File::create(tmp).map_err(|e| Error::io("create", tmp, e))?;
     let mut w = std::io::BufWriter::new(f);
     for r in rows {
-        serde_json::to_writer(&mut w, r)
-            .map_err(|e| Error::io("write", tmp, std::io::Error::other(e)))?;
-        w.write_all(b"\n").map_err(|e| Error::io("write", tmp, e))?;
+        w.write_all(r.as_bytes())
+            .and_then(|_| w.write_all(b"\n"))
+            .map_err(|e| Error::io("write", tmp, e))?;
     }
     w.into_inner()
         .map_err(|e| Error::io("write", tmp, e.into_error()))?;

@@ -235,7 +235,7 @@ mod tests {
         let n = 1000;
         let t = |seed: u64, scale: f64| {
             let v: Vec<f32> = (0..n)
-                .map(|i| ((((i as u64 + 1) * (seed * 2654435761 + 7)) % 2001) as f64 - 1000.0))
+                .map(|i| (((i as u64 + 1) * (seed * 2654435761 + 7)) % 2001) as f64 - 1000.0)
                 .map(|x| (x * scale) as f32)
                 .collect();
             Tensor::from_vec(v, n, &dev).unwrap()

@@ -106,13 +106,12 @@ impl Update {
     }
 }
 
-// On the CPU the parameters and moments are updated in place. New tensors for the three each
-// step were placed by the allocator among the step's freed activations, and resident memory
-// crept up for five steps as the next steps' activations were placed around them (measured:
-// +32 MB on SmolLM2 at 1 × 512 while the heap in use stayed flat, 2% over the estimate).
-// Each element is computed as candle's ops on `new_tensors` compute it (`x * s` is
-// `x * s + 0`, `x / s` is `x * (1 / s) + 0`, `x + s` is `x * 1 + s`), so both paths give the
-// same bits.
+// On the CPU the parameters and moments are updated in place, in one pass each: candle's ops
+// made a new tensor and a pass over memory per operation (measured: the optimizer's time went
+// from 0.112 to 0.054 s a step on SmolLM2 at rank 64), and new long-lived tensors each step
+// among the step's freed activations. Each element is computed as candle's ops in
+// `new_tensors` compute it (`x * s` is `x * s + 0`, `x / s` is `x * (1 / s) + 0`, `x + s` is
+// `x * 1 + s`), so both paths give the same bits.
 
 /// Whether every tensor is a contiguous f32 one on the CPU, for the in-place update.
 fn in_place(ts: &[&Tensor]) -> bool {

@@ -618,3 +618,82 @@ fn browsers_on_an_allowed_origin_may_call_the_api() {
         "{e}"
     );
 }
+
+/// Function calling with the official client: served with a chat template that takes tools
+/// (Qwen 2.5's: calls as `<tool_call>` blocks), SmolLM2 follows its earlier calls in the
+/// conversation and calls `get_weather` for London; the reply comes back as `tool_calls`,
+/// whole and streamed, and the call and its result go back in the next request. Served with
+/// its own template, which has no place for tools, a request with tools is refused.
+#[test]
+fn tools_go_to_the_template_and_calls_come_back_as_tool_calls() {
+    let tmp = tempfile::tempdir().unwrap();
+    let adapter = adapter(&tmp.path().join("adapter"));
+    let template =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/chat_templates/qwen25.jinja");
+    let server = Server::start_with(
+        tmp.path(),
+        &adapter,
+        KEY,
+        &["--chat-template", template.to_str().unwrap()],
+    );
+    let base = smollm2()
+        .file_stem()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
+    let o = python()
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/openai_tools.py"))
+        .args([&server.url, KEY, &base])
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "{}\nserver:\n{}",
+        String::from_utf8_lossy(&o.stderr),
+        server.log()
+    );
+    let got: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let london = serde_json::json!([{"name": "get_weather", "arguments": r#"{"city":"London"}"#}]);
+    let whole = &got["whole"];
+    assert_eq!(whole["finish_reason"], "tool_calls", "{got}");
+    assert!(whole["content"].is_null(), "{got}");
+    let calls: Vec<serde_json::Value> = whole["calls"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| serde_json::json!({"name": c["name"], "arguments": c["arguments"]}))
+        .collect();
+    assert_eq!(serde_json::Value::Array(calls), london, "{got}");
+    assert!(whole["calls"][0]["id"]
+        .as_str()
+        .unwrap()
+        .starts_with("call_"));
+    assert_eq!(got["streamed"]["finish_reason"], "tool_calls", "{got}");
+    assert_eq!(got["streamed"]["calls"], london, "{got}");
+    assert_eq!(got["streamed"]["content"], "", "{got}");
+    // The round trip is accepted and answered in text.
+    let after = &got["after"];
+    assert_ne!(after["finish_reason"], "tool_calls", "{got}");
+    assert!(
+        !after["content"].as_str().unwrap_or_default().is_empty(),
+        "{got}"
+    );
+
+    // The model's own template leaves tools out: refused, naming `tools`.
+    std::fs::create_dir_all(tmp.path().join("own")).unwrap();
+    let own = Server::start(&tmp.path().join("own"), &adapter);
+    let body = serde_json::json!({"messages": [{"role": "user", "content": "hi"}],
+        "tools": [{"type": "function", "function": {"name": "get_weather"}}]});
+    let (status, resp) = http(
+        &own.url,
+        "POST",
+        "/v1/chat/completions",
+        true,
+        body.to_string().as_bytes(),
+    );
+    assert_eq!(status, 400, "{resp}");
+    assert!(
+        resp.contains(r#""param":"tools""#) && resp.contains("no place for tools"),
+        "{resp}"
+    );
+}

@@ -236,6 +236,10 @@ pub struct ServeArgs {
     /// repeat it for more, or give `*` for any. Without it, browsers refuse such calls.
     #[arg(long = "cors-origin", value_name = "ORIGIN")]
     pub cors_origin: Vec<String>,
+    /// A Jinja chat template to render conversations with, instead of the model's own (one
+    /// that takes `tools`, say).
+    #[arg(long, value_name = "FILE")]
+    pub chat_template: Option<PathBuf>,
     #[command(flatten)]
     pub kv: KvCacheArgs,
 }

@@ -18,8 +18,21 @@ pub fn run(a: ServeArgs) -> Result<()> {
     }
     // Checked before the model loads.
     let cors = crate::serve::cors(&a.cors_origin).map_err(Error::Usage)?;
+    let template = match &a.chat_template {
+        Some(path) => {
+            let bad =
+                |why: String| Error::Usage(format!("--chat-template {}: {why}", path.display()));
+            let src = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
+            crate::data::chat_template::ChatTemplate::new(&src).map_err(|e| bad(e.to_string()))?;
+            Some(src)
+        }
+        None => None,
+    };
     let opts = crate::model::args::decode_options(&a.model, a.quantize.quantize)?;
-    let loaded = crate::model::load(&a.model.model, &opts, None)?;
+    let mut loaded = crate::model::load(&a.model.model, &opts, None)?;
+    if template.is_some() {
+        loaded.tokenizer.chat_template = template;
+    }
     let mut adapters = HashMap::new();
     let mut names = vec![];
     for (name, dir) in &a.adapter {

@@ -13,21 +13,49 @@ use serde_json::Value;
 /// so no message can end its turn or forge another's; only the template's own markers are
 /// control tokens.
 pub fn chat_ids(tok: &Tokenizer, messages: &[Value]) -> Result<Vec<u32>> {
-    let src = tok.chat_template.as_deref().ok_or(TemplateError::Missing)?;
-    let template = ChatTemplate::new(src)?;
-    let render = |messages: &[Value]| {
-        template.render(&ChatContext {
-            messages,
-            add_generation_prompt: true,
-            bos_token: tok.bos_token.as_deref(),
-            eos_token: tok.eos_token.as_deref(),
-            ..Default::default()
-        })
-    };
+    chat_ids_with_tools(tok, messages, None)
+}
+
+/// [`chat_ids`], with the functions the model may call (OpenAI's `tools`, as transformers
+/// passes them to the template).
+pub fn chat_ids_with_tools(
+    tok: &Tokenizer,
+    messages: &[Value],
+    tools: Option<&[Value]>,
+) -> Result<Vec<u32>> {
+    let template = template(tok)?;
+    let render = |messages: &[Value]| render(tok, &template, messages, tools);
     let full = render(messages)?;
     let plain = message_text::plain_ranges(tok, messages, &full, render)
         .map_err(crate::error::Error::Usage)?;
     Ok(tok.encode_mixed(&full, &plain)?.0)
+}
+
+/// Whether the chat template shows `tools` to the model: a template with no place for them
+/// renders the same without them, and the model would answer never having seen them.
+pub fn template_takes_tools(tok: &Tokenizer, messages: &[Value], tools: &[Value]) -> Result<bool> {
+    let template = template(tok)?;
+    Ok(render(tok, &template, messages, Some(tools))? != render(tok, &template, messages, None)?)
+}
+
+fn template(tok: &Tokenizer) -> std::result::Result<ChatTemplate, TemplateError> {
+    ChatTemplate::new(tok.chat_template.as_deref().ok_or(TemplateError::Missing)?)
+}
+
+fn render(
+    tok: &Tokenizer,
+    template: &ChatTemplate,
+    messages: &[Value],
+    tools: Option<&[Value]>,
+) -> std::result::Result<String, TemplateError> {
+    template.render(&ChatContext {
+        messages,
+        tools,
+        add_generation_prompt: true,
+        bos_token: tok.bos_token.as_deref(),
+        eos_token: tok.eos_token.as_deref(),
+        ..Default::default()
+    })
 }
 
 /// A single user turn, after an optional system prompt.

@@ -79,6 +79,8 @@ pub struct Request {
     pub stop: Vec<String>,
     pub stream: bool,
     pub include_usage: bool,
+    /// The functions the model may call (chat only).
+    pub tools: Option<super::tools::Tools>,
 }
 
 /// The JSON object of a request body.
@@ -122,7 +124,10 @@ pub fn chat(body: &[u8]) -> Result<Request, ApiError> {
         .enumerate()
         .map(|(i, msg)| message(i, msg))
         .collect::<Result<Vec<_>, _>>()?;
-    common(&m, Prompt::Chat(messages), "max_completion_tokens")
+    let tools = super::tools::from_request(&m)?;
+    let mut request = common(&m, Prompt::Chat(messages), "max_completion_tokens")?;
+    request.tools = tools;
+    Ok(request)
 }
 
 /// A `/v1/completions` body.
@@ -156,17 +161,7 @@ fn message(i: usize, msg: &Value) -> Result<Value, ApiError> {
             "role `{role}` is not one of system, developer, user, assistant, tool"
         )));
     }
-    // This server answers tools in text and never returns `tool_calls`; dropping calls made
-    // elsewhere would leave the model an empty turn.
-    if msg
-        .get("tool_calls")
-        .is_some_and(|c| c.as_array().is_none_or(|a| !a.is_empty()))
-    {
-        return Err(bad(
-            "`tool_calls` in the conversation are not supported: this server answers tools in \
-             text; give the call as the message's text instead",
-        ));
-    }
+    let calls = super::tools::history_calls(i, msg)?;
     let content = match msg.get("content") {
         Some(Value::String(s)) => s.clone(),
         None | Some(Value::Null) => String::new(),
@@ -177,7 +172,17 @@ fn message(i: usize, msg: &Value) -> Result<Value, ApiError> {
     };
     // The developer role is OpenAI's newer name for system.
     let role = if role == "developer" { "system" } else { role };
-    Ok(json!({"role": role, "content": content}))
+    let mut out = json!({"role": role, "content": content});
+    if let Some(calls) = calls {
+        out["tool_calls"] = calls;
+    }
+    // A tool's result names the call it answers (templates that show it read these).
+    for key in ["tool_call_id", "name"] {
+        if let Some(v) = msg.get(key).filter(|v| v.is_string()) {
+            out[key] = v.clone();
+        }
+    }
+    Ok(out)
 }
 
 /// The fields both endpoints share.
@@ -282,14 +287,14 @@ fn common(
         stop,
         stream,
         include_usage,
+        tools: None,
     })
 }
 
 /// Refuses what a client asks for and this server cannot give, rather than answer as if it
 /// had: token log-probabilities, the prompt echoed, several candidates, an insertion suffix,
 /// a forced tool call, a structured output format, repetition penalties, token biases, audio.
-/// (Tools the model may use or not, under `tool_choice` auto or none, are answered in text,
-/// which that choice allows.)
+/// (Tools the model may call or not, under `tool_choice` auto or none, are served: tools.rs.)
 fn unsupported(m: &serde_json::Map<String, Value>) -> Result<(), ApiError> {
     let asks = |name: &str| match m.get(name) {
         None | Some(Value::Null) | Some(Value::Bool(false)) => false,
@@ -467,13 +472,14 @@ mod tests {
             assert_eq!(e.param, Some(param), "{bad}");
             assert!(e.message.contains("does not support"), "{}", e.message);
         }
-        let call = r#"{"messages":[{"role":"user","content":"x"},{"role":"assistant","content":null,"tool_calls":[{"id":"1","type":"function","function":{"name":"f","arguments":"{}"}}]}]}"#;
-        let e = chat(call.as_bytes()).unwrap_err();
-        assert!(
-            e.message.contains("messages[1]: `tool_calls`"),
-            "{}",
-            e.message
-        );
+        // An earlier call and its result go to the template: the arguments as an object.
+        let call = r#"{"messages":[{"role":"user","content":"x"},{"role":"assistant","content":null,"tool_calls":[{"id":"1","type":"function","function":{"name":"f","arguments":"{\"a\":2}"}}]},{"role":"tool","tool_call_id":"1","content":"4"}]}"#;
+        let r = chat(call.as_bytes()).unwrap();
+        let Prompt::Chat(m) = &r.prompt else {
+            panic!("{r:?}")
+        };
+        assert_eq!(m[1]["tool_calls"][0]["function"]["arguments"]["a"], 2);
+        assert_eq!(m[2]["tool_call_id"], "1");
         // Their defaults ask for nothing.
         for ok in [
             r#""frequency_penalty":0"#,

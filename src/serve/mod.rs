@@ -4,11 +4,12 @@
 //! ([`api`]) and generated one at a time by the thread that owns the model ([`worker`]).
 
 pub mod api;
+pub mod tools;
 pub mod worker;
 
 use crate::data::tokenizer::Tokenizer;
 use crate::infer::generate::{KvCacheType, Sampling};
-use crate::infer::prompt::chat_ids;
+use crate::infer::prompt::{chat_ids_with_tools, template_takes_tools};
 use api::{ApiError, Prompt, Request};
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
@@ -254,6 +255,8 @@ struct Started {
     model: String,
     stream: bool,
     include_usage: bool,
+    /// The functions a reply may call, when it may: it is read for calls (chat only).
+    calls: Option<Vec<String>>,
 }
 
 /// Checks the request and queues its generation.
@@ -282,8 +285,21 @@ fn start(
         Some(m) if app.adapters.iter().any(|a| a == m) => Some(m.to_string()),
         Some(m) => return Err(app.no_such_model(m)),
     };
+    let defs = req.tools.as_ref().map(|t| t.defs.as_slice());
+    if let (Prompt::Chat(messages), Some(defs)) = (&req.prompt, defs) {
+        let takes = template_takes_tools(&app.tokenizer, messages, defs)
+            .map_err(|e| ApiError::invalid(Some("messages"), e.to_string()))?;
+        if !takes {
+            return Err(ApiError::invalid(
+                Some("tools"),
+                "`tools`: this model's chat template has no place for tools (it renders the \
+                 same without them), so the model would never see them; serve it with a \
+                 --chat-template that takes tools, or leave `tools` out",
+            ));
+        }
+    }
     let ids = match &req.prompt {
-        Prompt::Chat(messages) => chat_ids(&app.tokenizer, messages),
+        Prompt::Chat(messages) => chat_ids_with_tools(&app.tokenizer, messages, defs),
         Prompt::Text(text) => app.tokenizer.encode_with_bos(text).map_err(Into::into),
     }
     .map_err(|e| ApiError::invalid(Some(kind.prompt_param()), e.to_string()))?;
@@ -368,6 +384,7 @@ fn start(
         model,
         stream: req.stream,
         include_usage: req.include_usage,
+        calls: req.tools.filter(|t| t.calls).map(|t| t.names),
     })
 }
 
@@ -383,7 +400,11 @@ fn stopping_error() -> ApiError {
 /// The whole reply as one JSON object.
 async fn whole(s: Started, kind: Kind) -> Response {
     let Started {
-        mut rx, id, model, ..
+        mut rx,
+        id,
+        model,
+        calls,
+        ..
     } = s;
     let mut text = String::new();
     while let Some(ev) = rx.recv().await {
@@ -399,12 +420,18 @@ async fn whole(s: Started, kind: Kind) -> Response {
                 prompt_tokens,
                 completion_tokens,
             } => {
-                let choice = match kind {
-                    Kind::Chat => {
+                let made = calls.as_ref().and_then(|names| tools::parse(&text, names));
+                let choice = match (kind, made) {
+                    (Kind::Chat, Some(made)) => {
+                        json!({"index": 0, "finish_reason": "tool_calls", "logprobs": null,
+                        "message": {"role": "assistant", "content": null,
+                            "tool_calls": tools::to_json(&made, false)}})
+                    }
+                    (Kind::Chat, None) => {
                         json!({"index": 0, "finish_reason": finish_reason, "logprobs": null,
                         "message": {"role": "assistant", "content": text}})
                     }
-                    Kind::Text => {
+                    (Kind::Text, _) => {
                         json!({"index": 0, "finish_reason": finish_reason, "logprobs": null, "text": text})
                     }
                 };
@@ -435,6 +462,7 @@ fn stream(s: Started, kind: Kind) -> Response {
         id,
         model,
         include_usage,
+        calls,
         ..
     } = s;
     let created = api::now();
@@ -472,27 +500,60 @@ fn stream(s: Started, kind: Kind) -> Response {
         )],
         Kind::Text => vec![],
     };
-    let state = (rx, false);
+    // A reply that may be a call is held back while it could still be one (tools.rs).
+    let held = calls.as_ref().map(|_| String::new());
+    let state = (rx, false, held);
     let body = futures_util::stream::iter(opening.into_iter().map(Ok::<_, Infallible>)).chain(
-        futures_util::stream::unfold(state, move |(mut rx, done)| {
+        futures_util::stream::unfold(state, move |(mut rx, done, mut held)| {
             let chunk = chunk.clone();
+            let calls = calls.clone();
             async move {
                 if done {
                     return None;
                 }
                 let events: Vec<SseEvent> = match rx.recv().await {
-                    Some(Event::Text(t)) => vec![chunk(piece(&t, None), None)],
+                    Some(Event::Text(t)) => match held.as_mut() {
+                        Some(h) => {
+                            h.push_str(&t);
+                            if tools::could_be_call(h) {
+                                vec![]
+                            } else {
+                                let text = held.take().unwrap_or_default();
+                                vec![chunk(piece(&text, None), None)]
+                            }
+                        }
+                        None => vec![chunk(piece(&t, None), None)],
+                    },
                     Some(Event::Done {
                         finish_reason,
                         prompt_tokens: p,
                         completion_tokens,
                     }) => {
-                        let mut out = vec![chunk(piece("", Some(finish_reason)), None)];
+                        let text = held.take().unwrap_or_default();
+                        let made = calls.as_deref().and_then(|n| tools::parse(&text, n));
+                        let mut out = vec![];
+                        let finish_reason = match made {
+                            Some(made) => {
+                                let calls = tools::to_json(&made, true);
+                                out.push(chunk(
+                                    json!({"index": 0, "delta": {"tool_calls": calls},
+                                        "finish_reason": null, "logprobs": null}),
+                                    None,
+                                ));
+                                "tool_calls"
+                            }
+                            None if !text.is_empty() => {
+                                out.push(chunk(piece(&text, None), None));
+                                finish_reason
+                            }
+                            None => finish_reason,
+                        };
+                        out.push(chunk(piece("", Some(finish_reason)), None));
                         if include_usage {
                             out.push(chunk(Value::Null, Some(api::usage(p, completion_tokens))));
                         }
                         out.push(SseEvent::default().data("[DONE]"));
-                        return Some((futures_util::stream::iter(out), (rx, true)));
+                        return Some((futures_util::stream::iter(out), (rx, true, None)));
                     }
                     Some(ev @ (Event::Failed(_) | Event::ServerStopping)) => {
                         let (message, code) = match ev {
@@ -502,12 +563,12 @@ fn stream(s: Started, kind: Kind) -> Response {
                         let err = json!({"error": {"message": message, "type": "server_error", "param": null, "code": code}});
                         return Some((
                             futures_util::stream::iter(vec![SseEvent::default().data(err.to_string())]),
-                            (rx, true),
+                            (rx, true, None),
                         ));
                     }
                     None => return None,
                 };
-                Some((futures_util::stream::iter(events), (rx, false)))
+                Some((futures_util::stream::iter(events), (rx, false, held)))
             }
         })
         .flatten()

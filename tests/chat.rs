@@ -114,8 +114,14 @@ fn ctrl_c_stops_the_reply_and_at_the_prompt_the_session() {
     // handling of Ctrl-C needs; the output goes to pipes.
     let (mut keyboard, terminal) = unsafe {
         let (mut m, mut s) = (0, 0);
-        let none = std::ptr::null_mut();
-        let r = libc::openpty(&mut m, &mut s, none, std::ptr::null(), std::ptr::null());
+        // Null pointers of the `mut` kind: Linux takes `*const` for the last two, macOS `*mut`.
+        let r = libc::openpty(
+            &mut m,
+            &mut s,
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+        );
         assert_eq!(r, 0, "openpty");
         (std::fs::File::from_raw_fd(m), OwnedFd::from_raw_fd(s))
     };

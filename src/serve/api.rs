@@ -327,6 +327,14 @@ fn unsupported(m: &serde_json::Map<String, Value>) -> Result<(), ApiError> {
         ("logit_bias", "token biases"),
         ("modalities", "output other than text"),
         ("audio", "audio output"),
+        (
+            "functions",
+            "the deprecated `functions` (give them as `tools`)",
+        ),
+        (
+            "function_call",
+            "the deprecated `function_call` (give `tool_choice`)",
+        ),
     ];
     match what.into_iter().find(|(name, _)| asks(name)) {
         Some((name, feature)) => Err(ApiError::invalid(
@@ -467,6 +475,8 @@ mod tests {
             (r#""logit_bias":"junk""#, "logit_bias"),
             (r#""modalities":["text","audio"]"#, "modalities"),
             (r#""audio":{"voice":"x","format":"wav"}"#, "audio"),
+            (r#""functions":[{"name":"f","parameters":{}}]"#, "functions"),
+            (r#""function_call":"auto""#, "function_call"),
         ] {
             let e = chat_with(bad).unwrap_err();
             assert_eq!(e.param, Some(param), "{bad}");

@@ -110,14 +110,20 @@ pub fn history_calls(i: usize, msg: &Value) -> Result<Option<Value>, ApiError> {
 }
 
 /// Whether text that starts so could still turn out to be a call (a stream holds it back
-/// until it knows).
+/// until it knows): a JSON object's first key, an array's first object, or the start of a
+/// tagged form. "[1] Paris…" or "{x}" is text from its second character on.
 pub fn could_be_call(text: &str) -> bool {
     let t = text.trim_start();
     let opens = ["<tool_call>", "[TOOL_CALLS]"];
-    t.is_empty()
-        || t.starts_with('{')
-        || t.starts_with('[')
-        || opens.iter().any(|o| o.starts_with(t) || t.starts_with(o))
+    if t.is_empty() || opens.iter().any(|o| o.starts_with(t) || t.starts_with(o)) {
+        return true;
+    }
+    // What follows the opening bracket, once it is there: a key's quote, an object's brace.
+    let then = |open: char, next: char| {
+        t.strip_prefix(open)
+            .map(|rest| rest.trim_start().chars().next().is_none_or(|c| c == next))
+    };
+    then('{', '"').or_else(|| then('[', '{')).unwrap_or(false)
 }
 
 /// The calls `text` makes to the functions `names`, if it is nothing but calls.
@@ -235,10 +241,29 @@ mod tests {
 
     #[test]
     fn a_stream_holds_back_only_what_could_still_be_a_call() {
-        for held in ["", "  ", "{\"na", "[TOOL", "<tool", "<tool_call>{"] {
+        for held in [
+            "",
+            "  ",
+            "{",
+            "{ \"na",
+            "[",
+            "[ {\"name",
+            "[TOOL",
+            "<tool",
+            "<tool_call>{",
+        ] {
             assert!(could_be_call(held), "{held:?}");
         }
-        for text in ["The", " Sure", "<b>", "Hello {", "<tool_cal!"] {
+        for text in [
+            "The",
+            " Sure",
+            "<b>",
+            "Hello {",
+            "<tool_cal!",
+            "[1] Paris",
+            "{x}",
+            "[ \"a\"]",
+        ] {
             assert!(!could_be_call(text), "{text:?}");
         }
     }

@@ -337,14 +337,14 @@ impl TrainArgs {
     }
 }
 
-/// Parses the command line (and, for `train --config FILE.yaml`, the file: its values apply
-/// where the command line gave none).
 /// A value as its flag spells it (`q4_k_m`, `bf16`), not as Rust's `Debug` does (`Q4KM`, `Bf16`).
 pub fn flag_name(v: impl clap::ValueEnum) -> String {
     v.to_possible_value()
         .map_or_else(String::new, |p| p.get_name().to_string())
 }
 
+/// Parses the command line (and, for `train --config FILE.yaml`, the file: its values apply
+/// where the command line gave none).
 pub fn parse() -> Result<Cli> {
     parse_from(std::env::args_os())
 }

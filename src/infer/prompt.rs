@@ -17,25 +17,23 @@ pub fn chat_ids(tok: &Tokenizer, messages: &[Value]) -> Result<Vec<u32>> {
 }
 
 /// [`chat_ids`], with the functions the model may call (OpenAI's `tools`, as transformers
-/// passes them to the template).
+/// passes them to the template). A template with no place for them (it renders the same
+/// without them) is refused, [`TemplateError::NoPlaceForTools`]: the model would answer never
+/// having seen them.
 pub fn chat_ids_with_tools(
     tok: &Tokenizer,
     messages: &[Value],
     tools: Option<&[Value]>,
 ) -> Result<Vec<u32>> {
     let template = template(tok)?;
-    let render = |messages: &[Value]| render(tok, &template, messages, tools);
-    let full = render(messages)?;
-    let plain = message_text::plain_ranges(tok, messages, &full, render)
+    let with_tools = |messages: &[Value]| render(tok, &template, messages, tools);
+    let full = with_tools(messages)?;
+    if tools.is_some() && full == render(tok, &template, messages, None)? {
+        return Err(TemplateError::NoPlaceForTools.into());
+    }
+    let plain = message_text::plain_ranges(tok, messages, &full, with_tools)
         .map_err(crate::error::Error::Usage)?;
     Ok(tok.encode_mixed(&full, &plain)?.0)
-}
-
-/// Whether the chat template shows `tools` to the model: a template with no place for them
-/// renders the same without them, and the model would answer never having seen them.
-pub fn template_takes_tools(tok: &Tokenizer, messages: &[Value], tools: &[Value]) -> Result<bool> {
-    let template = template(tok)?;
-    Ok(render(tok, &template, messages, Some(tools))? != render(tok, &template, messages, None)?)
 }
 
 fn template(tok: &Tokenizer) -> std::result::Result<ChatTemplate, TemplateError> {

@@ -7,9 +7,10 @@ pub mod api;
 pub mod tools;
 pub mod worker;
 
+use crate::data::chat_template::TemplateError;
 use crate::data::tokenizer::Tokenizer;
 use crate::infer::generate::{KvCacheType, Sampling};
-use crate::infer::prompt::{chat_ids_with_tools, template_takes_tools};
+use crate::infer::prompt::chat_ids_with_tools;
 use api::{ApiError, Prompt, Request};
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
@@ -286,23 +287,16 @@ fn start(
         Some(m) => return Err(app.no_such_model(m)),
     };
     let defs = req.tools.as_ref().map(|t| t.defs.as_slice());
-    if let (Prompt::Chat(messages), Some(defs)) = (&req.prompt, defs) {
-        let takes = template_takes_tools(&app.tokenizer, messages, defs)
-            .map_err(|e| ApiError::invalid(Some("messages"), e.to_string()))?;
-        if !takes {
-            return Err(ApiError::invalid(
-                Some("tools"),
-                "`tools`: this model's chat template has no place for tools (it renders the \
-                 same without them), so the model would never see them; serve it with a \
-                 --chat-template that takes tools, or leave `tools` out",
-            ));
-        }
-    }
     let ids = match &req.prompt {
         Prompt::Chat(messages) => chat_ids_with_tools(&app.tokenizer, messages, defs),
         Prompt::Text(text) => app.tokenizer.encode_with_bos(text).map_err(Into::into),
     }
-    .map_err(|e| ApiError::invalid(Some(kind.prompt_param()), e.to_string()))?;
+    .map_err(|e| match e {
+        crate::error::Error::Template(TemplateError::NoPlaceForTools) => {
+            ApiError::invalid(Some("tools"), format!("`tools`: {e}"))
+        }
+        e => ApiError::invalid(Some(kind.prompt_param()), e.to_string()),
+    })?;
     if ids.is_empty() {
         let (param, what) = match kind {
             Kind::Chat => ("messages", "the messages make"),

@@ -64,7 +64,10 @@ impl From<Result<String, TemplateError>> for Reply {
             Ok(s) => Reply::Ok(s),
             Err(TemplateError::Raised(m)) => Reply::Raised(m),
             Err(TemplateError::Syntax(m)) => Reply::Syntax(m),
-            Err(e @ TemplateError::Missing) => Reply::Render(e.to_string()),
+            // Not errors of a render: a worker never sends them back.
+            Err(e @ (TemplateError::Missing | TemplateError::NoPlaceForTools)) => {
+                Reply::Render(e.to_string())
+            }
             Err(TemplateError::Render(m)) => Reply::Render(m),
         }
     }

@@ -41,6 +41,12 @@ pub enum TemplateError {
     Render(String),
     #[error("this model has no chat template; pass --raw to send the prompt as plain text")]
     Missing,
+    #[error(
+        "this model's chat template has no place for tools (it renders the same without them), \
+         so the model would never see them; serve it with a --chat-template that takes tools, \
+         or leave `tools` out"
+    )]
+    NoPlaceForTools,
 }
 
 /// A compiled chat template.

@@ -623,7 +623,7 @@ fn browsers_on_an_allowed_origin_may_call_the_api() {
 /// (Qwen 2.5's: calls as `<tool_call>` blocks), SmolLM2 follows its earlier calls in the
 /// conversation and calls `get_weather` for London; the reply comes back as `tool_calls`,
 /// whole and streamed, and the call and its result go back in the next request. Served with
-/// its own template, which has no place for tools, a request with tools is refused.
+/// its own template, which has no place for tools or earlier calls, such requests are refused.
 #[test]
 fn tools_go_to_the_template_and_calls_come_back_as_tool_calls() {
     let tmp = tempfile::tempdir().unwrap();
@@ -671,6 +671,9 @@ fn tools_go_to_the_template_and_calls_come_back_as_tool_calls() {
     assert_eq!(got["streamed"]["finish_reason"], "tool_calls", "{got}");
     assert_eq!(got["streamed"]["calls"], london, "{got}");
     assert_eq!(got["streamed"]["content"], "", "{got}");
+    let helper = &got["streamed"]["helper"];
+    assert!(helper["content"].is_null(), "{got}");
+    assert_eq!(helper["calls"], serde_json::json!(["get_weather"]), "{got}");
     // The round trip is accepted and answered in text.
     let after = &got["after"];
     assert_ne!(after["finish_reason"], "tool_calls", "{got}");
@@ -694,6 +697,24 @@ fn tools_go_to_the_template_and_calls_come_back_as_tool_calls() {
     assert_eq!(status, 400, "{resp}");
     assert!(
         resp.contains(r#""param":"tools""#) && resp.contains("no place for tools"),
+        "{resp}"
+    );
+    // And it shows an earlier call-only turn as an empty one: refused, naming `messages`.
+    let body = serde_json::json!({"messages": [
+        {"role": "user", "content": "What is the weather in Paris?"},
+        {"role": "assistant", "content": null, "tool_calls": [{"id": "c0", "type": "function",
+            "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}]},
+        {"role": "tool", "tool_call_id": "c0", "content": "sunny"}]});
+    let (status, resp) = http(
+        &own.url,
+        "POST",
+        "/v1/chat/completions",
+        true,
+        body.to_string().as_bytes(),
+    );
+    assert_eq!(status, 400, "{resp}");
+    assert!(
+        resp.contains(r#""param":"messages""#) && resp.contains("does not show earlier calls"),
         "{resp}"
     );
 }

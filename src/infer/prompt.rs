@@ -19,7 +19,7 @@ pub fn chat_ids(tok: &Tokenizer, messages: &[Value]) -> Result<Vec<u32>> {
 /// [`chat_ids`], with the functions the model may call (OpenAI's `tools`, as transformers
 /// passes them to the template). A template with no place for them (it renders the same
 /// without them) is refused, [`TemplateError::NoPlaceForTools`]: the model would answer never
-/// having seen them.
+/// having seen them. So is one that leaves out earlier calls or their results.
 pub fn chat_ids_with_tools(
     tok: &Tokenizer,
     messages: &[Value],
@@ -31,9 +31,41 @@ pub fn chat_ids_with_tools(
     if tools.is_some() && full == render(tok, &template, messages, None)? {
         return Err(TemplateError::NoPlaceForTools.into());
     }
+    hides_tool_history(messages, &full, with_tools)?;
     let plain = message_text::plain_ranges(tok, messages, &full, with_tools)
         .map_err(crate::error::Error::Usage)?;
     Ok(tok.encode_mixed(&full, &plain)?.0)
+}
+
+/// Refuses a conversation whose earlier calls, or their results, the template leaves out: it
+/// renders the same without them (SmolLM2's own shows a call-only turn as an empty one). A
+/// render that fails without them shows that the template reads them.
+fn hides_tool_history(
+    messages: &[Value],
+    full: &str,
+    render: impl Fn(&[Value]) -> std::result::Result<String, TemplateError>,
+) -> std::result::Result<(), TemplateError> {
+    let same_without = |keep: &dyn Fn(&Value) -> Option<Value>| {
+        let fewer: Vec<Value> = messages.iter().filter_map(keep).collect();
+        fewer != messages && render(&fewer).is_ok_and(|r| r == full)
+    };
+    let no_calls = |m: &Value| {
+        let mut m = m.clone();
+        m.as_object_mut().map(|o| o.remove("tool_calls"));
+        Some(m)
+    };
+    if same_without(&no_calls) {
+        return Err(TemplateError::HidesToolHistory(
+            "earlier calls (`tool_calls`)",
+        ));
+    }
+    let no_results = |m: &Value| (m["role"] != "tool").then(|| m.clone());
+    if same_without(&no_results) {
+        return Err(TemplateError::HidesToolHistory(
+            "tool results (`tool` messages)",
+        ));
+    }
+    Ok(())
 }
 
 fn template(tok: &Tokenizer) -> std::result::Result<ChatTemplate, TemplateError> {

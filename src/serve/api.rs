@@ -124,6 +124,7 @@ pub fn chat(body: &[u8]) -> Result<Request, ApiError> {
         .enumerate()
         .map(|(i, msg)| message(i, msg))
         .collect::<Result<Vec<_>, _>>()?;
+    super::tools::check_answers(&messages)?;
     let tools = super::tools::from_request(&m)?;
     let mut request = common(&m, Prompt::Chat(messages), "max_completion_tokens")?;
     request.tools = tools;
@@ -146,6 +147,7 @@ pub fn completion(body: &[u8]) -> Result<Request, ApiError> {
         }
         None => return Err(ApiError::invalid(Some("prompt"), "`prompt` is missing")),
     };
+    super::tools::refuse_on_completions(&m)?;
     common(&m, Prompt::Text(prompt), "max_tokens")
 }
 
@@ -162,6 +164,20 @@ fn message(i: usize, msg: &Value) -> Result<Value, ApiError> {
         )));
     }
     let calls = super::tools::history_calls(i, msg)?;
+    if calls.is_some() && role != "assistant" {
+        return Err(bad("`tool_calls` is only for assistant messages"));
+    }
+    if role == "tool" {
+        let answers = msg.get("tool_call_id").and_then(Value::as_str);
+        if answers.is_none_or(str::is_empty) {
+            return Err(bad(
+                "a tool message needs the `tool_call_id` of the call it answers",
+            ));
+        }
+        if msg.get("content").is_none_or(Value::is_null) {
+            return Err(bad("a tool message needs `content`, the call's result"));
+        }
+    }
     let content = match msg.get("content") {
         Some(Value::String(s)) => s.clone(),
         None | Some(Value::Null) => String::new(),
@@ -293,8 +309,8 @@ fn common(
 
 /// Refuses what a client asks for and this server cannot give, rather than answer as if it
 /// had: token log-probabilities, the prompt echoed, several candidates, an insertion suffix,
-/// a forced tool call, a structured output format, repetition penalties, token biases, audio.
-/// (Tools the model may call or not, under `tool_choice` auto or none, are served: tools.rs.)
+/// a structured output format, repetition penalties, token biases, audio. (Tools, and what
+/// of them is refused, are in tools.rs.)
 fn unsupported(m: &serde_json::Map<String, Value>) -> Result<(), ApiError> {
     let asks = |name: &str| match m.get(name) {
         None | Some(Value::Null) | Some(Value::Bool(false)) => false,
@@ -303,10 +319,7 @@ fn unsupported(m: &serde_json::Map<String, Value>) -> Result<(), ApiError> {
             "best_of" => n.as_f64() != Some(1.0),
             _ => n.as_f64() != Some(0.0),
         },
-        Some(Value::String(s)) => match name {
-            "tool_choice" => !matches!(s.as_str(), "auto" | "none"),
-            _ => !s.is_empty(),
-        },
+        Some(Value::String(s)) => !s.is_empty(),
         Some(Value::Object(o)) if name == "response_format" => {
             o.get("type").and_then(Value::as_str) != Some("text")
         }
@@ -320,7 +333,6 @@ fn unsupported(m: &serde_json::Map<String, Value>) -> Result<(), ApiError> {
         ("echo", "echoing the prompt"),
         ("best_of", "several candidates"),
         ("suffix", "insertion (a suffix)"),
-        ("tool_choice", "a forced tool call"),
         ("response_format", "a structured response format"),
         ("frequency_penalty", "repetition penalties"),
         ("presence_penalty", "repetition penalties"),
@@ -448,8 +460,7 @@ mod tests {
             r#""best_of":1"#,
             r#""echo":false"#,
             r#""suffix":"""#,
-            r#""tool_choice":"auto""#,
-            r#""tools":[{"type":"function","function":{"name":"f"}}]"#,
+            r#""tools":[{"type":"function","function":{"name":"f"}}],"tool_choice":"auto""#,
             r#""response_format":{"type":"text"}"#,
         ] {
             assert!(chat_with(ok).is_ok(), "{ok}");
@@ -460,11 +471,6 @@ mod tests {
             (r#""echo":true"#, "echo"),
             (r#""best_of":3"#, "best_of"),
             (r#""suffix":"end""#, "suffix"),
-            (r#""tool_choice":"required""#, "tool_choice"),
-            (
-                r#""tool_choice":{"type":"function","function":{"name":"f"}}"#,
-                "tool_choice",
-            ),
             (
                 r#""response_format":{"type":"json_object"}"#,
                 "response_format",
@@ -490,6 +496,26 @@ mod tests {
         };
         assert_eq!(m[1]["tool_calls"][0]["function"]["arguments"]["a"], 2);
         assert_eq!(m[2]["tool_call_id"], "1");
+        // Tool turns as OpenAI's API takes them, or refused naming the message.
+        let calls = r#""tool_calls":[{"id":"1","function":{"name":"f"}}]"#;
+        for (bad, why) in [
+            (
+                format!(r#"{{"role":"user","content":"x",{calls}}}"#),
+                "messages[0]: `tool_calls` is only for assistant",
+            ),
+            (
+                r#"{"role":"tool","content":"4"}"#.into(),
+                "messages[0]: a tool message needs the `tool_call_id`",
+            ),
+            (
+                r#"{"role":"tool","tool_call_id":"1"}"#.into(),
+                "messages[0]: a tool message needs `content`",
+            ),
+        ] {
+            let e = chat(format!(r#"{{"messages":[{bad}]}}"#).as_bytes()).unwrap_err();
+            assert_eq!(e.param, Some("messages"));
+            assert!(e.message.starts_with(why), "{}", e.message);
+        }
         // Their defaults ask for nothing.
         for ok in [
             r#""frequency_penalty":0"#,

@@ -257,7 +257,7 @@ struct Started {
     stream: bool,
     include_usage: bool,
     /// The functions a reply may call, when it may: it is read for calls (chat only).
-    calls: Option<Vec<String>>,
+    calls: Option<tools::Tools>,
 }
 
 /// Checks the request and queues its generation.
@@ -294,6 +294,9 @@ fn start(
     .map_err(|e| match e {
         crate::error::Error::Template(TemplateError::NoPlaceForTools) => {
             ApiError::invalid(Some("tools"), format!("`tools`: {e}"))
+        }
+        crate::error::Error::Template(TemplateError::HidesToolHistory(_)) => {
+            ApiError::invalid(Some("messages"), format!("`messages`: {e}"))
         }
         e => ApiError::invalid(Some(kind.prompt_param()), e.to_string()),
     })?;
@@ -378,7 +381,7 @@ fn start(
         model,
         stream: req.stream,
         include_usage: req.include_usage,
-        calls: req.tools.filter(|t| t.calls).map(|t| t.names),
+        calls: req.tools.filter(|t| t.calls),
     })
 }
 
@@ -414,7 +417,7 @@ async fn whole(s: Started, kind: Kind) -> Response {
                 prompt_tokens,
                 completion_tokens,
             } => {
-                let made = calls.as_ref().and_then(|names| tools::parse(&text, names));
+                let made = calls.as_ref().and_then(|t| t.read(&text));
                 let choice = match (kind, made) {
                     (Kind::Chat, Some(made)) => {
                         json!({"index": 0, "finish_reason": "tool_calls", "logprobs": null,
@@ -486,13 +489,23 @@ fn stream(s: Started, kind: Kind) -> Response {
             }
         }
     };
-    // First the assistant role (chat), then the text as it comes, then the finish.
+    // First the assistant role (chat), then the text as it comes, then the finish. Where the
+    // reply may be calls the role waits for it, to come with content null and the calls, as
+    // OpenAI's does (the client's stream helper reads content "" from an earlier chunk).
+    let role = {
+        let chunk = chunk.clone();
+        move |delta: Value| {
+            let mut delta = delta;
+            delta["role"] = json!("assistant");
+            chunk(
+                json!({"index": 0, "delta": delta, "finish_reason": null, "logprobs": null}),
+                None,
+            )
+        }
+    };
     let opening = match kind {
-        Kind::Chat => vec![chunk(
-            json!({"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": null, "logprobs": null}),
-            None,
-        )],
-        Kind::Text => vec![],
+        Kind::Chat if calls.is_none() => vec![role(json!({"content": ""}))],
+        _ => vec![],
     };
     // A reply that may be a call is held back while it could still be one (tools.rs).
     let held = calls.as_ref().map(|_| String::new());
@@ -500,6 +513,7 @@ fn stream(s: Started, kind: Kind) -> Response {
     let body = futures_util::stream::iter(opening.into_iter().map(Ok::<_, Infallible>)).chain(
         futures_util::stream::unfold(state, move |(mut rx, done, mut held)| {
             let chunk = chunk.clone();
+            let role = role.clone();
             let calls = calls.clone();
             async move {
                 if done {
@@ -513,7 +527,7 @@ fn stream(s: Started, kind: Kind) -> Response {
                                 vec![]
                             } else {
                                 let text = held.take().unwrap_or_default();
-                                vec![chunk(piece(&text, None), None)]
+                                vec![role(json!({"content": ""})), chunk(piece(&text, None), None)]
                             }
                         }
                         None => vec![chunk(piece(&t, None), None)],
@@ -523,18 +537,23 @@ fn stream(s: Started, kind: Kind) -> Response {
                         prompt_tokens: p,
                         completion_tokens,
                     }) => {
-                        let text = held.take().unwrap_or_default();
-                        let made = calls.as_deref().and_then(|n| tools::parse(&text, n));
+                        let still_held = held.take();
+                        let text = still_held.clone().unwrap_or_default();
+                        let made = calls.as_ref().and_then(|t| t.read(&text));
                         let mut out = vec![];
                         let finish_reason = match made {
                             Some(made) => {
                                 let calls = tools::to_json(&made, true);
-                                out.push(chunk(
-                                    json!({"index": 0, "delta": {"tool_calls": calls},
-                                        "finish_reason": null, "logprobs": null}),
-                                    None,
-                                ));
+                                out.push(role(json!({"content": null, "tool_calls": calls})));
                                 "tool_calls"
+                            }
+                            // Held to the end and not a call: the role opens the text.
+                            None if still_held.is_some() => {
+                                out.push(role(json!({"content": ""})));
+                                if !text.is_empty() {
+                                    out.push(chunk(piece(&text, None), None));
+                                }
+                                finish_reason
                             }
                             None if !text.is_empty() => {
                                 out.push(chunk(piece(&text, None), None));

@@ -19,6 +19,20 @@ pub struct Tools {
     pub names: Vec<String>,
     /// False under `tool_choice` "none": the model sees the tools and answers in text.
     pub calls: bool,
+    /// `parallel_tool_calls` (default true); false keeps a reply's first call only.
+    pub parallel: bool,
+}
+
+impl Tools {
+    /// The calls a reply makes, if it is nothing but calls: its first only where the request
+    /// asked for no parallel calls.
+    pub fn read(&self, text: &str) -> Option<Vec<Call>> {
+        let mut calls = parse(text, &self.names)?;
+        if !self.parallel {
+            calls.truncate(1);
+        }
+        Some(calls)
+    }
 }
 
 /// A call the reply made: the function's name and its arguments as JSON text.
@@ -28,18 +42,33 @@ pub struct Call {
     pub arguments: String,
 }
 
-/// The request's `tools` (and `tool_choice`: auto or none; a forced call is refused before).
+/// The fields that only mean something with `tools`.
+const WITH_TOOLS: [&str; 2] = ["tool_choice", "parallel_tool_calls"];
+
+/// The request's `tools`, `tool_choice` (auto or none: a forced call needs constrained
+/// decoding, which this server does not do) and `parallel_tool_calls`.
 pub fn from_request(m: &Map<String, Value>) -> Result<Option<Tools>, ApiError> {
+    let given = |name: &str| m.get(name).is_some_and(|v| !v.is_null());
     let defs = match m.get("tools") {
-        None | Some(Value::Null) => return Ok(None),
-        Some(Value::Array(a)) if a.is_empty() => return Ok(None),
-        Some(Value::Array(a)) => a,
+        None | Some(Value::Null) => None,
+        Some(Value::Array(a)) if a.is_empty() => None,
+        Some(Value::Array(a)) => Some(a),
         Some(_) => {
             return Err(ApiError::invalid(
                 Some("tools"),
                 "`tools` must be an array of {\"type\": \"function\", \"function\": {...}}",
             ))
         }
+    };
+    let Some(defs) = defs else {
+        return match WITH_TOOLS.into_iter().find(|n| given(n)) {
+            // As OpenAI's API answers.
+            Some(name) => Err(ApiError::invalid(
+                Some(name),
+                format!("`{name}` is only allowed when `tools` are given"),
+            )),
+            None => Ok(None),
+        };
     };
     let mut names = vec![];
     for (i, t) in defs.iter().enumerate() {
@@ -56,14 +85,76 @@ pub fn from_request(m: &Map<String, Value>) -> Result<Option<Tools>, ApiError> {
         if names.iter().any(|n| n == name) {
             return Err(bad(&format!("`{name}` is given twice")));
         }
+        // Strict mode promises arguments that match the schema, which only constrained
+        // decoding can keep.
+        if t["function"].get("strict") == Some(&Value::Bool(true)) {
+            return Err(bad(
+                "`function.strict`: this server cannot hold the arguments to the schema \
+                 (it has no constrained decoding); leave `strict` out or false",
+            ));
+        }
         names.push(name.to_string());
     }
-    let calls = m.get("tool_choice").and_then(Value::as_str) != Some("none");
+    let calls = match m.get("tool_choice") {
+        None | Some(Value::Null) => true,
+        Some(Value::String(s)) if s == "auto" => true,
+        Some(Value::String(s)) if s == "none" => false,
+        Some(Value::String(s)) if s == "required" => return Err(forced()),
+        Some(Value::Object(o))
+            if o.get("type").and_then(Value::as_str) == Some("function")
+                && o.get("function").and_then(|f| f.get("name")).is_some() =>
+        {
+            return Err(forced())
+        }
+        Some(_) => {
+            return Err(ApiError::invalid(
+                Some("tool_choice"),
+                "`tool_choice` must be \"auto\", \"none\", \"required\" or \
+                 {\"type\": \"function\", \"function\": {\"name\": ...}}",
+            ))
+        }
+    };
+    let parallel = match m.get("parallel_tool_calls") {
+        None | Some(Value::Null) => true,
+        Some(Value::Bool(b)) => *b,
+        Some(_) => {
+            return Err(ApiError::invalid(
+                Some("parallel_tool_calls"),
+                "`parallel_tool_calls` must be true or false",
+            ))
+        }
+    };
     Ok(Some(Tools {
         defs: defs.clone(),
         names,
         calls,
+        parallel,
     }))
+}
+
+/// A call the model must make: refused rather than answered as if it might not.
+fn forced() -> ApiError {
+    ApiError::invalid(
+        Some("tool_choice"),
+        "`tool_choice`: this server does not support a forced tool call (it has no \
+         constrained decoding); give \"auto\" or \"none\", or leave the field out",
+    )
+}
+
+/// `tools` and its fields on `/v1/completions`, which has no functions in OpenAI's API:
+/// refused rather than ignored.
+pub fn refuse_on_completions(m: &Map<String, Value>) -> Result<(), ApiError> {
+    let name = ["tools"]
+        .into_iter()
+        .chain(WITH_TOOLS)
+        .find(|n| m.get(*n).is_some_and(|v| !v.is_null()));
+    match name {
+        Some(name) => Err(ApiError::invalid(
+            Some(name),
+            format!("`{name}` is for /v1/chat/completions; /v1/completions has no tools"),
+        )),
+        None => Ok(()),
+    }
 }
 
 /// An assistant message's `tool_calls`, as chat templates take them (transformers' form: the
@@ -78,6 +169,9 @@ pub fn history_calls(i: usize, msg: &Value) -> Result<Option<Value>, ApiError> {
     };
     let mut out = vec![];
     for (j, c) in calls.iter().enumerate() {
+        if c.get("type").is_some_and(|t| t != "function") {
+            return Err(bad(format!("tool_calls[{j}].type must be \"function\"")));
+        }
         let f = c
             .get("function")
             .ok_or_else(|| bad(format!("tool_calls[{j}].function is missing")))?;
@@ -99,14 +193,38 @@ pub fn history_calls(i: usize, msg: &Value) -> Result<Option<Value>, ApiError> {
                 )))
             }
         };
-        let mut call =
-            json!({"type": "function", "function": {"name": name, "arguments": arguments}});
-        if let Some(id) = c.get("id").filter(|v| v.is_string()) {
-            call["id"] = id.clone();
-        }
-        out.push(call);
+        let id = c
+            .get("id")
+            .and_then(Value::as_str)
+            .ok_or_else(|| bad(format!("tool_calls[{j}].id is missing")))?;
+        out.push(json!({"id": id, "type": "function",
+            "function": {"name": name, "arguments": arguments}}));
     }
     Ok(Some(Value::Array(out)))
+}
+
+/// That each tool message answers a call made before it in the conversation, as OpenAI's API
+/// requires: a result with no call in front of it is a client's bookkeeping gone wrong.
+pub fn check_answers(messages: &[Value]) -> Result<(), ApiError> {
+    let mut made: Vec<&str> = vec![];
+    for (i, m) in messages.iter().enumerate() {
+        for c in m["tool_calls"].as_array().into_iter().flatten() {
+            made.extend(c["id"].as_str());
+        }
+        if m["role"] == "tool" {
+            let id = m["tool_call_id"].as_str().unwrap_or_default();
+            if !made.contains(&id) {
+                return Err(ApiError::invalid(
+                    Some("messages"),
+                    format!(
+                        "messages[{i}]: `tool_call_id` \"{id}\" answers no call made before it \
+                         (an assistant message's `tool_calls[].id`)"
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Whether text that starts so could still turn out to be a call (a stream holds it back
@@ -133,7 +251,8 @@ pub fn parse(text: &str, names: &[String]) -> Option<Vec<Call>> {
         let mut out = vec![];
         let mut rest = t;
         while let Some(after) = rest.strip_prefix("<tool_call>") {
-            let (body, tail) = after.split_once("</tool_call>").unwrap_or((after, ""));
+            // Unclosed, it is not a whole call: a model cut short, or text about the tag.
+            let (body, tail) = after.split_once("</tool_call>")?;
             out.push(serde_json::from_str(body.trim()).ok()?);
             rest = tail.trim_start();
         }
@@ -163,8 +282,10 @@ fn call(v: &Value, names: &[String]) -> Option<Call> {
     }
     let arguments = match o.get("arguments").or_else(|| o.get("parameters")) {
         None | Some(Value::Null) => "{}".to_string(),
-        // Some models write the arguments as JSON text already.
-        Some(Value::String(s)) if serde_json::from_str::<Value>(s).is_ok() => s.clone(),
+        // Some models write the arguments as JSON text already; an object, as OpenAI's are.
+        Some(Value::String(s)) if serde_json::from_str::<Value>(s).is_ok_and(|v| v.is_object()) => {
+            s.clone()
+        }
         Some(args @ Value::Object(_)) => args.to_string(),
         Some(_) => return None,
     };
@@ -233,9 +354,126 @@ mod tests {
             r#"{"city": "Paris"}"#,
             r#"{"name": "add", "arguments": {"a": 1}} and then"#,
             "<tool_call>{\"name\":\"add\"}</tool_call> done",
+            "<tool_call>{\"name\":\"add\"}",
+            r#"{"name": "add", "arguments": "5"}"#,
+            r#"{"name": "add", "arguments": "[1]"}"#,
             "[]",
         ] {
             assert_eq!(parse(text, &names()), None, "{text}");
+        }
+    }
+
+    #[test]
+    fn without_parallel_calls_a_reply_keeps_its_first() {
+        let m = |v: Value| v.as_object().unwrap().clone();
+        let tools = json!([{"type": "function", "function": {"name": "add"}}]);
+        let two = "<tool_call>{\"name\":\"add\",\"arguments\":{\"a\":1}}</tool_call>\
+                   <tool_call>{\"name\":\"add\",\"arguments\":{\"a\":2}}</tool_call>";
+        for (parallel, want) in [(json!(null), 2), (json!(true), 2), (json!(false), 1)] {
+            let t = from_request(&m(json!({"tools": tools, "parallel_tool_calls": parallel})))
+                .unwrap()
+                .unwrap();
+            let calls = t.read(two).unwrap();
+            assert_eq!(calls.len(), want, "{parallel}");
+            assert_eq!(calls[0].arguments, r#"{"a":1}"#);
+        }
+    }
+
+    #[test]
+    fn tool_fields_are_checked_and_what_cannot_be_kept_is_refused() {
+        let m = |v: Value| v.as_object().unwrap().clone();
+        let f = json!([{"type": "function", "function": {"name": "f"}}]);
+        for choice in [json!("auto"), json!(null)] {
+            let t = from_request(&m(json!({"tools": f, "tool_choice": choice})));
+            assert!(t.unwrap().unwrap().calls, "{choice}");
+        }
+        // (request, param, words of the message)
+        let forced = "does not support a forced tool call";
+        for (req, param, why) in [
+            (
+                json!({"tools": f, "tool_choice": "required"}),
+                "tool_choice",
+                forced,
+            ),
+            (
+                json!({"tools": f, "tool_choice": {"type": "function", "function": {"name": "f"}}}),
+                "tool_choice",
+                forced,
+            ),
+            (
+                json!({"tools": f, "tool_choice": "bogus"}),
+                "tool_choice",
+                "must be \"auto\"",
+            ),
+            (
+                json!({"tools": f, "tool_choice": {"type": "auto"}}),
+                "tool_choice",
+                "must be",
+            ),
+            (
+                json!({"tools": f, "tool_choice": 1}),
+                "tool_choice",
+                "must be",
+            ),
+            (
+                json!({"tool_choice": "auto"}),
+                "tool_choice",
+                "only allowed when `tools`",
+            ),
+            (
+                json!({"tools": [], "tool_choice": "none"}),
+                "tool_choice",
+                "only allowed",
+            ),
+            (
+                json!({"parallel_tool_calls": false}),
+                "parallel_tool_calls",
+                "only allowed",
+            ),
+            (
+                json!({"tools": f, "parallel_tool_calls": "no"}),
+                "parallel_tool_calls",
+                "true or false",
+            ),
+            (
+                json!({"tools": [{"type": "function", "function": {"name": "f", "strict": true}}]}),
+                "tools",
+                "tools[0]: `function.strict`",
+            ),
+        ] {
+            let e = from_request(&m(req.clone())).unwrap_err();
+            assert_eq!(e.param, Some(param), "{req}");
+            assert!(e.message.contains(why), "{req}: {}", e.message);
+        }
+        let lax =
+            json!({"tools": [{"type": "function", "function": {"name": "f", "strict": false}}]});
+        assert!(from_request(&m(lax)).is_ok());
+        // The completions endpoint has no tools: refused, not ignored.
+        for (req, param) in [
+            (json!({"tools": f}), "tools"),
+            (json!({"tool_choice": "none"}), "tool_choice"),
+            (json!({"parallel_tool_calls": true}), "parallel_tool_calls"),
+        ] {
+            let e = refuse_on_completions(&m(req)).unwrap_err();
+            assert_eq!(e.param, Some(param));
+            assert!(e.message.contains("/v1/chat/completions"), "{}", e.message);
+        }
+        assert!(refuse_on_completions(&m(json!({"tools": null}))).is_ok());
+    }
+
+    #[test]
+    fn each_tool_result_answers_a_call_made_before_it() {
+        let call = |id: &str| json!({"role": "assistant", "tool_calls": [{"id": id}]});
+        let result = |id: &str| json!({"role": "tool", "tool_call_id": id, "content": "4"});
+        let user = json!({"role": "user", "content": "x"});
+        assert!(check_answers(&[user.clone(), call("a"), result("a")]).is_ok());
+        for (messages, at) in [
+            (vec![user.clone(), result("a"), call("a")], "messages[1]"),
+            (vec![user.clone(), call("a"), result("b")], "messages[2]"),
+        ] {
+            let e = check_answers(&messages).unwrap_err();
+            assert_eq!(e.param, Some("messages"));
+            assert!(e.message.starts_with(at), "{}", e.message);
         }
     }
 
@@ -293,11 +531,25 @@ mod tests {
         let calls = history_calls(2, &msg).unwrap().unwrap();
         assert_eq!(calls[0]["function"]["arguments"], json!({"a": 1}));
         assert_eq!(calls[0]["id"], "call_1");
-        let bad = json!({"role": "assistant", "tool_calls": [{"function": {"name": "add",
-            "arguments": "{oops"}}]});
+        let bad = json!({"role": "assistant", "tool_calls": [{"id": "1", "function": {
+            "name": "add", "arguments": "{oops"}}]});
         let e = history_calls(2, &bad).unwrap_err();
         assert!(e
             .message
             .contains("messages[2]: tool_calls[0].function.arguments is not JSON"));
+        for (call, why) in [
+            (
+                json!({"function": {"name": "add"}}),
+                "tool_calls[0].id is missing",
+            ),
+            (
+                json!({"id": "1", "type": "code", "function": {"name": "add"}}),
+                "tool_calls[0].type must be \"function\"",
+            ),
+        ] {
+            let msg = json!({"role": "assistant", "tool_calls": [call]});
+            let e = history_calls(3, &msg).unwrap_err();
+            assert!(e.message.contains(why), "{}", e.message);
+        }
     }
 }

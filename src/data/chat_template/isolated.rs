@@ -65,9 +65,11 @@ impl From<Result<String, TemplateError>> for Reply {
             Err(TemplateError::Raised(m)) => Reply::Raised(m),
             Err(TemplateError::Syntax(m)) => Reply::Syntax(m),
             // Not errors of a render: a worker never sends them back.
-            Err(e @ (TemplateError::Missing | TemplateError::NoPlaceForTools)) => {
-                Reply::Render(e.to_string())
-            }
+            Err(
+                e @ (TemplateError::Missing
+                | TemplateError::NoPlaceForTools
+                | TemplateError::HidesToolHistory(_)),
+            ) => Reply::Render(e.to_string()),
             Err(TemplateError::Render(m)) => Reply::Render(m),
         }
     }

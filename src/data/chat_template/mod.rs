@@ -48,6 +48,13 @@ pub enum TemplateError {
          or leave `tools` out"
     )]
     NoPlaceForTools,
+    /// What of the tool history the template leaves out: `tool_calls`, or `tool` messages.
+    #[error(
+        "this model's chat template does not show {0} (it renders the same \
+         without them), so the model would never see them; serve it with a --chat-template \
+         that takes tools, or leave them out"
+    )]
+    HidesToolHistory(&'static str),
 }
 
 /// A compiled chat template.

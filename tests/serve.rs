@@ -674,6 +674,21 @@ fn tools_go_to_the_template_and_calls_come_back_as_tool_calls() {
     let helper = &got["streamed"]["helper"];
     assert!(helper["content"].is_null(), "{got}");
     assert_eq!(helper["calls"], serde_json::json!(["get_weather"]), "{got}");
+    // Left to itself the model answers that conversation in text; forced, the reply is a call
+    // whose arguments are a JSON object, whole and streamed.
+    let unforced = &got["forced"]["unforced"];
+    assert_eq!(unforced["calls"], 0, "{got}");
+    for label in ["named", "required"] {
+        let forced = &got["forced"][label];
+        assert_eq!(forced["finish_reason"], "tool_calls", "{label}: {got}");
+        assert_eq!(
+            forced["calls"],
+            serde_json::json!(["get_weather"]),
+            "{label}: {got}"
+        );
+        assert!(forced["arguments"][0].is_object(), "{label}: {got}");
+        assert_eq!(forced["streamed"], forced["calls"], "{label}: {got}");
+    }
     // The round trip is accepted and answered in text.
     let after = &got["after"];
     assert_ne!(after["finish_reason"], "tool_calls", "{got}");

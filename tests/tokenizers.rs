@@ -5,7 +5,7 @@
 mod common;
 
 use your_ai::data::tokenizer::Tokenizer;
-use your_ai::infer::prompt::chat_ids;
+use your_ai::infer::prompt::{call_opening, chat_ids};
 use your_ai::weights::GgufFile;
 
 #[test]
@@ -336,4 +336,45 @@ fn stream_joins_to_the_decoding(tok: &Tokenizer, ids: &[u32]) {
         joined.extend(d.finish(tok).unwrap());
         assert_eq!(joined, whole, "cut at {cut}");
     }
+}
+
+/// A forced call starts the reply as each template writes a call, up to the arguments (or,
+/// with no function named, up to the name); a template that writes none is refused.
+#[test]
+fn a_forced_call_opens_as_the_template_writes_calls() {
+    let g = GgufFile::open(&common::smollm2()).unwrap();
+    let mut tok = Tokenizer::from_gguf(&g).unwrap();
+    let tools = [
+        serde_json::json!({"type": "function", "function": {"name": "get_weather",
+        "description": "The weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}),
+    ];
+    let user = [serde_json::json!({"role": "user", "content": "Weather in Oslo?"})];
+    for (template, named, any) in [
+        (
+            "qwen25.jinja",
+            "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": ",
+            "<tool_call>\n{\"name\": \"",
+        ),
+        (
+            "hermes.jinja",
+            "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": ",
+            "<tool_call>\n{\"name\": \"",
+        ),
+        (
+            "llama31.jinja",
+            "{\"name\": \"get_weather\", \"parameters\": ",
+            "{\"name\": \"",
+        ),
+    ] {
+        tok.chat_template = Some(fixture(template));
+        let (text, ids) = call_opening(&tok, &user, &tools, Some("get_weather")).unwrap();
+        assert_eq!(text, named, "{template}");
+        assert_eq!(tok.decode(&ids, false).unwrap(), named, "{template}");
+        let (text, _) = call_opening(&tok, &user, &tools, None).unwrap();
+        assert_eq!(text, any, "{template}");
+    }
+    tok.chat_template = Some(fixture("smollm2.jinja"));
+    let e = call_opening(&tok, &user, &tools, None).unwrap_err();
+    assert!(e.to_string().contains("cannot be forced"), "{e}");
 }

@@ -68,6 +68,57 @@ fn hides_tool_history(
     Ok(())
 }
 
+/// The start of a reply that calls a function, as this template writes a call after
+/// `messages`: up to where the arguments of `name` begin (Qwen's `<tool_call>\n{"name": "f",
+/// "arguments": `), or with `name` None up to where a function's name goes. Found by rendering
+/// an assistant turn that calls the first of `tools` (or `name`) with marked arguments. Its
+/// ids, the name as plain text, follow the prompt's, so that the model writes the rest.
+pub fn call_opening(
+    tok: &Tokenizer,
+    messages: &[Value],
+    tools: &[Value],
+    name: Option<&str>,
+) -> Result<(String, Vec<u32>)> {
+    let probe = match name {
+        Some(n) => n,
+        None => tools
+            .first()
+            .and_then(|t| t["function"]["name"].as_str())
+            .unwrap_or_default(),
+    };
+    const MARK: &str = "__your_ai_arguments__";
+    let template = template(tok)?;
+    let prompt = render(tok, &template, messages, Some(tools))?;
+    let mut called = messages.to_vec();
+    called.push(serde_json::json!({"role": "assistant", "content": "", "tool_calls": [
+        {"id": "call_0", "type": "function", "function": {"name": probe, "arguments": {MARK: 1}}}
+    ]}));
+    let turn = template.render(&ChatContext {
+        messages: &called,
+        tools: Some(tools),
+        add_generation_prompt: false,
+        bos_token: tok.bos_token.as_deref(),
+        eos_token: tok.eos_token.as_deref(),
+        ..Default::default()
+    })?;
+    // The call's text: after the prompt, before the marked arguments' opening brace.
+    let opening = turn
+        .strip_prefix(prompt.as_str())
+        .and_then(|call| call[..call.find(MARK)?].rfind('{').map(|at| &call[..at]))
+        // The name as a JSON string (a short name may be in "arguments" too).
+        .and_then(|o| Some((o, o.rfind(&format!("\"{probe}\""))? + 1)))
+        .filter(|_| !probe.is_empty());
+    let Some((opening, at)) = opening else {
+        return Err(TemplateError::NoCallForm.into());
+    };
+    let (text, plain) = match name {
+        Some(_) => (opening, Some(at..at + probe.len())),
+        None => (&opening[..at], None),
+    };
+    let plain: Vec<std::ops::Range<usize>> = plain.into_iter().collect();
+    Ok((text.to_string(), tok.encode_mixed(text, &plain)?.0))
+}
+
 fn template(tok: &Tokenizer) -> std::result::Result<ChatTemplate, TemplateError> {
     ChatTemplate::new(tok.chat_template.as_deref().ok_or(TemplateError::Missing)?)
 }

@@ -10,7 +10,7 @@ pub mod worker;
 use crate::data::chat_template::TemplateError;
 use crate::data::tokenizer::Tokenizer;
 use crate::infer::generate::{KvCacheType, Sampling};
-use crate::infer::prompt::chat_ids_with_tools;
+use crate::infer::prompt::{call_opening, chat_ids_with_tools};
 use api::{ApiError, Prompt, Request};
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
@@ -258,6 +258,9 @@ struct Started {
     include_usage: bool,
     /// The functions a reply may call, when it may: it is read for calls (chat only).
     calls: Option<tools::Tools>,
+    /// Under a forced `tool_choice`, the start of the call the prompt ends with: the reply is
+    /// it and what the model writes after it, and must be a call.
+    opening: Option<String>,
 }
 
 /// Checks the request and queues its generation.
@@ -287,11 +290,27 @@ fn start(
         Some(m) => return Err(app.no_such_model(m)),
     };
     let defs = req.tools.as_ref().map(|t| t.defs.as_slice());
-    let ids = match &req.prompt {
+    let (ids, opening) = match &req.prompt {
         Prompt::Chat(messages) => chat_ids_with_tools(&app.tokenizer, messages, defs),
         Prompt::Text(text) => app.tokenizer.encode_with_bos(text).map_err(Into::into),
     }
+    .and_then(|mut ids| {
+        // A forced call: the prompt goes on with the call's start, for the model to finish.
+        let forced = req.tools.as_ref().and_then(|t| Some((t, t.forced()?)));
+        let opening = match (&req.prompt, forced) {
+            (Prompt::Chat(messages), Some((t, name))) => {
+                let (text, more) = call_opening(&app.tokenizer, messages, &t.defs, name)?;
+                ids.extend(more);
+                Some(text)
+            }
+            _ => None,
+        };
+        Ok((ids, opening))
+    })
     .map_err(|e| match e {
+        crate::error::Error::Template(TemplateError::NoCallForm) => {
+            ApiError::invalid(Some("tool_choice"), format!("`tool_choice`: {e}"))
+        }
         crate::error::Error::Template(TemplateError::NoPlaceForTools) => {
             ApiError::invalid(Some("tools"), format!("`tools`: {e}"))
         }
@@ -381,7 +400,8 @@ fn start(
         model,
         stream: req.stream,
         include_usage: req.include_usage,
-        calls: req.tools.filter(|t| t.calls),
+        calls: req.tools.filter(|t| t.calls()),
+        opening,
     })
 }
 
@@ -394,6 +414,22 @@ fn stopping_error() -> ApiError {
     )
 }
 
+/// A reply started as the call `tool_choice` asks for that the model did not finish as one.
+fn unfinished_call(finish_reason: &str, text: &str) -> ApiError {
+    let why = match finish_reason {
+        "length" => "max_tokens ran out first; raise it",
+        _ => "what it wrote does not read as a call",
+    };
+    // What it wrote, for the client's logs, cut at a character boundary.
+    let shown: String = text.chars().take(300).collect();
+    let cut = if shown.len() < text.len() { "…" } else { "" };
+    ApiError::with(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "server_error",
+        format!("the reply was started as the call `tool_choice` asks for, and the model did not finish it: {why} (the reply: {shown:?}{cut})"),
+    )
+}
+
 /// The whole reply as one JSON object.
 async fn whole(s: Started, kind: Kind) -> Response {
     let Started {
@@ -401,9 +437,11 @@ async fn whole(s: Started, kind: Kind) -> Response {
         id,
         model,
         calls,
+        opening,
         ..
     } = s;
-    let mut text = String::new();
+    let forced = opening.is_some();
+    let mut text = opening.unwrap_or_default();
     while let Some(ev) = rx.recv().await {
         match ev {
             Event::Text(t) => text.push_str(&t),
@@ -417,7 +455,10 @@ async fn whole(s: Started, kind: Kind) -> Response {
                 prompt_tokens,
                 completion_tokens,
             } => {
-                let made = calls.as_ref().and_then(|t| t.read(&text));
+                let made = calls.as_ref().and_then(|t| t.read(&text, forced));
+                if forced && made.is_none() {
+                    return unfinished_call(finish_reason, &text).into_response();
+                }
                 let choice = match (kind, made) {
                     (Kind::Chat, Some(made)) => {
                         json!({"index": 0, "finish_reason": "tool_calls", "logprobs": null,
@@ -460,8 +501,10 @@ fn stream(s: Started, kind: Kind) -> Response {
         model,
         include_usage,
         calls,
+        opening: call_start,
         ..
     } = s;
+    let forced = call_start.is_some();
     let created = api::now();
     let chunk = move |choice: Value, usage: Option<Value>| -> SseEvent {
         let object = match kind {
@@ -508,7 +551,7 @@ fn stream(s: Started, kind: Kind) -> Response {
         _ => vec![],
     };
     // A reply that may be a call is held back while it could still be one (tools.rs).
-    let held = calls.as_ref().map(|_| String::new());
+    let held = calls.as_ref().map(|_| call_start.unwrap_or_default());
     let state = (rx, false, held);
     let body = futures_util::stream::iter(opening.into_iter().map(Ok::<_, Infallible>)).chain(
         futures_util::stream::unfold(state, move |(mut rx, done, mut held)| {
@@ -523,7 +566,8 @@ fn stream(s: Started, kind: Kind) -> Response {
                     Some(Event::Text(t)) => match held.as_mut() {
                         Some(h) => {
                             h.push_str(&t);
-                            if tools::could_be_call(h) {
+                            // A forced call is never text: held to the end.
+                            if forced || tools::could_be_call(h) {
                                 vec![]
                             } else {
                                 let text = held.take().unwrap_or_default();
@@ -539,7 +583,13 @@ fn stream(s: Started, kind: Kind) -> Response {
                     }) => {
                         let still_held = held.take();
                         let text = still_held.clone().unwrap_or_default();
-                        let made = calls.as_ref().and_then(|t| t.read(&text));
+                        let made = calls.as_ref().and_then(|t| t.read(&text, forced));
+                        if forced && made.is_none() {
+                            let e = unfinished_call(finish_reason, &text);
+                            let err = json!({"error": {"message": e.message, "type": "server_error", "param": null, "code": null}});
+                            let out = vec![SseEvent::default().data(err.to_string())];
+                            return Some((futures_util::stream::iter(out), (rx, true, None)));
+                        }
                         let mut out = vec![];
                         let finish_reason = match made {
                             Some(made) => {

@@ -17,22 +17,50 @@ pub struct Tools {
     /// As given, for the template (`{"type": "function", "function": {...}}`).
     pub defs: Vec<Value>,
     pub names: Vec<String>,
-    /// False under `tool_choice` "none": the model sees the tools and answers in text.
-    pub calls: bool,
+    pub choice: Choice,
     /// `parallel_tool_calls` (default true); false keeps a reply's first call only.
     pub parallel: bool,
 }
 
 impl Tools {
-    /// The calls a reply makes, if it is nothing but calls: its first only where the request
-    /// asked for no parallel calls.
-    pub fn read(&self, text: &str) -> Option<Vec<Call>> {
-        let mut calls = parse(text, &self.names)?;
+    /// Whether a reply may be read as calls (not under `tool_choice` "none").
+    pub fn calls(&self) -> bool {
+        self.choice != Choice::None
+    }
+
+    /// Whether the reply is started as a call, and to which function (None: the model names
+    /// it, of several; with one there is nothing to choose).
+    pub fn forced(&self) -> Option<Option<&str>> {
+        match &self.choice {
+            Choice::Required if self.names.len() == 1 => Some(Some(&self.names[0])),
+            Choice::Required => Some(None),
+            Choice::Named(n) => Some(Some(n)),
+            Choice::Auto | Choice::None => None,
+        }
+    }
+
+    /// The calls a reply makes, if it is nothing but calls (if it starts with them, where it
+    /// was started as one): its first only where the request asked for no parallel calls.
+    pub fn read(&self, text: &str, forced: bool) -> Option<Vec<Call>> {
+        let mut calls = leading(text, &self.names, !forced)?;
         if !self.parallel {
             calls.truncate(1);
         }
         Some(calls)
     }
+}
+
+/// `tool_choice`: whether the reply may, must, or must not call.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Choice {
+    /// The model decides.
+    Auto,
+    /// The model sees the tools and answers in text.
+    None,
+    /// The reply is started as a call, the model naming the function.
+    Required,
+    /// The reply is started as a call to this function.
+    Named(String),
 }
 
 /// A call the reply made: the function's name and its arguments as JSON text.
@@ -45,8 +73,7 @@ pub struct Call {
 /// The fields that only mean something with `tools`.
 const WITH_TOOLS: [&str; 2] = ["tool_choice", "parallel_tool_calls"];
 
-/// The request's `tools`, `tool_choice` (auto or none: a forced call needs constrained
-/// decoding, which this server does not do) and `parallel_tool_calls`.
+/// The request's `tools`, `tool_choice` and `parallel_tool_calls`.
 pub fn from_request(m: &Map<String, Value>) -> Result<Option<Tools>, ApiError> {
     let given = |name: &str| m.get(name).is_some_and(|v| !v.is_null());
     let defs = match m.get("tools") {
@@ -95,16 +122,24 @@ pub fn from_request(m: &Map<String, Value>) -> Result<Option<Tools>, ApiError> {
         }
         names.push(name.to_string());
     }
-    let calls = match m.get("tool_choice") {
-        None | Some(Value::Null) => true,
-        Some(Value::String(s)) if s == "auto" => true,
-        Some(Value::String(s)) if s == "none" => false,
-        Some(Value::String(s)) if s == "required" => return Err(forced()),
-        Some(Value::Object(o))
-            if o.get("type").and_then(Value::as_str) == Some("function")
-                && o.get("function").and_then(|f| f.get("name")).is_some() =>
-        {
-            return Err(forced())
+    let named = |o: &Map<String, Value>| {
+        let f = o.get("function")?.get("name")?.as_str()?;
+        (o.get("type")? == "function").then(|| f.to_string())
+    };
+    let choice = match m.get("tool_choice") {
+        None | Some(Value::Null) => Choice::Auto,
+        Some(Value::String(s)) if s == "auto" => Choice::Auto,
+        Some(Value::String(s)) if s == "none" => Choice::None,
+        Some(Value::String(s)) if s == "required" => Choice::Required,
+        Some(Value::Object(o)) if named(o).is_some() => {
+            let name = named(o).unwrap_or_default();
+            if !names.contains(&name) {
+                return Err(ApiError::invalid(
+                    Some("tool_choice"),
+                    format!("`tool_choice` names `{name}`, which is not one of `tools`"),
+                ));
+            }
+            Choice::Named(name)
         }
         Some(_) => {
             return Err(ApiError::invalid(
@@ -127,18 +162,9 @@ pub fn from_request(m: &Map<String, Value>) -> Result<Option<Tools>, ApiError> {
     Ok(Some(Tools {
         defs: defs.clone(),
         names,
-        calls,
+        choice,
         parallel,
     }))
-}
-
-/// A call the model must make: refused rather than answered as if it might not.
-fn forced() -> ApiError {
-    ApiError::invalid(
-        Some("tool_choice"),
-        "`tool_choice`: this server does not support a forced tool call (it has no \
-         constrained decoding); give \"auto\" or \"none\", or leave the field out",
-    )
 }
 
 /// `tools` and its fields on `/v1/completions`, which has no functions in OpenAI's API:
@@ -246,8 +272,14 @@ pub fn could_be_call(text: &str) -> bool {
 
 /// The calls `text` makes to the functions `names`, if it is nothing but calls.
 pub fn parse(text: &str, names: &[String]) -> Option<Vec<Call>> {
+    leading(text, names, true)
+}
+
+/// The calls `text` opens with; with `whole`, only where nothing follows them. A reply started
+/// as a call is read so: what a model writes after the call it was made to make is dropped.
+fn leading(text: &str, names: &[String], whole: bool) -> Option<Vec<Call>> {
     let t = text.trim();
-    let values: Vec<Value> = if t.starts_with("<tool_call>") {
+    let (values, rest): (Vec<Value>, &str) = if t.starts_with("<tool_call>") {
         let mut out = vec![];
         let mut rest = t;
         while let Some(after) = rest.strip_prefix("<tool_call>") {
@@ -256,18 +288,18 @@ pub fn parse(text: &str, names: &[String]) -> Option<Vec<Call>> {
             out.push(serde_json::from_str(body.trim()).ok()?);
             rest = tail.trim_start();
         }
-        if !rest.is_empty() {
-            return None;
-        }
-        out
+        (out, rest)
     } else {
         let t = t.strip_prefix("[TOOL_CALLS]").unwrap_or(t).trim_start();
-        match serde_json::from_str(t).ok()? {
-            Value::Array(a) => a,
-            v => vec![v],
+        let mut values = serde_json::Deserializer::from_str(t).into_iter::<Value>();
+        let first = values.next()?.ok()?;
+        let rest = &t[values.byte_offset()..];
+        match first {
+            Value::Array(a) => (a, rest),
+            v => (vec![v], rest),
         }
     };
-    if values.is_empty() {
+    if values.is_empty() || (whole && !rest.trim().is_empty()) {
         return None;
     }
     values.iter().map(|v| call(v, names)).collect()
@@ -373,10 +405,20 @@ mod tests {
             let t = from_request(&m(json!({"tools": tools, "parallel_tool_calls": parallel})))
                 .unwrap()
                 .unwrap();
-            let calls = t.read(two).unwrap();
+            let calls = t.read(two, false).unwrap();
             assert_eq!(calls.len(), want, "{parallel}");
             assert_eq!(calls[0].arguments, r#"{"a":1}"#);
+            // Text after the calls: not a call, unless the reply was started as one.
+            let more = format!("{two}\nThe answer is 3.");
+            assert_eq!(t.read(&more, false), None);
+            assert_eq!(t.read(&more, true), Some(calls));
         }
+        let t = from_request(&m(json!({"tools": tools}))).unwrap().unwrap();
+        let bare = r#"{"name": "add", "parameters": {"a": 1}} Done."#;
+        assert_eq!(
+            (t.read(bare, false), t.read(bare, true).map(|c| c.len())),
+            (None, Some(1))
+        );
     }
 
     #[test]
@@ -385,20 +427,22 @@ mod tests {
         let f = json!([{"type": "function", "function": {"name": "f"}}]);
         for choice in [json!("auto"), json!(null)] {
             let t = from_request(&m(json!({"tools": f, "tool_choice": choice})));
-            assert!(t.unwrap().unwrap().calls, "{choice}");
+            assert_eq!(t.unwrap().unwrap().choice, Choice::Auto, "{choice}");
+        }
+        let named = json!({"type": "function", "function": {"name": "f"}});
+        for (choice, want) in [
+            (json!("required"), Choice::Required),
+            (named, Choice::Named("f".into())),
+        ] {
+            let t = from_request(&m(json!({"tools": f, "tool_choice": choice}))).unwrap();
+            assert_eq!(t.unwrap().choice, want);
         }
         // (request, param, words of the message)
-        let forced = "does not support a forced tool call";
         for (req, param, why) in [
             (
-                json!({"tools": f, "tool_choice": "required"}),
+                json!({"tools": f, "tool_choice": {"type": "function", "function": {"name": "g"}}}),
                 "tool_choice",
-                forced,
-            ),
-            (
-                json!({"tools": f, "tool_choice": {"type": "function", "function": {"name": "f"}}}),
-                "tool_choice",
-                forced,
+                "names `g`, which is not one of `tools`",
             ),
             (
                 json!({"tools": f, "tool_choice": "bogus"}),
@@ -514,7 +558,10 @@ mod tests {
         ], "tool_choice": "none"})))
         .unwrap()
         .unwrap();
-        assert_eq!((t.names.clone(), t.calls), (vec!["add".to_string()], false));
+        assert_eq!(
+            (t.names.clone(), t.calls()),
+            (vec!["add".to_string()], false)
+        );
         for (tools, why) in [
             (json!({"tools": {}}), "must be an array"),
             (json!({"tools": [{"type": "code"}]}), "tools[0]: `type`"),

@@ -68,7 +68,8 @@ impl From<Result<String, TemplateError>> for Reply {
             Err(
                 e @ (TemplateError::Missing
                 | TemplateError::NoPlaceForTools
-                | TemplateError::HidesToolHistory(_)),
+                | TemplateError::HidesToolHistory(_)
+                | TemplateError::NoCallForm),
             ) => Reply::Render(e.to_string()),
             Err(TemplateError::Render(m)) => Reply::Render(m),
         }

@@ -55,6 +55,11 @@ pub enum TemplateError {
          that takes tools, or leave them out"
     )]
     HidesToolHistory(&'static str),
+    #[error(
+        "this model's chat template does not write a call after the prompt in a form this \
+         server can start, so a call cannot be forced; give tool_choice \"auto\""
+    )]
+    NoCallForm,
 }
 
 /// A compiled chat template.

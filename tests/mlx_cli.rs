@@ -266,16 +266,18 @@ fn mlx_estimate_and_train_agree_and_differ_from_candle() {
         "--max-memory",
         "8",
     ];
-    let estimate = |engine: &str| {
+    let estimate_with = |engine: &str, extra: &[&str]| {
         let e = common::cli()
             .args(["estimate", "--engine", engine, "--model"])
             .arg(common::smollm2())
             .args(flags)
+            .args(extra)
             .output()
             .unwrap();
         assert!(e.status.success(), "{}", String::from_utf8_lossy(&e.stderr));
         common::estimate_table(&String::from_utf8_lossy(&e.stdout))
     };
+    let estimate = |engine: &str| estimate_with(engine, &[]);
     let t = common::cli()
         .args(["train", "--engine", "mlx", "--device", "cpu", "--model"])
         .arg(common::smollm2())
@@ -294,6 +296,11 @@ fn mlx_estimate_and_train_agree_and_differ_from_candle() {
     assert!(mlx[1].contains("MLX"), "{mlx:?}");
     assert_eq!(mlx, common::estimate_table(&stderr));
     assert_ne!(mlx, candle);
+    // SmolLM2's Q4_1 linears are held at their own 4 bits, whatever --quantize asks for (with
+    // an f32 scale and bias per 32 weights on the CPU: 6 bits a weight).
+    let held = |bits: &str| estimate_with("mlx", &["--quantize", bits])[1].clone();
+    assert_eq!(held("8"), held("4"));
+    assert!(held("8").contains("6.0-bit linears"), "{}", held("8"));
 }
 
 /// `--device cuda --engine mlx` on an MLX without CUDA (the mlx-cpu wheel here) is refused

@@ -532,7 +532,8 @@ fn mlx_bf16_run_holds_no_f64_array() {
 
 /// A GGUF's Q4_0, Q4_1 and Q8_0 blocks become MLX's affine quantization block for block: MLX's
 /// dequantization of each block linear (joined by input: its targets' blocks in order) equals
-/// candle's dequantization of the blocks, exactly.
+/// candle's dequantization of the blocks, exactly, whichever width `--quantize` asks for (a
+/// Q4_1 file under `--quantize 8` was quantized again, onto another grid).
 #[test]
 fn mlx_holds_a_gguf_s_blocks_exactly() {
     use candle_core::quantized::GgmlDType;
@@ -540,12 +541,12 @@ fn mlx_holds_a_gguf_s_blocks_exactly() {
     let _s = serial();
     let tmp = tempfile::tempdir().unwrap();
     let spec = common::TinySpec::default();
-    for (stored, bits) in [
-        (GgmlDType::Q4_1, QuantBits::Four),
-        (GgmlDType::Q4_0, QuantBits::Four),
-        (GgmlDType::Q8_0, QuantBits::Eight),
-    ] {
-        let path = tmp.path().join(format!("m-{stored:?}.gguf"));
+    let both = [QuantBits::Four, QuantBits::Eight];
+    let cases = [GgmlDType::Q4_1, GgmlDType::Q4_0, GgmlDType::Q8_0]
+        .into_iter()
+        .flat_map(|stored| both.map(|bits| (stored, bits)));
+    for (stored, bits) in cases {
+        let path = tmp.path().join(format!("m-{stored:?}-{bits:?}.gguf"));
         common::write_gguf(
             &path,
             &spec,
@@ -598,7 +599,10 @@ fn mlx_holds_a_gguf_s_blocks_exactly() {
                 .zip(want)
                 .filter(|(a, b)| a != b)
                 .count();
-            assert_eq!(differ, 0, "{stored:?}: linear {i}: {differ} weights differ");
+            assert_eq!(
+                differ, 0,
+                "{stored:?} at {bits:?}: linear {i}: {differ} weights differ"
+            );
         }
     }
 }

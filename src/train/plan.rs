@@ -203,9 +203,30 @@ pub fn weights_and_step(
     match engine {
         EngineChoice::Candle => (host, StepKind::candle(cpu, act_bytes)),
         EngineChoice::Mlx => (
-            super::estimate::mlx::weight_format(quantize, act_bytes),
+            super::estimate::mlx::weight_format(
+                quantize.map(|q| mlx_bits(inspected, q)),
+                act_bytes,
+            ),
             StepKind::Mlx { host, gpu: !cpu },
         ),
+    }
+}
+
+/// The width the MLX engine holds a model's block linears at under `--quantize q`: a GGUF's
+/// own, where all its linears are in one format MLX maps block for block.
+fn mlx_bits(inspected: &Inspected, q: QuantBits) -> QuantBits {
+    let crate::model::source::ModelSource::Gguf(p) = &inspected.source else {
+        return q;
+    };
+    let formats = crate::weights::GgufFile::open(p).map(|g| g.linear_formats());
+    let own: Vec<Option<QuantBits>> = formats
+        .unwrap_or_default()
+        .into_iter()
+        .map(super::estimate::mlx::own_bits)
+        .collect();
+    match own.first() {
+        Some(Some(b)) if own.iter().all(|o| o == &Some(*b)) => *b,
+        _ => q,
     }
 }
 

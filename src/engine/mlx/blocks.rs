@@ -10,18 +10,18 @@ use candle_core::quantized::GgmlDType;
 use half::f16;
 use mlx_rs::{Array, Dtype};
 
-/// MLX's `(w, scales, biases)` for `q` at `bits` in `dtype`, or `None` where the formats do
-/// not agree block for block (another type, or another width than the blocks').
+/// MLX's `(w, scales, biases)` for `q` in `dtype`, and their width (the blocks' own: a
+/// quantized GGUF keeps its values whatever `--quantize` asks), or `None` where the formats do
+/// not agree block for block.
 pub fn map(
     q: &QuantizedRows,
-    bits: i32,
     dtype: Dtype,
-) -> crate::error::Result<Option<(Array, Array, Array)>> {
+) -> crate::error::Result<Option<(Array, Array, Array, i32)>> {
     let dt = q.dtype();
-    let (bb, per_word) = match (dt, bits) {
-        (GgmlDType::Q4_1, 4) => (20, 8),
-        (GgmlDType::Q4_0, 4) => (18, 8),
-        (GgmlDType::Q8_0, 8) => (34, 4),
+    let (bb, per_word, bits) = match dt {
+        GgmlDType::Q4_1 => (20, 8, 4),
+        GgmlDType::Q4_0 => (18, 8, 4),
+        GgmlDType::Q8_0 => (34, 4, 8),
         _ => return Ok(None),
     };
     let (rows, cols) = q.dims2();
@@ -77,5 +77,5 @@ pub fn map(
     let (r, c) = (rows as i32, cols as i32);
     let w = Array::from_slice(&words, &[r, c * bits / 32]);
     let g = |v: &[f32]| Array::from_slice(v, &[r, c / 32]).as_dtype(dtype);
-    Ok(Some((w, g(&scales)?, g(&biases)?)))
+    Ok(Some((w, g(&scales)?, g(&biases)?, bits)))
 }

@@ -61,8 +61,8 @@ pub fn dequantizes() -> bool {
 impl Linear {
     fn new(w: &Weight, bias: Option<&Tensor>, dtype: Dtype, bits: Option<i32>) -> Result<Self> {
         let bias = bias.map(|b| to_array(b, dtype)).transpose()?;
-        if let (Weight::Quantized(q), Some(bits)) = (w, bits) {
-            if let Some((w, scales, biases)) = super::blocks::map(q, bits, dtype)? {
+        if let (Weight::Quantized(q), Some(_)) = (w, bits) {
+            if let Some((w, scales, biases, bits)) = super::blocks::map(q, dtype)? {
                 return Ok(Linear::Quantized {
                     w,
                     scales,

@@ -77,6 +77,17 @@ fn diagonal_zeros(cfg: &ModelConfig, w: &Workload) -> u64 {
 
 /// How MLX holds the frozen weights: dense at `dtype_bytes`, or with `--quantize` the block
 /// linears at `bits` in groups of 32 with a scale and a bias at `dtype_bytes` each.
+/// The width a GGML block format is mapped onto MLX at, block for block (engine/mlx/blocks.rs):
+/// a quantized GGUF keeps its own values whatever `--quantize` says, as on the candle engine.
+pub fn own_bits(dt: candle_core::quantized::GgmlDType) -> Option<QuantBits> {
+    use candle_core::quantized::GgmlDType as G;
+    match dt {
+        G::Q4_0 | G::Q4_1 => Some(QuantBits::Four),
+        G::Q8_0 => Some(QuantBits::Eight),
+        _ => None,
+    }
+}
+
 pub fn weight_format(quantize: Option<QuantBits>, dtype_bytes: usize) -> WeightFormat {
     let db = dtype_bytes as f64;
     match quantize {

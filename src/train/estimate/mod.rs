@@ -376,10 +376,20 @@ pub fn suggestions(
     {
         out.push("--keep-activations none".into());
     }
+    // MLX converts from the host's load, which `--quantize 4` makes quantized too: the
+    // loading peak it is checked against shrinks with it.
+    let host_q4 = |host: WeightFormat| WeightFormat::quantized(QuantBits::Four, host.dense_bytes());
     let q4 = Workload {
         weights: match w.step {
             StepKind::Mlx { .. } => mlx::weight_format(Some(QuantBits::Four), w.act_bytes),
             _ => WeightFormat::quantized(QuantBits::Four, w.weights.dense_bytes()),
+        },
+        step: match w.step {
+            StepKind::Mlx { host, gpu } => StepKind::Mlx {
+                host: host_q4(host),
+                gpu,
+            },
+            step => step,
         },
         ..w.clone()
     };
@@ -465,6 +475,34 @@ pub(crate) mod tests {
         assert!(bigger(&|x| x.adapted_layers = 10) < e.train_peak);
         let q4 = bigger(&|x| x.weights = WeightFormat::quantized(QuantBits::Four, 4.0));
         assert!(q4 < e.train_peak);
+    }
+
+    /// On MLX a small run's peak is the host's dense load, which `--quantize 4` shrinks too:
+    /// it was left out of the advice ("nothing smaller fits") though it fits.
+    #[test]
+    fn mlx_advice_counts_the_quantized_load() {
+        let cfg = smollm2();
+        let dense = WeightFormat::Dense(4.0);
+        let w = Workload {
+            batch_size: 1,
+            seq_len: 128,
+            step: StepKind::Mlx {
+                host: dense,
+                gpu: false,
+            },
+            ..workload()
+        };
+        let q4 = Workload {
+            weights: mlx::weight_format(Some(QuantBits::Four), 4),
+            step: StepKind::Mlx {
+                host: WeightFormat::quantized(QuantBits::Four, 4.0),
+                gpu: false,
+            },
+            ..w.clone()
+        };
+        let budget = estimate(&cfg, &q4).peak() + 1;
+        assert!(estimate(&cfg, &w).peak() > budget);
+        assert!(suggestions(&cfg, &w, budget, true).contains(&"--quantize 4".to_string()));
     }
 
     #[test]

@@ -289,8 +289,9 @@ fn bad_preference_rows_are_named_and_nothing_is_written() {
     );
 }
 
-/// A pair whose prompt fills --max-seq-length has no preference left to learn: it is left out
-/// and named; with no pair left, the run is refused before anything is written.
+/// A pair whose prompt fills --max-seq-length, or whose answers it cuts to the same tokens, has
+/// no preference left to learn: it is left out and named; with no pair left, the run is refused
+/// before anything is written.
 #[test]
 fn a_pair_cut_off_by_the_length_is_left_out_and_named() {
     let tmp = tempfile::tempdir().unwrap();
@@ -302,8 +303,15 @@ fn a_pair_cut_off_by_the_length_is_left_out_and_named() {
         "rejected": "Grey and flat.",
     })
     .to_string();
+    // Answers that part only past the limit are cut to the same tokens: nothing to learn.
+    let story = "Once there was a river that ran past the hills of the old country. ".repeat(8);
+    let same_cut = json!({
+        "prompt": "Tell me a story.",
+        "chosen": format!("{story}The end."),
+        "rejected": format!("{story}And then nothing."),
+    });
     let mut text = std::fs::read_to_string(data.join("train.jsonl")).unwrap();
-    text.push_str(&format!("{long}\n"));
+    text.push_str(&format!("{long}\n{same_cut}\n"));
     std::fs::write(data.join("train.jsonl"), text).unwrap();
     let m = [
         "--method",
@@ -317,8 +325,9 @@ fn a_pair_cut_off_by_the_length_is_left_out_and_named() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "{err}");
     assert!(
-        err.contains("1 pair(s) have an answer with no token left within --max-seq-length 64")
-            && err.contains("train.jsonl:5) and are left out"),
+        err.contains("2 pair(s) have an answer with no token left within --max-seq-length 64")
+            && err.contains("train.jsonl:5, ")
+            && err.contains("train.jsonl:6), and are left out"),
         "{err}"
     );
     std::fs::write(data.join("train.jsonl"), format!("{long}\n{long}\n")).unwrap();
@@ -328,4 +337,54 @@ fn a_pair_cut_off_by_the_length_is_left_out_and_named() {
     assert_eq!(o.status.code(), Some(2), "{err}");
     assert!(err.contains("no training pair has both answers"), "{err}");
     assert!(!out.exists());
+}
+
+/// `eval` on preference data says what its figures are against: the "every reward is 0" note
+/// for DPO only (ORPO has no reference), a note where --beta is not the adapter's run's, and
+/// --no-mask-prompt refused as train refuses it.
+#[test]
+fn preference_eval_notes_match_the_method_and_the_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = common::tiny_chat_model(&tmp.path().join("model"));
+    let data = tiny_pairs(&tmp.path().join("data"), 4);
+    let out = tmp.path().join("out");
+    let o = train(
+        &model,
+        &data,
+        &out,
+        &["--method", "dpo", "--max-steps", "1"],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let eval = |extra: &[&str]| {
+        let o = cli()
+            .args(["eval", "--model"])
+            .arg(&model)
+            .arg("--data")
+            .arg(&data)
+            .args(extra)
+            .output()
+            .unwrap();
+        (
+            o.status.code(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )
+    };
+    let zero = "every reward is 0";
+    let (code, err) = eval(&["--method", "dpo"]);
+    assert!(code == Some(0) && err.contains(zero), "{err}");
+    let (code, err) = eval(&["--method", "orpo"]);
+    assert!(code == Some(0) && !err.contains(zero), "{err}");
+    let adapter = out.to_str().unwrap();
+    let (code, err) = eval(&["--method", "dpo", "--adapter", adapter]);
+    assert!(code == Some(0) && !err.contains("--beta"), "{err}");
+    let (code, err) = eval(&["--method", "dpo", "--adapter", adapter, "--beta", "0.5"]);
+    assert!(
+        code == Some(0) && err.contains("the adapter's run trained with --beta 0.1"),
+        "{err}"
+    );
+    let (code, err) = eval(&["--method", "dpo", "--no-mask-prompt"]);
+    assert!(
+        code == Some(2) && err.contains("--no-mask-prompt with --method dpo"),
+        "{err}"
+    );
 }

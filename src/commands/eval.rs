@@ -36,6 +36,13 @@ pub fn run(args: EvalArgs) -> Result<()> {
         resolve_files(&data.data)?.train
     };
     args.objective.check()?;
+    let method = args.objective.method;
+    if method.is_preference() && data.no_mask_prompt {
+        return Err(Error::Usage(format!(
+            "--no-mask-prompt with --method {}: a preference pair scores its answers only",
+            method.name()
+        )));
+    }
     // Read (and every line checked) before the model loads.
     let records = if args.objective.method.is_preference() {
         vec![]
@@ -101,6 +108,14 @@ pub fn run(args: EvalArgs) -> Result<()> {
     Ok(())
 }
 
+/// The β of the preference run that wrote the adapter in `dir` (its `train_config.json`).
+fn run_beta(dir: &Path) -> Option<f64> {
+    let text = std::fs::read_to_string(dir.join("train_config.json")).ok()?;
+    let cfg: serde_json::Value = serde_json::from_str(&text).ok()?;
+    let preference = matches!(cfg["method"].as_str(), Some("dpo" | "orpo"));
+    cfg["beta"].as_f64().filter(|_| preference)
+}
+
 /// `eval --method dpo|orpo`: the adapter's preference loss and reward accuracy on `rows`.
 fn evaluate_pairs(
     args: &EvalArgs,
@@ -115,7 +130,7 @@ fn evaluate_pairs(
     if !cut_off.is_empty() {
         eprintln!(
             "warning: {} pair(s) have an answer with no token left within --max-seq-length \
-             {max_seq_length} ({}) and are left out",
+             {max_seq_length}, or answers cut to the same tokens ({}), and are left out",
             cut_off.len(),
             crate::io::first_few(&cut_off),
         );
@@ -136,11 +151,21 @@ fn evaluate_pairs(
             "warning: {truncated} pair(s) longer than --max-seq-length {max_seq_length} were truncated"
         );
     }
-    if loaded.model.adapter.is_none() {
+    // DPO's rewards are against the base model (ORPO has no reference).
+    if loaded.model.adapter.is_none() && o.method == crate::engine::objective::Method::Dpo {
         eprintln!(
             "note: no --adapter: the policy is the base model, which is also the reference, so \
              every reward is 0"
         );
+    }
+    if let Some(trained) = args.run.adapter.as_deref().and_then(run_beta) {
+        if trained != o.beta {
+            eprintln!(
+                "note: the adapter's run trained with --beta {trained}; these figures use --beta \
+                 {} (pass --beta {trained} to match its validation figures)",
+                o.beta
+            );
+        }
     }
     let s = preference::evaluate(
         &loaded.model,

@@ -81,8 +81,8 @@ pub fn parse_preference(text: &str) -> Result<PreferenceExample, String> {
         },
         (Some(prompt), chosen, rejected) => PreferenceExample::Chat {
             prompt: messages("prompt", prompt, "user")?,
-            chosen: answer("chosen", chosen)?,
-            rejected: answer("rejected", rejected)?,
+            chosen: answer_turns("chosen", answer("chosen", chosen)?)?,
+            rejected: answer_turns("rejected", answer("rejected", rejected)?)?,
             tools,
         },
         (None, Value::Array(_), Value::Array(_)) => implicit_prompt(&obj, tools)?,
@@ -126,6 +126,21 @@ fn answer(key: &str, v: &Value) -> Result<Vec<Value>, String> {
         return Err(format!(
             "`{key}` must end with an assistant message (the answer that is scored)"
         ));
+    }
+    Ok(list)
+}
+
+/// Beside a `prompt`, an answer holds the assistant's turns only (with tools' results between
+/// them): a user or system turn in it would give the two answers different prompts.
+fn answer_turns(key: &str, list: Vec<Value>) -> Result<Vec<Value>, String> {
+    for (i, m) in list.iter().enumerate() {
+        let role = m.get("role").and_then(Value::as_str).unwrap_or_default();
+        if !matches!(role, "assistant" | "tool") {
+            return Err(format!(
+                "`{key}` message {i} is a {role} message: beside a \"prompt\", an answer holds \
+                 the assistant's turns only; put earlier turns in the prompt"
+            ));
+        }
     }
     Ok(list)
 }
@@ -193,8 +208,8 @@ fn check_pair(example: &PreferenceExample) -> Result<(), String> {
 
 impl Encoder<'_> {
     /// Both sides of a pair as samples scoring their answers only; `location` names the line.
-    /// None when `max_seq_length` leaves a side no answer token (the prompt fills it): such a
-    /// pair has no preference left to learn.
+    /// None when `max_seq_length` leaves a side no answer token (the prompt fills it), or cuts
+    /// both to the same tokens: such a pair has no preference left to learn.
     pub fn encode_pair(
         &self,
         ex: &PreferenceExample,
@@ -239,8 +254,13 @@ impl Encoder<'_> {
             self.encode_from(&rec, first)
         };
         let (chosen, rejected) = (side("chosen")?, side("rejected")?);
-        Ok((chosen.trained_count() > 0 && rejected.trained_count() > 0)
-            .then_some(Pair { chosen, rejected }))
+        // Cut to the same tokens (answers that part only past the limit), the pair's gradients
+        // cancel: nothing is left to learn from it.
+        let same = chosen.ids == rejected.ids && chosen.trained == rejected.trained;
+        Ok(
+            (chosen.trained_count() > 0 && rejected.trained_count() > 0 && !same)
+                .then_some(Pair { chosen, rejected }),
+        )
     }
 
     /// Every pair of a file's rows, all failures reported together; with the locations of the
@@ -348,6 +368,14 @@ mod tests {
                     a("B")
                 ),
                 "end with an assistant",
+            ),
+            (
+                format!(
+                    r#"{{"prompt": [{u}], "chosen": [{u}, {}], "rejected": [{}]}}"#,
+                    a("A"),
+                    a("B")
+                ),
+                "`chosen` message 0 is a user message: beside a \"prompt\"",
             ),
             (
                 format!(

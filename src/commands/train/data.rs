@@ -68,8 +68,9 @@ pub(super) fn encode_pairs(
     };
     if !cut_off.is_empty() {
         eprintln!(
-            "warning: {} pair(s) have an answer with no token left within --max-seq-length {} \
-             ({}) and are left out; raise --max-seq-length or shorten their prompts",
+            "warning: {} pair(s) have an answer with no token left within --max-seq-length {}, \
+             or answers cut to the same tokens ({}), and are left out; raise --max-seq-length \
+             or shorten their prompts",
             cut_off.len(),
             a.batch.max_seq_length,
             crate::io::first_few(&cut_off),

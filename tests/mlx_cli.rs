@@ -91,6 +91,13 @@ fn mlx_train_cli_matches_candle_writes_the_adapter_and_resumes_exactly() {
     let again = r.root.join("again");
     train(&r, &again, "mlx", &["--resume", ckpt.to_str().unwrap()]);
     assert_eq!(losses(&again), lm[10..], "the resumed run differs");
+    // On the other engine it goes on, and says the losses will differ in the last digits.
+    let other = r.root.join("other");
+    let stderr = train(&r, &other, "candle", &["--resume", ckpt.to_str().unwrap()]);
+    assert!(
+        stderr.contains(r#"engine: "mlx" → "candle"; the engines agree to about 1e-4"#),
+        "{stderr}"
+    );
 }
 
 /// `train --engine mlx --method dpo` on SmolLM2 and the shipped preference set gives the candle

@@ -136,6 +136,7 @@ pub fn run(mut a: TrainArgs) -> Result<()> {
         )?,
     };
     let resume_given = a.resume.clone();
+    a.engine = Some(engine);
     let cfg = resolve(a, &loaded, &data, &plan, distrust.map(|d| d.0))?;
     let mut data_files: Vec<&Path> = vec![&files.train];
     data_files.extend(files.valid.as_deref());
@@ -403,6 +404,7 @@ fn resolve(
         keep_blocks: plan.keep_blocks,
         memory_budget: plan.budget.bytes,
         distrust,
+        engine: a.engine,
         weights_dtype: Some(plan.weights_dtype.as_str().to_string()),
         model_fingerprint: Some(checkpoint::model_fingerprint(&loaded.source)?),
     })

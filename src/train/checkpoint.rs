@@ -57,6 +57,8 @@ const HARMLESS: &[&str] = &[
     "auto_fit",
     // Where it runs, not what it computes (the dtype, which does change it, is compared).
     "device",
+    // The same step to rounding (the equivalence tests), noted as such.
+    "engine",
     // The steps asked for; `steps`, the resolved count, is listed above.
     "max_steps",
 ];
@@ -415,6 +417,10 @@ pub fn differences(saved: &serde_json::Value, now: &TrainConfig) -> (Vec<String>
                     "model_fingerprint" => "model: its files changed since the checkpoint (the \
                                             same path holds other weights or tokenizer)"
                         .to_string(),
+                    "engine" => format!(
+                        "engine: {was} → {is}; the engines agree to about 1e-4, so the losses \
+                         will differ from the uninterrupted run's in the last digits"
+                    ),
                     _ => format!("{k}: {was} → {is}"),
                 };
                 if HARMLESS.contains(&k.as_str()) {

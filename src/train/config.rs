@@ -40,6 +40,10 @@ pub struct TrainConfig {
     /// Distrust weighting of the loss (`--distrust`); None for plain training. Part of the
     /// checkpoint's configuration, so a resume with another α or λ is refused.
     pub distrust: Option<DistrustSettings>,
+    /// The engine that ran the steps (`--engine` resolved). Checkpoints of earlier versions
+    /// lack it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub engine: Option<crate::engine::choice::EngineChoice>,
     /// The dtype the frozen weights are held in (`--dtype` resolved: on the CPU auto keeps a
     /// bf16 checkpoint's bf16), so a resume holds them alike. Checkpoints of earlier versions
     /// lack it.

@@ -116,6 +116,14 @@ pub fn preflight(
         }
     }
     let keep_blocks = keep_blocks(cfg, &w, memory.keep_activations, budget.bytes);
+    if let KeepActivations::Blocks(n) = memory.keep_activations {
+        if n > keep_blocks {
+            eprintln!(
+                "note: --keep-activations {n}: the run adapts {keep_blocks} blocks, so it keeps \
+                 {keep_blocks} blocks' activations"
+            );
+        }
+    }
     w.keep_blocks = keep_blocks;
     let e = estimate(cfg, &w);
     eprint!("{}", e.table(Some(budget.bytes)));

@@ -186,23 +186,29 @@ impl Estimate {
     /// The table printed before training.
     pub fn table(&self, budget: Option<u64>) -> String {
         let gb = |b: u64| b as f64 / 1e9;
+        // As wide as the longest name, so the figures stay in one column.
+        let w = self
+            .terms
+            .iter()
+            .map(|t| t.name.chars().count())
+            .fold(52, usize::max);
         let mut s = String::from("Memory estimate (peak resident memory):\n");
         for t in &self.terms {
-            s.push_str(&format!("  {:<52} {:>8.2} GB\n", t.name, gb(t.bytes)));
+            s.push_str(&format!("  {:<w$} {:>8.2} GB\n", t.name, gb(t.bytes)));
         }
         s.push_str(&format!(
-            "  {:<52} {:>8.2} GB\n",
+            "  {:<w$} {:>8.2} GB\n",
             "training peak",
             gb(self.train_peak)
         ));
         s.push_str(&format!(
-            "  {:<52} {:>8.2} GB\n",
+            "  {:<w$} {:>8.2} GB\n",
             "loading peak (weights + one tensor in flight)",
             gb(self.load_peak)
         ));
         if let Some(b) = budget {
             s.push_str(&format!(
-                "  {:<52} {:>8.2} GB ({:.0}% of the {:.1} GB budget)\n",
+                "  {:<w$} {:>8.2} GB ({:.0}% of the {:.2} GB budget)\n",
                 "estimated peak",
                 gb(self.peak()),
                 100.0 * self.peak() as f64 / b.max(1) as f64,
@@ -475,6 +481,17 @@ pub(crate) mod tests {
         assert!(bigger(&|x| x.adapted_layers = 10) < e.train_peak);
         let q4 = bigger(&|x| x.weights = WeightFormat::quantized(QuantBits::Four, 4.0));
         assert!(q4 < e.train_peak);
+        // The table: figures in one column however long a name, the budget as given.
+        let mut long = e.clone();
+        long.terms[0].name = "x".repeat(70);
+        let table = long.table(Some(850_000_000));
+        let at: Vec<usize> = table
+            .lines()
+            .skip(1)
+            .filter_map(|l| l.find(" GB"))
+            .collect();
+        assert!(at.windows(2).all(|p| p[0] == p[1]), "{table}");
+        assert!(table.contains("of the 0.85 GB budget"), "{table}");
     }
 
     /// On MLX a small run's peak is the host's dense load, which `--quantize 4` shrinks too:

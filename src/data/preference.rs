@@ -5,7 +5,8 @@
 //! - `{"prompt": [messages], "chosen": [messages], "rejected": [messages]}` (conversational);
 //! - `{"prompt": "…", "chosen": "…", "rejected": "…"}` (plain strings);
 //! - `{"chosen": [full chat], "rejected": [full chat]}`, the prompt being what both share
-//!   before their last (assistant) message.
+//!   before their last (assistant) message;
+//! - `{"chosen": "…", "rejected": "…"}`, the prompt being the text both share (TRL's split).
 //!
 //! Each side is rendered with the model's chat template (plain strings as a user turn and an
 //! assistant turn, as `{"prompt", "completion"}` SFT rows are; as text + EOS without a
@@ -86,10 +87,11 @@ pub fn parse_preference(text: &str) -> Result<PreferenceExample, String> {
             tools,
         },
         (None, Value::Array(_), Value::Array(_)) => implicit_prompt(&obj, tools)?,
+        (None, Value::String(c), Value::String(r)) => implicit_text_prompt(c, r)?,
         (None, _, _) => {
             return Err(
                 "`prompt` is missing: give a \"prompt\", or \"chosen\" and \"rejected\" as whole \
-                 chats (lists of messages) that share their prompt"
+                 chats (both lists of messages, or both strings) that share their prompt"
                     .into(),
             )
         }
@@ -171,6 +173,32 @@ fn implicit_prompt(
         chosen: ca.to_vec(),
         rejected: ra.to_vec(),
         tools,
+    })
+}
+
+/// `{"chosen": "…", "rejected": "…"}`, TRL's standard implicit prompt (Anthropic's HH rows):
+/// the prompt is the text both share, and each answer the rest, from the space before where
+/// they part, as TRL splits them.
+fn implicit_text_prompt(chosen: &str, rejected: &str) -> Result<PreferenceExample, String> {
+    let mut at = chosen
+        .char_indices()
+        .zip(rejected.chars())
+        .find(|((_, a), b)| a != b)
+        .map_or(chosen.len().min(rejected.len()), |((i, _), _)| i);
+    if chosen[..at].ends_with(' ') {
+        at -= 1;
+    }
+    if at == 0 {
+        return Err(
+            "`prompt` is missing, and chosen and rejected share no text to take as the prompt: \
+             give a \"prompt\""
+                .into(),
+        );
+    }
+    Ok(PreferenceExample::Text {
+        prompt: chosen[..at].to_string(),
+        chosen: chosen[at..].to_string(),
+        rejected: rejected[at..].to_string(),
     })
 }
 
@@ -328,6 +356,30 @@ mod tests {
         };
         assert_eq!(prompt[0]["role"], "user");
         assert_eq!(rejected[0]["role"], "assistant");
+        // Strings sharing their prompt (Anthropic's HH rows): split where they part, the
+        // answers from the space before it.
+        let hh = "\n\nHuman: Capital?\n\nAssistant: Marrowick, née Mar.";
+        let row = json!({"chosen": hh, "rejected": hh.replace("Marrowick, née Mar.", "Dunmere.")});
+        let PreferenceExample::Text {
+            prompt,
+            chosen,
+            rejected,
+        } = parse_preference(&row.to_string()).unwrap()
+        else {
+            panic!("implicit strings")
+        };
+        assert_eq!(prompt, "\n\nHuman: Capital?\n\nAssistant:");
+        assert_eq!(
+            (chosen.as_str(), rejected.as_str()),
+            (" Marrowick, née Mar.", " Dunmere.")
+        );
+        // Parting at a multi-byte character splits at its boundary.
+        let row = json!({"chosen": "Q: é", "rejected": "Q: è"});
+        let PreferenceExample::Text { prompt, .. } = parse_preference(&row.to_string()).unwrap()
+        else {
+            panic!("accents")
+        };
+        assert_eq!(prompt, "Q:");
     }
 
     #[test]
@@ -388,6 +440,15 @@ mod tests {
             ),
             (
                 r#"{"chosen": "A", "rejected": "B"}"#.to_string(),
+                "share no text to take as the prompt",
+            ),
+            (
+                r#"{"chosen": "Q A", "rejected": "Q A and more"}"#.to_string(),
+                "chosen answer is empty",
+            ),
+            (
+                r#"{"chosen": "A", "rejected": [{"role": "assistant", "content": "B"}]}"#
+                    .to_string(),
                 "`prompt` is missing",
             ),
             (

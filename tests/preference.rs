@@ -339,9 +339,9 @@ fn a_pair_cut_off_by_the_length_is_left_out_and_named() {
     assert!(!out.exists());
 }
 
-/// `eval` on preference data says what its figures are against: the "every reward is 0" note
-/// for DPO only (ORPO has no reference), a note where --beta is not the adapter's run's, and
-/// --no-mask-prompt refused as train refuses it.
+/// A DPO run's first step is an exact tie. `eval` on preference data says what its figures
+/// are against: the "every reward is 0" note for DPO only (ORPO has no reference), a note
+/// where --beta is not the adapter's run's, and --no-mask-prompt refused as train refuses it.
 #[test]
 fn preference_eval_notes_match_the_method_and_the_run() {
     let tmp = tempfile::tempdir().unwrap();
@@ -355,6 +355,16 @@ fn preference_eval_notes_match_the_method_and_the_run() {
         &["--method", "dpo", "--max-steps", "1"],
     );
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // At the first step the policy is the reference (B is zero), and the step scores it as
+    // the reference pass does: a tie, to the bit (it was 100% or 0% accuracy on noise).
+    let first = &metrics(&out.join("metrics.jsonl"), "train")[0];
+    assert_eq!(
+        first["loss"].as_f64(),
+        Some(std::f64::consts::LN_2),
+        "{first}"
+    );
+    assert_eq!(first["reward_margin"].as_f64(), Some(0.0), "{first}");
+    assert_eq!(first["reward_accuracy"].as_f64(), Some(0.0), "{first}");
     let eval = |extra: &[&str]| {
         let o = cli()
             .args(["eval", "--model"])

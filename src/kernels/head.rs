@@ -66,6 +66,32 @@ pub fn cross_entropy_head_sliced(
     targets: &[u32],
     coef: &[f32],
 ) -> Option<Result<(Vec<f32>, Tensor)>> {
+    let done = head(h, slices, slice, targets, Some(coef))?;
+    Some(done.map(|(ce, dh)| (ce, dh.expect("a gradient was asked for"))))
+}
+
+/// The cross-entropies of [`cross_entropy_head_sliced`] alone, computed as it computes them,
+/// so that a score without a gradient (a reference, a validation) equals the training step's
+/// to the last bit: DPO's first step, where the policy is the reference, has a margin of
+/// exactly 0.
+pub fn cross_entropy_sliced(
+    h: &Tensor,
+    slices: &[(usize, usize)],
+    slice: impl Fn(usize) -> Result<Tensor>,
+    targets: &[u32],
+) -> Option<Result<Vec<f32>>> {
+    let done = head(h, slices, slice, targets, None)?;
+    Some(done.map(|(ce, _)| ce))
+}
+
+/// Both of the above: `∂/∂h` where `coef` is given.
+fn head(
+    h: &Tensor,
+    slices: &[(usize, usize)],
+    slice: impl Fn(usize) -> Result<Tensor>,
+    targets: &[u32],
+    coef: Option<&[f32]>,
+) -> Option<Result<(Vec<f32>, Option<Tensor>)>> {
     let (n, hidden) = h.dims2().ok()?;
     let vocab = slices.last().map_or(0, |&(s0, len)| s0 + len);
     if vocab == 0
@@ -78,7 +104,7 @@ pub fn cross_entropy_head_sliced(
             })
             .any(|ok| !ok)
         || targets.len() != n
-        || coef.len() != n
+        || coef.is_some_and(|c| c.len() != n)
         || targets.iter().any(|&t| t as usize >= vocab)
     {
         return None;
@@ -109,9 +135,13 @@ pub fn cross_entropy_head_sliced(
     }
     drop(part);
     let mut ce = vec![0f32; n];
+    // Without a gradient the rows are scaled by 0, which leaves each CE as it is.
     for_rows2(&mut logits, vocab, &mut ce, 1, |i, row, ce| {
-        ce_row(row, ce, targets[i] as usize, coef[i]);
+        ce_row(row, ce, targets[i] as usize, coef.map_or(0.0, |c| c[i]));
     });
+    if coef.is_none() {
+        return Some(Ok((ce, None)));
+    }
     let mut dh = vec![0f32; n * hidden];
     for (i, &(s0, len)) in slices.iter().enumerate() {
         let w = match slice(i) {
@@ -136,7 +166,7 @@ pub fn cross_entropy_head_sliced(
         );
     }
     drop(logits);
-    Some(tensor(dh, &[n, hidden]).map(|dh| (ce, dh)))
+    Some(tensor(dh, &[n, hidden]).map(|dh| (ce, Some(dh))))
 }
 
 #[cfg(test)]
@@ -193,6 +223,9 @@ mod tests {
                 max_rel_diff(&dh, g.get(hv.as_tensor()).unwrap()) < 1e-5,
                 "dh {n}x{hidden}x{vocab}"
             );
+            // Without the gradient: the same cross-entropies, bit for bit.
+            let alone = cross_entropy_sliced(&h, &[(0, vocab)], |_| Ok(w.clone()), &targets);
+            assert_eq!(alone.unwrap().unwrap(), got_ce.to_vec1::<f32>().unwrap());
         }
     }
 

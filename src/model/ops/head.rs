@@ -107,11 +107,17 @@ pub fn head_rows(
         let xc = xs.narrow(0, start, len)?;
         let h = rms_norm(&xc, &model.norm, eps as f32)?;
         let (tg, wc) = (&ids[start..start + len], &weights[start..start + len]);
-        let dh = match loss_scale.and_then(|s| fused_chunk(model, &h, tg, wc, s)) {
+        // The fused kernel where it covers the chunk, with or without the gradient: a score
+        // without one is then the training step's to the bit.
+        let fused = match loss_scale {
+            Some(s) => fused_chunk(model, &h, tg, wc, s).map(|r| r.map(|(ce, dh)| (ce, Some(dh)))),
+            None => fused_ce(model, &h, tg).map(|r| r.map(|ce| (ce, None))),
+        };
+        let dh = match fused {
             Some(done) => {
                 let (ce, dh) = done?;
                 ce_parts.push(ChunkCe::Read(ce));
-                Some(dh)
+                dh
             }
             None => {
                 let tgt = targets.ids.narrow(0, start, len)?.unsqueeze(1)?;
@@ -160,6 +166,12 @@ fn fused_chunk(
         targets,
         &coef,
     )
+}
+
+/// One chunk's cross-entropies by the fused kernel, without the gradient.
+fn fused_ce(model: &Llama, h: &Tensor, targets: &[u32]) -> Option<Result<Vec<f32>>> {
+    let head = &model.lm_head;
+    crate::kernels::cross_entropy_sliced(h, &head.slices(), |i| head.slice(i, DType::F32), targets)
 }
 
 /// One chunk with candle's ops: the chunk's cross-entropies and, with `loss_scale`, `∂/∂h` for

@@ -4,8 +4,9 @@
 
 mod common;
 
+use your_ai::data::chat_template::TemplateError;
 use your_ai::data::tokenizer::Tokenizer;
-use your_ai::infer::prompt::{call_opening, chat_ids};
+use your_ai::infer::prompt::{call_opening, chat_ids, chat_ids_with_tools};
 use your_ai::weights::GgufFile;
 
 #[test]
@@ -373,8 +374,48 @@ fn a_forced_call_opens_as_the_template_writes_calls() {
         assert_eq!(tok.decode(&ids, false).unwrap(), named, "{template}");
         let (text, _) = call_opening(&tok, &user, &tools, None).unwrap();
         assert_eq!(text, any, "{template}");
+        // After a call and its result (an agent's loop; Hermes ends a last tool message
+        // otherwise than one followed by more), and with a first tool named as the key the
+        // template writes the arguments under: the same opening.
+        let mut looped = user.to_vec();
+        looped.extend([
+            serde_json::json!({"role": "assistant", "content": "", "tool_calls": [{"id": "c0",
+                "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Oslo"}}}]}),
+            serde_json::json!({"role": "tool", "tool_call_id": "c0", "name": "get_weather",
+                "content": "sunny"}),
+        ]);
+        let mut two = vec![serde_json::json!({"type": "function", "function": {
+            "name": "arguments", "description": "A tool", "parameters": {"type": "object",
+            "properties": {}}}})];
+        two.extend(tools.iter().cloned());
+        let two_named: String = named.replace("get_weather", "arguments");
+        for (tools, want) in [(&tools[..], any), (&two[..], any)] {
+            let (text, _) = call_opening(&tok, &looped, tools, None).unwrap();
+            assert_eq!(text, want, "{template}");
+        }
+        let (text, _) = call_opening(&tok, &looped, &two, Some("arguments")).unwrap();
+        assert_eq!(text, two_named, "{template}");
     }
     tok.chat_template = Some(fixture("smollm2.jinja"));
     let e = call_opening(&tok, &user, &tools, None).unwrap_err();
     assert!(e.to_string().contains("cannot be forced"), "{e}");
+}
+
+/// A template that fails on the tools given (Hermes's reads each tool's description) says the
+/// tools are at fault, not the messages.
+#[test]
+fn a_template_failing_on_the_tools_blames_the_tools() {
+    let g = GgufFile::open(&common::smollm2()).unwrap();
+    let mut tok = Tokenizer::from_gguf(&g).unwrap();
+    tok.chat_template = Some(fixture("hermes.jinja"));
+    let user = [serde_json::json!({"role": "user", "content": "What time is it?"})];
+    let bare = [serde_json::json!({"type": "function", "function": {"name": "get_time"}})];
+    let e = chat_ids_with_tools(&tok, &user, Some(&bare)).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            your_ai::error::Error::Template(TemplateError::FailsOnTools(_))
+        ),
+        "{e}"
+    );
 }

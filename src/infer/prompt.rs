@@ -27,7 +27,13 @@ pub fn chat_ids_with_tools(
 ) -> Result<Vec<u32>> {
     let template = template(tok)?;
     let with_tools = |messages: &[Value]| render(tok, &template, messages, tools);
-    let full = with_tools(messages)?;
+    let full = match with_tools(messages) {
+        // A failure the tools make is theirs to fix, not the messages'.
+        Err(e) if tools.is_some() && render(tok, &template, messages, None).is_ok() => {
+            return Err(TemplateError::FailsOnTools(e.to_string()).into())
+        }
+        full => full?,
+    };
     if tools.is_some() && full == render(tok, &template, messages, None)? {
         return Err(TemplateError::NoPlaceForTools.into());
     }
@@ -71,52 +77,63 @@ fn hides_tool_history(
 /// The start of a reply that calls a function, as this template writes a call after
 /// `messages`: up to where the arguments of `name` begin (Qwen's `<tool_call>\n{"name": "f",
 /// "arguments": `), or with `name` None up to where a function's name goes. Found by rendering
-/// an assistant turn that calls the first of `tools` (or `name`) with marked arguments. Its
-/// ids, the name as plain text, follow the prompt's, so that the model writes the rest.
+/// an assistant turn that calls a marked name with marked arguments, and taking its text from
+/// the end of the generation prompt (the prompt itself need not be a prefix of that render:
+/// Hermes's ends a last tool message otherwise). Its ids, the name as plain text, follow the
+/// prompt's, so that the model writes the rest.
 pub fn call_opening(
     tok: &Tokenizer,
     messages: &[Value],
     tools: &[Value],
     name: Option<&str>,
 ) -> Result<(String, Vec<u32>)> {
-    let probe = match name {
-        Some(n) => n,
-        None => tools
-            .first()
-            .and_then(|t| t["function"]["name"].as_str())
-            .unwrap_or_default(),
-    };
-    const MARK: &str = "__your_ai_arguments__";
+    const NAME: &str = "__your_ai_name__";
+    const ARGS: &str = "__your_ai_arguments__";
     let template = template(tok)?;
-    let prompt = render(tok, &template, messages, Some(tools))?;
+    let render_as = |messages: &[Value], add_generation_prompt: bool| {
+        template.render(&ChatContext {
+            messages,
+            tools: Some(tools),
+            add_generation_prompt,
+            bos_token: tok.bos_token.as_deref(),
+            eos_token: tok.eos_token.as_deref(),
+            ..Default::default()
+        })
+    };
+    let prompt = render_as(messages, true)?;
+    let generation = prompt
+        .strip_prefix(render_as(messages, false)?.as_str())
+        .unwrap_or_default()
+        .to_string();
     let mut called = messages.to_vec();
-    called.push(serde_json::json!({"role": "assistant", "content": "", "tool_calls": [
-        {"id": "call_0", "type": "function", "function": {"name": probe, "arguments": {MARK: 1}}}
-    ]}));
-    let turn = template.render(&ChatContext {
-        messages: &called,
-        tools: Some(tools),
-        add_generation_prompt: false,
-        bos_token: tok.bos_token.as_deref(),
-        eos_token: tok.eos_token.as_deref(),
-        ..Default::default()
-    })?;
-    // The call's text: after the prompt, before the marked arguments' opening brace.
-    let opening = turn
-        .strip_prefix(prompt.as_str())
-        .and_then(|call| call[..call.find(MARK)?].rfind('{').map(|at| &call[..at]))
-        // The name as a JSON string (a short name may be in "arguments" too).
-        .and_then(|o| Some((o, o.rfind(&format!("\"{probe}\""))? + 1)))
-        .filter(|_| !probe.is_empty());
+    called.push(
+        serde_json::json!({"role": "assistant", "content": "", "tool_calls": [
+            {"id": "call_0", "type": "function", "function": {"name": NAME, "arguments": {ARGS: 1}}}
+        ]}),
+    );
+    let turn = render_as(&called, false)?;
+    // The call's text: from the end of the generation prompt (or of the whole prompt, where
+    // the template adds none) to the marked arguments' opening brace.
+    let opening = turn.find(ARGS).and_then(|args| {
+        let start = match generation.as_str() {
+            "" => turn.starts_with(&prompt).then_some(prompt.len())?,
+            g => turn[..args].rfind(g)? + g.len(),
+        };
+        let call = &turn[start..args];
+        let call = &call[..call.rfind('{')?];
+        Some((call, call.find(NAME)?))
+    });
     let Some((opening, at)) = opening else {
         return Err(TemplateError::NoCallForm.into());
     };
     let (text, plain) = match name {
-        Some(_) => (opening, Some(at..at + probe.len())),
-        None => (&opening[..at], None),
+        Some(n) => (
+            format!("{}{n}{}", &opening[..at], &opening[at + NAME.len()..]),
+            std::iter::once(at..at + n.len()).collect(),
+        ),
+        None => (opening[..at].to_string(), vec![]),
     };
-    let plain: Vec<std::ops::Range<usize>> = plain.into_iter().collect();
-    Ok((text.to_string(), tok.encode_mixed(text, &plain)?.0))
+    Ok((text.clone(), tok.encode_mixed(&text, &plain)?.0))
 }
 
 fn template(tok: &Tokenizer) -> std::result::Result<ChatTemplate, TemplateError> {

@@ -497,7 +497,7 @@ mod tests {
         assert_eq!(m[1]["tool_calls"][0]["function"]["arguments"]["a"], 2);
         assert_eq!(m[2]["tool_call_id"], "1");
         // Tool turns as OpenAI's API takes them, or refused naming the message.
-        let calls = r#""tool_calls":[{"id":"1","function":{"name":"f"}}]"#;
+        let calls = r#""tool_calls":[{"id":"1","type":"function","function":{"name":"f"}}]"#;
         for (bad, why) in [
             (
                 format!(r#"{{"role":"user","content":"x",{calls}}}"#),

@@ -311,9 +311,9 @@ fn start(
         crate::error::Error::Template(TemplateError::NoCallForm) => {
             ApiError::invalid(Some("tool_choice"), format!("`tool_choice`: {e}"))
         }
-        crate::error::Error::Template(TemplateError::NoPlaceForTools) => {
-            ApiError::invalid(Some("tools"), format!("`tools`: {e}"))
-        }
+        crate::error::Error::Template(
+            TemplateError::NoPlaceForTools | TemplateError::FailsOnTools(_),
+        ) => ApiError::invalid(Some("tools"), format!("`tools`: {e}")),
         crate::error::Error::Template(TemplateError::HidesToolHistory(_)) => {
             ApiError::invalid(Some("messages"), format!("`messages`: {e}"))
         }
@@ -457,7 +457,14 @@ async fn whole(s: Started, kind: Kind) -> Response {
             } => {
                 let made = calls.as_ref().and_then(|t| t.read(&text, forced));
                 if forced && made.is_none() {
-                    return unfinished_call(finish_reason, &text).into_response();
+                    // The same request would fail the same way: the official clients retry a
+                    // 500 unless told not to.
+                    let mut r = unfinished_call(finish_reason, &text).into_response();
+                    r.headers_mut().insert(
+                        "x-should-retry",
+                        axum::http::HeaderValue::from_static("false"),
+                    );
+                    return r;
                 }
                 let choice = match (kind, made) {
                     (Kind::Chat, Some(made)) => {
@@ -586,7 +593,7 @@ fn stream(s: Started, kind: Kind) -> Response {
                         let made = calls.as_ref().and_then(|t| t.read(&text, forced));
                         if forced && made.is_none() {
                             let e = unfinished_call(finish_reason, &text);
-                            let err = json!({"error": {"message": e.message, "type": "server_error", "param": null, "code": null}});
+                            let err = json!({"error": {"message": e.message, "type": "server_error", "param": null, "code": e.code}});
                             let out = vec![SseEvent::default().data(err.to_string())];
                             return Some((futures_util::stream::iter(out), (rx, true, None)));
                         }

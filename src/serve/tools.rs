@@ -109,6 +109,14 @@ pub fn from_request(m: &Map<String, Value>) -> Result<Option<Tools>, ApiError> {
             .and_then(Value::as_str)
             .filter(|n| !n.is_empty())
             .ok_or_else(|| bad("`function.name` is missing"))?;
+        // OpenAI's rule; templates put the name in their text as it is, so a quote or a tag
+        // in it would make calls that cannot be read back.
+        let fine = |c: char| c.is_ascii_alphanumeric() || c == '_' || c == '-';
+        if name.len() > 64 || !name.chars().all(fine) {
+            return Err(bad(&format!(
+                "`function.name` {name:?} must be 1 to 64 letters, digits, _ or -"
+            )));
+        }
         if names.iter().any(|n| n == name) {
             return Err(bad(&format!("`{name}` is given twice")));
         }
@@ -195,7 +203,7 @@ pub fn history_calls(i: usize, msg: &Value) -> Result<Option<Value>, ApiError> {
     };
     let mut out = vec![];
     for (j, c) in calls.iter().enumerate() {
-        if c.get("type").is_some_and(|t| t != "function") {
+        if c.get("type").and_then(Value::as_str) != Some("function") {
             return Err(bad(format!("tool_calls[{j}].type must be \"function\"")));
         }
         let f = c
@@ -219,10 +227,15 @@ pub fn history_calls(i: usize, msg: &Value) -> Result<Option<Value>, ApiError> {
                 )))
             }
         };
-        let id = c
-            .get("id")
-            .and_then(Value::as_str)
-            .ok_or_else(|| bad(format!("tool_calls[{j}].id is missing")))?;
+        let id = match c.get("id") {
+            Some(Value::String(id)) if !id.is_empty() => id,
+            None | Some(Value::Null) => return Err(bad(format!("tool_calls[{j}].id is missing"))),
+            Some(_) => {
+                return Err(bad(format!(
+                    "tool_calls[{j}].id must be a non-empty string"
+                )))
+            }
+        };
         out.push(json!({"id": id, "type": "function",
             "function": {"name": name, "arguments": arguments}}));
     }
@@ -232,25 +245,52 @@ pub fn history_calls(i: usize, msg: &Value) -> Result<Option<Value>, ApiError> {
 /// That each tool message answers a call made before it in the conversation, as OpenAI's API
 /// requires: a result with no call in front of it is a client's bookkeeping gone wrong.
 pub fn check_answers(messages: &[Value]) -> Result<(), ApiError> {
-    let mut made: Vec<&str> = vec![];
+    let bad = |i: usize, what: String| {
+        ApiError::invalid(Some("messages"), format!("messages[{i}]: {what}"))
+    };
+    // The calls of the last assistant message that made some, not yet answered.
+    let mut open: Vec<&str> = vec![];
+    let mut asked_at = 0;
     for (i, m) in messages.iter().enumerate() {
-        for c in m["tool_calls"].as_array().into_iter().flatten() {
-            made.extend(c["id"].as_str());
-        }
         if m["role"] == "tool" {
             let id = m["tool_call_id"].as_str().unwrap_or_default();
-            if !made.contains(&id) {
-                return Err(ApiError::invalid(
-                    Some("messages"),
+            let Some(k) = open.iter().position(|o| *o == id) else {
+                return Err(bad(
+                    i,
                     format!(
-                        "messages[{i}]: `tool_call_id` \"{id}\" answers no call made before it \
-                         (an assistant message's `tool_calls[].id`)"
+                        "`tool_call_id` \"{id}\" answers no call still open before it (each \
+                         `tool_calls[].id` of the assistant message before, answered once)"
                     ),
                 ));
-            }
+            };
+            open.remove(k);
+            continue;
         }
+        if !open.is_empty() {
+            return Err(bad(i, unanswered(asked_at, &open)));
+        }
+        open = m["tool_calls"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|c| c["id"].as_str())
+            .collect();
+        asked_at = i;
     }
-    Ok(())
+    match open.is_empty() {
+        true => Ok(()),
+        false => Err(bad(messages.len() - 1, unanswered(asked_at, &open))),
+    }
+}
+
+/// As OpenAI's API requires: an assistant message's calls are each answered by a tool message
+/// right after it.
+fn unanswered(asked_at: usize, open: &[&str]) -> String {
+    format!(
+        "the calls of messages[{asked_at}] must each be answered by a tool message right after \
+         it; no result for {}",
+        open.join(", ")
+    )
 }
 
 /// Whether text that starts so could still turn out to be a call (a stream holds it back
@@ -279,30 +319,41 @@ pub fn parse(text: &str, names: &[String]) -> Option<Vec<Call>> {
 /// as a call is read so: what a model writes after the call it was made to make is dropped.
 fn leading(text: &str, names: &[String], whole: bool) -> Option<Vec<Call>> {
     let t = text.trim();
-    let (values, rest): (Vec<Value>, &str) = if t.starts_with("<tool_call>") {
+    // The values read in turn, and whether the text went on past them.
+    let (values, more): (Vec<Option<Value>>, bool) = if t.starts_with("<tool_call>") {
         let mut out = vec![];
         let mut rest = t;
         while let Some(after) = rest.strip_prefix("<tool_call>") {
             // Unclosed, it is not a whole call: a model cut short, or text about the tag.
-            let (body, tail) = after.split_once("</tool_call>")?;
-            out.push(serde_json::from_str(body.trim()).ok()?);
+            let Some((body, tail)) = after.split_once("</tool_call>") else {
+                out.push(None);
+                break;
+            };
+            out.push(serde_json::from_str(body.trim()).ok());
             rest = tail.trim_start();
         }
-        (out, rest)
+        (out, !rest.is_empty())
     } else {
         let t = t.strip_prefix("[TOOL_CALLS]").unwrap_or(t).trim_start();
         let mut values = serde_json::Deserializer::from_str(t).into_iter::<Value>();
         let first = values.next()?.ok()?;
-        let rest = &t[values.byte_offset()..];
+        let more = !t[values.byte_offset()..].trim().is_empty();
         match first {
-            Value::Array(a) => (a, rest),
-            v => (vec![v], rest),
+            Value::Array(a) => (a.into_iter().map(Some).collect(), more),
+            v => (vec![Some(v)], more),
         }
     };
-    if values.is_empty() || (whole && !rest.trim().is_empty()) {
-        return None;
+    let calls: Vec<Option<Call>> = values.iter().map(|v| call(v.as_ref()?, names)).collect();
+    if whole {
+        // Nothing but calls, each one whole.
+        return match more || calls.is_empty() {
+            true => None,
+            false => calls.into_iter().collect(),
+        };
     }
-    values.iter().map(|v| call(v, names)).collect()
+    // A reply started as a call: the calls it opens with, up to anything that is not one.
+    let first: Vec<Call> = calls.into_iter().map_while(|c| c).collect();
+    (!first.is_empty()).then_some(first)
 }
 
 /// One `{"name", "arguments" | "parameters"}` to a named function.
@@ -414,6 +465,16 @@ mod tests {
             assert_eq!(t.read(&more, true), Some(calls));
         }
         let t = from_request(&m(json!({"tools": tools}))).unwrap().unwrap();
+        // Started as a call: a later call cut short or to another function ends the calls.
+        let one = "<tool_call>{\"name\":\"add\",\"arguments\":{\"a\":1}}</tool_call>";
+        for after in [
+            "\n<tool_call>\n",
+            "<tool_call>{\"name\":\"rm\"}</tool_call>",
+        ] {
+            let text = format!("{one}{after}");
+            assert_eq!(t.read(&text, true).map(|c| c.len()), Some(1), "{text}");
+            assert_eq!(t.read(&text, false), None, "{text}");
+        }
         let bare = r#"{"name": "add", "parameters": {"a": 1}} Done."#;
         assert_eq!(
             (t.read(bare, false), t.read(bare, true).map(|c| c.len())),
@@ -489,6 +550,21 @@ mod tests {
             assert_eq!(e.param, Some(param), "{req}");
             assert!(e.message.contains(why), "{req}: {}", e.message);
         }
+        for name in [
+            "get\"weather",
+            "a b",
+            "</tool_call>",
+            "天气",
+            &"x".repeat(65),
+        ] {
+            let req = json!({"tools": [{"type": "function", "function": {"name": name}}]});
+            let e = from_request(&m(req)).unwrap_err();
+            assert!(
+                e.message.contains("must be 1 to 64 letters"),
+                "{name}: {}",
+                e.message
+            );
+        }
         let lax =
             json!({"tools": [{"type": "function", "function": {"name": "f", "strict": false}}]});
         assert!(from_request(&m(lax)).is_ok());
@@ -506,14 +582,43 @@ mod tests {
     }
 
     #[test]
-    fn each_tool_result_answers_a_call_made_before_it() {
-        let call = |id: &str| json!({"role": "assistant", "tool_calls": [{"id": id}]});
+    fn each_call_is_answered_right_after_it_once() {
+        let call = |ids: &[&str]| {
+            let calls: Vec<Value> = ids.iter().map(|id| json!({"id": id})).collect();
+            json!({"role": "assistant", "tool_calls": calls})
+        };
         let result = |id: &str| json!({"role": "tool", "tool_call_id": id, "content": "4"});
         let user = json!({"role": "user", "content": "x"});
-        assert!(check_answers(&[user.clone(), call("a"), result("a")]).is_ok());
+        let fine = [
+            user.clone(),
+            call(&["a", "b"]),
+            result("b"),
+            result("a"),
+            user.clone(),
+        ];
+        assert!(check_answers(&fine).is_ok());
         for (messages, at) in [
-            (vec![user.clone(), result("a"), call("a")], "messages[1]"),
-            (vec![user.clone(), call("a"), result("b")], "messages[2]"),
+            // A result before its call, for another call, twice, or missing.
+            (
+                vec![user.clone(), result("a"), call(&["a"])],
+                "messages[1]: `tool_call_id`",
+            ),
+            (
+                vec![user.clone(), call(&["a"]), result("b")],
+                "messages[2]: `tool_call_id`",
+            ),
+            (
+                vec![user.clone(), call(&["a"]), result("a"), result("a")],
+                "messages[3]: `tool_call_id`",
+            ),
+            (
+                vec![user.clone(), call(&["a", "b"]), result("a"), user.clone()],
+                "messages[3]: the calls of messages[1] must each be answered",
+            ),
+            (
+                vec![user.clone(), call(&["a"])],
+                "messages[1]: the calls of messages[1]",
+            ),
         ] {
             let e = check_answers(&messages).unwrap_err();
             assert_eq!(e.param, Some("messages"));
@@ -578,16 +683,24 @@ mod tests {
         let calls = history_calls(2, &msg).unwrap().unwrap();
         assert_eq!(calls[0]["function"]["arguments"], json!({"a": 1}));
         assert_eq!(calls[0]["id"], "call_1");
-        let bad = json!({"role": "assistant", "tool_calls": [{"id": "1", "function": {
-            "name": "add", "arguments": "{oops"}}]});
+        let bad = json!({"role": "assistant", "tool_calls": [{"id": "1", "type": "function",
+            "function": {"name": "add", "arguments": "{oops"}}]});
         let e = history_calls(2, &bad).unwrap_err();
         assert!(e
             .message
             .contains("messages[2]: tool_calls[0].function.arguments is not JSON"));
         for (call, why) in [
             (
-                json!({"function": {"name": "add"}}),
+                json!({"type": "function", "function": {"name": "add"}}),
                 "tool_calls[0].id is missing",
+            ),
+            (
+                json!({"id": 7, "type": "function", "function": {"name": "add"}}),
+                "tool_calls[0].id must be a non-empty string",
+            ),
+            (
+                json!({"id": "1", "function": {"name": "add"}}),
+                "tool_calls[0].type must be \"function\"",
             ),
             (
                 json!({"id": "1", "type": "code", "function": {"name": "add"}}),

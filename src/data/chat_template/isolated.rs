@@ -69,7 +69,8 @@ impl From<Result<String, TemplateError>> for Reply {
                 e @ (TemplateError::Missing
                 | TemplateError::NoPlaceForTools
                 | TemplateError::HidesToolHistory(_)
-                | TemplateError::NoCallForm),
+                | TemplateError::NoCallForm
+                | TemplateError::FailsOnTools(_)),
             ) => Reply::Render(e.to_string()),
             Err(TemplateError::Render(m)) => Reply::Render(m),
         }

@@ -60,6 +60,12 @@ pub enum TemplateError {
          server can start, so a call cannot be forced; give tool_choice \"auto\""
     )]
     NoCallForm,
+    /// The template renders the conversation, and fails on the tools given.
+    #[error(
+        "the chat template fails on the tools given ({0}); give each tool what the template \
+         reads of it (a description, parameters)"
+    )]
+    FailsOnTools(String),
 }
 
 /// A compiled chat template.

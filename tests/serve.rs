@@ -697,39 +697,31 @@ fn tools_go_to_the_template_and_calls_come_back_as_tool_calls() {
         "{got}"
     );
 
-    // The model's own template leaves tools out: refused, naming `tools`.
+    // The model's own template leaves tools out, and shows an earlier call-only turn as an
+    // empty one: refused, naming `tools`, and `messages`.
     std::fs::create_dir_all(tmp.path().join("own")).unwrap();
     let own = Server::start(&tmp.path().join("own"), &adapter);
-    let body = serde_json::json!({"messages": [{"role": "user", "content": "hi"}],
+    let with_tools = serde_json::json!({"messages": [{"role": "user", "content": "hi"}],
         "tools": [{"type": "function", "function": {"name": "get_weather"}}]});
-    let (status, resp) = http(
-        &own.url,
-        "POST",
-        "/v1/chat/completions",
-        true,
-        body.to_string().as_bytes(),
-    );
-    assert_eq!(status, 400, "{resp}");
-    assert!(
-        resp.contains(r#""param":"tools""#) && resp.contains("no place for tools"),
-        "{resp}"
-    );
-    // And it shows an earlier call-only turn as an empty one: refused, naming `messages`.
-    let body = serde_json::json!({"messages": [
+    let with_history = serde_json::json!({"messages": [
         {"role": "user", "content": "What is the weather in Paris?"},
         {"role": "assistant", "content": null, "tool_calls": [{"id": "c0", "type": "function",
             "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}]},
         {"role": "tool", "tool_call_id": "c0", "content": "sunny"}]});
-    let (status, resp) = http(
-        &own.url,
-        "POST",
-        "/v1/chat/completions",
-        true,
-        body.to_string().as_bytes(),
-    );
-    assert_eq!(status, 400, "{resp}");
-    assert!(
-        resp.contains(r#""param":"messages""#) && resp.contains("does not show earlier calls"),
-        "{resp}"
-    );
+    for (body, param, why) in [
+        (with_tools, "tools", "no place for tools"),
+        (with_history, "messages", "does not show earlier calls"),
+    ] {
+        let body = body.to_string();
+        let (status, resp) = http(
+            &own.url,
+            "POST",
+            "/v1/chat/completions",
+            true,
+            body.as_bytes(),
+        );
+        assert_eq!(status, 400, "{resp}");
+        let named = format!(r#""param":"{param}""#);
+        assert!(resp.contains(&named) && resp.contains(why), "{resp}");
+    }
 }

@@ -12,8 +12,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 ./scripts/fetch_model.sh >/dev/null
-# The official `openai` Python client, which tests/serve.rs drives the server with: pinned, and
-# installed into a folder of its own (no virtual environment needed).
+# The official `openai` Python client, which tests/serve.rs and tests/serve_tools.rs drive the
+# server with: pinned, and installed into a folder of its own (no virtual environment needed).
 pydeps=.venv/openai-3.57.0
 if [ ! -d "$pydeps" ]; then
   rm -rf "$pydeps.partial"

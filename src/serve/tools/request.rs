@@ -1,74 +1,9 @@
-//! Function calling in OpenAI's form: the request's `tools` go to the model's chat template,
-//! earlier calls and their results in `messages` are rendered as the template renders them, and
-//! a reply that is a call (in one of the forms chat models write them) comes back as
-//! `tool_calls`, with `finish_reason` "tool_calls".
-//!
-//! Forms read: Hermes and Qwen's `<tool_call>{...}</tool_call>` (one or more), Mistral's
-//! `[TOOL_CALLS] [{...}]`, and a bare JSON object or array of them (Llama 3.1's form), each
-//! `{"name", "arguments" | "parameters"}`. A call is only one to a function the request
-//! named; anything else is the reply's text.
+//! What a request says of tools: `tools` and the fields that go with them, and the calls and
+//! results in its history, checked as OpenAI's API checks them.
 
-use super::api::ApiError;
+use super::{Choice, Tools};
+use crate::serve::api::ApiError;
 use serde_json::{json, Map, Value};
-
-/// The request's functions, and whether a reply may be read as a call to them.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Tools {
-    /// As given, for the template (`{"type": "function", "function": {...}}`).
-    pub defs: Vec<Value>,
-    pub names: Vec<String>,
-    pub choice: Choice,
-    /// `parallel_tool_calls` (default true); false keeps a reply's first call only.
-    pub parallel: bool,
-}
-
-impl Tools {
-    /// Whether a reply may be read as calls (not under `tool_choice` "none").
-    pub fn calls(&self) -> bool {
-        self.choice != Choice::None
-    }
-
-    /// Whether the reply is started as a call, and to which function (None: the model names
-    /// it, of several; with one there is nothing to choose).
-    pub fn forced(&self) -> Option<Option<&str>> {
-        match &self.choice {
-            Choice::Required if self.names.len() == 1 => Some(Some(&self.names[0])),
-            Choice::Required => Some(None),
-            Choice::Named(n) => Some(Some(n)),
-            Choice::Auto | Choice::None => None,
-        }
-    }
-
-    /// The calls a reply makes, if it is nothing but calls (if it starts with them, where it
-    /// was started as one): its first only where the request asked for no parallel calls.
-    pub fn read(&self, text: &str, forced: bool) -> Option<Vec<Call>> {
-        let mut calls = leading(text, &self.names, !forced)?;
-        if !self.parallel {
-            calls.truncate(1);
-        }
-        Some(calls)
-    }
-}
-
-/// `tool_choice`: whether the reply may, must, or must not call.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Choice {
-    /// The model decides.
-    Auto,
-    /// The model sees the tools and answers in text.
-    None,
-    /// The reply is started as a call, the model naming the function.
-    Required,
-    /// The reply is started as a call to this function.
-    Named(String),
-}
-
-/// A call the reply made: the function's name and its arguments as JSON text.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Call {
-    pub name: String,
-    pub arguments: String,
-}
 
 /// The fields that only mean something with `tools`.
 const WITH_TOOLS: [&str; 2] = ["tool_choice", "parallel_tool_calls"];
@@ -293,194 +228,10 @@ fn unanswered(asked_at: usize, open: &[&str]) -> String {
     )
 }
 
-/// Whether text that starts so could still turn out to be a call (a stream holds it back
-/// until it knows): a JSON object's first key, an array's first object, or the start of a
-/// tagged form. "[1] Paris…" or "{x}" is text from its second character on.
-pub fn could_be_call(text: &str) -> bool {
-    let t = text.trim_start();
-    let opens = ["<tool_call>", "[TOOL_CALLS]"];
-    if t.is_empty() || opens.iter().any(|o| o.starts_with(t) || t.starts_with(o)) {
-        return true;
-    }
-    // What follows the opening bracket, once it is there: a key's quote, an object's brace.
-    let then = |open: char, next: char| {
-        t.strip_prefix(open)
-            .map(|rest| rest.trim_start().chars().next().is_none_or(|c| c == next))
-    };
-    then('{', '"').or_else(|| then('[', '{')).unwrap_or(false)
-}
-
-/// The calls `text` makes to the functions `names`, if it is nothing but calls.
-pub fn parse(text: &str, names: &[String]) -> Option<Vec<Call>> {
-    leading(text, names, true)
-}
-
-/// The calls `text` opens with; with `whole`, only where nothing follows them. A reply started
-/// as a call is read so: what a model writes after the call it was made to make is dropped.
-fn leading(text: &str, names: &[String], whole: bool) -> Option<Vec<Call>> {
-    let t = text.trim();
-    // The values read in turn, and whether the text went on past them.
-    let (values, more): (Vec<Option<Value>>, bool) = if t.starts_with("<tool_call>") {
-        let mut out = vec![];
-        let mut rest = t;
-        while let Some(after) = rest.strip_prefix("<tool_call>") {
-            // Unclosed, it is not a whole call: a model cut short, or text about the tag.
-            let Some((body, tail)) = after.split_once("</tool_call>") else {
-                out.push(None);
-                break;
-            };
-            out.push(serde_json::from_str(body.trim()).ok());
-            rest = tail.trim_start();
-        }
-        (out, !rest.is_empty())
-    } else {
-        let t = t.strip_prefix("[TOOL_CALLS]").unwrap_or(t).trim_start();
-        let mut values = serde_json::Deserializer::from_str(t).into_iter::<Value>();
-        let first = values.next()?.ok()?;
-        let more = !t[values.byte_offset()..].trim().is_empty();
-        match first {
-            Value::Array(a) => (a.into_iter().map(Some).collect(), more),
-            v => (vec![Some(v)], more),
-        }
-    };
-    let calls: Vec<Option<Call>> = values.iter().map(|v| call(v.as_ref()?, names)).collect();
-    if whole {
-        // Nothing but calls, each one whole.
-        return match more || calls.is_empty() {
-            true => None,
-            false => calls.into_iter().collect(),
-        };
-    }
-    // A reply started as a call: the calls it opens with, up to anything that is not one.
-    let first: Vec<Call> = calls.into_iter().map_while(|c| c).collect();
-    (!first.is_empty()).then_some(first)
-}
-
-/// One `{"name", "arguments" | "parameters"}` to a named function.
-fn call(v: &Value, names: &[String]) -> Option<Call> {
-    let o = v.as_object()?;
-    let name = o.get("name")?.as_str()?;
-    if !names.iter().any(|n| n == name) {
-        return None;
-    }
-    let arguments = match o.get("arguments").or_else(|| o.get("parameters")) {
-        None | Some(Value::Null) => "{}".to_string(),
-        // Some models write the arguments as JSON text already; an object, as OpenAI's are.
-        Some(Value::String(s)) if serde_json::from_str::<Value>(s).is_ok_and(|v| v.is_object()) => {
-            s.clone()
-        }
-        Some(args @ Value::Object(_)) => args.to_string(),
-        Some(_) => return None,
-    };
-    Some(Call {
-        name: name.to_string(),
-        arguments,
-    })
-}
-
-/// The calls as OpenAI's `tool_calls`, each with a fresh id the client answers with (random:
-/// a conversation can outlive the server); `index` for a stream's delta.
-pub fn to_json(calls: &[Call], streamed: bool) -> Value {
-    Value::Array(
-        calls
-            .iter()
-            .enumerate()
-            .map(|(i, c)| {
-                let mut v = json!({
-                    "id": format!("call_{:016x}", rand::random::<u64>()),
-                    "type": "function",
-                    "function": {"name": c.name, "arguments": c.arguments},
-                });
-                if streamed {
-                    v["index"] = json!(i);
-                }
-                v
-            })
-            .collect(),
-    )
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn names() -> Vec<String> {
-        vec!["get_weather".into(), "add".into()]
-    }
-
-    #[test]
-    fn calls_in_each_form_are_read_and_anything_else_is_text() {
-        let weather = Call {
-            name: "get_weather".into(),
-            arguments: r#"{"city":"Paris"}"#.into(),
-        };
-        for text in [
-            r#"{"name": "get_weather", "parameters": {"city": "Paris"}}"#,
-            r#" {"name":"get_weather","arguments":{"city":"Paris"}} "#,
-            r#"{"name":"get_weather","arguments":"{\"city\":\"Paris\"}"}"#,
-            "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n</tool_call>",
-            r#"[TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Paris"}}]"#,
-        ] {
-            assert_eq!(parse(text, &names()), Some(vec![weather.clone()]), "{text}");
-        }
-        let two = "<tool_call>{\"name\":\"add\",\"arguments\":{\"a\":1}}</tool_call>\n\
-                   <tool_call>{\"name\":\"get_weather\"}</tool_call>";
-        let calls = parse(two, &names()).unwrap();
-        assert_eq!(calls.len(), 2);
-        assert_eq!(
-            (calls[1].name.as_str(), calls[1].arguments.as_str()),
-            ("get_weather", "{}")
-        );
-        for text in [
-            "The weather in Paris is sunny.",
-            r#"{"name": "delete_everything", "arguments": {}}"#,
-            r#"{"city": "Paris"}"#,
-            r#"{"name": "add", "arguments": {"a": 1}} and then"#,
-            "<tool_call>{\"name\":\"add\"}</tool_call> done",
-            "<tool_call>{\"name\":\"add\"}",
-            r#"{"name": "add", "arguments": "5"}"#,
-            r#"{"name": "add", "arguments": "[1]"}"#,
-            "[]",
-        ] {
-            assert_eq!(parse(text, &names()), None, "{text}");
-        }
-    }
-
-    #[test]
-    fn without_parallel_calls_a_reply_keeps_its_first() {
-        let m = |v: Value| v.as_object().unwrap().clone();
-        let tools = json!([{"type": "function", "function": {"name": "add"}}]);
-        let two = "<tool_call>{\"name\":\"add\",\"arguments\":{\"a\":1}}</tool_call>\
-                   <tool_call>{\"name\":\"add\",\"arguments\":{\"a\":2}}</tool_call>";
-        for (parallel, want) in [(json!(null), 2), (json!(true), 2), (json!(false), 1)] {
-            let t = from_request(&m(json!({"tools": tools, "parallel_tool_calls": parallel})))
-                .unwrap()
-                .unwrap();
-            let calls = t.read(two, false).unwrap();
-            assert_eq!(calls.len(), want, "{parallel}");
-            assert_eq!(calls[0].arguments, r#"{"a":1}"#);
-            // Text after the calls: not a call, unless the reply was started as one.
-            let more = format!("{two}\nThe answer is 3.");
-            assert_eq!(t.read(&more, false), None);
-            assert_eq!(t.read(&more, true), Some(calls));
-        }
-        let t = from_request(&m(json!({"tools": tools}))).unwrap().unwrap();
-        // Started as a call: a later call cut short or to another function ends the calls.
-        let one = "<tool_call>{\"name\":\"add\",\"arguments\":{\"a\":1}}</tool_call>";
-        for after in [
-            "\n<tool_call>\n",
-            "<tool_call>{\"name\":\"rm\"}</tool_call>",
-        ] {
-            let text = format!("{one}{after}");
-            assert_eq!(t.read(&text, true).map(|c| c.len()), Some(1), "{text}");
-            assert_eq!(t.read(&text, false), None, "{text}");
-        }
-        let bare = r#"{"name": "add", "parameters": {"a": 1}} Done."#;
-        assert_eq!(
-            (t.read(bare, false), t.read(bare, true).map(|c| c.len())),
-            (None, Some(1))
-        );
-    }
+    use serde_json::json;
 
     #[test]
     fn tool_fields_are_checked_and_what_cannot_be_kept_is_refused() {
@@ -580,7 +331,6 @@ mod tests {
         }
         assert!(refuse_on_completions(&m(json!({"tools": null}))).is_ok());
     }
-
     #[test]
     fn each_call_is_answered_right_after_it_once() {
         let call = |ids: &[&str]| {
@@ -625,36 +375,6 @@ mod tests {
             assert!(e.message.starts_with(at), "{}", e.message);
         }
     }
-
-    #[test]
-    fn a_stream_holds_back_only_what_could_still_be_a_call() {
-        for held in [
-            "",
-            "  ",
-            "{",
-            "{ \"na",
-            "[",
-            "[ {\"name",
-            "[TOOL",
-            "<tool",
-            "<tool_call>{",
-        ] {
-            assert!(could_be_call(held), "{held:?}");
-        }
-        for text in [
-            "The",
-            " Sure",
-            "<b>",
-            "Hello {",
-            "<tool_cal!",
-            "[1] Paris",
-            "{x}",
-            "[ \"a\"]",
-        ] {
-            assert!(!could_be_call(text), "{text:?}");
-        }
-    }
-
     #[test]
     fn tools_and_history_calls_are_checked_naming_the_field() {
         let m = |v: Value| v.as_object().unwrap().clone();

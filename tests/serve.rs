@@ -8,10 +8,9 @@ mod common;
 #[path = "common/server.rs"]
 mod server;
 
-use common::{cli, smollm2};
-use server::{adapter, generate, http, python, Server, KEY, QUESTION};
+use common::cli;
+use server::{adapter, base_name, generate, http, Server, KEY, QUESTION};
 use std::io::{Read, Write};
-use std::path::Path;
 use std::process::Command;
 
 #[test]
@@ -19,32 +18,11 @@ fn the_openai_client_gets_what_generate_gives_and_bad_requests_get_4xx() {
     let tmp = tempfile::tempdir().unwrap();
     let adapter = adapter(&tmp.path().join("adapter"));
     let server = Server::start(tmp.path(), &adapter);
-    let base = smollm2()
-        .file_stem()
-        .unwrap()
-        .to_string_lossy()
-        .into_owned();
+    let base = base_name();
     let max_tokens = 12;
 
-    let o = python()
-        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/openai_client.py"))
-        .args([
-            &server.url,
-            KEY,
-            &base,
-            "brellonia",
-            QUESTION,
-            &max_tokens.to_string(),
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        o.status.success(),
-        "{}\nserver:\n{}",
-        String::from_utf8_lossy(&o.stderr),
-        server.log()
-    );
-    let got: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let args = [&base, "brellonia", QUESTION, &max_tokens.to_string()];
+    let got = server.client("openai_client.py", &args);
     assert_eq!(got["models"], serde_json::json!([base, "brellonia"]));
     for (name, dir) in [
         (base.as_str(), None),

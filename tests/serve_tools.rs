@@ -5,8 +5,7 @@ mod common;
 #[path = "common/server.rs"]
 mod server;
 
-use common::smollm2;
-use server::{adapter, http, python, Server, KEY};
+use server::{adapter, base_name, http, Server, KEY};
 use std::path::Path;
 
 /// Function calling with the official client: served with a chat template that takes tools
@@ -26,23 +25,7 @@ fn tools_go_to_the_template_and_calls_come_back_as_tool_calls() {
         KEY,
         &["--chat-template", template.to_str().unwrap()],
     );
-    let base = smollm2()
-        .file_stem()
-        .unwrap()
-        .to_string_lossy()
-        .into_owned();
-    let o = python()
-        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/openai_tools.py"))
-        .args([&server.url, KEY, &base])
-        .output()
-        .unwrap();
-    assert!(
-        o.status.success(),
-        "{}\nserver:\n{}",
-        String::from_utf8_lossy(&o.stderr),
-        server.log()
-    );
-    let got: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let got = server.client("openai_tools.py", &[&base_name()]);
     let london = serde_json::json!([{"name": "get_weather", "arguments": r#"{"city":"London"}"#}]);
     let whole = &got["whole"];
     assert_eq!(whole["finish_reason"], "tool_calls", "{got}");

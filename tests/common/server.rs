@@ -64,6 +64,37 @@ impl Server {
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
+
+    /// Runs the client script `tests/fixtures/{script}` against this server (its URL, the
+    /// key, then `args`) and reads the JSON object it prints.
+    pub fn client(&self, script: &str, args: &[&str]) -> serde_json::Value {
+        let o = python()
+            .arg(
+                Path::new(env!("CARGO_MANIFEST_DIR"))
+                    .join("tests/fixtures")
+                    .join(script),
+            )
+            .args([self.url.as_str(), KEY])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "{}\nserver:\n{}",
+            String::from_utf8_lossy(&o.stderr),
+            self.log()
+        );
+        serde_json::from_slice(&o.stdout).unwrap()
+    }
+}
+
+/// The base model's name as the server lists it: its file's stem.
+pub fn base_name() -> String {
+    smollm2()
+        .file_stem()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned()
 }
 
 /// A seeded random adapter on every linear of SmolLM2, strong enough that its greedy replies

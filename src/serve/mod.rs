@@ -455,7 +455,7 @@ async fn whole(s: Started, kind: Kind) -> Response {
                 prompt_tokens,
                 completion_tokens,
             } => {
-                let made = calls.as_ref().and_then(|t| t.read(&text, forced));
+                let made = calls.as_ref().and_then(|t| t.read(&text));
                 if forced && made.is_none() {
                     // The same request would fail the same way: the official clients retry a
                     // 500 unless told not to.
@@ -590,7 +590,7 @@ fn stream(s: Started, kind: Kind) -> Response {
                     }) => {
                         let still_held = held.take();
                         let text = still_held.clone().unwrap_or_default();
-                        let made = calls.as_ref().and_then(|t| t.read(&text, forced));
+                        let made = calls.as_ref().and_then(|t| t.read(&text));
                         if forced && made.is_none() {
                             let e = unfinished_call(finish_reason, &text);
                             let err = json!({"error": {"message": e.message, "type": "server_error", "param": null, "code": e.code}});

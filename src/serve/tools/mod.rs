@@ -46,8 +46,8 @@ impl Tools {
 
     /// The calls a reply makes, if it is nothing but calls (if it starts with them, where it
     /// was started as one): its first only where the request asked for no parallel calls.
-    pub fn read(&self, text: &str, forced: bool) -> Option<Vec<Call>> {
-        let mut calls = reply::leading(text, &self.names, !forced)?;
+    pub fn read(&self, text: &str) -> Option<Vec<Call>> {
+        let mut calls = reply::leading(text, &self.names, self.forced().is_none())?;
         if !self.parallel {
             calls.truncate(1);
         }

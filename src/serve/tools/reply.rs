@@ -115,6 +115,7 @@ pub fn to_json(calls: &[Call], streamed: bool) -> Value {
 mod tests {
     use super::*;
     use crate::serve::tools::request::from_request;
+    use crate::serve::tools::{Choice, Tools};
 
     fn names() -> Vec<String> {
         vec!["get_weather".into(), "add".into()]
@@ -159,6 +160,11 @@ mod tests {
     #[test]
     fn without_parallel_calls_a_reply_keeps_its_first() {
         let m = |v: Value| v.as_object().unwrap().clone();
+        // The same tools under `tool_choice` "required": the reply was started as a call.
+        let forced = |t: &Tools| Tools {
+            choice: Choice::Required,
+            ..t.clone()
+        };
         let tools = json!([{"type": "function", "function": {"name": "add"}}]);
         let two = "<tool_call>{\"name\":\"add\",\"arguments\":{\"a\":1}}</tool_call>\
                    <tool_call>{\"name\":\"add\",\"arguments\":{\"a\":2}}</tool_call>";
@@ -166,13 +172,13 @@ mod tests {
             let t = from_request(&m(json!({"tools": tools, "parallel_tool_calls": parallel})))
                 .unwrap()
                 .unwrap();
-            let calls = t.read(two, false).unwrap();
+            let calls = t.read(two).unwrap();
             assert_eq!(calls.len(), want, "{parallel}");
             assert_eq!(calls[0].arguments, r#"{"a":1}"#);
             // Text after the calls: not a call, unless the reply was started as one.
             let more = format!("{two}\nThe answer is 3.");
-            assert_eq!(t.read(&more, false), None);
-            assert_eq!(t.read(&more, true), Some(calls));
+            assert_eq!(t.read(&more), None);
+            assert_eq!(forced(&t).read(&more), Some(calls));
         }
         let t = from_request(&m(json!({"tools": tools}))).unwrap().unwrap();
         // Started as a call: a later call cut short or to another function ends the calls.
@@ -182,12 +188,12 @@ mod tests {
             "<tool_call>{\"name\":\"rm\"}</tool_call>",
         ] {
             let text = format!("{one}{after}");
-            assert_eq!(t.read(&text, true).map(|c| c.len()), Some(1), "{text}");
-            assert_eq!(t.read(&text, false), None, "{text}");
+            assert_eq!(forced(&t).read(&text).map(|c| c.len()), Some(1), "{text}");
+            assert_eq!(t.read(&text), None, "{text}");
         }
         let bare = r#"{"name": "add", "parameters": {"a": 1}} Done."#;
         assert_eq!(
-            (t.read(bare, false), t.read(bare, true).map(|c| c.len())),
+            (t.read(bare), forced(&t).read(bare).map(|c| c.len())),
             (None, Some(1))
         );
     }

@@ -8,9 +8,13 @@ use serde_json::{json, Map, Value};
 /// The fields that only mean something with `tools`.
 const WITH_TOOLS: [&str; 2] = ["tool_choice", "parallel_tool_calls"];
 
+/// Whether the request gives `name` a value (a client may send a field as null).
+fn given(m: &Map<String, Value>, name: &str) -> bool {
+    m.get(name).is_some_and(|v| !v.is_null())
+}
+
 /// The request's `tools`, `tool_choice` and `parallel_tool_calls`.
 pub fn from_request(m: &Map<String, Value>) -> Result<Option<Tools>, ApiError> {
-    let given = |name: &str| m.get(name).is_some_and(|v| !v.is_null());
     let defs = match m.get("tools") {
         None | Some(Value::Null) => None,
         Some(Value::Array(a)) if a.is_empty() => None,
@@ -23,7 +27,7 @@ pub fn from_request(m: &Map<String, Value>) -> Result<Option<Tools>, ApiError> {
         }
     };
     let Some(defs) = defs else {
-        return match WITH_TOOLS.into_iter().find(|n| given(n)) {
+        return match WITH_TOOLS.into_iter().find(|n| given(m, n)) {
             // As OpenAI's API answers.
             Some(name) => Err(ApiError::invalid(
                 Some(name),
@@ -65,6 +69,7 @@ pub fn from_request(m: &Map<String, Value>) -> Result<Option<Tools>, ApiError> {
         }
         names.push(name.to_string());
     }
+    // `{"type": "function", "function": {"name": ...}}`'s name.
     let named = |o: &Map<String, Value>| {
         let f = o.get("function")?.get("name")?.as_str()?;
         (o.get("type")? == "function").then(|| f.to_string())
@@ -74,23 +79,17 @@ pub fn from_request(m: &Map<String, Value>) -> Result<Option<Tools>, ApiError> {
         Some(Value::String(s)) if s == "auto" => Choice::Auto,
         Some(Value::String(s)) if s == "none" => Choice::None,
         Some(Value::String(s)) if s == "required" => Choice::Required,
-        Some(Value::Object(o)) if named(o).is_some() => {
-            let name = named(o).unwrap_or_default();
-            if !names.contains(&name) {
+        Some(Value::Object(o)) => match named(o) {
+            Some(name) if names.contains(&name) => Choice::Named(name),
+            Some(name) => {
                 return Err(ApiError::invalid(
                     Some("tool_choice"),
                     format!("`tool_choice` names `{name}`, which is not one of `tools`"),
-                ));
+                ))
             }
-            Choice::Named(name)
-        }
-        Some(_) => {
-            return Err(ApiError::invalid(
-                Some("tool_choice"),
-                "`tool_choice` must be \"auto\", \"none\", \"required\" or \
-                 {\"type\": \"function\", \"function\": {\"name\": ...}}",
-            ))
-        }
+            None => return Err(not_a_choice()),
+        },
+        Some(_) => return Err(not_a_choice()),
     };
     let parallel = match m.get("parallel_tool_calls") {
         None | Some(Value::Null) => true,
@@ -110,13 +109,21 @@ pub fn from_request(m: &Map<String, Value>) -> Result<Option<Tools>, ApiError> {
     }))
 }
 
+fn not_a_choice() -> ApiError {
+    ApiError::invalid(
+        Some("tool_choice"),
+        "`tool_choice` must be \"auto\", \"none\", \"required\" or \
+         {\"type\": \"function\", \"function\": {\"name\": ...}}",
+    )
+}
+
 /// `tools` and its fields on `/v1/completions`, which has no functions in OpenAI's API:
 /// refused rather than ignored.
 pub fn refuse_on_completions(m: &Map<String, Value>) -> Result<(), ApiError> {
     let name = ["tools"]
         .into_iter()
         .chain(WITH_TOOLS)
-        .find(|n| m.get(*n).is_some_and(|v| !v.is_null()));
+        .find(|n| given(m, n));
     match name {
         Some(name) => Err(ApiError::invalid(
             Some(name),
@@ -177,8 +184,9 @@ pub fn history_calls(i: usize, msg: &Value) -> Result<Option<Value>, ApiError> {
     Ok(Some(Value::Array(out)))
 }
 
-/// That each tool message answers a call made before it in the conversation, as OpenAI's API
-/// requires: a result with no call in front of it is a client's bookkeeping gone wrong.
+/// That each call in the conversation is answered once, by a tool message right after its
+/// assistant message, and each tool message answers such a call, as OpenAI's API requires: a
+/// result out of place is a client's bookkeeping gone wrong.
 pub fn check_answers(messages: &[Value]) -> Result<(), ApiError> {
     let bad = |i: usize, what: String| {
         ApiError::invalid(Some("messages"), format!("messages[{i}]: {what}"))

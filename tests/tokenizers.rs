@@ -4,9 +4,10 @@
 
 mod common;
 
+use serde_json::Value;
 use your_ai::data::chat_template::TemplateError;
 use your_ai::data::tokenizer::Tokenizer;
-use your_ai::infer::prompt::{call_opening, chat_ids, chat_ids_with_tools};
+use your_ai::infer::prompt::{chat_ids, chat_ids_with_tools};
 use your_ai::weights::GgufFile;
 
 #[test]
@@ -351,6 +352,13 @@ fn a_forced_call_opens_as_the_template_writes_calls() {
         "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}),
     ];
     let user = [serde_json::json!({"role": "user", "content": "Weather in Oslo?"})];
+    // The start of the reply under a forced call, and its ids: those after the prompt's.
+    let opening = |tok: &Tokenizer, messages: &[Value], tools: &[Value], name: Option<&str>| {
+        let (ids, text) = chat_ids_with_tools(tok, messages, Some(tools), Some(name))?;
+        let (prompt, none) = chat_ids_with_tools(tok, messages, Some(tools), None).unwrap();
+        assert!(none.is_none() && ids.starts_with(&prompt));
+        Ok::<_, your_ai::error::Error>((text.unwrap(), ids[prompt.len()..].to_vec()))
+    };
     for (template, named, any) in [
         (
             "qwen25.jinja",
@@ -369,10 +377,10 @@ fn a_forced_call_opens_as_the_template_writes_calls() {
         ),
     ] {
         tok.chat_template = Some(fixture(template));
-        let (text, ids) = call_opening(&tok, &user, &tools, Some("get_weather")).unwrap();
+        let (text, ids) = opening(&tok, &user, &tools, Some("get_weather")).unwrap();
         assert_eq!(text, named, "{template}");
         assert_eq!(tok.decode(&ids, false).unwrap(), named, "{template}");
-        let (text, _) = call_opening(&tok, &user, &tools, None).unwrap();
+        let (text, _) = opening(&tok, &user, &tools, None).unwrap();
         assert_eq!(text, any, "{template}");
         // After a call and its result (an agent's loop; Hermes ends a last tool message
         // otherwise than one followed by more), and with a first tool named as the key the
@@ -390,14 +398,19 @@ fn a_forced_call_opens_as_the_template_writes_calls() {
         two.extend(tools.iter().cloned());
         let two_named: String = named.replace("get_weather", "arguments");
         for (tools, want) in [(&tools[..], any), (&two[..], any)] {
-            let (text, _) = call_opening(&tok, &looped, tools, None).unwrap();
+            let (text, _) = opening(&tok, &looped, tools, None).unwrap();
             assert_eq!(text, want, "{template}");
         }
-        let (text, _) = call_opening(&tok, &looped, &two, Some("arguments")).unwrap();
+        let (text, _) = opening(&tok, &looped, &two, Some("arguments")).unwrap();
         assert_eq!(text, two_named, "{template}");
     }
-    tok.chat_template = Some(fixture("smollm2.jinja"));
-    let e = call_opening(&tok, &user, &tools, None).unwrap_err();
+    // A template that shows the tools but writes no calls: nothing to start a reply with.
+    tok.chat_template = Some(
+        "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}{{ tools | tojson }}\
+         {% if add_generation_prompt %}assistant: {% endif %}"
+            .into(),
+    );
+    let e = opening(&tok, &user, &tools, None).unwrap_err();
     assert!(e.to_string().contains("cannot be forced"), "{e}");
 }
 
@@ -410,7 +423,7 @@ fn a_template_failing_on_the_tools_blames_the_tools() {
     tok.chat_template = Some(fixture("hermes.jinja"));
     let user = [serde_json::json!({"role": "user", "content": "What time is it?"})];
     let bare = [serde_json::json!({"type": "function", "function": {"name": "get_time"}})];
-    let e = chat_ids_with_tools(&tok, &user, Some(&bare)).unwrap_err();
+    let e = chat_ids_with_tools(&tok, &user, Some(&bare), None).unwrap_err();
     assert!(
         matches!(
             e,

@@ -13,18 +13,23 @@ use serde_json::Value;
 /// so no message can end its turn or forge another's; only the template's own markers are
 /// control tokens.
 pub fn chat_ids(tok: &Tokenizer, messages: &[Value]) -> Result<Vec<u32>> {
-    chat_ids_with_tools(tok, messages, None)
+    Ok(chat_ids_with_tools(tok, messages, None, None)?.0)
 }
 
 /// [`chat_ids`], with the functions the model may call (OpenAI's `tools`, as transformers
 /// passes them to the template). A template with no place for them (it renders the same
 /// without them) is refused, [`TemplateError::NoPlaceForTools`]: the model would answer never
 /// having seen them. So is one that leaves out earlier calls or their results.
+///
+/// With `call` (a function's name, or None for one the model names), the prompt goes on with
+/// the start of a reply that calls it (see `call_opening`), whose text comes back beside the
+/// ids: the model writes the rest.
 pub fn chat_ids_with_tools(
     tok: &Tokenizer,
     messages: &[Value],
     tools: Option<&[Value]>,
-) -> Result<Vec<u32>> {
+    call: Option<Option<&str>>,
+) -> Result<(Vec<u32>, Option<String>)> {
     let template = template(tok)?;
     let with_tools = |messages: &[Value]| render(tok, &template, messages, tools);
     let full = match with_tools(messages) {
@@ -40,7 +45,16 @@ pub fn chat_ids_with_tools(
     hides_tool_history(messages, &full, with_tools)?;
     let plain = message_text::plain_ranges(tok, messages, &full, with_tools)
         .map_err(crate::error::Error::Usage)?;
-    Ok(tok.encode_mixed(&full, &plain)?.0)
+    let mut ids = tok.encode_mixed(&full, &plain)?.0;
+    let opening = match (tools, call) {
+        (Some(tools), Some(name)) => {
+            let (text, more) = call_opening(tok, &template, messages, tools, &full, name)?;
+            ids.extend(more);
+            Some(text)
+        }
+        _ => None,
+    };
+    Ok((ids, opening))
 }
 
 /// Refuses a conversation whose earlier calls, or their results, the template leaves out: it
@@ -80,16 +94,17 @@ fn hides_tool_history(
 /// an assistant turn that calls a marked name with marked arguments, and taking its text from
 /// the end of the generation prompt (the prompt itself need not be a prefix of that render:
 /// Hermes's ends a last tool message otherwise). Its ids, the name as plain text, follow the
-/// prompt's, so that the model writes the rest.
-pub fn call_opening(
+/// prompt's (`prompt`, `messages` rendered with `tools` for the reply).
+fn call_opening(
     tok: &Tokenizer,
+    template: &ChatTemplate,
     messages: &[Value],
     tools: &[Value],
+    prompt: &str,
     name: Option<&str>,
 ) -> Result<(String, Vec<u32>)> {
     const NAME: &str = "__your_ai_name__";
     const ARGS: &str = "__your_ai_arguments__";
-    let template = template(tok)?;
     let render_as = |messages: &[Value], add_generation_prompt: bool| {
         template.render(&ChatContext {
             messages,
@@ -100,7 +115,6 @@ pub fn call_opening(
             ..Default::default()
         })
     };
-    let prompt = render_as(messages, true)?;
     let generation = prompt
         .strip_prefix(render_as(messages, false)?.as_str())
         .unwrap_or_default()
@@ -116,7 +130,7 @@ pub fn call_opening(
     // the template adds none) to the marked arguments' opening brace.
     let opening = turn.find(ARGS).and_then(|args| {
         let start = match generation.as_str() {
-            "" => turn.starts_with(&prompt).then_some(prompt.len())?,
+            "" => turn.starts_with(prompt).then_some(prompt.len())?,
             g => turn[..args].rfind(g)? + g.len(),
         };
         let call = &turn[start..args];

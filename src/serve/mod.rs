@@ -10,7 +10,7 @@ pub mod worker;
 use crate::data::chat_template::TemplateError;
 use crate::data::tokenizer::Tokenizer;
 use crate::infer::generate::{KvCacheType, Sampling};
-use crate::infer::prompt::{call_opening, chat_ids_with_tools};
+use crate::infer::prompt::chat_ids_with_tools;
 use api::{ApiError, Prompt, Request};
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
@@ -290,23 +290,14 @@ fn start(
         Some(m) => return Err(app.no_such_model(m)),
     };
     let defs = req.tools.as_ref().map(|t| t.defs.as_slice());
+    // A forced call: the prompt goes on with the call's start, for the model to finish.
+    let forced = req.tools.as_ref().and_then(|t| t.forced());
     let (ids, opening) = match &req.prompt {
-        Prompt::Chat(messages) => chat_ids_with_tools(&app.tokenizer, messages, defs),
-        Prompt::Text(text) => app.tokenizer.encode_with_bos(text).map_err(Into::into),
+        Prompt::Chat(messages) => chat_ids_with_tools(&app.tokenizer, messages, defs, forced),
+        Prompt::Text(text) => {
+            (app.tokenizer.encode_with_bos(text).map(|ids| (ids, None))).map_err(Into::into)
+        }
     }
-    .and_then(|mut ids| {
-        // A forced call: the prompt goes on with the call's start, for the model to finish.
-        let forced = req.tools.as_ref().and_then(|t| Some((t, t.forced()?)));
-        let opening = match (&req.prompt, forced) {
-            (Prompt::Chat(messages), Some((t, name))) => {
-                let (text, more) = call_opening(&app.tokenizer, messages, &t.defs, name)?;
-                ids.extend(more);
-                Some(text)
-            }
-            _ => None,
-        };
-        Ok((ids, opening))
-    })
     .map_err(|e| match e {
         crate::error::Error::Template(TemplateError::NoCallForm) => {
             ApiError::invalid(Some("tool_choice"), format!("`tool_choice`: {e}"))

@@ -53,39 +53,17 @@ pub fn cross_entropy_head(
     coef: &[f32],
 ) -> Option<Result<(Vec<f32>, Tensor)>> {
     let vocab = w.dims2().ok()?.0;
-    cross_entropy_head_sliced(h, &[(0, vocab)], |_| Ok(w.clone()), targets, coef)
+    let done = cross_entropy_head_sliced(h, &[(0, vocab)], |_| Ok(w.clone()), targets, Some(coef))?;
+    Some(done.map(|(ce, dh)| (ce, dh.expect("a gradient was asked for"))))
 }
 
 /// As [`cross_entropy_head`] for a head given as row slices `(first row, rows)` that
 /// `slice(i)` makes dense on demand (a quantized head dequantizes them): each is made, used
-/// and dropped twice, for the logits and for `∂/∂h`, so only one exists at a time.
+/// and dropped twice, for the logits and for `∂/∂h`, so only one exists at a time. Without
+/// `coef`, the cross-entropies alone, computed as with it (no `∂/∂h`, the slices made once):
+/// a score without a gradient (a reference, a validation) then equals the training step's to
+/// the last bit, so DPO's first step, where the policy is the reference, has a margin of 0.
 pub fn cross_entropy_head_sliced(
-    h: &Tensor,
-    slices: &[(usize, usize)],
-    slice: impl Fn(usize) -> Result<Tensor>,
-    targets: &[u32],
-    coef: &[f32],
-) -> Option<Result<(Vec<f32>, Tensor)>> {
-    let done = head(h, slices, slice, targets, Some(coef))?;
-    Some(done.map(|(ce, dh)| (ce, dh.expect("a gradient was asked for"))))
-}
-
-/// The cross-entropies of [`cross_entropy_head_sliced`] alone, computed as it computes them,
-/// so that a score without a gradient (a reference, a validation) equals the training step's
-/// to the last bit: DPO's first step, where the policy is the reference, has a margin of
-/// exactly 0.
-pub fn cross_entropy_sliced(
-    h: &Tensor,
-    slices: &[(usize, usize)],
-    slice: impl Fn(usize) -> Result<Tensor>,
-    targets: &[u32],
-) -> Option<Result<Vec<f32>>> {
-    let done = head(h, slices, slice, targets, None)?;
-    Some(done.map(|(ce, _)| ce))
-}
-
-/// Both of the above: `∂/∂h` where `coef` is given.
-fn head(
     h: &Tensor,
     slices: &[(usize, usize)],
     slice: impl Fn(usize) -> Result<Tensor>,
@@ -224,8 +202,11 @@ mod tests {
                 "dh {n}x{hidden}x{vocab}"
             );
             // Without the gradient: the same cross-entropies, bit for bit.
-            let alone = cross_entropy_sliced(&h, &[(0, vocab)], |_| Ok(w.clone()), &targets);
-            assert_eq!(alone.unwrap().unwrap(), got_ce.to_vec1::<f32>().unwrap());
+            let alone =
+                cross_entropy_head_sliced(&h, &[(0, vocab)], |_| Ok(w.clone()), &targets, None);
+            let (alone, none) = alone.unwrap().unwrap();
+            assert!(none.is_none());
+            assert_eq!(alone, got_ce.to_vec1::<f32>().unwrap());
         }
     }
 
@@ -245,10 +226,11 @@ mod tests {
             &slices,
             |i| w.narrow(0, slices[i].0, slices[i].1)?.contiguous(),
             &targets,
-            &coef,
+            Some(&coef),
         )
         .unwrap()
         .unwrap();
+        let dh2 = dh2.unwrap();
         for (a, b) in ce.iter().zip(&ce2) {
             assert!((a - b).abs() < 1e-5, "{a} vs {b}");
         }
@@ -256,7 +238,7 @@ mod tests {
         // Slices that leave a gap are declined.
         let gap = [(0, 384), (400, 600)];
         let f = |i: usize| w.narrow(0, gap[i].0, gap[i].1);
-        assert!(cross_entropy_head_sliced(&h, &gap, f, &targets, &coef).is_none());
+        assert!(cross_entropy_head_sliced(&h, &gap, f, &targets, Some(&coef)).is_none());
     }
 
     #[test]

@@ -54,7 +54,7 @@ pub use attention::{attend_cached, attention, attention_backward, Heads};
 pub use elementwise::{rms_norm_backward, swiglu, swiglu_backward};
 pub use exp::exp;
 pub use gemm::View;
-pub use head::{cross_entropy_head, cross_entropy_head_sliced, cross_entropy_sliced};
+pub use head::{cross_entropy_head, cross_entropy_head_sliced};
 pub use linear::{linear_backward, linear_forward, LinearGrads, LowRank};
 pub use rope::rope;
 pub use widen::{to_f32, widen};

@@ -109,11 +109,7 @@ pub fn head_rows(
         let (tg, wc) = (&ids[start..start + len], &weights[start..start + len]);
         // The fused kernel where it covers the chunk, with or without the gradient: a score
         // without one is then the training step's to the bit.
-        let fused = match loss_scale {
-            Some(s) => fused_chunk(model, &h, tg, wc, s).map(|r| r.map(|(ce, dh)| (ce, Some(dh)))),
-            None => fused_ce(model, &h, tg).map(|r| r.map(|ce| (ce, None))),
-        };
-        let dh = match fused {
+        let dh = match fused_chunk(model, &h, tg, wc, loss_scale) {
             Some(done) => {
                 let (ce, dh) = done?;
                 ce_parts.push(ChunkCe::Read(ce));
@@ -145,33 +141,25 @@ pub fn head_rows(
     Ok((ce_rows, Some(dx)))
 }
 
-/// One chunk's cross-entropies and `∂/∂h` by the fused kernel, for normed hidden states `h`:
-/// `None` where it does not cover them.
+/// One chunk's cross-entropies and, with `loss_scale`, `∂/∂h` by the fused kernel, for
+/// normed hidden states `h`: `None` where it does not cover them.
 fn fused_chunk(
     model: &Llama,
     h: &Tensor,
     targets: &[u32],
     weights: &[f32],
-    loss_scale: f64,
-) -> Option<Result<(Vec<f32>, Tensor)>> {
-    let coef: Vec<f32> = weights
-        .iter()
-        .map(|&w| (w as f64 * loss_scale) as f32)
-        .collect();
+    loss_scale: Option<f64>,
+) -> Option<Result<(Vec<f32>, Option<Tensor>)>> {
+    let coef: Option<Vec<f32>> =
+        loss_scale.map(|s| weights.iter().map(|&w| (w as f64 * s) as f32).collect());
     let head = &model.lm_head;
     crate::kernels::cross_entropy_head_sliced(
         h,
         &head.slices(),
         |i| head.slice(i, DType::F32),
         targets,
-        &coef,
+        coef.as_deref(),
     )
-}
-
-/// One chunk's cross-entropies by the fused kernel, without the gradient.
-fn fused_ce(model: &Llama, h: &Tensor, targets: &[u32]) -> Option<Result<Vec<f32>>> {
-    let head = &model.lm_head;
-    crate::kernels::cross_entropy_sliced(h, &head.slices(), |i| head.slice(i, DType::F32), targets)
 }
 
 /// One chunk with candle's ops: the chunk's cross-entropies and, with `loss_scale`, `∂/∂h` for

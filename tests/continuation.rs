@@ -274,3 +274,30 @@ fn adapter_files_cut_short_while_moving_in_are_finished_by_the_next_reader() {
     );
     assert!(!set.exists());
 }
+
+/// `--resume` on a run that finished does nothing and succeeds, so a retry loop around it
+/// ends; it used to evaluate the adapter again and append start, test and end records.
+#[test]
+fn a_finished_run_resumed_again_is_left_as_it_is() {
+    let r = common::tiny_run(8);
+    let out = r.root.join("done");
+    ok(train(&r, &out, 3, &[]));
+    let files = [
+        "metrics.jsonl",
+        "adapter_model.safetensors",
+        "adapter_config.json",
+    ];
+    let read = || files.map(|f| std::fs::read(out.join(f)).unwrap());
+    let before = read();
+    let e = ok(train(&r, &out, 3, &["--resume"]));
+    assert!(
+        e.contains("already finished (step 3 of 3); nothing to do"),
+        "{e}"
+    );
+    assert!(!e.contains("resuming from"), "{e}");
+    assert!(read() == before, "the finished run's files changed");
+    // Raised, it trains on.
+    let e = ok(train(&r, &out, 4, &["--resume"]));
+    assert!(e.contains("resuming from"), "{e}");
+    assert_eq!(metrics(&out.join("metrics.jsonl"), "train").len(), 4);
+}

@@ -23,7 +23,7 @@ use std::path::{Path, PathBuf};
 mod data;
 mod output;
 use data::{check_preference_flags, encode, encode_pairs, read_pairs, read_records};
-use output::{claim_output, held_in, not_empty, Resuming};
+use output::{claim_output, finished, held_in, not_empty, Resuming};
 
 fn usage(msg: String) -> Error {
     Error::Usage(msg)
@@ -157,6 +157,26 @@ pub fn run(mut a: TrainArgs) -> Result<()> {
         (None, None) => Resuming::No,
     };
     let _lock = claim_output(&cfg, &resuming)?;
+    if let Some(r) = &resume {
+        if finished(&cfg, r.state.step) {
+            // Nothing is written: a retry loop around `--resume` ends here (exit 0) instead
+            // of evaluating the finished adapter again and appending records to its metrics.
+            eprintln!(
+                "note: --resume: the run in {} already finished (step {} of {}); nothing to do. \
+                 Raise --max-steps to train further",
+                cfg.output_dir().display(),
+                r.state.step,
+                cfg.steps
+            );
+            return Ok(());
+        }
+        eprintln!(
+            "resuming from {} (step {} of {})",
+            r.dir.display(),
+            r.state.step,
+            cfg.steps
+        );
+    }
     describe(&cfg, &loaded, &adapter, &data);
     signals::install();
     if let Some(p) = load_reading.peak() {
@@ -450,12 +470,6 @@ fn resume_from(
             cfg.steps
         )));
     }
-    eprintln!(
-        "resuming from {} (step {} of {})",
-        dir.display(),
-        loaded.state.step,
-        cfg.steps
-    );
     Ok(Some(loaded))
 }
 

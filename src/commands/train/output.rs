@@ -317,6 +317,22 @@ fn is_metrics_file(path: &Path) -> bool {
     }
 }
 
+/// Whether the run in the output ended at `step`, its last: the adapter is in place and the
+/// metrics hold that step's end record (written last, after the test set). A run stopped
+/// before it (after its last checkpoint, or while testing) is finished by `--resume`.
+pub(super) fn finished(cfg: &TrainConfig, step: usize) -> bool {
+    let dir = cfg.output_dir();
+    let adapter = ["adapter_model.safetensors", "adapter_config.json"];
+    step == cfg.steps
+        && adapter.iter().all(|f| dir.join(f).is_file())
+        && std::fs::read_to_string(cfg.metrics_file()).is_ok_and(|text| {
+            text.lines().any(|l| {
+                serde_json::from_str::<serde_json::Value>(l)
+                    .is_ok_and(|v| v["type"] == "end" && v["step"] == step)
+            })
+        })
+}
+
 /// How a metrics file's first line, the start record, begins (its first key, as written).
 const START_RECORD_OPENS: &str = "{\"memory_budget_bytes\":";
 

@@ -237,6 +237,7 @@ impl Adapter {
             path: st.clone(),
             reason: e.to_string(),
         })?;
+        let base = crate::model::source::AdapterBase::of(base_model);
         let all_layers = self.pairs.len();
         let layers = if self.cfg.layers.len() == all_layers {
             Value::Null
@@ -246,7 +247,7 @@ impl Adapter {
         let config = json!({
             "peft_type": "LORA",
             "task_type": "CAUSAL_LM",
-            "base_model_name_or_path": base_model_name(base_model),
+            "base_model_name_or_path": base.name,
             "r": self.cfg.rank,
             "lora_alpha": self.cfg.alpha,
             "lora_dropout": self.cfg.dropout,
@@ -261,7 +262,7 @@ impl Adapter {
             "modules_to_save": null,
             "rank_pattern": {},
             "alpha_pattern": {},
-            "revision": null,
+            "revision": base.revision,
         });
         let cfg_path = dir.join("adapter_config.json");
         std::fs::write(
@@ -522,15 +523,6 @@ impl Adapter {
     }
 }
 
-/// The base model as an adapter names it: a local path made absolute (PEFT and
-/// `export-adapter` read it from wherever they run), an alias or repository id as given.
-fn base_model_name(model: &str) -> String {
-    std::fs::canonicalize(model)
-        .ok()
-        .and_then(|p| p.to_str().map(str::to_string))
-        .unwrap_or_else(|| model.to_string())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -666,18 +658,6 @@ mod tests {
             t.insert(extra.clone(), x);
         });
         assert!(e.contains(&format!("(first: {extra})")), "{e}");
-    }
-
-    #[test]
-    fn an_adapter_names_a_local_base_by_its_absolute_path() {
-        // Tests run in the package's root: a relative path that exists there.
-        let named = base_model_name("Cargo.toml");
-        assert!(
-            Path::new(&named).is_absolute() && named.ends_with("Cargo.toml"),
-            "{named}"
-        );
-        assert_eq!(base_model_name("llama-8b"), "llama-8b");
-        assert_eq!(base_model_name("org/no-such-model"), "org/no-such-model");
     }
 
     #[test]

@@ -121,6 +121,68 @@ pub fn cached_snapshot(cache: &Path, repo: &str) -> Result<Option<PathBuf>, Sour
     Ok(Some(snap))
 }
 
+/// The base model as an adapter names it, in PEFT's `base_model_name_or_path` and `revision`:
+/// a repository id where there is one (an alias's, or that of a Hugging Face cache snapshot,
+/// with its commit), so PEFT, llama.cpp's converter and other machines find the model; else a
+/// local path made absolute (they read it from wherever they run).
+#[derive(Debug, PartialEq, Eq)]
+pub struct AdapterBase {
+    pub name: String,
+    pub revision: Option<String>,
+}
+
+impl AdapterBase {
+    pub fn of(model: &str) -> Self {
+        Self::in_cache(model, &hf_cache_dir())
+    }
+
+    /// As [`AdapterBase::of`], with `cache` as the Hugging Face cache.
+    fn in_cache(model: &str, cache: &Path) -> Self {
+        // The snapshot a repository id resolves to here, with its commit.
+        let resolved = |repo: &str| {
+            let snap = cached_snapshot(cache, repo).ok().flatten()?;
+            let commit = snap.file_name()?.to_str()?.to_string();
+            Some((snap.canonicalize().ok()?, commit))
+        };
+        if let Ok(path) = std::fs::canonicalize(model) {
+            // Named by its repository only where the id finds this very snapshot again (the
+            // cache this tool and huggingface_hub read, at refs/main): `eval` or `fuse`
+            // without --model then loads the weights the adapter was trained on.
+            return match snapshot_repo(&path) {
+                Some(repo) if resolved(&repo).is_some_and(|(p, _)| p == path) => Self {
+                    revision: resolved(&repo).map(|(_, c)| c),
+                    name: repo,
+                },
+                _ => Self {
+                    name: path.to_string_lossy().into_owned(),
+                    revision: None,
+                },
+            };
+        }
+        let name = alias_repo(model).unwrap_or(model);
+        Self {
+            name: name.to_string(),
+            revision: looks_like_repo_id(name)
+                .then(|| resolved(name).map(|(_, c)| c))
+                .flatten(),
+        }
+    }
+}
+
+/// The repository id of a Hugging Face cache snapshot directory
+/// (`…/models--org--name/snapshots/<commit>`).
+fn snapshot_repo(dir: &Path) -> Option<String> {
+    let snapshots = dir.parent()?;
+    if snapshots.file_name()? != "snapshots" || !dir.is_dir() {
+        return None;
+    }
+    let folder = snapshots.parent()?.file_name()?.to_str()?;
+    // The cache writes `/` as `--`, which a repository id cannot hold.
+    let (org, name) = folder.strip_prefix("models--")?.split_once("--")?;
+    let repo = format!("{org}/{name}");
+    looks_like_repo_id(&repo).then_some(repo)
+}
+
 /// Resolves `--model` to local files, downloading when needed and allowed.
 pub fn resolve(spec: &str) -> Result<ModelSource, SourceError> {
     let path = Path::new(spec);
@@ -244,6 +306,13 @@ mod tests {
             alias_repo("llama-8b"),
             Some("mlabonne/Meta-Llama-3.1-8B-Instruct-abliterated")
         );
+        // An adapter names an alias's repository (PEFT and llama.cpp know no aliases).
+        let named = AdapterBase::in_cache("llama-8b", Path::new("no-such-cache"));
+        assert_eq!(
+            named.name,
+            "mlabonne/Meta-Llama-3.1-8B-Instruct-abliterated"
+        );
+        assert_eq!(named.revision, None);
     }
 
     #[test]
@@ -262,6 +331,25 @@ mod tests {
         std::fs::write(repo.join("refs").join("main"), "aaa111").unwrap();
         let snap = cached_snapshot(tmp.path(), "org/m").unwrap().unwrap();
         assert!(snap.ends_with("snapshots/aaa111"));
+        // An adapter names the snapshot refs/main names by its repository and commit, the
+        // same repository by its id, and anything else by its absolute path: another snapshot
+        // (the id would find other weights), a file in one, or a snapshot of another cache.
+        let named = |m: &Path, cache: &Path| {
+            let b = AdapterBase::in_cache(m.to_str().unwrap(), cache);
+            (b.name, b.revision)
+        };
+        let absolute = |p: &Path| (p.canonicalize().unwrap().to_str().unwrap().into(), None);
+        let at = |c: &str| Some(c.to_string());
+        assert_eq!(named(&snap, tmp.path()), ("org/m".into(), at("aaa111")));
+        assert_eq!(
+            named(Path::new("org/m"), tmp.path()),
+            ("org/m".into(), at("aaa111"))
+        );
+        let other = repo.join("snapshots/bbb222");
+        assert_eq!(named(&other, tmp.path()), absolute(&other));
+        let file = snap.join("config.json");
+        assert_eq!(named(&file, tmp.path()), absolute(&file));
+        assert_eq!(named(&snap, &tmp.path().join("elsewhere")), absolute(&snap));
         assert!(cached_snapshot(tmp.path(), "org/other").unwrap().is_none());
     }
 }

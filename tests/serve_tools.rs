@@ -62,6 +62,12 @@ fn tools_go_to_the_template_and_calls_come_back_as_tool_calls() {
         assert!(forced["arguments"][0].is_object(), "{label}: {got}");
         assert_eq!(forced["streamed"], forced["calls"], "{label}: {got}");
     }
+    let several = &got["forced"]["several"];
+    assert_eq!(several["finish_reason"], "tool_calls", "{got}");
+    let names = ["lookup_climate_record", "fetch_tide_table"];
+    assert!(several["calls"]
+        .as_array()
+        .is_some_and(|c| !c.is_empty() && c.iter().all(|n| names.iter().any(|m| n == m))));
     // The round trip is accepted and answered in text.
     let after = &got["after"];
     assert_ne!(after["finish_reason"], "tool_calls", "{got}");

@@ -340,51 +340,58 @@ fn stream_joins_to_the_decoding(tok: &Tokenizer, ids: &[u32]) {
     }
 }
 
-/// A forced call starts the reply as each template writes a call, up to the arguments (or,
-/// with no function named, up to the name); a template that writes none is refused.
+/// A forced call starts the reply as each template writes a call, up to the arguments; of
+/// several functions, the reply goes on with one of their names (the choices); a template
+/// that writes no calls is refused.
 #[test]
 fn a_forced_call_opens_as_the_template_writes_calls() {
     let g = GgufFile::open(&common::smollm2()).unwrap();
     let mut tok = Tokenizer::from_gguf(&g).unwrap();
-    let tools = [
-        serde_json::json!({"type": "function", "function": {"name": "get_weather",
-        "description": "The weather in a city",
-        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}),
-    ];
+    let tool = |name: &str| {
+        serde_json::json!({"type": "function", "function": {"name": name,
+        "description": "A tool", "parameters": {"type": "object",
+        "properties": {"city": {"type": "string"}}}}})
+    };
+    let tools = [tool("get_weather")];
     let user = [serde_json::json!({"role": "user", "content": "Weather in Oslo?"})];
-    // The start of the reply under a forced call, and its ids: those after the prompt's.
-    let opening = |tok: &Tokenizer, messages: &[Value], tools: &[Value], name: Option<&str>| {
-        let (ids, text) = chat_ids_with_tools(tok, messages, Some(tools), Some(name))?;
+    // The start of the reply under a forced call, with its ids (those after the prompt's) and
+    // choices.
+    let opening = |tok: &Tokenizer, messages: &[Value], tools: &[Value], names: &[&str]| {
+        let (ids, opening) = chat_ids_with_tools(tok, messages, Some(tools), Some(names))?;
         let (prompt, none) = chat_ids_with_tools(tok, messages, Some(tools), None).unwrap();
         assert!(none.is_none() && ids.starts_with(&prompt));
-        Ok::<_, your_ai::error::Error>((text.unwrap(), ids[prompt.len()..].to_vec()))
+        let o = opening.unwrap();
+        Ok::<_, your_ai::error::Error>((o.text, ids[prompt.len()..].to_vec(), o.choices))
     };
-    for (template, named, any) in [
+    // Each choice's tokens, decoded after the opening's text: the call to that function.
+    let each_call = |tok: &Tokenizer, text: &str, choices: &[Vec<u32>]| -> Vec<String> {
+        let tail = |c: &Vec<u32>| tok.decode(c, true).unwrap();
+        choices
+            .iter()
+            .map(|c| format!("{text}{}", tail(c)))
+            .collect()
+    };
+    for (template, named) in [
         (
             "qwen25.jinja",
             "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": ",
-            "<tool_call>\n{\"name\": \"",
         ),
         (
             "hermes.jinja",
             "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": ",
-            "<tool_call>\n{\"name\": \"",
         ),
         (
             "llama31.jinja",
             "{\"name\": \"get_weather\", \"parameters\": ",
-            "{\"name\": \"",
         ),
     ] {
         tok.chat_template = Some(fixture(template));
-        let (text, ids) = opening(&tok, &user, &tools, Some("get_weather")).unwrap();
-        assert_eq!(text, named, "{template}");
+        let (text, ids, choices) = opening(&tok, &user, &tools, &["get_weather"]).unwrap();
+        assert_eq!((text.as_str(), choices.len()), (named, 0), "{template}");
         assert_eq!(tok.decode(&ids, false).unwrap(), named, "{template}");
-        let (text, _) = opening(&tok, &user, &tools, None).unwrap();
-        assert_eq!(text, any, "{template}");
         // After a call and its result (an agent's loop; Hermes ends a last tool message
-        // otherwise than one followed by more), and with a first tool named as the key the
-        // template writes the arguments under: the same opening.
+        // otherwise than one followed by more), of two functions, the first named as the key
+        // the template writes the arguments under: a choice of the two calls.
         let mut looped = user.to_vec();
         looped.extend([
             serde_json::json!({"role": "assistant", "content": "", "tool_calls": [{"id": "c0",
@@ -392,17 +399,18 @@ fn a_forced_call_opens_as_the_template_writes_calls() {
             serde_json::json!({"role": "tool", "tool_call_id": "c0", "name": "get_weather",
                 "content": "sunny"}),
         ]);
-        let mut two = vec![serde_json::json!({"type": "function", "function": {
-            "name": "arguments", "description": "A tool", "parameters": {"type": "object",
-            "properties": {}}}})];
-        two.extend(tools.iter().cloned());
-        let two_named: String = named.replace("get_weather", "arguments");
-        for (tools, want) in [(&tools[..], any), (&two[..], any)] {
-            let (text, _) = opening(&tok, &looped, tools, None).unwrap();
-            assert_eq!(text, want, "{template}");
+        let two = [tool("arguments"), tool("get_weather")];
+        let calls = [named.replace("get_weather", "arguments"), named.to_string()];
+        for messages in [&user[..], &looped[..]] {
+            let (text, ids, choices) =
+                opening(&tok, messages, &two, &["arguments", "get_weather"]).unwrap();
+            assert_eq!(each_call(&tok, &text, &choices), calls, "{template}");
+            assert!(choices.iter().all(|c| !c.is_empty()), "{template}");
+            assert_eq!(tok.decode(&ids, false).unwrap(), text, "{template}");
+            assert!(named.starts_with(&text), "{template}: {text}");
+            let (text, _, choices) = opening(&tok, messages, &two, &["arguments"]).unwrap();
+            assert_eq!((text, choices.len()), (calls[0].clone(), 0), "{template}");
         }
-        let (text, _) = opening(&tok, &looped, &two, Some("arguments")).unwrap();
-        assert_eq!(text, two_named, "{template}");
     }
     // A template that shows the tools but writes no calls: nothing to start a reply with.
     tok.chat_template = Some(
@@ -410,7 +418,7 @@ fn a_forced_call_opens_as_the_template_writes_calls() {
          {% if add_generation_prompt %}assistant: {% endif %}"
             .into(),
     );
-    let e = opening(&tok, &user, &tools, None).unwrap_err();
+    let e = opening(&tok, &user, &tools, &["get_weather"]).unwrap_err();
     assert!(e.to_string().contains("cannot be forced"), "{e}");
 }
 

@@ -70,7 +70,7 @@ pub fn run(args: ChatArgs) -> Result<()> {
             None => ControlFlow::Continue(()),
         };
         signals::replying(true);
-        let r = generate_with(&loaded.model, tok, &ids, &sampling, go_on, |piece| {
+        let r = generate_with(&loaded.model, tok, (&ids, &[]), &sampling, go_on, |piece| {
             let _ = out.write_all(piece.as_bytes());
             let _ = out.flush();
             go_on()

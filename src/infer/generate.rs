@@ -145,7 +145,7 @@ pub fn generate(
     generate_with(
         model,
         tokenizer,
-        prompt,
+        (prompt, &[]),
         sampling,
         || ControlFlow::Continue(()),
         on_text,
@@ -166,11 +166,13 @@ fn prefill_rows(model: &Llama, context: usize) -> usize {
 }
 
 /// [`generate`], with `between_pieces` asked before each piece of the prompt after the first:
-/// `Break` stops there (a client gone during a long prompt), with nothing generated.
+/// `Break` stops there (a client gone during a long prompt), with nothing generated; and with
+/// `choices`, token sequences the reply begins with one of (none: it is free): each token is
+/// sampled among those that go on with one, until one is complete.
 pub fn generate_with(
     model: &Llama,
     tokenizer: &Tokenizer,
-    prompt: &[u32],
+    (prompt, choices): (&[u32], &[Vec<u32>]),
     sampling: &Sampling,
     between_pieces: impl FnMut() -> ControlFlow<()>,
     mut on_text: impl FnMut(&str) -> ControlFlow<()>,
@@ -202,7 +204,18 @@ pub fn generate_with(
     let decode_start = Instant::now();
     let mut stop = StopReason::MaxTokens;
     for _ in 0..sampling.max_tokens {
-        let next = sample(&logits, sampling, &mut rng);
+        let next = match allowed(choices, &ids) {
+            Some(allowed) => {
+                let mut only = vec![f32::NEG_INFINITY; logits.len()];
+                for t in allowed {
+                    if let Some(l) = logits.get(t as usize) {
+                        only[t as usize] = *l;
+                    }
+                }
+                sample(&only, sampling, &mut rng)
+            }
+            None => sample(&logits, sampling, &mut rng),
+        };
         if tokenizer.is_end(next) && !sampling.ignore_eos {
             stop = StopReason::EndToken(next);
             break;
@@ -239,6 +252,20 @@ pub fn generate_with(
         prefill_time,
         decode_time: decode_start.elapsed(),
     })
+}
+
+/// The tokens that may come after `ids` so that they go on with one of `choices`; None once
+/// one is complete (or where there are none): what follows is free.
+fn allowed(choices: &[Vec<u32>], ids: &[u32]) -> Option<Vec<u32>> {
+    let mut next = vec![];
+    for c in choices {
+        match c.strip_prefix(ids) {
+            Some([]) => return None,
+            Some([t, ..]) if !next.contains(t) => next.push(*t),
+            _ => {}
+        }
+    }
+    (!next.is_empty()).then_some(next)
 }
 
 /// Runs `prompt` into `cache`, `rows` tokens per forward, and returns the logits after its
@@ -330,6 +357,18 @@ pub fn sample(logits: &[f32], s: &Sampling, rng: &mut impl Rng) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn choices_allow_the_tokens_that_go_on_with_one() {
+        let choices = [vec![1, 2, 3], vec![1, 4], vec![5]];
+        assert_eq!(allowed(&choices, &[]), Some(vec![1, 5]));
+        assert_eq!(allowed(&choices, &[1]), Some(vec![2, 4]));
+        assert_eq!(allowed(&choices, &[1, 2]), Some(vec![3]));
+        // Complete: free from there.
+        assert_eq!(allowed(&choices, &[1, 4]), None);
+        assert_eq!(allowed(&choices, &[1, 4, 9]), None);
+        assert_eq!(allowed(&[], &[]), None);
+    }
 
     #[test]
     fn greedy_and_top_p() {

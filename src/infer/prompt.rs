@@ -21,15 +21,15 @@ pub fn chat_ids(tok: &Tokenizer, messages: &[Value]) -> Result<Vec<u32>> {
 /// without them) is refused, [`TemplateError::NoPlaceForTools`]: the model would answer never
 /// having seen them. So is one that leaves out earlier calls or their results.
 ///
-/// With `call` (a function's name, or None for one the model names), the prompt goes on with
-/// the start of a reply that calls it (see `call_opening`), whose text comes back beside the
-/// ids: the model writes the rest.
+/// With `call` (the functions the reply must call one of), the prompt goes on with the start
+/// of a reply that calls it (see `call_opening`), which comes back beside the ids: the model
+/// writes the rest.
 pub fn chat_ids_with_tools(
     tok: &Tokenizer,
     messages: &[Value],
     tools: Option<&[Value]>,
-    call: Option<Option<&str>>,
-) -> Result<(Vec<u32>, Option<String>)> {
+    call: Option<&[&str]>,
+) -> Result<(Vec<u32>, Option<Opening>)> {
     let template = template(tok)?;
     let with_tools = |messages: &[Value]| render(tok, &template, messages, tools);
     let full = match with_tools(messages) {
@@ -47,10 +47,10 @@ pub fn chat_ids_with_tools(
         .map_err(crate::error::Error::Usage)?;
     let mut ids = tok.encode_mixed(&full, &plain)?.0;
     let opening = match (tools, call) {
-        (Some(tools), Some(name)) => {
-            let (text, more) = call_opening(tok, &template, messages, tools, &full, name)?;
+        (Some(tools), Some(names)) => {
+            let (opening, more) = call_opening(tok, &template, messages, tools, &full, names)?;
             ids.extend(more);
-            Some(text)
+            Some(opening)
         }
         _ => None,
     };
@@ -88,21 +88,33 @@ fn hides_tool_history(
     Ok(())
 }
 
-/// The start of a reply that calls a function, as this template writes a call after
-/// `messages`: up to where the arguments of `name` begin (Qwen's `<tool_call>\n{"name": "f",
-/// "arguments": `), or with `name` None up to where a function's name goes. Found by rendering
-/// an assistant turn that calls a marked name with marked arguments, and taking its text from
-/// the end of the generation prompt (the prompt itself need not be a prefix of that render:
-/// Hermes's ends a last tool message otherwise). Its ids, the name as plain text, follow the
-/// prompt's (`prompt`, `messages` rendered with `tools` for the reply).
+/// The start of a forced call that the prompt ends with.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Opening {
+    /// Its text: the reply is it and what the model writes after it.
+    pub text: String,
+    /// Where the model chooses among several functions: for each, the tokens from the end of
+    /// the prompt to where its arguments begin (its name and what follows it). The reply goes
+    /// on with one of them, so it calls a function the request has, chosen by the model.
+    pub choices: Vec<Vec<u32>>,
+}
+
+/// The start of a reply that calls one of `names`, as this template writes a call after
+/// `messages`: up to where the arguments begin (Qwen's `<tool_call>\n{"name": "f",
+/// "arguments": `). Found by rendering an assistant turn that calls a marked name with marked
+/// arguments, and taking its text from the end of the generation prompt (the prompt itself
+/// need not be a prefix of that render: Hermes's ends a last tool message otherwise). Its ids,
+/// each name as plain text, follow the prompt's (`prompt`, `messages` rendered with `tools`
+/// for the reply). Of several names, the ids they all start with are the prompt's, and the
+/// rest the [`Opening::choices`].
 fn call_opening(
     tok: &Tokenizer,
     template: &ChatTemplate,
     messages: &[Value],
     tools: &[Value],
     prompt: &str,
-    name: Option<&str>,
-) -> Result<(String, Vec<u32>)> {
+    names: &[&str],
+) -> Result<(Opening, Vec<u32>)> {
     const NAME: &str = "__your_ai_name__";
     const ARGS: &str = "__your_ai_arguments__";
     let render_as = |messages: &[Value], add_generation_prompt: bool| {
@@ -137,17 +149,55 @@ fn call_opening(
         let call = &call[..call.rfind('{')?];
         Some((call, call.find(NAME)?))
     });
-    let Some((opening, at)) = opening else {
+    let (Some((opening, at)), Some(first)) = (opening, names.first()) else {
         return Err(TemplateError::NoCallForm.into());
     };
-    let (text, plain) = match name {
-        Some(n) => (
-            format!("{}{n}{}", &opening[..at], &opening[at + NAME.len()..]),
-            std::iter::once(at..at + n.len()).collect(),
-        ),
-        None => (opening[..at].to_string(), vec![]),
+    let named = |n: &str| -> Result<(String, Vec<u32>)> {
+        let text = format!("{}{n}{}", &opening[..at], &opening[at + NAME.len()..]);
+        let ids = tok
+            .encode_mixed(&text, std::slice::from_ref(&(at..at + n.len())))?
+            .0;
+        Ok((text, ids))
     };
-    Ok((text.clone(), tok.encode_mixed(&text, &plain)?.0))
+    let (text, ids) = named(first)?;
+    if names.len() == 1 {
+        let choices = vec![];
+        return Ok((Opening { text, choices }, ids));
+    }
+    let all = names.iter().map(|n| named(n)).collect::<Result<Vec<_>>>()?;
+    let shared = all.iter().fold(ids.len(), |n, (_, other)| {
+        n.min(ids.iter().zip(other).take_while(|(a, b)| a == b).count())
+    });
+    // The text before the choices: each call's text without its choice's, as the generation
+    // decodes it. Where the choices' texts do not line up so, the reply opens up to where a
+    // name goes and the model writes it unconstrained.
+    let mut head = None;
+    for (text, ids) in &all {
+        let tail = tok.decode(&ids[shared..], true)?;
+        let this = text
+            .strip_suffix(tail.as_str())
+            .filter(|_| ids.len() > shared);
+        if this.is_none() || head.is_some_and(|h| Some(h) != this) {
+            head = None;
+            break;
+        }
+        head = this;
+    }
+    Ok(match head {
+        Some(head) => (
+            Opening {
+                text: head.to_string(),
+                choices: all.iter().map(|(_, ids)| ids[shared..].to_vec()).collect(),
+            },
+            ids[..shared].to_vec(),
+        ),
+        None => {
+            let text = opening[..at].to_string();
+            let ids = tok.encode(&text)?;
+            let choices = vec![];
+            (Opening { text, choices }, ids)
+        }
+    })
 }
 
 fn template(tok: &Tokenizer) -> std::result::Result<ChatTemplate, TemplateError> {

@@ -293,7 +293,9 @@ fn start(
     // A forced call: the prompt goes on with the call's start, for the model to finish.
     let forced = req.tools.as_ref().and_then(|t| t.forced());
     let (ids, opening) = match &req.prompt {
-        Prompt::Chat(messages) => chat_ids_with_tools(&app.tokenizer, messages, defs, forced),
+        Prompt::Chat(messages) => {
+            chat_ids_with_tools(&app.tokenizer, messages, defs, forced.as_deref())
+        }
         Prompt::Text(text) => {
             (app.tokenizer.encode_with_bos(text).map(|ids| (ids, None))).map_err(Into::into)
         }
@@ -358,9 +360,14 @@ fn start(
         Kind::Text => format!("cmpl-{n}"),
     };
     let model = req.model.clone().unwrap_or_else(|| app.base.clone());
+    let (opening, choices) = match opening {
+        Some(o) => (Some(o.text), o.choices),
+        None => (None, vec![]),
+    };
     let job = Job {
         adapter,
         ids,
+        choices,
         sampling: Sampling {
             temperature: req.temperature,
             top_p: req.top_p,

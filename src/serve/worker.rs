@@ -21,6 +21,9 @@ pub struct Job {
     /// Which adapter applies (None: the base model).
     pub adapter: Option<String>,
     pub ids: Vec<u32>,
+    /// Token sequences the reply must begin with one of (none: it is free), the model
+    /// choosing: a forced call's function names.
+    pub choices: Vec<Vec<u32>>,
     pub sampling: Sampling,
     pub stop: Vec<String>,
     /// Where its text goes; closed when the client is gone.
@@ -79,7 +82,7 @@ pub fn run(
         let result = generate_with(
             &model,
             &tokenizer,
-            &job.ids,
+            (&job.ids, &job.choices),
             &job.sampling,
             keep_on,
             |piece| {

@@ -33,13 +33,12 @@ impl Tools {
         self.choice != Choice::None
     }
 
-    /// Whether the reply is started as a call, and to which function (None: the model names
-    /// it, of several; with one there is nothing to choose).
-    pub fn forced(&self) -> Option<Option<&str>> {
+    /// Whether the reply is started as a call, and the functions it may call: the one named,
+    /// or under "required" any of them, the model choosing.
+    pub fn forced(&self) -> Option<Vec<&str>> {
         match &self.choice {
-            Choice::Required if self.names.len() == 1 => Some(Some(&self.names[0])),
-            Choice::Required => Some(None),
-            Choice::Named(n) => Some(Some(n)),
+            Choice::Required => Some(self.names.iter().map(String::as_str).collect()),
+            Choice::Named(n) => Some(vec![n]),
             Choice::Auto | Choice::None => None,
         }
     }

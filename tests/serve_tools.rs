@@ -68,6 +68,24 @@ fn tools_go_to_the_template_and_calls_come_back_as_tool_calls() {
     assert!(several["calls"]
         .as_array()
         .is_some_and(|c| !c.is_empty() && c.iter().all(|n| names.iter().any(|m| n == m))));
+    // Tools that fill the context: the 400 names them, not the messages.
+    let long = "a tool that does many things ".repeat(2000);
+    let body = serde_json::json!({"messages": [{"role": "user", "content": "hi"}],
+        "tools": [{"type": "function", "function": {"name": "f", "description": long}}]});
+    let (status, resp) = http(
+        &server.url,
+        "POST",
+        "/v1/chat/completions",
+        true,
+        body.to_string().as_bytes(),
+    );
+    assert_eq!(status, 400, "{resp}");
+    assert!(
+        resp.contains(r#""param":"tools""#)
+            && resp.contains("context_length_exceeded")
+            && resp.contains("of them the tools' definitions"),
+        "{resp}"
+    );
     // The round trip is accepted and answered in text.
     let after = &got["after"];
     assert_ne!(after["finish_reason"], "tool_calls", "{got}");

@@ -324,14 +324,32 @@ fn start(
     }
     let room = app.context.saturating_sub(ids.len());
     if room == 0 {
+        // Where the messages alone would fit, the tools' definitions are what to cut.
+        let without_tools = match (&req.prompt, defs) {
+            (Prompt::Chat(messages), Some(_)) => {
+                chat_ids_with_tools(&app.tokenizer, messages, None, None)
+                    .ok()
+                    .map(|(ids, _)| ids.len())
+                    .filter(|&n| n < app.context)
+            }
+            _ => None,
+        };
+        let (param, part, fix) = match without_tools {
+            Some(n) => (
+                "tools",
+                format!(", {} of them the tools' definitions", ids.len() - n),
+                "send fewer tools or shorter descriptions",
+            ),
+            None => (kind.prompt_param(), String::new(), "shorten the prompt"),
+        };
         return Err(ApiError {
             status: StatusCode::BAD_REQUEST,
             message: format!(
-                "the prompt is {} tokens; this model's context is {} tokens: shorten the prompt",
+                "the prompt is {} tokens{part}; this model's context is {} tokens: {fix}",
                 ids.len(),
                 app.context
             ),
-            param: Some(kind.prompt_param()),
+            param: Some(param),
             code: Some("context_length_exceeded"),
         });
     }

@@ -310,8 +310,14 @@ fn a_pair_cut_off_by_the_length_is_left_out_and_named() {
         "chosen": format!("{story}The end."),
         "rejected": format!("{story}And then nothing."),
     });
+    // Answers that part early and are cut: kept, and named as truncated.
+    let cut = json!({
+        "prompt": "Tell me a story.",
+        "chosen": format!("Yes. {story}"),
+        "rejected": format!("No. {story}"),
+    });
     let mut text = std::fs::read_to_string(data.join("train.jsonl")).unwrap();
-    text.push_str(&format!("{long}\n{same_cut}\n"));
+    text.push_str(&format!("{long}\n{same_cut}\n{cut}\n"));
     std::fs::write(data.join("train.jsonl"), text).unwrap();
     let m = [
         "--method",
@@ -328,6 +334,11 @@ fn a_pair_cut_off_by_the_length_is_left_out_and_named() {
         err.contains("2 pair(s) have an answer with no token left within --max-seq-length 64")
             && err.contains("train.jsonl:5, ")
             && err.contains("train.jsonl:6), and are left out"),
+        "{err}"
+    );
+    assert!(
+        err.contains("1 pair(s) longer than --max-seq-length 64 were truncated (")
+            && err.contains("train.jsonl:7)"),
         "{err}"
     );
     std::fs::write(data.join("train.jsonl"), format!("{long}\n{long}\n")).unwrap();

@@ -637,3 +637,25 @@ fn default_output_is_models_name_lora() {
         .is_file());
     assert!(cwd.join("models/model-lora/metrics.jsonl").is_file());
 }
+
+/// Truncated examples are named, as the ones left out are, so that they can be found.
+#[test]
+fn truncated_examples_are_named() {
+    let s = setup(4);
+    let train_file = s.data.join("train.jsonl");
+    let long = serde_json::json!({"messages": [{"role": "user", "content": "Say it."},
+        {"role": "assistant", "content": "blue and green ".repeat(40)}]});
+    let mut text = std::fs::read_to_string(&train_file).unwrap();
+    text.push_str(&format!("{long}\n"));
+    std::fs::write(&train_file, text).unwrap();
+    let (stderr, _) = train(&s, "cut", &["--max-seq-length", "48"]);
+    // The training file's long one, and the validation file's (longer than the other
+    // training examples).
+    assert!(
+        stderr.contains("example(s) longer than --max-seq-length 48 were truncated (")
+            && stderr.contains("train.jsonl:5, ")
+            && stderr.contains("valid.jsonl:1")
+            && !stderr.contains("train.jsonl:1"),
+        "{stderr}"
+    );
+}

@@ -55,9 +55,16 @@ pub(super) fn encode_pairs(
     [train, valid, test]: [Vec<(PreferenceExample, String)>; 3],
 ) -> Result<Datasets> {
     let encoder = Encoder::new(&loaded.tokenizer, true, a.batch.max_seq_length)?;
-    let mut cut_off = vec![];
+    let (mut cut_off, mut truncated) = (vec![], vec![]);
     let mut encode = |rows: &[(PreferenceExample, String)]| -> Result<Vec<_>> {
         let (pairs, cut) = encoder.encode_pairs(rows)?;
+        // The pairs kept are the rows, in order, less those left out.
+        let kept = rows.iter().map(|r| &r.1).filter(|l| !cut.contains(l));
+        truncated.extend(
+            kept.zip(&pairs)
+                .filter(|(_, p)| p.chosen.truncated > 0 || p.rejected.truncated > 0)
+                .map(|(l, _)| l.clone()),
+        );
         cut_off.extend(cut);
         Ok(pairs)
     };
@@ -83,15 +90,12 @@ pub(super) fn encode_pairs(
             a.batch.max_seq_length
         )));
     }
-    let truncated = [&sets.train, &sets.valid, &sets.test]
-        .iter()
-        .flat_map(|s| s.iter())
-        .filter(|p| p.chosen.truncated > 0 || p.rejected.truncated > 0)
-        .count();
-    if truncated > 0 {
+    if !truncated.is_empty() {
         eprintln!(
-            "warning: {truncated} pair(s) longer than --max-seq-length {} were truncated",
-            a.batch.max_seq_length
+            "warning: {} pair(s) longer than --max-seq-length {} were truncated ({})",
+            truncated.len(),
+            a.batch.max_seq_length,
+            crate::io::first_few(&truncated),
         );
     }
     Ok(Datasets {
@@ -171,14 +175,16 @@ pub(super) fn encode(
     let mut cut_off: Vec<String> = vec![];
     // Examples with assistant turns the template does not let us locate: those go untrained.
     let mut untrained: Vec<(String, usize)> = vec![];
-    let mut truncated = 0;
+    let mut truncated: Vec<String> = vec![];
     let mut encode_all = |records: &[Record]| -> Result<(Vec<Sample>, Vec<bool>)> {
         let (mut out, mut kept) = (Vec::with_capacity(records.len()), vec![]);
         let mut errors = vec![];
         for r in records {
             match encoder.encode(r) {
                 Ok(s) => {
-                    truncated += usize::from(s.truncated > 0);
+                    if s.truncated > 0 {
+                        truncated.push(r.location.clone());
+                    }
                     let keep = s.trained_count() > 0;
                     if !keep {
                         cut_off.push(r.location.clone());
@@ -207,7 +213,11 @@ pub(super) fn encode(
             "{}: no token of the training data is trained (every example is prompt only after \
              masking{}); check the data, or pass --no-mask-prompt to train on every token",
             files.train.display(),
-            if truncated > 0 { " or truncation" } else { "" }
+            if truncated.is_empty() {
+                ""
+            } else {
+                " or truncation"
+            }
         )));
     }
     if !cut_off.is_empty() {
@@ -231,10 +241,12 @@ pub(super) fn encode(
             crate::io::first_few(&shown),
         );
     }
-    if truncated > 0 {
+    if !truncated.is_empty() {
         eprintln!(
-            "warning: {truncated} example(s) longer than --max-seq-length {} were truncated",
-            a.batch.max_seq_length
+            "warning: {} example(s) longer than --max-seq-length {} were truncated ({})",
+            truncated.len(),
+            a.batch.max_seq_length,
+            crate::io::first_few(&truncated),
         );
     }
     if had_valid && valid.is_empty() {

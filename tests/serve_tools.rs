@@ -61,6 +61,13 @@ fn tools_go_to_the_template_and_calls_come_back_as_tool_calls() {
         );
         assert!(forced["arguments"][0].is_object(), "{label}: {got}");
         assert_eq!(forced["streamed"], forced["calls"], "{label}: {got}");
+        // A forced reply ends once its calls are made: with parallel calls, at the text the
+        // model writes after its call (it wrote on to end of turn, 60 tokens in all); without,
+        // at its call's close, sooner still.
+        assert_eq!(forced["one"], forced["calls"], "{label}: {got}");
+        let tokens = |k: &str| forced[k].as_u64().unwrap();
+        assert!(tokens("one_tokens") < tokens("tokens"), "{label}: {got}");
+        assert!(tokens("tokens") < 60, "{label}: {got}");
     }
     let several = &got["forced"]["several"];
     assert_eq!(several["finish_reason"], "tool_calls", "{got}");

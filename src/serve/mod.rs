@@ -378,6 +378,15 @@ fn start(
         Kind::Text => format!("cmpl-{n}"),
     };
     let model = req.model.clone().unwrap_or_else(|| app.base.clone());
+    // A forced reply ends once its calls are made, not at max_tokens: a model may write on.
+    let done = match (&opening, &req.tools) {
+        (Some(o), Some(tools)) => {
+            let (start, tools) = (o.text.clone(), tools.clone());
+            let over = move |text: &str| tools.calls_over(&format!("{start}{text}"));
+            Some(Box::new(over) as Box<dyn Fn(&str) -> bool + Send>)
+        }
+        _ => None,
+    };
     let (opening, choices) = match opening {
         Some(o) => (Some(o.text), o.choices),
         None => (None, vec![]),
@@ -395,6 +404,7 @@ fn start(
             kv_cache: app.kv_cache,
         },
         stop: req.stop.clone(),
+        done,
         events: tx,
         label: format!("{id} ({model})"),
     };

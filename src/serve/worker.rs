@@ -26,6 +26,8 @@ pub struct Job {
     pub choices: Vec<Vec<u32>>,
     pub sampling: Sampling,
     pub stop: Vec<String>,
+    /// Whether the text so far is a whole reply (a forced call's calls made): it ends there.
+    pub done: Option<Box<dyn Fn(&str) -> bool + Send>>,
     /// Where its text goes; closed when the client is gone.
     pub events: mpsc::UnboundedSender<Event>,
     /// For the log line.
@@ -95,7 +97,7 @@ pub fn run(
                     cut.set(true);
                     return ControlFlow::Break(());
                 }
-                if stopped {
+                if stopped || job.done.as_ref().is_some_and(|done| done(&out.text)) {
                     ControlFlow::Break(())
                 } else {
                     ControlFlow::Continue(())

@@ -43,6 +43,12 @@ impl Tools {
         }
     }
 
+    /// Whether a reply started as a call (`text`, its opening included) has made every call
+    /// it will: its generation stops there.
+    pub fn calls_over(&self, text: &str) -> bool {
+        reply::calls_over(text, &self.names, self.parallel)
+    }
+
     /// The calls a reply makes, if it is nothing but calls (if it starts with them, where it
     /// was started as one): its first only where the request asked for no parallel calls.
     pub fn read(&self, text: &str) -> Option<Vec<Call>> {

@@ -67,6 +67,35 @@ pub(super) fn leading(text: &str, names: &[String], whole: bool) -> Option<Vec<C
     (!first.is_empty()).then_some(first)
 }
 
+/// Whether a reply started as a call has made every call it will, so that its generation can
+/// stop there instead of running on to `max_tokens`: its first call is whole, and no other may
+/// follow (`parallel` off), or what follows its whole calls cannot begin another.
+pub(super) fn calls_over(text: &str, names: &[String], parallel: bool) -> bool {
+    let t = text.trim_start();
+    if !t.starts_with("<tool_call>") {
+        // A bare object, or an array of them (Mistral's after its tag), holds every call.
+        let t = t.strip_prefix("[TOOL_CALLS]").unwrap_or(t).trim_start();
+        let mut values = serde_json::Deserializer::from_str(t).into_iter::<Value>();
+        return values.next().is_some_and(|v| v.is_ok());
+    }
+    let mut rest = t;
+    while let Some(after) = rest.strip_prefix("<tool_call>") {
+        let Some((body, tail)) = after.split_once("</tool_call>") else {
+            return false;
+        };
+        let is_call = serde_json::from_str::<Value>(body.trim())
+            .ok()
+            .and_then(|v| call(&v, names))
+            .is_some();
+        // Reading stops at the first block that is not a call.
+        if !parallel || !is_call {
+            return true;
+        }
+        rest = tail.trim_start();
+    }
+    !rest.is_empty() && !"<tool_call>".starts_with(rest)
+}
+
 /// One `{"name", "arguments" | "parameters"}` to a named function.
 fn call(v: &Value, names: &[String]) -> Option<Call> {
     let o = v.as_object()?;
@@ -196,6 +225,34 @@ mod tests {
             (t.read(bare), forced(&t).read(bare).map(|c| c.len())),
             (None, Some(1))
         );
+    }
+    #[test]
+    fn a_forced_reply_is_over_once_no_call_can_follow() {
+        let one = "<tool_call>{\"name\":\"add\",\"arguments\":{\"a\":1}}</tool_call>";
+        let over = |text: &str, parallel: bool| calls_over(text, &names(), parallel);
+        // Still being written.
+        for text in [
+            "<tool_call>{\"name\":\"add\"",
+            "{\"name\": \"add\", \"arguments\": {",
+        ] {
+            assert!(!over(text, true) && !over(text, false), "{text}");
+        }
+        // A call may follow: over only without parallel calls.
+        for after in ["", "\n", "\n<tool", "\n<tool_call>{\"name\""] {
+            let text = format!("{one}{after}");
+            assert!(!over(&text, true) && over(&text, false), "{text:?}");
+        }
+        // Text, or a block that is no call, ends the calls.
+        for after in ["\nThe answer", "<tool_call>{\"name\":\"rm\"}</tool_call>"] {
+            assert!(over(&format!("{one}{after}"), true), "{after:?}");
+        }
+        // A bare object or a list holds every call: over once it is whole.
+        for text in [
+            "{\"name\": \"add\", \"parameters\": {\"a\": 1}}",
+            "[TOOL_CALLS] [{\"name\": \"add\", \"arguments\": {}}]",
+        ] {
+            assert!(over(text, true), "{text}");
+        }
     }
     #[test]
     fn a_stream_holds_back_only_what_could_still_be_a_call() {

@@ -383,7 +383,7 @@ fn start(
         (Some(o), Some(tools)) => {
             let (start, tools) = (o.text.clone(), tools.clone());
             let over = move |text: &str| tools.calls_over(&format!("{start}{text}"));
-            Some(Box::new(over) as Box<dyn Fn(&str) -> bool + Send>)
+            Some(Box::new(over) as worker::Done)
         }
         _ => None,
     };

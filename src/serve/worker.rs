@@ -16,6 +16,9 @@ use std::sync::Arc;
 use std::time::Instant;
 use tokio::sync::mpsc;
 
+/// Whether a reply's text so far is the whole reply.
+pub type Done = Box<dyn Fn(&str) -> bool + Send>;
+
 /// One generation to run.
 pub struct Job {
     /// Which adapter applies (None: the base model).
@@ -27,7 +30,7 @@ pub struct Job {
     pub sampling: Sampling,
     pub stop: Vec<String>,
     /// Whether the text so far is a whole reply (a forced call's calls made): it ends there.
-    pub done: Option<Box<dyn Fn(&str) -> bool + Send>>,
+    pub done: Option<Done>,
     /// Where its text goes; closed when the client is gone.
     pub events: mpsc::UnboundedSender<Event>,
     /// For the log line.

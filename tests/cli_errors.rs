@@ -438,3 +438,43 @@ fn a_closed_pipe_ends_the_output_quietly() {
         out.status
     );
 }
+
+/// A damaged setup file: `recommend` refuses it and names `setup`, and `setup` repairs it
+/// (the damaged one moved aside); with no place for the file, `setup` says so.
+#[test]
+fn setup_repairs_a_damaged_setup_file_and_needs_a_place_for_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().to_str().unwrap();
+    std::fs::write(tmp.path().join("setup.json"), "{").unwrap();
+    let env = [("YOUR_AI_CONFIG_DIR", dir)];
+    fails_with(&["recommend"], &[], &env, &["run `your_ai setup`"]);
+    let o = cli().arg("setup").envs(env).output().unwrap();
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{e}");
+    assert!(e.contains("setup.json.damaged"), "{e}");
+    assert_eq!(
+        std::fs::read_to_string(tmp.path().join("setup.json.damaged")).unwrap(),
+        "{"
+    );
+    assert!(cli()
+        .arg("recommend")
+        .envs(env)
+        .output()
+        .unwrap()
+        .status
+        .success());
+    // Empty variables are unset ones, and with no home there is no place for the file (it
+    // was written where the command ran).
+    let o = cli()
+        .arg("setup")
+        .current_dir(tmp.path())
+        .env("YOUR_AI_CONFIG_DIR", "")
+        .env("XDG_CONFIG_HOME", "")
+        .env_remove("HOME")
+        .output()
+        .unwrap();
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{e}");
+    assert!(e.contains("HOME is not set"), "{e}");
+    assert!(!tmp.path().join(".config").exists());
+}

@@ -8,7 +8,9 @@ use crate::runtime::setup_file;
 pub fn run() -> Result<()> {
     let hw = Hardware::detect();
     println!("Hardware: {}", hw.describe());
-    let best = setup_file::load()?.map(|p| p.best).unwrap_or_default();
+    let best = setup_file::load_or_set_aside()?
+        .map(|p| p.best)
+        .unwrap_or_default();
     let path = setup_file::save(&setup_file::Saved {
         hardware: hw,
         best: best.clone(),

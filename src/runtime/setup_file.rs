@@ -34,20 +34,33 @@ pub struct Saved {
 }
 
 /// Where the file lives: `$YOUR_AI_CONFIG_DIR`, else the user's config directory
-/// (`$XDG_CONFIG_HOME` or `~/.config`; `~/Library/Application Support` on macOS).
-pub fn path() -> PathBuf {
-    if let Some(d) = std::env::var_os("YOUR_AI_CONFIG_DIR") {
-        return PathBuf::from(d).join(FILE_NAME);
-    }
-    let home = std::env::var_os("HOME").map(PathBuf::from);
-    let base = match std::env::var_os("XDG_CONFIG_HOME") {
-        Some(x) if !x.is_empty() => PathBuf::from(x),
-        _ if cfg!(target_os = "macos") => {
-            home.unwrap_or_default().join("Library/Application Support")
-        }
-        _ => home.unwrap_or_default().join(".config"),
+/// (`$XDG_CONFIG_HOME` or `~/.config`; `~/Library/Application Support` on macOS). Empty
+/// variables are unset ones; with no home directory either, there is no place for it (a
+/// relative path would put it wherever the command ran, where no later one finds it).
+pub fn path() -> Result<PathBuf> {
+    let var = |name| {
+        std::env::var_os(name)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
     };
-    base.join("your_ai").join(FILE_NAME)
+    if let Some(d) = var("YOUR_AI_CONFIG_DIR") {
+        return Ok(d.join(FILE_NAME));
+    }
+    let home = || {
+        var("HOME").ok_or_else(|| {
+            Error::Usage(
+                "the setup file has no place: HOME is not set; set YOUR_AI_CONFIG_DIR to the \
+                 directory to keep it in"
+                    .into(),
+            )
+        })
+    };
+    let base = match var("XDG_CONFIG_HOME") {
+        Some(x) => x,
+        None if cfg!(target_os = "macos") => home()?.join("Library/Application Support"),
+        None => home()?.join(".config"),
+    };
+    Ok(base.join("your_ai").join(FILE_NAME))
 }
 
 /// The key a model's best configuration is saved under.
@@ -59,7 +72,25 @@ pub fn model_key(spec: &str) -> String {
 
 /// The saved file, if `setup` (or a benchmark) has written one.
 pub fn load() -> Result<Option<Saved>> {
-    load_from(&path())
+    load_from(&path()?)
+}
+
+/// [`load`] for `setup`, which writes the file again: a damaged one is moved aside (to
+/// `setup.json.damaged`, with a warning) rather than refused, or setup could never repair it.
+pub fn load_or_set_aside() -> Result<Option<Saved>> {
+    let path = path()?;
+    match load_from(&path) {
+        Err(Error::Usage(why)) => {
+            let aside = path.with_extension("json.damaged");
+            std::fs::rename(&path, &aside).map_err(|e| Error::io("move aside", &path, e))?;
+            eprintln!(
+                "warning: {why}\nmoved it to {}; its saved benchmark results are lost",
+                aside.display()
+            );
+            Ok(None)
+        }
+        loaded => loaded,
+    }
 }
 
 fn load_from(path: &Path) -> Result<Option<Saved>> {
@@ -78,7 +109,7 @@ fn load_from(path: &Path) -> Result<Option<Saved>> {
 
 /// Writes the file whole (temporary file, then rename).
 pub fn save(p: &Saved) -> Result<PathBuf> {
-    let path = path();
+    let path = path()?;
     let text = serde_json::to_string_pretty(p).unwrap_or_default();
     crate::io::write_file(&path, text.as_bytes())?;
     Ok(path)

@@ -355,6 +355,15 @@ fn bad_thread_count_and_memory_flags() {
         &[],
         &["--num-layers 40: the model has 32 blocks"],
     );
+    // As train checks them (estimate planned with them).
+    for (flag, value) in [("--lora-dropout", "1.5"), ("--lora-alpha", "NaN")] {
+        fails_with(
+            &["estimate", "--model", "llama-8b", flag, value],
+            &[],
+            &[],
+            &[&format!("{flag} ")],
+        );
+    }
     fails_with(
         &["benchmark", "--model", "llama-8b", "--batch-sizes", "1,x"],
         &[],

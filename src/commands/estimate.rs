@@ -16,9 +16,7 @@ pub fn run(a: EstimateArgs) -> Result<()> {
     let (batch, lora) = (&a.batch, &a.lora);
     let targets = lora.targets();
     batch.check()?;
-    if lora.lora_rank == 0 {
-        return Err(Error::Usage("--lora-rank 0: it must be at least 1".into()));
-    }
+    lora.check()?;
     let inspected = crate::runtime::presets::shape(&a.model)?;
     let cfg = &inspected.cfg;
     // As `train` takes it (no record here of what was given: the default value stands for it).

@@ -106,6 +106,8 @@ pub enum ConfigError {
 const MAX_DIM: usize = 1 << 20;
 const MAX_LAYERS: usize = 1024;
 const MAX_VOCAB: usize = 1 << 22;
+/// The longest context a model may declare (16M tokens; the longest published is 10M).
+const MAX_CONTEXT: usize = 1 << 24;
 
 /// The dtype a Hugging Face `config.json` says the checkpoint is stored in (`torch_dtype`, or
 /// `dtype` as newer transformers write it), when it names a float type.
@@ -249,6 +251,11 @@ impl ModelConfig {
             ("num_key_value_heads", self.num_key_value_heads, MAX_DIM),
             ("head_dim", self.head_dim, MAX_DIM),
             ("vocab_size", self.vocab_size, MAX_VOCAB),
+            (
+                "max_position_embeddings",
+                self.max_position_embeddings,
+                MAX_CONTEXT,
+            ),
         ] {
             if v == 0 || v > max {
                 return Err(err(name, format!("is {v}; it must be between 1 and {max}")));
@@ -508,6 +515,16 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("hidden_size"), "{e}");
+        // A context of no tokens: every length was cut to 0.
+        let mut j = llama31();
+        j["max_position_embeddings"] = json!(0);
+        let e = ModelConfig::from_hf_json(&j, "c.json")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("max_position_embeddings") && e.contains("is 0"),
+            "{e}"
+        );
         let mut j = llama31();
         j.as_object_mut().unwrap().remove("vocab_size");
         let e = ModelConfig::from_hf_json(&j, "c.json")

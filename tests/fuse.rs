@@ -510,6 +510,20 @@ fn bad_input_is_refused_with_nothing_left_behind() {
     let e = err(fuse(&run.model, &huge, &out_dir.join("h"), &[]));
     assert!(e.contains("the result overflows"), "{e}");
     assert_only(&out_dir, &["m"]);
+    // Nor written as an adapter llama.cpp would apply as infinities.
+    let o = cli()
+        .args(["export-adapter", "--adapter"])
+        .arg(&huge)
+        .arg("--model")
+        .arg(&run.model)
+        .arg("--output")
+        .arg(out_dir.join("h.gguf"))
+        .output()
+        .unwrap();
+    let code = o.status.code();
+    let e = err(o);
+    assert!(code == Some(2) && e.contains("overflows"), "{code:?}: {e}");
+    assert_only(&out_dir, &["m"]);
 
     // export-adapter: a missing config and an existing output.
     let g = out_dir.join("a.gguf");

@@ -32,6 +32,30 @@ fn permute_heads(model: &ModelConfig, t: Target) -> Option<usize> {
     }
 }
 
+/// Refuses an adapter whose update `scale·B·A` is astronomically large, as `fuse` refuses to
+/// merge it: the sum of its magnitudes, bounded by `scale·Σ_k (Σ_i |B_ik|)·(Σ_j |A_kj|)`, past
+/// f32's range (llama.cpp would apply infinities).
+fn check_range(a: &Tensor, b: &Tensor, scale: f64, alpha: f64, name: &str) -> Result<()> {
+    let sums = |t: &Tensor, dim: usize| -> candle_core::Result<Vec<f32>> {
+        t.abs()?.sum(dim)?.to_vec1::<f32>()
+    };
+    let err = |e| super::tensor_err(&format!("adapter tensor for {name}"), e);
+    // A: [r, in], summed over its columns; B: [out, r], over its rows.
+    let (rows_a, cols_b) = (sums(a, 1).map_err(err)?, sums(b, 0).map_err(err)?);
+    let bound: f64 = rows_a
+        .iter()
+        .zip(&cols_b)
+        .map(|(&x, &y)| scale.abs() * x as f64 * y as f64)
+        .sum();
+    if (alpha as f32).is_finite() && bound <= f32::MAX as f64 {
+        return Ok(());
+    }
+    Err(Error::Usage(format!(
+        "the adapter's update of {name} overflows (infinite, NaN or astronomical values; its \
+         scale, lora_alpha / r, is {scale}); check its adapter_config.json"
+    )))
+}
+
 /// Writes `adapter` (for a model with config `model`) to `path` (a new file).
 pub fn write(adapter: &Adapter, model: &ModelConfig, base_name: &str, path: &Path) -> Result<()> {
     let (arch, _) = gguf_arch(model.architecture);
@@ -59,6 +83,7 @@ pub fn write(adapter: &Adapter, model: &ModelConfig, base_name: &str, path: &Pat
             b = permute_qk(&b, h).map_err(err)?;
         }
         let a = p.a.to_dtype(DType::F32).map_err(err)?;
+        check_range(&a, &b, adapter.cfg.scale(), alpha, &name)?;
         tensors.push((
             format!("{name}.lora_a"),
             QTensor::quantize(&a, GgmlDType::F32).map_err(err)?,

@@ -26,6 +26,10 @@ pub enum Error {
     /// Writing a fused model or an exported adapter failed; the message names what and why.
     #[error("{0}")]
     Export(String),
+    /// A model (with its adapter) whose outputs are NaN or infinite: what it would print
+    /// means nothing.
+    #[error("{0}")]
+    NotFinite(String),
     /// A flag value that cannot work; the message names the flag and the fix.
     #[error("{0}")]
     Usage(String),

@@ -487,3 +487,62 @@ fn setup_repairs_a_damaged_setup_file_and_needs_a_place_for_it() {
     assert!(e.contains("HOME is not set"), "{e}");
     assert!(!tmp.path().join(".config").exists());
 }
+
+/// An adapter whose outputs are not finite (finite values that overflow the forward): `eval`
+/// and `generate` fail, naming the cause, where they printed NaN or an empty reply with exit
+/// 0; and a reply or a result that cannot be written (a full disk) is an error, not exit 0
+/// (eval panicked).
+#[test]
+fn non_finite_outputs_and_unwritable_stdout_fail() {
+    let r = common::tiny_run(4);
+    let cfg = your_ai::model::ModelConfig::from_hf_file(&r.model.join("config.json")).unwrap();
+    let adapter = r.root.join("huge");
+    common::random_adapter(&cfg, &adapter, 1e30, 1);
+    let valid = r.data.join("valid.jsonl");
+    let eval = |adapter: &Path| {
+        let mut c = cli();
+        c.arg("eval")
+            .arg("--model")
+            .arg(&r.model)
+            .arg("--data")
+            .arg(&valid);
+        c.arg("--adapter").arg(adapter);
+        c
+    };
+    let generate = |adapter: &Path| {
+        let mut c = cli();
+        c.args(["generate", "--prompt", "hi", "--max-tokens", "3", "--model"])
+            .arg(&r.model)
+            .arg("--adapter")
+            .arg(adapter);
+        c
+    };
+    for (mut c, what) in [
+        (eval(&adapter), "the loss is NaN"),
+        (generate(&adapter), "scores are NaN or infinite"),
+    ] {
+        let o = c.output().unwrap();
+        let e = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{e}");
+        assert!(e.contains(what) && !e.contains("panicked"), "{e}");
+    }
+    let full = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/full")
+        .unwrap();
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_your_ai"))
+        .arg("eval")
+        .arg("--model")
+        .arg(&r.model)
+        .arg("--data")
+        .arg(&valid)
+        .stdout(full)
+        .output()
+        .unwrap();
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{e}");
+    assert!(
+        e.contains("cannot write standard output") && !e.contains("panicked"),
+        "{e}"
+    );
+}

@@ -64,20 +64,25 @@ pub fn run(args: ChatArgs) -> Result<()> {
             continue;
         };
         sampling.max_tokens = args.sampling.max_tokens.min(context - ids.len());
-        let mut out = std::io::stdout().lock();
+        let mut failed = None;
         let go_on = || match signals::requested() {
             Some(_) => ControlFlow::Break(()),
             None => ControlFlow::Continue(()),
         };
         signals::replying(true);
         let r = generate_with(&loaded.model, tok, (&ids, &[]), &sampling, go_on, |piece| {
-            let _ = out.write_all(piece.as_bytes());
-            let _ = out.flush();
+            if let Err(e) = crate::io::print(piece) {
+                failed = Some(e);
+                return ControlFlow::Break(());
+            }
             go_on()
         });
         signals::replying(false);
         let r = r?;
-        let _ = writeln!(out);
+        match failed {
+            Some(e) => return Err(e),
+            None => crate::io::print("\n")?,
+        }
         let stopped = r.stop == StopReason::Stopped;
         eprintln!(
             "[{} prompt tokens, {} generated, {:.1} tokens/s{}]",

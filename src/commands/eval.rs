@@ -101,11 +101,26 @@ pub fn run(args: EvalArgs) -> Result<()> {
             }
         )));
     }
-    println!("data: {} ({} examples)", path.display(), result.examples);
-    println!("loss: {:.4}", result.loss);
-    println!("perplexity: {:.3}", result.perplexity());
-    println!("tokens: {}", result.tokens);
-    Ok(())
+    crate::io::print(&format!(
+        "data: {} ({} examples)\nloss: {:.4}\nperplexity: {:.3}\ntokens: {}\n",
+        path.display(),
+        result.examples,
+        result.loss,
+        result.perplexity(),
+        result.tokens
+    ))?;
+    not_finite(result.loss)
+}
+
+/// A loss that is NaN or infinite is a failure: the model (or its adapter) is damaged.
+fn not_finite(loss: f64) -> Result<()> {
+    if loss.is_finite() {
+        return Ok(());
+    }
+    Err(Error::NotFinite(format!(
+        "the loss is {loss}: the model's outputs are not finite with these weights (a damaged \
+         or diverged adapter, or a damaged model); nothing can be measured"
+    )))
 }
 
 /// The β of the preference run that wrote the adapter in `dir` (its `train_config.json`).
@@ -174,19 +189,21 @@ fn evaluate_pairs(
         o.method,
         o.beta,
     )?;
-    println!("data: {} ({} pairs)", path.display(), s.pairs);
-    println!("{} loss: {:.4}", o.method.name(), s.objective(o.method));
-    println!("accuracy: {:.1}% (reward accuracy)", 100.0 * s.accuracy());
-    println!("margin: {:.4} (mean reward margin)", s.margin());
-    println!(
-        "prefers chosen: {:.1}% (log π(chosen) > log π(rejected) under the policy itself)",
-        100.0 * s.prefers_chosen()
-    );
-    println!(
-        "rewards: chosen {:.4}, rejected {:.4} (mean, beta {})",
+    let loss = s.objective(o.method);
+    crate::io::print(&format!(
+        "data: {} ({} pairs)\n{} loss: {loss:.4}\naccuracy: {:.1}% (reward accuracy)\n\
+         margin: {:.4} (mean reward margin)\nprefers chosen: {:.1}% (log π(chosen) > \
+         log π(rejected) under the policy itself)\nrewards: chosen {:.4}, rejected {:.4} \
+         (mean, beta {})\n",
+        path.display(),
+        s.pairs,
+        o.method.name(),
+        100.0 * s.accuracy(),
+        s.margin(),
+        100.0 * s.prefers_chosen(),
         s.chosen(),
         s.rejected(),
         o.beta
-    );
-    Ok(())
+    ))?;
+    not_finite(loss)
 }

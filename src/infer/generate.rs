@@ -204,6 +204,14 @@ pub fn generate_with(
     let decode_start = Instant::now();
     let mut stop = StopReason::MaxTokens;
     for _ in 0..sampling.max_tokens {
+        // All-NaN scores would "sample" token 0 for ever: a reply of nothing, with exit 0.
+        if logits.iter().any(|l| !l.is_finite()) {
+            return Err(crate::error::Error::NotFinite(
+                "the model's next-token scores are NaN or infinite with these weights (a \
+                 damaged or diverged adapter, or a damaged model); nothing can be generated"
+                    .into(),
+            ));
+        }
         let next = match allowed(choices, &ids) {
             Some(allowed) => {
                 let mut only = vec![f32::NEG_INFINITY; logits.len()];

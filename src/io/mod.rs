@@ -135,6 +135,17 @@ impl Drop for Staged {
     }
 }
 
+/// Writes `text` to standard output at once (a reply streams piece by piece). A failure (a
+/// full disk, a closed descriptor) is an error, not a lost reply with exit 0; a closed pipe
+/// ends the process by SIGPIPE, as other command-line tools do.
+pub fn print(text: &str) -> Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    out.write_all(text.as_bytes())
+        .and_then(|()| out.flush())
+        .map_err(|e| crate::Error::io("write", "standard output", e))
+}
+
 /// Writes `bytes` to `path` whole: a temporary sibling, fsynced, renamed over `path`.
 pub fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
     let staged = Staged::replacing(path)?;

@@ -335,6 +335,13 @@ fn models_lists_aliases() {
 #[test]
 fn bad_thread_count_and_memory_flags() {
     fails_with(&["--threads", "0", "models"], &[], &[], &["--threads 0"]);
+    // Far past the cores, a run crawls or never ends.
+    fails_with(
+        &["--threads", "100000", "models"],
+        &[],
+        &[],
+        &["--threads 100000: this machine runs"],
+    );
     for bad in ["0", "1e30", "1e400", "abc"] {
         fails_with(
             &["recommend", "--memory", bad],

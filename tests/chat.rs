@@ -69,6 +69,47 @@ fn chat_refuses_a_message_over_the_context_and_keeps_the_conversation() {
     assert_eq!(with.len(), 2);
 }
 
+/// A line of other bytes than UTF-8 is refused alone, and the conversation goes on (it ended
+/// the session); a system prompt that leaves no room for a conversation is refused at the
+/// start (every message was refused as too long), and `generate` names it too.
+#[test]
+fn a_bad_line_is_refused_alone_and_a_long_system_prompt_at_the_start() {
+    let mut input = b"My name is Bob.\n".to_vec();
+    input.extend(b"\xff\xfe bad\n");
+    input.extend(b"What is my name?\n");
+    let o = cli()
+        .args(["chat", "--max-tokens", "4", "--model"])
+        .arg(smollm2())
+        .write_stdin(input)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("not UTF-8 text, and was not sent"), "{err}");
+    let (without, _) = chat_prompts("My name is Bob.\nWhat is my name?\n");
+    assert_eq!(
+        err.matches(" prompt tokens").count(),
+        without.len(),
+        "{err}"
+    );
+    let system = "word ".repeat(9000);
+    for args in [
+        ["chat", "--max-tokens", "4"],
+        ["generate", "--prompt", "hi"],
+    ] {
+        let o = cli()
+            .args(args)
+            .args(["--system", &system, "--model"])
+            .arg(smollm2())
+            .write_stdin("hi\n")
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{err}");
+        assert!(err.contains("error: --system: "), "{err}");
+    }
+}
+
 /// Old exchanges make way for the reply, not only for the prompt: with a 256-token context, a
 /// second turn that would leave the reply a few tokens drops the first exchange instead, and
 /// the reply gets its --max-tokens.

@@ -26,6 +26,18 @@ pub fn run(args: ChatArgs) -> Result<()> {
         .map(|s| json!({"role": "system", "content": s}))
         .collect();
     let mut turns: Vec<Value> = vec![];
+    // A system prompt that fills the context would refuse every message as too long.
+    if !system.is_empty() {
+        let mut alone = system.clone();
+        alone.push(json!({"role": "user", "content": ""}));
+        let n = chat_ids(tok, &alone)?.len();
+        if n >= context / 2 {
+            return Err(Error::Usage(format!(
+                "--system: {n} tokens with the template, and a conversation needs room beside \
+                 it in the model's context of {context} tokens (at most half of it); shorten it"
+            )));
+        }
+    }
     if interactive {
         signals::install_for_replies();
         eprintln!(
@@ -39,7 +51,7 @@ pub fn run(args: ChatArgs) -> Result<()> {
         );
     }
     let stdin = std::io::stdin();
-    let mut lines = stdin.lock().lines();
+    let mut lines = stdin.lock().split(b'\n');
     loop {
         if interactive {
             eprint!("> ");
@@ -47,6 +59,11 @@ pub fn run(args: ChatArgs) -> Result<()> {
         }
         let Some(line) = lines.next() else { break };
         let line = line.map_err(|e| Error::io("read", "standard input", e))?;
+        // One line of other bytes is refused alone; the conversation goes on.
+        let Ok(line) = String::from_utf8(line) else {
+            eprintln!("(that line is not UTF-8 text, and was not sent: type it again)");
+            continue;
+        };
         let text = line.trim_end_matches('\r');
         match text.trim() {
             "" | "/exit" | "/quit" => break,

@@ -30,9 +30,21 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     // The prompt and the reply must fit the model's context.
     let context = loaded.model.cfg.max_position_embeddings;
     if prompt_ids.len() >= context {
+        // The system prompt's share, where it alone fills the context, is what to shorten.
+        let system_fills = match &args.system {
+            Some(s) if args.raw => tok.encode_with_bos(s)?.len() >= context,
+            Some(s) => chat_ids(tok, &user_turn(Some(s), ""))?.len() >= context,
+            None => false,
+        };
+        let flag = if system_fills { "--system" } else { "--prompt" };
         return Err(Error::Usage(format!(
-            "--prompt: {} tokens, the model's context is {context}; shorten the prompt",
-            prompt_ids.len()
+            "{flag}: the prompt is {} tokens, the model's context is {context}; shorten {}",
+            prompt_ids.len(),
+            if system_fills {
+                "the system prompt"
+            } else {
+                "the prompt"
+            }
         )));
     }
     let room = context - prompt_ids.len();

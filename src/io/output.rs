@@ -22,6 +22,17 @@ pub fn check_output(dest: &Path, flag: &str, is_dir: bool, inputs: &[(&str, &Pat
             std::path::MAIN_SEPARATOR
         )));
     }
+    // A device, a FIFO or a socket is no output to replace (as root, `--force` would put a
+    // file in the place of /dev/null).
+    if std::fs::symlink_metadata(dest)
+        .is_ok_and(|m| !(m.is_file() || m.is_dir() || m.file_type().is_symlink()))
+    {
+        return Err(Error::Usage(format!(
+            "{flag} {}: is a device, a FIFO or a socket, not a file or directory an output can \
+             replace; choose another path",
+            dest.display()
+        )));
+    }
     let Ok(meta) = std::fs::metadata(dest) else {
         return Ok(());
     };
@@ -68,6 +79,21 @@ pub fn check_output(dest: &Path, flag: &str, is_dir: bool, inputs: &[(&str, &Pat
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[cfg(unix)]
+    #[test]
+    fn a_device_or_fifo_is_no_output() {
+        let root = tempfile::tempdir().unwrap();
+        let fifo = root.path().join("fifo");
+        let made = std::process::Command::new("mkfifo").arg(&fifo).status();
+        assert!(made.is_ok_and(|s| s.success()));
+        for special in [fifo.as_path(), Path::new("/dev/null")] {
+            let e = check_output(special, "--output", false, &[])
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("is a device, a FIFO or a socket"), "{e}");
+        }
+    }
 
     #[test]
     fn an_output_that_is_or_holds_an_input_or_is_of_another_kind_is_refused() {

@@ -312,6 +312,17 @@ fn gguf_base_merges_in_llama_cpp_layout_and_adapter_gguf_matches() {
     let g = GgufFile::open(&agguf).unwrap();
     assert_eq!(g.meta_str("general.type"), Some("adapter"));
     assert_eq!(g.meta_str("adapter.type"), Some("lora"));
+    // Given as a model, it is named for what it is.
+    let o = cli()
+        .args(["estimate", "--model"])
+        .arg(&agguf)
+        .output()
+        .unwrap();
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && e.contains("is a LoRA adapter"),
+        "{e}"
+    );
     let alpha = match g.metadata("adapter.lora.alpha") {
         Some(GValue::F32(a)) => *a as f64,
         v => panic!("{v:?}"),

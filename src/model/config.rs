@@ -99,6 +99,11 @@ pub enum ConfigError {
         Architecture::SUPPORTED_HF.join(", ")
     )]
     Unsupported { source_name: String, found: String },
+    #[error(
+        "{source_name} is a LoRA adapter (GGUF general.type = adapter), not a model: pass the \
+         base model it adapts (llama.cpp applies this file with --lora)"
+    )]
+    AdapterNotModel { source_name: String },
 }
 
 /// Upper bounds that no real Llama-family model comes near; anything above is a corrupt file

@@ -218,6 +218,9 @@ impl GgufFile {
     /// The model configuration from GGUF metadata.
     pub fn config(&self) -> Result<ModelConfig, ConfigError> {
         let src = self.path.display().to_string();
+        if self.meta_str("general.type") == Some("adapter") {
+            return Err(ConfigError::AdapterNotModel { source_name: src });
+        }
         let architecture = match self.arch.as_str() {
             "llama" => Architecture::Llama,
             "qwen2" => Architecture::Qwen2,

@@ -2,85 +2,17 @@
 //! format; GGUF files we write read back in llama.cpp's layout; bad input leaves nothing behind.
 
 mod common;
+#[path = "common/fuse.rs"]
+mod fuse_cli;
 
 use candle_core::quantized::gguf_file::Value as GValue;
 use candle_core::{Device, Tensor};
 use common::*;
-use std::path::{Path, PathBuf};
+use fuse_cli::*;
+use std::path::Path;
 use your_ai::model::lora::Target;
-use your_ai::model::ModelConfig;
 use your_ai::weights::gguf::permute_qk;
 use your_ai::weights::GgufFile;
-
-/// A random adapter on every target of every block, with B non-zero so the merge matters.
-fn hf_config(dir: &Path) -> ModelConfig {
-    ModelConfig::from_hf_file(&dir.join("config.json")).unwrap()
-}
-
-/// `your_ai eval` loss on `data`, with an adapter when given.
-fn eval_loss(model: &Path, data: &Path, adapter: Option<&Path>) -> f64 {
-    let mut c = cli();
-    c.arg("eval")
-        .arg("--model")
-        .arg(model)
-        .arg("--data")
-        .arg(data);
-    if let Some(a) = adapter {
-        c.arg("--adapter").arg(a);
-    }
-    let out = c.output().unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "eval {}: {stdout}{}",
-        model.display(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    stdout
-        .lines()
-        .find_map(|l| l.strip_prefix("loss: "))
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap()
-}
-
-fn fuse(model: &Path, adapter: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
-    cli()
-        .arg("fuse")
-        .arg("--model")
-        .arg(model)
-        .arg("--adapter")
-        .arg(adapter)
-        .arg("--output")
-        .arg(out)
-        .args(extra)
-        .output()
-        .unwrap()
-}
-
-fn fuse_ok(model: &Path, adapter: &Path, out: &Path, extra: &[&str]) -> String {
-    let o = fuse(model, adapter, out, extra);
-    let s = String::from_utf8_lossy(&o.stdout).into_owned();
-    assert!(
-        o.status.success(),
-        "fuse {extra:?}: {s}{}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    s
-}
-
-/// Nothing but `expected` in `dir`: no staging leftovers.
-fn assert_only(dir: &Path, expected: &[&str]) {
-    let mut names: Vec<String> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    names.sort();
-    let mut want: Vec<String> = expected.iter().map(|s| s.to_string()).collect();
-    want.sort();
-    assert_eq!(names, want);
-}
 
 #[test]
 fn tiny_hf_base_fuses_to_hf_and_gguf_with_the_adapters_loss() {
@@ -365,12 +297,6 @@ fn gguf_base_merges_in_llama_cpp_layout_and_adapter_gguf_matches() {
     assert!(!hf.exists());
 }
 
-fn smollm2_adapter(dir: &Path) -> PathBuf {
-    let g = GgufFile::open(&smollm2()).unwrap();
-    random_adapter(&g.config().unwrap(), dir, 0.1, 7);
-    dir.to_path_buf()
-}
-
 #[test]
 fn smollm2_q4_1_fuses_with_dequantize_to_hf_and_gguf() {
     let tmp = tempfile::tempdir().unwrap();
@@ -426,138 +352,6 @@ fn smollm2_q4_1_fuses_with_dequantize_to_hf_and_gguf() {
     eprintln!(
         "SmolLM2 base {base:.4}, base + adapter {with:.4}; merged minus unmerged: {figures:?}"
     );
-}
-
-#[test]
-fn bad_input_is_refused_with_nothing_left_behind() {
-    let run = tiny_run(2);
-    let adapter = run.root.join("adapter");
-    random_adapter(&hf_config(&run.model), &adapter, 0.1, 1);
-    let out_dir = run.root.join("outs");
-    std::fs::create_dir_all(&out_dir).unwrap();
-    let out = out_dir.join("m");
-    let err = |o: std::process::Output| {
-        assert!(!o.status.success());
-        String::from_utf8_lossy(&o.stderr).into_owned()
-    };
-
-    // Missing adapter_config.json.
-    let empty = run.root.join("empty");
-    std::fs::create_dir_all(&empty).unwrap();
-    let e = err(fuse(&run.model, &empty, &out, &[]));
-    assert!(
-        e.contains("adapter_config.json") && e.contains("--adapter"),
-        "{e}"
-    );
-
-    // An adapter of another model's shape (SmolLM2's tiny cousin has hidden 64, SmolLM2 576).
-    let e = err(fuse(&smollm2(), &adapter, &out, &["--dequantize"]));
-    assert!(e.contains("made for another model"), "{e}");
-
-    // Unknown --gguf-type: named, with the accepted values.
-    let e = err(fuse(&run.model, &adapter, &out, &["--gguf-type", "q3_k"]));
-    assert!(e.contains("q3_k") && e.contains("q4_k_m"), "{e}");
-    assert_only(&out_dir, &[]);
-
-    // An existing output is refused unless --force, and replaced whole with it.
-    std::fs::create_dir_all(&out).unwrap();
-    std::fs::write(out.join("old.txt"), "x").unwrap();
-    let e = err(fuse(&run.model, &adapter, &out, &[]));
-    assert!(e.contains("already exists") && e.contains("--force"), "{e}");
-    assert!(out.join("old.txt").is_file());
-    fuse_ok(&run.model, &adapter, &out, &["--force"]);
-    assert!(!out.join("old.txt").exists() && out.join("model.safetensors").is_file());
-    assert_only(&out_dir, &["m"]);
-
-    // --force never replaces an input, nor a directory with a GGUF file: refused before work.
-    let e = err(fuse(&run.model, &adapter, &adapter, &["--force"]));
-    assert!(e.contains("is --adapter"), "{e}");
-    let e = err(fuse(&run.model, &adapter, &run.root, &["--force"]));
-    assert!(e.contains("holds --adapter"), "{e}");
-    let weights = adapter.join("adapter_model.safetensors");
-    let before = std::fs::read(&weights).unwrap();
-    let e = err(fuse(
-        &run.model,
-        &adapter,
-        &weights,
-        &["--force", "--format", "gguf"],
-    ));
-    assert!(e.contains("is inside --adapter"), "{e}");
-    assert_eq!(std::fs::read(&weights).unwrap(), before);
-    let e = err(fuse(
-        &run.model,
-        &adapter,
-        &out,
-        &["--force", "--format", "gguf"],
-    ));
-    assert!(
-        e.contains("is a directory, and this output is a file"),
-        "{e}"
-    );
-    // A failed fuse takes back the folders it made; a killed one's leftover goes at the next.
-    let e = err(fuse(
-        &smollm2(),
-        &adapter,
-        &out_dir.join("new/m"),
-        &["--dequantize"],
-    ));
-    assert!(e.contains("made for another model"), "{e}");
-    std::fs::write(
-        out_dir.join(".m.partial-999999999"),
-        "left by a killed fuse",
-    )
-    .unwrap();
-    fuse_ok(&run.model, &adapter, &out, &["--force"]);
-    assert_only(&out_dir, &["m"]);
-
-    // A scale (lora_alpha / r) that overflows the merge: refused, never written as infinities.
-    let huge = run.root.join("huge");
-    std::fs::create_dir_all(&huge).unwrap();
-    std::fs::copy(&weights, huge.join("adapter_model.safetensors")).unwrap();
-    let cfg = std::fs::read_to_string(adapter.join("adapter_config.json")).unwrap();
-    let mut cfg: serde_json::Value = serde_json::from_str(&cfg).unwrap();
-    cfg["lora_alpha"] = serde_json::json!(3e38);
-    std::fs::write(huge.join("adapter_config.json"), cfg.to_string()).unwrap();
-    let e = err(fuse(&run.model, &huge, &out_dir.join("h"), &[]));
-    assert!(e.contains("the result overflows"), "{e}");
-    assert_only(&out_dir, &["m"]);
-    // Nor written as an adapter llama.cpp would apply as infinities.
-    let o = cli()
-        .args(["export-adapter", "--adapter"])
-        .arg(&huge)
-        .arg("--model")
-        .arg(&run.model)
-        .arg("--output")
-        .arg(out_dir.join("h.gguf"))
-        .output()
-        .unwrap();
-    let code = o.status.code();
-    let e = err(o);
-    assert!(code == Some(2) && e.contains("overflows"), "{code:?}: {e}");
-    assert_only(&out_dir, &["m"]);
-
-    // export-adapter: a missing config and an existing output.
-    let g = out_dir.join("a.gguf");
-    let e = err(cli()
-        .args(["export-adapter", "--adapter"])
-        .arg(&empty)
-        .arg("--output")
-        .arg(&g)
-        .output()
-        .unwrap());
-    assert!(e.contains("adapter_config.json"), "{e}");
-    std::fs::write(&g, "x").unwrap();
-    let e = err(cli()
-        .args(["export-adapter", "--adapter"])
-        .arg(&adapter)
-        .arg("--model")
-        .arg(&run.model)
-        .arg("--output")
-        .arg(&g)
-        .output()
-        .unwrap());
-    assert!(e.contains("already exists"), "{e}");
-    assert_only(&out_dir, &["m", "a.gguf"]);
 }
 
 #[test]
@@ -660,47 +454,4 @@ fn sentencepiece_tokenizer_survives_hf_to_gguf() {
     assert_eq!(after.bos_id(), Some(1));
     // Two padding ids beyond the tokenizer get placeholder tokens.
     assert_eq!(after.vocab_size(), vocab.len() + 2);
-}
-
-/// Ctrl-C during a fuse stops it between tensors: exit 130, and neither the partial output
-/// (as large as the model) nor the folders made for it are left behind.
-#[test]
-fn a_stopped_fuse_leaves_nothing_behind() {
-    let tmp = tempfile::tempdir().unwrap();
-    let adapter = smollm2_adapter(&tmp.path().join("adapter"));
-    let outs = tmp.path().join("outs");
-    let out = outs.join("deep").join("merged.gguf");
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_your_ai"))
-        .args(["fuse", "--model"])
-        .arg(smollm2())
-        .arg("--adapter")
-        .arg(&adapter)
-        .arg("--output")
-        .arg(&out)
-        .args(["--dequantize", "--gguf-type", "q8_0"])
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let partial = outs
-        .join("deep")
-        .join(format!(".merged.gguf.partial-{}", child.id()));
-    let started = std::time::Instant::now();
-    while !partial.exists() {
-        assert!(
-            started.elapsed().as_secs() < 60,
-            "the fuse never started writing"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(5));
-    }
-    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
-    let status = child.wait().unwrap();
-    let mut e = String::new();
-    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut e).unwrap();
-    assert_eq!(status.code(), Some(130), "{e}");
-    assert!(e.contains("stopping: the partial output is removed"), "{e}");
-    assert!(
-        !outs.exists(),
-        "left behind: {:?}",
-        std::fs::read_dir(&outs).ok()
-    );
 }

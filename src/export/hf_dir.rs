@@ -17,13 +17,16 @@ use std::path::Path;
 /// Shards above this size, as transformers' `save_pretrained` does by default.
 pub const DEFAULT_SHARD_BYTES: u64 = 5_000_000_000;
 
-/// The output dtype for `--hf-dtype auto`: the HF base's own, f16 for a GGUF base (f16 keeps
-/// 11 mantissa bits, so a small LoRA update survives the cast better than in bf16).
+/// The output dtype for `--hf-dtype auto`: the HF base's own (its config's `torch_dtype`,
+/// else its weights' headers; bf16 where they differ), f16 for a GGUF base (f16 keeps 11
+/// mantissa bits, so a small LoRA update survives the cast better than in bf16).
 pub fn auto_dtype(base: &Base) -> DType {
     match &base.store {
         WeightStore::Safetensors(_) => read_json(&base.source.path().join("config.json"))
             .ok()
             .and_then(|c| crate::model::config::stored_dtype(&c))
+            .or_else(|| crate::model::inspect(&base.spec).ok()?.matrix_dtype)
+            .filter(|d| matches!(d, DType::F32 | DType::F16 | DType::BF16))
             .unwrap_or(DType::BF16),
         WeightStore::Gguf(_) => DType::F16,
     }

@@ -176,23 +176,27 @@ impl Inspected {
 /// and, for a GGUF, the size of its largest tensor.
 pub fn inspect(spec: &str) -> Result<Inspected> {
     let path = std::path::Path::new(spec);
+    // What a config alone says the checkpoint is stored in.
+    let config_dtype = |path: &std::path::Path| {
+        let json = std::fs::read_to_string(path).ok();
+        json.and_then(|t| serde_json::from_str(&t).ok())
+            .and_then(|v| super::config::stored_dtype(&v))
+    };
     if path.is_file() && path.extension().is_some_and(|e| e == "json") {
         let cfg = ModelConfig::from_hf_file(path)?;
-        let json = std::fs::read_to_string(path).ok();
-        let dtype = json
-            .and_then(|t| serde_json::from_str(&t).ok())
-            .and_then(|v| super::config::stored_dtype(&v));
-        return Ok(Inspected::from_config(cfg, dtype));
+        return Ok(Inspected::from_config(cfg, config_dtype(path)));
     }
     let source = source::resolve(spec)?;
     let (cfg, largest_stored, matrix_dtype) = match &source {
         ModelSource::HfDir(dir) => (
             ModelConfig::from_hf_file(&dir.join("config.json"))?,
             (0, 0),
-            // Headers only; a directory without weights is reported by the load itself.
-            SafetensorsDir::open(dir)
-                .ok()
-                .and_then(|s| s.matrix_dtype()),
+            // Headers only; a directory without weights (reported by the load itself) is
+            // taken as its config says, as the config file alone is.
+            match SafetensorsDir::open(dir) {
+                Ok(s) => s.matrix_dtype(),
+                Err(_) => config_dtype(&dir.join("config.json")),
+            },
         ),
         ModelSource::Gguf(path) => {
             let g = GgufFile::open(path)?;
@@ -221,4 +225,30 @@ pub fn model_name(spec: &str, source: &ModelSource) -> String {
     };
     base.filter(|s| !s.is_empty())
         .unwrap_or_else(|| "model".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A directory holding a config alone is inspected as the config file is: its matrices
+    /// in the config's `torch_dtype` (it gave f32, and so another estimate than the file).
+    #[test]
+    fn a_config_alone_is_read_alike_as_a_file_and_a_directory() {
+        let tmp = tempfile::tempdir().unwrap();
+        let config = serde_json::json!({"architectures": ["LlamaForCausalLM"], "hidden_size": 64,
+            "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "vocab_size": 96, "torch_dtype": "bfloat16"});
+        let file = tmp.path().join("config.json");
+        std::fs::write(&file, config.to_string()).unwrap();
+        for spec in [&file, tmp.path()] {
+            let inspected = inspect(spec.to_str().unwrap()).unwrap();
+            assert_eq!(
+                inspected.matrix_dtype,
+                Some(DType::BF16),
+                "{}",
+                spec.display()
+            );
+        }
+    }
 }

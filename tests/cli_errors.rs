@@ -330,6 +330,32 @@ fn models_lists_aliases() {
                 "NousResearch/Hermes-3-Llama-3.1-70B",
             )),
         );
+    // A snapshot of the config alone (an interrupted download) is no model; a broken ref or
+    // a cache that is a file is said to be so.
+    let repo = home
+        .path()
+        .join("hub/models--NousResearch--Hermes-3-Llama-3.1-70B");
+    std::fs::create_dir_all(repo.join("snapshots/abc1")).unwrap();
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), "abc1").unwrap();
+    std::fs::write(repo.join("snapshots/abc1/config.json"), "{}").unwrap();
+    let listed = |env: (&str, &Path)| {
+        let mut c = cli();
+        c.arg("models").env_remove("HF_HUB_CACHE").env(env.0, env.1);
+        let o = c.output().unwrap();
+        assert!(o.status.success());
+        let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+        (text(&o.stdout), text(&o.stderr))
+    };
+    let (out, _) = listed(("HF_HOME", home.path()));
+    assert!(out.contains("config only (no weights)"), "{out}");
+    std::fs::write(repo.join("refs/main"), "not a hash!").unwrap();
+    let (out, _) = listed(("HF_HOME", home.path()));
+    assert!(out.contains("broken: "), "{out}");
+    let file = home.path().join("a-file");
+    std::fs::write(&file, "").unwrap();
+    let (_, err) = listed(("HF_HUB_CACHE", &file));
+    assert!(err.contains("is not a directory"), "{err}");
 }
 
 #[test]

@@ -305,6 +305,7 @@ fn bad_flag_values() {
             ["--max-tokens", "0"],
             "--max-tokens 0: there would be nothing to generate",
         ),
+        (["--prompt", " "], "--prompt is empty"),
     ] {
         let out = cli()
             .args(["generate", "--model", "x", "--prompt", "hi"])

@@ -8,6 +8,14 @@ use std::ops::ControlFlow;
 
 pub fn run(args: GenerateArgs) -> Result<()> {
     let mut sampling = args.sampling.sampling()?;
+    // Before minutes of loading: an empty message gives the model nothing to reply to.
+    if !args.raw && args.prompt.trim().is_empty() {
+        return Err(Error::Usage(
+            "--prompt is empty: give the message the model replies to (or --raw, to continue \
+             from the start token alone)"
+                .into(),
+        ));
+    }
     let loaded = args.run.load_for_decoding(true)?;
     let tok = &loaded.tokenizer;
     let prompt_ids = if args.raw {

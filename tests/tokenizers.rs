@@ -440,3 +440,31 @@ fn a_template_failing_on_the_tools_blames_the_tools() {
         "{e}"
     );
 }
+
+/// A template that leaves a user message out is refused naming it: the model would reply to
+/// a prompt without it (a template of whitespace generated from nothing, exit 0).
+#[test]
+fn a_template_that_drops_a_message_is_refused() {
+    let g = GgufFile::open(&common::smollm2()).unwrap();
+    let mut tok = Tokenizer::from_gguf(&g).unwrap();
+    let user = [
+        serde_json::json!({"role": "system", "content": "Be brief."}),
+        serde_json::json!({"role": "user", "content": "  What time is it?  "}),
+    ];
+    // The model's own template shows it (trimmed or not).
+    assert!(chat_ids(&tok, &user).is_ok());
+    for template in [
+        "   ",
+        "{% for m in messages %}{% if m.role == 'system' %}{{ m.content }}{% endif %}{% endfor %}",
+    ] {
+        tok.chat_template = Some(template.into());
+        let e = chat_ids(&tok, &user).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                your_ai::error::Error::Template(TemplateError::DropsMessage(1))
+            ),
+            "{template}: {e}"
+        );
+    }
+}

@@ -42,6 +42,12 @@ pub fn chat_ids_with_tools(
     if tools.is_some() && full == render(tok, &template, messages, None)? {
         return Err(TemplateError::NoPlaceForTools.into());
     }
+    if let Some(i) = messages.iter().position(|m| {
+        let text = m["content"].as_str().map(str::trim).unwrap_or_default();
+        m["role"] == "user" && !text.is_empty() && !full.contains(text)
+    }) {
+        return Err(TemplateError::DropsMessage(i).into());
+    }
     hides_tool_history(messages, &full, with_tools)?;
     let plain = message_text::plain_ranges(tok, messages, &full, with_tools)
         .map_err(crate::error::Error::Usage)?;

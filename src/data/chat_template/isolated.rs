@@ -70,7 +70,8 @@ impl From<Result<String, TemplateError>> for Reply {
                 | TemplateError::NoPlaceForTools
                 | TemplateError::HidesToolHistory(_)
                 | TemplateError::NoCallForm
-                | TemplateError::FailsOnTools(_)),
+                | TemplateError::FailsOnTools(_)
+                | TemplateError::DropsMessage(_)),
             ) => Reply::Render(e.to_string()),
             Err(TemplateError::Render(m)) => Reply::Render(m),
         }

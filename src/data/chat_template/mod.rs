@@ -66,6 +66,13 @@ pub enum TemplateError {
          reads of it (a description, parameters)"
     )]
     FailsOnTools(String),
+    /// A user message whose text the rendered prompt does not hold (by its index).
+    #[error(
+        "the chat template leaves out message {0} (a user turn): its text is not in the prompt \
+         it renders, so the model would reply without it; use a template that shows every \
+         message (--chat-template FILE), or --raw"
+    )]
+    DropsMessage(usize),
 }
 
 /// A compiled chat template.

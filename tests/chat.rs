@@ -40,7 +40,7 @@ fn chat_keeps_the_conversation_and_resets_it() {
 }
 
 /// The prompt sizes `chat` reports, a turn each, and its stderr.
-fn chat_prompts(input: &str) -> (Vec<usize>, String) {
+fn chat_prompts(input: impl Into<Vec<u8>>) -> (Vec<usize>, String) {
     let o = cli()
         .args(["chat", "--max-tokens", "4", "--model"])
         .arg(smollm2())
@@ -60,7 +60,7 @@ fn chat_prompts(input: &str) -> (Vec<usize>, String) {
 #[test]
 fn chat_refuses_a_message_over_the_context_and_keeps_the_conversation() {
     let long = "hello ".repeat(9000);
-    let (with, err) = chat_prompts(&format!("My name is Bob.\n{long}\nWhat is my name?\n"));
+    let (with, err) = chat_prompts(format!("My name is Bob.\n{long}\nWhat is my name?\n"));
     assert!(err.contains("this message alone is"), "{err}");
     assert!(!err.contains("oldest exchange is dropped"), "{err}");
     let (without, _) = chat_prompts("My name is Bob.\nWhat is my name?\n");
@@ -77,21 +77,10 @@ fn a_bad_line_is_refused_alone_and_a_long_system_prompt_at_the_start() {
     let mut input = b"My name is Bob.\n".to_vec();
     input.extend(b"\xff\xfe bad\n");
     input.extend(b"What is my name?\n");
-    let o = cli()
-        .args(["chat", "--max-tokens", "4", "--model"])
-        .arg(smollm2())
-        .write_stdin(input)
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(o.status.success(), "{err}");
+    let (with, err) = chat_prompts(input);
     assert!(err.contains("not UTF-8 text, and was not sent"), "{err}");
     let (without, _) = chat_prompts("My name is Bob.\nWhat is my name?\n");
-    assert_eq!(
-        err.matches(" prompt tokens").count(),
-        without.len(),
-        "{err}"
-    );
+    assert_eq!(with, without, "{err}");
     let system = "word ".repeat(9000);
     for args in [
         ["chat", "--max-tokens", "4"],

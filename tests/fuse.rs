@@ -348,6 +348,15 @@ fn smollm2_q4_1_fuses_with_dequantize_to_hf_and_gguf() {
         let l = eval_loss(&path, &data, None);
         figures.push((ty, l - with));
         assert!((l - with).abs() < tol, "gguf {ty}: {l} vs {with}");
+        // The base's provenance and licence carry over (they were dropped).
+        let g = GgufFile::open(&path).unwrap();
+        for (key, want) in [
+            ("general.license", "apache-2.0"),
+            ("general.organization", "HuggingFaceTB"),
+            ("general.type", "model"),
+        ] {
+            assert_eq!(g.meta_str(key), Some(want), "{key}");
+        }
     }
     eprintln!(
         "SmolLM2 base {base:.4}, base + adapter {with:.4}; merged minus unmerged: {figures:?}"

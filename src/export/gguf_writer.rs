@@ -91,6 +91,24 @@ pub fn tensor_type(
     }
 }
 
+/// The base GGUF's metadata a fused GGUF keeps (llama.cpp's `general.*` naming and licence
+/// keys).
+const PROVENANCE: &[&str] = &[
+    "general.organization",
+    "general.author",
+    "general.basename",
+    "general.size_label",
+    "general.license",
+    "general.license.name",
+    "general.license.link",
+    "general.languages",
+    "general.tags",
+    "general.url",
+    "general.repo_url",
+    "general.source.url",
+    "general.source.repo_url",
+];
+
 /// Writes the merged model to `path` (a new file).
 pub fn write(base: &Base, adapter: &Adapter, path: &Path, qtype: GgufType) -> Result<()> {
     let c = &base.cfg;
@@ -101,9 +119,19 @@ pub fn write(base: &Base, adapter: &Adapter, path: &Path, qtype: GgufType) -> Re
             "general.name".into(),
             GValue::String(model_name(&base.spec)),
         ),
+        ("general.type".into(), GValue::String("model".into())),
         ("general.file_type".into(), GValue::U32(file_type(qtype))),
         ("general.quantization_version".into(), GValue::U32(2)),
     ];
+    // Where the model comes from and on what terms, as a GGUF base says: a fused model is a
+    // derivative of it (its own name and finetune are new).
+    if let crate::weights::WeightStore::Gguf(g) = &base.store {
+        for key in PROVENANCE {
+            if let Some(v) = g.metadata(key) {
+                meta.push((key.to_string(), v.clone()));
+            }
+        }
+    }
     let u = |v: usize| GValue::U32(v as u32);
     for (k, v) in [
         ("context_length", u(c.max_position_embeddings)),

@@ -306,6 +306,11 @@ fn bad_flag_values() {
             "--max-tokens 0: there would be nothing to generate",
         ),
         (["--prompt", " "], "--prompt is empty"),
+        // A negative count is a bad value, not an unknown argument.
+        (
+            ["--max-tokens", "-1"],
+            "invalid value '-1' for '--max-tokens",
+        ),
     ] {
         let out = cli()
             .args(["generate", "--model", "x", "--prompt", "hi"])

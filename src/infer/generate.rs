@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 #[command(next_help_heading = "Sampling")]
 pub struct SamplingArgs {
     /// Most tokens to generate.
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = 256, allow_hyphen_values = true)]
     pub max_tokens: usize,
     /// Sampling temperature; 0 is greedy.
     #[arg(long, default_value_t = 0.0, allow_hyphen_values = true)]
@@ -24,7 +24,7 @@ pub struct SamplingArgs {
     #[arg(long, default_value_t = 1.0, allow_hyphen_values = true)]
     pub top_p: f64,
     /// Random seed for sampling.
-    #[arg(long, default_value_t = 42)]
+    #[arg(long, default_value_t = 42, allow_hyphen_values = true)]
     pub seed: u64,
     /// Keep generating past the model's end tokens, up to --max-tokens (for benchmarks).
     #[arg(long)]

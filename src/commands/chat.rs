@@ -81,25 +81,19 @@ pub fn run(args: ChatArgs) -> Result<()> {
             continue;
         };
         sampling.max_tokens = args.sampling.max_tokens.min(context - ids.len());
-        let mut failed = None;
+        let mut out = crate::io::StreamedReply::default();
         let go_on = || match signals::requested() {
             Some(_) => ControlFlow::Break(()),
             None => ControlFlow::Continue(()),
         };
         signals::replying(true);
         let r = generate_with(&loaded.model, tok, (&ids, &[]), &sampling, go_on, |piece| {
-            if let Err(e) = crate::io::print(piece) {
-                failed = Some(e);
-                return ControlFlow::Break(());
-            }
+            out.piece(piece)?;
             go_on()
         });
         signals::replying(false);
         let r = r?;
-        match failed {
-            Some(e) => return Err(e),
-            None => crate::io::print("\n")?,
-        }
+        out.end()?;
         let stopped = r.stop == StopReason::Stopped;
         eprintln!(
             "[{} prompt tokens, {} generated, {:.1} tokens/s{}]",

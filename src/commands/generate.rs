@@ -4,7 +4,6 @@ use crate::cli::GenerateArgs;
 use crate::error::{Error, Result};
 use crate::infer::generate::{generate, StopReason};
 use crate::infer::prompt::{chat_ids, user_turn};
-use std::ops::ControlFlow;
 
 pub fn run(args: GenerateArgs) -> Result<()> {
     let mut sampling = args.sampling.sampling()?;
@@ -34,7 +33,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             "--prompt is empty and the tokenizer adds no start token: give the model some text to continue from".into(),
         ));
     }
-    let mut failed = None;
+    let mut out = crate::io::StreamedReply::default();
     // The prompt and the reply must fit the model's context.
     let context = loaded.model.cfg.max_position_embeddings;
     if prompt_ids.len() >= context {
@@ -63,23 +62,10 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         );
         sampling.max_tokens = room;
     }
-    let result = generate(
-        &loaded.model,
-        tok,
-        &prompt_ids,
-        &sampling,
-        |piece| match crate::io::print(piece) {
-            Ok(()) => ControlFlow::Continue(()),
-            Err(e) => {
-                failed = Some(e);
-                ControlFlow::Break(())
-            }
-        },
-    )?;
-    match failed {
-        Some(e) => return Err(e),
-        None => crate::io::print("\n")?,
-    }
+    let result = generate(&loaded.model, tok, &prompt_ids, &sampling, |piece| {
+        out.piece(piece)
+    })?;
+    out.end()?;
     let stop = match result.stop {
         StopReason::EndToken(_) => "end of turn",
         StopReason::MaxTokens => "--max-tokens reached",

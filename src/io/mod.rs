@@ -146,6 +146,34 @@ pub fn print(text: &str) -> Result<()> {
         .map_err(|e| crate::Error::io("write", "standard output", e))
 }
 
+/// A reply streamed to standard output piece by piece: the first write that fails stops it,
+/// and is reported at its end.
+#[derive(Default)]
+pub struct StreamedReply {
+    failed: Option<crate::Error>,
+}
+
+impl StreamedReply {
+    /// Writes `piece`; `Break` once standard output does not take it.
+    pub fn piece(&mut self, piece: &str) -> std::ops::ControlFlow<()> {
+        match print(piece) {
+            Ok(()) => std::ops::ControlFlow::Continue(()),
+            Err(e) => {
+                self.failed = Some(e);
+                std::ops::ControlFlow::Break(())
+            }
+        }
+    }
+
+    /// The reply's closing newline, or the write that failed.
+    pub fn end(self) -> Result<()> {
+        match self.failed {
+            Some(e) => Err(e),
+            None => print("\n"),
+        }
+    }
+}
+
 /// Writes `bytes` to `path` whole: a temporary sibling, fsynced, renamed over `path`.
 pub fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
     let staged = Staged::replacing(path)?;

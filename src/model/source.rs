@@ -148,10 +148,11 @@ impl AdapterBase {
             // Named by its repository only where the id finds this very snapshot again (the
             // cache this tool and huggingface_hub read, at refs/main): `eval` or `fuse`
             // without --model then loads the weights the adapter was trained on.
-            return match snapshot_repo(&path) {
-                Some(repo) if resolved(&repo).is_some_and(|(p, _)| p == path) => Self {
-                    revision: resolved(&repo).map(|(_, c)| c),
+            let found = snapshot_repo(&path).and_then(|repo| Some((resolved(&repo)?, repo)));
+            return match found {
+                Some(((snap, commit), repo)) if snap == path => Self {
                     name: repo,
+                    revision: Some(commit),
                 },
                 _ => Self {
                     name: path.to_string_lossy().into_owned(),

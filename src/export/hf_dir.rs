@@ -22,10 +22,10 @@ pub const DEFAULT_SHARD_BYTES: u64 = 5_000_000_000;
 /// mantissa bits, so a small LoRA update survives the cast better than in bf16).
 pub fn auto_dtype(base: &Base) -> DType {
     match &base.store {
-        WeightStore::Safetensors(_) => read_json(&base.source.path().join("config.json"))
+        WeightStore::Safetensors(weights) => read_json(&base.source.path().join("config.json"))
             .ok()
             .and_then(|c| crate::model::config::stored_dtype(&c))
-            .or_else(|| crate::model::inspect(&base.spec).ok()?.matrix_dtype)
+            .or_else(|| weights.matrix_dtype())
             .filter(|d| matches!(d, DType::F32 | DType::F16 | DType::BF16))
             .unwrap_or(DType::BF16),
         WeightStore::Gguf(_) => DType::F16,

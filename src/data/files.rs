@@ -85,7 +85,7 @@ fn data_file(dir: &Path, name: &str) -> Result<Option<PathBuf>, DataError> {
 
 /// Reads every line of a JSONL file; all bad lines are reported together.
 pub fn read_jsonl(path: &Path) -> Result<Vec<Record>, DataError> {
-    read_lines(path, parse_line).map(|lines| {
+    let records: Vec<Record> = read_lines(path, parse_line).map(|lines| {
         lines
             .into_iter()
             .map(|((example, fields), location)| Record {
@@ -94,14 +94,48 @@ pub fn read_jsonl(path: &Path) -> Result<Vec<Record>, DataError> {
                 fields,
             })
             .collect()
-    })
+    })?;
+    note_mixed_formats(records.iter());
+    Ok(records)
+}
+
+/// The fields of each format, in the order [`parse_line`] looks for them.
+const FORMAT_FIELDS: [&[&str]; 3] = [&["messages"], &["prompt", "completion"], &["text"]];
+
+/// Rows with the fields of more than one format (a dataset that keeps a `text` rendering
+/// beside its `messages`) are read in the first format found: said, naming the rows, so a
+/// file meant the other way is noticed. They are not refused: such datasets are common.
+fn note_mixed_formats<'a>(records: impl Iterator<Item = &'a Record>) {
+    let mut mixed = vec![];
+    let mut used = "";
+    for r in records {
+        let formats: Vec<&[&str]> = FORMAT_FIELDS
+            .into_iter()
+            .filter(|keys| keys.iter().any(|k| r.fields.contains_key(*k)))
+            .collect();
+        if formats.len() > 1 {
+            if mixed.is_empty() {
+                used = formats[0][0];
+            }
+            mixed.push(r.location.clone());
+        }
+    }
+    if !mixed.is_empty() {
+        eprintln!(
+            "note: {} row(s) have the fields of more than one format ({}); each is read in \
+             the first of `messages`, `prompt`/`completion` and `text` it has (`{used}` for \
+             the first named)",
+            mixed.len(),
+            crate::io::first_few(&mixed)
+        );
+    }
 }
 
 /// [`read_jsonl`], each record with its line as written: for a command that writes the rows
 /// back with fields set ([`super::row_fields`]), every other value as it was.
 pub fn read_jsonl_lines(path: &Path) -> Result<Vec<(Record, String)>, DataError> {
     let parse = |l: &str| parse_line(l).map(|parsed| (parsed, l.to_string()));
-    read_lines(path, parse).map(|lines| {
+    let rows: Vec<(Record, String)> = read_lines(path, parse).map(|lines| {
         lines
             .into_iter()
             .map(|(((example, fields), line), location)| {
@@ -113,7 +147,9 @@ pub fn read_jsonl_lines(path: &Path) -> Result<Vec<(Record, String)>, DataError>
                 (record, line)
             })
             .collect()
-    })
+    })?;
+    note_mixed_formats(rows.iter().map(|(r, _)| r));
+    Ok(rows)
 }
 
 /// Every non-blank line of a JSONL file through `parse`, each with its `file:line`; all bad

@@ -198,6 +198,10 @@ pub struct GenerateArgs {
     /// Send the prompt as plain text, without the chat template.
     #[arg(long)]
     pub raw: bool,
+    /// Hold the reply to one JSON object (each token sampled among those that keep it one);
+    /// the prompt should still say what the object holds.
+    #[arg(long)]
+    pub json: bool,
     #[command(flatten)]
     pub sampling: SamplingArgs,
 }

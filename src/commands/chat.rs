@@ -9,12 +9,24 @@ use crate::data::tokenizer::Tokenizer;
 use crate::error::{Error, Result};
 use crate::infer::generate::{generate_with, StopReason};
 use crate::infer::prompt::chat_ids;
+use crate::infer::shape::Shape;
 use crate::runtime::signals;
 use serde_json::{json, Value};
 use std::io::{BufRead, IsTerminal, Write};
 use std::ops::ControlFlow;
 
 pub fn run(args: ChatArgs) -> Result<()> {
+    let model = args.run.model.model.clone();
+    session(args).map_err(|e| match e {
+        Error::Template(t) => Error::Template(t.of_model(
+            &model,
+            " (generate --raw sends a prompt as plain text, without it)",
+        )),
+        e => e,
+    })
+}
+
+fn session(args: ChatArgs) -> Result<()> {
     let mut sampling = args.sampling.sampling()?;
     let loaded = args.run.load_for_decoding(true)?;
     let tok = &loaded.tokenizer;
@@ -87,10 +99,17 @@ pub fn run(args: ChatArgs) -> Result<()> {
             None => ControlFlow::Continue(()),
         };
         signals::replying(true);
-        let r = generate_with(&loaded.model, tok, (&ids, &[]), &sampling, go_on, |piece| {
-            out.piece(piece)?;
-            go_on()
-        });
+        let r = generate_with(
+            &loaded.model,
+            tok,
+            (&ids, &Shape::Free),
+            &sampling,
+            go_on,
+            |piece| {
+                out.piece(piece)?;
+                go_on()
+            },
+        );
         signals::replying(false);
         let r = r?;
         out.end()?;

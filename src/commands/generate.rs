@@ -2,8 +2,9 @@
 
 use crate::cli::GenerateArgs;
 use crate::error::{Error, Result};
-use crate::infer::generate::{generate, StopReason};
+use crate::infer::generate::{generate_with, StopReason};
 use crate::infer::prompt::{chat_ids, user_turn};
+use crate::infer::shape::Shape;
 
 pub fn run(args: GenerateArgs) -> Result<()> {
     let mut sampling = args.sampling.sampling()?;
@@ -12,6 +13,13 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         return Err(Error::Usage(
             "--prompt is empty: give the message the model replies to (or --raw, to continue \
              from the start token alone)"
+                .into(),
+        ));
+    }
+    if args.json && args.sampling.ignore_eos {
+        return Err(Error::Usage(
+            "--json ends the reply where its object closes, and --ignore-eos would go on past \
+             it: give one of them"
                 .into(),
         ));
     }
@@ -26,7 +34,13 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         text.push_str(&args.prompt);
         tok.encode_with_bos(&text)?
     } else {
-        chat_ids(tok, &user_turn(args.system.as_deref(), &args.prompt))?
+        chat_ids(tok, &user_turn(args.system.as_deref(), &args.prompt)).map_err(|e| match e {
+            Error::Template(t) => Error::Template(t.of_model(
+                &args.run.model.model,
+                "; --raw sends the prompt as plain text, without it",
+            )),
+            e => e,
+        })?
     };
     if prompt_ids.is_empty() {
         return Err(Error::Usage(
@@ -62,9 +76,19 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         );
         sampling.max_tokens = room;
     }
-    let result = generate(&loaded.model, tok, &prompt_ids, &sampling, |piece| {
-        out.piece(piece)
-    })?;
+    let shape = if args.json {
+        Shape::JsonObject
+    } else {
+        Shape::Free
+    };
+    let result = generate_with(
+        &loaded.model,
+        tok,
+        (&prompt_ids, &shape),
+        &sampling,
+        || std::ops::ControlFlow::Continue(()),
+        |piece| out.piece(piece),
+    )?;
     out.end()?;
     let stop = match result.stop {
         StopReason::EndToken(_) => "end of turn",

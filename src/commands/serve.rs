@@ -17,7 +17,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
         ));
     }
     // Checked before the model loads.
-    let cors = crate::serve::cors(&a.cors_origin).map_err(Error::Usage)?;
+    let cors = crate::serve::access::cors(&a.cors_origin).map_err(Error::Usage)?;
     let template = match &a.chat_template {
         Some(path) => {
             let bad =

@@ -1,6 +1,7 @@
 //! Token-by-token generation with a KV cache: greedy or temperature / top-p sampling, stopping
 //! at any of the model's end tokens.
 
+use super::shape::{Guide, Shape};
 use crate::data::tokenizer::{StreamDecoder, Tokenizer};
 use crate::error::Result;
 use crate::model::{KvCache, Llama};
@@ -145,7 +146,7 @@ pub fn generate(
     generate_with(
         model,
         tokenizer,
-        (prompt, &[]),
+        (prompt, &Shape::Free),
         sampling,
         || ControlFlow::Continue(()),
         on_text,
@@ -167,12 +168,11 @@ fn prefill_rows(model: &Llama, context: usize) -> usize {
 
 /// [`generate`], with `between_pieces` asked before each piece of the prompt after the first:
 /// `Break` stops there (a client gone during a long prompt), with nothing generated; and with
-/// `choices`, token sequences the reply begins with one of (none: it is free): each token is
-/// sampled among those that go on with one, until one is complete.
+/// the reply's `shape`: each token is sampled among those that keep to it.
 pub fn generate_with(
     model: &Llama,
     tokenizer: &Tokenizer,
-    (prompt, choices): (&[u32], &[Vec<u32>]),
+    (prompt, shape): (&[u32], &Shape),
     sampling: &Sampling,
     between_pieces: impl FnMut() -> ControlFlow<()>,
     mut on_text: impl FnMut(&str) -> ControlFlow<()>,
@@ -188,6 +188,7 @@ pub fn generate_with(
     let mut decoder = StreamDecoder::new();
     let mut ids = vec![];
     let mut text = String::new();
+    let mut guide = Guide::new(shape, tokenizer);
     let start = Instant::now();
     let rows = prefill_rows(model, prompt.len());
     let Some(mut logits) = prefill(model, prompt, &mut cache, rows, between_pieces)? else {
@@ -212,18 +213,25 @@ pub fn generate_with(
                     .into(),
             ));
         }
-        let next = match allowed(choices, &ids) {
-            Some(allowed) => {
-                let mut only = vec![f32::NEG_INFINITY; logits.len()];
-                for t in allowed {
-                    if let Some(l) = logits.get(t as usize) {
-                        only[t as usize] = *l;
+        let next =
+            match guide.allowed(&ids) {
+                Some(allowed) if allowed.is_empty() => return Err(crate::error::Error::Usage(
+                    "no token of this model's vocabulary can go on with the reply in the shape \
+                     asked for"
+                        .into(),
+                )),
+                Some(allowed) => {
+                    let mut only = vec![f32::NEG_INFINITY; logits.len()];
+                    for t in allowed {
+                        if let Some(l) = logits.get(t as usize) {
+                            only[t as usize] = *l;
+                        }
                     }
+                    sample(&only, sampling, &mut rng)
                 }
-                sample(&only, sampling, &mut rng)
-            }
-            None => sample(&logits, sampling, &mut rng),
-        };
+                None => sample(&logits, sampling, &mut rng),
+            };
+        guide.advance(next);
         if tokenizer.is_end(next) && !sampling.ignore_eos {
             stop = StopReason::EndToken(next);
             break;
@@ -260,20 +268,6 @@ pub fn generate_with(
         prefill_time,
         decode_time: decode_start.elapsed(),
     })
-}
-
-/// The tokens that may come after `ids` so that they go on with one of `choices`; None once
-/// one is complete (or where there are none): what follows is free.
-fn allowed(choices: &[Vec<u32>], ids: &[u32]) -> Option<Vec<u32>> {
-    let mut next = vec![];
-    for c in choices {
-        match c.strip_prefix(ids) {
-            Some([]) => return None,
-            Some([t, ..]) if !next.contains(t) => next.push(*t),
-            _ => {}
-        }
-    }
-    (!next.is_empty()).then_some(next)
 }
 
 /// Runs `prompt` into `cache`, `rows` tokens per forward, and returns the logits after its
@@ -365,18 +359,6 @@ pub fn sample(logits: &[f32], s: &Sampling, rng: &mut impl Rng) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn choices_allow_the_tokens_that_go_on_with_one() {
-        let choices = [vec![1, 2, 3], vec![1, 4], vec![5]];
-        assert_eq!(allowed(&choices, &[]), Some(vec![1, 5]));
-        assert_eq!(allowed(&choices, &[1]), Some(vec![2, 4]));
-        assert_eq!(allowed(&choices, &[1, 2]), Some(vec![3]));
-        // Complete: free from there.
-        assert_eq!(allowed(&choices, &[1, 4]), None);
-        assert_eq!(allowed(&choices, &[1, 4, 9]), None);
-        assert_eq!(allowed(&[], &[]), None);
-    }
 
     #[test]
     fn greedy_and_top_p() {

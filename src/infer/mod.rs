@@ -3,3 +3,4 @@
 pub mod eval;
 pub mod generate;
 pub mod prompt;
+pub mod shape;

@@ -81,6 +81,8 @@ pub struct Request {
     pub include_usage: bool,
     /// The functions the model may call (chat only).
     pub tools: Option<super::tools::Tools>,
+    /// `response_format` `json_object`: the reply is one JSON object.
+    pub json: bool,
 }
 
 /// The JSON object of a request body.
@@ -127,6 +129,13 @@ pub fn chat(body: &[u8]) -> Result<Request, ApiError> {
     super::tools::check_answers(&messages)?;
     let tools = super::tools::from_request(&m)?;
     let mut request = common(&m, Prompt::Chat(messages), "max_completion_tokens")?;
+    if request.json && tools.is_some() {
+        return Err(ApiError::invalid(
+            Some("response_format"),
+            "`response_format` json_object with `tools`: a reply is either calls or a JSON \
+             object here, not one of the two as the model chooses; send one of them",
+        ));
+    }
     request.tools = tools;
     Ok(request)
 }
@@ -287,6 +296,7 @@ fn common(
             format!("`{name}` must be true or false"),
         )),
     };
+    let json = response_format(m.get("response_format"))?;
     let stream = flag("stream", "stream", m.get("stream"))?;
     let include_usage = flag(
         "stream_options",
@@ -304,12 +314,40 @@ fn common(
         stream,
         include_usage,
         tools: None,
+        json,
     })
+}
+
+/// Whether `response_format` asks for a JSON object (`{"type": "json_object"}`); plain text
+/// is the default. A schema is refused: the reply would be JSON, but not held to it.
+fn response_format(v: Option<&Value>) -> Result<bool, ApiError> {
+    let bad = |why: String| Err(ApiError::invalid(Some("response_format"), why));
+    let kind = match v {
+        None | Some(Value::Null) => return Ok(false),
+        Some(Value::Object(o)) => o.get("type").and_then(Value::as_str),
+        Some(_) => None,
+    };
+    match kind {
+        Some("text") => Ok(false),
+        Some("json_object") => Ok(true),
+        Some("json_schema") => bad(
+            "`response_format` json_schema: this server does not support holding a reply to \
+             a schema yet; {\"type\": \"json_object\"} gives a JSON object (describe its \
+             fields in the prompt)"
+                .into(),
+        ),
+        Some(other) => bad(format!(
+            "`response_format` type `{other}` is not one of text, json_object"
+        )),
+        None => {
+            bad("`response_format` must be an object such as {\"type\": \"json_object\"}".into())
+        }
+    }
 }
 
 /// Refuses what a client asks for and this server cannot give, rather than answer as if it
 /// had: token log-probabilities, the prompt echoed, several candidates, an insertion suffix,
-/// a structured output format, repetition penalties, token biases, audio. (Tools, and what
+/// repetition penalties, token biases, audio. (Tools, and what
 /// of them is refused, are in tools.rs.)
 fn unsupported(m: &serde_json::Map<String, Value>) -> Result<(), ApiError> {
     let asks = |name: &str| match m.get(name) {
@@ -320,9 +358,6 @@ fn unsupported(m: &serde_json::Map<String, Value>) -> Result<(), ApiError> {
             _ => n.as_f64() != Some(0.0),
         },
         Some(Value::String(s)) => !s.is_empty(),
-        Some(Value::Object(o)) if name == "response_format" => {
-            o.get("type").and_then(Value::as_str) != Some("text")
-        }
         Some(Value::Object(o)) if name == "logit_bias" => !o.is_empty(),
         Some(Value::Array(a)) if name == "modalities" => a.iter().any(|m| m != "text"),
         Some(_) => true,
@@ -333,7 +368,6 @@ fn unsupported(m: &serde_json::Map<String, Value>) -> Result<(), ApiError> {
         ("echo", "echoing the prompt"),
         ("best_of", "several candidates"),
         ("suffix", "insertion (a suffix)"),
-        ("response_format", "a structured response format"),
         ("frequency_penalty", "repetition penalties"),
         ("presence_penalty", "repetition penalties"),
         ("logit_bias", "token biases"),
@@ -462,8 +496,37 @@ mod tests {
             r#""suffix":"""#,
             r#""tools":[{"type":"function","function":{"name":"f"}}],"tool_choice":"auto""#,
             r#""response_format":{"type":"text"}"#,
+            r#""response_format":null"#,
         ] {
             assert!(chat_with(ok).is_ok(), "{ok}");
+        }
+        // A JSON object is held to; a schema, another type or a tool alongside are refused.
+        assert!(
+            chat_with(r#""response_format":{"type":"json_object"}"#)
+                .unwrap()
+                .json
+        );
+        assert!(
+            !chat_with(r#""response_format":{"type":"text"}"#)
+                .unwrap()
+                .json
+        );
+        let tool = r#""tools":[{"type":"function","function":{"name":"f"}}]"#;
+        for (bad, says) in [
+            (
+                r#""response_format":{"type":"json_schema","json_schema":{}}"#,
+                "json_schema",
+            ),
+            (r#""response_format":{"type":"yaml"}"#, "`yaml`"),
+            (r#""response_format":"json""#, "must be an object"),
+            (
+                &format!(r#""response_format":{{"type":"json_object"}},{tool}"#),
+                "`tools`",
+            ),
+        ] {
+            let e = chat_with(bad).unwrap_err();
+            assert_eq!(e.param, Some("response_format"), "{bad}");
+            assert!(e.message.contains(says), "{}", e.message);
         }
         for (bad, param) in [
             (r#""logprobs":true"#, "logprobs"),
@@ -471,10 +534,6 @@ mod tests {
             (r#""echo":true"#, "echo"),
             (r#""best_of":3"#, "best_of"),
             (r#""suffix":"end""#, "suffix"),
-            (
-                r#""response_format":{"type":"json_object"}"#,
-                "response_format",
-            ),
             (r#""frequency_penalty":0.5"#, "frequency_penalty"),
             (r#""presence_penalty":"abc""#, "presence_penalty"),
             (r#""logit_bias":{"19556":-100}"#, "logit_bias"),

@@ -3,6 +3,7 @@
 //! server-sent events or whole), `/v1/completions` and `/v1/models`. Requests are checked here
 //! ([`api`]) and generated one at a time by the thread that owns the model ([`worker`]).
 
+pub mod access;
 pub mod api;
 pub mod tools;
 pub mod worker;
@@ -11,6 +12,8 @@ use crate::data::chat_template::TemplateError;
 use crate::data::tokenizer::Tokenizer;
 use crate::infer::generate::{KvCacheType, Sampling};
 use crate::infer::prompt::chat_ids_with_tools;
+use crate::infer::shape::Shape;
+use access::authorize;
 use api::{ApiError, Prompt, Request};
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
@@ -26,7 +29,7 @@ use std::convert::Infallible;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use tokio::sync::mpsc;
-use tower_http::cors::{AllowHeaders, AllowOrigin, CorsLayer};
+use tower_http::cors::CorsLayer;
 use worker::{Event, Job};
 
 /// Request bodies above this are refused (413): a chat that fills a 128k context is ~0.5 MB.
@@ -46,49 +49,6 @@ pub struct App {
     pub kv_cache: KvCacheType,
     pub jobs: std::sync::mpsc::SyncSender<Job>,
     pub next_id: AtomicU64,
-}
-
-/// Browsers' cross-origin calls from `origins` (`--cors-origin`; `*`: any), answered
-/// preflights included; None when no origin is given. An origin that is not one is refused,
-/// named.
-pub fn cors(origins: &[String]) -> Result<Option<CorsLayer>, String> {
-    use axum::http::{HeaderValue, Method};
-    let allow = match origins {
-        [] => return Ok(None),
-        [any] if any == "*" => AllowOrigin::any(),
-        _ if origins.iter().any(|o| o == "*") => {
-            return Err(
-                "--cors-origin *: any origin already includes the others; give * alone, or \
-                 only the origins to allow"
-                    .into(),
-            )
-        }
-        _ => {
-            let mut values = vec![];
-            for o in origins {
-                let (scheme, rest) = o.split_once("://").unwrap_or_default();
-                let value = HeaderValue::from_str(o).ok().filter(|_| {
-                    matches!(scheme, "http" | "https") && !rest.is_empty() && !rest.contains('/')
-                });
-                values.push(value.ok_or_else(|| {
-                    format!(
-                        "--cors-origin {o}: not an origin; give scheme://host[:port], as a \
-                         browser sends it (http://localhost:3000), or * for any"
-                    )
-                })?);
-            }
-            AllowOrigin::list(values)
-        }
-    };
-    Ok(Some(
-        CorsLayer::new()
-            .allow_origin(allow)
-            .allow_methods([Method::GET, Method::POST])
-            // Whatever headers the page's client sends (OpenAI's JS SDK adds `x-stainless-*`
-            // ones): the origin is what is checked, and every request still needs the key.
-            .allow_headers(AllowHeaders::mirror_request())
-            .max_age(std::time::Duration::from_secs(3600)),
-    ))
 }
 
 /// The routes, over `app`, with `cors` outermost (a preflight carries no API key).
@@ -117,28 +77,6 @@ pub fn router(app: Arc<App>, cors: Option<CorsLayer>) -> Router {
     match cors {
         Some(c) => routes.layer(c),
         None => routes,
-    }
-}
-
-fn authorize(app: &App, headers: &HeaderMap) -> Result<(), ApiError> {
-    let Some(key) = &app.api_key else {
-        return Ok(());
-    };
-    // The scheme's name is case-insensitive (RFC 9110, 11.1).
-    let given = headers
-        .get("authorization")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split_once(' '))
-        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-        .map(|(_, token)| token.trim());
-    if given == Some(key.as_str()) {
-        Ok(())
-    } else {
-        Err(ApiError::with(
-            StatusCode::UNAUTHORIZED,
-            "invalid_api_key",
-            "missing or wrong API key: send `Authorization: Bearer <key>` with the --api-key the server was started with",
-        ))
     }
 }
 
@@ -387,14 +325,15 @@ fn start(
         }
         _ => None,
     };
-    let (opening, choices) = match opening {
-        Some(o) => (Some(o.text), o.choices),
-        None => (None, vec![]),
+    let (opening, shape) = match opening {
+        Some(o) => (Some(o.text), Shape::OneOf(o.choices)),
+        None if req.json => (None, Shape::JsonObject),
+        None => (None, Shape::Free),
     };
     let job = Job {
         adapter,
         ids,
-        choices,
+        shape,
         sampling: Sampling {
             temperature: req.temperature,
             top_p: req.top_p,
@@ -673,28 +612,4 @@ fn stream(s: Started, kind: Kind) -> Response {
     Sse::new(body)
         .keep_alive(KeepAlive::default())
         .into_response()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn cors_origins_are_checked() {
-        let given = |o: &[&str]| cors(&o.iter().map(|s| s.to_string()).collect::<Vec<_>>());
-        assert!(given(&[]).unwrap().is_none());
-        assert!(given(&["*"]).unwrap().is_some());
-        assert!(given(&["http://localhost:3000", "https://a.example"])
-            .unwrap()
-            .is_some());
-        let e = given(&["*", "http://a.example"]).err().unwrap();
-        assert!(e.contains("give * alone"), "{e}");
-        for bad in ["localhost:3000", "http://a.example/", "ftp://a.example"] {
-            let e = given(&[bad]).err().unwrap();
-            assert!(
-                e.contains(&format!("--cors-origin {bad}: not an origin")),
-                "{e}"
-            );
-        }
-    }
 }

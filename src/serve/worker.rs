@@ -6,6 +6,7 @@
 
 use crate::data::tokenizer::Tokenizer;
 use crate::infer::generate::{generate_with, Sampling, StopReason};
+use crate::infer::shape::Shape;
 use crate::model::lora::Adapter;
 use crate::model::Llama;
 use std::cell::Cell;
@@ -24,9 +25,8 @@ pub struct Job {
     /// Which adapter applies (None: the base model).
     pub adapter: Option<String>,
     pub ids: Vec<u32>,
-    /// Token sequences the reply must begin with one of (none: it is free), the model
-    /// choosing: a forced call's function names.
-    pub choices: Vec<Vec<u32>>,
+    /// What the reply must be: free, a forced call's function names first, or JSON.
+    pub shape: Shape,
     pub sampling: Sampling,
     pub stop: Vec<String>,
     /// Whether the text so far is a whole reply (a forced call's calls made): it ends there.
@@ -87,7 +87,7 @@ pub fn run(
         let result = generate_with(
             &model,
             &tokenizer,
-            (&job.ids, &job.choices),
+            (&job.ids, &job.shape),
             &job.sampling,
             keep_on,
             |piece| {

@@ -71,7 +71,8 @@ impl From<Result<String, TemplateError>> for Reply {
                 | TemplateError::HidesToolHistory(_)
                 | TemplateError::NoCallForm
                 | TemplateError::FailsOnTools(_)
-                | TemplateError::DropsMessage(_)),
+                | TemplateError::DropsMessage(_)
+                | TemplateError::OfModel { .. }),
             ) => Reply::Render(e.to_string()),
             Err(TemplateError::Render(m)) => Reply::Render(m),
         }

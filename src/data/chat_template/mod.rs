@@ -42,6 +42,13 @@ pub enum TemplateError {
     Render(String),
     #[error("this model has no chat template; pass --raw to send the prompt as plain text")]
     Missing,
+    /// A model's own template that fails, named with the model and the way round it.
+    #[error("{model}'s chat template: {error}{hint}")]
+    OfModel {
+        model: String,
+        error: Box<TemplateError>,
+        hint: &'static str,
+    },
     #[error(
         "this model's chat template has no place for tools (it renders the same without them), \
          so the model would never see them; serve it with a --chat-template that takes tools, \
@@ -93,6 +100,23 @@ type Job = (
 );
 
 /// What a template sees, as transformers passes it.
+impl TemplateError {
+    /// This error named as `model`'s template, with `hint` (how to do without it) after it;
+    /// errors that are not the template's own failing are left as they are.
+    pub fn of_model(self, model: &str, hint: &'static str) -> Self {
+        match self {
+            TemplateError::Syntax(_) | TemplateError::Raised(_) | TemplateError::Render(_) => {
+                TemplateError::OfModel {
+                    model: model.to_string(),
+                    error: Box::new(self),
+                    hint,
+                }
+            }
+            e => e,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Default)]
 pub struct ChatContext<'a> {
     pub messages: &'a [Json],

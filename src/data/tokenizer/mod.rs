@@ -48,6 +48,8 @@ pub struct Tokenizer {
     plain: std::sync::OnceLock<tokenizers::Tokenizer>,
     /// The special tokens' texts, listed when first asked.
     special_texts: std::sync::OnceLock<Vec<String>>,
+    /// Each token's text as it reads in a reply, made when first asked.
+    token_texts: std::sync::OnceLock<Vec<Option<String>>>,
 }
 
 impl Tokenizer {
@@ -126,6 +128,7 @@ impl Tokenizer {
             max_token_bytes: Default::default(),
             plain: Default::default(),
             special_texts: Default::default(),
+            token_texts: Default::default(),
         };
         tok.finish_end_ids();
         Ok(tok)
@@ -169,6 +172,7 @@ impl Tokenizer {
             max_token_bytes: Default::default(),
             plain: Default::default(),
             special_texts: Default::default(),
+            token_texts: Default::default(),
         };
         tok.finish_end_ids();
         Ok(tok)
@@ -214,6 +218,11 @@ impl Tokenizer {
 
     pub fn token_to_id(&self, token: &str) -> Option<u32> {
         self.inner.token_to_id(token)
+    }
+
+    /// The vocabulary entry of `id` (a special token's text, or a byte-level piece as stored).
+    pub fn id_to_token(&self, id: u32) -> Option<String> {
+        self.inner.id_to_token(id)
     }
 
     pub fn bos_id(&self) -> Option<u32> {
@@ -275,6 +284,42 @@ impl Tokenizer {
                 .into_values()
                 .filter(|t| t.special && !t.content.is_empty())
                 .map(|t| t.content)
+                .collect()
+        })
+    }
+
+    /// Each id's text as it reads inside a reply (None for special tokens): decoded after
+    /// another token, since decoders drop a leading space at the start of a text. A token
+    /// holding part of a character reads as U+FFFD.
+    pub fn token_texts(&self) -> &[Option<String>] {
+        self.token_texts.get_or_init(|| {
+            let anchor = self.inner.token_to_id("a").or_else(|| {
+                let enc = self.inner.encode("a", false).ok()?;
+                enc.get_ids().first().copied()
+            });
+            let anchor_text = anchor.and_then(|a| self.inner.decode(&[a], false).ok());
+            let special: BTreeSet<u32> = self
+                .inner
+                .get_added_tokens_decoder()
+                .into_iter()
+                .filter(|(_, t)| t.special)
+                .map(|(id, _)| id)
+                .collect();
+            (0..self.vocab_size() as u32)
+                .map(|id| {
+                    if special.contains(&id) {
+                        return None;
+                    }
+                    let after = match (anchor, &anchor_text) {
+                        (Some(a), Some(at)) => self
+                            .inner
+                            .decode(&[a, id], false)
+                            .ok()
+                            .and_then(|t| t.strip_prefix(at.as_str()).map(str::to_string)),
+                        _ => None,
+                    };
+                    after.or_else(|| self.inner.decode(&[id], false).ok())
+                })
                 .collect()
         })
     }

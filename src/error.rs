@@ -100,7 +100,14 @@ impl Error {
     /// everything else.
     pub fn exit_code(&self) -> i32 {
         match self {
-            Error::Usage(_) => 2,
+            // A flag naming a model that is not there is a command-line mistake, as a missing
+            // --adapter or --data path is.
+            Error::Usage(_)
+            | Error::Adapter(crate::model::lora::AdapterError::NoSuchDir { .. })
+            | Error::Source(
+                crate::model::source::SourceError::NoSuchPath { .. }
+                | crate::model::source::SourceError::Unknown { .. },
+            ) => 2,
             Error::Interrupted { signal, .. } | Error::Stopping { signal } => {
                 crate::runtime::signals::exit_status(*signal)
             }

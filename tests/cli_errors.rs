@@ -585,3 +585,106 @@ fn non_finite_outputs_and_unwritable_stdout_fail() {
         "{e}"
     );
 }
+
+/// The exit status says whose mistake it is: 2 for the command line (a path or model name a
+/// flag gives that is not there), 1 for a file that is there but damaged.
+#[test]
+fn exit_codes_tell_a_missing_path_from_a_damaged_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = your_ai::weights::GgufFile::open(&smollm2())
+        .unwrap()
+        .config()
+        .unwrap();
+    let damaged = tmp.path().join("damaged");
+    common::random_adapter(&cfg, &damaged, 0.1, 1);
+    std::fs::write(damaged.join("adapter_config.json"), "{\"r\": 4,").unwrap();
+    let model = smollm2();
+    let model = model.to_str().unwrap();
+    let out = tmp.path().join("a.gguf");
+    let out = out.to_str().unwrap();
+    let damaged = damaged.to_str().unwrap();
+    for (args, code) in [
+        (
+            vec!["generate", "--prompt", "hi", "--model", "./no/such.gguf"],
+            2,
+        ),
+        (
+            vec!["generate", "--prompt", "hi", "--model", "no-such-alias"],
+            2,
+        ),
+        (
+            vec![
+                "generate",
+                "--prompt",
+                "hi",
+                "--model",
+                model,
+                "--adapter",
+                "./no/such",
+            ],
+            2,
+        ),
+        (
+            vec![
+                "generate",
+                "--prompt",
+                "hi",
+                "--model",
+                model,
+                "--adapter",
+                damaged,
+            ],
+            1,
+        ),
+        (
+            vec!["export-adapter", "--adapter", damaged, "--output", out],
+            1,
+        ),
+    ] {
+        let o = cli().args(&args).output().unwrap();
+        let e = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(code), "{args:?}: {e}");
+        let last = e.lines().last().unwrap_or_default();
+        assert!(last.starts_with("error: ") && !e.contains("panicked"), "{e}");
+    }
+}
+
+/// A model's own template that fails is named as that model's, with the way round it.
+#[test]
+fn a_failing_template_is_named_as_the_model_s() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = common::tiny_chat_model(&tmp.path().join("model"));
+    std::fs::write(
+        model.join("tokenizer_config.json"),
+        serde_json::json!({"bos_token": "<|im_start|>", "eos_token": "<|im_end|>",
+            "chat_template": "{{ raise_exception('only system turns') }}"})
+        .to_string(),
+    )
+    .unwrap();
+    let name = model.display().to_string();
+    fails_with(
+        &generate_args(),
+        &[&model],
+        &[],
+        &[
+            &format!("{name}'s chat template: the chat template raised an error"),
+            "only system turns",
+            "--raw sends the prompt as plain text",
+        ],
+    );
+    // As plain text it runs.
+    let o = cli()
+        .args([
+            "generate",
+            "--raw",
+            "--max-tokens",
+            "2",
+            "--prompt",
+            "hi",
+            "--model",
+        ])
+        .arg(&model)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}

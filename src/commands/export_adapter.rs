@@ -5,7 +5,7 @@ use crate::error::{Error, Result};
 use crate::export::adapter_gguf;
 use crate::export::merge::Base;
 use crate::io::Staged;
-use crate::model::lora::Adapter;
+use crate::model::lora::{Adapter, AdapterError};
 use candle_core::Device;
 
 pub fn run(args: ExportAdapterArgs) -> Result<()> {
@@ -47,8 +47,11 @@ pub fn run(args: ExportAdapterArgs) -> Result<()> {
 fn base_from_config(dir: &std::path::Path) -> Result<String> {
     let path = dir.join("adapter_config.json");
     let text = std::fs::read_to_string(&path).map_err(|e| Error::io("read", &path, e))?;
-    let v: serde_json::Value = serde_json::from_str(&text)
-        .map_err(|e| Error::Usage(format!("{}: not valid JSON: {e}", path.display())))?;
+    // A damaged file, as `Adapter::load_peft` reports one (exit 1), not a usage error.
+    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| AdapterError::Invalid {
+        path: path.clone(),
+        reason: format!("not valid JSON: {e}"),
+    })?;
     v.get("base_model_name_or_path")
         .and_then(|v| v.as_str())
         .filter(|s| !s.is_empty())

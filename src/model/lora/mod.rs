@@ -97,6 +97,13 @@ impl Target {
 pub enum AdapterError {
     #[error("{}: {reason}", path.display())]
     Invalid { path: PathBuf, reason: String },
+    /// The adapter a flag names is not there: a command-line mistake (exit 2).
+    #[error(
+        "adapter {} does not exist; give the directory with adapter_config.json and \
+         adapter_model.safetensors (a training run's --output)",
+        path.display()
+    )]
+    NoSuchDir { path: PathBuf },
     #[error("cannot {action} {}: {reason}", path.display())]
     Io {
         action: &'static str,

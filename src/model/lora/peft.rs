@@ -68,6 +68,11 @@ impl Adapter {
         model: &ModelConfig,
         device: &Device,
     ) -> Result<Self, AdapterError> {
+        if !dir.exists() {
+            return Err(AdapterError::NoSuchDir {
+                path: dir.to_path_buf(),
+            });
+        }
         // Files a run was killed while moving in are put in place first (best effort: where
         // the directory is read-only, what is there is read, as it would be without).
         let _ = crate::io::file_set::finish_commits(dir);

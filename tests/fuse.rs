@@ -336,6 +336,22 @@ fn smollm2_q4_1_fuses_with_dequantize_to_hf_and_gguf() {
     eprintln!("{report}");
     let l_hf = eval_loss(&hf, &data, None);
     assert!((l_hf - with).abs() < 1e-4, "hf: {l_hf} vs {with}");
+    // The padding and unknown tokens are named in tokenizer_config.json, and a conversion back
+    // to GGUF finds their ids again (the HF directory used to leave them out).
+    let g = GgufFile::open(&model).unwrap();
+    let vocab = g.config().unwrap().vocab_size;
+    let back = your_ai::export::gguf_tokenizer::from_hf_dir(&hf, vocab, &[]).unwrap();
+    let mut named = 0;
+    for key in [
+        "tokenizer.ggml.padding_token_id",
+        "tokenizer.ggml.unknown_token_id",
+    ] {
+        let want = g.metadata(key).map(|v| v.to_u32().unwrap());
+        let got = back.iter().find(|(k, _)| k == key);
+        assert_eq!(got.map(|(_, v)| v.to_u32().unwrap()), want, "{key}");
+        named += usize::from(want.is_some());
+    }
+    assert!(named > 0, "SmolLM2's GGUF names neither");
     let mut figures = vec![("hf f32", l_hf - with)];
     for (ty, tol) in [("f16", 2e-3), ("q8_0", 2e-2)] {
         let path = tmp.path().join(format!("m-{ty}.gguf"));
@@ -434,7 +450,8 @@ fn sentencepiece_tokenizer_survives_hf_to_gguf() {
     std::fs::write(hf.join("tokenizer.json"), doc.to_string()).unwrap();
     std::fs::write(
         hf.join("tokenizer_config.json"),
-        r#"{"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": true}"#,
+        r#"{"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": true,
+            "pad_token": {"content": "</s>"}}"#,
     )
     .unwrap();
     // ... then back to GGUF metadata, and read by our GGUF tokenizer path.
@@ -460,6 +477,9 @@ fn sentencepiece_tokenizer_survives_hf_to_gguf() {
         );
     }
     assert!(after.add_bos && after.is_end(2));
+    let id = |key: &str| gb.metadata(key).map(|v| v.to_u32().unwrap());
+    assert_eq!(id("tokenizer.ggml.padding_token_id"), Some(2));
+    assert_eq!(id("tokenizer.ggml.unknown_token_id"), Some(0));
     assert_eq!(after.bos_id(), Some(1));
     // Two padding ids beyond the tokenizer get placeholder tokens.
     assert_eq!(after.vocab_size(), vocab.len() + 2);

@@ -206,6 +206,24 @@ pub fn from_hf_dir(
     if let Some(id) = eos {
         out.push(("tokenizer.ggml.eos_token_id".into(), GValue::U32(id)));
     }
+    // Padding (and, for byte-level BPE, which has none in its model, unknown) by the names
+    // tokenizer_config.json gives them, as llama.cpp's converter reads them.
+    let config = read_config(&dir.join("tokenizer_config.json"));
+    let named = |name: &str| {
+        let v = &config[name];
+        v.as_str()
+            .or_else(|| v["content"].as_str())
+            .and_then(|t| tok.token_to_id(t))
+    };
+    if let Some(id) = named("pad_token") {
+        out.push(("tokenizer.ggml.padding_token_id".into(), GValue::U32(id)));
+    }
+    let has_unk = out
+        .iter()
+        .any(|(k, _)| k == "tokenizer.ggml.unknown_token_id");
+    if let Some(id) = named("unk_token").filter(|_| !has_unk) {
+        out.push(("tokenizer.ggml.unknown_token_id".into(), GValue::U32(id)));
+    }
     out.push((
         "tokenizer.ggml.add_bos_token".into(),
         GValue::Bool(tok.add_bos),
@@ -215,6 +233,15 @@ pub fn from_hf_dir(
         out.push(("tokenizer.chat_template".into(), GValue::String(t)));
     }
     Ok(out)
+}
+
+/// tokenizer_config.json's fields (null where the file is absent or unreadable: its special
+/// tokens are then unnamed, as without the file).
+fn read_config(path: &Path) -> Value {
+    std::fs::read_to_string(path)
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or(Value::Null)
 }
 
 fn mentions_byte_level(v: &Value) -> bool {

@@ -215,7 +215,14 @@ fn write_tokenizer(base: &Base, dir: &Path) -> Result<()> {
             let doc = crate::data::tokenizer::gguf::tokenizer_json(g)?;
             write_json(&dir.join("tokenizer.json"), &doc)?;
             let tok = Tokenizer::from_gguf(g)?;
-            let tc = json!({
+            // Padding and unknown tokens by name, as transformers reads them (a later
+            // conversion back to GGUF finds them there).
+            let named = |key: &str| {
+                g.metadata(key)
+                    .and_then(|v| v.to_u32().ok())
+                    .and_then(|id| tok.id_to_token(id))
+            };
+            let mut tc = json!({
                 "tokenizer_class": "PreTrainedTokenizerFast",
                 "bos_token": tok.bos_token,
                 "eos_token": tok.eos_token,
@@ -225,6 +232,14 @@ fn write_tokenizer(base: &Base, dir: &Path) -> Result<()> {
                 "model_max_length": base.cfg.max_position_embeddings,
                 "chat_template": tok.chat_template,
             });
+            for (key, name) in [
+                ("tokenizer.ggml.padding_token_id", "pad_token"),
+                ("tokenizer.ggml.unknown_token_id", "unk_token"),
+            ] {
+                if let Some(t) = named(key) {
+                    tc[name] = json!(t);
+                }
+            }
             write_json(&dir.join("tokenizer_config.json"), &tc)?;
             let ends: Vec<u32> = tok.end_ids.iter().copied().collect();
             write_generation_config(&base.cfg, &ends, dir)

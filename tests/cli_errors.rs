@@ -645,7 +645,10 @@ fn exit_codes_tell_a_missing_path_from_a_damaged_file() {
         let e = String::from_utf8_lossy(&o.stderr);
         assert_eq!(o.status.code(), Some(code), "{args:?}: {e}");
         let last = e.lines().last().unwrap_or_default();
-        assert!(last.starts_with("error: ") && !e.contains("panicked"), "{e}");
+        assert!(
+            last.starts_with("error: ") && !e.contains("panicked"),
+            "{e}"
+        );
     }
 }
 

@@ -1,6 +1,7 @@
-//! Replies held to a shape: `response_format` `json_object` through `your_ai serve` with the
-//! official `openai` client (tests/fixtures/openai_json.py), greedy and sampled, whole and
-//! streamed, every reply one JSON object; and the token texts the shape is checked on.
+//! Replies held to a shape: `response_format` `json_object` and `json_schema` through
+//! `your_ai serve` with the official `openai` client (tests/fixtures/openai_json.py): greedy
+//! and sampled, whole and streamed, every reply one JSON object, and a pydantic model's
+//! schema kept to; `generate --json`; and the token texts the shape is checked on.
 
 mod common;
 #[path = "common/server.rs"]
@@ -48,8 +49,8 @@ fn object(text: &str) -> Option<serde_json::Map<String, Value>> {
 }
 
 /// With `response_format` `json_object`, every reply that ends is one JSON object, even to a
-/// question that does not ask for JSON (answered in prose without it); streamed as whole; a
-/// schema is refused, saying what to give instead.
+/// question that does not ask for JSON (answered in prose without it); streamed as whole.
+/// With a pydantic model's schema, the reply is one pydantic reads back.
 #[test]
 fn json_object_replies_are_json_objects() {
     let tmp = tempfile::tempdir().unwrap();
@@ -85,10 +86,28 @@ fn json_object_replies_are_json_objects() {
         let first = got[label]["replies"][0]["content"].as_str().unwrap();
         assert!(first.starts_with('{'), "{first:?}");
     }
+    // A pydantic model through the client's `parse`: the reply validates against it (where
+    // the same question without the schema does not), and pydantic reads it back.
+    let parsed = &got["parsed"];
+    assert_eq!(parsed["finish"], "stop", "{got}");
+    let cat = &parsed["cat"];
+    assert!(cat["name"].is_string() && cat["age"].is_i64(), "{got}");
+    let colour = cat["colour"].as_str().unwrap_or_default();
+    assert!(["black", "white", "ginger"].contains(&colour), "{got}");
+    assert!(
+        cat["owner"].is_null() || cat["owner"]["name"].is_string(),
+        "{got}"
+    );
+    assert!(
+        cat["toys"].as_array().is_some_and(|t| t.len() <= 3),
+        "{got}"
+    );
+    assert_eq!(parsed["plain_valid"], false, "{got}");
+    // A keyword the reply cannot be held to is refused, named with its place.
     assert_eq!(got["schema"]["status"], 400, "{got}");
     let why = got["schema"]["message"].as_str().unwrap();
     assert!(
-        why.contains("json_schema") && why.contains("json_object"),
+        why.contains("json_schema: #/properties/code: `pattern` is not supported"),
         "{why}"
     );
 }
@@ -125,4 +144,37 @@ fn generate_json_prints_one_object() {
     let o = ask(&["--json", "--ignore-eos"]);
     assert_eq!(o.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&o.stderr).contains("--ignore-eos"));
+    // A schema from a file: its fields, in its order, of its types.
+    let tmp = tempfile::tempdir().unwrap();
+    let schema = tmp.path().join("cat.json");
+    std::fs::write(
+        &schema,
+        serde_json::json!({"type": "object", "required": ["age", "name"], "properties": {
+            "age": {"type": "integer"}, "name": {"type": "string"},
+            "indoor": {"type": "boolean"}}})
+        .to_string(),
+    )
+    .unwrap();
+    let o = ask(&["--json-schema", schema.to_str().unwrap()]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let reply = object(out.trim_end()).unwrap_or_else(|| panic!("{out:?}"));
+    let keys: Vec<&str> = reply.keys().map(String::as_str).collect();
+    assert!(
+        keys.starts_with(&["age", "name"]) && keys.len() <= 3,
+        "{out}"
+    );
+    assert!(reply["age"].is_i64() && reply["name"].is_string(), "{out}");
+    std::fs::write(
+        &schema,
+        r#"{"type": "object", "properties": {"code": {"type": "string", "pattern": "x"}}}"#,
+    )
+    .unwrap();
+    let o = ask(&["--json-schema", schema.to_str().unwrap()]);
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{e}");
+    assert!(
+        e.contains("cat.json: #/properties/code: `pattern` is not supported"),
+        "{e}"
+    );
 }

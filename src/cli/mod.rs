@@ -202,6 +202,9 @@ pub struct GenerateArgs {
     /// the prompt should still say what the object holds.
     #[arg(long)]
     pub json: bool,
+    /// Hold the reply to a document of the JSON Schema in FILE (an object at its root).
+    #[arg(long, value_name = "FILE", conflicts_with = "json")]
+    pub json_schema: Option<PathBuf>,
     #[command(flatten)]
     pub sampling: SamplingArgs,
 }

@@ -4,6 +4,7 @@ use crate::cli::GenerateArgs;
 use crate::error::{Error, Result};
 use crate::infer::generate::{generate_with, StopReason};
 use crate::infer::prompt::{chat_ids, user_turn};
+use crate::infer::shape::schema::Grammar;
 use crate::infer::shape::Shape;
 
 pub fn run(args: GenerateArgs) -> Result<()> {
@@ -16,10 +17,11 @@ pub fn run(args: GenerateArgs) -> Result<()> {
                 .into(),
         ));
     }
-    if args.json && args.sampling.ignore_eos {
+    let shape = shape(&args)?;
+    if shape != Shape::Free && args.sampling.ignore_eos {
         return Err(Error::Usage(
-            "--json ends the reply where its object closes, and --ignore-eos would go on past \
-             it: give one of them"
+            "--json and --json-schema end the reply where its object closes, and --ignore-eos \
+             would go on past it: give one of them"
                 .into(),
         ));
     }
@@ -76,11 +78,6 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         );
         sampling.max_tokens = room;
     }
-    let shape = if args.json {
-        Shape::JsonObject
-    } else {
-        Shape::Free
-    };
     let result = generate_with(
         &loaded.model,
         tok,
@@ -106,4 +103,21 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         loaded.load_time.as_secs_f64()
     );
     Ok(())
+}
+
+/// What `--json` or `--json-schema` holds the reply to, read and checked before the model is.
+fn shape(args: &GenerateArgs) -> Result<Shape> {
+    let Some(path) = &args.json_schema else {
+        return Ok(if args.json {
+            Shape::json_object()
+        } else {
+            Shape::Free
+        });
+    };
+    let bad = |why: String| Error::Usage(format!("--json-schema {}: {why}", path.display()));
+    let text = std::fs::read_to_string(path).map_err(|e| bad(format!("cannot read it ({e})")))?;
+    let schema: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| bad(format!("not valid JSON ({e})")))?;
+    let grammar = Grammar::from_schema(&schema).map_err(bad)?;
+    Ok(Shape::Json(std::sync::Arc::new(grammar)))
 }

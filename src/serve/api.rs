@@ -1,9 +1,11 @@
 //! The OpenAI wire format: requests parsed and checked field by field (a bad one is a 4xx with
 //! an OpenAI-style error body naming the field), and the response objects.
 
+use crate::infer::shape::schema::Grammar;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde_json::{json, Value};
+use std::sync::Arc;
 
 /// An error as OpenAI's API reports it: `{"error": {"message", "type", "param", "code"}}`.
 #[derive(Debug)]
@@ -81,8 +83,8 @@ pub struct Request {
     pub include_usage: bool,
     /// The functions the model may call (chat only).
     pub tools: Option<super::tools::Tools>,
-    /// `response_format` `json_object`: the reply is one JSON object.
-    pub json: bool,
+    /// What JSON `response_format` holds the reply to (None: plain text).
+    pub json: Option<Arc<Grammar>>,
 }
 
 /// The JSON object of a request body.
@@ -129,7 +131,7 @@ pub fn chat(body: &[u8]) -> Result<Request, ApiError> {
     super::tools::check_answers(&messages)?;
     let tools = super::tools::from_request(&m)?;
     let mut request = common(&m, Prompt::Chat(messages), "max_completion_tokens")?;
-    if request.json && tools.is_some() {
+    if request.json.is_some() && tools.is_some() {
         return Err(ApiError::invalid(
             Some("response_format"),
             "`response_format` json_object with `tools`: a reply is either calls or a JSON \
@@ -318,30 +320,42 @@ fn common(
     })
 }
 
-/// Whether `response_format` asks for a JSON object (`{"type": "json_object"}`); plain text
-/// is the default. A schema is refused: the reply would be JSON, but not held to it.
-fn response_format(v: Option<&Value>) -> Result<bool, ApiError> {
+/// The grammar `response_format` holds the reply to: any JSON object (`json_object`), or a
+/// JSON Schema's (`json_schema`); None for plain text, the default. A schema this server
+/// cannot hold a reply to is refused, naming the keyword and its place.
+fn response_format(v: Option<&Value>) -> Result<Option<Arc<Grammar>>, ApiError> {
     let bad = |why: String| Err(ApiError::invalid(Some("response_format"), why));
-    let kind = match v {
-        None | Some(Value::Null) => return Ok(false),
-        Some(Value::Object(o)) => o.get("type").and_then(Value::as_str),
-        Some(_) => None,
-    };
-    match kind {
-        Some("text") => Ok(false),
-        Some("json_object") => Ok(true),
-        Some("json_schema") => bad(
-            "`response_format` json_schema: this server does not support holding a reply to \
-             a schema yet; {\"type\": \"json_object\"} gives a JSON object (describe its \
-             fields in the prompt)"
-                .into(),
-        ),
-        Some(other) => bad(format!(
-            "`response_format` type `{other}` is not one of text, json_object"
-        )),
-        None => {
-            bad("`response_format` must be an object such as {\"type\": \"json_object\"}".into())
+    let o = match v {
+        None | Some(Value::Null) => return Ok(None),
+        Some(Value::Object(o)) => o,
+        Some(_) => {
+            return bad(
+                "`response_format` must be an object such as {\"type\": \"json_object\"}".into(),
+            )
         }
+    };
+    match o.get("type").and_then(Value::as_str) {
+        Some("text") => Ok(None),
+        Some("json_object") => Ok(Some(Arc::new(Grammar::any_object()))),
+        Some("json_schema") => {
+            let Some(spec) = o.get("json_schema").and_then(Value::as_object) else {
+                return bad(
+                    "`response_format` json_schema needs `json_schema`: {\"name\", \"schema\"}"
+                        .into(),
+                );
+            };
+            match spec.get("schema") {
+                None | Some(Value::Null) => Ok(Some(Arc::new(Grammar::any_object()))),
+                Some(schema) => match Grammar::from_schema(schema) {
+                    Ok(g) => Ok(Some(Arc::new(g))),
+                    Err(why) => bad(format!("`response_format` json_schema: {why}")),
+                },
+            }
+        }
+        Some(other) => bad(format!(
+            "`response_format` type `{other}` is not one of text, json_object, json_schema"
+        )),
+        None => bad("`response_format` needs a `type`: text, json_object or json_schema".into()),
     }
 }
 
@@ -500,22 +514,25 @@ mod tests {
         ] {
             assert!(chat_with(ok).is_ok(), "{ok}");
         }
-        // A JSON object is held to; a schema, another type or a tool alongside are refused.
-        assert!(
-            chat_with(r#""response_format":{"type":"json_object"}"#)
-                .unwrap()
-                .json
+        // Any object, or a schema's; a schema that cannot be held to, another type or a tool
+        // alongside are refused.
+        let json = |rest: &str| chat_with(rest).unwrap().json;
+        assert_eq!(
+            json(r#""response_format":{"type":"json_object"}"#).as_deref(),
+            Some(&Grammar::any_object())
         );
-        assert!(
-            !chat_with(r#""response_format":{"type":"text"}"#)
-                .unwrap()
-                .json
-        );
+        assert!(json(r#""response_format":{"type":"text"}"#).is_none());
+        let schema = r#""response_format":{"type":"json_schema","json_schema":{"name":"n","strict":true,"schema":{"type":"object","properties":{"a":{"type":"integer"}},"required":["a"],"additionalProperties":false}}}"#;
+        assert!(json(schema).is_some_and(|g| *g != Grammar::any_object()));
         let tool = r#""tools":[{"type":"function","function":{"name":"f"}}]"#;
         for (bad, says) in [
             (
-                r#""response_format":{"type":"json_schema","json_schema":{}}"#,
-                "json_schema",
+                r#""response_format":{"type":"json_schema","json_schema":{"schema":{"type":"object","properties":{"a":{"type":"string","format":"date"}}}}}"#,
+                "#/properties/a: `format` is not supported",
+            ),
+            (
+                r#""response_format":{"type":"json_schema"}"#,
+                "needs `json_schema`",
             ),
             (r#""response_format":{"type":"yaml"}"#, "`yaml`"),
             (r#""response_format":"json""#, "must be an object"),

@@ -327,8 +327,10 @@ fn start(
     };
     let (opening, shape) = match opening {
         Some(o) => (Some(o.text), Shape::OneOf(o.choices)),
-        None if req.json => (None, Shape::JsonObject),
-        None => (None, Shape::Free),
+        None => match &req.json {
+            Some(g) => (None, Shape::Json(g.clone())),
+            None => (None, Shape::Free),
+        },
     };
     let job = Job {
         adapter,

@@ -1,10 +1,13 @@
 //! What shape a reply must take, and, token by token, which tokens keep it so: sampling is
 //! done among those alone.
 
-pub mod json;
+pub mod schema;
+pub mod walk;
 
 use crate::data::tokenizer::Tokenizer;
-use json::JsonObject;
+use schema::Grammar;
+use std::sync::Arc;
+use walk::Walker;
 
 /// What a reply must be.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -15,60 +18,103 @@ pub enum Shape {
     /// One of these token sequences first, the model choosing (a forced call's function
     /// names), then anything.
     OneOf(Vec<Vec<u32>>),
-    /// One JSON object, then the end (OpenAI's `response_format` `json_object`).
-    JsonObject,
+    /// One JSON document of the grammar, then the end (OpenAI's `response_format`
+    /// `json_object`, any object, and `json_schema`).
+    Json(Arc<Grammar>),
+}
+
+impl Shape {
+    /// Any one JSON object.
+    pub fn json_object() -> Self {
+        Shape::Json(Arc::new(Grammar::any_object()))
+    }
 }
 
 /// A reply's way through its [`Shape`].
 pub struct Guide<'a> {
     shape: &'a Shape,
     tokenizer: &'a Tokenizer,
-    /// The JSON so far, for [`Shape::JsonObject`].
-    json: JsonObject,
+    /// The JSON so far, for [`Shape::Json`].
+    json: Option<Walker<'a>>,
+    /// Per token: whether its text can sit in a string as it is (no `"`, `\\` or control
+    /// character), and its first character (None: no text, or a special token).
+    plain: Vec<bool>,
+    first: Vec<Option<char>>,
 }
 
 impl<'a> Guide<'a> {
     pub fn new(shape: &'a Shape, tokenizer: &'a Tokenizer) -> Self {
+        let json = match shape {
+            Shape::Json(g) => Some(Walker::new(g)),
+            _ => None,
+        };
+        let (mut plain, mut first) = (vec![], vec![]);
+        if json.is_some() {
+            for (id, text) in tokenizer.token_texts().iter().enumerate() {
+                // An end token is text only to a tokenizer that does not mark it.
+                let text = text.as_deref().filter(|_| !tokenizer.is_end(id as u32));
+                first.push(text.and_then(|t| t.chars().next()));
+                plain.push(text.is_some_and(|t| {
+                    !t.is_empty() && !t.chars().any(|c| c == '"' || c == '\\' || c < ' ')
+                }));
+            }
+        }
         Self {
             shape,
             tokenizer,
-            json: JsonObject::new(),
+            json,
+            plain,
+            first,
         }
     }
 
     /// The tokens that may follow `ids`, the reply so far (None: any token may). Empty where
     /// no token of the vocabulary keeps to the shape.
     pub fn allowed(&self, ids: &[u32]) -> Option<Vec<u32>> {
-        match self.shape {
-            Shape::Free => None,
-            Shape::OneOf(choices) => one_of(choices, ids),
-            Shape::JsonObject if self.json.is_complete() => {
+        match (self.shape, &self.json) {
+            (Shape::Free, _) => None,
+            (Shape::OneOf(choices), _) => one_of(choices, ids),
+            (Shape::Json(_), Some(w)) if w.is_complete() => {
                 Some(self.tokenizer.end_ids.iter().copied().collect())
             }
-            Shape::JsonObject => Some(
-                self.tokenizer
-                    .token_texts()
-                    .iter()
-                    .enumerate()
-                    .filter(|&(id, text)| {
-                        // An end token is text only to a tokenizer that does not mark it.
-                        !self.tokenizer.is_end(id as u32)
-                            && text.as_deref().is_some_and(|t| {
-                                let mut s = self.json;
-                                !t.is_empty() && s.push_str(t)
-                            })
-                    })
-                    .map(|(id, _)| id as u32)
-                    .collect(),
-            ),
+            (Shape::Json(_), Some(w)) => Some(self.json_tokens(w)),
+            (Shape::Json(_), None) => Some(vec![]),
         }
+    }
+
+    /// The tokens whose text `w` takes. Most are settled without trying them whole: in a
+    /// string, a plain text leaves the state as it is; elsewhere, a first character that
+    /// cannot come next rules a token out.
+    fn json_tokens(&self, w: &Walker) -> Vec<u32> {
+        let texts = self.tokenizer.token_texts();
+        let in_string = w.in_plain_string();
+        let mut firsts: std::collections::HashMap<char, bool> = Default::default();
+        let mut out = vec![];
+        for (id, first) in self.first.iter().enumerate() {
+            let Some(c) = *first else { continue };
+            if in_string && self.plain[id] {
+                out.push(id as u32);
+                continue;
+            }
+            let may = *firsts.entry(c).or_insert_with(|| {
+                let mut trial = *w;
+                trial.push(c)
+            });
+            if may {
+                let mut trial = *w;
+                if texts[id].as_deref().is_some_and(|t| trial.push_str(t)) {
+                    out.push(id as u32);
+                }
+            }
+        }
+        out
     }
 
     /// Takes the token sampled next.
     pub fn advance(&mut self, id: u32) {
-        if *self.shape == Shape::JsonObject {
+        if let Some(w) = &mut self.json {
             if let Some(Some(text)) = self.tokenizer.token_texts().get(id as usize) {
-                self.json.push_str(text);
+                w.push_str(text);
             }
         }
     }

@@ -1,0 +1,397 @@
+//! A JSON Schema compiled into the grammar a reply is held to: the kinds of value each place
+//! takes, an object's properties in the schema's order, enums and consts as their JSON texts.
+//! Keywords that restrict values in ways the grammar cannot hold (`pattern`, `minimum`, …) are
+//! refused, named, rather than ignored: the reply would break the schema. The grammar may
+//! produce fewer documents than the schema allows (no properties it does not list, no
+//! alternatives that begin alike), never more.
+
+use serde_json::{Map, Value};
+use std::collections::HashMap;
+
+/// Where a node sits in [`Grammar::nodes`].
+pub type NodeId = u16;
+
+/// One kind of value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Node {
+    /// Any JSON value.
+    Any,
+    Integer,
+    Number,
+    String,
+    /// One of these JSON texts (an enum, a const, `true`/`false`, `null`).
+    Texts(Vec<String>),
+    Array {
+        items: NodeId,
+        min: usize,
+        max: Option<usize>,
+    },
+    /// An object with `props` in this order (each key as its JSON text, quotes included);
+    /// with none listed, any keys (`free`).
+    Object {
+        props: Vec<Prop>,
+        free: bool,
+    },
+    /// One of these, told apart by the first character.
+    OneOf(Vec<NodeId>),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Prop {
+    pub key: String,
+    pub value: NodeId,
+    pub required: bool,
+}
+
+/// The nodes, the root first.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Grammar {
+    pub nodes: Vec<Node>,
+}
+
+/// Nodes every grammar has, at these places (the root is at 0).
+pub const ANY: NodeId = 1;
+pub const LITERALS: NodeId = 2;
+pub const ANY_OBJECT: NodeId = 3;
+pub const ANY_ARRAY: NodeId = 4;
+
+/// Keywords that describe and do not restrict: read past.
+const ANNOTATIONS: &[&str] = &[
+    "title",
+    "description",
+    "default",
+    "examples",
+    "$schema",
+    "$id",
+    "$comment",
+    "deprecated",
+    "readOnly",
+    "writeOnly",
+    "$defs",
+    "definitions",
+    // Left out or false, no other key is written anyway; true allows what is not written.
+    "additionalProperties",
+    "strict",
+];
+
+/// Most properties one object may list, and values one enum (they are tracked as bits).
+pub const MAX_PROPS: usize = 64;
+const MAX_NODES: usize = 4096;
+
+impl Grammar {
+    /// Any JSON object.
+    pub fn any_object() -> Self {
+        Self {
+            nodes: vec![
+                Node::Object {
+                    props: vec![],
+                    free: true,
+                },
+                Node::Any,
+                Node::Texts(vec!["true".into(), "false".into(), "null".into()]),
+                Node::Object {
+                    props: vec![],
+                    free: true,
+                },
+                Node::Array {
+                    items: ANY,
+                    min: 0,
+                    max: None,
+                },
+            ],
+        }
+    }
+
+    /// The grammar of `schema`, whose root must be an object; the error says which keyword
+    /// at which place cannot be held to.
+    pub fn from_schema(schema: &Value) -> Result<Self, String> {
+        let mut c = Compiler {
+            root: schema,
+            grammar: Self::any_object(),
+            refs: HashMap::new(),
+        };
+        c.grammar.nodes[0] = Node::Any;
+        let root = c.node(schema, "#")?;
+        let root_node = c.grammar.nodes[root as usize].clone();
+        if !matches!(root_node, Node::Object { .. }) {
+            return Err("the schema's root must be an object (`\"type\": \"object\"`)".into());
+        }
+        c.grammar.nodes[0] = root_node;
+        Ok(c.grammar)
+    }
+}
+
+struct Compiler<'a> {
+    root: &'a Value,
+    grammar: Grammar,
+    /// `$ref` targets already given a node (recursive schemas refer back to them).
+    refs: HashMap<String, NodeId>,
+}
+
+impl Compiler<'_> {
+    fn push(&mut self, node: Node) -> Result<NodeId, String> {
+        if self.grammar.nodes.len() >= MAX_NODES {
+            return Err(format!("the schema is too large (over {MAX_NODES} parts)"));
+        }
+        self.grammar.nodes.push(node);
+        Ok((self.grammar.nodes.len() - 1) as NodeId)
+    }
+
+    fn node(&mut self, s: &Value, at: &str) -> Result<NodeId, String> {
+        let m = match s {
+            Value::Bool(true) => return Ok(ANY),
+            Value::Object(m) => m,
+            _ => return Err(format!("{at}: a schema must be an object")),
+        };
+        if let Some(r) = m.get("$ref") {
+            return self.reference(r, at);
+        }
+        for key in m.keys() {
+            let known = ANNOTATIONS.contains(&key.as_str())
+                || [
+                    "type",
+                    "enum",
+                    "const",
+                    "properties",
+                    "required",
+                    "items",
+                    "minItems",
+                    "maxItems",
+                    "anyOf",
+                    "oneOf",
+                    "nullable",
+                ]
+                .contains(&key.as_str());
+            if !known {
+                return Err(format!(
+                    "{at}: `{key}` is not supported (a reply cannot be held to it here)"
+                ));
+            }
+        }
+        if let Some(v) = m.get("const") {
+            return self.push(Node::Texts(vec![v.to_string()]));
+        }
+        if let Some(v) = m.get("enum") {
+            let Value::Array(values) = v else {
+                return Err(format!("{at}: `enum` must be an array"));
+            };
+            if values.is_empty() {
+                return Err(format!("{at}: `enum` is empty; nothing could be written"));
+            }
+            if values.len() > MAX_PROPS {
+                return Err(format!("{at}: `enum` has more than {MAX_PROPS} values"));
+            }
+            return self.push(Node::Texts(values.iter().map(Value::to_string).collect()));
+        }
+        for key in ["anyOf", "oneOf"] {
+            if let Some(v) = m.get(key) {
+                let Value::Array(alts) = v else {
+                    return Err(format!("{at}: `{key}` must be an array"));
+                };
+                let mut ids = vec![];
+                for (i, alt) in alts.iter().enumerate() {
+                    ids.push(self.node(alt, &format!("{at}/{key}/{i}"))?);
+                }
+                return self.one_of(ids, at);
+            }
+        }
+        let mut types: Vec<&str> = match m.get("type") {
+            None => return Ok(ANY),
+            Some(Value::String(t)) => vec![t.as_str()],
+            Some(Value::Array(ts)) => ts.iter().filter_map(Value::as_str).collect(),
+            Some(_) => return Err(format!("{at}: `type` must be a string or an array")),
+        };
+        if m.get("nullable") == Some(&Value::Bool(true)) {
+            types.push("null");
+        }
+        let mut ids = vec![];
+        for t in types {
+            ids.push(self.typed(t, m, at)?);
+        }
+        match ids.as_slice() {
+            [] => Err(format!("{at}: `type` names no type")),
+            [one] => Ok(*one),
+            _ => self.one_of(ids, at),
+        }
+    }
+
+    fn typed(&mut self, t: &str, m: &Map<String, Value>, at: &str) -> Result<NodeId, String> {
+        let node = match t {
+            "string" => Node::String,
+            "integer" => Node::Integer,
+            "number" => Node::Number,
+            "boolean" => Node::Texts(vec!["true".into(), "false".into()]),
+            "null" => Node::Texts(vec!["null".into()]),
+            "array" => {
+                let items = match m.get("items") {
+                    None => ANY,
+                    Some(s) => self.node(s, &format!("{at}/items"))?,
+                };
+                let count = |key: &str| match m.get(key) {
+                    None => Ok(None),
+                    Some(v) => v
+                        .as_u64()
+                        .map(|n| Some(n as usize))
+                        .ok_or_else(|| format!("{at}: `{key}` must be a count")),
+                };
+                let (min, max) = (count("minItems")?.unwrap_or(0), count("maxItems")?);
+                if max.is_some_and(|max| max < min) {
+                    return Err(format!("{at}: `maxItems` is below `minItems`"));
+                }
+                Node::Array { items, min, max }
+            }
+            "object" => self.object(m, at)?,
+            other => return Err(format!("{at}: unknown type `{other}`")),
+        };
+        self.push(node)
+    }
+
+    fn object(&mut self, m: &Map<String, Value>, at: &str) -> Result<Node, String> {
+        let required: Vec<&str> = match m.get("required") {
+            None => vec![],
+            Some(Value::Array(r)) => r.iter().filter_map(Value::as_str).collect(),
+            Some(_) => return Err(format!("{at}: `required` must be an array of names")),
+        };
+        let Some(props) = m.get("properties") else {
+            return Ok(Node::Object {
+                props: vec![],
+                free: true,
+            });
+        };
+        let Value::Object(props) = props else {
+            return Err(format!("{at}: `properties` must be an object"));
+        };
+        if props.len() > MAX_PROPS {
+            return Err(format!("{at}: more than {MAX_PROPS} properties"));
+        }
+        if let Some(missing) = required.iter().find(|r| !props.contains_key(**r)) {
+            return Err(format!(
+                "{at}: `{missing}` is required but not among the properties"
+            ));
+        }
+        let mut out = vec![];
+        for (name, s) in props {
+            let value = self.node(s, &format!("{at}/properties/{name}"))?;
+            out.push(Prop {
+                key: Value::String(name.clone()).to_string(),
+                value,
+                required: required.contains(&name.as_str()),
+            });
+        }
+        Ok(Node::Object {
+            props: out,
+            free: false,
+        })
+    }
+
+    fn reference(&mut self, r: &Value, at: &str) -> Result<NodeId, String> {
+        let Some(path) = r.as_str() else {
+            return Err(format!("{at}: `$ref` must be a string"));
+        };
+        if let Some(&id) = self.refs.get(path) {
+            return Ok(id);
+        }
+        let target = path
+            .strip_prefix('#')
+            .and_then(|p| self.root.pointer(p))
+            .ok_or_else(|| format!("{at}: `$ref` {path} does not name a part of this schema"))?;
+        // A place for it first, so that a schema that refers back to itself finds it.
+        let id = self.push(Node::Any)?;
+        self.refs.insert(path.to_string(), id);
+        let inner = self.node(target, path)?;
+        self.grammar.nodes[id as usize] = self.grammar.nodes[inner as usize].clone();
+        Ok(id)
+    }
+
+    /// Alternatives told apart by their first character; two that may begin alike (two
+    /// objects, a string and a string enum) are refused.
+    fn one_of(&mut self, ids: Vec<NodeId>, at: &str) -> Result<NodeId, String> {
+        let mut seen: Vec<char> = vec![];
+        for &id in &ids {
+            let firsts = self.first_chars(id, 0);
+            if firsts.iter().any(|c| seen.contains(c)) {
+                return Err(format!(
+                    "{at}: alternatives that can begin alike (two of the same type) are not \
+                     supported"
+                ));
+            }
+            seen.extend(firsts);
+        }
+        self.push(Node::OneOf(ids))
+    }
+
+    /// The characters a value of `id` can begin with.
+    fn first_chars(&self, id: NodeId, depth: usize) -> Vec<char> {
+        const NUMBER: &str = "-0123456789";
+        match &self.grammar.nodes[id as usize] {
+            _ if depth > 32 => vec![],
+            Node::Any => "{[\"tfn".chars().chain(NUMBER.chars()).collect(),
+            Node::Integer | Node::Number => NUMBER.chars().collect(),
+            Node::String => vec!['"'],
+            Node::Texts(t) => t.iter().filter_map(|t| t.chars().next()).collect(),
+            Node::Array { .. } => vec!['['],
+            Node::Object { .. } => vec!['{'],
+            Node::OneOf(ids) => ids
+                .iter()
+                .flat_map(|&i| self.first_chars(i, depth + 1))
+                .collect(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn schemas_compile_or_are_refused_naming_the_place() {
+        let g = Grammar::from_schema(&json!({
+            "type": "object",
+            "properties": {
+                "name": {"type": "string", "description": "who"},
+                "age": {"type": ["integer", "null"]},
+                "tags": {"type": "array", "items": {"enum": ["a", "b"]}, "maxItems": 3},
+                "owner": {"$ref": "#/$defs/Person"}
+            },
+            "required": ["name", "age"],
+            "$defs": {"Person": {"type": "object", "properties": {
+                "name": {"const": "x"}, "friend": {"$ref": "#/$defs/Person"}}}}
+        }))
+        .unwrap();
+        let Node::Object { props, free } = &g.nodes[0] else {
+            panic!("{g:?}")
+        };
+        assert!(!free);
+        let keys: Vec<&str> = props.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(keys, ["\"name\"", "\"age\"", "\"tags\"", "\"owner\""]);
+        assert!(props[0].required && props[1].required && !props[2].required);
+        for (schema, says) in [
+            (json!({"type": "string"}), "root must be an object"),
+            (
+                json!({"type": "object", "properties": {"a": {"type": "string", "pattern": "x"}}}),
+                "#/properties/a: `pattern` is not supported",
+            ),
+            (
+                json!({"type": "object", "properties": {"a": {"anyOf": [
+                    {"type": "object"}, {"type": "object", "properties": {}}]}}}),
+                "#/properties/a: alternatives that can begin alike",
+            ),
+            (
+                json!({"type": "object", "properties": {}, "required": ["b"]}),
+                "`b` is required",
+            ),
+            (
+                json!({"type": "object", "properties": {"a": {"$ref": "#/$defs/None"}}}),
+                "does not name a part",
+            ),
+            (
+                json!({"type": "object", "properties": {"a": {"enum": []}}}),
+                "`enum` is empty",
+            ),
+        ] {
+            let e = Grammar::from_schema(&schema).unwrap_err();
+            assert!(e.contains(says), "{e}");
+        }
+    }
+}

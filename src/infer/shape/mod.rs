@@ -88,7 +88,12 @@ impl<'a> Guide<'a> {
     fn json_tokens(&self, w: &Walker) -> Vec<u32> {
         let texts = self.tokenizer.token_texts();
         let in_string = w.in_plain_string();
-        let mut firsts: std::collections::HashMap<char, bool> = Default::default();
+        // Whether each ASCII first character may come next, found when first met.
+        let mut ascii: [Option<bool>; 128] = [None; 128];
+        let first_may = |c: char| {
+            let mut trial = *w;
+            trial.push(c)
+        };
         let mut out = vec![];
         for (id, first) in self.first.iter().enumerate() {
             let Some(c) = *first else { continue };
@@ -96,10 +101,10 @@ impl<'a> Guide<'a> {
                 out.push(id as u32);
                 continue;
             }
-            let may = *firsts.entry(c).or_insert_with(|| {
-                let mut trial = *w;
-                trial.push(c)
-            });
+            let may = match ascii.get_mut(c as usize) {
+                Some(known) => *known.get_or_insert_with(|| first_may(c)),
+                None => first_may(c),
+            };
             if may {
                 let mut trial = *w;
                 if texts[id].as_deref().is_some_and(|t| trial.push_str(t)) {

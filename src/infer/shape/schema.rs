@@ -295,8 +295,23 @@ impl Compiler<'_> {
             .strip_prefix('#')
             .and_then(|p| self.root.pointer(p))
             .ok_or_else(|| format!("{at}: `$ref` {path} does not name a part of this schema"))?;
-        // A place for it first, so that a schema that refers back to itself finds it.
-        let id = self.push(Node::Any)?;
+        // A place for it first, so that a schema that refers back to itself finds it: of
+        // its kind, so that alternatives beside it (an optional recursive field's null) are
+        // told apart from it.
+        let placeholder = match target.get("type").and_then(Value::as_str) {
+            Some("object") => Node::Object {
+                props: vec![],
+                free: false,
+            },
+            Some("array") => Node::Array {
+                items: ANY,
+                min: 0,
+                max: None,
+            },
+            Some("string") => Node::String,
+            _ => Node::Any,
+        };
+        let id = self.push(placeholder)?;
         self.refs.insert(path.to_string(), id);
         let inner = self.node(target, path)?;
         self.grammar.nodes[id as usize] = self.grammar.nodes[inner as usize].clone();
@@ -366,6 +381,18 @@ mod tests {
         let keys: Vec<&str> = props.iter().map(|p| p.key.as_str()).collect();
         assert_eq!(keys, ["\"name\"", "\"age\"", "\"tags\"", "\"owner\""]);
         assert!(props[0].required && props[1].required && !props[2].required);
+        // A recursive model with an optional field of its own kind, as pydantic writes one.
+        let tree = Grammar::from_schema(&json!({
+            "$defs": {"Node": {"type": "object", "properties": {
+                "value": {"type": "integer"},
+                "child": {"anyOf": [{"$ref": "#/$defs/Node"}, {"type": "null"}]}},
+                "required": ["value", "child"]}},
+            "$ref": "#/$defs/Node"
+        }))
+        .unwrap();
+        let mut w = crate::infer::shape::walk::Walker::new(&tree);
+        assert!(w.push_str(r#"{"value": 1, "child": {"value": 2, "child": null}}"#));
+        assert!(w.is_complete());
         for (schema, says) in [
             (json!({"type": "string"}), "root must be an object"),
             (

@@ -121,11 +121,10 @@ pub struct Walker<'g> {
 
 impl<'g> Walker<'g> {
     pub fn new(grammar: &'g Grammar) -> Self {
-        let mut stack = [Frame::Value(0); MAX_DEPTH];
-        stack[0] = Frame::Value(0);
         Self {
             grammar,
-            stack,
+            // The root's value is due; the rest is room.
+            stack: [Frame::Value(0); MAX_DEPTH],
             len: 1,
             done: false,
             begun: false,

@@ -6,7 +6,7 @@ mod common;
 #[path = "common/gradients.rs"]
 mod gradients;
 
-use candle_core::{DType, Device, Tensor, Var, D};
+use candle_core::{DType, Device, Tensor, D};
 use common::TinySpec;
 use gradients::*;
 use your_ai::data::batch::pack;
@@ -86,17 +86,7 @@ fn explicit_backward_matches_autograd_on_every_target() {
         mb.mlp_chunk_rows = chunk;
         let (loss, grads) = explicit(&model, &adapter, std::slice::from_ref(&mb));
 
-        let vars: Vec<(usize, Target, Var, Var)> = adapter
-            .iter()
-            .map(|(l, t, p)| {
-                (
-                    l,
-                    t,
-                    Var::from_tensor(&p.a).unwrap(),
-                    Var::from_tensor(&p.b).unwrap(),
-                )
-            })
-            .collect();
+        let vars = autograd_vars(&adapter);
         let oracle = autograd_loss(&model, &vars, adapter.cfg.scale(), &mb);
         assert!(
             (oracle.to_scalar::<f64>().unwrap() - loss).abs() < 1e-9,

@@ -6,7 +6,7 @@ mod common;
 #[path = "common/gradients.rs"]
 mod gradients;
 
-use candle_core::{Device, Tensor, Var};
+use candle_core::{Device, Tensor};
 use common::TinySpec;
 use gradients::*;
 use your_ai::data::batch::Row;
@@ -46,17 +46,7 @@ fn distrust_weighted_gradient_equals_autograd_of_the_explicitly_weighted_ce() {
         &adapter,
         &[batch(&model, &r[..2]), batch(&model, &r[2..])],
     );
-    let vars: Vec<(usize, Target, Var, Var)> = adapter
-        .iter()
-        .map(|(l, t, p)| {
-            (
-                l,
-                t,
-                Var::from_tensor(&p.a).unwrap(),
-                Var::from_tensor(&p.b).unwrap(),
-            )
-        })
-        .collect();
+    let vars = autograd_vars(&adapter);
     // The oracle: Σ_i c_i·CE_sum_i / Σ_i c_i·n_i written out per example (per-example CE
     // sums from autograd, the weighting done here on scalars-as-tensors).
     let s = samples();

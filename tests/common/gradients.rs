@@ -87,6 +87,21 @@ pub fn batch(model: &Llama, rows: &[Row]) -> MicroBatch {
     micro_batch(model, &rows.iter().collect::<Vec<_>>()).unwrap()
 }
 
+/// Each adapter pair as autograd variables, for [`autograd_loss`].
+pub fn autograd_vars(adapter: &Adapter) -> Vec<(usize, Target, Var, Var)> {
+    adapter
+        .iter()
+        .map(|(l, t, p)| {
+            (
+                l,
+                t,
+                Var::from_tensor(&p.a).unwrap(),
+                Var::from_tensor(&p.b).unwrap(),
+            )
+        })
+        .collect()
+}
+
 /// Loss (mean CE over scored tokens) through candle autograd with composite ops only.
 pub fn autograd_loss(
     model: &Llama,

@@ -30,6 +30,9 @@ pub enum Error {
     /// means nothing.
     #[error("{0}")]
     NotFinite(String),
+    /// A generation that could not go on (a reply held to a shape no token continues).
+    #[error("{0}")]
+    Generation(String),
     /// A flag value that cannot work; the message names the flag and the fix.
     #[error("{0}")]
     Usage(String),

@@ -177,4 +177,15 @@ fn generate_json_prints_one_object() {
         e.contains("cat.json: #/properties/code: `pattern` is not supported"),
         "{e}"
     );
+    // A key this model writes only in pieces could never be matched: refused before a
+    // reply begins, where it was a reply stuck half-way.
+    std::fs::write(
+        &schema,
+        r#"{"type": "object", "required": ["mood"], "properties": {"mood": {"enum": ["🐱", "🐶"]}}}"#,
+    )
+    .unwrap();
+    let o = ask(&["--json-schema", schema.to_str().unwrap()]);
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{e}");
+    assert!(e.contains("only in pieces") && o.stdout.is_empty(), "{e}");
 }

@@ -5,7 +5,7 @@ use crate::error::{Error, Result};
 use crate::infer::generate::{generate_with, StopReason};
 use crate::infer::prompt::{chat_ids, user_turn};
 use crate::infer::shape::schema::Grammar;
-use crate::infer::shape::Shape;
+use crate::infer::shape::{check_writable, Shape};
 
 pub fn run(args: GenerateArgs) -> Result<()> {
     let mut sampling = args.sampling.sampling()?;
@@ -26,6 +26,10 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         ));
     }
     let loaded = args.run.load_for_decoding(true)?;
+    if let (Shape::Json(g), Some(path)) = (&shape, &args.json_schema) {
+        check_writable(g, &loaded.tokenizer)
+            .map_err(|why| Error::Usage(format!("--json-schema {}: {why}", path.display())))?;
+    }
     let tok = &loaded.tokenizer;
     let prompt_ids = if args.raw {
         let mut text = String::new();
@@ -116,8 +120,9 @@ fn shape(args: &GenerateArgs) -> Result<Shape> {
     };
     let bad = |why: String| Error::Usage(format!("--json-schema {}: {why}", path.display()));
     let text = std::fs::read_to_string(path).map_err(|e| bad(format!("cannot read it ({e})")))?;
+    let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
     let schema: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| bad(format!("not valid JSON ({e})")))?;
+        serde_json::from_str(text).map_err(|e| bad(format!("not valid JSON ({e})")))?;
     let grammar = Grammar::from_schema(&schema).map_err(bad)?;
     Ok(Shape::Json(std::sync::Arc::new(grammar)))
 }

@@ -213,24 +213,25 @@ pub fn generate_with(
                     .into(),
             ));
         }
-        let next =
-            match guide.allowed(&ids) {
-                Some(allowed) if allowed.is_empty() => return Err(crate::error::Error::Usage(
+        let next = match guide.allowed(&ids) {
+            Some(allowed) if allowed.is_empty() => {
+                return Err(crate::error::Error::Generation(
                     "no token of this model's vocabulary can go on with the reply in the shape \
-                     asked for"
+                     asked for (a schema that cannot be met within the nesting allowed?)"
                         .into(),
-                )),
-                Some(allowed) => {
-                    let mut only = vec![f32::NEG_INFINITY; logits.len()];
-                    for t in allowed {
-                        if let Some(l) = logits.get(t as usize) {
-                            only[t as usize] = *l;
-                        }
+                ))
+            }
+            Some(allowed) => {
+                let mut only = vec![f32::NEG_INFINITY; logits.len()];
+                for t in allowed {
+                    if let Some(l) = logits.get(t as usize) {
+                        only[t as usize] = *l;
                     }
-                    sample(&only, sampling, &mut rng)
                 }
-                None => sample(&logits, sampling, &mut rng),
-            };
+                sample(&only, sampling, &mut rng)
+            }
+            None => sample(&logits, sampling, &mut rng),
+        };
         guide.advance(next);
         if tokenizer.is_end(next) && !sampling.ignore_eos {
             stop = StopReason::EndToken(next);

@@ -134,8 +134,8 @@ pub fn chat(body: &[u8]) -> Result<Request, ApiError> {
     if request.json.is_some() && tools.is_some() {
         return Err(ApiError::invalid(
             Some("response_format"),
-            "`response_format` json_object with `tools`: a reply is either calls or a JSON \
-             object here, not one of the two as the model chooses; send one of them",
+            "`response_format` JSON with `tools`: a reply is either calls or JSON here, not \
+             one of the two as the model chooses; send one of them",
         ));
     }
     request.tools = tools;

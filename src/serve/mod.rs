@@ -328,7 +328,12 @@ fn start(
     let (opening, shape) = match opening {
         Some(o) => (Some(o.text), Shape::OneOf(o.choices)),
         None => match &req.json {
-            Some(g) => (None, Shape::Json(g.clone())),
+            Some(g) => {
+                crate::infer::shape::check_writable(g, &app.tokenizer).map_err(|why| {
+                    ApiError::invalid(Some("response_format"), format!("`response_format`: {why}"))
+                })?;
+                (None, Shape::Json(g.clone()))
+            }
             None => (None, Shape::Free),
         },
     };

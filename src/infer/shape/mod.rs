@@ -30,6 +30,44 @@ impl Shape {
     }
 }
 
+/// Refuses a grammar whose keys or enum values hold a character this model's vocabulary
+/// writes only in pieces (SmolLM2 spells emoji so): the guide matches whole characters, so
+/// the reply could never write it, and would be stuck there.
+pub fn check_writable(grammar: &Grammar, tokenizer: &Tokenizer) -> Result<(), String> {
+    let mut texts: Vec<&str> = vec![];
+    for node in &grammar.nodes {
+        match node {
+            schema::Node::Texts(t) => texts.extend(t.iter().map(String::as_str)),
+            schema::Node::Object { props, .. } => {
+                texts.extend(props.iter().map(|p| p.key.as_str()))
+            }
+            _ => {}
+        }
+    }
+    let wanted: std::collections::BTreeSet<char> = texts
+        .iter()
+        .flat_map(|t| t.chars())
+        .filter(|c| !c.is_ascii())
+        .collect();
+    if wanted.is_empty() {
+        return Ok(());
+    }
+    let written: std::collections::HashSet<char> = tokenizer
+        .token_texts()
+        .iter()
+        .flatten()
+        .flat_map(|t| t.chars())
+        .filter(|c| wanted.contains(c))
+        .collect();
+    match wanted.iter().find(|c| !written.contains(c)) {
+        Some(c) => Err(format!(
+            "`{c}` (in a key or an enum value) is written by this model only in pieces, which a \
+             reply held to the schema cannot match; leave it out of keys and enum values"
+        )),
+        None => Ok(()),
+    }
+}
+
 /// A reply's way through its [`Shape`].
 pub struct Guide<'a> {
     shape: &'a Shape,

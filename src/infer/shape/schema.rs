@@ -69,13 +69,31 @@ const ANNOTATIONS: &[&str] = &[
     "writeOnly",
     "$defs",
     "definitions",
-    // Left out or false, no other key is written anyway; true allows what is not written.
-    "additionalProperties",
     "strict",
 ];
 
 /// Most properties one object may list, and values one enum (they are tracked as bits).
 pub const MAX_PROPS: usize = 64;
+/// Longest key or enum value, in bytes (the recogniser counts them in 16 bits).
+const MAX_TEXT: usize = 4096;
+/// Deepest a schema nests, references followed.
+const MAX_SCHEMA_DEPTH: usize = 64;
+/// The keywords held to.
+const KEYWORDS: &[&str] = &[
+    "type",
+    "enum",
+    "const",
+    "properties",
+    "required",
+    "items",
+    "minItems",
+    "maxItems",
+    "anyOf",
+    "oneOf",
+    "nullable",
+    "$ref",
+    "additionalProperties",
+];
 const MAX_NODES: usize = 4096;
 
 impl Grammar {
@@ -109,6 +127,7 @@ impl Grammar {
             root: schema,
             grammar: Self::any_object(),
             refs: HashMap::new(),
+            depth: 0,
         };
         c.grammar.nodes[0] = Node::Any;
         let root = c.node(schema, "#")?;
@@ -126,6 +145,8 @@ struct Compiler<'a> {
     grammar: Grammar,
     /// `$ref` targets already given a node (recursive schemas refer back to them).
     refs: HashMap<String, NodeId>,
+    /// How deep [`Compiler::node`] is.
+    depth: usize,
 }
 
 impl Compiler<'_> {
@@ -138,50 +159,68 @@ impl Compiler<'_> {
     }
 
     fn node(&mut self, s: &Value, at: &str) -> Result<NodeId, String> {
+        // A chain of references is followed by recursion: bounded, or a request could
+        // overflow the stack.
+        self.depth += 1;
+        let id = if self.depth > MAX_SCHEMA_DEPTH {
+            Err(format!(
+                "{at}: the schema nests deeper than {MAX_SCHEMA_DEPTH}"
+            ))
+        } else {
+            self.node_at(s, at)
+        };
+        self.depth -= 1;
+        id
+    }
+
+    fn node_at(&mut self, s: &Value, at: &str) -> Result<NodeId, String> {
         let m = match s {
             Value::Bool(true) => return Ok(ANY),
             Value::Object(m) => m,
             _ => return Err(format!("{at}: a schema must be an object")),
         };
-        if let Some(r) = m.get("$ref") {
-            return self.reference(r, at);
+        let restricting: Vec<&str> = m
+            .keys()
+            .map(String::as_str)
+            .filter(|k| !ANNOTATIONS.contains(k))
+            .collect();
+        if let Some(key) = restricting.iter().find(|k| !KEYWORDS.contains(k)) {
+            return Err(format!(
+                "{at}: `{key}` is not supported (a reply cannot be held to it here)"
+            ));
         }
-        for key in m.keys() {
-            let known = ANNOTATIONS.contains(&key.as_str())
-                || [
-                    "type",
-                    "enum",
-                    "const",
-                    "properties",
-                    "required",
-                    "items",
-                    "minItems",
-                    "maxItems",
-                    "anyOf",
-                    "oneOf",
-                    "nullable",
-                ]
-                .contains(&key.as_str());
-            if !known {
+        // What stands alone: another keyword beside it would be dropped.
+        for (alone, beside) in [
+            ("$ref", &[][..]),
+            ("anyOf", &[][..]),
+            ("oneOf", &[][..]),
+            ("const", &["type", "nullable"][..]),
+            ("enum", &["type", "nullable"][..]),
+        ] {
+            if !m.contains_key(alone) {
+                continue;
+            }
+            if let Some(other) = restricting
+                .iter()
+                .find(|k| **k != alone && !beside.contains(k))
+            {
                 return Err(format!(
-                    "{at}: `{key}` is not supported (a reply cannot be held to it here)"
+                    "{at}: `{other}` beside `{alone}` is not supported; put it inside, or \
+                     give one of them"
                 ));
             }
         }
-        if let Some(v) = m.get("const") {
-            return self.push(Node::Texts(vec![v.to_string()]));
+        if let Some(r) = m.get("$ref") {
+            return self.reference(r, at);
         }
-        if let Some(v) = m.get("enum") {
-            let Value::Array(values) = v else {
-                return Err(format!("{at}: `enum` must be an array"));
-            };
-            if values.is_empty() {
-                return Err(format!("{at}: `enum` is empty; nothing could be written"));
-            }
-            if values.len() > MAX_PROPS {
-                return Err(format!("{at}: `enum` has more than {MAX_PROPS} values"));
-            }
-            return self.push(Node::Texts(values.iter().map(Value::to_string).collect()));
+        let values = match (m.get("const"), m.get("enum")) {
+            (Some(v), _) => Some(vec![v.clone()]),
+            (None, Some(Value::Array(values))) => Some(values.clone()),
+            (None, Some(_)) => return Err(format!("{at}: `enum` must be an array")),
+            (None, None) => None,
+        };
+        if let Some(values) = values {
+            return self.texts(values, m, at);
         }
         for key in ["anyOf", "oneOf"] {
             if let Some(v) = m.get(key) {
@@ -195,24 +234,69 @@ impl Compiler<'_> {
                 return self.one_of(ids, at);
             }
         }
-        let mut types: Vec<&str> = match m.get("type") {
-            None => return Ok(ANY),
-            Some(Value::String(t)) => vec![t.as_str()],
-            Some(Value::Array(ts)) => ts.iter().filter_map(Value::as_str).collect(),
-            Some(_) => return Err(format!("{at}: `type` must be a string or an array")),
-        };
-        if m.get("nullable") == Some(&Value::Bool(true)) {
-            types.push("null");
+        let mut types = types(m, at)?;
+        if types.is_empty() {
+            // No `type`: the keywords say which, where they do.
+            let object = ["properties", "required"]
+                .iter()
+                .any(|k| m.contains_key(*k));
+            let array = ["items", "minItems", "maxItems"]
+                .iter()
+                .any(|k| m.contains_key(*k));
+            types = match (object, array) {
+                (true, true) => {
+                    return Err(format!(
+                        "{at}: object and array keywords with no `type`; give the type"
+                    ))
+                }
+                (true, false) => vec!["object"],
+                (false, true) => vec!["array"],
+                (false, false) => return Ok(ANY),
+            };
         }
         let mut ids = vec![];
         for t in types {
             ids.push(self.typed(t, m, at)?);
         }
         match ids.as_slice() {
-            [] => Err(format!("{at}: `type` names no type")),
             [one] => Ok(*one),
             _ => self.one_of(ids, at),
         }
+    }
+
+    /// An enum's or a const's values, each as its JSON text, of the `type` given beside.
+    fn texts(
+        &mut self,
+        values: Vec<Value>,
+        m: &Map<String, Value>,
+        at: &str,
+    ) -> Result<NodeId, String> {
+        if values.is_empty() {
+            return Err(format!("{at}: `enum` is empty; nothing could be written"));
+        }
+        if values.len() > MAX_PROPS {
+            return Err(format!("{at}: `enum` has more than {MAX_PROPS} values"));
+        }
+        let types = types(m, at)?;
+        let mut texts = vec![];
+        for v in values {
+            if !types.is_empty() && !types.iter().any(|t| is_of_type(&v, t)) {
+                return Err(format!(
+                    "{at}: the value {v} is not of the `type` beside it"
+                ));
+            }
+            if !exact(&v) {
+                return Err(format!(
+                    "{at}: the number in {v} is too large to be written exactly"
+                ));
+            }
+            let text = v.to_string();
+            if text.len() > MAX_TEXT {
+                return Err(format!("{at}: a value over {MAX_TEXT} bytes long"));
+            }
+            texts.push(text);
+        }
+        self.push(Node::Texts(texts))
     }
 
     fn typed(&mut self, t: &str, m: &Map<String, Value>, at: &str) -> Result<NodeId, String> {
@@ -249,18 +333,38 @@ impl Compiler<'_> {
     fn object(&mut self, m: &Map<String, Value>, at: &str) -> Result<Node, String> {
         let required: Vec<&str> = match m.get("required") {
             None => vec![],
-            Some(Value::Array(r)) => r.iter().filter_map(Value::as_str).collect(),
+            Some(Value::Array(r)) => r
+                .iter()
+                .map(|n| {
+                    n.as_str()
+                        .ok_or_else(|| format!("{at}: `required` lists {n}, not a name"))
+                })
+                .collect::<Result<_, _>>()?,
             Some(_) => return Err(format!("{at}: `required` must be an array of names")),
         };
-        let Some(props) = m.get("properties") else {
+        // Left out or true, keys the schema does not list are allowed (and none is written
+        // where it lists some); false allows none; a schema for them is not held to.
+        let others = match m.get("additionalProperties") {
+            None | Some(Value::Bool(true)) => true,
+            Some(Value::Bool(false)) => false,
+            Some(_) => {
+                return Err(format!(
+                    "{at}: `additionalProperties` as a schema is not supported (true or false)"
+                ))
+            }
+        };
+        let empty = serde_json::Map::new();
+        let props = match m.get("properties") {
+            Some(Value::Object(props)) => props,
+            None => &empty,
+            Some(_) => return Err(format!("{at}: `properties` must be an object")),
+        };
+        if props.is_empty() && required.is_empty() {
             return Ok(Node::Object {
                 props: vec![],
-                free: true,
+                free: others,
             });
-        };
-        let Value::Object(props) = props else {
-            return Err(format!("{at}: `properties` must be an object"));
-        };
+        }
         if props.len() > MAX_PROPS {
             return Err(format!("{at}: more than {MAX_PROPS} properties"));
         }
@@ -354,6 +458,64 @@ impl Compiler<'_> {
     }
 }
 
+/// The types `type` (and `nullable`) name, each once; `number` takes in `integer`.
+fn types<'m>(m: &'m Map<String, Value>, at: &str) -> Result<Vec<&'m str>, String> {
+    let mut types: Vec<&str> = match m.get("type") {
+        None => vec![],
+        Some(Value::String(t)) => vec![t.as_str()],
+        Some(Value::Array(ts)) => ts
+            .iter()
+            .map(|t| {
+                t.as_str()
+                    .ok_or_else(|| format!("{at}: `type` lists something that is not a name"))
+            })
+            .collect::<Result<_, _>>()?,
+        Some(_) => return Err(format!("{at}: `type` must be a string or an array")),
+    };
+    if m.get("nullable") == Some(&Value::Bool(true)) {
+        types.push("null");
+    }
+    if types.contains(&"number") {
+        types.retain(|t| *t != "integer");
+    }
+    let mut seen = vec![];
+    types.retain(|t| {
+        let first = !seen.contains(t);
+        seen.push(*t);
+        first
+    });
+    if m.contains_key("type") && types.is_empty() {
+        return Err(format!("{at}: `type` names no type"));
+    }
+    Ok(types)
+}
+
+fn is_of_type(v: &Value, t: &str) -> bool {
+    match t {
+        "string" => v.is_string(),
+        "integer" => v.is_i64() || v.is_u64(),
+        "number" => v.is_number(),
+        "boolean" => v.is_boolean(),
+        "null" => v.is_null(),
+        "object" => v.is_object(),
+        "array" => v.is_array(),
+        _ => false,
+    }
+}
+
+/// Whether every number in `v` is written as given: a float beyond 2^53 was an integer the
+/// JSON reader could not hold (99999999999999999999 reads as 1e20).
+fn exact(v: &Value) -> bool {
+    match v {
+        Value::Number(n) => {
+            n.is_i64() || n.is_u64() || n.as_f64().is_some_and(|f| f.abs() < 9.0e15)
+        }
+        Value::Array(a) => a.iter().all(exact),
+        Value::Object(o) => o.values().all(exact),
+        _ => true,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -390,6 +552,40 @@ mod tests {
             "$ref": "#/$defs/Node"
         }))
         .unwrap();
+        // No `type`: object keywords make an object, array ones an array; false for other
+        // keys allows none; integer with number is a number.
+        let inferred = Grammar::from_schema(&json!({"type": "object", "properties": {
+            "cat": {"properties": {"age": {"type": "integer"}}, "required": ["age"]},
+            "ages": {"items": {"type": "integer"}},
+            "none": {"type": "object", "additionalProperties": false},
+            "n": {"type": ["integer", "number"]}}}))
+        .unwrap();
+        let takes = |text: &str| {
+            let mut w = crate::infer::shape::walk::Walker::new(&inferred);
+            w.push_str(text) && w.is_complete()
+        };
+        assert!(takes(
+            r#"{"cat": {"age": 3}, "ages": [1], "none": {}, "n": 1.5}"#
+        ));
+        for bad in [
+            r#"{"cat": {"name": "Tom"}}"#,
+            r#"{"ages": ["old"]}"#,
+            r#"{"none": {"a": 1}}"#,
+        ] {
+            assert!(!takes(bad), "{bad}");
+        }
+        // A chain of references deeper than the stack is refused, not followed.
+        let mut defs = serde_json::Map::new();
+        for i in 0..3000 {
+            let next =
+                json!({"anyOf": [{"$ref": format!("#/$defs/A{}", i + 1)}, {"type": "null"}]});
+            defs.insert(format!("A{i}"), json!({"type": "array", "items": next}));
+        }
+        defs.insert("A3000".into(), json!({"type": "string"}));
+        let chain = json!({"type": "object", "properties": {"a": {"$ref": "#/$defs/A0"}},
+            "$defs": defs});
+        let e = Grammar::from_schema(&chain).unwrap_err();
+        assert!(e.contains("nests deeper than"), "{e}");
         let mut w = crate::infer::shape::walk::Walker::new(&tree);
         assert!(w.push_str(r#"{"value": 1, "child": {"value": 2, "child": null}}"#));
         assert!(w.is_complete());
@@ -415,6 +611,46 @@ mod tests {
             (
                 json!({"type": "object", "properties": {"a": {"enum": []}}}),
                 "`enum` is empty",
+            ),
+            // Beside what stands alone, a keyword would be dropped.
+            (
+                json!({"type": "object", "properties": {"a": {"$ref": "#/$defs/S",
+                    "maxLength": 2}}, "$defs": {"S": {"type": "string"}}}),
+                "#/properties/a: `maxLength` is not supported",
+            ),
+            (
+                json!({"type": "object", "properties": {"a": {"$ref": "#/$defs/S",
+                    "const": "ok"}}, "$defs": {"S": {"type": "string"}}}),
+                "`const` beside `$ref`",
+            ),
+            (
+                json!({"type": "object", "properties": {"a": {"type": "integer",
+                    "anyOf": [{"type": "string"}]}}}),
+                "`type` beside `anyOf`",
+            ),
+            (
+                json!({"type": "object", "properties": {"a": {"type": "string",
+                    "enum": [1, 2]}}}),
+                "the value 1 is not of the `type`",
+            ),
+            (
+                serde_json::from_str(
+                    r#"{"type": "object", "properties": {"a": {"const": 99999999999999999999}}}"#,
+                )
+                .unwrap(),
+                "too large to be written exactly",
+            ),
+            (
+                json!({"type": "object", "additionalProperties": {"type": "integer"}}),
+                "`additionalProperties` as a schema",
+            ),
+            (
+                json!({"type": "object", "required": ["name"]}),
+                "`name` is required but not among",
+            ),
+            (
+                json!({"type": "object", "required": [1]}),
+                "`required` lists 1",
             ),
         ] {
             let e = Grammar::from_schema(&schema).unwrap_err();

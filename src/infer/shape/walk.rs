@@ -11,6 +11,9 @@ pub const MAX_DEPTH: usize = 24;
 /// reply that is blank lines for ever.
 const MAX_BLANK_RUN: u8 = 48;
 
+/// Longest number, in characters: no reply that is digits for ever.
+const MAX_NUMBER: u8 = 40;
+
 /// A free object's key, in an object frame's `Colon`.
 const FREE_KEY: u8 = u8::MAX;
 
@@ -20,8 +23,8 @@ enum Frame {
     Value(NodeId),
     /// In a string; `key`: a free object's key.
     Str { key: bool, esc: Esc },
-    /// In a number; `int`: an integer (no fraction or exponent).
-    Number { num: Num, int: bool },
+    /// In a number, `len` characters in; `int`: an integer (no fraction or exponent).
+    Number { num: Num, int: bool, len: u8 },
     /// In one of a node's texts (`cands`: which, as bits), `done` bytes in.
     Texts { node: NodeId, cands: u64, done: u16 },
     Array {
@@ -117,6 +120,8 @@ pub struct Walker<'g> {
     /// Whether anything was read (the reply opens with its value, no blank first).
     begun: bool,
     blank_run: u8,
+    /// Line breaks in the current blank run.
+    breaks: u8,
 }
 
 impl<'g> Walker<'g> {
@@ -129,6 +134,7 @@ impl<'g> Walker<'g> {
             done: false,
             begun: false,
             blank_run: 0,
+            breaks: 0,
         }
     }
 
@@ -197,11 +203,16 @@ impl<'g> Walker<'g> {
             }
             match *self.top() {
                 Frame::Str { key, esc } => return self.string(c, key, esc),
-                Frame::Number { num, int } => match num.next(c, int) {
-                    Some(num) => {
-                        *self.top() = Frame::Number { num, int };
+                Frame::Number { num, int, len } => match num.next(c, int) {
+                    Some(num) if len < MAX_NUMBER => {
+                        *self.top() = Frame::Number {
+                            num,
+                            int,
+                            len: len + 1,
+                        };
                         return true;
                     }
+                    Some(_) => return false,
                     None if num.whole() => self.close_value(),
                     None => return false,
                 },
@@ -237,9 +248,12 @@ impl<'g> Walker<'g> {
         }
         if matches!(c, ' ' | '\t' | '\n' | '\r') {
             self.blank_run += 1;
-            return began && self.blank_run <= MAX_BLANK_RUN;
+            // One line break between two parts, as pretty-printing writes them.
+            self.breaks += u8::from(c == '\n');
+            return began && self.blank_run <= MAX_BLANK_RUN && self.breaks <= 1;
         }
         self.blank_run = 0;
+        self.breaks = 0;
         match *self.top() {
             Frame::Value(n) => {
                 self.len -= 1;
@@ -260,6 +274,7 @@ impl<'g> Walker<'g> {
                 _ => Num::Int,
             },
             int,
+            len: 1,
         };
         let is_number = c == '-' || c.is_ascii_digit();
         match self.node(n) {
@@ -386,6 +401,8 @@ impl<'g> Walker<'g> {
         let may_close = !props.iter().skip(next as usize).any(|p| p.required);
         let set = |w: &mut Self, at| *w.top() = Frame::Object { node, next, at };
         match (at, c) {
+            // A key only where its value can still be opened after it.
+            (ObjectAt::Open | ObjectAt::Comma, '"') if self.len as usize >= MAX_DEPTH => false,
             (ObjectAt::Open | ObjectAt::Comma, '"') if *free => {
                 set(self, ObjectAt::Value);
                 self.open(Frame::Str {
@@ -546,9 +563,21 @@ mod tests {
         let blank = format!("{{{}", " ".repeat(MAX_BLANK_RUN as usize));
         assert!(accepts(&blank).is_some());
         assert!(accepts(&(blank + "\n")).is_none());
-        // Runs end at anything else: pretty-printing may go on and on.
-        let long = format!("{{\"a\":{}1{}}}", "\n".repeat(40), " ".repeat(40));
+        // Runs end at anything else: pretty-printing may go on and on, a line break a gap.
+        let long = format!("{{\"a\":\n{}1\n{}}}", " ".repeat(40), " ".repeat(40));
         assert!(accepts(&long).unwrap().is_complete());
+        assert!(accepts("{\n\n").is_none() && accepts("{\n \n").is_none());
+        // Numbers end.
+        assert!(accepts(&format!("{{\"a\":{}", "7".repeat(MAX_NUMBER as usize))).is_some());
+        assert!(accepts(&format!("{{\"a\":{}", "7".repeat(MAX_NUMBER as usize + 1))).is_none());
+        // No key where its value could not be opened: the reply would be stuck after it.
+        let g = Grammar::from_schema(&serde_json::json!({"$defs": {"N": {"type": "object",
+            "properties": {"c": {"$ref": "#/$defs/N"}}}}, "$ref": "#/$defs/N"}))
+        .unwrap();
+        let deepest = "{\"c\":".repeat(MAX_DEPTH - 1) + "{";
+        let mut w = accepts_in(&g, &deepest).unwrap();
+        assert!(accepts_in(&g, &(deepest.clone() + "\"")).is_none());
+        assert!(w.push('}'));
     }
 
     /// Documents of a schema are taken, each prefix on the way; what breaks it is refused at

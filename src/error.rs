@@ -120,6 +120,16 @@ impl Error {
         }
     }
 
+    /// A failing chat template named as `model`'s, with `hint` after it
+    /// ([`TemplateError::of_model`](crate::data::chat_template::TemplateError::of_model));
+    /// any other error as it is.
+    pub fn template_of(self, model: &str, hint: &'static str) -> Self {
+        match self {
+            Error::Template(t) => Error::Template(t.of_model(model, hint)),
+            e => e,
+        }
+    }
+
     pub fn io(action: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io {
             action,

@@ -17,12 +17,11 @@ use std::ops::ControlFlow;
 
 pub fn run(args: ChatArgs) -> Result<()> {
     let model = args.run.model.model.clone();
-    session(args).map_err(|e| match e {
-        Error::Template(t) => Error::Template(t.of_model(
+    session(args).map_err(|e| {
+        e.template_of(
             &model,
             " (generate --raw sends a prompt as plain text, without it)",
-        )),
-        e => e,
+        )
     })
 }
 

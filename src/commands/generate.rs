@@ -40,12 +40,11 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         text.push_str(&args.prompt);
         tok.encode_with_bos(&text)?
     } else {
-        chat_ids(tok, &user_turn(args.system.as_deref(), &args.prompt)).map_err(|e| match e {
-            Error::Template(t) => Error::Template(t.of_model(
+        chat_ids(tok, &user_turn(args.system.as_deref(), &args.prompt)).map_err(|e| {
+            e.template_of(
                 &args.run.model.model,
                 "; --raw sends the prompt as plain text, without it",
-            )),
-            e => e,
+            )
         })?
     };
     if prompt_ids.is_empty() {

@@ -109,14 +109,17 @@ impl<'a> Guide<'a> {
     /// The tokens that may follow `ids`, the reply so far (None: any token may). Empty where
     /// no token of the vocabulary keeps to the shape.
     pub fn allowed(&self, ids: &[u32]) -> Option<Vec<u32>> {
-        match (self.shape, &self.json) {
-            (Shape::Free, _) => None,
-            (Shape::OneOf(choices), _) => one_of(choices, ids),
-            (Shape::Json(_), Some(w)) if w.is_complete() => {
-                Some(self.tokenizer.end_ids.iter().copied().collect())
-            }
-            (Shape::Json(_), Some(w)) => Some(self.json_tokens(w)),
-            (Shape::Json(_), None) => Some(vec![]),
+        // A JSON shape has its walker from the start.
+        if let Some(w) = &self.json {
+            return Some(if w.is_complete() {
+                self.tokenizer.end_ids.iter().copied().collect()
+            } else {
+                self.json_tokens(w)
+            });
+        }
+        match self.shape {
+            Shape::OneOf(choices) => one_of(choices, ids),
+            _ => None,
         }
     }
 

@@ -75,6 +75,27 @@ fn tools_go_to_the_template_and_calls_come_back_as_tool_calls() {
     assert!(several["calls"]
         .as_array()
         .is_some_and(|c| !c.is_empty() && c.iter().all(|n| names.iter().any(|m| n == m))));
+    // Strict: the arguments keep to the schema (the model, left to itself, writes no `unit`,
+    // as `whole` shows), whole and streamed, the choice the model's or forced.
+    for label in ["auto", "required"] {
+        let strict = &got["strict"][label];
+        assert_eq!(strict["finish_reason"], "tool_calls", "{label}: {got}");
+        for key in ["calls", "streamed"] {
+            let calls = strict[key].as_array().unwrap();
+            assert!(!calls.is_empty(), "{label}: {got}");
+            for call in calls {
+                assert_eq!(call[0], "get_weather", "{label}: {got}");
+                let args = call[1].as_object().unwrap();
+                let keys: Vec<&str> = args.keys().map(String::as_str).collect();
+                assert_eq!(keys, ["city", "unit"], "{label}: {got}");
+                assert!(args["city"].is_string(), "{label}: {got}");
+                assert!(
+                    ["celsius", "fahrenheit"].contains(&args["unit"].as_str().unwrap_or("")),
+                    "{label}: {got}"
+                );
+            }
+        }
+    }
     // Tools that fill the context: the 400 names them, not the messages.
     let long = "a tool that does many things ".repeat(2000);
     let body = serde_json::json!({"messages": [{"role": "user", "content": "hi"}],

@@ -357,10 +357,16 @@ fn a_forced_call_opens_as_the_template_writes_calls() {
     // The start of the reply under a forced call, with its ids (those after the prompt's) and
     // choices.
     let opening = |tok: &Tokenizer, messages: &[Value], tools: &[Value], names: &[&str]| {
-        let (ids, opening) = chat_ids_with_tools(tok, messages, Some(tools), Some(names))?;
-        let (prompt, none) = chat_ids_with_tools(tok, messages, Some(tools), None).unwrap();
-        assert!(none.is_none() && ids.starts_with(&prompt));
-        let o = opening.unwrap();
+        let forced = chat_ids_with_tools(tok, messages, Some(tools), Some(names))?;
+        let free = chat_ids_with_tools(tok, messages, Some(tools), None).unwrap();
+        let (ids, prompt) = (forced.ids, free.ids);
+        assert!(free.opening.is_none() && ids.starts_with(&prompt));
+        // The same form either way: the call is its start, a name, its middle, arguments.
+        let form = forced.form.unwrap();
+        assert_eq!(free.form.as_ref(), Some(&form));
+        let o = forced.opening.unwrap();
+        let call = format!("{}{}{}", form.start, names[0], form.mid);
+        assert!(call.starts_with(&o.text) && form.shown == form.start.trim_start());
         Ok::<_, your_ai::error::Error>((o.text, ids[prompt.len()..].to_vec(), o.choices))
     };
     // Each choice's tokens, decoded after the opening's text: the call to that function.
@@ -371,6 +377,15 @@ fn a_forced_call_opens_as_the_template_writes_calls() {
             .map(|c| format!("{text}{}", tail(c)))
             .collect()
     };
+    // Without a forced call, the form comes back with the prompt for a call to be held to;
+    // a template that shows none has none.
+    tok.chat_template = Some(fixture("llama31.jinja"));
+    let free = chat_ids_with_tools(&tok, &user, Some(&tools), None).unwrap();
+    let form = free.form.unwrap();
+    assert_eq!(
+        (form.start.as_str(), form.mid.as_str()),
+        ("{\"name\": \"", "\", \"parameters\": ")
+    );
     for (template, named) in [
         (
             "qwen25.jinja",
@@ -420,6 +435,8 @@ fn a_forced_call_opens_as_the_template_writes_calls() {
     );
     let e = opening(&tok, &user, &tools, &["get_weather"]).unwrap_err();
     assert!(e.to_string().contains("cannot be forced"), "{e}");
+    let free = chat_ids_with_tools(&tok, &user, Some(&tools), None).unwrap();
+    assert!(free.form.is_none() && !free.ids.is_empty());
 }
 
 /// A template that fails on the tools given (Hermes's reads each tool's description) says the

@@ -13,7 +13,7 @@ use serde_json::Value;
 /// so no message can end its turn or forge another's; only the template's own markers are
 /// control tokens.
 pub fn chat_ids(tok: &Tokenizer, messages: &[Value]) -> Result<Vec<u32>> {
-    Ok(chat_ids_with_tools(tok, messages, None, None)?.0)
+    Ok(chat_ids_with_tools(tok, messages, None, None)?.ids)
 }
 
 /// [`chat_ids`], with the functions the model may call (OpenAI's `tools`, as transformers
@@ -29,7 +29,7 @@ pub fn chat_ids_with_tools(
     messages: &[Value],
     tools: Option<&[Value]>,
     call: Option<&[&str]>,
-) -> Result<(Vec<u32>, Option<Opening>)> {
+) -> Result<ChatPrompt> {
     let template = template(tok)?;
     let with_tools = |messages: &[Value]| render(tok, &template, messages, tools);
     let full = match with_tools(messages) {
@@ -52,15 +52,34 @@ pub fn chat_ids_with_tools(
     let plain = message_text::plain_ranges(tok, messages, &full, with_tools)
         .map_err(crate::error::Error::Usage)?;
     let mut ids = tok.encode_mixed(&full, &plain)?.0;
-    let opening = match (tools, call) {
-        (Some(tools), Some(names)) => {
-            let (opening, more) = call_opening(tok, &template, messages, tools, &full, names)?;
-            ids.extend(more);
-            Some(opening)
-        }
-        _ => None,
+    let Some(tools) = tools else {
+        return Ok(ChatPrompt {
+            ids,
+            opening: None,
+            form: None,
+        });
     };
-    Ok((ids, opening))
+    let form = call_form(tok, &template, messages, tools, &full);
+    let (form, opening) = match call {
+        Some(names) => {
+            let form = form?;
+            let (opening, more) = call_opening(tok, &form, names)?;
+            ids.extend(more);
+            (Some(form), Some(opening))
+        }
+        None => (form.ok(), None),
+    };
+    Ok(ChatPrompt { ids, opening, form })
+}
+
+/// A conversation's prompt, with tools.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChatPrompt {
+    pub ids: Vec<u32>,
+    /// Where the reply must call: the start of its call, which the prompt ends with.
+    pub opening: Option<Opening>,
+    /// With tools, how the template writes a call (None where its render shows none).
+    pub form: Option<CallForm>,
 }
 
 /// Refuses a conversation whose earlier calls, or their results, the template leaves out: it
@@ -100,27 +119,34 @@ pub struct Opening {
     /// Its text: the reply is it and what the model writes after it.
     pub text: String,
     /// Where the model chooses among several functions: for each, the tokens from the end of
-    /// the prompt to where its arguments begin (its name and what follows it). The reply goes
-    /// on with one of them, so it calls a function the request has, chosen by the model.
+    /// the prompt to where its arguments begin (its name and what follows it), as the model
+    /// would write them. The reply goes on with one of them.
     pub choices: Vec<Vec<u32>>,
 }
 
-/// The start of a reply that calls one of `names`, as this template writes a call after
-/// `messages`: up to where the arguments begin (Qwen's `<tool_call>\n{"name": "f",
-/// "arguments": `). Found by rendering an assistant turn that calls a marked name with marked
-/// arguments, and taking its text from the end of the generation prompt (the prompt itself
-/// need not be a prefix of that render: Hermes's ends a last tool message otherwise). Its ids,
-/// each name as plain text, follow the prompt's (`prompt`, `messages` rendered with `tools`
-/// for the reply). Of several names, the ids they all start with are the prompt's, and the
-/// rest the [`Opening::choices`].
-fn call_opening(
+/// How a template writes a call: `start`, the function's name, `mid`, then the arguments.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CallForm {
+    /// As rendered (Mistral's `[TOOL_CALLS] [{"name": "`).
+    pub start: String,
+    /// As a reply's text shows it, control tokens dropped and leading blanks trimmed
+    /// (`[{"name": "`).
+    pub shown: String,
+    pub mid: String,
+}
+
+/// How this template writes a call after `messages` (`prompt`, rendered with `tools` for the
+/// reply): found by rendering an assistant turn that calls a marked name with marked
+/// arguments, from the end of the generation prompt to the arguments' opening brace (the
+/// prompt itself need not be a prefix of that render: Hermes's ends a last tool message
+/// otherwise).
+fn call_form(
     tok: &Tokenizer,
     template: &ChatTemplate,
     messages: &[Value],
     tools: &[Value],
     prompt: &str,
-    names: &[&str],
-) -> Result<(Opening, Vec<u32>)> {
+) -> Result<CallForm> {
     const NAME: &str = "__your_ai_name__";
     const ARGS: &str = "__your_ai_arguments__";
     let render_as = |messages: &[Value], add_generation_prompt: bool| {
@@ -144,26 +170,41 @@ fn call_opening(
         ]}),
     );
     let turn = render_as(&called, false)?;
-    // The call's text: from the end of the generation prompt (or of the whole prompt, where
-    // the template adds none) to the marked arguments' opening brace.
-    let opening = turn.find(ARGS).and_then(|args| {
+    let form = turn.find(ARGS).and_then(|args| {
         let start = match generation.as_str() {
             "" => turn.starts_with(prompt).then_some(prompt.len())?,
             g => turn[..args].rfind(g)? + g.len(),
         };
         let call = &turn[start..args];
         let call = &call[..call.rfind('{')?];
-        Some((call, call.find(NAME)?))
+        let (start, mid) = call.split_once(NAME)?;
+        Some((start.to_string(), mid.to_string()))
     });
-    let (Some((opening, at)), Some(first)) = (opening, names.first()) else {
+    let Some((start, mid)) = form else {
         return Err(TemplateError::NoCallForm.into());
     };
+    let shown = tok
+        .decode(&tok.encode(&start)?, true)?
+        .trim_start()
+        .to_string();
+    Ok(CallForm { start, shown, mid })
+}
+
+/// The start of a reply that calls one of `names`, as `form` writes it: up to where the
+/// arguments begin (Qwen's `<tool_call>\n{"name": "f", "arguments": `), and its ids, each name
+/// as plain text. Of several names, the ids they all start with are the prompt's, and the
+/// rest the [`Opening::choices`].
+fn call_opening(tok: &Tokenizer, form: &CallForm, names: &[&str]) -> Result<(Opening, Vec<u32>)> {
     let named = |n: &str| -> Result<(String, Vec<u32>)> {
-        let text = format!("{}{n}{}", &opening[..at], &opening[at + NAME.len()..]);
+        let text = format!("{}{n}{}", form.start, form.mid);
+        let at = form.start.len();
         let ids = tok
             .encode_mixed(&text, std::slice::from_ref(&(at..at + n.len())))?
             .0;
         Ok((text, ids))
+    };
+    let Some(first) = names.first() else {
+        return Err(TemplateError::NoCallForm.into());
     };
     let (text, ids) = named(first)?;
     if names.len() == 1 {
@@ -174,9 +215,9 @@ fn call_opening(
     let shared = all.iter().fold(ids.len(), |n, (_, other)| {
         n.min(ids.iter().zip(other).take_while(|(a, b)| a == b).count())
     });
-    // The text before the choices: each call's text without its choice's, as the generation
-    // decodes it. Where the choices' texts do not line up so, the reply opens up to where a
-    // name goes and the model writes it unconstrained.
+    // The text before the parting: each call's text without its own ids' text, as the
+    // generation decodes it. Where the texts do not line up so, the reply opens up to where
+    // a name goes.
     let mut head = None;
     for (text, ids) in &all {
         let tail = tok.decode(&ids[shared..], true)?;
@@ -198,7 +239,7 @@ fn call_opening(
             ids[..shared].to_vec(),
         ),
         None => {
-            let text = opening[..at].to_string();
+            let text = form.start.clone();
             let ids = tok.encode(&text)?;
             let choices = vec![];
             (Opening { text, choices }, ids)

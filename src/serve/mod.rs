@@ -11,7 +11,7 @@ pub mod worker;
 use crate::data::chat_template::TemplateError;
 use crate::data::tokenizer::Tokenizer;
 use crate::infer::generate::{KvCacheType, Sampling};
-use crate::infer::prompt::chat_ids_with_tools;
+use crate::infer::prompt::{chat_ids_with_tools, ChatPrompt};
 use crate::infer::shape::Shape;
 use access::authorize;
 use api::{ApiError, Prompt, Request};
@@ -230,13 +230,19 @@ fn start(
     let defs = req.tools.as_ref().map(|t| t.defs.as_slice());
     // A forced call: the prompt goes on with the call's start, for the model to finish.
     let forced = req.tools.as_ref().and_then(|t| t.forced());
-    let (ids, opening) = match &req.prompt {
+    let ChatPrompt { ids, opening, form } = match &req.prompt {
         Prompt::Chat(messages) => {
             chat_ids_with_tools(&app.tokenizer, messages, defs, forced.as_deref())
         }
-        Prompt::Text(text) => {
-            (app.tokenizer.encode_with_bos(text).map(|ids| (ids, None))).map_err(Into::into)
-        }
+        Prompt::Text(text) => app
+            .tokenizer
+            .encode_with_bos(text)
+            .map(|ids| ChatPrompt {
+                ids,
+                opening: None,
+                form: None,
+            })
+            .map_err(Into::into),
     }
     .map_err(|e| match e {
         crate::error::Error::Template(TemplateError::NoCallForm) => {
@@ -267,7 +273,7 @@ fn start(
             (Prompt::Chat(messages), Some(_)) => {
                 chat_ids_with_tools(&app.tokenizer, messages, None, None)
                     .ok()
-                    .map(|(ids, _)| ids.len())
+                    .map(|p| p.ids.len())
                     .filter(|&n| n < app.context)
             }
             _ => None,
@@ -325,18 +331,20 @@ fn start(
         }
         _ => None,
     };
-    let (opening, shape) = match opening {
-        Some(o) => (Some(o.text), Shape::OneOf(o.choices)),
-        None => match &req.json {
-            Some(g) => {
-                crate::infer::shape::check_writable(g, &app.tokenizer).map_err(|why| {
-                    ApiError::invalid(Some("response_format"), format!("`response_format`: {why}"))
-                })?;
-                (None, Shape::Json(g.clone()))
-            }
-            None => (None, Shape::Free),
-        },
+    let shape = match (&req.tools, &req.json) {
+        (Some(tools), _) => tools
+            .check_writable(&app.tokenizer)
+            .and_then(|()| tools.shape(form.as_ref(), opening.as_ref()))
+            .map_err(|why| ApiError::invalid(Some("tools"), why))?,
+        (None, Some(g)) => {
+            crate::infer::shape::check_writable(g, &app.tokenizer).map_err(|why| {
+                ApiError::invalid(Some("response_format"), format!("`response_format`: {why}"))
+            })?;
+            Shape::Json(g.clone())
+        }
+        (None, None) => Shape::Free,
     };
+    let opening = opening.map(|o| o.text);
     let job = Job {
         adapter,
         ids,

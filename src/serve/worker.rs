@@ -25,7 +25,7 @@ pub struct Job {
     /// Which adapter applies (None: the base model).
     pub adapter: Option<String>,
     pub ids: Vec<u32>,
-    /// What the reply must be: free, a forced call's function names first, or JSON.
+    /// What the reply must be: free, a call (where it calls), or JSON.
     pub shape: Shape,
     pub sampling: Sampling,
     pub stop: Vec<String>,

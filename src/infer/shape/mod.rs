@@ -1,10 +1,12 @@
 //! What shape a reply must take, and, token by token, which tokens keep it so: sampling is
 //! done among those alone.
 
+pub mod call;
 pub mod schema;
 pub mod walk;
 
 use crate::data::tokenizer::Tokenizer;
+use call::{CallShape, CallWalker};
 use schema::Grammar;
 use std::sync::Arc;
 use walk::Walker;
@@ -15,9 +17,9 @@ pub enum Shape {
     /// Anything.
     #[default]
     Free,
-    /// One of these token sequences first, the model choosing (a forced call's function
-    /// names), then anything.
-    OneOf(Vec<Vec<u32>>),
+    /// A call in the chat template's form, its arguments held to the function's grammar,
+    /// where the reply calls (or must).
+    Call(Arc<CallShape>),
     /// One JSON document of the grammar, then the end (OpenAI's `response_format`
     /// `json_object`, any object, and `json_schema`).
     Json(Arc<Grammar>),
@@ -70,24 +72,58 @@ pub fn check_writable(grammar: &Grammar, tokenizer: &Tokenizer) -> Result<(), St
 
 /// A reply's way through its [`Shape`].
 pub struct Guide<'a> {
-    shape: &'a Shape,
     tokenizer: &'a Tokenizer,
-    /// The JSON so far, for [`Shape::Json`].
-    json: Option<Walker<'a>>,
+    at: Walking<'a>,
+    /// Token sequences the reply starts with one of, where it has them.
+    lead: Option<&'a [Vec<u32>]>,
     /// Per token: whether its text can sit in a string as it is (no `"`, `\\` or control
     /// character), and its first character (None: no text, or a special token).
     plain: Vec<bool>,
     first: Vec<Option<char>>,
 }
 
+/// Where the reply is in its shape.
+enum Walking<'a> {
+    Free,
+    Json(Walker<'a>),
+    Call(CallWalker<'a>),
+    /// Where a call's given opening is none of its forms: the reply cannot go on.
+    Stuck,
+}
+
+/// What [`Guide::scan`] tries tokens against.
+trait Trial: Copy {
+    fn push_str(&mut self, text: &str) -> bool;
+    fn push(&mut self, c: char) -> bool;
+}
+
+impl Trial for Walker<'_> {
+    fn push_str(&mut self, text: &str) -> bool {
+        Walker::push_str(self, text)
+    }
+    fn push(&mut self, c: char) -> bool {
+        Walker::push(self, c)
+    }
+}
+
+impl Trial for CallWalker<'_> {
+    fn push_str(&mut self, text: &str) -> bool {
+        CallWalker::push_str(self, text)
+    }
+    fn push(&mut self, c: char) -> bool {
+        CallWalker::push(self, c)
+    }
+}
+
 impl<'a> Guide<'a> {
     pub fn new(shape: &'a Shape, tokenizer: &'a Tokenizer) -> Self {
-        let json = match shape {
-            Shape::Json(g) => Some(Walker::new(g)),
-            _ => None,
+        let at = match shape {
+            Shape::Free => Walking::Free,
+            Shape::Json(g) => Walking::Json(Walker::new(g)),
+            Shape::Call(c) => c.walker().map_or(Walking::Stuck, Walking::Call),
         };
         let (mut plain, mut first) = (vec![], vec![]);
-        if json.is_some() {
+        if !matches!(at, Walking::Free) {
             for (id, text) in tokenizer.token_texts().iter().enumerate() {
                 // An end token is text only to a tokenizer that does not mark it.
                 let text = text.as_deref().filter(|_| !tokenizer.is_end(id as u32));
@@ -97,10 +133,14 @@ impl<'a> Guide<'a> {
                 }));
             }
         }
+        let lead = match shape {
+            Shape::Call(c) if !c.lead.is_empty() => Some(c.lead.as_slice()),
+            _ => None,
+        };
         Self {
-            shape,
             tokenizer,
-            json,
+            at,
+            lead,
             plain,
             first,
         }
@@ -109,26 +149,26 @@ impl<'a> Guide<'a> {
     /// The tokens that may follow `ids`, the reply so far (None: any token may). Empty where
     /// no token of the vocabulary keeps to the shape.
     pub fn allowed(&self, ids: &[u32]) -> Option<Vec<u32>> {
-        // A JSON shape has its walker from the start.
-        if let Some(w) = &self.json {
-            return Some(if w.is_complete() {
-                self.tokenizer.end_ids.iter().copied().collect()
-            } else {
-                self.json_tokens(w)
-            });
+        if let Some(next) = self.lead.and_then(|lead| one_of(lead, ids)) {
+            return Some(next);
         }
-        match self.shape {
-            Shape::OneOf(choices) => one_of(choices, ids),
-            _ => None,
+        match &self.at {
+            Walking::Free => None,
+            Walking::Stuck => Some(vec![]),
+            Walking::Json(w) if w.is_complete() => {
+                Some(self.tokenizer.end_ids.iter().copied().collect())
+            }
+            Walking::Json(w) => Some(self.scan(w, w.in_plain_string(), false)),
+            Walking::Call(w) if w.is_free() => None,
+            Walking::Call(w) => Some(self.scan(w, w.in_plain_string(), w.takes_textless())),
         }
     }
 
-    /// The tokens whose text `w` takes. Most are settled without trying them whole: in a
-    /// string, a plain text leaves the state as it is; elsewhere, a first character that
-    /// cannot come next rules a token out.
-    fn json_tokens(&self, w: &Walker) -> Vec<u32> {
+    /// The tokens whose text `w` takes (and, with `textless`, those with none). Most are
+    /// settled without trying them whole: in a plain string, a plain text leaves the state as
+    /// it is; elsewhere, a first character that cannot come next rules a token out.
+    fn scan(&self, w: &impl Trial, in_string: bool, textless: bool) -> Vec<u32> {
         let texts = self.tokenizer.token_texts();
-        let in_string = w.in_plain_string();
         // Whether each ASCII first character may come next, found when first met.
         let mut ascii: [Option<bool>; 128] = [None; 128];
         let first_may = |c: char| {
@@ -137,7 +177,12 @@ impl<'a> Guide<'a> {
         };
         let mut out = vec![];
         for (id, first) in self.first.iter().enumerate() {
-            let Some(c) = *first else { continue };
+            let Some(c) = *first else {
+                if textless {
+                    out.push(id as u32);
+                }
+                continue;
+            };
             if in_string && self.plain[id] {
                 out.push(id as u32);
                 continue;
@@ -158,10 +203,17 @@ impl<'a> Guide<'a> {
 
     /// Takes the token sampled next.
     pub fn advance(&mut self, id: u32) {
-        if let Some(w) = &mut self.json {
-            if let Some(Some(text)) = self.tokenizer.token_texts().get(id as usize) {
+        let Some(Some(text)) = self.tokenizer.token_texts().get(id as usize) else {
+            return;
+        };
+        match &mut self.at {
+            Walking::Json(w) => {
                 w.push_str(text);
             }
+            Walking::Call(w) => {
+                w.push_str(text);
+            }
+            Walking::Free | Walking::Stuck => {}
         }
     }
 }

@@ -14,7 +14,13 @@ mod request;
 pub use reply::{could_be_call, parse, to_json};
 pub use request::{check_answers, from_request, history_calls, refuse_on_completions};
 
+use crate::data::tokenizer::Tokenizer;
+use crate::infer::prompt::{CallForm, Opening};
+use crate::infer::shape::call::CallShape;
+use crate::infer::shape::schema::Grammar;
+use crate::infer::shape::{check_writable, Shape};
 use serde_json::Value;
+use std::sync::Arc;
 
 /// The request's functions, and whether a reply may be read as a call to them.
 #[derive(Debug, Clone, PartialEq)]
@@ -22,6 +28,10 @@ pub struct Tools {
     /// As given, for the template (`{"type": "function", "function": {...}}`).
     pub defs: Vec<Value>,
     pub names: Vec<String>,
+    /// Per function, what its arguments are held to: its schema with `strict`, else any
+    /// JSON object.
+    pub args: Vec<Arc<Grammar>>,
+    pub strict: Vec<bool>,
     pub choice: Choice,
     /// `parallel_tool_calls` (default true); false keeps a reply's first call only.
     pub parallel: bool,
@@ -41,6 +51,66 @@ impl Tools {
             Choice::Named(n) => Some(vec![n]),
             Choice::Auto | Choice::None => None,
         }
+    }
+
+    /// What the reply must be: where it calls (or must), a call in the template's `form`, to
+    /// one of the functions, with arguments of its grammar. A forced reply goes on from its
+    /// `opening`. The error names the function whose `strict` cannot be kept.
+    pub fn shape(
+        &self,
+        form: Option<&CallForm>,
+        opening: Option<&Opening>,
+    ) -> Result<Shape, String> {
+        let functions = |names: &[&str]| {
+            let pairs = self.names.iter().zip(&self.args);
+            pairs
+                .filter(|(n, _)| names.contains(&n.as_str()))
+                .map(|(n, g)| (n.clone(), g.clone()))
+                .collect()
+        };
+        if self.choice == Choice::None {
+            return Ok(Shape::Free);
+        }
+        if let (Some(names), Some(form), Some(opening)) = (self.forced(), form, opening) {
+            let shape = CallShape::new(
+                &form.start,
+                &form.mid,
+                functions(&names),
+                true,
+                &opening.text,
+            );
+            return Ok(Shape::Call(Arc::new(
+                shape.leading(opening.choices.clone()),
+            )));
+        }
+        // A call the reply may make: held once it has written the form's start (a template
+        // whose calls start with nothing to tell them from text has none to hold).
+        match form.filter(|f| !f.shown.is_empty() && self.forced().is_none()) {
+            Some(form) => {
+                let all: Vec<&str> = self.names.iter().map(String::as_str).collect();
+                let shape = CallShape::new(&form.shown, &form.mid, functions(&all), false, "");
+                Ok(Shape::Call(Arc::new(shape)))
+            }
+            None => match self.strict.iter().position(|&s| s) {
+                Some(i) => Err(format!(
+                    "tools[{i}]: `function.strict`: this model's chat template shows no form \
+                     of a call that its arguments could be held in; leave `strict` out or \
+                     false"
+                )),
+                None => Ok(Shape::Free),
+            },
+        }
+    }
+
+    /// Refuses a strict function whose schema this model cannot write (see
+    /// [`check_writable`]), naming it.
+    pub fn check_writable(&self, tokenizer: &Tokenizer) -> Result<(), String> {
+        let strict = self.args.iter().zip(&self.strict).enumerate();
+        for (i, (g, _)) in strict.filter(|(_, (_, &s))| s) {
+            check_writable(g, tokenizer)
+                .map_err(|why| format!("tools[{i}]: `function.parameters`: {why}"))?;
+        }
+        Ok(())
     }
 
     /// Whether a reply started as a call (`text`, its opening included) has made every call
@@ -78,4 +148,68 @@ pub enum Choice {
 pub struct Call {
     pub name: String,
     pub arguments: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn tools(choice: Value, strict: bool) -> Tools {
+        let f = json!({"name": "f", "strict": strict,
+            "parameters": {"type": "object", "properties": {"a": {"type": "integer"}}}});
+        let req = json!({"tools": [{"type": "function", "function": f}], "tool_choice": choice});
+        from_request(req.as_object().unwrap()).unwrap().unwrap()
+    }
+
+    /// A call is held where the reply may call in a form it can be told by; `strict` is
+    /// refused where it cannot be.
+    #[test]
+    fn the_shape_of_a_reply_with_tools() {
+        let form = CallForm {
+            start: "[TOOL_CALLS] [{\"name\": \"".into(),
+            shown: "[{\"name\": \"".into(),
+            mid: "\", \"arguments\": ".into(),
+        };
+        let calls = |s: Shape, text: &str| match s {
+            Shape::Call(c) => c.walker().is_some_and(|mut w| w.push_str(text)),
+            s => panic!("{s:?}"),
+        };
+        let auto = tools(json!("auto"), true).shape(Some(&form), None).unwrap();
+        assert!(calls(
+            auto.clone(),
+            "[{\"name\": \"f\", \"arguments\": {\"a\": 1"
+        ));
+        assert!(!calls(
+            auto.clone(),
+            "[{\"name\": \"f\", \"arguments\": {\"b\""
+        ));
+        assert!(calls(auto, "Hello"));
+        // Not strict: any object.
+        let lax = tools(json!("auto"), false)
+            .shape(Some(&form), None)
+            .unwrap();
+        assert!(calls(
+            lax,
+            "[{\"name\": \"f\", \"arguments\": {\"b\": [true"
+        ));
+        // Forced: from the opening the prompt ends with, nothing but the call.
+        let opening = Opening {
+            text: "[TOOL_CALLS] [{\"name\": \"f\", \"arguments\": ".into(),
+            choices: vec![],
+        };
+        let forced = tools(json!("required"), true);
+        let forced = forced.shape(Some(&form), Some(&opening)).unwrap();
+        assert!(calls(forced.clone(), "{\"a\": -2}"));
+        assert!(!calls(forced, "Hello"));
+        // Under "none", text; without a form, free unless strict.
+        let none = tools(json!("none"), true).shape(Some(&form), None);
+        assert_eq!(none, Ok(Shape::Free));
+        assert_eq!(
+            tools(json!("auto"), false).shape(None, None),
+            Ok(Shape::Free)
+        );
+        let e = tools(json!("auto"), true).shape(None, None).unwrap_err();
+        assert!(e.starts_with("tools[0]: `function.strict`"), "{e}");
+    }
 }

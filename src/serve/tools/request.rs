@@ -2,8 +2,10 @@
 //! results in its history, checked as OpenAI's API checks them.
 
 use super::{Choice, Tools};
+use crate::infer::shape::schema::Grammar;
 use crate::serve::api::ApiError;
 use serde_json::{json, Map, Value};
+use std::sync::Arc;
 
 /// The fields that only mean something with `tools`.
 const WITH_TOOLS: [&str; 2] = ["tool_choice", "parallel_tool_calls"];
@@ -36,7 +38,7 @@ pub fn from_request(m: &Map<String, Value>) -> Result<Option<Tools>, ApiError> {
             None => Ok(None),
         };
     };
-    let mut names = vec![];
+    let (mut names, mut args, mut stricts) = (vec![], vec![], vec![]);
     for (i, t) in defs.iter().enumerate() {
         let bad = |what: &str| ApiError::invalid(Some("tools"), format!("tools[{i}]: {what}"));
         if t.get("type").and_then(Value::as_str) != Some("function") {
@@ -59,15 +61,31 @@ pub fn from_request(m: &Map<String, Value>) -> Result<Option<Tools>, ApiError> {
         if names.iter().any(|n| n == name) {
             return Err(bad(&format!("`{name}` is given twice")));
         }
-        // Strict mode promises arguments that match the schema, which only constrained
-        // decoding can keep.
-        if t["function"].get("strict") == Some(&Value::Bool(true)) {
-            return Err(bad(
-                "`function.strict`: this server cannot hold the arguments to the schema \
-                 (it has no constrained decoding); leave `strict` out or false",
-            ));
-        }
+        // Strict mode promises arguments that match the schema: a call's are held to it.
+        // Others are held to a JSON object, without which the call cannot be read.
+        let f = &t["function"];
+        let strict = match f.get("strict") {
+            None | Some(Value::Null) => false,
+            Some(Value::Bool(b)) => *b,
+            Some(_) => return Err(bad("`function.strict` must be true or false")),
+        };
+        let grammar = match (strict, f.get("parameters")) {
+            (false, _) => Grammar::any_object(),
+            // No parameters: a call without arguments.
+            (true, None | Some(Value::Null)) => Grammar::from_schema(
+                &json!({"type": "object", "properties": {}, "additionalProperties": false}),
+            )
+            .map_err(|why| bad(&why))?,
+            (true, Some(p)) => Grammar::from_schema(p).map_err(|why| {
+                bad(&format!(
+                    "`function.parameters` cannot be held to with `strict`: {why}; change \
+                     the schema, or leave `strict` out"
+                ))
+            })?,
+        };
         names.push(name.to_string());
+        args.push(Arc::new(grammar));
+        stricts.push(strict);
     }
     // `{"type": "function", "function": {"name": ...}}`'s name.
     let named = |o: &Map<String, Value>| {
@@ -104,6 +122,8 @@ pub fn from_request(m: &Map<String, Value>) -> Result<Option<Tools>, ApiError> {
     Ok(Some(Tools {
         defs: defs.clone(),
         names,
+        args,
+        strict: stricts,
         choice,
         parallel,
     }))
@@ -300,9 +320,16 @@ mod tests {
                 "true or false",
             ),
             (
-                json!({"tools": [{"type": "function", "function": {"name": "f", "strict": true}}]}),
+                json!({"tools": [{"type": "function", "function": {"name": "f", "strict": 1}}]}),
                 "tools",
-                "tools[0]: `function.strict`",
+                "tools[0]: `function.strict` must be true or false",
+            ),
+            (
+                json!({"tools": [{"type": "function", "function": {"name": "f", "strict": true,
+                    "parameters": {"type": "object", "properties": {"a": {"type": "string",
+                    "pattern": "^x"}}}}}]}),
+                "tools",
+                "tools[0]: `function.parameters` cannot be held to with `strict`: #/properties/a: `pattern`",
             ),
         ] {
             let e = from_request(&m(req.clone())).unwrap_err();

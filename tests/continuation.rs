@@ -296,8 +296,20 @@ fn a_finished_run_resumed_again_is_left_as_it_is() {
     );
     assert!(!e.contains("resuming from"), "{e}");
     assert!(read() == before, "the finished run's files changed");
+    // Told before the model loads (minutes, for a large one), as is a resume that differs.
+    assert!(!e.contains("model loaded"), "{e}");
+    let o = train(&r, &out, 4, &["--resume", "--lora-dropout", "0.1"]);
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && e.contains("differs from the checkpoint"),
+        "{e}"
+    );
+    assert!(!e.contains("model loaded"), "{e}");
     // Raised, it trains on.
     let e = ok(train(&r, &out, 4, &["--resume"]));
-    assert!(e.contains("resuming from"), "{e}");
+    assert!(
+        e.contains("resuming from") && e.contains("model loaded"),
+        "{e}"
+    );
     assert_eq!(metrics(&out.join("metrics.jsonl"), "train").len(), 4);
 }

@@ -431,7 +431,10 @@ fn non_finite_base_weights_are_refused_naming_the_tensor() {
                 fused.to_str().unwrap().into(),
             ],
         ];
-        for mut args in cases {
+        // The GGUF's tokenizer (`t0`, `t1`, …, no merges) encodes no text: its training data
+        // is refused first, before the weights are read.
+        let trains = model == &r.model;
+        for mut args in cases.into_iter().filter(|c| trains || c[0] != "train") {
             args.extend(["--model".into(), m.clone()]);
             let o = common::cli().args(&args).output().unwrap();
             let e = stderr(&o);
@@ -443,6 +446,29 @@ fn non_finite_base_weights_are_refused_naming_the_tensor() {
             assert!(!e.contains("panicked"), "{args:?}: {e}");
             assert!(!fused.exists() && !out.join("adapter_model.safetensors").exists());
         }
+        if !trains {
+            continue;
+        }
+        // `--force` over a finished run, with a model that cannot load: the run never starts,
+        // and the earlier one is all there.
+        let before = std::fs::read(good.join("adapter_model.safetensors")).unwrap();
+        let o = common::cli()
+            .args(["train", "--model", &m, "--data", r.data.to_str().unwrap()])
+            .args([
+                "--output",
+                good.to_str().unwrap(),
+                "--max-steps",
+                "1",
+                "--force",
+            ])
+            .output()
+            .unwrap();
+        assert!(!o.status.success() && stderr(&o).contains("NaN or infinite"));
+        assert_eq!(
+            std::fs::read(good.join("adapter_model.safetensors")).unwrap(),
+            before
+        );
+        assert!(good.join("metrics.jsonl").is_file() && good.join("checkpoints").is_dir());
     }
 }
 

@@ -1,6 +1,8 @@
 //! `your_ai train`: checks every flag and every data line before anything is written, runs the
-//! pre-flight (budget and estimate), loads the model once, resolves the configuration and runs
-//! the trainer over the engine `--engine` chose (candle, or MLX in a binary built with it).
+//! pre-flight (budget and estimate), encodes the data and resolves the configuration (a
+//! resumed run checked against its checkpoint) with the model's tokenizer alone, then loads
+//! the model once and runs the trainer over the engine `--engine` chose (candle, or MLX in a
+//! binary built with it).
 
 use crate::cli::TrainArgs;
 use crate::data::batch::weighted_rows;
@@ -11,7 +13,7 @@ use crate::engine::choice::{self, EngineChoice};
 use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::io::DirLock;
-use crate::model::LoadedModel;
+use crate::model::{Identity, LoadedModel, ModelConfig};
 use crate::runtime::memory::{self, Meter};
 use crate::runtime::{setup_file, signals};
 use crate::train::checkpoint;
@@ -120,16 +122,15 @@ pub fn run(mut a: TrainArgs) -> Result<()> {
             a.batch.max_seq_length
         )));
     }
-    let loaded = crate::model::load(&a.model.model, &load, None)?;
-    // The load's peak is behind us; from here the peak measured is training's.
-    let load_reading = meter.read();
-    meter.reset_peak();
-
+    // Data and the resumed checkpoint are checked before the weights are read: a data error,
+    // a resume that differs from its run, or one already finished is told at once, not after
+    // the minutes a large model's load takes.
+    let id = crate::model::identify(&a.model.model)?;
     let data = match pair_rows {
-        Some(rows) => encode_pairs(&a, &loaded, rows)?,
+        Some(rows) => encode_pairs(&a, &id.tokenizer, rows)?,
         None => encode(
             &a,
-            &loaded,
+            &id.tokenizer,
             records,
             distrust.as_ref().map(|d| &d.1),
             &files,
@@ -137,7 +138,8 @@ pub fn run(mut a: TrainArgs) -> Result<()> {
     };
     let resume_given = a.resume.clone();
     a.engine = Some(engine);
-    let cfg = resolve(a, &loaded, &data, &plan, distrust.map(|d| d.0))?;
+    let cfg = resolve(a, &inspected.cfg, &id, &data, &plan, distrust.map(|d| d.0))?;
+    drop(id);
     let mut data_files: Vec<&Path> = vec![&files.train];
     data_files.extend(files.valid.as_deref());
     let data_sha256 = checkpoint::data_fingerprint(&data_files)?;
@@ -145,7 +147,6 @@ pub fn run(mut a: TrainArgs) -> Result<()> {
         Some(given) => resume_from(&cfg, given, &data_sha256)?,
         None => None,
     };
-    let adapter = initial_adapter(&cfg, &loaded.model.cfg, resume.as_ref())?;
     // Held until the run ends: no second run writes into the same directory.
     let resuming = match (&resume_given, &resume) {
         (_, Some(r)) => Resuming::Checkpoint {
@@ -156,7 +157,7 @@ pub fn run(mut a: TrainArgs) -> Result<()> {
         (Some(_), None) => Resuming::NoCheckpoint,
         (None, None) => Resuming::No,
     };
-    let _lock = claim_output(&cfg, &resuming)?;
+    let claim = claim_output(&cfg, &resuming)?;
     if let Some(r) = &resume {
         if finished(&cfg, r.state.step) {
             // Nothing is written: a retry loop around `--resume` ends here (exit 0) instead
@@ -170,6 +171,17 @@ pub fn run(mut a: TrainArgs) -> Result<()> {
             );
             return Ok(());
         }
+    }
+
+    // What came before (the data) is not the load's: its peak is measured from here.
+    meter.reset_peak();
+    let loaded = crate::model::load(&cfg.model.model, &load, None)?;
+    // The load's peak is behind us; from here the peak measured is training's.
+    let load_reading = meter.read();
+    meter.reset_peak();
+    let adapter = initial_adapter(&cfg, &loaded.model.cfg, resume.as_ref())?;
+    claim.replace_earlier()?;
+    if let Some(r) = &resume {
         eprintln!(
             "resuming from {} (step {} of {})",
             r.dir.display(),
@@ -338,12 +350,13 @@ fn auto_optimize(a: &mut TrainArgs) -> Result<Option<usize>> {
 /// against the model and the data, and the pre-flight's decisions.
 fn resolve(
     mut a: TrainArgs,
-    loaded: &LoadedModel,
+    model: &ModelConfig,
+    id: &Identity,
     data: &Datasets,
     plan: &Plan,
     distrust: Option<DistrustSettings>,
 ) -> Result<TrainConfig> {
-    let layers = loaded.model.cfg.num_hidden_layers;
+    let layers = model.num_hidden_layers;
     let num_layers = a.lora.num_layers.unwrap_or(layers);
     if num_layers > layers {
         return Err(usage(format!(
@@ -402,7 +415,7 @@ fn resolve(
         .output
         .output
         .clone()
-        .unwrap_or_else(|| Path::new("models").join(format!("{}-lora", loaded.name)));
+        .unwrap_or_else(|| Path::new("models").join(format!("{}-lora", id.name)));
     a.output.metrics_file = Some(
         a.output
             .metrics_file
@@ -426,7 +439,7 @@ fn resolve(
         distrust,
         engine: a.engine,
         weights_dtype: Some(plan.weights_dtype.as_str().to_string()),
-        model_fingerprint: Some(checkpoint::model_fingerprint(&loaded.source)?),
+        model_fingerprint: Some(checkpoint::model_fingerprint(&id.source)?),
     })
 }
 

@@ -77,21 +77,7 @@ pub fn load(spec: &str, opts: &LoadOptions, adapter: Option<&Path>) -> Result<Lo
             q.bits()
         ))
     );
-    let (store, cfg, tokenizer) = match &source {
-        ModelSource::HfDir(dir) => {
-            // Cheap checks first: config, weight headers, tokenizer; then the weights.
-            let cfg = ModelConfig::from_hf_file(&dir.join("config.json"))?;
-            let store = WeightStore::Safetensors(SafetensorsDir::open(dir)?);
-            let tokenizer = Tokenizer::from_hf_dir(dir, &cfg.eos_token_ids)?;
-            (store, cfg, tokenizer)
-        }
-        ModelSource::Gguf(path) => {
-            let g = GgufFile::open(path)?;
-            let cfg = g.config()?;
-            let tokenizer = Tokenizer::from_gguf(&g)?;
-            (WeightStore::Gguf(g), cfg, tokenizer)
-        }
-    };
+    let (store, cfg, tokenizer) = open(&source)?;
     let mut model = Llama::load_mixed(
         &store,
         cfg,
@@ -123,6 +109,44 @@ pub fn load(spec: &str, opts: &LoadOptions, adapter: Option<&Path>) -> Result<Lo
         name: model_name(spec, &source),
         source,
         load_time: start.elapsed(),
+    })
+}
+
+/// Cheap checks first: config, weight headers (or a GGUF's metadata), tokenizer; the weights
+/// are read after.
+fn open(source: &ModelSource) -> Result<(WeightStore, ModelConfig, Tokenizer)> {
+    Ok(match source {
+        ModelSource::HfDir(dir) => {
+            let cfg = ModelConfig::from_hf_file(&dir.join("config.json"))?;
+            let store = WeightStore::Safetensors(SafetensorsDir::open(dir)?);
+            let tokenizer = Tokenizer::from_hf_dir(dir, &cfg.eos_token_ids)?;
+            (store, cfg, tokenizer)
+        }
+        ModelSource::Gguf(path) => {
+            let g = GgufFile::open(path)?;
+            let cfg = g.config()?;
+            let tokenizer = Tokenizer::from_gguf(&g)?;
+            (WeightStore::Gguf(g), cfg, tokenizer)
+        }
+    })
+}
+
+/// A model's tokenizer and name, its weights unread: what training encodes its data with and
+/// checks a resumed run against before the minutes a large model's load can take.
+pub struct Identity {
+    pub tokenizer: Tokenizer,
+    pub source: ModelSource,
+    pub name: String,
+}
+
+/// The [`Identity`] of `spec` (a path, alias or repo id).
+pub fn identify(spec: &str) -> Result<Identity> {
+    let source = source::resolve(spec)?;
+    let (_, _, tokenizer) = open(&source)?;
+    Ok(Identity {
+        tokenizer,
+        name: model_name(spec, &source),
+        source,
     })
 }
 

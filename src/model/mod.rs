@@ -18,4 +18,4 @@ pub mod vocab;
 
 pub use config::{Architecture, ModelConfig, RopeScaling};
 pub use llama::{KvCache, Llama};
-pub use load::{inspect, load, Inspected, LoadOptions, LoadedModel};
+pub use load::{identify, inspect, load, Identity, Inspected, LoadOptions, LoadedModel};

@@ -6,9 +6,9 @@ use super::usage;
 use crate::cli::TrainArgs;
 use crate::data::files::{read_jsonl, DataFiles};
 use crate::data::preference::{read_preferences, PreferenceExample};
+use crate::data::tokenizer::Tokenizer;
 use crate::data::{DataError, Encoder, Record, Sample};
 use crate::error::Result;
-use crate::model::LoadedModel;
 use crate::train::trainer::{Datasets, PreferenceSets};
 use std::path::{Path, PathBuf};
 
@@ -51,10 +51,10 @@ pub(super) fn read_pairs(
 /// failures reported with their file:line.
 pub(super) fn encode_pairs(
     a: &TrainArgs,
-    loaded: &LoadedModel,
+    tokenizer: &Tokenizer,
     [train, valid, test]: [Vec<(PreferenceExample, String)>; 3],
 ) -> Result<Datasets> {
-    let encoder = Encoder::new(&loaded.tokenizer, true, a.batch.max_seq_length)?;
+    let encoder = Encoder::new(tokenizer, true, a.batch.max_seq_length)?;
     let (mut cut_off, mut truncated) = (vec![], vec![]);
     let mut encode = |rows: &[(PreferenceExample, String)]| -> Result<Vec<_>> {
         let (pairs, cut) = encoder.encode_pairs(rows)?;
@@ -160,16 +160,12 @@ fn read_files<T>(
 /// their file:line; refuses training data with no trained token.
 pub(super) fn encode(
     a: &TrainArgs,
-    loaded: &LoadedModel,
+    tokenizer: &Tokenizer,
     (train, valid, test): (Vec<Record>, Vec<Record>, Vec<Record>),
     provenance: Option<&Vec<crate::distrust::formula::Provenance>>,
     files: &DataFiles,
 ) -> Result<Datasets> {
-    let encoder = Encoder::new(
-        &loaded.tokenizer,
-        a.data.mask_prompt,
-        a.batch.max_seq_length,
-    )?;
+    let encoder = Encoder::new(tokenizer, a.data.mask_prompt, a.batch.max_seq_length)?;
     // Examples whose every trained token truncation cut off: they train nothing and are left
     // out, rather than fill a batch slot (or a whole step) with nothing to learn.
     let mut cut_off: Vec<String> = vec![];

@@ -99,7 +99,9 @@ fn check_continuation(dir: &Path, at: &Path, step: usize, held: &[String]) -> Re
 /// mixed with this one; a `--metrics-file` that is not one of ours is never truncated.
 /// `--resume` with no checkpoint restarts only a run that was stopped before its first one:
 /// a finished run whose checkpoints are gone, or anything else, is refused as without it.
-pub(super) fn claim_output(cfg: &TrainConfig, resume: &Resuming) -> Result<DirLock> {
+/// An earlier run `--force` replaces stays until [`Claim::replace_earlier`], once the model
+/// has loaded: a run that cannot start loses nothing.
+pub(super) fn claim_output(cfg: &TrainConfig, resume: &Resuming) -> Result<Claim> {
     let dir = cfg.output_dir();
     let existed = dir.exists();
     let lock = DirLock::acquire(dir, "--output")?;
@@ -111,8 +113,25 @@ pub(super) fn claim_output(cfg: &TrainConfig, resume: &Resuming) -> Result<DirLo
     })
 }
 
+/// The output directory, held for this run.
+pub(super) struct Claim {
+    _lock: DirLock,
+    /// The earlier run's outputs, which `--force` replaces (empty otherwise).
+    earlier: Vec<PathBuf>,
+}
+
+impl Claim {
+    /// Removes the earlier run's outputs `--force` replaces; anything else stays.
+    pub(super) fn replace_earlier(&self) -> Result<()> {
+        for p in &self.earlier {
+            crate::io::remove(p)?;
+        }
+        Ok(())
+    }
+}
+
 /// [`claim_output`]'s checks, holding the lock (released, on an error, before they return).
-fn check_output(cfg: &TrainConfig, resume: &Resuming, lock: DirLock) -> Result<DirLock> {
+fn check_output(cfg: &TrainConfig, resume: &Resuming, lock: DirLock) -> Result<Claim> {
     let dir = cfg.output_dir();
     // An adapter a killed run was moving into place is finished; what it left half-written
     // (hidden, never read) goes now, not at its next save.
@@ -219,13 +238,15 @@ fn check_output(cfg: &TrainConfig, resume: &Resuming, lock: DirLock) -> Result<D
             }
         }
     }
-    if replacing {
-        // --force, every check passed: the earlier run's outputs go; anything else stays.
-        for name in RUN_OUTPUTS {
-            crate::io::remove(&dir.join(name))?;
-        }
-    }
-    Ok(lock)
+    // --force, every check passed: the earlier run's outputs go once the run can start.
+    let earlier = match replacing {
+        true => RUN_OUTPUTS.iter().map(|n| dir.join(n)).collect(),
+        false => vec![],
+    };
+    Ok(Claim {
+        _lock: lock,
+        earlier,
+    })
 }
 
 /// Whether `path`, named as one of [`RUN_OUTPUTS`], is absent or what a run of this tool writes

@@ -383,9 +383,22 @@ fn a_forced_call_opens_as_the_template_writes_calls() {
     let free = chat_ids_with_tools(&tok, &user, Some(&tools), None).unwrap();
     let form = free.form.unwrap();
     assert_eq!(
-        (form.start.as_str(), form.mid.as_str()),
-        ("{\"name\": \"", "\", \"parameters\": ")
+        (form.start.as_str(), form.mid.as_str(), form.close.as_str()),
+        ("{\"name\": \"", "\", \"parameters\": ", "}")
     );
+    // The marks the form is found by, in a message, are the message's.
+    tok.chat_template = Some(fixture("qwen25.jinja"));
+    let form = |messages: &[Value]| {
+        chat_ids_with_tools(&tok, messages, Some(&tools), None)
+            .unwrap()
+            .form
+            .unwrap()
+    };
+    let qwen = form(&user);
+    assert_eq!(qwen.close, "}\n</tool_call>");
+    let marks = "Say __your_ai_arguments__ or __your_ai_name__, please";
+    let marked = [serde_json::json!({"role": "user", "content": marks})];
+    assert_eq!(form(&marked), qwen);
     for (template, named) in [
         (
             "qwen25.jinja",

@@ -5,6 +5,7 @@ use crate::data::chat_template::{ChatContext, ChatTemplate, TemplateError};
 use crate::data::message_text;
 use crate::data::tokenizer::Tokenizer;
 use crate::error::Result;
+pub use crate::infer::shape::call::CallForm;
 use serde_json::Value;
 
 /// `messages` (OpenAI-style `{"role", "content"}` objects) rendered with the tokenizer's chat
@@ -113,6 +114,12 @@ fn hides_tool_history(
     Ok(())
 }
 
+/// The marks a call is rendered with to find its form.
+const NAME: &str = "__your_ai_name__";
+const ARGS: &str = "__your_ai_arguments__";
+const ID: &str = "__your_ai_id__";
+const TEXT: &str = "__your_ai_text__";
+
 /// The start of a forced call that the prompt ends with.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Opening {
@@ -124,22 +131,10 @@ pub struct Opening {
     pub choices: Vec<Vec<u32>>,
 }
 
-/// How a template writes a call: `start`, the function's name, `mid`, then the arguments.
-#[derive(Debug, Clone, PartialEq)]
-pub struct CallForm {
-    /// As rendered (Mistral's `[TOOL_CALLS] [{"name": "`).
-    pub start: String,
-    /// As a reply's text shows it, control tokens dropped and leading blanks trimmed
-    /// (`[{"name": "`).
-    pub shown: String,
-    pub mid: String,
-}
-
 /// How this template writes a call after `messages` (`prompt`, rendered with `tools` for the
 /// reply): found by rendering an assistant turn that calls a marked name with marked
-/// arguments, from the end of the generation prompt to the arguments' opening brace (the
-/// prompt itself need not be a prefix of that render: Hermes's ends a last tool message
-/// otherwise).
+/// arguments, from the end of the generation prompt to the turn's end (the prompt itself need
+/// not be a prefix of that render: Hermes's ends a last tool message otherwise).
 fn call_form(
     tok: &Tokenizer,
     template: &ChatTemplate,
@@ -147,8 +142,6 @@ fn call_form(
     tools: &[Value],
     prompt: &str,
 ) -> Result<CallForm> {
-    const NAME: &str = "__your_ai_name__";
-    const ARGS: &str = "__your_ai_arguments__";
     let render_as = |messages: &[Value], add_generation_prompt: bool| {
         template.render(&ChatContext {
             messages,
@@ -166,28 +159,68 @@ fn call_form(
     let mut called = messages.to_vec();
     called.push(
         serde_json::json!({"role": "assistant", "content": "", "tool_calls": [
-            {"id": "call_0", "type": "function", "function": {"name": NAME, "arguments": {ARGS: 1}}}
+            {"id": ID, "type": "function", "function": {"name": NAME, "arguments": {ARGS: 1}}}
         ]}),
     );
     let turn = render_as(&called, false)?;
-    let form = turn.find(ARGS).and_then(|args| {
+    // The last marks: the call's, not a message's that happens to hold them.
+    let form = turn.rfind(ARGS).and_then(|args| {
         let start = match generation.as_str() {
             "" => turn.starts_with(prompt).then_some(prompt.len())?,
             g => turn[..args].rfind(g)? + g.len(),
         };
-        let call = &turn[start..args];
+        let call = turn.get(start..args)?;
         let call = &call[..call.rfind('{')?];
         let (start, mid) = call.split_once(NAME)?;
-        Some((start.to_string(), mid.to_string()))
+        // The marked arguments, `{ARGS: 1}`, end at the first brace after the mark.
+        let end = args + turn[args..].find('}')? + 1;
+        Some((start.to_string(), mid.to_string(), &turn[end..]))
     });
-    let Some((start, mid)) = form else {
+    let Some((start, mid, after)) = form else {
         return Err(TemplateError::NoCallForm.into());
     };
     let shown = tok
         .decode(&tok.encode(&start)?, true)?
         .trim_start()
         .to_string();
-    Ok(CallForm { start, shown, mid })
+    // How the template ends an assistant turn (`<|eot_id|>`), found from one of text: not
+    // the call's.
+    let mut answered = messages.to_vec();
+    answered.push(serde_json::json!({"role": "assistant", "content": TEXT}));
+    let answered = render_as(&answered, false)?;
+    let turn_end = answered
+        .rfind(TEXT)
+        .map_or("", |i| &answered[i + TEXT.len()..]);
+    let after = after.strip_suffix(turn_end).unwrap_or(after);
+    let close = call_close(tok, after)?;
+    Ok(CallForm {
+        start,
+        shown,
+        mid,
+        close,
+    })
+}
+
+/// The close of a call, from `after`, a rendered call's text after its arguments and before
+/// its turn's end: up to any control token or end-of-sequence text in it, blanks trimmed.
+/// Empty where it holds the call's id (Mistral's), which no reply can be held to.
+fn call_close(tok: &Tokenizer, after: &str) -> Result<String> {
+    let (ids, spans) = tok.encode_offsets(after)?;
+    let texts = tok.token_texts();
+    let control = |id: u32| texts.get(id as usize).is_none_or(Option::is_none);
+    let mut end = ids
+        .iter()
+        .zip(&spans)
+        .find(|(&id, _)| control(id) || tok.is_end(id))
+        .map_or(after.len(), |(_, span)| span.0);
+    if let Some(eos) = tok.eos_token.as_deref().filter(|e| !e.is_empty()) {
+        end = end.min(after.find(eos).unwrap_or(end));
+    }
+    let close = after.get(..end).unwrap_or_default().trim_end();
+    Ok(match close.contains(ID) {
+        true => String::new(),
+        false => close.to_string(),
+    })
 }
 
 /// The start of a reply that calls one of `names`, as `form` writes it: up to where the

@@ -323,10 +323,12 @@ fn start(
     };
     let model = req.model.clone().unwrap_or_else(|| app.base.clone());
     // A forced reply ends once its calls are made, not at max_tokens: a model may write on.
-    let done = match (&opening, &req.tools) {
-        (Some(o), Some(tools)) => {
-            let (start, tools) = (o.text.clone(), tools.clone());
-            let over = move |text: &str| tools.calls_over(&format!("{start}{text}"));
+    // So does a reply that makes the one call wanted (`parallel_tool_calls` false).
+    let done = match &req.tools {
+        Some(tools) if tools.forced().is_some() || !tools.parallel => {
+            let start = opening.as_ref().map(|o| o.text.clone()).unwrap_or_default();
+            let tools = tools.clone();
+            let over = move |text: &str| tools.reply_over(&format!("{start}{text}"));
             Some(Box::new(over) as worker::Done)
         }
         _ => None,

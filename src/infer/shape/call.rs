@@ -1,15 +1,30 @@
 //! A reply held to a function call in its chat template's form: the form's start (Qwen's
 //! `<tool_call>\n{"name": "`), one of the request's function names, the text between the name
-//! and the arguments (`", "arguments": `), then the arguments as a JSON document of that
-//! function's grammar. What follows the arguments (the form's close, further calls) is free.
+//! and the arguments (`", "arguments": `), the arguments as a JSON document of that function's
+//! grammar, and the form's close (`}\n</tool_call>`). What follows (more calls, the end) is
+//! free.
 //!
 //! Held from where the reply could only be a call: from its first character where it must
-//! call, else from where it has written the form's whole start. Before that, a reply that
-//! leaves the form is text, and free.
+//! call, else from where it has written the form's start and a function's name. Before that,
+//! a reply that leaves the form is text, and free.
 
 use super::schema::Grammar;
 use super::walk::Walker;
 use std::sync::Arc;
+
+/// How a chat template writes a call: `start`, the function's name, `mid`, the arguments,
+/// `close`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CallForm {
+    /// As rendered (Mistral's `[TOOL_CALLS] [{"name": "`).
+    pub start: String,
+    /// As a reply's text shows it, control tokens dropped and leading blanks trimmed
+    /// (`[{"name": "`).
+    pub shown: String,
+    pub mid: String,
+    /// From the arguments' end to the call's (`}]`), before the turn's end.
+    pub close: String,
+}
 
 /// The functions a call may name, and the form it is written in.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -20,42 +35,45 @@ pub struct CallShape {
     heads: Vec<String>,
     /// Per function: what its arguments must be.
     args: Vec<Arc<Grammar>>,
+    close: String,
     /// Whether the reply must be a call (a forced `tool_choice`).
     must: bool,
     /// What the reply already holds of the call (a forced call's opening, which the prompt
     /// ends with): read before its first token.
     given: String,
-    /// Token sequences the reply starts with one of (a forced call's names and what follows
-    /// them, as the model writes them: a token-for-token path it knows, where the text alone
-    /// would let it take another spelling).
+    /// Per function, the tokens the reply starts with, one function's (a forced call's names
+    /// and what follows them, as the model writes them: a token-for-token path it knows,
+    /// where the text alone would let it take another spelling). Empty: none.
     pub lead: Vec<Vec<u32>>,
 }
 
 impl CallShape {
-    /// `functions` pairs each name with its arguments' grammar; `mid` is the form's text
-    /// between a name and its arguments.
+    /// A call in `form`, opening with `start` (the form's `start` as rendered, or as
+    /// `shown`); `functions` pairs each name with its arguments' grammar.
     pub fn new(
         start: &str,
-        mid: &str,
+        form: &CallForm,
         functions: Vec<(String, Arc<Grammar>)>,
         must: bool,
         given: &str,
     ) -> Self {
         let (heads, args) = functions
             .into_iter()
-            .map(|(name, grammar)| (format!("{name}{mid}"), grammar))
+            .map(|(name, grammar)| (format!("{name}{}", form.mid), grammar))
             .unzip();
         Self {
             start: start.to_string(),
             heads,
             args,
+            close: form.close.clone(),
             must,
             given: given.to_string(),
             lead: vec![],
         }
     }
 
-    /// With `lead`: the reply starts with one of these token sequences.
+    /// With `lead`, one token sequence per function, in their order: the reply starts with
+    /// one of them.
     pub fn leading(self, lead: Vec<Vec<u32>>) -> Self {
         Self { lead, ..self }
     }
@@ -87,7 +105,9 @@ enum At<'a> {
     Head { f: usize, n: usize },
     /// In a function's arguments.
     Args(Walker<'a>),
-    /// Past the arguments, or a reply that is text: anything.
+    /// This many bytes of the close are written.
+    Close(usize),
+    /// Past the call, or a reply that is text: anything.
     Free,
 }
 
@@ -97,13 +117,18 @@ impl<'a> CallWalker<'a> {
         matches!(self.at, At::Free)
     }
 
+    /// Where function `f`'s arguments begin: the reply has written its lead.
+    pub fn at_arguments(&mut self, f: usize) {
+        self.at = At::Args(Walker::new(&self.shape.args[f]));
+    }
+
     /// Whether a token without text (a special token: an end, a control marker) may come
-    /// next: where the reply is still free to be text and it has not begun the call.
+    /// next: where the reply may still be text.
     pub fn takes_textless(&self) -> bool {
         match self.at {
-            At::Start(_) => !self.shape.must,
+            At::Start(_) | At::Head { .. } => !self.shape.must,
             At::Free => true,
-            _ => false,
+            At::Args(_) | At::Close(_) => false,
         }
     }
 
@@ -121,51 +146,74 @@ impl<'a> CallWalker<'a> {
     /// Takes one character; false where it breaks the call.
     pub fn push(&mut self, c: char) -> bool {
         let s = self.shape;
-        match &mut self.at {
+        match self.at {
             At::Free => true,
             // Blanks before the call: a reply read for calls is read trimmed.
             At::Start(0) if c.is_whitespace() && !s.must => true,
-            At::Start(k) => {
-                if s.start[*k..].starts_with(c) {
-                    *k += c.len_utf8();
-                    if *k == s.start.len() {
-                        self.at = At::Head { f: 0, n: 0 };
-                    }
-                    true
-                } else {
-                    // Not the form: text, where the reply may be.
-                    self.at = At::Free;
-                    !s.must
-                }
-            }
-            At::Head { f, n } => {
-                let (f, n) = (*f, *n);
-                let written = &s.heads[f][..n];
-                let Some(g) = s
-                    .heads
-                    .iter()
-                    .position(|h| h.starts_with(written) && h[n..].starts_with(c))
-                else {
-                    return false;
-                };
-                let n = n + c.len_utf8();
-                self.at = if n == s.heads[g].len() {
-                    At::Args(Walker::new(&s.args[g]))
-                } else {
-                    At::Head { f: g, n }
+            At::Start(k) if s.start[k..].starts_with(c) => {
+                self.at = match k + c.len_utf8() {
+                    k if k == s.start.len() => self.head(0, 0),
+                    k => At::Start(k),
                 };
                 true
             }
-            At::Args(json) => {
+            At::Head { f, n } => {
+                let written = &s.heads[f][..n];
+                let goes_on = |h: &String| h.starts_with(written) && h[n..].starts_with(c);
+                if let Some(g) = s.heads.iter().position(goes_on) {
+                    self.at = self.head(g, n + c.len_utf8());
+                    return true;
+                }
+                // A name that is another's beginning, where the form puts nothing between
+                // name and arguments: this character is the arguments'.
+                match s.heads.iter().position(|h| h == written) {
+                    Some(g) => {
+                        self.at_arguments(g);
+                        self.push(c)
+                    }
+                    None => self.leave(),
+                }
+            }
+            At::Args(mut json) => {
                 if !json.push(c) {
                     return false;
                 }
-                if json.is_complete() {
-                    self.at = At::Free;
-                }
+                self.at = match json.is_complete() {
+                    true if s.close.is_empty() => At::Free,
+                    true => At::Close(0),
+                    false => At::Args(json),
+                };
                 true
             }
+            At::Close(k) if s.close[k..].starts_with(c) => {
+                self.at = match k + c.len_utf8() {
+                    k if k == s.close.len() => At::Free,
+                    k => At::Close(k),
+                };
+                true
+            }
+            At::Start(_) => self.leave(),
+            At::Close(_) => false,
         }
+    }
+
+    /// Where `n` bytes of function `f`'s head are written: its arguments once it is whole
+    /// and no other name goes on from it.
+    fn head(&self, f: usize, n: usize) -> At<'a> {
+        let heads = &self.shape.heads;
+        let longer = heads
+            .iter()
+            .any(|h| h.len() > n && h.starts_with(&heads[f][..n]));
+        match n == heads[f].len() && !longer {
+            true => At::Args(Walker::new(&self.shape.args[f])),
+            false => At::Head { f, n },
+        }
+    }
+
+    /// The reply leaves the form before a function is named: text, where it may be.
+    fn leave(&mut self) -> bool {
+        self.at = At::Free;
+        !self.shape.must
     }
 }
 
@@ -174,70 +222,81 @@ mod tests {
     use super::*;
     use serde_json::json;
 
+    fn qwen() -> CallForm {
+        CallForm {
+            start: "<tool_call>\n{\"name\": \"".into(),
+            shown: "<tool_call>\n{\"name\": \"".into(),
+            mid: "\", \"arguments\": ".into(),
+            close: "}\n</tool_call>".into(),
+        }
+    }
+
     fn shape(must: bool, given: &str) -> CallShape {
         let unit = Grammar::from_schema(&json!({"type": "object",
             "properties": {"city": {"type": "string"}, "unit": {"enum": ["c", "f"]}},
             "required": ["city", "unit"], "additionalProperties": false}))
         .unwrap();
-        CallShape::new(
-            "<tool_call>\n{\"name\": \"",
-            "\", \"arguments\": ",
-            vec![
-                ("get_weather".into(), Arc::new(unit)),
-                ("get_time".into(), Arc::new(Grammar::any_object())),
-            ],
-            must,
-            given,
-        )
+        let functions = vec![
+            ("get_weather".into(), Arc::new(unit)),
+            ("get_time".into(), Arc::new(Grammar::any_object())),
+        ];
+        CallShape::new(&qwen().start, &qwen(), functions, must, given)
     }
 
+    /// Whether `text` keeps to `s` (None: it breaks it), and whether anything may follow.
     fn takes(s: &CallShape, text: &str) -> Option<bool> {
         let mut w = s.walker()?;
         w.push_str(text).then(|| w.is_free())
     }
 
-    /// A call is held from its form's start to its arguments' end, each function to its own
-    /// grammar; text that leaves the form before that is free, unless the reply must call.
+    /// A call is held from its form's start to its close, each function's arguments to its
+    /// own grammar; text that leaves the form before a function is named is free, unless the
+    /// reply must call.
     #[test]
     fn a_call_is_held_to_its_function_s_schema() {
         let auto = shape(false, "");
         let call = "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": \
-                    {\"city\": \"Oslo\", \"unit\": \"c\"}";
+                    {\"city\": \"Oslo\", \"unit\": \"c\"}}\n</tool_call>";
         for (i, _) in call.char_indices() {
             assert_eq!(takes(&auto, &call[..i]), Some(false), "{:?}", &call[..i]);
         }
-        // Whole: free from there (the form's close, more calls).
-        assert_eq!(takes(&auto, &format!("{call}}}\n</tool_call>")), Some(true));
-        assert_eq!(takes(&auto, &format!("\n {call}")), Some(true));
-        assert_eq!(takes(&auto, &format!("\n {}", &call[..20])), Some(false));
-        let time = "<tool_call>\n{\"name\": \"get_time\", \"arguments\": {\"tz\": 1}}";
+        // Whole: free from there (more calls, the end).
+        assert_eq!(takes(&auto, call), Some(true));
+        assert_eq!(takes(&auto, &format!("\n {call}\n<tool_call>")), Some(true));
+        let time =
+            "<tool_call>\n{\"name\": \"get_time\", \"arguments\": {\"tz\": 1}}\n</tool_call>";
         assert_eq!(takes(&auto, time), Some(true));
         for broken in [
-            // Another function, another's arguments, arguments the schema has not.
-            "<tool_call>\n{\"name\": \"get_w\"",
+            // Another's arguments, arguments the schema has not, a key after the arguments.
             "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"tz\"",
             "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"O\"}",
             "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"O\", \"unit\": \"k",
             "<tool_call>\n{\"name\": \"get_time\", \"arguments\": [",
-            "<tool_call>\n{\"name\": \"get_time\"}",
+            "<tool_call>\n{\"name\": \"get_time\", \"arguments\": {}, \"arguments\"",
+            "<tool_call>\n{\"name\": \"get_time\", \"arguments\": {}}</tool_call>",
         ] {
             assert_eq!(takes(&auto, broken), None, "{broken}");
         }
-        // Text, or a start left before its end: free.
+        // Text, a start left before its end, or a name that is none of the functions': free
+        // (the reply is read as text).
         for text in [
             "It is sunny.",
-            "<tool_cal",
             "<tool_x",
             "<tool_call>\n{\"nam\"",
-            "",
+            "<tool_call>\n{\"name\": \"Dave\"",
+            "<tool_call>\n{\"name\": \"get_w\"",
+            "<tool_call>\n{\"name\": \"get_time\"}",
         ] {
-            let free = !text.is_empty() && text != "<tool_cal";
-            assert_eq!(takes(&auto, text), Some(free), "{text}");
+            assert_eq!(takes(&auto, text), Some(true), "{text}");
         }
+        assert_eq!(takes(&auto, "<tool_cal"), Some(false));
+        assert_eq!(takes(&auto, ""), Some(false));
         // Made to call: nothing else.
         let must = shape(true, "");
         assert_eq!(takes(&must, "It is"), None);
         assert_eq!(takes(&must, " <tool_call>"), None);
+        assert_eq!(takes(&must, "<tool_call>\n{\"name\": \"get_w\""), None);
+        assert_eq!(takes(&must, "<tool_call>\n{\"name\": \"get_time\"}"), None);
         assert_eq!(takes(&must, call), Some(true));
         // Its opening given in the prompt: the reply goes on from it.
         let given = shape(true, "<tool_call>\n{\"name\": \"get_");
@@ -249,17 +308,49 @@ mod tests {
         assert!(shape(true, "<x>").walker().is_none());
     }
 
+    /// A name that begins another is told from it where the form puts nothing between name
+    /// and arguments, whichever order the functions come in.
+    #[test]
+    fn names_that_begin_others() {
+        let form = CallForm {
+            start: "<call>".into(),
+            shown: "<call>".into(),
+            mid: String::new(),
+            close: "</call>".into(),
+        };
+        for names in [["get", "get_time"], ["get_time", "get"]] {
+            let any = || Arc::new(Grammar::any_object());
+            let functions = names.iter().map(|n| (n.to_string(), any())).collect();
+            let s = CallShape::new("<call>", &form, functions, true, "");
+            for call in ["<call>get{}</call>", "<call>get_time{\"a\": 1}</call>"] {
+                assert_eq!(takes(&s, call), Some(true), "{names:?}: {call}");
+            }
+            assert_eq!(takes(&s, "<call>get_t{"), None);
+            assert_eq!(takes(&s, "<call>ge{"), None);
+        }
+    }
+
     #[test]
     fn textless_tokens_only_where_the_reply_may_be_text() {
         let auto = shape(false, "");
         let mut w = auto.walker().unwrap();
         assert!(w.takes_textless());
-        assert!(w.push_str("<tool_call>\n{\"name\": \"get_time\""));
+        assert!(w.push_str("<tool_call>\n{\"name\": \"get_ti"));
+        assert!(w.takes_textless());
+        assert!(w.push_str("me\", \"arguments\": "));
         assert!(!w.takes_textless());
-        assert!(w.push_str(", \"arguments\": {\"a\": \"b"));
+        assert!(w.push_str("{\"a\": \"b"));
         assert!(!w.takes_textless() && w.in_plain_string());
-        assert!(w.push_str("\"}"));
+        assert!(w.push_str("\"}}\n</tool"));
+        assert!(!w.takes_textless());
+        assert!(w.push_str("_call>"));
         assert!(w.takes_textless() && w.is_free());
         assert!(!shape(true, "").walker().unwrap().takes_textless());
+        // Its lead written, a forced call is in that function's arguments.
+        let forced = shape(true, "<tool_call>\n{\"name\": \"");
+        let mut w = forced.walker().unwrap();
+        w.at_arguments(0);
+        assert!(w.push_str("{\"city\": \"a\", \"unit\": \"f\"}"));
+        assert!(!w.clone().push('x'));
     }
 }

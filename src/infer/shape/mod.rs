@@ -74,8 +74,10 @@ pub fn check_writable(grammar: &Grammar, tokenizer: &Tokenizer) -> Result<(), St
 pub struct Guide<'a> {
     tokenizer: &'a Tokenizer,
     at: Walking<'a>,
-    /// Token sequences the reply starts with one of, where it has them.
+    /// Token sequences the reply starts with one of, until it has written one, and the
+    /// tokens written so far.
     lead: Option<&'a [Vec<u32>]>,
+    led: Vec<u32>,
     /// Per token: whether its text can sit in a string as it is (no `"`, `\\` or control
     /// character), and its first character (None: no text, or a special token).
     plain: Vec<bool>,
@@ -141,6 +143,7 @@ impl<'a> Guide<'a> {
             tokenizer,
             at,
             lead,
+            led: vec![],
             plain,
             first,
         }
@@ -203,6 +206,18 @@ impl<'a> Guide<'a> {
 
     /// Takes the token sampled next.
     pub fn advance(&mut self, id: u32) {
+        if let Some(lead) = self.lead {
+            self.led.push(id);
+            if let Some(f) = lead.iter().position(|l| *l == self.led) {
+                // A forced call's function is chosen: its arguments are next, whatever text
+                // the lead's tokens read as.
+                self.lead = None;
+                if let Walking::Call(w) = &mut self.at {
+                    w.at_arguments(f);
+                }
+                return;
+            }
+        }
         let Some(Some(text)) = self.tokenizer.token_texts().get(id as usize) else {
             return;
         };

@@ -18,6 +18,7 @@ use crate::data::tokenizer::Tokenizer;
 use crate::infer::prompt::{CallForm, Opening};
 use crate::infer::shape::call::CallShape;
 use crate::infer::shape::schema::Grammar;
+use crate::infer::shape::walk::Walker;
 use crate::infer::shape::{check_writable, Shape};
 use serde_json::Value;
 use std::sync::Arc;
@@ -72,13 +73,7 @@ impl Tools {
             return Ok(Shape::Free);
         }
         if let (Some(names), Some(form), Some(opening)) = (self.forced(), form, opening) {
-            let shape = CallShape::new(
-                &form.start,
-                &form.mid,
-                functions(&names),
-                true,
-                &opening.text,
-            );
+            let shape = CallShape::new(&form.start, form, functions(&names), true, &opening.text);
             return Ok(Shape::Call(Arc::new(
                 shape.leading(opening.choices.clone()),
             )));
@@ -88,7 +83,7 @@ impl Tools {
         match form.filter(|f| !f.shown.is_empty() && self.forced().is_none()) {
             Some(form) => {
                 let all: Vec<&str> = self.names.iter().map(String::as_str).collect();
-                let shape = CallShape::new(&form.shown, &form.mid, functions(&all), false, "");
+                let shape = CallShape::new(&form.shown, form, functions(&all), false, "");
                 Ok(Shape::Call(Arc::new(shape)))
             }
             None => match self.strict.iter().position(|&s| s) {
@@ -121,12 +116,43 @@ impl Tools {
 
     /// The calls a reply makes, if it is nothing but calls (if it starts with them, where it
     /// was started as one): its first only where the request asked for no parallel calls.
+    /// A call to a strict function whose arguments break its schema (written in a form the
+    /// reply was not held in) is no call.
     pub fn read(&self, text: &str) -> Option<Vec<Call>> {
         let mut calls = reply::leading(text, &self.names, self.forced().is_none())?;
         if !self.parallel {
             calls.truncate(1);
         }
-        Some(calls)
+        let kept = calls.iter().take_while(|c| self.keeps_to_schema(c)).count();
+        match kept {
+            0 => None,
+            n if n < calls.len() && self.forced().is_none() => None,
+            n => {
+                calls.truncate(n);
+                Some(calls)
+            }
+        }
+    }
+
+    /// Whether `call`'s arguments are a document of its function's schema, where it is strict.
+    fn keeps_to_schema(&self, call: &Call) -> bool {
+        let Some(f) = self.names.iter().position(|n| *n == call.name) else {
+            return false;
+        };
+        if !self.strict[f] {
+            return true;
+        }
+        let mut w = Walker::new(&self.args[f]);
+        w.push_str(&call.arguments) && w.is_complete()
+    }
+
+    /// Whether a reply's text so far is all it will be: under a forced choice, once its calls
+    /// are made; where the model chooses and only one call is wanted, once it has made one.
+    pub fn reply_over(&self, text: &str) -> bool {
+        match self.forced() {
+            Some(_) => self.calls_over(text),
+            None => !self.parallel && self.calls() && self.read(text).is_some(),
+        }
     }
 }
 
@@ -170,6 +196,7 @@ mod tests {
             start: "[TOOL_CALLS] [{\"name\": \"".into(),
             shown: "[{\"name\": \"".into(),
             mid: "\", \"arguments\": ".into(),
+            close: "}]".into(),
         };
         let calls = |s: Shape, text: &str| match s {
             Shape::Call(c) => c.walker().is_some_and(|mut w| w.push_str(text)),
@@ -211,5 +238,38 @@ mod tests {
         );
         let e = tools(json!("auto"), true).shape(None, None).unwrap_err();
         assert!(e.starts_with("tools[0]: `function.strict`"), "{e}");
+    }
+
+    /// A strict function's call is read only where its arguments keep to the schema (a reply
+    /// may call in a form it was not held in); one call wanted, the reply ends at it.
+    #[test]
+    fn strict_calls_are_read_only_as_their_schema_allows() {
+        let call = |args: &str| {
+            format!("<tool_call>{{\"name\": \"f\", \"arguments\": {args}}}</tool_call>")
+        };
+        let (good, bad) = (call(r#"{"a": 1}"#), call(r#"{"a": "x"}"#));
+        // A key given twice: the last is read.
+        let twice =
+            r#"<tool_call>{"name": "f", "arguments": {"a": 1}, "arguments": {"b": 2}}</tool_call>"#;
+        for choice in [json!("auto"), json!("required")] {
+            let strict = tools(choice.clone(), true);
+            assert!(strict.read(&good).is_some(), "{choice}");
+            assert_eq!(strict.read(&bad), None, "{choice}");
+            assert_eq!(strict.read(twice), None, "{choice}");
+            assert!(
+                tools(choice.clone(), false).read(&bad).is_some(),
+                "{choice}"
+            );
+            // Forced, the calls it opens with, up to one that breaks its schema.
+            let two = format!("{good}{bad}");
+            let read = strict.read(&two).map(|c| c.len());
+            assert_eq!(read, (choice == "required").then_some(1), "{choice}");
+        }
+        let one = json!({"tools": [{"type": "function", "function": {"name": "f"}}],
+            "parallel_tool_calls": false});
+        let one = from_request(one.as_object().unwrap()).unwrap().unwrap();
+        assert!(one.reply_over(&good) && !one.reply_over(&good[..good.len() - 3]));
+        assert!(!one.reply_over("It is"));
+        assert!(!tools(json!("auto"), false).reply_over(&good));
     }
 }

@@ -47,7 +47,13 @@ pub struct Prop {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Grammar {
     pub nodes: Vec<Node>,
+    /// Per node, the fewest levels of nesting a whole value of it takes, its own included
+    /// (at most `MAX_DEPTH + 1`: too deep to write): a value is begun only where it can end.
+    pub need: Vec<u8>,
 }
+
+/// Deepest nesting a reply may reach (each open object, array, string or number one level).
+pub const MAX_DEPTH: usize = 24;
 
 /// Nodes every grammar has, at these places (the root is at 0).
 pub const ANY: NodeId = 1;
@@ -99,25 +105,23 @@ const MAX_NODES: usize = 4096;
 impl Grammar {
     /// Any JSON object.
     pub fn any_object() -> Self {
-        Self {
-            nodes: vec![
-                Node::Object {
-                    props: vec![],
-                    free: true,
-                },
-                Node::Any,
-                Node::Texts(vec!["true".into(), "false".into(), "null".into()]),
-                Node::Object {
-                    props: vec![],
-                    free: true,
-                },
-                Node::Array {
-                    items: ANY,
-                    min: 0,
-                    max: None,
-                },
-            ],
-        }
+        Self::of(vec![
+            Node::Object {
+                props: vec![],
+                free: true,
+            },
+            Node::Any,
+            Node::Texts(vec!["true".into(), "false".into(), "null".into()]),
+            Node::Object {
+                props: vec![],
+                free: true,
+            },
+            Node::Array {
+                items: ANY,
+                min: 0,
+                max: None,
+            },
+        ])
     }
 
     /// The grammar of `schema`, whose root must be an object; the error says which keyword
@@ -136,7 +140,48 @@ impl Grammar {
             return Err("the schema's root must be an object (`\"type\": \"object\"`)".into());
         }
         c.grammar.nodes[0] = root_node;
-        Ok(c.grammar)
+        let grammar = Self::of(c.grammar.nodes);
+        if grammar.need[0] as usize > MAX_DEPTH {
+            return Err(format!(
+                "the schema's required values nest more than {MAX_DEPTH} deep (objects, \
+                 arrays, strings and numbers each a level), deeper than a reply may go here"
+            ));
+        }
+        Ok(grammar)
+    }
+
+    fn of(nodes: Vec<Node>) -> Self {
+        let need = needs(&nodes);
+        Self { nodes, need }
+    }
+}
+
+/// [`Grammar::need`] of each node: found by going over them until nothing changes, as a
+/// recursive schema's nodes need one another's.
+fn needs(nodes: &[Node]) -> Vec<u8> {
+    let cap = MAX_DEPTH as u8 + 1;
+    let mut need = vec![cap; nodes.len()];
+    let of = |need: &[u8], id: NodeId| need.get(id as usize).copied().unwrap_or(cap);
+    loop {
+        let mut changed = false;
+        for (i, node) in nodes.iter().enumerate() {
+            let n = match node {
+                Node::Any | Node::Integer | Node::Number | Node::String | Node::Texts(_) => 1,
+                Node::Array { items, min, .. } => 1 + if *min > 0 { of(&need, *items) } else { 0 },
+                Node::Object { props, .. } => {
+                    let required = props.iter().filter(|p| p.required);
+                    1 + required.map(|p| of(&need, p.value)).max().unwrap_or(0)
+                }
+                Node::OneOf(ids) => ids.iter().map(|&id| of(&need, id)).min().unwrap_or(cap),
+            };
+            if n.min(cap) < need[i] {
+                need[i] = n.min(cap);
+                changed = true;
+            }
+        }
+        if !changed {
+            return need;
+        }
     }
 }
 

@@ -2,10 +2,8 @@
 //! a document of the [`Grammar`], and whether it is one. Its state is `Copy` (a fixed stack of
 //! small frames), so each candidate token is tried on a copy without allocating.
 
+pub use super::schema::MAX_DEPTH;
 use super::schema::{Grammar, Node, NodeId, ANY, ANY_ARRAY, ANY_OBJECT, LITERALS};
-
-/// Deepest nesting a reply may reach (each open object, array, string or number one level).
-pub const MAX_DEPTH: usize = 24;
 
 /// Most whitespace characters in a row outside strings: room for pretty-printing, but no
 /// reply that is blank lines for ever.
@@ -317,7 +315,7 @@ impl<'g> Walker<'g> {
             Node::OneOf(ids) => {
                 let saved = *self;
                 for &id in ids {
-                    if self.start(id, c) {
+                    if saved.fits(id) && self.start(id, c) {
                         return true;
                     }
                     *self = saved;
@@ -360,7 +358,8 @@ impl<'g> Walker<'g> {
         let Node::Array { items, min, max } = self.node(node) else {
             return false;
         };
-        let room = max.is_none_or(|m| (count as usize) < m);
+        // Another item only where it can be whole.
+        let room = max.is_none_or(|m| (count as usize) < m) && self.fits(*items);
         match (at, c) {
             (ArrayAt::Item, ',') if room => {
                 *self.top() = Frame::Array {
@@ -390,10 +389,13 @@ impl<'g> Walker<'g> {
         let Node::Object { props, free } = self.node(node) else {
             return false;
         };
-        // Listed properties that may come next: on to the first required one.
+        // Listed properties that may come next: on to the first required one, each where
+        // its value can be whole.
         let mut may = 0u64;
         for (i, p) in props.iter().enumerate().skip(next as usize) {
-            may |= 1 << i;
+            if self.fits(p.value) {
+                may |= 1 << i;
+            }
             if p.required {
                 break;
             }
@@ -438,6 +440,17 @@ impl<'g> Walker<'g> {
             }
             _ => false,
         }
+    }
+
+    /// Whether a whole value of node `n` fits on the stack as it is.
+    fn fits(&self, n: NodeId) -> bool {
+        let need = self
+            .grammar
+            .need
+            .get(n as usize)
+            .copied()
+            .unwrap_or(u8::MAX);
+        self.len as usize + need as usize <= MAX_DEPTH
     }
 
     /// A character of a listed key, `done` bytes in.
@@ -578,6 +591,47 @@ mod tests {
         let mut w = accepts_in(&g, &deepest).unwrap();
         assert!(accepts_in(&g, &(deepest.clone() + "\"")).is_none());
         assert!(w.push('}'));
+    }
+
+    /// A value is begun only where it can be whole: no reply is led where nesting would
+    /// have to go past the limit to finish it. A schema that needs that from the root is
+    /// refused.
+    #[test]
+    fn nothing_is_begun_that_cannot_end_within_the_nesting() {
+        // `d` holds a chain of five required objects; `c` goes down a level.
+        let deep = (0..5).fold(serde_json::json!({"type": "object"}), |inner, _| {
+            serde_json::json!({"type": "object", "properties": {"x": inner},
+                "required": ["x"]})
+        });
+        let g = Grammar::from_schema(&serde_json::json!({"$defs": {"N": {"type": "object",
+            "properties": {"c": {"$ref": "#/$defs/N"}, "d": deep}}}, "$ref": "#/$defs/N"}))
+        .unwrap();
+        let five = "{\"x\":".repeat(5) + "{" + &"}".repeat(6);
+        let (mut opened, mut closed) = (0, 0);
+        for k in 0..MAX_DEPTH {
+            let down = "{\"c\":".repeat(k) + "{";
+            if accepts_in(&g, &down).is_none() {
+                break;
+            }
+            opened = k;
+            if accepts_in(&g, &format!("{down}\"d\":")).is_some() {
+                let whole = format!("{down}\"d\":{five}{}", "}".repeat(k + 1));
+                let w = accepts_in(&g, &whole).unwrap_or_else(|| panic!("stuck at {k}"));
+                assert!(w.is_complete(), "{k}");
+                closed = k;
+            }
+        }
+        // `d` is offered while six more levels fit, and `c` on to the limit.
+        assert_eq!((closed, opened), (MAX_DEPTH - 7, MAX_DEPTH - 1));
+        let chain = |n: usize| {
+            (0..n).fold(serde_json::json!({"type": "object"}), |inner, _| {
+                serde_json::json!({"type": "object", "properties": {"x": inner},
+                    "required": ["x"]})
+            })
+        };
+        assert!(Grammar::from_schema(&chain(MAX_DEPTH - 1)).is_ok());
+        let e = Grammar::from_schema(&chain(MAX_DEPTH)).unwrap_err();
+        assert!(e.contains("nest more than 24 deep"), "{e}");
     }
 
     /// Documents of a schema are taken, each prefix on the way; what breaks it is refused at

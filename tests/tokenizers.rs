@@ -450,6 +450,23 @@ fn a_forced_call_opens_as_the_template_writes_calls() {
     assert!(e.to_string().contains("cannot be forced"), "{e}");
     let free = chat_ids_with_tools(&tok, &user, Some(&tools), None).unwrap();
     assert!(free.form.is_none() && !free.ids.is_empty());
+    // One whose call turn opens otherwise than its generation prompt: none either, where an
+    // earlier turn's opening would have swallowed the conversation into the call's start.
+    tok.chat_template = Some(
+        "{% if tools %}Tools: {{ tools | tojson }}\n{% endif %}{% for m in messages %}\
+         <|im_start|>{{ m.role }}{% if m.tool_calls %}{% for c in m.tool_calls %}{\"name\": \
+         \"{{ c.function.name }}\", \"arguments\": {{ c.function.arguments | tojson }}}\
+         {% endfor %}{% else %}\n{{ m.content }}{% endif %}<|im_end|>\n{% endfor %}\
+         {% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+            .into(),
+    );
+    let mut talk = user.to_vec();
+    talk.extend([
+        serde_json::json!({"role": "assistant", "content": "Sunny."}),
+        serde_json::json!({"role": "user", "content": "And in Rome?"}),
+    ]);
+    let e = opening(&tok, &talk, &tools, &["get_weather"]).unwrap_err();
+    assert!(e.to_string().contains("cannot be forced"), "{e}");
 }
 
 /// A template that fails on the tools given (Hermes's reads each tool's description) says the

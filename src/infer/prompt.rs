@@ -6,6 +6,7 @@ use crate::data::message_text;
 use crate::data::tokenizer::Tokenizer;
 use crate::error::Result;
 pub use crate::infer::shape::call::CallForm;
+use crate::infer::shape::unwritable;
 use serde_json::Value;
 
 /// `messages` (OpenAI-style `{"role", "content"}` objects) rendered with the tokenizer's chat
@@ -152,8 +153,9 @@ fn call_form(
             ..Default::default()
         })
     };
+    let base = render_as(messages, false)?;
     let generation = prompt
-        .strip_prefix(render_as(messages, false)?.as_str())
+        .strip_prefix(base.as_str())
         .unwrap_or_default()
         .to_string();
     let mut called = messages.to_vec();
@@ -163,11 +165,20 @@ fn call_form(
         ]}),
     );
     let turn = render_as(&called, false)?;
+    // Where the call's turn can begin: past what it shares with the conversation's render.
+    let mut shared = turn
+        .bytes()
+        .zip(base.bytes())
+        .take_while(|(a, b)| a == b)
+        .count();
+    while !turn.is_char_boundary(shared) {
+        shared -= 1;
+    }
     // The last marks: the call's, not a message's that happens to hold them.
     let form = turn.rfind(ARGS).and_then(|args| {
         let start = match generation.as_str() {
             "" => turn.starts_with(prompt).then_some(prompt.len())?,
-            g => turn[..args].rfind(g)? + g.len(),
+            g => shared + turn.get(shared..args)?.rfind(g)? + g.len(),
         };
         let call = turn.get(start..args)?;
         let call = &call[..call.rfind('{')?];
@@ -217,7 +228,9 @@ fn call_close(tok: &Tokenizer, after: &str) -> Result<String> {
         end = end.min(after.find(eos).unwrap_or(end));
     }
     let close = after.get(..end).unwrap_or_default().trim_end();
-    Ok(match close.contains(ID) {
+    // Nor one with a character this model writes only in pieces (the guide could not).
+    let unheld = close.contains(ID) || unwritable(&[close], tok).is_some();
+    Ok(match unheld {
         true => String::new(),
         false => close.to_string(),
     })

@@ -138,6 +138,14 @@ pub fn chat(body: &[u8]) -> Result<Request, ApiError> {
              one of the two as the model chooses; send one of them",
         ));
     }
+    // A forced call is held to its close, which a stop string could cut: no call, a 500.
+    if tools.as_ref().is_some_and(|t| t.forced().is_some()) && !request.stop.is_empty() {
+        return Err(ApiError::invalid(
+            Some("stop"),
+            "`stop` with a forced `tool_choice`: the reply is a call, held whole to its \
+             close, which a stop string could cut; leave `stop` out",
+        ));
+    }
     request.tools = tools;
     Ok(request)
 }
@@ -545,6 +553,13 @@ mod tests {
             assert_eq!(e.param, Some("response_format"), "{bad}");
             assert!(e.message.contains(says), "{}", e.message);
         }
+        // A stop string would cut a forced call's held close; where the model chooses, a
+        // call it cuts is text.
+        let forced = format!(r#"{tool},"tool_choice":"required","stop":"x""#);
+        let e = chat_with(&forced).unwrap_err();
+        assert_eq!(e.param, Some("stop"));
+        assert!(e.message.contains("forced `tool_choice`"), "{}", e.message);
+        assert!(chat_with(&format!(r#"{tool},"stop":"x""#)).is_ok());
         for (bad, param) in [
             (r#""logprobs":true"#, "logprobs"),
             (r#""top_logprobs":2"#, "top_logprobs"),

@@ -105,19 +105,36 @@ pub(super) fn claim_output(cfg: &TrainConfig, resume: &Resuming) -> Result<Claim
     let dir = cfg.output_dir();
     let existed = dir.exists();
     let lock = DirLock::acquire(dir, "--output")?;
-    check_output(cfg, resume, lock).inspect_err(|_| {
+    let mut claim = check_output(cfg, resume, lock).inspect_err(|_| {
         // Refused: the directory the lock made goes too (remove_dir takes only an empty one).
         if !existed {
             let _ = std::fs::remove_dir(dir);
         }
-    })
+    })?;
+    if !existed {
+        claim.made = Some(dir.to_path_buf());
+    }
+    Ok(claim)
 }
 
 /// The output directory, held for this run.
 pub(super) struct Claim {
-    _lock: DirLock,
+    lock: Option<DirLock>,
     /// The earlier run's outputs, which `--force` replaces (empty otherwise).
     earlier: Vec<PathBuf>,
+    /// The directory, where the claim made it: a run that fails before writing anything
+    /// (its model does not load) leaves none behind.
+    made: Option<PathBuf>,
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        drop(self.lock.take());
+        if let Some(dir) = &self.made {
+            // Only an empty one goes.
+            let _ = std::fs::remove_dir(dir);
+        }
+    }
 }
 
 impl Claim {
@@ -244,8 +261,9 @@ fn check_output(cfg: &TrainConfig, resume: &Resuming, lock: DirLock) -> Result<C
         false => vec![],
     };
     Ok(Claim {
-        _lock: lock,
+        lock: Some(lock),
         earlier,
+        made: None,
     })
 }
 

@@ -46,13 +46,25 @@ pub fn check_writable(grammar: &Grammar, tokenizer: &Tokenizer) -> Result<(), St
             _ => {}
         }
     }
+    match unwritable(&texts, tokenizer) {
+        Some(c) => Err(format!(
+            "`{c}` (in a key or an enum value) is written by this model only in pieces, which a \
+             reply held to the schema cannot match; leave it out of keys and enum values"
+        )),
+        None => Ok(()),
+    }
+}
+
+/// A character of `texts` that no token of the vocabulary holds whole (the guide matches
+/// whole characters, so a reply held to it would be stuck there).
+pub fn unwritable(texts: &[&str], tokenizer: &Tokenizer) -> Option<char> {
     let wanted: std::collections::BTreeSet<char> = texts
         .iter()
         .flat_map(|t| t.chars())
         .filter(|c| !c.is_ascii())
         .collect();
     if wanted.is_empty() {
-        return Ok(());
+        return None;
     }
     let written: std::collections::HashSet<char> = tokenizer
         .token_texts()
@@ -61,13 +73,7 @@ pub fn check_writable(grammar: &Grammar, tokenizer: &Tokenizer) -> Result<(), St
         .flat_map(|t| t.chars())
         .filter(|c| wanted.contains(c))
         .collect();
-    match wanted.iter().find(|c| !written.contains(c)) {
-        Some(c) => Err(format!(
-            "`{c}` (in a key or an enum value) is written by this model only in pieces, which a \
-             reply held to the schema cannot match; leave it out of keys and enum values"
-        )),
-        None => Ok(()),
-    }
+    wanted.into_iter().find(|c| !written.contains(c))
 }
 
 /// A reply's way through its [`Shape`].

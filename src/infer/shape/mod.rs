@@ -2,6 +2,7 @@
 //! done among those alone.
 
 pub mod call;
+pub mod grammar;
 pub mod schema;
 pub mod walk;
 

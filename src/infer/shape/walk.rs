@@ -2,8 +2,8 @@
 //! a document of the [`Grammar`], and whether it is one. Its state is `Copy` (a fixed stack of
 //! small frames), so each candidate token is tried on a copy without allocating.
 
-pub use super::schema::MAX_DEPTH;
-use super::schema::{Grammar, Node, NodeId, ANY, ANY_ARRAY, ANY_OBJECT, LITERALS};
+pub use super::grammar::MAX_DEPTH;
+use super::grammar::{Grammar, Node, NodeId, ANY, ANY_ARRAY, ANY_OBJECT, LITERALS};
 
 /// Most whitespace characters in a row outside strings: room for pretty-printing, but no
 /// reply that is blank lines for ever.

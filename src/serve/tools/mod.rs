@@ -108,12 +108,6 @@ impl Tools {
         Ok(())
     }
 
-    /// Whether a reply started as a call (`text`, its opening included) has made every call
-    /// it will: its generation stops there.
-    pub fn calls_over(&self, text: &str) -> bool {
-        reply::calls_over(text, &self.names, self.parallel)
-    }
-
     /// The calls a reply makes, if it is nothing but calls (if it starts with them, where it
     /// was started as one): its first only where the request asked for no parallel calls.
     /// A call to a strict function whose arguments break its schema (written in a form the
@@ -150,7 +144,8 @@ impl Tools {
     /// are made; where the model chooses and only one call is wanted, once it has made one.
     pub fn reply_over(&self, text: &str) -> bool {
         match self.forced() {
-            Some(_) => self.calls_over(text),
+            // Started as a call (`text`, its opening included): once it has made its calls.
+            Some(_) => reply::calls_over(text, &self.names, self.parallel),
             None => !self.parallel && self.calls() && self.read(text).is_some(),
         }
     }
